@@ -1,0 +1,1 @@
+"""securefed.dp."""
