@@ -1,0 +1,316 @@
+"""In-memory data model: validated splits, a fingerprinted bundle, and the loader dispatcher."""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from securefed.errors import ConfigError, DataError
+
+if TYPE_CHECKING:
+    from torch.utils.data import TensorDataset
+
+__all__ = [
+    "SPLITS",
+    "ArraySplit",
+    "DatasetBundle",
+    "available_datasets",
+    "load_dataset",
+]
+
+SPLITS: tuple[str, ...] = ("train", "val", "test")
+
+# Version tag of the fingerprint byte layout; bump it if the layout ever changes so old and
+# new fingerprints can never be confused.
+_FINGERPRINT_TAG = b"securefed.dataset.fingerprint.v1\n"
+
+
+@dataclass(frozen=True, eq=False)
+class ArraySplit:
+    """One split of a classification data set, held in memory.
+
+    Attributes:
+        images: float32 array of shape (N, C, H, W) or (N, C, D, H, W), values in [0, 1].
+            Normalisation is the model's job, so the data stay interpretable as pixels.
+        labels: int64 array of shape (N,), non-negative class indices.
+
+    Both arrays are stored as read-only views, so code handed a split cannot alter it and a
+    bundle's fingerprint keeps describing the data a run used (the loaders build fresh arrays,
+    so no writable alias survives them). Splits compare by identity.
+
+    """
+
+    images: np.ndarray
+    labels: np.ndarray
+
+    def __post_init__(self) -> None:
+        images, labels = self.images, self.labels
+        if not isinstance(images, np.ndarray) or images.dtype != np.float32:
+            raise DataError(
+                "`images` must be a float32 numpy array "
+                f"(got {type(images).__name__} of dtype {getattr(images, 'dtype', None)})."
+            )
+        if images.ndim not in (4, 5):
+            raise DataError(
+                "`images` must have shape (N, C, H, W) or (N, C, D, H, W) "
+                f"(got shape {images.shape})."
+            )
+        if not isinstance(labels, np.ndarray) or labels.dtype != np.int64 or labels.ndim != 1:
+            raise DataError(
+                "`labels` must be a 1-D int64 numpy array "
+                f"(got dtype {getattr(labels, 'dtype', None)}, "
+                f"shape {getattr(labels, 'shape', None)})."
+            )
+        if images.shape[0] != labels.shape[0]:
+            raise DataError(
+                f"`images` and `labels` must have the same length "
+                f"(got {images.shape[0]} images and {labels.shape[0]} labels)."
+            )
+        if labels.shape[0] == 0:
+            raise DataError("A split must hold at least one sample (got 0).")
+        if min(images.shape[1:]) < 1:
+            raise DataError(f"`images` has an empty axis (shape {images.shape}).")
+        lo, hi = float(images.min()), float(images.max())
+        if not (np.isfinite(lo) and np.isfinite(hi)) or lo < 0.0 or hi > 1.0:
+            raise DataError(f"`images` values must be finite and in [0, 1] (got [{lo}, {hi}]).")
+        if int(labels.min()) < 0:
+            raise DataError(f"`labels` must be non-negative (got {int(labels.min())}).")
+        object.__setattr__(self, "images", _read_only(images))
+        object.__setattr__(self, "labels", _read_only(labels))
+
+    def __len__(self) -> int:
+        """Return the number of samples."""
+        return int(self.labels.shape[0])
+
+    def class_counts(self, *, num_classes: int) -> np.ndarray:
+        """Count samples per class, as an int64 array of length ``num_classes``."""
+        return np.bincount(self.labels, minlength=num_classes).astype(np.int64)
+
+    def subset(self, *, indices: np.ndarray) -> ArraySplit:
+        """Return a new split holding the samples at ``indices`` (e.g. one site's partition)."""
+        idx = np.asarray(indices, dtype=np.int64)
+        return ArraySplit(images=self.images[idx], labels=self.labels[idx])
+
+    def to_torch(self) -> TensorDataset:
+        """Wrap as a torch ``TensorDataset`` of ``(image float32, label int64)`` tensors.
+
+        The tensors are copies: torch cannot wrap the read-only arrays without a warning,
+        and training code must not be able to alter the fingerprinted data.
+        """
+        import torch
+        from torch.utils.data import TensorDataset
+
+        return TensorDataset(torch.tensor(self.images), torch.tensor(self.labels))
+
+
+def _read_only(array: np.ndarray) -> np.ndarray:
+    view = np.ascontiguousarray(array).view()
+    view.flags.writeable = False
+    return view
+
+
+@dataclass(frozen=True, eq=False)
+class DatasetBundle:
+    """A classification data set with train/val/test splits and provenance.
+
+    Attributes:
+        name: Data set name (e.g. ``"pneumoniamnist"``, ``"synthetic"``).
+        train: Training split (partitioned across sites).
+        val: Validation split (held out; used for per-site and global validation).
+        test: Test split (held out; used only for the final evaluation).
+        num_classes: Number of classes K; every label is in [0, K).
+        class_names: K human-readable class names.
+        source: Where the data came from: a resolved file or folder path, or
+            ``"synthetic(seed=...)"``.
+        in_channels: C, derived from the images.
+        spatial_dims: 2 for (C, H, W) images, 3 for (C, D, H, W) volumes.
+        image_shape: Spatial shape, (H, W) or (D, H, W).
+        fingerprint: SHA-256 hex digest of every split's arrays (layout in
+            :meth:`compute_fingerprint`), so a privacy report can pin the exact data. Bundles
+            compare by identity; compare fingerprints to compare data.
+
+    """
+
+    name: str
+    train: ArraySplit
+    val: ArraySplit
+    test: ArraySplit
+    num_classes: int
+    class_names: tuple[str, ...]
+    source: str
+    in_channels: int = field(init=False)
+    spatial_dims: int = field(init=False)
+    image_shape: tuple[int, ...] = field(init=False)
+    fingerprint: str = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.name, str) or not self.name:
+            raise DataError(f"`name` must be a non-empty string (got {self.name!r}).")
+        for split in SPLITS:
+            if not isinstance(getattr(self, split), ArraySplit):
+                raise DataError(f"`{split}` must be an ArraySplit.")
+        sample_shape = self.train.images.shape[1:]
+        for split in SPLITS[1:]:
+            other = getattr(self, split).images.shape[1:]
+            if other != sample_shape:
+                raise DataError(
+                    f"{self.name}: `{split}` images have per-sample shape {other} but `train` "
+                    f"images have {sample_shape}."
+                )
+        if isinstance(self.num_classes, bool) or not isinstance(self.num_classes, int):
+            raise DataError(f"`num_classes` must be an int (got {self.num_classes!r}).")
+        if self.num_classes < 2:
+            raise DataError(
+                f"{self.name}: classification needs at least 2 classes (got {self.num_classes})."
+            )
+        for split in SPLITS:
+            top = int(getattr(self, split).labels.max())
+            if top >= self.num_classes:
+                raise DataError(
+                    f"{self.name}: `{split}` labels must be in [0, {self.num_classes}) "
+                    f"(found label {top})."
+                )
+        names = tuple(self.class_names)
+        if len(names) != self.num_classes or not all(isinstance(n, str) for n in names):
+            raise DataError(
+                f"{self.name}: `class_names` must be {self.num_classes} strings (got {names!r})."
+            )
+        object.__setattr__(self, "class_names", names)
+        object.__setattr__(self, "in_channels", int(sample_shape[0]))
+        object.__setattr__(self, "spatial_dims", len(sample_shape) - 1)
+        object.__setattr__(self, "image_shape", tuple(int(s) for s in sample_shape[1:]))
+        object.__setattr__(self, "fingerprint", self.compute_fingerprint())
+
+    def compute_fingerprint(self) -> str:
+        r"""Hash the arrays of all splits (SHA-256), in a fixed, documented byte layout.
+
+        The digest input is the tag ``b"securefed.dataset.fingerprint.v1\n"`` followed, for each
+        split in the order train, val, test and for each of its arrays in the order images,
+        labels, by the ASCII header ``"{split}/{array}:{dtype}:{shape}\n"`` (dtype ``<f4`` or
+        ``<i8``; shape as comma-separated integers) and the array's little-endian, C-order bytes.
+        Anyone holding the same arrays can recompute it without securefed.
+        """
+        digest = hashlib.sha256(_FINGERPRINT_TAG)
+        for split_name in SPLITS:
+            split = getattr(self, split_name)
+            for array_name, array, dtype in (
+                ("images", split.images, "<f4"),
+                ("labels", split.labels, "<i8"),
+            ):
+                data = np.ascontiguousarray(array, dtype=dtype)
+                shape = ",".join(str(s) for s in data.shape)
+                digest.update(f"{split_name}/{array_name}:{dtype}:{shape}\n".encode("ascii"))
+                digest.update(memoryview(data).cast("B"))
+        return digest.hexdigest()
+
+    def describe(self) -> dict[str, Any]:
+        """Summarise as a JSON-ready dict for ``config.json`` and the privacy report."""
+        return {
+            "name": self.name,
+            "source": self.source,
+            "fingerprint": self.fingerprint,
+            "num_classes": self.num_classes,
+            "class_names": list(self.class_names),
+            "in_channels": self.in_channels,
+            "spatial_dims": self.spatial_dims,
+            "image_shape": list(self.image_shape),
+            "sizes": {s: len(getattr(self, s)) for s in SPLITS},
+            "class_counts": {
+                s: getattr(self, s).class_counts(num_classes=self.num_classes).tolist()
+                for s in SPLITS
+            },
+        }
+
+
+def available_datasets() -> tuple[str, ...]:
+    """List the names :func:`load_dataset` knows without a path: synthetic and MedMNIST v2.
+
+    Any other ``NAME`` also works when ``NAME.npz`` is in ``data_dir``.
+    """
+    from securefed.data.medmnist import MEDMNIST_CLASS_NAMES
+
+    return ("synthetic", *sorted(MEDMNIST_CLASS_NAMES))
+
+
+def load_dataset(
+    *,
+    name: str = "synthetic",
+    data_dir: str | Path | None = None,
+    data: str | Path | None = None,
+    seed: int = 0,
+    **options: Any,
+) -> DatasetBundle:
+    """Load a data set by name or path. Nothing is ever downloaded.
+
+    Dispatch, in order:
+
+    1. ``data`` is a folder: an image folder (:func:`~securefed.data.imagefolder.load_image_folder`;
+       ``options`` may set ``image_size`` and ``val_fraction``; ``seed`` picks the carved
+       validation split).
+    2. ``data`` is a ``.npz`` file: a MedMNIST-layout archive.
+    3. ``name == "synthetic"``: the procedural generator
+       (:func:`~securefed.data.synthetic.make_synthetic`; ``options`` are its keyword arguments,
+       ``seed`` its seed).
+    4. otherwise: MedMNIST ``{name}.npz`` in ``data_dir`` (default ``~/.medmnist``, where the
+       ``medmnist`` package keeps its downloads).
+
+    When ``data`` is given, ``name`` only labels the bundle (and picks MedMNIST class names);
+    left at ``"synthetic"`` it is replaced by the file or folder name, and ``data_dir`` is
+    ignored.
+
+    Args:
+        name: Data set name.
+        data_dir: Folder holding MedMNIST ``.npz`` files.
+        data: Path to an image folder or a ``.npz`` file.
+        seed: Seed for synthetic generation or the carved validation split.
+        **options: Loader-specific keyword arguments (see above).
+
+    Returns:
+        The validated, fingerprinted data set.
+
+    Raises:
+        DataError: The data are missing, unreadable or malformed (the message names the file).
+        ConfigError: ``name`` or ``options`` are invalid for the chosen loader.
+
+    """
+    from securefed.data.imagefolder import load_image_folder
+    from securefed.data.medmnist import load_medmnist, load_medmnist_npz
+    from securefed.data.synthetic import make_synthetic
+
+    if data is not None:
+        path = Path(data).expanduser()
+        label = None if name == "synthetic" else name
+        if path.is_dir():
+            _check_options(options, accepted=("image_size", "val_fraction"), loader="image folders")
+            return load_image_folder(root=path, name=label, seed=seed, **options)
+        if path.suffix.lower() == ".npz":
+            _check_options(options, accepted=(), loader=".npz files")
+            return load_medmnist_npz(path=path, name=label)
+        if not path.exists():
+            raise DataError(f"{path}: no such file or folder; securefed never downloads data.")
+        raise DataError(f"{path}: expected a folder of images or a .npz file.")
+    if name == "synthetic":
+        accepted = ("spatial_dims", "num_classes", "n_train", "n_val", "n_test", "image_size")
+        _check_options(options, accepted=accepted, loader="synthetic data")
+        return make_synthetic(seed=seed, **options)
+    if not re.fullmatch(r"[A-Za-z0-9_.-]+", name) or name.startswith("."):
+        raise ConfigError(
+            f"`name` must be 'synthetic' or a MedMNIST name such as 'pneumoniamnist' "
+            f"(got {name!r}); to load a path, pass it as `data`."
+        )
+    _check_options(options, accepted=(), loader="MedMNIST data sets")
+    return load_medmnist(name=name, data_dir=data_dir)
+
+
+def _check_options(options: dict[str, Any], *, accepted: tuple[str, ...], loader: str) -> None:
+    unknown = sorted(set(options) - set(accepted))
+    if unknown:
+        allowed = ", ".join(accepted) if accepted else "none"
+        raise ConfigError(
+            f"Option(s) {', '.join(unknown)} do not apply to {loader} (accepted: {allowed})."
+        )

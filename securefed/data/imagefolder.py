@@ -1,0 +1,235 @@
+"""Image folders laid out as ``split/<class>/*.png``: a user's own data, loaded strictly."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from securefed.data.dataset import SPLITS, ArraySplit, DatasetBundle
+from securefed.data.partition import stratified_holdout
+from securefed.errors import ConfigError, DataError
+
+__all__ = ["IMAGE_SUFFIXES", "load_image_folder"]
+
+IMAGE_SUFFIXES: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+
+# 16-bit grayscale (common for X-ray exports); scaled by 1/65535 rather than through Pillow's
+# convert("L"), which clips values above 255 instead of rescaling them.
+_SIXTEEN_BIT_MODES = frozenset({"I;16", "I;16L", "I;16B", "I;16N", "I"})
+_GRAY_MODES = frozenset({"1", "L", "LA"}) | _SIXTEEN_BIT_MODES
+
+
+def load_image_folder(
+    *,
+    root: str | Path,
+    name: str | None = None,
+    image_size: int | tuple[int, int] | None = None,
+    seed: int = 0,
+    val_fraction: float = 0.1,
+) -> DatasetBundle:
+    """Load ``root/{train,val,test}/<class>/...`` image files into a :class:`DatasetBundle`.
+
+    Layout and rules:
+
+    - Class names are the sub-folder names of ``train/``, sorted; label i is the i-th name.
+      ``val/`` and ``test/`` may omit a class but may not add one.
+    - Images may sit in nested folders below a class folder (e.g. one per patient). Accepted
+      suffixes: see :data:`IMAGE_SUFFIXES` (any case). Entries whose name starts with ``.`` are
+      skipped; any other file is an error, so no data is dropped silently.
+    - Channels: one (grayscale) if every image is grayscale (Pillow modes 1, L, LA, I;16, I),
+      otherwise three (RGB; grayscale images are replicated, alpha is dropped). 8-bit images
+      are scaled by 1/255, 16-bit ones by 1/65535.
+    - Size: with ``image_size=None`` every image must already have the same size (no
+      resampling, so pixels stay exactly as exported); otherwise every image is resized to
+      ``image_size`` (an int for square, or (height, width)) with bilinear, anti-aliased
+      resampling, ignoring aspect ratio.
+    - ``val/`` missing: a stratified ``val_fraction`` of each training class is held out,
+      chosen by ``seed``. Note that this split is per image: if one patient has several
+      images, provide ``val/`` yourself to keep patients apart.
+    - ``test/`` missing: an error. A test set carved at random would change with the seed and
+      could put one patient's images on both sides; the user must fix it.
+
+    Args:
+        root: Folder holding ``train/``, ``test/`` and optionally ``val/``.
+        name: Data set name (default: the folder name).
+        image_size: Target size, or None to require equal sizes.
+        seed: Seed of the carved validation split.
+        val_fraction: Fraction held out when ``val/`` is missing, in (0, 1).
+
+    Raises:
+        DataError: Missing folders, unreadable or unsupported images, a stray file, unequal
+            sizes without ``image_size``, or an empty split; the message names the path.
+        ConfigError: Bad ``image_size`` or ``val_fraction``.
+
+    """
+    root = Path(root).expanduser()
+    size = _target_size(image_size)
+    if not 0.0 < val_fraction < 1.0:
+        raise ConfigError(f"`val_fraction` must be in (0, 1) (got {val_fraction!r}).")
+    if not root.is_dir():
+        raise DataError(f"{root}: no such folder; securefed never downloads data.")
+    train_dir = root / "train"
+    if not train_dir.is_dir():
+        raise DataError(f"{root}: no train/ folder; expected train/<class>/<image files>.")
+    if not (root / "test").is_dir():
+        raise DataError(
+            f"{root}: no test/ folder; provide a fixed test split as test/<class>/<images> "
+            "(a split carved at random could mix one patient's images across train and test)."
+        )
+    class_names = _class_folders(train_dir, known=None)
+    if len(class_names) < 2:
+        raise DataError(
+            f"{train_dir}: found {len(class_names)} class folder(s); classification needs "
+            "at least 2."
+        )
+    listed = {
+        split: _list_images(root / split, class_names)
+        for split in SPLITS
+        if (root / split).is_dir()
+    }
+    for split, entries in listed.items():
+        if not entries:
+            raise DataError(f"{root / split}: contains no images.")
+    per_class = np.bincount([label for _, label in listed["train"]], minlength=len(class_names))
+    if per_class.min() == 0:
+        empty = class_names[int(np.argmin(per_class))]
+        raise DataError(f"{train_dir / empty}: class folder contains no images.")
+
+    decoded = {
+        split: [_read_image(path) for path, _ in entries] for split, entries in listed.items()
+    }
+    gray = all(is_gray for images in decoded.values() for _, is_gray in images)
+    if size is None:
+        first_path = listed["train"][0][0]
+        size = decoded["train"][0][0].shape[:2]
+        for split, entries in listed.items():
+            for (path, _), (img, _) in zip(entries, decoded[split], strict=True):
+                if img.shape[:2] != size:
+                    raise DataError(
+                        f"{path}: is {img.shape[1]}x{img.shape[0]} (WxH) but {first_path} is "
+                        f"{size[1]}x{size[0]}; pass `image_size` to resize all images."
+                    )
+
+    splits: dict[str, ArraySplit] = {}
+    for split, entries in listed.items():
+        images = np.stack([_conform(img, gray=gray, size=size) for img, _ in decoded[split]])
+        labels = np.array([label for _, label in entries], dtype=np.int64)
+        splits[split] = ArraySplit(images=images, labels=labels)
+    if "val" not in splits:
+        pool = splits["train"]
+        kept, held_out = stratified_holdout(pool.labels, fraction=val_fraction, seed=seed)
+        if held_out.size == 0:
+            raise DataError(
+                f"{train_dir}: too few images to hold out a validation split; add a val/ folder."
+            )
+        splits["train"] = pool.subset(indices=kept)
+        splits["val"] = pool.subset(indices=held_out)
+        source = f"{root.resolve()} (val: stratified {val_fraction:g} of train, seed={seed})"
+    else:
+        source = str(root.resolve())
+
+    return DatasetBundle(
+        name=root.resolve().name if name is None else name,
+        train=splits["train"],
+        val=splits["val"],
+        test=splits["test"],
+        num_classes=len(class_names),
+        class_names=tuple(class_names),
+        source=source,
+    )
+
+
+def _target_size(image_size: int | tuple[int, int] | None) -> tuple[int, int] | None:
+    if image_size is None:
+        return None
+    dims = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
+    if len(dims) != 2 or not all(
+        isinstance(d, int) and not isinstance(d, bool) and d >= 1 for d in dims
+    ):
+        raise ConfigError(
+            f"`image_size` must be a positive int or (height, width) (got {image_size!r})."
+        )
+    return (dims[0], dims[1])
+
+
+def _visible(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if not p.name.startswith("."))
+
+
+def _class_folders(split_dir: Path, *, known: list[str] | None) -> list[str]:
+    names = []
+    for entry in _visible(split_dir):
+        if not entry.is_dir():
+            raise DataError(f"{entry}: unexpected file; images belong in <split>/<class>/ folders.")
+        if known is not None and entry.name not in known:
+            raise DataError(
+                f"{entry}: class '{entry.name}' is not a class folder of train/ "
+                f"(known: {', '.join(known)})."
+            )
+        names.append(entry.name)
+    return names
+
+
+def _list_images(split_dir: Path, class_names: list[str]) -> list[tuple[Path, int]]:
+    entries: list[tuple[Path, int]] = []
+    for cls in _class_folders(split_dir, known=class_names):
+        label = class_names.index(cls)
+        stack = [split_dir / cls]
+        while stack:
+            for entry in _visible(stack.pop()):
+                if entry.is_dir():
+                    stack.append(entry)
+                elif entry.suffix.lower() in IMAGE_SUFFIXES:
+                    entries.append((entry, label))
+                else:
+                    raise DataError(
+                        f"{entry}: not a supported image ({', '.join(IMAGE_SUFFIXES)}); "
+                        "move it out of the data folder or rename it with a leading '.'."
+                    )
+    return sorted(entries)
+
+
+def _read_image(path: Path) -> tuple[np.ndarray, bool]:
+    """Decode one file to float32 (H, W) or (H, W, 3) in [0, 1] and whether it is grayscale."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as img:
+            img.load()
+            mode = img.mode
+            if mode in _SIXTEEN_BIT_MODES:
+                pixels = np.asarray(img).astype(np.float64)
+                if pixels.size and (pixels.min() < 0 or pixels.max() > 65535):
+                    raise DataError(f"{path}: {mode} pixel values outside the 16-bit range.")
+                return (pixels / 65535.0).astype(np.float32), True
+            if mode == "F":
+                raise DataError(f"{path}: floating-point (mode F) images are not supported.")
+            if mode in _GRAY_MODES:
+                return np.asarray(img.convert("L"), dtype=np.float32) / 255.0, True
+            return np.asarray(img.convert("RGB"), dtype=np.float32) / 255.0, False
+    except DataError:
+        raise
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+        raise DataError(f"{path}: cannot read image ({exc}).") from None
+
+
+def _conform(image: np.ndarray, *, gray: bool, size: tuple[int, int]) -> np.ndarray:
+    """(H, W[, 3]) float image -> (C, *size) float32, resized only when its size differs."""
+    from PIL import Image
+
+    channels = image[None] if image.ndim == 2 else np.moveaxis(image, -1, 0)
+    if not gray and channels.shape[0] == 1:
+        channels = np.repeat(channels, 3, axis=0)
+    if channels.shape[1:] != size:
+        channels = np.stack(
+            [
+                np.asarray(
+                    Image.fromarray(np.ascontiguousarray(ch, dtype=np.float32)).resize(
+                        (size[1], size[0]), Image.Resampling.BILINEAR
+                    )
+                )
+                for ch in channels
+            ]
+        )
+    return np.clip(channels, 0.0, 1.0).astype(np.float32)

@@ -1,0 +1,307 @@
+"""MedMNIST v2 ``.npz`` archives (2D grayscale/RGB and 3D), read without pickle or downloads."""
+
+from __future__ import annotations
+
+import re
+import zipfile
+import zlib
+from collections.abc import Mapping
+from pathlib import Path
+from types import MappingProxyType
+
+import numpy as np
+
+from securefed.data.dataset import SPLITS, ArraySplit, DatasetBundle
+from securefed.errors import DataError
+
+__all__ = [
+    "MEDMNIST_CLASS_NAMES",
+    "default_data_dir",
+    "load_medmnist",
+    "load_medmnist_npz",
+]
+
+_ORGANS_2D = (
+    "bladder",
+    "femur-left",
+    "femur-right",
+    "heart",
+    "kidney-left",
+    "kidney-right",
+    "liver",
+    "lung-left",
+    "lung-right",
+    "pancreas",
+    "spleen",
+)
+
+# Class names of the single-label MedMNIST v2 sets, in label order, as published in the
+# medmnist package's INFO table. ChestMNIST is multi-label and therefore absent.
+MEDMNIST_CLASS_NAMES: Mapping[str, tuple[str, ...]] = MappingProxyType(
+    {
+        "pathmnist": (
+            "adipose",
+            "background",
+            "debris",
+            "lymphocytes",
+            "mucus",
+            "smooth muscle",
+            "normal colon mucosa",
+            "cancer-associated stroma",
+            "colorectal adenocarcinoma epithelium",
+        ),
+        "dermamnist": (
+            "actinic keratoses and intraepithelial carcinoma",
+            "basal cell carcinoma",
+            "benign keratosis-like lesions",
+            "dermatofibroma",
+            "melanoma",
+            "melanocytic nevi",
+            "vascular lesions",
+        ),
+        "octmnist": ("choroidal neovascularization", "diabetic macular edema", "drusen", "normal"),
+        "pneumoniamnist": ("normal", "pneumonia"),
+        "retinamnist": ("0", "1", "2", "3", "4"),
+        "breastmnist": ("malignant", "normal, benign"),
+        "bloodmnist": (
+            "basophil",
+            "eosinophil",
+            "erythroblast",
+            "immature granulocytes (myelocytes, metamyelocytes and promyelocytes)",
+            "lymphocyte",
+            "monocyte",
+            "neutrophil",
+            "platelet",
+        ),
+        "tissuemnist": (
+            "Collecting Duct, Connecting Tubule",
+            "Distal Convoluted Tubule",
+            "Glomerular endothelial cells",
+            "Interstitial endothelial cells",
+            "Leukocytes",
+            "Podocytes",
+            "Proximal Tubule Segments",
+            "Thick Ascending Limb",
+        ),
+        "organamnist": _ORGANS_2D,
+        "organcmnist": _ORGANS_2D,
+        "organsmnist": _ORGANS_2D,
+        # The 3D organ set numbers its classes differently from the 2D ones.
+        "organmnist3d": (
+            "liver",
+            "kidney-right",
+            "kidney-left",
+            "femur-right",
+            "femur-left",
+            "bladder",
+            "heart",
+            "lung-right",
+            "lung-left",
+            "spleen",
+            "pancreas",
+        ),
+        "nodulemnist3d": ("benign", "malignant"),
+        "adrenalmnist3d": ("normal", "hyperplasia"),
+        "fracturemnist3d": (
+            "buckle rib fracture",
+            "nondisplaced rib fracture",
+            "displaced rib fracture",
+        ),
+        "vesselmnist3d": ("vessel", "aneurysm"),
+        "synapsemnist3d": ("inhibitory synapse", "excitatory synapse"),
+    }
+)
+
+_KEYS = tuple(f"{split}_{kind}" for split in SPLITS for kind in ("images", "labels"))
+
+
+def default_data_dir() -> Path:
+    """``~/.medmnist``: where the ``medmnist`` package stores its downloads."""
+    return Path.home() / ".medmnist"
+
+
+def load_medmnist(*, name: str, data_dir: str | Path | None = None) -> DatasetBundle:
+    """Load ``{name}.npz`` from ``data_dir`` (default ``~/.medmnist``). Never downloads.
+
+    Args:
+        name: MedMNIST file stem, e.g. ``"pneumoniamnist"`` or ``"pneumoniamnist_64"``.
+        data_dir: Folder holding the archive.
+
+    Raises:
+        DataError: The file is missing or malformed (see :func:`load_medmnist_npz`).
+
+    """
+    folder = default_data_dir() if data_dir is None else Path(data_dir).expanduser()
+    path = folder / f"{name}.npz"
+    if not path.is_file():
+        known = ", ".join(sorted(MEDMNIST_CLASS_NAMES))
+        raise DataError(
+            f"{path}: not found (looked for dataset '{name}' in {folder}); securefed never "
+            f"downloads data: put the MedMNIST .npz there, set `data_dir`, or pass the file as "
+            f"`data`. Known MedMNIST names: {known}."
+        )
+    return load_medmnist_npz(path=path, name=name)
+
+
+def load_medmnist_npz(*, path: str | Path, name: str | None = None) -> DatasetBundle:
+    """Read a MedMNIST-layout ``.npz`` into a :class:`DatasetBundle`.
+
+    The archive must hold ``{train,val,test}_{images,labels}``. Images are uint8 (scaled by
+    1/255) or floats already in [0, 1], laid out (N, H, W) grayscale, (N, H, W, 3) RGB or
+    (N, D, H, W) volumes; they become (N, C, H, W) / (N, 1, D, H, W) float32. A 4-D array whose
+    last axis is 1 or 3 is read as channels-last 2D unless ``name`` ends in ``3d``. Labels are
+    (N,) or (N, 1) non-negative integers.
+
+    ``num_classes`` is the largest label + 1 over all splits; for a known MedMNIST set (see
+    :data:`MEDMNIST_CLASS_NAMES`) it is the published class count, and its class names are used.
+    Otherwise classes are named ``"0"`` ... ``"K-1"``.
+
+    Args:
+        path: The ``.npz`` file.
+        name: Data set name; default the file stem. A ``_64``-style size suffix is ignored when
+            looking up class names.
+
+    Raises:
+        DataError: One line naming the file and the problem: missing, not an npz, corrupt,
+            pickled objects, missing keys, wrong dtype or shape, length mismatch, negative or
+            out-of-range labels, multi-label targets, or an empty split.
+
+    """
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise DataError(f"{path}: file not found; securefed never downloads data.")
+    name = path.stem if name is None else name
+    arrays = _read_npz(path)
+    base = re.sub(r"_\d+$", "", name.lower())
+    images = {s: _images(arrays[f"{s}_images"], key=f"{s}_images", path=path) for s in SPLITS}
+    labels = {s: _labels(arrays[f"{s}_labels"], key=f"{s}_labels", path=path) for s in SPLITS}
+
+    train_shape = images["train"].shape
+    if len(train_shape) == 3:
+        layout = "gray"
+    elif len(train_shape) == 4 and train_shape[-1] in (1, 3) and not base.endswith("3d"):
+        layout = "channels_last"
+    elif len(train_shape) == 4:
+        layout = "volume"
+    else:
+        raise DataError(
+            f"{path}: `train_images` has shape {train_shape}; expected (N, H, W), (N, H, W, 3) "
+            "or (N, D, H, W)."
+        )
+    for split in SPLITS:
+        key = f"{split}_images"
+        if images[split].shape[1:] != train_shape[1:]:
+            raise DataError(
+                f"{path}: `{key}` has shape {images[split].shape}; its per-image shape must "
+                f"match `train_images` {train_shape[1:]}."
+            )
+        if images[split].shape[0] != labels[split].shape[0]:
+            raise DataError(
+                f"{path}: `{split}_labels` has {labels[split].shape[0]} labels but `{key}` has "
+                f"{images[split].shape[0]} images."
+            )
+        if images[split].shape[0] == 0:
+            raise DataError(f"{path}: split `{split}` is empty (0 images).")
+
+    top = max(int(labels[s].max()) for s in SPLITS)
+    known = MEDMNIST_CLASS_NAMES.get(base)
+    if known is not None and top >= len(known):
+        raise DataError(
+            f"{path}: labels must be in [0, {len(known)}) for {base} (found label {top})."
+        )
+    class_names = known if known is not None else tuple(str(c) for c in range(top + 1))
+    if len(class_names) < 2:
+        raise DataError(f"{path}: every label is 0; classification needs at least 2 classes.")
+
+    splits = {
+        s: ArraySplit(images=_to_channels_first(images[s], layout), labels=labels[s])
+        for s in SPLITS
+    }
+    return DatasetBundle(
+        name=name,
+        train=splits["train"],
+        val=splits["val"],
+        test=splits["test"],
+        num_classes=len(class_names),
+        class_names=class_names,
+        source=str(path.resolve()),
+    )
+
+
+def _read_npz(path: Path) -> dict[str, np.ndarray]:
+    with path.open("rb") as handle:
+        magic = handle.read(6)
+    if magic.startswith(b"\x93NUMPY"):
+        raise DataError(f"{path}: is a single .npy array, not an .npz archive.")
+    if not magic.startswith(b"PK"):
+        raise DataError(f"{path}: not an .npz archive (no zip signature).")
+    arrays: dict[str, np.ndarray] = {}
+    key = None
+    try:
+        with np.load(path, allow_pickle=False) as archive:
+            missing = [k for k in _KEYS if k not in archive.files]
+            if missing:
+                raise DataError(
+                    f"{path}: missing keys {', '.join(missing)} (found: "
+                    f"{', '.join(sorted(archive.files)) or 'none'})."
+                )
+            for key in _KEYS:
+                arrays[key] = archive[key]
+    except ValueError as exc:
+        if isinstance(exc, DataError):
+            raise
+        if "allow_pickle" in str(exc):
+            raise DataError(
+                f"{path}: `{key}` contains pickled objects; refusing to load."
+            ) from None
+        raise DataError(f"{path}: corrupt .npz archive ({_where(key)}: {exc}).") from None
+    except (zipfile.BadZipFile, zlib.error, OSError, EOFError) as exc:
+        raise DataError(f"{path}: corrupt .npz archive ({_where(key)}: {exc}).") from None
+    return arrays
+
+
+def _where(key: str | None) -> str:
+    return "reading the index" if key is None else f"reading `{key}`"
+
+
+def _images(array: np.ndarray, *, key: str, path: Path) -> np.ndarray:
+    if array.dtype == np.uint8:
+        return array
+    if np.issubdtype(array.dtype, np.floating):
+        if array.size and (
+            not np.all(np.isfinite(array)) or float(array.min()) < 0 or float(array.max()) > 1
+        ):
+            raise DataError(f"{path}: `{key}` holds floats outside [0, 1] or non-finite values.")
+        return array
+    raise DataError(
+        f"{path}: `{key}` has dtype {array.dtype}; expected uint8 pixels or floats in [0, 1]."
+    )
+
+
+def _labels(array: np.ndarray, *, key: str, path: Path) -> np.ndarray:
+    if array.ndim == 2 and array.shape[1] > 1:
+        raise DataError(
+            f"{path}: `{key}` has shape {array.shape}: multi-label targets are not supported "
+            "(securefed trains single-label classifiers)."
+        )
+    if array.ndim == 2:
+        array = array[:, 0]
+    elif array.ndim != 1:
+        raise DataError(f"{path}: `{key}` has shape {array.shape}; expected (N,) or (N, 1).")
+    if not np.issubdtype(array.dtype, np.integer):
+        raise DataError(f"{path}: `{key}` has dtype {array.dtype}; expected integer labels.")
+    if array.size and int(array.min()) < 0:
+        raise DataError(f"{path}: `{key}` contains negative labels (min {int(array.min())}).")
+    return array.astype(np.int64)
+
+
+def _to_channels_first(images: np.ndarray, layout: str) -> np.ndarray:
+    if layout == "channels_last":
+        images = np.moveaxis(images, -1, 1)
+    else:
+        images = images[:, None]
+    if images.dtype == np.uint8:
+        out = images.astype(np.float32)
+        out /= 255.0  # division, not multiplication by 1/255, maps 255 to exactly 1.0
+        return out
+    return np.ascontiguousarray(images, dtype=np.float32)

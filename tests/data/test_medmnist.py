@@ -1,0 +1,267 @@
+"""MedMNIST .npz loading: layouts, class names, every bad-input case, and the real file."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from securefed.data.medmnist import MEDMNIST_CLASS_NAMES, load_medmnist, load_medmnist_npz
+from securefed.errors import DataError
+
+
+def test_grayscale_2d_becomes_nchw_float_in_unit_range(write_npz, medmnist_arrays):
+    # Prepare
+    arrays = medmnist_arrays()
+    arrays["train_images"][0] = 255
+    arrays["train_images"][1] = 0
+    path = write_npz("toy.npz", arrays=arrays)
+
+    # Execute
+    bundle = load_medmnist_npz(path=path)
+
+    # Assert
+    assert bundle.train.images.shape == (12, 1, 28, 28)
+    assert bundle.train.images.dtype == np.float32
+    assert np.all(bundle.train.images[0] == 1.0)
+    assert np.all(bundle.train.images[1] == 0.0)
+    np.testing.assert_allclose(
+        bundle.val.images[:, 0], arrays["val_images"].astype(np.float32) / 255, rtol=0, atol=0
+    )
+    assert bundle.train.labels.dtype == np.int64
+    assert bundle.train.labels.tolist() == [0, 1] * 6
+    assert (bundle.name, bundle.num_classes, bundle.class_names) == ("toy", 2, ("0", "1"))
+    assert (bundle.in_channels, bundle.spatial_dims, bundle.image_shape) == (1, 2, (28, 28))
+    assert bundle.source == str(path.resolve())
+
+
+def test_rgb_is_moved_to_channels_first_keeping_channel_order(write_npz, medmnist_arrays):
+    # Prepare
+    arrays = medmnist_arrays(shape=(8, 8, 3))
+    arrays["train_images"][:] = 0
+    arrays["train_images"][0, :, :, 2] = 255  # pure blue
+
+    # Execute
+    bundle = load_medmnist_npz(path=write_npz(arrays=arrays))
+
+    # Assert
+    assert bundle.train.images.shape == (12, 3, 8, 8)
+    assert np.all(bundle.train.images[0, 2] == 1.0)
+    assert np.all(bundle.train.images[0, :2] == 0.0)
+
+
+def test_volumes_of_3d_sets_get_one_channel(write_npz, medmnist_arrays):
+    # Prepare: a "3d" name keeps a last axis of 3 from being read as RGB
+    arrays = medmnist_arrays(shape=(6, 5, 3), classes=2)
+    path = write_npz("nodulemnist3d.npz", arrays=arrays)
+
+    # Execute
+    bundle = load_medmnist_npz(path=path)
+
+    # Assert
+    assert bundle.train.images.shape == (12, 1, 6, 5, 3)
+    assert bundle.spatial_dims == 3
+    assert bundle.class_names == ("benign", "malignant")
+
+
+def test_flat_labels_and_float_images_are_accepted(write_npz, medmnist_arrays):
+    # Prepare
+    arrays = medmnist_arrays(classes=3)
+    for split in ("train", "val", "test"):
+        arrays[f"{split}_labels"] = arrays[f"{split}_labels"][:, 0].astype(np.int32)
+        arrays[f"{split}_images"] = arrays[f"{split}_images"].astype(np.float64) / 255
+
+    # Execute
+    bundle = load_medmnist_npz(path=write_npz(arrays=arrays))
+
+    # Assert
+    assert bundle.num_classes == 3
+    assert bundle.train.labels.tolist() == [0, 1, 2] * 4
+    np.testing.assert_allclose(bundle.test.images[:, 0], arrays["test_images"], atol=1e-7)
+
+
+def test_known_set_uses_published_class_names_and_count(write_npz, medmnist_arrays):
+    # Prepare: only labels 0..2 occur, but OCTMNIST has 4 classes; a size suffix is ignored
+    path = write_npz("octmnist_64.npz", arrays=medmnist_arrays(classes=3))
+
+    # Execute
+    bundle = load_medmnist_npz(path=path)
+
+    # Assert
+    assert bundle.name == "octmnist_64"
+    assert bundle.num_classes == 4
+    assert bundle.class_names == MEDMNIST_CLASS_NAMES["octmnist"]
+
+
+def test_load_medmnist_finds_file_by_name_in_data_dir(write_npz, tmp_path):
+    # Prepare
+    write_npz("breastmnist.npz")
+
+    # Execute
+    bundle = load_medmnist(name="breastmnist", data_dir=tmp_path)
+
+    # Assert
+    assert bundle.class_names == ("malignant", "normal, benign")
+
+
+def test_missing_file_says_where_it_looked_and_that_nothing_is_downloaded(tmp_path):
+    # Execute
+    with pytest.raises(DataError) as info:
+        load_medmnist(name="dermamnist", data_dir=tmp_path)
+
+    # Assert
+    message = str(info.value)
+    assert str(tmp_path / "dermamnist.npz") in message
+    assert "never downloads" in message
+    assert "\n" not in message
+
+
+BAD_ARRAY_CASES = {
+    "missing keys": ({"val_labels": None, "test_images": None}, "missing keys val_labels"),
+    "multi-label": (
+        {"train_labels": np.zeros((12, 14), dtype=np.uint8)},
+        "multi-label targets are not supported",
+    ),
+    "images 2-D": ({"train_images": np.zeros((12, 28), dtype=np.uint8)}, "`train_images`"),
+    "images 5-D": ({"train_images": np.zeros((12, 2, 2, 2, 2), dtype=np.uint8)}, "(12, 2,"),
+    "val shape differs": ({"val_images": np.zeros((4, 27, 28), dtype=np.uint8)}, "`val_images`"),
+    "length mismatch": (
+        {"test_labels": np.zeros((5, 1), dtype=np.uint8)},
+        "`test_labels` has 5 labels but `test_images` has 6 images",
+    ),
+    "negative label": (
+        {"train_labels": np.array([[0], [1], [-1]] * 4, dtype=np.int64)},
+        "negative labels",
+    ),
+    "float labels": ({"val_labels": np.zeros((4, 1), dtype=np.float32)}, "integer labels"),
+    "labels 3-D": ({"val_labels": np.zeros((4, 1, 1), dtype=np.uint8)}, "expected (N,) or (N, 1)"),
+    "empty split": (
+        {
+            "val_images": np.zeros((0, 28, 28), dtype=np.uint8),
+            "val_labels": np.zeros((0, 1), dtype=np.uint8),
+        },
+        "split `val` is empty",
+    ),
+    "int32 images": ({"test_images": np.zeros((6, 28, 28), dtype=np.int32)}, "dtype int32"),
+    "float images above 1": (
+        {"test_images": np.full((6, 28, 28), 3.0, dtype=np.float32)},
+        "outside [0, 1]",
+    ),
+    "single class": (
+        {
+            f"{s}_labels": np.zeros((n, 1), dtype=np.uint8)
+            for s, n in zip(("train", "val", "test"), (12, 4, 6), strict=True)
+        },
+        "at least 2 classes",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_ARRAY_CASES))
+def test_malformed_arrays_give_one_line_data_error_naming_the_file(write_npz, case):
+    # Prepare
+    overrides, expected = BAD_ARRAY_CASES[case]
+    path = write_npz(**overrides)
+
+    # Execute
+    with pytest.raises(DataError) as info:
+        load_medmnist_npz(path=path)
+
+    # Assert
+    message = str(info.value)
+    assert message.startswith(f"{path}: ")
+    assert expected in message
+    assert "\n" not in message
+
+
+def test_label_beyond_a_known_sets_classes_is_rejected(write_npz, medmnist_arrays):
+    # Prepare: PneumoniaMNIST has 2 classes
+    arrays = medmnist_arrays(classes=3)
+    path = write_npz("pneumoniamnist.npz", arrays=arrays)
+
+    # Execute
+    with pytest.raises(DataError) as info:
+        load_medmnist_npz(path=path)
+
+    # Assert
+    assert str(path) in str(info.value)
+    assert "must be in [0, 2)" in str(info.value)
+
+
+def test_object_arrays_are_refused_without_unpickling(write_npz, medmnist_arrays):
+    # Prepare: np.savez pickles object arrays; loading them would execute arbitrary code
+    arrays = medmnist_arrays()
+    arrays["train_labels"] = np.array([object()] * 12, dtype=object)
+    path = write_npz(arrays=arrays)
+
+    # Execute
+    with pytest.raises(DataError) as info:
+        load_medmnist_npz(path=path)
+
+    # Assert
+    assert str(info.value) == f"{path}: `train_labels` contains pickled objects; refusing to load."
+
+
+def test_text_file_is_not_an_npz(tmp_path):
+    # Prepare
+    path = tmp_path / "notes.npz"
+    path.write_text("patient list\n")
+
+    # Execute / Assert
+    with pytest.raises(DataError, match="not an .npz archive") as info:
+        load_medmnist_npz(path=path)
+    assert str(path) in str(info.value)
+
+
+def test_npy_file_is_not_an_npz(tmp_path):
+    # Prepare
+    path = tmp_path / "array.npz"
+    with path.open("wb") as handle:
+        np.save(handle, np.zeros(3))
+
+    # Execute / Assert
+    with pytest.raises(DataError, match="single .npy array"):
+        load_medmnist_npz(path=path)
+
+
+def test_truncated_archive_is_reported_corrupt(write_npz):
+    # Prepare
+    path = write_npz()
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+    # Execute / Assert
+    with pytest.raises(DataError, match="corrupt .npz archive") as info:
+        load_medmnist_npz(path=path)
+    assert str(info.value).startswith(f"{path}: ")
+
+
+def test_flipped_bytes_inside_a_member_are_reported_corrupt(write_npz):
+    # Prepare: np.savez stores members uncompressed, so the CRC check catches the flip
+    path = write_npz()
+    data = bytearray(path.read_bytes())
+    middle = len(data) // 3
+    data[middle : middle + 16] = bytes(b ^ 0xFF for b in data[middle : middle + 16])
+    path.write_bytes(bytes(data))
+
+    # Execute / Assert
+    with pytest.raises(DataError, match="corrupt .npz archive") as info:
+        load_medmnist_npz(path=path)
+    assert str(info.value).startswith(f"{path}: ")
+
+
+@pytest.mark.shared_data
+def test_real_pneumoniamnist_matches_provenance(shared_data_dir):
+    # Execute
+    bundle = load_medmnist(name="pneumoniamnist", data_dir=shared_data_dir)
+
+    # Assert: split sizes and class counts from ../shared/data/PROVENANCE.md
+    summary = bundle.describe()
+    assert summary["sizes"] == {"train": 4708, "val": 524, "test": 624}
+    assert summary["class_counts"] == {
+        "train": [1214, 3494],
+        "val": [135, 389],
+        "test": [234, 390],
+    }
+    assert bundle.class_names == ("normal", "pneumonia")
+    assert bundle.train.images.shape[1:] == (1, 28, 28)
+    assert 0.0 <= float(bundle.train.images.min()) < float(bundle.train.images.max()) <= 1.0
