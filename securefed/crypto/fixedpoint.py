@@ -1,0 +1,239 @@
+"""Fixed-point codec of float vectors into the ring Z_(2^k) with unbiased stochastic rounding."""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from securefed.crypto.prg import (
+    KeystreamPRG,
+    MaskStreams,
+    chunk_bytes,
+    scratch_buffer,
+    word_dtype,
+)
+from securefed.errors import ConfigError, DataError
+
+__all__ = ["FLOAT_EXACT_BITS", "FixedPointCodec"]
+
+FLOAT_EXACT_BITS = 53
+"""float64 represents every integer of magnitude <= 2^53 exactly."""
+
+_TWO_MINUS_53 = math.ldexp(1.0, -53)
+
+
+@dataclass(frozen=True)
+class FixedPointCodec:
+    """Encode floats in [-clip_range, clip_range] as integers mod 2^k, k = ``ring_bits``.
+
+    A value x is clipped to [-C, C] (C = ``clip_range``), scaled by 2^f (f = ``frac_bits``)
+    and rounded stochastically to floor(x 2^f) or floor(x 2^f) + 1 with probabilities that
+    make the encoding unbiased: E[enc(x)] = x 2^f (the up-probability is compared at 53-bit
+    resolution, so the bias is below 2^-53 quantum). The rounding coins are AES-CTR keystream
+    under a fresh ``os.urandom`` key, never a simulation seed.
+
+    Overflow bound: one encoding has magnitude at most M = ceil(C 2^f). The codec guarantees
+    ``n_summands * M <= 2^(k-1) - 1``, so the sum of up to ``n_summands`` encodings never wraps
+    and its two's-complement reading is the true integer sum. When f is derived (``frac_bits``
+    None) it is the largest f with ``n_summands * M <= min(2^(k-1) - 1, 2^53)``: the sum is then
+    also exact in float64, so decoding a sum of n encodings is within n * quantum of the true
+    sum with no further rounding.
+
+    Attributes:
+        ring_bits: k, 32 or 64.
+        clip_range: C > 0, the largest accepted magnitude per coordinate.
+        n_summands: n, the most encodings that will be added together (the number of sites).
+        frac_bits: f, fractional bits; None derives the largest safe value (resolved on init).
+
+    """
+
+    ring_bits: int = 64
+    clip_range: float = 1e6
+    n_summands: int = 2
+    frac_bits: int | None = None
+    _max_encoded: int = field(default=0, init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        word_dtype(self.ring_bits)
+        if isinstance(self.n_summands, bool) or not isinstance(self.n_summands, int):
+            raise ConfigError(f"`n_summands` must be an integer (got {self.n_summands!r}).")
+        if self.n_summands < 1:
+            raise ConfigError(f"`n_summands` must be at least 1 (got {self.n_summands}).")
+        clip = float(self.clip_range)
+        if not math.isfinite(clip) or clip <= 0:
+            raise ConfigError(f"`clip_range` must be a positive finite number (got {clip}).")
+        object.__setattr__(self, "clip_range", clip)
+        signed_max = (1 << (self.ring_bits - 1)) - 1
+        n = self.n_summands
+        if n * math.ceil(clip) > signed_max:
+            raise ConfigError(
+                f"`clip_range`={clip:g} summed over {n} sites does not fit a {self.ring_bits}-bit "
+                f"ring even with 0 fractional bits (needs n * ceil(clip) <= 2^{self.ring_bits - 1}"
+                " - 1); use ring_bits=64 or a smaller clip range."
+            )
+        if self.frac_bits is None:
+            bound = min(signed_max, 1 << FLOAT_EXACT_BITS)
+            frac = next(
+                (
+                    f
+                    for f in range(self.ring_bits - 2, -1, -1)
+                    if n * _ceil_scaled(clip, f) <= bound
+                ),
+                None,
+            )
+            if frac is None:
+                raise ConfigError(
+                    f"`clip_range`={clip:g} summed over {n} sites exceeds 2^53, beyond exact "
+                    "float64 decoding; pass `frac_bits`=0 explicitly or lower the clip range."
+                )
+            object.__setattr__(self, "frac_bits", frac)
+        else:
+            f = self.frac_bits
+            if isinstance(f, bool) or not isinstance(f, int) or not 0 <= f <= self.ring_bits - 2:
+                raise ConfigError(
+                    f"`frac_bits` must be an integer in [0, {self.ring_bits - 2}] (got {f!r})."
+                )
+            if n * _ceil_scaled(clip, f) > signed_max:
+                best = max(g for g in range(f) if n * _ceil_scaled(clip, g) <= signed_max)
+                raise ConfigError(
+                    f"`frac_bits`={f} leaves no head-room for the sum of {n} values clipped to "
+                    f"{clip:g} in a {self.ring_bits}-bit ring (at most {best})."
+                )
+        object.__setattr__(self, "_max_encoded", _ceil_scaled(clip, self.frac_bits))
+
+    @property
+    def quantum(self) -> float:
+        """Value of one unit in the last fixed-point place, 2^-frac_bits."""
+        return math.ldexp(1.0, -self.frac_bits)
+
+    @property
+    def dtype(self) -> np.dtype:
+        """Word type of the ring (``<u4`` or ``<u8``)."""
+        return word_dtype(self.ring_bits)
+
+    @property
+    def max_encoded(self) -> int:
+        """Largest magnitude of one encoding, ceil(clip_range 2^frac_bits)."""
+        return self._max_encoded
+
+    @property
+    def headroom_bits(self) -> int:
+        """floor(log2((2^(k-1) - 1) / max_encoded)); at least floor(log2(n_summands))."""
+        return (((1 << (self.ring_bits - 1)) - 1) // self._max_encoded).bit_length() - 1
+
+    def encode(
+        self, values: np.ndarray, *, masks: MaskStreams | None = None
+    ) -> tuple[np.ndarray, int]:
+        """Clip, scale and stochastically round ``values`` into ring words.
+
+        Args:
+            values: 1-D real vector.
+            masks: Optional masks added to each encoded piece while it is still in cache;
+                the result then equals masking the plain encoding afterwards.
+
+        Returns:
+            ``(words, clipped)``: a uint32/uint64 vector (two's complement mod 2^k) and the
+            number of coordinates whose magnitude exceeded ``clip_range`` and were clipped.
+
+        Raises:
+            DataError: If ``values`` is not a 1-D real vector or holds NaN or infinity.
+
+        """
+        x = _as_real_vector(values)
+        scale = math.ldexp(1.0, self.frac_bits)
+        limit = self.clip_range * scale
+        out = np.empty(x.size, dtype=np.uint64 if self.ring_bits == 64 else np.uint32)
+        signed_out = out.view(np.int64) if self.ring_bits == 64 else None
+        coins = KeystreamPRG(os.urandom(32))
+        coin_buf = scratch_buffer()
+        chunk = chunk_bytes() // 8
+        scaled_buf = np.empty(chunk)
+        floor_buf = np.empty(chunk)
+        uniform_buf = np.empty(chunk)
+        flag_buf = np.empty(chunk, dtype=bool)
+        int_buf = np.empty(chunk, dtype=np.int64)
+        clipped = 0
+        for start in range(0, x.size, chunk):
+            stop = min(start + chunk, x.size)
+            m = stop - start
+            scaled = np.multiply(x[start:stop], scale, out=scaled_buf[:m])
+            # NaN fails both comparisons, so non-finite values always take the slow path.
+            if not (scaled.max() <= limit and scaled.min() >= -limit):
+                finite = np.isfinite(scaled)
+                if not finite.all():
+                    bad = start + int(np.argmin(finite))
+                    raise DataError(
+                        f"`values` holds a non-finite number ({x[bad]}) at index {bad}; "
+                        "refusing to encode it."
+                    )
+                clipped += int(np.count_nonzero(np.abs(scaled) > limit))
+                np.clip(scaled, -limit, limit, out=scaled)
+            low = np.floor(scaled, out=floor_buf[:m])
+            scaled -= low
+            # Coins u = j 2^-53 with j uniform on [0, 2^53) (exact in float64): round up iff
+            # u < frac, which happens with probability frac up to 2^-53 (E[enc(x)] = x 2^f).
+            raw = coins.read_into(coin_buf, 8 * m).view("<u8")
+            np.right_shift(raw, 11, out=raw)
+            uniform = np.multiply(raw, _TWO_MINUS_53, out=uniform_buf[:m])
+            up = np.less(uniform, scaled, out=flag_buf[:m])
+            if signed_out is not None:
+                np.add(low, up, out=signed_out[start:stop], casting="unsafe")
+            else:
+                q = np.add(low, up, out=int_buf[:m], casting="unsafe")
+                np.copyto(out[start:stop], q, casting="unsafe")
+            if masks is not None:
+                masks.apply(out[start:stop])
+        return out, clipped
+
+    def decode(self, words: np.ndarray) -> np.ndarray:
+        """Read ring words (one encoding or a sum of up to n) back as floats.
+
+        Args:
+            words: 1-D uint32/uint64 vector matching ``ring_bits``.
+
+        Returns:
+            float64 vector; for a sum of n encodings it is within n * quantum of the sum of
+            the clipped inputs.
+
+        Raises:
+            DataError: If ``words`` has the wrong shape or word size.
+
+        """
+        if not isinstance(words, np.ndarray) or words.ndim != 1:
+            raise DataError("`words` must be a 1-D numpy array of ring words.")
+        if words.dtype.kind != "u" or words.dtype.itemsize * 8 != self.ring_bits:
+            raise DataError(
+                f"`words` must be uint{self.ring_bits} for a {self.ring_bits}-bit ring "
+                f"(got {words.dtype})."
+            )
+        signed = words.astype(words.dtype.newbyteorder("=")).view(f"i{words.dtype.itemsize}")
+        return np.ldexp(signed.astype(np.float64), -self.frac_bits)
+
+    def describe(self) -> dict[str, Any]:
+        """JSON-ready parameters for the privacy report."""
+        return {
+            "ring_bits": self.ring_bits,
+            "frac_bits": self.frac_bits,
+            "quantum": self.quantum,
+            "clip_range": self.clip_range,
+            "headroom_bits": self.headroom_bits,
+            "max_summands": self.n_summands,
+            "rounding": "stochastic (unbiased), AES-256-CTR coins under an os.urandom key",
+        }
+
+
+def _ceil_scaled(clip: float, frac_bits: int) -> int:
+    return math.ceil(math.ldexp(clip, frac_bits))
+
+
+def _as_real_vector(values: np.ndarray) -> np.ndarray:
+    x = np.asarray(values)
+    if x.ndim != 1:
+        raise DataError(f"`values` must be a 1-D vector (got shape {x.shape}).")
+    if x.dtype.kind not in "fiu":
+        raise DataError(f"`values` must be a real-valued vector (got dtype {x.dtype}).")
+    return np.ascontiguousarray(x, dtype=np.float64)
