@@ -1,0 +1,372 @@
+"""The ``securefed`` command line: a thin click layer over the library."""
+
+from __future__ import annotations
+
+import math
+import sys
+from pathlib import Path
+
+import click
+
+from securefed.config import ACCOUNTANTS, DEVICES, SECURE_AGG_MODES, RunConfig
+from securefed.errors import SecureFedError
+
+__all__ = ["main", "cli"]
+
+_DEFAULTS = RunConfig()
+
+
+class _Epsilon(click.ParamType):
+    """A positive float, or ``inf`` for no DP."""
+
+    name = "EPS|inf"
+
+    def convert(self, value, param, ctx):  # noqa: D102
+        if isinstance(value, float):
+            return value
+        try:
+            eps = float(value)
+        except ValueError:
+            self.fail(f"{value!r} is not a number or 'inf'", param, ctx)
+        if math.isnan(eps) or eps <= 0:
+            self.fail(f"must be positive or 'inf' (got {value})", param, ctx)
+        return eps
+
+
+def _partition_help() -> str:
+    return "How training data is split across sites: iid | dirichlet:ALPHA | by-label:K."
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(package_name="securefed")
+def cli() -> None:
+    """securefed: federated learning for medical imaging with DP-SGD and secure aggregation.
+
+    Every run writes config.json, metrics.json (+ .csv), privacy.json, model.safetensors and
+    summary.md with plots; `securefed audit RUN_DIR` re-checks its privacy claims.
+    """
+
+
+@cli.command()
+@click.option(
+    "--config",
+    "config_file",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="Read settings from a JSON file (e.g. a run's config.json); flags override it.",
+)
+@click.option(
+    "--dataset",
+    default=None,
+    show_default=_DEFAULTS.dataset,
+    help="'synthetic' (offline default) or a MedMNIST v2 name, read from DATA_DIR/NAME.npz.",
+)
+@click.option(
+    "--data-dir",
+    type=click.Path(file_okay=False),
+    default=None,
+    help="Folder with MedMNIST .npz files [default: ~/.medmnist]. Nothing is downloaded.",
+)
+@click.option(
+    "--data",
+    type=click.Path(),
+    default=None,
+    help="An image-folder tree (train/<class>/*.png, optional val/, test/) or a .npz file.",
+)
+@click.option(
+    "--model",
+    default=None,
+    show_default=_DEFAULTS.model,
+    help="Model from the registry (cnn, densenet121, resnet18).",
+)
+@click.option(
+    "--clients", type=int, default=None, show_default=_DEFAULTS.clients, help="Number of sites."
+)
+@click.option("--partition", default=None, show_default=_DEFAULTS.partition, help=_partition_help())
+@click.option(
+    "--rounds", type=int, default=None, show_default=_DEFAULTS.rounds, help="Federated rounds."
+)
+@click.option(
+    "--local-epochs",
+    type=int,
+    default=None,
+    show_default=_DEFAULTS.local_epochs,
+    help="Local epochs per round.",
+)
+@click.option(
+    "--batch-size",
+    type=int,
+    default=None,
+    show_default=_DEFAULTS.batch_size,
+    help="Expected batch size (DP: Poisson sampling rate 1/ceil(n/B)).",
+)
+@click.option(
+    "--lr", type=float, default=None, show_default=_DEFAULTS.lr, help="Local SGD learning rate."
+)
+@click.option(
+    "--momentum",
+    type=float,
+    default=None,
+    show_default=_DEFAULTS.momentum,
+    help="Local SGD momentum.",
+)
+@click.option(
+    "--client-fraction",
+    type=float,
+    default=None,
+    show_default=_DEFAULTS.client_fraction,
+    help="Fraction of sites sampled per round (not used as privacy amplification).",
+)
+@click.option(
+    "--dp-epsilon",
+    type=_Epsilon(),
+    default=None,
+    show_default=_DEFAULTS.dp_epsilon,
+    help="Target ε per site over the whole run; 'inf' for the non-private baseline.",
+)
+@click.option("--no-dp", is_flag=True, help="Non-private baseline (same as --dp-epsilon inf).")
+@click.option(
+    "--dp-delta",
+    type=float,
+    default=None,
+    help="Target δ [default: min(1e-5, 1/(10 n)) for the smallest site n].",
+)
+@click.option(
+    "--max-grad-norm",
+    type=float,
+    default=None,
+    show_default=_DEFAULTS.max_grad_norm,
+    help="Per-sample gradient clipping bound C.",
+)
+@click.option(
+    "--accountant",
+    type=click.Choice(ACCOUNTANTS),
+    default=None,
+    show_default=_DEFAULTS.accountant,
+    help="Opacus accountant for calibration and reporting (gdp is an approximation).",
+)
+@click.option(
+    "--secure-agg",
+    type=click.Choice(SECURE_AGG_MODES),
+    is_flag=False,
+    flag_value="mask",
+    default=None,
+    show_default="none",
+    help="Secure aggregation: none | mask (pairwise masking; the bare flag) | he (CKKS).",
+)
+@click.option(
+    "--secagg-threshold",
+    type=int,
+    default=None,
+    help="Masking: Shamir threshold t within a neighbourhood [default: 2/3 majority].",
+)
+@click.option(
+    "--secagg-neighbors",
+    type=int,
+    default=None,
+    help="Masking: SecAgg+ neighbours per site, ~O(log n) [default: all sites].",
+)
+@click.option(
+    "--secagg-ring-bits",
+    type=click.Choice(["32", "64"]),
+    default=None,
+    show_default="64",
+    help="Masking: fixed-point ring Z_(2^k).",
+)
+@click.option(
+    "--secagg-clip",
+    type=float,
+    default=None,
+    show_default=_DEFAULTS.secagg_clip,
+    help="Masking: largest |n_i * update| per coordinate; beyond it values are clipped "
+    "and counted.",
+)
+@click.option(
+    "--he-poly-modulus-degree",
+    type=int,
+    default=None,
+    show_default=_DEFAULTS.he_poly_modulus_degree,
+    help="CKKS ring degree N (slots N/2).",
+)
+@click.option(
+    "--he-coeff-bits",
+    default=None,
+    show_default="60,40,40,60",
+    help="CKKS coefficient modulus bit sizes, comma-separated.",
+)
+@click.option(
+    "--he-scale-bits",
+    type=int,
+    default=None,
+    show_default=_DEFAULTS.he_scale_bits,
+    help="CKKS scale 2^bits.",
+)
+@click.option(
+    "--dropout-clients",
+    type=float,
+    default=None,
+    show_default=0,
+    help="Simulated dropouts per round: a count K, or a rate in (0, 1).",
+)
+@click.option(
+    "--dropout-phase",
+    type=click.Choice(["after", "before"]),
+    default=None,
+    show_default="after",
+    help="Sites drop after uploading their masked input (recovered) or before.",
+)
+@click.option(
+    "--seed",
+    type=int,
+    default=None,
+    show_default=_DEFAULTS.seed,
+    help="Seed for data, partition, init, sampling and DP noise (same seed, same numbers).",
+)
+@click.option(
+    "--device",
+    type=click.Choice(DEVICES),
+    default=None,
+    show_default=_DEFAULTS.device,
+    help="Where to train.",
+)
+@click.option(
+    "--conv-acc-tol",
+    type=float,
+    default=None,
+    show_default=_DEFAULTS.conv_acc_tol,
+    help="Convergence: accuracy change below this counts as stable.",
+)
+@click.option(
+    "--conv-loss-tol",
+    type=float,
+    default=None,
+    show_default=_DEFAULTS.conv_loss_tol,
+    help="Convergence: loss change below this counts as stable.",
+)
+@click.option(
+    "--conv-patience",
+    type=int,
+    default=None,
+    show_default=_DEFAULTS.conv_patience,
+    help="Convergence: consecutive stable rounds required.",
+)
+@click.option(
+    "--out",
+    type=click.Path(file_okay=False),
+    default=None,
+    help="Output folder [default: runs/<timestamp>].",
+)
+@click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
+def train(config_file, no_dp, out, quiet, **flags) -> None:
+    """Train one model across simulated sites with DP-SGD and FedAvg."""
+    base = RunConfig.from_json(config_file) if config_file else RunConfig()
+    changes = {k: v for k, v in flags.items() if v is not None}
+    if "secagg_ring_bits" in changes:
+        changes["secagg_ring_bits"] = int(changes["secagg_ring_bits"])
+    if "he_coeff_bits" in changes:
+        try:
+            changes["he_coeff_mod_bit_sizes"] = tuple(
+                int(b) for b in changes.pop("he_coeff_bits").split(",")
+            )
+        except ValueError as exc:
+            raise click.BadParameter(
+                "comma-separated integers, e.g. 60,40,40,60", param_hint="--he-coeff-bits"
+            ) from exc
+    if "dp_epsilon" in changes and math.isinf(changes["dp_epsilon"]):
+        changes["dp_epsilon"] = None
+    if no_dp:
+        changes["dp_epsilon"] = None
+    config = base.replace(**changes)
+    from securefed.fl.run import train as run_train
+
+    run_dir = run_train(config, out_dir=Path(out) if out else None, progress=not quiet)
+    click.echo(_run_line(run_dir))
+
+
+def _run_line(run_dir: Path) -> str:
+    import json
+
+    privacy = json.loads((run_dir / "privacy.json").read_text())
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    f = metrics["final"]
+    eps = privacy["epsilon"]
+    auc = f"{f['auc']:.3f}" if f.get("auc") is not None else "n/a"
+    dp = (
+        f"ε={eps:.2f} (target {privacy['target_epsilon']}, δ={privacy['delta']:.1e})"
+        if privacy["dp"]
+        else "no DP"
+    )
+    return (
+        f"{run_dir}: accuracy {f['accuracy']:.3f}, macro F1 {f['macro_f1']:.3f}, AUC {auc}, "
+        f"{dp}, secure-agg {privacy['secure_aggregation']}, {metrics['total_seconds']:.1f} s"
+    )
+
+
+@cli.command()
+@click.argument("run_dir", type=click.Path())
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+def audit(run_dir, as_json) -> None:
+    """Re-check RUN_DIR's privacy claims with an independent accountant (dp_accounting).
+
+    Exit 0 when every claim holds, 1 when any fails, 2 when the input cannot be read.
+    """
+    from securefed.dp.audit import TOLERANCE, audit_run
+
+    result = audit_run(run_dir)
+    if as_json:
+        import json
+
+        click.echo(
+            json.dumps(
+                {
+                    "ok": result.ok,
+                    "checks": [c.__dict__ for c in result.checks],
+                    "sites": result.rows,
+                    "tolerance": TOLERANCE,
+                },
+                indent=2,
+            )
+        )
+    else:
+        if result.rows:
+            click.echo(
+                f"{'site':>4} {'n':>6} {'q':>8} {'sigma':>8} {'steps':>6} "
+                f"{'claimed ε':>10} {'PLD ε':>8} {'RDP ε':>8}"
+            )
+            for r in result.rows:
+                click.echo(
+                    f"{r['client_id']:>4} {r['num_samples']:>6} {r['sample_rate']:>8.4f} "
+                    f"{r['noise_multiplier']:>8.4f} {r['steps']:>6} {r['claimed']:>10.4f} "
+                    f"{r['pld']:>8.4f} {r['rdp']:>8.4f}"
+                )
+            click.echo(
+                "(PLD and RDP recomputed with Google's dp_accounting from the report's ledger)"
+            )
+        for c in result.checks:
+            click.echo(f"[{'PASS' if c.ok else 'FAIL'}] {c.name}: {c.detail}")
+        click.echo("audit: all claims hold" if result.ok else "audit: some claims FAIL")
+    sys.exit(0 if result.ok else 1)
+
+
+def main() -> None:
+    """Console entry point: library errors become one line on stderr and a non-zero exit."""
+    try:
+        cli.main(standalone_mode=False)
+    except click.exceptions.Exit as exc:
+        sys.exit(exc.exit_code)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+    except click.exceptions.Abort:
+        click.echo("aborted", err=True)
+        sys.exit(130)
+    except SecureFedError as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        click.echo("interrupted", err=True)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

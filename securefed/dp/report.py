@@ -1,0 +1,88 @@
+"""The privacy report (``privacy.json``): schema, canonical hashing, reading and writing."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from securefed.errors import AuditError
+
+__all__ = [
+    "SCHEMA_VERSION",
+    "THREAT_MODEL",
+    "canonical_json",
+    "report_hash",
+    "json_ready",
+    "write_json",
+    "read_json",
+]
+
+#: Bump the minor version for added keys, the major version for changed or removed ones.
+SCHEMA_VERSION = "1.0"
+
+THREAT_MODEL = (
+    "Record-level (epsilon, delta)-DP per site: each site's DP-SGD guarantee covers any one of "
+    "its training records, against anyone who sees every model update it produces (the server "
+    "included), accounted over all its steps in all rounds; sites do not gain amplification from "
+    "being sampled by the server. The server is honest-but-curious: it follows the protocol but "
+    "tries to learn from what it sees. With secure aggregation on it sees only the sum of the "
+    "updates of the sites that took part in a round. Sites are honest-but-curious too; up to "
+    "n - t sites may drop out of a round; a network observer sees only encrypted traffic in a "
+    "deployment. Out of scope: a malicious server that deviates from the protocol, Byzantine "
+    "sites, side channels, and floating-point attacks on the Gaussian sampler (noise comes from "
+    "torch's seeded PRNG, not a CSPRNG, so that a seed reproduces a run)."
+)
+
+
+def json_ready(obj: Any) -> Any:
+    """Replace non-finite floats by ``None`` (JSON has no NaN/inf) recursively."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {str(k): json_ready(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_ready(v) for v in obj]
+    return obj
+
+
+def canonical_json(obj: Any) -> bytes:
+    """Canonical bytes of a JSON value: sorted keys, no spaces, UTF-8, no NaN."""
+    return json.dumps(
+        obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False
+    ).encode("utf-8")
+
+
+def report_hash(*, privacy: dict[str, Any], config: Any, metrics: Any) -> str:
+    """SHA-256 binding the report body (without its ``sha256`` key), config and metrics.
+
+    An unkeyed hash detects edits made without recomputing it (an accidental or naive
+    change to any of the three files); it is not a signature. Keep a copy of the hash
+    somewhere the run's operator cannot write to detect a deliberate rewrite.
+    """
+    body = {k: v for k, v in privacy.items() if k != "sha256"}
+    digest = hashlib.sha256()
+    for part in (body, config, metrics):
+        blob = canonical_json(part)
+        digest.update(len(blob).to_bytes(8, "big"))
+        digest.update(blob)
+    return digest.hexdigest()
+
+
+def write_json(path: Path, obj: Any) -> None:
+    """Write ``obj`` as indented JSON (non-finite floats become null), atomically."""
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(json_ready(obj), indent=2, allow_nan=False) + "\n")
+    tmp.replace(path)
+
+
+def read_json(path: Path) -> Any:
+    """Read a JSON file; any failure is an :class:`AuditError` naming the file."""
+    try:
+        return json.loads(Path(path).read_text())
+    except FileNotFoundError as exc:
+        raise AuditError(f"{path}: file not found") from exc
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise AuditError(f"{path}: not readable JSON ({exc})") from exc

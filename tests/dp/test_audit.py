@@ -1,0 +1,109 @@
+import json
+
+import pytest
+
+from securefed.dp.audit import audit_run
+from securefed.dp.report import read_json, report_hash, write_json
+from securefed.errors import AuditError
+from securefed.fl.run import train
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    from securefed.config import RunConfig
+    from tests.conftest import write_small_npz
+
+    d = tmp_path_factory.mktemp("audit")
+    npz = write_small_npz(d / "tiny.npz")
+    cfg = RunConfig(
+        data=str(npz),
+        clients=2,
+        rounds=2,
+        batch_size=32,
+        dp_epsilon=4.0,
+        device="cpu",
+        accountant="prv",
+    )
+    return train(cfg, out_dir=d / "run", progress=False)
+
+
+def _copy(run_dir, tmp_path):
+    import shutil
+
+    dst = tmp_path / "copy"
+    shutil.copytree(run_dir, dst)
+    return dst
+
+
+def _rehash(d):
+    privacy = read_json(d / "privacy.json")
+    privacy["sha256"] = report_hash(
+        privacy=privacy, config=read_json(d / "config.json"), metrics=read_json(d / "metrics.json")
+    )
+    write_json(d / "privacy.json", privacy)
+
+
+def test_audit_passes_on_a_real_run(run_dir):
+    result = audit_run(run_dir)
+    assert result.ok, [c for c in result.checks if not c.ok]
+    assert len(result.rows) == 2
+    for row in result.rows:
+        # the independent PLD figure is close to Opacus' PRV claim, RDP is looser
+        assert abs(row["pld"] - row["claimed"]) < 0.05 * row["claimed"] + 0.02
+        assert row["rdp"] >= row["pld"]
+
+
+def test_tampered_metrics_break_the_hash(run_dir, tmp_path):
+    d = _copy(run_dir, tmp_path)
+    metrics = read_json(d / "metrics.json")
+    metrics["final"]["accuracy"] = 0.99
+    write_json(d / "metrics.json", metrics)
+    result = audit_run(d)
+    assert not result.ok
+    assert any("sha256" in c.name and not c.ok for c in result.checks)
+
+
+def test_under_reported_epsilon_fails_even_with_a_fixed_hash(run_dir, tmp_path):
+    d = _copy(run_dir, tmp_path)
+    privacy = read_json(d / "privacy.json")
+    for c in privacy["clients"]:
+        c["epsilon"] = c["epsilon"] / 2
+        c["epsilon_per_round"] = [e / 2 for e in c["epsilon_per_round"]]
+    privacy["epsilon"] = max(c["epsilon"] for c in privacy["clients"])
+    write_json(d / "privacy.json", privacy)
+    _rehash(d)
+    result = audit_run(d)
+    failed = [c.name for c in result.checks if not c.ok]
+    assert failed and all("independent PLD" in n for n in failed), failed
+
+
+def test_hidden_steps_are_caught(run_dir, tmp_path):
+    d = _copy(run_dir, tmp_path)
+    privacy = read_json(d / "privacy.json")
+    privacy["clients"][0]["steps"] -= 5
+    write_json(d / "privacy.json", privacy)
+    _rehash(d)
+    assert any("ledger steps" in c.name and not c.ok for c in audit_run(d).checks)
+
+
+def test_noise_inflated_in_the_ledger_is_caught(run_dir, tmp_path):
+    d = _copy(run_dir, tmp_path)
+    privacy = read_json(d / "privacy.json")
+    for e in privacy["events"]:
+        e["noise_multiplier"] *= 0.5  # less noise than claimed -> more epsilon
+    write_json(d / "privacy.json", privacy)
+    _rehash(d)
+    assert not audit_run(d).ok
+
+
+def test_unreadable_input_is_an_audit_error(tmp_path):
+    with pytest.raises(AuditError, match="not a run directory"):
+        audit_run(tmp_path / "nope")
+    (tmp_path / "privacy.json").write_text("{not json")
+    (tmp_path / "config.json").write_text("{}")
+    (tmp_path / "metrics.json").write_text("{}")
+    with pytest.raises(AuditError, match="privacy.json: not readable JSON"):
+        audit_run(tmp_path)
+    (tmp_path / "privacy.json").write_text(json.dumps({"schema_version": "1.0"}))
+    with pytest.raises(AuditError, match="missing key 'sha256'"):
+        audit_run(tmp_path)
