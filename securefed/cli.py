@@ -348,6 +348,22 @@ def audit(run_dir, as_json) -> None:
     sys.exit(0 if result.ok else 1)
 
 
+@cli.group()
+def bench() -> None:
+    """Benchmark suites; each writes results.json, results.csv and summary.md to --out."""
+
+
+@bench.command("secure-agg")
+@click.option("--out", type=click.Path(file_okay=False), required=True, help="Output folder.")
+@click.option("--quick", is_flag=True, help="A small grid (includes 1e6 parameters, 10 sites).")
+def bench_secure_agg(out, quick) -> None:
+    """Cost of masking and CKKS vs plaintext, by model size, sites and dropout."""
+    from securefed.bench.secure_agg import run_secure_agg_bench
+
+    path = run_secure_agg_bench(out_dir=Path(out), quick=quick, progress=True)
+    click.echo(f"results: {path}")
+
+
 def main() -> None:
     """Console entry point: library errors become one line on stderr and a non-zero exit."""
     try:

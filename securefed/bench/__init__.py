@@ -1,0 +1,1 @@
+"""Benchmark suites run by ``securefed bench SUITE``; scripts in benchmarks/ call these."""
