@@ -1,4 +1,4 @@
-"""Issue-2 benchmarks: README main command wall time, PneumoniaMNIST utility vs epsilon, DP step cost.
+"""Issue-2 benchmarks: main command wall time, PneumoniaMNIST utility vs epsilon, DP step cost.
 
 Usage (from the repository root, ../shared/data beside it):
 

@@ -1,4 +1,4 @@
-"""Secure aggregation inside a federated run: same numbers as plaintext FedAvg, failures change nothing."""
+"""Secure aggregation in a federated run: plaintext FedAvg numbers; failures change nothing."""
 
 import numpy as np
 import pytest
