@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -73,10 +73,10 @@ class RunConfig:
     model: str = "cnn"
     clients: int = 3
     partition: str = "iid"
-    rounds: int = 5
-    local_epochs: int = 1
-    batch_size: int = 64
-    lr: float = 0.5
+    rounds: int = 10
+    local_epochs: int = 2
+    batch_size: int = 256
+    lr: float = 2.0
     momentum: float = 0.5
     client_fraction: float = 1.0
     dp_epsilon: float | None = 8.0
@@ -98,7 +98,6 @@ class RunConfig:
     conv_acc_tol: float = 0.005
     conv_loss_tol: float = 0.01
     conv_patience: int = 3
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         _check(self.clients >= 1, f"`clients` must be at least 1 (got {self.clients}).")

@@ -67,17 +67,21 @@ def test_train_then_audit_round_trip(tmp_path):
         2,
         "--rounds",
         2,
+        "--local-epochs",
+        1,
         "--batch-size",
         32,
         "--dp-epsilon",
         8,
         "--accountant",
         "rdp",
+        "--secure-agg",  # the bare flag means pairwise masking
         "--out",
         out,
         "--quiet",
     )
     assert proc.returncode == 0, proc.stderr
+    assert "secure-agg mask" in proc.stdout
     assert "ε=" in proc.stdout
     audit = securefed("audit", out)
     assert audit.returncode == 0, audit.stdout

@@ -95,6 +95,55 @@ def _require(obj: dict, key: str, where: str) -> Any:
     return obj[key]
 
 
+#: Largest total coefficient-modulus bits for 128-bit security, by CKKS ring degree
+#: (HomomorphicEncryption.org security standard, 2018, ternary secrets, classical attacks).
+_HE_MAX_COEFF_BITS = {1024: 27, 2048: 54, 4096: 109, 8192: 218, 16384: 438, 32768: 881}
+
+
+def _check_secure_aggregation(result: AuditResult, privacy: dict, config: Any, where: str) -> None:
+    """Consistency of the secure-aggregation claims with the configuration and each other."""
+    mode = privacy.get("secure_aggregation")
+    params = privacy.get("secure_aggregation_params") or {}
+    run = config.get("run", {}) if isinstance(config, dict) else {}
+    result.add(
+        "secure aggregation matches the configuration",
+        mode == run.get("secure_agg"),
+        f"report {mode!r}, config {run.get('secure_agg')!r}",
+    )
+    try:
+        if mode == "mask":
+            t, m = int(params["threshold"]), int(params["neighbourhood_size"])
+            result.add(
+                "masking: threshold is a strict majority of a neighbourhood",
+                2 * t > m and t <= m,
+                f"t={t}, neighbourhood {m}",
+            )
+            ring, frac = int(params["ring_bits"]), int(params["frac_bits"])
+            clip, summands = float(params["clip_range"]), int(params["max_summands"])
+            # The sum of every site's encoding must fit the signed ring: no wrap-around.
+            fits = summands * math.ceil(clip * 2**frac) <= 2 ** (ring - 1) - 1
+            result.add(
+                "masking: fixed-point sum cannot wrap",
+                ring in (32, 64) and fits and math.isclose(float(params["quantum"]), 2.0**-frac),
+                f"{summands} x ceil({clip:g} x 2^{frac}) vs 2^{ring - 1}",
+            )
+        elif mode == "he":
+            degree = int(params["poly_modulus_degree"])
+            bits = [int(b) for b in params["coeff_mod_bit_sizes"]]
+            scale = int(params["global_scale_bits"])
+            limit = _HE_MAX_COEFF_BITS.get(degree, 0)
+            result.add(
+                "CKKS: 128-bit parameters and a public-only server context",
+                sum(bits) <= limit
+                and (len(bits) < 3 or scale <= min(bits[1:-1]))
+                and "no secret key" in str(params.get("server_keys", ""))
+                and params.get("server_holds_secret_key") is False,
+                f"N={degree}, moduli {bits} ({sum(bits)} <= {limit} bits), scale 2^{scale}",
+            )
+    except (KeyError, TypeError, ValueError) as exc:
+        raise AuditError(f"{where}: malformed secure_aggregation_params ({exc!r})") from exc
+
+
 def audit_run(run_dir: str | Path) -> AuditResult:
     """Audit the run in ``run_dir``.
 
@@ -126,6 +175,8 @@ def audit_run(run_dir: str | Path) -> AuditResult:
         claimed_hash == actual_hash,
         "matches" if claimed_hash == actual_hash else f"claimed {claimed_hash}, got {actual_hash}",
     )
+
+    _check_secure_aggregation(result, privacy, config, where)
 
     clients = _require(privacy, "clients", where)
     if not isinstance(clients, list) or not clients:

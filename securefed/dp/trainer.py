@@ -94,7 +94,10 @@ class SiteTrainer:
         if plan is not None:
             from opacus import PrivacyEngine
 
-            self._engine = PrivacyEngine(accountant=plan.accountant)
+            with warnings.catch_warnings():
+                # "Secure RNG turned off": the report states the noise source instead.
+                warnings.simplefilter("ignore", UserWarning)
+                self._engine = PrivacyEngine(accountant=plan.accountant)
 
     @property
     def num_samples(self) -> int:

@@ -19,6 +19,7 @@ def run_dir(tmp_path_factory):
         data=str(npz),
         clients=2,
         rounds=2,
+        local_epochs=1,
         batch_size=32,
         dp_epsilon=4.0,
         device="cpu",
@@ -107,3 +108,19 @@ def test_unreadable_input_is_an_audit_error(tmp_path):
     (tmp_path / "privacy.json").write_text(json.dumps({"schema_version": "1.0"}))
     with pytest.raises(AuditError, match="missing key 'sha256'"):
         audit_run(tmp_path)
+
+
+def test_inconsistent_secure_aggregation_claims_are_caught(run_dir, tmp_path):
+    from securefed.crypto.secagg import SecAggConfig
+
+    d = _copy(run_dir, tmp_path)
+    privacy = read_json(d / "privacy.json")
+    params = SecAggConfig(n_clients=2).describe()
+    params["threshold"] = 1  # 1 of 2 is no majority: one site alone could unmask
+    privacy["secure_aggregation"] = "mask"
+    privacy["secure_aggregation_params"] = params
+    write_json(d / "privacy.json", privacy)
+    _rehash(d)
+    failed = {c.name for c in audit_run(d).checks if not c.ok}
+    assert "secure aggregation matches the configuration" in failed
+    assert "masking: threshold is a strict majority of a neighbourhood" in failed
