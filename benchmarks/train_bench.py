@@ -67,7 +67,9 @@ def bench_main(rows: list[dict], out: Path) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         run_dir = Path(tmp) / "run"
         cmd = [
-            sys.executable, "-m", "securefed.cli",
+            sys.executable,
+            "-m",
+            "securefed.cli",
             "train",
             "--dp-epsilon",
             "8",

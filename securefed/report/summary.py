@@ -22,6 +22,7 @@ def plot_run(out: Path, *, metrics: dict[str, Any], privacy: dict[str, Any]) -> 
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     rounds = metrics["rounds"]
     xs = [r["round"] for r in rounds]
@@ -49,6 +50,8 @@ def plot_run(out: Path, *, metrics: dict[str, Any], privacy: dict[str, Any]) -> 
     if conv:
         for ax in (ax1, ax2):
             ax.axvline(conv["round"], color="grey", ls="--", lw=1)
+    for ax in (ax1, ax2):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     fig.tight_layout()
     fig.savefig(out / "curves.png", dpi=110)
     plt.close(fig)
@@ -66,6 +69,8 @@ def plot_run(out: Path, *, metrics: dict[str, Any], privacy: dict[str, Any]) -> 
         ax.set_xlabel("round")
         ax.set_ylabel(f"spent ε (δ = {privacy['delta']:.1e}, {privacy['accountant']})")
         ax.set_title("Privacy spent per site")
+        ax.set_ylim(bottom=0)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
         fig.tight_layout()
