@@ -81,6 +81,7 @@ class SiteTrainer:
         lr: float,
         momentum: float,
         device: torch.device,
+        max_grad_norm: float | None = None,
     ) -> None:
         self.client_id = client_id
         self.dataset = dataset
@@ -90,6 +91,7 @@ class SiteTrainer:
         self.lr = lr
         self.momentum = momentum
         self.device = device
+        self.max_grad_norm = max_grad_norm
         self._engine = None
         if plan is not None:
             from opacus import PrivacyEngine
@@ -166,6 +168,11 @@ class SiteTrainer:
                     # An empty Poisson batch still is a DP step (noise only).
                     loss = criterion(out, y) if len(y) else out.sum() * 0.0
                     loss.backward()
+                    if self.plan is None and self.max_grad_norm is not None:
+                        # The non-private baseline keeps DP-SGD's step-size regime (the
+                        # defaults' lr assumes gradients of norm <= C), minus noise and
+                        # per-sample clipping, so the two compare.
+                        torch.nn.utils.clip_grad_norm_(model.parameters(), self.max_grad_norm)
                     optimizer.step()
                     steps += 1
                     total_loss += float(loss.detach()) * len(y)

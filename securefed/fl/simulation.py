@@ -136,6 +136,7 @@ class Federation:
                 lr=config.lr,
                 momentum=config.momentum,
                 device=self.device,
+                max_grad_norm=config.max_grad_norm,
             )
         self.aggregator: Aggregator = build_aggregator(
             mode=config.secure_agg,
