@@ -12,6 +12,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from securefed.dp.accounting import compute_epsilon
 from securefed.dp.ledger import PrivacyEvent, PrivacyLedger
+from securefed.errors import PrivacyBudgetError
 
 __all__ = ["DPPlan", "LocalResult", "SiteTrainer"]
 
@@ -178,6 +179,14 @@ class SiteTrainer:
                     total_loss += float(loss.detach()) * len(y)
                     total_n += len(y)
         if self.plan is not None:
+            recorded = {(float(h[0]), float(h[1])) for h in self._engine.accountant.history}
+            if recorded != {(self.plan.noise_multiplier, self.plan.sample_rate)}:
+                # Calibration assumed (sigma, q); Opacus must have accounted exactly that.
+                raise PrivacyBudgetError(
+                    f"site {self.client_id}: the accountant recorded (sigma, q) = {recorded}, "
+                    f"but the plan was calibrated for "
+                    f"({self.plan.noise_multiplier}, {self.plan.sample_rate})"
+                )
             taken = self._accountant_steps() - before
             self.ledger.record(
                 PrivacyEvent(

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from securefed.config import RunConfig
-from securefed.dp.report import SCHEMA_VERSION, THREAT_MODEL, report_hash, write_json
+from securefed.dp.report import SCHEMA_VERSION, THREAT_MODEL, json_ready, report_hash, write_json
 from securefed.errors import ConfigError
 from securefed.fl.simulation import Federation
 
@@ -242,7 +242,6 @@ def write_outputs(fed: Federation, out: Path) -> None:
     """Write every run artifact into ``out``; the privacy report last, with its hash."""
     from safetensors.torch import save_file
 
-    from securefed.dp.report import json_ready
     from securefed.report.summary import write_summary
 
     config = json_ready(_config_json(fed))
