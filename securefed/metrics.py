@@ -11,7 +11,18 @@ import numpy as np
 
 from securefed.errors import ConfigError, DataError
 
-__all__ = ["classification_metrics", "detect_convergence", "roc_auc"]
+__all__ = ["HEADLINE_METRICS", "classification_metrics", "detect_convergence", "roc_auc"]
+
+#: The scalar figures tables and CSV files show for a model, in display order.
+HEADLINE_METRICS = (
+    "accuracy",
+    "balanced_accuracy",
+    "macro_precision",
+    "macro_recall",
+    "macro_f1",
+    "auc",
+    "loss",
+)
 
 
 def classification_metrics(

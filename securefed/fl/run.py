@@ -14,6 +14,7 @@ from securefed.config import RunConfig
 from securefed.dp.report import SCHEMA_VERSION, THREAT_MODEL, json_ready, report_hash, write_json
 from securefed.errors import ConfigError
 from securefed.fl.simulation import Federation
+from securefed.metrics import HEADLINE_METRICS
 
 __all__ = ["train", "package_versions", "default_out_dir"]
 
@@ -199,15 +200,7 @@ def _privacy_json(fed: Federation) -> dict[str, Any]:
 
 
 def _metrics_csv(metrics: dict[str, Any], path: Path) -> None:
-    keys = [
-        "loss",
-        "accuracy",
-        "balanced_accuracy",
-        "macro_precision",
-        "macro_recall",
-        "macro_f1",
-        "auc",
-    ]
+    keys = list(HEADLINE_METRICS)
     with path.open("w", newline="") as fh:
         w = csv.writer(fh)
         w.writerow(["round", "scope", "client_id", *keys, "epsilon", "seconds", "applied"])

@@ -5,6 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from securefed.metrics import HEADLINE_METRICS
+
 __all__ = ["write_summary", "plot_run"]
 
 
@@ -112,20 +114,7 @@ def write_summary(
         "",
         "| accuracy | balanced acc. | macro precision | macro recall | macro F1 | AUC | loss |",
         "|---|---|---|---|---|---|---|",
-        "| "
-        + " | ".join(
-            _fmt(final.get(k))
-            for k in (
-                "accuracy",
-                "balanced_accuracy",
-                "macro_precision",
-                "macro_recall",
-                "macro_f1",
-                "auc",
-                "loss",
-            )
-        )
-        + " |",
+        "| " + " | ".join(_fmt(final.get(k)) for k in HEADLINE_METRICS) + " |",
         "",
         "Confusion matrix (rows = true class, columns = predicted):",
         "",
