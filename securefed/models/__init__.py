@@ -2,42 +2,141 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, replace
 
 from torch import nn
 
 from securefed.errors import ConfigError
 
-__all__ = ["ModelSpec", "BuiltModel", "available_models", "build_model", "register_model"]
+__all__ = [
+    "TASKS",
+    "FUSIONS",
+    "ModelSpec",
+    "BuiltModel",
+    "available_models",
+    "models_for_task",
+    "build_model",
+    "register_model",
+]
+
+TASKS = ("classification", "segmentation")
+FUSIONS = ("early", "late")
+
+
+def _positive_int(name: str, value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(f"`{name}` must be a positive integer (got {value!r}).")
 
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """What a model factory needs to know about the data."""
+    """What a model factory needs to know about the data.
+
+    Attributes:
+        in_channels: Input channels; with several modalities (T1, T1ce, T2, FLAIR), one each.
+        num_classes: Classes; for segmentation, output channels (background included).
+        spatial_dims: 2 for images, 3 for volumes.
+        task: ``"classification"`` (one label per image) or ``"segmentation"`` (per voxel).
+        image_shape: Spatial shape (H, W) or (D, H, W). Optional, except for models whose
+            parameters depend on it (``vit-unet``); when given, models check their minimum size.
+        fusion: ``"early"`` stacks modalities as channels of one network; ``"late"`` builds one
+            network per modality (``in_channels`` branches of one channel) and averages logits.
+
+    Raises:
+        ConfigError: A field is out of range.
+
+    """
 
     in_channels: int
     num_classes: int
     spatial_dims: int = 2
+    task: str = "classification"
+    image_shape: tuple[int, ...] | None = None
+    fusion: str = "early"
+
+    def __post_init__(self) -> None:
+        _positive_int("in_channels", self.in_channels)
+        _positive_int("num_classes", self.num_classes)
+        if self.spatial_dims not in (2, 3):
+            raise ConfigError(f"`spatial_dims` must be 2 or 3 (got {self.spatial_dims!r}).")
+        if self.task not in TASKS:
+            raise ConfigError(f"`task` must be one of {', '.join(TASKS)} (got {self.task!r}).")
+        if self.fusion not in FUSIONS:
+            raise ConfigError(
+                f"`fusion` must be one of {', '.join(FUSIONS)} (got {self.fusion!r})."
+            )
+        if self.fusion == "late" and self.in_channels < 2:
+            raise ConfigError(
+                f"late fusion needs at least 2 modalities (got in_channels={self.in_channels})."
+            )
+        if self.image_shape is not None:
+            shape = tuple(self.image_shape)
+            if len(shape) != self.spatial_dims:
+                raise ConfigError(
+                    f"`image_shape` must have {self.spatial_dims} sides for "
+                    f"spatial_dims={self.spatial_dims} (got {shape})."
+                )
+            for side in shape:
+                _positive_int("image_shape", side)
+            object.__setattr__(self, "image_shape", shape)
 
 
 @dataclass(frozen=True)
 class BuiltModel:
-    """A DP-compatible model and the changes Opacus' validator made to get there."""
+    """A DP-compatible model and the changes Opacus' validator made to get there.
+
+    Attributes:
+        module: The model, ready for Opacus.
+        changes: ``"name: OldType -> NewType"`` for each layer Opacus' fixer replaced.
+        num_parameters: Trainable parameters.
+        head_prefixes: Module-name prefixes (as in ``named_parameters()``) of the task head
+            (final classifier or final 1x1 conv; for late fusion, every branch's). Everything
+            else is the backbone, for :func:`securefed.models.transfer.freeze` and
+            :func:`securefed.models.transfer.load_pretrained`.
+
+    """
 
     module: nn.Module
     changes: tuple[str, ...]
     num_parameters: int
+    head_prefixes: tuple[str, ...] = ()
 
 
-_REGISTRY: dict[str, Callable[[ModelSpec], nn.Module]] = {}
+@dataclass(frozen=True)
+class _Entry:
+    factory: Callable[[ModelSpec], nn.Module]
+    tasks: tuple[str, ...]
+    head_prefixes: tuple[str, ...]
 
 
-def register_model(name: str) -> Callable:
-    """Register a factory ``f(spec) -> nn.Module`` under ``name``."""
+_REGISTRY: dict[str, _Entry] = {}
+
+
+def register_model(
+    name: str,
+    *,
+    tasks: Iterable[str] = ("classification",),
+    head_prefixes: Iterable[str] = (),
+) -> Callable:
+    """Register a factory ``f(spec) -> nn.Module`` under ``name``.
+
+    Args:
+        name: The ``--model`` name.
+        tasks: Tasks the factory supports (a subset of :data:`TASKS`).
+        head_prefixes: Module-name prefixes of the task head in the factory's module.
+
+    Raises:
+        ConfigError: ``tasks`` is empty or names an unknown task.
+
+    """
+    tasks = tuple(tasks)
+    if not tasks or any(t not in TASKS for t in tasks):
+        raise ConfigError(f"`tasks` of model {name!r} must be a non-empty subset of {TASKS}.")
+    head = tuple(head_prefixes)
 
     def deco(fn: Callable[[ModelSpec], nn.Module]) -> Callable[[ModelSpec], nn.Module]:
-        _REGISTRY[name] = fn
+        _REGISTRY[name] = _Entry(factory=fn, tasks=tasks, head_prefixes=head)
         return fn
 
     return deco
@@ -48,19 +147,44 @@ def available_models() -> list[str]:
     return sorted(_REGISTRY)
 
 
-@register_model("cnn")
+def models_for_task(task: str) -> list[str]:
+    """Names of the models that support ``task``.
+
+    Raises:
+        ConfigError: ``task`` is unknown.
+
+    """
+    if task not in TASKS:
+        raise ConfigError(f"`task` must be one of {', '.join(TASKS)} (got {task!r}).")
+    return sorted(n for n, e in _REGISTRY.items() if task in e.tasks)
+
+
+def _check_min_side(name: str, spec: ModelSpec, minimum: int) -> None:
+    if spec.image_shape is not None and min(spec.image_shape) < minimum:
+        raise ConfigError(
+            f"{name} needs every side of `image_shape` to be at least {minimum} "
+            f"(got {spec.image_shape})."
+        )
+
+
+@register_model("cnn", head_prefixes=("head",))
 def _cnn(spec: ModelSpec) -> nn.Module:
     from securefed.models.cnn import SmallCNN
 
+    # Two 2x max-pools.
+    _check_min_side("cnn", spec, 4)
     return SmallCNN(
         in_channels=spec.in_channels, num_classes=spec.num_classes, spatial_dims=spec.spatial_dims
     )
 
 
-@register_model("densenet121")
+@register_model("densenet121", head_prefixes=("class_layers.out",))
 def _densenet121(spec: ModelSpec) -> nn.Module:
     from monai.networks.nets import DenseNet121
 
+    # Stride-2 stem, max-pool and three average-pooling transitions: below 29 pixels a side
+    # the last transition sees an empty feature map (MedMNIST's 28x28 must be resized).
+    _check_min_side("densenet121", spec, 29)
     return DenseNet121(
         spatial_dims=spec.spatial_dims,
         in_channels=spec.in_channels,
@@ -68,7 +192,7 @@ def _densenet121(spec: ModelSpec) -> nn.Module:
     )
 
 
-@register_model("resnet18")
+@register_model("resnet18", head_prefixes=("fc",))
 def _resnet18(spec: ModelSpec) -> nn.Module:
     from monai.networks.nets import resnet18
 
@@ -79,24 +203,91 @@ def _resnet18(spec: ModelSpec) -> nn.Module:
     )
 
 
+@register_model("unet", tasks=("segmentation",), head_prefixes=("final_conv",))
+def _unet(spec: ModelSpec) -> nn.Module:
+    from monai.networks.nets import BasicUNet
+
+    # Four 2x max-pools.
+    _check_min_side("unet", spec, 16)
+    # Half MONAI's default widths: DP noise grows with the parameter count (about 1.5M in 3D).
+    # Nontrainable (interpolation + 1x1 conv) upsampling: Opacus 1.6 has no grad sampler for
+    # ConvTranspose. GroupNorm: BatchNorm and InstanceNorm statistics are not per-sample
+    # private. LeakyReLU not in place: Opacus' backward hooks wrap layer outputs.
+    return BasicUNet(
+        spatial_dims=spec.spatial_dims,
+        in_channels=spec.in_channels,
+        out_channels=spec.num_classes,
+        features=(16, 16, 32, 64, 128, 16),
+        act=("LeakyReLU", {"negative_slope": 0.1, "inplace": False}),
+        norm=("group", {"num_groups": 8}),
+        upsample="nontrainable",
+    )
+
+
+@register_model("vit-unet", tasks=("segmentation",), head_prefixes=("head",))
+def _vit_unet(spec: ModelSpec) -> nn.Module:
+    from securefed.models.vit_unet import ViTUNet
+
+    if spec.image_shape is None:
+        raise ConfigError(
+            "vit-unet needs `image_shape` (its positional embeddings are sized to the image)."
+        )
+    return ViTUNet(
+        spatial_dims=spec.spatial_dims,
+        in_channels=spec.in_channels,
+        out_channels=spec.num_classes,
+        img_size=spec.image_shape,
+    )
+
+
+def _under(name: str, prefix: str) -> bool:
+    return name == prefix or name.startswith(prefix + ".")
+
+
 def build_model(*, name: str, spec: ModelSpec) -> BuiltModel:
     """Build ``name`` for ``spec`` and make it DP-compatible with Opacus' validator.
 
     Every model goes through ``ModuleValidator.fix`` (BatchNorm -> GroupNorm, and whatever
     else Opacus flags) whether or not DP is on, so private and non-private runs train the
-    same architecture and their figures compare.
+    same architecture and their figures compare. In-place operations, which Opacus'
+    backward hooks forbid, are replaced by out-of-place ones computing the same function
+    (:func:`securefed.models.compat.make_hook_safe`). With ``spec.fusion == "late"`` the model is
+    a :class:`~securefed.models.fusion.LateFusion` of ``spec.in_channels`` one-channel
+    branches of ``name``.
 
     Raises:
-        ConfigError: ``name`` is unknown, or the fixed model still fails validation.
+        ConfigError: ``name`` is unknown or does not support ``spec.task``, ``spec`` does not
+            fit the model (e.g. image too small), or the fixed model still fails validation.
 
     """
     from opacus.validators import ModuleValidator
 
+    from securefed.models.compat import make_hook_safe
+
     if name not in _REGISTRY:
         raise ConfigError(f"unknown model {name!r}; known models: {', '.join(available_models())}")
-    module = _REGISTRY[name](spec)
+    entry = _REGISTRY[name]
+    if spec.task not in entry.tasks:
+        raise ConfigError(
+            f"model {name!r} does not support {spec.task}; models that do: "
+            f"{', '.join(models_for_task(spec.task))}"
+        )
+    if spec.fusion == "late":
+        from securefed.models.fusion import LateFusion
+
+        branch_spec = replace(spec, in_channels=1, fusion="early")
+        module: nn.Module = LateFusion(
+            [entry.factory(branch_spec) for _ in range(spec.in_channels)]
+        )
+        head = tuple(
+            f"branches.{i}.{p}" for i in range(spec.in_channels) for p in entry.head_prefixes
+        )
+    else:
+        module = entry.factory(spec)
+        head = entry.head_prefixes
     before = {n: type(m).__name__ for n, m in module.named_modules()}
     fixed = ModuleValidator.fix(module)
+    make_hook_safe(fixed)
     after = {n: type(m).__name__ for n, m in fixed.named_modules()}
     changes = tuple(
         f"{n}: {before[n]} -> {after[n]}" for n in before if n in after and before[n] != after[n]
@@ -104,5 +295,9 @@ def build_model(*, name: str, spec: ModelSpec) -> BuiltModel:
     errors = ModuleValidator.validate(fixed, strict=False)
     if errors:
         raise ConfigError(f"model {name!r} is not DP-compatible after fixing: {errors[0]}")
+    names = [n for n, _ in fixed.named_parameters()]
+    for prefix in head:
+        if not any(_under(n, prefix) for n in names):
+            raise ConfigError(f"model {name!r}: head prefix {prefix!r} matches no parameter")
     n_params = sum(p.numel() for p in fixed.parameters() if p.requires_grad)
-    return BuiltModel(module=fixed, changes=changes, num_parameters=n_params)
+    return BuiltModel(module=fixed, changes=changes, num_parameters=n_params, head_prefixes=head)
