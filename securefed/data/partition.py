@@ -5,13 +5,14 @@ from __future__ import annotations
 import numbers
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import ClassVar, Protocol
 
 import numpy as np
 
 from securefed.errors import ConfigError, DataError
 
 __all__ = [
+    "ByGroupPartitioner",
     "ByLabelPartitioner",
     "DirichletPartitioner",
     "IIDPartitioner",
@@ -31,12 +32,25 @@ DIRICHLET_MAX_TRIES = 100
 
 
 class Partitioner(Protocol):
-    """Splits sample indices across sites; implementations are frozen dataclasses."""
+    """Splits sample indices across sites; implementations are frozen dataclasses.
+
+    ``labels`` has shape (N,) (class labels) or (N, *spatial) (segmentation label maps); a
+    partitioner whose ``needs_class_labels`` is True is only given (N,) labels. ``groups`` is
+    each sample's acquisition group (hospital), or None when the data set records none.
+    """
+
+    needs_class_labels: ClassVar[bool]
 
     def split(
-        self, labels: np.ndarray, *, n_sites: int, rng: np.random.Generator, min_size: int
+        self,
+        labels: np.ndarray,
+        *,
+        n_sites: int,
+        rng: np.random.Generator,
+        min_size: int,
+        groups: np.ndarray | None = None,
     ) -> list[np.ndarray]:
-        """Disjoint index arrays, one per site, covering every index of ``labels``."""
+        """Disjoint index arrays, one per site, covering every sample index."""
         ...
 
 
@@ -85,7 +99,13 @@ def parse_partitioner(spec: str) -> Partitioner:
 
 
 def partition(
-    labels: np.ndarray, *, spec: str, n_sites: int, seed: int, min_size: int = 1
+    labels: np.ndarray,
+    *,
+    spec: str,
+    n_sites: int,
+    seed: int,
+    min_size: int = 1,
+    groups: np.ndarray | None = None,
 ) -> list[np.ndarray]:
     """Split sample indices across ``n_sites`` sites according to ``spec``.
 
@@ -94,30 +114,43 @@ def partition(
     ``min_size`` samples.
 
     Args:
-        labels: (N,) non-negative integer class labels of the pool to split.
+        labels: Non-negative integer labels of the pool to split: (N,) class labels, or
+            (N, *spatial) segmentation label maps (only ``iid`` and ``by-group`` accept these).
         spec: Partitioner spec (see :func:`parse_partitioner`).
         n_sites: Number of sites.
         seed: Seed of the split.
         min_size: Smallest allowed site size.
+        groups: (N,) non-negative acquisition group (hospital) of each sample, or None;
+            ``by-group`` needs it.
 
     Raises:
-        ConfigError: Bad spec, ``n_sites`` or ``min_size``.
-        DataError: The split is infeasible (too few samples, or no non-empty split found).
+        ConfigError: Bad spec, ``n_sites`` or ``min_size``; a spec that needs class labels
+            given label maps; ``by-group`` without groups.
+        DataError: The split is infeasible (too few samples or groups, or no non-empty
+            split found), or ``groups`` does not match ``labels``.
 
     """
     partitioner = parse_partitioner(spec)
-    labels = _check_labels(labels)
+    labels = _check_labels(labels, allow_maps=True)
+    if labels.ndim > 1 and partitioner.needs_class_labels:
+        raise ConfigError(
+            f"`partition` {spec.strip()!r} needs per-sample class labels; use iid or by-group "
+            f"for segmentation label maps."
+        )
+    n_samples = labels.shape[0]
+    if groups is not None:
+        groups = _check_groups(groups, n_samples=n_samples, name="groups")
     if isinstance(n_sites, bool) or not isinstance(n_sites, int) or n_sites < 1:
         raise ConfigError(f"`n_sites` must be a positive int (got {n_sites!r}).")
     if isinstance(min_size, bool) or not isinstance(min_size, int) or min_size < 1:
         raise ConfigError(f"`min_size` must be a positive int (got {min_size!r}).")
-    if n_sites * min_size > labels.size:
+    if n_sites * min_size > n_samples:
         raise DataError(
             f"Cannot give {n_sites} sites at least {min_size} sample(s) each from "
-            f"{labels.size} samples."
+            f"{n_samples} samples."
         )
     parts = partitioner.split(
-        labels, n_sites=n_sites, rng=np.random.default_rng(seed), min_size=min_size
+        labels, n_sites=n_sites, rng=np.random.default_rng(seed), min_size=min_size, groups=groups
     )
     return [np.sort(p).astype(np.int64) for p in parts]
 
@@ -126,11 +159,19 @@ def partition(
 class IIDPartitioner:
     """Uniformly random split into sites whose sizes differ by at most one."""
 
+    needs_class_labels: ClassVar[bool] = False
+
     def split(
-        self, labels: np.ndarray, *, n_sites: int, rng: np.random.Generator, min_size: int
+        self,
+        labels: np.ndarray,
+        *,
+        n_sites: int,
+        rng: np.random.Generator,
+        min_size: int,
+        groups: np.ndarray | None = None,
     ) -> list[np.ndarray]:
         """See :class:`Partitioner`."""
-        return list(np.array_split(rng.permutation(labels.size), n_sites))
+        return list(np.array_split(rng.permutation(labels.shape[0]), n_sites))
 
 
 @dataclass(frozen=True)
@@ -150,6 +191,8 @@ class DirichletPartitioner:
 
     alpha: float
 
+    needs_class_labels: ClassVar[bool] = True
+
     def __post_init__(self) -> None:
         if not (
             isinstance(self.alpha, numbers.Real) and np.isfinite(self.alpha) and self.alpha > 0
@@ -157,7 +200,13 @@ class DirichletPartitioner:
             raise ConfigError(f"`alpha` must be a positive number (got {self.alpha!r}).")
 
     def split(
-        self, labels: np.ndarray, *, n_sites: int, rng: np.random.Generator, min_size: int
+        self,
+        labels: np.ndarray,
+        *,
+        n_sites: int,
+        rng: np.random.Generator,
+        min_size: int,
+        groups: np.ndarray | None = None,
     ) -> list[np.ndarray]:
         """See :class:`Partitioner`."""
         by_class = [rng.permutation(np.flatnonzero(labels == c)) for c in np.unique(labels)]
@@ -194,13 +243,21 @@ class ByLabelPartitioner:
 
     classes_per_site: int
 
+    needs_class_labels: ClassVar[bool] = True
+
     def __post_init__(self) -> None:
         k = self.classes_per_site
         if isinstance(k, bool) or not isinstance(k, int) or k < 1:
             raise ConfigError(f"`classes_per_site` must be a positive int (got {k!r}).")
 
     def split(
-        self, labels: np.ndarray, *, n_sites: int, rng: np.random.Generator, min_size: int
+        self,
+        labels: np.ndarray,
+        *,
+        n_sites: int,
+        rng: np.random.Generator,
+        min_size: int,
+        groups: np.ndarray | None = None,
     ) -> list[np.ndarray]:
         """See :class:`Partitioner`."""
         classes = rng.permutation(np.unique(labels))
@@ -228,6 +285,49 @@ class ByLabelPartitioner:
                 f"by-label:{k} left site {smallest} with {parts[smallest].size} sample(s) "
                 f"(minimum {min_size}): its classes have too few samples for the sites sharing "
                 "them; use fewer sites or a larger K."
+            )
+        return parts
+
+
+@dataclass(frozen=True)
+class ByGroupPartitioner:
+    """Natural non-IID: each site holds whole acquisition groups (hospitals, scanners).
+
+    The distinct group ids are sorted and dealt round-robin, so site ``k`` holds groups
+    ``sorted_groups[k], sorted_groups[k + n_sites], ...``. With as many sites as groups, site
+    ``k`` is exactly the ``k``-th hospital, as in FLamby's natural splits. The seed plays no
+    part: the split is fixed by the data.
+    """
+
+    needs_class_labels: ClassVar[bool] = False
+
+    def split(
+        self,
+        labels: np.ndarray,
+        *,
+        n_sites: int,
+        rng: np.random.Generator,
+        min_size: int,
+        groups: np.ndarray | None = None,
+    ) -> list[np.ndarray]:
+        """See :class:`Partitioner`."""
+        if groups is None:
+            raise ConfigError(
+                "`partition` 'by-group' needs the acquisition group (hospital) of every sample; "
+                "this data set records none: use iid, dirichlet:ALPHA or by-label:K."
+            )
+        ids = np.unique(groups)
+        if ids.size < n_sites:
+            raise DataError(
+                f"by-group: the data hold {ids.size} group(s), fewer than the {n_sites} sites; "
+                "use at most as many sites as groups."
+            )
+        parts = [np.flatnonzero(np.isin(groups, ids[site::n_sites])) for site in range(n_sites)]
+        smallest = min(range(n_sites), key=lambda s: parts[s].size)
+        if parts[smallest].size < min_size:
+            raise DataError(
+                f"by-group left site {smallest} with {parts[smallest].size} sample(s) "
+                f"(minimum {min_size})."
             )
         return parts
 
@@ -263,51 +363,103 @@ def _by_label(arg: str | None) -> Partitioner:
     return ByLabelPartitioner(classes_per_site=int(arg))
 
 
+@register_partitioner("by-group", usage="by-group")
+def _by_group(arg: str | None) -> Partitioner:
+    if arg is not None:
+        raise ConfigError(f"`partition` 'by-group' takes no argument (got 'by-group:{arg}').")
+    return ByGroupPartitioner()
+
+
 def partition_like(
-    labels_heldout: np.ndarray, *, site_train_labels: list[np.ndarray], seed: int
+    labels_heldout: np.ndarray,
+    *,
+    site_train_labels: list[np.ndarray],
+    seed: int,
+    heldout_groups: np.ndarray | None = None,
+    site_train_groups: list[np.ndarray] | None = None,
 ) -> list[np.ndarray]:
     """Assign held-out samples to sites so each site's held-out mix follows its training mix.
 
-    For every class c, the held-out samples of c are shuffled and dealt to the sites in
-    proportion to the sites' training counts of c (largest-remainder rounding, so the counts
-    sum exactly). Site s thus receives about ``n_val(c) * t(s, c) / sum_s' t(s', c)``
-    samples of class c. When the held-out split is stratified like the training pool (as in
-    MedMNIST), a site's held-out label distribution then equals its training label
-    distribution, and per-site metrics measure each hospital on data that looks like its own
-    without taking any of its training samples.
+    The held-out samples are keyed, and for every key k they are shuffled and dealt to the
+    sites in proportion to the sites' training counts of k (largest-remainder rounding, so
+    the counts sum exactly): site s receives about ``n_val(k) * t(s, k) / sum_s' t(s', k)``
+    samples of key k. The key is, in order of precedence:
 
-    Every held-out sample goes to exactly one site, except samples of classes that no site
-    trains on, which go to none. A site may receive no held-out samples at all (small
+    - with groups: the acquisition group. Each held-out sample goes to a site that trains on
+      its group (under ``by-group`` partitioning, *the* site), so per-site metrics measure a
+      hospital on its own patients.
+    - classification labels: the class. When the held-out split is stratified like the
+      training pool (as in MedMNIST), a site's held-out label distribution then equals its
+      training label distribution.
+    - segmentation label maps without groups: one key for all, i.e. the held-out samples are
+      dealt at random in proportion to the sites' training-set sizes.
+
+    Every held-out sample goes to exactly one site, except samples whose key (class or group)
+    no site trains on, which go to none. A site may receive no held-out samples at all (small
     held-out split, rare classes); callers must handle empty arrays.
 
     Args:
-        labels_heldout: (M,) labels of the held-out split (e.g. ``bundle.val.labels``).
+        labels_heldout: Labels of the held-out split (e.g. ``bundle.val.labels``): (M,) or
+            (M, *spatial).
         site_train_labels: Training labels of each site, in site order.
-        seed: Seed of the shuffle within each class.
+        seed: Seed of the shuffle within each key.
+        heldout_groups: (M,) groups of the held-out samples; given together with
+            ``site_train_groups``.
+        site_train_groups: Training groups of each site, in site order.
 
     Returns:
         One sorted int64 index array into ``labels_heldout`` per site; pairwise disjoint.
 
+    Raises:
+        ConfigError: No sites, or only one of the two group arguments.
+        DataError: Malformed labels or groups.
+
     """
-    heldout = _check_labels(labels_heldout, allow_empty=True)
+    heldout = _check_labels(labels_heldout, allow_empty=True, allow_maps=True)
     if not site_train_labels:
         raise ConfigError("`site_train_labels` must hold at least one site.")
-    train = [_check_labels(t, allow_empty=True) for t in site_train_labels]
-    n_classes = int(max([heldout.max(initial=-1)] + [t.max(initial=-1) for t in train])) + 1
-    counts = np.stack([np.bincount(t, minlength=n_classes) for t in train])  # (sites, classes)
-    rng = np.random.default_rng(seed)
-    pieces: list[list[np.ndarray]] = [[] for _ in train]
-    for cls in range(n_classes):
-        members = rng.permutation(np.flatnonzero(heldout == cls))
-        weights = counts[:, cls]
+    train = [_check_labels(t, allow_empty=True, allow_maps=True) for t in site_train_labels]
+    if (heldout_groups is None) != (site_train_groups is None):
+        raise ConfigError(
+            "`heldout_groups` and `site_train_groups` must be given together (got only "
+            f"`{'heldout_groups' if site_train_groups is None else 'site_train_groups'}`)."
+        )
+    if heldout_groups is not None and site_train_groups is not None:
+        if len(site_train_groups) != len(train):
+            raise ConfigError(
+                f"`site_train_groups` must hold one array per site "
+                f"(got {len(site_train_groups)} for {len(train)} sites)."
+            )
+        keys = _check_groups(heldout_groups, n_samples=heldout.shape[0], name="heldout_groups")
+        site_keys = [
+            _check_groups(g, n_samples=t.shape[0], name=f"site_train_groups[{i}]")
+            for i, (g, t) in enumerate(zip(site_train_groups, train, strict=True))
+        ]
+    elif heldout.ndim > 1 or any(t.ndim > 1 for t in train):
+        keys = np.zeros(heldout.shape[0], dtype=np.int64)
+        site_keys = [np.zeros(t.shape[0], dtype=np.int64) for t in train]
+    else:
+        keys, site_keys = heldout, train
+    return _apportion(keys, site_keys=site_keys, rng=np.random.default_rng(seed))
+
+
+def _apportion(
+    keys: np.ndarray, *, site_keys: list[np.ndarray], rng: np.random.Generator
+) -> list[np.ndarray]:
+    n_keys = int(max([keys.max(initial=-1)] + [t.max(initial=-1) for t in site_keys])) + 1
+    counts = np.stack([np.bincount(t, minlength=n_keys) for t in site_keys])  # (sites, keys)
+    pieces: list[list[np.ndarray]] = [[] for _ in site_keys]
+    for key in range(n_keys):
+        members = rng.permutation(np.flatnonzero(keys == key))
+        weights = counts[:, key]
         if members.size == 0 or weights.sum() == 0:
             continue
         quota = members.size * weights / weights.sum()
         take = np.floor(quota).astype(np.int64)
         remainder = members.size - int(take.sum())
         # Hamilton apportionment; ties are broken at random so that low site indices are not
-        # systematically favoured across classes.
-        fraction = np.where(weights > 0, quota - take, -1.0)  # sites without c never get c
+        # systematically favoured across keys.
+        fraction = np.where(weights > 0, quota - take, -1.0)  # sites without k never get k
         order = np.lexsort((rng.random(weights.size), -fraction))
         take[order[:remainder]] += 1
         for site, chunk in enumerate(np.split(members, np.cumsum(take)[:-1])):
@@ -345,14 +497,35 @@ def stratified_holdout(
     return kept.astype(np.int64), held_out.astype(np.int64)
 
 
-def _check_labels(labels: np.ndarray, *, allow_empty: bool = False) -> np.ndarray:
+def _check_labels(
+    labels: np.ndarray, *, allow_empty: bool = False, allow_maps: bool = False
+) -> np.ndarray:
     array = np.asarray(labels)
-    if array.ndim != 1 or not np.issubdtype(array.dtype, np.integer):
+    if (array.ndim != 1 and not (allow_maps and array.ndim > 1)) or not np.issubdtype(
+        array.dtype, np.integer
+    ):
+        expected = "(N,) or (N, *spatial)" if allow_maps else "1-D"
         raise DataError(
-            f"`labels` must be a 1-D integer array (got dtype {array.dtype}, shape {array.shape})."
+            f"`labels` must be a {expected} integer array "
+            f"(got dtype {array.dtype}, shape {array.shape})."
         )
     if array.size == 0 and not allow_empty:
         raise DataError("`labels` is empty: there is nothing to split.")
     if array.size and int(array.min()) < 0:
         raise DataError(f"`labels` must be non-negative (got {int(array.min())}).")
+    return array.astype(np.int64, copy=False)
+
+
+def _check_groups(groups: np.ndarray, *, n_samples: int, name: str) -> np.ndarray:
+    array = np.asarray(groups)
+    if array.ndim != 1 or not np.issubdtype(array.dtype, np.integer):
+        raise DataError(
+            f"`{name}` must be a 1-D integer array (got dtype {array.dtype}, shape {array.shape})."
+        )
+    if array.shape[0] != n_samples:
+        raise DataError(
+            f"`{name}` must hold one group per sample (got {array.shape[0]} for {n_samples})."
+        )
+    if array.size and int(array.min()) < 0:
+        raise DataError(f"`{name}` must be non-negative (got {int(array.min())}).")
     return array.astype(np.int64, copy=False)

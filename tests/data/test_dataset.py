@@ -273,3 +273,227 @@ def test_available_datasets_lists_synthetic_and_single_label_medmnist():
     assert names[0] == "synthetic"
     assert {"pneumoniamnist", "organmnist3d"} <= set(names)
     assert "chestmnist" not in names  # multi-label, unsupported
+
+
+# -- segmentation label maps and acquisition groups ------------------------------------------
+
+
+def _seg_split(
+    n: int = 4, *, shape: tuple[int, ...] = (2, 3, 3, 3), seed: int = 0, groups: bool = True
+) -> ArraySplit:
+    rng = np.random.default_rng(seed)
+    return ArraySplit(
+        images=rng.random((n, *shape), dtype=np.float32),
+        labels=rng.integers(0, 3, (n, *shape[1:])).astype(np.int64),
+        groups=(np.arange(n) % 2).astype(np.int64) if groups else None,
+    )
+
+
+def _seg_bundle(**overrides) -> DatasetBundle:
+    fields = {
+        "name": "toy-seg",
+        "train": _seg_split(4, seed=1),
+        "val": _seg_split(2, seed=2),
+        "test": _seg_split(2, seed=3),
+        "num_classes": 3,
+        "class_names": ("bg", "a", "b"),
+        "source": "test",
+        "task": "segmentation",
+    }
+    fields.update(overrides)
+    return DatasetBundle(**fields)
+
+
+BAD_SEG_SPLITS = {
+    "label map of wrong shape": (
+        np.zeros((2, 1, 3, 3), np.float32),
+        np.zeros((2, 3, 4), np.int64),
+        None,
+        "spatial shape",
+    ),
+    "groups of wrong length": (
+        np.zeros((2, 1, 3, 3), np.float32),
+        np.zeros(2, np.int64),
+        np.zeros(3, np.int64),
+        "one entry per sample",
+    ),
+    "int32 groups": (
+        np.zeros((2, 1, 3, 3), np.float32),
+        np.zeros(2, np.int64),
+        np.zeros(2, np.int32),
+        "`groups` must be None or a 1-D int64",
+    ),
+    "negative group": (
+        np.zeros((2, 1, 3, 3), np.float32),
+        np.zeros(2, np.int64),
+        np.array([0, -1]),
+        "non-negative",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_SEG_SPLITS))
+def test_array_split_rejects_malformed_label_maps_and_groups(case):
+    # Prepare
+    images, labels, groups, expected = BAD_SEG_SPLITS[case]
+
+    # Execute / Assert
+    with pytest.raises(DataError, match=expected):
+        ArraySplit(images=images, labels=labels, groups=groups)
+
+
+def test_segmentation_split_subsets_groups_and_counts_classes_per_sample():
+    # Prepare: sample 0 holds classes {0, 2}, sample 1 only {0}, sample 2 {0, 1, 2}
+    labels = np.zeros((3, 2, 2), np.int64)
+    labels[0, 0, 0] = 2
+    labels[2, 0, 0], labels[2, 1, 1] = 1, 2
+    split = ArraySplit(
+        images=np.zeros((3, 1, 2, 2), np.float32), labels=labels, groups=np.array([5, 7, 5])
+    )
+
+    # Execute
+    sub = split.subset(indices=np.array([2, 1]))
+
+    # Assert
+    assert split.task == "segmentation" and _split().task == "classification"
+    assert split.class_counts(num_classes=4).tolist() == [3, 1, 2, 0]
+    assert split.group_counts() == {5: 2, 7: 1}
+    assert sub.groups.tolist() == [5, 7]
+    np.testing.assert_array_equal(sub.labels, labels[[2, 1]])
+    with pytest.raises(ValueError, match="read-only"):
+        split.groups[0] = 1
+
+
+def test_segmentation_to_torch_yields_label_maps():
+    # Prepare
+    split = _seg_split(3)
+
+    # Execute
+    image, label = split.to_torch()[2]
+
+    # Assert
+    assert image.shape == (2, 3, 3, 3)
+    assert label.dtype == torch.int64 and label.shape == (3, 3, 3)
+    np.testing.assert_array_equal(label.numpy(), split.labels[2])
+
+
+@pytest.mark.parametrize(
+    ("overrides", "expected"),
+    [
+        ({"task": "classification"}, r"task 'classification' needs labels of shape \(N,\)"),
+        ({"task": "detection"}, "`task` must be one of"),
+        ({"val": _seg_split(2, seed=2, groups=False)}, "either every split has `groups`"),
+        ({"label_convention": "brats"}, "'brats' needs a segmentation task with 4 classes"),
+        ({"label_convention": "kits"}, "`label_convention` must be None or one of brats"),
+        ({"group_names": ("h0",)}, "`group_names` must be strings naming every group id up to 1"),
+    ],
+)
+def test_segmentation_bundle_rejects_inconsistent_fields(overrides, expected):
+    # Execute / Assert
+    with pytest.raises(DataError, match=expected):
+        _seg_bundle(**overrides)
+
+
+def test_segmentation_task_rejects_class_labels():
+    # Execute / Assert
+    with pytest.raises(DataError, match=r"needs labels of shape \(N, \*spatial\)"):
+        _bundle(task="segmentation")
+
+
+def test_segmentation_fingerprint_follows_the_documented_byte_layout():
+    # Prepare
+    bundle = _seg_bundle(label_convention=None)
+
+    # Execute: the task line, then images, labels, groups per split
+    digest = hashlib.sha256(b"securefed.dataset.fingerprint.v1\n")
+    digest.update(b"task:segmentation;label_convention:none\n")
+    for name in ("train", "val", "test"):
+        split = getattr(bundle, name)
+        for array_name, array, dtype in (
+            ("images", split.images, "<f4"),
+            ("labels", split.labels, "<i8"),
+            ("groups", split.groups, "<i8"),
+        ):
+            shape = ",".join(map(str, array.shape))
+            digest.update(f"{name}/{array_name}:{dtype}:{shape}\n".encode())
+            digest.update(array.astype(dtype).tobytes())
+
+    # Assert
+    assert bundle.fingerprint == digest.hexdigest()
+
+
+def test_fingerprint_binds_groups_but_not_group_names():
+    # Prepare
+    base = _seg_bundle()
+    regrouped = ArraySplit(
+        images=base.test.images, labels=base.test.labels, groups=base.test.groups[::-1].copy()
+    )
+
+    # Execute
+    moved = _seg_bundle(test=regrouped)
+    named = _seg_bundle(group_names=("north", "south"))
+
+    # Assert
+    assert moved.fingerprint != base.fingerprint
+    assert named.fingerprint == base.fingerprint
+
+
+def test_groups_change_a_classification_fingerprint():
+    # Prepare: the same arrays, once without and once with groups
+    plain = _bundle()
+    splits = {
+        s: ArraySplit(
+            images=getattr(plain, s).images,
+            labels=getattr(plain, s).labels,
+            groups=np.zeros(len(getattr(plain, s)), np.int64),
+        )
+        for s in ("train", "val", "test")
+    }
+
+    # Execute
+    grouped = _bundle(**splits)
+
+    # Assert
+    assert grouped.fingerprint != plain.fingerprint
+    assert grouped.has_groups and not plain.has_groups
+
+
+def test_segmentation_describe_reports_task_convention_and_groups():
+    # Execute
+    summary = _seg_bundle(group_names=("north", "south")).describe()
+
+    # Assert
+    assert json.loads(json.dumps(summary)) == summary
+    assert summary["task"] == "segmentation"
+    assert summary["label_convention"] is None
+    assert summary["group_names"] == ["north", "south"]
+    assert summary["group_counts"] == {
+        "train": {"0": 2, "1": 2},
+        "val": {"0": 1, "1": 1},
+        "test": {"0": 1, "1": 1},
+    }
+    assert summary["image_shape"] == [3, 3, 3]
+    assert len(summary["class_counts"]["train"]) == 3
+    assert _bundle().describe()["group_counts"] is None
+
+
+def test_load_dataset_builds_synthetic_segmentation_with_options():
+    # Execute
+    bundle = load_dataset(
+        name="synthetic-seg",
+        seed=2,
+        n_train=4,
+        n_val=2,
+        n_test=2,
+        image_size=16,
+        modalities=2,
+        n_groups=2,
+    )
+
+    # Assert
+    assert bundle.task == "segmentation" and bundle.label_convention == "brats"
+    assert bundle.train.images.shape == (4, 2, 16, 16, 16)
+    assert "seed=2" in bundle.source
+    assert "synthetic-seg" in available_datasets()
+    with pytest.raises(ConfigError, match="spatial_dims do not apply to synthetic-seg"):
+        load_dataset(name="synthetic-seg", spatial_dims=3)

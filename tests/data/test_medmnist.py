@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from securefed.data import load_dataset
 from securefed.data.medmnist import MEDMNIST_CLASS_NAMES, load_medmnist, load_medmnist_npz
 from securefed.errors import DataError
 
@@ -61,6 +62,21 @@ def test_volumes_of_3d_sets_get_one_channel(write_npz, medmnist_arrays):
     assert bundle.train.images.shape == (12, 1, 6, 5, 3)
     assert bundle.spatial_dims == 3
     assert bundle.class_names == ("benign", "malignant")
+
+
+def test_size_suffixed_3d_archives_are_volumes_through_load_dataset(write_npz, medmnist_arrays):
+    # Prepare: MedMNIST+ 64-pixel naming; a last axis of 3 must still be depth, not RGB
+    arrays = medmnist_arrays(shape=(4, 4, 3), classes=3)
+    path = write_npz("fracturemnist3d_64.npz", arrays=arrays)
+
+    # Execute
+    bundle = load_dataset(data=path)
+
+    # Assert
+    assert bundle.name == "fracturemnist3d_64"
+    assert bundle.train.images.shape == (12, 1, 4, 4, 3)
+    assert bundle.task == "classification" and bundle.spatial_dims == 3
+    assert bundle.num_classes == 3 and bundle.class_names[0] == "buckle rib fracture"
 
 
 def test_flat_labels_and_float_images_are_accepted(write_npz, medmnist_arrays):

@@ -9,6 +9,7 @@ from hypothesis import strategies as st
 
 from securefed.data import available_partitioners, parse_partitioner, partition, partition_like
 from securefed.data.partition import (
+    ByGroupPartitioner,
     ByLabelPartitioner,
     DirichletPartitioner,
     IIDPartitioner,
@@ -214,10 +215,11 @@ def test_bad_arguments_are_rejected(kwargs, error):
 
 def test_registry_names_and_parsed_objects():
     # Execute / Assert
-    assert available_partitioners() == ("iid", "dirichlet", "by-label")
+    assert available_partitioners() == ("iid", "dirichlet", "by-label", "by-group")
     assert parse_partitioner(" iid ") == IIDPartitioner()
     assert parse_partitioner("dirichlet:0.5") == DirichletPartitioner(alpha=0.5)
     assert parse_partitioner("by-label:2") == ByLabelPartitioner(classes_per_site=2)
+    assert parse_partitioner("by-group") == ByGroupPartitioner()
 
 
 def test_partition_like_follows_each_sites_training_mix():
@@ -295,3 +297,173 @@ def test_stratified_holdout_takes_the_fraction_of_every_class():
     # Assert
     assert np.bincount(labels[held], minlength=3).tolist() == [5, 2, 0]
     _assert_exact_cover([kept, held], labels.size)
+
+
+# -- acquisition groups and segmentation label maps ------------------------------------------
+
+
+def test_by_group_deals_sorted_groups_round_robin_to_sites():
+    # Prepare: groups 3, 7, 9, 12 with 2, 3, 1, 4 samples, shuffled order
+    groups = np.array([7, 12, 3, 7, 12, 9, 12, 3, 7, 12])
+    labels = np.zeros(groups.size, dtype=np.int64)
+
+    # Execute
+    parts = partition(labels, spec="by-group", n_sites=3, seed=0, groups=groups)
+    other_seed = partition(labels, spec="by-group", n_sites=3, seed=99, groups=groups)
+
+    # Assert: sorted groups (3, 7, 9, 12) -> sites 0, 1, 2, 0
+    assert [sorted(set(groups[p].tolist())) for p in parts] == [[3, 12], [7], [9]]
+    _assert_exact_cover(parts, groups.size)
+    assert all(np.array_equal(a, b) for a, b in zip(parts, other_seed, strict=True))
+
+
+def test_by_group_accepts_segmentation_label_maps():
+    # Prepare
+    maps = np.zeros((6, 2, 2, 2), dtype=np.int64)
+    groups = np.array([0, 1, 2, 0, 1, 2])
+
+    # Execute
+    parts = partition(maps, spec="by-group", n_sites=3, seed=0, groups=groups)
+
+    # Assert
+    assert [p.tolist() for p in parts] == [[0, 3], [1, 4], [2, 5]]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "expected"),
+    [
+        ({"groups": None}, ConfigError, "needs the acquisition group"),
+        ({"n_sites": 4}, DataError, "2 group\\(s\\), fewer than the 4 sites"),
+        ({"min_size": 4}, DataError, "left site 1 with 3 sample\\(s\\)"),
+        ({"groups": np.array([0, 1, 0])}, DataError, "one group per sample"),
+        ({"groups": np.array([0, 1, 0, 1, -1, 0, 0, 0])}, DataError, "non-negative"),
+        ({"spec": "by-group:2"}, ConfigError, "takes no argument"),
+    ],
+)
+def test_by_group_refusals(kwargs, error, expected):
+    # Prepare: group 0 has 5 samples, group 1 has 3
+    call = {
+        "labels": np.zeros(8, dtype=np.int64),
+        "spec": "by-group",
+        "n_sites": 2,
+        "seed": 0,
+        "groups": np.array([0, 1, 0, 1, 1, 0, 0, 0]),
+    } | kwargs
+
+    # Execute / Assert
+    with pytest.raises(error, match=expected):
+        partition(**call)
+
+
+@settings(max_examples=50, deadline=None)
+@given(
+    n=st.integers(1, 40),
+    n_sites=st.integers(1, 6),
+    seed=st.integers(0, 2**32),
+    spatial=st.sampled_from([(2,), (2, 3), (1, 2, 2)]),
+)
+def test_iid_splits_label_maps_by_sample(n, n_sites, seed, spatial):
+    # Prepare
+    maps = np.zeros((n, *spatial), dtype=np.int64)
+
+    # Execute
+    try:
+        parts = partition(maps, spec="iid", n_sites=n_sites, seed=seed)
+    except DataError:
+        assert n_sites > n
+        return
+
+    # Assert: the split is over the N samples, never over voxels
+    _assert_exact_cover(parts, n)
+    sizes = [p.size for p in parts]
+    assert max(sizes) - min(sizes) <= 1
+
+
+@pytest.mark.parametrize("spec", ["dirichlet:0.5", "by-label:1"])
+def test_class_skew_partitioners_refuse_label_maps(spec):
+    # Prepare
+    maps = np.zeros((10, 4, 4), dtype=np.int64)
+
+    # Execute / Assert
+    with pytest.raises(ConfigError, match="needs per-sample class labels; use iid or by-group"):
+        partition(maps, spec=spec, n_sites=2, seed=0)
+
+
+def test_partition_like_sends_each_heldout_sample_to_the_site_of_its_group():
+    # Prepare: by-group training split of groups 0..3 over 2 sites (0, 2 -> site 0; 1, 3 -> 1)
+    train_groups = np.array([0, 1, 2, 3, 0, 1, 2, 3])
+    parts = partition(train_groups, spec="by-group", n_sites=2, seed=0, groups=train_groups)
+    heldout_groups = np.array([3, 2, 1, 0, 4, 0])
+
+    # Execute: group 4 trains nowhere, so it goes to no site
+    held = partition_like(
+        np.zeros((6, 3, 3), dtype=np.int64),
+        site_train_labels=[np.zeros((p.size, 3, 3), dtype=np.int64) for p in parts],
+        seed=0,
+        heldout_groups=heldout_groups,
+        site_train_groups=[train_groups[p] for p in parts],
+    )
+
+    # Assert
+    assert [h.tolist() for h in held] == [[1, 3, 5], [0, 2]]
+
+
+def test_partition_like_groups_take_precedence_over_class_labels():
+    # Prepare: classes would send sample 0 to site 1, its group sends it to site 0
+    held = partition_like(
+        np.array([1]),
+        site_train_labels=[np.array([0, 0]), np.array([1, 1])],
+        seed=0,
+        heldout_groups=np.array([5]),
+        site_train_groups=[np.array([5, 5]), np.array([6, 6])],
+    )
+
+    # Assert
+    assert [h.tolist() for h in held] == [[0], []]
+
+
+def test_partition_like_deals_label_maps_in_proportion_to_site_sizes():
+    # Prepare: sites of 10, 30 and 60 training volumes; 50 held-out volumes
+    site_train = [np.zeros((n, 2, 2), dtype=np.int64) for n in (10, 30, 60)]
+    heldout = np.zeros((50, 2, 2), dtype=np.int64)
+
+    # Execute
+    held = partition_like(heldout, site_train_labels=site_train, seed=4)
+    again = partition_like(heldout, site_train_labels=site_train, seed=4)
+
+    # Assert
+    assert [h.size for h in held] == [5, 15, 30]
+    _assert_exact_cover(held, 50)
+    assert all(np.array_equal(a, b) for a, b in zip(held, again, strict=True))
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "expected"),
+    [
+        ({"heldout_groups": np.array([0, 1])}, ConfigError, "must be given together"),
+        (
+            {
+                "heldout_groups": np.array([0]),
+                "site_train_groups": [np.array([0]), np.array([1])],
+            },
+            DataError,
+            "`heldout_groups` must hold one group per sample",
+        ),
+        (
+            {"heldout_groups": np.array([0, 1]), "site_train_groups": [np.array([0, 1])]},
+            ConfigError,
+            "one array per site",
+        ),
+    ],
+)
+def test_partition_like_rejects_inconsistent_groups(kwargs, error, expected):
+    # Prepare
+    call = {
+        "labels_heldout": np.array([0, 1]),
+        "site_train_labels": [np.array([0]), np.array([1])],
+        "seed": 0,
+    } | kwargs
+
+    # Execute / Assert
+    with pytest.raises(error, match=expected):
+        partition_like(**call)
