@@ -8,7 +8,18 @@ from pathlib import Path
 
 import click
 
-from securefed.config import ACCOUNTANTS, DEVICES, SECURE_AGG_MODES, RunConfig
+from securefed.config import (
+    ACCOUNTANTS,
+    DEVICES,
+    FUSIONS,
+    PERSONALIZE_WHEN,
+    SCHEDULES,
+    SECURE_AGG_MODES,
+    SERVER_OPTIMIZERS,
+    STRATEGIES,
+    TASKS,
+    RunConfig,
+)
 from securefed.errors import SecureFedError
 
 __all__ = ["main", "cli"]
@@ -34,7 +45,10 @@ class _Epsilon(click.ParamType):
 
 
 def _partition_help() -> str:
-    return "How training data is split across sites: iid | dirichlet:ALPHA | by-label:K."
+    return (
+        "How training data is split across sites: iid | dirichlet:ALPHA | by-label:K | "
+        "by-group (one hospital group per site, e.g. synthetic-seg)."
+    )
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -74,10 +88,19 @@ def cli() -> None:
     help="An image-folder tree (train/<class>/*.png, optional val/, test/) or a .npz file.",
 )
 @click.option(
+    "--data-option",
+    "data_option",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="Loader option, repeatable: e.g. --data-option n_train=108 --data-option "
+    "image_size=32 (synthetic-seg), image_size=64 (NIfTI).",
+)
+@click.option(
     "--model",
     default=None,
     show_default=_DEFAULTS.model,
-    help="Model from the registry (cnn, densenet121, resnet18).",
+    help="Model from the registry: cnn, densenet121, resnet18 (classification); unet, "
+    "vit-unet (segmentation).",
 )
 @click.option(
     "--clients", type=int, default=None, show_default=_DEFAULTS.clients, help="Number of sites."
@@ -251,16 +274,117 @@ def cli() -> None:
     help="Convergence: consecutive stable rounds required.",
 )
 @click.option(
+    "--task",
+    type=click.Choice(TASKS),
+    default=None,
+    show_default="auto",
+    help="classification or segmentation; auto follows the data set.",
+)
+@click.option(
+    "--fusion",
+    type=click.Choice(FUSIONS),
+    default=None,
+    show_default="early",
+    help="Multi-modal input: early (modalities as channels) or late (one encoder each).",
+)
+@click.option(
+    "--augment/--no-augment",
+    default=None,
+    help="TorchIO augmentation of training data (flip, affine, elastic, bias field, noise).",
+)
+@click.option(
+    "--strategy",
+    type=click.Choice(STRATEGIES),
+    default=None,
+    show_default="fedavg",
+    help="fedavg | fedprox | ftl (transfer from --pretrained) | cfl (clustered, IFCA).",
+)
+@click.option(
+    "--prox-mu", type=float, default=None, help="FedProx weight mu [default: 0.01 for fedprox]."
+)
+@click.option(
+    "--server-opt",
+    type=click.Choice(SERVER_OPTIMIZERS),
+    default=None,
+    show_default="none",
+    help="Server optimizer on the aggregate: none (FedAvg) | avgm (FedAvgM) | adam (FedAdam).",
+)
+@click.option(
+    "--server-lr", type=float, default=None, help="Server step size [default: 1; adam 0.01]."
+)
+@click.option(
+    "--server-momentum",
+    type=float,
+    default=None,
+    show_default=_DEFAULTS.server_momentum,
+    help="FedAvgM momentum / FedAdam beta1.",
+)
+@click.option(
+    "--pretrained",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="Start from these safetensors weights (see `securefed pretrain`).",
+)
+@click.option(
+    "--freeze",
+    default=None,
+    help="none | backbone | comma-separated module prefixes [default: backbone for ftl].",
+)
+@click.option(
+    "--public-fraction",
+    type=float,
+    default=None,
+    show_default=_DEFAULTS.public_fraction,
+    help="Share of the training split declared public (pretraining); sites get the rest.",
+)
+@click.option(
+    "--public-seed",
+    type=int,
+    default=None,
+    show_default=_DEFAULTS.public_seed,
+    help="Seed of the public/private split; must match `securefed pretrain`.",
+)
+@click.option(
+    "--schedule",
+    type=click.Choice(SCHEDULES),
+    default=None,
+    show_default="parallel",
+    help="parallel, or cyclic (the model visits the sites in turn; no secure aggregation).",
+)
+@click.option(
+    "--clusters",
+    type=int,
+    default=None,
+    show_default=_DEFAULTS.clusters,
+    help="cfl: number of cluster models K.",
+)
+@click.option(
+    "--personalize",
+    type=int,
+    default=None,
+    show_default=0,
+    help="Digital twins: fine-tuning epochs per site on its own data (0 = off).",
+)
+@click.option(
+    "--personalize-when",
+    type=click.Choice(PERSONALIZE_WHEN),
+    default=None,
+    show_default="end",
+    help="Fine-tune the twins after the last round only, or after every round.",
+)
+@click.option(
     "--out",
     type=click.Path(file_okay=False),
     default=None,
     help="Output folder [default: runs/<timestamp>].",
 )
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
-def train(config_file, no_dp, out, quiet, **flags) -> None:
-    """Train one model across simulated sites with DP-SGD and FedAvg."""
+def train(config_file, no_dp, out, quiet, data_option, **flags) -> None:
+    """Train one model across simulated sites with DP-SGD and secure aggregation."""
     base = RunConfig.from_json(config_file) if config_file else RunConfig()
     changes = {k: v for k, v in flags.items() if v is not None}
+    if data_option:
+        changes["data_options"] = _data_options(data_option)
     if "secagg_ring_bits" in changes:
         changes["secagg_ring_bits"] = int(changes["secagg_ring_bits"])
     if "he_coeff_bits" in changes:
@@ -283,6 +407,24 @@ def train(config_file, no_dp, out, quiet, **flags) -> None:
     click.echo(_run_line(run_dir))
 
 
+def _data_options(pairs: tuple[str, ...]) -> dict:
+    """``KEY=VALUE`` pairs; values are read as JSON when they parse (numbers, lists)."""
+    import json
+
+    out = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise click.BadParameter(
+                f"expected KEY=VALUE (got {pair!r})", param_hint="--data-option"
+            )
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
+    return out
+
+
 def _run_line(run_dir: Path) -> str:
     import json
 
@@ -290,15 +432,70 @@ def _run_line(run_dir: Path) -> str:
     metrics = json.loads((run_dir / "metrics.json").read_text())
     f = metrics["final"]
     eps = privacy["epsilon"]
-    auc = f"{f['auc']:.3f}" if f.get("auc") is not None else "n/a"
     dp = (
         f"ε={eps:.2f} (target {privacy['target_epsilon']}, δ={privacy['delta']:.1e})"
         if privacy["dp"]
         else "no DP"
     )
+    if metrics.get("task", "classification") == "segmentation":
+        scores = f"mean Dice {f['mean_dice']:.3f}, mean IoU {f['mean_iou']:.3f}"
+    else:
+        auc = f"{f['auc']:.3f}" if f.get("auc") is not None else "n/a"
+        scores = f"accuracy {f['accuracy']:.3f}, macro F1 {f['macro_f1']:.3f}, AUC {auc}"
+    twins = metrics["rounds"][-1].get("site_mean", {}) if metrics["rounds"] else {}
+    primary = metrics.get("primary_metric", "accuracy")
+    twin = (
+        f", sites {twins[primary]:.3f} -> twins {twins['twin_' + primary]:.3f}"
+        if twins.get("twin_" + primary) is not None
+        else ""
+    )
     return (
-        f"{run_dir}: accuracy {f['accuracy']:.3f}, macro F1 {f['macro_f1']:.3f}, AUC {auc}, "
-        f"{dp}, secure-agg {privacy['secure_aggregation']}, {metrics['total_seconds']:.1f} s"
+        f"{run_dir}: {scores}{twin}, {dp}, secure-agg {privacy['secure_aggregation']}, "
+        f"strategy {metrics.get('strategy', 'fedavg')}, {metrics['total_seconds']:.1f} s"
+    )
+
+
+@cli.command()
+@click.option("--dataset", default="synthetic", show_default=True, help="Public source data set.")
+@click.option("--data-dir", type=click.Path(file_okay=False), default=None, help="MedMNIST folder.")
+@click.option("--data", type=click.Path(), default=None, help="A data folder or .npz file.")
+@click.option("--model", default="cnn", show_default=True, help="Model to pretrain.")
+@click.option(
+    "--public-fraction",
+    type=float,
+    default=0.0,
+    show_default=True,
+    help="Pretrain on only this declared-public share of the training split (0: all of it, "
+    "for a data set no site holds).",
+)
+@click.option("--public-seed", type=int, default=0, show_default=True, help="Public split seed.")
+@click.option("--epochs", type=int, default=10, show_default=True, help="Training epochs.")
+@click.option("--batch-size", type=int, default=64, show_default=True, help="Batch size.")
+@click.option("--lr", type=float, default=0.05, show_default=True, help="SGD learning rate.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Init and shuffle seed.")
+@click.option("--device", type=click.Choice(DEVICES), default="auto", show_default=True)
+@click.option("--fusion", type=click.Choice(FUSIONS), default="early", show_default=True)
+@click.option("--out", type=click.Path(file_okay=False), required=True, help="Output folder.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+def pretrain(out, quiet, **options) -> None:
+    """Pretrain on public data (no DP, no privacy cost) for `train --strategy ftl`.
+
+    Writes OUT/model.safetensors (with provenance metadata) and OUT/pretrain.json.
+    """
+    import json
+
+    from securefed.fl.pretrain import pretrain as run_pretrain
+
+    if not 0 <= options["public_fraction"] < 1:
+        raise click.BadParameter("must be in [0, 1)", param_hint="--public-fraction")
+    path = run_pretrain(out=Path(out), progress=not quiet, **options)
+    info = json.loads((path.parent / "pretrain.json").read_text())
+    scores = ", ".join(
+        f"{k} {v:.3f}" for k, v in info["final"].items() if isinstance(v, float) and k != "loss"
+    )
+    click.echo(
+        f"{path}: {info['source']['public_samples']} public samples, {scores} "
+        "(test split); no privacy cost"
     )
 
 
@@ -361,6 +558,55 @@ def bench_secure_agg(out, quick) -> None:
     from securefed.bench.secure_agg import run_secure_agg_bench
 
     path = run_secure_agg_bench(out_dir=Path(out), quick=quick, progress=True)
+    click.echo(f"results: {path}")
+
+
+@bench.command("strategies")
+@click.option("--out", type=click.Path(file_okay=False), required=True, help="Output folder.")
+@click.option("--data-dir", type=click.Path(file_okay=False), default=None, help="MedMNIST folder.")
+@click.option("--dataset", default="pneumoniamnist", show_default=True, help="Data set name.")
+@click.option(
+    "--arms",
+    default="fl,cfl,ftl",
+    show_default=True,
+    help="Comma-separated: fl, fedprox, "
+    "cfl, ftl (frozen backbone), ftl-all (fine-tune everything).",
+)
+@click.option(
+    "--epsilons", default="8,inf", show_default=True, help="Comma-separated target ε; inf = no DP."
+)
+@click.option("--seeds", default="0", show_default=True, help="Comma-separated seeds.")
+@click.option("--rounds", type=int, default=None, help="Rounds per run [default: 10; quick 4].")
+@click.option("--model", default=None, help="Model for every arm [default: cnn].")
+@click.option("--device", type=click.Choice(DEVICES), default="auto", show_default=True)
+@click.option("--quick", is_flag=True, help="3 sites, 4 rounds, ε=8 only: minutes on 2 cores.")
+def bench_strategies(out, data_dir, dataset, arms, epsilons, seeds, rounds, model, device, quick):
+    """FL vs CFL vs FTL on the same non-IID sites (accuracy, P/R/F1, convergence)."""
+    import dataclasses
+
+    from securefed.bench.strategies import QUICK, ComparisonGrid, run_strategy_comparison
+
+    grid = QUICK if quick else ComparisonGrid()
+    base = dict(grid.base, device=device)
+    if rounds is not None:
+        base["rounds"] = rounds
+    if model is not None:
+        base["model"] = model
+    try:
+        eps = tuple(None if e.strip() == "inf" else float(e) for e in epsilons.split(","))
+        seed_list = tuple(int(s) for s in seeds.split(","))
+    except ValueError as exc:
+        raise click.BadParameter(f"comma-separated numbers expected ({exc})") from exc
+    grid = dataclasses.replace(
+        grid,
+        dataset=dataset,
+        data_dir=data_dir,
+        arms=tuple(a.strip() for a in arms.split(",")),
+        epsilons=eps if not quick or epsilons != "8,inf" else grid.epsilons,
+        seeds=seed_list,
+        base=base,
+    )
+    path = run_strategy_comparison(out_dir=Path(out), grid=grid, progress=True)
     click.echo(f"results: {path}")
 
 

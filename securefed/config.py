@@ -11,11 +11,26 @@ from typing import Any
 
 from securefed.errors import ConfigError
 
-__all__ = ["RunConfig", "ACCOUNTANTS", "SECURE_AGG_MODES", "DEVICES"]
+__all__ = [
+    "RunConfig",
+    "ACCOUNTANTS",
+    "SECURE_AGG_MODES",
+    "DEVICES",
+    "STRATEGIES",
+    "SERVER_OPTIMIZERS",
+    "SCHEDULES",
+    "TASKS",
+]
 
 ACCOUNTANTS = ("prv", "rdp", "gdp")
 SECURE_AGG_MODES = ("none", "mask", "he")
 DEVICES = ("auto", "cpu", "cuda")
+STRATEGIES = ("fedavg", "fedprox", "ftl", "cfl")
+SERVER_OPTIMIZERS = ("none", "avgm", "adam")
+SCHEDULES = ("parallel", "cyclic")
+TASKS = ("auto", "classification", "segmentation")
+PERSONALIZE_WHEN = ("end", "every")
+FUSIONS = ("early", "late")
 
 
 def _check(cond: bool, msg: str) -> None:
@@ -33,10 +48,12 @@ class RunConfig:
     Attributes:
         dataset: ``synthetic`` or a MedMNIST name (``NAME.npz`` in ``data_dir``).
         data_dir: Folder holding MedMNIST ``.npz`` files (default: ``~/.medmnist``).
-        data: Path of an image-folder tree; overrides ``dataset``.
+        data: Path of an image-folder tree, NIfTI tree or ``.npz`` file; overrides ``dataset``.
+        data_options: Loader options, e.g. ``{"n_train": 108, "image_size": 32}`` for
+            ``synthetic-seg`` or ``{"image_size": 64}`` for a NIfTI tree.
         model: Registered model name (see ``securefed.models.available_models``).
         clients: Number of sites.
-        partition: ``iid``, ``dirichlet:ALPHA`` or ``by-label:K``.
+        partition: ``iid``, ``dirichlet:ALPHA``, ``by-label:K`` or ``by-group``.
         rounds: Federated rounds.
         local_epochs: Local epochs per round (each an expected pass over the site's data).
         batch_size: Expected batch size; with DP, Poisson sampling at ``q = 1/ceil(n/B)``.
@@ -64,12 +81,35 @@ class RunConfig:
         conv_acc_tol: Convergence: a round is stable when its accuracy changes by strictly less.
         conv_loss_tol: Convergence: ... and its loss changes by strictly less than this.
         conv_patience: Convergence: consecutive stable rounds needed.
+        task: ``auto`` (from the data set), ``classification`` or ``segmentation``.
+        fusion: Multi-modal inputs: ``early`` (modalities as channels) or ``late``
+            (one encoder per modality, logits averaged).
+        augment: TorchIO augmentation of the training data (never of held-out data).
+        strategy: ``fedavg``, ``fedprox``, ``ftl`` (federated transfer learning) or ``cfl``
+            (clustered FL, IFCA).
+        prox_mu: FedProx proximal weight mu (``None``: 0.01 for fedprox, 0 otherwise).
+        server_opt: Server optimizer on the averaged update: ``none`` (FedAvg), ``avgm``
+            (FedAvgM) or ``adam`` (FedAdam).
+        server_lr: Server learning rate (``None``: 1.0 for none/avgm, 0.01 for adam).
+        server_momentum: FedAvgM momentum, FedAdam beta1.
+        pretrained: safetensors weights to start from (required by ``ftl``).
+        freeze: What to freeze: ``none``, ``backbone`` or comma-separated module prefixes
+            (``None``: ``backbone`` for ftl, ``none`` otherwise).
+        public_fraction: Share of the training split declared public (for pretraining)
+            and kept away from the sites; 0 keeps every sample private.
+        public_seed: Seed of the public/private split (must match ``securefed pretrain``).
+        schedule: ``parallel`` (every site trains the same global model) or ``cyclic``
+            (the model visits the sites one after another within a round).
+        clusters: Number of cluster models K for ``cfl``.
+        personalize: Digital twins: local fine-tuning epochs per site (0 = off).
+        personalize_when: ``end`` (after the last round) or ``every`` round.
 
     """
 
     dataset: str = "synthetic"
     data_dir: str | None = None
     data: str | None = None
+    data_options: dict[str, Any] | None = None
     model: str = "cnn"
     clients: int = 3
     partition: str = "iid"
@@ -98,6 +138,22 @@ class RunConfig:
     conv_acc_tol: float = 0.005
     conv_loss_tol: float = 0.01
     conv_patience: int = 3
+    task: str = "auto"
+    fusion: str = "early"
+    augment: bool = False
+    strategy: str = "fedavg"
+    prox_mu: float | None = None
+    server_opt: str = "none"
+    server_lr: float | None = None
+    server_momentum: float = 0.9
+    pretrained: str | None = None
+    freeze: str | None = None
+    public_fraction: float = 0.0
+    public_seed: int = 0
+    schedule: str = "parallel"
+    clusters: int = 2
+    personalize: int = 0
+    personalize_when: str = "end"
 
     def __post_init__(self) -> None:
         _check(self.clients >= 1, f"`clients` must be at least 1 (got {self.clients}).")
@@ -154,6 +210,77 @@ class RunConfig:
         object.__setattr__(self, "he_coeff_mod_bit_sizes", tuple(self.he_coeff_mod_bit_sizes))
         _check(self.conv_patience >= 1, "`conv_patience` must be at least 1.")
         _check(self.conv_acc_tol >= 0 and self.conv_loss_tol >= 0, "tolerances must be >= 0.")
+        self._check_strategy()
+
+    def _check_strategy(self) -> None:
+        for name, value, allowed in (
+            ("task", self.task, TASKS),
+            ("fusion", self.fusion, FUSIONS),
+            ("strategy", self.strategy, STRATEGIES),
+            ("server_opt", self.server_opt, SERVER_OPTIMIZERS),
+            ("schedule", self.schedule, SCHEDULES),
+            ("personalize_when", self.personalize_when, PERSONALIZE_WHEN),
+        ):
+            _check(
+                value in allowed,
+                f"`{name}` must be one of {', '.join(allowed)} (got {value!r}).",
+            )
+        if self.prox_mu is not None:
+            _check(
+                math.isfinite(self.prox_mu) and self.prox_mu >= 0,
+                f"`prox_mu` must be >= 0 (got {self.prox_mu}).",
+            )
+        if self.server_lr is not None:
+            _check(
+                math.isfinite(self.server_lr) and self.server_lr > 0,
+                f"`server_lr` must be positive (got {self.server_lr}).",
+            )
+        _check(
+            0 <= self.server_momentum < 1,
+            f"`server_momentum` must be in [0, 1) (got {self.server_momentum}).",
+        )
+        _check(
+            0 <= self.public_fraction < 1,
+            f"`public_fraction` must be in [0, 1) (got {self.public_fraction}).",
+        )
+        _check(self.clusters >= 1, f"`clusters` must be at least 1 (got {self.clusters}).")
+        _check(self.personalize >= 0, f"`personalize` must be >= 0 (got {self.personalize}).")
+        _check(
+            self.strategy != "ftl" or self.pretrained is not None,
+            "strategy 'ftl' needs `pretrained` weights (--pretrained FILE.safetensors; "
+            "make them with `securefed pretrain`).",
+        )
+        _check(
+            self.schedule == "parallel" or self.secure_agg == "none",
+            "schedule 'cyclic' hands the model from site to site, so the next site sees the "
+            "previous site's model: it cannot be combined with secure aggregation "
+            "(use --secure-agg none, or the parallel schedule).",
+        )
+        _check(
+            self.schedule == "parallel" or self.strategy in ("fedavg", "ftl", "fedprox"),
+            f"schedule 'cyclic' has no meaning for strategy {self.strategy!r}.",
+        )
+
+    @property
+    def effective_prox_mu(self) -> float:
+        """Mu actually used: 0.01 for fedprox unless set, else the given value or 0."""
+        if self.prox_mu is not None:
+            return float(self.prox_mu)
+        return 0.01 if self.strategy == "fedprox" else 0.0
+
+    @property
+    def effective_server_lr(self) -> float:
+        """Server step size: 1.0 for FedAvg/FedAvgM, 0.01 for FedAdam unless set."""
+        if self.server_lr is not None:
+            return float(self.server_lr)
+        return 0.01 if self.server_opt == "adam" else 1.0
+
+    @property
+    def effective_freeze(self) -> str:
+        """What is frozen: ``backbone`` for ftl, ``none`` otherwise, unless set."""
+        if self.freeze is not None:
+            return self.freeze
+        return "backbone" if self.strategy == "ftl" else "none"
 
     @property
     def dp_enabled(self) -> bool:

@@ -2,16 +2,13 @@
 
 from __future__ import annotations
 
-import csv
 import dataclasses
 import datetime
 import gc
 import hashlib
-import io
 import json
 import math
 import os
-import platform
 import random
 import statistics
 import sys
@@ -19,12 +16,12 @@ import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from securefed.bench.common import environment, load_rows, write_atomic, write_rows
 from securefed.crypto.graph import GRAPH_SEED_BYTES, build_graph
 from securefed.crypto.prg import chunk_bytes, keystream
 from securefed.crypto.secagg import (
@@ -33,7 +30,7 @@ from securefed.crypto.secagg import (
     masking_keystream_bytes,
     secure_sum,
 )
-from securefed.errors import ConfigError, DataError, DropoutRecoveryError
+from securefed.errors import ConfigError, DropoutRecoveryError
 
 __all__ = [
     "FULL_GRID",
@@ -220,58 +217,6 @@ QUICK_GRID = SecureAggGrid(
 # --------------------------------------------------------------------------------------------
 # Environment
 # --------------------------------------------------------------------------------------------
-
-
-def _version(package: str) -> str | None:
-    try:
-        return metadata.version(package)
-    except metadata.PackageNotFoundError:
-        return None
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.lower().startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
-def _memory_gib() -> float | None:
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemTotal:"):
-                return round(int(line.split()[1]) / 2**20, 1)
-    except (OSError, ValueError, IndexError):
-        pass
-    return None
-
-
-def _openssl_version() -> str | None:
-    try:
-        from cryptography.hazmat.backends.openssl.backend import backend
-
-        return str(backend.openssl_version_text())
-    except (ImportError, AttributeError):
-        return None
-
-
-def _environment() -> dict[str, Any]:
-    """Package versions and machine description stored in every row and in meta.json."""
-    return {
-        "python_version": platform.python_version(),
-        "numpy_version": np.__version__,
-        "cryptography_version": _version("cryptography"),
-        "openssl_version": _openssl_version(),
-        "tenseal_version": _version("tenseal"),
-        "securefed_version": _version("securefed"),
-        "platform": platform.platform(),
-        "cpu_model": _cpu_model(),
-        "cpu_count": os.cpu_count(),
-        "memory_gib": _memory_gib(),
-    }
 
 
 @contextmanager
@@ -605,40 +550,12 @@ def _cell_key(row: Mapping[str, Any]) -> tuple[str, int, int, float]:
     )
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def _load_rows(path: Path) -> list[dict[str, Any]]:
-    if not path.exists():
-        return []
-    try:
-        rows = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise DataError(
-            f"{path} is not readable JSON ({exc}); move it away or use another --out."
-        ) from exc
-    if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
-        raise DataError(f"{path} must be a JSON list of rows; move it away or use another --out.")
-    missing = [c for r in rows for c in REQUIRED_COLUMNS if c not in r]
-    if missing:
-        raise DataError(f"{path} has rows without `{missing[0]}`; not a secure-agg result file.")
-    return rows
+    return load_rows(path, required=REQUIRED_COLUMNS, suite="secure-agg")
 
 
 def _write_rows(out_dir: Path, rows: list[dict[str, Any]]) -> None:
-    _write_atomic(out_dir / "results.json", json.dumps(rows, indent=1) + "\n")
-    columns: list[str] = []
-    for r in rows:
-        columns.extend(c for c in r if c not in columns)
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=columns, restval="", lineterminator="\n")
-    writer.writeheader()
-    for r in rows:
-        writer.writerow({k: "" if v is None else v for k, v in r.items()})
-    _write_atomic(out_dir / "results.csv", buffer.getvalue())
+    write_rows(out_dir, rows)
 
 
 def _update_meta(out_dir: Path, record: dict[str, Any]) -> None:
@@ -652,7 +569,7 @@ def _update_meta(out_dir: Path, record: dict[str, Any]) -> None:
         except (OSError, json.JSONDecodeError):
             pass
     meta["runs"].append(record)
-    _write_atomic(path, json.dumps(meta, indent=1) + "\n")
+    write_atomic(path, json.dumps(meta, indent=1) + "\n")
 
 
 # --------------------------------------------------------------------------------------------
@@ -918,7 +835,7 @@ def _write_summary(
             lines += [f"## {names[mech]}", "", *table, ""]
     if plots:
         lines += ["## Plots", "", *[f"![{p}]({p})" for p in plots], ""]
-    _write_atomic(out_dir / "summary.md", "\n".join(lines))
+    write_atomic(out_dir / "summary.md", "\n".join(lines))
     return targets
 
 
@@ -1050,7 +967,7 @@ def run_secure_agg_bench(
     results_path = out_dir / "results.json"
     rows = _load_rows(results_path)
     done = {_cell_key(r) for r in rows}
-    env = _environment()
+    env = environment()
 
     todo, skipped, already = [], [], 0
     for mechanism, n_clients, n_params, dropout in spec.cells():

@@ -18,6 +18,8 @@ class PrivacyEvent:
         sample_rate: Poisson sampling probability q.
         steps: Optimizer steps actually taken (counted by a hook on the DP optimizer).
         max_grad_norm: Per-sample clipping bound C.
+        phase: ``federated`` (training whose update is aggregated) or ``personalize``
+            (digital-twin fine-tuning that never leaves the site; accounted all the same).
 
     """
 
@@ -27,6 +29,7 @@ class PrivacyEvent:
     sample_rate: float
     steps: int
     max_grad_norm: float
+    phase: str = "federated"
 
     def to_dict(self) -> dict:
         """JSON-ready view."""

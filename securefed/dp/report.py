@@ -21,7 +21,7 @@ __all__ = [
 ]
 
 #: Bump the minor version for added keys, the major version for changed or removed ones.
-SCHEMA_VERSION = "1.0"
+SCHEMA_VERSION = "1.1"
 
 THREAT_MODEL = (
     "Record-level (epsilon, delta)-DP per site: each site's DP-SGD guarantee covers any one of "

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 import warnings
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -68,6 +69,10 @@ class SiteTrainer:
         lr: SGD learning rate.
         momentum: SGD momentum.
         device: Torch device.
+        max_grad_norm: Without DP, clip the batch gradient to this norm (DP's step regime).
+        loss_fn: ``f(logits, target) -> mean loss``; cross-entropy by default. It must be a
+            mean of per-sample terms (no coupling across the batch) for per-sample clipping
+            to bound each record's influence.
 
     """
 
@@ -83,6 +88,7 @@ class SiteTrainer:
         momentum: float,
         device: torch.device,
         max_grad_norm: float | None = None,
+        loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
     ) -> None:
         self.client_id = client_id
         self.dataset = dataset
@@ -93,6 +99,7 @@ class SiteTrainer:
         self.momentum = momentum
         self.device = device
         self.max_grad_norm = max_grad_norm
+        self.loss_fn = loss_fn or nn.CrossEntropyLoss()
         self._engine = None
         if plan is not None:
             from opacus import PrivacyEngine
@@ -123,7 +130,15 @@ class SiteTrainer:
         )
 
     def train_round(
-        self, *, model: nn.Module, round_index: int, epochs: int, generator: torch.Generator
+        self,
+        *,
+        model: nn.Module,
+        round_index: int,
+        epochs: int,
+        generator: torch.Generator,
+        prox_mu: float = 0.0,
+        anchor: Mapping[str, torch.Tensor] | None = None,
+        phase: str = "federated",
     ) -> LocalResult:
         """Run ``epochs`` local epochs on ``model`` (modified in place) and return its weights.
 
@@ -133,16 +148,27 @@ class SiteTrainer:
             epochs: Local epochs.
             generator: Seeds Poisson sampling / shuffling and the DP noise, so a seed
                 reproduces a run exactly.
+            prox_mu: FedProx weight mu; > 0 pulls the weights toward ``anchor``.
+            anchor: The round's global weights (parameter name -> tensor) for FedProx.
+            phase: Ledger phase (``federated`` or ``personalize``).
 
         """
         start = time.perf_counter()
         model = model.to(self.device)
         model.train()
-        optimizer = torch.optim.SGD(model.parameters(), lr=self.lr, momentum=self.momentum)
+        if hasattr(self.dataset, "set_epoch"):
+            self.dataset.set_epoch(round_index)  # fresh, reproducible augmentation per round
+        trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        optimizer = torch.optim.SGD([p for _, p in trainable], lr=self.lr, momentum=self.momentum)
+        prox = []
+        if prox_mu > 0:
+            if anchor is None:
+                raise ValueError("FedProx needs the round's global weights as `anchor`")
+            prox = [(p, anchor[n].to(self.device)) for n, p in trainable]
         loader = DataLoader(
             self.dataset, batch_size=self.batch_size, shuffle=self.plan is None, generator=generator
         )
-        criterion = nn.CrossEntropyLoss()
+        criterion = self.loss_fn
         before = self._accountant_steps()
         if self.plan is not None:
             with warnings.catch_warnings():
@@ -175,6 +201,14 @@ class SiteTrainer:
                         # per-sample clipping, so the two compare.
                         torch.nn.utils.clip_grad_norm_(model.parameters(), self.max_grad_norm)
                     optimizer.step()
+                    if prox:
+                        # FedProx as a decoupled proximal step, w <- w - lr*mu*(w - w_global):
+                        # it depends on no data, so it stays outside per-sample clipping
+                        # (added to the loss, Opacus would clip it with each sample's
+                        # gradient) and costs no privacy.
+                        with torch.no_grad():
+                            for p, a in prox:
+                                p.sub_(self.lr * prox_mu * (p - a))
                     steps += 1
                     total_loss += float(loss.detach()) * len(y)
                     total_n += len(y)
@@ -196,6 +230,7 @@ class SiteTrainer:
                     sample_rate=self.plan.sample_rate,
                     steps=taken,
                     max_grad_norm=self.plan.max_grad_norm,
+                    phase=phase,
                 )
             )
             inner = model._module  # GradSampleModule wraps the real model

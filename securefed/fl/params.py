@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 import torch
@@ -19,11 +19,20 @@ class ParamLayout:
 
     Args:
         state: A reference state dict (the global model's).
+        keys: Only these entries (e.g. the trainable parameters when the backbone is
+            frozen: what is frozen never travels); default every floating entry.
 
     """
 
-    def __init__(self, state: Mapping[str, torch.Tensor]) -> None:
-        self.keys = [k for k, v in state.items() if torch.is_floating_point(v)]
+    def __init__(
+        self, state: Mapping[str, torch.Tensor], *, keys: Sequence[str] | None = None
+    ) -> None:
+        if keys is None:
+            keys = [k for k, v in state.items() if torch.is_floating_point(v)]
+        missing = [k for k in keys if k not in state]
+        if missing:
+            raise ProtocolError(f"parameter layout names {missing[0]!r}, absent from the model")
+        self.keys = list(keys)
         self.shapes = [tuple(state[k].shape) for k in self.keys]
         self.dtypes = [state[k].dtype for k in self.keys]
         self.sizes = [int(np.prod(s)) if s else 1 for s in self.shapes]

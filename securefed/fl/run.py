@@ -14,6 +14,7 @@ from securefed.config import RunConfig
 from securefed.dp.report import SCHEMA_VERSION, THREAT_MODEL, json_ready, report_hash, write_json
 from securefed.errors import ConfigError
 from securefed.fl.simulation import Federation
+from securefed.fl.transfer import indices_digest
 from securefed.metrics import HEADLINE_METRICS
 
 __all__ = ["train", "package_versions", "default_out_dir"]
@@ -92,8 +93,9 @@ def train(
         rec = fed.run_round(r)
         g = rec.data["global"]
         eps = [c["epsilon"] for c in rec.data["clients"] if c["epsilon"] is not None]
+        primary = fed.task.primary_metric
         bar.set_postfix(
-            acc=f"{g['accuracy']:.3f}",
+            **{primary: f"{g[primary]:.3f}"},
             loss=f"{g['loss']:.3f}",
             eps=f"{max(eps):.2f}" if eps else "off",
             applied=rec.applied,
@@ -124,13 +126,66 @@ def _config_json(fed: Federation) -> dict[str, Any]:
                 }
                 for s in fed.sites
             ],
-            "model": {"name": cfg.model, "num_parameters": fed.built.num_parameters},
+            "model": {
+                "name": cfg.model,
+                "num_parameters": fed.built.num_parameters,
+                "trainable_parameters": fed.transfer["trainable_parameters"],
+                "head_prefixes": list(fed.built.head_prefixes),
+            },
+            "task": fed.task.name,
+            "strategy": _strategy_json(fed),
+            "public_samples": len(fed.public_indices) if fed.public_indices is not None else 0,
             "secure_aggregation": fed.aggregator.describe(),
         },
         "versions": package_versions(),
         "platform": {"machine": platform.machine(), "system": platform.system()},
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
     }
+
+
+def _strategy_json(fed: Federation) -> dict[str, Any]:
+    cfg = fed.config
+    out: dict[str, Any] = {
+        "name": cfg.strategy,
+        "schedule": cfg.schedule,
+        "prox_mu": cfg.effective_prox_mu,
+        "server_optimizer": fed.server_opts[0].describe(),
+        "freeze": fed.transfer["freeze"],
+        "personalize_epochs": cfg.personalize,
+        "personalize_when": cfg.personalize_when if cfg.personalize else None,
+    }
+    if cfg.strategy == "cfl":
+        out["clusters"] = cfg.clusters
+        out["cluster_selection"] = "IFCA: lowest loss on the site's training data"
+    return out
+
+
+def _disclosures(fed: Federation) -> list[str]:
+    """What the server learns beyond the DP-protected aggregate, stated plainly."""
+    cfg = fed.config
+    out = [
+        "which sites took part in each round, and which dropped out",
+        "the total sample count of the sites aggregated in a round",
+    ]
+    if cfg.strategy == "cfl":
+        out.append(
+            "each site's cluster in each round (IFCA picks it from the site's training loss, a "
+            "function of private data that the DP accounting does not cover: at most "
+            f"log2({cfg.clusters}) bits per site per round)"
+        )
+        if cfg.secure_agg != "none":
+            out.append(
+                "each cluster's aggregate separately; a cluster with one site is not "
+                "aggregated that round"
+            )
+    if cfg.schedule == "cyclic":
+        out.append(
+            "cyclic schedule: each site receives the model the previous site trained "
+            "(DP-protected, but not hidden in a sum)"
+        )
+    if cfg.personalize:
+        out.append("digital twins stay at their site; only their held-out metrics enter the report")
+    return out
 
 
 def _privacy_json(fed: Federation) -> dict[str, Any]:
@@ -148,6 +203,7 @@ def _privacy_json(fed: Federation) -> dict[str, Any]:
                 "max_grad_norm": plan.max_grad_norm if plan else None,
                 "planned_steps": plan.planned_steps if plan else None,
                 "steps": sum(e.steps for e in events),
+                "personalization_steps": sum(e.steps for e in events if e.phase == "personalize"),
                 "rounds_participated": sorted({e.round for e in events}),
                 "epsilon": s.epsilon_per_round[-1] if plan and s.epsilon_per_round else None,
                 "epsilon_per_round": list(s.epsilon_per_round) if plan else [],
@@ -166,10 +222,30 @@ def _privacy_json(fed: Federation) -> dict[str, Any]:
         "clipping": "flat per-sample L2" if cfg.dp_enabled else None,
         "noise_source": "torch.Generator seeded from --seed (reproducible; not a CSPRNG)",
         "calibration": (
-            "per site: smallest sigma whose epsilon after rounds x local_epochs x ceil(n/B) "
-            "steps is at most the target (Opacus get_noise_multiplier); server-side site "
-            "sampling and dropouts are not counted as amplification"
+            "per site: smallest sigma whose epsilon after (rounds x local_epochs + twin "
+            "fine-tuning epochs) x ceil(n/B) steps is at most the target (Opacus "
+            "get_noise_multiplier); server-side site sampling and dropouts are not counted as "
+            "amplification"
         ),
+        "strategy": _strategy_json(fed),
+        "dp_applies_to": (
+            "trainable parameters only (frozen parameters never change and are never sent)"
+            if fed.transfer["frozen"]
+            else "all model parameters"
+        ),
+        "transfer": {
+            "pretrained": fed.transfer["pretrained"],
+            "frozen_parameters": len(fed.transfer["frozen"]),
+            "trainable_parameters": fed.transfer["trainable_parameters"],
+            "reinitialised": fed.transfer["reinitialised"],
+            "public_fraction": fed.config.public_fraction,
+            "public_seed": fed.config.public_seed if fed.config.public_fraction else None,
+            "public_indices_sha256": (
+                indices_digest(fed.public_indices) if fed.public_indices is not None else None
+            ),
+            "public_samples": (len(fed.public_indices) if fed.public_indices is not None else 0),
+        },
+        "disclosures": _disclosures(fed),
         "rounds": cfg.rounds,
         "local_epochs": cfg.local_epochs,
         "batch_size": cfg.batch_size,
@@ -241,11 +317,19 @@ def write_outputs(fed: Federation, out: Path) -> None:
     metrics = json_ready(fed.metrics())
     privacy = json_ready(_privacy_json(fed))
     privacy["sha256"] = report_hash(privacy=privacy, config=config, metrics=metrics)
+    meta = {"model": fed.config.model, "securefed": "0.1.0", "task": fed.task.name}
     save_file(
         {k: v.detach().cpu().contiguous() for k, v in fed.global_model.state_dict().items()},
         str(out / "model.safetensors"),
-        metadata={"model": fed.config.model, "securefed": "0.1.0"},
+        metadata=meta,
     )
+    if len(fed.models) > 1:
+        for k, m in enumerate(fed.models):
+            save_file(
+                {n: v.detach().cpu().contiguous() for n, v in m.state_dict().items()},
+                str(out / f"model_cluster{k}.safetensors"),
+                metadata={**meta, "cluster": str(k)},
+            )
     write_json(out / "config.json", config)
     write_json(out / "metrics.json", metrics)
     _metrics_csv(metrics, out / "metrics.csv")

@@ -10,6 +10,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch import nn
 
 from securefed.config import RunConfig
 from securefed.data.dataset import ArraySplit, DatasetBundle, load_dataset
@@ -22,14 +23,20 @@ from securefed.dp.accounting import (
 )
 from securefed.dp.ledger import PrivacyLedger
 from securefed.dp.trainer import DPPlan, SiteTrainer
-from securefed.errors import DataError, DropoutRecoveryError
-from securefed.fl.aggregation import Aggregator, build_aggregator
-from securefed.fl.evaluation import evaluate
+from securefed.errors import ConfigError, DataError, DropoutRecoveryError
+from securefed.fl.aggregation import AggregateOutcome, Aggregator, build_aggregator
 from securefed.fl.params import ParamLayout
+from securefed.fl.strategies import ServerOptimizer, build_server_optimizer
+from securefed.fl.tasks import Task, build_task
+from securefed.fl.transfer import pretraining_provenance, public_split
 from securefed.metrics import detect_convergence
 from securefed.models import BuiltModel, ModelSpec, build_model
 
-__all__ = ["Federation", "RoundRecord", "Site", "resolve_device"]
+__all__ = ["Federation", "RoundRecord", "Site", "resolve_device", "METRICS_SCHEMA_VERSION"]
+
+#: metrics.json schema: 1.1 added task, strategy, primary_metric, site_mean, clusters and
+#: personalization (additive; every 1.0 field keeps its meaning).
+METRICS_SCHEMA_VERSION = "1.1"
 
 
 def resolve_device(name: str) -> torch.device:
@@ -68,13 +75,15 @@ def _aggregator_options(config: RunConfig) -> dict[str, Any]:
 
 @dataclass
 class Site:
-    """One hospital: its private training data, held-out data and local trainer."""
+    """One hospital: its private training data, held-out data, local trainer and twin."""
 
     client_id: int
     train: ArraySplit
     heldout: ArraySplit | None
     trainer: SiteTrainer
     epsilon_per_round: list[float] = field(default_factory=list)
+    cluster: int | None = None
+    twin: nn.Module | None = None
 
 
 @dataclass
@@ -86,10 +95,19 @@ class RoundRecord:
 
 
 class Federation:
-    """Sets up sites, privacy plans and the aggregator for a :class:`RunConfig`, then runs rounds.
+    """Sets up sites, privacy plans, strategy and aggregator for a :class:`RunConfig`.
 
     The server side of a round only sees what the aggregator returns: a sum of the
-    sites' weighted updates ``sum_i n_i u_i`` and the total weight ``sum_i n_i``.
+    sites' weighted updates ``sum_i n_i u_i`` and the total weight ``sum_i n_i`` (per
+    cluster under clustered FL). Strategies:
+
+    - ``fedavg`` / ``fedprox``: one global model; FedProx adds a decoupled proximal step
+      at the sites. A server optimizer (FedAvgM, FedAdam) may post-process the average.
+    - ``ftl``: the global model starts from pretrained weights; what ``freeze`` names is
+      frozen, so only the trainable parameters are noised, sent and aggregated.
+    - ``cfl``: IFCA (Ghosh et al. 2020). K cluster models; each site evaluates all K on its
+      own data, trains the best, and each cluster is aggregated on its own.
+    - ``personalize``: each site fine-tunes a private copy (a digital twin) that it keeps.
 
     Args:
         config: The run configuration.
@@ -109,27 +127,56 @@ class Federation:
         self.config = config
         self.device = resolve_device(config.device)
         self.bundle = bundle or load_dataset(
-            name=config.dataset, data_dir=config.data_dir, data=config.data, seed=config.seed
+            name=config.dataset,
+            data_dir=config.data_dir,
+            data=config.data,
+            seed=config.seed,
+            **(config.data_options or {}),
         )
         self.dropout_schedule = dropout_schedule
-        torch.manual_seed(_seed_for(config.seed, 0x30DE1))
-        self.built: BuiltModel = build_model(
-            name=config.model,
-            spec=ModelSpec(
-                in_channels=self.bundle.in_channels,
-                num_classes=self.bundle.num_classes,
-                spatial_dims=self.bundle.spatial_dims,
-            ),
+        self.task: Task = self._make_task()
+        self.public_indices: np.ndarray | None = None
+        self.private_train = self.bundle.train
+        if config.public_fraction > 0:
+            private, self.public_indices = public_split(
+                self.bundle.train, fraction=config.public_fraction, seed=config.public_seed
+            )
+            self.private_train = self.bundle.train.subset(indices=private)
+        n_models = config.clusters if config.strategy == "cfl" else 1
+        self.spec = ModelSpec(
+            in_channels=self.bundle.in_channels,
+            num_classes=self.bundle.num_classes,
+            spatial_dims=self.bundle.spatial_dims,
+            task=self.task.name,
+            image_shape=tuple(self.bundle.image_shape),
+            fusion=config.fusion,
         )
-        self.global_model = self.built.module.to(self.device)
-        self.layout = ParamLayout(self.global_model.state_dict())
+        builds = []
+        for k in range(n_models):
+            # Cluster k > 0 gets its own initialisation: IFCA needs distinct models to start.
+            torch.manual_seed(_seed_for(config.seed, 0x30DE1, *([k] if k else [])))
+            builds.append(build_model(name=config.model, spec=self.spec))
+        self.built: BuiltModel = builds[0]
+        self.models: list[nn.Module] = [b.module.to(self.device) for b in builds]
+        self.transfer = self._apply_transfer()
+        state = self.models[0].state_dict()
+        trainable = [n for n, p in self.models[0].named_parameters() if p.requires_grad]
+        self.layout = ParamLayout(state, keys=trainable if self.transfer["frozen"] else None)
+        self.server_opts: list[ServerOptimizer] = [
+            build_server_optimizer(
+                name=config.server_opt,
+                lr=config.effective_server_lr,
+                momentum=config.server_momentum,
+            )
+            for _ in self.models
+        ]
         self.ledger = PrivacyLedger()
         self.sites = self._make_sites()
         self.delta, self.plans = self._plan_privacy()
         for site in self.sites:
             site.trainer = SiteTrainer(
                 client_id=site.client_id,
-                dataset=site.train.to_torch(),
+                dataset=self._training_data(site),
                 plan=self.plans.get(site.client_id),
                 ledger=self.ledger,
                 batch_size=config.batch_size,
@@ -137,33 +184,105 @@ class Federation:
                 momentum=config.momentum,
                 device=self.device,
                 max_grad_norm=config.max_grad_norm,
+                loss_fn=self.task.loss_fn,
             )
-        self.aggregator: Aggregator = build_aggregator(
-            mode=config.secure_agg,
-            n_clients=len(self.participants(1)),
-            **_aggregator_options(config),
-        )
+        self._aggregators: dict[int, Aggregator] = {}
+        self.aggregator: Aggregator = self._aggregator_for(len(self.participants(1)))
         if dropout_schedule is None and config.dropout_clients > 0:
             self.dropout_schedule = self._simulated_dropouts
         self.records: list[RoundRecord] = []
         self.elapsed = 0.0
 
     # -- set-up ---------------------------------------------------------------------------
+    def _make_task(self) -> Task:
+        data_task = getattr(self.bundle, "task", "classification")
+        name = data_task if self.config.task == "auto" else self.config.task
+        if name != data_task:
+            raise ConfigError(
+                f"--task {name} does not match the data: {self.bundle.name} is a "
+                f"{data_task} data set"
+            )
+        return build_task(
+            name=name,
+            num_classes=self.bundle.num_classes,
+            label_convention=getattr(self.bundle, "label_convention", None),
+        )
+
+    @property
+    def global_model(self) -> nn.Module:
+        """The model the federation serves: the only one, or (CFL) the largest cluster's."""
+        return self.models[self.largest_cluster()]
+
+    def largest_cluster(self) -> int:
+        """Index of the cluster with most sites (ties: the lowest index); 0 without CFL."""
+        if len(self.models) == 1:
+            return 0
+        counts = np.bincount(
+            [s.cluster for s in self.sites if s.cluster is not None], minlength=len(self.models)
+        )
+        return int(np.argmax(counts))
+
+    def _apply_transfer(self) -> dict[str, Any]:
+        """Load pretrained weights and freeze what ``freeze`` names, in every model."""
+        from securefed.models.transfer import freeze, load_pretrained
+
+        cfg = self.config
+        info: dict[str, Any] = {"pretrained": None, "frozen": [], "reinitialised": []}
+        if cfg.pretrained is not None:
+            loads = [
+                load_pretrained(m, path=cfg.pretrained, head_prefixes=self.built.head_prefixes)
+                for m in self.models
+            ]
+            info["pretrained"] = pretraining_provenance(
+                metadata=dict(loads[0].metadata),
+                file_sha256=loads[0].sha256,
+                bundle=self.bundle,
+                public_fraction=cfg.public_fraction,
+                public_seed=cfg.public_seed,
+                public_indices=self.public_indices,
+            )
+            info["pretrained"]["path"] = str(cfg.pretrained)
+            info["reinitialised"] = list(loads[0].reinitialised)
+        spec = cfg.effective_freeze
+        if spec != "none":
+            frozen = [
+                freeze(m, spec=spec, head_prefixes=self.built.head_prefixes) for m in self.models
+            ]
+            info["frozen"] = list(frozen[0])
+        n_train = sum(p.numel() for p in self.models[0].parameters() if p.requires_grad)
+        n_all = sum(p.numel() for p in self.models[0].parameters())
+        info.update({"freeze": spec, "trainable_parameters": n_train, "all_parameters": n_all})
+        return info
+
     def _make_sites(self) -> list[Site]:
-        cfg, train = self.config, self.bundle.train
+        cfg, train = self.config, self.private_train
         if cfg.clients > len(train):
             raise DataError(
                 f"{self.bundle.source}: {cfg.clients} sites but only {len(train)} training samples"
             )
+        groups = getattr(train, "groups", None)
         try:
             parts = partition(
-                train.labels, spec=cfg.partition, n_sites=cfg.clients, seed=_seed_for(cfg.seed, 1)
+                train.labels,
+                spec=cfg.partition,
+                n_sites=cfg.clients,
+                seed=_seed_for(cfg.seed, 1),
+                **({"groups": groups} if groups is not None else {}),
             )
         except DataError as exc:
             raise DataError(f"{self.bundle.source}: {exc}") from exc
         site_labels = [train.labels[p] for p in parts]
+        val_groups = getattr(self.bundle.val, "groups", None)
+        extra = (
+            {"heldout_groups": val_groups, "site_train_groups": [groups[p] for p in parts]}
+            if groups is not None and val_groups is not None
+            else {}
+        )
         held = partition_like(
-            self.bundle.val.labels, site_train_labels=site_labels, seed=_seed_for(cfg.seed, 2)
+            self.bundle.val.labels,
+            site_train_labels=site_labels,
+            seed=_seed_for(cfg.seed, 2),
+            **extra,
         )
         sites = []
         for cid, (p, h) in enumerate(zip(parts, held)):
@@ -177,6 +296,23 @@ class Federation:
             )
         return sites
 
+    def _training_data(self, site: Site) -> torch.utils.data.Dataset:
+        if not self.config.augment:
+            return site.train.to_torch()
+        from securefed.data.transforms import AugmentedDataset, augment_transform
+
+        return AugmentedDataset(
+            site.train,
+            transform=augment_transform(spatial_dims=self.bundle.spatial_dims),
+            seed=_seed_for(self.config.seed, 8, site.client_id),
+        )
+
+    def personalize_rounds(self) -> int:
+        """How many times the twins are fine-tuned over the run."""
+        if self.config.personalize == 0:
+            return 0
+        return self.config.rounds if self.config.personalize_when == "every" else 1
+
     def _plan_privacy(self) -> tuple[float | None, dict[int, DPPlan]]:
         cfg = self.config
         if not cfg.dp_enabled:
@@ -187,13 +323,13 @@ class Federation:
         for s in self.sites:
             n = len(s.train)
             q = sample_rate(num_samples=n, batch_size=cfg.batch_size)
-            # Calibrate for the worst case: the site takes part in every round. Sampling
-            # by the server is not counted as amplification.
+            spe = steps_per_epoch(num_samples=n, batch_size=cfg.batch_size)
+            # Calibrate for the worst case: the site takes part in every round, and its twin
+            # fine-tuning (on the same records) is accounted too. Sampling by the server is
+            # not counted as amplification.
             steps = (
-                cfg.rounds
-                * cfg.local_epochs
-                * steps_per_epoch(num_samples=n, batch_size=cfg.batch_size)
-            )
+                cfg.rounds * cfg.local_epochs + self.personalize_rounds() * cfg.personalize
+            ) * spe
             sigma = calibrate_noise(
                 target_epsilon=float(cfg.dp_epsilon),
                 delta=delta,
@@ -210,6 +346,15 @@ class Federation:
                 accountant=cfg.accountant,
             )
         return delta, plans
+
+    def _aggregator_for(self, n_sites: int) -> Aggregator:
+        """One aggregator per group size (masking's parameters depend on it; CKKS keys don't)."""
+        key = n_sites if self.config.secure_agg == "mask" else 0
+        if key not in self._aggregators:
+            self._aggregators[key] = build_aggregator(
+                mode=self.config.secure_agg, n_clients=n_sites, **_aggregator_options(self.config)
+            )
+        return self._aggregators[key]
 
     def _simulated_dropouts(self, round_index: int, chosen: list[int]) -> tuple[set[int], set[int]]:
         """``--dropout-clients``: K (or a rate of) sampled sites drop, from their own RNG.
@@ -234,94 +379,242 @@ class Federation:
         rng = np.random.default_rng(_seed_for(self.config.seed, 3, round_index))
         return sorted(int(i) for i in rng.choice(ids, size=k, replace=False))
 
-    def run_round(self, round_index: int) -> RoundRecord:
-        """Train, aggregate and evaluate one round. A failed aggregation changes nothing."""
+    @torch.no_grad()
+    def _data_loss(self, model: nn.Module, split: ArraySplit, batch_size: int = 256) -> float:
+        model.eval()
+        images, labels = torch.tensor(split.images), torch.tensor(split.labels)
+        total = 0.0
+        for i in range(0, len(split), batch_size):
+            x, y = images[i : i + batch_size].to(self.device), labels[i : i + batch_size]
+            total += float(self.task.loss_fn(model(x).float(), y.to(self.device))) * len(y)
+        return total / len(split)
+
+    def select_cluster(self, site: Site) -> int:
+        """IFCA's client step: the cluster model with the lowest loss on the site's data.
+
+        Runs at the site; only the chosen index is disclosed (the report says so).
+        """
+        losses = [self._data_loss(m, site.train) for m in self.models]
+        return int(np.argmin(losses))
+
+    def _local_update(
+        self, site: Site, model: nn.Module, round_index: int
+    ) -> tuple[np.ndarray, float, float, dict[str, torch.Tensor]]:
         cfg = self.config
+        local = copy.deepcopy(model)
+        anchor = {n: p.detach().clone() for n, p in model.named_parameters()}
+        gen = torch.Generator(device="cpu").manual_seed(
+            _seed_for(cfg.seed, 4, round_index, site.client_id)
+        )
+        result = site.trainer.train_round(
+            model=local,
+            round_index=round_index,
+            epochs=cfg.local_epochs,
+            generator=gen,
+            prox_mu=cfg.effective_prox_mu,
+            anchor=anchor,
+        )
+        update = self.layout.flatten(result.state) - self.layout.flatten(model.state_dict())
+        # Sites pre-scale by their sample count so a weighted FedAvg needs only sums.
+        vec = np.concatenate([result.num_samples * update, [float(result.num_samples)]])
+        return vec, result.mean_loss, result.seconds, result.state
+
+    def run_round(self, round_index: int) -> RoundRecord:
+        """Train, aggregate and evaluate one round. A failed round changes no model."""
         start = time.perf_counter()
         chosen = self.participants(round_index)
-        global_state = {k: v.detach().clone() for k, v in self.global_model.state_dict().items()}
-        global_vec = self.layout.flatten(global_state)
-        inputs: dict[int, np.ndarray] = {}
-        train_loss: dict[int, float] = {}
-        train_seconds = 0.0
-        for cid in chosen:
-            site = self.sites[cid]
-            local = copy.deepcopy(self.global_model)
-            gen = torch.Generator(device="cpu").manual_seed(
-                _seed_for(cfg.seed, 4, round_index, cid)
-            )
-            result = site.trainer.train_round(
-                model=local, round_index=round_index, epochs=cfg.local_epochs, generator=gen
-            )
-            update = self.layout.flatten(result.state) - global_vec
-            # Sites pre-scale by their sample count so a weighted FedAvg needs only sums.
-            inputs[cid] = np.concatenate([result.num_samples * update, [float(result.num_samples)]])
-            train_loss[cid] = result.mean_loss
-            train_seconds += result.seconds
         drop_before, drop_after = (
             self.dropout_schedule(round_index, chosen) if self.dropout_schedule else (set(), set())
         )
-        agg_start = time.perf_counter()
-        error = None
-        try:
-            outcome = self.aggregator.aggregate(
-                inputs,
-                round_index=round_index,
-                drop_before_upload=drop_before,
-                drop_after_upload=drop_after,
-            )
-        except DropoutRecoveryError as exc:
-            outcome, error = None, str(exc)
-        agg_seconds = time.perf_counter() - agg_start
-        del inputs  # the runtime is done with the sites' vectors
-        if outcome is not None:
-            total_weight = float(outcome.total[-1])
-            new_vec = global_vec + outcome.total[:-1] / total_weight
-            self.global_model.load_state_dict(
-                {**global_state, **self.layout.unflatten(new_vec)}, strict=True
-            )
+        if self.config.schedule == "cyclic":
+            info = self._cyclic_round(round_index, chosen, drop_before)
+        else:
+            info = self._parallel_round(round_index, chosen, drop_before, drop_after)
+        twin_seconds = 0.0
+        if self.personalize_rounds() and (
+            self.config.personalize_when == "every" or round_index == self.config.rounds
+        ):
+            twin_seconds = self._personalize(round_index)
         eval_start = time.perf_counter()
-        record = self._evaluate(round_index, chosen, train_loss)
+        record = self._evaluate(round_index, chosen, info["train_loss"])
         eval_seconds = time.perf_counter() - eval_start
         seconds = time.perf_counter() - start
         self.elapsed += seconds
-        protect = sum(outcome.client_seconds.values()) if outcome else 0.0
+        applied = info["applied"]
         record.update(
             {
                 "seconds": seconds,
                 "cumulative_seconds": self.elapsed,
-                "applied": outcome is not None,
-                "error": error,
+                "applied": applied,
+                "error": info["error"],
                 "participants": chosen,
-                "survivors": list(outcome.survivors) if outcome else [],
-                "dropped": sorted(set(chosen) - set(outcome.survivors)) if outcome else chosen,
+                "survivors": info["survivors"],
+                "dropped": sorted(set(chosen) - set(info["survivors"])),
                 "timing": {
-                    "local_training": train_seconds,
-                    "protection": protect,
-                    "aggregation": outcome.server_seconds if outcome else agg_seconds,
+                    "local_training": info["train_seconds"],
+                    "protection": info["protect"],
+                    "aggregation": info["agg_seconds"],
+                    "personalization": twin_seconds,
                     "evaluation": eval_seconds,
                 },
-                "bytes_per_client": (
-                    {str(k): v for k, v in outcome.bytes_per_client.items()} if outcome else {}
-                ),
-                "clipped_values": outcome.clipped if outcome else 0,
+                "bytes_per_client": info["bytes"],
+                "clipped_values": info["clipped"],
             }
         )
-        rec = RoundRecord(data=record, applied=outcome is not None)
+        if "clusters" in info:
+            record["clusters"] = info["clusters"]
+        rec = RoundRecord(data=record, applied=applied)
         self.records.append(rec)
         return rec
+
+    def _parallel_round(
+        self, round_index: int, chosen: list[int], drop_before: set[int], drop_after: set[int]
+    ) -> dict[str, Any]:
+        cfl = self.config.strategy == "cfl"
+        assign: dict[int, int] = {}
+        for cid in chosen:
+            assign[cid] = self.select_cluster(self.sites[cid]) if cfl else 0
+        inputs: dict[int, np.ndarray] = {}
+        train_loss: dict[int, float] = {}
+        train_seconds = 0.0
+        for cid in chosen:
+            vec, loss, secs, _ = self._local_update(
+                self.sites[cid], self.models[assign[cid]], round_index
+            )
+            inputs[cid], train_loss[cid] = vec, loss
+            train_seconds += secs
+        agg_start = time.perf_counter()
+        outcomes: dict[int, AggregateOutcome] = {}
+        skipped: dict[int, str] = {}
+        error = None
+        try:
+            for k in range(len(self.models)):
+                members = sorted(c for c in chosen if assign[c] == k)
+                if not members:
+                    continue
+                if cfl and self.config.secure_agg != "none" and len(members) < 2:
+                    # A "sum" of one update is that update: aggregating it securely would
+                    # only pretend. The cluster keeps its model this round.
+                    skipped[k] = "one site: a secure sum of one update would reveal it"
+                    continue
+                outcomes[k] = self._aggregator_for(len(members)).aggregate(
+                    {c: inputs[c] for c in members},
+                    round_index=round_index,
+                    drop_before_upload=set(members) & drop_before,
+                    drop_after_upload=set(members) & drop_after,
+                )
+        except DropoutRecoveryError as exc:
+            outcomes, error = {}, str(exc)
+        agg_seconds = time.perf_counter() - agg_start
+        del inputs  # the runtime is done with the sites' vectors
+        # Apply every cluster's step or none, so a failed round is never half-applied.
+        for k, outcome in outcomes.items():
+            model = self.models[k]
+            state = {n: v.detach().clone() for n, v in model.state_dict().items()}
+            current = self.layout.flatten(state)
+            delta = outcome.total[:-1] / float(outcome.total[-1])
+            new_vec = self.server_opts[k].step(current=current, delta=delta)
+            model.load_state_dict({**state, **self.layout.unflatten(new_vec)}, strict=True)
+        if cfl and error is None:
+            for cid in chosen:
+                self.sites[cid].cluster = assign[cid]
+        applied = error is None and bool(outcomes or skipped)
+        survivors = sorted(c for o in outcomes.values() for c in o.survivors)
+        info: dict[str, Any] = {
+            "applied": applied,
+            "error": error,
+            "train_loss": train_loss,
+            "train_seconds": train_seconds,
+            "agg_seconds": sum(o.server_seconds for o in outcomes.values()) or agg_seconds,
+            "protect": sum(sum(o.client_seconds.values()) for o in outcomes.values()),
+            "survivors": survivors,
+            "bytes": {str(c): b for o in outcomes.values() for c, b in o.bytes_per_client.items()},
+            "clipped": sum(o.clipped for o in outcomes.values()),
+        }
+        if cfl:
+            info["clusters"] = [
+                {
+                    "cluster": k,
+                    "members": sorted(c for c in chosen if assign[c] == k),
+                    "applied": k in outcomes,
+                    "skipped": skipped.get(k),
+                }
+                for k in range(len(self.models))
+            ]
+        return info
+
+    def _cyclic_round(
+        self, round_index: int, chosen: list[int], drop_before: set[int]
+    ) -> dict[str, Any]:
+        """Cyclic weight transfer: the model visits the sites in a fresh order each round."""
+        order = np.random.default_rng(_seed_for(self.config.seed, 7, round_index)).permutation(
+            chosen
+        )
+        current = copy.deepcopy(self.models[0])
+        train_loss: dict[int, float] = {}
+        visited: list[int] = []
+        train_seconds = 0.0
+        for cid in (int(c) for c in order):
+            _, loss, secs, state = self._local_update(self.sites[cid], current, round_index)
+            train_seconds += secs
+            if cid in drop_before:
+                continue  # it never handed its model on; the next site starts from the last one
+            current.load_state_dict(state, strict=True)
+            train_loss[cid] = loss
+            visited.append(cid)
+        applied = bool(visited)
+        if applied:
+            self.models[0].load_state_dict(current.state_dict(), strict=True)
+        size = 4 * self.layout.size
+        return {
+            "applied": applied,
+            "error": None if applied else "every site dropped before handing the model on",
+            "train_loss": train_loss,
+            "train_seconds": train_seconds,
+            "agg_seconds": 0.0,
+            "protect": 0.0,
+            "survivors": sorted(visited),
+            "bytes": {str(c): size for c in visited},
+            "clipped": 0,
+        }
+
+    def _personalize(self, round_index: int) -> float:
+        """Each site fine-tunes a private copy of the model it uses (its digital twin)."""
+        start = time.perf_counter()
+        for site in self.sites:
+            base = self.models[site.cluster or 0] if len(self.models) > 1 else self.models[0]
+            twin = copy.deepcopy(base)
+            gen = torch.Generator(device="cpu").manual_seed(
+                _seed_for(self.config.seed, 6, round_index, site.client_id)
+            )
+            result = site.trainer.train_round(
+                model=twin,
+                round_index=round_index,
+                epochs=self.config.personalize,
+                generator=gen,
+                phase="personalize",
+            )
+            twin.load_state_dict(result.state, strict=True)
+            site.twin = twin
+        return time.perf_counter() - start
+
+    def _site_model(self, site: Site) -> nn.Module:
+        if len(self.models) == 1:
+            return self.models[0]
+        if site.cluster is None:
+            site.cluster = self.select_cluster(site)
+        return self.models[site.cluster]
 
     def _evaluate(
         self, round_index: int, chosen: list[int], train_loss: dict[int, float]
     ) -> dict[str, Any]:
-        nc = self.bundle.num_classes
-        glob = evaluate(
-            model=self.global_model, split=self.bundle.test, num_classes=nc, device=self.device
-        )
+        ev = self.task.evaluate
+        primary = self.task.primary_metric
         clients = []
         for site in self.sites:
             eps = site.trainer.epsilon() if self.config.dp_enabled else None
             site.epsilon_per_round.append(eps if eps is not None else float("inf"))
+            model = self._site_model(site)
             entry: dict[str, Any] = {
                 "client_id": site.client_id,
                 "participated": site.client_id in chosen,
@@ -329,41 +622,89 @@ class Federation:
                 "train_loss": train_loss.get(site.client_id),
                 "epsilon": eps,
             }
+            if len(self.models) > 1:
+                entry["cluster"] = site.cluster
             if site.heldout is not None:
-                entry.update(
-                    evaluate(
-                        model=self.global_model,
-                        split=site.heldout,
-                        num_classes=nc,
-                        device=self.device,
-                    )
-                )
+                entry.update(ev(model=model, split=site.heldout, device=self.device))
+                if site.twin is not None:
+                    entry["twin"] = ev(model=site.twin, split=site.heldout, device=self.device)
             clients.append(entry)
-        return {"round": round_index, "global": glob, "clients": clients}
+        out: dict[str, Any] = {
+            "round": round_index,
+            "global": ev(model=self.global_model, split=self.bundle.test, device=self.device),
+            "clients": clients,
+        }
+        scored = [c for c in clients if c.get(primary) is not None]
+        out["site_mean"] = {
+            primary: float(np.mean([c[primary] for c in scored])) if scored else None
+        }
+        twins = [c["twin"][primary] for c in scored if "twin" in c]
+        if twins:
+            out["site_mean"]["twin_" + primary] = float(np.mean(twins))
+        if len(self.models) > 1:
+            out["global_model_cluster"] = self.largest_cluster()
+            out["cluster_test"] = [
+                {
+                    "cluster": k,
+                    primary: ev(model=m, split=self.bundle.test, device=self.device)[primary],
+                }
+                for k, m in enumerate(self.models)
+            ]
+        return out
 
     # -- summaries ------------------------------------------------------------------------
+    def personalization_table(self) -> list[dict[str, Any]]:
+        """Per site: the global (or cluster) model vs the twin on the site's held-out data."""
+        if not self.records:
+            return []
+        primary = self.task.primary_metric
+        rows = []
+        for c in self.records[-1].data["clients"]:
+            if "twin" not in c:
+                continue
+            row = {"client_id": c["client_id"], "num_heldout": c.get("num_samples")}
+            for key in self.task.headline:
+                row[f"global_{key}"] = c.get(key)
+                row[f"twin_{key}"] = c["twin"].get(key)
+            row["twin_gain"] = c["twin"][primary] - c[primary]
+            rows.append(row)
+        return rows
+
     def metrics(self) -> dict[str, Any]:
         """``metrics.json``: per-round records, final figures and convergence."""
         rounds = [r.data for r in self.records]
+        primary = self.task.primary_metric
         conv = detect_convergence(
-            accuracies=[r["global"]["accuracy"] for r in rounds],
+            accuracies=[r["global"][primary] for r in rounds],
             losses=[r["global"]["loss"] for r in rounds],
             seconds=[r["seconds"] for r in rounds],
             acc_tol=self.config.conv_acc_tol,
             loss_tol=self.config.conv_loss_tol,
             patience=self.config.conv_patience,
         )
-        best = max(rounds, key=lambda r: r["global"]["accuracy"]) if rounds else None
-        return {
-            "schema_version": "1.0",
+        best = max(rounds, key=lambda r: r["global"][primary]) if rounds else None
+        out: dict[str, Any] = {
+            "schema_version": METRICS_SCHEMA_VERSION,
+            "task": self.task.name,
+            "strategy": self.config.strategy,
+            "primary_metric": primary,
             "rounds": rounds,
             "final": rounds[-1]["global"] if rounds else None,
             "best": {"round": best["round"], **best["global"]} if best else None,
             "convergence": conv,
             "convergence_criteria": {
+                "metric": primary,
                 "acc_tol": self.config.conv_acc_tol,
                 "loss_tol": self.config.conv_loss_tol,
                 "patience": self.config.conv_patience,
             },
             "total_seconds": self.elapsed,
         }
+        if self.personalize_rounds():
+            out["personalization"] = self.personalization_table()
+        if len(self.models) > 1:
+            out["clusters"] = {
+                "final_membership": {str(s.client_id): s.cluster for s in self.sites},
+                "served_cluster": self.largest_cluster(),
+            }
+        return out

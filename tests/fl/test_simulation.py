@@ -39,7 +39,7 @@ def test_run_writes_every_artifact_and_epsilon_stays_under_target(small_config, 
         assert (out / name).exists(), name
     privacy = json.loads((out / "privacy.json").read_text())
     metrics = json.loads((out / "metrics.json").read_text())
-    assert privacy["schema_version"] == "1.0"
+    assert privacy["schema_version"] == "1.1"
     assert privacy["sampling"] == "poisson"
     assert privacy["model_changes"], "BatchNorm -> GroupNorm must be reported"
     for c in privacy["clients"]:

@@ -1,0 +1,115 @@
+"""Server-side optimizers on the securely aggregated update (FedAvg, FedAvgM, FedAdam).
+
+The server only ever holds the *average* update ``Δ = Σ n_i u_i / Σ n_i`` (a sum it got from
+the aggregator), so every optimizer here is post-processing of DP outputs and costs no
+privacy. Following Reddi et al. 2021 ("Adaptive Federated Optimization"), ``Δ`` is treated
+as a pseudo-gradient step: FedAvg applies it as is, FedAvgM adds server momentum
+(Hsu et al. 2019), FedAdam scales it by a running second moment.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Any
+
+import numpy as np
+
+from securefed.errors import ConfigError
+
+__all__ = ["ServerOptimizer", "FedAvg", "FedAvgM", "FedAdam", "build_server_optimizer"]
+
+
+class ServerOptimizer(ABC):
+    """Turns the current global vector and the average update into the next global vector."""
+
+    name: str = ""
+
+    def __init__(self, *, lr: float) -> None:
+        self.lr = float(lr)
+
+    @abstractmethod
+    def step(self, *, current: np.ndarray, delta: np.ndarray) -> np.ndarray:
+        """Return the new global vector; ``current`` is left untouched."""
+
+    def describe(self) -> dict[str, Any]:
+        """Name and hyper-parameters for ``config.json``."""
+        return {"name": self.name, "lr": self.lr}
+
+
+class FedAvg(ServerOptimizer):
+    """``w <- w + lr * Δ``; lr = 1 is McMahan et al.'s FedAvg."""
+
+    name = "none"
+
+    def step(self, *, current: np.ndarray, delta: np.ndarray) -> np.ndarray:
+        """One FedAvg step."""
+        return current + self.lr * delta
+
+
+class FedAvgM(ServerOptimizer):
+    """Server momentum: ``v <- beta v + Δ``, ``w <- w + lr v`` (Hsu et al. 2019)."""
+
+    name = "avgm"
+
+    def __init__(self, *, lr: float, momentum: float) -> None:
+        super().__init__(lr=lr)
+        self.momentum = float(momentum)
+        self._velocity: np.ndarray | None = None
+
+    def step(self, *, current: np.ndarray, delta: np.ndarray) -> np.ndarray:
+        """One FedAvgM step."""
+        if self._velocity is None:
+            self._velocity = np.zeros_like(delta)
+        self._velocity = self.momentum * self._velocity + delta
+        return current + self.lr * self._velocity
+
+    def describe(self) -> dict[str, Any]:
+        """Adds the momentum."""
+        return {**super().describe(), "momentum": self.momentum}
+
+
+class FedAdam(ServerOptimizer):
+    """FedAdam (Reddi et al. 2021, Algorithm 2), without bias correction as in the paper.
+
+    ``m <- b1 m + (1-b1) Δ``, ``v <- b2 v + (1-b2) Δ²``, ``w <- w + lr m / (sqrt(v) + tau)``.
+    """
+
+    name = "adam"
+
+    def __init__(
+        self, *, lr: float, beta1: float = 0.9, beta2: float = 0.99, tau: float = 1e-3
+    ) -> None:
+        super().__init__(lr=lr)
+        self.beta1, self.beta2, self.tau = float(beta1), float(beta2), float(tau)
+        self._m: np.ndarray | None = None
+        self._v: np.ndarray | None = None
+
+    def step(self, *, current: np.ndarray, delta: np.ndarray) -> np.ndarray:
+        """One FedAdam step."""
+        if self._m is None or self._v is None:
+            self._m = np.zeros_like(delta)
+            # tau^2 as the initial second moment, as in the paper's experiments.
+            self._v = np.full_like(delta, self.tau**2)
+        self._m = self.beta1 * self._m + (1 - self.beta1) * delta
+        self._v = self.beta2 * self._v + (1 - self.beta2) * delta**2
+        return current + self.lr * self._m / (np.sqrt(self._v) + self.tau)
+
+    def describe(self) -> dict[str, Any]:
+        """Adds betas and tau."""
+        return {**super().describe(), "beta1": self.beta1, "beta2": self.beta2, "tau": self.tau}
+
+
+def build_server_optimizer(*, name: str, lr: float, momentum: float = 0.9) -> ServerOptimizer:
+    """The optimizer for ``--server-opt NAME``.
+
+    Raises:
+        ConfigError: Unknown name.
+
+    """
+    if name == "none":
+        return FedAvg(lr=lr)
+    if name == "avgm":
+        return FedAvgM(lr=lr, momentum=momentum)
+    if name == "adam":
+        return FedAdam(lr=lr, beta1=momentum)
+    raise ConfigError(f"unknown server optimizer {name!r}; known: none, avgm, adam")

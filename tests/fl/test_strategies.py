@@ -1,0 +1,199 @@
+"""Strategies of issue #4 in the in-process runtime: FedProx, FTL, CFL, twins, cyclic."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from securefed.config import RunConfig
+from securefed.errors import ConfigError
+from securefed.fl.simulation import Federation
+
+
+def _vec(fed, k=0):
+    return fed.layout.flatten(fed.models[k].state_dict())
+
+
+def _run(cfg, rounds=None, **kw):
+    fed = Federation(cfg, **kw)
+    for r in range(1, (rounds or cfg.rounds) + 1):
+        fed.run_round(r)
+    return fed
+
+
+# -- FedProx ----------------------------------------------------------------------------------
+def test_fedprox_keeps_local_models_closer_to_the_global_model(small_config):
+    cfg = small_config.replace(rounds=1, local_epochs=2, lr=0.5)
+    plain = Federation(cfg)
+    prox = Federation(cfg.replace(strategy="fedprox", prox_mu=1.0))
+    site_p, site_q = plain.sites[0], prox.sites[0]
+    far, _, _, _ = plain._local_update(site_p, plain.models[0], 1)
+    near, _, _, _ = prox._local_update(site_q, prox.models[0], 1)
+    assert np.linalg.norm(near[:-1]) < 0.9 * np.linalg.norm(far[:-1])
+    # the proximal step depends on no data: the same DP steps are accounted either way
+    assert [e.steps for e in plain.ledger.events] == [e.steps for e in prox.ledger.events]
+    assert plain.plans[0] == prox.plans[0]
+
+
+def test_fedprox_defaults_mu_and_rejects_negative_mu():
+    assert RunConfig(strategy="fedprox").effective_prox_mu == 0.01
+    assert RunConfig().effective_prox_mu == 0.0
+    with pytest.raises(ConfigError, match="prox_mu"):
+        RunConfig(prox_mu=-1.0)
+
+
+def test_server_optimizer_runs_under_secure_aggregation_and_changes_the_step(small_config):
+    cfg = small_config.replace(rounds=1, secure_agg="mask")
+    avg = _run(cfg)
+    adam = _run(cfg.replace(server_opt="adam", server_lr=0.01))
+    assert not np.allclose(_vec(avg), _vec(adam))
+    # FedAdam moves every coordinate by at most lr / (1 - beta1) in one step
+    start = Federation(cfg)
+    assert np.abs(_vec(adam) - _vec(start)).max() <= 0.01 * 0.1 / 1e-3 * 1.01
+
+
+# -- federated transfer learning --------------------------------------------------------------
+@pytest.fixture
+def pretrained_file(tmp_path, small_npz):
+    from securefed.fl.pretrain import pretrain
+
+    return pretrain(
+        out=tmp_path / "pre",
+        data=str(small_npz),
+        public_fraction=0.2,
+        epochs=1,
+        batch_size=32,
+        device="cpu",
+        progress=False,
+    )
+
+
+@pytest.mark.parametrize("mode", ["none", "mask"])
+def test_ftl_leaves_frozen_parameters_bit_identical(small_config, pretrained_file, mode):
+    from safetensors.torch import load_file
+
+    cfg = small_config.replace(
+        strategy="ftl",
+        pretrained=str(pretrained_file),
+        public_fraction=0.2,
+        rounds=2,
+        secure_agg=mode,
+    )
+    fed = _run(cfg)
+    pre = load_file(str(pretrained_file))
+    frozen = set(fed.transfer["frozen"])
+    assert frozen, "freeze backbone froze nothing"
+    state = fed.global_model.state_dict()
+    for name in frozen:
+        assert torch.equal(state[name], pre[name]), name
+    trainable = [n for n, p in fed.global_model.named_parameters() if p.requires_grad]
+    assert trainable and not any(torch.equal(state[n], pre[n]) for n in trainable)
+    # only the trainable parameters are aggregated (and so sent)
+    assert fed.layout.keys == trainable
+    assert fed.layout.size == fed.transfer["trainable_parameters"] < fed.built.num_parameters
+    sent = fed.records[-1].data["bytes_per_client"]
+    assert sent and all(b < 4 * fed.built.num_parameters for b in sent.values())
+
+
+def test_ftl_sites_never_hold_a_public_sample(small_config, pretrained_file):
+    cfg = small_config.replace(strategy="ftl", pretrained=str(pretrained_file), public_fraction=0.2)
+    fed = Federation(cfg)
+    n_public = len(fed.public_indices)
+    assert n_public == pytest.approx(0.2 * len(fed.bundle.train), abs=4)
+    assert sum(len(s.train) for s in fed.sites) == len(fed.bundle.train) - n_public
+    pub = {fed.bundle.train.images[i].tobytes() for i in fed.public_indices}
+    for s in fed.sites:
+        assert not pub & {img.tobytes() for img in s.train.images}
+    assert fed.transfer["pretrained"]["verified_disjoint"] is True
+
+
+def test_ftl_refuses_weights_pretrained_on_the_sites_private_data(small_config, pretrained_file):
+    base = small_config.replace(strategy="ftl", pretrained=str(pretrained_file))
+    with pytest.raises(ConfigError, match="--public-fraction 0.2"):
+        Federation(base)  # sites would train on the public 20% too
+    with pytest.raises(ConfigError, match="public-seed"):
+        Federation(base.replace(public_fraction=0.2, public_seed=7))
+
+
+def test_ftl_needs_pretrained_weights():
+    with pytest.raises(ConfigError, match="pretrained"):
+        RunConfig(strategy="ftl")
+
+
+# -- clustered FL (IFCA) ----------------------------------------------------------------------
+def test_cfl_membership_is_per_site_and_secure_sums_per_cluster_match_plaintext(small_config):
+    cfg = small_config.replace(strategy="cfl", clusters=2, clients=4, rounds=1)
+    plain = _run(cfg)
+    masked = _run(cfg.replace(secure_agg="mask"))
+    start = Federation(cfg.replace(secure_agg="mask"))
+    p, m = plain.records[0].data, masked.records[0].data
+    assert [c["members"] for c in p["clusters"]] == [c["members"] for c in m["clusters"]]
+    members = sorted(c for cl in m["clusters"] for c in cl["members"])
+    assert members == [0, 1, 2, 3]  # every site in exactly one cluster
+    assert {c["client_id"]: c["cluster"] for c in m["clients"]} == {
+        c: k for k, cl in enumerate(m["clusters"]) for c in cl["members"]
+    }
+    compared = 0
+    for k, cl in enumerate(m["clusters"]):
+        if cl["applied"]:
+            # same seed, same DP noise: the secure per-cluster sum is the plaintext one
+            np.testing.assert_allclose(_vec(masked, k), _vec(plain, k), atol=1e-4, rtol=0)
+            assert len(cl["members"]) >= 2
+            compared += 1
+        else:
+            np.testing.assert_array_equal(_vec(masked, k), _vec(start, k))
+    assert compared >= 1
+
+
+def test_cfl_skips_a_single_site_cluster_under_secure_aggregation(small_config):
+    cfg = small_config.replace(strategy="cfl", clusters=3, clients=3, rounds=1, secure_agg="mask")
+    fed = Federation(cfg)
+    fed.select_cluster = lambda site: [0, 0, 1][site.client_id]  # type: ignore[method-assign]
+    before = _vec(fed, 1)
+    rec = fed.run_round(1)
+    by_k = {c["cluster"]: c for c in rec.data["clusters"]}
+    assert by_k[0]["applied"] and by_k[0]["members"] == [0, 1]
+    assert not by_k[1]["applied"] and "reveal" in by_k[1]["skipped"]
+    np.testing.assert_array_equal(_vec(fed, 1), before)
+
+
+# -- digital twins ----------------------------------------------------------------------------
+def test_twins_beat_or_match_the_global_model_on_heterogeneous_sites(small_config):
+    # by-label:1: every site sees one class, so one shared model cannot fit them all
+    cfg = small_config.replace(
+        clients=4, partition="by-label:1", rounds=2, personalize=2, dp_epsilon=None
+    )
+    fed = _run(cfg)
+    table = fed.personalization_table()
+    assert len(table) == 4
+    for row in table:
+        assert row["twin_accuracy"] >= row["global_accuracy"]
+    assert np.mean([r["twin_gain"] for r in table]) > 0.1
+
+
+def test_twin_fine_tuning_is_accounted_and_stays_within_the_budget(small_config):
+    cfg = small_config.replace(rounds=2, personalize=1)
+    fed = _run(cfg)
+    phases = {e.phase for e in fed.ledger.events}
+    assert phases == {"federated", "personalize"}
+    for s in fed.sites:
+        assert s.trainer.epsilon() <= cfg.dp_epsilon + 1e-6
+        per = sum(e.steps for e in fed.ledger.for_client(s.client_id) if e.phase == "personalize")
+        assert per > 0
+    without = Federation(cfg.replace(personalize=0))
+    assert fed.plans[0].planned_steps > without.plans[0].planned_steps
+
+
+# -- cyclic schedule --------------------------------------------------------------------------
+def test_cyclic_with_one_site_equals_parallel_with_one_site(small_config):
+    cfg = small_config.replace(clients=1, rounds=1)
+    a = _run(cfg)
+    b = _run(cfg.replace(schedule="cyclic"))
+    # parallel goes through the float64 weighted average n*u/n; cyclic hands weights on as is
+    np.testing.assert_allclose(_vec(a), _vec(b), atol=1e-6, rtol=0)
+
+
+def test_cyclic_schedule_cannot_be_combined_with_secure_aggregation():
+    with pytest.raises(ConfigError, match="cyclic"):
+        RunConfig(schedule="cyclic", secure_agg="mask")
