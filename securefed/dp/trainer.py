@@ -129,6 +129,18 @@ class SiteTrainer:
             accountant=self.plan.accountant,
         )
 
+    def _noise_generator(self, generator: torch.Generator) -> torch.Generator:
+        """The generator DP noise is drawn from: on the training device.
+
+        Poisson sampling needs a CPU generator and ``torch.normal`` one on the device of the
+        gradients, so off CPU a device generator is seeded from the CPU one (one draw); on CPU
+        the same generator serves both, as it always has, so CPU runs keep their numbers.
+        """
+        if self.device.type == "cpu":
+            return generator
+        seed = int(torch.randint(0, 2**62, (1,), generator=generator))
+        return torch.Generator(device=self.device).manual_seed(seed)
+
     def train_round(
         self,
         *,
@@ -139,6 +151,7 @@ class SiteTrainer:
         prox_mu: float = 0.0,
         anchor: Mapping[str, torch.Tensor] | None = None,
         phase: str = "federated",
+        lr: float | None = None,
     ) -> LocalResult:
         """Run ``epochs`` local epochs on ``model`` (modified in place) and return its weights.
 
@@ -151,6 +164,7 @@ class SiteTrainer:
             prox_mu: FedProx weight mu; > 0 pulls the weights toward ``anchor``.
             anchor: The round's global weights (parameter name -> tensor) for FedProx.
             phase: Ledger phase (``federated`` or ``personalize``).
+            lr: Learning rate for this call (default: the trainer's).
 
         """
         start = time.perf_counter()
@@ -159,7 +173,8 @@ class SiteTrainer:
         if hasattr(self.dataset, "set_epoch"):
             self.dataset.set_epoch(round_index)  # fresh, reproducible augmentation per round
         trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-        optimizer = torch.optim.SGD([p for _, p in trainable], lr=self.lr, momentum=self.momentum)
+        lr = self.lr if lr is None else lr
+        optimizer = torch.optim.SGD([p for _, p in trainable], lr=lr, momentum=self.momentum)
         prox = []
         if prox_mu > 0:
             if anchor is None:
@@ -181,7 +196,7 @@ class SiteTrainer:
                     noise_multiplier=self.plan.noise_multiplier,
                     max_grad_norm=self.plan.max_grad_norm,
                     poisson_sampling=True,
-                    noise_generator=generator,
+                    noise_generator=self._noise_generator(generator),
                 )
         total_loss, total_n, steps = 0.0, 0, 0
         with warnings.catch_warnings():
@@ -208,7 +223,7 @@ class SiteTrainer:
                         # gradient) and costs no privacy.
                         with torch.no_grad():
                             for p, a in prox:
-                                p.sub_(self.lr * prox_mu * (p - a))
+                                p.sub_(lr * prox_mu * (p - a))
                     steps += 1
                     total_loss += float(loss.detach()) * len(y)
                     total_n += len(y)
