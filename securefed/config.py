@@ -103,6 +103,7 @@ class RunConfig:
         clusters: Number of cluster models K for ``cfl``.
         personalize: Digital twins: local fine-tuning epochs per site (0 = off).
         personalize_when: ``end`` (after the last round) or ``every`` round.
+        personalize_lr: Learning rate of twin fine-tuning (``None``: ``lr``).
 
     """
 
@@ -154,6 +155,7 @@ class RunConfig:
     clusters: int = 2
     personalize: int = 0
     personalize_when: str = "end"
+    personalize_lr: float | None = None
 
     def __post_init__(self) -> None:
         _check(self.clients >= 1, f"`clients` must be at least 1 (got {self.clients}).")
@@ -245,6 +247,11 @@ class RunConfig:
         )
         _check(self.clusters >= 1, f"`clusters` must be at least 1 (got {self.clusters}).")
         _check(self.personalize >= 0, f"`personalize` must be >= 0 (got {self.personalize}).")
+        if self.personalize_lr is not None:
+            _check(
+                math.isfinite(self.personalize_lr) and self.personalize_lr > 0,
+                f"`personalize_lr` must be positive (got {self.personalize_lr}).",
+            )
         _check(
             self.strategy != "ftl" or self.pretrained is not None,
             "strategy 'ftl' needs `pretrained` weights (--pretrained FILE.safetensors; "

@@ -153,6 +153,7 @@ def _strategy_json(fed: Federation) -> dict[str, Any]:
         "freeze": fed.transfer["freeze"],
         "personalize_epochs": cfg.personalize,
         "personalize_when": cfg.personalize_when if cfg.personalize else None,
+        "personalize_lr": (cfg.personalize_lr or cfg.lr) if cfg.personalize else None,
     }
     if cfg.strategy == "cfl":
         out["clusters"] = cfg.clusters

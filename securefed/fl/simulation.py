@@ -593,6 +593,7 @@ class Federation:
                 epochs=self.config.personalize,
                 generator=gen,
                 phase="personalize",
+                lr=self.config.personalize_lr,
             )
             twin.load_state_dict(result.state, strict=True)
             site.twin = twin
