@@ -115,3 +115,15 @@ def test_bad_strategy_settings_are_one_line_errors(tmp_path):
         "bad.safetensors",
     )
     assert not (tmp_path / "c" / "privacy.json").exists()
+
+
+@pytest.mark.slow
+def test_report_command_renders_a_run(tmp_path):
+    npz = write_small_npz(tmp_path / "tiny.npz")
+    run = tmp_path / "run"
+    assert securefed("train", "--data", npz, *_FAST, "--out", run).returncode == 0
+    proc = securefed("report", run)
+    assert proc.returncode == 0, proc.stderr
+    page = (run / "report.html").read_text()
+    assert "data:image/png;base64," in page and "<table>" in page
+    _assert_one_line_error(securefed("report", tmp_path / "nothing"), "no such folder")

@@ -3,19 +3,37 @@
 from __future__ import annotations
 
 import csv
+import datetime
 import io
 import json
+import math
 import os
 import platform
+import statistics
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from securefed.config import RunConfig
 
 import numpy as np
 
 from securefed.errors import DataError
 
-__all__ = ["environment", "load_rows", "write_atomic", "write_rows"]
+__all__ = [
+    "Cell",
+    "environment",
+    "load_rows",
+    "mean_std",
+    "pretrained_weights",
+    "run_cells",
+    "write_atomic",
+    "write_rows",
+]
 
 
 def _version(package: str) -> str | None:
@@ -119,3 +137,129 @@ def write_rows(out_dir: Path, rows: list[dict[str, Any]]) -> None:
             }
         )
     write_atomic(out_dir / "results.csv", buffer.getvalue())
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One training run of a suite.
+
+    Attributes:
+        key: Unique name; the run is written to ``OUT/runs/<key>``.
+        config: What to train.
+        to_rows: Reads the finished run folder into result rows.
+        isolated: Train in a child process and record its peak memory in
+            ``resources.json`` (the scaling suite's memory column).
+
+    """
+
+    key: str
+    config: RunConfig
+    to_rows: Callable[[Path], list[dict[str, Any]]]
+    isolated: bool = False
+
+
+def run_cells(
+    *, out: Path, cells: Sequence[Cell], rows: list[dict[str, Any]], done: set[str], progress: bool
+) -> list[dict[str, Any]]:
+    """Run the cells not in ``done``, appending their rows and saving after each one.
+
+    A run folder that already holds a finished run (its ``privacy.json``, written last) is
+    read back instead of trained again, so an interrupted suite loses at most one cell.
+    """
+    from tqdm.auto import tqdm
+
+    from securefed.fl.run import train
+
+    env = environment()
+    todo = [c for c in cells if c.key not in done]
+    bar = tqdm(todo, desc="cells", unit="cell", disable=not progress, file=sys.stderr)
+    for cell in bar:
+        bar.set_postfix_str(cell.key)
+        run = out / "runs" / cell.key
+        if not (run / "privacy.json").exists():
+            if run.exists():
+                _discard_partial(run)
+            if cell.isolated:
+                _train_in_child(cell.config, run)
+            else:
+                train(cell.config, out_dir=run, progress=False)
+        for row in cell.to_rows(run):
+            row.update(environment=env, date=datetime.date.today().isoformat())
+            rows.append(row)
+        write_rows(out, rows)
+    return rows
+
+
+def _discard_partial(run: Path) -> None:
+    """A run folder without privacy.json is an interrupted run: start it again from scratch."""
+    import shutil
+
+    shutil.rmtree(run)
+
+
+_CHILD = """
+import json, resource, sys
+from securefed.config import RunConfig
+from securefed.fl.run import train
+cfg = RunConfig.from_dict(json.loads(sys.argv[1]))
+run = train(cfg, out_dir=sys.argv[2], progress=False)
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+(run / "resources.json").write_text(json.dumps({"peak_rss_mib": peak}))
+"""
+
+
+def _train_in_child(config: RunConfig, run: Path) -> None:
+    """Train in a fresh interpreter, so its peak memory is this run's alone."""
+    import subprocess
+
+    proc = subprocess.run(
+        [sys.executable, "-c", _CHILD, json.dumps(config.to_dict()), str(run)],
+        capture_output=True,
+        text=True,
+    )
+    if proc.returncode != 0:
+        from securefed.errors import SecureFedError
+
+        last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+        raise SecureFedError(f"benchmark cell {run.name} failed: {last}")
+
+
+def mean_std(values: Sequence[float | None], digits: int = 3) -> str:
+    """``"m ± s"`` over the finite values (one value: itself; none: ``n/a``)."""
+    xs = [float(v) for v in values if v is not None and math.isfinite(v)]
+    if not xs:
+        return "n/a"
+    if len(xs) == 1:
+        return f"{xs[0]:.{digits}f}"
+    return f"{statistics.mean(xs):.{digits}f} ± {statistics.stdev(xs):.{digits}f}"
+
+
+def pretrained_weights(
+    out: Path,
+    *,
+    dataset: str,
+    data_dir: str | None,
+    base: dict[str, Any],
+    epochs: int,
+    progress: bool,
+) -> Path:
+    """FTL's starting point for a suite: pretrained once on the declared-public share.
+
+    Kept in ``OUT/pretrained`` and reused when the suite resumes.
+    """
+    from securefed.fl.pretrain import pretrain
+
+    path = out / "pretrained" / "model.safetensors"
+    if path.exists():
+        return path
+    return pretrain(
+        out=path.parent,
+        dataset=dataset,
+        data_dir=data_dir,
+        model=base.get("model", "cnn"),
+        public_fraction=float(base["public_fraction"]),
+        public_seed=int(base.get("public_seed", 0)),
+        epochs=epochs,
+        device=base.get("device", "auto"),
+        progress=progress,
+    )

@@ -12,17 +12,21 @@ folder already holds a finished run is read back, not re-run, so the suite resum
 
 from __future__ import annotations
 
-import datetime
 import json
-import math
-import statistics
-import sys
-from collections.abc import Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
-from securefed.bench.common import environment, load_rows, write_atomic, write_rows
+from securefed.bench.common import (
+    Cell,
+    load_rows,
+    mean_std,
+    pretrained_weights,
+    run_cells,
+    write_atomic,
+    write_rows,
+)
 from securefed.config import RunConfig
 from securefed.errors import ConfigError
 
@@ -65,6 +69,11 @@ class ComparisonGrid:
         base: Settings shared by every arm (sites, partition, rounds, ...).
         target_accuracy: "Rounds to target" counts rounds until this accuracy is reached.
         pretrain_epochs: Epochs of pretraining on the public share.
+        conv_acc_tol: Convergence (recomputed from each run's curves, so every arm is judged
+            by the same rule): accuracy change counted as stable. DP training is noisy, so
+            the suite is looser than a run's default (0.005).
+        conv_loss_tol: Likewise for the test loss (run default 0.01).
+        conv_patience: Stable rounds required.
 
     """
 
@@ -84,6 +93,9 @@ class ComparisonGrid:
     )
     target_accuracy: float = 0.80
     pretrain_epochs: int = 10
+    conv_acc_tol: float = 0.01
+    conv_loss_tol: float = 0.05
+    conv_patience: int = 3
 
     def __post_init__(self) -> None:
         unknown = [a for a in self.arms if a not in ARMS]
@@ -111,68 +123,57 @@ def _cell_key(arm: str, eps: float | None, seed: int) -> str:
     return f"{arm}-eps{'inf' if eps is None else f'{eps:g}'}-seed{seed}"
 
 
-def _row_from_run(run: Path, *, arm: str, eps: float | None, seed: int, target: float) -> dict:
+def _rows_from_run(
+    run: Path, *, arm: str, eps: float | None, seed: int, grid: ComparisonGrid
+) -> list[dict[str, Any]]:
+    from securefed.metrics import detect_convergence
+
     metrics = json.loads((run / "metrics.json").read_text())
     privacy = json.loads((run / "privacy.json").read_text())
     final, rounds = metrics["final"], metrics["rounds"]
+    target = grid.target_accuracy
     curve = [r["global"]["accuracy"] for r in rounds]
     reach = next((i + 1 for i, a in enumerate(curve) if a >= target), None)
-    conv = metrics.get("convergence") or {}
-    return {
-        "arm": arm,
-        "strategy": metrics.get("strategy"),
-        "epsilon": eps,
-        "seed": seed,
-        "accuracy": final["accuracy"],
-        "balanced_accuracy": final["balanced_accuracy"],
-        "macro_precision": final["macro_precision"],
-        "macro_recall": final["macro_recall"],
-        "macro_f1": final["macro_f1"],
-        "auc": final.get("auc"),
-        "confusion_matrix": final["confusion_matrix"],
-        "best_accuracy": metrics["best"]["accuracy"],
-        "best_round": metrics["best"]["round"],
-        "site_mean_accuracy": rounds[-1].get("site_mean", {}).get("accuracy"),
-        "convergence_round": conv.get("round"),
-        "convergence_seconds": conv.get("seconds"),
-        "rounds_to_target": reach,
-        "target_accuracy": target,
-        "seconds_to_target": sum(r["seconds"] for r in rounds[:reach]) if reach else None,
-        "total_seconds": metrics["total_seconds"],
-        "accuracy_curve": curve,
-        "epsilon_spent": privacy.get("epsilon"),
-        "trainable_parameters": privacy.get("transfer", {}).get("trainable_parameters"),
-        "run_dir": str(run),
-    }
-
-
-def _pretrained(out: Path, grid: ComparisonGrid, progress: bool) -> Path:
-    from securefed.fl.pretrain import pretrain
-
-    path = out / "pretrained" / "model.safetensors"
-    if path.exists():
-        return path
-    model = grid.base.get("model", "cnn")
-    return pretrain(
-        out=path.parent,
-        dataset=grid.dataset,
-        data_dir=grid.data_dir,
-        model=model,
-        public_fraction=float(grid.base["public_fraction"]),
-        public_seed=int(grid.base.get("public_seed", 0)),
-        epochs=grid.pretrain_epochs,
-        device=grid.base.get("device", "auto"),
-        progress=progress,
+    conv = (
+        detect_convergence(
+            accuracies=curve,
+            losses=[r["global"]["loss"] for r in rounds],
+            seconds=[r["seconds"] for r in rounds],
+            acc_tol=grid.conv_acc_tol,
+            loss_tol=grid.conv_loss_tol,
+            patience=grid.conv_patience,
+        )
+        or {}
     )
-
-
-def _fmt(values: Sequence[float | None], digits: int = 3) -> str:
-    xs = [v for v in values if v is not None and math.isfinite(v)]
-    if not xs:
-        return "n/a"
-    if len(xs) == 1:
-        return f"{xs[0]:.{digits}f}"
-    return f"{statistics.mean(xs):.{digits}f} ± {statistics.stdev(xs):.{digits}f}"
+    return [
+        {
+            "arm": arm,
+            "strategy": metrics.get("strategy"),
+            "epsilon": eps,
+            "seed": seed,
+            "accuracy": final["accuracy"],
+            "balanced_accuracy": final["balanced_accuracy"],
+            "macro_precision": final["macro_precision"],
+            "macro_recall": final["macro_recall"],
+            "macro_f1": final["macro_f1"],
+            "auc": final.get("auc"),
+            "confusion_matrix": final["confusion_matrix"],
+            "best_accuracy": metrics["best"]["accuracy"],
+            "best_round": metrics["best"]["round"],
+            "site_mean_accuracy": rounds[-1].get("site_mean", {}).get("accuracy"),
+            "convergence_round": conv.get("round"),
+            "convergence_seconds": conv.get("seconds"),
+            "rounds_to_target": reach,
+            "target_accuracy": target,
+            "seconds_to_target": sum(r["seconds"] for r in rounds[:reach]) if reach else None,
+            "total_seconds": metrics["total_seconds"],
+            "accuracy_curve": curve,
+            "loss_curve": [r["global"]["loss"] for r in rounds],
+            "epsilon_spent": privacy.get("epsilon"),
+            "trainable_parameters": privacy.get("transfer", {}).get("trainable_parameters"),
+            "run_dir": str(run),
+        }
+    ]
 
 
 def _summary(out: Path, rows: list[dict[str, Any]], grid: ComparisonGrid) -> None:
@@ -183,7 +184,9 @@ def _summary(out: Path, rows: list[dict[str, Any]], grid: ComparisonGrid) -> Non
         f"on the declared-public {grid.base['public_fraction']:.0%} of the training split "
         f"({grid.pretrain_epochs} epochs), which no site holds. Mean ± std over seeds "
         f"{sorted({r['seed'] for r in rows})}. Rounds to target: first round with test "
-        f"accuracy >= {grid.target_accuracy}.",
+        f"accuracy >= {grid.target_accuracy}, per seed. Convergence round: first round after "
+        f"which test accuracy moves by < {grid.conv_acc_tol} and test loss by < "
+        f"{grid.conv_loss_tol} for {grid.conv_patience} rounds (n/a: never).",
         "",
         "| ε | arm | accuracy | best | macro P | macro R | macro F1 | AUC | conv. round |"
         " rounds to target | seconds | ε spent |",
@@ -197,7 +200,7 @@ def _summary(out: Path, rows: list[dict[str, Any]], grid: ComparisonGrid) -> Non
             lines.append(
                 f"| {'∞' if eps is None else f'{eps:g}'} | {arm} | "
                 + " | ".join(
-                    _fmt([r[k] for r in cell], 3 if k != "convergence_round" else 1)
+                    mean_std([r[k] for r in cell], 3 if k != "convergence_round" else 1)
                     for k in (
                         "accuracy",
                         "best_accuracy",
@@ -210,8 +213,8 @@ def _summary(out: Path, rows: list[dict[str, Any]], grid: ComparisonGrid) -> Non
                 )
                 + " | "
                 + ", ".join(str(r["rounds_to_target"] or "never") for r in cell)
-                + f" | {_fmt([r['total_seconds'] for r in cell], 1)}"
-                + f" | {_fmt([r['epsilon_spent'] for r in cell], 2)} |"
+                + f" | {mean_std([r['total_seconds'] for r in cell], 1)}"
+                + f" | {mean_std([r['epsilon_spent'] for r in cell], 2)} |"
             )
     lines += ["", "Confusion matrices (rows: true class, columns: predicted), first seed:", ""]
     for r in rows:
@@ -246,7 +249,7 @@ def _plot(out: Path, rows: list[dict[str, Any]], grid: ComparisonGrid) -> None:
         ax.axhline(grid.target_accuracy, color="grey", ls=":", lw=1, label="target")
         ax.set_title(f"ε = {'∞ (no DP)' if eps is None else f'{eps:g}'}")
         ax.set_xlabel("round")
-        ax.set_ylabel("test accuracy")
+        ax.set_ylabel("test accuracy (mean over seeds; band: min-max)")
         ax.set_ylim(0, 1)
         ax.grid(alpha=0.3)
         ax.legend()
@@ -262,36 +265,39 @@ def run_strategy_comparison(*, out_dir: Path, grid: ComparisonGrid, progress: bo
         The path of ``results.json``.
 
     """
-    from securefed.fl.run import train
-
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     rows = load_rows(out / "results.json", required=REQUIRED_COLUMNS, suite="strategies")
     done = {_cell_key(r["arm"], r["epsilon"], r["seed"]) for r in rows}
+    needs_weights = any(ARMS[a]["strategy"] == "ftl" for a in grid.arms)
     pretrained = (
-        _pretrained(out, grid, progress)
-        if any(ARMS[a]["strategy"] == "ftl" for a in grid.arms)
+        pretrained_weights(
+            out,
+            dataset=grid.dataset,
+            data_dir=grid.data_dir,
+            base=grid.base,
+            epochs=grid.pretrain_epochs,
+            progress=progress,
+        )
+        if needs_weights
         else None
     )
-    env = environment()
-    cells = [(a, e, s) for s in grid.seeds for e in grid.epsilons for a in grid.arms]
-    for i, (arm, eps, seed) in enumerate(cells, 1):
-        key = _cell_key(arm, eps, seed)
-        if key in done:
-            continue
-        run = out / "runs" / key
-        if not (run / "privacy.json").exists():
-            changes = {**grid.base, **ARMS[arm], "dp_epsilon": eps, "seed": seed}
-            if ARMS[arm]["strategy"] == "ftl":
-                changes["pretrained"] = str(pretrained)
-            cfg = RunConfig(dataset=grid.dataset, data_dir=grid.data_dir).replace(**changes)
-            if progress:
-                print(f"[{i}/{len(cells)}] {key}", file=sys.stderr, flush=True)
-            train(cfg, out_dir=run, progress=progress)
-        row = _row_from_run(run, arm=arm, eps=eps, seed=seed, target=grid.target_accuracy)
-        row.update(environment=env, date=datetime.date.today().isoformat())
-        rows.append(row)
-        write_rows(out, rows)  # after every cell: an interruption loses at most one cell
+    cells = []
+    for seed in grid.seeds:
+        for eps in grid.epsilons:
+            for arm in grid.arms:
+                changes = {**grid.base, **ARMS[arm], "dp_epsilon": eps, "seed": seed}
+                if ARMS[arm]["strategy"] == "ftl":
+                    changes["pretrained"] = str(pretrained)
+                cfg = RunConfig(dataset=grid.dataset, data_dir=grid.data_dir).replace(**changes)
+                cells.append(
+                    Cell(
+                        key=_cell_key(arm, eps, seed),
+                        config=cfg,
+                        to_rows=partial(_rows_from_run, arm=arm, eps=eps, seed=seed, grid=grid),
+                    )
+                )
+    rows = run_cells(out=out, cells=cells, rows=rows, done=done, progress=progress)
     write_rows(out, rows)
     _summary(out, rows, grid)
     _plot(out, rows, grid)
