@@ -28,6 +28,9 @@ __all__ = [
     "Cell",
     "environment",
     "load_rows",
+    "claim_folder",
+    "curve_convergence",
+    "non_iid_sites",
     "mean_std",
     "pretrained_weights",
     "run_cells",
@@ -262,4 +265,71 @@ def pretrained_weights(
         epochs=epochs,
         device=base.get("device", "auto"),
         progress=progress,
+    )
+
+
+#: Grid fields that change what a cell computes; seeds, ε values, arms or site counts may be
+#: added to a folder (new cells), but these must match the results already there.
+_FIXED_FIELDS = ("base", "dataset", "data_dir", "pretrain_epochs", "secagg_plus_from")
+
+
+def claim_folder(out: Path, *, suite: str, grid: dict[str, Any]) -> None:
+    """Record the suite and grid in ``suite.json``, refusing a folder of another suite or grid.
+
+    Cells are resumed by name, so a folder holding results of other settings would silently
+    lend its cells to this run.
+
+    Raises:
+        ConfigError: ``out`` holds another suite, or the same suite with other settings.
+
+    """
+    from securefed.errors import ConfigError
+
+    path = out / "suite.json"
+    grid = json.loads(json.dumps(grid))  # tuples -> lists, as stored
+    if path.exists():
+        try:
+            old = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise DataError(f"{path}: not readable JSON ({exc})") from exc
+        if old.get("suite") != suite:
+            raise ConfigError(
+                f"{out} holds results of the {old.get('suite')!r} suite; use another --out"
+            )
+        changed = [k for k in _FIXED_FIELDS if k in grid and old.get("grid", {}).get(k) != grid[k]]
+        if changed:
+            raise ConfigError(
+                f"{out} holds {suite} results with another `{changed[0]}` "
+                f"(e.g. a --quick run); use another --out"
+            )
+    write_atomic(path, json.dumps({"suite": suite, "grid": grid}, indent=1) + "\n")
+
+
+def non_iid_sites() -> dict[str, Any]:
+    """The real-data setting the suites share: 5 label-skewed sites, 10 rounds, 10 % public."""
+    return {
+        "clients": 5,
+        "partition": "dirichlet:0.5",
+        "rounds": 10,
+        "public_fraction": 0.1,
+        "device": "auto",
+    }
+
+
+def curve_convergence(
+    rounds: list[dict[str, Any]], *, acc_tol: float, loss_tol: float, patience: int
+) -> dict[str, Any]:
+    """Convergence of a run's global test curves by a suite's rule (``{}`` when never)."""
+    from securefed.metrics import detect_convergence
+
+    return (
+        detect_convergence(
+            accuracies=[r["global"]["accuracy"] for r in rounds],
+            losses=[r["global"]["loss"] for r in rounds],
+            seconds=[r["seconds"] for r in rounds],
+            acc_tol=acc_tol,
+            loss_tol=loss_tol,
+            patience=patience,
+        )
+        or {}
     )

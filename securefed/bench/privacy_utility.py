@@ -11,15 +11,18 @@ from __future__ import annotations
 
 import json
 import statistics
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Any
 
 from securefed.bench.common import (
     Cell,
+    claim_folder,
+    curve_convergence,
     load_rows,
     mean_std,
+    non_iid_sites,
     pretrained_weights,
     run_cells,
     write_atomic,
@@ -27,7 +30,6 @@ from securefed.bench.common import (
 )
 from securefed.config import RunConfig
 from securefed.errors import ConfigError
-from securefed.metrics import detect_convergence
 
 __all__ = ["PrivacyUtilityGrid", "QUICK_PU", "REQUIRED_COLUMNS", "run_privacy_utility"]
 
@@ -82,15 +84,7 @@ class PrivacyUtilityGrid:
     secure: tuple[str, ...] = ("none", "mask", "he")
     he_epsilons: tuple[float | None, ...] = (8.0,)
     seeds: tuple[int, ...] = (0, 1, 2)
-    base: dict[str, Any] = field(
-        default_factory=lambda: {
-            "clients": 5,
-            "partition": "dirichlet:0.5",
-            "rounds": 10,
-            "public_fraction": 0.1,
-            "device": "auto",
-        }
-    )
+    base: dict[str, Any] = field(default_factory=non_iid_sites)
     pretrain_epochs: int = 10
     conv_acc_tol: float = 0.01
     conv_loss_tol: float = 0.05
@@ -148,16 +142,11 @@ def _rows(
     privacy = json.loads((run / "privacy.json").read_text())
     rounds, final = metrics["rounds"], metrics["final"]
     acc = [r["global"]["accuracy"] for r in rounds]
-    conv = (
-        detect_convergence(
-            accuracies=acc,
-            losses=[r["global"]["loss"] for r in rounds],
-            seconds=[r["seconds"] for r in rounds],
-            acc_tol=grid.conv_acc_tol,
-            loss_tol=grid.conv_loss_tol,
-            patience=grid.conv_patience,
-        )
-        or {}
+    conv = curve_convergence(
+        rounds,
+        acc_tol=grid.conv_acc_tol,
+        loss_tol=grid.conv_loss_tol,
+        patience=grid.conv_patience,
     )
     sent = [b for r in rounds for b in r["bytes_per_client"].values()]
     eps_sites = [c["epsilon"] for c in privacy["clients"]]
@@ -345,7 +334,11 @@ def _plots(out: Path, rows: list[dict[str, Any]], grid: PrivacyUtilityGrid) -> N
             n = min(len(c) for c in curves)
             arr = np.array([c[:n] for c in curves])
             ax.plot(
-                np.arange(1, n + 1), arr.mean(0), marker=".", label=f"{st}, ε={_eps_label(eps)}"
+                np.arange(1, n + 1),
+                arr.mean(0),
+                "--" if st == "ftl" else "-",
+                marker=".",
+                label=f"{st}, ε={_eps_label(eps)}",
             )
     ax.set_xlabel("round")
     ax.set_ylabel("test accuracy (mean over seeds)")
@@ -402,6 +395,7 @@ def run_privacy_utility(*, out_dir: Path, grid: PrivacyUtilityGrid, progress: bo
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    claim_folder(out, suite="privacy-utility", grid=asdict(grid))
     rows = load_rows(out / "results.json", required=REQUIRED_COLUMNS, suite="privacy-utility")
     done = {_key(r["strategy"], r["secure_agg"], r["epsilon"], r["seed"]) for r in rows}
     pretrained = (
@@ -434,17 +428,7 @@ def run_privacy_utility(*, out_dir: Path, grid: PrivacyUtilityGrid, progress: bo
                 to_rows=partial(_rows, strategy=st, mode=mode, eps=eps, seed=seed, grid=grid),
             )
         )
-    write_atomic(
-        out / "suite.json",
-        json.dumps({"suite": "privacy-utility", "grid": _grid_json(grid)}, indent=1) + "\n",
-    )
     rows = run_cells(out=out, cells=cells, rows=rows, done=done, progress=progress)
     write_rows(out, rows)
     render(out, grid)
     return out / "results.json"
-
-
-def _grid_json(grid: PrivacyUtilityGrid) -> dict[str, Any]:
-    from dataclasses import asdict
-
-    return asdict(grid)

@@ -15,7 +15,15 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-from securefed.bench.common import Cell, load_rows, mean_std, run_cells, write_atomic, write_rows
+from securefed.bench.common import (
+    Cell,
+    claim_folder,
+    load_rows,
+    mean_std,
+    run_cells,
+    write_atomic,
+    write_rows,
+)
 from securefed.config import RunConfig
 from securefed.errors import ConfigError
 
@@ -180,8 +188,28 @@ def _plots(out: Path, rows: list[dict[str, Any]], grid: ScalingGrid) -> None:
                 capsize=3,
                 label=f"secure agg: {mode}",
             )
+        if col == "seconds_per_round":
+            ns = sorted({r["sites"] for r in rows if r["secure_agg"] == "mask"})
+            if ns:
+                cost = [
+                    np.mean(
+                        [
+                            r["protection_seconds_per_round"] + r["aggregation_seconds_per_round"]
+                            for r in rows
+                            if r["sites"] == n and r["secure_agg"] == "mask"
+                        ]
+                    )
+                    for n in ns
+                ]
+                ax.plot(ns, cost, "--", marker="s", label="mask: protection + aggregation only")
+        from matplotlib.ticker import FuncFormatter
+
         ax.set_xscale("log")
         ax.set_yscale("log")
+        sites = sorted({r["sites"] for r in rows})
+        ax.set_xticks(sites, [str(n) for n in sites])
+        ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+        ax.yaxis.set_minor_formatter(FuncFormatter(lambda v, _: ""))
         ax.set_xlabel("number of sites (log; total data fixed)")
         ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3, which="both")
@@ -203,6 +231,7 @@ def run_scaling(*, out_dir: Path, grid: ScalingGrid, progress: bool = True) -> P
     """Run (or resume) the grid; write results.json/.csv, summary.md and plots."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    claim_folder(out, suite="scaling", grid=asdict(grid))
     rows = load_rows(out / "results.json", required=REQUIRED_COLUMNS, suite="scaling")
     done = {_key(r["sites"], r["secure_agg"], r["seed"]) for r in rows}
     cells = []
@@ -221,9 +250,6 @@ def run_scaling(*, out_dir: Path, grid: ScalingGrid, progress: bool = True) -> P
                         isolated=True,
                     )
                 )
-    write_atomic(
-        out / "suite.json", json.dumps({"suite": "scaling", "grid": asdict(grid)}, indent=1) + "\n"
-    )
     rows = run_cells(out=out, cells=cells, rows=rows, done=done, progress=progress)
     write_rows(out, rows)
     render(out, grid)

@@ -11,7 +11,7 @@ import json
 import re
 from pathlib import Path
 
-from securefed.bench.common import write_atomic, write_rows
+from securefed.bench.common import claim_folder, write_atomic, write_rows
 from securefed.bench.strategies import ComparisonGrid, run_strategy_comparison
 from securefed.bench.twins import TwinGrid, run_twin_bench
 
@@ -30,6 +30,7 @@ def run_seeds_suite(
     """Run (or resume) both parts; returns the path of the combined ``results.json``."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    claim_folder(out, suite="seeds", grid={})
     parts = {
         "comparison": run_strategy_comparison(
             out_dir=out / "comparison", grid=comparison, progress=progress
@@ -44,5 +45,4 @@ def run_seeds_suite(
     for name in parts:
         text += [_relink((out / name / "summary.md").read_text(), name), ""]
     write_atomic(out / "summary.md", "\n".join(text))
-    write_atomic(out / "suite.json", json.dumps({"suite": "seeds"}) + "\n")
     return out / "results.json"

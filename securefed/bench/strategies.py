@@ -13,15 +13,18 @@ folder already holds a finished run is read back, not re-run, so the suite resum
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Any
 
 from securefed.bench.common import (
     Cell,
+    claim_folder,
+    curve_convergence,
     load_rows,
     mean_std,
+    non_iid_sites,
     pretrained_weights,
     run_cells,
     write_atomic,
@@ -82,15 +85,7 @@ class ComparisonGrid:
     arms: tuple[str, ...] = ("fl", "cfl", "ftl")
     epsilons: tuple[float | None, ...] = (8.0, None)
     seeds: tuple[int, ...] = (0,)
-    base: dict[str, Any] = field(
-        default_factory=lambda: {
-            "clients": 5,
-            "partition": "dirichlet:0.5",
-            "rounds": 10,
-            "public_fraction": 0.1,
-            "device": "auto",
-        }
-    )
+    base: dict[str, Any] = field(default_factory=non_iid_sites)
     target_accuracy: float = 0.80
     pretrain_epochs: int = 10
     conv_acc_tol: float = 0.01
@@ -126,24 +121,17 @@ def _cell_key(arm: str, eps: float | None, seed: int) -> str:
 def _rows_from_run(
     run: Path, *, arm: str, eps: float | None, seed: int, grid: ComparisonGrid
 ) -> list[dict[str, Any]]:
-    from securefed.metrics import detect_convergence
-
     metrics = json.loads((run / "metrics.json").read_text())
     privacy = json.loads((run / "privacy.json").read_text())
     final, rounds = metrics["final"], metrics["rounds"]
     target = grid.target_accuracy
     curve = [r["global"]["accuracy"] for r in rounds]
     reach = next((i + 1 for i, a in enumerate(curve) if a >= target), None)
-    conv = (
-        detect_convergence(
-            accuracies=curve,
-            losses=[r["global"]["loss"] for r in rounds],
-            seconds=[r["seconds"] for r in rounds],
-            acc_tol=grid.conv_acc_tol,
-            loss_tol=grid.conv_loss_tol,
-            patience=grid.conv_patience,
-        )
-        or {}
+    conv = curve_convergence(
+        rounds,
+        acc_tol=grid.conv_acc_tol,
+        loss_tol=grid.conv_loss_tol,
+        patience=grid.conv_patience,
     )
     return [
         {
@@ -267,6 +255,7 @@ def run_strategy_comparison(*, out_dir: Path, grid: ComparisonGrid, progress: bo
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    claim_folder(out, suite="strategies", grid=asdict(grid))
     rows = load_rows(out / "results.json", required=REQUIRED_COLUMNS, suite="strategies")
     done = {_cell_key(r["arm"], r["epsilon"], r["seed"]) for r in rows}
     needs_weights = any(ARMS[a]["strategy"] == "ftl" for a in grid.arms)

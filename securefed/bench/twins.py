@@ -10,12 +10,12 @@ run under ``OUT/runs/<cell>``; finished cells are read back, so the suite resume
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Any
 
-from securefed.bench.common import Cell, load_rows, mean_std, run_cells, write_atomic
+from securefed.bench.common import Cell, claim_folder, load_rows, mean_std, run_cells, write_atomic
 from securefed.config import RunConfig
 
 __all__ = ["TwinGrid", "QUICK_TWINS", "REQUIRED_COLUMNS", "run_twin_bench"]
@@ -178,6 +178,7 @@ def run_twin_bench(*, out_dir: Path, grid: TwinGrid, progress: bool = True) -> P
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    claim_folder(out, suite="twins", grid=asdict(grid))
     rows = load_rows(out / "results.json", required=REQUIRED_COLUMNS, suite="twins")
     done = {_cell_key(r["epsilon"], r["seed"]) for r in rows}
     cells = [

@@ -518,7 +518,11 @@ class Federation:
         if cfl and error is None:
             for cid in chosen:
                 self.sites[cid].cluster = assign[cid]
-        applied = error is None and bool(outcomes or skipped)
+        if error is None and not outcomes:
+            error = "no cluster could be aggregated this round: " + "; ".join(
+                f"cluster {k}: {why}" for k, why in sorted(skipped.items())
+            )
+        applied = error is None
         survivors = sorted(c for o in outcomes.values() for c in o.survivors)
         info: dict[str, Any] = {
             "applied": applied,

@@ -68,7 +68,8 @@ def markdown_to_html(markdown: str, *, folder: Path, title: str) -> str:
                     rows.append(cells)
                 i += 1
             head, *rest = rows
-            body.append("<table><tr>" + "".join(f"<th>{_inline(c, folder)}</th>" for c in head))
+            cells_html = "".join(f"<th>{_inline(c, folder)}</th>" for c in head)
+            body.append(f"<table><tr>{cells_html}</tr>")
             for r in rest:
                 body.append("<tr>" + "".join(f"<td>{_inline(c, folder)}</td>" for c in r) + "</tr>")
             body.append("</table>")

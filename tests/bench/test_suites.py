@@ -133,3 +133,15 @@ def test_scaling_records_time_and_memory_per_site_count(tmp_path):
         assert r["samples_per_site"] == 120 // r["sites"]
     assert (tmp_path / "scaling_time.png").stat().st_size > 0
     assert "| 4 | mask |" in (tmp_path / "summary.md").read_text()
+
+
+def test_a_folder_of_other_settings_is_refused_before_any_cell_is_reused(tmp_path):
+    from securefed.bench.common import claim_folder
+
+    claim_folder(tmp_path, suite="scaling", grid={"base": {"rounds": 2}, "seeds": [0]})
+    # more seeds extend the same results: fine
+    claim_folder(tmp_path, suite="scaling", grid={"base": {"rounds": 2}, "seeds": [0, 1]})
+    with pytest.raises(ConfigError, match="another `base`"):
+        claim_folder(tmp_path, suite="scaling", grid={"base": {"rounds": 3}, "seeds": [0]})
+    with pytest.raises(ConfigError, match="'scaling' suite"):
+        claim_folder(tmp_path, suite="twins", grid={})

@@ -156,6 +156,10 @@ def test_cfl_skips_a_single_site_cluster_under_secure_aggregation(small_config):
     assert by_k[0]["applied"] and by_k[0]["members"] == [0, 1]
     assert not by_k[1]["applied"] and "reveal" in by_k[1]["skipped"]
     np.testing.assert_array_equal(_vec(fed, 1), before)
+    # every site alone in its cluster: nothing can be aggregated, the round is not applied
+    fed.select_cluster = lambda site: site.client_id  # type: ignore[method-assign]
+    rec = fed.run_round(2)
+    assert not rec.applied and "no cluster could be aggregated" in rec.data["error"]
 
 
 # -- digital twins ----------------------------------------------------------------------------
@@ -262,3 +266,30 @@ def test_segmentation_federation_with_dp_masking_and_twins(tmp_path):
     # each site's held-out data comes from its own hospital (group)
     assert all(c["num_samples"] >= 1 for c in metrics["rounds"][0]["clients"])
     assert "mean Dice" in (run / "summary.md").read_text()
+
+
+def test_task_must_match_the_data(small_config):
+    with pytest.raises(ConfigError, match="classification data set"):
+        Federation(small_config.replace(task="segmentation"))
+
+
+@pytest.mark.slow
+def test_late_fusion_segmentation_runs_one_dp_round():
+    cfg = RunConfig(
+        dataset="synthetic-seg",
+        data_options={"n_train": 6, "n_val": 3, "n_test": 3, "image_size": 16, "n_groups": 3},
+        model="unet",
+        fusion="late",
+        clients=3,
+        partition="by-group",
+        rounds=1,
+        local_epochs=1,
+        batch_size=2,
+        lr=0.1,
+        accountant="rdp",
+        device="cpu",
+    )
+    fed = _run(cfg)
+    assert fed.records[0].applied
+    # one encoder per modality (T1, T1ce, T2, FLAIR), each with its own head
+    assert len(fed.built.head_prefixes) == 4
