@@ -31,6 +31,7 @@ __all__ = [
     "claim_folder",
     "curve_convergence",
     "non_iid_sites",
+    "open_suite",
     "mean_std",
     "pretrained_weights",
     "run_cells",
@@ -333,3 +334,13 @@ def curve_convergence(
         )
         or {}
     )
+
+
+def open_suite(
+    out_dir: Path, *, suite: str, grid: dict[str, Any], required: tuple[str, ...]
+) -> tuple[Path, list[dict[str, Any]]]:
+    """Create or reopen a suite's output folder: claim it, and load the rows already there."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    claim_folder(out, suite=suite, grid=grid)
+    return out, load_rows(out / "results.json", required=required, suite=suite)

@@ -18,11 +18,11 @@ from typing import Any
 
 from securefed.bench.common import (
     Cell,
-    claim_folder,
     curve_convergence,
     load_rows,
     mean_std,
     non_iid_sites,
+    open_suite,
     pretrained_weights,
     run_cells,
     write_atomic,
@@ -393,10 +393,9 @@ def run_privacy_utility(*, out_dir: Path, grid: PrivacyUtilityGrid, progress: bo
         The path of ``results.json``.
 
     """
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    claim_folder(out, suite="privacy-utility", grid=asdict(grid))
-    rows = load_rows(out / "results.json", required=REQUIRED_COLUMNS, suite="privacy-utility")
+    out, rows = open_suite(
+        out_dir, suite="privacy-utility", grid=asdict(grid), required=REQUIRED_COLUMNS
+    )
     done = {_key(r["strategy"], r["secure_agg"], r["epsilon"], r["seed"]) for r in rows}
     pretrained = (
         pretrained_weights(

@@ -17,9 +17,9 @@ from typing import Any
 
 from securefed.bench.common import (
     Cell,
-    claim_folder,
     load_rows,
     mean_std,
+    open_suite,
     run_cells,
     write_atomic,
     write_rows,
@@ -229,10 +229,7 @@ def render(out: Path, grid: ScalingGrid) -> None:
 
 def run_scaling(*, out_dir: Path, grid: ScalingGrid, progress: bool = True) -> Path:
     """Run (or resume) the grid; write results.json/.csv, summary.md and plots."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    claim_folder(out, suite="scaling", grid=asdict(grid))
-    rows = load_rows(out / "results.json", required=REQUIRED_COLUMNS, suite="scaling")
+    out, rows = open_suite(out_dir, suite="scaling", grid=asdict(grid), required=REQUIRED_COLUMNS)
     done = {_key(r["sites"], r["secure_agg"], r["seed"]) for r in rows}
     cells = []
     for seed in grid.seeds:

@@ -20,11 +20,10 @@ from typing import Any
 
 from securefed.bench.common import (
     Cell,
-    claim_folder,
     curve_convergence,
-    load_rows,
     mean_std,
     non_iid_sites,
+    open_suite,
     pretrained_weights,
     run_cells,
     write_atomic,
@@ -253,10 +252,9 @@ def run_strategy_comparison(*, out_dir: Path, grid: ComparisonGrid, progress: bo
         The path of ``results.json``.
 
     """
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    claim_folder(out, suite="strategies", grid=asdict(grid))
-    rows = load_rows(out / "results.json", required=REQUIRED_COLUMNS, suite="strategies")
+    out, rows = open_suite(
+        out_dir, suite="strategies", grid=asdict(grid), required=REQUIRED_COLUMNS
+    )
     done = {_cell_key(r["arm"], r["epsilon"], r["seed"]) for r in rows}
     needs_weights = any(ARMS[a]["strategy"] == "ftl" for a in grid.arms)
     pretrained = (

@@ -15,7 +15,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-from securefed.bench.common import Cell, claim_folder, load_rows, mean_std, run_cells, write_atomic
+from securefed.bench.common import Cell, mean_std, open_suite, run_cells, write_atomic
 from securefed.config import RunConfig
 
 __all__ = ["TwinGrid", "QUICK_TWINS", "REQUIRED_COLUMNS", "run_twin_bench"]
@@ -176,10 +176,7 @@ def run_twin_bench(*, out_dir: Path, grid: TwinGrid, progress: bool = True) -> P
         The path of ``results.json``.
 
     """
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    claim_folder(out, suite="twins", grid=asdict(grid))
-    rows = load_rows(out / "results.json", required=REQUIRED_COLUMNS, suite="twins")
+    out, rows = open_suite(out_dir, suite="twins", grid=asdict(grid), required=REQUIRED_COLUMNS)
     done = {_cell_key(r["epsilon"], r["seed"]) for r in rows}
     cells = [
         Cell(

@@ -402,7 +402,9 @@ class Federation:
     ) -> tuple[np.ndarray, float, float, dict[str, torch.Tensor]]:
         cfg = self.config
         local = copy.deepcopy(model)
-        anchor = {n: p.detach().clone() for n, p in model.named_parameters()}
+        mu = cfg.effective_prox_mu
+        # FedProx's anchor is a copy of the round's weights; without FedProx, no copy.
+        anchor = {n: p.detach().clone() for n, p in model.named_parameters()} if mu else None
         gen = torch.Generator(device="cpu").manual_seed(
             _seed_for(cfg.seed, 4, round_index, site.client_id)
         )
@@ -411,7 +413,7 @@ class Federation:
             round_index=round_index,
             epochs=cfg.local_epochs,
             generator=gen,
-            prox_mu=cfg.effective_prox_mu,
+            prox_mu=mu,
             anchor=anchor,
         )
         update = self.layout.flatten(result.state) - self.layout.flatten(model.state_dict())
