@@ -44,6 +44,7 @@ send malformed inputs.
 from __future__ import annotations
 
 import enum
+import json
 import secrets
 import time
 from collections.abc import Collection, Iterator, Mapping
@@ -310,6 +311,78 @@ class SecAggClient:
         self._peers: dict[int, KeyEntry] = {}
         self._graph: NeighbourGraph | None = None
         self._held: dict[int, tuple[bytes, bytes]] = {}
+        self._public_keys = b""
+
+    #: Layout version of :meth:`export_state`.
+    STATE_VERSION = 1
+
+    def export_state(self) -> bytes:
+        """This site's protocol state as JSON bytes, to resume the round in another process.
+
+        A deployed site runs each protocol step in a fresh process (Flower's ClientApp), so the
+        secrets must outlive the process. The state holds private keys and shares: it must
+        stay at the site (Flower keeps it in the SuperNode's memory, never sending it out).
+        """
+        if self._phase == _Phase.DONE:
+            raise ProtocolError(f"site {self.site_id}: the round is over; nothing to export.")
+        state = {
+            "version": self.STATE_VERSION,
+            "site_id": self.site_id,
+            "round_index": self.round_index,
+            "dim": self.dim,
+            "phase": self._phase.name,
+            "encryption_key": self._encryption_key.private_bytes_raw().hex(),
+            "mask_key": self._mask_key.private_bytes_raw().hex(),
+            "seed": self._seed.hex(),
+            "public_keys": self._public_keys.hex(),
+            "held": {str(k): [a.hex(), b.hex()] for k, (a, b) in self._held.items()},
+            "clipped": self.clipped,
+        }
+        return json.dumps(state, sort_keys=True).encode()
+
+    @classmethod
+    def from_state(cls, data: bytes, *, config: SecAggConfig) -> SecAggClient:
+        """Rebuild a client from :meth:`export_state` bytes.
+
+        Raises:
+            ProtocolError: If the state is malformed or from another layout version.
+
+        """
+        try:
+            state = json.loads(data)
+            if state.get("version") != cls.STATE_VERSION:
+                raise ValueError(f"state version {state.get('version')!r}")
+            client = cls(
+                site_id=int(state["site_id"]),
+                config=config,
+                round_index=int(state["round_index"]),
+                dim=int(state["dim"]),
+            )
+            client._phase = _Phase[state["phase"]]
+            client._encryption_key = kdf.load_private_key(bytes.fromhex(state["encryption_key"]))
+            client._mask_key = kdf.load_private_key(bytes.fromhex(state["mask_key"]))
+            client._seed = bytes.fromhex(state["seed"])
+            client._held = {
+                int(k): (bytes.fromhex(a), bytes.fromhex(b)) for k, (a, b) in state["held"].items()
+            }
+            client.clipped = state["clipped"]
+            public_keys = bytes.fromhex(state["public_keys"])
+        except (ValueError, KeyError, TypeError) as exc:
+            raise ProtocolError(f"secure-aggregation state cannot be restored ({exc}).") from exc
+        if public_keys:
+            client._adopt_public_keys(public_keys)
+        return client
+
+    def _adopt_public_keys(self, public_keys: bytes) -> None:
+        msg = PublicKeys.from_bytes(public_keys)
+        self._peers = {e.site: e for e in msg.entries}
+        self._graph = build_graph(
+            sites=self._peers,
+            neighbors=self.config.neighbors,
+            seed=msg.graph_seed,
+            round_index=self.round_index,
+        )
+        self._public_keys = bytes(public_keys)
 
     def _enter(self, phase: _Phase, step: str) -> None:
         if self._phase != phase:
@@ -415,6 +488,7 @@ class SecAggClient:
                 sealed.append((holder, seal(key=key, plaintext=plaintext, associated_data=ad)))
             self._peers = entries
             self._graph = graph
+            self._public_keys = bytes(public_keys)
             message = EncryptedShares(
                 round_index=self.round_index, sender=self.site_id, sealed=tuple(sealed)
             ).to_bytes()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -128,6 +128,38 @@ class SiteTrainer:
             delta=self.plan.delta,
             accountant=self.plan.accountant,
         )
+
+    def resume_accounting(self, events: Sequence[PrivacyEvent]) -> None:
+        """Carry earlier rounds' DP events into a fresh trainer (a new site process).
+
+        A deployed site runs each round in a new process; without this, its accountant would
+        start from zero and under-report epsilon.
+
+        Raises:
+            PrivacyBudgetError: If the trainer already trained, or an event is another site's
+                or was run with other (sigma, q) than this site's plan.
+
+        """
+        if self._accountant_steps() or self.ledger.for_client(self.client_id):
+            raise PrivacyBudgetError(f"site {self.client_id}: accounting already started")
+        for e in events:
+            if e.client_id != self.client_id:
+                raise PrivacyBudgetError(
+                    f"site {self.client_id}: handed an event of site {e.client_id}"
+                )
+            if self.plan is None or (e.noise_multiplier, e.sample_rate) != (
+                self.plan.noise_multiplier,
+                self.plan.sample_rate,
+            ):
+                raise PrivacyBudgetError(
+                    f"site {self.client_id}: an earlier event (round {e.round}) does not match "
+                    "this site's privacy plan"
+                )
+            self.ledger.record(e)
+        if self._engine is not None:
+            self._engine.accountant.history = [
+                (e.noise_multiplier, e.sample_rate, e.steps) for e in events if e.steps > 0
+            ]
 
     def _noise_generator(self, generator: torch.Generator) -> torch.Generator:
         """The generator DP noise is drawn from: on the training device.

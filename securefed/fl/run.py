@@ -116,15 +116,8 @@ def _config_json(fed: Federation) -> dict[str, Any]:
             "delta": fed.delta,
             "dataset": fed.bundle.describe(),
             "sites": [
-                {
-                    "client_id": s.client_id,
-                    "num_samples": len(s.train),
-                    "num_heldout": len(s.heldout) if s.heldout is not None else 0,
-                    "class_counts": s.train.class_counts(
-                        num_classes=fed.bundle.num_classes
-                    ).tolist(),
-                }
-                for s in fed.sites
+                {k: v for k, v in s.items() if k != "epsilon_per_round"}
+                for s in fed.site_summaries()
             ],
             "model": {
                 "name": cfg.model,
@@ -186,19 +179,21 @@ def _disclosures(fed: Federation) -> list[str]:
         )
     if cfg.personalize:
         out.append("digital twins stay at their site; only their held-out metrics enter the report")
+    out.extend(getattr(fed, "runtime_disclosures", ()))
     return out
 
 
 def _privacy_json(fed: Federation) -> dict[str, Any]:
     cfg = fed.config
     clients = []
-    for s in fed.sites:
-        plan = fed.plans.get(s.client_id)
-        events = fed.ledger.for_client(s.client_id)
+    for s in fed.site_summaries():
+        plan = fed.plans.get(s["client_id"])
+        events = fed.ledger.for_client(s["client_id"])
+        history = s["epsilon_per_round"]
         clients.append(
             {
-                "client_id": s.client_id,
-                "num_samples": len(s.train),
+                "client_id": s["client_id"],
+                "num_samples": s["num_samples"],
                 "sample_rate": plan.sample_rate if plan else None,
                 "noise_multiplier": plan.noise_multiplier if plan else None,
                 "max_grad_norm": plan.max_grad_norm if plan else None,
@@ -206,8 +201,8 @@ def _privacy_json(fed: Federation) -> dict[str, Any]:
                 "steps": sum(e.steps for e in events),
                 "personalization_steps": sum(e.steps for e in events if e.phase == "personalize"),
                 "rounds_participated": sorted({e.round for e in events}),
-                "epsilon": s.epsilon_per_round[-1] if plan and s.epsilon_per_round else None,
-                "epsilon_per_round": list(s.epsilon_per_round) if plan else [],
+                "epsilon": history[-1] if plan and history else None,
+                "epsilon_per_round": list(history) if plan else [],
             }
         )
     eps = [c["epsilon"] for c in clients if c["epsilon"] is not None]

@@ -32,7 +32,18 @@ from securefed.fl.transfer import pretraining_provenance, public_split
 from securefed.metrics import detect_convergence
 from securefed.models import BuiltModel, ModelSpec, build_model
 
-__all__ = ["Federation", "RoundRecord", "Site", "resolve_device", "METRICS_SCHEMA_VERSION"]
+__all__ = [
+    "Federation",
+    "RoundRecord",
+    "Site",
+    "resolve_device",
+    "METRICS_SCHEMA_VERSION",
+    "local_update",
+    "personalize_rounds",
+    "plan_site_privacy",
+    "sample_participants",
+    "site_splits",
+]
 
 #: metrics.json schema: 1.1 added task, strategy, primary_metric, site_mean, clusters and
 #: personalization (additive; every 1.0 field keeps its meaning).
@@ -71,6 +82,120 @@ def _aggregator_options(config: RunConfig) -> dict[str, Any]:
             "global_scale_bits": config.he_scale_bits,
         }
     return {}
+
+
+def personalize_rounds(config: RunConfig) -> int:
+    """How many times the digital twins are fine-tuned over a run."""
+    if config.personalize == 0:
+        return 0
+    return config.rounds if config.personalize_when == "every" else 1
+
+
+def plan_site_privacy(config: RunConfig, *, num_samples: int, delta: float) -> DPPlan:
+    """One site's DP-SGD plan: sigma calibrated for every step the site may take in the run.
+
+    Calibrates for the worst case: the site takes part in every round, and its twin
+    fine-tuning (on the same records) is accounted too. Sampling by the server is not
+    counted as amplification. Runs at the site; the same in-process and over Flower.
+    """
+    q = sample_rate(num_samples=num_samples, batch_size=config.batch_size)
+    spe = steps_per_epoch(num_samples=num_samples, batch_size=config.batch_size)
+    steps = (
+        config.rounds * config.local_epochs + personalize_rounds(config) * config.personalize
+    ) * spe
+    sigma = calibrate_noise(
+        target_epsilon=float(config.dp_epsilon),
+        delta=delta,
+        sample_rate=q,
+        steps=steps,
+        accountant=config.accountant,
+    )
+    return DPPlan(
+        noise_multiplier=sigma,
+        sample_rate=q,
+        max_grad_norm=config.max_grad_norm,
+        planned_steps=steps,
+        delta=delta,
+        accountant=config.accountant,
+    )
+
+
+def sample_participants(config: RunConfig, *, ids: list[int], round_index: int) -> list[int]:
+    """Sites sampled for a round (from a generator of its own, not the training RNG)."""
+    k = max(1, round(config.client_fraction * len(ids)))
+    if k >= len(ids):
+        return list(ids)
+    rng = np.random.default_rng(_seed_for(config.seed, 3, round_index))
+    return sorted(int(i) for i in rng.choice(ids, size=k, replace=False))
+
+
+def site_splits(
+    config: RunConfig, *, train: ArraySplit, val: ArraySplit
+) -> list[tuple[ArraySplit, ArraySplit | None]]:
+    """Partition ``train`` over ``config.clients`` sites, and ``val`` into held-out sets like it.
+
+    Deterministic in ``config.seed``: a site process that holds the whole data set (a trial
+    on one machine) derives exactly the shard the in-process runtime gives that site.
+    """
+    if config.clients > len(train):
+        raise DataError(f"{config.clients} sites but only {len(train)} training samples")
+    groups = getattr(train, "groups", None)
+    parts = partition(
+        train.labels,
+        spec=config.partition,
+        n_sites=config.clients,
+        seed=_seed_for(config.seed, 1),
+        **({"groups": groups} if groups is not None else {}),
+    )
+    site_labels = [train.labels[p] for p in parts]
+    val_groups = getattr(val, "groups", None)
+    extra = (
+        {"heldout_groups": val_groups, "site_train_groups": [groups[p] for p in parts]}
+        if groups is not None and val_groups is not None
+        else {}
+    )
+    held = partition_like(
+        val.labels, site_train_labels=site_labels, seed=_seed_for(config.seed, 2), **extra
+    )
+    return [
+        (train.subset(indices=p), val.subset(indices=h) if len(h) else None)
+        for p, h in zip(parts, held)
+    ]
+
+
+def local_update(
+    config: RunConfig,
+    *,
+    trainer: SiteTrainer,
+    layout: ParamLayout,
+    model: nn.Module,
+    round_index: int,
+) -> tuple[np.ndarray, float, float, dict[str, torch.Tensor]]:
+    """One site's round: train a copy of ``model``, return ``[n * update..., n]`` and more.
+
+    Returns:
+        The vector to aggregate (pre-scaled by the sample count, so a weighted FedAvg needs
+        only sums), the mean training loss, the training seconds and the trained state.
+
+    """
+    local = copy.deepcopy(model)
+    mu = config.effective_prox_mu
+    # FedProx's anchor is a copy of the round's weights; without FedProx, no copy.
+    anchor = {n: p.detach().clone() for n, p in model.named_parameters()} if mu else None
+    gen = torch.Generator(device="cpu").manual_seed(
+        _seed_for(config.seed, 4, round_index, trainer.client_id)
+    )
+    result = trainer.train_round(
+        model=local,
+        round_index=round_index,
+        epochs=config.local_epochs,
+        generator=gen,
+        prox_mu=mu,
+        anchor=anchor,
+    )
+    update = layout.flatten(result.state) - layout.flatten(model.state_dict())
+    vec = np.concatenate([result.num_samples * update, [float(result.num_samples)]])
+    return vec, result.mean_loss, result.seconds, result.state
 
 
 @dataclass
@@ -255,46 +380,32 @@ class Federation:
         return info
 
     def _make_sites(self) -> list[Site]:
-        cfg, train = self.config, self.private_train
-        if cfg.clients > len(train):
-            raise DataError(
-                f"{self.bundle.source}: {cfg.clients} sites but only {len(train)} training samples"
-            )
-        groups = getattr(train, "groups", None)
         try:
-            parts = partition(
-                train.labels,
-                spec=cfg.partition,
-                n_sites=cfg.clients,
-                seed=_seed_for(cfg.seed, 1),
-                **({"groups": groups} if groups is not None else {}),
-            )
+            splits = site_splits(self.config, train=self.private_train, val=self.bundle.val)
         except DataError as exc:
             raise DataError(f"{self.bundle.source}: {exc}") from exc
-        site_labels = [train.labels[p] for p in parts]
-        val_groups = getattr(self.bundle.val, "groups", None)
-        extra = (
-            {"heldout_groups": val_groups, "site_train_groups": [groups[p] for p in parts]}
-            if groups is not None and val_groups is not None
-            else {}
-        )
-        held = partition_like(
-            self.bundle.val.labels,
-            site_train_labels=site_labels,
-            seed=_seed_for(cfg.seed, 2),
-            **extra,
-        )
-        sites = []
-        for cid, (p, h) in enumerate(zip(parts, held)):
-            sites.append(
-                Site(
-                    client_id=cid,
-                    train=train.subset(indices=p),
-                    heldout=self.bundle.val.subset(indices=h) if len(h) else None,
-                    trainer=None,  # type: ignore[arg-type]  # set once plans exist
-                )
+        return [
+            Site(
+                client_id=cid,
+                train=train,
+                heldout=held,
+                trainer=None,  # type: ignore[arg-type]  # set once plans exist
             )
-        return sites
+            for cid, (train, held) in enumerate(splits)
+        ]
+
+    def site_summaries(self) -> list[dict[str, Any]]:
+        """Per site: sizes, class counts and epsilon history (config.json, privacy.json)."""
+        return [
+            {
+                "client_id": s.client_id,
+                "num_samples": len(s.train),
+                "num_heldout": len(s.heldout) if s.heldout is not None else 0,
+                "class_counts": s.train.class_counts(num_classes=self.bundle.num_classes).tolist(),
+                "epsilon_per_round": list(s.epsilon_per_round),
+            }
+            for s in self.sites
+        ]
 
     def _training_data(self, site: Site) -> torch.utils.data.Dataset:
         if not self.config.augment:
@@ -309,9 +420,7 @@ class Federation:
 
     def personalize_rounds(self) -> int:
         """How many times the twins are fine-tuned over the run."""
-        if self.config.personalize == 0:
-            return 0
-        return self.config.rounds if self.config.personalize_when == "every" else 1
+        return personalize_rounds(self.config)
 
     def _plan_privacy(self) -> tuple[float | None, dict[int, DPPlan]]:
         cfg = self.config
@@ -319,32 +428,10 @@ class Federation:
             return None, {}
         n_min = min(len(s.train) for s in self.sites)
         delta = cfg.dp_delta if cfg.dp_delta is not None else default_delta(smallest_site=n_min)
-        plans = {}
-        for s in self.sites:
-            n = len(s.train)
-            q = sample_rate(num_samples=n, batch_size=cfg.batch_size)
-            spe = steps_per_epoch(num_samples=n, batch_size=cfg.batch_size)
-            # Calibrate for the worst case: the site takes part in every round, and its twin
-            # fine-tuning (on the same records) is accounted too. Sampling by the server is
-            # not counted as amplification.
-            steps = (
-                cfg.rounds * cfg.local_epochs + self.personalize_rounds() * cfg.personalize
-            ) * spe
-            sigma = calibrate_noise(
-                target_epsilon=float(cfg.dp_epsilon),
-                delta=delta,
-                sample_rate=q,
-                steps=steps,
-                accountant=cfg.accountant,
-            )
-            plans[s.client_id] = DPPlan(
-                noise_multiplier=sigma,
-                sample_rate=q,
-                max_grad_norm=cfg.max_grad_norm,
-                planned_steps=steps,
-                delta=delta,
-                accountant=cfg.accountant,
-            )
+        plans = {
+            s.client_id: plan_site_privacy(cfg, num_samples=len(s.train), delta=delta)
+            for s in self.sites
+        }
         return delta, plans
 
     def _aggregator_for(self, n_sites: int) -> Aggregator:
@@ -372,12 +459,9 @@ class Federation:
     # -- rounds ---------------------------------------------------------------------------
     def participants(self, round_index: int) -> list[int]:
         """Sites sampled for a round (from a generator of its own, not the training RNG)."""
-        ids = [s.client_id for s in self.sites]
-        k = max(1, round(self.config.client_fraction * len(ids)))
-        if k >= len(ids):
-            return ids
-        rng = np.random.default_rng(_seed_for(self.config.seed, 3, round_index))
-        return sorted(int(i) for i in rng.choice(ids, size=k, replace=False))
+        return sample_participants(
+            self.config, ids=[s.client_id for s in self.sites], round_index=round_index
+        )
 
     @torch.no_grad()
     def _data_loss(self, model: nn.Module, split: ArraySplit, batch_size: int = 256) -> float:
@@ -400,26 +484,13 @@ class Federation:
     def _local_update(
         self, site: Site, model: nn.Module, round_index: int
     ) -> tuple[np.ndarray, float, float, dict[str, torch.Tensor]]:
-        cfg = self.config
-        local = copy.deepcopy(model)
-        mu = cfg.effective_prox_mu
-        # FedProx's anchor is a copy of the round's weights; without FedProx, no copy.
-        anchor = {n: p.detach().clone() for n, p in model.named_parameters()} if mu else None
-        gen = torch.Generator(device="cpu").manual_seed(
-            _seed_for(cfg.seed, 4, round_index, site.client_id)
-        )
-        result = site.trainer.train_round(
-            model=local,
+        return local_update(
+            self.config,
+            trainer=site.trainer,
+            layout=self.layout,
+            model=model,
             round_index=round_index,
-            epochs=cfg.local_epochs,
-            generator=gen,
-            prox_mu=mu,
-            anchor=anchor,
         )
-        update = self.layout.flatten(result.state) - self.layout.flatten(model.state_dict())
-        # Sites pre-scale by their sample count so a weighted FedAvg needs only sums.
-        vec = np.concatenate([result.num_samples * update, [float(result.num_samples)]])
-        return vec, result.mean_loss, result.seconds, result.state
 
     def run_round(self, round_index: int) -> RoundRecord:
         """Train, aggregate and evaluate one round. A failed round changes no model."""

@@ -31,6 +31,20 @@ class ServerOptimizer(ABC):
     def step(self, *, current: np.ndarray, delta: np.ndarray) -> np.ndarray:
         """Return the new global vector; ``current`` is left untouched."""
 
+    def state(self) -> dict[str, np.ndarray]:
+        """The optimizer's running state (momentum, moments), for a server checkpoint."""
+        return {
+            k.lstrip("_"): v.copy() for k, v in vars(self).items() if isinstance(v, np.ndarray)
+        }
+
+    def load_state(self, state: dict[str, np.ndarray]) -> None:
+        """Restore :meth:`state` (a resumed server continues the same optimizer)."""
+        for key, value in state.items():
+            attr = "_" + key
+            if not hasattr(self, attr):
+                raise ConfigError(f"{type(self).__name__} has no state `{key}`")
+            setattr(self, attr, np.asarray(value, dtype=np.float64).copy())
+
     def describe(self) -> dict[str, Any]:
         """Name and hyper-parameters for ``config.json``."""
         return {"name": self.name, "lr": self.lr}
