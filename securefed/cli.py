@@ -387,6 +387,15 @@ def cli() -> None:
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
 def train(config_file, no_dp, out, quiet, data_option, **flags) -> None:
     """Train one model across simulated sites with DP-SGD and secure aggregation."""
+    config = _config_from_flags(config_file, no_dp, data_option, flags)
+    from securefed.fl.run import train as run_train
+
+    run_dir = run_train(config, out_dir=Path(out) if out else None, progress=not quiet)
+    click.echo(_run_line(run_dir))
+
+
+def _config_from_flags(config_file, no_dp, data_option, flags) -> RunConfig:
+    """A RunConfig from ``--config`` and the run flags (shared by train and deploy run)."""
     base = RunConfig.from_json(config_file) if config_file else RunConfig()
     changes = {k: v for k, v in flags.items() if v is not None}
     if data_option:
@@ -406,11 +415,7 @@ def train(config_file, no_dp, out, quiet, data_option, **flags) -> None:
         changes["dp_epsilon"] = None
     if no_dp:
         changes["dp_epsilon"] = None
-    config = base.replace(**changes)
-    from securefed.fl.run import train as run_train
-
-    run_dir = run_train(config, out_dir=Path(out) if out else None, progress=not quiet)
-    click.echo(_run_line(run_dir))
+    return base.replace(**changes)
 
 
 def _data_options(pairs: tuple[str, ...]) -> dict:
@@ -770,6 +775,215 @@ def report(folder) -> None:
 
     summary, page = render_report(Path(folder))
     click.echo(f"{summary}\n{page}")
+
+
+@cli.command()
+@click.option("--out", type=click.Path(file_okay=False), required=True, help="Folder to write.")
+@click.option(
+    "--hosts",
+    default="127.0.0.1,localhost",
+    show_default=True,
+    help="Comma-separated names/IPs the sites dial the server by (certificate SANs).",
+)
+@click.option("--sites", type=int, default=3, show_default=True, help="Site key pairs to make.")
+@click.option("--days", type=int, default=30, show_default=True, help="Validity in days.")
+@click.option("--overwrite", is_flag=True, help="Replace existing files.")
+def certs(out, hosts, sites, days, overwrite) -> None:
+    """Create a TEST certificate authority, server certificate and site keys (for trials).
+
+    A hospital deployment uses certificates from its own PKI, with the same file names:
+    ca.crt, server.pem, server.key, and site{i}.key / site{i}.pub for SuperNode
+    authentication.
+    """
+    from securefed.deploy.certs import create_test_pki
+
+    made = create_test_pki(
+        folder=Path(out),
+        hosts=tuple(h.strip() for h in hosts.split(",") if h.strip()),
+        sites=sites,
+        days=days,
+        overwrite=overwrite,
+    )
+    click.echo(f"test PKI in {made.folder}: ca.crt, server.pem/.key, {sites} site key pairs")
+
+
+@cli.group()
+def deploy() -> None:
+    """Run securefed across machines on Flower: a server, one site process per hospital."""
+
+
+def _tls_options(f):
+    f = click.option("--insecure", is_flag=True, help="No TLS (closed test networks only).")(f)
+    return click.option(
+        "--certs",
+        type=click.Path(file_okay=False, exists=True),
+        default=None,
+        help="Folder with ca.crt (and, for the server, server.pem/server.key).",
+    )(f)
+
+
+def _exec(cmd: list[str]) -> None:
+    """Run a Flower process in the foreground with securefed's environment."""
+    import subprocess
+
+    from securefed.deploy.launch import flower_env
+
+    click.echo("$ " + " ".join(cmd), err=True)
+    try:
+        code = subprocess.call(cmd, env=flower_env())
+    except KeyboardInterrupt:
+        code = 130
+    sys.exit(code)
+
+
+@deploy.command("server")
+@_tls_options
+@click.option("--host", default="127.0.0.1", show_default=True, help="Listen address.")
+@click.option("--port", type=int, default=8000, show_default=True, help="The one HTTP port.")
+@click.option("--node-auth", is_flag=True, help="Accept only registered site keys.")
+@click.option(
+    "--database",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="SQLite file for the server's state (node registrations survive a restart).",
+)
+def deploy_server(certs, insecure, host, port, node_auth, database) -> None:
+    """Start the Flower SuperLink (the server) with TLS."""
+    from securefed.deploy.launch import superlink_command
+
+    _exec(
+        superlink_command(
+            certs=Path(certs) if certs else None,
+            insecure=insecure,
+            host=host,
+            port=port,
+            node_auth=node_auth,
+            database=Path(database) if database else None,
+        )
+    )
+
+
+@deploy.command("register")
+@_tls_options
+@click.option("--superlink", default="127.0.0.1:8000", show_default=True, help="host:port.")
+@click.argument("public_key", type=click.Path(dir_okay=False, exists=True))
+def deploy_register(certs, insecure, superlink, public_key) -> None:
+    """Register a site's public key (site{i}.pub) with a server started with --node-auth."""
+    import subprocess
+    import tempfile
+
+    from securefed.deploy.launch import _flower_home, flower_env, register_command
+
+    with tempfile.TemporaryDirectory() as tmp:
+        home = Path(tmp)
+        _flower_home(
+            home, superlink=superlink, certs=Path(certs) if certs else None, insecure=insecure
+        )
+        code = subprocess.call(
+            register_command(public_key=Path(public_key)), env=flower_env(home=home)
+        )
+    sys.exit(code)
+
+
+@deploy.command("site")
+@_tls_options
+@click.option("--superlink", default="127.0.0.1:8000", show_default=True, help="host:port.")
+@click.option("--site-id", type=int, required=True, help="This hospital's id, 0..N-1.")
+@click.option("--dataset", default=None, help="Data set name [default: the run's].")
+@click.option("--data-dir", default=None, help="Folder of the data set.")
+@click.option("--data", default=None, help="This hospital's data folder or file.")
+@click.option(
+    "--shard",
+    is_flag=True,
+    help="Trials: take shard SITE_ID of a data set all sites share, as in-process.",
+)
+@click.option("--device", default=None, help="cpu, cuda or auto [default: the run's].")
+@click.option("--runtime-port", type=int, default=None, help="Local port [9094 + site id].")
+@click.option(
+    "--auth-key",
+    type=click.Path(dir_okay=False, exists=True),
+    default=None,
+    help="This site's private key (site{i}.key) for a server with --node-auth.",
+)
+def deploy_site(
+    certs,
+    insecure,
+    superlink,
+    site_id,
+    dataset,
+    data_dir,
+    data,
+    shard,
+    device,
+    runtime_port,
+    auth_key,
+) -> None:
+    """Start one hospital's Flower SuperNode, pointing at its own data."""
+    from securefed.deploy.launch import supernode_command
+
+    _exec(
+        supernode_command(
+            superlink=superlink,
+            site_id=site_id,
+            certs=Path(certs) if certs else None,
+            insecure=insecure,
+            dataset=dataset,
+            data_dir=data_dir,
+            data=data,
+            shard=shard,
+            device=device,
+            runtime_port=runtime_port,
+            auth_key=Path(auth_key) if auth_key else None,
+        )
+    )
+
+
+@deploy.command("run")
+@_tls_options
+@click.option("--superlink", default="127.0.0.1:8000", show_default=True, help="host:port.")
+@click.option("--out", type=click.Path(file_okay=False), required=True, help="Run folder.")
+@click.option("--resume", is_flag=True, help="Continue from OUT/checkpoint after a restart.")
+@click.option("--fit-timeout", type=float, default=3600.0, show_default=True, help="Seconds.")
+@click.option("--stage-timeout", type=float, default=300.0, show_default=True, help="Seconds.")
+@click.option("--connect-timeout", type=float, default=300.0, show_default=True, help="Seconds.")
+@click.option("--stop-after", type=int, default=0, help="Stop after N rounds (drills).")
+def deploy_run(
+    certs,
+    insecure,
+    superlink,
+    out,
+    resume,
+    fit_timeout,
+    stage_timeout,
+    connect_timeout,
+    stop_after,
+    config_file,
+    no_dp,
+    data_option,
+    **flags,
+) -> None:
+    """Submit a run (the same options as `securefed train`) to a deployment and wait."""
+    from securefed.deploy.launch import RunOptions, submit
+
+    flags.pop("quiet", None)
+    config = _config_from_flags(config_file, no_dp, data_option, flags)
+    options = RunOptions(
+        superlink=superlink,
+        certs=Path(certs) if certs else None,
+        insecure=insecure,
+        out=Path(out),
+        resume=resume,
+        fit_timeout=fit_timeout,
+        stage_timeout=stage_timeout,
+        connect_timeout=connect_timeout,
+        stop_after=stop_after,
+    )
+    run_dir = submit(config, options=options)
+    click.echo(_run_line(run_dir) if (run_dir / "privacy.json").exists() else f"stopped: {run_dir}")
+
+
+# `deploy run` takes every `train` option (minus --out, which it has, and --quiet).
+deploy_run.params.extend(p for p in train.params if p.name not in {"out", "quiet"})
 
 
 def main() -> None:

@@ -1,0 +1,1 @@
+"""Multi-site deployment on Flower."""

@@ -1,0 +1,735 @@
+"""The server's side of a deployed run: the same round, over Flower messages.
+
+The coordinator drives the sites through Flower's ``Grid`` and never holds a site's data or
+its individual update: under ``--secure-agg mask`` it only sees the Bonawitz protocol's bytes
+(key advertisements, sealed shares it relays, masked vectors, unmasking shares), and the sum.
+It reuses the in-process runtime's parts: participant sampling, the server optimizers, the
+model registry, the privacy plan (to check each site's), the metrics and the writers of
+``config.json`` / ``metrics.json`` / ``privacy.json`` / ``model.safetensors``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from securefed.config import RunConfig
+from securefed.data.dataset import load_dataset
+from securefed.deploy.checkpoint import load_checkpoint, save_checkpoint
+from securefed.deploy.site import build_task_for, model_spec, weights_to_bytes
+from securefed.deploy.site_app import secagg_config
+from securefed.deploy.wire import Stage, decode, encode, payload_size, vector_from_bytes
+from securefed.dp.accounting import compute_epsilon, default_delta
+from securefed.dp.ledger import PrivacyEvent, PrivacyLedger
+from securefed.dp.trainer import DPPlan
+from securefed.errors import ConfigError, ProtocolError
+from securefed.fl.aggregation import build_aggregator
+from securefed.fl.params import ParamLayout
+from securefed.fl.simulation import (
+    METRICS_SCHEMA_VERSION,
+    Federation,
+    RoundRecord,
+    _aggregator_options,
+    _seed_for,
+    plan_site_privacy,
+    resolve_device,
+    sample_participants,
+)
+from securefed.fl.strategies import build_server_optimizer
+from securefed.models import build_model
+
+__all__ = ["Coordinator", "Link", "check_deployable"]
+
+log = logging.getLogger("securefed.deploy")
+
+
+def check_deployable(config: RunConfig) -> None:
+    """Refuse what the Flower runtime does not run yet, before anything starts.
+
+    Raises:
+        ConfigError: For ``--secure-agg he``, clustered FL, digital twins, the cyclic
+            schedule, or a public split (all supported in-process only, for now).
+
+    """
+    problems = []
+    if config.secure_agg not in ("none", "mask"):
+        problems.append(f"--secure-agg {config.secure_agg} (use mask or none)")
+    if config.strategy not in ("fedavg", "fedprox", "ftl"):
+        problems.append(f"--strategy {config.strategy} (use fedavg, fedprox or ftl)")
+    if config.schedule != "parallel":
+        problems.append(f"--schedule {config.schedule}")
+    if config.personalize:
+        problems.append("--personalize")
+    if config.public_fraction:
+        problems.append("--public-fraction")
+    if config.dropout_clients:
+        problems.append("--dropout-clients (real sites drop out on their own)")
+    if problems:
+        raise ConfigError(
+            "the Flower runtime does not support " + "; ".join(problems) + " yet; run it in-process"
+        )
+
+
+class Link:
+    """Flower's ``Grid`` with a fast poll and per-site payload byte counts.
+
+    Flower's own ``send_and_receive`` polls every 3 s; a secure-aggregation round has four
+    exchanges, so the coordinator polls every ``poll`` seconds instead.
+
+    Args:
+        grid: The ServerApp's ``Grid``.
+        poll: Seconds between pulls.
+
+    """
+
+    def __init__(self, grid: Any, *, poll: float = 0.05) -> None:
+        self.grid = grid
+        self.poll = poll
+        self.sent: dict[int, int] = {}
+        self.received: dict[int, int] = {}
+
+    def node_ids(self) -> list[int]:
+        """Nodes (SuperNodes) connected now."""
+        return sorted(int(n) for n in self.grid.get_node_ids())
+
+    def exchange(
+        self,
+        payloads: Mapping[int, tuple[str, dict[str, Any]]],
+        *,
+        timeout: float,
+        group: str,
+        awaited: set[int] | None = None,
+    ) -> tuple[dict[int, dict[str, Any]], dict[int, str]]:
+        """Send each node its message; wait up to ``timeout`` s for the replies.
+
+        Args:
+            payloads: Node -> (message type, fields).
+            timeout: Seconds to wait.
+            group: Flower group id (the round).
+            awaited: Nodes to wait for (default: all); the others' replies are taken if they
+                arrive first, but not waited for.
+
+        Returns:
+            Decoded replies by node, and the reason for each node that failed (an error reply,
+            a malformed reply, or no reply in time).
+
+        """
+        from flwr.app import Message
+
+        ids: dict[str, int] = {}
+        messages = []
+        for node, (stage, fields) in payloads.items():
+            content = encode(fields)
+            self.sent[node] = self.sent.get(node, 0) + payload_size(content)
+            messages.append(Message(content, dst_node_id=node, message_type=stage, group_id=group))
+        for node, mid in zip(payloads, self.grid.push_messages(messages)):
+            ids[mid] = node
+        replies: dict[int, dict[str, Any]] = {}
+        errors: dict[int, str] = {}
+        deadline = time.monotonic() + timeout
+        pending = set(ids)
+        wait_for = {m for m, n in ids.items() if awaited is None or n in awaited}
+        while pending & wait_for and time.monotonic() < deadline:
+            for reply in self.grid.pull_messages(list(pending)):
+                mid = reply.metadata.reply_to_message_id
+                node = ids.get(mid)
+                if node is None or mid not in pending:
+                    continue
+                pending.discard(mid)
+                if reply.has_error():
+                    errors[node] = _error_reason(reply.error.reason)
+                    continue
+                self.received[node] = self.received.get(node, 0) + payload_size(reply.content)
+                try:
+                    replies[node] = decode(reply.content, what=f"reply of node {node}")
+                except ProtocolError as exc:
+                    errors[node] = str(exc)
+            if pending & wait_for:
+                time.sleep(self.poll)
+        for mid in pending:
+            errors[ids[mid]] = (
+                f"no reply within {timeout:g} s" if mid in wait_for else "not awaited (dropped out)"
+            )
+        return replies, errors
+
+
+def _error_reason(reason: str) -> str:
+    """Flower wraps a ClientApp's exception as ``<class '...'>:<'message'>``; keep the message."""
+    head, sep, tail = reason.partition(">:<'")
+    if sep and tail.endswith("'>"):
+        name = head.rsplit(".", 1)[-1].strip("'<>")
+        return f"{name}: {tail[:-2]}"
+    return reason
+
+
+class Coordinator:
+    """Runs ``config`` on the connected sites and writes the same files as ``securefed train``.
+
+    Args:
+        config: The run configuration (the same as ``securefed train``'s).
+        link: The connection to the sites.
+        out: Run folder (absolute path on the server machine).
+        fit_timeout: Seconds a site may take to train a round before it counts as dropped.
+        stage_timeout: Seconds a site may take for a protocol step.
+        connect_timeout: Seconds to wait for ``config.clients`` sites to connect.
+        resume: Continue from ``out/checkpoint`` instead of starting afresh.
+        stop_after: Stop (as if the server died) after this many rounds: tests and drills.
+
+    """
+
+    def __init__(
+        self,
+        config: RunConfig,
+        *,
+        link: Link,
+        out: Path,
+        fit_timeout: float = 3600.0,
+        stage_timeout: float = 300.0,
+        connect_timeout: float = 300.0,
+        resume: bool = False,
+        stop_after: int | None = None,
+    ) -> None:
+        check_deployable(config)
+        self.config = config
+        self.link = link
+        self.out = Path(out)
+        self.fit_timeout = fit_timeout
+        self.stage_timeout = stage_timeout
+        self.connect_timeout = connect_timeout
+        self.resume = resume
+        self.stop_after = stop_after
+        self.device = resolve_device(config.device)
+        self.bundle = load_dataset(
+            name=config.dataset,
+            data_dir=config.data_dir,
+            data=config.data,
+            seed=config.seed,
+            **(config.data_options or {}),
+        )
+        self.task = build_task_for(self.bundle, config)
+        self.spec = model_spec(self.bundle, self.task, config)
+        torch.manual_seed(_seed_for(config.seed, 0x30DE1))
+        self.built = build_model(name=config.model, spec=self.spec)
+        self.models = [self.built.module.to(self.device)]
+        self.public_indices = None
+        self.transfer = Federation._apply_transfer(self)  # type: ignore[arg-type]
+        state = self.models[0].state_dict()
+        trainable = [n for n, p in self.models[0].named_parameters() if p.requires_grad]
+        self.layout = ParamLayout(state, keys=trainable if self.transfer["frozen"] else None)
+        self.server_opts = [
+            build_server_optimizer(
+                name=config.server_opt,
+                lr=config.effective_server_lr,
+                momentum=config.server_momentum,
+            )
+        ]
+        self.aggregator = build_aggregator(
+            mode=config.secure_agg, n_clients=config.clients, **_aggregator_options(config)
+        )
+        self.ledger = PrivacyLedger()
+        self.plans: dict[int, DPPlan] = {}
+        self.delta: float | None = None
+        self.sites: dict[int, dict[str, Any]] = {}
+        self.nodes: dict[int, int] = {}
+        self.eps_history: dict[int, list[float]] = {}
+        self.records: list[RoundRecord] = []
+        self.elapsed = 0.0
+        self._log = self.out / "deploy-log.jsonl"
+
+    #: What a deployed server learns beyond the in-process runtime's disclosures.
+    runtime_disclosures = (
+        "each site's training-set size (it sets delta and the FedAvg weights; the sizes are "
+        "reported per site in privacy.json)",
+        "each site's held-out metrics of the global model, and its DP accounting events",
+        "which sites answered each protocol step, and when (deploy-log.jsonl)",
+    )
+
+    # -- what write_outputs and Federation.metrics read -------------------------------------
+    @property
+    def global_model(self) -> torch.nn.Module:
+        """The served model."""
+        return self.models[0]
+
+    def personalize_rounds(self) -> int:
+        """Digital twins are not run on Flower (yet)."""
+        return 0
+
+    def site_summaries(self) -> list[dict[str, Any]]:
+        """Per site: sizes and epsilon history; class counts stay at the sites."""
+        return [
+            {
+                "client_id": cid,
+                "num_samples": info["num_samples"],
+                "num_heldout": info["num_heldout"],
+                "class_counts": None,
+                "epsilon_per_round": list(self.eps_history.get(cid, [])),
+            }
+            for cid, info in sorted(self.sites.items())
+        ]
+
+    def metrics(self) -> dict[str, Any]:
+        """``metrics.json``: the in-process schema, plus the transport figures per round."""
+        out = Federation.metrics(self)  # type: ignore[arg-type]
+        out["runtime"] = "flower"
+        assert out["schema_version"] == METRICS_SCHEMA_VERSION
+        return out
+
+    # -- progress ---------------------------------------------------------------------------
+    def _event(self, **fields: Any) -> None:
+        line = json.dumps({"time": round(time.time(), 3), **fields}, sort_keys=True)
+        with self._log.open("a") as fh:
+            fh.write(line + "\n")
+        log.info(line)
+
+    # -- set-up -----------------------------------------------------------------------------
+    def _connect(self) -> list[int]:
+        need = self.config.clients
+        deadline = time.monotonic() + self.connect_timeout
+        while True:
+            nodes = self.link.node_ids()
+            if len(nodes) >= need:
+                return nodes
+            if time.monotonic() > deadline:
+                raise ConfigError(
+                    f"only {len(nodes)} of {need} sites connected within "
+                    f"{self.connect_timeout:g} s; start a site process for each"
+                )
+            time.sleep(0.2)
+
+    def _setup(self) -> None:
+        nodes = self._connect()
+        cfg = self.config.to_dict()
+        replies, errors = self.link.exchange(
+            {n: (Stage.SETUP, {"config": cfg}) for n in nodes},
+            timeout=self.stage_timeout,
+            group="setup",
+        )
+        if errors:
+            node, why = sorted(errors.items())[0]
+            raise ConfigError(f"site set-up failed on node {node}: {why}")
+        by_site: dict[int, int] = {}
+        for node, info in replies.items():
+            sid = int(info["site_id"])
+            if sid in by_site:
+                raise ConfigError(f"two site processes claim site-id {sid}; give each its own")
+            by_site[sid] = node
+            self._check_site(sid, info)
+        wanted = set(range(self.config.clients))
+        if set(by_site) != wanted:
+            raise ConfigError(
+                f"the run has {self.config.clients} sites (site-id 0..{self.config.clients - 1}); "
+                f"connected: {sorted(by_site)}"
+            )
+        self.nodes = by_site
+        self.sites = {sid: replies[node] for sid, node in by_site.items()}
+        if self.config.dp_enabled:
+            n_min = min(s["num_samples"] for s in self.sites.values())
+            self.delta = (
+                self.config.dp_delta
+                if self.config.dp_delta is not None
+                else default_delta(smallest_site=n_min)
+            )
+            self.plans = {
+                sid: plan_site_privacy(self.config, num_samples=s["num_samples"], delta=self.delta)
+                for sid, s in self.sites.items()
+            }
+        self._event(event="setup", sites={str(k): v for k, v in sorted(by_site.items())})
+
+    def _check_site(self, sid: int, info: Mapping[str, Any]) -> None:
+        want = {
+            "in_channels": self.spec.in_channels,
+            "num_classes": self.spec.num_classes,
+            "spatial_dims": self.spec.spatial_dims,
+            "image_shape": list(self.spec.image_shape),
+        }
+        if info.get("spec") != want or info.get("task") != self.task.name:
+            raise ConfigError(
+                f"site {sid}: its data ({info.get('task')}, {info.get('spec')}) does not fit "
+                f"the run's model ({self.task.name}, {want})"
+            )
+        if int(info.get("num_samples", 0)) < 1:
+            raise ConfigError(f"site {sid}: no training samples")
+
+    # -- checkpoint -------------------------------------------------------------------------
+    def _checkpoint(self, round_index: int) -> None:
+        save_checkpoint(
+            self.out,
+            round_index=round_index,
+            model_state=self.models[0].state_dict(),
+            optimizer_state=self.server_opts[0].state(),
+            meta={
+                "config": self.config.to_dict(),
+                "sites": {str(k): v for k, v in self.sites.items()},
+                "delta": self.delta,
+                "events": [e.to_dict() for e in self.ledger.events],
+                "epsilon_per_round": {str(k): v for k, v in self.eps_history.items()},
+                "records": [{"data": r.data, "applied": r.applied} for r in self.records],
+                "elapsed": self.elapsed,
+            },
+        )
+        self._event(event="checkpoint", round=round_index)
+
+    def _restore(self) -> int:
+        ck = load_checkpoint(self.out)
+        if ck.meta["config"] != json.loads(json.dumps(self.config.to_dict())):
+            raise ConfigError(
+                f"{self.out}/checkpoint: written for another configuration; resume with the "
+                "same options (see its config)"
+            )
+        self.models[0].load_state_dict(ck.model_state, strict=True)
+        self.server_opts[0].load_state(ck.optimizer_state)
+        for e in ck.meta["events"]:
+            self.ledger.record(PrivacyEvent(**e))
+        self.eps_history = {int(k): list(v) for k, v in ck.meta["epsilon_per_round"].items()}
+        self.records = [
+            RoundRecord(data=r["data"], applied=r["applied"]) for r in ck.meta["records"]
+        ]
+        self.elapsed = float(ck.meta["elapsed"])
+        saved_sites = {int(k): v for k, v in ck.meta["sites"].items()}
+        for sid, info in self.sites.items():
+            old = saved_sites.get(sid, {})
+            if (old.get("num_samples"), old.get("fingerprint")) != (
+                info["num_samples"],
+                info["fingerprint"],
+            ):
+                raise ConfigError(f"site {sid}: its data changed since the checkpoint")
+        self._event(event="resume", round=ck.round)
+        return ck.round
+
+    # -- rounds -----------------------------------------------------------------------------
+    def run(self) -> Path:
+        """Set up, run every round (resuming if asked), evaluate, write the run's files."""
+        from securefed.fl.run import _prepare_out, write_outputs
+
+        if self.resume:
+            if (self.out / "privacy.json").exists():
+                raise ConfigError(f"{self.out}: the run already finished")
+        else:
+            _prepare_out(self.out)
+            if (self.out / "checkpoint").exists():
+                raise ConfigError(f"{self.out}: holds a checkpoint; resume it or choose another")
+        self.out.mkdir(parents=True, exist_ok=True)
+        self._setup()
+        first = self._restore() + 1 if self.resume else 1
+        for r in range(first, self.config.rounds + 1):
+            self.run_round(r)
+            self._checkpoint(r)
+            if self.stop_after is not None and r >= self.stop_after:
+                self._event(event="stopped", round=r)
+                return self.out
+        self._final_evaluation()
+        write_outputs(self, self.out)  # type: ignore[arg-type]
+        self._event(event="done", out=str(self.out))
+        return self.out
+
+    def _weights(self) -> bytes:
+        return weights_to_bytes(self.models[0].state_dict())
+
+    def _base(self) -> dict[str, Any]:
+        return {"config": self.config.to_dict(), "layout_keys": list(self.layout.keys)}
+
+    def run_round(self, round_index: int) -> RoundRecord:
+        """One round over the network. A failed round changes no model."""
+        start = time.perf_counter()
+        cfg = self.config
+        chosen = sample_participants(cfg, ids=sorted(self.sites), round_index=round_index)
+        weights = self._weights()
+        payloads: dict[int, tuple[str, dict[str, Any]]] = {}
+        for sid in sorted(self.sites):
+            node = self.nodes[sid]
+            if sid in chosen:
+                payloads[node] = (
+                    Stage.FIT,
+                    {
+                        **self._base(),
+                        "weights": weights,
+                        "round": round_index,
+                        "delta": self.delta,
+                        "n_sites": len(chosen),
+                        "secure_agg": cfg.secure_agg,
+                        "history": [e.to_dict() for e in self.ledger.for_client(sid)],
+                        "evaluate_first": round_index > 1,
+                    },
+                )
+            elif round_index > 1:
+                payloads[node] = (Stage.EVALUATE, {**self._base(), "weights": weights})
+        sent_before = dict(self.link.sent)
+        received_before = dict(self.link.received)
+        self._event(event="sent", round=round_index, stage="fit")
+        replies, errors = self._exchange(
+            payloads, timeout=self.fit_timeout, round_index=round_index
+        )
+        site_replies = {
+            sid: replies[self.nodes[sid]] for sid in self.sites if self.nodes[sid] in replies
+        }
+        self._fill_previous(site_replies)
+        fits = {sid: rep for sid, rep in site_replies.items() if sid in chosen}
+        train_loss: dict[int, float] = {}
+        for sid in sorted(fits):
+            try:
+                self._account(sid, fits[sid], round_index)
+            except ProtocolError as exc:
+                errors[self.nodes[sid]] = str(exc)
+                del fits[sid]
+                continue
+            train_loss[sid] = float(fits[sid]["train_loss"])
+        self._event(
+            event="replies",
+            round=round_index,
+            stage="fit",
+            sites=sorted(fits),
+            errors={str(k): v for k, v in errors.items()},
+        )
+        agg_start = time.perf_counter()
+        total, survivors, error, clipped, server_seconds = self._aggregate(
+            fits, round_index, len(chosen)
+        )
+        agg_seconds = time.perf_counter() - agg_start
+        applied = error is None
+        if applied:
+            state = {n: v.detach().clone() for n, v in self.models[0].state_dict().items()}
+            current = self.layout.flatten(state)
+            delta = total[:-1] / float(total[-1])
+            new_vec = self.server_opts[0].step(current=current, delta=delta)
+            self.models[0].load_state_dict({**state, **self.layout.unflatten(new_vec)}, strict=True)
+        eval_start = time.perf_counter()
+        record = self._evaluate(round_index, chosen, train_loss)
+        eval_seconds = time.perf_counter() - eval_start
+        seconds = time.perf_counter() - start
+        self.elapsed += seconds
+        sent = {
+            s: self.link.sent.get(self.nodes[s], 0) - sent_before.get(self.nodes[s], 0)
+            for s in self.sites
+        }
+        received = {
+            s: self.link.received.get(self.nodes[s], 0) - received_before.get(self.nodes[s], 0)
+            for s in self.sites
+        }
+        record.update(
+            {
+                "seconds": seconds,
+                "cumulative_seconds": self.elapsed,
+                "applied": applied,
+                "error": error,
+                "participants": chosen,
+                "survivors": survivors,
+                "dropped": sorted(set(chosen) - set(survivors)),
+                "timing": {
+                    "local_training": sum(float(f["train_seconds"]) for f in fits.values()),
+                    "protection": sum(float(f.get("protect_seconds", 0.0)) for f in fits.values()),
+                    "aggregation": server_seconds if server_seconds is not None else agg_seconds,
+                    "personalization": 0.0,
+                    "evaluation": eval_seconds,
+                },
+                "bytes_per_client": {str(s): received[s] for s in sorted(fits)},
+                "clipped_values": clipped,
+                "transport": {
+                    "runtime": "flower",
+                    "payload_bytes_from_site": {str(s): received[s] for s in self.sites},
+                    "payload_bytes_to_site": {str(s): sent[s] for s in self.sites},
+                    "site_errors": {
+                        str(sid): errors[n] for sid, n in self.nodes.items() if n in errors
+                    },
+                },
+            }
+        )
+        rec = RoundRecord(data=record, applied=applied)
+        self.records.append(rec)
+        self._event(
+            event="round",
+            round=round_index,
+            applied=applied,
+            error=error,
+            survivors=survivors,
+            seconds=round(seconds, 3),
+        )
+        return rec
+
+    def _exchange(
+        self,
+        payloads: Mapping[int, tuple[str, dict[str, Any]]],
+        *,
+        timeout: float,
+        round_index: int,
+    ) -> tuple[dict[int, dict[str, Any]], dict[int, str]]:
+        return self.link.exchange(payloads, timeout=timeout, group=str(round_index))
+
+    def _account(self, sid: int, reply: Mapping[str, Any], round_index: int) -> None:
+        """Check a site's DP report against the plan the server derives, then record it."""
+        events = [PrivacyEvent(**e) for e in reply.get("events") or []]
+        if int(reply.get("num_samples", -1)) != self.sites[sid]["num_samples"]:
+            raise ProtocolError(f"site {sid}: its sample count changed during the run")
+        plan = self.plans.get(sid)
+        for e in events:
+            if e.client_id != sid or e.round != round_index or e.phase != "federated":
+                raise ProtocolError(f"site {sid}: reported an event that is not its round's")
+            if plan is None or (e.noise_multiplier, e.sample_rate) != (
+                plan.noise_multiplier,
+                plan.sample_rate,
+            ):
+                raise ProtocolError(f"site {sid}: trained with other DP parameters than planned")
+        if self.config.dp_enabled and not events:
+            raise ProtocolError(f"site {sid}: reported no DP accounting for round {round_index}")
+        for e in events:
+            self.ledger.record(e)
+
+    def _aggregate(
+        self, fits: Mapping[int, Mapping[str, Any]], round_index: int, n_sites: int
+    ) -> tuple[np.ndarray | None, list[int], str | None, int, float | None]:
+        """Sum the sites' vectors: in the clear, or through the masking protocol."""
+        dim = self.layout.size + 1
+        if not fits:
+            return None, [], "no site completed training this round", 0, None
+        if self.config.secure_agg == "none":
+            total = np.zeros(dim)
+            for sid in sorted(fits):
+                total += vector_from_bytes(fits[sid]["vector"], length=dim, what=f"site {sid}")
+            return total, sorted(fits), None, 0, None
+        try:
+            return self._masked_sum(fits, round_index, n_sites, dim)
+        except ProtocolError as exc:
+            return None, [], str(exc), 0, None
+
+    def _masked_sum(
+        self, fits: Mapping[int, Mapping[str, Any]], round_index: int, n_sites: int, dim: int
+    ) -> tuple[np.ndarray, list[int], None, int, float]:
+        from securefed.crypto.secagg import SecAggServer
+
+        config = secagg_config(self.config, n_sites=n_sites)
+        chosen = sample_participants(self.config, ids=sorted(self.sites), round_index=round_index)
+        server = SecAggServer(config=config, round_index=round_index, site_ids=chosen, dim=dim)
+        advertised = []
+        for sid in sorted(fits):
+            try:
+                server.receive_advertise_keys(fits[sid]["advertise"])
+            except ProtocolError as exc:
+                self._event(event="refused", round=round_index, site=sid, why=str(exc))
+                continue
+            advertised.append(sid)
+
+        def step(stage: str, name: str, messages: Mapping[int, bytes], receive: Callable) -> dict:
+            payloads = {
+                self.nodes[sid]: (stage, {"round": round_index, "message": m})
+                for sid, m in messages.items()
+            }
+            self._event(event="sent", round=round_index, stage=name)
+            replies, errors = self._exchange(
+                payloads, timeout=self.stage_timeout, round_index=round_index
+            )
+            by_site = {}
+            for sid in sorted(messages):
+                rep = replies.get(self.nodes[sid])
+                if rep is None:
+                    continue
+                try:
+                    receive(rep["message"])
+                except ProtocolError as exc:
+                    errors[self.nodes[sid]] = str(exc)
+                    continue
+                by_site[sid] = rep
+            self._event(
+                event="replies",
+                round=round_index,
+                stage=name,
+                sites=sorted(by_site),
+                errors={str(k): v for k, v in errors.items()},
+            )
+            return by_site
+
+        keys = server.public_keys()
+        step(
+            Stage.SHARE,
+            "share",
+            dict.fromkeys(advertised, keys),
+            server.receive_encrypted_shares,
+        )
+        masked = step(
+            Stage.MASKED, "masked", dict(server.relay_shares()), server.receive_masked_input
+        )
+        request = server.unmask_request()
+        step(
+            Stage.UNMASK,
+            "unmask",
+            dict.fromkeys(server.survivors, request),
+            server.receive_unmask_shares,
+        )
+        total = server.aggregate()
+        clipped = sum(int(r.get("clipped", 0)) for r in masked.values())
+        return total, sorted(server.survivors), None, clipped, server.timer.wall
+
+    # -- evaluation -------------------------------------------------------------------------
+    def _epsilon(self, sid: int) -> float | None:
+        plan = self.plans.get(sid)
+        if plan is None:
+            return None
+        return compute_epsilon(
+            history=self.ledger.history(sid), delta=plan.delta, accountant=plan.accountant
+        )
+
+    def _evaluate(
+        self, round_index: int, chosen: list[int], train_loss: dict[int, float]
+    ) -> dict[str, Any]:
+        clients = []
+        for sid in sorted(self.sites):
+            eps = self._epsilon(sid)
+            self.eps_history.setdefault(sid, []).append(eps if eps is not None else float("inf"))
+            clients.append(
+                {
+                    "client_id": sid,
+                    "participated": sid in chosen,
+                    "num_train_samples": self.sites[sid]["num_samples"],
+                    "train_loss": train_loss.get(sid),
+                    "epsilon": eps,
+                }
+            )
+        return {
+            "round": round_index,
+            "global": self.task.evaluate(
+                model=self.models[0], split=self.bundle.test, device=self.device
+            ),
+            "clients": clients,
+            "site_mean": {self.task.primary_metric: None},
+        }
+
+    def _fill_previous(self, replies: Mapping[int, Mapping[str, Any]]) -> None:
+        """Sites evaluated the model they received: that is the previous round's result."""
+        if not self.records:
+            return
+        data = self.records[-1].data
+        for entry in data["clients"]:
+            rep = replies.get(entry["client_id"])
+            if rep is None:
+                continue
+            metrics = rep.get("previous_metrics", rep.get("metrics"))
+            if metrics:
+                entry.update(metrics)
+        primary = self.task.primary_metric
+        scored = [c[primary] for c in data["clients"] if c.get(primary) is not None]
+        data["site_mean"] = {primary: float(np.mean(scored)) if scored else None}
+
+    def _final_evaluation(self) -> None:
+        """Every site evaluates the final model; last round's dropouts are not waited for."""
+        payloads = {
+            self.nodes[sid]: (Stage.EVALUATE, {**self._base(), "weights": self._weights()})
+            for sid in sorted(self.sites)
+        }
+        last = self.records[-1].data if self.records else {}
+        gone = set(last.get("dropped", []))
+        awaited = {self.nodes[sid] for sid in self.sites if sid not in gone}
+        self._event(event="sent", stage="evaluate")
+        replies, errors = self.link.exchange(
+            payloads, timeout=self.fit_timeout, group="final", awaited=awaited
+        )
+        self._fill_previous(
+            {sid: replies[self.nodes[sid]] for sid in self.sites if self.nodes[sid] in replies}
+        )
+        self._event(
+            event="replies", stage="evaluate", errors={str(k): v for k, v in errors.items()}
+        )

@@ -1,0 +1,343 @@
+"""Start the Flower processes of a deployment and submit runs: the commands behind the CLI.
+
+A deployment is three kinds of process, each on its own machine in real use:
+
+- the **SuperLink** (``flower-superlink``): the server; Flower starts the securefed ServerApp
+  next to it for each run;
+- one **SuperNode** per hospital (``flower-supernode``), pointing at its own data through its
+  node configuration; Flower starts the securefed ClientApp in it for each message;
+- ``flwr run``, which submits a run (the securefed Flower App and its configuration).
+
+TLS is on unless ``insecure`` is asked for. These helpers only build argument lists and
+environments (and wait for a submitted run); the processes are Flower's own.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from collections.abc import Mapping
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from securefed.config import RunConfig
+from securefed.errors import ConfigError, OptionalDependencyError, ProtocolError
+
+__all__ = [
+    "DEFAULT_PORT",
+    "RunOptions",
+    "flower_env",
+    "node_config",
+    "prepare_app",
+    "submit",
+    "superlink_command",
+    "supernode_command",
+    "register_command",
+]
+
+#: Flower 1.42 serves the Fleet, Control and Runtime APIs on one HTTP port.
+DEFAULT_PORT = 8000
+
+
+def _tool(name: str) -> str:
+    """A Flower executable from this environment (next to the running Python first)."""
+    local = Path(sys.executable).parent / name
+    if local.exists():
+        return str(local)
+    found = shutil.which(name)
+    if found is None:
+        raise OptionalDependencyError(
+            f"`{name}` not found: install Flower with  pip install 'securefed[deploy]'"
+        )
+    return found
+
+
+def flower_env(
+    base: Mapping[str, str] | None = None, *, home: Path | None = None
+) -> dict[str, str]:
+    """Environment for Flower processes: this Python's tools first on PATH, fast task polling.
+
+    Flower starts the ServerApp and every ClientApp as child processes found on ``PATH``;
+    they must be this environment's, or they would not import securefed.
+    """
+    env = dict(os.environ if base is None else base)
+    env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
+    # SuperExec polls for new tasks every 1 s by default; each round has four exchanges.
+    env.setdefault("FLWR_SUPEREXEC_TASK_POLL_INTERVAL", "0.1")
+    if home is not None:
+        env["FLWR_HOME"] = str(home)
+    return env
+
+
+def _tls(certs: Path | None, insecure: bool, *, what: str) -> None:
+    if insecure and certs is not None:
+        raise ConfigError(f"{what}: give either --certs or --insecure, not both")
+    if not insecure and certs is None:
+        raise ConfigError(
+            f"{what}: TLS needs --certs FOLDER (make a test one with `securefed certs`); "
+            "--insecure turns encryption off"
+        )
+    if certs is not None and not (Path(certs) / "ca.crt").exists():
+        raise ConfigError(f"{certs}: no ca.crt (create the folder with `securefed certs`)")
+
+
+def superlink_command(
+    *,
+    certs: Path | None,
+    insecure: bool = False,
+    host: str = "127.0.0.1",
+    port: int = DEFAULT_PORT,
+    node_auth: bool = False,
+    database: Path | None = None,
+) -> list[str]:
+    """``flower-superlink`` with TLS from ``certs`` (ca.crt, server.pem, server.key).
+
+    Args:
+        certs: Folder written by ``securefed certs`` (or your PKI's files, same names).
+        insecure: Plain HTTP (only for a closed test network).
+        host: Address to listen on (``0.0.0.0`` for every interface).
+        port: The one HTTP port Flower 1.42 serves its APIs on.
+        node_auth: Accept only SuperNodes whose public key was registered.
+        database: SQLite file for the SuperLink's state (default: in memory).
+
+    """
+    _tls(certs, insecure, what="server")
+    cmd = [_tool("flower-superlink"), "--host", host, "--port", str(port)]
+    if insecure:
+        cmd.append("--insecure")
+    else:
+        c = Path(certs)  # type: ignore[arg-type]
+        cmd += [
+            "--ssl-ca-certfile",
+            str(c / "ca.crt"),
+            "--ssl-certfile",
+            str(c / "server.pem"),
+            "--ssl-keyfile",
+            str(c / "server.key"),
+        ]
+    if node_auth:
+        cmd.append("--enable-supernode-auth")
+    if database is not None:
+        cmd += ["--database", str(database)]
+    # Nothing is installed at run time: every machine runs the same installed securefed.
+    cmd.append("--disable-runtime-dependency-installation")
+    return cmd
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return str(value)
+    text = str(value)
+    if '"' in text:
+        # Flower's --node-config parser ends a "..." value at the first quote, escaped or not.
+        if "'" in text:
+            raise ConfigError(f"{text!r}: a value cannot hold both ' and \" for Flower")
+        return f"'{text}'"
+    return json.dumps(text)  # a TOML basic string has JSON's escapes
+
+
+def node_config(settings: Mapping[str, Any]) -> str:
+    """Flower's ``--node-config`` string (``key=value`` pairs, TOML values), Nones left out."""
+    return " ".join(f"{k}={_toml_value(v)}" for k, v in settings.items() if v is not None)
+
+
+def supernode_command(
+    *,
+    superlink: str,
+    site_id: int,
+    certs: Path | None,
+    insecure: bool = False,
+    dataset: str | None = None,
+    data_dir: str | None = None,
+    data: str | None = None,
+    shard: bool = False,
+    device: str | None = None,
+    runtime_port: int | None = None,
+    auth_key: Path | None = None,
+) -> list[str]:
+    """``flower-supernode`` for one hospital, its data named in its node configuration.
+
+    Args:
+        superlink: ``host:port`` of the SuperLink.
+        site_id: The site's id, 0..N-1.
+        certs: Folder with ``ca.crt`` (the CA that signed the server's certificate).
+        insecure: Plain HTTP.
+        dataset: Data set name (default: the run's).
+        data_dir: Its folder.
+        data: A data folder or file of this hospital.
+        shard: Take shard ``site_id`` of a data set every site shares (trials).
+        device: cpu, cuda or auto.
+        runtime_port: Local port of the SuperNode's runtime API (default 9094 + site id, so
+            several sites fit on one machine).
+        auth_key: This site's private key (``site{i}.key``) when the server authenticates
+            SuperNodes.
+
+    """
+    _tls(certs, insecure, what=f"site {site_id}")
+    cmd = [
+        _tool("flower-supernode"),
+        "--superlink",
+        superlink,
+        "--port",
+        str(runtime_port if runtime_port is not None else 9094 + site_id),
+        "--node-config",
+        node_config(
+            {
+                "site-id": site_id,
+                "dataset": dataset,
+                "data-dir": data_dir,
+                "data": data,
+                "shard": shard or None,
+                "device": device,
+            }
+        ),
+    ]
+    if insecure:
+        cmd.append("--insecure")
+    else:
+        cmd += ["--root-certificates", str(Path(certs) / "ca.crt")]  # type: ignore[arg-type]
+    if auth_key is not None:
+        cmd += ["--auth-supernode-private-key", str(auth_key)]
+    return cmd
+
+
+def prepare_app(folder: Path) -> Path:
+    """Copy the securefed Flower App (a manifest; the code is the installed package)."""
+    app = Path(folder) / "securefed-app"
+    app.mkdir(parents=True, exist_ok=True)
+    manifest = resources.files("securefed.deploy").joinpath("app/pyproject.toml").read_text()
+    (app / "pyproject.toml").write_text(manifest)
+    return app
+
+
+def _flower_home(home: Path, *, superlink: str, certs: Path | None, insecure: bool) -> None:
+    home.mkdir(parents=True, exist_ok=True)
+    lines = ["[superlink]", 'default = "securefed"', "", "[superlink.securefed]"]
+    lines.append(f"address = {_toml_value(superlink)}")
+    if insecure:
+        lines.append("insecure = true")
+    else:
+        lines.append(f"root-certificates = {_toml_value(Path(certs).resolve() / 'ca.crt')}")  # type: ignore[arg-type]
+    (home / "config.toml").write_text("\n".join(lines) + "\n")
+
+
+def register_command(*, public_key: Path) -> list[str]:
+    """``flwr supernode register`` (run with :func:`flower_env` pointing at a Flower home)."""
+    return [_tool("flwr"), "supernode", "register", str(public_key), "securefed"]
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """How ``securefed deploy run`` submits a run.
+
+    Attributes:
+        superlink: ``host:port`` of the SuperLink.
+        certs: Folder with ``ca.crt``; None with ``insecure``.
+        insecure: Plain HTTP.
+        out: Run folder on the server machine (made absolute).
+        resume: Continue from ``out/checkpoint``.
+        fit_timeout: Seconds a site may take to train a round.
+        stage_timeout: Seconds a site may take for a protocol step.
+        connect_timeout: Seconds to wait for every site to connect.
+        stop_after: End the run after this many rounds, leaving a checkpoint (drills).
+
+    """
+
+    superlink: str
+    certs: Path | None
+    insecure: bool
+    out: Path
+    resume: bool = False
+    fit_timeout: float = 3600.0
+    stage_timeout: float = 300.0
+    connect_timeout: float = 300.0
+    stop_after: int = 0
+
+    def __post_init__(self) -> None:
+        _tls(self.certs, self.insecure, what="run")
+        for name in ("fit_timeout", "stage_timeout", "connect_timeout"):
+            if not getattr(self, name) > 0:
+                raise ConfigError(f"`{name}` must be positive (got {getattr(self, name)})")
+        if self.stop_after < 0:
+            raise ConfigError(f"`stop_after` must be >= 0 (got {self.stop_after})")
+
+
+def submit(
+    config: RunConfig,
+    *,
+    options: RunOptions,
+    stream: bool = True,
+    timeout: float | None = None,
+    env: Mapping[str, str] | None = None,
+) -> Path:
+    """Submit ``config`` to the SuperLink with ``flwr run`` and wait for it to finish.
+
+    Returns:
+        The run folder (with config.json, metrics.json, privacy.json, model.safetensors),
+        or, with ``stop_after``, the folder holding the checkpoint.
+
+    Raises:
+        ConfigError: For a configuration the Flower runtime cannot run.
+        ProtocolError: If the run failed; the server's one-line reason is in the message.
+
+    """
+    from securefed.deploy.coordinator import check_deployable
+
+    check_deployable(config)
+    out = Path(options.out).resolve()
+    with tempfile.TemporaryDirectory(prefix="securefed-run-") as tmp:
+        home = Path(tmp) / "flwr-home"
+        _flower_home(
+            home, superlink=options.superlink, certs=options.certs, insecure=options.insecure
+        )
+        app = prepare_app(Path(tmp))
+        run_config = Path(tmp) / "run-config.toml"
+        values = {
+            "config": json.dumps(config.to_dict()),
+            "out": str(out),
+            "resume": options.resume,
+            "fit-timeout": float(options.fit_timeout),
+            "stage-timeout": float(options.stage_timeout),
+            "connect-timeout": float(options.connect_timeout),
+            "stop-after": int(options.stop_after),
+        }
+        run_config.write_text(
+            "\n".join(
+                f"{k} = {_toml_value(v) if not isinstance(v, float) else repr(v)}"
+                for k, v in values.items()
+            )
+            + "\n"
+        )
+        # `--stream` also makes `flwr run` wait for the run to end.
+        cmd = [_tool("flwr"), "run", str(app), "securefed", "--run-config", str(run_config)]
+        cmd.append("--stream")
+        proc = subprocess.run(
+            cmd,
+            env=flower_env(env, home=home),
+            timeout=timeout,
+            stdout=None if stream else subprocess.PIPE,
+            stderr=subprocess.STDOUT if not stream else None,
+            text=True,
+            check=False,
+        )
+    error = out / "deploy-error.txt"
+    if error.exists():
+        raise ProtocolError(f"the deployed run failed: {error.read_text().strip()}")
+    finished = (out / "privacy.json").exists() or (
+        options.stop_after and (out / "checkpoint" / "checkpoint.json").exists()
+    )
+    if proc.returncode != 0 or not finished:
+        tail = (proc.stdout or "").strip().splitlines()[-3:] if not stream else []
+        raise ProtocolError(
+            f"the deployed run did not finish (flwr run exited {proc.returncode}); "
+            + (" | ".join(tail) if tail else "see the server's log")
+        )
+    return out

@@ -1,0 +1,183 @@
+"""A whole deployment on one machine: SuperLink + N SuperNodes as real processes on loopback.
+
+For trials, tests and the transport benchmark. Every process is Flower's own, started in its
+own process group so a kill takes its children (the ServerApp, ClientApps) with it, and
+everything is stopped when the harness closes, even after a failure.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from securefed.config import RunConfig
+from securefed.deploy import launch
+from securefed.errors import ConfigError
+
+__all__ = ["LocalDeployment", "free_port"]
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _wait_port(port: int, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.1)
+    raise ConfigError(f"the SuperLink did not open port {port} within {timeout:g} s")
+
+
+class LocalDeployment:
+    """A SuperLink and ``sites`` SuperNodes on 127.0.0.1, with TLS and node authentication.
+
+    Args:
+        folder: Where certificates, logs and the SuperLink's database go.
+        sites: Number of site processes.
+        tls: Use TLS (a test CA made with :func:`securefed.deploy.certs.create_test_pki`).
+        node_auth: Only registered site keys may connect (needs ``tls``).
+        shard: Sites take their shard of the run's data set (``--shard``).
+
+    Use as a context manager; :meth:`close` kills every process group.
+    """
+
+    def __init__(
+        self,
+        folder: Path,
+        *,
+        sites: int,
+        tls: bool = True,
+        node_auth: bool = True,
+        shard: bool = True,
+        site_options: dict[str, Any] | None = None,
+    ) -> None:
+        self.folder = Path(folder)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.n_sites = sites
+        self.tls = tls
+        self.node_auth = node_auth and tls
+        self.shard = shard
+        self.site_options = dict(site_options or {})
+        self.port = free_port()
+        self.superlink = f"127.0.0.1:{self.port}"
+        self.certs: Path | None = None
+        if tls:
+            from securefed.deploy.certs import create_test_pki
+
+            self.certs = create_test_pki(folder=self.folder / "certs", sites=sites).folder
+        self.server: subprocess.Popen | None = None
+        self.site_procs: dict[int, subprocess.Popen] = {}
+        self.env = launch.flower_env()
+
+    def _spawn(self, cmd: Sequence[str], log: str) -> subprocess.Popen:
+        fh = open(self.folder / log, "ab")  # noqa: SIM115  # the child owns it
+        try:
+            return subprocess.Popen(
+                list(cmd), env=self.env, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True
+            )
+        finally:
+            fh.close()
+
+    def start_server(self) -> None:
+        """Start (or restart) the SuperLink; its database file keeps site registrations."""
+        cmd = launch.superlink_command(
+            certs=self.certs,
+            insecure=not self.tls,
+            port=self.port,
+            node_auth=self.node_auth,
+            database=self.folder / "superlink.db",
+        )
+        self.server = self._spawn(cmd, "superlink.log")
+        _wait_port(self.port, 60)
+
+    def register_sites(self) -> None:
+        """Register each site's public key (node authentication)."""
+        if not self.node_auth:
+            return
+        with tempfile.TemporaryDirectory() as tmp:
+            home = Path(tmp)
+            launch._flower_home(home, superlink=self.superlink, certs=self.certs, insecure=False)
+            for i in range(self.n_sites):
+                subprocess.run(
+                    launch.register_command(public_key=self.certs / f"site{i}.pub"),  # type: ignore[operator]
+                    env=launch.flower_env(self.env, home=home),
+                    check=True,
+                    capture_output=True,
+                    timeout=60,
+                )
+
+    def start_site(self, site_id: int) -> None:
+        """Start one SuperNode."""
+        cmd = launch.supernode_command(
+            superlink=self.superlink,
+            site_id=site_id,
+            certs=self.certs,
+            insecure=not self.tls,
+            shard=self.shard,
+            runtime_port=free_port(),
+            auth_key=(self.certs / f"site{site_id}.key") if self.node_auth else None,  # type: ignore[operator]
+            **self.site_options,
+        )
+        self.site_procs[site_id] = self._spawn(cmd, f"site{site_id}.log")
+
+    def start(self) -> LocalDeployment:
+        """Server, registrations, then every site."""
+        self.start_server()
+        self.register_sites()
+        for i in range(self.n_sites):
+            self.start_site(i)
+        return self
+
+    def kill_site(self, site_id: int) -> None:
+        """SIGKILL a site's process group (the SuperNode and its running ClientApp)."""
+        _kill(self.site_procs.pop(site_id))
+
+    def kill_server(self) -> None:
+        """SIGKILL the SuperLink's process group (with the ServerApp it runs)."""
+        if self.server is not None:
+            _kill(self.server)
+            self.server = None
+
+    def submit(self, config: RunConfig, *, out: Path, timeout: float = 900, **options: Any) -> Path:
+        """``securefed deploy run`` against this deployment."""
+        opts = launch.RunOptions(
+            superlink=self.superlink,
+            certs=self.certs,
+            insecure=not self.tls,
+            out=Path(out),
+            **options,
+        )
+        return launch.submit(config, options=opts, stream=False, timeout=timeout, env=self.env)
+
+    def close(self) -> None:
+        """Kill every process group still running."""
+        for sid in list(self.site_procs):
+            self.kill_site(sid)
+        self.kill_server()
+
+    def __enter__(self) -> LocalDeployment:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _kill(proc: subprocess.Popen) -> None:
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait(timeout=30)

@@ -1,0 +1,304 @@
+"""One hospital's side of a deployed run: its own data, its DP-SGD training, its evaluation.
+
+The same code paths as the in-process runtime (:mod:`securefed.fl.simulation`): the shard
+(:func:`site_splits`), the privacy plan (:func:`plan_site_privacy`), the local update
+(:func:`local_update`), the model registry and the task's metrics. A site process is
+short-lived (Flower starts one per message), so everything is rebuilt from the run
+configuration, the node configuration and the message.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from securefed.config import RunConfig
+from securefed.data.dataset import ArraySplit, DatasetBundle, load_dataset
+from securefed.dp.ledger import PrivacyEvent, PrivacyLedger
+from securefed.dp.trainer import SiteTrainer
+from securefed.errors import ConfigError, DataError, ProtocolError
+from securefed.fl.params import ParamLayout
+from securefed.fl.simulation import (
+    local_update,
+    plan_site_privacy,
+    resolve_device,
+    site_splits,
+)
+from securefed.fl.tasks import Task, build_task
+from securefed.models import ModelSpec, build_model
+
+__all__ = ["NodeSettings", "DeployedSite", "model_spec", "weights_to_bytes", "weights_from_bytes"]
+
+
+@dataclass(frozen=True)
+class NodeSettings:
+    """What a hospital's SuperNode says about itself (Flower ``--node-config``).
+
+    Attributes:
+        site_id: This site's id in the federation, 0..N-1 (its Shamir index is id + 1).
+        dataset: Data set name or loader (default: the run's).
+        data_dir: Folder of the data set (default: the run's).
+        data: A data folder or file (default: the run's).
+        shard: Take shard ``site_id`` of ``clients`` shards of the data, exactly as the
+            in-process runtime would: for trials where every site reads one shared data set.
+            Off (the default), the site's whole training split is its private data.
+        device: ``cpu``, ``cuda`` or ``auto`` (default: the run's).
+
+    """
+
+    site_id: int
+    dataset: str | None = None
+    data_dir: str | None = None
+    data: str | None = None
+    shard: bool = False
+    device: str | None = None
+
+    @classmethod
+    def from_node_config(cls, node_config: Mapping[str, Any]) -> NodeSettings:
+        """Read Flower's node config (keys ``site-id``, ``dataset``, ``data-dir``, ...).
+
+        Raises:
+            ConfigError: If ``site-id`` is missing or not a non-negative integer, or a key
+                is unknown (a typo would otherwise silently fall back to a default).
+
+        """
+        known = {"site-id", "dataset", "data-dir", "data", "shard", "device"}
+        unknown = sorted(set(node_config) - known)
+        if unknown:
+            raise ConfigError(f"node config: unknown keys {unknown}; known: {sorted(known)}")
+        raw = node_config.get("site-id")
+        if isinstance(raw, bool) or not isinstance(raw, int) or raw < 0:
+            raise ConfigError(f"node config: `site-id` must be an integer >= 0 (got {raw!r})")
+
+        def text(key: str) -> str | None:
+            value = node_config.get(key)
+            return None if value in (None, "") else str(value)
+
+        return cls(
+            site_id=raw,
+            dataset=text("dataset"),
+            data_dir=text("data-dir"),
+            data=text("data"),
+            shard=bool(node_config.get("shard", False)),
+            device=text("device"),
+        )
+
+
+def model_spec(bundle: DatasetBundle, task: Task, config: RunConfig) -> ModelSpec:
+    """The model shape a data set implies (the same on the server and at every site)."""
+    return ModelSpec(
+        in_channels=bundle.in_channels,
+        num_classes=bundle.num_classes,
+        spatial_dims=bundle.spatial_dims,
+        task=task.name,
+        image_shape=tuple(bundle.image_shape),
+        fusion=config.fusion,
+    )
+
+
+def weights_to_bytes(state: Mapping[str, torch.Tensor]) -> bytes:
+    """A state dict as safetensors bytes (the only weight format that crosses the network)."""
+    from safetensors.torch import save
+
+    return save({k: v.detach().cpu().contiguous() for k, v in state.items()})
+
+
+def weights_from_bytes(data: bytes, *, what: str) -> dict[str, torch.Tensor]:
+    """Parse safetensors bytes; anything else (a pickle, a truncated file) is refused."""
+    from safetensors.torch import load
+
+    try:
+        return dict(load(bytes(data)))
+    except Exception as exc:  # safetensors raises its own SafetensorError and others
+        raise ProtocolError(f"{what}: not valid safetensors weights ({exc})") from exc
+
+
+def build_task_for(bundle: DatasetBundle, config: RunConfig) -> Task:
+    """The run's task, checked against what the data set is."""
+    data_task = getattr(bundle, "task", "classification")
+    name = data_task if config.task == "auto" else config.task
+    if name != data_task:
+        raise ConfigError(f"--task {name} does not match the data: {bundle.name} is {data_task}")
+    return build_task(
+        name=name,
+        num_classes=bundle.num_classes,
+        label_convention=getattr(bundle, "label_convention", None),
+    )
+
+
+class DeployedSite:
+    """A site's data, model and trainer, rebuilt in each site process.
+
+    Args:
+        config: The run configuration (from the server).
+        node: What the site's own node configuration says.
+
+    """
+
+    def __init__(self, config: RunConfig, node: NodeSettings) -> None:
+        self.config = config
+        self.node = node
+        self.device = resolve_device(node.device or config.device)
+        self.bundle = load_dataset(
+            name=node.dataset or config.dataset,
+            data_dir=node.data_dir if node.data_dir is not None else config.data_dir,
+            data=node.data if node.data is not None else config.data,
+            seed=config.seed,
+            **(config.data_options or {}),
+        )
+        self.task = build_task_for(self.bundle, config)
+        self.train, self.heldout = self._split()
+        self.spec = model_spec(self.bundle, self.task, config)
+
+    def _split(self) -> tuple[ArraySplit, ArraySplit | None]:
+        if not self.node.shard:
+            return self.bundle.train, self.bundle.val
+        if self.node.site_id >= self.config.clients:
+            raise ConfigError(
+                f"node config: site-id {self.node.site_id} but the run has "
+                f"{self.config.clients} sites (ids 0..{self.config.clients - 1})"
+            )
+        try:
+            return site_splits(self.config, train=self.bundle.train, val=self.bundle.val)[
+                self.node.site_id
+            ]
+        except DataError as exc:
+            raise DataError(f"{self.bundle.source}: {exc}") from exc
+
+    def describe(self) -> dict[str, Any]:
+        """What the site tells the server at set-up: sizes and the model shape, no records."""
+        return {
+            "site_id": self.node.site_id,
+            "num_samples": len(self.train),
+            "num_heldout": len(self.heldout) if self.heldout is not None else 0,
+            "dataset": self.bundle.name,
+            "fingerprint": self.bundle.fingerprint,
+            "task": self.task.name,
+            "spec": {
+                "in_channels": self.spec.in_channels,
+                "num_classes": self.spec.num_classes,
+                "spatial_dims": self.spec.spatial_dims,
+                "image_shape": list(self.spec.image_shape),
+            },
+        }
+
+    def model(self, weights: bytes, *, layout_keys: Sequence[str]) -> tuple[Any, ParamLayout]:
+        """The global model from the server's weights, frozen as the run says.
+
+        Raises:
+            ProtocolError: If the weights or the trainable-parameter list do not fit the model.
+
+        """
+        from securefed.models.transfer import freeze
+
+        built = build_model(name=self.config.model, spec=self.spec)
+        model = built.module.to(self.device)
+        state = weights_from_bytes(weights, what="the global weights")
+        try:
+            model.load_state_dict(state, strict=True)
+        except RuntimeError as exc:
+            first = str(exc).strip().splitlines()[0]
+            raise ProtocolError(f"the global weights do not fit the model ({first})") from exc
+        spec = self.config.effective_freeze
+        if spec != "none":
+            freeze(model, spec=spec, head_prefixes=built.head_prefixes)
+        trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+        layout = ParamLayout(model.state_dict(), keys=trainable if spec != "none" else None)
+        if list(layout.keys) != list(layout_keys):
+            raise ProtocolError(
+                "the server's list of aggregated parameters differs from this site's model"
+            )
+        return model, layout
+
+    def fit(
+        self,
+        *,
+        weights: bytes,
+        layout_keys: Sequence[str],
+        round_index: int,
+        delta: float | None,
+        history: Sequence[Mapping[str, Any]],
+    ) -> dict[str, Any]:
+        """Train one round with DP-SGD; return the vector to aggregate and the accounting.
+
+        Args:
+            weights: The global weights (safetensors).
+            layout_keys: Parameters the server aggregates, in order.
+            round_index: 1-based round.
+            delta: The run's delta (the server derives it from every site's size).
+            history: This site's DP events of earlier rounds, so the accountant carries on.
+
+        """
+        model, layout = self.model(weights, layout_keys=layout_keys)
+        ledger = PrivacyLedger()
+        plan = None
+        if self.config.dp_enabled:
+            if delta is None:
+                raise ProtocolError("a DP run needs delta from the server")
+            plan = plan_site_privacy(self.config, num_samples=len(self.train), delta=delta)
+        trainer = SiteTrainer(
+            client_id=self.node.site_id,
+            dataset=self._training_data(),
+            plan=plan,
+            ledger=ledger,
+            batch_size=self.config.batch_size,
+            lr=self.config.lr,
+            momentum=self.config.momentum,
+            device=self.device,
+            max_grad_norm=self.config.max_grad_norm,
+            loss_fn=self.task.loss_fn,
+        )
+        try:
+            earlier = [PrivacyEvent(**e) for e in history]
+        except TypeError as exc:
+            raise ProtocolError(f"malformed privacy history from the server ({exc})") from exc
+        if any(e.round >= round_index for e in earlier):
+            raise ProtocolError(f"privacy history holds events of round {round_index} or later")
+        if plan is not None:
+            trainer.resume_accounting(earlier)
+        vec, loss, seconds, _ = local_update(
+            self.config, trainer=trainer, layout=layout, model=model, round_index=round_index
+        )
+        new = [e.to_dict() for e in ledger.events[len(earlier) :]]
+        return {
+            "vector": np.asarray(vec, dtype=np.float64),
+            "train_loss": float(loss),
+            "train_seconds": float(seconds),
+            "events": new,
+            "epsilon": trainer.epsilon() if plan is not None else None,
+            "plan": (
+                {
+                    "noise_multiplier": plan.noise_multiplier,
+                    "sample_rate": plan.sample_rate,
+                    "max_grad_norm": plan.max_grad_norm,
+                    "planned_steps": plan.planned_steps,
+                    "delta": plan.delta,
+                    "accountant": plan.accountant,
+                }
+                if plan is not None
+                else None
+            ),
+        }
+
+    def _training_data(self) -> torch.utils.data.Dataset:
+        if not self.config.augment:
+            return self.train.to_torch()
+        from securefed.data.transforms import AugmentedDataset, augment_transform
+        from securefed.fl.simulation import _seed_for
+
+        return AugmentedDataset(
+            self.train,
+            transform=augment_transform(spatial_dims=self.bundle.spatial_dims),
+            seed=_seed_for(self.config.seed, 8, self.node.site_id),
+        )
+
+    def evaluate(self, *, weights: bytes, layout_keys: Sequence[str]) -> dict[str, Any] | None:
+        """The task's metrics of the global model on this site's held-out data (None if none)."""
+        if self.heldout is None:
+            return None
+        model, _ = self.model(weights, layout_keys=layout_keys)
+        return self.task.evaluate(model=model, split=self.heldout, device=self.device)
