@@ -33,9 +33,7 @@ class ServerOptimizer(ABC):
 
     def state(self) -> dict[str, np.ndarray]:
         """The optimizer's running state (momentum, moments), for a server checkpoint."""
-        return {
-            k.lstrip("_"): v.copy() for k, v in vars(self).items() if isinstance(v, np.ndarray)
-        }
+        return {k.lstrip("_"): v.copy() for k, v in vars(self).items() if isinstance(v, np.ndarray)}
 
     def load_state(self, state: dict[str, np.ndarray]) -> None:
         """Restore :meth:`state` (a resumed server continues the same optimizer)."""
