@@ -241,6 +241,7 @@ class Coordinator:
         self.eps_history: dict[int, list[float]] = {}
         self.records: list[RoundRecord] = []
         self.elapsed = 0.0
+        self._step_errors: dict[int, str] = {}
         self._log = self.out / "deploy-log.jsonl"
 
     #: What a deployed server learns beyond the in-process runtime's disclosures.
@@ -460,6 +461,7 @@ class Coordinator:
                 )
             elif round_index > 1:
                 payloads[node] = (Stage.EVALUATE, {**self._base(), "weights": weights})
+        self._step_errors: dict[int, str] = {}
         sent_before = dict(self.link.sent)
         received_before = dict(self.link.received)
         self._event(event="sent", round=round_index, stage="fit")
@@ -492,6 +494,8 @@ class Coordinator:
             fits, round_index, len(chosen)
         )
         agg_seconds = time.perf_counter() - agg_start
+        for node, why in self._step_errors.items():
+            errors.setdefault(node, why)
         applied = error is None
         if applied:
             state = {n: v.detach().clone() for n, v in self.models[0].state_dict().items()}
@@ -634,6 +638,8 @@ class Coordinator:
                     errors[self.nodes[sid]] = str(exc)
                     continue
                 by_site[sid] = rep
+            for node, why in errors.items():
+                self._step_errors.setdefault(node, f"{name}: {why}")
             self._event(
                 event="replies",
                 round=round_index,
@@ -721,7 +727,7 @@ class Coordinator:
             for sid in sorted(self.sites)
         }
         last = self.records[-1].data if self.records else {}
-        gone = set(last.get("dropped", []))
+        gone = {int(k) for k in last.get("transport", {}).get("site_errors", {})}
         awaited = {self.nodes[sid] for sid in self.sites if sid not in gone}
         self._event(event="sent", stage="evaluate")
         replies, errors = self.link.exchange(

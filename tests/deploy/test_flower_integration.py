@@ -163,7 +163,8 @@ def test_every_process_is_gone_afterwards(restarted_run) -> None:
 def test_a_site_killed_mid_round_is_recovered(tmp_path, tiny_npz) -> None:
     # Prepare: one round; site 2 is killed once every site has shared its keys, so the
     # others hold shares of its mask key and the server must remove its masks.
-    config = _config(tiny_npz, rounds=1)
+    # A threshold of 2 of 3 tolerates one dropout (the default for 3 sites, 3, tolerates none).
+    config = _config(tiny_npz, rounds=1, secagg_threshold=2)
     out = tmp_path / "run"
     dep = LocalDeployment(tmp_path / "deployment", sites=3)
     killed: dict[str, float] = {}
