@@ -905,6 +905,12 @@ def deploy_register(certs, insecure, superlink, public_key) -> None:
     default=None,
     help="This site's private key (site{i}.key) for a server with --node-auth.",
 )
+@click.option(
+    "--he-key",
+    type=click.Path(dir_okay=False, exists=True),
+    default=None,
+    help="The sites' CKKS secret context (ckks-<id>.secret) for --secure-agg he.",
+)
 def deploy_site(
     certs,
     insecure,
@@ -917,6 +923,7 @@ def deploy_site(
     device,
     runtime_port,
     auth_key,
+    he_key,
 ) -> None:
     """Start one hospital's Flower SuperNode, pointing at its own data."""
     from securefed.deploy.launch import supernode_command
@@ -934,8 +941,37 @@ def deploy_site(
             device=device,
             runtime_port=runtime_port,
             auth_key=Path(auth_key) if auth_key else None,
+            he_key=Path(he_key) if he_key else None,
         )
     )
+
+
+@deploy.command("he-keys")
+@click.option("--out", type=click.Path(file_okay=True), required=True, help="Existing folder.")
+@click.option("--he-poly-modulus-degree", type=int, default=None, help="CKKS ring degree N.")
+@click.option("--he-coeff-bits", default=None, help="CKKS moduli in bits, e.g. 60,40,40,60.")
+@click.option("--he-scale-bits", type=int, default=None, help="CKKS scale 2^bits.")
+def deploy_he_keys(out, he_poly_modulus_degree, he_coeff_bits, he_scale_bits) -> None:
+    """Create the sites' shared CKKS key set (run it at one site; copy to the others).
+
+    Writes ckks-<id>.secret (0600, for the sites only) and ckks-<id>.public. Use the same
+    --he-* options as the run. The server never needs a file: sites send it the public context.
+    """
+    from securefed.crypto.ckks import generate_keys, write_key_files
+    from securefed.fl.simulation import _aggregator_options
+
+    flags = {
+        "he_poly_modulus_degree": he_poly_modulus_degree,
+        "he_coeff_bits": he_coeff_bits,
+        "he_scale_bits": he_scale_bits,
+    }
+    config = _config_from_flags(None, False, (), flags).replace(secure_agg="he")
+    from securefed.crypto.ckks import CKKSParams
+
+    keys = generate_keys(params=CKKSParams(**_aggregator_options(config)))
+    Path(out).mkdir(parents=True, exist_ok=True)
+    secret, public = write_key_files(keys, directory=out)
+    click.echo(f"CKKS key set: {secret} (sites only) and {public}")
 
 
 @deploy.command("run")

@@ -54,13 +54,13 @@ def check_deployable(config: RunConfig) -> None:
     """Refuse what the Flower runtime does not run yet, before anything starts.
 
     Raises:
-        ConfigError: For ``--secure-agg he``, clustered FL, digital twins, the cyclic
-            schedule, or a public split (all supported in-process only, for now).
+        ConfigError: For clustered FL, digital twins, the cyclic schedule, a public split
+            or simulated dropouts (all supported in-process only, for now).
 
     """
     problems = []
-    if config.secure_agg not in ("none", "mask"):
-        problems.append(f"--secure-agg {config.secure_agg} (use mask or none)")
+    if config.secure_agg not in ("none", "mask", "he"):
+        problems.append(f"--secure-agg {config.secure_agg}")
     if config.strategy not in ("fedavg", "fedprox", "ftl"):
         problems.append(f"--strategy {config.strategy} (use fedavg, fedprox or ftl)")
     if config.schedule != "parallel":
@@ -75,6 +75,42 @@ def check_deployable(config: RunConfig) -> None:
         raise ConfigError(
             "the Flower runtime does not support " + "; ".join(problems) + " yet; run it in-process"
         )
+
+
+class _DeployedHE:
+    """What the report says about CKKS in a deployment: the key set lives at the sites."""
+
+    name = "he"
+
+    def __init__(self, config: RunConfig) -> None:
+        from securefed.crypto.ckks import CKKSParams
+
+        self.params = CKKSParams(**_aggregator_options(config))
+        # A decrypting site refuses a "sum" of one update (it would be that update).
+        self.min_contributors = min(2, config.clients)
+
+    def check_key(self, public: bytes | None) -> None:
+        """The sites' key must be for the run's CKKS parameters."""
+        from securefed.crypto.ckks import CKKSEncryptor
+
+        if public is None:
+            raise ConfigError("no site sent a CKKS public context")
+        if CKKSEncryptor(public).params != self.params:
+            raise ConfigError(
+                "the sites' CKKS keys were made for other parameters than this run's --he-* options"
+            )
+
+    def describe(self) -> dict[str, Any]:
+        """CKKS parameters and key placement."""
+        return {
+            "protocol": "ckks",
+            "library": "tenseal",
+            "server_holds_secret_key": False,
+            "key_holder": "the sites (one key set, distributed out of band); the lowest-id "
+            "contributing site decrypts each round's sum",
+            "min_contributors": self.min_contributors,
+            **self.params.describe(),
+        }
 
 
 class Link:
@@ -94,6 +130,8 @@ class Link:
         self.poll = poll
         self.sent: dict[int, int] = {}
         self.received: dict[int, int] = {}
+        #: Nodes Flower reported as gone (no heartbeat), e.g. a site process that was killed.
+        self.unreachable: set[int] = set()
 
     def node_ids(self) -> list[int]:
         """Nodes (SuperNodes) connected now."""
@@ -145,6 +183,8 @@ class Link:
                 pending.discard(mid)
                 if reply.has_error():
                     errors[node] = _error_reason(reply.error.reason)
+                    if reply.error.code in _UNREACHABLE:
+                        self.unreachable.add(node)
                     continue
                 self.received[node] = self.received.get(node, 0) + payload_size(reply.content)
                 try:
@@ -158,6 +198,10 @@ class Link:
                 f"no reply within {timeout:g} s" if mid in wait_for else "not awaited (dropped out)"
             )
         return replies, errors
+
+
+# flwr.common.constant.ErrorCode: the message or its node is gone, not a site's own error.
+_UNREACHABLE = frozenset({3, 4, 5})
 
 
 def _error_reason(reason: str) -> str:
@@ -230,9 +274,14 @@ class Coordinator:
                 momentum=config.server_momentum,
             )
         ]
-        self.aggregator = build_aggregator(
-            mode=config.secure_agg, n_clients=config.clients, **_aggregator_options(config)
+        self.aggregator = (
+            _DeployedHE(config)
+            if config.secure_agg == "he"
+            else build_aggregator(
+                mode=config.secure_agg, n_clients=config.clients, **_aggregator_options(config)
+            )
         )
+        self.he_public: bytes | None = None
         self.ledger = PrivacyLedger()
         self.plans: dict[int, DPPlan] = {}
         self.delta: float | None = None
@@ -290,46 +339,63 @@ class Coordinator:
         log.info(line)
 
     # -- set-up -----------------------------------------------------------------------------
-    def _connect(self) -> list[int]:
-        need = self.config.clients
-        deadline = time.monotonic() + self.connect_timeout
-        while True:
-            nodes = self.link.node_ids()
-            if len(nodes) >= need:
-                return nodes
-            if time.monotonic() > deadline:
-                raise ConfigError(
-                    f"only {len(nodes)} of {need} sites connected within "
-                    f"{self.connect_timeout:g} s; start a site process for each"
-                )
-            time.sleep(0.2)
-
     def _setup(self) -> None:
-        nodes = self._connect()
+        """Ask every connected node for its site id and data; wait until all N sites answered.
+
+        A node Flower lists but cannot reach (a killed site process whose record outlives it in
+        the SuperLink's database) is skipped; a site whose own set-up fails stops the run.
+        """
+        need = self.config.clients
+        wanted = set(range(need))
         cfg = self.config.to_dict()
-        replies, errors = self.link.exchange(
-            {n: (Stage.SETUP, {"config": cfg}) for n in nodes},
-            timeout=self.stage_timeout,
-            group="setup",
-        )
-        if errors:
-            node, why = sorted(errors.items())[0]
-            raise ConfigError(f"site set-up failed on node {node}: {why}")
+        deadline = time.monotonic() + self.connect_timeout
         by_site: dict[int, int] = {}
-        for node, info in replies.items():
-            sid = int(info["site_id"])
-            if sid in by_site:
-                raise ConfigError(f"two site processes claim site-id {sid}; give each its own")
-            by_site[sid] = node
-            self._check_site(sid, info)
-        wanted = set(range(self.config.clients))
-        if set(by_site) != wanted:
-            raise ConfigError(
-                f"the run has {self.config.clients} sites (site-id 0..{self.config.clients - 1}); "
-                f"connected: {sorted(by_site)}"
-            )
+        replies_by_site: dict[int, dict[str, Any]] = {}
+        asked: set[int] = set()
+        while True:
+            fresh = [n for n in self.link.node_ids() if n not in asked]
+            if fresh:
+                asked.update(fresh)
+                replies, errors = self.link.exchange(
+                    {n: (Stage.SETUP, {"config": cfg}) for n in fresh},
+                    timeout=self.stage_timeout,
+                    group="setup",
+                )
+                for node, why in sorted(errors.items()):
+                    if node not in self.link.unreachable:
+                        raise ConfigError(f"site set-up failed on node {node}: {why}")
+                    self._event(event="unreachable", node=str(node), why=why)
+                for node, info in replies.items():
+                    sid = int(info["site_id"])
+                    if sid in by_site:
+                        raise ConfigError(
+                            f"two site processes claim site-id {sid}; give each its own"
+                        )
+                    if sid not in wanted:
+                        raise ConfigError(
+                            f"a site claims site-id {sid}, but the run has {need} sites "
+                            f"(site-id 0..{need - 1})"
+                        )
+                    self._check_site(sid, info)
+                    by_site[sid] = node
+                    replies_by_site[sid] = info
+            if set(by_site) == wanted:
+                break
+            if time.monotonic() > deadline:
+                missing = sorted(wanted - set(by_site))
+                raise ConfigError(
+                    f"sites {missing} did not connect within {self.connect_timeout:g} s; start "
+                    "a site process for each (securefed deploy site --site-id ...)"
+                )
+            time.sleep(0.5)
         self.nodes = by_site
-        self.sites = {sid: replies[node] for sid, node in by_site.items()}
+        self.sites = replies_by_site
+        if self.config.secure_agg == "he":
+            keys = {sid: info.pop("he_public", None) for sid, info in self.sites.items()}
+            if len(set(keys.values())) != 1:
+                raise ConfigError("the sites hold different CKKS keys; give every site the same")
+            self.he_public = keys[0]
+            self.aggregator.check_key(self.he_public)
         if self.config.dp_enabled:
             n_min = min(s["num_samples"] for s in self.sites.values())
             self.delta = (
@@ -597,9 +663,46 @@ class Coordinator:
                 total += vector_from_bytes(fits[sid]["vector"], length=dim, what=f"site {sid}")
             return total, sorted(fits), None, 0, None
         try:
+            if self.config.secure_agg == "he":
+                return self._he_sum(fits, round_index, dim)
             return self._masked_sum(fits, round_index, n_sites, dim)
         except ProtocolError as exc:
             return None, [], str(exc), 0, None
+
+    def _he_sum(
+        self, fits: Mapping[int, Mapping[str, Any]], round_index: int, dim: int
+    ) -> tuple[np.ndarray, list[int], str | None, int, float]:
+        """Add the sites' CKKS ciphertexts; the lowest-id contributor that answers decrypts."""
+        from securefed.crypto.ckks import CKKSAggregator
+        from securefed.errors import DataError
+
+        start = time.perf_counter()
+        agg = CKKSAggregator(self.he_public, round_index=round_index)
+        added = []
+        for sid in sorted(fits):
+            try:
+                agg.add(fits[sid]["ciphertext"], site_id=sid)
+            except (ProtocolError, DataError) as exc:
+                self._step_errors.setdefault(self.nodes[sid], f"ciphertext: {exc}")
+                continue
+            added.append(sid)
+        need = self.aggregator.min_contributors
+        if len(added) < need:
+            return None, [], f"only {len(added)} ciphertexts; {need} are needed", 0, None
+        blob = agg.aggregate()
+        seconds = time.perf_counter() - start
+        for holder in added:
+            node = self.nodes[holder]
+            self._event(event="sent", round=round_index, stage="decrypt", site=holder)
+            fields = {"round": round_index, "aggregate": blob, "min_contributors": need}
+            replies, errors = self._exchange(
+                {node: (Stage.DECRYPT, fields)}, timeout=self.stage_timeout, round_index=round_index
+            )
+            if node in replies:
+                total = vector_from_bytes(replies[node]["vector"], length=dim, what="the sum")
+                return total, added, None, 0, seconds
+            self._step_errors.setdefault(node, f"decrypt: {errors.get(node)}")
+        return None, [], "no key-holding site decrypted the aggregate", 0, None
 
     def _masked_sum(
         self, fits: Mapping[int, Mapping[str, Any]], round_index: int, n_sites: int, dim: int

@@ -162,6 +162,7 @@ def supernode_command(
     device: str | None = None,
     runtime_port: int | None = None,
     auth_key: Path | None = None,
+    he_key: Path | None = None,
 ) -> list[str]:
     """``flower-supernode`` for one hospital, its data named in its node configuration.
 
@@ -179,6 +180,7 @@ def supernode_command(
             several sites fit on one machine).
         auth_key: This site's private key (``site{i}.key``) when the server authenticates
             SuperNodes.
+        he_key: The sites' CKKS secret-context file, for ``--secure-agg he``.
 
     """
     _tls(certs, insecure, what=f"site {site_id}")
@@ -197,6 +199,7 @@ def supernode_command(
                 "data": data,
                 "shard": shard or None,
                 "device": device,
+                "he-key": str(Path(he_key).resolve()) if he_key is not None else None,
             }
         ),
     ]

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -47,6 +48,9 @@ class NodeSettings:
             in-process runtime would: for trials where every site reads one shared data set.
             Off (the default), the site's whole training split is its private data.
         device: ``cpu``, ``cuda`` or ``auto`` (default: the run's).
+        he_key: This site's CKKS secret-context file (``ckks-<id>.secret`` from
+            ``securefed deploy he-keys``) for ``--secure-agg he``; the ``.public`` file
+            beside it is sent to the server.
 
     """
 
@@ -56,6 +60,7 @@ class NodeSettings:
     data: str | None = None
     shard: bool = False
     device: str | None = None
+    he_key: str | None = None
 
     @classmethod
     def from_node_config(cls, node_config: Mapping[str, Any]) -> NodeSettings:
@@ -66,7 +71,7 @@ class NodeSettings:
                 is unknown (a typo would otherwise silently fall back to a default).
 
         """
-        known = {"site-id", "dataset", "data-dir", "data", "shard", "device"}
+        known = {"site-id", "dataset", "data-dir", "data", "shard", "device", "he-key"}
         unknown = sorted(set(node_config) - known)
         if unknown:
             raise ConfigError(f"node config: unknown keys {unknown}; known: {sorted(known)}")
@@ -85,7 +90,26 @@ class NodeSettings:
             data=text("data"),
             shard=bool(node_config.get("shard", False)),
             device=text("device"),
+            he_key=text("he-key"),
         )
+
+    def he_contexts(self) -> tuple[bytes, bytes]:
+        """This site's CKKS (secret, public) contexts, read from ``he-key`` and its twin.
+
+        Raises:
+            ConfigError: If no key is configured or a file is missing or malformed.
+
+        """
+        from securefed.crypto.ckks import read_key_file
+
+        if self.he_key is None:
+            raise ConfigError(
+                f"site {self.site_id}: --secure-agg he needs the CKKS key (node config `he-key`)"
+            )
+        secret = Path(self.he_key)
+        if secret.suffix != ".secret":
+            raise ConfigError(f"{secret}: expected the ckks-<id>.secret file")
+        return read_key_file(secret), read_key_file(secret.with_suffix(".public"))
 
 
 def model_spec(bundle: DatasetBundle, task: Task, config: RunConfig) -> ModelSpec:

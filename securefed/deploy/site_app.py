@@ -67,7 +67,10 @@ def setup(msg: Message, context: Context) -> Message:
     fields = decode(msg.content, what="set-up message")
     site = _site(fields, context)
     context.state.config_records.pop(_ROUND, None)
-    return Message(encode(site.describe()), reply_to=msg)
+    info = site.describe()
+    if site.config.secure_agg == "he":
+        info["he_public"] = site.node.he_contexts()[1]
+    return Message(encode(info), reply_to=msg)
 
 
 @app.evaluate("heldout")
@@ -114,6 +117,12 @@ def fit(msg: Message, context: Context) -> Message:
     vector = result["vector"]
     if fields["secure_agg"] == "none":
         reply["vector"] = vector_to_bytes(vector)
+    elif fields["secure_agg"] == "he":
+        start = time.perf_counter()
+        reply["ciphertext"] = _encrypt(
+            site.node, vector, round_index=round_index, n_sites=int(fields["n_sites"])
+        )
+        reply["protect_seconds"] = time.perf_counter() - start
     else:
         start = time.perf_counter()
         config = secagg_config(site.config, n_sites=int(fields["n_sites"]))
@@ -132,6 +141,40 @@ def fit(msg: Message, context: Context) -> Message:
             }
         )
     return Message(encode(reply), reply_to=msg)
+
+
+def _encrypt(node: Any, vector: Any, *, round_index: int, n_sites: int) -> bytes:
+    """CKKS-encrypt the update under the sites' shared key, refusing a sum that could overflow."""
+    import numpy as np
+
+    from securefed.crypto.ckks import CKKSEncryptor
+    from securefed.errors import DataError
+
+    secret, _ = node.he_contexts()
+    encryptor = CKKSEncryptor(secret)
+    limit = encryptor.params.max_abs_sum()
+    if not float(np.max(np.abs(vector))) * n_sites < limit:
+        raise DataError(
+            f"site {node.site_id}: a sum of {n_sites} updates like this one may exceed the CKKS "
+            f"bound {limit:.3g}; use more data-prime bits"
+        )
+    return encryptor.encrypt(vector, site_id=node.site_id, round_index=round_index)
+
+
+@app.train("decrypt")
+def decrypt(msg: Message, context: Context) -> Message:
+    """Key holder: decrypt the server's sum of at least ``min_contributors`` sites' updates.
+
+    The server only ever holds the public context; a site decrypts sums, never one update
+    (the frame's contributor count is checked; an honest-but-curious server is assumed).
+    """
+    from securefed.crypto.ckks import CKKSDecryptor
+
+    fields = decode(msg.content, what="decrypt message")
+    secret, _ = _node(context).he_contexts()
+    decryptor = CKKSDecryptor(secret, min_contributors=int(fields["min_contributors"]))
+    total = decryptor.decrypt(fields["aggregate"], round_index=int(fields["round"]))
+    return Message(encode({"vector": vector_to_bytes(total)}), reply_to=msg)
 
 
 def _protocol_step(msg: Message, context: Context, step: str) -> Message:

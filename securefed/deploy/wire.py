@@ -41,6 +41,7 @@ class Stage:
     SHARE = "train.share"
     MASKED = "train.masked"
     UNMASK = "train.unmask"
+    DECRYPT = "train.decrypt"
     EVALUATE = "evaluate.heldout"
 
 

@@ -265,14 +265,14 @@ def test_run_options_refuse_a_negative_stop_after(tmp_path):
 
 
 def test_check_deployable_names_everything_it_refuses_in_one_error():
-    config = RunConfig(secure_agg="he", strategy="cfl", personalize=2)
+    config = RunConfig(strategy="cfl", personalize=2, public_fraction=0.2)
 
     with pytest.raises(ConfigError) as info:
         check_deployable(config)
 
     message = str(info.value)
     assert "\n" not in message
-    for part in ("--secure-agg he", "--strategy cfl", "--personalize"):
+    for part in ("--strategy cfl", "--personalize", "--public-fraction"):
         assert part in message
 
 
@@ -281,9 +281,10 @@ def test_check_deployable_refuses_the_cyclic_schedule():
         check_deployable(RunConfig(schedule="cyclic"))
 
 
+@pytest.mark.parametrize("secure_agg", ["none", "mask", "he"])
 @pytest.mark.parametrize("strategy", ["fedavg", "fedprox"])
-def test_check_deployable_accepts_masking_with_fedavg_and_fedprox(strategy):
-    check_deployable(RunConfig(secure_agg="mask", strategy=strategy))
+def test_check_deployable_accepts_every_aggregation_with_fedavg_and_fedprox(strategy, secure_agg):
+    check_deployable(RunConfig(secure_agg=secure_agg, strategy=strategy))
 
 
 # -- checkpoint --------------------------------------------------------------------------------
