@@ -911,6 +911,12 @@ def deploy_register(certs, insecure, superlink, public_key) -> None:
     default=None,
     help="The sites' CKKS secret context (ckks-<id>.secret) for --secure-agg he.",
 )
+@click.option(
+    "--max-epsilon",
+    type=float,
+    default=None,
+    help="This hospital's policy: refuse runs targeting a larger epsilon, or no DP.",
+)
 def deploy_site(
     certs,
     insecure,
@@ -924,6 +930,7 @@ def deploy_site(
     runtime_port,
     auth_key,
     he_key,
+    max_epsilon,
 ) -> None:
     """Start one hospital's Flower SuperNode, pointing at its own data."""
     from securefed.deploy.launch import supernode_command
@@ -942,6 +949,7 @@ def deploy_site(
             runtime_port=runtime_port,
             auth_key=Path(auth_key) if auth_key else None,
             he_key=Path(he_key) if he_key else None,
+            max_epsilon=max_epsilon,
         )
     )
 

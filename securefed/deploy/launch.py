@@ -133,8 +133,8 @@ def superlink_command(
 def _toml_value(value: Any) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
-    if isinstance(value, int):
-        return str(value)
+    if isinstance(value, (int, float)):
+        return repr(value)
     text = str(value)
     if '"' in text:
         # Flower's --node-config parser ends a "..." value at the first quote, escaped or not.
@@ -163,6 +163,7 @@ def supernode_command(
     runtime_port: int | None = None,
     auth_key: Path | None = None,
     he_key: Path | None = None,
+    max_epsilon: float | None = None,
 ) -> list[str]:
     """``flower-supernode`` for one hospital, its data named in its node configuration.
 
@@ -181,6 +182,7 @@ def supernode_command(
         auth_key: This site's private key (``site{i}.key``) when the server authenticates
             SuperNodes.
         he_key: The sites' CKKS secret-context file, for ``--secure-agg he``.
+        max_epsilon: The site refuses runs targeting a larger epsilon (or no DP).
 
     """
     _tls(certs, insecure, what=f"site {site_id}")
@@ -200,6 +202,7 @@ def supernode_command(
                 "shard": shard or None,
                 "device": device,
                 "he-key": str(Path(he_key).resolve()) if he_key is not None else None,
+                "max-epsilon": float(max_epsilon) if max_epsilon is not None else None,
             }
         ),
     ]

@@ -21,7 +21,7 @@ from securefed.config import RunConfig
 from securefed.data.dataset import ArraySplit, DatasetBundle, load_dataset
 from securefed.dp.ledger import PrivacyEvent, PrivacyLedger
 from securefed.dp.trainer import SiteTrainer
-from securefed.errors import ConfigError, DataError, ProtocolError
+from securefed.errors import ConfigError, DataError, PrivacyBudgetError, ProtocolError
 from securefed.fl.params import ParamLayout
 from securefed.fl.simulation import (
     local_update,
@@ -51,6 +51,9 @@ class NodeSettings:
         he_key: This site's CKKS secret-context file (``ckks-<id>.secret`` from
             ``securefed deploy he-keys``) for ``--secure-agg he``; the ``.public`` file
             beside it is sent to the server.
+        max_epsilon: The hospital's own privacy policy: refuse any run whose target epsilon
+            is above it, or that is not DP at all. The run configuration comes from the
+            server; this is the site's check on it.
 
     """
 
@@ -61,6 +64,7 @@ class NodeSettings:
     shard: bool = False
     device: str | None = None
     he_key: str | None = None
+    max_epsilon: float | None = None
 
     @classmethod
     def from_node_config(cls, node_config: Mapping[str, Any]) -> NodeSettings:
@@ -71,7 +75,16 @@ class NodeSettings:
                 is unknown (a typo would otherwise silently fall back to a default).
 
         """
-        known = {"site-id", "dataset", "data-dir", "data", "shard", "device", "he-key"}
+        known = {
+            "site-id",
+            "dataset",
+            "data-dir",
+            "data",
+            "shard",
+            "device",
+            "he-key",
+            "max-epsilon",
+        }
         unknown = sorted(set(node_config) - known)
         if unknown:
             raise ConfigError(f"node config: unknown keys {unknown}; known: {sorted(known)}")
@@ -91,7 +104,24 @@ class NodeSettings:
             shard=bool(node_config.get("shard", False)),
             device=text("device"),
             he_key=text("he-key"),
+            max_epsilon=_positive(node_config.get("max-epsilon"), "max-epsilon"),
         )
+
+    def check_policy(self, config: RunConfig) -> None:
+        """Refuse a run the hospital's policy does not allow (``max-epsilon``).
+
+        Raises:
+            PrivacyBudgetError: If the run is not DP or targets a larger epsilon.
+
+        """
+        if self.max_epsilon is None:
+            return
+        eps = config.dp_epsilon
+        if eps is None or eps > self.max_epsilon:
+            raise PrivacyBudgetError(
+                f"site {self.site_id}: the run targets epsilon={eps if eps is not None else 'inf'}"
+                f", above this site's policy max-epsilon={self.max_epsilon:g}"
+            )
 
     def he_contexts(self) -> tuple[bytes, bytes]:
         """This site's CKKS (secret, public) contexts, read from ``he-key`` and its twin.
@@ -110,6 +140,14 @@ class NodeSettings:
         if secret.suffix != ".secret":
             raise ConfigError(f"{secret}: expected the ckks-<id>.secret file")
         return read_key_file(secret), read_key_file(secret.with_suffix(".public"))
+
+
+def _positive(value: Any, key: str) -> float | None:
+    if value is None or value == "":
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+        raise ConfigError(f"node config: `{key}` must be a positive number (got {value!r})")
+    return float(value)
 
 
 def model_spec(bundle: DatasetBundle, task: Task, config: RunConfig) -> ModelSpec:
@@ -164,6 +202,7 @@ class DeployedSite:
     """
 
     def __init__(self, config: RunConfig, node: NodeSettings) -> None:
+        node.check_policy(config)
         self.config = config
         self.node = node
         self.device = resolve_device(node.device or config.device)

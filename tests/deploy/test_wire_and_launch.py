@@ -460,3 +460,31 @@ def test_deploy_site_without_tls_choice_points_at_securefed_certs(monkeypatch, c
 
     assert code == 2
     _assert_one_line_error(err, "securefed certs", "--insecure")
+
+
+# -- a hospital's own privacy policy -------------------------------------------------------------
+
+
+def test_a_site_refuses_runs_above_its_max_epsilon_or_without_dp():
+    node = NodeSettings.from_node_config({"site-id": 1, "max-epsilon": 4})
+
+    node.check_policy(RunConfig(dp_epsilon=4.0))  # at the limit: allowed
+    with pytest.raises(PrivacyBudgetError, match="max-epsilon=4"):
+        node.check_policy(RunConfig(dp_epsilon=8.0))
+    with pytest.raises(PrivacyBudgetError, match="epsilon=inf"):
+        node.check_policy(RunConfig(dp_epsilon=None))
+    NodeSettings.from_node_config({"site-id": 1}).check_policy(RunConfig(dp_epsilon=None))
+
+
+@pytest.mark.parametrize("bad", [0, -1.5, "8", True])
+def test_max_epsilon_must_be_a_positive_number(bad):
+    with pytest.raises(ConfigError, match="max-epsilon"):
+        NodeSettings.from_node_config({"site-id": 0, "max-epsilon": bad})
+
+
+def test_the_site_command_carries_the_policy_to_flower():
+    cmd = launch.supernode_command(
+        superlink="127.0.0.1:8000", site_id=0, certs=None, insecure=True, max_epsilon=4.0
+    )
+
+    assert "max-epsilon=4.0" in cmd[cmd.index("--node-config") + 1]
