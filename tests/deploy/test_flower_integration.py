@@ -63,7 +63,7 @@ def _assert_same_weights(ours: dict, ref: dict, config: RunConfig) -> None:
     Each round's masked sum is exact to the fixed-point quantum, but masking rounds with
     fresh random coins, so a weight near a float32 rounding boundary can land one ulp either
     way, and the next round's training carries that on: two in-process masked runs with the
-    same seed differ by as much (3e-8 here). One round is checked to the ulp below.
+    same seed differ by as much (3e-8 here). One round is checked to a few ulps below.
 
     The bound (1e-7 + 1e-6 relative) is ~1000x below one DP-SGD step's noise on a weight,
     so a wrong mask, a lost site or a skipped round could not pass it.
@@ -96,15 +96,19 @@ def _live_members(pgids: list[int]) -> list[str]:
 
 
 def _assert_one_round_equal(ours: dict, ref: dict) -> None:
-    """After one round the sums agree to the fixed-point quantum (~1e-12 on an averaged
-    weight); rounding the new weights to float32 can then differ by one ulp, no more.
+    """One round from the same weights: equal to a few float32 ulps.
+
+    The masked sums agree to the fixed-point quantum (~1e-11 on an averaged weight), and
+    rounding to float32 adds an ulp; across processes we have seen 2 ulps (CI, once). The
+    bound, 4 ulps (~1e-8 on these weights), is far below what a wrong mask, a lost site or a
+    skipped round changes (DP noise alone moves a weight by ~1e-2 a step).
     """
     for key, value in ref.items():
         a, b = ours[key].float(), value.float()
         top = torch.maximum(a.abs(), b.abs())
         ulp = torch.nextafter(top, torch.full_like(top, float("inf"))) - top
         diff = (a - b).abs()
-        assert bool((diff <= ulp).all()), f"{key}: max diff {float(diff.max()):.3g}"
+        assert bool((diff <= 4 * ulp).all()), f"{key}: max diff {float(diff.max()):.3g}"
 
 
 @pytest.fixture(scope="module")
@@ -222,8 +226,8 @@ def test_a_site_killed_mid_round_is_recovered(masked_run, in_process) -> None:
     assert rec["applied"], rec["error"]
     assert rec["survivors"] == [0, 1] and rec["dropped"] == [2]
     assert "2" in rec["transport"]["site_errors"]
-    # From the same round-1 weights, the recovered sum equals the in-process one to the
-    # quantum: one float32 ulp at most.
+    # From the same round-1 weights, the recovered round equals the in-process one to a few
+    # float32 ulps.
     ours = load_file(str(masked_run["out"] / "model.safetensors"))
     _assert_one_round_equal(ours, in_process["round_2_from_checkpoint"])
 
