@@ -632,14 +632,31 @@ class Coordinator:
         return self.link.exchange(payloads, timeout=timeout, group=str(round_index))
 
     def _account(self, sid: int, reply: Mapping[str, Any], round_index: int) -> None:
-        """Check a site's DP report against the plan the server derives, then record it."""
-        events = [PrivacyEvent(**e) for e in reply.get("events") or []]
+        """Record a site's DP report, then check it against the plan the server derives.
+
+        What a site says it spent in this round is always recorded, even when its update is
+        then refused (other sigma, other sample count): the privacy report must not
+        under-count, and the audit flags events that differ from the plan.
+
+        Raises:
+            ProtocolError: If the report is malformed (another site's or round's events),
+                or the site's update must be left out of the sum.
+
+        """
+        try:
+            events = [PrivacyEvent(**e) for e in reply.get("events") or []]
+        except TypeError as exc:
+            raise ProtocolError(f"site {sid}: malformed DP report ({exc})") from exc
+        if any(
+            e.client_id != sid or e.round != round_index or e.phase != "federated" for e in events
+        ):
+            raise ProtocolError(f"site {sid}: reported an event that is not its round's")
+        for e in events:
+            self.ledger.record(e)
         if int(reply.get("num_samples", -1)) != self.sites[sid]["num_samples"]:
             raise ProtocolError(f"site {sid}: its sample count changed during the run")
         plan = self.plans.get(sid)
         for e in events:
-            if e.client_id != sid or e.round != round_index or e.phase != "federated":
-                raise ProtocolError(f"site {sid}: reported an event that is not its round's")
             if plan is None or (e.noise_multiplier, e.sample_rate) != (
                 plan.noise_multiplier,
                 plan.sample_rate,
@@ -647,8 +664,6 @@ class Coordinator:
                 raise ProtocolError(f"site {sid}: trained with other DP parameters than planned")
         if self.config.dp_enabled and not events:
             raise ProtocolError(f"site {sid}: reported no DP accounting for round {round_index}")
-        for e in events:
-            self.ledger.record(e)
 
     def _aggregate(
         self, fits: Mapping[int, Mapping[str, Any]], round_index: int, n_sites: int

@@ -142,6 +142,7 @@ class SiteTrainer:
         """
         if self._accountant_steps() or self.ledger.for_client(self.client_id):
             raise PrivacyBudgetError(f"site {self.client_id}: accounting already started")
+        # Check every event before recording any, so a refusal leaves the ledger untouched.
         for e in events:
             if e.client_id != self.client_id:
                 raise PrivacyBudgetError(
@@ -155,6 +156,7 @@ class SiteTrainer:
                     f"site {self.client_id}: an earlier event (round {e.round}) does not match "
                     "this site's privacy plan"
                 )
+        for e in events:
             self.ledger.record(e)
         if self._engine is not None:
             self._engine.accountant.history = [
