@@ -872,11 +872,11 @@ def deploy_register(certs, insecure, superlink, public_key) -> None:
     import subprocess
     import tempfile
 
-    from securefed.deploy.launch import _flower_home, flower_env, register_command
+    from securefed.deploy.launch import flower_env, flower_home, register_command
 
     with tempfile.TemporaryDirectory() as tmp:
         home = Path(tmp)
-        _flower_home(
+        flower_home(
             home, superlink=superlink, certs=Path(certs) if certs else None, insecure=insecure
         )
         code = subprocess.call(

@@ -23,7 +23,7 @@ import torch
 from securefed.config import RunConfig
 from securefed.data.dataset import load_dataset
 from securefed.deploy.checkpoint import load_checkpoint, save_checkpoint
-from securefed.deploy.site import build_task_for, model_spec, weights_to_bytes
+from securefed.deploy.site import weights_to_bytes
 from securefed.deploy.site_app import secagg_config
 from securefed.deploy.wire import Stage, decode, encode, payload_size, vector_from_bytes
 from securefed.dp.accounting import compute_epsilon, default_delta
@@ -33,14 +33,15 @@ from securefed.errors import ConfigError, ProtocolError
 from securefed.fl.aggregation import build_aggregator
 from securefed.fl.params import ParamLayout
 from securefed.fl.simulation import (
-    METRICS_SCHEMA_VERSION,
     Federation,
     RoundRecord,
     _aggregator_options,
     _seed_for,
+    model_spec,
     plan_site_privacy,
     resolve_device,
     sample_participants,
+    task_for,
 )
 from securefed.fl.strategies import build_server_optimizer
 from securefed.models import build_model
@@ -257,7 +258,7 @@ class Coordinator:
             seed=config.seed,
             **(config.data_options or {}),
         )
-        self.task = build_task_for(self.bundle, config)
+        self.task = task_for(self.bundle, config)
         self.spec = model_spec(self.bundle, self.task, config)
         torch.manual_seed(_seed_for(config.seed, 0x30DE1))
         self.built = build_model(name=config.model, spec=self.spec)
@@ -328,7 +329,6 @@ class Coordinator:
         """``metrics.json``: the in-process schema, plus the transport figures per round."""
         out = Federation.metrics(self)  # type: ignore[arg-type]
         out["runtime"] = "flower"
-        assert out["schema_version"] == METRICS_SCHEMA_VERSION
         return out
 
     # -- progress ---------------------------------------------------------------------------
@@ -557,7 +557,7 @@ class Coordinator:
         )
         agg_start = time.perf_counter()
         total, survivors, error, clipped, server_seconds = self._aggregate(
-            fits, round_index, len(chosen)
+            fits, round_index, chosen
         )
         agg_seconds = time.perf_counter() - agg_start
         for node, why in self._step_errors.items():
@@ -666,7 +666,7 @@ class Coordinator:
             raise ProtocolError(f"site {sid}: reported no DP accounting for round {round_index}")
 
     def _aggregate(
-        self, fits: Mapping[int, Mapping[str, Any]], round_index: int, n_sites: int
+        self, fits: Mapping[int, Mapping[str, Any]], round_index: int, chosen: list[int]
     ) -> tuple[np.ndarray | None, list[int], str | None, int, float | None]:
         """Sum the sites' vectors: in the clear, or through the masking protocol."""
         dim = self.layout.size + 1
@@ -680,7 +680,7 @@ class Coordinator:
         try:
             if self.config.secure_agg == "he":
                 return self._he_sum(fits, round_index, dim)
-            return self._masked_sum(fits, round_index, n_sites, dim)
+            return self._masked_sum(fits, round_index, chosen, dim)
         except ProtocolError as exc:
             return None, [], str(exc), 0, None
 
@@ -720,12 +720,11 @@ class Coordinator:
         return None, [], "no key-holding site decrypted the aggregate", 0, None
 
     def _masked_sum(
-        self, fits: Mapping[int, Mapping[str, Any]], round_index: int, n_sites: int, dim: int
+        self, fits: Mapping[int, Mapping[str, Any]], round_index: int, chosen: list[int], dim: int
     ) -> tuple[np.ndarray, list[int], None, int, float]:
         from securefed.crypto.secagg import SecAggServer
 
-        config = secagg_config(self.config, n_sites=n_sites)
-        chosen = sample_participants(self.config, ids=sorted(self.sites), round_index=round_index)
+        config = secagg_config(self.config, n_sites=len(chosen))
         server = SecAggServer(config=config, round_index=round_index, site_ids=chosen, dim=dim)
         advertised = []
         for sid in sorted(fits):

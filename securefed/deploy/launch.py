@@ -33,6 +33,7 @@ __all__ = [
     "DEFAULT_PORT",
     "RunOptions",
     "flower_env",
+    "flower_home",
     "node_config",
     "prepare_app",
     "submit",
@@ -224,7 +225,8 @@ def prepare_app(folder: Path) -> Path:
     return app
 
 
-def _flower_home(home: Path, *, superlink: str, certs: Path | None, insecure: bool) -> None:
+def flower_home(home: Path, *, superlink: str, certs: Path | None, insecure: bool) -> None:
+    """Write a Flower CLI home (``config.toml``) naming this SuperLink as ``securefed``."""
     home.mkdir(parents=True, exist_ok=True)
     lines = ["[superlink]", 'default = "securefed"', "", "[superlink.securefed]"]
     lines.append(f"address = {_toml_value(superlink)}")
@@ -301,7 +303,7 @@ def submit(
     out = Path(options.out).resolve()
     with tempfile.TemporaryDirectory(prefix="securefed-run-") as tmp:
         home = Path(tmp) / "flwr-home"
-        _flower_home(
+        flower_home(
             home, superlink=options.superlink, certs=options.certs, insecure=options.insecure
         )
         app = prepare_app(Path(tmp))

@@ -109,7 +109,7 @@ class LocalDeployment:
             return
         with tempfile.TemporaryDirectory() as tmp:
             home = Path(tmp)
-            launch._flower_home(home, superlink=self.superlink, certs=self.certs, insecure=False)
+            launch.flower_home(home, superlink=self.superlink, certs=self.certs, insecure=False)
             for i in range(self.n_sites):
                 subprocess.run(
                     launch.register_command(public_key=self.certs / f"site{i}.pub"),  # type: ignore[operator]

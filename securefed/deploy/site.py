@@ -18,21 +18,23 @@ import numpy as np
 import torch
 
 from securefed.config import RunConfig
-from securefed.data.dataset import ArraySplit, DatasetBundle, load_dataset
+from securefed.data.dataset import ArraySplit, load_dataset
 from securefed.dp.ledger import PrivacyEvent, PrivacyLedger
 from securefed.dp.trainer import SiteTrainer
 from securefed.errors import ConfigError, DataError, PrivacyBudgetError, ProtocolError
 from securefed.fl.params import ParamLayout
 from securefed.fl.simulation import (
     local_update,
+    model_spec,
     plan_site_privacy,
     resolve_device,
     site_splits,
+    task_for,
+    training_dataset,
 )
-from securefed.fl.tasks import Task, build_task
-from securefed.models import ModelSpec, build_model
+from securefed.models import build_model
 
-__all__ = ["NodeSettings", "DeployedSite", "model_spec", "weights_to_bytes", "weights_from_bytes"]
+__all__ = ["NodeSettings", "DeployedSite", "weights_to_bytes", "weights_from_bytes"]
 
 
 @dataclass(frozen=True)
@@ -150,18 +152,6 @@ def _positive(value: Any, key: str) -> float | None:
     return float(value)
 
 
-def model_spec(bundle: DatasetBundle, task: Task, config: RunConfig) -> ModelSpec:
-    """The model shape a data set implies (the same on the server and at every site)."""
-    return ModelSpec(
-        in_channels=bundle.in_channels,
-        num_classes=bundle.num_classes,
-        spatial_dims=bundle.spatial_dims,
-        task=task.name,
-        image_shape=tuple(bundle.image_shape),
-        fusion=config.fusion,
-    )
-
-
 def weights_to_bytes(state: Mapping[str, torch.Tensor]) -> bytes:
     """A state dict as safetensors bytes (the only weight format that crosses the network)."""
     from safetensors.torch import save
@@ -177,19 +167,6 @@ def weights_from_bytes(data: bytes, *, what: str) -> dict[str, torch.Tensor]:
         return dict(load(bytes(data)))
     except Exception as exc:  # safetensors raises its own SafetensorError and others
         raise ProtocolError(f"{what}: not valid safetensors weights ({exc})") from exc
-
-
-def build_task_for(bundle: DatasetBundle, config: RunConfig) -> Task:
-    """The run's task, checked against what the data set is."""
-    data_task = getattr(bundle, "task", "classification")
-    name = data_task if config.task == "auto" else config.task
-    if name != data_task:
-        raise ConfigError(f"--task {name} does not match the data: {bundle.name} is {data_task}")
-    return build_task(
-        name=name,
-        num_classes=bundle.num_classes,
-        label_convention=getattr(bundle, "label_convention", None),
-    )
 
 
 class DeployedSite:
@@ -213,7 +190,7 @@ class DeployedSite:
             seed=config.seed,
             **(config.data_options or {}),
         )
-        self.task = build_task_for(self.bundle, config)
+        self.task = task_for(self.bundle, config)
         self.train, self.heldout = self._split()
         self.spec = model_spec(self.bundle, self.task, config)
 
@@ -305,7 +282,12 @@ class DeployedSite:
             plan = plan_site_privacy(self.config, num_samples=len(self.train), delta=delta)
         trainer = SiteTrainer(
             client_id=self.node.site_id,
-            dataset=self._training_data(),
+            dataset=training_dataset(
+                self.config,
+                train=self.train,
+                spatial_dims=self.bundle.spatial_dims,
+                site_id=self.node.site_id,
+            ),
             plan=plan,
             ledger=ledger,
             batch_size=self.config.batch_size,
@@ -346,18 +328,6 @@ class DeployedSite:
                 else None
             ),
         }
-
-    def _training_data(self) -> torch.utils.data.Dataset:
-        if not self.config.augment:
-            return self.train.to_torch()
-        from securefed.data.transforms import AugmentedDataset, augment_transform
-        from securefed.fl.simulation import _seed_for
-
-        return AugmentedDataset(
-            self.train,
-            transform=augment_transform(spatial_dims=self.bundle.spatial_dims),
-            seed=_seed_for(self.config.seed, 8, self.node.site_id),
-        )
 
     def evaluate(self, *, weights: bytes, layout_keys: Sequence[str]) -> dict[str, Any] | None:
         """The task's metrics of the global model on this site's held-out data (None if none)."""

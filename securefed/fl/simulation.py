@@ -39,6 +39,9 @@ __all__ = [
     "resolve_device",
     "METRICS_SCHEMA_VERSION",
     "local_update",
+    "model_spec",
+    "task_for",
+    "training_dataset",
     "personalize_rounds",
     "plan_site_privacy",
     "sample_participants",
@@ -82,6 +85,48 @@ def _aggregator_options(config: RunConfig) -> dict[str, Any]:
             "global_scale_bits": config.he_scale_bits,
         }
     return {}
+
+
+def task_for(bundle: DatasetBundle, config: RunConfig) -> Task:
+    """The run's task (``--task``, or the data set's own), checked against the data."""
+    data_task = getattr(bundle, "task", "classification")
+    name = data_task if config.task == "auto" else config.task
+    if name != data_task:
+        raise ConfigError(
+            f"--task {name} does not match the data: {bundle.name} is a {data_task} data set"
+        )
+    return build_task(
+        name=name,
+        num_classes=bundle.num_classes,
+        label_convention=getattr(bundle, "label_convention", None),
+    )
+
+
+def model_spec(bundle: DatasetBundle, task: Task, config: RunConfig) -> ModelSpec:
+    """The model shape a data set implies (the same on a server and at every site)."""
+    return ModelSpec(
+        in_channels=bundle.in_channels,
+        num_classes=bundle.num_classes,
+        spatial_dims=bundle.spatial_dims,
+        task=task.name,
+        image_shape=tuple(bundle.image_shape),
+        fusion=config.fusion,
+    )
+
+
+def training_dataset(
+    config: RunConfig, *, train: ArraySplit, spatial_dims: int, site_id: int
+) -> torch.utils.data.Dataset:
+    """A site's training data as torch sees it; with ``--augment``, reproducibly augmented."""
+    if not config.augment:
+        return train.to_torch()
+    from securefed.data.transforms import AugmentedDataset, augment_transform
+
+    return AugmentedDataset(
+        train,
+        transform=augment_transform(spatial_dims=spatial_dims),
+        seed=_seed_for(config.seed, 8, site_id),
+    )
 
 
 def personalize_rounds(config: RunConfig) -> int:
@@ -268,14 +313,7 @@ class Federation:
             )
             self.private_train = self.bundle.train.subset(indices=private)
         n_models = config.clusters if config.strategy == "cfl" else 1
-        self.spec = ModelSpec(
-            in_channels=self.bundle.in_channels,
-            num_classes=self.bundle.num_classes,
-            spatial_dims=self.bundle.spatial_dims,
-            task=self.task.name,
-            image_shape=tuple(self.bundle.image_shape),
-            fusion=config.fusion,
-        )
+        self.spec = model_spec(self.bundle, self.task, config)
         builds = []
         for k in range(n_models):
             # Cluster k > 0 gets its own initialisation: IFCA needs distinct models to start.
@@ -320,18 +358,7 @@ class Federation:
 
     # -- set-up ---------------------------------------------------------------------------
     def _make_task(self) -> Task:
-        data_task = getattr(self.bundle, "task", "classification")
-        name = data_task if self.config.task == "auto" else self.config.task
-        if name != data_task:
-            raise ConfigError(
-                f"--task {name} does not match the data: {self.bundle.name} is a "
-                f"{data_task} data set"
-            )
-        return build_task(
-            name=name,
-            num_classes=self.bundle.num_classes,
-            label_convention=getattr(self.bundle, "label_convention", None),
-        )
+        return task_for(self.bundle, self.config)
 
     @property
     def global_model(self) -> nn.Module:
@@ -408,14 +435,11 @@ class Federation:
         ]
 
     def _training_data(self, site: Site) -> torch.utils.data.Dataset:
-        if not self.config.augment:
-            return site.train.to_torch()
-        from securefed.data.transforms import AugmentedDataset, augment_transform
-
-        return AugmentedDataset(
-            site.train,
-            transform=augment_transform(spatial_dims=self.bundle.spatial_dims),
-            seed=_seed_for(self.config.seed, 8, site.client_id),
+        return training_dataset(
+            self.config,
+            train=site.train,
+            spatial_dims=self.bundle.spatial_dims,
+            site_id=site.client_id,
         )
 
     def personalize_rounds(self) -> int:
