@@ -81,7 +81,7 @@ def base_settings(*, rounds: int, quick: bool) -> dict[str, Any]:
         "local_epochs": 1,
         "batch_size": 32,
         "dp_epsilon": 8.0,
-        "accountant": "rdp",
+        "accountant": "pld",
         "secure_agg": "mask",
         "device": "cpu",
         "seed": 0,

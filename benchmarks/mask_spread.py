@@ -41,7 +41,7 @@ def main() -> None:
         batch_size=32,
         dp_epsilon=8.0,
         device="cpu",
-        accountant="rdp",
+        accountant="pld",
         secure_agg="mask",
         seed=0,
     )

@@ -12,6 +12,7 @@ from securefed.config import (
     ACCOUNTANTS,
     DEVICES,
     FUSIONS,
+    LEGACY_ACCOUNTANTS,
     PERSONALIZE_WHEN,
     SCHEDULES,
     SECURE_AGG_MODES,
@@ -152,7 +153,8 @@ def cli() -> None:
     "--dp-delta",
     type=float,
     default=None,
-    help="Target δ [default: min(1e-5, 1/(10 n)) for the smallest site n].",
+    help="Largest δ a site may use; each site lowers it to at most 1/(10 n) for its own size "
+    "n [default: 1e-5].",
 )
 @click.option(
     "--max-grad-norm",
@@ -163,10 +165,18 @@ def cli() -> None:
 )
 @click.option(
     "--accountant",
-    type=click.Choice(ACCOUNTANTS),
+    type=click.Choice(ACCOUNTANTS + LEGACY_ACCOUNTANTS),
     default=None,
     show_default=_DEFAULTS.accountant,
-    help="Opacus accountant for calibration and reporting (gdp is an approximation).",
+    help="Accountant for calibration and reporting: dp_accounting PLD, replace-one adjacency "
+    "(Opacus' prv/rdp/gdp account add/remove neighbours and are refused).",
+)
+@click.option(
+    "--disclose-site-sizes/--keep-site-sizes",
+    "disclose_site_sizes",
+    default=None,
+    help="Write each site's training-set size and class counts into the run's files "
+    "[default: keep them at the sites].",
 )
 @click.option(
     "--secure-agg",

@@ -14,6 +14,7 @@ from securefed.errors import ConfigError
 __all__ = [
     "RunConfig",
     "ACCOUNTANTS",
+    "LEGACY_ACCOUNTANTS",
     "SECURE_AGG_MODES",
     "DEVICES",
     "STRATEGIES",
@@ -22,7 +23,9 @@ __all__ = [
     "TASKS",
 ]
 
-ACCOUNTANTS = ("prv", "rdp", "gdp")
+ACCOUNTANTS = ("pld",)
+#: Accountants of schema 1.x runs: Opacus' add/remove accountants (gdp also under-reported).
+LEGACY_ACCOUNTANTS = ("prv", "rdp", "gdp")
 SECURE_AGG_MODES = ("none", "mask", "he")
 DEVICES = ("auto", "cpu", "cuda")
 STRATEGIES = ("fedavg", "fedprox", "ftl", "cfl")
@@ -61,9 +64,14 @@ class RunConfig:
         momentum: Local SGD momentum.
         client_fraction: Fraction of sites sampled each round.
         dp_epsilon: Target epsilon per site over the whole run; ``None`` disables DP.
-        dp_delta: Target delta; ``None`` derives ``min(1e-5, 1/(10 n_min))``.
+        dp_delta: Largest delta a site may use (``None``: 1e-5). Each site lowers it to at most
+            ``1/(10 n)`` for its own size n (:func:`securefed.dp.accounting.site_delta`).
         max_grad_norm: Per-sample gradient clipping bound C.
-        accountant: ``prv`` (default), ``rdp`` or ``gdp``.
+        accountant: ``pld``: dp_accounting's PLD accountant, replace-one adjacency (the only
+            one; Opacus' add/remove accountants are refused, see ``dp/accounting.py``).
+        disclose_site_sizes: Every site agrees to put its training-set size and class counts
+            in the run's files (off: they stay at the site; only their sum in a round's secure
+            sum is released). In a deployment each site decides for itself.
         secure_agg: ``none``, ``mask`` (pairwise masking) or ``he`` (CKKS).
         secagg_threshold: Shamir threshold t (``None``: a 2/3 majority of a neighbourhood).
         secagg_neighbors: SecAgg+ neighbours per site (``None``: all other sites).
@@ -123,7 +131,8 @@ class RunConfig:
     dp_epsilon: float | None = 8.0
     dp_delta: float | None = None
     max_grad_norm: float = 1.0
-    accountant: str = "prv"
+    accountant: str = "pld"
+    disclose_site_sizes: bool = False
     secure_agg: str = "none"
     secagg_threshold: int | None = None
     secagg_neighbors: int | None = None
@@ -181,6 +190,13 @@ class RunConfig:
         _check(
             math.isfinite(self.max_grad_norm) and self.max_grad_norm > 0,
             f"`max_grad_norm` must be positive (got {self.max_grad_norm}).",
+        )
+        _check(
+            self.accountant not in LEGACY_ACCOUNTANTS,
+            f"`accountant` {self.accountant!r} accounts add/remove neighbours, but what a site "
+            "releases (its sampling rate, a round's sample total) depends on its size, so "
+            "securefed states replace-one epsilon, which only 'pld' computes: use "
+            "--accountant pld.",
         )
         _check(
             self.accountant in ACCOUNTANTS,
@@ -262,6 +278,12 @@ class RunConfig:
             "schedule 'cyclic' hands the model from site to site, so the next site sees the "
             "previous site's model: it cannot be combined with secure aggregation "
             "(use --secure-agg none, or the parallel schedule).",
+        )
+        _check(
+            self.strategy != "cfl" or not self.dp_enabled,
+            "strategy 'cfl' (IFCA) picks each site's cluster from its un-noised training loss, "
+            "a release no DP accounting covers: run it without DP (--dp-epsilon inf), or use "
+            "fedavg, fedprox, ftl or --personalize under DP.",
         )
         _check(
             self.schedule == "parallel" or self.strategy in ("fedavg", "ftl", "fedprox"),

@@ -60,5 +60,5 @@ def small_config(small_npz):
         lr=0.5,
         dp_epsilon=8.0,
         device="cpu",
-        accountant="rdp",
+        accountant="pld",
     )

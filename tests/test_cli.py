@@ -74,7 +74,7 @@ def test_train_then_audit_round_trip(tmp_path):
         "--dp-epsilon",
         8,
         "--accountant",
-        "rdp",
+        "pld",
         "--secure-agg",  # the bare flag means pairwise masking
         "--out",
         out,

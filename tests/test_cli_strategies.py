@@ -8,7 +8,7 @@ from tests.conftest import write_small_npz
 from tests.test_cli import _assert_one_line_error, securefed
 
 _FAST = ("--rounds", "1", "--local-epochs", "1", "--batch-size", "32", "--lr", "0.5")
-_FAST += ("--accountant", "rdp", "--device", "cpu", "--quiet")
+_FAST += ("--accountant", "pld", "--device", "cpu", "--quiet")
 
 
 def test_help_lists_the_strategy_options():

@@ -273,6 +273,8 @@ def run_strategy_comparison(*, out_dir: Path, grid: ComparisonGrid, progress: bo
     for seed in grid.seeds:
         for eps in grid.epsilons:
             for arm in grid.arms:
+                if ARMS[arm]["strategy"] == "cfl" and eps is not None:
+                    continue  # IFCA's cluster choice is not DP: CFL runs only without DP
                 changes = {**grid.base, **ARMS[arm], "dp_epsilon": eps, "seed": seed}
                 if ARMS[arm]["strategy"] == "ftl":
                     changes["pretrained"] = str(pretrained)

@@ -10,6 +10,7 @@ model registry, the privacy plan (to check each site's), the metrics and the wri
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import time
@@ -26,7 +27,7 @@ from securefed.deploy.checkpoint import load_checkpoint, save_checkpoint
 from securefed.deploy.site import weights_to_bytes
 from securefed.deploy.site_app import secagg_config
 from securefed.deploy.wire import Stage, decode, encode, payload_size, vector_from_bytes
-from securefed.dp.accounting import compute_epsilon, default_delta
+from securefed.dp.accounting import compute_epsilon
 from securefed.dp.ledger import PrivacyEvent, PrivacyLedger
 from securefed.dp.trainer import DPPlan
 from securefed.errors import ConfigError, ProtocolError
@@ -37,8 +38,8 @@ from securefed.fl.simulation import (
     RoundRecord,
     _aggregator_options,
     _seed_for,
+    check_site_plan,
     model_spec,
-    plan_site_privacy,
     resolve_device,
     sample_participants,
     task_for,
@@ -294,13 +295,8 @@ class Coordinator:
         self._step_errors: dict[int, str] = {}
         self._log = self.out / "deploy-log.jsonl"
 
-    #: What a deployed server learns beyond the in-process runtime's disclosures.
-    runtime_disclosures = (
-        "each site's training-set size (it sets delta and the FedAvg weights; the sizes are "
-        "reported per site in privacy.json)",
-        "each site's held-out metrics of the global model, and its DP accounting events",
-        "which sites answered each protocol step, and when (deploy-log.jsonl)",
-    )
+    #: privacy.json's disclosures list the Flower messages' fields.
+    runtime = "flower"
 
     # -- what write_outputs and Federation.metrics read -------------------------------------
     @property
@@ -313,17 +309,18 @@ class Coordinator:
         return 0
 
     def site_summaries(self) -> list[dict[str, Any]]:
-        """Per site: sizes and epsilon history; class counts stay at the sites."""
-        return [
-            {
+        """Per site: epsilon history, held-out size, and the training size if it disclosed it."""
+        out = []
+        for cid, info in sorted(self.sites.items()):
+            entry = {
                 "client_id": cid,
-                "num_samples": info["num_samples"],
                 "num_heldout": info["num_heldout"],
-                "class_counts": None,
                 "epsilon_per_round": list(self.eps_history.get(cid, [])),
             }
-            for cid, info in sorted(self.sites.items())
-        ]
+            if "num_samples" in info:
+                entry["num_samples"] = info["num_samples"]
+            out.append(entry)
+        return out
 
     def metrics(self) -> dict[str, Any]:
         """``metrics.json``: the in-process schema, plus the transport figures per round."""
@@ -396,17 +393,6 @@ class Coordinator:
                 raise ConfigError("the sites hold different CKKS keys; give every site the same")
             self.he_public = keys[0]
             self.aggregator.check_key(self.he_public)
-        if self.config.dp_enabled:
-            n_min = min(s["num_samples"] for s in self.sites.values())
-            self.delta = (
-                self.config.dp_delta
-                if self.config.dp_delta is not None
-                else default_delta(smallest_site=n_min)
-            )
-            self.plans = {
-                sid: plan_site_privacy(self.config, num_samples=s["num_samples"], delta=self.delta)
-                for sid, s in self.sites.items()
-            }
         self._event(event="setup", sites={str(k): v for k, v in sorted(by_site.items())})
 
     def _check_site(self, sid: int, info: Mapping[str, Any]) -> None:
@@ -421,8 +407,16 @@ class Coordinator:
                 f"site {sid}: its data ({info.get('task')}, {info.get('spec')}) does not fit "
                 f"the run's model ({self.task.name}, {want})"
             )
-        if int(info.get("num_samples", 0)) < 1:
-            raise ConfigError(f"site {sid}: no training samples")
+        disclosed = "num_samples" in info
+        if disclosed != self.config.disclose_site_sizes:
+            raise ConfigError(
+                f"site {sid}: "
+                + (
+                    "disclosed its size, which the run did not ask for"
+                    if disclosed
+                    else "keeps its size private, but the run asks sites to disclose it"
+                )
+            )
 
     # -- checkpoint -------------------------------------------------------------------------
     def _checkpoint(self, round_index: int) -> None:
@@ -434,7 +428,7 @@ class Coordinator:
             meta={
                 "config": self.config.to_dict(),
                 "sites": {str(k): v for k, v in self.sites.items()},
-                "delta": self.delta,
+                "plans": {str(k): dataclasses.asdict(p) for k, p in self.plans.items()},
                 "events": [e.to_dict() for e in self.ledger.events],
                 "epsilon_per_round": {str(k): v for k, v in self.eps_history.items()},
                 "records": [{"data": r.data, "applied": r.applied} for r in self.records],
@@ -454,6 +448,8 @@ class Coordinator:
         self.server_opts[0].load_state(ck.optimizer_state)
         for e in ck.meta["events"]:
             self.ledger.record(PrivacyEvent(**e))
+        self.plans = {int(k): DPPlan(**p) for k, p in ck.meta.get("plans", {}).items()}
+        self.delta = max((p.delta for p in self.plans.values()), default=None)
         self.eps_history = {int(k): list(v) for k, v in ck.meta["epsilon_per_round"].items()}
         self.records = [
             RoundRecord(data=r["data"], applied=r["applied"]) for r in ck.meta["records"]
@@ -463,7 +459,7 @@ class Coordinator:
         for sid, info in self.sites.items():
             old = saved_sites.get(sid, {})
             if (old.get("num_samples"), old.get("fingerprint")) != (
-                info["num_samples"],
+                info.get("num_samples"),
                 info["fingerprint"],
             ):
                 raise ConfigError(f"site {sid}: its data changed since the checkpoint")
@@ -518,7 +514,6 @@ class Coordinator:
                         **self._base(),
                         "weights": weights,
                         "round": round_index,
-                        "delta": self.delta,
                         "n_sites": len(chosen),
                         "secure_agg": cfg.secure_agg,
                         "history": [e.to_dict() for e in self.ledger.for_client(sid)],
@@ -531,23 +526,22 @@ class Coordinator:
         sent_before = dict(self.link.sent)
         received_before = dict(self.link.received)
         self._event(event="sent", round=round_index, stage="fit")
+        fit_start = time.perf_counter()
         replies, errors = self._exchange(
             payloads, timeout=self.fit_timeout, round_index=round_index
         )
+        fit_seconds = time.perf_counter() - fit_start
         site_replies = {
             sid: replies[self.nodes[sid]] for sid in self.sites if self.nodes[sid] in replies
         }
         self._fill_previous(site_replies)
         fits = {sid: rep for sid, rep in site_replies.items() if sid in chosen}
-        train_loss: dict[int, float] = {}
         for sid in sorted(fits):
             try:
                 self._account(sid, fits[sid], round_index)
             except ProtocolError as exc:
                 errors[self.nodes[sid]] = str(exc)
                 del fits[sid]
-                continue
-            train_loss[sid] = float(fits[sid]["train_loss"])
         self._event(
             event="replies",
             round=round_index,
@@ -570,7 +564,7 @@ class Coordinator:
             new_vec = self.server_opts[0].step(current=current, delta=delta)
             self.models[0].load_state_dict({**state, **self.layout.unflatten(new_vec)}, strict=True)
         eval_start = time.perf_counter()
-        record = self._evaluate(round_index, chosen, train_loss)
+        record = self._evaluate(round_index, chosen)
         eval_seconds = time.perf_counter() - eval_start
         seconds = time.perf_counter() - start
         self.elapsed += seconds
@@ -592,7 +586,9 @@ class Coordinator:
                 "survivors": survivors,
                 "dropped": sorted(set(chosen) - set(survivors)),
                 "timing": {
-                    "local_training": sum(float(f["train_seconds"]) for f in fits.values()),
+                    # Sites send no training time (a side channel on their size); this is
+                    # the server's own wall time of the fit exchange.
+                    "local_training": fit_seconds,
                     "protection": sum(float(f.get("protect_seconds", 0.0)) for f in fits.values()),
                     "aggregation": server_seconds if server_seconds is not None else agg_seconds,
                     "personalization": 0.0,
@@ -653,16 +649,33 @@ class Coordinator:
             raise ProtocolError(f"site {sid}: reported an event that is not its round's")
         for e in events:
             self.ledger.record(e)
-        if int(reply.get("num_samples", -1)) != self.sites[sid]["num_samples"]:
-            raise ProtocolError(f"site {sid}: its sample count changed during the run")
-        plan = self.plans.get(sid)
+        if not self.config.dp_enabled:
+            return
+        try:
+            plan = DPPlan(**(reply.get("plan") or {}))
+        except TypeError as exc:
+            raise ProtocolError(f"site {sid}: malformed DP plan ({exc})") from exc
+        pinned = self.plans.get(sid)
+        if pinned is None:
+            try:
+                check_site_plan(self.config, plan)
+            except ProtocolError as exc:
+                raise ProtocolError(
+                    f"site {sid}: its DP plan breaks the run's rules: {exc}"
+                ) from exc
+            self.plans[sid] = pinned = plan
+            self.delta = max(p.delta for p in self.plans.values())
+        elif plan != pinned:
+            raise ProtocolError(f"site {sid}: its DP plan changed during the run")
+        per_epoch = round(1.0 / pinned.sample_rate)
         for e in events:
-            if plan is None or (e.noise_multiplier, e.sample_rate) != (
-                plan.noise_multiplier,
-                plan.sample_rate,
-            ):
+            if (e.noise_multiplier, e.sample_rate, e.max_grad_norm) != (
+                pinned.noise_multiplier,
+                pinned.sample_rate,
+                pinned.max_grad_norm,
+            ) or e.steps != self.config.local_epochs * per_epoch:
                 raise ProtocolError(f"site {sid}: trained with other DP parameters than planned")
-        if self.config.dp_enabled and not events:
+        if not events:
             raise ProtocolError(f"site {sid}: reported no DP accounting for round {round_index}")
 
     def _aggregate(
@@ -709,7 +722,12 @@ class Coordinator:
         for holder in added:
             node = self.nodes[holder]
             self._event(event="sent", round=round_index, stage="decrypt", site=holder)
-            fields = {"round": round_index, "aggregate": blob, "min_contributors": need}
+            fields = {
+                "config": self.config.to_dict(),
+                "round": round_index,
+                "aggregate": blob,
+                "min_contributors": need,
+            }
             replies, errors = self._exchange(
                 {node: (Stage.DECRYPT, fields)}, timeout=self.stage_timeout, round_index=round_index
             )
@@ -796,22 +814,15 @@ class Coordinator:
             history=self.ledger.history(sid), delta=plan.delta, accountant=plan.accountant
         )
 
-    def _evaluate(
-        self, round_index: int, chosen: list[int], train_loss: dict[int, float]
-    ) -> dict[str, Any]:
+    def _evaluate(self, round_index: int, chosen: list[int]) -> dict[str, Any]:
         clients = []
         for sid in sorted(self.sites):
             eps = self._epsilon(sid)
             self.eps_history.setdefault(sid, []).append(eps if eps is not None else float("inf"))
-            clients.append(
-                {
-                    "client_id": sid,
-                    "participated": sid in chosen,
-                    "num_train_samples": self.sites[sid]["num_samples"],
-                    "train_loss": train_loss.get(sid),
-                    "epsilon": eps,
-                }
-            )
+            entry = {"client_id": sid, "participated": sid in chosen, "epsilon": eps}
+            if "num_samples" in self.sites[sid]:
+                entry["num_train_samples"] = self.sites[sid]["num_samples"]
+            clients.append(entry)
         return {
             "round": round_index,
             "global": self.task.evaluate(

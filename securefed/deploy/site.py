@@ -9,6 +9,7 @@ configuration, the node configuration and the message.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +35,8 @@ from securefed.fl.simulation import (
 )
 from securefed.models import build_model
 
+log = logging.getLogger("securefed.site")
+
 __all__ = ["NodeSettings", "DeployedSite", "weights_to_bytes", "weights_from_bytes"]
 
 
@@ -56,6 +59,10 @@ class NodeSettings:
         max_epsilon: The hospital's own privacy policy: refuse any run whose target epsilon
             is above it, or that is not DP at all. The run configuration comes from the
             server; this is the site's check on it.
+        max_delta: Refuse any run whose delta bound (``--dp-delta``, default 1e-5) is above
+            it. The site always lowers delta to at most ``1/(10 n)`` for its own size.
+        disclose_size: Allow this site's training-set size to be written into the run's
+            files; a run that asks for sizes (``--disclose-site-sizes``) is refused otherwise.
 
     """
 
@@ -67,6 +74,8 @@ class NodeSettings:
     device: str | None = None
     he_key: str | None = None
     max_epsilon: float | None = None
+    max_delta: float | None = None
+    disclose_size: bool = False
 
     @classmethod
     def from_node_config(cls, node_config: Mapping[str, Any]) -> NodeSettings:
@@ -86,6 +95,8 @@ class NodeSettings:
             "device",
             "he-key",
             "max-epsilon",
+            "max-delta",
+            "disclose-size",
         }
         unknown = sorted(set(node_config) - known)
         if unknown:
@@ -107,15 +118,31 @@ class NodeSettings:
             device=text("device"),
             he_key=text("he-key"),
             max_epsilon=_positive(node_config.get("max-epsilon"), "max-epsilon"),
+            max_delta=_positive(node_config.get("max-delta"), "max-delta"),
+            disclose_size=bool(node_config.get("disclose-size", False)),
         )
 
     def check_policy(self, config: RunConfig) -> None:
-        """Refuse a run the hospital's policy does not allow (``max-epsilon``).
+        """Refuse a run the hospital's policy does not allow.
+
+        The site pins its own parameters: a run from the server that is looser than the
+        site's policy (a larger epsilon or delta, or sizes the site keeps private) is refused.
 
         Raises:
-            PrivacyBudgetError: If the run is not DP or targets a larger epsilon.
+            PrivacyBudgetError: If the run breaks the site's policy.
 
         """
+        if config.disclose_site_sizes and not self.disclose_size:
+            raise PrivacyBudgetError(
+                f"site {self.site_id}: the run asks sites to disclose their training-set size; "
+                "this site keeps it private (node config disclose-size=false)"
+            )
+        run_delta = config.dp_delta if config.dp_delta is not None else 1e-5
+        if self.max_delta is not None and config.dp_enabled and run_delta > self.max_delta:
+            raise PrivacyBudgetError(
+                f"site {self.site_id}: the run allows delta={run_delta:g}, above this site's "
+                f"policy max-delta={self.max_delta:g}"
+            )
         if self.max_epsilon is None:
             return
         eps = config.dp_epsilon
@@ -210,10 +237,12 @@ class DeployedSite:
             raise DataError(f"{self.bundle.source}: {exc}") from exc
 
     def describe(self) -> dict[str, Any]:
-        """What the site tells the server at set-up: sizes and the model shape, no records."""
-        return {
+        """What the site tells the server at set-up: the model shape, no records.
+
+        Its training-set size only if the site's policy allows it and the run asks for it.
+        """
+        out = {
             "site_id": self.node.site_id,
-            "num_samples": len(self.train),
             "num_heldout": len(self.heldout) if self.heldout is not None else 0,
             "dataset": self.bundle.name,
             "fingerprint": self.bundle.fingerprint,
@@ -225,6 +254,9 @@ class DeployedSite:
                 "image_shape": list(self.spec.image_shape),
             },
         }
+        if self.config.disclose_site_sizes and self.node.disclose_size:
+            out["num_samples"] = len(self.train)
+        return out
 
     def model(self, weights: bytes, *, layout_keys: Sequence[str]) -> tuple[Any, ParamLayout]:
         """The global model from the server's weights, frozen as the run says.
@@ -260,7 +292,6 @@ class DeployedSite:
         weights: bytes,
         layout_keys: Sequence[str],
         round_index: int,
-        delta: float | None,
         history: Sequence[Mapping[str, Any]],
     ) -> dict[str, Any]:
         """Train one round with DP-SGD; return the vector to aggregate and the accounting.
@@ -269,7 +300,6 @@ class DeployedSite:
             weights: The global weights (safetensors).
             layout_keys: Parameters the server aggregates, in order.
             round_index: 1-based round.
-            delta: The run's delta (the server derives it from every site's size).
             history: This site's DP events of earlier rounds, so the accountant carries on.
 
         """
@@ -277,9 +307,8 @@ class DeployedSite:
         ledger = PrivacyLedger()
         plan = None
         if self.config.dp_enabled:
-            if delta is None:
-                raise ProtocolError("a DP run needs delta from the server")
-            plan = plan_site_privacy(self.config, num_samples=len(self.train), delta=delta)
+            # The site picks its own delta from its size; nothing the server sends sets it.
+            plan = plan_site_privacy(self.config, num_samples=len(self.train))
         trainer = SiteTrainer(
             client_id=self.node.site_id,
             dataset=training_dataset(
@@ -309,10 +338,11 @@ class DeployedSite:
             self.config, trainer=trainer, layout=layout, model=model, round_index=round_index
         )
         new = [e.to_dict() for e in ledger.events[len(earlier) :]]
+        # The training loss is an un-noised function of the records: it stays in the site's
+        # own log.
+        log.info("site %d round %d: train loss %.4f", self.node.site_id, round_index, loss)
         return {
             "vector": np.asarray(vec, dtype=np.float64),
-            "train_loss": float(loss),
-            "train_seconds": float(seconds),
             "events": new,
             "epsilon": trainer.epsilon() if plan is not None else None,
             "plan": (

@@ -20,6 +20,7 @@ from securefed.config import RunConfig
 from securefed.crypto.secagg import SecAggClient, SecAggConfig
 from securefed.deploy.wire import decode, encode, vector_from_bytes, vector_to_bytes
 from securefed.errors import ProtocolError
+from securefed.fl.disclosures import check_reply
 
 __all__ = ["app", "secagg_config"]
 
@@ -70,7 +71,7 @@ def setup(msg: Message, context: Context) -> Message:
     info = site.describe()
     if site.config.secure_agg == "he":
         info["he_public"] = site.node.he_contexts()[1]
-    return Message(encode(info), reply_to=msg)
+    return _reply(site.config, "setup", info, msg)
 
 
 @app.evaluate("heldout")
@@ -79,7 +80,7 @@ def evaluate(msg: Message, context: Context) -> Message:
     fields = decode(msg.content, what="evaluate message")
     site = _site(fields, context)
     metrics = site.evaluate(weights=fields["weights"], layout_keys=fields["layout_keys"])
-    return Message(encode({"metrics": metrics}), reply_to=msg)
+    return _reply(site.config, "heldout", {"metrics": metrics}, msg)
 
 
 @app.train("fit")
@@ -101,19 +102,12 @@ def fit(msg: Message, context: Context) -> Message:
         weights=fields["weights"],
         layout_keys=fields["layout_keys"],
         round_index=round_index,
-        delta=fields.get("delta"),
         history=history,
     )
     context.state[_LEDGER] = ConfigRecord({"events": json.dumps(history + result["events"])})
-    reply: dict[str, Any] = {
-        "previous_metrics": previous,
-        "train_loss": result["train_loss"],
-        "train_seconds": result["train_seconds"],
-        "events": result["events"],
-        "epsilon": result["epsilon"],
-        "plan": result["plan"],
-        "num_samples": len(site.train),
-    }
+    reply: dict[str, Any] = {"previous_metrics": previous}
+    if result["plan"] is not None:
+        reply.update(events=result["events"], epsilon=result["epsilon"], plan=result["plan"])
     vector = result["vector"]
     if fields["secure_agg"] == "none":
         reply["vector"] = vector_to_bytes(vector)
@@ -140,7 +134,12 @@ def fit(msg: Message, context: Context) -> Message:
                 "secagg": client.export_state(),
             }
         )
-    return Message(encode(reply), reply_to=msg)
+    return _reply(site.config, "fit", reply, msg)
+
+
+def _reply(config: RunConfig, message: str, fields: dict[str, Any], msg: Message) -> Message:
+    """Every reply a site sends passes here: a field privacy.json does not declare is refused."""
+    return Message(encode(check_reply(config, message, fields)), reply_to=msg)
 
 
 def _encrypt(node: Any, vector: Any, *, round_index: int, n_sites: int) -> bytes:
@@ -174,7 +173,9 @@ def decrypt(msg: Message, context: Context) -> Message:
     secret, _ = _node(context).he_contexts()
     decryptor = CKKSDecryptor(secret, min_contributors=int(fields["min_contributors"]))
     total = decryptor.decrypt(fields["aggregate"], round_index=int(fields["round"]))
-    return Message(encode({"vector": vector_to_bytes(total)}), reply_to=msg)
+    return _reply(
+        RunConfig.from_dict(fields["config"]), "decrypt", {"vector": vector_to_bytes(total)}, msg
+    )
 
 
 def _protocol_step(msg: Message, context: Context, step: str) -> Message:
@@ -202,7 +203,8 @@ def _protocol_step(msg: Message, context: Context, step: str) -> Message:
         state["secagg"] = client.export_state()
         context.state[_ROUND] = state
     reply["protect_seconds"] = time.perf_counter() - start
-    return Message(encode(reply), reply_to=msg)
+    run = RunConfig.from_dict(json.loads(state["config"]))
+    return _reply(run, step, reply, msg)
 
 
 @app.train("share")

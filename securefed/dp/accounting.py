@@ -1,94 +1,193 @@
-"""Noise calibration and epsilon computation with Opacus' accountants."""
+"""Noise calibration and epsilon for replace-one adjacency, with ``dp_accounting``'s PLD.
+
+Why replace-one and not add/remove (Opacus' accountants): what a site releases depends on
+its size n. Its sampling rate q = 1/ceil(n/B) and step counts are in its privacy claim, and
+every round's aggregate carries the sum of the sample counts. Removing one record can change
+all of them, so an add/remove epsilon would not bound what an observer learns. Under
+replace-one adjacency (one record substituted by any other; n stays the same) those releases
+are identical in both neighbouring data sets, and the epsilon covers everything that leaves
+the site. It is larger than the add/remove figure for the same noise, so sigma is larger too.
+
+The PLD accountant is pessimistic (its discretisation rounds privacy loss up), so an epsilon
+computed here is an upper bound.
+"""
 
 from __future__ import annotations
 
 import math
 import warnings
+from collections import defaultdict
 from collections.abc import Sequence
 from functools import lru_cache
 
-import numpy as np
-
 from securefed.errors import ConfigError, PrivacyBudgetError
 
-__all__ = ["calibrate_noise", "compute_epsilon", "default_delta", "steps_per_epoch", "sample_rate"]
+__all__ = [
+    "ACCOUNTANT",
+    "ADJACENCY",
+    "calibrate_noise",
+    "compute_epsilon",
+    "default_delta",
+    "site_delta",
+    "steps_per_epoch",
+    "sample_rate",
+]
+
+#: The only accountant: dp_accounting's privacy-loss-distribution accountant.
+ACCOUNTANT = "pld"
+#: The neighbouring relation every epsilon in securefed is stated for.
+ADJACENCY = "replace-one"
+#: Default upper bound on delta before the per-site cap (see :func:`site_delta`).
+DEFAULT_DELTA = 1e-5
+
+#: PLD grid for claims made during training; the audit recomputes on a finer one.
+_DISCRETIZATION = 1e-3
+#: Largest noise multiplier calibration will consider.
+_MAX_SIGMA = 1e4
 
 
 def steps_per_epoch(*, num_samples: int, batch_size: int) -> int:
-    """Expected optimizer steps per epoch, Opacus' convention: ``ceil(n / B)``."""
+    """Optimizer steps per local epoch: ``ceil(n / B)``."""
     return max(1, math.ceil(num_samples / batch_size))
 
 
 def sample_rate(*, num_samples: int, batch_size: int) -> float:
-    """Poisson sampling rate as Opacus' DPDataLoader derives it: ``1 / ceil(n / B)``."""
+    """Poisson sampling rate ``q = 1 / ceil(n / B)``, so an epoch is exactly ``1/q`` steps."""
     return 1.0 / steps_per_epoch(num_samples=num_samples, batch_size=batch_size)
 
 
-def default_delta(*, smallest_site: int) -> float:
-    """``min(1e-5, 1 / (10 n_min))``: well below 1/n for every site, as DP practice asks."""
-    if smallest_site < 1:
-        raise ConfigError("`smallest_site` must be at least 1.")
-    return min(1e-5, 1.0 / (10 * smallest_site))
+def site_delta(*, num_samples: int, run_delta: float | None = None) -> float:
+    """The delta one site uses: the run's (default 1e-5), capped at ``1/(10 n)`` for this site.
+
+    The cap is rounded down to a power of ten, so the delta a site reports reveals only the
+    order of magnitude of its size (its sampling rate already says more). Every site's delta
+    is therefore below ``1/n`` of that site, whatever the sizes of the others.
+
+    Raises:
+        ConfigError: If ``num_samples`` < 1 or ``run_delta`` is not in (0, 1).
+
+    """
+    if num_samples < 1:
+        raise ConfigError("`num_samples` must be at least 1.")
+    bound = DEFAULT_DELTA if run_delta is None else float(run_delta)
+    if not 0 < bound < 1:
+        raise ConfigError(f"`dp_delta` must be in (0, 1) (got {run_delta}).")
+    cap = 10.0 ** -math.ceil(math.log10(10 * num_samples))
+    return min(bound, cap)
 
 
-def _create(accountant: str):
-    from opacus.accountants import create_accountant
+def default_delta(*, largest_site: int) -> float:
+    """A delta below ``1/(10 n)`` for every site of a federation: set by the largest site."""
+    return site_delta(num_samples=largest_site)
 
-    return create_accountant(mechanism=accountant)
+
+def _grouped(history: Sequence[tuple[float, float, int]]) -> tuple[tuple[float, float, int], ...]:
+    counts: dict[tuple[float, float], int] = defaultdict(int)
+    for sigma, q, steps in history:
+        if int(steps) > 0:
+            counts[(float(sigma), float(q))] += int(steps)
+    return tuple((s, q, n) for (s, q), n in sorted(counts.items()))
 
 
-def compute_epsilon(
-    *, history: Sequence[tuple[float, float, int]], delta: float, accountant: str
+def pld_epsilon(
+    *,
+    history: Sequence[tuple[float, float, int]],
+    delta: float,
+    discretization: float = _DISCRETIZATION,
 ) -> float:
-    """Epsilon of a composition ``[(sigma, q, steps), ...]`` at ``delta``; 0 for no steps."""
-    history = [h for h in history if h[2] > 0]
-    if not history:
+    """Replace-one epsilon of Poisson-subsampled Gaussian steps ``[(sigma, q, steps), ...]``.
+
+    Composition is commutative, so steps with the same ``(sigma, q)`` fold into one
+    self-composition; the result is 0 for no steps.
+    """
+    grouped = _grouped(history)
+    if not grouped:
         return 0.0
-    return _compute_cached(tuple(tuple(h) for h in history), delta, accountant)
+    return _pld_cached(grouped, float(delta), float(discretization))
 
 
 @lru_cache(maxsize=4096)
-def _compute_cached(history: tuple, delta: float, accountant: str) -> float:
-    acc = _create(accountant)
-    acc.history = [tuple(h) for h in history]
-    with warnings.catch_warnings(), np.errstate(all="ignore"):
-        # Opacus warns that GDP is experimental and that RDP hit its largest order; both
-        # facts are in the report (accountant name; audit's independent check), not stderr.
-        # PRV takes log(0) at the edge of its domain, harmlessly.
-        warnings.simplefilter("ignore", UserWarning)
-        warnings.simplefilter("ignore", RuntimeWarning)
-        return float(acc.get_epsilon(delta=delta))
+def _pld_cached(grouped: tuple, delta: float, discretization: float) -> float:
+    from dp_accounting import NeighboringRelation, dp_event, pld
+
+    event = dp_event.ComposedDpEvent(
+        [
+            dp_event.SelfComposedDpEvent(
+                dp_event.PoissonSampledDpEvent(q, dp_event.GaussianDpEvent(sigma)), steps
+            )
+            for sigma, q, steps in grouped
+        ]
+    )
+    acc = pld.PLDAccountant(
+        neighboring_relation=NeighboringRelation.REPLACE_ONE,
+        value_discretization_interval=discretization,
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        acc.compose(event)
+        return float(acc.get_epsilon(delta))
+
+
+def _check_accountant(accountant: str) -> None:
+    if accountant != ACCOUNTANT:
+        raise ConfigError(
+            f"accountant {accountant!r} is not supported: securefed accounts replace-one "
+            f"adjacency, which only the {ACCOUNTANT!r} accountant computes"
+        )
+
+
+def compute_epsilon(
+    *, history: Sequence[tuple[float, float, int]], delta: float, accountant: str = ACCOUNTANT
+) -> float:
+    """Replace-one epsilon of a composition ``[(sigma, q, steps), ...]`` at ``delta``.
+
+    Every entry counts (a history of several rounds is composed, never just its last entry).
+    """
+    _check_accountant(accountant)
+    return pld_epsilon(history=history, delta=delta)
 
 
 @lru_cache(maxsize=256)
 def calibrate_noise(
-    *, target_epsilon: float, delta: float, sample_rate: float, steps: int, accountant: str
+    *,
+    target_epsilon: float,
+    delta: float,
+    sample_rate: float,
+    steps: int,
+    accountant: str = ACCOUNTANT,
 ) -> float:
-    """Smallest noise multiplier (to 0.01 in epsilon) whose epsilon after ``steps`` is <= target.
+    """Smallest noise multiplier (to 0.01 in epsilon) whose replace-one epsilon is <= target.
+
+    Bisection on sigma: epsilon decreases as sigma grows. The result's epsilon is at most the
+    target and, unless sigma hit the search's resolution, within 0.01 of it.
 
     Raises:
-        PrivacyBudgetError: No noise multiplier up to Opacus' bound reaches the target.
+        PrivacyBudgetError: No noise multiplier up to 1e4 reaches the target.
 
     """
-    from opacus.accountants.utils import get_noise_multiplier
+    _check_accountant(accountant)
 
-    try:
-        with warnings.catch_warnings(), np.errstate(all="ignore"):
-            # Hopeless targets make Opacus' search take logs of 0 on its way to failing.
-            warnings.simplefilter("ignore", UserWarning)
-            warnings.simplefilter("ignore", RuntimeWarning)
-            sigma = get_noise_multiplier(
-                target_epsilon=target_epsilon,
-                target_delta=delta,
-                sample_rate=sample_rate,
-                steps=steps,
-                accountant=accountant,
-                epsilon_tolerance=0.01,
+    def eps(sigma: float) -> float:
+        return pld_epsilon(history=[(sigma, sample_rate, steps)], delta=delta)
+
+    hi = 1.0
+    while eps(hi) > target_epsilon:
+        hi *= 2
+        if hi > _MAX_SIGMA:
+            raise PrivacyBudgetError(
+                f"epsilon={target_epsilon} at delta={delta:.2g} cannot be reached with {steps} "
+                f"steps at sampling rate {sample_rate:.4g}: raise --dp-epsilon, or lower "
+                "--rounds, --local-epochs or --batch-size"
             )
-    except (ValueError, OverflowError, FloatingPointError) as exc:
-        raise PrivacyBudgetError(
-            f"epsilon={target_epsilon} at delta={delta:.2g} cannot be reached with {steps} steps "
-            f"at sampling rate {sample_rate:.4g} ({accountant}): raise --dp-epsilon, or lower "
-            f"--rounds, --local-epochs or --batch-size"
-        ) from exc
-    return float(sigma)
+    lo = 0.0
+    # Invariant: eps(hi) <= target < eps(lo) (eps(0) is infinite).
+    while hi - lo > 1e-4 * hi:
+        mid = (lo + hi) / 2
+        e = eps(mid)
+        if e <= target_epsilon:
+            hi = mid
+            if e >= target_epsilon - 0.01:
+                break
+        else:
+            lo = mid
+    return float(hi)

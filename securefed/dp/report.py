@@ -21,19 +21,22 @@ __all__ = [
 ]
 
 #: Bump the minor version for added keys, the major version for changed or removed ones.
-SCHEMA_VERSION = "1.1"
+SCHEMA_VERSION = "2.0"
 
 THREAT_MODEL = (
-    "Record-level (epsilon, delta)-DP per site: each site's DP-SGD guarantee covers any one of "
-    "its training records, against anyone who sees every model update it produces (the server "
-    "included), accounted over all its steps in all rounds; sites do not gain amplification from "
-    "being sampled by the server. The server is honest-but-curious: it follows the protocol but "
-    "tries to learn from what it sees. With secure aggregation on it sees only the sum of the "
-    "updates of the sites that took part in a round. Sites are honest-but-curious too; up to "
-    "n - t sites may drop out of a round; a network observer sees only encrypted traffic in a "
-    "deployment. Out of scope: a malicious server that deviates from the protocol, Byzantine "
-    "sites, side channels, and floating-point attacks on the Gaussian sampler (noise comes from "
-    "torch's seeded PRNG, not a CSPRNG, so that a seed reproduces a run)."
+    "Record-level (epsilon, delta)-DP per site for replace-one adjacency: each site's DP-SGD "
+    "guarantee covers the substitution of any one of its training records, against anyone who "
+    "sees everything the site releases (the server included: every field is listed in "
+    "'disclosures' with its protection), accounted over all its steps in all rounds; sites do "
+    "not gain amplification from being sampled by the server. The DP noise and the Poisson "
+    "sampling come from a CSPRNG keyed at the site (never from the run's seed) unless 'noise' "
+    "is 'reproducible'. Each site signs its privacy claim (Ed25519). The server is "
+    "honest-but-curious: it follows the protocol but tries to learn from what it sees; with "
+    "secure aggregation it sees only the sum of the updates of the sites that took part in a "
+    "round. Up to n - t sites may drop out of a round; a network observer sees only encrypted "
+    "traffic in a deployment. Out of scope: a server that deviates from the protocol (see the "
+    "README), Byzantine sites, side channels other than the reply timing listed in "
+    "'disclosures', and a patient's several records (group privacy)."
 )
 
 

@@ -107,7 +107,7 @@ class SiteTrainer:
             with warnings.catch_warnings():
                 # "Secure RNG turned off": the report states the noise source instead.
                 warnings.simplefilter("ignore", UserWarning)
-                self._engine = PrivacyEngine(accountant=plan.accountant)
+                self._engine = PrivacyEngine(accountant="rdp")  # step hook only; epsilon: ledger
 
     @property
     def num_samples(self) -> int:
@@ -124,7 +124,7 @@ class SiteTrainer:
         if self.plan is None:
             return float("inf")
         return compute_epsilon(
-            history=self._engine.accountant.history,
+            history=self.ledger.history(self.client_id),
             delta=self.plan.delta,
             accountant=self.plan.accountant,
         )

@@ -11,8 +11,10 @@ from pathlib import Path
 from typing import Any
 
 from securefed.config import RunConfig
+from securefed.dp.accounting import ADJACENCY
 from securefed.dp.report import SCHEMA_VERSION, THREAT_MODEL, json_ready, report_hash, write_json
 from securefed.errors import ConfigError
+from securefed.fl.disclosures import disclosures_json
 from securefed.fl.simulation import Federation
 from securefed.fl.transfer import indices_digest
 from securefed.metrics import HEADLINE_METRICS
@@ -154,57 +156,48 @@ def _strategy_json(fed: Federation) -> dict[str, Any]:
     return out
 
 
-def _disclosures(fed: Federation) -> list[str]:
-    """What the server learns beyond the DP-protected aggregate, stated plainly."""
-    cfg = fed.config
-    out = [
-        "which sites took part in each round, and which dropped out",
-        "the total sample count of the sites aggregated in a round",
-    ]
-    if cfg.strategy == "cfl":
-        out.append(
-            "each site's cluster in each round (IFCA picks it from the site's training loss, a "
-            "function of private data that the DP accounting does not cover: at most "
-            f"log2({cfg.clusters}) bits per site per round)"
+def _disclosures(fed: Federation) -> list[dict[str, str]]:
+    """Every field a site releases, with its protection (:mod:`securefed.fl.disclosures`)."""
+    return disclosures_json(fed.config, runtime=getattr(fed, "runtime", "in-process"))
+
+
+def noise_description(config: RunConfig) -> tuple[str, str]:
+    """privacy.json ``noise`` and ``noise_source`` for a run of ``config``."""
+    if getattr(config, "reproducible_noise", False):
+        return "reproducible", (
+            "ChaCha20 keyed from --seed (--reproducible-noise): anyone who knows the seed can "
+            "replay the noise and the sampling, so the epsilon below does NOT hold against them"
         )
-        if cfg.secure_agg != "none":
-            out.append(
-                "each cluster's aggregate separately; a cluster with one site is not "
-                "aggregated that round"
-            )
-    if cfg.schedule == "cyclic":
-        out.append(
-            "cyclic schedule: each site receives the model the previous site trained "
-            "(DP-protected, but not hidden in a sum)"
-        )
-    if cfg.personalize:
-        out.append("digital twins stay at their site; only their held-out metrics enter the report")
-    out.extend(getattr(fed, "runtime_disclosures", ()))
-    return out
+    return "secret", (
+        "ChaCha20 keyed from os.urandom at each site, fresh for every round: the DP noise and "
+        "the Poisson sampling are secret to the site (never derived from --seed)"
+    )
 
 
 def _privacy_json(fed: Federation) -> dict[str, Any]:
     cfg = fed.config
+    noise, noise_source = noise_description(cfg)
     clients = []
     for s in fed.site_summaries():
         plan = fed.plans.get(s["client_id"])
         events = fed.ledger.for_client(s["client_id"])
         history = s["epsilon_per_round"]
-        clients.append(
-            {
-                "client_id": s["client_id"],
-                "num_samples": s["num_samples"],
-                "sample_rate": plan.sample_rate if plan else None,
-                "noise_multiplier": plan.noise_multiplier if plan else None,
-                "max_grad_norm": plan.max_grad_norm if plan else None,
-                "planned_steps": plan.planned_steps if plan else None,
-                "steps": sum(e.steps for e in events),
-                "personalization_steps": sum(e.steps for e in events if e.phase == "personalize"),
-                "rounds_participated": sorted({e.round for e in events}),
-                "epsilon": history[-1] if plan and history else None,
-                "epsilon_per_round": list(history) if plan else [],
-            }
-        )
+        entry = {
+            "client_id": s["client_id"],
+            "delta": plan.delta if plan else None,
+            "sample_rate": plan.sample_rate if plan else None,
+            "noise_multiplier": plan.noise_multiplier if plan else None,
+            "max_grad_norm": plan.max_grad_norm if plan else None,
+            "planned_steps": plan.planned_steps if plan else None,
+            "steps": sum(e.steps for e in events),
+            "personalization_steps": sum(e.steps for e in events if e.phase == "personalize"),
+            "rounds_participated": sorted({e.round for e in events}),
+            "epsilon": history[-1] if plan and history else None,
+            "epsilon_per_round": list(history) if plan else [],
+        }
+        if "num_samples" in s:  # only when the site chose to disclose its size
+            entry["num_samples"] = s["num_samples"]
+        clients.append(entry)
     eps = [c["epsilon"] for c in clients if c["epsilon"] is not None]
     return {
         "schema_version": SCHEMA_VERSION,
@@ -212,16 +205,25 @@ def _privacy_json(fed: Federation) -> dict[str, Any]:
         "target_epsilon": cfg.dp_epsilon,
         "delta": fed.delta,
         "accountant": cfg.accountant if cfg.dp_enabled else None,
+        "adjacency": ADJACENCY if cfg.dp_enabled else None,
+        "privacy_unit": "record" if cfg.dp_enabled else None,
         "epsilon": max(eps) if eps else None,
-        "guarantee": "record-level (epsilon, delta)-DP per site, over all rounds",
+        "guarantee": (
+            "record-level (epsilon, delta)-DP per site, over all rounds, for replace-one "
+            "adjacency (one training record substituted by any other). A patient with k "
+            "records is protected at group size k (about k x epsilon), not at epsilon."
+            if cfg.dp_enabled
+            else "none: this run makes no DP claim"
+        ),
         "sampling": "poisson" if cfg.dp_enabled else "shuffle",
         "clipping": "flat per-sample L2" if cfg.dp_enabled else None,
-        "noise_source": "torch.Generator seeded from --seed (reproducible; not a CSPRNG)",
+        "noise": noise if cfg.dp_enabled else None,
+        "noise_source": noise_source if cfg.dp_enabled else None,
         "calibration": (
-            "per site: smallest sigma whose epsilon after (rounds x local_epochs + twin "
-            "fine-tuning epochs) x ceil(n/B) steps is at most the target (Opacus "
-            "get_noise_multiplier); server-side site sampling and dropouts are not counted as "
-            "amplification"
+            "per site: smallest sigma whose replace-one epsilon (dp_accounting PLD) after "
+            "(rounds x local_epochs + twin fine-tuning epochs) x ceil(n/B) steps is at most the "
+            "target, at the site's own delta = min(--dp-delta or 1e-5, 10^-ceil(log10(10 n))); "
+            "server-side site sampling and dropouts are not counted as amplification"
         ),
         "strategy": _strategy_json(fed),
         "dp_applies_to": (

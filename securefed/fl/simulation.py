@@ -15,12 +15,7 @@ from torch import nn
 from securefed.config import RunConfig
 from securefed.data.dataset import ArraySplit, DatasetBundle, load_dataset
 from securefed.data.partition import partition, partition_like
-from securefed.dp.accounting import (
-    calibrate_noise,
-    default_delta,
-    sample_rate,
-    steps_per_epoch,
-)
+from securefed.dp.accounting import calibrate_noise, sample_rate, site_delta, steps_per_epoch
 from securefed.dp.ledger import PrivacyLedger
 from securefed.dp.trainer import DPPlan, SiteTrainer
 from securefed.errors import ConfigError, DataError, DropoutRecoveryError
@@ -44,13 +39,15 @@ __all__ = [
     "training_dataset",
     "personalize_rounds",
     "plan_site_privacy",
+    "check_site_plan",
     "sample_participants",
     "site_splits",
 ]
 
 #: metrics.json schema: 1.1 added task, strategy, primary_metric, site_mean, clusters and
-#: personalization (additive; every 1.0 field keeps its meaning).
-METRICS_SCHEMA_VERSION = "1.1"
+#: personalization; 2.0 removed the per-site train_loss and num_train_samples (they no longer
+#: leave a site; num_train_samples stays when the sites disclose their sizes).
+METRICS_SCHEMA_VERSION = "2.0"
 
 
 def resolve_device(name: str) -> torch.device:
@@ -136,13 +133,15 @@ def personalize_rounds(config: RunConfig) -> int:
     return config.rounds if config.personalize_when == "every" else 1
 
 
-def plan_site_privacy(config: RunConfig, *, num_samples: int, delta: float) -> DPPlan:
+def plan_site_privacy(config: RunConfig, *, num_samples: int) -> DPPlan:
     """One site's DP-SGD plan: sigma calibrated for every step the site may take in the run.
 
     Calibrates for the worst case: the site takes part in every round, and its twin
     fine-tuning (on the same records) is accounted too. Sampling by the server is not
-    counted as amplification. Runs at the site; the same in-process and over Flower.
+    counted as amplification. Runs at the site, which picks its own delta (the run's, lowered
+    to at most ``1/(10 n)`` for its size); the same in-process and over Flower.
     """
+    delta = site_delta(num_samples=num_samples, run_delta=config.dp_delta)
     q = sample_rate(num_samples=num_samples, batch_size=config.batch_size)
     spe = steps_per_epoch(num_samples=num_samples, batch_size=config.batch_size)
     steps = (
@@ -163,6 +162,49 @@ def plan_site_privacy(config: RunConfig, *, num_samples: int, delta: float) -> D
         delta=delta,
         accountant=config.accountant,
     )
+
+
+def check_site_plan(config: RunConfig, plan: DPPlan) -> None:
+    """Check a plan a site reports (its size stays private) against the run's rules.
+
+    The server and the audit cannot re-derive a site's plan without its size n, but every
+    rule that ties the plan to the run can be checked from the plan alone: an epoch is a whole
+    number 1/q of steps, the planned steps cover every round, delta is within the run's bound
+    and sigma is exactly the calibration for that (q, steps, delta).
+
+    Raises:
+        ProtocolError: Naming the rule the plan breaks.
+
+    """
+    from securefed.errors import ProtocolError
+
+    if not config.dp_enabled:
+        raise ProtocolError("a site reported a DP plan for a run without DP")
+    spe = round(1.0 / plan.sample_rate) if plan.sample_rate > 0 else 0
+    if spe < 1 or 1.0 / spe != plan.sample_rate:
+        raise ProtocolError(f"sample rate {plan.sample_rate!r} is not 1/ceil(n/B) for any n")
+    epochs = config.rounds * config.local_epochs + personalize_rounds(config) * config.personalize
+    if plan.planned_steps != epochs * spe:
+        raise ProtocolError(
+            f"planned steps {plan.planned_steps} != {epochs} epochs x {spe} steps per epoch"
+        )
+    bound = config.dp_delta if config.dp_delta is not None else 1e-5
+    if not 0 < plan.delta <= bound:
+        raise ProtocolError(f"delta {plan.delta:g} is outside (0, {bound:g}]")
+    if plan.max_grad_norm != config.max_grad_norm or plan.accountant != config.accountant:
+        raise ProtocolError("clipping bound or accountant differ from the run's")
+    sigma = calibrate_noise(
+        target_epsilon=float(config.dp_epsilon),
+        delta=plan.delta,
+        sample_rate=plan.sample_rate,
+        steps=plan.planned_steps,
+        accountant=config.accountant,
+    )
+    if plan.noise_multiplier != sigma:
+        raise ProtocolError(
+            f"sigma {plan.noise_multiplier!r} is not the calibrated {sigma!r} for its (q, steps, "
+            "delta)"
+        )
 
 
 def sample_participants(config: RunConfig, *, ids: list[int], round_index: int) -> list[int]:
@@ -252,6 +294,8 @@ class Site:
     heldout: ArraySplit | None
     trainer: SiteTrainer
     epsilon_per_round: list[float] = field(default_factory=list)
+    #: Site-local training log (per round: mean training loss); never sent to the server.
+    train_log: list[dict[str, float]] = field(default_factory=list)
     cluster: int | None = None
     twin: nn.Module | None = None
 
@@ -422,17 +466,21 @@ class Federation:
         ]
 
     def site_summaries(self) -> list[dict[str, Any]]:
-        """Per site: sizes, class counts and epsilon history (config.json, privacy.json)."""
-        return [
-            {
+        """Per site: epsilon history, held-out size, and disclosed training size and classes."""
+        out = []
+        for s in self.sites:
+            entry: dict[str, Any] = {
                 "client_id": s.client_id,
-                "num_samples": len(s.train),
                 "num_heldout": len(s.heldout) if s.heldout is not None else 0,
-                "class_counts": s.train.class_counts(num_classes=self.bundle.num_classes).tolist(),
                 "epsilon_per_round": list(s.epsilon_per_round),
             }
-            for s in self.sites
-        ]
+            if self.config.disclose_site_sizes:
+                entry["num_samples"] = len(s.train)
+                entry["class_counts"] = s.train.class_counts(
+                    num_classes=self.bundle.num_classes
+                ).tolist()
+            out.append(entry)
+        return out
 
     def _training_data(self, site: Site) -> torch.utils.data.Dataset:
         return training_dataset(
@@ -447,16 +495,12 @@ class Federation:
         return personalize_rounds(self.config)
 
     def _plan_privacy(self) -> tuple[float | None, dict[int, DPPlan]]:
+        """Every site's plan; the run's delta is the largest any site uses."""
         cfg = self.config
         if not cfg.dp_enabled:
             return None, {}
-        n_min = min(len(s.train) for s in self.sites)
-        delta = cfg.dp_delta if cfg.dp_delta is not None else default_delta(smallest_site=n_min)
-        plans = {
-            s.client_id: plan_site_privacy(cfg, num_samples=len(s.train), delta=delta)
-            for s in self.sites
-        }
-        return delta, plans
+        plans = {s.client_id: plan_site_privacy(cfg, num_samples=len(s.train)) for s in self.sites}
+        return max(p.delta for p in plans.values()), plans
 
     def _aggregator_for(self, n_sites: int) -> Aggregator:
         """One aggregator per group size (masking's parameters depend on it; CKKS keys don't)."""
@@ -717,13 +761,19 @@ class Federation:
             eps = site.trainer.epsilon() if self.config.dp_enabled else None
             site.epsilon_per_round.append(eps if eps is not None else float("inf"))
             model = self._site_model(site)
+            if site.client_id in train_loss:
+                # The training loss is an un-noised function of the site's records: it stays
+                # in the site's own log and never enters the server's files.
+                site.train_log.append(
+                    {"round": round_index, "train_loss": train_loss[site.client_id]}
+                )
             entry: dict[str, Any] = {
                 "client_id": site.client_id,
                 "participated": site.client_id in chosen,
-                "num_train_samples": len(site.train),
-                "train_loss": train_loss.get(site.client_id),
                 "epsilon": eps,
             }
+            if self.config.disclose_site_sizes:
+                entry["num_train_samples"] = len(site.train)
             if len(self.models) > 1:
                 entry["cluster"] = site.cluster
             if site.heldout is not None:

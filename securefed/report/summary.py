@@ -140,9 +140,15 @@ def write_summary(
     final = metrics["final"] or {}
     conv = metrics.get("convergence")
     ds = privacy["dataset"]
-    lines = [
-        "# securefed run summary",
-        "",
+    lines = ["# securefed run summary", ""]
+    if privacy.get("dp") and privacy.get("noise") != "secret":
+        lines += [
+            "> **WARNING: reproducible noise.** This run drew its DP noise and sampling from "
+            "--seed (`--reproducible-noise`). Its ε does NOT hold against anyone who knows the "
+            "seed: they can replay training and decide membership. `securefed audit` fails it.",
+            "",
+        ]
+    lines += [
         f"- data set: **{ds['name']}** (fingerprint `{ds['fingerprint'][:16]}…`), "
         f"{run['clients']} sites, partition `{run['partition']}`",
         f"- model: `{run['model']}` ({privacy['model']['num_parameters']:,} parameters)",
@@ -151,9 +157,11 @@ def write_summary(
         f"- secure aggregation: `{privacy['secure_aggregation']}`",
         _strategy_line(privacy),
         (
-            f"- DP-SGD: target ε = {privacy['target_epsilon']}, δ = {privacy['delta']:.2e}, "
+            f"- DP-SGD: record-level, replace-one adjacency; target ε = "
+            f"{privacy['target_epsilon']}, δ ≤ {privacy['delta']:.2e} (each site's own), "
             f"accountant `{privacy['accountant']}`; spent ε (max over sites) = "
-            f"**{_fmt(privacy['epsilon'])}**"
+            f"**{_fmt(privacy['epsilon'])}**. A patient with k records is protected at about "
+            "k·ε, not ε"
             if privacy.get("dp")
             else "- DP-SGD: **off** (non-private baseline)"
         ),
@@ -187,7 +195,8 @@ def write_summary(
     last = metrics["rounds"][-1]["clients"] if metrics["rounds"] else []
     for c, p in zip(last, privacy["clients"]):
         lines.append(
-            f"| {c['client_id']} | {p['num_samples']} | {c.get('num_samples', 0)} | "
+            f"| {c['client_id']} | {p.get('num_samples', 'not disclosed')} | "
+            f"{c.get('num_samples', 0)} | "
             f"{_fmt(c.get(primary))} | {_fmt(c.get(headline[1]))} | "
             f"{_fmt(p['noise_multiplier'])} | {_fmt(p['sample_rate'], 4)} | {p['steps']} | "
             f"{_fmt(p['epsilon'])} |"

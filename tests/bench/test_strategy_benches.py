@@ -21,7 +21,7 @@ def test_strategy_comparison_writes_consistent_results_and_resumes(tmp_path):
         dataset="tiny",
         data_dir=str(tmp_path),
         arms=("fl", "ftl"),
-        base={**QUICK.base, "rounds": 2, "batch_size": 32, "accountant": "rdp", "device": "cpu"},
+        base={**QUICK.base, "rounds": 2, "batch_size": 32, "accountant": "pld", "device": "cpu"},
         pretrain_epochs=1,
     )
     out = tmp_path / "bench"

@@ -21,7 +21,7 @@ _TINY_BASE = {
     "local_epochs": 1,
     "batch_size": 32,
     "lr": 0.5,
-    "accountant": "rdp",
+    "accountant": "pld",
     "public_fraction": 0.2,
     "device": "cpu",
 }

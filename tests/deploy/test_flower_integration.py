@@ -51,7 +51,7 @@ def _config(npz: Path, **changes) -> RunConfig:
         lr=0.5,
         dp_epsilon=8.0,
         device="cpu",
-        accountant="rdp",
+        accountant="pld",
         secure_agg="mask",
         seed=0,
     ).replace(**changes)

@@ -23,7 +23,7 @@ def run_dir(tmp_path_factory):
         batch_size=32,
         dp_epsilon=4.0,
         device="cpu",
-        accountant="prv",
+        accountant="pld",
     )
     return train(cfg, out_dir=d / "run", progress=False)
 

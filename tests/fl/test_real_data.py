@@ -20,7 +20,7 @@ def test_two_round_dp_run_on_pneumoniamnist(shared_data_dir, tmp_path):
         rounds=2,
         local_epochs=1,
         dp_epsilon=8.0,
-        accountant="rdp",
+        accountant="pld",
         secure_agg="mask",
         device="cpu",
     )

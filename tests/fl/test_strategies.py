@@ -248,7 +248,7 @@ def test_segmentation_federation_with_dp_masking_and_twins(tmp_path):
         batch_size=2,
         lr=0.1,
         dp_epsilon=8.0,
-        accountant="rdp",
+        accountant="pld",
         secure_agg="mask",
         personalize=1,
         augment=True,
@@ -286,7 +286,7 @@ def test_late_fusion_segmentation_runs_one_dp_round():
         local_epochs=1,
         batch_size=2,
         lr=0.1,
-        accountant="rdp",
+        accountant="pld",
         device="cpu",
     )
     fed = _run(cfg)

@@ -1,0 +1,235 @@
+"""Everything a site releases, field by field, with what protects it.
+
+One list serves three purposes: privacy.json's ``disclosures`` (what a reviewer reads), the
+deployed site's outgoing messages (a field that is not listed here is refused before it is
+sent, see :func:`check_reply`), and the tests that walk every message type of both runtimes.
+
+Protections:
+- ``dp-accounted``: a function of the site's DP-SGD output or of its privacy claim, covered by
+  the site's (epsilon, delta) under replace-one adjacency (post-processing).
+- ``secure-sum``: enters only a secure sum; the server learns the sum over at least ``t``
+  sites (masking) or at least 2 (CKKS), never the site's own value.
+- ``clear``: the server learns it as is. The detail says whether it depends on private data.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from securefed.config import RunConfig
+from securefed.errors import ProtocolError
+
+__all__ = [
+    "PROTECTIONS",
+    "Release",
+    "site_releases",
+    "message_fields",
+    "check_reply",
+    "disclosures_json",
+]
+
+PROTECTIONS = ("dp-accounted", "secure-sum", "clear")
+
+_CLAIM = (
+    "the site's privacy claim (sigma, q, C, delta, steps, epsilon): q = 1/ceil(n/B), the step "
+    "counts and delta's order of magnitude reveal the site's size to within B, which is why "
+    "epsilon is stated for replace-one adjacency (n is the same in both neighbouring data sets)"
+)
+
+
+@dataclass(frozen=True)
+class Release:
+    """One field of one message a site sends.
+
+    Attributes:
+        message: The message (Flower message type; the in-process runtime releases the same).
+        field: The field's name in the message.
+        protection: One of :data:`PROTECTIONS`.
+        detail: What the value is and what it reveals.
+
+    """
+
+    message: str
+    field: str
+    protection: str
+    detail: str
+
+    def __post_init__(self) -> None:
+        if self.protection not in PROTECTIONS:
+            raise ValueError(f"unknown protection {self.protection!r}")
+
+
+def site_releases(config: RunConfig, *, runtime: str = "in-process") -> list[Release]:
+    """What a site releases in a run of ``config`` (``runtime``: ``in-process`` or ``flower``).
+
+    The list depends on the configuration: without secure aggregation the update (with the
+    site's sample count) is sent as is; with masking or CKKS it enters only the sum.
+    """
+    flower = runtime == "flower"
+    dp = config.dp_enabled
+    out: list[Release] = []
+
+    def add(message: str, field: str, protection: str, detail: str) -> None:
+        out.append(Release(message, field, protection, detail))
+
+    # -- set-up ------------------------------------------------------------------------
+    if flower:
+        add("setup", "site_id", "clear", "the site's id in the federation (not data)")
+        add("setup", "dataset", "clear", "the data set's name (not data)")
+        add(
+            "setup",
+            "fingerprint",
+            "clear",
+            "SHA-256 of the site's data file: lets a party that can guess the whole file "
+            "confirm it, nothing more; used to refuse a resumed run on changed data",
+        )
+        add("setup", "task", "clear", "classification or segmentation (not data)")
+        add("setup", "spec", "clear", "the model's input/output shape (not data)")
+        add(
+            "setup",
+            "num_heldout",
+            "clear",
+            "size of the site's held-out split (evaluation data, not the DP-protected records)",
+        )
+        add("setup", "signing_key", "clear", "the site's Ed25519 public key (not data)")
+        if config.secure_agg == "he":
+            add("setup", "he_public", "clear", "the CKKS public context (no secret key)")
+    if config.disclose_site_sizes:
+        add(
+            "setup" if flower else "fit",
+            "num_samples",
+            "clear",
+            "the site's training-set size, disclosed because the site opted in",
+        )
+        if not flower:
+            add(
+                "fit",
+                "class_counts",
+                "clear",
+                "the site's training-set class counts, disclosed because the site opted in",
+            )
+    # -- each round --------------------------------------------------------------------
+    if dp:
+        add("fit", "plan", "dp-accounted", _CLAIM)
+        add("fit", "events", "dp-accounted", "this round's DP-SGD events: " + _CLAIM)
+        add("fit", "epsilon", "dp-accounted", "the site's spent epsilon, computed from events")
+        add("fit", "signature", "clear", "Ed25519 signature over the site's privacy claim")
+    if config.secure_agg == "none":
+        add(
+            "fit",
+            "vector",
+            "dp-accounted" if dp else "clear",
+            "n_i times the site's model update, then n_i: the update is DP-SGD output "
+            "(post-processing); n_i, the site's size, is sent in the clear"
+            if dp
+            else "n_i times the site's model update, then n_i, in the clear (no DP)",
+        )
+    elif config.secure_agg == "mask":
+        add("fit", "advertise", "clear", "the site's two X25519 public keys for this round")
+        add(
+            "share",
+            "message",
+            "clear",
+            "Shamir shares of the site's secrets, each AES-GCM-sealed to one peer",
+        )
+        add(
+            "masked",
+            "message",
+            "secure-sum",
+            "n_i times the update and n_i, fixed-point encoded and masked",
+        )
+        add(
+            "masked",
+            "clipped",
+            "dp-accounted" if dp else "clear",
+            "how many coordinates of the site's (noised) update the fixed-point encoder clipped",
+        )
+        add(
+            "unmask",
+            "message",
+            "clear",
+            "shares that remove the masks: of survivors' self-mask seeds, of dropped sites' "
+            "keys (never both for one site)",
+        )
+    else:
+        add(
+            "fit",
+            "ciphertext",
+            "secure-sum",
+            "n_i times the update and n_i, CKKS-encrypted under the sites' key",
+        )
+        add(
+            "decrypt",
+            "vector",
+            "secure-sum",
+            "key holder only: the decrypted sum of at least 2 sites' updates",
+        )
+    if flower and config.secure_agg != "none":
+        for message in (
+            ("fit", "share", "masked", "unmask") if config.secure_agg == "mask" else ("fit",)
+        ):
+            add(
+                message,
+                "protect_seconds",
+                "clear",
+                "seconds spent encoding/masking/encrypting (depends on the model size only)",
+            )
+    held = "the global model's metrics on the site's held-out split (not DP: evaluation data)"
+    add("heldout", "metrics", "clear", held)
+    if flower:
+        add("fit", "previous_metrics", "clear", held)
+    if config.personalize:
+        add(
+            "heldout",
+            "twin",
+            "clear",
+            "the digital twin's metrics on the site's held-out split (the twin stays at the site)",
+        )
+    if config.strategy == "cfl":
+        add(
+            "fit",
+            "cluster",
+            "clear",
+            "the cluster whose model has the lowest un-noised loss on the site's training data "
+            "(cfl runs only without DP)",
+        )
+    add(
+        "*",
+        "(timing)",
+        "clear",
+        "when each reply arrives: a timing side channel on the site's size and hardware",
+    )
+    if config.client_fraction < 1 or config.dropout_clients:
+        add("*", "(participation)", "clear", "whether the site answered each step of a round")
+    return out
+
+
+def message_fields(config: RunConfig, *, runtime: str = "flower") -> dict[str, set[str]]:
+    """Allowed fields of each message type (``message -> {field, ...}``)."""
+    out: dict[str, set[str]] = {}
+    for r in site_releases(config, runtime=runtime):
+        out.setdefault(r.message, set()).add(r.field)
+    return out
+
+
+def check_reply(config: RunConfig, message: str, reply: dict[str, Any]) -> dict[str, Any]:
+    """Refuse to send a field the disclosure list does not name; returns ``reply``.
+
+    Raises:
+        ProtocolError: If ``reply`` holds a field not declared for ``message``.
+
+    """
+    allowed = message_fields(config, runtime="flower").get(message, set())
+    extra = sorted(set(reply) - allowed)
+    if extra:
+        raise ProtocolError(
+            f"site reply {message!r} holds undeclared fields {extra}: nothing leaves a site "
+            "that privacy.json's disclosures do not list"
+        )
+    return reply
+
+
+def disclosures_json(config: RunConfig, *, runtime: str) -> list[dict[str, str]]:
+    """privacy.json ``disclosures``: every released field with its protection."""
+    return [asdict(r) for r in site_releases(config, runtime=runtime)]

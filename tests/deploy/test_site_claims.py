@@ -1,0 +1,129 @@
+"""The server checks a site's privacy claim without learning the site's size."""
+
+import pytest
+
+from securefed.config import RunConfig
+from securefed.deploy.coordinator import Coordinator
+from securefed.deploy.site import NodeSettings
+from securefed.dp.accounting import calibrate_noise
+from securefed.dp.ledger import PrivacyEvent, PrivacyLedger
+from securefed.dp.trainer import DPPlan
+from securefed.errors import PrivacyBudgetError, ProtocolError
+from securefed.fl.simulation import check_site_plan, plan_site_privacy
+
+CONFIG = RunConfig(dp_epsilon=8.0, rounds=2, local_epochs=1, batch_size=2)
+
+
+def _plan(**changes):
+    # A site of 8 records at B = 2: q = 1/4, 4 steps per epoch, 2 rounds x 1 epoch.
+    plan = plan_site_privacy(CONFIG, num_samples=8)
+    return DPPlan(**{**plan.__dict__, **changes})
+
+
+def _event(round_index=1, **changes):
+    plan = _plan()
+    fields = dict(
+        round=round_index,
+        client_id=0,
+        noise_multiplier=plan.noise_multiplier,
+        sample_rate=plan.sample_rate,
+        steps=4,
+        max_grad_norm=plan.max_grad_norm,
+    )
+    return PrivacyEvent(**{**fields, **changes}).to_dict()
+
+
+def _server_view():
+    """The state Coordinator._account reads: the run, the pinned plans, the ledger."""
+    from types import SimpleNamespace
+
+    return SimpleNamespace(plans={}, delta=None, ledger=PrivacyLedger(), config=CONFIG)
+
+
+def _reply(events, plan=None):
+    return {"events": events, "plan": (plan or _plan()).__dict__, "epsilon": 1.0}
+
+
+def test_an_honest_plan_passes_and_is_pinned():
+    view = _server_view()
+    Coordinator._account(view, 0, _reply([_event(1)]), 1)
+    assert view.plans[0] == _plan() and view.delta == _plan().delta
+    Coordinator._account(view, 0, _reply([_event(2)]), 2)
+    assert len(view.ledger.events) == 2
+
+
+@pytest.mark.parametrize(
+    "changes, match",
+    [
+        ({"noise_multiplier": 0.5}, "calibrated"),  # sigma below the calibration
+        ({"sample_rate": 0.25 / 4}, "planned steps"),  # q / 4 with the steps left as they were
+        ({"sample_rate": 0.3}, "not 1/ceil"),
+        ({"delta": 1e-3}, "delta"),  # looser than the run's bound
+        ({"planned_steps": 4}, "planned steps"),  # a round left out of the plan
+        ({"accountant": "rdp"}, "accountant"),
+    ],
+)
+def test_a_plan_that_breaks_the_runs_rules_is_refused(changes, match):
+    with pytest.raises(ProtocolError, match=match):
+        check_site_plan(CONFIG, _plan(**changes))
+
+
+def test_the_server_records_what_a_site_spent_even_when_it_refuses_the_update():
+    view = _server_view()
+
+    with pytest.raises(ProtocolError, match="other DP parameters"):
+        Coordinator._account(view, 0, _reply([_event(1, noise_multiplier=0.5)]), 1)
+
+    assert [e.noise_multiplier for e in view.ledger.events] == [0.5]
+
+
+def test_a_round_with_fewer_steps_than_an_epoch_is_refused():
+    view = _server_view()
+    with pytest.raises(ProtocolError, match="other DP parameters"):
+        Coordinator._account(view, 0, _reply([_event(1, steps=1)]), 1)
+
+
+def test_a_plan_that_changes_mid_run_is_refused():
+    view = _server_view()
+    Coordinator._account(view, 0, _reply([_event(1)]), 1)
+    sigma = calibrate_noise(
+        target_epsilon=8.0, delta=1e-6, sample_rate=0.25, steps=8, accountant="pld"
+    )
+    other = _plan(delta=1e-6, noise_multiplier=sigma)
+    check_site_plan(CONFIG, other)  # a valid plan on its own
+    with pytest.raises(ProtocolError, match="changed during the run"):
+        Coordinator._account(view, 0, _reply([_event(2)], plan=other), 2)
+
+
+def test_the_server_refuses_and_does_not_record_another_rounds_events():
+    view = _server_view()
+    with pytest.raises(ProtocolError, match="not its round's"):
+        Coordinator._account(view, 0, _reply([_event(2)]), 1)
+    with pytest.raises(ProtocolError, match="no DP accounting"):
+        Coordinator._account(view, 0, _reply([]), 1)
+    assert view.ledger.events == ()
+
+
+# -- the site pins its own parameters -------------------------------------------------------------
+
+
+def test_a_site_picks_its_own_delta_from_its_size():
+    small, large = (plan_site_privacy(CONFIG, num_samples=n) for n in (500, 200_000))
+    assert small.delta == 1e-5 and large.delta == 1e-7
+    assert large.delta < 1 / (10 * 200_000)
+
+
+def test_a_site_refuses_a_delta_looser_than_its_policy():
+    node = NodeSettings.from_node_config({"site-id": 0, "max-delta": 1e-6})
+    node.check_policy(CONFIG.replace(dp_delta=1e-6))
+    with pytest.raises(PrivacyBudgetError, match="max-delta"):
+        node.check_policy(CONFIG)  # the default bound, 1e-5
+    with pytest.raises(PrivacyBudgetError, match="max-delta"):
+        node.check_policy(CONFIG.replace(dp_delta=1e-4))
+
+
+def test_a_site_keeps_its_size_unless_its_policy_allows_disclosure():
+    asks = CONFIG.replace(disclose_site_sizes=True)
+    with pytest.raises(PrivacyBudgetError, match="disclose-size=false"):
+        NodeSettings.from_node_config({"site-id": 0}).check_policy(asks)
+    NodeSettings.from_node_config({"site-id": 0, "disclose-size": True}).check_policy(asks)

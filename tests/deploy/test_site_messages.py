@@ -1,0 +1,171 @@
+"""Every message a deployed site sends, walked through the real server and site code.
+
+A loopback Grid hands the Coordinator's messages to the ClientApp's handlers in this process
+(what Flower's SuperLink and SuperNodes do over the network), so a whole round of each
+aggregation mode runs in seconds. Every field of every reply is checked against privacy.json's
+``disclosures``: nothing leaves a site that the list does not name.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+
+import pytest
+from flwr.app import Context, Error, Message, RecordDict
+
+from securefed.config import RunConfig
+from securefed.deploy import site_app
+from securefed.deploy.coordinator import Coordinator, Link
+from securefed.deploy.wire import Stage, decode
+from securefed.errors import ProtocolError
+from securefed.fl.disclosures import check_reply, message_fields
+
+_HANDLERS = {
+    Stage.SETUP: site_app.setup,
+    Stage.FIT: site_app.fit,
+    Stage.SHARE: site_app.share,
+    Stage.MASKED: site_app.masked,
+    Stage.UNMASK: site_app.unmask,
+    Stage.DECRYPT: site_app.decrypt,
+    Stage.EVALUATE: site_app.evaluate,
+}
+
+
+class LoopbackGrid:
+    """Flower's Grid, in memory: each pushed message runs the site's handler at once."""
+
+    def __init__(self, node_configs: dict[int, dict]) -> None:
+        self.contexts = {
+            node: Context(
+                run_id=1, node_id=node, node_config=cfg, state=RecordDict(), run_config={}
+            )
+            for node, cfg in node_configs.items()
+        }
+        self.replies: dict[str, Message] = {}
+        self.sent: list[tuple[str, dict]] = []  # (message type, decoded reply)
+        self._ids = itertools.count(1)
+
+    def get_node_ids(self) -> list[int]:
+        return list(self.contexts)
+
+    def push_messages(self, messages: list[Message]) -> list[str]:
+        ids = []
+        for msg in messages:
+            mid = f"m{next(self._ids)}"
+            msg.metadata.__dict__["_message_id"] = mid  # what the SuperLink does
+            stage = msg.metadata.message_type
+            try:
+                reply = _HANDLERS[stage](msg, self.contexts[msg.metadata.dst_node_id])
+            except Exception as exc:  # a site's error travels back as Flower's error reply
+                reply = Message(Error(code=0, reason=str(exc)), reply_to=msg)
+            else:
+                self.sent.append((stage, decode(reply.content, what="reply")))
+            self.replies[mid] = reply
+            ids.append(mid)
+        return ids
+
+    def pull_messages(self, ids: list[str]) -> list[Message]:
+        return [self.replies.pop(i) for i in ids if i in self.replies]
+
+
+@pytest.fixture
+def task_identity(monkeypatch):
+    """Flower stamps messages with the running task's identity; this process is the server."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    for name, value in (("_run_id", 1), ("_node_id", 0), ("_task_id", 1)):
+        monkeypatch.setattr(TaskIdentity, name, value)
+
+
+def _config(npz, **changes) -> RunConfig:
+    return RunConfig(
+        data=str(npz),
+        clients=3,
+        rounds=2,
+        local_epochs=1,
+        batch_size=32,
+        lr=0.5,
+        dp_epsilon=8.0,
+        device="cpu",
+        seed=0,
+    ).replace(**changes)
+
+
+def _deploy(config, out, node_extra=None, **kwargs):
+    nodes = {
+        100 + sid: {"site-id": sid, "shard": True, **(node_extra or {})}
+        for sid in range(config.clients)
+    }
+    grid = LoopbackGrid(nodes)
+    link = Link(grid, poll=0.0)
+    run = Coordinator(config, link=link, out=out, stage_timeout=30, fit_timeout=120, **kwargs)
+    return grid, run
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("secure_agg", ["none", "mask", "he"])
+def test_every_field_a_site_sends_is_declared_and_none_reveals_size_or_loss(
+    secure_agg, small_npz, tmp_path, task_identity
+):
+    config = _config(small_npz, secure_agg=secure_agg)
+    extra = {}
+    if secure_agg == "he":
+        from securefed.crypto.ckks import generate_keys, write_key_files
+
+        (tmp_path / "keys").mkdir()
+        secret, _ = write_key_files(generate_keys(), directory=tmp_path / "keys")
+        extra = {"he-key": str(secret)}
+    grid, run = _deploy(config, tmp_path / "run", node_extra=extra)
+
+    out = run.run()
+
+    declared = message_fields(config, runtime="flower")
+    by_stage = {stage.split(".")[-1] for stage, _ in grid.sent}
+    expected = (
+        {"setup", "fit", "heldout"}
+        | ({"share", "masked", "unmask"} if secure_agg == "mask" else set())
+        | ({"decrypt"} if secure_agg == "he" else set())
+    )
+    assert by_stage == expected  # every message type of this mode was exercised
+    for stage, reply in grid.sent:
+        name = stage.split(".")[-1]
+        assert set(reply) <= declared[name], (name, set(reply) - declared[name])
+        assert not {"train_loss", "num_samples", "class_counts", "train_seconds"} & set(reply)
+    privacy = json.loads((out / "privacy.json").read_text())
+    listed = {(d["message"], d["field"]) for d in privacy["disclosures"]}
+    assert {(m, f) for m, fields in declared.items() for f in fields} <= listed
+    metrics = json.loads((out / "metrics.json").read_text())
+    for r in metrics["rounds"]:
+        assert r["applied"], r["error"]
+        for c in r["clients"]:
+            assert "train_loss" not in c and "num_train_samples" not in c
+    for c in privacy["clients"]:
+        assert "num_samples" not in c
+        assert c["delta"] <= 1e-5 and c["epsilon"] <= 8.0
+
+
+def test_a_site_refuses_to_send_an_undeclared_field():
+    config = RunConfig(secure_agg="mask")
+    check_reply(config, "fit", {"advertise": b"", "events": [], "plan": {}, "epsilon": 1.0})
+    for field in ("train_loss", "num_samples", "train_seconds"):
+        with pytest.raises(ProtocolError, match="undeclared"):
+            check_reply(config, "fit", {"advertise": b"", field: 1.0})
+    # a site that opted in to disclose its size may send it at set-up
+    opted = config.replace(disclose_site_sizes=True)
+    check_reply(opted, "setup", {"site_id": 0, "num_samples": 10})
+
+
+@pytest.mark.slow
+def test_disclosed_sizes_reach_the_report_only_when_every_site_agreed(
+    small_npz, tmp_path, task_identity
+):
+    config = _config(small_npz, rounds=1, disclose_site_sizes=True, secure_agg="none")
+    _, refused = _deploy(config, tmp_path / "a")
+    from securefed.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="disclose-size=false"):
+        refused.run()
+    _, run = _deploy(config, tmp_path / "b", node_extra={"disclose-size": True})
+    privacy = json.loads((run.run() / "privacy.json").read_text())
+    assert sum(c["num_samples"] for c in privacy["clients"]) == 240
