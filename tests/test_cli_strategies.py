@@ -58,12 +58,12 @@ def test_pretrain_then_ftl_under_he_then_audit(tmp_path):
 
 
 @pytest.mark.slow
-def test_cfl_with_twins_under_masking_reports_membership_and_audits(tmp_path):
+def test_cfl_with_twins_under_masking_reports_membership_and_makes_no_dp_claim(tmp_path):
     npz = write_small_npz(tmp_path / "tiny.npz")
     run = tmp_path / "run"
     proc = securefed(
         "train", "--data", npz, "--clients", "4", "--strategy", "cfl", "--clusters", "2",
-        "--personalize", "1", "--secure-agg", "mask", *_FAST, "--out", run,
+        "--personalize", "1", "--secure-agg", "mask", *_FAST, "--no-dp", "--out", run,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     assert "twins" in proc.stdout
@@ -72,9 +72,18 @@ def test_cfl_with_twins_under_masking_reports_membership_and_audits(tmp_path):
     assert set(metrics["clusters"]["final_membership"]) == {"0", "1", "2", "3"}
     assert len(metrics["personalization"]) == 4
     privacy = json.loads((run / "privacy.json").read_text())
-    assert any("cluster" in d for d in privacy["disclosures"])
-    assert {e["phase"] for e in privacy["events"]} == {"federated", "personalize"}
-    assert securefed("audit", run).returncode == 0
+    assert ("fit", "cluster", "clear") in {
+        (d["message"], d["field"], d["protection"]) for d in privacy["disclosures"]
+    }
+    assert privacy["events"] == []
+    assert securefed("audit", run).returncode == 3  # no DP claim: not "privacy verified"
+
+
+def test_cfl_under_dp_is_a_one_line_error(tmp_path):
+    npz = write_small_npz(tmp_path / "tiny.npz")
+    proc = securefed("train", "--data", npz, "--strategy", "cfl", *_FAST, "--out", tmp_path / "r")
+    assert proc.returncode == 2
+    assert "un-noised training loss" in proc.stderr and "Traceback" not in proc.stderr
 
 
 def test_bad_strategy_settings_are_one_line_errors(tmp_path):

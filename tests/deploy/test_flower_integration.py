@@ -250,7 +250,8 @@ def test_privacy_report_matches_and_passes_the_audit(masked_run, in_process) -> 
         assert a["epsilon_per_round"] == pytest.approx(b["epsilon_per_round"], abs=1e-12)
         assert a["noise_multiplier"] == b["noise_multiplier"]
     assert ours["epsilon"] <= 8.0
-    assert any("training-set size" in d for d in ours["disclosures"])
+    assert ("setup", "fingerprint") in {(d["message"], d["field"]) for d in ours["disclosures"]}
+    assert all("num_samples" not in c for c in ours["clients"])  # sizes stay at the sites
     audit = subprocess.run(
         [sys.executable, "-m", "securefed.cli", "audit", str(masked_run["out"])],
         capture_output=True,

@@ -265,7 +265,7 @@ def test_run_options_refuse_a_negative_stop_after(tmp_path):
 
 
 def test_check_deployable_names_everything_it_refuses_in_one_error():
-    config = RunConfig(strategy="cfl", personalize=2, public_fraction=0.2)
+    config = RunConfig(strategy="cfl", personalize=2, public_fraction=0.2, dp_epsilon=None)
 
     with pytest.raises(ConfigError) as info:
         check_deployable(config)
@@ -455,6 +455,7 @@ def test_deploy_run_refuses_an_in_process_only_strategy(tmp_path, monkeypatch, c
         "run",
         "--strategy",
         "cfl",
+        "--no-dp",
         "--insecure",
         "--out",
         tmp_path / "r",
