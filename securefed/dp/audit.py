@@ -304,6 +304,12 @@ def _check_keys(
         result.add("site keys present", False, "no 'site_keys' in the report")
         return {}
     keys = {str(k): str(v).lower() for k, v in keys.items()}
+    # One key signing for several sites means one party answers for all of them.
+    result.add(
+        "each site has its own key",
+        len(set(keys.values())) == len(keys),
+        f"{len(set(keys.values()))} distinct keys for {len(keys)} sites",
+    )
     if trusted is None:
         result.keys = "self-asserted"
         result.add(
@@ -593,6 +599,12 @@ def audit_run(
             "every configured site has a report entry",
             sorted(ids) == list(range(int(run["clients"]))),
             f"sites {sorted(ids)}, configured {run['clients']}",
+        )
+        orphans = sorted({int(e["client_id"]) for e in privacy.get("events") or []} - set(ids))
+        result.add(
+            "every ledger event belongs to a reported site",
+            not orphans,
+            f"events of unreported sites {orphans}" if orphans else "yes",
         )
         calibrated: dict[tuple, float | None] = {}
         claims: list[float] = []

@@ -35,6 +35,7 @@ from securefed.errors import IntegrityError
 __all__ = [
     "CLAIM_DOMAIN",
     "SiteSigner",
+    "attach_site_signatures",
     "claim_from_report",
     "claim_message",
     "run_digest",
@@ -279,4 +280,38 @@ def sign_report(
             raise KeyError(f"site {cid}: no signing key")
         keys[str(cid)] = signers[cid].public_key_hex
         entry["signature"] = signers[cid].sign_claim(claim_from_report(privacy, run, cid))
+    privacy["site_keys"] = keys
+
+
+def attach_site_signatures(
+    privacy: dict[str, Any], *, run: Mapping[str, Any], signed: Mapping[int, tuple[str, str]]
+) -> None:
+    """Add signatures that the sites made themselves (a deployment), verifying each first.
+
+    The server writing the report holds no site key; it checks that every site signed
+    exactly the claim the report now states, so a report it writes never carries a
+    signature that the audit would reject.
+
+    Args:
+        privacy: The report; its ``clients`` and ``events`` must be final.
+        run: ``config.json["run"]``.
+        signed: ``{client_id: (public_key_hex, signature_hex)}`` as each site sent them.
+
+    Raises:
+        IntegrityError: A DP site sent no signature, or one that does not verify against
+            the claim rebuilt from the report.
+
+    """
+    keys: dict[str, str] = {}
+    for entry in privacy["clients"]:
+        if entry.get("noise_multiplier") is None:
+            continue
+        cid = int(entry["client_id"])
+        if cid not in signed:
+            raise IntegrityError(f"site {cid}: sent no signed claim")
+        key_hex, sig_hex = signed[cid]
+        if not verify_claim(claim_from_report(privacy, run, cid), sig_hex, key_hex):
+            raise IntegrityError(f"site {cid}: signature does not match the report's claim")
+        keys[str(cid)] = key_hex
+        entry["signature"] = sig_hex
     privacy["site_keys"] = keys

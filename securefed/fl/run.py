@@ -313,9 +313,11 @@ def write_outputs(fed: Federation, out: Path) -> None:
     config = json_ready(_config_json(fed))
     metrics = json_ready(fed.metrics())
     privacy = json_ready(_privacy_json(fed))
-    if fed.config.dp_enabled:
-        # This runtime simulates every site, so it holds one fresh key per simulated site;
-        # signing precedes the hash so that the hash covers keys and signatures too.
+    if fed.config.dp_enabled and isinstance(fed, Federation):
+        # The in-process runtime simulates every site, so it holds one fresh key per simulated
+        # site. The Flower coordinator also calls this function but is not the sites: it must
+        # never sign for them (TODO(lead): sites sign; attach with attach_site_signatures).
+        # Signing precedes the hash so that the hash covers keys and signatures too.
         signers = {
             int(c["client_id"]): SiteSigner.generate()
             for c in privacy["clients"]

@@ -138,6 +138,45 @@ def test_honest_run_exits_0(honest):
     assert checks["site 0: signed claim verifies"] and checks["site 1: signed claim verifies"]
 
 
+def test_honest_run_with_site_sampling_and_twins_every_round_exits_0(tmp_path_factory):
+    # 2 of 3 sites per round: the ledger must follow metrics.json's participants exactly.
+    d = tiny_run(
+        tmp_path_factory.mktemp("sampled"),
+        clients=3,
+        client_fraction=0.5,
+        personalize=1,
+        personalize_when="every",
+    )
+    code, checks = audit(d)
+    assert code == 0, failed(checks)
+    rounds = read_json(d / "metrics.json")["rounds"]
+    assert any(len(r["participants"]) < 3 for r in rounds)
+
+
+def test_one_key_for_every_site_fails(honest, tmp_path):
+    from securefed.dp.signing import SiteSigner, sign_report
+
+    d = copy_run(honest, tmp_path)
+    privacy = read_json(d / "privacy.json")
+    one = SiteSigner.generate()
+    sign_report(privacy, run=read_json(d / "config.json")["run"], signers={0: one, 1: one})
+    write_json(d / "privacy.json", privacy)
+    rehash(d)
+    code, checks = audit(d)
+    assert code == 1 and failed(checks) == ["each site has its own key"]
+
+
+def test_orphan_ledger_events_fail(honest, tmp_path):
+    def add_orphan(p):
+        p["events"].append({**p["events"][0], "client_id": 7})
+
+    d = copy_run(honest, tmp_path)
+    _edit(d, add_orphan)
+    resign(d)
+    code, checks = audit(d)
+    assert code == 1 and failed(checks) == ["every ledger event belongs to a reported site"]
+
+
 def test_honest_run_passes_with_its_keys_pinned(honest, tmp_path):
     keys = read_json(honest / "privacy.json")["site_keys"]
     (tmp_path / "keys.json").write_text(json.dumps(keys))

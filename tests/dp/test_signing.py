@@ -6,6 +6,7 @@ import pytest
 from securefed.dp.signing import (
     CLAIM_DOMAIN,
     SiteSigner,
+    attach_site_signatures,
     claim_from_report,
     claim_message,
     run_digest,
@@ -165,3 +166,31 @@ def test_garbage_key_file_is_refused(tmp_path):
     os.chmod(path, 0o600)
     with pytest.raises(IntegrityError, match="not an Ed25519 private key"):
         SiteSigner.load(path)
+
+
+def test_deployment_attaches_what_each_site_signed_and_refuses_a_mismatch():
+    privacy = _report()
+    signers = {0: SiteSigner.generate(), 1: SiteSigner.generate()}
+    # Each site signs from its own entry, events and the run dict only.
+    signed = {}
+    for cid, signer in signers.items():
+        claim = site_claim(
+            entry=privacy["clients"][cid],
+            events=[e for e in privacy["events"] if e["client_id"] == cid],
+            run=RUN,
+            noise="secret",
+            adjacency="replace-one",
+            accountant="pld",
+        )
+        signed[cid] = (signer.public_key_hex, signer.sign_claim(claim))
+    attach_site_signatures(privacy, run=RUN, signed=signed)
+    for cid in (0, 1):
+        claim = claim_from_report(privacy, RUN, cid)
+        assert verify_claim(claim, privacy["clients"][cid]["signature"], signed[cid][0])
+    # A server that writes a smaller epsilon than the site signed cannot attach it.
+    tampered = _report()
+    tampered["clients"][0]["epsilon"] = 1.0
+    with pytest.raises(IntegrityError, match="site 0: signature does not match"):
+        attach_site_signatures(tampered, run=RUN, signed=signed)
+    with pytest.raises(IntegrityError, match="site 1: sent no signed claim"):
+        attach_site_signatures(_report(), run=RUN, signed={0: signed[0]})
