@@ -528,7 +528,7 @@ def pretrain(out, quiet, **options) -> None:
     "can subtract the noise).",
 )
 def audit(run_dir, as_json, site_keys_file, allow_reproducible_noise) -> None:
-    r"""Check RUN_DIR's privacy claims against its configuration and execution record.
+    """Check RUN_DIR's privacy claims against its configuration and execution record.
 
     \b
     Proves: each DP site's claim (sigma, q, C, delta, planned steps, ledger events,
@@ -551,7 +551,7 @@ def audit(run_dir, as_json, site_keys_file, allow_reproducible_noise) -> None:
       1  a claim fails
       2  input unreadable or malformed (or a 1.x report, which predates secret noise)
       3  the run makes no DP claim (config and report agree DP is off): not "verified"
-    """
+    """  # noqa: D301 (click's \b keeps a paragraph as written)
     from securefed.dp.audit import TOLERANCE, audit_run, load_site_keys
     from securefed.errors import AuditError
 

@@ -344,3 +344,11 @@ def test_schema_1_report_is_refused(honest, tmp_path):
     res = CliRunner().invoke(cli, ["audit", str(d)])
     assert res.exit_code == 2
     assert "predates secret noise" in res.stderr
+
+
+def test_help_states_exit_codes_and_what_is_not_proven():
+    out = CliRunner().invoke(cli, ["audit", "--help"]).stdout
+    for line in ("0  every claim holds", "1  a claim fails", "2  input unreadable", "3  the run"):
+        assert line in out
+    assert "Cannot prove: that noise was drawn" in out
+    assert "self-asserted" in out
