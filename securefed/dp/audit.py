@@ -412,16 +412,25 @@ def _check_site(
         f"sigma={sigma:.6g}, q={q:.6g}, C={clip:g}",
     )
     result.add(
+        f"{name}: clipping bound C = configured max_grad_norm",
+        run.get("max_grad_norm") is not None and _close(clip, run["max_grad_norm"]),
+        f"{clip:g} vs {run.get('max_grad_norm')}",
+    )
+    result.add(
         f"{name}: event rounds within 1..{run['rounds']}",
         all(1 <= int(e["round"]) <= int(run["rounds"]) for e in events),
         f"rounds {sorted({int(e['round']) for e in events})}",
     )
     total = sum(int(e["steps"]) for e in events)
     twin_total = sum(int(e["steps"]) for e in twin)
+    ledger_rounds = sorted({int(e["round"]) for e in events})
     result.add(
-        f"{name}: reported steps = ledger steps",
-        int(c["steps"]) == total and int(c.get("personalization_steps", twin_total)) == twin_total,
-        f"{c['steps']} vs {total} (twin {c.get('personalization_steps')} vs {twin_total})",
+        f"{name}: reported steps and rounds = ledger",
+        int(c["steps"]) == total
+        and int(c.get("personalization_steps", twin_total)) == twin_total
+        and [int(r) for r in c.get("rounds_participated", ledger_rounds)] == ledger_rounds,
+        f"steps {c['steps']} vs {total}, twin {c.get('personalization_steps')} vs {twin_total}, "
+        f"rounds {c.get('rounds_participated')} vs {ledger_rounds}",
     )
     twin_runs = 0
     if run.get("personalize"):
@@ -446,7 +455,7 @@ def _check_site(
                     steps=planned,
                     accountant=str(privacy.get("accountant")),
                 )
-        except (PrivacyBudgetError, ValueError, KeyError) as exc:
+        except (PrivacyBudgetError, ArithmeticError, ValueError, KeyError) as exc:
             calibrated[cache_key] = None
             result.add(f"{name}: calibration", False, f"cannot recalibrate ({exc})")
     want_sigma = calibrated[cache_key]
@@ -475,11 +484,16 @@ def _check_site(
     )
     n = c.get("num_samples")
     if n is None:
-        result.add(f"{name}: delta < 1/num_samples", True, f"delta {delta:.3g}; n not disclosed")
+        # The site keeps n private; 1/n cannot be checked, only that delta is a probability.
+        result.add(
+            f"{name}: delta < 1/num_samples",
+            0 < delta < 1,
+            f"delta {delta:.3g}; n not disclosed, so 1/n cannot be checked",
+        )
     else:
         result.add(
             f"{name}: delta < 1/num_samples",
-            delta < 1.0 / int(n),
+            0 < delta < 1.0 / int(n),
             f"delta {delta:.3g}, 1/n {1.0 / int(n):.3g}",
         )
     per_round = [float(x) for x in c.get("epsilon_per_round", [])]

@@ -69,7 +69,9 @@ def test_hidden_steps_are_caught(run_dir, tmp_path):
     privacy["clients"][0]["steps"] -= 5
     write_json(d / "privacy.json", privacy)
     _rehash(d)
-    assert any("ledger steps" in c.name and not c.ok for c in audit_run(d).checks)
+    assert any(
+        "reported steps and rounds = ledger" in c.name and not c.ok for c in audit_run(d).checks
+    )
 
 
 def test_noise_inflated_in_the_ledger_is_caught(run_dir, tmp_path):

@@ -352,3 +352,17 @@ def test_help_states_exit_codes_and_what_is_not_proven():
         assert line in out
     assert "Cannot prove: that noise was drawn" in out
     assert "self-asserted" in out
+
+
+def test_undisclosed_num_samples_is_reported_not_failed(honest, tmp_path):
+    def hide_n(p):
+        for c in p["clients"]:
+            c.pop("num_samples", None)
+
+    d = copy_run(honest, tmp_path)
+    _edit(d, hide_n)
+    resign(d)  # n is part of a site's claim only when disclosed: the sites sign anew
+    res = CliRunner().invoke(cli, ["audit", str(d), "--json"])
+    assert res.exit_code == 0, res.stdout
+    details = {c["name"]: c["detail"] for c in json.loads(res.stdout)["checks"]}
+    assert "n not disclosed" in details["site 0: delta < 1/num_samples"]
