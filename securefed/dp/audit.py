@@ -1,25 +1,69 @@
-"""``securefed audit``: re-check a run's privacy claims with an independent accountant.
+"""``securefed audit``: check a run's privacy claims against what ran, independently.
 
-Training accounts with Opacus; the audit replays the report's ledger with Google's
-``dp_accounting`` (PLD, the tight reference, and RDP) and checks every claim an outsider can.
+What the audit proves, given ``privacy.json``, ``config.json`` and ``metrics.json``:
+
+* every DP site's claim (its sigma, q, C, delta, planned steps, ledger events and epsilon,
+  bound to the run configuration by ``run_sha256``) carries a valid Ed25519 signature by the
+  site's key; with ``--site-keys`` those keys must equal keys the auditor trusts, otherwise
+  they are self-asserted by the report and only show that the claims were not edited after
+  signing;
+* the report agrees with the configuration (DP on/off, target epsilon, rounds, local epochs,
+  batch size, secure aggregation, accountant) and its ledger with the execution recorded in
+  metrics.json (one federated event per round a site took part in, each of exactly
+  local_epochs x ceil(n/B) steps; twin fine-tuning as configured);
+* sigma is what calibration gives for the configured target and the planned steps, and the
+  epsilon of the ledger, recomputed with Google's ``dp_accounting`` (PLD, replace-one
+  adjacency), is within the target and not above the claim;
+* the noise was declared secret (``reproducible`` noise fails unless explicitly allowed).
+
+What it cannot prove: that noise was drawn or added at all (a site that skips it signs the
+same claim), or that a key belongs to the site it names unless the keys are pinned.
 """
 
 from __future__ import annotations
 
+import logging
 import math
-from collections import defaultdict
+import warnings
+from collections import Counter, defaultdict
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from securefed.dp.report import SCHEMA_VERSION, read_json, report_hash
-from securefed.errors import AuditError
+from securefed.dp.report import read_json, report_hash
+from securefed.dp.signing import claim_from_report, run_digest, verify_claim
+from securefed.errors import AuditError, PrivacyBudgetError
 
-__all__ = ["AuditResult", "Check", "audit_run", "independent_epsilon", "TOLERANCE"]
+__all__ = [
+    "AuditResult",
+    "Check",
+    "EXIT_FAIL",
+    "EXIT_MALFORMED",
+    "EXIT_NO_DP",
+    "EXIT_OK",
+    "READS_SCHEMA_MAJOR",
+    "TOLERANCE",
+    "audit_run",
+    "independent_epsilon",
+    "load_site_keys",
+]
+
+#: Exit codes of ``securefed audit``.
+EXIT_OK, EXIT_FAIL, EXIT_MALFORMED, EXIT_NO_DP = 0, 1, 2, 3
+
+#: The privacy.json major version this auditor reads. 1.x reports predate secret noise,
+#: replace-one accounting and signed claims: there is nothing in them to bind.
+READS_SCHEMA_MAJOR = 2
 
 #: Claimed epsilon may sit below the independent PLD value by at most this much
-#: (absolute + relative): PRV and PLD discretise differently (Opacus' PRV uses eps_error 0.01).
+#: (absolute + relative): accountants discretise differently.
 TOLERANCE = {"absolute": 0.01, "relative": 0.01}
+
+#: sigma must equal the calibrated value to this relative tolerance: the same function on
+#: the same inputs, so only float formatting may differ.
+SIGMA_RTOL = 1e-9
 
 _PLD_DISCRETIZATION = 1e-3
 
@@ -35,33 +79,71 @@ class Check:
 
 @dataclass
 class AuditResult:
-    """Everything the audit checked, and the per-site recomputation table."""
+    """Everything the audit checked, and the per-site recomputation table.
+
+    Attributes:
+        checks: Every check, in order.
+        rows: Per-site recomputation (client_id, num_samples or None, q, sigma, steps,
+            claimed, pld).
+        dp_claim: False when config and report agree that the run used no DP.
+        keys: ``pinned`` (``--site-keys``) or ``self-asserted`` (the report's own keys).
+
+    """
 
     checks: list[Check] = field(default_factory=list)
     rows: list[dict[str, Any]] = field(default_factory=list)
+    dp_claim: bool = True
+    keys: str = "self-asserted"
 
     @property
     def ok(self) -> bool:
         """True when every claim holds."""
         return all(c.ok for c in self.checks)
 
+    @property
+    def exit_code(self) -> int:
+        """1 when a claim fails, 3 when the run makes no DP claim, 0 otherwise."""
+        if not self.ok:
+            return EXIT_FAIL
+        return EXIT_OK if self.dp_claim else EXIT_NO_DP
+
     def add(self, name: str, ok: bool, detail: str = "") -> None:
         """Record one check."""
         self.checks.append(Check(name=name, ok=bool(ok), detail=detail))
 
 
-def independent_epsilon(
-    *, events: list[tuple[float, float, int]], delta: float, method: str = "pld"
-) -> float:
-    """Epsilon of a Poisson-subsampled Gaussian composition, with ``dp_accounting``.
+@contextmanager
+def _quiet() -> Iterator[None]:
+    """Silence accountant chatter (absl's "_compute_log_a_frac failed to converge", numpy).
+
+    The audit's verdict is in its checks; warnings on stderr would only bury it.
+    """
+    import numpy as np
+
+    absl = logging.getLogger("absl")
+    level = absl.level
+    absl.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings(), np.errstate(all="ignore"):
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        absl.setLevel(level)
+
+
+def independent_epsilon(*, events: list[tuple[float, float, int]], delta: float) -> float:
+    """Replace-one epsilon of a Poisson-subsampled Gaussian composition (dp_accounting PLD).
+
+    RDP is not offered: dp_accounting's RDP accountant cannot account replace-one
+    adjacency under Poisson sampling.
 
     Args:
         events: ``[(sigma, q, steps), ...]``.
-        delta: Target delta.
-        method: ``pld`` (privacy loss distributions, pessimistic; tight) or ``rdp``.
+        delta: The site's delta.
 
     """
-    from dp_accounting import dp_event, pld, rdp
+    from dp_accounting import dp_event, pld
+    from dp_accounting.privacy_accountant import NeighboringRelation
 
     grouped: dict[tuple[float, float], int] = defaultdict(int)
     for sigma, q, steps in events:
@@ -79,14 +161,36 @@ def independent_epsilon(
             for (sigma, q), steps in sorted(grouped.items())
         ]
     )
-    if method == "pld":
-        acc = pld.PLDAccountant(value_discretization_interval=_PLD_DISCRETIZATION)
-    elif method == "rdp":
-        acc = rdp.RdpAccountant()
-    else:
-        raise ValueError(f"unknown method {method!r}")
-    acc.compose(event)
-    return float(acc.get_epsilon(delta))
+    acc = pld.PLDAccountant(
+        neighboring_relation=NeighboringRelation.REPLACE_ONE,
+        value_discretization_interval=_PLD_DISCRETIZATION,
+    )
+    with _quiet():
+        acc.compose(event)
+        return float(acc.get_epsilon(delta))
+
+
+def load_site_keys(path: str | Path) -> dict[str, str]:
+    """Read trusted site keys: a JSON object ``{"<client_id>": "<64 hex chars>"}``.
+
+    Raises:
+        AuditError: Unreadable file or a malformed entry.
+
+    """
+    data = read_json(Path(path))
+    if not isinstance(data, dict) or not data:
+        raise AuditError(f"{path}: site keys must be a non-empty JSON object")
+    out: dict[str, str] = {}
+    for k, v in data.items():
+        try:
+            cid = int(k)
+            ok = isinstance(v, str) and len(bytes.fromhex(v)) == 32
+        except ValueError:
+            ok = False
+        if not ok:
+            raise AuditError(f"{path}: entry {k!r} is not '<client_id>': '<64 hex chars>'")
+        out[str(cid)] = v.lower()
+    return out
 
 
 def _require(obj: dict, key: str, where: str) -> Any:
@@ -144,11 +248,298 @@ def _check_secure_aggregation(result: AuditResult, privacy: dict, config: Any, w
         raise AuditError(f"{where}: malformed secure_aggregation_params ({exc!r})") from exc
 
 
-def audit_run(run_dir: str | Path) -> AuditResult:
-    """Audit the run in ``run_dir``.
+def _close(a: float, b: float, rtol: float = 1e-12) -> bool:
+    return math.isclose(float(a), float(b), rel_tol=rtol, abs_tol=0.0)
+
+
+def _personalize_rounds(run: dict, executed: list[int]) -> list[int]:
+    """Rounds after which the twins are fine-tuned (mirrors fl.simulation.personalize_rounds)."""
+    if not run.get("personalize"):
+        return []
+    if run.get("personalize_when") == "every":
+        return list(executed)
+    return [r for r in executed if r == run["rounds"]]
+
+
+def _check_binding(result: AuditResult, privacy: dict, run: dict) -> None:
+    """The report's headline fields must be the configuration's."""
+    pairs = [
+        ("target epsilon", privacy.get("target_epsilon"), run.get("dp_epsilon")),
+        ("rounds", privacy.get("rounds"), run.get("rounds")),
+        ("local epochs", privacy.get("local_epochs"), run.get("local_epochs")),
+        ("batch size", privacy.get("batch_size"), run.get("batch_size")),
+        ("accountant", privacy.get("accountant"), run.get("accountant")),
+    ]
+    for name, got, want in pairs:
+        result.add(
+            f"{name} matches the configuration", got == want, f"report {got!r}, config {want!r}"
+        )
+
+
+def _check_noise(result: AuditResult, privacy: dict, allow_reproducible: bool) -> None:
+    noise = privacy.get("noise")
+    if noise == "secret":
+        ok, detail = True, f"secret ({privacy.get('noise_source', 'source not stated')})"
+    elif noise == "reproducible":
+        ok = allow_reproducible
+        detail = "reproducible: anyone with the seed can subtract the noise" + (
+            " (allowed by --allow-reproducible-noise)" if ok else ""
+        )
+    else:
+        ok, detail = False, f"{noise!r}: the report must say 'secret'"
+    result.add("DP noise is secret", ok, detail)
+    adjacency = privacy.get("adjacency")
+    result.add(
+        "adjacency is replace-one",
+        adjacency == "replace-one",
+        f"{adjacency!r} (the audit recomputes epsilon for replace-one)",
+    )
+
+
+def _check_keys(
+    result: AuditResult, privacy: dict, trusted: dict[str, str] | None, source: str | None
+) -> dict[str, str]:
+    keys = privacy.get("site_keys")
+    if not isinstance(keys, dict):
+        result.add("site keys present", False, "no 'site_keys' in the report")
+        return {}
+    keys = {str(k): str(v).lower() for k, v in keys.items()}
+    # One key signing for several sites means one party answers for all of them.
+    result.add(
+        "each site has its own key",
+        len(set(keys.values())) == len(keys),
+        f"{len(set(keys.values()))} distinct keys for {len(keys)} sites",
+    )
+    if trusted is None:
+        result.keys = "self-asserted"
+        result.add(
+            "site keys",
+            True,
+            "self-asserted by the report (not pinned; pass --site-keys to pin them)",
+        )
+    else:
+        result.keys = "pinned"
+        differ = sorted(k for k in set(keys) | set(trusted) if keys.get(k) != trusted.get(k))
+        result.add(
+            "site keys equal the pinned keys",
+            keys == trusted,
+            f"pinned by {source}" if keys == trusted else f"sites {differ} differ from {source}",
+        )
+    return keys
+
+
+def _check_site(
+    result: AuditResult,
+    *,
+    c: dict,
+    privacy: dict,
+    run: dict,
+    keys: dict[str, str],
+    executed: list[int],
+    participants: dict[int, set[int]],
+    calibrated: dict[tuple, float | None],
+) -> float:
+    """Every check of one DP site; returns its claimed epsilon."""
+    from securefed.dp import accounting
+
+    cid = int(c["client_id"])
+    name = f"site {cid}"
+    sigma, q, clip = (
+        float(c["noise_multiplier"]),
+        float(c["sample_rate"]),
+        float(c["max_grad_norm"]),
+    )
+    delta = float(c["delta"]) if "delta" in c else float(privacy["delta"])
+    claim_eps = float(c["epsilon"])
+    events = [e for e in privacy.get("events") or [] if int(e["client_id"]) == cid]
+
+    # Signature: the claim is rebuilt from the report and config.json, so an edit to either
+    # (or a claim made for another run configuration) breaks it.
+    sig = c.get("signature")
+    key = keys.get(str(cid))
+    ok = bool(sig and key) and verify_claim(claim_from_report(privacy, run, cid), sig, key)
+    result.add(
+        f"{name}: signed claim verifies",
+        ok,
+        f"Ed25519 over run_sha256 {run_digest(run)[:12]}…, key {result.keys}"
+        if ok
+        else ("no signature" if not sig else "no key" if not key else "signature does not verify"),
+    )
+
+    inv = 1.0 / q if q > 0 else math.inf
+    spe = round(inv) if math.isfinite(inv) else 0
+    result.add(
+        f"{name}: 1/q is a whole number of steps per epoch",
+        spe >= 1 and math.isclose(inv, spe, rel_tol=1e-9),
+        f"q={q:.6g}, 1/q={inv:.6g}",
+    )
+    spe = max(spe, 1)
+
+    fed = [e for e in events if e.get("phase", "federated") == "federated"]
+    twin = [e for e in events if e.get("phase") == "personalize"]
+    other = [e for e in events if e.get("phase", "federated") not in ("federated", "personalize")]
+    want_rounds = sorted(r for r in executed if cid in participants.get(r, set()))
+    got_rounds = sorted(int(e["round"]) for e in fed)
+    result.add(
+        f"{name}: one federated event per round it took part in (metrics.json)",
+        Counter(got_rounds) == Counter(want_rounds) and not other,
+        f"ledger rounds {got_rounds}, participated {want_rounds}"
+        + (f", unknown phases {[e.get('phase') for e in other]}" if other else ""),
+    )
+    want_twin = _personalize_rounds(run, executed)
+    result.add(
+        f"{name}: twin fine-tuning events as configured",
+        sorted(int(e["round"]) for e in twin) == want_twin,
+        f"ledger rounds {sorted(int(e['round']) for e in twin)}, expected {want_twin}",
+    )
+    fed_steps = int(run["local_epochs"]) * spe
+    twin_steps = int(run.get("personalize") or 0) * spe
+    result.add(
+        f"{name}: steps per event = epochs x 1/q",
+        all(int(e["steps"]) == fed_steps for e in fed)
+        and all(int(e["steps"]) == twin_steps for e in twin),
+        f"federated {sorted({int(e['steps']) for e in fed})} vs {fed_steps}, "
+        f"twin {sorted({int(e['steps']) for e in twin})} vs {twin_steps}",
+    )
+    result.add(
+        f"{name}: events use the site's sigma, q and C",
+        all(
+            _close(e["noise_multiplier"], sigma)
+            and _close(e["sample_rate"], q)
+            and _close(e["max_grad_norm"], clip)
+            for e in events
+        ),
+        f"sigma={sigma:.6g}, q={q:.6g}, C={clip:g}",
+    )
+    result.add(
+        f"{name}: clipping bound C = configured max_grad_norm",
+        run.get("max_grad_norm") is not None and _close(clip, run["max_grad_norm"]),
+        f"{clip:g} vs {run.get('max_grad_norm')}",
+    )
+    result.add(
+        f"{name}: event rounds within 1..{run['rounds']}",
+        all(1 <= int(e["round"]) <= int(run["rounds"]) for e in events),
+        f"rounds {sorted({int(e['round']) for e in events})}",
+    )
+    total = sum(int(e["steps"]) for e in events)
+    twin_total = sum(int(e["steps"]) for e in twin)
+    ledger_rounds = sorted({int(e["round"]) for e in events})
+    result.add(
+        f"{name}: reported steps and rounds = ledger",
+        int(c["steps"]) == total
+        and int(c.get("personalization_steps", twin_total)) == twin_total
+        and [int(r) for r in c.get("rounds_participated", ledger_rounds)] == ledger_rounds,
+        f"steps {c['steps']} vs {total}, twin {c.get('personalization_steps')} vs {twin_total}, "
+        f"rounds {c.get('rounds_participated')} vs {ledger_rounds}",
+    )
+    twin_runs = 0
+    if run.get("personalize"):
+        twin_runs = int(run["rounds"]) if run.get("personalize_when") == "every" else 1
+    planned = (
+        int(run["rounds"]) * int(run["local_epochs"]) + twin_runs * int(run.get("personalize") or 0)
+    ) * spe
+    result.add(
+        f"{name}: planned steps = (rounds x epochs + twin runs x twin epochs) x 1/q",
+        int(c["planned_steps"]) == planned,
+        f"{c['planned_steps']} vs {planned}",
+    )
+    target = float(run["dp_epsilon"])
+    cache_key = (target, delta, q, planned, str(privacy.get("accountant")))
+    if cache_key not in calibrated:
+        try:
+            with _quiet():
+                calibrated[cache_key] = accounting.calibrate_noise(
+                    target_epsilon=target,
+                    delta=delta,
+                    sample_rate=q,
+                    steps=planned,
+                    accountant=str(privacy.get("accountant")),
+                )
+        except (PrivacyBudgetError, ArithmeticError, ValueError, KeyError) as exc:
+            calibrated[cache_key] = None
+            result.add(f"{name}: calibration", False, f"cannot recalibrate ({exc})")
+    want_sigma = calibrated[cache_key]
+    result.add(
+        f"{name}: sigma = calibrate_noise(target, delta, q, planned steps)",
+        want_sigma is not None and math.isclose(sigma, want_sigma, rel_tol=SIGMA_RTOL),
+        f"{sigma:.12g} vs {want_sigma if want_sigma is None else f'{want_sigma:.12g}'}",
+    )
+
+    eps_pld = independent_epsilon(
+        events=[
+            (float(e["noise_multiplier"]), float(e["sample_rate"]), int(e["steps"])) for e in events
+        ],
+        delta=delta,
+    )
+    tol = TOLERANCE["absolute"] + TOLERANCE["relative"] * eps_pld
+    result.add(
+        f"{name}: claimed epsilon >= independent PLD epsilon - tolerance",
+        claim_eps >= eps_pld - tol,
+        f"claimed {claim_eps:.4f}, PLD {eps_pld:.4f}, tolerance {tol:.4f}",
+    )
+    result.add(
+        f"{name}: epsilon <= target",
+        claim_eps <= target + 1e-9 and eps_pld <= target + tol,
+        f"claimed {claim_eps:.4f}, PLD {eps_pld:.4f}, target {target}",
+    )
+    n = c.get("num_samples")
+    if n is None:
+        # The site keeps n private; 1/n cannot be checked, only that delta is a probability.
+        result.add(
+            f"{name}: delta < 1/num_samples",
+            0 < delta < 1,
+            f"delta {delta:.3g}; n not disclosed, so 1/n cannot be checked",
+        )
+    else:
+        result.add(
+            f"{name}: delta < 1/num_samples",
+            0 < delta < 1.0 / int(n),
+            f"delta {delta:.3g}, 1/n {1.0 / int(n):.3g}",
+        )
+    per_round = [float(x) for x in c.get("epsilon_per_round", [])]
+    result.add(
+        f"{name}: epsilon non-decreasing over rounds",
+        all(b >= a - 1e-12 for a, b in zip(per_round, per_round[1:]))
+        and (not per_round or math.isclose(per_round[-1], claim_eps)),
+        f"{len(per_round)} rounds",
+    )
+    result.rows.append(
+        {
+            "client_id": cid,
+            "num_samples": None if n is None else int(n),
+            "delta": delta,
+            "sample_rate": q,
+            "noise_multiplier": sigma,
+            "steps": int(c["steps"]),
+            "claimed": claim_eps,
+            "pld": eps_pld,
+        }
+    )
+    return claim_eps
+
+
+def audit_run(
+    run_dir: str | Path,
+    *,
+    site_keys: dict[str, str] | None = None,
+    site_keys_source: str | None = None,
+    allow_reproducible_noise: bool = False,
+) -> AuditResult:
+    """Audit the run in ``run_dir`` against its configuration and execution record.
+
+    Args:
+        run_dir: Holds privacy.json, config.json and metrics.json.
+        site_keys: Trusted public keys ``{"<client_id>": hex}`` the report's keys must equal;
+            None leaves them self-asserted by the report.
+        site_keys_source: Where the trusted keys came from, for the output.
+        allow_reproducible_noise: Accept ``noise: reproducible`` (test runs only).
+
+    Returns:
+        The result; ``exit_code`` is 0 (all hold), 1 (a claim fails) or 3 (no DP claim).
 
     Raises:
-        AuditError: The directory or one of its files is missing or malformed (exit 2).
+        AuditError: The directory or one of its files is missing or malformed, or the report
+            is of a schema this auditor does not read (exit 2).
 
     """
     run_dir = Path(run_dir)
@@ -157,106 +548,109 @@ def audit_run(run_dir: str | Path) -> AuditResult:
     privacy = read_json(run_dir / "privacy.json")
     config = read_json(run_dir / "config.json")
     metrics = read_json(run_dir / "metrics.json")
-    if not isinstance(privacy, dict):
-        raise AuditError(f"{run_dir / 'privacy.json'}: must be a JSON object")
     where = str(run_dir / "privacy.json")
-    result = AuditResult()
-
+    if not isinstance(privacy, dict):
+        raise AuditError(f"{where}: must be a JSON object")
     version = str(_require(privacy, "schema_version", where))
-    result.add(
-        "schema version",
-        version.split(".")[0] == SCHEMA_VERSION.split(".")[0],
-        f"{version} (this auditor reads {SCHEMA_VERSION.split('.')[0]}.x)",
-    )
+    major = version.split(".")[0]
+    if major == "1":
+        raise AuditError(
+            f"{where}: schema {version} predates secret noise and signed site claims; "
+            f"this auditor reads {READS_SCHEMA_MAJOR}.x"
+        )
+    if major != str(READS_SCHEMA_MAJOR):
+        raise AuditError(f"{where}: schema {version}; this auditor reads {READS_SCHEMA_MAJOR}.x")
     claimed_hash = _require(privacy, "sha256", where)
+    if not isinstance(config, dict) or not isinstance(config.get("run"), dict):
+        raise AuditError(f"{run_dir / 'config.json'}: no 'run' object")
+    if not isinstance(metrics, dict) or not isinstance(metrics.get("rounds"), list):
+        raise AuditError(f"{run_dir / 'metrics.json'}: no 'rounds' list")
+    run = config["run"]
+    result = AuditResult()
+    result.add("schema version", True, f"{version} (this auditor reads {READS_SCHEMA_MAJOR}.x)")
     actual_hash = report_hash(privacy=privacy, config=config, metrics=metrics)
     result.add(
         "sha256 of report, config and metrics",
         claimed_hash == actual_hash,
-        "matches" if claimed_hash == actual_hash else f"claimed {claimed_hash}, got {actual_hash}",
+        "matches (unkeyed: proves no edit only together with the signatures)"
+        if claimed_hash == actual_hash
+        else f"claimed {claimed_hash}, got {actual_hash}",
     )
-
     _check_secure_aggregation(result, privacy, config, where)
 
     clients = _require(privacy, "clients", where)
     if not isinstance(clients, list) or not clients:
         raise AuditError(f"{where}: 'clients' must be a non-empty list")
-    dp_on = privacy.get("target_epsilon") is not None
-    if not dp_on:
-        result.add("differential privacy", True, "off: this run makes no DP claim")
+    report_dp = bool(privacy.get("dp")) or privacy.get("target_epsilon") is not None
+    config_dp = run.get("dp_epsilon") is not None
+    result.add(
+        "DP on/off matches the configuration",
+        report_dp == config_dp,
+        f"report {'on' if report_dp else 'off'}, config {'on' if config_dp else 'off'}",
+    )
+    if not report_dp and not config_dp:
+        result.dp_claim = False
+        result.add("differential privacy", True, "off in config and report: no DP claim")
         return result
+    if not report_dp or not config_dp:
+        return result  # one side says no DP: nothing coherent left to recompute
 
-    target = float(_require(privacy, "target_epsilon", where))
-    delta = float(_require(privacy, "delta", where))
-    events = privacy.get("events", [])
     try:
-        per_client_events: dict[int, list[tuple[float, float, int]]] = defaultdict(list)
-        for e in events:
-            per_client_events[int(e["client_id"])].append(
-                (float(e["noise_multiplier"]), float(e["sample_rate"]), int(e["steps"]))
-            )
-        max_claim = 0.0
+        _check_binding(result, privacy, run)
+        _check_noise(result, privacy, allow_reproducible_noise)
+        keys = _check_keys(result, privacy, site_keys, site_keys_source)
+        executed = [int(r["round"]) for r in metrics["rounds"]]
+        participants = {
+            int(r["round"]): {int(p) for p in r["participants"]} for r in metrics["rounds"]
+        }
+        result.add(
+            "metrics.json rounds are 1..k, k <= configured rounds",
+            executed == list(range(1, len(executed) + 1)) and len(executed) <= int(run["rounds"]),
+            f"{len(executed)} of {run['rounds']} rounds",
+        )
+        ids = [int(c["client_id"]) for c in clients]
+        result.add(
+            "every configured site has a report entry",
+            sorted(ids) == list(range(int(run["clients"]))),
+            f"sites {sorted(ids)}, configured {run['clients']}",
+        )
+        orphans = sorted({int(e["client_id"]) for e in privacy.get("events") or []} - set(ids))
+        result.add(
+            "every ledger event belongs to a reported site",
+            not orphans,
+            f"events of unreported sites {orphans}" if orphans else "yes",
+        )
+        calibrated: dict[tuple, float | None] = {}
+        claims: list[float] = []
+        deltas: list[float] = []
         for c in clients:
-            cid = int(c["client_id"])
-            n = int(c["num_samples"])
-            claim = float(c["epsilon"])
-            sigma, q, steps = float(c["noise_multiplier"]), float(c["sample_rate"]), int(c["steps"])
-            per_round = [float(x) for x in c.get("epsilon_per_round", [])]
-            max_claim = max(max_claim, claim)
-            ev = per_client_events.get(cid, [])
-            eps_pld = independent_epsilon(events=ev, delta=delta, method="pld")
-            eps_rdp = independent_epsilon(events=ev, delta=delta, method="rdp")
-            tol = TOLERANCE["absolute"] + TOLERANCE["relative"] * eps_pld
-            result.rows.append(
-                {
-                    "client_id": cid,
-                    "num_samples": n,
-                    "sample_rate": q,
-                    "noise_multiplier": sigma,
-                    "steps": steps,
-                    "claimed": claim,
-                    "pld": eps_pld,
-                    "rdp": eps_rdp,
-                }
+            if c.get("noise_multiplier") is None:
+                result.add(f"site {c['client_id']}: has a DP plan", False, "no noise multiplier")
+                continue
+            claims.append(
+                _check_site(
+                    result,
+                    c=c,
+                    privacy=privacy,
+                    run=run,
+                    keys=keys,
+                    executed=executed,
+                    participants=participants,
+                    calibrated=calibrated,
+                )
             )
-            name = f"site {cid}"
-            ledger_steps = sum(s for _, _, s in ev)
-            result.add(
-                f"{name}: ledger steps = reported steps",
-                ledger_steps == steps,
-                f"{ledger_steps} vs {steps}",
-            )
-            result.add(
-                f"{name}: ledger matches reported sigma and q",
-                all(math.isclose(s, sigma) and math.isclose(qq, q) for s, qq, _ in ev),
-                f"sigma={sigma:.6g}, q={q:.6g}",
-            )
-            result.add(
-                f"{name}: claimed epsilon >= independent PLD epsilon - tolerance",
-                claim >= eps_pld - tol,
-                f"claimed {claim:.4f}, PLD {eps_pld:.4f}, tolerance {tol:.4f}",
-            )
-            result.add(
-                f"{name}: epsilon <= target",
-                claim <= target + 1e-9 and eps_pld <= target + tol,
-                f"claimed {claim:.4f}, PLD {eps_pld:.4f}, target {target}",
-            )
-            result.add(
-                f"{name}: delta < 1/num_samples",
-                delta < 1.0 / n,
-                f"delta {delta:.3g}, 1/n {1.0 / n:.3g}",
-            )
-            result.add(
-                f"{name}: epsilon non-decreasing over rounds",
-                all(b >= a - 1e-12 for a, b in zip(per_round, per_round[1:]))
-                and (not per_round or math.isclose(per_round[-1], claim)),
-                f"{len(per_round)} rounds",
-            )
+            deltas.append(float(c.get("delta", privacy["delta"])))
+        top = privacy.get("epsilon")
         result.add(
             "report epsilon = max over sites",
-            math.isclose(float(_require(privacy, "epsilon", where)), max_claim),
-            f"{privacy.get('epsilon')} vs {max_claim}",
+            top is not None and bool(claims) and math.isclose(float(top), max(claims)),
+            f"{top} vs {max(claims) if claims else None}",
         )
-    except (KeyError, TypeError, ValueError) as exc:
+        result.add(
+            "report delta = largest site delta",
+            bool(deltas) and math.isclose(float(privacy["delta"]), max(deltas)),
+            f"{privacy.get('delta')} vs {max(deltas) if deltas else None}",
+        )
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
         raise AuditError(f"{where}: malformed entry ({exc!r})") from exc
     return result

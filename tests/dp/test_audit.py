@@ -3,55 +3,33 @@ import json
 import pytest
 
 from securefed.dp.audit import audit_run
-from securefed.dp.report import read_json, report_hash, write_json
+from securefed.dp.report import read_json, write_json
 from securefed.errors import AuditError
-from securefed.fl.run import train
+from tests.dp.audit_fixtures import copy_run, rehash, tiny_run
 
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
-    from securefed.config import RunConfig
-    from tests.conftest import write_small_npz
-
-    d = tmp_path_factory.mktemp("audit")
-    npz = write_small_npz(d / "tiny.npz")
-    cfg = RunConfig(
-        data=str(npz),
-        clients=2,
-        rounds=2,
-        local_epochs=1,
-        batch_size=32,
-        dp_epsilon=4.0,
-        device="cpu",
-        accountant="pld",
-    )
-    return train(cfg, out_dir=d / "run", progress=False)
+    return tiny_run(tmp_path_factory.mktemp("audit"))
 
 
 def _copy(run_dir, tmp_path):
-    import shutil
-
-    dst = tmp_path / "copy"
-    shutil.copytree(run_dir, dst)
-    return dst
+    return copy_run(run_dir, tmp_path)
 
 
 def _rehash(d):
-    privacy = read_json(d / "privacy.json")
-    privacy["sha256"] = report_hash(
-        privacy=privacy, config=read_json(d / "config.json"), metrics=read_json(d / "metrics.json")
-    )
-    write_json(d / "privacy.json", privacy)
+    rehash(d)
 
 
 def test_audit_passes_on_a_real_run(run_dir):
     result = audit_run(run_dir)
     assert result.ok, [c for c in result.checks if not c.ok]
     assert len(result.rows) == 2
+    assert result.exit_code == 0 and result.dp_claim
     for row in result.rows:
-        # the independent PLD figure is close to Opacus' PRV claim, RDP is looser
+        # the independent replace-one PLD figure is close to the claim; no RDP column
         assert abs(row["pld"] - row["claimed"]) < 0.05 * row["claimed"] + 0.02
-        assert row["rdp"] >= row["pld"]
+        assert "rdp" not in row
 
 
 def test_tampered_metrics_break_the_hash(run_dir, tmp_path):
@@ -75,7 +53,8 @@ def test_under_reported_epsilon_fails_even_with_a_fixed_hash(run_dir, tmp_path):
     _rehash(d)
     result = audit_run(d)
     failed = [c.name for c in result.checks if not c.ok]
-    assert failed and all("independent PLD" in n for n in failed), failed
+    assert "site 0: claimed epsilon >= independent PLD epsilon - tolerance" in failed, failed
+    assert "site 0: signed claim verifies" in failed
 
 
 def test_hidden_steps_are_caught(run_dir, tmp_path):
@@ -84,7 +63,9 @@ def test_hidden_steps_are_caught(run_dir, tmp_path):
     privacy["clients"][0]["steps"] -= 5
     write_json(d / "privacy.json", privacy)
     _rehash(d)
-    assert any("ledger steps" in c.name and not c.ok for c in audit_run(d).checks)
+    assert any(
+        "reported steps and rounds = ledger" in c.name and not c.ok for c in audit_run(d).checks
+    )
 
 
 def test_noise_inflated_in_the_ledger_is_caught(run_dir, tmp_path):
@@ -106,6 +87,9 @@ def test_unreadable_input_is_an_audit_error(tmp_path):
     with pytest.raises(AuditError, match="privacy.json: not readable JSON"):
         audit_run(tmp_path)
     (tmp_path / "privacy.json").write_text(json.dumps({"schema_version": "1.0"}))
+    with pytest.raises(AuditError, match="1.0 predates secret noise"):
+        audit_run(tmp_path)
+    (tmp_path / "privacy.json").write_text(json.dumps({"schema_version": "2.0"}))
     with pytest.raises(AuditError, match="missing key 'sha256'"):
         audit_run(tmp_path)
 

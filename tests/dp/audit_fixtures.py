@@ -1,0 +1,69 @@
+"""Real tiny runs for the audit tests, and the rewrites an attacker would make to them."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+from securefed.dp.report import read_json, report_hash, write_json
+
+
+def tiny_run(d: Path, *, dp: bool = True, noise: str = "secret", **overrides) -> Path:
+    """Train a real 2-site, 2-round run into ``d / 'run'`` (a few seconds on CPU)."""
+    from securefed.config import RunConfig
+    from tests.conftest import write_small_npz
+
+    npz = write_small_npz(d / "tiny.npz")
+    kwargs = dict(
+        data=str(npz),
+        clients=2,
+        rounds=2,
+        local_epochs=1,
+        batch_size=32,
+        dp_epsilon=4.0 if dp else None,
+        device="cpu",
+        accountant="pld",
+        reproducible_noise=noise == "reproducible",
+    )
+    kwargs.update(overrides)
+    from securefed.fl.run import train
+
+    return train(RunConfig(**kwargs), out_dir=d / "run", progress=False)
+
+
+def copy_run(run_dir: Path, tmp_path: Path) -> Path:
+    """A private copy of a module-scoped run that a test may tamper with."""
+    dst = tmp_path / "copy"
+    shutil.copytree(run_dir, dst)
+    return dst
+
+
+def resign(d: Path) -> dict[int, str]:
+    """Re-sign every DP site's claim with fresh keys and rehash, as a rewriter would.
+
+    Returns:
+        The new public keys.
+
+    """
+    from securefed.dp.signing import SiteSigner, sign_report
+
+    privacy = read_json(d / "privacy.json")
+    config = read_json(d / "config.json")
+    signers = {
+        int(c["client_id"]): SiteSigner.generate()
+        for c in privacy["clients"]
+        if c.get("noise_multiplier") is not None
+    }
+    sign_report(privacy, run=config["run"], signers=signers)
+    write_json(d / "privacy.json", privacy)
+    rehash(d)
+    return {k: s.public_key_hex for k, s in signers.items()}
+
+
+def rehash(d: Path) -> None:
+    """Recompute the unkeyed hash, as an attacker who rewrote the files would."""
+    privacy = read_json(d / "privacy.json")
+    privacy["sha256"] = report_hash(
+        privacy=privacy, config=read_json(d / "config.json"), metrics=read_json(d / "metrics.json")
+    )
+    write_json(d / "privacy.json", privacy)
