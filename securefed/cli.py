@@ -992,6 +992,24 @@ def deploy_register(certs, insecure, superlink, public_key) -> None:
     default=None,
     help="This hospital's policy: refuse runs targeting a larger epsilon, or no DP.",
 )
+@click.option(
+    "--max-delta",
+    type=float,
+    default=None,
+    help="This hospital's policy: refuse runs whose delta bound (--dp-delta) is larger.",
+)
+@click.option(
+    "--disclose-size",
+    is_flag=True,
+    help="Allow this site's training-set size into the run's files (off: it stays here).",
+)
+@click.option(
+    "--signing-key",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="This site's Ed25519 key for its signed privacy claims; created (0600) if missing "
+    "[default: site<SITE_ID>.signing.key in the current folder].",
+)
 def deploy_site(
     certs,
     insecure,
@@ -1006,10 +1024,20 @@ def deploy_site(
     auth_key,
     he_key,
     max_epsilon,
+    max_delta,
+    disclose_size,
+    signing_key,
 ) -> None:
-    """Start one hospital's Flower SuperNode, pointing at its own data."""
-    from securefed.deploy.launch import supernode_command
+    """Start one hospital's Flower SuperNode, pointing at its own data.
 
+    The site signs its privacy claim every round with its own key; the public key is printed
+    here: publish it where the server's operator cannot change it, for
+    `securefed audit --site-keys`.
+    """
+    from securefed.deploy.launch import ensure_signing_key, supernode_command
+
+    key = Path(signing_key or f"site{site_id}.signing.key")
+    click.echo(f"site {site_id} signing key {key}: {ensure_signing_key(key)}", err=True)
     _exec(
         supernode_command(
             superlink=superlink,
@@ -1025,6 +1053,9 @@ def deploy_site(
             auth_key=Path(auth_key) if auth_key else None,
             he_key=Path(he_key) if he_key else None,
             max_epsilon=max_epsilon,
+            max_delta=max_delta,
+            disclose_size=disclose_size,
+            signing_key=key,
         )
     )
 

@@ -287,6 +287,8 @@ class Coordinator:
         self.ledger = PrivacyLedger()
         self.plans: dict[int, DPPlan] = {}
         self.delta: float | None = None
+        #: The latest signed claim of each site (hex Ed25519 signatures).
+        self.signatures: dict[int, str] = {}
         self.sites: dict[int, dict[str, Any]] = {}
         self.nodes: dict[int, int] = {}
         self.eps_history: dict[int, list[float]] = {}
@@ -387,6 +389,9 @@ class Coordinator:
             time.sleep(0.5)
         self.nodes = by_site
         self.sites = replies_by_site
+        keys = [info.get("signing_key") for info in self.sites.values()]
+        if self.config.dp_enabled and len(set(keys)) != len(keys):
+            raise ConfigError("two sites sent the same signing key; each site needs its own")
         if self.config.secure_agg == "he":
             keys = {sid: info.pop("he_public", None) for sid, info in self.sites.items()}
             if len(set(keys.values())) != 1:
@@ -407,6 +412,8 @@ class Coordinator:
                 f"site {sid}: its data ({info.get('task')}, {info.get('spec')}) does not fit "
                 f"the run's model ({self.task.name}, {want})"
             )
+        if self.config.dp_enabled and not isinstance(info.get("signing_key"), str):
+            raise ConfigError(f"site {sid}: sent no signing key for its privacy claims")
         disclosed = "num_samples" in info
         if disclosed != self.config.disclose_site_sizes:
             raise ConfigError(
@@ -429,6 +436,7 @@ class Coordinator:
                 "config": self.config.to_dict(),
                 "sites": {str(k): v for k, v in self.sites.items()},
                 "plans": {str(k): dataclasses.asdict(p) for k, p in self.plans.items()},
+                "signatures": {str(k): v for k, v in self.signatures.items()},
                 "events": [e.to_dict() for e in self.ledger.events],
                 "epsilon_per_round": {str(k): v for k, v in self.eps_history.items()},
                 "records": [{"data": r.data, "applied": r.applied} for r in self.records],
@@ -450,6 +458,7 @@ class Coordinator:
             self.ledger.record(PrivacyEvent(**e))
         self.plans = {int(k): DPPlan(**p) for k, p in ck.meta.get("plans", {}).items()}
         self.delta = max((p.delta for p in self.plans.values()), default=None)
+        self.signatures = {int(k): v for k, v in ck.meta.get("signatures", {}).items()}
         self.eps_history = {int(k): list(v) for k, v in ck.meta["epsilon_per_round"].items()}
         self.records = [
             RoundRecord(data=r["data"], applied=r["applied"]) for r in ck.meta["records"]
@@ -463,6 +472,8 @@ class Coordinator:
                 info["fingerprint"],
             ):
                 raise ConfigError(f"site {sid}: its data changed since the checkpoint")
+            if old.get("signing_key") != info.get("signing_key"):
+                raise ConfigError(f"site {sid}: its signing key changed since the checkpoint")
         self._event(event="resume", round=ck.round)
         return ck.round
 
@@ -667,6 +678,7 @@ class Coordinator:
             self.delta = max(p.delta for p in self.plans.values())
         elif plan != pinned:
             raise ProtocolError(f"site {sid}: its DP plan changed during the run")
+        self._check_signature(sid, reply)
         per_epoch = round(1.0 / pinned.sample_rate)
         for e in events:
             if (e.noise_multiplier, e.sample_rate, e.max_grad_norm) != (
@@ -677,6 +689,60 @@ class Coordinator:
                 raise ProtocolError(f"site {sid}: trained with other DP parameters than planned")
         if not events:
             raise ProtocolError(f"site {sid}: reported no DP accounting for round {round_index}")
+
+    def _site_entry(self, sid: int) -> dict[str, Any]:
+        """The site's privacy.json entry as it stands now (what the site must have signed)."""
+        plan = self.plans[sid]
+        entry: dict[str, Any] = {
+            "client_id": sid,
+            "delta": plan.delta,
+            "noise_multiplier": plan.noise_multiplier,
+            "sample_rate": plan.sample_rate,
+            "max_grad_norm": plan.max_grad_norm,
+            "planned_steps": plan.planned_steps,
+            "epsilon": self._epsilon(sid),
+        }
+        if "num_samples" in self.sites.get(sid, {}):
+            entry["num_samples"] = self.sites[sid]["num_samples"]
+        return entry
+
+    def _check_signature(self, sid: int, reply: Mapping[str, Any]) -> None:
+        """A site's signature must cover exactly the claim the report will state for it.
+
+        The server holds no site key; it keeps the latest signature of each site and checks
+        it now, so a claim the site did not sign never reaches privacy.json.
+        """
+        from securefed.dp.accounting import ADJACENCY
+        from securefed.dp.signing import site_claim, verify_claim
+        from securefed.fl.run import noise_description
+
+        key = self.sites.get(sid, {}).get("signing_key")
+        signature = reply.get("signature")
+        if not isinstance(key, str) or not isinstance(signature, str):
+            raise ProtocolError(f"site {sid}: sent no signed privacy claim")
+        claim = site_claim(
+            entry=self._site_entry(sid),
+            events=[e.to_dict() for e in self.ledger.for_client(sid)],
+            run=self.config.to_dict(),
+            noise=noise_description(self.config)[0],
+            adjacency=ADJACENCY,
+            accountant=self.config.accountant,
+        )
+        if not verify_claim(claim, signature, key):
+            raise ProtocolError(f"site {sid}: its signature does not cover the claim on record")
+        self.signatures[sid] = signature
+
+    def sign_privacy(self, privacy: dict[str, Any], *, run: Mapping[str, Any]) -> None:
+        """Attach the signatures the sites made themselves (the server signs for no one)."""
+        from securefed.dp.signing import attach_site_signatures
+
+        attach_site_signatures(
+            privacy,
+            run=run,
+            signed={
+                sid: (self.sites[sid]["signing_key"], sig) for sid, sig in self.signatures.items()
+            },
+        )
 
     def _aggregate(
         self, fits: Mapping[int, Mapping[str, Any]], round_index: int, chosen: list[int]

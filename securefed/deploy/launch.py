@@ -32,6 +32,7 @@ from securefed.errors import ConfigError, OptionalDependencyError, ProtocolError
 __all__ = [
     "DEFAULT_PORT",
     "RunOptions",
+    "ensure_signing_key",
     "flower_env",
     "flower_home",
     "node_config",
@@ -150,6 +151,22 @@ def node_config(settings: Mapping[str, Any]) -> str:
     return " ".join(f"{k}={_toml_value(v)}" for k, v in settings.items() if v is not None)
 
 
+def ensure_signing_key(path: Path) -> str:
+    """Load a site's claim-signing key, creating it (mode 0600) on first use.
+
+    Returns:
+        The public key as hex: publish it where the run's operator cannot change it, for
+        ``securefed audit --site-keys``.
+
+    """
+    from securefed.dp.signing import SiteSigner
+
+    path = Path(path)
+    if not path.exists():
+        SiteSigner.generate().save(path)
+    return SiteSigner.load(path).public_key_hex
+
+
 def supernode_command(
     *,
     superlink: str,
@@ -165,6 +182,9 @@ def supernode_command(
     auth_key: Path | None = None,
     he_key: Path | None = None,
     max_epsilon: float | None = None,
+    max_delta: float | None = None,
+    disclose_size: bool = False,
+    signing_key: Path | None = None,
 ) -> list[str]:
     """``flower-supernode`` for one hospital, its data named in its node configuration.
 
@@ -184,6 +204,10 @@ def supernode_command(
             SuperNodes.
         he_key: The sites' CKKS secret-context file, for ``--secure-agg he``.
         max_epsilon: The site refuses runs targeting a larger epsilon (or no DP).
+        max_delta: The site refuses runs whose delta bound is larger.
+        disclose_size: The site allows its training-set size in the run's files.
+        signing_key: The site's Ed25519 key file for its signed privacy claims (see
+            :func:`ensure_signing_key`).
 
     """
     _tls(certs, insecure, what=f"site {site_id}")
@@ -204,6 +228,9 @@ def supernode_command(
                 "device": device,
                 "he-key": str(Path(he_key).resolve()) if he_key is not None else None,
                 "max-epsilon": float(max_epsilon) if max_epsilon is not None else None,
+                "max-delta": float(max_delta) if max_delta is not None else None,
+                "disclose-size": True if disclose_size else None,
+                "signing-key": str(Path(signing_key).resolve()) if signing_key else None,
             }
         ),
     ]

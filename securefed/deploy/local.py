@@ -80,6 +80,8 @@ class LocalDeployment:
             self.certs = create_test_pki(folder=self.folder / "certs", sites=sites).folder
         self.server: subprocess.Popen | None = None
         self.site_procs: dict[int, subprocess.Popen] = {}
+        #: Each site's claim-signing public key (hex), for ``securefed audit --site-keys``.
+        self.site_keys: dict[int, str] = {}
         self.env = launch.flower_env()
 
     def _spawn(self, cmd: Sequence[str], log: str) -> subprocess.Popen:
@@ -121,9 +123,12 @@ class LocalDeployment:
 
     def start_site(self, site_id: int) -> None:
         """Start one SuperNode."""
+        key = self.folder / f"site{site_id}.signing.key"
+        self.site_keys[site_id] = launch.ensure_signing_key(key)
         cmd = launch.supernode_command(
             superlink=self.superlink,
             site_id=site_id,
+            signing_key=key,
             certs=self.certs,
             insecure=not self.tls,
             shard=self.shard,

@@ -21,8 +21,15 @@ import torch
 from securefed.config import RunConfig
 from securefed.data.dataset import ArraySplit, load_dataset
 from securefed.dp.ledger import PrivacyEvent, PrivacyLedger
-from securefed.dp.trainer import SiteTrainer
-from securefed.errors import ConfigError, DataError, PrivacyBudgetError, ProtocolError
+from securefed.dp.signing import SiteSigner, site_claim
+from securefed.dp.trainer import DPPlan, SiteTrainer
+from securefed.errors import (
+    ConfigError,
+    DataError,
+    IntegrityError,
+    PrivacyBudgetError,
+    ProtocolError,
+)
 from securefed.fl.params import ParamLayout
 from securefed.fl.simulation import (
     local_update,
@@ -63,6 +70,8 @@ class NodeSettings:
             it. The site always lowers delta to at most ``1/(10 n)`` for its own size.
         disclose_size: Allow this site's training-set size to be written into the run's
             files; a run that asks for sizes (``--disclose-site-sizes``) is refused otherwise.
+        signing_key: This site's Ed25519 key file: it signs the site's privacy claim every
+            round, so the run's report cannot be rewritten in its name. Required for DP runs.
 
     """
 
@@ -76,6 +85,7 @@ class NodeSettings:
     max_epsilon: float | None = None
     max_delta: float | None = None
     disclose_size: bool = False
+    signing_key: str | None = None
 
     @classmethod
     def from_node_config(cls, node_config: Mapping[str, Any]) -> NodeSettings:
@@ -97,6 +107,7 @@ class NodeSettings:
             "max-epsilon",
             "max-delta",
             "disclose-size",
+            "signing-key",
         }
         unknown = sorted(set(node_config) - known)
         if unknown:
@@ -120,6 +131,7 @@ class NodeSettings:
             max_epsilon=_positive(node_config.get("max-epsilon"), "max-epsilon"),
             max_delta=_positive(node_config.get("max-delta"), "max-delta"),
             disclose_size=bool(node_config.get("disclose-size", False)),
+            signing_key=text("signing-key"),
         )
 
     def check_policy(self, config: RunConfig) -> None:
@@ -151,6 +163,23 @@ class NodeSettings:
                 f"site {self.site_id}: the run targets epsilon={eps if eps is not None else 'inf'}"
                 f", above this site's policy max-epsilon={self.max_epsilon:g}"
             )
+
+    def signer(self) -> SiteSigner:
+        """This site's claim-signing key.
+
+        Raises:
+            ConfigError: If no key is configured, or the file is unreadable or too open.
+
+        """
+        if self.signing_key is None:
+            raise ConfigError(
+                f"site {self.site_id}: a DP run needs this site's signing key "
+                "(securefed deploy site --signing-key FILE; node config `signing-key`)"
+            )
+        try:
+            return SiteSigner.load(self.signing_key)
+        except (OSError, ValueError, IntegrityError) as exc:
+            raise ConfigError(f"site {self.site_id}: signing key: {exc}") from exc
 
     def he_contexts(self) -> tuple[bytes, bytes]:
         """This site's CKKS (secret, public) contexts, read from ``he-key`` and its twin.
@@ -209,6 +238,8 @@ class DeployedSite:
         node.check_policy(config)
         self.config = config
         self.node = node
+        # Loaded first: a DP run without the site's key stops before any data is read.
+        self.signer = node.signer() if config.dp_enabled else None
         self.device = resolve_device(node.device or config.device)
         self.bundle = load_dataset(
             name=node.dataset or config.dataset,
@@ -256,6 +287,8 @@ class DeployedSite:
         }
         if self.config.disclose_site_sizes and self.node.disclose_size:
             out["num_samples"] = len(self.train)
+        if self.signer is not None:
+            out["signing_key"] = self.signer.public_key_hex
         return out
 
     def model(self, weights: bytes, *, layout_keys: Sequence[str]) -> tuple[Any, ParamLayout]:
@@ -338,6 +371,9 @@ class DeployedSite:
             self.config, trainer=trainer, layout=layout, model=model, round_index=round_index
         )
         new = [e.to_dict() for e in ledger.events[len(earlier) :]]
+        signature = None
+        if plan is not None:
+            signature = self._sign(plan, [e.to_dict() for e in ledger.events], trainer.epsilon())
         # The training loss is an un-noised function of the records: it stays in the site's
         # own log.
         log.info("site %d round %d: train loss %.4f", self.node.site_id, round_index, loss)
@@ -345,6 +381,7 @@ class DeployedSite:
             "vector": np.asarray(vec, dtype=np.float64),
             "events": new,
             "epsilon": trainer.epsilon() if plan is not None else None,
+            "signature": signature,
             "plan": (
                 {
                     "noise_multiplier": plan.noise_multiplier,
@@ -358,6 +395,34 @@ class DeployedSite:
                 else None
             ),
         }
+
+    def _sign(self, plan: DPPlan, events: list[dict[str, Any]], epsilon: float) -> str:
+        """Sign the claim the run's report must state for this site after this round."""
+        from securefed.dp.accounting import ADJACENCY
+        from securefed.fl.run import noise_description
+
+        entry: dict[str, Any] = {
+            "client_id": self.node.site_id,
+            "delta": plan.delta,
+            "noise_multiplier": plan.noise_multiplier,
+            "sample_rate": plan.sample_rate,
+            "max_grad_norm": plan.max_grad_norm,
+            "planned_steps": plan.planned_steps,
+            "epsilon": epsilon,
+        }
+        if self.config.disclose_site_sizes:
+            entry["num_samples"] = len(self.train)
+        claim = site_claim(
+            entry=entry,
+            events=events,
+            run=self.config.to_dict(),
+            noise=noise_description(self.config)[0],
+            adjacency=ADJACENCY,
+            accountant=self.config.accountant,
+        )
+        if self.signer is None:
+            raise ConfigError(f"site {self.node.site_id}: no signing key for a DP claim")
+        return self.signer.sign_claim(claim)
 
     def evaluate(self, *, weights: bytes, layout_keys: Sequence[str]) -> dict[str, Any] | None:
         """The task's metrics of the global model on this site's held-out data (None if none)."""

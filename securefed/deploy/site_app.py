@@ -107,7 +107,12 @@ def fit(msg: Message, context: Context) -> Message:
     context.state[_LEDGER] = ConfigRecord({"events": json.dumps(history + result["events"])})
     reply: dict[str, Any] = {"previous_metrics": previous}
     if result["plan"] is not None:
-        reply.update(events=result["events"], epsilon=result["epsilon"], plan=result["plan"])
+        reply.update(
+            events=result["events"],
+            epsilon=result["epsilon"],
+            plan=result["plan"],
+            signature=result["signature"],
+        )
     vector = result["vector"]
     if fields["secure_agg"] == "none":
         reply["vector"] = vector_to_bytes(vector)

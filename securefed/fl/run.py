@@ -13,7 +13,6 @@ from typing import Any
 from securefed.config import RunConfig
 from securefed.dp.accounting import ADJACENCY
 from securefed.dp.report import SCHEMA_VERSION, THREAT_MODEL, json_ready, report_hash, write_json
-from securefed.dp.signing import SiteSigner, sign_report
 from securefed.errors import ConfigError
 from securefed.fl.disclosures import disclosures_json
 from securefed.fl.simulation import Federation
@@ -315,17 +314,9 @@ def write_outputs(fed: Federation, out: Path) -> None:
     config = json_ready(_config_json(fed))
     metrics = json_ready(fed.metrics())
     privacy = json_ready(_privacy_json(fed))
-    if fed.config.dp_enabled and isinstance(fed, Federation):
-        # The in-process runtime simulates every site, so it holds one fresh key per simulated
-        # site. The Flower coordinator also calls this function but is not the sites: it must
-        # never sign for them (TODO(lead): sites sign; attach with attach_site_signatures).
+    if fed.config.dp_enabled:
         # Signing precedes the hash so that the hash covers keys and signatures too.
-        signers = {
-            int(c["client_id"]): SiteSigner.generate()
-            for c in privacy["clients"]
-            if c.get("noise_multiplier") is not None
-        }
-        sign_report(privacy, run=config["run"], signers=signers)
+        fed.sign_privacy(privacy, run=config["run"])
     privacy["sha256"] = report_hash(privacy=privacy, config=config, metrics=metrics)
     meta = {"model": fed.config.model, "securefed": "0.1.0", "task": fed.task.name}
     save_file(

@@ -805,6 +805,21 @@ class Federation:
         return out
 
     # -- summaries ------------------------------------------------------------------------
+    def sign_privacy(self, privacy: dict[str, Any], *, run: dict[str, Any]) -> None:
+        """Each simulated site signs its claim in ``privacy`` with a key of its own.
+
+        The in-process runtime plays every site, so it holds one fresh key per simulated site
+        (from ``os.urandom``); a deployed site signs with its own persistent key instead.
+        """
+        from securefed.dp.signing import SiteSigner, sign_report
+
+        signers = {
+            int(c["client_id"]): SiteSigner.generate()
+            for c in privacy["clients"]
+            if c.get("noise_multiplier") is not None
+        }
+        sign_report(privacy, run=run, signers=signers)
+
     def personalization_table(self) -> list[dict[str, Any]]:
         """Per site: the global (or cluster) model vs the twin on the site's held-out data."""
         if not self.records:

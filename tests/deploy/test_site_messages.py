@@ -93,10 +93,19 @@ def _config(npz, **changes) -> RunConfig:
 
 
 def _deploy(config, out, node_extra=None, **kwargs):
-    nodes = {
-        100 + sid: {"site-id": sid, "shard": True, **(node_extra or {})}
-        for sid in range(config.clients)
-    }
+    from securefed.deploy.launch import ensure_signing_key
+
+    out.mkdir(parents=True, exist_ok=True)
+    nodes = {}
+    for sid in range(config.clients):
+        key = out.parent / f"{out.name}-site{sid}.signing.key"
+        ensure_signing_key(key)
+        nodes[100 + sid] = {
+            "site-id": sid,
+            "shard": True,
+            "signing-key": str(key),
+            **(node_extra or {}),
+        }
     grid = LoopbackGrid(nodes)
     link = Link(grid, poll=0.0)
     run = Coordinator(config, link=link, out=out, stage_timeout=30, fit_timeout=120, **kwargs)
@@ -169,3 +178,66 @@ def test_disclosed_sizes_reach_the_report_only_when_every_site_agreed(
     _, run = _deploy(config, tmp_path / "b", node_extra={"disclose-size": True})
     privacy = json.loads((run.run() / "privacy.json").read_text())
     assert sum(c["num_samples"] for c in privacy["clients"]) == 240
+
+
+@pytest.mark.slow
+def test_a_deployed_run_is_signed_by_the_sites_and_audits_with_pinned_keys(
+    small_npz, tmp_path, task_identity
+):
+    from click.testing import CliRunner
+
+    from securefed.cli import cli
+    from securefed.deploy.launch import ensure_signing_key
+
+    config = _config(small_npz, secure_agg="mask")
+    _, run = _deploy(config, tmp_path / "run")
+    out = run.run()
+    keys = {
+        str(sid): ensure_signing_key(tmp_path / f"run-site{sid}.signing.key") for sid in range(3)
+    }
+    pinned = tmp_path / "keys.json"
+    pinned.write_text(json.dumps(keys))
+    privacy = json.loads((out / "privacy.json").read_text())
+    assert privacy["site_keys"] == keys  # the sites' own keys: the server made none
+    result = CliRunner().invoke(cli, ["audit", str(out), "--site-keys", str(pinned)])
+    assert result.exit_code == 0, result.output
+    # a key the auditor did not pin is caught
+    other = dict(keys, **{"1": ensure_signing_key(tmp_path / "other.key")})
+    pinned.write_text(json.dumps(other))
+    result = CliRunner().invoke(cli, ["audit", str(out), "--site-keys", str(pinned)])
+    assert result.exit_code == 1, result.output
+
+
+def test_the_server_cannot_attach_a_claim_the_site_did_not_sign():
+    from securefed.dp.signing import SiteSigner, site_claim
+    from securefed.errors import IntegrityError
+
+    signer = SiteSigner.generate()
+    entry = {
+        "client_id": 0, "delta": 1e-5, "noise_multiplier": 1.0, "sample_rate": 0.25,
+        "max_grad_norm": 1.0, "planned_steps": 8, "epsilon": 3.0,
+    }  # fmt: skip
+    run = RunConfig().to_dict()
+    claim = site_claim(
+        entry=entry, events=[], run=run, noise="secret", adjacency="replace-one", accountant="pld"
+    )
+    sig = signer.sign_claim(claim)
+    view = type("View", (), {})()
+    view.sites = {0: {"signing_key": signer.public_key_hex}}
+    view.signatures = {0: sig}
+    privacy = {"clients": [dict(entry, epsilon=2.0)], "events": [], "noise": "secret"}
+    privacy.update(adjacency="replace-one", accountant="pld")
+    with pytest.raises(IntegrityError, match="signature does not match"):
+        Coordinator.sign_privacy(view, privacy, run=run)  # epsilon lowered by the server
+    privacy["clients"][0]["epsilon"] = 3.0
+    Coordinator.sign_privacy(view, privacy, run=run)
+    assert privacy["site_keys"] == {"0": signer.public_key_hex}
+
+
+def test_a_dp_site_without_its_signing_key_stops_before_reading_data(tmp_path):
+    from securefed.deploy.site import DeployedSite, NodeSettings
+    from securefed.errors import ConfigError
+
+    node = NodeSettings.from_node_config({"site-id": 0, "data": str(tmp_path / "missing.npz")})
+    with pytest.raises(ConfigError, match="signing key"):
+        DeployedSite(RunConfig(dp_epsilon=8.0), node)
