@@ -243,7 +243,8 @@ def cli() -> None:
     type=int,
     default=None,
     show_default=_DEFAULTS.seed,
-    help="Seed for data, partition, init, sampling and DP noise (same seed, same numbers).",
+    help="Seed for data, partition, init, augmentation and site sampling (DP noise: see "
+    "--reproducible-noise).",
 )
 @click.option(
     "--device",
@@ -377,6 +378,13 @@ def cli() -> None:
     type=float,
     default=None,
     help="Learning rate of twin fine-tuning [default: --lr].",
+)
+@click.option(
+    "--reproducible-noise",
+    is_flag=True,
+    default=None,
+    help="Derive DP noise and Poisson sampling from --seed (research only: anyone who knows "
+    "the seed can replay a site's training, so ε does not hold against them).",
 )
 @click.option(
     "--out",

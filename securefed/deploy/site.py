@@ -56,6 +56,9 @@ class NodeSettings:
         max_epsilon: The hospital's own privacy policy: refuse any run whose target epsilon
             is above it, or that is not DP at all. The run configuration comes from the
             server; this is the site's check on it.
+        allow_reproducible_noise: Accept runs with ``reproducible_noise`` (DP noise derived
+            from the run's seed, which the server and every site know). Off by default: such
+            a run's epsilon does not hold against them, so a site must opt in.
 
     """
 
@@ -67,6 +70,7 @@ class NodeSettings:
     device: str | None = None
     he_key: str | None = None
     max_epsilon: float | None = None
+    allow_reproducible_noise: bool = False
 
     @classmethod
     def from_node_config(cls, node_config: Mapping[str, Any]) -> NodeSettings:
@@ -86,6 +90,7 @@ class NodeSettings:
             "device",
             "he-key",
             "max-epsilon",
+            "allow-reproducible-noise",
         }
         unknown = sorted(set(node_config) - known)
         if unknown:
@@ -93,6 +98,12 @@ class NodeSettings:
         raw = node_config.get("site-id")
         if isinstance(raw, bool) or not isinstance(raw, int) or raw < 0:
             raise ConfigError(f"node config: `site-id` must be an integer >= 0 (got {raw!r})")
+
+        allow = node_config.get("allow-reproducible-noise", False)
+        if not isinstance(allow, bool):
+            raise ConfigError(
+                f"node config: `allow-reproducible-noise` must be true or false (got {allow!r})"
+            )
 
         def text(key: str) -> str | None:
             value = node_config.get(key)
@@ -107,15 +118,24 @@ class NodeSettings:
             device=text("device"),
             he_key=text("he-key"),
             max_epsilon=_positive(node_config.get("max-epsilon"), "max-epsilon"),
+            allow_reproducible_noise=allow,
         )
 
     def check_policy(self, config: RunConfig) -> None:
-        """Refuse a run the hospital's policy does not allow (``max-epsilon``).
+        """Refuse a run the hospital's policy does not allow.
 
         Raises:
-            PrivacyBudgetError: If the run is not DP or targets a larger epsilon.
+            PrivacyBudgetError: If the run asks for reproducible (seed-derived) DP noise and
+                the site does not allow it, or (with ``max-epsilon``) the run is not DP or
+                targets a larger epsilon.
 
         """
+        if config.reproducible_noise and not self.allow_reproducible_noise:
+            raise PrivacyBudgetError(
+                f"site {self.site_id}: the run asks for reproducible DP noise (derived from its "
+                "seed, so its epsilon does not hold against whoever knows it); this site's "
+                "node config does not set allow-reproducible-noise"
+            )
         if self.max_epsilon is None:
             return
         eps = config.dp_epsilon

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import math
 import os
-from abc import ABC
 from collections.abc import Sequence
 
 import torch
@@ -47,7 +46,7 @@ _SIGN = -(2**63)  # int64 with only the sign bit set
 _HKDF_INFO = b"securefed/seeded-noise/v1"
 
 
-class NoiseSource(ABC):
+class NoiseSource:
     """A keyed ChaCha20 keystream turned into the random variates DP-SGD needs.
 
     Every request (:meth:`random_bytes`, :meth:`gaussian`, :meth:`bernoulli`) runs the cipher
