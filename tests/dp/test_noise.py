@@ -236,3 +236,18 @@ def test_epsilon_comes_from_the_ledger_and_resumed_rounds_stay_on_it():
     assert trainer.epsilon() > compute_epsilon(
         history=history[1:], delta=1e-5, accountant=accountant
     )
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_noise_drawn_on_cpu_reaches_gradients_on_cuda():
+    trainer = _tiny_trainer(40, 8)
+    trainer.device = torch.device("cuda")
+    result = trainer.train_round(
+        model=nn.Linear(2, 2),
+        round_index=1,
+        epochs=1,
+        generator=torch.Generator(),
+        noise=SecretNoise(),
+    )
+    assert trainer.ledger.events[0].steps == 5
+    assert all(v.device.type == "cpu" and bool(v.isfinite().all()) for v in result.state.values())
