@@ -26,6 +26,7 @@ import json
 import os
 import platform
 import statistics
+import sys
 import time
 import warnings
 from pathlib import Path
@@ -164,6 +165,7 @@ def main() -> None:
         "cpus": os.cpu_count(),
         "torch": torch.__version__,
         "date": time.strftime("%Y-%m-%d"),
+        "command": "python " + " ".join(["benchmarks/noise_bench.py", *sys.argv[1:]]),
         "rows": rows,
     }
     args.out.mkdir(parents=True, exist_ok=True)
@@ -185,6 +187,8 @@ def main() -> None:
         "torch: Opacus' default, torch.normal from a torch.Generator (float32, not secret). "
         f"secret-d: SecretNoise, d Box-Muller normals summed per coordinate; the trainer "
         f"uses d = {SECURE_DRAWS}. Target: step / torch <= {TARGET}.",
+        "",
+        f"Command: `{result['command']}`",
     ]
     (args.out / "table.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
