@@ -159,15 +159,15 @@ class NoiseSource:
         whether a released value is reachable from ``x`` or from ``x'``. Summing ``draws >= 2``
         independent normals, as Opacus' ``secure_mode`` does with 4 and Holohan & Braghin
         (2021, section 5.1) analyse, makes every representable value reachable in many ways
-        and raises the attack's search to about ``2**(53 * (2 * draws - 1))``. The noise is
-        then scaled by sigma*C and rounded to the gradient's dtype (float32) when added, which
-        spreads it over float32 values further.
+        and raises the attack's search to about ``2**(53 * (draws - 1))`` (``2**159`` for
+        4). The noise is then scaled by sigma*C and rounded to the gradient's dtype (float32)
+        when added, which spreads it over float32 values further.
 
         What it does not cover: it is not an exact (discrete) Gaussian sampler, so DP here is
-        the usual floating-point approximation, as in Opacus; timing is not constant-time
-        (torch's log/sqrt/cos are data-independent in practice, but nothing guarantees it); and the
-        mechanism's privacy still rests on the accountant's analysis of the continuous
-        Gaussian.
+        the usual floating-point approximation, as in Opacus; it is not constant-time
+        (torch's log/sqrt/cos are data-independent in practice, but nothing guarantees it);
+        and the mechanism's privacy still rests on the accountant's analysis of the
+        continuous Gaussian.
 
         Args:
             shape: Output shape (an int for a flat vector).

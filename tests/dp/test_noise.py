@@ -115,6 +115,26 @@ def test_runtime_hands_out_secret_noise_unless_reproducible_is_asked_for():
         RunConfig(reproducible_noise="yes")  # type: ignore[arg-type]
 
 
+@pytest.mark.parametrize("command", ["train", "deploy_run"])
+def test_the_reproducible_noise_flag_reaches_the_run_config(command):
+    import securefed.cli as cli
+
+    cmd = getattr(cli, command)
+    base = ["--out", "x"] if command == "deploy_run" else []
+
+    def config(*args: str) -> RunConfig:
+        ctx = cmd.make_context(command, [*base, *args])
+        p = dict(ctx.params)
+        for key in ("out", "quiet", "certs", "insecure", "superlink", "resume", "stop_after"):
+            p.pop(key, None)
+        for key in [k for k in p if k.endswith("_timeout")]:
+            p.pop(key)
+        return cli._config_from_flags(p.pop("config_file"), p.pop("no_dp"), p.pop("data_option"), p)
+
+    assert config().reproducible_noise is False
+    assert config("--reproducible-noise").reproducible_noise is True
+
+
 def test_a_site_refuses_reproducible_noise_unless_it_allows_it():
     config = RunConfig(reproducible_noise=True)
     with pytest.raises(PrivacyBudgetError, match="allow-reproducible-noise"):
