@@ -253,7 +253,8 @@ def cli() -> None:
     type=int,
     default=None,
     show_default=_DEFAULTS.seed,
-    help="Seed for data, partition, init, sampling and DP noise (same seed, same numbers).",
+    help="Seed for data, partition, init, augmentation and site sampling (DP noise: see "
+    "--reproducible-noise).",
 )
 @click.option(
     "--device",
@@ -387,6 +388,13 @@ def cli() -> None:
     type=float,
     default=None,
     help="Learning rate of twin fine-tuning [default: --lr].",
+)
+@click.option(
+    "--reproducible-noise",
+    is_flag=True,
+    default=None,
+    help="Derive DP noise and Poisson sampling from --seed (research only: anyone who knows "
+    "the seed can replay a site's training, so ε does not hold against them).",
 )
 @click.option(
     "--out",
@@ -1010,6 +1018,12 @@ def deploy_register(certs, insecure, superlink, public_key) -> None:
     help="This site's Ed25519 key for its signed privacy claims; created (0600) if missing "
     "[default: site<SITE_ID>.signing.key in the current folder].",
 )
+@click.option(
+    "--allow-reproducible-noise",
+    is_flag=True,
+    help="Accept --reproducible-noise runs (research only: their ε does not hold against "
+    "anyone who knows the seed).",
+)
 def deploy_site(
     certs,
     insecure,
@@ -1027,6 +1041,7 @@ def deploy_site(
     max_delta,
     disclose_size,
     signing_key,
+    allow_reproducible_noise,
 ) -> None:
     """Start one hospital's Flower SuperNode, pointing at its own data.
 
@@ -1056,6 +1071,7 @@ def deploy_site(
             max_delta=max_delta,
             disclose_size=disclose_size,
             signing_key=key,
+            allow_reproducible_noise=allow_reproducible_noise,
         )
     )
 

@@ -84,7 +84,8 @@ class RunConfig:
         dropout_clients: Simulated dropouts per round: a count K >= 1, or a rate in (0, 1).
         dropout_phase: ``after`` (drop after uploading, recovered by the protocol) or
             ``before`` (drop before uploading; the site's update is left out).
-        seed: Seeds data generation, partitioning, model init, sampling and DP noise.
+        seed: Seeds data generation, partitioning, model init, augmentation and participant
+            sampling. Not DP noise or DP-SGD's Poisson sampling (see ``reproducible_noise``).
         device: ``auto``, ``cpu`` or ``cuda``.
         conv_acc_tol: Convergence: a round is stable when its accuracy changes by strictly less.
         conv_loss_tol: Convergence: ... and its loss changes by strictly less than this.
@@ -112,6 +113,10 @@ class RunConfig:
         personalize: Digital twins: local fine-tuning epochs per site (0 = off).
         personalize_when: ``end`` (after the last round) or ``every`` round.
         personalize_lr: Learning rate of twin fine-tuning (``None``: ``lr``).
+        reproducible_noise: Derive DP-SGD's noise and Poisson sampling from ``seed`` (for
+            research reproducibility). Off (the default), each site draws them from a secret
+            key of its own; on, anyone who knows the seed can replay a site's training, so
+            the epsilon does not hold against them.
 
     """
 
@@ -165,6 +170,7 @@ class RunConfig:
     personalize: int = 0
     personalize_when: str = "end"
     personalize_lr: float | None = None
+    reproducible_noise: bool = False
 
     def __post_init__(self) -> None:
         _check(self.clients >= 1, f"`clients` must be at least 1 (got {self.clients}).")
@@ -263,6 +269,10 @@ class RunConfig:
         )
         _check(self.clusters >= 1, f"`clusters` must be at least 1 (got {self.clusters}).")
         _check(self.personalize >= 0, f"`personalize` must be >= 0 (got {self.personalize}).")
+        _check(
+            isinstance(self.reproducible_noise, bool),
+            f"`reproducible_noise` must be true or false (got {self.reproducible_noise!r}).",
+        )
         if self.personalize_lr is not None:
             _check(
                 math.isfinite(self.personalize_lr) and self.personalize_lr > 0,

@@ -44,6 +44,7 @@ def test_help_lists_every_training_option():
         "--clients",
         "--partition",
         "--seed",
+        "--reproducible-noise",
         "--device",
         "--secure-agg",
         "--data-dir",

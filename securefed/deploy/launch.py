@@ -185,6 +185,7 @@ def supernode_command(
     max_delta: float | None = None,
     disclose_size: bool = False,
     signing_key: Path | None = None,
+    allow_reproducible_noise: bool = False,
 ) -> list[str]:
     """``flower-supernode`` for one hospital, its data named in its node configuration.
 
@@ -208,6 +209,8 @@ def supernode_command(
         disclose_size: The site allows its training-set size in the run's files.
         signing_key: The site's Ed25519 key file for its signed privacy claims (see
             :func:`ensure_signing_key`).
+        allow_reproducible_noise: The site accepts ``--reproducible-noise`` runs (tests and
+            research only: their epsilon does not hold against anyone who knows the seed).
 
     """
     _tls(certs, insecure, what=f"site {site_id}")
@@ -231,6 +234,7 @@ def supernode_command(
                 "max-delta": float(max_delta) if max_delta is not None else None,
                 "disclose-size": True if disclose_size else None,
                 "signing-key": str(Path(signing_key).resolve()) if signing_key else None,
+                "allow-reproducible-noise": True if allow_reproducible_noise else None,
             }
         ),
     ]

@@ -72,6 +72,9 @@ class NodeSettings:
             files; a run that asks for sizes (``--disclose-site-sizes``) is refused otherwise.
         signing_key: This site's Ed25519 key file: it signs the site's privacy claim every
             round, so the run's report cannot be rewritten in its name. Required for DP runs.
+        allow_reproducible_noise: Accept runs with ``reproducible_noise`` (DP noise derived
+            from the run's seed, which the server and every site know). Off by default: such
+            a run's epsilon does not hold against them, so a site must opt in.
 
     """
 
@@ -86,6 +89,7 @@ class NodeSettings:
     max_delta: float | None = None
     disclose_size: bool = False
     signing_key: str | None = None
+    allow_reproducible_noise: bool = False
 
     @classmethod
     def from_node_config(cls, node_config: Mapping[str, Any]) -> NodeSettings:
@@ -108,6 +112,7 @@ class NodeSettings:
             "max-delta",
             "disclose-size",
             "signing-key",
+            "allow-reproducible-noise",
         }
         unknown = sorted(set(node_config) - known)
         if unknown:
@@ -115,6 +120,12 @@ class NodeSettings:
         raw = node_config.get("site-id")
         if isinstance(raw, bool) or not isinstance(raw, int) or raw < 0:
             raise ConfigError(f"node config: `site-id` must be an integer >= 0 (got {raw!r})")
+
+        allow = node_config.get("allow-reproducible-noise", False)
+        if not isinstance(allow, bool):
+            raise ConfigError(
+                f"node config: `allow-reproducible-noise` must be true or false (got {allow!r})"
+            )
 
         def text(key: str) -> str | None:
             value = node_config.get(key)
@@ -132,6 +143,7 @@ class NodeSettings:
             max_delta=_positive(node_config.get("max-delta"), "max-delta"),
             disclose_size=bool(node_config.get("disclose-size", False)),
             signing_key=text("signing-key"),
+            allow_reproducible_noise=allow,
         )
 
     def check_policy(self, config: RunConfig) -> None:
@@ -154,6 +166,12 @@ class NodeSettings:
             raise PrivacyBudgetError(
                 f"site {self.site_id}: the run allows delta={run_delta:g}, above this site's "
                 f"policy max-delta={self.max_delta:g}"
+            )
+        if config.reproducible_noise and not self.allow_reproducible_noise:
+            raise PrivacyBudgetError(
+                f"site {self.site_id}: the run asks for reproducible DP noise (derived from its "
+                "seed, so its epsilon does not hold against whoever knows it); this site's "
+                "node config does not set allow-reproducible-noise"
             )
         if self.max_epsilon is None:
             return

@@ -1,21 +1,36 @@
-"""Local training at one site: DP-SGD with Opacus, or plain SGD for the non-private baseline."""
+"""Local training at one site: DP-SGD, or plain SGD for the non-private baseline.
+
+DP-SGD is assembled by hand from Opacus' parts rather than through ``PrivacyEngine``: module
+validation, :class:`opacus.GradSampleModule` (per-sample gradients) and a
+:class:`opacus.optimizers.DPOptimizer` (clipping, mean over the expected batch size). What
+Opacus would take from a ``torch.Generator`` -- the Gaussian noise and the Poisson sampling --
+comes from a :class:`~securefed.dp.noise.NoiseSource`, by default a key only the site holds.
+Steps are counted here and written to the ledger; epsilon is computed from the ledger.
+"""
 
 from __future__ import annotations
 
 import time
 import warnings
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
+from opacus import GradSampleModule
+from opacus.data_loader import dtype_safe, shape_safe, wrap_collate_with_empty
+from opacus.optimizers import DPOptimizer
+from opacus.optimizers.optimizer import _check_processed_flag, _mark_as_processed
+from opacus.validators import ModuleValidator
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data._utils.collate import default_collate
 
-from securefed.dp.accounting import compute_epsilon
+from securefed.dp.accounting import compute_epsilon, steps_per_epoch
 from securefed.dp.ledger import PrivacyEvent, PrivacyLedger
+from securefed.dp.noise import SECURE_DRAWS, NoiseSource
 from securefed.errors import PrivacyBudgetError
 
-__all__ = ["DPPlan", "LocalResult", "SiteTrainer"]
+__all__ = ["DPPlan", "LocalResult", "NoiseDPOptimizer", "PoissonBatchSampler", "SiteTrainer"]
 
 
 @dataclass(frozen=True)
@@ -28,7 +43,7 @@ class DPPlan:
         max_grad_norm: Clipping bound C.
         planned_steps: Steps the calibration assumed (every round, every local epoch).
         delta: Target delta.
-        accountant: Opacus accountant name.
+        accountant: Accountant name, handed to :func:`~securefed.dp.accounting.compute_epsilon`.
 
     """
 
@@ -51,18 +66,132 @@ class LocalResult:
     seconds: float
 
 
+class PoissonBatchSampler(Sampler[list[int]]):
+    """Poisson sampling: each batch takes each record independently with probability ``q``.
+
+    Yields exactly ``steps`` batches (``len()`` is ``steps``), the number the accountant is
+    told, whatever float rounding ``1/q`` would do. The coins come from a
+    :class:`~securefed.dp.noise.NoiseSource`: who sampled which record is part of the
+    mechanism, so it must be as unpredictable as the noise.
+
+    Args:
+        num_samples: Records in the data set.
+        sample_rate: q.
+        steps: Batches per pass (``ceil(n/B)`` for DP-SGD's epoch).
+        noise: Where the coins come from.
+
+    """
+
+    def __init__(
+        self, *, num_samples: int, sample_rate: float, steps: int, noise: NoiseSource
+    ) -> None:
+        super().__init__()
+        if steps < 1:
+            raise ValueError("`steps` must be at least 1")
+        self.num_samples = num_samples
+        self.sample_rate = sample_rate
+        self.steps = steps
+        self.noise = noise
+
+    def __len__(self) -> int:
+        return self.steps
+
+    def __iter__(self) -> Iterator[list[int]]:
+        for _ in range(self.steps):
+            mask = self.noise.bernoulli(self.num_samples, self.sample_rate)
+            yield mask.nonzero().flatten().tolist()
+
+
+def poisson_loader(dataset: Dataset, *, sampler: PoissonBatchSampler) -> DataLoader:
+    """A loader over ``dataset`` driven by ``sampler``, whose empty batches keep their shape.
+
+    An empty Poisson batch is still a DP step (noise only); Opacus' empty-safe collate makes
+    zero-length tensors of the right structure, as its ``DPDataLoader`` does.
+    """
+    first = dataset[0]
+    return DataLoader(
+        dataset,
+        batch_sampler=sampler,
+        collate_fn=wrap_collate_with_empty(
+            collate_fn=default_collate,
+            sample_empty_shapes=[(0, *shape_safe(x)) for x in first],
+            dtypes=[dtype_safe(x) for x in first],
+        ),
+    )
+
+
+class NoiseDPOptimizer(DPOptimizer):
+    """Opacus' DP optimizer (flat clipping, mean reduction) with noise from a NoiseSource.
+
+    One Gaussian draw per step covers every parameter: a flat float64 vector of standard
+    normals, scaled by ``sigma * C``, split by parameter, cast to the gradient's dtype and
+    moved to its device (drawn on CPU; CUDA works, the copy costs a little).
+
+    Args:
+        optimizer: The wrapped optimizer.
+        noise: Source of the Gaussian noise.
+        noise_multiplier: sigma.
+        max_grad_norm: Per-sample clipping bound C.
+        expected_batch_size: Denominator of the mean (``n * q``).
+        draws: Normals summed per coordinate (see :meth:`NoiseSource.gaussian`).
+
+    """
+
+    def __init__(
+        self,
+        optimizer: torch.optim.Optimizer,
+        *,
+        noise: NoiseSource,
+        noise_multiplier: float,
+        max_grad_norm: float,
+        expected_batch_size: float,
+        draws: int = SECURE_DRAWS,
+    ) -> None:
+        super().__init__(
+            optimizer,
+            noise_multiplier=noise_multiplier,
+            max_grad_norm=max_grad_norm,
+            expected_batch_size=expected_batch_size,  # type: ignore[arg-type]
+            loss_reduction="mean",
+            generator=None,
+            secure_mode=False,  # Opacus' own secure RNG is not used: the noise is ours
+        )
+        self.noise = noise
+        self.draws = draws
+
+    def add_noise(self) -> None:
+        """Add N(0, (sigma*C)^2) noise to the clipped sums; store the result in ``p.grad``."""
+        params = self.params
+        for p in params:
+            _check_processed_flag(p.summed_grad)
+        std = self.noise_multiplier * self.max_grad_norm
+        sizes = [p.summed_grad.numel() for p in params]
+        flat = self.noise.gaussian(sum(sizes), draws=self.draws).mul_(std) if std > 0 else None
+        offset = 0
+        for p, size in zip(params, sizes):
+            summed = p.summed_grad
+            if flat is None:
+                p.grad = summed.clone().view_as(p)
+            else:
+                # Scaled in float64, rounded once to the gradient's dtype.
+                noise = flat[offset : offset + size].view(summed.shape)
+                noise = noise.to(device=summed.device, dtype=summed.dtype)
+                p.grad = (summed + noise).view_as(p)
+            offset += size
+            _mark_as_processed(p.summed_grad)
+
+
 class SiteTrainer:
     """Trains a site's copy of the global model, round after round.
 
-    With DP on, one :class:`opacus.PrivacyEngine` lives as long as the site: each round
-    builds a fresh model and optimizer through ``make_private``, but the engine's
-    accountant (and its hook on every optimizer step) persists, so the privacy spent in
-    earlier rounds is never forgotten. Each round's steps are also written to the ledger.
+    With DP on, each round wraps a fresh model in a :class:`~opacus.GradSampleModule` and a
+    :class:`NoiseDPOptimizer`, samples batches with :class:`PoissonBatchSampler`, counts the
+    noisy steps itself and writes them to the ledger as a :class:`PrivacyEvent`. The ledger
+    never forgets, so epsilon (computed from it) covers every round.
 
     Args:
         client_id: The site's id.
-        dataset: The site's private training data (the same object every round, which is
-            how Opacus ties an accountant to a data set).
+        dataset: The site's private training data.
         plan: DP parameters, or ``None`` for non-private training.
         ledger: Shared append-only event ledger.
         batch_size: Expected batch size.
@@ -100,24 +229,16 @@ class SiteTrainer:
         self.device = device
         self.max_grad_norm = max_grad_norm
         self.loss_fn = loss_fn or nn.CrossEntropyLoss()
-        self._engine = None
-        if plan is not None:
-            from opacus import PrivacyEngine
-
-            with warnings.catch_warnings():
-                # "Secure RNG turned off": the report states the noise source instead.
-                warnings.simplefilter("ignore", UserWarning)
-                self._engine = PrivacyEngine(accountant="rdp")  # step hook only; epsilon: ledger
 
     @property
     def num_samples(self) -> int:
         """Training samples at this site."""
         return len(self.dataset)  # type: ignore[arg-type]
 
-    def _accountant_steps(self) -> int:
-        if self._engine is None:
-            return 0
-        return sum(int(h[2]) for h in self._engine.accountant.history)
+    @property
+    def steps_per_epoch(self) -> int:
+        """DP-SGD steps per local epoch: ``ceil(n/B)``, the number calibration assumed."""
+        return steps_per_epoch(num_samples=self.num_samples, batch_size=self.batch_size)
 
     def epsilon(self) -> float:
         """Epsilon spent so far over all rounds (0 before the first step, inf without DP)."""
@@ -132,15 +253,16 @@ class SiteTrainer:
     def resume_accounting(self, events: Sequence[PrivacyEvent]) -> None:
         """Carry earlier rounds' DP events into a fresh trainer (a new site process).
 
-        A deployed site runs each round in a new process; without this, its accountant would
-        start from zero and under-report epsilon.
+        A deployed site runs each round in a new process; without this, its epsilon would
+        start from zero. The events are checked and recorded in the ledger, nothing else:
+        epsilon is always computed from the ledger.
 
         Raises:
             PrivacyBudgetError: If the trainer already trained, or an event is another site's
                 or was run with other (sigma, q) than this site's plan.
 
         """
-        if self._accountant_steps() or self.ledger.for_client(self.client_id):
+        if self.ledger.for_client(self.client_id):
             raise PrivacyBudgetError(f"site {self.client_id}: accounting already started")
         # Check every event before recording any, so a refusal leaves the ledger untouched.
         for e in events:
@@ -158,22 +280,42 @@ class SiteTrainer:
                 )
         for e in events:
             self.ledger.record(e)
-        if self._engine is not None:
-            self._engine.accountant.history = [
-                (e.noise_multiplier, e.sample_rate, e.steps) for e in events if e.steps > 0
-            ]
 
-    def _noise_generator(self, generator: torch.Generator) -> torch.Generator:
-        """The generator DP noise is drawn from: on the training device.
+    def _make_private(
+        self, model: nn.Module, optimizer: torch.optim.Optimizer, noise: NoiseSource
+    ) -> tuple[GradSampleModule, NoiseDPOptimizer, DataLoader, list[int]]:
+        """What ``PrivacyEngine.make_private`` did, minus its generator and its accountant."""
+        plan = self.plan
+        assert plan is not None
+        steps = self.steps_per_epoch
+        if 1.0 / steps != plan.sample_rate:
+            # Calibration assumed q; the sampler must run exactly that q, ceil(n/B) times.
+            raise PrivacyBudgetError(
+                f"site {self.client_id}: the plan's sampling rate {plan.sample_rate} is not "
+                f"1/ceil(n/B) = 1/{steps} for n={self.num_samples}, B={self.batch_size}"
+            )
+        ModuleValidator.validate(model, strict=True)
+        private = GradSampleModule(model, batch_first=True, loss_reduction="mean")
+        # Poisson batches must not be merged into one step (accounting counts each).
+        private.forbid_grad_accumulation()
+        dp_optimizer = NoiseDPOptimizer(
+            optimizer,
+            noise=noise,
+            noise_multiplier=plan.noise_multiplier,
+            max_grad_norm=plan.max_grad_norm,
+            # The mean batch size of Poisson sampling, n * q (Opacus floors it to an int).
+            expected_batch_size=self.num_samples * plan.sample_rate,
+        )
+        counter = [0]
 
-        Poisson sampling needs a CPU generator and ``torch.normal`` one on the device of the
-        gradients, so off CPU a device generator is seeded from the CPU one (one draw); on CPU
-        the same generator serves both, as it always has, so CPU runs keep their numbers.
-        """
-        if self.device.type == "cpu":
-            return generator
-        seed = int(torch.randint(0, 2**62, (1,), generator=generator))
-        return torch.Generator(device=self.device).manual_seed(seed)
+        def count(_: DPOptimizer) -> None:  # runs once per noisy step, after add_noise
+            counter[0] += 1
+
+        dp_optimizer.attach_step_hook(count)
+        sampler = PoissonBatchSampler(
+            num_samples=self.num_samples, sample_rate=plan.sample_rate, steps=steps, noise=noise
+        )
+        return private, dp_optimizer, poisson_loader(self.dataset, sampler=sampler), counter
 
     def train_round(
         self,
@@ -182,6 +324,7 @@ class SiteTrainer:
         round_index: int,
         epochs: int,
         generator: torch.Generator,
+        noise: NoiseSource | None = None,
         prox_mu: float = 0.0,
         anchor: Mapping[str, torch.Tensor] | None = None,
         phase: str = "federated",
@@ -193,14 +336,22 @@ class SiteTrainer:
             model: A fresh copy of the global model (not shared with anyone).
             round_index: 1-based round, for the ledger.
             epochs: Local epochs.
-            generator: Seeds Poisson sampling / shuffling and the DP noise, so a seed
-                reproduces a run exactly.
+            generator: Randomness that is no privacy mechanism: shuffling of the non-DP
+                baseline (DP-SGD's sampling and noise come from ``noise``).
+            noise: The DP mechanism's randomness (required with DP): Poisson sampling and
+                Gaussian noise. :class:`~securefed.dp.noise.SecretNoise` unless the run
+                asked for reproducible noise.
             prox_mu: FedProx weight mu; > 0 pulls the weights toward ``anchor``.
             anchor: The round's global weights (parameter name -> tensor) for FedProx.
             phase: Ledger phase (``federated`` or ``personalize``).
             lr: Learning rate for this call (default: the trainer's).
 
+        Raises:
+            ValueError: If DP is on and no ``noise`` is given, or FedProx has no anchor.
+
         """
+        if self.plan is not None and noise is None:
+            raise ValueError("DP-SGD needs a NoiseSource (`noise`)")
         start = time.perf_counter()
         model = model.to(self.device)
         model.train()
@@ -214,24 +365,15 @@ class SiteTrainer:
             if anchor is None:
                 raise ValueError("FedProx needs the round's global weights as `anchor`")
             prox = [(p, anchor[n].to(self.device)) for n, p in trainable]
-        loader = DataLoader(
-            self.dataset, batch_size=self.batch_size, shuffle=self.plan is None, generator=generator
-        )
-        criterion = self.loss_fn
-        before = self._accountant_steps()
+        counter = None
         if self.plan is not None:
-            with warnings.catch_warnings():
-                # Opacus warns that secure_mode is off; the report states the noise source.
-                warnings.simplefilter("ignore", UserWarning)
-                model, optimizer, loader = self._engine.make_private(
-                    module=model,
-                    optimizer=optimizer,
-                    data_loader=loader,
-                    noise_multiplier=self.plan.noise_multiplier,
-                    max_grad_norm=self.plan.max_grad_norm,
-                    poisson_sampling=True,
-                    noise_generator=self._noise_generator(generator),
-                )
+            assert noise is not None
+            model, optimizer, loader, counter = self._make_private(model, optimizer, noise)
+        else:
+            loader = DataLoader(
+                self.dataset, batch_size=self.batch_size, shuffle=True, generator=generator
+            )
+        criterion = self.loss_fn
         total_loss, total_n, steps = 0.0, 0, 0
         with warnings.catch_warnings():
             # Opacus' hooks fire on inputs that need no grad; torch warns, nothing is wrong.
@@ -262,22 +404,14 @@ class SiteTrainer:
                     total_loss += float(loss.detach()) * len(y)
                     total_n += len(y)
         if self.plan is not None:
-            recorded = {(float(h[0]), float(h[1])) for h in self._engine.accountant.history}
-            if recorded != {(self.plan.noise_multiplier, self.plan.sample_rate)}:
-                # Calibration assumed (sigma, q); Opacus must have accounted exactly that.
-                raise PrivacyBudgetError(
-                    f"site {self.client_id}: the accountant recorded (sigma, q) = {recorded}, "
-                    f"but the plan was calibrated for "
-                    f"({self.plan.noise_multiplier}, {self.plan.sample_rate})"
-                )
-            taken = self._accountant_steps() - before
+            assert counter is not None
             self.ledger.record(
                 PrivacyEvent(
                     round=round_index,
                     client_id=self.client_id,
                     noise_multiplier=self.plan.noise_multiplier,
                     sample_rate=self.plan.sample_rate,
-                    steps=taken,
+                    steps=counter[0],  # noisy steps the optimizer's hook counted
                     max_grad_norm=self.plan.max_grad_norm,
                     phase=phase,
                 )

@@ -163,7 +163,7 @@ def _disclosures(fed: Federation) -> list[dict[str, str]]:
 
 def noise_description(config: RunConfig) -> tuple[str, str]:
     """privacy.json ``noise`` and ``noise_source`` for a run of ``config``."""
-    if getattr(config, "reproducible_noise", False):
+    if config.reproducible_noise:
         return "reproducible", (
             "ChaCha20 keyed from --seed (--reproducible-noise): anyone who knows the seed can "
             "replay the noise and the sampling, so the epsilon below does NOT hold against them"

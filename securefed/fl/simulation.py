@@ -17,6 +17,7 @@ from securefed.data.dataset import ArraySplit, DatasetBundle, load_dataset
 from securefed.data.partition import partition, partition_like
 from securefed.dp.accounting import calibrate_noise, sample_rate, site_delta, steps_per_epoch
 from securefed.dp.ledger import PrivacyLedger
+from securefed.dp.noise import NoiseSource, SecretNoise, SeededNoise
 from securefed.dp.trainer import DPPlan, SiteTrainer
 from securefed.errors import ConfigError, DataError, DropoutRecoveryError
 from securefed.fl.aggregation import AggregateOutcome, Aggregator, build_aggregator
@@ -34,6 +35,7 @@ __all__ = [
     "resolve_device",
     "METRICS_SCHEMA_VERSION",
     "local_update",
+    "mechanism_noise",
     "model_spec",
     "task_for",
     "training_dataset",
@@ -65,6 +67,18 @@ def _seed_for(*parts: int) -> int:
     """A 63-bit seed derived from ``parts`` (SeedSequence mixes them; no folding to 32 bits)."""
     state = np.random.SeedSequence([int(p) for p in parts]).generate_state(2, dtype=np.uint32)
     return int((int(state[0]) << 31) ^ int(state[1]))
+
+
+def mechanism_noise(config: RunConfig, *labels: int) -> NoiseSource:
+    """The randomness of a site's DP mechanism (Poisson sampling and Gaussian noise).
+
+    A fresh :class:`SecretNoise` key by default: the seed is public (it is in config.json),
+    so noise derived from it could be replayed by anyone who reads the configuration. Only
+    with ``reproducible_noise`` is it :class:`SeededNoise` of the seed and ``labels``.
+    """
+    if config.reproducible_noise:
+        return SeededNoise(config.seed, *labels)
+    return SecretNoise()
 
 
 def _aggregator_options(config: RunConfig) -> dict[str, Any]:
@@ -269,14 +283,20 @@ def local_update(
     mu = config.effective_prox_mu
     # FedProx's anchor is a copy of the round's weights; without FedProx, no copy.
     anchor = {n: p.detach().clone() for n, p in model.named_parameters()} if mu else None
+    # The seeded generator serves what is no privacy mechanism (the baseline's shuffling);
+    # DP-SGD's sampling and noise come from `mechanism_noise`.
     gen = torch.Generator(device="cpu").manual_seed(
         _seed_for(config.seed, 4, round_index, trainer.client_id)
+    )
+    noise = (
+        mechanism_noise(config, 4, round_index, trainer.client_id) if config.dp_enabled else None
     )
     result = trainer.train_round(
         model=local,
         round_index=round_index,
         epochs=config.local_epochs,
         generator=gen,
+        noise=noise,
         prox_mu=mu,
         anchor=anchor,
     )
@@ -732,11 +752,17 @@ class Federation:
             gen = torch.Generator(device="cpu").manual_seed(
                 _seed_for(self.config.seed, 6, round_index, site.client_id)
             )
+            noise = (
+                mechanism_noise(self.config, 6, round_index, site.client_id)
+                if self.config.dp_enabled
+                else None
+            )
             result = site.trainer.train_round(
                 model=twin,
                 round_index=round_index,
                 epochs=self.config.personalize,
                 generator=gen,
+                noise=noise,
                 phase="personalize",
                 lr=self.config.personalize_lr,
             )

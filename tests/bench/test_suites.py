@@ -24,6 +24,8 @@ _TINY_BASE = {
     "accountant": "pld",
     "public_fraction": 0.2,
     "device": "cpu",
+    # Secure and plaintext runs are compared: the same DP noise in both.
+    "reproducible_noise": True,
 }
 
 

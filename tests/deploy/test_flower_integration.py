@@ -54,6 +54,8 @@ def _config(npz: Path, **changes) -> RunConfig:
         accountant="pld",
         secure_agg="mask",
         seed=0,
+        # Compared with the in-process run: the same DP noise in both (the sites allow it).
+        reproducible_noise=True,
     ).replace(**changes)
 
 
@@ -124,7 +126,11 @@ def deployment(tmp_path_factory):
     root = tmp_path_factory.mktemp("flower")
     (root / "he").mkdir()
     secret, _ = write_key_files(generate_keys(params=CKKSParams()), directory=root / "he")
-    dep = LocalDeployment(root / "deployment", sites=3, site_options={"he_key": secret})
+    dep = LocalDeployment(
+        root / "deployment",
+        sites=3,
+        site_options={"he_key": secret, "allow_reproducible_noise": True},
+    )
     dep.pgids = []  # every process group ever started, for the clean-up check
     try:
         dep.start()

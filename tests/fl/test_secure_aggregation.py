@@ -15,6 +15,7 @@ def _final_weights(config, schedule=None):
 @pytest.mark.slow
 @pytest.mark.parametrize("mode", ["mask", "he"])
 def test_secure_run_matches_plaintext_fedavg(small_config, mode):
+    small_config = small_config.replace(reproducible_noise=True)  # same DP noise in both runs
     plain, _, _ = _final_weights(small_config)
     secure, records, fed = _final_weights(small_config.replace(secure_agg=mode))
     assert all(r.applied for r in records)
@@ -28,7 +29,9 @@ def test_secure_run_matches_plaintext_fedavg(small_config, mode):
 @pytest.mark.slow
 @pytest.mark.parametrize("phase", ["after", "before"])
 def test_dropouts_equal_plaintext_fedavg_over_survivors(small_config, phase):
-    cfg = small_config.replace(clients=4, dropout_clients=1, dropout_phase=phase, rounds=2)
+    cfg = small_config.replace(
+        clients=4, dropout_clients=1, dropout_phase=phase, rounds=2, reproducible_noise=True
+    )
     plain, precs, _ = _final_weights(cfg)
     masked, mrecs, _ = _final_weights(cfg.replace(secure_agg="mask"))
     np.testing.assert_allclose(masked, plain, atol=1e-4, rtol=0)

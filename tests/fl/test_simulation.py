@@ -69,6 +69,8 @@ def test_run_writes_every_artifact_and_epsilon_stays_under_target(small_config, 
 
 @pytest.mark.slow
 def test_same_seed_same_numbers_other_seed_other_numbers(small_config, tmp_path):
+    # Only reproducible noise is a function of the seed; secret noise differs run to run.
+    small_config = small_config.replace(reproducible_noise=True)
     a = train(small_config, out_dir=tmp_path / "a", progress=False)
     b = train(small_config, out_dir=tmp_path / "b", progress=False)
     c = train(small_config.replace(seed=1), out_dir=tmp_path / "c", progress=False)
@@ -89,7 +91,7 @@ def test_accountant_persists_across_rounds(small_config):
         fed.run_round(r)
         eps.append(fed.sites[0].trainer.epsilon())
     assert eps[0] < eps[1] < eps[2]
-    # The engine's accountant saw every step of every round, which the ledger confirms:
+    # The trainer counted every step of every round into the ledger, as planned:
     ledger = fed.ledger.history(0)
     assert sum(s for _, _, s in ledger) == fed.plans[0].planned_steps
     # and a finer-grid PLD over the whole ledger agrees with the last figure

@@ -24,7 +24,8 @@ def _run(cfg, rounds=None, **kw):
 
 # -- FedProx ----------------------------------------------------------------------------------
 def test_fedprox_keeps_local_models_closer_to_the_global_model(small_config):
-    cfg = small_config.replace(rounds=1, local_epochs=2, lr=0.5)
+    # Same DP noise in both runs, so only the proximal step differs.
+    cfg = small_config.replace(rounds=1, local_epochs=2, lr=0.5, reproducible_noise=True)
     plain = Federation(cfg)
     prox = Federation(cfg.replace(strategy="fedprox", prox_mu=1.0))
     site_p, site_q = plain.sites[0], prox.sites[0]
@@ -194,7 +195,7 @@ def test_twin_fine_tuning_is_accounted_and_stays_within_the_budget(small_config)
 
 # -- cyclic schedule --------------------------------------------------------------------------
 def test_cyclic_with_one_site_equals_parallel_with_one_site(small_config):
-    cfg = small_config.replace(clients=1, rounds=1)
+    cfg = small_config.replace(clients=1, rounds=1, reproducible_noise=True)
     a = _run(cfg)
     b = _run(cfg.replace(schedule="cyclic"))
     # parallel goes through the float64 weighted average n*u/n; cyclic hands weights on as is
