@@ -44,6 +44,8 @@ def main() -> None:
         accountant="pld",
         secure_agg="mask",
         seed=0,
+        # Same DP noise in both runs: only the masking's fresh rounding coins differ.
+        reproducible_noise=True,
     )
     small = base.replace(lr=0.5, data_options={"n_train": 240, "n_val": 60, "n_test": 80})
     for name, config in (("240 training images", small), ("2400 training images", base)):

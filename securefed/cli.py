@@ -1052,28 +1052,28 @@ def deploy_site(
     from securefed.deploy.launch import ensure_signing_key, supernode_command
 
     key = Path(signing_key or f"site{site_id}.signing.key")
-    click.echo(f"site {site_id} signing key {key}: {ensure_signing_key(key)}", err=True)
-    _exec(
-        supernode_command(
-            superlink=superlink,
-            site_id=site_id,
-            certs=Path(certs) if certs else None,
-            insecure=insecure,
-            dataset=dataset,
-            data_dir=data_dir,
-            data=data,
-            shard=shard,
-            device=device,
-            runtime_port=runtime_port,
-            auth_key=Path(auth_key) if auth_key else None,
-            he_key=Path(he_key) if he_key else None,
-            max_epsilon=max_epsilon,
-            max_delta=max_delta,
-            disclose_size=disclose_size,
-            signing_key=key,
-            allow_reproducible_noise=allow_reproducible_noise,
-        )
+    cmd = supernode_command(
+        superlink=superlink,
+        site_id=site_id,
+        certs=Path(certs) if certs else None,
+        insecure=insecure,
+        dataset=dataset,
+        data_dir=data_dir,
+        data=data,
+        shard=shard,
+        device=device,
+        runtime_port=runtime_port,
+        auth_key=Path(auth_key) if auth_key else None,
+        he_key=Path(he_key) if he_key else None,
+        max_epsilon=max_epsilon,
+        max_delta=max_delta,
+        disclose_size=disclose_size,
+        signing_key=key,
+        allow_reproducible_noise=allow_reproducible_noise,
     )
+    # After the command's own checks (TLS choice), so a refused start writes no key.
+    click.echo(f"site {site_id} signing key {key}: {ensure_signing_key(key)}", err=True)
+    _exec(cmd)
 
 
 @deploy.command("he-keys")

@@ -248,7 +248,10 @@ def test_two_rounds_over_flower_equal_the_in_process_run(masked_run, in_process)
     assert metrics["rounds"][0]["survivors"] == [0, 1, 2]
 
 
-def test_privacy_report_matches_and_passes_the_audit(masked_run, in_process) -> None:
+def test_privacy_report_matches_and_passes_the_audit(
+    masked_run, in_process, deployment, tmp_path
+) -> None:
+    dep, _ = deployment
     ours = json.loads((masked_run["out"] / "privacy.json").read_text())
     ref = json.loads((in_process["out"] / "privacy.json").read_text())
     assert ours["events"] == ref["events"]
@@ -258,8 +261,22 @@ def test_privacy_report_matches_and_passes_the_audit(masked_run, in_process) -> 
     assert ours["epsilon"] <= 8.0
     assert ("setup", "fingerprint") in {(d["message"], d["field"]) for d in ours["disclosures"]}
     assert all("num_samples" not in c for c in ours["clients"])  # sizes stay at the sites
+    # The report carries the keys the sites made and printed at start-up: pin them.
+    keys = tmp_path / "site-keys.json"
+    keys.write_text(json.dumps({str(k): v for k, v in dep.site_keys.items()}))
+    assert ours["site_keys"] == json.loads(keys.read_text())
     audit = subprocess.run(
-        [sys.executable, "-m", "securefed.cli", "audit", str(masked_run["out"])],
+        [
+            sys.executable,
+            "-m",
+            "securefed.cli",
+            "audit",
+            str(masked_run["out"]),
+            "--site-keys",
+            str(keys),
+            # the test compares against the in-process run, so both use the seed's noise
+            "--allow-reproducible-noise",
+        ],
         capture_output=True,
         text=True,
         timeout=120,

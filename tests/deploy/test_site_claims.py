@@ -5,8 +5,9 @@ import pytest
 from securefed.config import RunConfig
 from securefed.deploy.coordinator import Coordinator
 from securefed.deploy.site import NodeSettings
-from securefed.dp.accounting import calibrate_noise
+from securefed.dp.accounting import calibrate_noise, compute_epsilon
 from securefed.dp.ledger import PrivacyEvent, PrivacyLedger
+from securefed.dp.signing import SiteSigner, site_claim
 from securefed.dp.trainer import DPPlan
 from securefed.errors import PrivacyBudgetError, ProtocolError
 from securefed.fl.simulation import check_site_plan, plan_site_privacy
@@ -33,23 +34,68 @@ def _event(round_index=1, **changes):
     return PrivacyEvent(**{**fields, **changes}).to_dict()
 
 
+SIGNER = SiteSigner.generate()
+
+
 def _server_view():
-    """The state Coordinator._account reads: the run, the pinned plans, the ledger."""
+    """The state Coordinator._account reads, with the server's real checking methods."""
+    from functools import partial
     from types import SimpleNamespace
 
-    return SimpleNamespace(plans={}, delta=None, ledger=PrivacyLedger(), config=CONFIG)
+    view = SimpleNamespace(
+        plans={},
+        delta=None,
+        ledger=PrivacyLedger(),
+        config=CONFIG,
+        sites={0: {"signing_key": SIGNER.public_key_hex}},
+        signatures={},
+    )
+    for name in ("_check_signature", "_site_entry", "_epsilon"):
+        setattr(view, name, partial(getattr(Coordinator, name), view))
+    return view
 
 
-def _reply(events, plan=None):
-    return {"events": events, "plan": (plan or _plan()).__dict__, "epsilon": 1.0}
+def _reply(events, plan=None, *, view=None):
+    """A site's fit reply, signed as the site signs it (over every event it has spent)."""
+    plan = plan or _plan()
+    earlier = [e.to_dict() for e in view.ledger.for_client(0)] if view else []
+    history = [(e["noise_multiplier"], e["sample_rate"], e["steps"]) for e in earlier + events]
+    entry = {**plan.__dict__, "client_id": 0}
+    entry["epsilon"] = compute_epsilon(history=history, delta=plan.delta)
+    claim = site_claim(
+        entry=entry,
+        events=earlier + events,
+        run=CONFIG.to_dict(),
+        noise="secret",
+        adjacency="replace-one",
+        accountant="pld",
+    )
+    return {
+        "events": events,
+        "plan": plan.__dict__,
+        "epsilon": entry["epsilon"],
+        "signature": SIGNER.sign_claim(claim),
+    }
 
 
 def test_an_honest_plan_passes_and_is_pinned():
     view = _server_view()
-    Coordinator._account(view, 0, _reply([_event(1)]), 1)
+    Coordinator._account(view, 0, _reply([_event(1)], view=view), 1)
     assert view.plans[0] == _plan() and view.delta == _plan().delta
-    Coordinator._account(view, 0, _reply([_event(2)]), 2)
+    Coordinator._account(view, 0, _reply([_event(2)], view=view), 2)
     assert len(view.ledger.events) == 2
+    assert view.signatures[0]  # the latest signed claim, kept for privacy.json
+
+
+def test_a_claim_the_site_did_not_sign_is_refused_but_its_spending_is_recorded():
+    view = _server_view()
+    reply = _reply([_event(1)], view=view)
+    reply["signature"] = _reply([_event(1, steps=8)], view=view)["signature"]
+    with pytest.raises(ProtocolError, match="signature does not cover"):
+        Coordinator._account(view, 0, reply, 1)
+    assert len(view.ledger.events) == 1
+    with pytest.raises(ProtocolError, match="no signed privacy claim"):
+        Coordinator._account(_server_view(), 0, {**_reply([_event(1)]), "signature": None}, 1)
 
 
 @pytest.mark.parametrize(
@@ -85,7 +131,7 @@ def test_a_round_with_fewer_steps_than_an_epoch_is_refused():
 
 def test_a_plan_that_changes_mid_run_is_refused():
     view = _server_view()
-    Coordinator._account(view, 0, _reply([_event(1)]), 1)
+    Coordinator._account(view, 0, _reply([_event(1)], view=view), 1)
     sigma = calibrate_noise(
         target_epsilon=8.0, delta=1e-6, sample_rate=0.25, steps=8, accountant="pld"
     )

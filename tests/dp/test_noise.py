@@ -171,7 +171,7 @@ def test_dp_optimizer_adds_noise_of_std_sigma_c_over_the_expected_batch():
     assert abs(float(moved.mean())) < 5 * sigma * c / batch / math.sqrt(moved.numel())
 
 
-def _tiny_trainer(n: int, batch: int, *, ledger=None, accountant: str = "rdp") -> SiteTrainer:
+def _tiny_trainer(n: int, batch: int, *, ledger=None, accountant: str = "pld") -> SiteTrainer:
     g = torch.Generator().manual_seed(n)
     data = TensorDataset(torch.randn(n, 2, generator=g), torch.randint(0, 2, (n,), generator=g))
     steps = steps_per_epoch(num_samples=n, batch_size=batch)
@@ -231,7 +231,7 @@ def test_dp_training_needs_a_noise_source():
 def test_epsilon_comes_from_the_ledger_and_resumed_rounds_stay_on_it():
     # Opacus' GaussianAccountant replaced its history when a step had new (sigma, q); the
     # trainer keeps no accountant, only the ledger, which never forgets.
-    accountant = "rdp"
+    accountant = "pld"
     trainer = _tiny_trainer(40, 8, accountant=accountant)
     plan = trainer.plan
     earlier = PrivacyEvent(
