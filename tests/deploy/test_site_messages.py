@@ -241,3 +241,27 @@ def test_a_dp_site_without_its_signing_key_stops_before_reading_data(tmp_path):
     node = NodeSettings.from_node_config({"site-id": 0, "data": str(tmp_path / "missing.npz")})
     with pytest.raises(ConfigError, match="signing key"):
         DeployedSite(RunConfig(dp_epsilon=8.0), node)
+
+
+@pytest.mark.slow
+def test_a_resumed_deployed_run_accounts_every_step_of_every_round(
+    small_npz, tmp_path, task_identity
+):
+    # Opacus' GDP accountant, resumed in a fresh site process, ledgered 8 of 20 steps over 5
+    # rounds; the site's ledger and the server's must hold every step, and epsilon all of them.
+    from securefed.dp.accounting import compute_epsilon
+
+    config = _config(small_npz, rounds=5, clients=2, secure_agg="none")
+    grid, first = _deploy(config, tmp_path / "run", stop_after=2)
+    first.run()
+    resumed = Coordinator(
+        config, link=Link(grid, poll=0.0), out=tmp_path / "run", resume=True, fit_timeout=120
+    )
+    out = resumed.run()
+    privacy = json.loads((out / "privacy.json").read_text())
+    for c in privacy["clients"]:
+        per_round = [e["steps"] for e in privacy["events"] if e["client_id"] == c["client_id"]]
+        assert len(per_round) == 5 and c["steps"] == sum(per_round) == c["planned_steps"]
+        history = [(c["noise_multiplier"], c["sample_rate"], c["steps"])]
+        assert c["epsilon"] == pytest.approx(compute_epsilon(history=history, delta=c["delta"]))
+        assert 7.9 <= c["epsilon"] <= 8.0  # the whole budget, as planned
