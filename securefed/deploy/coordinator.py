@@ -24,7 +24,7 @@ import torch
 from securefed.config import RunConfig
 from securefed.data.dataset import load_dataset
 from securefed.deploy.checkpoint import load_checkpoint, save_checkpoint
-from securefed.deploy.site import weights_to_bytes
+from securefed.deploy.site import deployed_claim, weights_to_bytes
 from securefed.deploy.site_app import secagg_config
 from securefed.deploy.wire import Stage, decode, encode, payload_size, vector_from_bytes
 from securefed.dp.accounting import compute_epsilon
@@ -690,43 +690,25 @@ class Coordinator:
         if not events:
             raise ProtocolError(f"site {sid}: reported no DP accounting for round {round_index}")
 
-    def _site_entry(self, sid: int) -> dict[str, Any]:
-        """The site's privacy.json entry as it stands now (what the site must have signed)."""
-        plan = self.plans[sid]
-        entry: dict[str, Any] = {
-            "client_id": sid,
-            "delta": plan.delta,
-            "noise_multiplier": plan.noise_multiplier,
-            "sample_rate": plan.sample_rate,
-            "max_grad_norm": plan.max_grad_norm,
-            "planned_steps": plan.planned_steps,
-            "epsilon": self._epsilon(sid),
-        }
-        if "num_samples" in self.sites.get(sid, {}):
-            entry["num_samples"] = self.sites[sid]["num_samples"]
-        return entry
-
     def _check_signature(self, sid: int, reply: Mapping[str, Any]) -> None:
         """A site's signature must cover exactly the claim the report will state for it.
 
         The server holds no site key; it keeps the latest signature of each site and checks
         it now, so a claim the site did not sign never reaches privacy.json.
         """
-        from securefed.dp.accounting import ADJACENCY
-        from securefed.dp.signing import site_claim, verify_claim
-        from securefed.fl.run import noise_description
+        from securefed.dp.signing import verify_claim
 
         key = self.sites.get(sid, {}).get("signing_key")
         signature = reply.get("signature")
         if not isinstance(key, str) or not isinstance(signature, str):
             raise ProtocolError(f"site {sid}: sent no signed privacy claim")
-        claim = site_claim(
-            entry=self._site_entry(sid),
+        claim = deployed_claim(
+            self.config,
+            client_id=sid,
+            plan=self.plans[sid],
             events=[e.to_dict() for e in self.ledger.for_client(sid)],
-            run=self.config.to_dict(),
-            noise=noise_description(self.config)[0],
-            adjacency=ADJACENCY,
-            accountant=self.config.accountant,
+            epsilon=self._epsilon(sid),
+            num_samples=self.sites[sid].get("num_samples"),
         )
         if not verify_claim(claim, signature, key):
             raise ProtocolError(f"site {sid}: its signature does not cover the claim on record")

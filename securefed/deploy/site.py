@@ -44,7 +44,13 @@ from securefed.models import build_model
 
 log = logging.getLogger("securefed.site")
 
-__all__ = ["NodeSettings", "DeployedSite", "weights_to_bytes", "weights_from_bytes"]
+__all__ = [
+    "NodeSettings",
+    "DeployedSite",
+    "deployed_claim",
+    "weights_to_bytes",
+    "weights_from_bytes",
+]
 
 
 @dataclass(frozen=True)
@@ -224,6 +230,50 @@ def _positive(value: Any, key: str) -> float | None:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
         raise ConfigError(f"node config: `{key}` must be a positive number (got {value!r})")
     return float(value)
+
+
+def deployed_claim(
+    config: RunConfig,
+    *,
+    client_id: int,
+    plan: DPPlan,
+    events: Sequence[Mapping[str, Any]],
+    epsilon: float,
+    num_samples: int | None = None,
+) -> dict[str, Any]:
+    """The claim a deployed site signs and the server checks: one function for both sides.
+
+    Args:
+        config: The run.
+        client_id: The site.
+        plan: The site's DP plan.
+        events: Every DP event of the site so far, in ledger order.
+        epsilon: The site's epsilon over ``events``.
+        num_samples: The site's size, only if it discloses it.
+
+    """
+    from securefed.dp.accounting import ADJACENCY
+    from securefed.fl.run import noise_description
+
+    entry: dict[str, Any] = {
+        "client_id": client_id,
+        "delta": plan.delta,
+        "noise_multiplier": plan.noise_multiplier,
+        "sample_rate": plan.sample_rate,
+        "max_grad_norm": plan.max_grad_norm,
+        "planned_steps": plan.planned_steps,
+        "epsilon": epsilon,
+    }
+    if num_samples is not None:
+        entry["num_samples"] = num_samples
+    return site_claim(
+        entry=entry,
+        events=events,
+        run=config.to_dict(),
+        noise=noise_description(config)[0],
+        adjacency=ADJACENCY,
+        accountant=config.accountant,
+    )
 
 
 def weights_to_bytes(state: Mapping[str, torch.Tensor]) -> bytes:
@@ -416,30 +466,16 @@ class DeployedSite:
 
     def _sign(self, plan: DPPlan, events: list[dict[str, Any]], epsilon: float) -> str:
         """Sign the claim the run's report must state for this site after this round."""
-        from securefed.dp.accounting import ADJACENCY
-        from securefed.fl.run import noise_description
-
-        entry: dict[str, Any] = {
-            "client_id": self.node.site_id,
-            "delta": plan.delta,
-            "noise_multiplier": plan.noise_multiplier,
-            "sample_rate": plan.sample_rate,
-            "max_grad_norm": plan.max_grad_norm,
-            "planned_steps": plan.planned_steps,
-            "epsilon": epsilon,
-        }
-        if self.config.disclose_site_sizes:
-            entry["num_samples"] = len(self.train)
-        claim = site_claim(
-            entry=entry,
-            events=events,
-            run=self.config.to_dict(),
-            noise=noise_description(self.config)[0],
-            adjacency=ADJACENCY,
-            accountant=self.config.accountant,
-        )
         if self.signer is None:
             raise ConfigError(f"site {self.node.site_id}: no signing key for a DP claim")
+        claim = deployed_claim(
+            self.config,
+            client_id=self.node.site_id,
+            plan=plan,
+            events=events,
+            epsilon=epsilon,
+            num_samples=len(self.train) if self.config.disclose_site_sizes else None,
+        )
         return self.signer.sign_claim(claim)
 
     def evaluate(self, *, weights: bytes, layout_keys: Sequence[str]) -> dict[str, Any] | None:

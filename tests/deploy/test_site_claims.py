@@ -4,10 +4,10 @@ import pytest
 
 from securefed.config import RunConfig
 from securefed.deploy.coordinator import Coordinator
-from securefed.deploy.site import NodeSettings
+from securefed.deploy.site import NodeSettings, deployed_claim
 from securefed.dp.accounting import calibrate_noise, compute_epsilon
 from securefed.dp.ledger import PrivacyEvent, PrivacyLedger
-from securefed.dp.signing import SiteSigner, site_claim
+from securefed.dp.signing import SiteSigner
 from securefed.dp.trainer import DPPlan
 from securefed.errors import PrivacyBudgetError, ProtocolError
 from securefed.fl.simulation import check_site_plan, plan_site_privacy
@@ -50,7 +50,7 @@ def _server_view():
         sites={0: {"signing_key": SIGNER.public_key_hex}},
         signatures={},
     )
-    for name in ("_check_signature", "_site_entry", "_epsilon"):
+    for name in ("_check_signature", "_epsilon"):
         setattr(view, name, partial(getattr(Coordinator, name), view))
     return view
 
@@ -60,20 +60,12 @@ def _reply(events, plan=None, *, view=None):
     plan = plan or _plan()
     earlier = [e.to_dict() for e in view.ledger.for_client(0)] if view else []
     history = [(e["noise_multiplier"], e["sample_rate"], e["steps"]) for e in earlier + events]
-    entry = {**plan.__dict__, "client_id": 0}
-    entry["epsilon"] = compute_epsilon(history=history, delta=plan.delta)
-    claim = site_claim(
-        entry=entry,
-        events=earlier + events,
-        run=CONFIG.to_dict(),
-        noise="secret",
-        adjacency="replace-one",
-        accountant="pld",
-    )
+    epsilon = compute_epsilon(history=history, delta=plan.delta)
+    claim = deployed_claim(CONFIG, client_id=0, plan=plan, events=earlier + events, epsilon=epsilon)
     return {
         "events": events,
         "plan": plan.__dict__,
-        "epsilon": entry["epsilon"],
+        "epsilon": epsilon,
         "signature": SIGNER.sign_claim(claim),
     }
 

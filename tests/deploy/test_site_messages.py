@@ -78,20 +78,6 @@ def task_identity(monkeypatch):
         monkeypatch.setattr(TaskIdentity, name, value)
 
 
-def _config(npz, **changes) -> RunConfig:
-    return RunConfig(
-        data=str(npz),
-        clients=3,
-        rounds=2,
-        local_epochs=1,
-        batch_size=32,
-        lr=0.5,
-        dp_epsilon=8.0,
-        device="cpu",
-        seed=0,
-    ).replace(**changes)
-
-
 def _deploy(config, out, node_extra=None, **kwargs):
     from securefed.deploy.launch import ensure_signing_key
 
@@ -115,9 +101,9 @@ def _deploy(config, out, node_extra=None, **kwargs):
 @pytest.mark.slow
 @pytest.mark.parametrize("secure_agg", ["none", "mask", "he"])
 def test_every_field_a_site_sends_is_declared_and_none_reveals_size_or_loss(
-    secure_agg, small_npz, tmp_path, task_identity
+    secure_agg, small_config, tmp_path, task_identity
 ):
-    config = _config(small_npz, secure_agg=secure_agg)
+    config = small_config.replace(secure_agg=secure_agg)
     extra = {}
     if secure_agg == "he":
         from securefed.crypto.ckks import generate_keys, write_key_files
@@ -167,9 +153,9 @@ def test_a_site_refuses_to_send_an_undeclared_field():
 
 @pytest.mark.slow
 def test_disclosed_sizes_reach_the_report_only_when_every_site_agreed(
-    small_npz, tmp_path, task_identity
+    small_config, tmp_path, task_identity
 ):
-    config = _config(small_npz, rounds=1, disclose_site_sizes=True, secure_agg="none")
+    config = small_config.replace(rounds=1, disclose_site_sizes=True, secure_agg="none")
     _, refused = _deploy(config, tmp_path / "a")
     from securefed.errors import ConfigError
 
@@ -182,14 +168,14 @@ def test_disclosed_sizes_reach_the_report_only_when_every_site_agreed(
 
 @pytest.mark.slow
 def test_a_deployed_run_is_signed_by_the_sites_and_audits_with_pinned_keys(
-    small_npz, tmp_path, task_identity
+    small_config, tmp_path, task_identity
 ):
     from click.testing import CliRunner
 
     from securefed.cli import cli
     from securefed.deploy.launch import ensure_signing_key
 
-    config = _config(small_npz, secure_agg="mask")
+    config = small_config.replace(secure_agg="mask")
     _, run = _deploy(config, tmp_path / "run")
     out = run.run()
     keys = {
@@ -245,13 +231,13 @@ def test_a_dp_site_without_its_signing_key_stops_before_reading_data(tmp_path):
 
 @pytest.mark.slow
 def test_a_resumed_deployed_run_accounts_every_step_of_every_round(
-    small_npz, tmp_path, task_identity
+    small_config, tmp_path, task_identity
 ):
     # Opacus' GDP accountant, resumed in a fresh site process, ledgered 8 of 20 steps over 5
     # rounds; the site's ledger and the server's must hold every step, and epsilon all of them.
     from securefed.dp.accounting import compute_epsilon
 
-    config = _config(small_npz, rounds=5, clients=2, secure_agg="none")
+    config = small_config.replace(rounds=5, clients=2, secure_agg="none")
     grid, first = _deploy(config, tmp_path / "run", stop_after=2)
     first.run()
     resumed = Coordinator(
