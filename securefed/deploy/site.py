@@ -344,7 +344,13 @@ class DeployedSite:
             "site_id": self.node.site_id,
             "num_heldout": len(self.heldout) if self.heldout is not None else 0,
             "dataset": self.bundle.name,
-            "fingerprint": self.bundle.fingerprint,
+            # Keyed by the site's own secret: the server can tell that the data did not
+            # change between sessions, but cannot test a guess of the data against it.
+            "fingerprint": (
+                self.signer.keyed_digest(self.bundle.fingerprint, purpose="data-fingerprint")
+                if self.signer is not None
+                else self.bundle.fingerprint
+            ),
             "task": self.task.name,
             "spec": {
                 "in_channels": self.spec.in_channels,

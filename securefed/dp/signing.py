@@ -254,6 +254,31 @@ class SiteSigner:
         """Hex Ed25519 signature over :func:`claim_message` of ``claim``."""
         return self._key.sign(claim_message(claim)).hex()
 
+    def keyed_digest(self, data: str | bytes, *, purpose: str) -> str:
+        """HMAC-SHA256 of ``data`` under a key derived from this site's private key.
+
+        Stable for one site (so a server can tell that a site's data did not change between
+        two sessions) and meaningless to anyone else: unlike a plain hash of the site's data,
+        it cannot be used to confirm a guess of that data.
+        """
+        from cryptography.hazmat.primitives import hashes, hmac
+        from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+        raw = self._key.private_bytes(
+            serialization.Encoding.Raw,
+            serialization.PrivateFormat.Raw,
+            serialization.NoEncryption(),
+        )
+        key = HKDF(
+            algorithm=hashes.SHA256(),
+            length=32,
+            salt=None,
+            info=b"securefed/keyed-digest/v1\x00" + purpose.encode(),
+        ).derive(raw)
+        mac = hmac.HMAC(key, hashes.SHA256())
+        mac.update(data.encode() if isinstance(data, str) else bytes(data))
+        return mac.finalize().hex()
+
 
 def sign_report(
     privacy: dict[str, Any], *, run: Mapping[str, Any], signers: Mapping[int, SiteSigner]

@@ -81,8 +81,9 @@ def site_releases(config: RunConfig, *, runtime: str = "in-process") -> list[Rel
             "setup",
             "fingerprint",
             "clear",
-            "SHA-256 of the site's data file: lets a party that can guess the whole file "
-            "confirm it, nothing more; used to refuse a resumed run on changed data",
+            "HMAC of the site's data-set fingerprint under a key derived from the site's "
+            "signing key (DP runs): the server can refuse a resumed run on changed data, but "
+            "cannot test a guess of the data; without DP (no key), the plain SHA-256",
         )
         add("setup", "task", "clear", "classification or segmentation (not data)")
         add("setup", "spec", "clear", "the model's input/output shape (not data)")

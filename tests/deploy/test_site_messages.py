@@ -251,3 +251,22 @@ def test_a_resumed_deployed_run_accounts_every_step_of_every_round(
         history = [(c["noise_multiplier"], c["sample_rate"], c["steps"])]
         assert c["epsilon"] == pytest.approx(compute_epsilon(history=history, delta=c["delta"]))
         assert 7.9 <= c["epsilon"] <= 8.0  # the whole budget, as planned
+
+
+def test_the_data_fingerprint_a_site_sends_cannot_confirm_a_guess_of_its_data(
+    small_config, tmp_path
+):
+    from securefed.deploy.launch import ensure_signing_key
+    from securefed.deploy.site import DeployedSite, NodeSettings
+
+    def fingerprint(key_name):
+        key = tmp_path / key_name
+        ensure_signing_key(key)
+        node = NodeSettings.from_node_config({"site-id": 0, "signing-key": str(key)})
+        site = DeployedSite(small_config, node)
+        return site.describe()["fingerprint"], site.bundle.fingerprint
+
+    sent, plain = fingerprint("a.key")
+    assert sent != plain  # an adversary who guesses the data file computes `plain`, not `sent`
+    assert fingerprint("a.key")[0] == sent  # stable for the site: a resume can compare it
+    assert fingerprint("b.key")[0] != sent
