@@ -230,7 +230,10 @@ def train(
     check_out_dir(target)
     fed = federation or Federation(config)  # data loading: nothing is written before it
     check_out_dir(target)  # still free after the loading
-    return _run(fed, partial=_make_partial(target), target=target, done=0, progress=progress)
+    # Folders the run creates above its own (e.g. ``runs/``) go too when it fails at once.
+    made = [d for d in target.absolute().parents if not d.exists()]
+    partial = _make_partial(target)
+    return _run(fed, partial=partial, target=target, done=0, progress=progress, made=made)
 
 
 def _resume(
@@ -270,7 +273,25 @@ def _kept_line(partial: Path, done: int) -> str:
     return f"{rounds} kept in {partial}; continue with `securefed train --resume {partial}`"
 
 
-def _run(fed: Federation, *, partial: Path, target: Path, done: int, progress: bool) -> Path:
+def _discard(partial: Path, made: list[Path]) -> None:
+    """Remove a partial folder with nothing worth keeping, and the empty folders made for it."""
+    shutil.rmtree(partial, ignore_errors=True)
+    for d in made:  # deepest first
+        try:
+            d.rmdir()
+        except OSError:
+            break  # not empty (another run uses it) or already gone
+
+
+def _run(
+    fed: Federation,
+    *,
+    partial: Path,
+    target: Path,
+    done: int,
+    progress: bool,
+    made: list[Path] | None = None,
+) -> Path:
     """Rounds ``done + 1 ..`` with a checkpoint after each, the outputs, the rename."""
     from tqdm.auto import tqdm
 
@@ -317,11 +338,11 @@ def _run(fed: Federation, *, partial: Path, target: Path, done: int, progress: b
             done = 1  # interrupted between round 1's checkpoint and its bookkeeping
         if done:
             raise RunInterrupted(f"interrupted: {_kept_line(partial, done)}") from exc
-        shutil.rmtree(partial, ignore_errors=True)
+        _discard(partial, made or [])
         raise RunInterrupted("interrupted before the first round completed; nothing kept") from exc
     except Exception as exc:
         if not done:
-            shutil.rmtree(partial, ignore_errors=True)
+            _discard(partial, made or [])
         elif partial.exists():
             _annotate(exc, _kept_line(partial, done))
         raise

@@ -132,13 +132,12 @@ def test_a_run_failing_later_keeps_its_completed_rounds_and_says_where(tmp_path)
     assert load_checkpoint(partial).round == 2
 
 
-def test_a_failing_cli_run_leaves_no_folder_under_runs(tmp_path):
-    bad = tmp_path / "bad.npz"
-    bad.write_bytes(b"not an npz")
-    proc = securefed("train", "--data", bad, "--rounds", 1, "--quiet", cwd=tmp_path)
+def test_a_cli_run_failing_after_start_up_leaves_no_runs_folder(tmp_path):
+    npz = _npz(tmp_path)
+    proc = securefed("train", "--data", npz, "--rounds", 2, "--quiet", cwd=tmp_path, script=_FAIL)
     assert proc.returncode == 2
-    _one_line(proc)
-    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
+    _one_line(proc, "the first round failed")
+    assert not (tmp_path / "runs").exists()
 
 
 # -- resume --------------------------------------------------------------------------------------
@@ -229,6 +228,22 @@ def test_resume_refuses_other_options_and_changed_data(tmp_path):
         train(resume=partial, progress=False)
     assert load_checkpoint(partial).round == 1  # a refused resume changes nothing
 
+
+_FAIL = textwrap.dedent(
+    """
+    import sys
+    from securefed.cli import main
+    from securefed.errors import ProtocolError
+    from securefed.fl.simulation import Federation
+
+    def fails(self, r):
+        raise ProtocolError("the first round failed")
+
+    Federation.run_round = fails
+    sys.argv = ["securefed", *sys.argv[1:]]
+    main()
+    """
+)
 
 _CTRL_C = textwrap.dedent(
     """
