@@ -403,18 +403,45 @@ def cli() -> None:
     help="Output folder [default: runs/<timestamp>].",
 )
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
-def train(config_file, no_dp, out, quiet, data_option, **flags) -> None:
+@click.option(
+    "--resume",
+    "resume",
+    type=click.Path(file_okay=False),
+    default=None,
+    help="Continue an interrupted run from its last complete round (the RUN.partial-* folder "
+    "it left); other options must be the run's own or left out.",
+)
+def train(config_file, no_dp, out, quiet, data_option, resume, **flags) -> None:
     """Train one model across simulated sites with DP-SGD and secure aggregation."""
-    config = _config_from_flags(config_file, no_dp, data_option, flags)
+    from securefed.fl.run import RunInterrupted, resume_config
     from securefed.fl.run import train as run_train
 
-    run_dir = run_train(config, out_dir=Path(out) if out else None, progress=not quiet)
+    base = resume_config(Path(resume)) if resume else None
+    config = _config_from_flags(config_file, no_dp, data_option, flags, base=base)
+    try:
+        run_dir = run_train(
+            config,
+            out_dir=Path(out) if out else None,
+            progress=not quiet,
+            resume=Path(resume) if resume else None,
+        )
+    except RunInterrupted as exc:
+        # One line, exit 130 (as a shell reports SIGINT); click would print only "Aborted".
+        click.echo(str(exc), err=True)
+        sys.exit(130)
     click.echo(_run_line(run_dir))
 
 
-def _config_from_flags(config_file, no_dp, data_option, flags) -> RunConfig:
-    """A RunConfig from ``--config`` and the run flags (shared by train and deploy run)."""
-    base = RunConfig.from_json(config_file) if config_file else RunConfig()
+def _config_from_flags(config_file, no_dp, data_option, flags, base=None) -> RunConfig:
+    """A RunConfig from ``--config`` and the run flags (shared by train and deploy run).
+
+    ``base`` (a resumed run's configuration) is what the flags change when no ``--config``
+    is given.
+    """
+    if config_file:
+        base = RunConfig.from_json(config_file)
+    elif base is None:
+        base = RunConfig()
     changes = {k: v for k, v in flags.items() if v is not None}
     if data_option:
         changes["data_options"] = _data_options(data_option)
@@ -1148,8 +1175,8 @@ def deploy_run(
     click.echo(_run_line(run_dir) if (run_dir / "privacy.json").exists() else f"stopped: {run_dir}")
 
 
-# `deploy run` takes every `train` option (minus --out, which it has, and --quiet).
-deploy_run.params.extend(p for p in train.params if p.name not in {"out", "quiet"})
+# `deploy run` takes every `train` option (minus --out and --resume, which it has, and --quiet).
+deploy_run.params.extend(p for p in train.params if p.name not in {"out", "quiet", "resume"})
 
 
 def main() -> None:

@@ -1,127 +1,16 @@
-"""The server's checkpoint after each completed round, so a restarted server loses nothing.
+"""The deployed server's checkpoint: the shared format of :mod:`securefed.fl.checkpoint`.
 
-Two files in ``<out>/checkpoint/``: ``state.safetensors`` (the global weights and the server
-optimizer's running state) and ``checkpoint.json`` (round number, configuration, every site's
-privacy events and epsilon history, the metrics so far). Both are written under temporary
-names and renamed, the weights first; the JSON names the weights' SHA-256, so a torn or
-swapped pair is refused on resume rather than silently mixed.
+Kept as an import path so the coordinator and older code keep working; the format, the atomic
+writes and the tamper check live in one place for both runtimes.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
-import os
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
-
-import numpy as np
-import torch
-
-from securefed.errors import ConfigError, IntegrityError
+from securefed.fl.checkpoint import (
+    CHECKPOINT_VERSION,
+    Checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+)
 
 __all__ = ["Checkpoint", "CHECKPOINT_VERSION", "load_checkpoint", "save_checkpoint"]
-
-CHECKPOINT_VERSION = 1
-
-
-@dataclass(frozen=True)
-class Checkpoint:
-    """What a resumed server needs.
-
-    Attributes:
-        round: The last round completed (applied or not).
-        model_state: Global model state dict.
-        optimizer_state: The server optimizer's arrays.
-        meta: Everything else (configuration, sites, events, epsilon history, records).
-
-    """
-
-    round: int
-    model_state: dict[str, torch.Tensor]
-    optimizer_state: dict[str, np.ndarray]
-    meta: dict[str, Any]
-
-
-def _folder(out: Path) -> Path:
-    return Path(out) / "checkpoint"
-
-
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
-def _replace(tmp: Path, final: Path) -> None:
-    with tmp.open("rb") as fh:
-        os.fsync(fh.fileno())
-    tmp.replace(final)
-
-
-def save_checkpoint(
-    out: Path,
-    *,
-    round_index: int,
-    model_state: dict[str, torch.Tensor],
-    optimizer_state: dict[str, np.ndarray],
-    meta: dict[str, Any],
-) -> Path:
-    """Write the checkpoint of ``round_index`` into ``out/checkpoint`` (atomically)."""
-    from safetensors.torch import save_file
-
-    folder = _folder(out)
-    folder.mkdir(parents=True, exist_ok=True)
-    tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in model_state.items()}
-    tensors.update(
-        {
-            f"server_opt.{k}": torch.from_numpy(np.asarray(v, np.float64))
-            for k, v in optimizer_state.items()
-        }
-    )
-    weights = folder / "state.safetensors"
-    tmp = folder / "state.safetensors.tmp"
-    save_file(tensors, str(tmp), metadata={"round": str(round_index)})
-    _replace(tmp, weights)
-    doc = {
-        "version": CHECKPOINT_VERSION,
-        "round": round_index,
-        "state_sha256": _sha256(weights),
-        **meta,
-    }
-    tmp_json = folder / "checkpoint.json.tmp"
-    tmp_json.write_text(json.dumps(doc, indent=1, allow_nan=True))
-    _replace(tmp_json, folder / "checkpoint.json")
-    return folder
-
-
-def load_checkpoint(out: Path) -> Checkpoint:
-    """Read ``out/checkpoint``.
-
-    Raises:
-        ConfigError: If there is no checkpoint or it is unreadable.
-        IntegrityError: If the weights are not the ones the JSON names.
-
-    """
-    from safetensors.torch import load_file
-
-    folder = _folder(out)
-    try:
-        doc = json.loads((folder / "checkpoint.json").read_text())
-    except FileNotFoundError as exc:
-        raise ConfigError(f"{folder}: no checkpoint to resume from") from exc
-    except (OSError, json.JSONDecodeError) as exc:
-        raise ConfigError(f"{folder}/checkpoint.json: unreadable ({exc})") from exc
-    if doc.get("version") != CHECKPOINT_VERSION:
-        raise ConfigError(f"{folder}: checkpoint version {doc.get('version')!r} is not supported")
-    weights = folder / "state.safetensors"
-    if not weights.exists() or _sha256(weights) != doc.get("state_sha256"):
-        raise IntegrityError(f"{weights}: does not match checkpoint.json (torn or replaced)")
-    tensors = load_file(str(weights))
-    model = {k[len("model.") :]: v for k, v in tensors.items() if k.startswith("model.")}
-    opt = {
-        k[len("server_opt.") :]: v.numpy()
-        for k, v in tensors.items()
-        if k.startswith("server_opt.")
-    }
-    meta = {k: v for k, v in doc.items() if k not in ("version", "round", "state_sha256")}
-    return Checkpoint(round=int(doc["round"]), model_state=model, optimizer_state=opt, meta=meta)

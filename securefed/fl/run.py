@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import csv
 import datetime as _dt
+import json
+import os
 import platform
+import shutil
 import sys
+import tempfile
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -13,13 +17,21 @@ from typing import Any
 from securefed.config import RunConfig
 from securefed.dp.accounting import ADJACENCY
 from securefed.dp.report import SCHEMA_VERSION, THREAT_MODEL, json_ready, report_hash, write_json
-from securefed.errors import ConfigError
+from securefed.errors import ConfigError, SecureFedError
 from securefed.fl.disclosures import disclosures_json
 from securefed.fl.simulation import Federation
 from securefed.fl.transfer import indices_digest
 from securefed.metrics import HEADLINE_METRICS
 
-__all__ = ["train", "package_versions", "default_out_dir"]
+__all__ = [
+    "train",
+    "package_versions",
+    "default_out_dir",
+    "check_out_dir",
+    "resume_config",
+    "RunInterrupted",
+    "PARTIAL_MARK",
+]
 
 _PACKAGES = (
     "securefed",
@@ -52,7 +64,19 @@ def default_out_dir() -> Path:
     return Path("runs") / stamp
 
 
+#: A run is written into ``<out>.partial-<random>`` beside ``<out>`` and renamed at the end.
+PARTIAL_MARK = ".partial-"
+
+
+class RunInterrupted(KeyboardInterrupt):
+    """Ctrl-C during :func:`train`; the message says what was kept and how to resume.
+
+    A :class:`KeyboardInterrupt`, so code that stops on Ctrl-C keeps stopping.
+    """
+
+
 def _prepare_out(out: Path) -> Path:
+    """The deployed server's run folder: created, refused when it holds a finished run."""
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {out}: exists and is not a folder")
     if (out / "privacy.json").exists():
@@ -61,51 +85,276 @@ def _prepare_out(out: Path) -> Path:
     return out
 
 
+def check_out_dir(out: Path) -> None:
+    """Refuse an ``--out`` a run must not write into; a missing or empty folder is fine.
+
+    Raises:
+        ConfigError: If ``out`` is a file, holds a finished or unfinished run, or holds
+            anything else (a user's files are never overwritten).
+
+    """
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out}: exists and is not a folder")
+    if not out.is_dir():
+        return
+    if (out / "privacy.json").exists():
+        raise ConfigError(f"--out {out}: already holds a run; choose another folder")
+    if (out / "checkpoint" / "checkpoint.json").exists():
+        raise ConfigError(
+            f"--out {out}: holds an unfinished run; continue it with "
+            f"`securefed train --resume {out}` or choose another folder"
+        )
+    if any(out.iterdir()):
+        raise ConfigError(
+            f"--out {out}: is not empty and is not a securefed run; choose a new or empty folder"
+        )
+
+
+def _make_partial(target: Path) -> Path:
+    """A fresh ``<target>.partial-<random>`` folder beside ``target`` (umask permissions)."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    folder = Path(tempfile.mkdtemp(prefix=target.name + PARTIAL_MARK, dir=target.parent))
+    mask = os.umask(0)
+    os.umask(mask)
+    folder.chmod(0o777 & ~mask)  # mkdtemp's 0700 would make run folders unlike mkdir's
+    return folder
+
+
+def _target_of(partial: Path) -> Path | None:
+    """The run folder a partial folder is renamed to (from its name), if it is one."""
+    name, mark, _ = partial.name.rpartition(PARTIAL_MARK)
+    return partial.parent / name if mark and name else None
+
+
+def _checkpoint_folder(run_dir: Path) -> Path:
+    """``run_dir`` if it holds a checkpoint, else its single ``.partial-*`` sibling that does."""
+    if (run_dir / "checkpoint" / "checkpoint.json").exists():
+        return run_dir
+    found = sorted(
+        p
+        for p in run_dir.parent.glob(run_dir.name + PARTIAL_MARK + "*")
+        if (p / "checkpoint" / "checkpoint.json").exists()
+    )
+    if len(found) == 1:
+        return found[0]
+    if len(found) > 1:
+        raise ConfigError(
+            f"--resume {run_dir}: several unfinished runs ({', '.join(p.name for p in found)}); "
+            "name one"
+        )
+    if (run_dir / "privacy.json").exists():
+        raise ConfigError(f"--resume {run_dir}: the run already finished")
+    raise ConfigError(f"--resume {run_dir}: no checkpoint to resume from")
+
+
+def resume_config(run_dir: Path) -> RunConfig:
+    """The configuration an unfinished run in ``run_dir`` was started with.
+
+    Raises:
+        ConfigError: If there is no readable in-process checkpoint there.
+        IntegrityError: If the checkpoint's weights are not the ones it names.
+
+    """
+    from securefed.fl.checkpoint import load_checkpoint
+
+    folder = _checkpoint_folder(Path(run_dir))
+    meta = load_checkpoint(folder).meta
+    if meta.get("runtime") != "in-process":
+        raise ConfigError(
+            f"--resume {folder}: a deployed run's checkpoint; continue it with "
+            "`securefed deploy run --resume`"
+        )
+    return RunConfig.from_dict(meta["config"])
+
+
+def _differences(a: RunConfig, b: RunConfig) -> list[str]:
+    """Names of the options in which two configurations differ (as their JSON shows them)."""
+    da = json.loads(json.dumps(json_ready(a.to_dict())))
+    db = json.loads(json.dumps(json_ready(b.to_dict())))
+    return sorted(k for k in set(da) | set(db) if da.get(k) != db.get(k))
+
+
+def _finish(partial: Path, target: Path) -> None:
+    """Rename the finished ``partial`` to ``target`` (which must still be free)."""
+    if target.is_dir() and not any(target.iterdir()):
+        target.rmdir()  # an empty folder the user made for the run is replaced by it
+    if target.exists():
+        raise ConfigError(
+            f"--out {target}: was taken while the run ran; the finished run is in {partial}"
+        )
+    partial.rename(target)
+    shutil.rmtree(target / "checkpoint", ignore_errors=True)
+
+
 def train(
-    config: RunConfig,
+    config: RunConfig | None = None,
     *,
     out_dir: Path | None = None,
     progress: bool = True,
     federation: Federation | None = None,
+    resume: Path | str | None = None,
 ) -> Path:
     """Run ``config`` to completion and write config, metrics, privacy report, model, summary.
 
+    The run is written into ``<out>.partial-<random>`` beside ``out`` and renamed to ``out``
+    once complete, so a failing run leaves no folder. After every completed round that folder
+    holds a checkpoint (``checkpoint/``): a run that fails or is interrupted (Ctrl-C) after
+    it keeps the folder, and ``train(resume=folder)`` continues from the last complete round.
+
     Args:
-        config: What to run.
-        out_dir: Where to write (default: :func:`default_out_dir`).
+        config: What to run. With ``resume``: ``None`` (the checkpoint's), or the same
+            configuration as the checkpoint's.
+        out_dir: Where to write (default: :func:`default_out_dir`; with ``resume``: the folder
+            the partial folder is named after).
         progress: Show progress bars on stderr.
         federation: A pre-built federation (tests use this to inject dropouts).
+        resume: An unfinished run's folder (``<out>.partial-<random>``, or ``<out>`` when it
+            has exactly one such sibling) to continue.
 
     Returns:
         The run directory.
 
+    Raises:
+        ConfigError: If ``out_dir`` cannot take the run, or (resume) the checkpoint belongs
+            to another configuration or data set.
+        RunInterrupted: On Ctrl-C; the message names the kept folder, if any.
+
     """
+    if resume is not None:
+        return _resume(
+            config, Path(resume), out_dir=out_dir, progress=progress, federation=federation
+        )
+    if config is None:
+        raise ConfigError("train: a configuration is needed (or resume=RUN_DIR)")
+    target = Path(out_dir) if out_dir else default_out_dir()
+    check_out_dir(target)
+    fed = federation or Federation(config)  # data loading: nothing is written before it
+    check_out_dir(target)  # still free after the loading
+    # Folders the run creates above its own (e.g. ``runs/``) go too when it fails at once.
+    made = [d for d in target.absolute().parents if not d.exists()]
+    partial = _make_partial(target)
+    return _run(fed, partial=partial, target=target, done=0, progress=progress, made=made)
+
+
+def _resume(
+    config: RunConfig | None,
+    run_dir: Path,
+    *,
+    out_dir: Path | None,
+    progress: bool,
+    federation: Federation | None,
+) -> Path:
+    from securefed.fl.checkpoint import load_checkpoint
+
+    saved = resume_config(run_dir)
+    folder = _checkpoint_folder(run_dir)
+    if config is not None:
+        changed = _differences(config, saved)
+        if changed:
+            raise ConfigError(
+                f"--resume {folder}: options differ from the checkpoint's "
+                f"({', '.join(changed)}); resume with the same options or none"
+            )
+    target = Path(out_dir) if out_dir else _target_of(folder)
+    if target is None:
+        raise ConfigError(f"--resume {folder}: not a partial run folder; name the run's --out")
+    check_out_dir(target)
+    fed = federation or Federation(saved)
+    ck = load_checkpoint(folder)
+    try:
+        done = fed.restore(ck)
+    except ConfigError as exc:
+        raise ConfigError(f"--resume {folder}: {exc}") from exc
+    return _run(fed, partial=folder, target=target, done=done, progress=progress)
+
+
+def _kept_line(partial: Path, done: int) -> str:
+    rounds = "round 1" if done == 1 else f"rounds 1-{done}"
+    return f"{rounds} kept in {partial}; continue with `securefed train --resume {partial}`"
+
+
+def _discard(partial: Path, made: list[Path]) -> None:
+    """Remove a partial folder with nothing worth keeping, and the empty folders made for it."""
+    shutil.rmtree(partial, ignore_errors=True)
+    for d in made:  # deepest first
+        try:
+            d.rmdir()
+        except OSError:
+            break  # not empty (another run uses it) or already gone
+
+
+def _run(
+    fed: Federation,
+    *,
+    partial: Path,
+    target: Path,
+    done: int,
+    progress: bool,
+    made: list[Path] | None = None,
+) -> Path:
+    """Rounds ``done + 1 ..`` with a checkpoint after each, the outputs, the rename."""
     from tqdm.auto import tqdm
 
-    out = _prepare_out(Path(out_dir) if out_dir else default_out_dir())
-    fed = federation or Federation(config)
-    bar = tqdm(
-        range(1, config.rounds + 1),
-        desc="rounds",
-        unit="round",
-        disable=not progress,
-        file=sys.stderr,
-    )
-    for r in bar:
-        rec = fed.run_round(r)
-        g = rec.data["global"]
-        eps = [c["epsilon"] for c in rec.data["clients"] if c["epsilon"] is not None]
-        primary = fed.task.primary_metric
-        bar.set_postfix(
-            **{primary: f"{g[primary]:.3f}"},
-            loss=f"{g['loss']:.3f}",
-            eps=f"{max(eps):.2f}" if eps else "off",
-            applied=rec.applied,
+    from securefed.fl.checkpoint import save_checkpoint
+
+    config = fed.config
+    try:
+        bar = tqdm(
+            range(done + 1, config.rounds + 1),
+            desc="rounds",
+            unit="round",
+            initial=done,
+            total=config.rounds,
+            disable=not progress,
+            file=sys.stderr,
         )
-        if not rec.applied and progress:
-            tqdm.write(f"round {r} not applied: {rec.data['error']}", file=sys.stderr)
-    write_outputs(fed, out)
-    return out
+        for r in bar:
+            rec = fed.run_round(r)
+            model, opt, meta, extra = fed.checkpoint_state()
+            save_checkpoint(
+                partial,
+                round_index=r,
+                model_state=model,
+                optimizer_state=opt,
+                meta=meta,
+                extra=extra,
+            )
+            done = r
+            g = rec.data["global"]
+            eps = [c["epsilon"] for c in rec.data["clients"] if c["epsilon"] is not None]
+            primary = fed.task.primary_metric
+            bar.set_postfix(
+                **{primary: f"{g[primary]:.3f}"},
+                loss=f"{g['loss']:.3f}",
+                eps=f"{max(eps):.2f}" if eps else "off",
+                applied=rec.applied,
+            )
+            if not rec.applied and progress:
+                tqdm.write(f"round {r} not applied: {rec.data['error']}", file=sys.stderr)
+        write_outputs(fed, partial)
+        _finish(partial, target)
+    except KeyboardInterrupt as exc:
+        if not done and (partial / "checkpoint" / "checkpoint.json").exists():
+            done = 1  # interrupted between round 1's checkpoint and its bookkeeping
+        if done:
+            raise RunInterrupted(f"interrupted: {_kept_line(partial, done)}") from exc
+        _discard(partial, made or [])
+        raise RunInterrupted("interrupted before the first round completed; nothing kept") from exc
+    except Exception as exc:
+        if not done:
+            _discard(partial, made or [])
+        elif partial.exists():
+            _annotate(exc, _kept_line(partial, done))
+        raise
+    return target
+
+
+def _annotate(exc: Exception, line: str) -> None:
+    """Add where the completed rounds are to ``exc``'s one-line message (or as a note)."""
+    if isinstance(exc, SecureFedError) and len(exc.args) == 1 and isinstance(exc.args[0], str):
+        exc.args = (f"{exc.args[0]} ({line})",)
+    else:
+        exc.add_note(line)
 
 
 def _config_json(fed: Federation) -> dict[str, Any]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -303,6 +304,21 @@ def local_update(
     update = layout.flatten(result.state) - layout.flatten(model.state_dict())
     vec = np.concatenate([result.num_samples * update, [float(result.num_samples)]])
     return vec, result.mean_loss, result.seconds, result.state
+
+
+def _plain(obj: Any) -> Any:
+    """``obj`` with numpy scalars as Python numbers and tuples as lists (JSON's view).
+
+    Non-finite floats are kept (the checkpoint JSON allows them): a no-DP site's epsilon
+    history is ``inf`` and must come back as ``inf``.
+    """
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, dict):
+        return {str(k): _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_plain(v) for v in obj]
+    return obj
 
 
 @dataclass
@@ -829,6 +845,117 @@ class Federation:
                 for k, m in enumerate(self.models)
             ]
         return out
+
+    # -- checkpoint -----------------------------------------------------------------------
+    def checkpoint_state(
+        self,
+    ) -> tuple[dict[str, torch.Tensor], dict[str, np.ndarray], dict[str, Any], dict[str, Any]]:
+        """What :func:`securefed.fl.checkpoint.save_checkpoint` needs after a completed round.
+
+        Returns:
+            ``(model_state, optimizer_state, meta, extra)``: the first model and its server
+            optimizer as the deployed runtime stores them, CFL's other cluster models and
+            optimizers as extra tensor groups, and JSON for the rest. Digital twins are not
+            stored: every twin is fine-tuned afresh from the served model before it is read.
+            The sites' training losses are not stored either: they never leave a site.
+
+        """
+        extra: dict[str, dict[str, torch.Tensor]] = {}
+        for k in range(1, len(self.models)):
+            extra[f"model{k}"] = dict(self.models[k].state_dict())
+            extra[f"serveropt{k}"] = {
+                n: torch.from_numpy(np.asarray(v, np.float64))
+                for n, v in self.server_opts[k].state().items()
+            }
+        meta = _plain(
+            {
+                "runtime": "in-process",
+                "config": self.config.to_dict(),
+                "dataset_fingerprint": self.bundle.fingerprint,
+                "pretrained_sha256": (self.transfer.get("pretrained") or {}).get("file_sha256"),
+                "plans": {str(k): dataclasses.asdict(p) for k, p in sorted(self.plans.items())},
+                "events": [e.to_dict() for e in self.ledger.events],
+                "epsilon_per_round": {str(s.client_id): s.epsilon_per_round for s in self.sites},
+                "clusters": {str(s.client_id): s.cluster for s in self.sites},
+                "records": [{"data": r.data, "applied": r.applied} for r in self.records],
+                "elapsed": self.elapsed,
+            }
+        )
+        return (
+            dict(self.models[0].state_dict()),
+            self.server_opts[0].state(),
+            meta,
+            extra,
+        )
+
+    def restore(self, ck: Any) -> int:
+        """Continue from a checkpoint of this same run; returns the last completed round.
+
+        Every site's privacy events go back into the ledger in their original order, each
+        checked against the site's (deterministic) plan first, so the resumed run accounts
+        exactly what an uninterrupted one would.
+
+        Raises:
+            ConfigError: If the checkpoint belongs to another configuration, data set,
+                pretrained file or privacy plan.
+
+        """
+        import json
+
+        from securefed.dp.ledger import PrivacyEvent
+
+        meta = ck.meta
+        if meta.get("runtime") != "in-process":
+            raise ConfigError("the checkpoint is not one of an in-process run")
+        if meta["config"] != json.loads(json.dumps(_plain(self.config.to_dict()))):
+            raise ConfigError("the checkpoint was written for another configuration")
+        if meta["dataset_fingerprint"] != self.bundle.fingerprint:
+            raise ConfigError(
+                "the data set changed since the checkpoint (fingerprint differs); resume "
+                "with the same data"
+            )
+        pretrained = (self.transfer.get("pretrained") or {}).get("file_sha256")
+        if meta.get("pretrained_sha256") != pretrained:
+            raise ConfigError("the pretrained weights changed since the checkpoint")
+        plans = {int(k): DPPlan(**p) for k, p in meta["plans"].items()}
+        if plans != self.plans:
+            raise ConfigError("the sites' privacy plans differ from the checkpoint's")
+        expected = {f"model{k}" for k in range(1, len(self.models))}
+        if not expected <= set(ck.extra):
+            raise ConfigError("the checkpoint lacks cluster models this run needs")
+        events = [PrivacyEvent(**e) for e in meta["events"]]
+        for e in events:
+            plan = self.plans.get(e.client_id)
+            if plan is None or (e.noise_multiplier, e.sample_rate, e.max_grad_norm) != (
+                plan.noise_multiplier,
+                plan.sample_rate,
+                plan.max_grad_norm,
+            ):
+                raise ConfigError(
+                    f"site {e.client_id}: a checkpointed privacy event (round {e.round}) does "
+                    "not match its plan"
+                )
+        if self.ledger.events:
+            raise ConfigError("this federation already trained; resume into a fresh one")
+        self.models[0].load_state_dict(ck.model_state, strict=True)
+        self.server_opts[0].load_state(ck.optimizer_state)
+        for k in range(1, len(self.models)):
+            self.models[k].load_state_dict(ck.extra[f"model{k}"], strict=True)
+            self.server_opts[k].load_state(
+                {n: v.numpy() for n, v in ck.extra.get(f"serveropt{k}", {}).items()}
+            )
+        for e in events:
+            self.ledger.record(e)
+        for site in self.sites:
+            site.epsilon_per_round = [
+                float("inf") if x is None else float(x)
+                for x in meta["epsilon_per_round"].get(str(site.client_id), [])
+            ]
+            cluster = meta["clusters"].get(str(site.client_id))
+            site.cluster = None if cluster is None else int(cluster)
+        self.records = [RoundRecord(data=r["data"], applied=r["applied"]) for r in meta["records"]]
+        self.elapsed = float(meta["elapsed"])
+        return int(ck.round)
 
     # -- summaries ------------------------------------------------------------------------
     def sign_privacy(self, privacy: dict[str, Any], *, run: dict[str, Any]) -> None:
