@@ -84,6 +84,10 @@ def train(
 
     out = _prepare_out(Path(out_dir) if out_dir else default_out_dir())
     fed = federation or Federation(config)
+    fed.set_progress(progress)
+    warning = fed.memory_warning()
+    if warning is not None:
+        print(warning, file=sys.stderr)
     bar = tqdm(
         range(1, config.rounds + 1),
         desc="rounds",
