@@ -417,9 +417,10 @@ class SiteTrainer:
                     batch_loss = 0.0
                     for i, (lo, hi) in enumerate(chunks):
                         last = i == len(chunks) - 1
-                        if i:
+                        if i and dp:
                             # After a skipped step the DP optimizer keeps the clipped sum
                             # (summed_grad) and drops the chunk's per-sample gradients.
+                            # (Without DP, p.grad accumulates across chunks: no zeroing.)
                             optimizer.zero_grad(set_to_none=True)
                         xc, yc = x[lo:hi], y[lo:hi]
                         out = model(xc)
