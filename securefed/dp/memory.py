@@ -60,7 +60,8 @@ def _activation_bytes_per_sample(model: nn.Module, sample_shape: tuple[int, ...]
     try:
         device = next(model.parameters()).device
         model.eval()  # no statistics change, no dropout: this forward is invisible
-        with torch.no_grad():
+        # ... and consumes no random numbers of the seeded run that follows.
+        with torch.no_grad(), torch.random.fork_rng(devices=[]):
             model(torch.zeros((1, *sample_shape), device=device))
     except Exception:  # noqa: BLE001 - an estimate must never stop a run
         return None

@@ -116,3 +116,37 @@ def test_a_warning_suggests_a_physical_batch_only_when_memory_is_short():
     line = memory_warning(model, **kwargs, available=10_000)
     assert line is not None and "\n" not in line
     assert "--max-physical-batch-size" in line
+
+
+class _Slow(nn.Module):
+    """Sleeps in forward: a round long enough (> 2 s) for the in-round progress bar."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        import time
+
+        time.sleep(0.25)
+        return x
+
+
+@pytest.mark.parametrize("progress", [True, False])
+def test_a_long_round_shows_site_and_step_progress_only_when_asked(progress, capsys):
+    model = nn.Sequential(_Slow(), nn.Flatten(), nn.Linear(64, 2))
+    trainer = SiteTrainer(
+        client_id=4,
+        dataset=_data(),
+        plan=None,
+        ledger=PrivacyLedger(),
+        batch_size=6,  # 10 steps of >= 0.25 s: past the bar's 2 s delay however fast the CPU
+        lr=0.1,
+        momentum=0.0,
+        device=torch.device("cpu"),
+        progress=progress,
+    )
+    trainer.train_round(
+        model=model, round_index=3, epochs=1, generator=torch.Generator().manual_seed(0)
+    )
+    err = capsys.readouterr().err
+    if progress:
+        assert "site 4 federated round 3" in err and "/10" in err, err
+    else:
+        assert err == ""
