@@ -23,7 +23,7 @@ def bright_or_dark(seed: int = 0) -> securefed.DatasetBundle:
     rng = np.random.default_rng(seed)
 
     def split(n: int) -> securefed.ArraySplit:
-        labels = rng.integers(0, 2, n)
+        labels = rng.integers(0, 2, n, dtype=np.int64)
         images = rng.uniform(0.0, 0.5, (n, 1, 8, 8)) + 0.5 * labels[:, None, None, None]
         return securefed.ArraySplit(images=images.astype(np.float32), labels=labels)
 
