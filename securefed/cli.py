@@ -74,7 +74,8 @@ def cli() -> None:
     "--dataset",
     default=None,
     show_default=_DEFAULTS.dataset,
-    help="'synthetic' (offline default) or a MedMNIST v2 name, read from DATA_DIR/NAME.npz.",
+    help="'synthetic' (offline default), a MedMNIST v2 name, read from DATA_DIR/NAME.npz, or "
+    "module:function returning a DatasetBundle (see securefed.register_dataset).",
 )
 @click.option(
     "--data-dir",
@@ -101,7 +102,7 @@ def cli() -> None:
     default=None,
     show_default=_DEFAULTS.model,
     help="Model from the registry: cnn, densenet121, resnet18 (classification); unet, "
-    "vit-unet (segmentation).",
+    "vit-unet (segmentation); or module:function building an nn.Module from a ModelSpec.",
 )
 @click.option(
     "--clients", type=int, default=None, show_default=_DEFAULTS.clients, help="Number of sites."
@@ -123,6 +124,14 @@ def cli() -> None:
     default=None,
     show_default=_DEFAULTS.batch_size,
     help="Expected batch size (DP: Poisson sampling rate 1/ceil(n/B)).",
+)
+@click.option(
+    "--max-physical-batch-size",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Run at most N records through the model at once; a larger batch is split and its "
+    "gradients accumulated into the same single DP step (same privacy, less memory) "
+    "[default: whole batch].",
 )
 @click.option(
     "--lr", type=float, default=None, show_default=_DEFAULTS.lr, help="Local SGD learning rate."

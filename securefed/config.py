@@ -60,6 +60,9 @@ class RunConfig:
         rounds: Federated rounds.
         local_epochs: Local epochs per round (each an expected pass over the site's data).
         batch_size: Expected batch size; with DP, Poisson sampling at ``q = 1/ceil(n/B)``.
+        max_physical_batch_size: Most records run through the model at once (``None``: a
+            whole batch). Larger batches are split and their gradients accumulated into the
+            same single step, so privacy and results are unchanged; memory is bounded.
         lr: Local learning rate (SGD with momentum).
         momentum: Local SGD momentum.
         client_fraction: Fraction of sites sampled each round.
@@ -130,6 +133,7 @@ class RunConfig:
     rounds: int = 10
     local_epochs: int = 2
     batch_size: int = 256
+    max_physical_batch_size: int | None = None
     lr: float = 2.0
     momentum: float = 0.5
     client_fraction: float = 1.0
@@ -179,6 +183,16 @@ class RunConfig:
             self.local_epochs >= 1, f"`local_epochs` must be at least 1 (got {self.local_epochs})."
         )
         _check(self.batch_size >= 1, f"`batch_size` must be at least 1 (got {self.batch_size}).")
+        _check(
+            self.max_physical_batch_size is None
+            or (
+                isinstance(self.max_physical_batch_size, int)
+                and not isinstance(self.max_physical_batch_size, bool)
+                and self.max_physical_batch_size >= 1
+            ),
+            "`max_physical_batch_size` must be a positive integer or None "
+            f"(got {self.max_physical_batch_size!r}).",
+        )
         _check(math.isfinite(self.lr) and self.lr > 0, f"`lr` must be positive (got {self.lr}).")
         _check(0 <= self.momentum < 1, f"`momentum` must be in [0, 1) (got {self.momentum}).")
         _check(

@@ -408,9 +408,11 @@ def load_dataset(
     4. ``name == "synthetic"``: the procedural shape generator
        (:func:`~securefed.data.synthetic.make_synthetic`; ``options`` are its keyword
        arguments, ``seed`` its seed).
-    5. ``name == "synthetic-seg"``: synthetic brain-tumour volumes from non-IID hospitals
+    5. ``name`` was registered with :func:`~securefed.data.registry.register_dataset`, or is
+       ``module:function``: that loader, called as ``loader(seed=seed, **options)``.
+    6. ``name == "synthetic-seg"``: synthetic brain-tumour volumes from non-IID hospitals
        (:func:`~securefed.data.segmentation.make_synthetic_segmentation`; likewise).
-    6. otherwise: MedMNIST ``{name}.npz`` in ``data_dir`` (default ``~/.medmnist``, where the
+    7. otherwise: MedMNIST ``{name}.npz`` in ``data_dir`` (default ``~/.medmnist``, where the
        ``medmnist`` package keeps its downloads).
 
     When ``data`` is given, ``name`` only labels the bundle (and picks MedMNIST class names);
@@ -453,6 +455,10 @@ def load_dataset(
         if not path.exists():
             raise DataError(f"{path}: no such file or folder; securefed never downloads data.")
         raise DataError(f"{path}: expected a folder of images or a .npz file.")
+    from securefed.data.registry import load_registered, resolve_dataset
+
+    if resolve_dataset(name):  # registered with register_dataset, or module:function
+        return load_registered(name, seed=seed, **options)
     if name == "synthetic":
         _check_options(options, accepted=_SYNTHETIC_OPTIONS, loader="synthetic data")
         return make_synthetic(seed=seed, **options)

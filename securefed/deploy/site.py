@@ -431,6 +431,7 @@ class DeployedSite:
             momentum=self.config.momentum,
             device=self.device,
             max_grad_norm=self.config.max_grad_norm,
+            max_physical_batch_size=self.config.max_physical_batch_size,
             loss_fn=self.task.loss_fn,
         )
         try:

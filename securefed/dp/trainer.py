@@ -6,10 +6,17 @@ validation, :class:`opacus.GradSampleModule` (per-sample gradients) and a
 Opacus would take from a ``torch.Generator`` -- the Gaussian noise and the Poisson sampling --
 comes from a :class:`~securefed.dp.noise.NoiseSource`, by default a key only the site holds.
 Steps are counted here and written to the ledger; epsilon is computed from the ledger.
+
+With ``max_physical_batch_size`` set, a Poisson-sampled (logical) batch is processed in chunks
+of at most that many records: each chunk's per-sample gradients are clipped and summed into
+the optimizer's ``summed_grad`` (Opacus' ``signal_skip_step``, as its ``BatchMemoryManager``
+does), and one noisy step is taken per logical batch. Clipping is per sample and the sum is
+over the same records, so the step is the unsplit step; the ledger counts logical steps.
 """
 
 from __future__ import annotations
 
+import sys
 import time
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -202,6 +209,11 @@ class SiteTrainer:
         loss_fn: ``f(logits, target) -> mean loss``; cross-entropy by default. It must be a
             mean of per-sample terms (no coupling across the batch) for per-sample clipping
             to bound each record's influence.
+        max_physical_batch_size: Largest number of records run through the model at once
+            (``None``: a whole batch). A larger batch is split into chunks whose gradients
+            are accumulated; the optimizer still takes one step per batch, the same step.
+        progress: Show a progress bar (site, step/total) on stderr for rounds that last
+            more than a couple of seconds.
 
     """
 
@@ -218,7 +230,11 @@ class SiteTrainer:
         device: torch.device,
         max_grad_norm: float | None = None,
         loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+        max_physical_batch_size: int | None = None,
+        progress: bool = False,
     ) -> None:
+        if max_physical_batch_size is not None and max_physical_batch_size < 1:
+            raise ValueError("`max_physical_batch_size` must be at least 1")
         self.client_id = client_id
         self.dataset = dataset
         self.plan = plan
@@ -229,6 +245,8 @@ class SiteTrainer:
         self.device = device
         self.max_grad_norm = max_grad_norm
         self.loss_fn = loss_fn or nn.CrossEntropyLoss()
+        self.max_physical_batch_size = max_physical_batch_size
+        self.progress = progress
 
     @property
     def num_samples(self) -> int:
@@ -317,6 +335,13 @@ class SiteTrainer:
         )
         return private, dp_optimizer, poisson_loader(self.dataset, sampler=sampler), counter
 
+    def _chunks(self, n: int) -> list[tuple[int, int]]:
+        """Index ranges of the physical chunks of a batch of ``n`` (one, possibly empty)."""
+        size = self.max_physical_batch_size
+        if size is None or n <= size:
+            return [(0, n)]
+        return [(lo, min(lo + size, n)) for lo in range(0, n, size)]
+
     def train_round(
         self,
         *,
@@ -375,23 +400,51 @@ class SiteTrainer:
             )
         criterion = self.loss_fn
         total_loss, total_n, steps = 0.0, 0, 0
-        with warnings.catch_warnings():
+        dp = self.plan is not None
+        bar = _round_bar(
+            enabled=self.progress,
+            total=epochs * len(loader),
+            desc=f"site {self.client_id} {phase} round {round_index}",
+        )
+        with warnings.catch_warnings(), bar:
             # Opacus' hooks fire on inputs that need no grad; torch warns, nothing is wrong.
             warnings.filterwarnings("ignore", message="Full backward hook is firing")
             for _ in range(epochs):
                 for x, y in loader:
                     x, y = x.to(self.device), y.to(self.device)
                     optimizer.zero_grad(set_to_none=True)
-                    out = model(x)
-                    # An empty Poisson batch still is a DP step (noise only).
-                    loss = criterion(out, y) if len(y) else out.sum() * 0.0
-                    loss.backward()
-                    if self.plan is None and self.max_grad_norm is not None:
-                        # The non-private baseline keeps DP-SGD's step-size regime (the
-                        # defaults' lr assumes gradients of norm <= C), minus noise and
-                        # per-sample clipping, so the two compare.
-                        torch.nn.utils.clip_grad_norm_(model.parameters(), self.max_grad_norm)
-                    optimizer.step()
+                    chunks = self._chunks(len(y))
+                    batch_loss = 0.0
+                    for i, (lo, hi) in enumerate(chunks):
+                        last = i == len(chunks) - 1
+                        if i and dp:
+                            # After a skipped step the DP optimizer keeps the clipped sum
+                            # (summed_grad) and drops the chunk's per-sample gradients.
+                            # (Without DP, p.grad accumulates across chunks: no zeroing.)
+                            optimizer.zero_grad(set_to_none=True)
+                        xc, yc = x[lo:hi], y[lo:hi]
+                        out = model(xc)
+                        # An empty Poisson batch still is a DP step (noise only).
+                        loss = criterion(out, yc) if len(yc) else out.sum() * 0.0
+                        if dp:
+                            # Per-sample gradients of a mean loss are rescaled by the chunk's
+                            # size (GradSampleModule, loss_reduction="mean"): chunking does
+                            # not change them.
+                            loss.backward()
+                            optimizer.signal_skip_step(do_skip=not last)
+                            optimizer.step()
+                        else:
+                            # Plain gradients accumulate across chunks in p.grad: weight each
+                            # chunk's mean by its share of the batch.
+                            (loss * (len(yc) / max(len(y), 1))).backward()
+                        batch_loss += float(loss.detach()) * len(yc)
+                    if not dp:
+                        if self.max_grad_norm is not None:
+                            # The non-private baseline keeps DP-SGD's step-size regime (the
+                            # defaults' lr assumes gradients of norm <= C), minus noise and
+                            # per-sample clipping, so the two compare.
+                            torch.nn.utils.clip_grad_norm_(model.parameters(), self.max_grad_norm)
+                        optimizer.step()
                     if prox:
                         # FedProx as a decoupled proximal step, w <- w - lr*mu*(w - w_global):
                         # it depends on no data, so it stays outside per-sample clipping
@@ -401,8 +454,9 @@ class SiteTrainer:
                             for p, a in prox:
                                 p.sub_(lr * prox_mu * (p - a))
                     steps += 1
-                    total_loss += float(loss.detach()) * len(y)
+                    total_loss += batch_loss
                     total_n += len(y)
+                    bar.update(1)
         if self.plan is not None:
             assert counter is not None
             self.ledger.record(
@@ -427,3 +481,22 @@ class SiteTrainer:
             mean_loss=total_loss / max(total_n, 1),
             seconds=time.perf_counter() - start,
         )
+
+
+def _round_bar(*, enabled: bool, total: int, desc: str):
+    """A tqdm bar for one round's local steps, shown only if the round lasts over 2 s.
+
+    Short rounds (tests, small models) print nothing; a long round (a large model, a large
+    site) shows ``site K ... step/total`` on stderr. ``leave=False``: the rounds bar stays.
+    """
+    from tqdm.auto import tqdm
+
+    return tqdm(
+        total=total,
+        desc=desc,
+        unit="step",
+        disable=not enabled,
+        leave=False,
+        delay=2.0,
+        file=sys.stderr,
+    )

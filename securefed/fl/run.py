@@ -298,6 +298,10 @@ def _run(
     from securefed.fl.checkpoint import save_checkpoint
 
     config = fed.config
+    fed.set_progress(progress)
+    warning = fed.memory_warning()
+    if warning is not None:
+        print(warning, file=sys.stderr)
     try:
         bar = tqdm(
             range(done + 1, config.rounds + 1),

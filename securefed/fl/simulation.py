@@ -428,6 +428,7 @@ class Federation:
                 device=self.device,
                 max_grad_norm=config.max_grad_norm,
                 loss_fn=self.task.loss_fn,
+                max_physical_batch_size=config.max_physical_batch_size,
             )
         self._aggregators: dict[int, Aggregator] = {}
         self.aggregator: Aggregator = self._aggregator_for(len(self.participants(1)))
@@ -500,6 +501,29 @@ class Federation:
             )
             for cid, (train, held) in enumerate(splits)
         ]
+
+    def set_progress(self, enabled: bool) -> None:
+        """Show a bar (site, step/total) on stderr while a site's local training runs long."""
+        for site in self.sites:
+            site.trainer.progress = enabled
+
+    def memory_warning(self) -> str | None:
+        """One line when DP-SGD's per-sample gradients will not fit in memory, else None.
+
+        See :func:`securefed.dp.memory.memory_warning`; without DP there are none to store.
+        """
+        from securefed.dp.memory import memory_warning
+
+        if not self.config.dp_enabled:
+            return None
+        largest = max(len(site.trainer.dataset) for site in self.sites)
+        return memory_warning(
+            self.models[0],
+            sample_shape=tuple(self.bundle.train.images.shape[1:]),
+            batch_size=min(self.config.batch_size, largest),
+            max_physical_batch_size=self.config.max_physical_batch_size,
+            device=self.device,
+        )
 
     def site_summaries(self) -> list[dict[str, Any]]:
         """Per site: epsilon history, held-out size, and disclosed training size and classes."""

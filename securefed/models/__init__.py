@@ -18,6 +18,7 @@ __all__ = [
     "models_for_task",
     "build_model",
     "register_model",
+    "resolve_model",
 ]
 
 TASKS = ("classification", "segmentation")
@@ -119,7 +120,19 @@ def register_model(
     tasks: Iterable[str] = ("classification",),
     head_prefixes: Iterable[str] = (),
 ) -> Callable:
-    """Register a factory ``f(spec) -> nn.Module`` under ``name``.
+    """Register a factory ``f(spec) -> nn.Module`` under ``name`` (a decorator).
+
+    The factory gets a :class:`ModelSpec` (channels, classes, spatial dims, task, image
+    shape) and returns a fresh, randomly initialised ``nn.Module``. Like every built-in model
+    it then goes through Opacus' ``ModuleValidator`` (fixed, then validated) in
+    :func:`build_model`, so a user's model cannot bypass DP-SGD's checks.
+
+    Example::
+
+        @securefed.register_model("tiny")
+        def tiny(spec):
+            inputs = spec.in_channels * math.prod(spec.image_shape)
+            return nn.Sequential(nn.Flatten(), nn.Linear(inputs, spec.num_classes))
 
     Args:
         name: The ``--model`` name.
@@ -244,6 +257,58 @@ def _under(name: str, prefix: str) -> bool:
     return name == prefix or name.startswith(prefix + ".")
 
 
+def resolve_model(name: str) -> str:
+    """Make sure ``name`` is registered; a ``module:function`` name is imported and registered.
+
+    ``--model my_pkg.models:build`` imports ``my_pkg.models`` (importlib, from ``sys.path``,
+    which includes the working directory when run with ``python -m``) and registers
+    ``build`` under the name ``my_pkg.models:build`` for both tasks, with no head prefixes.
+    Whether it returns an ``nn.Module`` is checked when it is built.
+
+    Returns:
+        ``name``, now a registered model.
+
+    Raises:
+        ConfigError: (naming ``--model``) the name is unknown, the module cannot be
+            imported, or the attribute is missing or not callable.
+
+    """
+    if name in _REGISTRY:
+        return name
+    if ":" not in name:
+        raise ConfigError(
+            f"--model {name!r}: unknown model; known models: {', '.join(available_models())}, "
+            "or module:function"
+        )
+    fn = _import_callable(name, flag="--model")
+    register_model(name, tasks=TASKS)(fn)
+    return name
+
+
+def _import_callable(ref: str, *, flag: str) -> Callable:
+    """The callable ``function`` of ``module:function`` (shared with data set registration)."""
+    import importlib
+
+    module_name, _, attr = ref.partition(":")
+    if not module_name or not attr:
+        raise ConfigError(f"{flag} {ref!r}: expected module:function")
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as exc:  # noqa: BLE001 - any import failure is the user's module's
+        raise ConfigError(
+            f"{flag} {ref!r}: cannot import module {module_name!r} "
+            f"({type(exc).__name__}: {exc})".replace("\n", " ")
+        ) from exc
+    obj: object = module
+    for part in attr.split("."):
+        if not hasattr(obj, part):
+            raise ConfigError(f"{flag} {ref!r}: module {module_name!r} has no {attr!r}")
+        obj = getattr(obj, part)
+    if not callable(obj):
+        raise ConfigError(f"{flag} {ref!r}: {attr!r} is a {type(obj).__name__}, not a function")
+    return obj
+
+
 def build_model(*, name: str, spec: ModelSpec) -> BuiltModel:
     """Build ``name`` for ``spec`` and make it DP-compatible with Opacus' validator.
 
@@ -264,9 +329,21 @@ def build_model(*, name: str, spec: ModelSpec) -> BuiltModel:
 
     from securefed.models.compat import make_hook_safe
 
+    if name not in _REGISTRY and ":" in name:
+        resolve_model(name)
     if name not in _REGISTRY:
         raise ConfigError(f"unknown model {name!r}; known models: {', '.join(available_models())}")
     entry = _REGISTRY[name]
+
+    def make(s: ModelSpec) -> nn.Module:
+        made = entry.factory(s)
+        if not isinstance(made, nn.Module):
+            raise ConfigError(
+                f"--model {name!r}: the factory returned a {type(made).__name__}, "
+                "not a torch.nn.Module"
+            )
+        return made
+
     if spec.task not in entry.tasks:
         raise ConfigError(
             f"model {name!r} does not support {spec.task}; models that do: "
@@ -276,15 +353,18 @@ def build_model(*, name: str, spec: ModelSpec) -> BuiltModel:
         from securefed.models.fusion import LateFusion
 
         branch_spec = replace(spec, in_channels=1, fusion="early")
-        module: nn.Module = LateFusion(
-            [entry.factory(branch_spec) for _ in range(spec.in_channels)]
-        )
+        module: nn.Module = LateFusion([make(branch_spec) for _ in range(spec.in_channels)])
         head = tuple(
             f"branches.{i}.{p}" for i in range(spec.in_channels) for p in entry.head_prefixes
         )
     else:
-        module = entry.factory(spec)
+        module = make(spec)
         head = entry.head_prefixes
+    if any(isinstance(p, nn.parameter.UninitializedParameter) for p in module.parameters()):
+        raise ConfigError(
+            f"--model {name!r}: the model has lazy (uninitialized) parameters; size its layers "
+            "from the ModelSpec (in_channels, image_shape, num_classes) instead"
+        )
     before = {n: type(m).__name__ for n, m in module.named_modules()}
     fixed = ModuleValidator.fix(module)
     make_hook_safe(fixed)
