@@ -97,6 +97,13 @@ def cli() -> None:
     "image_size=32 (synthetic-seg), image_size=64 (NIfTI).",
 )
 @click.option(
+    "--num-classes",
+    type=int,
+    default=None,
+    help="Number of classes K of an .npz that declares none (no `class_names` array) "
+    "[default: largest training label + 1]; any label outside [0, K) is refused.",
+)
+@click.option(
     "--model",
     default=None,
     show_default=_DEFAULTS.model,
@@ -405,11 +412,44 @@ def cli() -> None:
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
 def train(config_file, no_dp, out, quiet, data_option, **flags) -> None:
     """Train one model across simulated sites with DP-SGD and secure aggregation."""
+    from securefed.validate import validate_inputs
+
     config = _config_from_flags(config_file, no_dp, data_option, flags)
+    validate_inputs(config)  # milliseconds; before the training stack is even imported
     from securefed.fl.run import train as run_train
 
     run_dir = run_train(config, out_dir=Path(out) if out else None, progress=not quiet)
+    _exit_if_nothing_applied(run_dir)
     click.echo(_run_line(run_dir))
+
+
+def _exit_if_nothing_applied(run_dir: Path) -> None:
+    """Exit 1 with one line when no round changed the model; warn when some did not.
+
+    A run whose every round aborted (e.g. too few sites left to unmask) still writes its
+    files, so the user can see what happened, but its model is the untrained initial one
+    and its sites spent privacy: a script must not read it as a result.
+    """
+    import json
+
+    rounds = json.loads((run_dir / "metrics.json").read_text())["rounds"]
+    failed = [r for r in rounds if not r.get("applied", True)]
+    if not failed:
+        return
+    first = failed[0]
+    why = f"round {first['round']}: {str(first.get('error') or 'not applied').rstrip('.')}"
+    if len(failed) < len(rounds):
+        click.echo(
+            f"warning: {len(failed)} of {len(rounds)} rounds were not applied ({why})", err=True
+        )
+        return
+    dp = json.loads((run_dir / "privacy.json").read_text()).get("dp")
+    click.echo(
+        f"error: no round was applied ({why}); {run_dir} holds the untrained initial model"
+        + (", and the sites' privacy budget was spent" if dp else ""),
+        err=True,
+    )
+    sys.exit(1)
 
 
 def _config_from_flags(config_file, no_dp, data_option, flags) -> RunConfig:

@@ -257,6 +257,7 @@ class Coordinator:
             data_dir=config.data_dir,
             data=config.data,
             seed=config.seed,
+            num_classes=config.num_classes,
             **(config.data_options or {}),
         )
         self.task = task_for(self.bundle, config)

@@ -18,6 +18,7 @@ from securefed.fl.disclosures import disclosures_json
 from securefed.fl.simulation import Federation
 from securefed.fl.transfer import indices_digest
 from securefed.metrics import HEADLINE_METRICS
+from securefed.validate import validate_inputs
 
 __all__ = ["train", "package_versions", "default_out_dir"]
 
@@ -82,6 +83,8 @@ def train(
     """
     from tqdm.auto import tqdm
 
+    if federation is None:
+        validate_inputs(config)  # before anything slow: errors that name the flag
     out = _prepare_out(Path(out_dir) if out_dir else default_out_dir())
     fed = federation or Federation(config)
     bar = tqdm(
