@@ -411,7 +411,14 @@ def cli() -> None:
 )
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
 def train(config_file, no_dp, out, quiet, data_option, **flags) -> None:
-    """Train one model across simulated sites with DP-SGD and secure aggregation."""
+    """Train one model across simulated sites with DP-SGD and secure aggregation.
+
+    \b
+    Exit codes:
+      0  trained
+      1  no round was applied (files written; the model is the untrained initial one)
+      2  bad input: one line naming the flag, checked before anything slow starts
+    """  # noqa: D301 (click's \b keeps a paragraph as written)
     from securefed.validate import validate_inputs
 
     config = _config_from_flags(config_file, no_dp, data_option, flags)

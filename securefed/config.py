@@ -275,6 +275,12 @@ class RunConfig:
                 self.num_classes >= 2,
                 f"{_n('num_classes')} must be at least 2 (got {self.num_classes}).",
             )
+        if self.num_classes is not None and "num_classes" in (self.data_options or {}):
+            _check(
+                self.data_options["num_classes"] == self.num_classes,
+                f"{_n('num_classes')} {self.num_classes} disagrees with --data-option "
+                f"num_classes={_shown(self.data_options['num_classes'])}.",
+            )
         for name in (
             "clients",
             "rounds",
@@ -406,6 +412,18 @@ class RunConfig:
             self.schedule == "parallel" or self.strategy in ("fedavg", "ftl", "fedprox"),
             f"--schedule cyclic has no meaning for --strategy {self.strategy}.",
         )
+
+    @property
+    def loader_options(self) -> dict[str, Any]:
+        """Keyword options for :func:`~securefed.data.load_dataset`.
+
+        ``data_options``, plus ``num_classes`` when set: one keyword, so the flag and a
+        ``--data-option num_classes=K`` for synthetic data cannot collide.
+        """
+        options = dict(self.data_options or {})
+        if self.num_classes is not None:
+            options["num_classes"] = self.num_classes
+        return options
 
     @property
     def sites_per_round(self) -> int:

@@ -131,3 +131,13 @@ def test_unknown_keys_are_rejected(tmp_path):
     path.write_text(json.dumps({"rounds": 3, "epsilonn": 8}))
     with pytest.raises(ConfigError, match="epsilonn"):
         RunConfig.from_json(path)
+
+
+def test_num_classes_reaches_the_loader_once():
+    assert RunConfig(data_options={"num_classes": 2}).loader_options == {"num_classes": 2}
+    assert RunConfig(num_classes=3, data_options={"n_train": 9}).loader_options == {
+        "n_train": 9,
+        "num_classes": 3,
+    }
+    with pytest.raises(ConfigError, match="`--num-classes` .* 3 disagrees"):
+        RunConfig(num_classes=3, data_options={"num_classes": 2})

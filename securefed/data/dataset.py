@@ -515,22 +515,25 @@ def load_dataset(
         ConfigError: ``name`` or ``options`` are invalid for the chosen loader.
 
     """
-    if num_classes is not None and name == "synthetic" and data is None:
-        if options.get("num_classes", num_classes) != num_classes:
-            raise ConfigError(
-                f"`--num-classes` {num_classes} disagrees with --data-option "
-                f"num_classes={options['num_classes']}."
-            )
-        options = {**options, "num_classes": num_classes}
+    if name == "synthetic" and data is None:
+        from securefed.data.synthetic import make_synthetic
+
+        # The generator's own option: it makes exactly that many classes.
+        return make_synthetic(seed=seed, **_synthetic_options(options, num_classes))
     bundle = _load(
         name=name, data_dir=data_dir, data=data, seed=seed, num_classes=num_classes, **options
     )
-    if num_classes is not None and bundle.num_classes != num_classes:
+    if num_classes is not None and bundle.num_classes != num_classes:  # folders, label maps
         raise DataError(
             f"{bundle.source}: `--num-classes` is {num_classes} but the data have "
             f"{bundle.num_classes} classes ({', '.join(bundle.class_names)})."
         )
     return bundle
+
+
+def _synthetic_options(options: dict[str, Any], num_classes: int | None) -> dict[str, Any]:
+    _check_options(options, accepted=_SYNTHETIC_OPTIONS, loader="synthetic data")
+    return options if num_classes is None else {**options, "num_classes": num_classes}
 
 
 def _load(
@@ -546,7 +549,6 @@ def _load(
     from securefed.data.medmnist import load_medmnist, load_medmnist_npz
     from securefed.data.nifti import holds_nifti, load_nifti_segmentation
     from securefed.data.segmentation import make_synthetic_segmentation
-    from securefed.data.synthetic import make_synthetic
 
     if data is not None:
         path = Path(data).expanduser()
@@ -563,9 +565,6 @@ def _load(
         if not path.exists():
             raise DataError(f"{path}: no such file or folder; securefed never downloads data.")
         raise DataError(f"{path}: expected a folder of images or a .npz file.")
-    if name == "synthetic":
-        _check_options(options, accepted=_SYNTHETIC_OPTIONS, loader="synthetic data")
-        return make_synthetic(seed=seed, **options)
     if name == "synthetic-seg":
         _check_options(options, accepted=_SYNTHETIC_SEG_OPTIONS, loader="synthetic-seg data")
         return make_synthetic_segmentation(seed=seed, **options)

@@ -365,8 +365,7 @@ class Federation:
             data_dir=config.data_dir,
             data=config.data,
             seed=config.seed,
-            num_classes=config.num_classes,
-            **(config.data_options or {}),
+            **config.loader_options,
         )
         self.dropout_schedule = dropout_schedule
         self.task: Task = self._make_task()
