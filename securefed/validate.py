@@ -163,6 +163,8 @@ def _training_size(config: RunConfig) -> tuple[int | None, str]:
             n = _synthetic_default_train(config.dataset, options)
         return (n if isinstance(n, int) else None), f"{config.dataset} data"
     name = config.dataset
+    if ":" in name or _registered_dataset(name):
+        return None, name  # a user's loader: its size is known only once it has run
     if not re.fullmatch(r"[A-Za-z0-9_.-]+", name) or name.startswith("."):
         raise ConfigError(
             f"`--dataset` (dataset) must be 'synthetic', 'synthetic-seg' or a MedMNIST name "
@@ -178,6 +180,15 @@ def _training_size(config: RunConfig) -> tuple[int | None, str]:
             "MedMNIST .npz there, set --data-dir, or pass the file as --data."
         )
     return _npz_train_size(path, flag="--dataset")
+
+
+def _registered_dataset(name: str) -> bool:
+    """Whether ``name`` was registered as a user's data set (where that registry exists)."""
+    try:
+        from securefed.data.registry import resolve_dataset
+    except ImportError:
+        return False
+    return bool(resolve_dataset(name))
 
 
 def _readable(path: Path) -> bool:
