@@ -98,6 +98,13 @@ def cli() -> None:
     "image_size=32 (synthetic-seg), image_size=64 (NIfTI).",
 )
 @click.option(
+    "--num-classes",
+    type=int,
+    default=None,
+    help="Number of classes K of an .npz that declares none (no `class_names` array) "
+    "[default: largest training label + 1]; any label outside [0, K) is refused.",
+)
+@click.option(
     "--model",
     default=None,
     show_default=_DEFAULTS.model,
@@ -421,12 +428,27 @@ def cli() -> None:
     "it left); other options must be the run's own or left out.",
 )
 def train(config_file, no_dp, out, quiet, data_option, resume, **flags) -> None:
-    """Train one model across simulated sites with DP-SGD and secure aggregation."""
-    from securefed.fl.run import RunInterrupted, resume_config
+    """Train one model across simulated sites with DP-SGD and secure aggregation.
+
+    \b
+    Exit codes:
+      0    trained
+      1    no round was applied (files written; the model is the untrained initial one)
+      2    bad input: one line naming the flag, checked before anything slow starts
+      130  interrupted (Ctrl-C): the completed rounds are kept for --resume
+    """  # noqa: D301 (click's \b keeps a paragraph as written)
+    from securefed.validate import validate_inputs
+
+    base = None
+    if resume:
+        from securefed.fl.run import resume_config
+
+        base = resume_config(Path(resume))
+    config = _config_from_flags(config_file, no_dp, data_option, flags, base=base)
+    validate_inputs(config)  # milliseconds; before the training stack is even imported
+    from securefed.fl.run import RunInterrupted
     from securefed.fl.run import train as run_train
 
-    base = resume_config(Path(resume)) if resume else None
-    config = _config_from_flags(config_file, no_dp, data_option, flags, base=base)
     try:
         run_dir = run_train(
             config,
@@ -438,7 +460,37 @@ def train(config_file, no_dp, out, quiet, data_option, resume, **flags) -> None:
         # One line, exit 130 (as a shell reports SIGINT); click would print only "Aborted".
         click.echo(str(exc), err=True)
         sys.exit(130)
+    _exit_if_nothing_applied(run_dir)
     click.echo(_run_line(run_dir))
+
+
+def _exit_if_nothing_applied(run_dir: Path) -> None:
+    """Exit 1 with one line when no round changed the model; warn when some did not.
+
+    A run whose every round aborted (e.g. too few sites left to unmask) still writes its
+    files, so the user can see what happened, but its model is the untrained initial one
+    and its sites spent privacy: a script must not read it as a result.
+    """
+    import json
+
+    rounds = json.loads((run_dir / "metrics.json").read_text())["rounds"]
+    failed = [r for r in rounds if not r.get("applied", True)]
+    if not failed:
+        return
+    first = failed[0]
+    why = f"round {first['round']}: {str(first.get('error') or 'not applied').rstrip('.')}"
+    if len(failed) < len(rounds):
+        click.echo(
+            f"warning: {len(failed)} of {len(rounds)} rounds were not applied ({why})", err=True
+        )
+        return
+    dp = json.loads((run_dir / "privacy.json").read_text()).get("dp")
+    click.echo(
+        f"error: no round was applied ({why}); {run_dir} holds the untrained initial model"
+        + (", and the sites' privacy budget was spent" if dp else ""),
+        err=True,
+    )
+    sys.exit(1)
 
 
 def _config_from_flags(config_file, no_dp, data_option, flags, base=None) -> RunConfig:

@@ -9,6 +9,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from securefed.errors import ConfigError
 
 __all__ = [
@@ -21,6 +23,7 @@ __all__ = [
     "SERVER_OPTIMIZERS",
     "SCHEDULES",
     "TASKS",
+    "flag_for",
 ]
 
 ACCOUNTANTS = ("pld",)
@@ -41,6 +44,88 @@ def _check(cond: bool, msg: str) -> None:
         raise ConfigError(msg)
 
 
+# Fields whose command-line option is not simply ``--`` + the name with dashes.
+_FLAG_OVERRIDES = {"data_options": "--data-option", "he_coeff_mod_bit_sizes": "--he-coeff-bits"}
+
+
+def flag_for(field: str) -> str:
+    """The ``securefed train`` option that sets RunConfig ``field`` (e.g. ``--batch-size``)."""
+    return _FLAG_OVERRIDES.get(field, "--" + field.replace("_", "-"))
+
+
+def _n(field: str) -> str:
+    """How an error names a field: the flag a CLI user typed, then the config-file key."""
+    return f"`{flag_for(field)}` ({field})"
+
+
+def _at_most(k: int) -> str:
+    return f"--dropout-clients {k} or fewer" if k > 0 else "no --dropout-clients"
+
+
+def _shown(value: Any) -> str:
+    """A value as a config file spells it (``null``, ``true``, ``"two"``)."""
+    try:
+        return json.dumps(value)
+    except (TypeError, ValueError):
+        return repr(value)
+
+
+# What each annotation accepts, and how an error describes it.
+_KINDS = {
+    "int": "an integer",
+    "float": "a number",
+    "str": "a string",
+    "bool": "true or false",
+    "dict[str, Any]": "an object of KEY: VALUE options",
+    "tuple[int, ...]": "a list of integers",
+}
+
+
+def _typed(field: str, annotation: str, value: Any) -> Any:
+    """``value`` checked against ``annotation`` (and normalised: numpy ints, lists to tuples).
+
+    bool is not accepted as a number and a float is not accepted as an int, even 2.0: a
+    config file that says ``"rounds": 2.5`` or ``"seed": 1.0`` was written by mistake.
+    """
+    kinds = [k.strip() for k in annotation.split(" | ")]
+    optional = "None" in kinds
+    base = next(k for k in kinds if k != "None")
+    if value is None:
+        if optional:
+            return None
+        raise ConfigError(f"{_n(field)} must be {_KINDS[base]} (got null).")
+    bad = ConfigError(
+        f"{_n(field)} must be {_KINDS[base]}{' or null' if optional else ''} (got {_shown(value)})."
+    )
+    if base == "int":
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+            raise bad
+        return int(value)
+    if base == "float":
+        if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+            raise bad
+        return float(value)
+    if base == "str":
+        if not isinstance(value, str):
+            raise bad
+        return value
+    if base == "bool":
+        if not isinstance(value, (bool, np.bool_)):
+            raise bad
+        return bool(value)
+    if base == "dict[str, Any]":
+        if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
+            raise bad
+        return value
+    if base == "tuple[int, ...]":
+        if not isinstance(value, (list, tuple)) or any(
+            isinstance(v, bool) or not isinstance(v, (int, np.integer)) for v in value
+        ):
+            raise bad
+        return tuple(int(v) for v in value)
+    raise AssertionError(f"RunConfig.{field}: no type check for {annotation!r}")
+
+
 @dataclass(frozen=True)
 class RunConfig:
     """Everything that determines a federated run; ``config.json`` is this, resolved.
@@ -54,6 +139,9 @@ class RunConfig:
         data: Path of an image-folder tree, NIfTI tree or ``.npz`` file; overrides ``dataset``.
         data_options: Loader options, e.g. ``{"n_train": 108, "image_size": 32}`` for
             ``synthetic-seg`` or ``{"image_size": 64}`` for a NIfTI tree.
+        num_classes: Number of classes K of a data set that does not declare its classes
+            (an ``.npz`` without a ``class_names`` array); ``None``: the largest training
+            label + 1. A label outside [0, K) in any split is refused.
         model: Registered model name (see ``securefed.models.available_models``).
         clients: Number of sites.
         partition: ``iid``, ``dirichlet:ALPHA``, ``by-label:K`` or ``by-group``.
@@ -85,6 +173,9 @@ class RunConfig:
         he_coeff_mod_bit_sizes: CKKS coefficient moduli, in bits.
         he_scale_bits: CKKS scale 2^bits.
         dropout_clients: Simulated dropouts per round: a count K >= 1, or a rate in (0, 1).
+            A setting under which no round can be aggregated is refused (masking: more than
+            n - t of the n sampled sites; before uploading: every site, or all but one under
+            CKKS).
         dropout_phase: ``after`` (drop after uploading, recovered by the protocol) or
             ``before`` (drop before uploading; the site's update is left out).
         seed: Seeds data generation, partitioning, model init, augmentation and participant
@@ -127,6 +218,7 @@ class RunConfig:
     data_dir: str | None = None
     data: str | None = None
     data_options: dict[str, Any] | None = None
+    num_classes: int | None = None
     model: str = "cnn"
     clients: int = 3
     partition: str = "iid"
@@ -177,78 +269,112 @@ class RunConfig:
     reproducible_noise: bool = False
 
     def __post_init__(self) -> None:
-        _check(self.clients >= 1, f"`clients` must be at least 1 (got {self.clients}).")
-        _check(self.rounds >= 1, f"`rounds` must be at least 1 (got {self.rounds}).")
-        _check(
-            self.local_epochs >= 1, f"`local_epochs` must be at least 1 (got {self.local_epochs})."
-        )
-        _check(self.batch_size >= 1, f"`batch_size` must be at least 1 (got {self.batch_size}).")
-        _check(
-            self.max_physical_batch_size is None
-            or (
-                isinstance(self.max_physical_batch_size, int)
-                and not isinstance(self.max_physical_batch_size, bool)
-                and self.max_physical_batch_size >= 1
-            ),
-            "`max_physical_batch_size` must be a positive integer or None "
-            f"(got {self.max_physical_batch_size!r}).",
-        )
-        _check(math.isfinite(self.lr) and self.lr > 0, f"`lr` must be positive (got {self.lr}).")
-        _check(0 <= self.momentum < 1, f"`momentum` must be in [0, 1) (got {self.momentum}).")
+        # Types first, so the range checks below compare numbers, never "two" or None.
+        for f in dataclasses.fields(self):
+            object.__setattr__(self, f.name, _typed(f.name, str(f.type), getattr(self, f.name)))
+        for name in ("dataset", "model", "partition"):
+            _check(bool(getattr(self, name).strip()), f"{_n(name)} must not be empty.")
+        if self.num_classes is not None:
+            _check(
+                self.num_classes >= 2,
+                f"{_n('num_classes')} must be at least 2 (got {self.num_classes}).",
+            )
+        if self.num_classes is not None and "num_classes" in (self.data_options or {}):
+            _check(
+                self.data_options["num_classes"] == self.num_classes,
+                f"{_n('num_classes')} {self.num_classes} disagrees with --data-option "
+                f"num_classes={_shown(self.data_options['num_classes'])}.",
+            )
+        for name in (
+            "clients",
+            "rounds",
+            "local_epochs",
+            "batch_size",
+            "conv_patience",
+            "clusters",
+        ):
+            value = getattr(self, name)
+            _check(value >= 1, f"{_n(name)} must be at least 1 (got {value}).")
+        for name in ("seed", "public_seed", "personalize"):
+            value = getattr(self, name)
+            _check(value >= 0, f"{_n(name)} must be 0 or more (got {value}).")
+        for name in ("lr", "max_grad_norm", "secagg_clip"):
+            value = getattr(self, name)
+            _check(
+                math.isfinite(value) and value > 0,
+                f"{_n(name)} must be positive and finite (got {value}).",
+            )
+        for name in ("momentum", "server_momentum", "public_fraction"):
+            value = getattr(self, name)
+            _check(0 <= value < 1, f"{_n(name)} must be in [0, 1) (got {value}).")
+        if self.max_physical_batch_size is not None:
+            _check(
+                self.max_physical_batch_size >= 1,
+                f"{_n('max_physical_batch_size')} must be at least 1 "
+                f"(got {self.max_physical_batch_size}).",
+            )
         _check(
             0 < self.client_fraction <= 1,
-            f"`client_fraction` must be in (0, 1] (got {self.client_fraction}).",
+            f"{_n('client_fraction')} must be in (0, 1] (got {self.client_fraction}).",
         )
         if self.dp_epsilon is not None:
             _check(
                 math.isfinite(self.dp_epsilon) and self.dp_epsilon > 0,
-                f"`dp_epsilon` must be positive and finite, or None for no DP "
+                f"{_n('dp_epsilon')} must be positive and finite, or inf (config: null) for no DP "
                 f"(got {self.dp_epsilon}).",
             )
         if self.dp_delta is not None:
-            _check(0 < self.dp_delta < 1, f"`dp_delta` must be in (0, 1) (got {self.dp_delta}).")
-        _check(
-            math.isfinite(self.max_grad_norm) and self.max_grad_norm > 0,
-            f"`max_grad_norm` must be positive (got {self.max_grad_norm}).",
-        )
+            _check(
+                0 < self.dp_delta < 1,
+                f"{_n('dp_delta')} must be in (0, 1) (got {self.dp_delta}).",
+            )
         _check(
             self.accountant not in LEGACY_ACCOUNTANTS,
-            f"`accountant` {self.accountant!r} accounts add/remove neighbours, but what a site "
-            "releases (its sampling rate, a round's sample total) depends on its size, so "
+            f"{_n('accountant')} {self.accountant!r} accounts add/remove neighbours, but what a "
+            "site releases (its sampling rate, a round's sample total) depends on its size, so "
             "securefed states replace-one epsilon, which only 'pld' computes: use "
             "--accountant pld.",
         )
-        _check(
-            self.accountant in ACCOUNTANTS,
-            f"`accountant` must be one of {', '.join(ACCOUNTANTS)} (got {self.accountant!r}).",
-        )
-        _check(
-            self.secure_agg in SECURE_AGG_MODES,
-            f"`secure_agg` must be one of {', '.join(SECURE_AGG_MODES)} (got {self.secure_agg!r}).",
-        )
-        _check(
-            self.device in DEVICES,
-            f"`device` must be one of {', '.join(DEVICES)} (got {self.device!r}).",
-        )
+        for name, allowed in (
+            ("accountant", ACCOUNTANTS),
+            ("secure_agg", SECURE_AGG_MODES),
+            ("device", DEVICES),
+            ("dropout_phase", ("after", "before")),
+        ):
+            value = getattr(self, name)
+            _check(
+                value in allowed,
+                f"{_n(name)} must be one of {', '.join(allowed)} (got {value!r}).",
+            )
         _check(
             self.secagg_ring_bits in (32, 64),
-            f"`secagg_ring_bits` must be 32 or 64 (got {self.secagg_ring_bits}).",
+            f"{_n('secagg_ring_bits')} must be 32 or 64 (got {self.secagg_ring_bits}).",
         )
-        _check(self.secagg_clip > 0, f"`secagg_clip` must be positive (got {self.secagg_clip}).")
+        if self.secagg_threshold is not None:
+            _check(
+                self.secagg_threshold >= 1,
+                f"{_n('secagg_threshold')} must be at least 1 (got {self.secagg_threshold}).",
+            )
+        if self.secagg_neighbors is not None:
+            _check(
+                self.secagg_neighbors >= 2,
+                f"{_n('secagg_neighbors')} must be at least 2 (got {self.secagg_neighbors}).",
+            )
         _check(
-            self.dropout_clients >= 0
+            math.isfinite(self.dropout_clients)
+            and self.dropout_clients >= 0
             and (self.dropout_clients < 1 or float(self.dropout_clients).is_integer()),
-            "`dropout_clients` must be a whole count >= 1 or a rate in [0, 1) "
+            f"{_n('dropout_clients')} must be a whole count >= 1 or a rate in [0, 1) "
             f"(got {self.dropout_clients}).",
         )
-        _check(
-            self.dropout_phase in ("after", "before"),
-            f"`dropout_phase` must be 'after' or 'before' (got {self.dropout_phase!r}).",
-        )
-        object.__setattr__(self, "he_coeff_mod_bit_sizes", tuple(self.he_coeff_mod_bit_sizes))
-        _check(self.conv_patience >= 1, "`conv_patience` must be at least 1.")
-        _check(self.conv_acc_tol >= 0 and self.conv_loss_tol >= 0, "tolerances must be >= 0.")
+        for name in ("conv_acc_tol", "conv_loss_tol"):
+            value = getattr(self, name)
+            _check(
+                math.isfinite(value) and value >= 0,
+                f"{_n(name)} must be 0 or more (got {value}).",
+            )
         self._check_strategy()
+        self._check_dropouts()
 
     def _check_strategy(self) -> None:
         for name, value, allowed in (
@@ -261,57 +387,138 @@ class RunConfig:
         ):
             _check(
                 value in allowed,
-                f"`{name}` must be one of {', '.join(allowed)} (got {value!r}).",
+                f"{_n(name)} must be one of {', '.join(allowed)} (got {value!r}).",
             )
         if self.prox_mu is not None:
             _check(
                 math.isfinite(self.prox_mu) and self.prox_mu >= 0,
-                f"`prox_mu` must be >= 0 (got {self.prox_mu}).",
+                f"{_n('prox_mu')} must be >= 0 (got {self.prox_mu}).",
             )
-        if self.server_lr is not None:
-            _check(
-                math.isfinite(self.server_lr) and self.server_lr > 0,
-                f"`server_lr` must be positive (got {self.server_lr}).",
-            )
-        _check(
-            0 <= self.server_momentum < 1,
-            f"`server_momentum` must be in [0, 1) (got {self.server_momentum}).",
-        )
-        _check(
-            0 <= self.public_fraction < 1,
-            f"`public_fraction` must be in [0, 1) (got {self.public_fraction}).",
-        )
-        _check(self.clusters >= 1, f"`clusters` must be at least 1 (got {self.clusters}).")
-        _check(self.personalize >= 0, f"`personalize` must be >= 0 (got {self.personalize}).")
-        _check(
-            isinstance(self.reproducible_noise, bool),
-            f"`reproducible_noise` must be true or false (got {self.reproducible_noise!r}).",
-        )
-        if self.personalize_lr is not None:
-            _check(
-                math.isfinite(self.personalize_lr) and self.personalize_lr > 0,
-                f"`personalize_lr` must be positive (got {self.personalize_lr}).",
-            )
+        for name in ("server_lr", "personalize_lr"):
+            value = getattr(self, name)
+            if value is not None:
+                _check(
+                    math.isfinite(value) and value > 0,
+                    f"{_n(name)} must be positive and finite (got {value}).",
+                )
         _check(
             self.strategy != "ftl" or self.pretrained is not None,
-            "strategy 'ftl' needs `pretrained` weights (--pretrained FILE.safetensors; "
+            "--strategy ftl needs `--pretrained` weights (--pretrained FILE.safetensors; "
             "make them with `securefed pretrain`).",
         )
         _check(
             self.schedule == "parallel" or self.secure_agg == "none",
-            "schedule 'cyclic' hands the model from site to site, so the next site sees the "
+            "--schedule cyclic hands the model from site to site, so the next site sees the "
             "previous site's model: it cannot be combined with secure aggregation "
             "(use --secure-agg none, or the parallel schedule).",
         )
         _check(
             self.strategy != "cfl" or not self.dp_enabled,
-            "strategy 'cfl' (IFCA) picks each site's cluster from its un-noised training loss, "
+            "--strategy cfl (IFCA) picks each site's cluster from its un-noised training loss, "
             "a release no DP accounting covers: run it without DP (--dp-epsilon inf), or use "
             "fedavg, fedprox, ftl or --personalize under DP.",
         )
         _check(
             self.schedule == "parallel" or self.strategy in ("fedavg", "ftl", "fedprox"),
-            f"schedule 'cyclic' has no meaning for strategy {self.strategy!r}.",
+            f"--schedule cyclic has no meaning for --strategy {self.strategy}.",
+        )
+
+    @property
+    def loader_options(self) -> dict[str, Any]:
+        """Keyword options for :func:`~securefed.data.load_dataset`.
+
+        ``data_options``, plus ``num_classes`` when set: one keyword, so the flag and a
+        ``--data-option num_classes=K`` for synthetic data cannot collide.
+        """
+        options = dict(self.data_options or {})
+        if self.num_classes is not None:
+            options["num_classes"] = self.num_classes
+        return options
+
+    @property
+    def sites_per_round(self) -> int:
+        """Sites sampled each round: ``client_fraction`` of ``clients``, at least one."""
+        return min(self.clients, max(1, round(self.client_fraction * self.clients)))
+
+    @property
+    def dropouts_per_round(self) -> int:
+        """Sites ``dropout_clients`` removes from each round (a count, or a rate of the sampled)."""
+        k, n = self.dropout_clients, self.sites_per_round
+        return min(n, int(k) if k >= 1 else int(round(k * n)))
+
+    def _check_dropouts(self) -> None:
+        """Refuse a dropout setting under which no round can ever be aggregated.
+
+        Each round loses exactly :attr:`dropouts_per_round` of its n sampled sites, so whether
+        the survivors suffice does not depend on luck: every round would abort, the model stay
+        at its initialisation, and the sites still spend their privacy budget.
+        """
+        k, n = self.dropouts_per_round, self.sites_per_round
+        if k == 0:
+            return
+        what = (
+            f"{_n('dropout_clients')} {self.dropout_clients:g} drops {k} of the {n} sites "
+            "sampled each round"
+        )
+        if self.secure_agg == "mask":
+            self._check_mask_dropouts(k, n, what)
+            return
+        if self.dropout_phase == "after":
+            return  # an upload that arrived is in the sum (plain, CKKS, cyclic hand-over)
+        # Plaintext needs one upload; a CKKS sum of one site would decrypt to its update, so
+        # (as in a deployment, which refuses it) it needs two.
+        need = min(2, n) if self.secure_agg == "he" else 1
+        _check(
+            n - k >= need,
+            f"{what} before uploading, leaving {n - k}; "
+            + (
+                f"--secure-agg he needs at least {need} uploads to decrypt a sum"
+                if self.secure_agg == "he"
+                else "no update would reach the server"
+            )
+            + f", so no round could be applied: use {_at_most(n - need)}, --dropout-phase "
+            "after, or more --clients.",
+        )
+
+    def _check_mask_dropouts(self, k: int, n: int, what: str) -> None:
+        """Masking: t of a site's m share holders must answer, whatever the dropout phase."""
+        if n < 2:
+            return  # the aggregator refuses secure aggregation of one site on its own
+        from securefed.crypto.graph import effective_degree
+        from securefed.crypto.secagg import default_threshold
+
+        m = effective_degree(n_sites=n, neighbors=self.secagg_neighbors) + 1
+        t = self.secagg_threshold
+        source = "set by `--secagg-threshold`"
+        if t is None:
+            t, source = default_threshold(neighbourhood_size=m), "the default 2/3 majority"
+        if t > m or 2 * t <= m:
+            return  # the aggregator's own check names the threshold problem
+        lowest = m // 2 + 1  # the smallest threshold that is still a strict majority
+        hood = "" if m == n else f" of each neighbourhood of {m} (`--secagg-neighbors`)"
+        # A dropped site's shares are held by its closed neighbourhood, itself included, so
+        # at most m - 1 can answer for it: under SecAgg+ (m < n) t = m fails any dropout.
+        _check(
+            t <= m - 1,
+            f"{what}, but under SecAgg+ a site's shares are held by its neighbourhood of {m} "
+            f"sites (`--secagg-neighbors` {self.secagg_neighbors}), itself included, and "
+            f"--secure-agg mask needs `--secagg-threshold` t = {t} ({source}) of them to "
+            f"answer: a dropped site leaves at most {m - 1}, so every round would abort: use "
+            f"--secagg-threshold {lowest} (the lowest majority), more --secagg-neighbors, or "
+            "no --dropout-clients.",
+        )
+        _check(
+            n - k >= t,
+            f"{what}, leaving {n - k}, but --secure-agg mask needs `--secagg-threshold` "
+            f"t = {t} ({source}{hood}) sites to answer, so every round would abort: use "
+            f"{_at_most(n - t)}"
+            + (
+                f", or --secagg-threshold {lowest} (the lowest majority"
+                + (f"; it survives up to {n - lowest} dropouts)" if m == n else ")")
+                if lowest < t and n - lowest >= k
+                else ""
+            )
+            + ", or more --clients.",
         )
 
     @property

@@ -175,7 +175,7 @@ def test_unreachable_epsilon_says_what_to_change(tmp_path):
 
 def test_invalid_flags_are_rejected_by_name(tmp_path):
     proc = securefed("train", "--clients", 0, "--quiet")
-    _assert_one_line_error(proc, "`clients`")
+    _assert_one_line_error(proc, "`--clients` (clients)")
     proc = securefed("train", "--partition", "zipf:2", "--quiet")
     _assert_one_line_error(proc, "zipf")
     proc = securefed("train", "--dp-epsilon", "-1", "--quiet")

@@ -1,5 +1,7 @@
 import json
+import re
 
+import numpy as np
 import pytest
 
 from securefed.config import RunConfig
@@ -16,19 +18,112 @@ def test_config_json_round_trip(tmp_path):
 @pytest.mark.parametrize(
     "changes, field",
     [
-        ({"clients": 0}, "`clients`"),
-        ({"dp_epsilon": -1.0}, "`dp_epsilon`"),
-        ({"dp_delta": 1.5}, "`dp_delta`"),
-        ({"accountant": "moments"}, "`accountant`"),
-        ({"secure_agg": "tls"}, "`secure_agg`"),
-        ({"secagg_ring_bits": 16}, "`secagg_ring_bits`"),
-        ({"dropout_clients": 1.5}, "`dropout_clients`"),
-        ({"client_fraction": 0.0}, "`client_fraction`"),
+        ({"clients": 0}, "`--clients` (clients) must be at least 1 (got 0)"),
+        ({"batch_size": 0}, "`--batch-size` (batch_size) must be at least 1 (got 0)"),
+        ({"dp_epsilon": -1.0}, "`--dp-epsilon` (dp_epsilon)"),
+        ({"dp_delta": 1.5}, "`--dp-delta` (dp_delta)"),
+        ({"accountant": "moments"}, "`--accountant` (accountant)"),
+        ({"secure_agg": "tls"}, "`--secure-agg` (secure_agg)"),
+        ({"secagg_ring_bits": 16}, "`--secagg-ring-bits` (secagg_ring_bits)"),
+        ({"dropout_clients": 1.5}, "`--dropout-clients` (dropout_clients)"),
+        ({"client_fraction": 0.0}, "`--client-fraction` (client_fraction)"),
+        ({"seed": -5}, "`--seed` (seed) must be 0 or more (got -5)"),
+        ({"public_seed": -1}, "`--public-seed` (public_seed)"),
+        ({"num_classes": 1}, "`--num-classes` (num_classes) must be at least 2"),
+        ({"secagg_neighbors": 1}, "`--secagg-neighbors` (secagg_neighbors)"),
+        ({"he_coeff_mod_bit_sizes": (60, "x")}, "`--he-coeff-bits` (he_coeff_mod_bit_sizes)"),
+        ({"data_options": ["n_train"]}, "`--data-option` (data_options)"),
+        ({"model": " "}, "`--model` (model) must not be empty"),
     ],
 )
-def test_invalid_settings_name_the_field(changes, field):
-    with pytest.raises(ConfigError, match=field):
+def test_invalid_settings_name_the_flag_and_the_field(changes, field):
+    with pytest.raises(ConfigError, match=re.escape(field)):
         RunConfig(**changes)
+
+
+@pytest.mark.parametrize(
+    "changes, expected",
+    [
+        ({"rounds": "two"}, '`--rounds` (rounds) must be an integer (got "two").'),
+        ({"clients": None}, "`--clients` (clients) must be an integer (got null)."),
+        ({"partition": 5}, "`--partition` (partition) must be a string (got 5)."),
+        ({"seed": 1.5}, "`--seed` (seed) must be an integer (got 1.5)."),
+        ({"rounds": 2.0}, "`--rounds` (rounds) must be an integer (got 2.0)."),
+        ({"clients": True}, "`--clients` (clients) must be an integer (got true)."),
+        ({"lr": "0.1"}, '`--lr` (lr) must be a number (got "0.1").'),
+        ({"augment": 1}, "`--augment` (augment) must be true or false (got 1)."),
+        ({"dp_epsilon": "8"}, '`--dp-epsilon` (dp_epsilon) must be a number or null (got "8").'),
+        ({"dataset": None}, "`--dataset` (dataset) must be a string (got null)."),
+    ],
+)
+def test_config_files_with_wrong_types_get_one_line(tmp_path, changes, expected):
+    path = tmp_path / "c.json"
+    path.write_text(json.dumps(changes))
+    with pytest.raises(ConfigError) as info:
+        RunConfig.from_json(path)
+    assert str(info.value) == expected
+
+
+def test_numbers_are_normalised_and_none_is_kept_where_allowed():
+    cfg = RunConfig(lr=1, dp_epsilon=None, he_coeff_mod_bit_sizes=[60, 40, 60])
+    assert isinstance(cfg.lr, float) and cfg.dp_epsilon is None
+    assert cfg.he_coeff_mod_bit_sizes == (60, 40, 60)
+    assert RunConfig(rounds=np.int64(3)).rounds == 3
+
+
+@pytest.mark.parametrize(
+    "changes, fragments",
+    [
+        # 3 sites, default t = 3: not one may drop
+        (
+            {"secure_agg": "mask", "dropout_clients": 1},
+            ["`--dropout-clients`", "`--secagg-threshold` t = 3", "--secagg-threshold 2"],
+        ),
+        # an explicit threshold: 5 sites, t = 4 survives at most 1 dropout
+        (
+            {"secure_agg": "mask", "clients": 5, "secagg_threshold": 4, "dropout_clients": 2},
+            ["leaving 3", "t = 4 (set by `--secagg-threshold`)", "--dropout-clients 1 or fewer"],
+        ),
+        # a rate: half of 4 sites is 2, t = 3 of 4
+        ({"secure_agg": "mask", "clients": 4, "dropout_clients": 0.5}, ["drops 2 of the 4"]),
+        # SecAgg+: fewer than t sites left anywhere
+        (
+            {"secure_agg": "mask", "clients": 10, "secagg_neighbors": 4, "dropout_clients": 7},
+            ["neighbourhood of 5", "--dropout-clients 6 or fewer"],
+        ),
+        # plaintext, everyone gone before uploading
+        (
+            {"dropout_clients": 3, "dropout_phase": "before"},
+            ["no update would reach the server", "--dropout-clients 2 or fewer"],
+        ),
+        # CKKS: a sum of one upload would decrypt to that site's update
+        (
+            {"secure_agg": "he", "dropout_clients": 2, "dropout_phase": "before"},
+            ["he needs at least 2 uploads", "--dropout-clients 1 or fewer"],
+        ),
+    ],
+)
+def test_dropouts_that_can_never_reach_the_threshold_are_refused(changes, fragments):
+    with pytest.raises(ConfigError) as info:
+        RunConfig(**changes)
+    for fragment in fragments:
+        assert fragment in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [
+        {"secure_agg": "mask", "clients": 4, "dropout_clients": 1},  # t = 3 of 4
+        {"secure_agg": "mask", "secagg_threshold": 2, "dropout_clients": 1},
+        {"secure_agg": "mask", "clients": 10, "secagg_neighbors": 4, "dropout_clients": 2},
+        {"dropout_clients": 2, "dropout_phase": "before"},  # one upload is enough
+        {"dropout_clients": 3},  # uploads that arrived are summed
+        {"secure_agg": "he", "dropout_clients": 3},
+        {"secure_agg": "he", "dropout_clients": 1, "dropout_phase": "before"},
+    ],
+)
+def test_dropouts_that_can_work_are_accepted(changes):
+    RunConfig(**changes)
 
 
 def test_unknown_keys_are_rejected(tmp_path):
@@ -36,3 +131,13 @@ def test_unknown_keys_are_rejected(tmp_path):
     path.write_text(json.dumps({"rounds": 3, "epsilonn": 8}))
     with pytest.raises(ConfigError, match="epsilonn"):
         RunConfig.from_json(path)
+
+
+def test_num_classes_reaches_the_loader_once():
+    assert RunConfig(data_options={"num_classes": 2}).loader_options == {"num_classes": 2}
+    assert RunConfig(num_classes=3, data_options={"n_train": 9}).loader_options == {
+        "n_train": 9,
+        "num_classes": 3,
+    }
+    with pytest.raises(ConfigError, match="`--num-classes` .* 3 disagrees"):
+        RunConfig(num_classes=3, data_options={"num_classes": 2})

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -23,6 +24,7 @@ __all__ = [
     "DatasetBundle",
     "available_datasets",
     "load_dataset",
+    "resolve_classes",
 ]
 
 SPLITS: tuple[str, ...] = ("train", "val", "test")
@@ -363,6 +365,82 @@ class DatasetBundle:
         }
 
 
+def resolve_classes(
+    *,
+    labels: Mapping[str, np.ndarray],
+    source: str,
+    declared: Sequence[str] | None = None,
+    declared_by: str = "the data set",
+    num_classes: int | None = None,
+    key: str = "`{split}` labels",
+) -> tuple[str, ...]:
+    """The classes of a classification data set, and a check that every label is one of them.
+
+    One rule for every loader whose labels are numbers (``.npz`` files, by path or by name):
+
+    1. ``declared`` class names (a ``class_names`` array in the file, or a known MedMNIST
+       set's published list) fix K; ``num_classes``, when given too, must agree.
+    2. else ``num_classes`` (``--num-classes``) fixes K; classes are named ``"0"`` ...
+    3. else K is the largest training label + 1, and every class below it must occur in the
+       training split: a gap means a stray label (one 7 in a binary set), not seven classes.
+
+    Then a label outside [0, K) in any split is refused. Inferring K from all splits, as
+    before, turned one stray test label into an extra class the model could never learn.
+
+    Args:
+        labels: Per split (``train``, ``val``, ``test``), its (N,) non-negative int labels.
+        source: What to name in errors (the file).
+        declared: Class names the data declare, or None.
+        declared_by: Who declared them, for errors (e.g. "its `class_names` array").
+        num_classes: K requested by the user (``--num-classes``), or None.
+        key: How to name a split's labels in errors; ``{split}`` is replaced.
+
+    Returns:
+        The K class names.
+
+    Raises:
+        DataError: One line naming ``source``, the split and the offending label.
+
+    """
+    if declared is not None:
+        names = tuple(str(n) for n in declared)
+        if num_classes is not None and num_classes != len(names):
+            raise DataError(
+                f"{source}: `--num-classes` is {num_classes} but {declared_by} declares "
+                f"{len(names)} classes; drop --num-classes or fix the declaration."
+            )
+        origin = f"the {len(names)} classes {declared_by} declares"
+    elif num_classes is not None:
+        names = tuple(str(c) for c in range(num_classes))
+        origin = f"`--num-classes` {num_classes}"
+    else:
+        train = labels["train"]
+        top = int(train.max())
+        counts = np.bincount(train, minlength=top + 1)
+        missing = [c for c in range(top + 1) if counts[c] == 0]
+        if missing:
+            shown = ", ".join(str(c) for c in missing[:5]) + (", ..." if len(missing) > 5 else "")
+            raise DataError(
+                f"{source}: {key.format(split='train')} hold label {top} but never "
+                f"{shown}: a stray label, or classes the data do not declare; declare the "
+                "classes (a `class_names` array in the .npz, or --num-classes) or fix the label."
+            )
+        names = tuple(str(c) for c in range(top + 1))
+        origin = f"the training labels 0..{top}"
+    if len(names) < 2:
+        raise DataError(
+            f"{source}: classification needs at least 2 classes (got {len(names)}, from {origin})."
+        )
+    for split in SPLITS:
+        top = int(labels[split].max())
+        if top >= len(names):
+            raise DataError(
+                f"{source}: {key.format(split=split)} must be in [0, {len(names)}) "
+                f"({origin}) but hold label {top}."
+            )
+    return names
+
+
 def available_datasets() -> tuple[str, ...]:
     """List the names :func:`load_dataset` knows without a path: synthetic sets and MedMNIST v2.
 
@@ -391,6 +469,7 @@ def load_dataset(
     data_dir: str | Path | None = None,
     data: str | Path | None = None,
     seed: int = 0,
+    num_classes: int | None = None,
     **options: Any,
 ) -> DatasetBundle:
     """Load a data set by name or path. Nothing is ever downloaded.
@@ -424,6 +503,10 @@ def load_dataset(
         data_dir: Folder holding MedMNIST ``.npz`` files.
         data: Path to a NIfTI folder, an image folder or a ``.npz`` file.
         seed: Seed for synthetic generation or the carved splits.
+        num_classes: ``--num-classes``: the class count K when the data do not declare their
+            classes (an ``.npz`` without ``class_names``; see :func:`resolve_classes`). For
+            synthetic data it is the generator's ``num_classes``; every other loader knows its
+            classes (folder names, label maps), and a different K is refused.
         **options: Loader-specific keyword arguments (see above).
 
     Returns:
@@ -434,11 +517,40 @@ def load_dataset(
         ConfigError: ``name`` or ``options`` are invalid for the chosen loader.
 
     """
+    if name == "synthetic" and data is None:
+        from securefed.data.synthetic import make_synthetic
+
+        # The generator's own option: it makes exactly that many classes.
+        return make_synthetic(seed=seed, **_synthetic_options(options, num_classes))
+    bundle = _load(
+        name=name, data_dir=data_dir, data=data, seed=seed, num_classes=num_classes, **options
+    )
+    if num_classes is not None and bundle.num_classes != num_classes:  # folders, label maps
+        raise DataError(
+            f"{bundle.source}: `--num-classes` is {num_classes} but the data have "
+            f"{bundle.num_classes} classes ({', '.join(bundle.class_names)})."
+        )
+    return bundle
+
+
+def _synthetic_options(options: dict[str, Any], num_classes: int | None) -> dict[str, Any]:
+    _check_options(options, accepted=_SYNTHETIC_OPTIONS, loader="synthetic data")
+    return options if num_classes is None else {**options, "num_classes": num_classes}
+
+
+def _load(
+    *,
+    name: str,
+    data_dir: str | Path | None,
+    data: str | Path | None,
+    seed: int,
+    num_classes: int | None,
+    **options: Any,
+) -> DatasetBundle:
     from securefed.data.imagefolder import load_image_folder
     from securefed.data.medmnist import load_medmnist, load_medmnist_npz
     from securefed.data.nifti import holds_nifti, load_nifti_segmentation
     from securefed.data.segmentation import make_synthetic_segmentation
-    from securefed.data.synthetic import make_synthetic
 
     if data is not None:
         path = Path(data).expanduser()
@@ -451,7 +563,7 @@ def load_dataset(
             return load_image_folder(root=path, name=label, seed=seed, **options)
         if path.suffix.lower() == ".npz":
             _check_options(options, accepted=(), loader=".npz files")
-            return load_medmnist_npz(path=path, name=label)
+            return load_medmnist_npz(path=path, name=label, num_classes=num_classes)
         if not path.exists():
             raise DataError(f"{path}: no such file or folder; securefed never downloads data.")
         raise DataError(f"{path}: expected a folder of images or a .npz file.")
@@ -459,9 +571,6 @@ def load_dataset(
 
     if resolve_dataset(name):  # registered with register_dataset, or module:function
         return load_registered(name, seed=seed, **options)
-    if name == "synthetic":
-        _check_options(options, accepted=_SYNTHETIC_OPTIONS, loader="synthetic data")
-        return make_synthetic(seed=seed, **options)
     if name == "synthetic-seg":
         _check_options(options, accepted=_SYNTHETIC_SEG_OPTIONS, loader="synthetic-seg data")
         return make_synthetic_segmentation(seed=seed, **options)
@@ -471,7 +580,7 @@ def load_dataset(
             f"'pneumoniamnist' (got {name!r}); to load a path, pass it as `data`."
         )
     _check_options(options, accepted=(), loader="MedMNIST data sets")
-    return load_medmnist(name=name, data_dir=data_dir)
+    return load_medmnist(name=name, data_dir=data_dir, num_classes=num_classes)
 
 
 def _check_options(options: dict[str, Any], *, accepted: tuple[str, ...], loader: str) -> None:

@@ -11,7 +11,7 @@ from types import MappingProxyType
 
 import numpy as np
 
-from securefed.data.dataset import SPLITS, ArraySplit, DatasetBundle
+from securefed.data.dataset import SPLITS, ArraySplit, DatasetBundle, resolve_classes
 from securefed.errors import DataError
 
 __all__ = [
@@ -120,12 +120,16 @@ def default_data_dir() -> Path:
     return Path.home() / ".medmnist"
 
 
-def load_medmnist(*, name: str, data_dir: str | Path | None = None) -> DatasetBundle:
+def load_medmnist(
+    *, name: str, data_dir: str | Path | None = None, num_classes: int | None = None
+) -> DatasetBundle:
     """Load ``{name}.npz`` from ``data_dir`` (default ``~/.medmnist``). Never downloads.
 
     Args:
         name: MedMNIST file stem, e.g. ``"pneumoniamnist"`` or ``"pneumoniamnist_64"``.
         data_dir: Folder holding the archive.
+        num_classes: Class count when the file does not declare its classes (see
+            :func:`load_medmnist_npz`).
 
     Raises:
         DataError: The file is missing or malformed (see :func:`load_medmnist_npz`).
@@ -140,10 +144,12 @@ def load_medmnist(*, name: str, data_dir: str | Path | None = None) -> DatasetBu
             f"downloads data: put the MedMNIST .npz there, set `data_dir`, or pass the file as "
             f"`data`. Known MedMNIST names: {known}."
         )
-    return load_medmnist_npz(path=path, name=name)
+    return load_medmnist_npz(path=path, name=name, num_classes=num_classes)
 
 
-def load_medmnist_npz(*, path: str | Path, name: str | None = None) -> DatasetBundle:
+def load_medmnist_npz(
+    *, path: str | Path, name: str | None = None, num_classes: int | None = None
+) -> DatasetBundle:
     """Read a MedMNIST-layout ``.npz`` into a :class:`DatasetBundle`.
 
     The archive must hold ``{train,val,test}_{images,labels}``. Images are uint8 (scaled by
@@ -152,14 +158,17 @@ def load_medmnist_npz(*, path: str | Path, name: str | None = None) -> DatasetBu
     last axis is 1 or 3 is read as channels-last 2D unless ``name`` ends in ``3d``. Labels are
     (N,) or (N, 1) non-negative integers.
 
-    ``num_classes`` is the largest label + 1 over all splits; for a known MedMNIST set (see
-    :data:`MEDMNIST_CLASS_NAMES`) it is the published class count, and its class names are used.
-    Otherwise classes are named ``"0"`` ... ``"K-1"``.
+    The classes (:func:`~securefed.data.dataset.resolve_classes`): an optional 1-D string array
+    ``class_names`` in the archive declares them; else a known MedMNIST set (see
+    :data:`MEDMNIST_CLASS_NAMES`) has its published ones; else ``num_classes`` fixes K (classes
+    ``"0"`` ... ``"K-1"``); else K is the largest training label + 1, and every class below it
+    must occur in training. A label outside [0, K) in any split is refused.
 
     Args:
         path: The ``.npz`` file.
         name: Data set name; default the file stem. A ``_64``-style size suffix is ignored when
             looking up class names.
+        num_classes: ``--num-classes``, for a file that declares no classes.
 
     Raises:
         DataError: One line naming the file and the problem: missing, not an npz, corrupt,
@@ -203,15 +212,17 @@ def load_medmnist_npz(*, path: str | Path, name: str | None = None) -> DatasetBu
         if images[split].shape[0] == 0:
             raise DataError(f"{path}: split `{split}` is empty (0 images).")
 
-    top = max(int(labels[s].max()) for s in SPLITS)
-    known = MEDMNIST_CLASS_NAMES.get(base)
-    if known is not None and top >= len(known):
-        raise DataError(
-            f"{path}: labels must be in [0, {len(known)}) for {base} (found label {top})."
-        )
-    class_names = known if known is not None else tuple(str(c) for c in range(top + 1))
-    if len(class_names) < 2:
-        raise DataError(f"{path}: every label is 0; classification needs at least 2 classes.")
+    declared, declared_by = arrays.get("class_names"), "its `class_names` array"
+    if declared is None and base in MEDMNIST_CLASS_NAMES:
+        declared, declared_by = MEDMNIST_CLASS_NAMES[base], f"MedMNIST {base}"
+    class_names = resolve_classes(
+        labels=labels,
+        source=str(path),
+        declared=None if declared is None else tuple(declared),
+        declared_by=declared_by,
+        num_classes=num_classes,
+        key="`{split}_labels`",
+    )
 
     splits = {
         s: ArraySplit(images=_to_channels_first(images[s], layout), labels=labels[s])
@@ -247,6 +258,9 @@ def _read_npz(path: Path) -> dict[str, np.ndarray]:
                 )
             for key in _KEYS:
                 arrays[key] = archive[key]
+            if "class_names" in archive.files:
+                key = "class_names"
+                arrays[key] = _class_names(archive[key], path=path)
     except ValueError as exc:
         if isinstance(exc, DataError):
             raise
@@ -258,6 +272,21 @@ def _read_npz(path: Path) -> dict[str, np.ndarray]:
     except (zipfile.BadZipFile, zlib.error, OSError, EOFError) as exc:
         raise DataError(f"{path}: corrupt .npz archive ({_where(key)}: {exc}).") from None
     return arrays
+
+
+def _class_names(array: np.ndarray, *, path: Path) -> np.ndarray:
+    """A declared ``class_names`` array: 1-D, unique non-empty strings (str or bytes)."""
+    if array.dtype.kind == "S":
+        array = np.char.decode(array, "utf-8")
+    names = [str(n) for n in array.tolist()] if array.ndim == 1 else []
+    if array.dtype.kind != "U" or array.ndim != 1 or len(names) < 2:
+        raise DataError(
+            f"{path}: `class_names` must be a 1-D array of at least 2 strings "
+            f"(got dtype {array.dtype}, shape {array.shape})."
+        )
+    if any(not n.strip() for n in names) or len(set(names)) != len(names):
+        raise DataError(f"{path}: `class_names` must be unique, non-empty strings (got {names}).")
+    return array
 
 
 def _where(key: str | None) -> str:

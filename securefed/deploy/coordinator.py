@@ -257,7 +257,7 @@ class Coordinator:
             data_dir=config.data_dir,
             data=config.data,
             seed=config.seed,
-            **(config.data_options or {}),
+            **config.loader_options,
         )
         self.task = task_for(self.bundle, config)
         self.spec = model_spec(self.bundle, self.task, config)

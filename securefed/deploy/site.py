@@ -314,7 +314,7 @@ class DeployedSite:
             data_dir=node.data_dir if node.data_dir is not None else config.data_dir,
             data=node.data if node.data is not None else config.data,
             seed=config.seed,
-            **(config.data_options or {}),
+            **config.loader_options,
         )
         self.task = task_for(self.bundle, config)
         self.train, self.heldout = self._split()

@@ -22,6 +22,7 @@ from securefed.fl.disclosures import disclosures_json
 from securefed.fl.simulation import Federation
 from securefed.fl.transfer import indices_digest
 from securefed.metrics import HEADLINE_METRICS
+from securefed.validate import validate_inputs
 
 __all__ = [
     "train",
@@ -226,6 +227,8 @@ def train(
         )
     if config is None:
         raise ConfigError("train: a configuration is needed (or resume=RUN_DIR)")
+    if federation is None:
+        validate_inputs(config)  # before anything slow: errors that name the flag
     target = Path(out_dir) if out_dir else default_out_dir()
     check_out_dir(target)
     fed = federation or Federation(config)  # data loading: nothing is written before it

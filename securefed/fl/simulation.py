@@ -381,7 +381,7 @@ class Federation:
             data_dir=config.data_dir,
             data=config.data,
             seed=config.seed,
-            **(config.data_options or {}),
+            **config.loader_options,
         )
         self.dropout_schedule = dropout_schedule
         self.task: Task = self._make_task()
@@ -577,9 +577,8 @@ class Federation:
         The draw never touches the training RNG, so a run with dropouts trains the same
         local models as one without; only the sites averaged differ.
         """
-        k = self.config.dropout_clients
-        count = int(k) if k >= 1 else int(round(k * len(chosen)))
-        count = min(count, len(chosen))
+        # The count RunConfig validated (with every sampled site chosen, as without cfl).
+        count = min(self.config.dropouts_per_round, len(chosen))
         rng = np.random.default_rng(_seed_for(self.config.seed, 5, round_index))
         gone = {int(c) for c in rng.choice(chosen, size=count, replace=False)} if count else set()
         return (gone, set()) if self.config.dropout_phase == "before" else (set(), gone)

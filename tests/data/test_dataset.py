@@ -233,6 +233,23 @@ def test_load_dataset_reads_an_image_folder(tmp_path):
     assert len(bundle.train) + len(bundle.val) == 20
 
 
+def test_num_classes_must_match_classes_the_data_define(tmp_path):
+    # Prepare: an image folder's classes are its folder names
+    for split in ("train", "test"):
+        for cls in ("cat", "dog"):
+            folder = tmp_path / "pets" / split / cls
+            folder.mkdir(parents=True)
+            for i in range(4):
+                Image.new("L", (5, 5), color=i).save(folder / f"{i}.png")
+
+    # Execute / Assert
+    assert load_dataset(data=tmp_path / "pets", num_classes=2, image_size=4).num_classes == 2
+    with pytest.raises(DataError, match="`--num-classes` is 3 but the data have 2 classes"):
+        load_dataset(data=tmp_path / "pets", num_classes=3, image_size=4)
+    # synthetic data take it as the generator's class count
+    assert load_dataset(num_classes=2, n_train=12, n_val=6, n_test=6).num_classes == 2
+
+
 def test_missing_named_dataset_is_a_data_error_naming_the_path(tmp_path):
     # Execute / Assert
     with pytest.raises(DataError, match="never downloads") as info:

@@ -203,6 +203,102 @@ def test_label_beyond_a_known_sets_classes_is_rejected(write_npz, medmnist_array
     assert "must be in [0, 2)" in str(info.value)
 
 
+def _with_label(arrays, split, label):
+    arrays[f"{split}_labels"] = arrays[f"{split}_labels"].copy()
+    arrays[f"{split}_labels"][0] = label
+    return arrays
+
+
+def test_a_stray_training_label_is_refused_not_turned_into_extra_classes(
+    write_npz, medmnist_arrays
+):
+    # Prepare: a binary set with one 7 among its training labels (it used to give 8 classes)
+    path = write_npz("mine.npz", arrays=_with_label(medmnist_arrays(), "train", 7))
+
+    # Execute
+    with pytest.raises(DataError) as info:
+        load_dataset(data=path)
+
+    # Assert: one line naming the file, the split and the label
+    message = str(info.value)
+    assert message.startswith(f"{path}: ")
+    assert "`train_labels`" in message and "label 7" in message
+    assert "\n" not in message
+
+
+@pytest.mark.parametrize("split", ["val", "test"])
+def test_a_held_out_label_outside_the_training_classes_is_refused(
+    write_npz, medmnist_arrays, split
+):
+    # Prepare: one stray 5 in a held-out split (it used to give 6 classes)
+    path = write_npz("mine.npz", arrays=_with_label(medmnist_arrays(), split, 5))
+
+    # Execute
+    with pytest.raises(DataError) as info:
+        load_dataset(data=path)
+
+    # Assert
+    message = str(info.value)
+    assert message.startswith(f"{path}: ")
+    assert f"`{split}_labels` must be in [0, 2)" in message and "label 5" in message
+
+
+def test_path_and_name_loading_apply_the_same_rule(write_npz, medmnist_arrays, tmp_path):
+    # Prepare: the same unknown-named file, by path and by name from a data folder
+    path = write_npz("mine.npz", arrays=_with_label(medmnist_arrays(), "test", 5))
+
+    # Execute
+    errors = []
+    for kwargs in ({"data": path}, {"name": "mine", "data_dir": tmp_path}):
+        with pytest.raises(DataError) as info:
+            load_dataset(**kwargs)
+        errors.append(str(info.value))
+
+    # Assert
+    assert errors[0] == errors[1]
+
+
+def test_declared_class_names_fix_the_class_count(write_npz, medmnist_arrays):
+    # Prepare: 3 declared classes, only 0 and 1 present in the data
+    names = np.array(["cat", "dog", "bird"])
+    path = write_npz("mine.npz", arrays={**medmnist_arrays(), "class_names": names})
+
+    # Execute
+    bundle = load_dataset(data=path)
+
+    # Assert
+    assert (bundle.num_classes, bundle.class_names) == (3, ("cat", "dog", "bird"))
+    # ... and a label beyond them is refused
+    bad = {**_with_label(medmnist_arrays(), "val", 3), "class_names": names}
+    with pytest.raises(DataError, match=r"`val_labels` must be in \[0, 3\).*class_names"):
+        load_dataset(data=write_npz("bad.npz", arrays=bad))
+
+
+def test_num_classes_fixes_the_class_count_of_an_undeclared_file(write_npz, medmnist_arrays):
+    # Prepare: a binary-looking file whose third class is absent from this sample
+    path = write_npz("mine.npz", arrays=medmnist_arrays())
+
+    # Execute
+    bundle = load_dataset(data=path, num_classes=3)
+
+    # Assert
+    assert (bundle.num_classes, bundle.class_names) == (3, ("0", "1", "2"))
+    with pytest.raises(DataError, match=r"\[0, 2\) \(`--num-classes` 2\).*label 7"):
+        load_dataset(
+            data=write_npz("b.npz", arrays=_with_label(medmnist_arrays(), "train", 7)),
+            num_classes=2,
+        )
+    # a declaration and a different --num-classes disagree
+    with pytest.raises(DataError, match="`--num-classes` is 5"):
+        load_dataset(name="pneumoniamnist", data=path, num_classes=5)
+
+
+def test_class_names_must_be_strings(write_npz, medmnist_arrays):
+    path = write_npz("mine.npz", arrays={**medmnist_arrays(), "class_names": np.arange(2)})
+    with pytest.raises(DataError, match="`class_names` must be a 1-D array"):
+        load_dataset(data=path)
+
+
 def test_object_arrays_are_refused_without_unpickling(write_npz, medmnist_arrays):
     # Prepare: np.savez pickles object arrays; loading them would execute arbitrary code
     arrays = medmnist_arrays()
