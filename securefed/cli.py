@@ -52,6 +52,7 @@ class _Option(click.Option):
     `train`'s options parse to None so that a ``--config`` file can supply the value, so
     click's own ``show_default=True`` would show nothing: ``show_default=<RunConfig default>``
     shows that value instead, as ``[default: 3]`` (click would print a string as ``(3)``).
+    Needs click >= 8.2 (``Option.get_help_extra``).
     """
 
     def get_help_extra(self, ctx: click.Context):  # noqa: D102
@@ -72,7 +73,7 @@ def _shown(value) -> str:
 
 
 def _option(*names: str, **kwargs):
-    """``click.option`` with :class:`_Option` (for `train`, whose defaults come from RunConfig)."""
+    """``click.option`` with :class:`_Option`: ``show_default=<value>`` prints that value."""
     return click.option(*names, cls=_Option, **kwargs)
 
 
