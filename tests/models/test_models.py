@@ -29,18 +29,11 @@ CASES = [
 ]
 
 
-# densenet121's DP step (per-sample gradients of 7M weights) takes 15-80 s on 2 loaded cores:
-# it runs with the integration tests (pytest -m integration), not in the default pytest -q.
-DP_STEP_CASES = [
-    pytest.param(*c, marks=pytest.mark.integration) if c[0] == "densenet121" else c for c in CASES
-]
-
-
 def test_cases_cover_every_registered_model():
     assert sorted({c[0] for c in CASES}) == available_models()
 
 
-@pytest.mark.parametrize("name, spatial_dims, task, shape", DP_STEP_CASES, ids=lambda v: str(v))
+@pytest.mark.parametrize("name, spatial_dims, task, shape", CASES, ids=lambda v: str(v))
 def test_every_model_is_dp_compatible_and_takes_a_dp_step(name, spatial_dims, task, shape):
     # Prepare
     torch.manual_seed(0)
