@@ -1243,7 +1243,11 @@ def deploy_run(
     data_option,
     **flags,
 ) -> None:
-    """Submit a run (the same options as `securefed train`) to a deployment and wait."""
+    """Submit a run to a deployment and wait.
+
+    Takes `securefed train`'s options, except what only the in-process runtime runs for now:
+    cfl, twins (--personalize), --schedule cyclic, --public-fraction, --dropout-clients.
+    """
     from securefed.deploy.launch import RunOptions, submit
 
     flags.pop("quiet", None)
