@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 import sys
 from pathlib import Path
@@ -45,6 +46,37 @@ class _Epsilon(click.ParamType):
         return eps
 
 
+class _Option(click.Option):
+    """An option whose shown default may differ from its parse-time default.
+
+    `train`'s options parse to None so that a ``--config`` file can supply the value, so
+    click's own ``show_default=True`` would show nothing: ``show_default=<RunConfig default>``
+    shows that value instead, as ``[default: 3]`` (click would print a string as ``(3)``).
+    Needs click >= 8.2 (``Option.get_help_extra``).
+    """
+
+    def get_help_extra(self, ctx: click.Context):  # noqa: D102
+        extra = super().get_help_extra(ctx)
+        shown = self.show_default
+        if shown is not None and not isinstance(shown, bool):
+            extra["default"] = _shown(shown)
+        return extra
+
+
+def _shown(value) -> str:
+    """A default as a user would type it: 'inf', '1e-05', 'none', '60,40,40,60'."""
+    if value is None:
+        return "none"
+    if isinstance(value, (list, tuple)):
+        return ",".join(str(v) for v in value)
+    return str(value)
+
+
+def _option(*names: str, **kwargs):
+    """``click.option`` with :class:`_Option`: ``show_default=<value>`` prints that value."""
+    return click.option(*names, cls=_Option, **kwargs)
+
+
 def _partition_help() -> str:
     return (
         "How training data is split across sites: iid | dirichlet:ALPHA | by-label:K | "
@@ -63,123 +95,128 @@ def cli() -> None:
 
 
 @cli.command()
-@click.option(
+@_option(
     "--config",
     "config_file",
     type=click.Path(dir_okay=False),
     default=None,
+    show_default="none",
     help="Read settings from a JSON file (e.g. a run's config.json); flags override it.",
 )
-@click.option(
+@_option(
     "--dataset",
     default=None,
     show_default=_DEFAULTS.dataset,
     help="'synthetic' (offline default), a MedMNIST v2 name, read from DATA_DIR/NAME.npz, or "
     "module:function returning a DatasetBundle (see securefed.register_dataset).",
 )
-@click.option(
+@_option(
     "--data-dir",
     type=click.Path(file_okay=False),
     default=None,
-    help="Folder with MedMNIST .npz files [default: ~/.medmnist]. Nothing is downloaded.",
+    show_default="~/.medmnist",
+    help="Folder with MedMNIST .npz files. Nothing is downloaded.",
 )
-@click.option(
+@_option(
     "--data",
     type=click.Path(),
     default=None,
+    show_default="none (use --dataset)",
     help="An image-folder tree (train/<class>/*.png, optional val/, test/) or a .npz file.",
 )
-@click.option(
+@_option(
     "--data-option",
     "data_option",
     multiple=True,
     metavar="KEY=VALUE",
+    show_default="none",
     help="Loader option, repeatable: e.g. --data-option n_train=108 --data-option "
     "image_size=32 (synthetic-seg), image_size=64 (NIfTI).",
 )
-@click.option(
+@_option(
     "--num-classes",
     type=int,
     default=None,
-    help="Number of classes K of an .npz that declares none (no `class_names` array) "
-    "[default: largest training label + 1]; any label outside [0, K) is refused.",
+    show_default="largest training label + 1",
+    help="Number of classes K of an .npz that declares none (no `class_names` array); any "
+    "label outside [0, K) is refused.",
 )
-@click.option(
+@_option(
     "--model",
     default=None,
     show_default=_DEFAULTS.model,
     help="Model from the registry: cnn, densenet121, resnet18 (classification); unet, "
     "vit-unet (segmentation); or module:function building an nn.Module from a ModelSpec.",
 )
-@click.option(
+@_option(
     "--clients", type=int, default=None, show_default=_DEFAULTS.clients, help="Number of sites."
 )
-@click.option("--partition", default=None, show_default=_DEFAULTS.partition, help=_partition_help())
-@click.option(
+@_option("--partition", default=None, show_default=_DEFAULTS.partition, help=_partition_help())
+@_option(
     "--rounds", type=int, default=None, show_default=_DEFAULTS.rounds, help="Federated rounds."
 )
-@click.option(
+@_option(
     "--local-epochs",
     type=int,
     default=None,
     show_default=_DEFAULTS.local_epochs,
     help="Local epochs per round.",
 )
-@click.option(
+@_option(
     "--batch-size",
     type=int,
     default=None,
     show_default=_DEFAULTS.batch_size,
     help="Expected batch size (DP: Poisson sampling rate 1/ceil(n/B)).",
 )
-@click.option(
+@_option(
     "--max-physical-batch-size",
     type=click.IntRange(min=1),
     default=None,
+    show_default="whole batch",
     help="Run at most N records through the model at once; a larger batch is split and its "
-    "gradients accumulated into the same single DP step (same privacy, less memory) "
-    "[default: whole batch].",
+    "gradients accumulated into the same single DP step (same privacy, less memory).",
 )
-@click.option(
+@_option(
     "--lr", type=float, default=None, show_default=_DEFAULTS.lr, help="Local SGD learning rate."
 )
-@click.option(
+@_option(
     "--momentum",
     type=float,
     default=None,
     show_default=_DEFAULTS.momentum,
     help="Local SGD momentum.",
 )
-@click.option(
+@_option(
     "--client-fraction",
     type=float,
     default=None,
     show_default=_DEFAULTS.client_fraction,
     help="Fraction of sites sampled per round (not used as privacy amplification).",
 )
-@click.option(
+@_option(
     "--dp-epsilon",
     type=_Epsilon(),
     default=None,
     show_default=_DEFAULTS.dp_epsilon,
     help="Target ε per site over the whole run; 'inf' for the non-private baseline.",
 )
-@click.option("--no-dp", is_flag=True, help="Non-private baseline (same as --dp-epsilon inf).")
-@click.option(
+@_option("--no-dp", is_flag=True, help="Non-private baseline (same as --dp-epsilon inf).")
+@_option(
     "--dp-delta",
     type=float,
     default=None,
-    help="Largest δ a site may use; each site lowers it to at most 1/(10 n) for its own size "
-    "n [default: 1e-5].",
+    show_default="1e-5",
+    help="Largest δ a site may use; each site lowers it to at most 1/(10 n) for its own size n.",
 )
-@click.option(
+@_option(
     "--max-grad-norm",
     type=float,
     default=None,
     show_default=_DEFAULTS.max_grad_norm,
     help="Per-sample gradient clipping bound C.",
 )
-@click.option(
+@_option(
     "--accountant",
     type=click.Choice(ACCOUNTANTS + LEGACY_ACCOUNTANTS),
     default=None,
@@ -187,42 +224,45 @@ def cli() -> None:
     help="Accountant for calibration and reporting: dp_accounting PLD, replace-one adjacency "
     "(Opacus' prv/rdp/gdp account add/remove neighbours and are refused).",
 )
-@click.option(
+@_option(
     "--disclose-site-sizes/--keep-site-sizes",
     "disclose_site_sizes",
     default=None,
-    help="Write each site's training-set size and class counts into the run's files "
-    "[default: keep them at the sites].",
+    show_default="keep",
+    help="Write each site's training-set size and class counts into the run's files, or keep "
+    "them at the sites.",
 )
-@click.option(
+@_option(
     "--secure-agg",
     type=click.Choice(SECURE_AGG_MODES),
     is_flag=False,
     flag_value="mask",
     default=None,
-    show_default="none",
+    show_default=_DEFAULTS.secure_agg,
     help="Secure aggregation: none | mask (pairwise masking; the bare flag) | he (CKKS).",
 )
-@click.option(
+@_option(
     "--secagg-threshold",
     type=int,
     default=None,
-    help="Masking: Shamir threshold t within a neighbourhood [default: 2/3 majority].",
+    show_default="2/3 majority",
+    help="Masking: Shamir threshold t within a neighbourhood.",
 )
-@click.option(
+@_option(
     "--secagg-neighbors",
     type=int,
     default=None,
-    help="Masking: SecAgg+ neighbours per site, ~O(log n) [default: all sites].",
+    show_default="all sites",
+    help="Masking: SecAgg+ neighbours per site, ~O(log n).",
 )
-@click.option(
+@_option(
     "--secagg-ring-bits",
     type=click.Choice(["32", "64"]),
     default=None,
-    show_default="64",
+    show_default=_DEFAULTS.secagg_ring_bits,
     help="Masking: fixed-point ring Z_(2^k).",
 )
-@click.option(
+@_option(
     "--secagg-clip",
     type=float,
     default=None,
@@ -230,41 +270,41 @@ def cli() -> None:
     help="Masking: largest |n_i * update| per coordinate; beyond it values are clipped "
     "and counted.",
 )
-@click.option(
+@_option(
     "--he-poly-modulus-degree",
     type=int,
     default=None,
     show_default=_DEFAULTS.he_poly_modulus_degree,
     help="CKKS ring degree N (slots N/2).",
 )
-@click.option(
+@_option(
     "--he-coeff-bits",
     default=None,
-    show_default="60,40,40,60",
+    show_default=_DEFAULTS.he_coeff_mod_bit_sizes,
     help="CKKS coefficient modulus bit sizes, comma-separated.",
 )
-@click.option(
+@_option(
     "--he-scale-bits",
     type=int,
     default=None,
     show_default=_DEFAULTS.he_scale_bits,
     help="CKKS scale 2^bits.",
 )
-@click.option(
+@_option(
     "--dropout-clients",
     type=float,
     default=None,
-    show_default=0,
+    show_default=0,  # RunConfig's 0.0: a count, shown as one
     help="Simulated dropouts per round: a count K, or a rate in (0, 1).",
 )
-@click.option(
+@_option(
     "--dropout-phase",
     type=click.Choice(["after", "before"]),
     default=None,
-    show_default="after",
+    show_default=_DEFAULTS.dropout_phase,
     help="Sites drop after uploading their masked input (recovered) or before.",
 )
-@click.option(
+@_option(
     "--seed",
     type=int,
     default=None,
@@ -272,158 +312,172 @@ def cli() -> None:
     help="Seed for data, partition, init, augmentation and site sampling (DP noise: see "
     "--reproducible-noise).",
 )
-@click.option(
+@_option(
     "--device",
     type=click.Choice(DEVICES),
     default=None,
     show_default=_DEFAULTS.device,
     help="Where to train.",
 )
-@click.option(
+@_option(
     "--conv-acc-tol",
     type=float,
     default=None,
     show_default=_DEFAULTS.conv_acc_tol,
     help="Convergence: accuracy change below this counts as stable.",
 )
-@click.option(
+@_option(
     "--conv-loss-tol",
     type=float,
     default=None,
     show_default=_DEFAULTS.conv_loss_tol,
     help="Convergence: loss change below this counts as stable.",
 )
-@click.option(
+@_option(
     "--conv-patience",
     type=int,
     default=None,
     show_default=_DEFAULTS.conv_patience,
     help="Convergence: consecutive stable rounds required.",
 )
-@click.option(
+@_option(
     "--task",
     type=click.Choice(TASKS),
     default=None,
-    show_default="auto",
+    show_default=_DEFAULTS.task,
     help="classification or segmentation; auto follows the data set.",
 )
-@click.option(
+@_option(
     "--fusion",
     type=click.Choice(FUSIONS),
     default=None,
-    show_default="early",
+    show_default=_DEFAULTS.fusion,
     help="Multi-modal input: early (modalities as channels) or late (one encoder each).",
 )
-@click.option(
+@_option(
     "--augment/--no-augment",
     default=None,
+    show_default="--augment" if _DEFAULTS.augment else "--no-augment",
     help="TorchIO augmentation of training data (flip, affine, elastic, bias field, noise).",
 )
-@click.option(
+@_option(
     "--strategy",
     type=click.Choice(STRATEGIES),
     default=None,
-    show_default="fedavg",
+    show_default=_DEFAULTS.strategy,
     help="fedavg | fedprox | ftl (transfer from --pretrained) | cfl (clustered, IFCA).",
 )
-@click.option(
-    "--prox-mu", type=float, default=None, help="FedProx weight mu [default: 0.01 for fedprox]."
+@_option(
+    "--prox-mu",
+    type=float,
+    default=None,
+    show_default="0.01 for fedprox",
+    help="FedProx weight mu.",
 )
-@click.option(
+@_option(
     "--server-opt",
     type=click.Choice(SERVER_OPTIMIZERS),
     default=None,
-    show_default="none",
+    show_default=_DEFAULTS.server_opt,
     help="Server optimizer on the aggregate: none (FedAvg) | avgm (FedAvgM) | adam (FedAdam).",
 )
-@click.option(
-    "--server-lr", type=float, default=None, help="Server step size [default: 1; adam 0.01]."
+@_option(
+    "--server-lr",
+    type=float,
+    default=None,
+    show_default="1; adam 0.01",
+    help="Server step size.",
 )
-@click.option(
+@_option(
     "--server-momentum",
     type=float,
     default=None,
     show_default=_DEFAULTS.server_momentum,
     help="FedAvgM momentum / FedAdam beta1.",
 )
-@click.option(
+@_option(
     "--pretrained",
     type=click.Path(dir_okay=False),
     default=None,
+    show_default="none",
     help="Start from these safetensors weights (see `securefed pretrain`).",
 )
-@click.option(
+@_option(
     "--freeze",
     default=None,
-    help="none | backbone | comma-separated module prefixes [default: backbone for ftl].",
+    show_default="none; backbone for ftl",
+    help="none | backbone | comma-separated module prefixes.",
 )
-@click.option(
+@_option(
     "--public-fraction",
     type=float,
     default=None,
     show_default=_DEFAULTS.public_fraction,
     help="Share of the training split declared public (pretraining); sites get the rest.",
 )
-@click.option(
+@_option(
     "--public-seed",
     type=int,
     default=None,
     show_default=_DEFAULTS.public_seed,
     help="Seed of the public/private split; must match `securefed pretrain`.",
 )
-@click.option(
+@_option(
     "--schedule",
     type=click.Choice(SCHEDULES),
     default=None,
-    show_default="parallel",
+    show_default=_DEFAULTS.schedule,
     help="parallel, or cyclic (the model visits the sites in turn; no secure aggregation).",
 )
-@click.option(
+@_option(
     "--clusters",
     type=int,
     default=None,
     show_default=_DEFAULTS.clusters,
     help="cfl: number of cluster models K.",
 )
-@click.option(
+@_option(
     "--personalize",
     type=int,
     default=None,
-    show_default=0,
+    show_default=_DEFAULTS.personalize,
     help="Digital twins: fine-tuning epochs per site on its own data (0 = off).",
 )
-@click.option(
+@_option(
     "--personalize-when",
     type=click.Choice(PERSONALIZE_WHEN),
     default=None,
-    show_default="end",
+    show_default=_DEFAULTS.personalize_when,
     help="Fine-tune the twins after the last round only, or after every round.",
 )
-@click.option(
+@_option(
     "--personalize-lr",
     type=float,
     default=None,
-    help="Learning rate of twin fine-tuning [default: --lr].",
+    show_default="--lr",
+    help="Learning rate of twin fine-tuning.",
 )
-@click.option(
+@_option(
     "--reproducible-noise",
     is_flag=True,
     default=None,
     help="Derive DP noise and Poisson sampling from --seed (research only: anyone who knows "
     "the seed can replay a site's training, so ε does not hold against them).",
 )
-@click.option(
+@_option(
     "--out",
     type=click.Path(file_okay=False),
     default=None,
-    help="Output folder [default: runs/<timestamp>].",
+    show_default="runs/<timestamp>",
+    help="Output folder.",
 )
-@click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
-@click.option(
+@_option("--quiet", "-q", is_flag=True, help="No progress bars.")
+@_option(
     "--resume",
     "resume",
     type=click.Path(file_okay=False),
     default=None,
+    show_default="none",
     help="Continue an interrupted run from its last complete round (the RUN.partial-* folder "
     "it left); other options must be the run's own or left out.",
 )
@@ -573,11 +627,23 @@ def _run_line(run_dir: Path) -> str:
 
 
 @cli.command()
-@click.option("--dataset", default="synthetic", show_default=True, help="Public source data set.")
-@click.option("--data-dir", type=click.Path(file_okay=False), default=None, help="MedMNIST folder.")
-@click.option("--data", type=click.Path(), default=None, help="A data folder or .npz file.")
-@click.option("--model", default="cnn", show_default=True, help="Model to pretrain.")
-@click.option(
+@_option("--dataset", default="synthetic", show_default=True, help="Public source data set.")
+@_option(
+    "--data-dir",
+    type=click.Path(file_okay=False),
+    default=None,
+    show_default="~/.medmnist",
+    help="MedMNIST folder.",
+)
+@_option(
+    "--data",
+    type=click.Path(),
+    default=None,
+    show_default="none (use --dataset)",
+    help="A data folder or .npz file.",
+)
+@_option("--model", default="cnn", show_default=True, help="Model to pretrain.")
+@_option(
     "--public-fraction",
     type=float,
     default=0.0,
@@ -585,15 +651,15 @@ def _run_line(run_dir: Path) -> str:
     help="Pretrain on only this declared-public share of the training split (0: all of it, "
     "for a data set no site holds).",
 )
-@click.option("--public-seed", type=int, default=0, show_default=True, help="Public split seed.")
-@click.option("--epochs", type=int, default=10, show_default=True, help="Training epochs.")
-@click.option("--batch-size", type=int, default=64, show_default=True, help="Batch size.")
-@click.option("--lr", type=float, default=0.05, show_default=True, help="SGD learning rate.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Init and shuffle seed.")
-@click.option("--device", type=click.Choice(DEVICES), default="auto", show_default=True)
-@click.option("--fusion", type=click.Choice(FUSIONS), default="early", show_default=True)
-@click.option("--out", type=click.Path(file_okay=False), required=True, help="Output folder.")
-@click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+@_option("--public-seed", type=int, default=0, show_default=True, help="Public split seed.")
+@_option("--epochs", type=int, default=10, show_default=True, help="Training epochs.")
+@_option("--batch-size", type=int, default=64, show_default=True, help="Batch size.")
+@_option("--lr", type=float, default=0.05, show_default=True, help="SGD learning rate.")
+@_option("--seed", type=int, default=0, show_default=True, help="Init and shuffle seed.")
+@_option("--device", type=click.Choice(DEVICES), default="auto", show_default=True)
+@_option("--fusion", type=click.Choice(FUSIONS), default="early", show_default=True)
+@_option("--out", type=click.Path(file_okay=False), required=True, help="Output folder.")
+@_option("--quiet", "-q", is_flag=True, help="No progress bar.")
 def pretrain(out, quiet, **options) -> None:
     """Pretrain on public data (no DP, no privacy cost) for `train --strategy ftl`.
 
@@ -618,16 +684,17 @@ def pretrain(out, quiet, **options) -> None:
 
 @cli.command()
 @click.argument("run_dir", type=click.Path())
-@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
-@click.option(
+@_option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@_option(
     "--site-keys",
     "site_keys_file",
     type=click.Path(dir_okay=False),
     default=None,
+    show_default="none",
     help='Trusted site public keys, JSON {"<client_id>": "<hex>"}; the report\'s keys must '
     "equal them. Without it the report's keys are self-asserted.",
 )
-@click.option(
+@_option(
     "--allow-reproducible-noise",
     is_flag=True,
     help="Accept a run whose DP noise came from a seed (test runs only: anyone with the seed "
@@ -736,17 +803,15 @@ def _bench_options(default_seeds: str):
     """Options every suite takes: --out, --quick, --seeds, --device."""
 
     def deco(fn):
-        fn = click.option(
-            "--device", type=click.Choice(DEVICES), default="auto", show_default=True
-        )(fn)
-        fn = click.option(
+        fn = _option("--device", type=click.Choice(DEVICES), default="auto", show_default=True)(fn)
+        fn = _option(
             "--seeds",
             default=None,
             show_default=default_seeds,
             help="Comma-separated seeds; tables show mean ± std over them.",
         )(fn)
-        fn = click.option("--quick", is_flag=True, help="A small grid: minutes on 2 CPU cores.")(fn)
-        return click.option(
+        fn = _option("--quick", is_flag=True, help="A small grid: minutes on 2 CPU cores.")(fn)
+        return _option(
             "--out",
             type=click.Path(file_okay=False),
             default=None,
@@ -796,10 +861,21 @@ def bench_secure_agg(out, quick, seeds, device) -> None:
 
 @bench.command("privacy-utility")
 @_bench_options(default_seeds="0,1,2 (quick: 0)")
-@click.option("--data-dir", type=click.Path(file_okay=False), default=None, help="MedMNIST folder.")
-@click.option("--dataset", default="pneumoniamnist", show_default=True, help="Data set name.")
-@click.option("--epsilons", default=None, help="Comma-separated ε, inf = no DP [1,2,4,8,inf].")
-@click.option("--rounds", type=int, default=None, help="Rounds per run [default: 10; quick 3].")
+@_option(
+    "--data-dir",
+    type=click.Path(file_okay=False),
+    default=None,
+    show_default="~/.medmnist",
+    help="MedMNIST folder.",
+)
+@_option("--dataset", default="pneumoniamnist", show_default=True, help="Data set name.")
+@_option(
+    "--epsilons",
+    default=None,
+    show_default="1,2,4,8,inf",
+    help="Comma-separated ε, inf = no DP.",
+)
+@_option("--rounds", type=int, default=None, help="Rounds per run [default: 10; quick 3].")
 def bench_privacy_utility(out, quick, seeds, device, data_dir, dataset, epsilons, rounds):
     """ε × {fedavg, ftl} × {none, mask, he}: accuracy, convergence, time, bytes, spent ε."""
     import dataclasses
@@ -828,7 +904,9 @@ def bench_privacy_utility(out, quick, seeds, device, data_dir, dataset, epsilons
 
 @bench.command("scaling")
 @_bench_options(default_seeds="0,1,2 (quick: 0)")
-@click.option("--sites", default=None, help="Comma-separated site counts [2,5,10,20,50,100].")
+@_option(
+    "--sites", default=None, show_default="2,5,10,20,50,100", help="Comma-separated site counts."
+)
 def bench_scaling(out, quick, seeds, device, sites):
     """2 -> 100 sites at fixed total data: seconds per round and peak memory."""
     import dataclasses
@@ -851,8 +929,14 @@ def bench_scaling(out, quick, seeds, device, sites):
 
 @bench.command("seeds")
 @_bench_options(default_seeds="0,1,2 (quick: 0)")
-@click.option("--data-dir", type=click.Path(file_okay=False), default=None, help="MedMNIST folder.")
-@click.option("--dataset", default="pneumoniamnist", show_default=True, help="Data set name.")
+@_option(
+    "--data-dir",
+    type=click.Path(file_okay=False),
+    default=None,
+    show_default="~/.medmnist",
+    help="MedMNIST folder.",
+)
+@_option("--dataset", default="pneumoniamnist", show_default=True, help="Data set name.")
 def bench_seeds(out, quick, seeds, device, data_dir, dataset):
     """The paper-style experiments: FL vs CFL vs FTL, and global model vs digital twin."""
     import dataclasses
@@ -878,19 +962,23 @@ def bench_seeds(out, quick, seeds, device, data_dir, dataset):
 
 @bench.command("strategies")
 @_bench_options(default_seeds="0")
-@click.option("--data-dir", type=click.Path(file_okay=False), default=None, help="MedMNIST folder.")
-@click.option("--dataset", default="pneumoniamnist", show_default=True, help="Data set name.")
-@click.option(
+@_option(
+    "--data-dir",
+    type=click.Path(file_okay=False),
+    default=None,
+    show_default="~/.medmnist",
+    help="MedMNIST folder.",
+)
+@_option("--dataset", default="pneumoniamnist", show_default=True, help="Data set name.")
+@_option(
     "--arms",
     default="fl,cfl,ftl",
     show_default=True,
     help="Comma-separated: fl, fedprox, cfl, ftl (frozen backbone), ftl-all (fine-tune all).",
 )
-@click.option(
-    "--epsilons", default="8,inf", show_default=True, help="Comma-separated ε; inf = no DP."
-)
-@click.option("--rounds", type=int, default=None, help="Rounds per run [default: 10; quick 4].")
-@click.option("--model", default=None, help="Model for every arm [default: cnn].")
+@_option("--epsilons", default="8,inf", show_default=True, help="Comma-separated ε; inf = no DP.")
+@_option("--rounds", type=int, default=None, help="Rounds per run [default: 10; quick 4].")
+@_option("--model", default=None, help="Model for every arm [default: cnn].")
 def bench_strategies(out, quick, seeds, device, data_dir, dataset, arms, epsilons, rounds, model):
     """FL vs CFL vs FTL on the same non-IID sites (accuracy, P/R/F1, convergence)."""
     import dataclasses
@@ -918,10 +1006,8 @@ def bench_strategies(out, quick, seeds, device, data_dir, dataset, arms, epsilon
 
 @bench.command("twins")
 @_bench_options(default_seeds="0")
-@click.option(
-    "--epsilons", default="inf,8", show_default=True, help="Comma-separated ε; inf = no DP."
-)
-@click.option("--model", default=None, help="Segmentation model [default: unet].")
+@_option("--epsilons", default="inf,8", show_default=True, help="Comma-separated ε; inf = no DP.")
+@_option("--model", default=None, help="Segmentation model [default: unet].")
 def bench_twins(out, quick, seeds, device, epsilons, model):
     """Digital twins: global vs twin Dice per hospital (3D segmentation, 9 sites)."""
     import dataclasses
@@ -949,16 +1035,16 @@ def report(folder) -> None:
 
 
 @cli.command()
-@click.option("--out", type=click.Path(file_okay=False), required=True, help="Folder to write.")
-@click.option(
+@_option("--out", type=click.Path(file_okay=False), required=True, help="Folder to write.")
+@_option(
     "--hosts",
     default="127.0.0.1,localhost",
     show_default=True,
     help="Comma-separated names/IPs the sites dial the server by (certificate SANs).",
 )
-@click.option("--sites", type=int, default=3, show_default=True, help="Site key pairs to make.")
-@click.option("--days", type=int, default=30, show_default=True, help="Validity in days.")
-@click.option("--overwrite", is_flag=True, help="Replace existing files.")
+@_option("--sites", type=int, default=3, show_default=True, help="Site key pairs to make.")
+@_option("--days", type=int, default=30, show_default=True, help="Validity in days.")
+@_option("--overwrite", is_flag=True, help="Replace existing files.")
 def certs(out, hosts, sites, days, overwrite) -> None:
     """Create a TEST certificate authority, server certificate and site keys (for trials).
 
@@ -984,11 +1070,12 @@ def deploy() -> None:
 
 
 def _tls_options(f):
-    f = click.option("--insecure", is_flag=True, help="No TLS (closed test networks only).")(f)
-    return click.option(
+    f = _option("--insecure", is_flag=True, help="No TLS (closed test networks only).")(f)
+    return _option(
         "--certs",
         type=click.Path(file_okay=False, exists=True),
         default=None,
+        show_default="none",
         help="Folder with ca.crt (and, for the server, server.pem/server.key).",
     )(f)
 
@@ -1009,13 +1096,14 @@ def _exec(cmd: list[str]) -> None:
 
 @deploy.command("server")
 @_tls_options
-@click.option("--host", default="127.0.0.1", show_default=True, help="Listen address.")
-@click.option("--port", type=int, default=8000, show_default=True, help="The one HTTP port.")
-@click.option("--node-auth", is_flag=True, help="Accept only registered site keys.")
-@click.option(
+@_option("--host", default="127.0.0.1", show_default=True, help="Listen address.")
+@_option("--port", type=int, default=8000, show_default=True, help="The one HTTP port.")
+@_option("--node-auth", is_flag=True, help="Accept only registered site keys.")
+@_option(
     "--database",
     type=click.Path(dir_okay=False),
     default=None,
+    show_default="in memory",
     help="SQLite file for the server's state (node registrations survive a restart).",
 )
 def deploy_server(certs, insecure, host, port, node_auth, database) -> None:
@@ -1036,7 +1124,7 @@ def deploy_server(certs, insecure, host, port, node_auth, database) -> None:
 
 @deploy.command("register")
 @_tls_options
-@click.option("--superlink", default="127.0.0.1:8000", show_default=True, help="host:port.")
+@_option("--superlink", default="127.0.0.1:8000", show_default=True, help="host:port.")
 @click.argument("public_key", type=click.Path(dir_okay=False, exists=True))
 def deploy_register(certs, insecure, superlink, public_key) -> None:
     """Register a site's public key (site{i}.pub) with a server started with --node-auth."""
@@ -1058,55 +1146,61 @@ def deploy_register(certs, insecure, superlink, public_key) -> None:
 
 @deploy.command("site")
 @_tls_options
-@click.option("--superlink", default="127.0.0.1:8000", show_default=True, help="host:port.")
-@click.option("--site-id", type=int, required=True, help="This hospital's id, 0..N-1.")
-@click.option("--dataset", default=None, help="Data set name [default: the run's].")
-@click.option("--data-dir", default=None, help="Folder of the data set.")
-@click.option("--data", default=None, help="This hospital's data folder or file.")
-@click.option(
+@_option("--superlink", default="127.0.0.1:8000", show_default=True, help="host:port.")
+@_option("--site-id", type=int, required=True, help="This hospital's id, 0..N-1.")
+@_option("--dataset", default=None, help="Data set name [default: the run's].")
+@_option("--data-dir", default=None, show_default="none", help="Folder of the data set.")
+@_option("--data", default=None, show_default="none", help="This hospital's data folder or file.")
+@_option(
     "--shard",
     is_flag=True,
     help="Trials: take shard SITE_ID of a data set all sites share, as in-process.",
 )
-@click.option("--device", default=None, help="cpu, cuda or auto [default: the run's].")
-@click.option("--runtime-port", type=int, default=None, help="Local port [9094 + site id].")
-@click.option(
+@_option("--device", default=None, help="cpu, cuda or auto [default: the run's].")
+@_option(
+    "--runtime-port", type=int, default=None, show_default="9094 + site id", help="Local port."
+)
+@_option(
     "--auth-key",
     type=click.Path(dir_okay=False, exists=True),
     default=None,
+    show_default="none",
     help="This site's private key (site{i}.key) for a server with --node-auth.",
 )
-@click.option(
+@_option(
     "--he-key",
     type=click.Path(dir_okay=False, exists=True),
     default=None,
+    show_default="none",
     help="The sites' CKKS secret context (ckks-<id>.secret) for --secure-agg he.",
 )
-@click.option(
+@_option(
     "--max-epsilon",
     type=float,
     default=None,
+    show_default="no limit",
     help="This hospital's policy: refuse runs targeting a larger epsilon, or no DP.",
 )
-@click.option(
+@_option(
     "--max-delta",
     type=float,
     default=None,
+    show_default="no limit",
     help="This hospital's policy: refuse runs whose delta bound (--dp-delta) is larger.",
 )
-@click.option(
+@_option(
     "--disclose-size",
     is_flag=True,
     help="Allow this site's training-set size into the run's files (off: it stays here).",
 )
-@click.option(
+@_option(
     "--signing-key",
     type=click.Path(dir_okay=False),
     default=None,
     help="This site's Ed25519 key for its signed privacy claims; created (0600) if missing "
     "[default: site<SITE_ID>.signing.key in the current folder].",
 )
-@click.option(
+@_option(
     "--allow-reproducible-noise",
     is_flag=True,
     help="Accept --reproducible-noise runs (research only: their ε does not hold against "
@@ -1165,10 +1259,27 @@ def deploy_site(
 
 
 @deploy.command("he-keys")
-@click.option("--out", type=click.Path(file_okay=True), required=True, help="Existing folder.")
-@click.option("--he-poly-modulus-degree", type=int, default=None, help="CKKS ring degree N.")
-@click.option("--he-coeff-bits", default=None, help="CKKS moduli in bits, e.g. 60,40,40,60.")
-@click.option("--he-scale-bits", type=int, default=None, help="CKKS scale 2^bits.")
+@_option("--out", type=click.Path(file_okay=True), required=True, help="Existing folder.")
+@_option(
+    "--he-poly-modulus-degree",
+    type=int,
+    default=None,
+    show_default=_DEFAULTS.he_poly_modulus_degree,
+    help="CKKS ring degree N.",
+)
+@_option(
+    "--he-coeff-bits",
+    default=None,
+    show_default=_DEFAULTS.he_coeff_mod_bit_sizes,
+    help="CKKS moduli in bits, comma-separated.",
+)
+@_option(
+    "--he-scale-bits",
+    type=int,
+    default=None,
+    show_default=_DEFAULTS.he_scale_bits,
+    help="CKKS scale 2^bits.",
+)
 def deploy_he_keys(out, he_poly_modulus_degree, he_coeff_bits, he_scale_bits) -> None:
     """Create the sites' shared CKKS key set (run it at one site; copy to the others).
 
@@ -1194,13 +1305,19 @@ def deploy_he_keys(out, he_poly_modulus_degree, he_coeff_bits, he_scale_bits) ->
 
 @deploy.command("run")
 @_tls_options
-@click.option("--superlink", default="127.0.0.1:8000", show_default=True, help="host:port.")
-@click.option("--out", type=click.Path(file_okay=False), required=True, help="Run folder.")
-@click.option("--resume", is_flag=True, help="Continue from OUT/checkpoint after a restart.")
-@click.option("--fit-timeout", type=float, default=3600.0, show_default=True, help="Seconds.")
-@click.option("--stage-timeout", type=float, default=300.0, show_default=True, help="Seconds.")
-@click.option("--connect-timeout", type=float, default=300.0, show_default=True, help="Seconds.")
-@click.option("--stop-after", type=int, default=0, help="Stop after N rounds (drills).")
+@_option("--superlink", default="127.0.0.1:8000", show_default=True, help="host:port.")
+@_option("--out", type=click.Path(file_okay=False), required=True, help="Run folder.")
+@_option("--resume", is_flag=True, help="Continue from OUT/checkpoint after a restart.")
+@_option("--fit-timeout", type=float, default=3600.0, show_default=True, help="Seconds.")
+@_option("--stage-timeout", type=float, default=300.0, show_default=True, help="Seconds.")
+@_option("--connect-timeout", type=float, default=300.0, show_default=True, help="Seconds.")
+@_option(
+    "--stop-after",
+    type=int,
+    default=0,
+    show_default="0: run every round",
+    help="Stop after N rounds (drills).",
+)
 def deploy_run(
     certs,
     insecure,
@@ -1216,7 +1333,11 @@ def deploy_run(
     data_option,
     **flags,
 ) -> None:
-    """Submit a run (the same options as `securefed train`) to a deployment and wait."""
+    """Submit a run to a deployment and wait.
+
+    Takes `securefed train`'s options, except what only the in-process runtime runs for now:
+    cfl, twins (--personalize), --schedule cyclic, --public-fraction, --dropout-clients.
+    """
     from securefed.deploy.launch import RunOptions, submit
 
     flags.pop("quiet", None)
@@ -1236,8 +1357,38 @@ def deploy_run(
     click.echo(_run_line(run_dir) if (run_dir / "privacy.json").exists() else f"stopped: {run_dir}")
 
 
+# `train` options the Flower runtime refuses (see check_deployable), with those that only
+# qualify them. `deploy run` still parses them, so each gets check_deployable's one-line error
+# (not click's "no such option"), but its --help does not offer them.
+_NOT_DEPLOYABLE = {
+    "schedule",
+    "personalize",
+    "personalize_when",
+    "personalize_lr",
+    "public_fraction",
+    "public_seed",
+    "dropout_clients",
+    "dropout_phase",
+    "clusters",
+}
+
+
+def _deploy_run_option(option: click.Parameter) -> click.Parameter:
+    """`train`'s option as `deploy run` shows it: hidden if refused, cfl left out of --strategy."""
+    if option.name in _NOT_DEPLOYABLE:
+        option = copy.copy(option)  # train's own option stays visible
+        option.hidden = True
+    elif option.name == "strategy":
+        option = copy.copy(option)
+        option.metavar = "[fedavg|fedprox|ftl]"
+        option.help = "fedavg | fedprox | ftl (transfer from --pretrained)."
+    return option
+
+
 # `deploy run` takes every `train` option (minus --out and --resume, which it has, and --quiet).
-deploy_run.params.extend(p for p in train.params if p.name not in {"out", "quiet", "resume"})
+deploy_run.params.extend(
+    _deploy_run_option(p) for p in train.params if p.name not in {"out", "quiet", "resume"}
+)
 
 
 def main() -> None:

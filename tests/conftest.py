@@ -1,13 +1,87 @@
-"""Shared fixtures: real data from ../shared/data, and small fast run configurations."""
+"""Shared fixtures: real data from ../shared/data, and small fast run configurations.
+
+Also a session guard: tests write only under temporary folders, so a run that leaves new files
+in the checkout fails (``runs/<timestamp>/`` from a ``train`` without ``--out`` once did).
+"""
 
 from __future__ import annotations
 
 import os
+import subprocess
 from pathlib import Path
 
 import pytest
+from hypothesis import settings
 
-SHARED_DATA_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+# One OpenMP thread per test process (subprocesses inherit it; set it yourself to override).
+# The tests' models are tiny, so more threads barely help, and on a loaded machine torch's
+# threads wait on each other at every barrier: on 2 cores beside another busy process the
+# suite ran several times slower. Set before anything imports torch.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA_DIR = REPO_ROOT.parent / "shared" / "data"
+
+# Hypothesis would keep its example database in ./.hypothesis, inside the checkout.
+settings.register_profile("securefed", database=None)
+settings.load_profile("securefed")
+
+# Written by Python, pytest and Hypothesis themselves (all git-ignored), not by tests.
+_TOOL_CACHES = ("__pycache__", ".pytest_cache", ".hypothesis")
+# Output folders the package writes by default; git ignores them, so their contents are listed.
+_IGNORED_OUTPUTS = ("runs", "bench-out")
+_BEFORE = pytest.StashKey[set | None]()
+
+
+def _git_status(*options: str) -> list[str] | None:
+    try:
+        proc = subprocess.run(
+            ["git", "status", "--porcelain", *options],
+            cwd=REPO_ROOT,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return proc.stdout.splitlines() if proc.returncode == 0 else None
+
+
+def _checkout_files() -> set[str] | None:
+    """Untracked paths in the checkout (ignored ones too), or None outside a git checkout."""
+    if not (REPO_ROOT / ".git").exists():
+        return None  # e.g. an unpacked sdist; a parent repository is not ours to watch
+    untracked = _git_status("--untracked-files=all")
+    # Ignored folders come as one entry each ("runs/", ".venv/"): walking them would be slow.
+    ignored = _git_status("--untracked-files=normal", "--ignored")
+    if untracked is None or ignored is None:
+        return None
+    paths = {line[3:] for line in untracked + ignored if line[:2] in ("??", "!!")}
+    for folder in _IGNORED_OUTPUTS:  # ... so list the package's output folders one level down
+        if (REPO_ROOT / folder).is_dir():
+            paths |= {f"{folder}/{child.name}" for child in (REPO_ROOT / folder).iterdir()}
+    return {p for p in paths if not any(part in _TOOL_CACHES for part in Path(p).parts)}
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    session.config.stash[_BEFORE] = _checkout_files()
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    before = session.config.stash.get(_BEFORE, None)
+    after = _checkout_files() if before is not None else None
+    if before is None or after is None:
+        return  # not a git checkout (e.g. an unpacked sdist): nothing to compare
+    gained = sorted(after - before)
+    if gained:
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+        reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+        message = "tests wrote into the checkout (write under tmp_path): " + ", ".join(gained)
+        if reporter is not None:
+            reporter.ensure_newline()
+            reporter.write_line(f"FAILED {message}", red=True, bold=True)
+        else:
+            print(message)
 
 
 @pytest.fixture(scope="session")

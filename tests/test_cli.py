@@ -57,6 +57,7 @@ def test_help_lists_every_training_option():
 
 
 @pytest.mark.slow
+@pytest.mark.integration
 def test_train_then_audit_round_trip(tmp_path):
     npz = write_small_npz(tmp_path / "tiny.npz")
     out = tmp_path / "run"
@@ -141,9 +142,14 @@ def test_bad_npz_files_give_one_line_errors(tmp_path, arrays, fragment):
 def test_corrupt_and_missing_files(tmp_path):
     bad = tmp_path / "corrupt.npz"
     bad.write_bytes(b"PK\x03\x04 this is not a zip")
-    _assert_one_line_error(securefed("train", "--data", bad, "--quiet"), "corrupt.npz")
+    out = tmp_path / "o"  # every run gets an --out: the default, runs/<timestamp>, is in cwd
     _assert_one_line_error(
-        securefed("train", "--dataset", "nosuchmnist", "--data-dir", tmp_path, "--quiet"),
+        securefed("train", "--data", bad, "--quiet", "--out", out), "corrupt.npz"
+    )
+    _assert_one_line_error(
+        securefed(
+            "train", "--dataset", "nosuchmnist", "--data-dir", tmp_path, "--quiet", "--out", out
+        ),
         "nosuchmnist.npz",
     )
 
@@ -174,9 +180,10 @@ def test_unreachable_epsilon_says_what_to_change(tmp_path):
 
 
 def test_invalid_flags_are_rejected_by_name(tmp_path):
-    proc = securefed("train", "--clients", 0, "--quiet")
+    out = tmp_path / "o"
+    proc = securefed("train", "--clients", 0, "--quiet", "--out", out)
     _assert_one_line_error(proc, "`--clients` (clients)")
-    proc = securefed("train", "--partition", "zipf:2", "--quiet")
+    proc = securefed("train", "--partition", "zipf:2", "--quiet", "--out", out)
     _assert_one_line_error(proc, "zipf")
-    proc = securefed("train", "--dp-epsilon", "-1", "--quiet")
+    proc = securefed("train", "--dp-epsilon", "-1", "--quiet", "--out", out)
     assert proc.returncode != 0 and "must be positive" in proc.stderr

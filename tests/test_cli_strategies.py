@@ -32,6 +32,7 @@ def test_help_lists_the_strategy_options():
 
 
 @pytest.mark.slow
+@pytest.mark.integration
 def test_pretrain_then_ftl_under_he_then_audit(tmp_path):
     npz = write_small_npz(tmp_path / "tiny.npz")
     pre = securefed(
@@ -58,6 +59,7 @@ def test_pretrain_then_ftl_under_he_then_audit(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.integration
 def test_cfl_with_twins_under_masking_reports_membership_and_makes_no_dp_claim(tmp_path):
     npz = write_small_npz(tmp_path / "tiny.npz")
     run = tmp_path / "run"
@@ -127,6 +129,7 @@ def test_bad_strategy_settings_are_one_line_errors(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.integration
 def test_report_command_renders_a_run(tmp_path):
     npz = write_small_npz(tmp_path / "tiny.npz")
     run = tmp_path / "run"

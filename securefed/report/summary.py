@@ -7,7 +7,14 @@ from typing import Any
 
 from securefed.metrics import HEADLINE_METRICS
 
-__all__ = ["write_summary", "plot_run", "headline_for"]
+__all__ = [
+    "write_summary",
+    "plot_run",
+    "curves_figure",
+    "epsilon_figure",
+    "headline_for",
+    "curve_metrics",
+]
 
 _LABELS = {
     "accuracy": "accuracy",
@@ -42,23 +49,84 @@ def _fmt(x: Any, digits: int = 3) -> str:
     return str(x)
 
 
+# What curves.png shows for a classification run: the figures the README tells users to read
+# (accuracy alone misleads on imbalanced sets, hence balanced accuracy, AUC and macro F1).
+CURVE_METRICS = ("accuracy", "balanced_accuracy", "auc", "macro_f1")
+# Line style and marker per curve, so that overlapping curves (accuracy and balanced accuracy
+# coincide on a balanced test split) stay distinguishable, in colour or not.
+_STYLES = (("-", "o"), ("--", "s"), ("-.", "^"), (":", "D"), ((0, (5, 1, 1, 1)), "v"))
+_SITE_MARKERS = "os^Dv<>pP*Xh"
+_SITE_LINES = ("-", "--", "-.", ":")
+
+
+def curve_metrics(metrics: dict[str, Any]) -> tuple[str, ...]:
+    """The metrics curves.png plots against the round (loss has its own panel)."""
+    if metrics.get("task") == "segmentation":
+        return tuple(k for k in headline_for(metrics) if k != "loss")
+    return CURVE_METRICS
+
+
+def _integer_rounds(ax, xs: list[int]) -> None:
+    """Round numbers only on the x axis, also for a 1-round run (one integer in view)."""
+    from matplotlib.ticker import MaxNLocator
+
+    # min_n_ticks=1: MaxNLocator's default (2) falls back to fractional ticks when the view
+    # holds a single integer, as a 1-round run's does.
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
+    if xs:
+        ax.set_xlim(min(xs) - 0.5, max(xs) + 0.5)
+
+
 def plot_run(out: Path, *, metrics: dict[str, Any], privacy: dict[str, Any]) -> list[str]:
-    """Write ``curves.png`` (accuracy and loss vs round) and ``epsilon.png``; return names."""
+    """Write ``curves.png`` (test metrics and loss vs round) and ``epsilon.png``; return names.
+
+    See :func:`curves_figure` and :func:`epsilon_figure` for what each shows.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from matplotlib.ticker import MaxNLocator
+
+    figures = {"curves.png": curves_figure(metrics)}
+    if privacy.get("dp"):
+        figures["epsilon.png"] = epsilon_figure(metrics, privacy)
+    for name, fig in figures.items():
+        fig.savefig(out / name, dpi=110)
+        plt.close(fig)
+    return list(figures)
+
+
+def curves_figure(metrics: dict[str, Any]):
+    """Test metrics (left) and test loss (right) of the global model per round.
+
+    Classification: accuracy, balanced accuracy, AUC and macro F1; segmentation: the task's
+    headline metrics (:func:`curve_metrics`). Each curve has its own line style and marker,
+    and later curves are drawn thinner with smaller markers, so coinciding curves (accuracy
+    and balanced accuracy on a balanced test split) both stay visible.
+    """
+    import matplotlib.pyplot as plt
 
     rounds = metrics["rounds"]
     xs = [r["round"] for r in rounds]
-    names = []
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
-    keys = [k for k in headline_for(metrics) if k != "loss"][:3]
-    for key, marker in zip(keys, "os^"):
+    plotted = 0
+    for key in curve_metrics(metrics):
         ys = [r["global"].get(key) for r in rounds]
-        if all(y is not None for y in ys):
-            ax1.plot(xs, ys, marker=marker, label=_LABELS.get(key, key))
+        if all(y is None for y in ys):
+            continue  # e.g. the BraTS regions of a data set without BraTS labels
+        ls, marker = _STYLES[plotted % len(_STYLES)]
+        ax1.plot(
+            xs,
+            [float("nan") if y is None else y for y in ys],
+            ls=ls,
+            marker=marker,
+            markersize=9 - plotted,
+            markerfacecolor="none",  # hollow: a marker on top of another leaves it visible
+            markeredgewidth=1.5,
+            lw=2.2 - 0.3 * plotted,
+            label=_LABELS.get(key, key),
+        )
+        plotted += 1
     primary = metrics.get("primary_metric", "accuracy")
     twin = [r.get("site_mean", {}).get("twin_" + primary) for r in rounds]
     if any(t is not None for t in twin):
@@ -67,9 +135,9 @@ def plot_run(out: Path, *, metrics: dict[str, Any], privacy: dict[str, Any]) -> 
     ax1.set_ylabel("global test metric")
     ax1.set_ylim(0, 1.02)
     ax1.grid(alpha=0.3)
-    ax1.legend()
+    ax1.legend(fontsize=8)
     ax1.set_title("Global model on the test split")
-    ax2.plot(xs, [r["global"]["loss"] for r in rounds], marker="o", color="tab:red")
+    ax2.plot(xs, [r["global"]["loss"] for r in rounds], marker="o", color="tab:red", label="loss")
     ax2.set_xlabel("round")
     seg = metrics.get("task") == "segmentation"
     ax2.set_ylabel("Dice + CE loss" if seg else "cross-entropy loss")
@@ -80,33 +148,45 @@ def plot_run(out: Path, *, metrics: dict[str, Any], privacy: dict[str, Any]) -> 
         for ax in (ax1, ax2):
             ax.axvline(conv["round"], color="grey", ls="--", lw=1)
     for ax in (ax1, ax2):
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        _integer_rounds(ax, xs)
     fig.tight_layout()
-    fig.savefig(out / "curves.png", dpi=110)
-    plt.close(fig)
-    names.append("curves.png")
-    if privacy.get("dp"):
-        fig, ax = plt.subplots(figsize=(6, 4))
-        for c in privacy["clients"]:
-            ax.plot(
-                xs[: len(c["epsilon_per_round"])],
-                c["epsilon_per_round"],
-                marker="o",
-                label=f"site {c['client_id']}",
-            )
-        ax.axhline(privacy["target_epsilon"], color="black", ls="--", lw=1, label="target ε")
-        ax.set_xlabel("round")
-        ax.set_ylabel(f"spent ε (δ = {privacy['delta']:.1e}, {privacy['accountant']})")
-        ax.set_title("Privacy spent per site")
-        ax.set_ylim(bottom=0)
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-        fig.tight_layout()
-        fig.savefig(out / "epsilon.png", dpi=110)
-        plt.close(fig)
-        names.append("epsilon.png")
-    return names
+    return fig
+
+
+def epsilon_figure(metrics: dict[str, Any], privacy: dict[str, Any]):
+    """ε spent per site after each round, against the target.
+
+    Sites usually spend the same ε, so each site has its own marker and line style and is
+    drawn a little to the side (a quarter round at most, all sites together): equal curves sit
+    next to each other instead of one hiding the rest.
+    """
+    import matplotlib.pyplot as plt
+
+    xs = [r["round"] for r in metrics["rounds"]]
+    clients = privacy["clients"]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    width = min(0.25, 0.05 * (len(clients) - 1))
+    for i, c in enumerate(clients):
+        shift = (i / (len(clients) - 1) - 0.5) * width if len(clients) > 1 else 0.0
+        eps = c["epsilon_per_round"]
+        ax.plot(
+            [x + shift for x in xs[: len(eps)]],
+            eps,
+            marker=_SITE_MARKERS[i % len(_SITE_MARKERS)],
+            markerfacecolor="none",
+            ls=_SITE_LINES[i % len(_SITE_LINES)],
+            label=f"site {c['client_id']}",
+        )
+    ax.axhline(privacy["target_epsilon"], color="black", ls="--", lw=1, label="target ε")
+    ax.set_xlabel("round (sites drawn slightly apart)" if len(clients) > 1 else "round")
+    ax.set_ylabel(f"spent ε (δ = {privacy['delta']:.1e}, {privacy['accountant']})")
+    ax.set_title("Privacy spent per site")
+    ax.set_ylim(bottom=0)
+    _integer_rounds(ax, xs)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, ncol=max(1, (len(clients) + 1) // 10))
+    fig.tight_layout()
+    return fig
 
 
 def _strategy_line(privacy: dict[str, Any]) -> str:

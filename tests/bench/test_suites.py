@@ -48,6 +48,7 @@ def pu_run(tmp_path_factory):
 
 
 @pytest.mark.slow
+@pytest.mark.integration
 def test_privacy_utility_rows_are_complete_finite_and_within_budget(pu_run):
     grid, out, rows = pu_run
     assert len(rows) == len(grid.cells()) == 2 * 2 * 2 + 2  # he only at eps 8
@@ -71,6 +72,7 @@ def test_privacy_utility_rows_are_complete_finite_and_within_budget(pu_run):
 
 
 @pytest.mark.slow
+@pytest.mark.integration
 def test_privacy_utility_secure_and_plaintext_accuracy_agree(pu_run):
     _, _, rows = pu_run
     plain = {(r["strategy"], r["epsilon"], r["seed"]): r for r in rows if r["secure_agg"] == "none"}
@@ -85,6 +87,7 @@ def test_privacy_utility_secure_and_plaintext_accuracy_agree(pu_run):
 
 
 @pytest.mark.slow
+@pytest.mark.integration
 def test_privacy_utility_resumes_without_rerunning_or_losing_rows(pu_run):
     grid, out, rows = pu_run
     stamps = {p: p.stat().st_mtime for p in (out / "runs").glob("*/privacy.json")}
@@ -96,6 +99,7 @@ def test_privacy_utility_resumes_without_rerunning_or_losing_rows(pu_run):
 
 
 @pytest.mark.slow
+@pytest.mark.integration
 def test_report_renders_html_with_embedded_plots_for_a_suite(pu_run):
     _, out, _ = pu_run
     (out / "summary.md").unlink()  # re-rendered from results.json
@@ -118,6 +122,7 @@ def test_privacy_utility_grid_rejects_unknown_strategies():
 
 
 @pytest.mark.slow
+@pytest.mark.integration
 def test_scaling_records_time_and_memory_per_site_count(tmp_path):
     grid = dataclasses.replace(
         ScalingGrid(),

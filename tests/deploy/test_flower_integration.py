@@ -24,7 +24,6 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 
 pytest.importorskip("flwr")
 
@@ -36,7 +35,8 @@ from securefed.deploy.local import LocalDeployment  # noqa: E402
 from securefed.fl.simulation import Federation  # noqa: E402
 from tests.conftest import write_small_npz  # noqa: E402
 
-pytestmark = pytest.mark.slow
+# Real SuperLink/SuperNode processes: minutes, so not in the default `pytest -q` (see pyproject).
+pytestmark = [pytest.mark.slow, pytest.mark.integration]
 
 TIMEOUTS = {"fit_timeout": 240.0, "stage_timeout": 60.0, "connect_timeout": 120.0}
 
@@ -65,7 +65,7 @@ def _assert_same_weights(ours: dict, ref: dict, config: RunConfig) -> None:
     Each round's masked sum is exact to the fixed-point quantum, but masking rounds with
     fresh random coins, so a weight near a float32 rounding boundary can land one ulp either
     way, and the next round's training carries that on: two in-process masked runs with the
-    same seed differ by as much (3e-8 here). One round is checked to a few ulps below.
+    same seed differ by as much (3e-8 here). One round is checked with the same bound below.
 
     The bound (1e-7 + 1e-6 relative) is ~1000x below one DP-SGD step's noise on a weight,
     so a wrong mask, a lost site or a skipped round could not pass it.
@@ -98,19 +98,21 @@ def _live_members(pgids: list[int]) -> list[str]:
 
 
 def _assert_one_round_equal(ours: dict, ref: dict) -> None:
-    """One round from the same weights: equal to a few float32 ulps.
+    """One round from the same weights: equal up to float32 arithmetic noise.
 
-    The masked sums agree to the fixed-point quantum (~1e-11 on an averaged weight), and
-    rounding to float32 adds an ulp; across processes we have seen 2 ulps (CI, once). The
-    bound, 4 ulps (~1e-8 on these weights), is far below what a wrong mask, a lost site or a
-    skipped round changes (DP noise alone moves a weight by ~1e-2 a step).
+    The masked sums agree to the fixed-point quantum (~1e-11 on an averaged weight), but the
+    sites' float32 training runs in other processes, where thread scheduling and the number of
+    threads a loaded machine grants can reorder reductions. We have seen 2 ulps on an idle CI
+    runner and a 7.45e-9 difference (over 4 ulps of that small weight) on a loaded 2-core one.
+    So the bound is not counted in ulps: |ours - ref| <= 1e-7 + 1e-6 |ref| (1e-6 relative is
+    8-17 float32 ulps; the 1e-7 floor covers weights near 0, whose ulps are tiny). That is still
+    ~1e5 times below what a wrong mask, a lost site or a skipped round changes: DP noise alone
+    moves a weight by ~1e-2 a step.
     """
     for key, value in ref.items():
-        a, b = ours[key].float(), value.float()
-        top = torch.maximum(a.abs(), b.abs())
-        ulp = torch.nextafter(top, torch.full_like(top, float("inf"))) - top
-        diff = (a - b).abs()
-        assert bool((diff <= 4 * ulp).all()), f"{key}: max diff {float(diff.max()):.3g}"
+        diff = (ours[key].double() - value.double()).abs()
+        bound = 1e-7 + 1e-6 * value.double().abs()
+        assert bool((diff <= bound).all()), f"{key}: max diff {float(diff.max()):.3g}"
 
 
 @pytest.fixture(scope="module")
@@ -232,8 +234,8 @@ def test_a_site_killed_mid_round_is_recovered(masked_run, in_process) -> None:
     assert rec["applied"], rec["error"]
     assert rec["survivors"] == [0, 1] and rec["dropped"] == [2]
     assert "2" in rec["transport"]["site_errors"]
-    # From the same round-1 weights, the recovered round equals the in-process one to a few
-    # float32 ulps.
+    # From the same round-1 weights, the recovered round equals the in-process one up to
+    # float32 arithmetic noise.
     ours = load_file(str(masked_run["out"] / "model.safetensors"))
     _assert_one_round_equal(ours, in_process["round_2_from_checkpoint"])
 

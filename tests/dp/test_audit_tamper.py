@@ -132,6 +132,7 @@ def test_honest_run_exits_0(honest):
     assert checks["site 0: signed claim verifies"] and checks["site 1: signed claim verifies"]
 
 
+@pytest.mark.integration  # its own 3-site run with twins every round: a minute under load
 def test_honest_run_with_site_sampling_and_twins_every_round_exits_0(tmp_path_factory):
     # 2 of 3 sites per round: the ledger must follow metrics.json's participants exactly.
     d = tiny_run(

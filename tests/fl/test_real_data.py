@@ -10,6 +10,7 @@ from securefed.fl.run import train
 
 
 @pytest.mark.slow
+@pytest.mark.integration
 @pytest.mark.shared_data
 def test_two_round_dp_run_on_pneumoniamnist(shared_data_dir, tmp_path):
     cfg = RunConfig(

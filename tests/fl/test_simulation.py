@@ -23,6 +23,15 @@ def _strip_times(obj):
     return obj
 
 
+def _flat(obj, prefix: str = "") -> dict:
+    """Nested JSON as {"a.b.0": leaf}, for a per-number tolerance with pytest.approx."""
+    if isinstance(obj, dict):
+        return {k: v for key, val in obj.items() for k, v in _flat(val, f"{prefix}{key}.").items()}
+    if isinstance(obj, list):
+        return {k: v for i, val in enumerate(obj) for k, v in _flat(val, f"{prefix}{i}.").items()}
+    return {prefix: obj}
+
+
 @pytest.mark.slow
 def test_run_writes_every_artifact_and_epsilon_stays_under_target(small_config, tmp_path):
     out = train(small_config, out_dir=tmp_path / "run", progress=False)
@@ -75,12 +84,20 @@ def test_same_seed_same_numbers_other_seed_other_numbers(small_config, tmp_path)
     b = train(small_config, out_dir=tmp_path / "b", progress=False)
     c = train(small_config.replace(seed=1), out_dir=tmp_path / "c", progress=False)
     ma, mb, mc = (json.loads((d / "metrics.json").read_text()) for d in (a, b, c))
-    assert _strip_times(ma) == _strip_times(mb)
+    # Same seed: the same run up to float arithmetic noise (not bit for bit: the number of
+    # threads torch is granted may change the order of its float32 reductions). The bound,
+    # 1e-7 + 1e-6 relative, is far below what another seed changes (a weight moves by ~1e-2).
+    fa, fb = _flat(_strip_times(ma)), _flat(_strip_times(mb))
+    floats = {k for k, v in fa.items() if isinstance(v, float)}
+    assert {k: fa[k] for k in fa.keys() - floats} == {k: fb[k] for k in fb.keys() - floats}
+    assert {k: fa[k] for k in floats} == pytest.approx({k: fb[k] for k in floats}, 1e-6, 1e-7)
     assert _strip_times(ma) != _strip_times(mc)
     from safetensors.torch import load_file
 
     wa, wb = load_file(str(a / "model.safetensors")), load_file(str(b / "model.safetensors"))
-    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    for k in wa:
+        diff = (wa[k].double() - wb[k].double()).abs()
+        assert bool((diff <= 1e-7 + 1e-6 * wb[k].double().abs()).all()), k
 
 
 @pytest.mark.slow

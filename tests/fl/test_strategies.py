@@ -252,6 +252,7 @@ def test_cfl_runs_without_dp_under_secure_aggregation(tmp_path, small_config, mo
 
 
 @pytest.mark.slow
+@pytest.mark.integration
 def test_segmentation_federation_with_dp_masking_and_twins(tmp_path):
     from securefed.fl.run import train
 

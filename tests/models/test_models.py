@@ -183,6 +183,7 @@ def test_a_registered_model_with_a_wrong_head_prefix_is_refused(monkeypatch):
 
 
 @pytest.mark.slow
+@pytest.mark.integration
 def test_small_cnn_learns_the_synthetic_set_without_dp():
     from securefed.data.synthetic import make_synthetic
 
