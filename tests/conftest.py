@@ -120,13 +120,12 @@ def small_npz(tmp_path) -> Path:
     return write_small_npz(tmp_path / "tiny.npz")
 
 
-@pytest.fixture
-def small_config(small_npz):
-    """A fast DP configuration over ``small_npz`` (3 sites, 2 rounds)."""
+def tiny_config(npz, **changes):
+    """A fast DP configuration over the ``.npz`` file ``npz`` (3 sites, 2 rounds), changed."""
     from securefed.config import RunConfig
 
     return RunConfig(
-        data=str(small_npz),
+        data=str(npz),
         clients=3,
         rounds=2,
         local_epochs=1,
@@ -135,4 +134,10 @@ def small_config(small_npz):
         dp_epsilon=8.0,
         device="cpu",
         accountant="pld",
-    )
+    ).replace(**changes)
+
+
+@pytest.fixture
+def small_config(small_npz):
+    """A fast DP configuration over ``small_npz`` (3 sites, 2 rounds)."""
+    return tiny_config(small_npz)

@@ -20,21 +20,10 @@ from securefed.report.summary import curves_figure, epsilon_figure  # noqa: E402
 @pytest.fixture(scope="module")
 def one_round_run(tmp_path_factory):
     """A real 1-round DP run over 3 equal-sized sites (so every site spends the same ε)."""
-    from securefed.config import RunConfig
-    from tests.conftest import write_small_npz
+    from tests.conftest import tiny_config, write_small_npz
 
     tmp = tmp_path_factory.mktemp("plots")
-    config = RunConfig(
-        data=str(write_small_npz(tmp / "tiny.npz")),
-        clients=3,
-        rounds=1,
-        local_epochs=1,
-        batch_size=32,
-        lr=0.5,
-        dp_epsilon=8.0,
-        device="cpu",
-        accountant="pld",
-    )
+    config = tiny_config(write_small_npz(tmp / "tiny.npz"), rounds=1)
     out = train(config, out_dir=tmp / "run", progress=False)
     metrics = json.loads((out / "metrics.json").read_text())
     privacy = json.loads((out / "privacy.json").read_text())

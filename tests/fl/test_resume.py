@@ -15,7 +15,7 @@ from securefed.errors import ConfigError, IntegrityError
 from securefed.fl.checkpoint import load_checkpoint, save_checkpoint
 from securefed.fl.run import PARTIAL_MARK, RunInterrupted, train
 from securefed.fl.simulation import Federation
-from tests.conftest import write_small_npz
+from tests.conftest import tiny_config, write_small_npz
 
 
 def securefed(*args, cwd=None, script=None):
@@ -38,18 +38,7 @@ def _npz(tmp_path):
 
 
 def _config(npz, **changes) -> RunConfig:
-    base = RunConfig(
-        data=str(npz),
-        clients=2,
-        rounds=3,
-        local_epochs=1,
-        batch_size=32,
-        lr=0.5,
-        dp_epsilon=8.0,
-        device="cpu",
-        accountant="pld",
-    )
-    return base.replace(**changes)
+    return tiny_config(npz, **{"clients": 2, "rounds": 3, **changes})
 
 
 class _StopAt(Federation):
