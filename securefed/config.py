@@ -39,6 +39,18 @@ PERSONALIZE_WHEN = ("end", "every")
 FUSIONS = ("early", "late")
 
 
+def planned_epochs(
+    *, rounds: int, local_epochs: int, personalize: int, personalize_when: str
+) -> int:
+    """Local epochs a site may run over a whole run: every round, plus its twin fine-tuning.
+
+    Privacy calibration assumes all of them; the server and the audit check a site's planned
+    steps against it. Takes plain values so a run dict read from config.json can use it too.
+    """
+    twin_runs = (rounds if personalize_when == "every" else 1) if personalize else 0
+    return rounds * local_epochs + twin_runs * personalize
+
+
 def _check(cond: bool, msg: str) -> None:
     if not cond:
         raise ConfigError(msg)
@@ -541,6 +553,16 @@ class RunConfig:
         if self.freeze is not None:
             return self.freeze
         return "backbone" if self.strategy == "ftl" else "none"
+
+    @property
+    def planned_epochs(self) -> int:
+        """Local epochs a site may run over the run (see :func:`planned_epochs`)."""
+        return planned_epochs(
+            rounds=self.rounds,
+            local_epochs=self.local_epochs,
+            personalize=self.personalize,
+            personalize_when=self.personalize_when,
+        )
 
     @property
     def dp_enabled(self) -> bool:

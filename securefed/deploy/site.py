@@ -167,7 +167,9 @@ class NodeSettings:
                 f"site {self.site_id}: the run asks sites to disclose their training-set size; "
                 "this site keeps it private (node config disclose-size=false)"
             )
-        run_delta = config.dp_delta if config.dp_delta is not None else 1e-5
+        from securefed.dp.accounting import run_delta_bound
+
+        run_delta = run_delta_bound(config.dp_delta)
         if self.max_delta is not None and config.dp_enabled and run_delta > self.max_delta:
             raise PrivacyBudgetError(
                 f"site {self.site_id}: the run allows delta={run_delta:g}, above this site's "

@@ -28,6 +28,7 @@ __all__ = [
     "calibrate_noise",
     "compute_epsilon",
     "default_delta",
+    "run_delta_bound",
     "site_delta",
     "steps_per_epoch",
     "sample_rate",
@@ -56,6 +57,11 @@ def sample_rate(*, num_samples: int, batch_size: int) -> float:
     return 1.0 / steps_per_epoch(num_samples=num_samples, batch_size=batch_size)
 
 
+def run_delta_bound(run_delta: float | None) -> float:
+    """The largest delta a run lets a site use: ``--dp-delta``, or 1e-5 when not given."""
+    return DEFAULT_DELTA if run_delta is None else float(run_delta)
+
+
 def site_delta(*, num_samples: int, run_delta: float | None = None) -> float:
     """The delta one site uses: the run's (default 1e-5), capped at ``1/(10 n)`` for this site.
 
@@ -69,7 +75,7 @@ def site_delta(*, num_samples: int, run_delta: float | None = None) -> float:
     """
     if num_samples < 1:
         raise ConfigError("`num_samples` must be at least 1.")
-    bound = DEFAULT_DELTA if run_delta is None else float(run_delta)
+    bound = run_delta_bound(run_delta)
     if not 0 < bound < 1:
         raise ConfigError(f"`dp_delta` must be in (0, 1) (got {run_delta}).")
     cap = 10.0 ** -math.ceil(math.log10(10 * num_samples))

@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from securefed.config import planned_epochs
 from securefed.dp.report import read_json, report_hash
 from securefed.dp.signing import claim_from_report, run_digest, verify_claim
 from securefed.errors import AuditError, PrivacyBudgetError
@@ -412,12 +413,15 @@ def _check_site(
         f"steps {c['steps']} vs {total}, twin {c.get('personalization_steps')} vs {twin_total}, "
         f"rounds {c.get('rounds_participated')} vs {ledger_rounds}",
     )
-    twin_runs = 0
-    if run.get("personalize"):
-        twin_runs = int(run["rounds"]) if run.get("personalize_when") == "every" else 1
     planned = (
-        int(run["rounds"]) * int(run["local_epochs"]) + twin_runs * int(run.get("personalize") or 0)
-    ) * spe
+        planned_epochs(
+            rounds=int(run["rounds"]),
+            local_epochs=int(run["local_epochs"]),
+            personalize=int(run.get("personalize") or 0),
+            personalize_when=str(run.get("personalize_when")),
+        )
+        * spe
+    )
     result.add(
         f"{name}: planned steps = (rounds x epochs + twin runs x twin epochs) x 1/q",
         int(c["planned_steps"]) == planned,

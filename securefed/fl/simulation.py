@@ -16,7 +16,13 @@ from torch import nn
 from securefed.config import RunConfig
 from securefed.data.dataset import ArraySplit, DatasetBundle, load_dataset
 from securefed.data.partition import partition, partition_like
-from securefed.dp.accounting import calibrate_noise, sample_rate, site_delta, steps_per_epoch
+from securefed.dp.accounting import (
+    calibrate_noise,
+    run_delta_bound,
+    sample_rate,
+    site_delta,
+    steps_per_epoch,
+)
 from securefed.dp.ledger import PrivacyLedger
 from securefed.dp.noise import NoiseSource, SecretNoise, SeededNoise
 from securefed.dp.trainer import DPPlan, SiteTrainer
@@ -159,9 +165,7 @@ def plan_site_privacy(config: RunConfig, *, num_samples: int) -> DPPlan:
     delta = site_delta(num_samples=num_samples, run_delta=config.dp_delta)
     q = sample_rate(num_samples=num_samples, batch_size=config.batch_size)
     spe = steps_per_epoch(num_samples=num_samples, batch_size=config.batch_size)
-    steps = (
-        config.rounds * config.local_epochs + personalize_rounds(config) * config.personalize
-    ) * spe
+    steps = config.planned_epochs * spe
     sigma = calibrate_noise(
         target_epsilon=float(config.dp_epsilon),
         delta=delta,
@@ -198,12 +202,12 @@ def check_site_plan(config: RunConfig, plan: DPPlan) -> None:
     spe = round(1.0 / plan.sample_rate) if plan.sample_rate > 0 else 0
     if spe < 1 or 1.0 / spe != plan.sample_rate:
         raise ProtocolError(f"sample rate {plan.sample_rate!r} is not 1/ceil(n/B) for any n")
-    epochs = config.rounds * config.local_epochs + personalize_rounds(config) * config.personalize
+    epochs = config.planned_epochs
     if plan.planned_steps != epochs * spe:
         raise ProtocolError(
             f"planned steps {plan.planned_steps} != {epochs} epochs x {spe} steps per epoch"
         )
-    bound = config.dp_delta if config.dp_delta is not None else 1e-5
+    bound = run_delta_bound(config.dp_delta)
     if not 0 < plan.delta <= bound:
         raise ProtocolError(f"delta {plan.delta:g} is outside (0, {bound:g}]")
     if plan.max_grad_norm != config.max_grad_norm or plan.accountant != config.accountant:
