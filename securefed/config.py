@@ -11,6 +11,7 @@ from typing import Any
 
 import numpy as np
 
+from securefed import plugins
 from securefed.errors import ConfigError
 
 __all__ = [
@@ -29,6 +30,7 @@ __all__ = [
 ACCOUNTANTS = ("pld",)
 #: Accountants of schema 1.x runs: Opacus' add/remove accountants (gdp also under-reported).
 LEGACY_ACCOUNTANTS = ("prv", "rdp", "gdp")
+#: Built-in names; the allowed ones come from :mod:`securefed.plugins` (plug-ins add more).
 SECURE_AGG_MODES = ("none", "mask", "he")
 DEVICES = ("auto", "cpu", "cuda")
 STRATEGIES = ("fedavg", "fedprox", "ftl", "cfl")
@@ -349,7 +351,7 @@ class RunConfig:
         )
         for name, allowed in (
             ("accountant", ACCOUNTANTS),
-            ("secure_agg", SECURE_AGG_MODES),
+            ("secure_agg", plugins.SECURE_AGG.names()),
             ("device", DEVICES),
             ("dropout_phase", ("after", "before")),
         ):
@@ -392,8 +394,8 @@ class RunConfig:
         for name, value, allowed in (
             ("task", self.task, TASKS),
             ("fusion", self.fusion, FUSIONS),
-            ("strategy", self.strategy, STRATEGIES),
-            ("server_opt", self.server_opt, SERVER_OPTIMIZERS),
+            ("strategy", self.strategy, plugins.STRATEGIES.names()),
+            ("server_opt", self.server_opt, plugins.SERVER_OPTIMIZERS.names()),
             ("schedule", self.schedule, SCHEDULES),
             ("personalize_when", self.personalize_when, PERSONALIZE_WHEN),
         ):

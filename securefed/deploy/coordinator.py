@@ -26,7 +26,7 @@ from securefed.data.dataset import load_dataset
 from securefed.deploy.checkpoint import load_checkpoint, save_checkpoint
 from securefed.deploy.site import deployed_claim, weights_to_bytes
 from securefed.deploy.site_app import secagg_config
-from securefed.deploy.wire import Stage, decode, encode, payload_size, vector_from_bytes
+from securefed.protocol.wire import Stage, decode, encode, payload_size, vector_from_bytes
 from securefed.dp.accounting import compute_epsilon
 from securefed.dp.ledger import PrivacyEvent, PrivacyLedger
 from securefed.dp.trainer import DPPlan

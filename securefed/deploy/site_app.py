@@ -18,7 +18,7 @@ from flwr.clientapp import ClientApp
 
 from securefed.config import RunConfig
 from securefed.crypto.secagg import SecAggClient, SecAggConfig
-from securefed.deploy.wire import decode, encode, vector_from_bytes, vector_to_bytes
+from securefed.protocol.wire import decode, encode, vector_from_bytes, vector_to_bytes
 from securefed.errors import ProtocolError
 from securefed.fl.disclosures import check_reply
 

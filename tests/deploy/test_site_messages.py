@@ -17,7 +17,7 @@ from flwr.app import Context, Error, Message, RecordDict
 from securefed.config import RunConfig
 from securefed.deploy import site_app
 from securefed.deploy.coordinator import Coordinator, Link
-from securefed.deploy.wire import Stage, decode
+from securefed.protocol.wire import Stage, decode
 from securefed.errors import ProtocolError
 from securefed.fl.disclosures import check_reply, message_fields
 

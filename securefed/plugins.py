@@ -1,0 +1,96 @@
+"""Registries of the pluggable parts: strategies, server optimizers, secure-sum modes.
+
+Like Opacus' accountant registry and :func:`securefed.register_model`: a built-in is listed by
+name with the ``module:attribute`` that implements it, so :mod:`securefed.config` can list the
+allowed names (for validation and the CLI's choices) without importing torch. Adding a
+strategy is one module and one :func:`register_strategy` call (or a line in ``_BUILTIN``).
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from typing import Any
+
+from securefed.errors import ConfigError
+
+__all__ = [
+    "Registry",
+    "SECURE_AGG",
+    "SERVER_OPTIMIZERS",
+    "STRATEGIES",
+    "register_server_optimizer",
+    "register_strategy",
+]
+
+
+class Registry:
+    """Names -> implementations, loaded on first use.
+
+    Args:
+        kind: What the names are, for messages (``"strategy"``).
+        flag: The option that takes them (``"--strategy"``).
+
+    """
+
+    def __init__(self, kind: str, flag: str) -> None:
+        self.kind = kind
+        self.flag = flag
+        self._entries: dict[str, str | Callable[..., Any]] = {}
+        self._loaded: dict[str, Any] = {}
+
+    def register(self, name: str, target: str | Callable[..., Any]) -> None:
+        """Add ``name``; ``target`` is an object or a ``"module:attribute"`` reference."""
+        if not name or not name.replace("_", "").replace("-", "").isalnum():
+            raise ConfigError(f"{self.kind} name {name!r}: use letters, digits, - and _")
+        self._entries[name] = target
+        self._loaded.pop(name, None)
+
+    def names(self) -> tuple[str, ...]:
+        """Every registered name, built-ins first."""
+        return tuple(self._entries)
+
+    def get(self, name: str) -> Any:
+        """The implementation registered as ``name``.
+
+        Raises:
+            ConfigError: For an unknown name.
+
+        """
+        if name not in self._entries:
+            raise ConfigError(
+                f"{self.flag}: unknown {self.kind} {name!r}; known: {', '.join(self._entries)}"
+            )
+        if name not in self._loaded:
+            target = self._entries[name]
+            if isinstance(target, str):
+                module, _, attr = target.partition(":")
+                target = getattr(importlib.import_module(module), attr)
+            self._loaded[name] = target
+        return self._loaded[name]
+
+
+STRATEGIES = Registry("strategy", "--strategy")
+SERVER_OPTIMIZERS = Registry("server optimizer", "--server-opt")
+SECURE_AGG = Registry("secure aggregation mode", "--secure-agg")
+
+for _name in ("fedavg", "fedprox", "ftl", "cfl"):
+    STRATEGIES.register(_name, f"securefed.fl.strategies:{_name.upper()}")
+for _name, _cls in (("none", "FedAvg"), ("avgm", "FedAvgM"), ("adam", "FedAdam")):
+    SERVER_OPTIMIZERS.register(_name, f"securefed.fl.strategies:{_cls}")
+for _name, _ref in (
+    ("none", "securefed.protocol.modes.plain:PlainMode"),
+    ("mask", "securefed.protocol.modes.masking:MaskingMode"),
+    ("he", "securefed.protocol.modes.ckks:CKKSMode"),
+):
+    SECURE_AGG.register(_name, _ref)
+
+
+def register_strategy(name: str, target: str | Callable[..., Any]) -> None:
+    """Make ``--strategy name`` available (see :class:`securefed.fl.strategies.Strategy`)."""
+    STRATEGIES.register(name, target)
+
+
+def register_server_optimizer(name: str, target: str | Callable[..., Any]) -> None:
+    """Make ``--server-opt name`` available (a :class:`~securefed.fl.strategies.ServerOptimizer`)."""
+    SERVER_OPTIMIZERS.register(name, target)
