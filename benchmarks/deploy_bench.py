@@ -3,7 +3,7 @@
 For each number of sites, one run with DP (epsilon 8, RDP) and pairwise-masking secure
 aggregation on the synthetic shapes, the tiny ``cnn`` on CPU, trained twice in one invocation:
 
-* in-process (``securefed.fl.run.train``): wall time per round, and the masked-input protocol
+* in-process (``securefed.run.train``): wall time per round, and the masked-input protocol
   bytes each site sent per round;
 * over Flower (a real SuperLink and N SuperNodes on 127.0.0.1 with TLS and node authentication,
   :class:`securefed.deploy.local.LocalDeployment`): wall time per round at the server, the wall
@@ -153,7 +153,7 @@ def max_weight_diff(a: Path, b: Path) -> float:
 
 def run_in_process(config: RunConfig, run: Path) -> dict[str, Any]:
     """Train ``config`` in this process; its per-round time and protocol bytes per site."""
-    from securefed.fl.run import train
+    from securefed.run import train
 
     start = time.perf_counter()
     train(config, out_dir=run, progress=False)

@@ -40,7 +40,7 @@ def _done(rows: list[dict], key: str) -> bool:
 
 
 def _meta() -> dict:
-    from securefed.fl.run import package_versions
+    from securefed.run import package_versions
 
     cpu = "unknown"
     try:
@@ -107,7 +107,7 @@ def bench_main(rows: list[dict], out: Path) -> None:
 
 
 def _train(config, tmp: Path) -> dict:
-    from securefed.fl.run import train
+    from securefed.run import train
 
     run_dir = train(config, out_dir=tmp, progress=False)
     metrics = json.loads((run_dir / "metrics.json").read_text())

@@ -91,7 +91,7 @@ def train(config: RunConfig, *, out_dir: str | Path | None = None, progress: boo
     """
     from pathlib import Path
 
-    from securefed.fl.run import train as run_train
+    from securefed.run import train as run_train
 
     out = Path(out_dir) if out_dir is not None else None
     return run_train(config, out_dir=out, progress=progress)

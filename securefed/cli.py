@@ -495,13 +495,13 @@ def train(config_file, no_dp, out, quiet, data_option, resume, **flags) -> None:
 
     base = None
     if resume:
-        from securefed.fl.run import resume_config
+        from securefed.run import resume_config
 
         base = resume_config(Path(resume))
     config = _config_from_flags(config_file, no_dp, data_option, flags, base=base)
     validate_inputs(config)  # milliseconds; before the training stack is even imported
-    from securefed.fl.run import RunInterrupted
-    from securefed.fl.run import train as run_train
+    from securefed.run import RunInterrupted
+    from securefed.run import train as run_train
 
     try:
         run_dir = run_train(

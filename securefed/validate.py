@@ -8,7 +8,7 @@ synthetic generator's sizes), and the secure-aggregation parameters. Loading a d
 building a model take seconds to minutes; a typo should not wait for them.
 
 The CLI calls :func:`validate_inputs` before importing the training stack, and
-:func:`securefed.fl.run.train` calls it too, so the Python API gets the same errors. Every
+:func:`securefed.run.train` calls it too, so the Python API gets the same errors. Every
 error is a :class:`~securefed.errors.ConfigError` or :class:`~securefed.errors.DataError`
 whose one-line message names the flag.
 """

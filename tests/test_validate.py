@@ -32,7 +32,7 @@ def test_a_file_that_is_not_an_archive_is_left_to_the_loader(tmp_path):
 
 
 def test_the_python_api_gets_the_same_checks_before_any_folder_is_made(tmp_path):
-    from securefed.fl.run import train
+    from securefed.run import train
 
     npz = write_small_npz(tmp_path / "tiny.npz", n_train=20, n_val=8, n_test=8)
     out = tmp_path / "run"

@@ -172,7 +172,7 @@ def run_cells(
     """
     from tqdm.auto import tqdm
 
-    from securefed.fl.run import train
+    from securefed.run import train
 
     env = environment()
     todo = [c for c in cells if c.key not in done]
@@ -204,7 +204,7 @@ def _discard_partial(run: Path) -> None:
 _CHILD = """
 import json, resource, sys
 from securefed.config import RunConfig
-from securefed.fl.run import train
+from securefed.run import train
 cfg = RunConfig.from_dict(json.loads(sys.argv[1]))
 run = train(cfg, out_dir=sys.argv[2], progress=False)
 peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux

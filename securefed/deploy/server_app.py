@@ -25,7 +25,7 @@ app = ServerApp()
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     """Run the federation; on a securefed error, leave the one-line reason in the run folder."""
-    from securefed.deploy.coordinator import Coordinator, Link
+    from securefed.deploy.coordinator import Coordinator, FlowerLink
 
     logging.getLogger("securefed.deploy").setLevel(logging.INFO)
     rc = context.run_config
@@ -40,7 +40,7 @@ def main(grid: Grid, context: Context) -> None:
         stop_after = int(rc.get("stop-after", 0)) or None
         Coordinator(
             config,
-            link=Link(grid),
+            link=FlowerLink(grid),
             out=out,
             fit_timeout=float(rc["fit-timeout"]),
             stage_timeout=float(rc["stage-timeout"]),

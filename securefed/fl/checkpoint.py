@@ -1,6 +1,6 @@
 """A run's checkpoint after each completed round, so a restarted or interrupted run loses nothing.
 
-Shared by both runtimes (the deployed server and the in-process :func:`securefed.fl.run.train`).
+Shared by both runtimes (the deployed server and the in-process :func:`securefed.run.train`).
 Two files in ``<out>/checkpoint/``: ``state.safetensors`` (the global weights, the server
 optimizer's running state, and any further tensor groups such as CFL's other cluster models)
 and ``checkpoint.json`` (round number, configuration, every site's privacy events and epsilon

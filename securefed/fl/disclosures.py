@@ -61,12 +61,14 @@ class Release:
 
 
 def site_releases(config: RunConfig, *, runtime: str = "in-process") -> list[Release]:
-    """What a site releases in a run of ``config`` (``runtime``: ``in-process`` or ``flower``).
+    """What a site releases in a run of ``config``.
 
-    The list depends on the configuration: without secure aggregation the update (with the
-    site's sample count) is sent as is; with masking or CKKS it enters only the sum.
+    Both runtimes send the same messages (one round engine drives both), so the list does
+    not depend on ``runtime``; the argument stays for callers that name it. Without secure
+    aggregation the update (with the site's sample count) is sent as is; with masking or
+    CKKS it enters only the sum.
     """
-    flower = runtime == "flower"
+    del runtime  # the same messages in-process and over Flower
     dp = config.dp_enabled
     out: list[Release] = []
 
@@ -74,49 +76,69 @@ def site_releases(config: RunConfig, *, runtime: str = "in-process") -> list[Rel
         out.append(Release(message, field, protection, detail))
 
     # -- set-up ------------------------------------------------------------------------
-    if flower:
-        add("setup", "site_id", "clear", "the site's id in the federation (not data)")
-        add("setup", "dataset", "clear", "the data set's name (not data)")
-        add(
-            "setup",
-            "fingerprint",
-            "clear",
-            "HMAC of the site's data-set fingerprint under a key derived from the site's "
-            "signing key (DP runs): the server can refuse a resumed run on changed data, but "
-            "cannot test a guess of the data; without DP (no key), the plain SHA-256",
-        )
-        add("setup", "task", "clear", "classification or segmentation (not data)")
-        add("setup", "spec", "clear", "the model's input/output shape (not data)")
-        add(
-            "setup",
-            "num_heldout",
-            "clear",
-            "size of the site's held-out split (evaluation data, not the DP-protected records)",
-        )
+    add("setup", "site_id", "clear", "the site's id in the federation (not data)")
+    add("setup", "dataset", "clear", "the data set's name (not data)")
+    add(
+        "setup",
+        "fingerprint",
+        "clear",
+        "deployed: HMAC of the site's data-set fingerprint under a key derived from the "
+        "site's signing key (DP runs), so the server can refuse a resumed run on changed data "
+        "but cannot test a guess of the data; without DP (no key), and in-process (where the "
+        "operator holds every shard), the plain SHA-256",
+    )
+    add("setup", "task", "clear", "classification or segmentation (not data)")
+    add("setup", "spec", "clear", "the model's input/output shape (not data)")
+    add(
+        "setup",
+        "num_heldout",
+        "clear",
+        "size of the site's held-out split (evaluation data, not the DP-protected records)",
+    )
+    if dp:
         add("setup", "signing_key", "clear", "the site's Ed25519 public key (not data)")
-        if config.secure_agg == "he":
-            add("setup", "he_public", "clear", "the CKKS public context (no secret key)")
+        add("setup", "plan", "dp-accounted", _CLAIM)
+        add("setup", "signature", "clear", "Ed25519 signature over the site's privacy claim")
+    if config.secure_agg == "he":
+        add("setup", "he_public", "clear", "the CKKS public context (no secret key)")
     if config.disclose_site_sizes:
         add(
-            "setup" if flower else "fit",
+            "setup",
             "num_samples",
             "clear",
             "the site's training-set size, disclosed because the site opted in",
         )
-        if not flower:
+        add(
+            "setup",
+            "class_counts",
+            "clear",
+            "the site's training-set class counts, disclosed because the site opted in",
+        )
+    if config.strategy == "cfl":
+        for message in ("select", "heldout"):
             add(
-                "fit",
-                "class_counts",
+                message,
+                "cluster",
                 "clear",
-                "the site's training-set class counts, disclosed because the site opted in",
+                "the cluster whose model has the lowest un-noised loss on the site's training "
+                "data (cfl runs only without DP)",
             )
+
     # -- each round --------------------------------------------------------------------
     if dp:
         add("fit", "plan", "dp-accounted", _CLAIM)
         add("fit", "events", "dp-accounted", "this round's DP-SGD events: " + _CLAIM)
         add("fit", "epsilon", "dp-accounted", "the site's spent epsilon, computed from events")
         add("fit", "signature", "clear", "Ed25519 signature over the site's privacy claim")
-    if config.secure_agg == "none":
+    if config.schedule == "cyclic":
+        add(
+            "fit",
+            "weights",
+            "dp-accounted" if dp else "clear",
+            "the model the site trained, handed on to the next site (cyclic schedule; "
+            "refused with secure aggregation)",
+        )
+    elif config.secure_agg == "none":
         add(
             "fit",
             "vector",
@@ -166,7 +188,7 @@ def site_releases(config: RunConfig, *, runtime: str = "in-process") -> list[Rel
             "secure-sum",
             "key holder only: the decrypted sum of at least 2 sites' updates",
         )
-    if flower and config.secure_agg != "none":
+    if config.secure_agg != "none" and config.schedule != "cyclic":
         for message in (
             ("fit", "share", "masked", "unmask") if config.secure_agg == "mask" else ("fit",)
         ):
@@ -178,8 +200,6 @@ def site_releases(config: RunConfig, *, runtime: str = "in-process") -> list[Rel
             )
     held = "the global model's metrics on the site's held-out split (not DP: evaluation data)"
     add("heldout", "metrics", "clear", held)
-    if flower:
-        add("fit", "previous_metrics", "clear", held)
     if config.personalize:
         add(
             "heldout",
@@ -187,14 +207,11 @@ def site_releases(config: RunConfig, *, runtime: str = "in-process") -> list[Rel
             "clear",
             "the digital twin's metrics on the site's held-out split (the twin stays at the site)",
         )
-    if config.strategy == "cfl":
-        add(
-            "fit",
-            "cluster",
-            "clear",
-            "the cluster whose model has the lowest un-noised loss on the site's training data "
-            "(cfl runs only without DP)",
-        )
+        if dp:
+            add("heldout", "events", "dp-accounted", "the twin fine-tuning's DP-SGD events")
+            add("heldout", "epsilon", "dp-accounted", "the site's spent epsilon after it")
+            add("heldout", "plan", "dp-accounted", _CLAIM)
+            add("heldout", "signature", "clear", "Ed25519 signature over the site's claim")
     add(
         "*",
         "(timing)",

@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader
 from securefed.data.dataset import load_dataset
 from securefed.dp.report import json_ready, write_json
 from securefed.errors import ConfigError
-from securefed.fl.simulation import _seed_for, resolve_device
+from securefed.fl.planning import resolve_device, seed_for
 from securefed.fl.tasks import build_task
 from securefed.fl.transfer import pretrain_metadata, public_split
 
@@ -97,7 +97,7 @@ def pretrain(
         label_convention=getattr(bundle, "label_convention", None),
     )
     dev = resolve_device(device)
-    torch.manual_seed(_seed_for(seed, 0x9E7))
+    torch.manual_seed(seed_for(seed, 0x9E7))
     built = build_model(
         name=model,
         spec=ModelSpec(
@@ -110,7 +110,7 @@ def pretrain(
         ),
     )
     net = built.module.to(dev)
-    gen = torch.Generator().manual_seed(_seed_for(seed, 0x9E8))
+    gen = torch.Generator().manual_seed(seed_for(seed, 0x9E8))
     loader = DataLoader(source.to_torch(), batch_size=batch_size, shuffle=True, generator=gen)
     opt = torch.optim.SGD(net.parameters(), lr=lr, momentum=momentum)
     history: list[dict[str, Any]] = []

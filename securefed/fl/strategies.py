@@ -1,4 +1,11 @@
-"""Server-side optimizers on the securely aggregated update (FedAvg, FedAvgM, FedAdam).
+"""Strategies and server optimizers: the registered plug-ins of :mod:`securefed.plugins`.
+
+A :class:`Strategy` says how many global models the server keeps and which one each site
+trains (CFL picks per site); the round itself is the engine's (:mod:`securefed.fl.engine`).
+What a strategy changes at the site (FedProx's proximal term, FTL's frozen backbone) is read
+from the configuration there (``RunConfig.effective_prox_mu``, ``effective_freeze``).
+
+Server-side optimizers on the securely aggregated update (FedAvg, FedAvgM, FedAdam).
 
 The server only ever holds the *average* update ``Δ = Σ n_i u_i / Σ n_i`` (a sum it got from
 the aggregator), so every optimizer here is post-processing of DP outputs and costs no
@@ -16,13 +23,30 @@ import numpy as np
 
 from securefed.errors import ConfigError
 
-__all__ = ["ServerOptimizer", "FedAvg", "FedAvgM", "FedAdam", "build_server_optimizer"]
+__all__ = [
+    "CFL",
+    "FEDAVG",
+    "FEDPROX",
+    "FTL",
+    "FedAdam",
+    "FedAvg",
+    "FedAvgM",
+    "ServerOptimizer",
+    "Strategy",
+    "build_server_optimizer",
+    "build_strategy",
+]
 
 
 class ServerOptimizer(ABC):
     """Turns the current global vector and the average update into the next global vector."""
 
     name: str = ""
+
+    @classmethod
+    def create(cls, *, lr: float, momentum: float) -> ServerOptimizer:
+        """This optimizer for a run's ``--server-lr`` and ``--server-momentum``."""
+        return cls(lr=lr)
 
     def __init__(self, *, lr: float) -> None:
         self.lr = float(lr)
@@ -63,6 +87,11 @@ class FedAvgM(ServerOptimizer):
 
     name = "avgm"
 
+    @classmethod
+    def create(cls, *, lr: float, momentum: float) -> ServerOptimizer:
+        """FedAvgM with the run's server momentum."""
+        return cls(lr=lr, momentum=momentum)
+
     def __init__(self, *, lr: float, momentum: float) -> None:
         super().__init__(lr=lr)
         self.momentum = float(momentum)
@@ -88,6 +117,11 @@ class FedAdam(ServerOptimizer):
 
     name = "adam"
 
+    @classmethod
+    def create(cls, *, lr: float, momentum: float) -> ServerOptimizer:
+        """FedAdam whose beta1 is the run's server momentum."""
+        return cls(lr=lr, beta1=momentum)
+
     def __init__(
         self, *, lr: float, beta1: float = 0.9, beta2: float = 0.99, tau: float = 1e-3
     ) -> None:
@@ -112,16 +146,68 @@ class FedAdam(ServerOptimizer):
 
 
 def build_server_optimizer(*, name: str, lr: float, momentum: float = 0.9) -> ServerOptimizer:
-    """The optimizer for ``--server-opt NAME``.
+    """The optimizer registered as ``--server-opt NAME`` (:data:`securefed.plugins.SERVER_OPTIMIZERS`).
 
     Raises:
         ConfigError: Unknown name.
 
     """
-    if name == "none":
-        return FedAvg(lr=lr)
-    if name == "avgm":
-        return FedAvgM(lr=lr, momentum=momentum)
-    if name == "adam":
-        return FedAdam(lr=lr, beta1=momentum)
-    raise ConfigError(f"unknown server optimizer {name!r}; known: none, avgm, adam")
+    from securefed.plugins import SERVER_OPTIMIZERS
+
+    return SERVER_OPTIMIZERS.get(name).create(lr=lr, momentum=momentum)
+
+
+class Strategy:
+    """A ``--strategy``: how many global models, and which one each site trains.
+
+    Subclass and register (:func:`securefed.plugins.register_strategy`) to add one.
+    """
+
+    name = "fedavg"
+    #: Whether sites choose their model (then a ``select`` stage precedes ``fit``).
+    selects_model = False
+
+    def num_models(self, config: Any) -> int:
+        """Global models the server keeps."""
+        return 1
+
+    def describe(self, config: Any) -> dict[str, Any]:
+        """Extra entries for ``strategy`` in config.json and privacy.json."""
+        return {}
+
+
+class _FedProx(Strategy):
+    name = "fedprox"
+
+
+class _FTL(Strategy):
+    name = "ftl"
+
+
+class _CFL(Strategy):
+    """IFCA (Ghosh et al. 2020): K cluster models; each site trains the one that fits it best."""
+
+    name = "cfl"
+    selects_model = True
+
+    def num_models(self, config: Any) -> int:
+        return int(config.clusters)
+
+    def describe(self, config: Any) -> dict[str, Any]:
+        return {
+            "clusters": config.clusters,
+            "cluster_selection": "IFCA: lowest loss on the site's training data",
+        }
+
+
+FEDAVG = Strategy()
+FEDPROX = _FedProx()
+FTL = _FTL()
+CFL = _CFL()
+
+
+def build_strategy(name: str) -> Strategy:
+    """The strategy registered as ``--strategy NAME``."""
+    from securefed.plugins import STRATEGIES
+
+    return STRATEGIES.get(name)

@@ -37,6 +37,8 @@ class Stage:
     """Flower message types, one per protocol step (``<category>.<action>``)."""
 
     SETUP = "query.setup"
+    #: Clustered FL: the site picks the cluster model that fits its data best.
+    SELECT = "query.select"
     FIT = "train.fit"
     SHARE = "train.share"
     MASKED = "train.masked"

@@ -216,7 +216,7 @@ def _site_2_drops_in_round_2(round_index: int, chosen: list[int]) -> tuple[set[i
 @pytest.fixture(scope="module")
 def in_process(masked_run, tmp_path_factory):
     """The same run in one process, site 2 vanishing after sharing its keys in round 2."""
-    from securefed.fl.run import train
+    from securefed.run import train
 
     config = masked_run["config"]
     fed = Federation(config, dropout_schedule=_site_2_drops_in_round_2)

@@ -10,7 +10,7 @@ from securefed.dp.ledger import PrivacyEvent, PrivacyLedger
 from securefed.dp.signing import SiteSigner
 from securefed.dp.trainer import DPPlan
 from securefed.errors import PrivacyBudgetError, ProtocolError
-from securefed.fl.simulation import check_site_plan, plan_site_privacy
+from securefed.fl.planning import check_site_plan, plan_site_privacy
 
 CONFIG = RunConfig(dp_epsilon=8.0, rounds=2, local_epochs=1, batch_size=2)
 

@@ -26,7 +26,7 @@ def tiny_run(d: Path, *, dp: bool = True, noise: str = "secret", **overrides) ->
         reproducible_noise=noise == "reproducible",
     )
     kwargs.update(overrides)
-    from securefed.fl.run import train
+    from securefed.run import train
 
     return train(RunConfig(**kwargs), out_dir=d / "run", progress=False)
 

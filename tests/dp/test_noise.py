@@ -22,7 +22,7 @@ from securefed.dp.ledger import PrivacyEvent, PrivacyLedger
 from securefed.dp.noise import SecretNoise, SeededNoise
 from securefed.dp.trainer import DPPlan, NoiseDPOptimizer, PoissonBatchSampler, SiteTrainer
 from securefed.errors import ConfigError, PrivacyBudgetError
-from securefed.fl.simulation import mechanism_noise
+from securefed.fl.planning import mechanism_noise
 
 
 # -- samplers ---------------------------------------------------------------------------------

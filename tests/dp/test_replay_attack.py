@@ -20,7 +20,8 @@ from torch.utils.data import Dataset
 
 from securefed.dp.ledger import PrivacyLedger
 from securefed.dp.trainer import SiteTrainer
-from securefed.fl.simulation import Federation, local_update
+from securefed.fl.simulation import Federation
+from securefed.fl.site_runtime import local_update
 
 SITE = 0
 

@@ -6,7 +6,7 @@ import pytest
 
 from securefed.config import RunConfig
 from securefed.dp.audit import audit_run
-from securefed.fl.run import train
+from securefed.run import train
 
 
 @pytest.mark.slow

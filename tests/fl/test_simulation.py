@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from securefed.dp.accounting import pld_epsilon
-from securefed.fl.run import train
+from securefed.run import train
 from securefed.fl.simulation import Federation
 
 
@@ -124,7 +124,7 @@ def test_fedavg_is_the_sample_weighted_mean_of_local_models(small_config):
     # Re-run each site's local training by hand with the generators the runtime uses.
     import copy
 
-    from securefed.fl.simulation import _seed_for
+    from securefed.fl.planning import seed_for as _seed_for
 
     expected, total = np.zeros_like(start), 0
     for s in fed.sites:

@@ -9,6 +9,7 @@ import torch
 from securefed.config import RunConfig
 from securefed.errors import ConfigError
 from securefed.fl.simulation import Federation
+from securefed.fl.site_runtime import local_update
 
 
 def _vec(fed, k=0):
@@ -29,11 +30,15 @@ def test_fedprox_keeps_local_models_closer_to_the_global_model(small_config):
     plain = Federation(cfg)
     prox = Federation(cfg.replace(strategy="fedprox", prox_mu=1.0))
     site_p, site_q = plain.sites[0], prox.sites[0]
-    far, _, _, _ = plain._local_update(site_p, plain.models[0], 1)
-    near, _, _, _ = prox._local_update(site_q, prox.models[0], 1)
+    far, _, _, _ = local_update(
+        cfg, trainer=site_p.trainer, layout=plain.layout, model=plain.models[0], round_index=1
+    )
+    near, _, _, _ = local_update(
+        prox.config, trainer=site_q.trainer, layout=prox.layout, model=prox.models[0], round_index=1
+    )
     assert np.linalg.norm(near[:-1]) < 0.9 * np.linalg.norm(far[:-1])
     # the proximal step depends on no data: the same DP steps are accounted either way
-    assert [e.steps for e in plain.ledger.events] == [e.steps for e in prox.ledger.events]
+    assert [e.steps for e in site_p.ledger.events] == [e.steps for e in site_q.ledger.events]
     assert plain.plans[0] == prox.plans[0]
 
 
@@ -218,7 +223,7 @@ def test_every_strategy_runs_with_dp_and_secure_aggregation(
     tmp_path, small_config, pretrained_file, strategy, mode
 ):
     from securefed.dp.audit import audit_run
-    from securefed.fl.run import train
+    from securefed.run import train
 
     changes = {
         "fedprox": {"strategy": "fedprox", "server_opt": "avgm"},
@@ -239,7 +244,7 @@ def test_every_strategy_runs_with_dp_and_secure_aggregation(
 @pytest.mark.slow
 @pytest.mark.parametrize("mode", ["mask", "he"])
 def test_cfl_runs_without_dp_under_secure_aggregation(tmp_path, small_config, mode):
-    from securefed.fl.run import train
+    from securefed.run import train
 
     cfg = small_config.replace(
         strategy="cfl", clusters=2, clients=4, rounds=1, secure_agg=mode, dp_epsilon=None
@@ -254,7 +259,7 @@ def test_cfl_runs_without_dp_under_secure_aggregation(tmp_path, small_config, mo
 @pytest.mark.slow
 @pytest.mark.integration
 def test_segmentation_federation_with_dp_masking_and_twins(tmp_path):
-    from securefed.fl.run import train
+    from securefed.run import train
 
     cfg = RunConfig(
         dataset="synthetic-seg",

@@ -72,6 +72,15 @@ class SiteProtection(ABC):
     ) -> dict[str, Any]:
         """Protect the site's update; returns the fields for its fit reply."""
 
+    def answer(self, stage: str, fields: dict[str, Any], *, state: SiteState) -> dict[str, Any]:
+        """:meth:`step`, with the seconds it took as ``protect_seconds`` (what runtimes call)."""
+        import time
+
+        start = time.perf_counter()
+        reply = self.step(stage, fields, state=state)
+        reply["protect_seconds"] = time.perf_counter() - start
+        return reply
+
     def step(self, stage: str, fields: dict[str, Any], *, state: SiteState) -> dict[str, Any]:
         """Answer one later protocol stage; returns the reply fields."""
         from securefed.errors import ProtocolError

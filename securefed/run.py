@@ -1,27 +1,24 @@
-"""Run a federation from a configuration and write the files a run leaves behind."""
+"""Run a federation from a configuration and write the files a run leaves behind.
+
+The top of the stack (beside the CLI): it drives the in-process runtime
+(:mod:`securefed.fl.simulation`) and the writers of :mod:`securefed.report.artifacts`.
+"""
 
 from __future__ import annotations
 
-import csv
 import datetime as _dt
 import json
 import os
-import platform
 import shutil
 import sys
 import tempfile
-from importlib import metadata
 from pathlib import Path
-from typing import Any
 
 from securefed.config import RunConfig
-from securefed.dp.accounting import ADJACENCY
-from securefed.dp.report import SCHEMA_VERSION, THREAT_MODEL, json_ready, report_hash, write_json
+from securefed.dp.report import json_ready
 from securefed.errors import ConfigError, SecureFedError
-from securefed.fl.disclosures import disclosures_json
 from securefed.fl.simulation import Federation
-from securefed.fl.transfer import indices_digest
-from securefed.metrics import HEADLINE_METRICS
+from securefed.report.artifacts import package_versions, write_outputs
 from securefed.validate import validate_inputs
 
 __all__ = [
@@ -33,31 +30,6 @@ __all__ = [
     "RunInterrupted",
     "PARTIAL_MARK",
 ]
-
-_PACKAGES = (
-    "securefed",
-    "torch",
-    "opacus",
-    "dp-accounting",
-    "numpy",
-    "cryptography",
-    "tenseal",
-    "monai",
-    "torchio",
-    "safetensors",
-)
-
-
-def package_versions() -> dict[str, str | None]:
-    """Installed versions of the packages a run depends on, for reproducibility."""
-    out: dict[str, str | None] = {"python": sys.version.split()[0]}
-    for name in _PACKAGES:
-        try:
-            out[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            out[name] = None
-    return out
-
 
 def default_out_dir() -> Path:
     """A fresh timestamped folder under ``runs/``."""
@@ -74,16 +46,6 @@ class RunInterrupted(KeyboardInterrupt):
 
     A :class:`KeyboardInterrupt`, so code that stops on Ctrl-C keeps stopping.
     """
-
-
-def _prepare_out(out: Path) -> Path:
-    """The deployed server's run folder: created, refused when it holds a finished run."""
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"--out {out}: exists and is not a folder")
-    if (out / "privacy.json").exists():
-        raise ConfigError(f"--out {out}: already holds a run; choose another folder")
-    out.mkdir(parents=True, exist_ok=True)
-    return out
 
 
 def check_out_dir(out: Path) -> None:
@@ -364,231 +326,3 @@ def _annotate(exc: Exception, line: str) -> None:
         exc.add_note(line)
 
 
-def _config_json(fed: Federation) -> dict[str, Any]:
-    cfg = fed.config
-    return {
-        "schema_version": SCHEMA_VERSION,
-        "run": cfg.to_dict(),
-        "resolved": {
-            "device": str(fed.device),
-            "delta": fed.delta,
-            "dataset": fed.bundle.describe(),
-            "sites": [
-                {k: v for k, v in s.items() if k != "epsilon_per_round"}
-                for s in fed.site_summaries()
-            ],
-            "model": {
-                "name": cfg.model,
-                "num_parameters": fed.built.num_parameters,
-                "trainable_parameters": fed.transfer["trainable_parameters"],
-                "head_prefixes": list(fed.built.head_prefixes),
-            },
-            "task": fed.task.name,
-            "strategy": _strategy_json(fed),
-            "public_samples": len(fed.public_indices) if fed.public_indices is not None else 0,
-            "secure_aggregation": fed.aggregator.describe(),
-        },
-        "versions": package_versions(),
-        "platform": {"machine": platform.machine(), "system": platform.system()},
-        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-    }
-
-
-def _strategy_json(fed: Federation) -> dict[str, Any]:
-    cfg = fed.config
-    out: dict[str, Any] = {
-        "name": cfg.strategy,
-        "schedule": cfg.schedule,
-        "prox_mu": cfg.effective_prox_mu,
-        "server_optimizer": fed.server_opts[0].describe(),
-        "freeze": fed.transfer["freeze"],
-        "personalize_epochs": cfg.personalize,
-        "personalize_when": cfg.personalize_when if cfg.personalize else None,
-        "personalize_lr": (cfg.personalize_lr or cfg.lr) if cfg.personalize else None,
-    }
-    if cfg.strategy == "cfl":
-        out["clusters"] = cfg.clusters
-        out["cluster_selection"] = "IFCA: lowest loss on the site's training data"
-    return out
-
-
-def _disclosures(fed: Federation) -> list[dict[str, str]]:
-    """Every field a site releases, with its protection (:mod:`securefed.fl.disclosures`)."""
-    return disclosures_json(fed.config, runtime=getattr(fed, "runtime", "in-process"))
-
-
-def noise_description(config: RunConfig) -> tuple[str, str]:
-    """privacy.json ``noise`` and ``noise_source`` for a run of ``config``."""
-    if config.reproducible_noise:
-        return "reproducible", (
-            "ChaCha20 keyed from --seed (--reproducible-noise): anyone who knows the seed can "
-            "replay the noise and the sampling, so the epsilon below does NOT hold against them"
-        )
-    return "secret", (
-        "ChaCha20 keyed from os.urandom at each site, fresh for every round: the DP noise and "
-        "the Poisson sampling are secret to the site (never derived from --seed)"
-    )
-
-
-def _privacy_json(fed: Federation) -> dict[str, Any]:
-    cfg = fed.config
-    noise, noise_source = noise_description(cfg)
-    clients = []
-    for s in fed.site_summaries():
-        plan = fed.plans.get(s["client_id"])
-        events = fed.ledger.for_client(s["client_id"])
-        history = s["epsilon_per_round"]
-        entry = {
-            "client_id": s["client_id"],
-            "delta": plan.delta if plan else None,
-            "sample_rate": plan.sample_rate if plan else None,
-            "noise_multiplier": plan.noise_multiplier if plan else None,
-            "max_grad_norm": plan.max_grad_norm if plan else None,
-            "planned_steps": plan.planned_steps if plan else None,
-            "steps": sum(e.steps for e in events),
-            "personalization_steps": sum(e.steps for e in events if e.phase == "personalize"),
-            "rounds_participated": sorted({e.round for e in events}),
-            "epsilon": history[-1] if plan and history else None,
-            "epsilon_per_round": list(history) if plan else [],
-        }
-        if "num_samples" in s:  # only when the site chose to disclose its size
-            entry["num_samples"] = s["num_samples"]
-        clients.append(entry)
-    eps = [c["epsilon"] for c in clients if c["epsilon"] is not None]
-    return {
-        "schema_version": SCHEMA_VERSION,
-        "dp": cfg.dp_enabled,
-        "target_epsilon": cfg.dp_epsilon,
-        "delta": fed.delta,
-        "accountant": cfg.accountant if cfg.dp_enabled else None,
-        "adjacency": ADJACENCY if cfg.dp_enabled else None,
-        "privacy_unit": "record" if cfg.dp_enabled else None,
-        "epsilon": max(eps) if eps else None,
-        "guarantee": (
-            "record-level (epsilon, delta)-DP per site, over all rounds, for replace-one "
-            "adjacency (one training record substituted by any other). A patient with k "
-            "records is protected at group size k (about k x epsilon), not at epsilon."
-            if cfg.dp_enabled
-            else "none: this run makes no DP claim"
-        ),
-        "sampling": "poisson" if cfg.dp_enabled else "shuffle",
-        "clipping": "flat per-sample L2" if cfg.dp_enabled else None,
-        "noise": noise if cfg.dp_enabled else None,
-        "noise_source": noise_source if cfg.dp_enabled else None,
-        "calibration": (
-            "per site: smallest sigma whose replace-one epsilon (dp_accounting PLD) after "
-            "(rounds x local_epochs + twin fine-tuning epochs) x ceil(n/B) steps is at most the "
-            "target, at the site's own delta = min(--dp-delta or 1e-5, 10^-ceil(log10(10 n))); "
-            "server-side site sampling and dropouts are not counted as amplification"
-        ),
-        "strategy": _strategy_json(fed),
-        "dp_applies_to": (
-            "trainable parameters only (frozen parameters never change and are never sent)"
-            if fed.transfer["frozen"]
-            else "all model parameters"
-        ),
-        "transfer": {
-            "pretrained": fed.transfer["pretrained"],
-            "frozen_parameters": len(fed.transfer["frozen"]),
-            "trainable_parameters": fed.transfer["trainable_parameters"],
-            "reinitialised": fed.transfer["reinitialised"],
-            "public_fraction": fed.config.public_fraction,
-            "public_seed": fed.config.public_seed if fed.config.public_fraction else None,
-            "public_indices_sha256": (
-                indices_digest(fed.public_indices) if fed.public_indices is not None else None
-            ),
-            "public_samples": (len(fed.public_indices) if fed.public_indices is not None else 0),
-        },
-        "disclosures": _disclosures(fed),
-        "rounds": cfg.rounds,
-        "local_epochs": cfg.local_epochs,
-        "batch_size": cfg.batch_size,
-        "clients": clients,
-        "events": [e.to_dict() for e in fed.ledger.events],
-        "secure_aggregation": fed.aggregator.name,
-        "secure_aggregation_params": fed.aggregator.describe(),
-        "model": {
-            "name": cfg.model,
-            "num_parameters": fed.built.num_parameters,
-            "opacus_validator": "passed",
-        },
-        "model_changes": list(fed.built.changes),
-        "dataset": {
-            "name": fed.bundle.name,
-            "fingerprint": fed.bundle.fingerprint,
-            "source": fed.bundle.source,
-            "partition": cfg.partition,
-        },
-        "seed": cfg.seed,
-        "package_versions": package_versions(),
-        "threat_model": THREAT_MODEL,
-        "hash": {
-            "algorithm": "sha256",
-            "covers": "canonical JSON of privacy.json without 'sha256', config.json, metrics.json",
-        },
-    }
-
-
-def _metrics_csv(metrics: dict[str, Any], path: Path) -> None:
-    keys = list(HEADLINE_METRICS)
-    with path.open("w", newline="") as fh:
-        w = csv.writer(fh)
-        w.writerow(["round", "scope", "client_id", *keys, "epsilon", "seconds", "applied"])
-        for r in metrics["rounds"]:
-            g = r["global"]
-            w.writerow(
-                [
-                    r["round"],
-                    "global",
-                    "",
-                    *[g.get(k) for k in keys],
-                    "",
-                    r["seconds"],
-                    r["applied"],
-                ]
-            )
-            for c in r["clients"]:
-                w.writerow(
-                    [
-                        r["round"],
-                        "site",
-                        c["client_id"],
-                        *[c.get(k) for k in keys],
-                        c["epsilon"],
-                        "",
-                        "",
-                    ]
-                )
-
-
-def write_outputs(fed: Federation, out: Path) -> None:
-    """Write every run artifact into ``out``; the privacy report last, with its hash."""
-    from safetensors.torch import save_file
-
-    from securefed.report.summary import write_summary
-
-    config = json_ready(_config_json(fed))
-    metrics = json_ready(fed.metrics())
-    privacy = json_ready(_privacy_json(fed))
-    if fed.config.dp_enabled:
-        # Signing precedes the hash so that the hash covers keys and signatures too.
-        fed.sign_privacy(privacy, run=config["run"])
-    privacy["sha256"] = report_hash(privacy=privacy, config=config, metrics=metrics)
-    meta = {"model": fed.config.model, "securefed": "0.1.0", "task": fed.task.name}
-    save_file(
-        {k: v.detach().cpu().contiguous() for k, v in fed.global_model.state_dict().items()},
-        str(out / "model.safetensors"),
-        metadata=meta,
-    )
-    if len(fed.models) > 1:
-        for k, m in enumerate(fed.models):
-            save_file(
-                {n: v.detach().cpu().contiguous() for n, v in m.state_dict().items()},
-                str(out / f"model_cluster{k}.safetensors"),
-                metadata={**meta, "cluster": str(k)},
-            )
-    write_json(out / "config.json", config)
-    write_json(out / "metrics.json", metrics)
-    _metrics_csv(metrics, out / "metrics.csv")
-    write_json(out / "privacy.json", privacy)
-    write_summary(out, config=config, metrics=metrics, privacy=privacy)

@@ -1,0 +1,250 @@
+"""Privacy claims: what a site signs after each round, and the server's book of them.
+
+One function builds the claim (:func:`site_claim_for`), so the site that signs it and the
+server that checks it cannot disagree on its content. :class:`ClaimBook` is the server's
+side: it records the DP events every site reports, pins each site's plan, checks the plan
+against the run's rules, and keeps the latest signature that covers exactly what the report
+will state. The same in both runtimes: the in-process sites sign with keys of their own too.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from securefed.config import RunConfig
+from securefed.dp.accounting import ADJACENCY, compute_epsilon
+from securefed.dp.ledger import PrivacyEvent, PrivacyLedger
+from securefed.dp.signing import attach_site_signatures, site_claim, verify_claim
+from securefed.dp.trainer import DPPlan
+from securefed.errors import ProtocolError
+from securefed.fl.planning import check_site_plan
+
+__all__ = ["ClaimBook", "noise_description", "plan_fields", "site_claim_for"]
+
+
+def noise_description(config: RunConfig) -> tuple[str, str]:
+    """privacy.json ``noise`` and ``noise_source`` for a run of ``config``."""
+    if config.reproducible_noise:
+        return "reproducible", (
+            "ChaCha20 keyed from --seed (--reproducible-noise): anyone who knows the seed can "
+            "replay the noise and the sampling, so the epsilon below does NOT hold against them"
+        )
+    return "secret", (
+        "ChaCha20 keyed from os.urandom at each site, fresh for every round: the DP noise and "
+        "the Poisson sampling are secret to the site (never derived from --seed)"
+    )
+
+
+def plan_fields(plan: DPPlan) -> dict[str, Any]:
+    """A plan as the fields a site sends."""
+    return dataclasses.asdict(plan)
+
+
+def site_claim_for(
+    config: RunConfig,
+    *,
+    client_id: int,
+    plan: DPPlan,
+    events: Sequence[Mapping[str, Any]],
+    epsilon: float,
+    num_samples: int | None = None,
+) -> dict[str, Any]:
+    """The claim a site signs and the server checks: one function for both sides.
+
+    Args:
+        config: The run.
+        client_id: The site.
+        plan: The site's DP plan.
+        events: Every DP event of the site so far, in ledger order.
+        epsilon: The site's epsilon over ``events``.
+        num_samples: The site's size, only if it discloses it.
+
+    """
+    entry: dict[str, Any] = {
+        "client_id": client_id,
+        "delta": plan.delta,
+        "noise_multiplier": plan.noise_multiplier,
+        "sample_rate": plan.sample_rate,
+        "max_grad_norm": plan.max_grad_norm,
+        "planned_steps": plan.planned_steps,
+        "epsilon": epsilon,
+    }
+    if num_samples is not None:
+        entry["num_samples"] = num_samples
+    return site_claim(
+        entry=entry,
+        events=events,
+        run=config.to_dict(),
+        noise=noise_description(config)[0],
+        adjacency=ADJACENCY,
+        accountant=config.accountant,
+    )
+
+
+class ClaimBook:
+    """The server's record of every site's privacy spending and signed claims.
+
+    Args:
+        config: The run.
+
+    Attributes:
+        ledger: Every DP event the sites reported, in arrival order.
+        plans: Each site's pinned plan (the first one it reported, checked).
+        signatures: The latest signature of each site (hex Ed25519).
+        keys: Each site's public signing key (hex), from set-up.
+        sizes: Each site's training-set size, only where it disclosed it.
+
+    """
+
+    def __init__(self, config: RunConfig) -> None:
+        self.config = config
+        self.ledger = PrivacyLedger()
+        self.plans: dict[int, DPPlan] = {}
+        self.signatures: dict[int, str] = {}
+        self.keys: dict[int, str] = {}
+        self.sizes: dict[int, int] = {}
+
+    @property
+    def delta(self) -> float | None:
+        """The run's delta: the largest any site uses (None without DP)."""
+        return max((p.delta for p in self.plans.values()), default=None)
+
+    def pin_plan(self, sid: int, fields: Mapping[str, Any] | None) -> DPPlan:
+        """Check a site's reported plan against the run's rules and pin it.
+
+        Raises:
+            ProtocolError: If the plan is malformed, breaks a rule, or differs from the one
+                pinned earlier.
+
+        """
+        try:
+            plan = DPPlan(**(fields or {}))
+        except TypeError as exc:
+            raise ProtocolError(f"site {sid}: malformed DP plan ({exc})") from exc
+        pinned = self.plans.get(sid)
+        if pinned is None:
+            try:
+                check_site_plan(self.config, plan)
+            except ProtocolError as exc:
+                raise ProtocolError(
+                    f"site {sid}: its DP plan breaks the run's rules: {exc}"
+                ) from exc
+            self.plans[sid] = plan
+            return plan
+        if plan != pinned:
+            raise ProtocolError(f"site {sid}: its DP plan changed during the run")
+        return pinned
+
+    def account(
+        self, sid: int, reply: Mapping[str, Any], *, round_index: int, phase: str = "federated"
+    ) -> None:
+        """Record a site's DP report for one step, then check it against its pinned plan.
+
+        What a site says it spent is always recorded, even when its update is then refused:
+        the privacy report must not under-count, and the audit flags events that differ
+        from the plan.
+
+        Raises:
+            ProtocolError: If the report is malformed (another site's, round's or phase's
+                events), or breaks the plan, or its signature does not cover the claim.
+
+        """
+        try:
+            events = [PrivacyEvent(**e) for e in reply.get("events") or []]
+        except TypeError as exc:
+            raise ProtocolError(f"site {sid}: malformed DP report ({exc})") from exc
+        if any(e.client_id != sid or e.round != round_index or e.phase != phase for e in events):
+            raise ProtocolError(f"site {sid}: reported an event that is not its round's")
+        for e in events:
+            self.ledger.record(e)
+        if not self.config.dp_enabled:
+            return
+        plan = self.pin_plan(sid, reply.get("plan"))
+        self.check_signature(sid, reply.get("signature"))
+        per_epoch = round(1.0 / plan.sample_rate)
+        epochs = self.config.local_epochs if phase == "federated" else self.config.personalize
+        for e in events:
+            if (e.noise_multiplier, e.sample_rate, e.max_grad_norm) != (
+                plan.noise_multiplier,
+                plan.sample_rate,
+                plan.max_grad_norm,
+            ) or e.steps != epochs * per_epoch:
+                raise ProtocolError(f"site {sid}: trained with other DP parameters than planned")
+        if not events:
+            raise ProtocolError(f"site {sid}: reported no DP accounting for round {round_index}")
+
+    def epsilon(self, sid: int) -> float | None:
+        """Site ``sid``'s epsilon over what it reported (None without a plan)."""
+        plan = self.plans.get(sid)
+        if plan is None:
+            return None
+        return compute_epsilon(
+            history=self.ledger.history(sid), delta=plan.delta, accountant=plan.accountant
+        )
+
+    def check_signature(self, sid: int, signature: Any) -> None:
+        """A site's signature must cover exactly the claim the report will state for it.
+
+        The server holds no site key; it keeps the latest signature of each site and checks
+        it now, so a claim the site did not sign never reaches privacy.json.
+        """
+        key = self.keys.get(sid)
+        if not isinstance(key, str) or not isinstance(signature, str):
+            raise ProtocolError(f"site {sid}: sent no signed privacy claim")
+        claim = site_claim_for(
+            self.config,
+            client_id=sid,
+            plan=self.plans[sid],
+            events=[e.to_dict() for e in self.ledger.for_client(sid)],
+            epsilon=self.epsilon(sid),
+            num_samples=self.sizes.get(sid),
+        )
+        if not verify_claim(claim, signature, key):
+            raise ProtocolError(f"site {sid}: its signature does not cover the claim on record")
+        self.signatures[sid] = signature
+
+    def attach(self, privacy: dict[str, Any], *, run: Mapping[str, Any]) -> None:
+        """Attach the signatures the sites made themselves (the server signs for no one)."""
+        attach_site_signatures(
+            privacy,
+            run=run,
+            signed={sid: (self.keys[sid], sig) for sid, sig in self.signatures.items()},
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        """What a checkpoint keeps of the book."""
+        return {
+            "plans": {str(k): dataclasses.asdict(p) for k, p in sorted(self.plans.items())},
+            "signatures": {str(k): v for k, v in sorted(self.signatures.items())},
+            "events": [e.to_dict() for e in self.ledger.events],
+        }
+
+    def restore(self, data: Mapping[str, Any]) -> None:
+        """Continue from :meth:`to_json`; every event is checked against its site's plan.
+
+        Raises:
+            ProtocolError: If an event does not match its site's plan, or the book is not
+                empty.
+
+        """
+        if self.ledger.events:
+            raise ProtocolError("this run already accounted rounds; resume into a fresh one")
+        plans = {int(k): DPPlan(**p) for k, p in data.get("plans", {}).items()}
+        events = [PrivacyEvent(**e) for e in data.get("events", [])]
+        for e in events:
+            plan = plans.get(e.client_id)
+            if plan is None or (e.noise_multiplier, e.sample_rate, e.max_grad_norm) != (
+                plan.noise_multiplier,
+                plan.sample_rate,
+                plan.max_grad_norm,
+            ):
+                raise ProtocolError(
+                    f"site {e.client_id}: a checkpointed privacy event (round {e.round}) does "
+                    "not match its plan"
+                )
+        self.plans = plans
+        self.signatures = {int(k): v for k, v in data.get("signatures", {}).items()}
+        for e in events:
+            self.ledger.record(e)

@@ -1,0 +1,925 @@
+"""The federated round, written once: sample, fit, account, secure sum, server step, evaluate.
+
+:class:`RoundEngine` is the server's side of a run over any
+:class:`~securefed.protocol.link.Link`. The in-process runtime
+(:class:`securefed.fl.simulation.Federation`) runs it over a
+:class:`~securefed.protocol.link.LocalLink` to simulated
+:class:`~securefed.fl.site_runtime.SiteRuntime` objects; the Flower runtime
+(:class:`securefed.deploy.coordinator.Coordinator`) over Flower's Grid to the hospitals'
+ClientApps, which run the same ``SiteRuntime``. Messages, accounting, the secure sum, the
+server optimizer step and the round record are identical in both.
+
+The server never holds a site's data or its individual update: it sends weights, gets back
+what :mod:`securefed.fl.disclosures` declares (a protected update, DP accounting, held-out
+metrics), and applies the sum a secure-sum mode (:mod:`securefed.protocol.modes`) returns.
+A round that fails at any step changes no model.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from securefed.config import RunConfig
+from securefed.data.dataset import DatasetBundle
+from securefed.errors import ConfigError, ProtocolError
+from securefed.fl.claims import ClaimBook
+from securefed.fl.params import ParamLayout
+from securefed.fl.planning import (
+    model_spec,
+    personalize_rounds,
+    resolve_device,
+    sample_participants,
+    seed_for,
+    task_for,
+)
+from securefed.fl.site_runtime import weights_from_bytes, weights_to_bytes
+from securefed.fl.strategies import ServerOptimizer, build_server_optimizer, build_strategy
+from securefed.fl.transfer import pretraining_provenance
+from securefed.metrics import detect_convergence
+from securefed.models import build_model
+from securefed.protocol.link import Link
+from securefed.protocol.modes import SumCollector, SumOutcome, get_mode
+from securefed.protocol.wire import Stage
+
+__all__ = ["METRICS_SCHEMA_VERSION", "RoundEngine", "RoundRecord", "SiteInfo"]
+
+#: metrics.json schema: 1.1 added task, strategy, primary_metric, site_mean, clusters and
+#: personalization; 2.0 removed the per-site train_loss and num_train_samples (they no longer
+#: leave a site; num_train_samples stays when the sites disclose their sizes).
+METRICS_SCHEMA_VERSION = "2.0"
+
+#: Events a runtime may log (``event=..., **fields``); the Flower runtime writes them to
+#: deploy-log.jsonl.
+EventSink = Callable[..., None]
+
+
+@dataclass
+class RoundRecord:
+    """What one round produced: ``data`` is its ``metrics.json`` record (a JSON contract)."""
+
+    data: dict[str, Any]
+    applied: bool
+
+
+@dataclass
+class SiteInfo:
+    """What a site told the server at set-up (shapes and keys; no records)."""
+
+    client_id: int
+    num_heldout: int
+    fingerprint: str
+    dataset: str
+    signing_key: str | None = None
+    num_samples: int | None = None
+    class_counts: list[int] | None = None
+
+
+@dataclass
+class _Sums:
+    """The fit and secure-sum part of a round, before evaluation."""
+
+    applied: bool
+    error: str | None
+    survivors: list[int]
+    train_seconds: float = 0.0
+    protect_seconds: float = 0.0
+    agg_seconds: float = 0.0
+    clipped: int = 0
+    clusters: list[dict[str, Any]] | None = None
+    site_errors: dict[int, str] = field(default_factory=dict)
+
+
+def apply_transfer(
+    models: list[nn.Module],
+    *,
+    config: RunConfig,
+    head_prefixes: tuple[str, ...],
+    bundle: DatasetBundle,
+    public_indices: np.ndarray | None,
+) -> dict[str, Any]:
+    """Load pretrained weights and freeze what ``freeze`` names, in every model."""
+    from securefed.models.transfer import freeze, load_pretrained
+
+    info: dict[str, Any] = {"pretrained": None, "frozen": [], "reinitialised": []}
+    if config.pretrained is not None:
+        loads = [
+            load_pretrained(m, path=config.pretrained, head_prefixes=head_prefixes) for m in models
+        ]
+        info["pretrained"] = pretraining_provenance(
+            metadata=dict(loads[0].metadata),
+            file_sha256=loads[0].sha256,
+            bundle=bundle,
+            public_fraction=config.public_fraction,
+            public_seed=config.public_seed,
+            public_indices=public_indices,
+        )
+        info["pretrained"]["path"] = str(config.pretrained)
+        info["reinitialised"] = list(loads[0].reinitialised)
+    spec = config.effective_freeze
+    if spec != "none":
+        frozen = [freeze(m, spec=spec, head_prefixes=head_prefixes) for m in models]
+        info["frozen"] = list(frozen[0])
+    n_train = sum(p.numel() for p in models[0].parameters() if p.requires_grad)
+    n_all = sum(p.numel() for p in models[0].parameters())
+    info.update({"freeze": spec, "trainable_parameters": n_train, "all_parameters": n_all})
+    return info
+
+
+class RoundEngine:
+    """The server's state and the round, over a :class:`~securefed.protocol.link.Link`.
+
+    Args:
+        config: The run configuration.
+        bundle: The server's copy of the data set: its test split scores the global model;
+            nothing else of it is used here.
+        link: The connection to the sites (keyed by site id).
+        public_indices: Records the pretraining used (FTL provenance), if any.
+        dropout_schedule: In-process simulation only: ``f(round, participants) ->
+            (drop_before_upload, drop_after_upload)``.
+        fit_timeout: Seconds a site may take to train (or evaluate) before it counts as gone.
+        stage_timeout: Seconds a site may take for one protocol step.
+        on_event: Called with progress events (``event="sent", round=...``).
+
+    """
+
+    #: Which runtime drives the engine (privacy.json's disclosures, metrics' transport).
+    runtime = "in-process"
+
+    def __init__(
+        self,
+        config: RunConfig,
+        *,
+        bundle: DatasetBundle,
+        link: Link,
+        public_indices: np.ndarray | None = None,
+        dropout_schedule: Callable[[int, list[int]], tuple[set[int], set[int]]] | None = None,
+        fit_timeout: float = 3600.0,
+        stage_timeout: float = 300.0,
+        on_event: EventSink | None = None,
+    ) -> None:
+        self.config = config
+        self.bundle = bundle
+        self.link = link
+        self.public_indices = public_indices
+        self.dropout_schedule = dropout_schedule
+        self.fit_timeout = fit_timeout
+        self.stage_timeout = stage_timeout
+        self.on_event = on_event
+        self.device = resolve_device(config.device)
+        self.task = task_for(bundle, config)
+        self.spec = model_spec(bundle, self.task, config)
+        self.strategy = build_strategy(config.strategy)
+        builds = []
+        for k in range(self.strategy.num_models(config)):
+            # Cluster k > 0 gets its own initialisation: IFCA needs distinct models to start.
+            torch.manual_seed(seed_for(config.seed, 0x30DE1, *([k] if k else [])))
+            builds.append(build_model(name=config.model, spec=self.spec))
+        self.built = builds[0]
+        self.models: list[nn.Module] = [b.module.to(self.device) for b in builds]
+        self.transfer = apply_transfer(
+            self.models,
+            config=config,
+            head_prefixes=tuple(self.built.head_prefixes),
+            bundle=bundle,
+            public_indices=public_indices,
+        )
+        trainable = [n for n, p in self.models[0].named_parameters() if p.requires_grad]
+        self.layout = ParamLayout(
+            self.models[0].state_dict(), keys=trainable if self.transfer["frozen"] else None
+        )
+        self.server_opts: list[ServerOptimizer] = [
+            build_server_optimizer(
+                name=config.server_opt,
+                lr=config.effective_server_lr,
+                momentum=config.server_momentum,
+            )
+            for _ in self.models
+        ]
+        self.mode = get_mode(config.secure_agg)
+        self._collectors: dict[int, SumCollector] = {}
+        self.he_public: bytes | None = None
+        self.claims = ClaimBook(config)
+        self.setup_signatures: dict[int, str] = {}
+        self.site_info: dict[int, SiteInfo] = {}
+        #: CFL: each site's cluster (None until it is known).
+        self.clusters: dict[int, int | None] = {}
+        self.eps_history: dict[int, list[float]] = {}
+        self.records: list[RoundRecord] = []
+        self.elapsed = 0.0
+
+    # -- what the report writers read ---------------------------------------------------------
+    @property
+    def ledger(self) -> Any:
+        """Every DP event the sites reported (:class:`~securefed.dp.ledger.PrivacyLedger`)."""
+        return self.claims.ledger
+
+    @property
+    def plans(self) -> dict[int, Any]:
+        """Each site's pinned DP plan."""
+        return self.claims.plans
+
+    @property
+    def delta(self) -> float | None:
+        """The run's delta: the largest any site uses."""
+        return self.claims.delta
+
+    @property
+    def global_model(self) -> nn.Module:
+        """The model the federation serves: the only one, or (CFL) the largest cluster's."""
+        return self.models[self.largest_cluster()]
+
+    @property
+    def aggregator(self) -> SumCollector:
+        """The secure-sum mode's server side (its ``describe()`` goes into the report)."""
+        return self._collector(len(self.site_info) or self.config.clients)
+
+    def largest_cluster(self) -> int:
+        """Index of the cluster with most sites (ties: the lowest index); 0 without CFL."""
+        if len(self.models) == 1:
+            return 0
+        known = [k for k in self.clusters.values() if k is not None]
+        return int(np.argmax(np.bincount(known, minlength=len(self.models))))
+
+    def personalize_rounds(self) -> int:
+        """How many times the twins are fine-tuned over the run."""
+        return personalize_rounds(self.config)
+
+    def _event(self, **fields: Any) -> None:
+        if self.on_event is not None:
+            self.on_event(**fields)
+
+    def _collector(self, n_sites: int) -> SumCollector:
+        """One server side per group size (masking's parameters depend on it)."""
+        key = n_sites if self.config.secure_agg == "mask" else 0
+        if key not in self._collectors:
+            self._collectors[key] = self.mode.server(
+                self.config, n_sites=n_sites, he_public=self.he_public
+            )
+        return self._collectors[key]
+
+    # -- set-up ---------------------------------------------------------------------------------
+    def adopt_sites(self, replies: Mapping[int, Mapping[str, Any]]) -> None:
+        """Check every site's set-up reply and pin its keys and plan.
+
+        Raises:
+            ConfigError: If a site's data does not fit the model, a key is missing or
+                shared, a size disclosure breaks the run's rule, or a plan breaks it.
+
+        """
+        cfg = self.config
+        want = {
+            "in_channels": self.spec.in_channels,
+            "num_classes": self.spec.num_classes,
+            "spatial_dims": self.spec.spatial_dims,
+            "image_shape": list(self.spec.image_shape),
+        }
+        infos: dict[int, SiteInfo] = {}
+        for sid, info in sorted(replies.items()):
+            if info.get("spec") != want or info.get("task") != self.task.name:
+                raise ConfigError(
+                    f"site {sid}: its data ({info.get('task')}, {info.get('spec')}) does not "
+                    f"fit the run's model ({self.task.name}, {want})"
+                )
+            if cfg.dp_enabled and not isinstance(info.get("signing_key"), str):
+                raise ConfigError(f"site {sid}: sent no signing key for its privacy claims")
+            disclosed = "num_samples" in info
+            if disclosed != cfg.disclose_site_sizes:
+                raise ConfigError(
+                    f"site {sid}: "
+                    + (
+                        "disclosed its size, which the run did not ask for"
+                        if disclosed
+                        else "keeps its size private, but the run asks sites to disclose it "
+                        "(start it with --disclose-size, node config disclose-size=true; "
+                        "its node config says disclose-size=false)"
+                    )
+                )
+            infos[sid] = SiteInfo(
+                client_id=sid,
+                num_heldout=int(info.get("num_heldout", 0)),
+                fingerprint=str(info.get("fingerprint")),
+                dataset=str(info.get("dataset")),
+                signing_key=info.get("signing_key"),
+                num_samples=info.get("num_samples"),
+                class_counts=info.get("class_counts"),
+            )
+        keys = [i.signing_key for i in infos.values()]
+        if cfg.dp_enabled and len(set(keys)) != len(keys):
+            raise ConfigError("two sites sent the same signing key; each site needs its own")
+        if cfg.secure_agg == "he":
+            publics = {replies[sid].get("he_public") for sid in infos}
+            if len(publics) != 1 or None in publics:
+                raise ConfigError("the sites hold different CKKS keys; give every site the same")
+            self.he_public = publics.pop()
+            self._collectors.clear()
+            self._collector(len(infos)).describe()  # refuses keys of other parameters
+        for sid, info in infos.items():
+            if info.signing_key is not None:
+                self.claims.keys[sid] = info.signing_key
+            if info.num_samples is not None:
+                self.claims.sizes[sid] = int(info.num_samples)
+            if cfg.dp_enabled:
+                try:
+                    self.claims.pin_plan(sid, replies[sid].get("plan"))
+                except ProtocolError as exc:
+                    raise ConfigError(str(exc)) from exc
+        #: The signature each site sent at set-up (over its claim as it then stood).
+        self.setup_signatures = {
+            sid: replies[sid]["signature"] for sid in infos if "signature" in replies[sid]
+        }
+        self.site_info = infos
+        self.clusters = {sid: None for sid in infos} if len(self.models) > 1 else {}
+
+    # -- rounds ---------------------------------------------------------------------------------
+    def participants(self, round_index: int) -> list[int]:
+        """Sites sampled for a round (from a generator of its own, not the training RNG)."""
+        return sample_participants(self.config, ids=sorted(self.site_info), round_index=round_index)
+
+    def _blobs(self) -> list[bytes]:
+        return [weights_to_bytes(m.state_dict()) for m in self.models]
+
+    def _history(self, sid: int) -> list[dict[str, Any]]:
+        return [e.to_dict() for e in self.ledger.for_client(sid)]
+
+    def run_round(self, round_index: int) -> RoundRecord:
+        """Train, aggregate and evaluate one round. A failed round changes no model."""
+        start = time.perf_counter()
+        cfg = self.config
+        chosen = self.participants(round_index)
+        drop_before, drop_after = (
+            self.dropout_schedule(round_index, chosen) if self.dropout_schedule else (set(), set())
+        )
+        sent_before, received_before = dict(self.link.sent), dict(self.link.received)
+        if cfg.schedule == "cyclic":
+            sums = self._cyclic_round(round_index, chosen, drop_before)
+        else:
+            sums = self._parallel_round(round_index, chosen, drop_before, drop_after)
+        eval_start = time.perf_counter()
+        record, twin_seconds, eval_errors = self._evaluate(round_index, chosen, sums)
+        eval_seconds = time.perf_counter() - eval_start - twin_seconds
+        seconds = time.perf_counter() - start
+        self.elapsed += seconds
+        errors = {**eval_errors, **sums.site_errors}
+        sent = {s: self.link.sent.get(s, 0) - sent_before.get(s, 0) for s in self.site_info}
+        received = {
+            s: self.link.received.get(s, 0) - received_before.get(s, 0) for s in self.site_info
+        }
+        record.update(
+            {
+                "seconds": seconds,
+                "cumulative_seconds": self.elapsed,
+                "applied": sums.applied,
+                "error": sums.error,
+                "participants": chosen,
+                "survivors": sums.survivors,
+                "dropped": sorted(set(chosen) - set(sums.survivors)),
+                "timing": {
+                    # Sites send no training time (a side channel on their size): this is the
+                    # server's own wall time of the fit exchange.
+                    "local_training": sums.train_seconds,
+                    "protection": sums.protect_seconds,
+                    "aggregation": sums.agg_seconds,
+                    "personalization": twin_seconds,
+                    "evaluation": eval_seconds,
+                },
+                "bytes_per_client": {str(s): received[s] for s in sums.survivors},
+                "clipped_values": sums.clipped,
+                "transport": {
+                    "runtime": self.runtime,
+                    "payload_bytes_from_site": {str(s): received[s] for s in self.site_info},
+                    "payload_bytes_to_site": {str(s): sent[s] for s in self.site_info},
+                    "site_errors": {str(s): why for s, why in sorted(errors.items())},
+                },
+            }
+        )
+        if sums.clusters is not None:
+            record["clusters"] = sums.clusters
+        rec = RoundRecord(data=record, applied=sums.applied)
+        self.records.append(rec)
+        self._event(
+            event="round",
+            round=round_index,
+            applied=sums.applied,
+            error=sums.error,
+            survivors=sums.survivors,
+            seconds=round(seconds, 3),
+        )
+        return rec
+
+    def _fit(
+        self, round_index: int, payloads: dict[int, tuple[str, dict[str, Any]]]
+    ) -> tuple[dict[int, dict[str, Any]], dict[int, str]]:
+        """The fit exchange, then each reply's DP accounting (a refused one is left out)."""
+        self._event(event="sent", round=round_index, stage="fit")
+        replies, errors = self.link.exchange(
+            payloads, timeout=self.fit_timeout, group=str(round_index)
+        )
+        fits = {}
+        for sid in sorted(replies):
+            try:
+                self.claims.account(sid, replies[sid], round_index=round_index)
+            except ProtocolError as exc:
+                errors[sid] = str(exc)
+                continue
+            fits[sid] = replies[sid]
+        self._event(
+            event="replies",
+            round=round_index,
+            stage="fit",
+            sites=sorted(fits),
+            errors={str(k): v for k, v in errors.items()},
+        )
+        return fits, errors
+
+    def _assign(
+        self, round_index: int, chosen: list[int], blobs: list[bytes], errors: dict[int, str]
+    ) -> dict[int, int]:
+        """Which model each chosen site trains: the one the strategy (CFL: the site) picks."""
+        if not self.strategy.selects_model:
+            return dict.fromkeys(chosen, 0)
+        payloads = {
+            sid: (Stage.SELECT, {**_models_fields(blobs), "layout_keys": list(self.layout.keys)})
+            for sid in chosen
+        }
+        replies, failed = self.link.exchange(
+            payloads, timeout=self.fit_timeout, group=str(round_index)
+        )
+        errors.update(failed)
+        assign = {}
+        for sid, rep in replies.items():
+            k = rep.get("cluster")
+            if isinstance(k, bool) or not isinstance(k, int) or not 0 <= k < len(self.models):
+                errors[sid] = f"site {sid}: chose no valid cluster ({k!r})"
+                continue
+            assign[sid] = k
+        return assign
+
+    def _parallel_round(
+        self, round_index: int, chosen: list[int], drop_before: set[int], drop_after: set[int]
+    ) -> _Sums:
+        errors: dict[int, str] = {}
+        blobs = self._blobs()
+        assign = self._assign(round_index, chosen, blobs, errors)
+        groups = {
+            k: sorted(c for c in assign if assign[c] == k)
+            for k in range(len(self.models))
+            if any(v == k for v in assign.values())
+        }
+        keys = list(self.layout.keys)
+        payloads = {
+            sid: (
+                Stage.FIT,
+                {
+                    "weights": blobs[assign[sid]],
+                    "layout_keys": keys,
+                    "round": round_index,
+                    "n_sites": len(groups[assign[sid]]),
+                    "history": self._history(sid),
+                },
+            )
+            for sid in sorted(assign)
+        }
+        fit_start = time.perf_counter()
+        fits, fit_errors = self._fit(round_index, payloads)
+        errors.update(fit_errors)
+        train_seconds = time.perf_counter() - fit_start
+        cfl = len(self.models) > 1
+        outcomes: dict[int, SumOutcome] = {}
+        skipped: dict[int, str] = {}
+        error = None
+        agg_start = time.perf_counter()
+        for k, members in groups.items():
+            if cfl and self.config.secure_agg != "none" and len(members) < 2:
+                # A "sum" of one update is that update: aggregating it securely would only
+                # pretend. The cluster keeps its model this round.
+                skipped[k] = "one site: a secure sum of one update would reveal it"
+                continue
+            contributed = {c: fits[c] for c in members if c in fits}
+            if not contributed:
+                skipped[k] = "no site completed training this round"
+                continue
+            outcome = self._collector(len(members)).collect(
+                self.link,
+                contributed,
+                round_index=round_index,
+                chosen=members,
+                dim=self.layout.size + 1,
+                timeout=self.stage_timeout,
+                drop_before_upload=set(members) & drop_before,
+                drop_after_upload=set(members) & drop_after,
+            )
+            for sid, why in outcome.site_errors.items():
+                errors.setdefault(sid, why)
+            if outcome.error is not None or outcome.total is None:
+                # One failed sum fails the round: no cluster is half-applied.
+                outcomes, error = {}, outcome.error or "the secure sum failed"
+                break
+            outcomes[k] = outcome
+        agg_seconds = time.perf_counter() - agg_start
+        if error is None and not outcomes:
+            error = (
+                "no site completed training this round"
+                if not cfl
+                else "no cluster could be aggregated this round: "
+                + "; ".join(f"cluster {k}: {why}" for k, why in sorted(skipped.items()))
+            )
+        if error is None:
+            for k, outcome in outcomes.items():
+                self._server_step(k, outcome.total)
+            for sid in assign:
+                if cfl:
+                    self.clusters[sid] = assign[sid]
+        survivors = sorted(c for o in outcomes.values() for c in o.survivors)
+        protect = sum(float(f.get("protect_seconds", 0.0)) for f in fits.values())
+        protect += sum(sum(o.protect_seconds.values()) for o in outcomes.values())
+        sums = _Sums(
+            applied=error is None,
+            error=error,
+            survivors=survivors,
+            train_seconds=train_seconds,
+            protect_seconds=protect,
+            agg_seconds=sum(o.server_seconds for o in outcomes.values()) or agg_seconds,
+            clipped=sum(o.clipped for o in outcomes.values()),
+            site_errors=errors,
+        )
+        if cfl:
+            sums.clusters = [
+                {
+                    "cluster": k,
+                    "members": groups.get(k, []),
+                    "applied": k in outcomes,
+                    "skipped": skipped.get(k),
+                }
+                for k in range(len(self.models))
+            ]
+        return sums
+
+    def _server_step(self, k: int, total: np.ndarray) -> None:
+        """Apply the average update of cluster ``k`` through its server optimizer."""
+        model = self.models[k]
+        state = {n: v.detach().clone() for n, v in model.state_dict().items()}
+        current = self.layout.flatten(state)
+        delta = total[:-1] / float(total[-1])
+        new_vec = self.server_opts[k].step(current=current, delta=delta)
+        model.load_state_dict({**state, **self.layout.unflatten(new_vec)}, strict=True)
+
+    def _cyclic_round(self, round_index: int, chosen: list[int], drop_before: set[int]) -> _Sums:
+        """Cyclic weight transfer: the model visits the sites in a fresh order each round."""
+        order = np.random.default_rng(seed_for(self.config.seed, 7, round_index)).permutation(
+            chosen
+        )
+        current = self._blobs()[0]
+        visited: list[int] = []
+        errors: dict[int, str] = {}
+        trial = copy.deepcopy(self.models[0])  # checks each handed-on model before use
+        start = time.perf_counter()
+        for sid in (int(c) for c in order):
+            fields = {
+                "weights": current,
+                "layout_keys": list(self.layout.keys),
+                "round": round_index,
+                "n_sites": 1,
+                "history": self._history(sid),
+                "return_weights": True,
+            }
+            fits, failed = self._fit(round_index, {sid: (Stage.FIT, fields)})
+            errors.update(failed)
+            if sid not in fits or sid in drop_before:
+                continue  # it never handed its model on; the next site starts from the last one
+            try:
+                trial.load_state_dict(
+                    weights_from_bytes(fits[sid]["weights"], what=f"site {sid}'s model"),
+                    strict=True,
+                )
+            except (ProtocolError, RuntimeError) as exc:
+                errors[sid] = f"site {sid}: its model does not fit ({str(exc).splitlines()[0]})"
+                continue
+            current = fits[sid]["weights"]
+            visited.append(sid)
+        applied = bool(visited)
+        if applied:
+            self.models[0].load_state_dict(
+                weights_from_bytes(current, what="the handed-on model"), strict=True
+            )
+        return _Sums(
+            applied=applied,
+            error=None if applied else "every site dropped before handing the model on",
+            survivors=sorted(visited),
+            train_seconds=time.perf_counter() - start,
+            site_errors=errors,
+        )
+
+    # -- evaluation -------------------------------------------------------------------------
+    def _evaluate(
+        self, round_index: int, chosen: list[int], sums: _Sums
+    ) -> tuple[dict[str, Any], float, dict[int, str]]:
+        """Every site scores the model it uses on its held-out split (and fine-tunes its twin).
+
+        Returns:
+            The round's record (without timing), the seconds of a twin fine-tuning exchange
+            (0.0 when none ran) and the sites that failed it.
+
+        """
+        cfg = self.config
+        personalize = bool(self.personalize_rounds()) and (
+            cfg.personalize_when == "every" or round_index == cfg.rounds
+        )
+        blobs = self._blobs()
+        payloads: dict[int, tuple[str, dict[str, Any]]] = {}
+        for sid in sorted(self.site_info):
+            fields: dict[str, Any] = {
+                "layout_keys": list(self.layout.keys),
+                "round": round_index,
+                "personalize": personalize,
+            }
+            if personalize:
+                fields["history"] = self._history(sid)
+            if len(self.models) > 1 and self.clusters.get(sid) is None:
+                fields.update(_models_fields(blobs))
+            else:
+                fields["weights"] = blobs[self.clusters.get(sid) or 0]
+            payloads[sid] = (Stage.EVALUATE, fields)
+        # A site that failed this round may be gone for good: its evaluation is not awaited.
+        awaited = set(self.site_info) - set(sums.site_errors)
+        self._event(event="sent", round=round_index, stage="evaluate")
+        start = time.perf_counter()
+        replies, errors = self.link.exchange(
+            payloads, timeout=self.fit_timeout, group=str(round_index), awaited=awaited
+        )
+        exchange_seconds = time.perf_counter() - start
+        ev = self.task.evaluate
+        primary = self.task.primary_metric
+        clients = []
+        for sid in sorted(self.site_info):
+            rep = replies.get(sid, {})
+            if personalize and sid in replies:
+                try:
+                    self.claims.account(sid, rep, round_index=round_index, phase="personalize")
+                except ProtocolError as exc:
+                    errors[sid] = str(exc)
+                    rep = {}
+            if "cluster" in rep and len(self.models) > 1:
+                k = rep["cluster"]
+                if isinstance(k, int) and 0 <= k < len(self.models):
+                    self.clusters[sid] = k
+            eps = self.claims.epsilon(sid)
+            self.eps_history.setdefault(sid, []).append(eps if eps is not None else float("inf"))
+            entry: dict[str, Any] = {
+                "client_id": sid,
+                "participated": sid in chosen,
+                "epsilon": eps,
+            }
+            if cfg.disclose_site_sizes and self.site_info[sid].num_samples is not None:
+                entry["num_train_samples"] = self.site_info[sid].num_samples
+            if len(self.models) > 1:
+                entry["cluster"] = self.clusters.get(sid)
+            if rep.get("metrics"):
+                entry.update(rep["metrics"])
+                if rep.get("twin"):
+                    entry["twin"] = rep["twin"]
+            clients.append(entry)
+        out: dict[str, Any] = {
+            "round": round_index,
+            "global": ev(model=self.global_model, split=self.bundle.test, device=self.device),
+            "clients": clients,
+        }
+        scored = [c for c in clients if c.get(primary) is not None]
+        out["site_mean"] = {
+            primary: float(np.mean([c[primary] for c in scored])) if scored else None
+        }
+        twins = [c["twin"][primary] for c in scored if "twin" in c]
+        if twins:
+            out["site_mean"]["twin_" + primary] = float(np.mean(twins))
+        if len(self.models) > 1:
+            out["global_model_cluster"] = self.largest_cluster()
+            out["cluster_test"] = [
+                {
+                    "cluster": k,
+                    primary: ev(model=m, split=self.bundle.test, device=self.device)[primary],
+                }
+                for k, m in enumerate(self.models)
+            ]
+        return out, (exchange_seconds if personalize else 0.0), errors
+
+    # -- checkpoint -----------------------------------------------------------------------------
+    def checkpoint_state(
+        self,
+    ) -> tuple[dict[str, torch.Tensor], dict[str, np.ndarray], dict[str, Any], dict[str, Any]]:
+        """What :func:`securefed.fl.checkpoint.save_checkpoint` needs after a completed round.
+
+        Returns:
+            ``(model_state, optimizer_state, meta, extra)``: the first model and its server
+            optimizer, CFL's other cluster models and optimizers as extra tensor groups, and
+            JSON for the rest (the claim book, the sites' set-up, epsilon history, records).
+            Digital twins are not stored: every twin is fine-tuned afresh from the served
+            model before it is read. Nothing a site keeps to itself is stored.
+
+        """
+        extra: dict[str, dict[str, torch.Tensor]] = {}
+        for k in range(1, len(self.models)):
+            extra[f"model{k}"] = dict(self.models[k].state_dict())
+            extra[f"serveropt{k}"] = {
+                n: torch.from_numpy(np.asarray(v, np.float64))
+                for n, v in self.server_opts[k].state().items()
+            }
+        meta = _plain(
+            {
+                "runtime": self.runtime,
+                "config": self.config.to_dict(),
+                "dataset_fingerprint": self.bundle.fingerprint,
+                "pretrained_sha256": (self.transfer.get("pretrained") or {}).get("file_sha256"),
+                **self.claims.to_json(),
+                "sites": {str(k): asdict(v) for k, v in sorted(self.site_info.items())},
+                "epsilon_per_round": {str(k): v for k, v in sorted(self.eps_history.items())},
+                "clusters": {str(k): v for k, v in sorted(self.clusters.items())},
+                "records": [{"data": r.data, "applied": r.applied} for r in self.records],
+                "elapsed": self.elapsed,
+            }
+        )
+        return dict(self.models[0].state_dict()), self.server_opts[0].state(), meta, extra
+
+    def restore(self, ck: Any) -> int:
+        """Continue from a checkpoint of this same run; returns the last completed round.
+
+        Every site's privacy events go back into the claim book in their original order,
+        each checked against the site's pinned plan first.
+
+        Raises:
+            ConfigError: If the checkpoint belongs to another runtime, configuration, data
+                set, pretrained file, privacy plan or site set-up.
+
+        """
+        import json
+
+        meta = ck.meta
+        if meta.get("runtime") != self.runtime:
+            raise ConfigError(f"the checkpoint is not one of a {self.runtime} run")
+        if meta["config"] != json.loads(json.dumps(_plain(self.config.to_dict()))):
+            raise ConfigError(
+                "the checkpoint was written for another configuration; resume with the same "
+                "options (see its config)"
+            )
+        if meta["dataset_fingerprint"] != self.bundle.fingerprint:
+            raise ConfigError(
+                "the data set changed since the checkpoint (fingerprint differs); resume "
+                "with the same data"
+            )
+        pretrained = (self.transfer.get("pretrained") or {}).get("file_sha256")
+        if meta.get("pretrained_sha256") != pretrained:
+            raise ConfigError("the pretrained weights changed since the checkpoint")
+        saved = {int(k): v for k, v in meta["sites"].items()}
+        for sid, info in self.site_info.items():
+            old = saved.get(sid, {})
+            if (old.get("num_samples"), old.get("fingerprint")) != (
+                info.num_samples,
+                info.fingerprint,
+            ):
+                raise ConfigError(f"site {sid}: its data changed since the checkpoint")
+            if self.runtime != "in-process" and old.get("signing_key") != info.signing_key:
+                raise ConfigError(f"site {sid}: its signing key changed since the checkpoint")
+        plans = {int(k): v for k, v in meta.get("plans", {}).items()}
+        current = {k: asdict(p) for k, p in self.claims.plans.items()}
+        if current and plans != current:
+            raise ConfigError("the sites' privacy plans differ from the checkpoint's")
+        expected = {f"model{k}" for k in range(1, len(self.models))}
+        if not expected <= set(ck.extra):
+            raise ConfigError("the checkpoint lacks cluster models this run needs")
+        book = ClaimBook(self.config)
+        book.keys, book.sizes = dict(self.claims.keys), dict(self.claims.sizes)
+        try:
+            book.restore(meta)
+        except ProtocolError as exc:
+            raise ConfigError(str(exc)) from exc
+        self.claims = book
+        self.models[0].load_state_dict(ck.model_state, strict=True)
+        self.server_opts[0].load_state(ck.optimizer_state)
+        for k in range(1, len(self.models)):
+            self.models[k].load_state_dict(ck.extra[f"model{k}"], strict=True)
+            self.server_opts[k].load_state(
+                {n: v.numpy() for n, v in ck.extra.get(f"serveropt{k}", {}).items()}
+            )
+        self.eps_history = {
+            int(k): [float("inf") if x is None else float(x) for x in v]
+            for k, v in meta["epsilon_per_round"].items()
+        }
+        if len(self.models) > 1:
+            self.clusters = {
+                int(k): (None if v is None else int(v)) for k, v in meta["clusters"].items()
+            }
+        self.records = [RoundRecord(data=r["data"], applied=r["applied"]) for r in meta["records"]]
+        self.elapsed = float(meta["elapsed"])
+        return int(ck.round)
+
+    # -- summaries ------------------------------------------------------------------------------
+    def site_summaries(self) -> list[dict[str, Any]]:
+        """Per site: epsilon history, held-out size, and disclosed training size and classes."""
+        out = []
+        for sid, info in sorted(self.site_info.items()):
+            entry: dict[str, Any] = {
+                "client_id": sid,
+                "num_heldout": info.num_heldout,
+                "epsilon_per_round": list(self.eps_history.get(sid, [])),
+            }
+            if info.num_samples is not None:
+                entry["num_samples"] = info.num_samples
+            if info.class_counts is not None:
+                entry["class_counts"] = list(info.class_counts)
+            out.append(entry)
+        return out
+
+    def sign_privacy(self, privacy: dict[str, Any], *, run: Mapping[str, Any]) -> None:
+        """Attach the signatures the sites made themselves (the server signs for no one).
+
+        A site that never reported a step since set-up is covered by its set-up signature
+        (checked here: it must cover the claim as the book states it).
+        """
+        from securefed.errors import IntegrityError
+
+        for sid, signature in sorted(self.setup_signatures.items()):
+            if sid not in self.claims.signatures:
+                try:
+                    self.claims.check_signature(sid, signature)
+                except ProtocolError as exc:
+                    raise IntegrityError(str(exc)) from exc
+        self.claims.attach(privacy, run=run)
+
+    def personalization_table(self) -> list[dict[str, Any]]:
+        """Per site: the global (or cluster) model vs the twin on the site's held-out data."""
+        if not self.records:
+            return []
+        primary = self.task.primary_metric
+        rows = []
+        for c in self.records[-1].data["clients"]:
+            if "twin" not in c:
+                continue
+            row = {"client_id": c["client_id"], "num_heldout": c.get("num_samples")}
+            for key in self.task.headline:
+                row[f"global_{key}"] = c.get(key)
+                row[f"twin_{key}"] = c["twin"].get(key)
+            row["twin_gain"] = c["twin"][primary] - c[primary]
+            rows.append(row)
+        return rows
+
+    def metrics(self) -> dict[str, Any]:
+        """``metrics.json``: per-round records, final figures and convergence."""
+        rounds = [r.data for r in self.records]
+        primary = self.task.primary_metric
+        conv = detect_convergence(
+            accuracies=[r["global"][primary] for r in rounds],
+            losses=[r["global"]["loss"] for r in rounds],
+            seconds=[r["seconds"] for r in rounds],
+            acc_tol=self.config.conv_acc_tol,
+            loss_tol=self.config.conv_loss_tol,
+            patience=self.config.conv_patience,
+        )
+        best = max(rounds, key=lambda r: r["global"][primary]) if rounds else None
+        out: dict[str, Any] = {
+            "schema_version": METRICS_SCHEMA_VERSION,
+            "runtime": self.runtime,
+            "task": self.task.name,
+            "strategy": self.config.strategy,
+            "primary_metric": primary,
+            "rounds": rounds,
+            "final": rounds[-1]["global"] if rounds else None,
+            "best": {"round": best["round"], **best["global"]} if best else None,
+            "convergence": conv,
+            "convergence_criteria": {
+                "metric": primary,
+                "acc_tol": self.config.conv_acc_tol,
+                "loss_tol": self.config.conv_loss_tol,
+                "patience": self.config.conv_patience,
+            },
+            "total_seconds": self.elapsed,
+        }
+        if self.personalize_rounds():
+            out["personalization"] = self.personalization_table()
+        if len(self.models) > 1:
+            out["clusters"] = {
+                "final_membership": {str(s): k for s, k in sorted(self.clusters.items())},
+                "served_cluster": self.largest_cluster(),
+            }
+        return out
+
+
+def _models_fields(blobs: list[bytes]) -> dict[str, Any]:
+    """CFL's cluster models as message fields (bytes travel as fields, not inside JSON)."""
+    return {"models": len(blobs), **{f"model{k}": b for k, b in enumerate(blobs)}}
+
+
+def _plain(obj: Any) -> Any:
+    """JSON-ready copies of numpy scalars and tuples (for checkpoint metadata)."""
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, dict):
+        return {str(k): _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_plain(v) for v in obj]
+    return obj

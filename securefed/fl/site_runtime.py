@@ -1,0 +1,467 @@
+"""One site's work, written once: what a hospital runs for every message of a round.
+
+:class:`SiteRuntime` answers each stage (set-up, cluster choice, fit, evaluation, and the
+secure-sum mode's protocol steps) from the site's own shard, plan, trainer and keys. The
+in-process runtime holds one per simulated site behind a
+:class:`~securefed.protocol.link.LocalLink`; the Flower ClientApp
+(:mod:`securefed.deploy.site_app`) builds one from the hospital's node configuration and
+hands it each Flower message. Every reply passes
+:func:`~securefed.fl.disclosures.check_reply`: a field privacy.json does not declare never
+leaves the site, in either runtime.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from securefed.config import RunConfig
+from securefed.data.dataset import ArraySplit
+from securefed.dp.ledger import PrivacyEvent, PrivacyLedger
+from securefed.dp.signing import SiteSigner
+from securefed.dp.trainer import SiteTrainer
+from securefed.errors import ConfigError, PrivacyBudgetError, ProtocolError
+from securefed.fl.claims import plan_fields, site_claim_for
+from securefed.fl.disclosures import check_reply
+from securefed.fl.params import ParamLayout
+from securefed.fl.planning import (
+    mechanism_noise,
+    plan_site_privacy,
+    seed_for,
+    training_dataset,
+)
+from securefed.fl.tasks import Task
+from securefed.models import ModelSpec, build_model
+from securefed.protocol.modes import get_mode
+from securefed.protocol.wire import Stage
+
+__all__ = ["SiteRuntime", "local_update", "weights_from_bytes", "weights_to_bytes"]
+
+log = logging.getLogger("securefed.site")
+
+
+def weights_to_bytes(state: Mapping[str, torch.Tensor]) -> bytes:
+    """A state dict as safetensors bytes (the only weight format that crosses the network)."""
+    from safetensors.torch import save
+
+    return save({k: v.detach().cpu().contiguous() for k, v in state.items()})
+
+
+def weights_from_bytes(data: bytes, *, what: str) -> dict[str, torch.Tensor]:
+    """Parse safetensors bytes; anything else (a pickle, a truncated file) is refused."""
+    from safetensors.torch import load
+
+    try:
+        return dict(load(bytes(data)))
+    except Exception as exc:  # safetensors raises its own SafetensorError and others
+        raise ProtocolError(f"{what}: not valid safetensors weights ({exc})") from exc
+
+
+def local_update(
+    config: RunConfig,
+    *,
+    trainer: SiteTrainer,
+    layout: ParamLayout,
+    model: nn.Module,
+    round_index: int,
+) -> tuple[np.ndarray, float, float, dict[str, torch.Tensor]]:
+    """One site's round: train a copy of ``model``, return ``[n * update..., n]`` and more.
+
+    Returns:
+        The vector to aggregate (pre-scaled by the sample count, so a weighted FedAvg needs
+        only sums), the mean training loss, the training seconds and the trained state.
+
+    """
+    local = copy.deepcopy(model)
+    mu = config.effective_prox_mu
+    # FedProx's anchor is a copy of the round's weights; without FedProx, no copy.
+    anchor = {n: p.detach().clone() for n, p in model.named_parameters()} if mu else None
+    # The seeded generator serves what is no privacy mechanism (the baseline's shuffling);
+    # DP-SGD's sampling and noise come from `mechanism_noise`.
+    gen = torch.Generator(device="cpu").manual_seed(
+        seed_for(config.seed, 4, round_index, trainer.client_id)
+    )
+    noise = (
+        mechanism_noise(config, 4, round_index, trainer.client_id) if config.dp_enabled else None
+    )
+    result = trainer.train_round(
+        model=local,
+        round_index=round_index,
+        epochs=config.local_epochs,
+        generator=gen,
+        noise=noise,
+        prox_mu=mu,
+        anchor=anchor,
+    )
+    update = layout.flatten(result.state) - layout.flatten(model.state_dict())
+    vec = np.concatenate([result.num_samples * update, [float(result.num_samples)]])
+    return vec, result.mean_loss, result.seconds, result.state
+
+
+class SiteRuntime:
+    """A site's shard, privacy plan, trainer, keys and protocol state, for one run.
+
+    Args:
+        config: The run configuration.
+        client_id: The site's id in the federation.
+        train: The site's private training records.
+        heldout: The site's held-out split (evaluation only), or None.
+        spec: The model shape the data implies.
+        task: The task (loss, metrics).
+        spatial_dims: 2 or 3 (for augmentation).
+        device: Where the site trains.
+        dataset_name: The data set's name (reported at set-up).
+        fingerprint: What the site reports to identify its data across sessions.
+        signer: The site's signing key (needed with DP: the site signs its claims).
+        he_secret: The CKKS secret context (``--secure-agg he``).
+        he_public: The CKKS public context the site reports at set-up.
+        disclose_size: Whether the site's policy lets it disclose its size when the run asks.
+
+    Attributes:
+        plan: The DP-SGD plan the site derived for itself (None without DP).
+        ledger: The site's own record of its DP events (the server keeps a copy).
+        trainer: The site's DP-SGD trainer.
+        train_log: Per round, the site's mean training loss: it stays at the site.
+        state: The secure-sum mode's state between protocol steps (stays at the site).
+        twin: The site's latest digital twin (a private fine-tuned copy), or None.
+
+    """
+
+    def __init__(
+        self,
+        config: RunConfig,
+        *,
+        client_id: int,
+        train: ArraySplit,
+        heldout: ArraySplit | None,
+        spec: ModelSpec,
+        task: Task,
+        spatial_dims: int,
+        device: torch.device,
+        dataset_name: str,
+        fingerprint: str,
+        signer: SiteSigner | None = None,
+        he_secret: bytes | None = None,
+        he_public: bytes | None = None,
+        disclose_size: bool = True,
+    ) -> None:
+        if config.dp_enabled and signer is None:
+            raise ConfigError(f"site {client_id}: a DP run needs the site's signing key")
+        self.config = config
+        self.client_id = client_id
+        self.train = train
+        self.heldout = heldout
+        self.spec = spec
+        self.task = task
+        self.device = device
+        self.dataset_name = dataset_name
+        self.fingerprint = fingerprint
+        self.signer = signer
+        self.he_public = he_public
+        self.disclose_size = bool(config.disclose_site_sizes and disclose_size)
+        # The site picks its own delta from its size; nothing the server sends sets it.
+        self.plan = plan_site_privacy(config, num_samples=len(train)) if config.dp_enabled else None
+        self.ledger = PrivacyLedger()
+        #: False until the site knows its own history (a fresh site process learns it from its
+        #: stored copy; a new site starts with an empty one).
+        self.history_known = True
+        self.trainer = SiteTrainer(
+            client_id=client_id,
+            dataset=training_dataset(
+                config, train=train, spatial_dims=spatial_dims, site_id=client_id
+            ),
+            plan=self.plan,
+            ledger=self.ledger,
+            batch_size=config.batch_size,
+            lr=config.lr,
+            momentum=config.momentum,
+            device=device,
+            max_grad_norm=config.max_grad_norm,
+            loss_fn=task.loss_fn,
+            max_physical_batch_size=config.max_physical_batch_size,
+        )
+        self.protection = get_mode(config.secure_agg).site(
+            config, site_id=client_id, he_secret=he_secret
+        )
+        self.state: dict[str, Any] = {}
+        self.train_log: list[dict[str, float]] = []
+        self.twin: nn.Module | None = None
+        self._built: Any = None
+
+    # -- what other parts read --------------------------------------------------------------
+    def own_events(self) -> list[dict[str, Any]]:
+        """The site's own copy of its DP events (what a runtime persists between messages)."""
+        return [e.to_dict() for e in self.ledger.for_client(self.client_id)]
+
+    def restore_events(self, events: Sequence[Mapping[str, Any]]) -> None:
+        """Continue from the site's own stored copy of its events (a fresh site process)."""
+        self._adopt([PrivacyEvent(**e) for e in events])
+        self.history_known = True
+
+    def _adopt(self, events: list[PrivacyEvent]) -> None:
+        if not events:
+            return
+        if self.plan is None:
+            raise ProtocolError("a run without DP has no privacy history")
+        try:
+            self.trainer.resume_accounting(events)
+        except PrivacyBudgetError as exc:
+            raise ProtocolError(str(exc)) from exc
+
+    # -- dispatch -----------------------------------------------------------------------------
+    def handle(self, stage: str, fields: dict[str, Any]) -> dict[str, Any]:
+        """Answer one message; the reply's fields are checked against the disclosures.
+
+        Raises:
+            ProtocolError: On a malformed message, or a step the site refuses.
+
+        """
+        if stage == Stage.SETUP:
+            reply = self.describe()
+        elif stage == Stage.SELECT:
+            reply = {"cluster": self.select_cluster(self._models(fields))}
+        elif stage == Stage.FIT:
+            reply = self.fit(fields)
+        elif stage == Stage.EVALUATE:
+            reply = self.evaluate(fields)
+        elif stage in self.protection.stages:
+            reply = self.protection.answer(stage, fields, state=self.state)
+        else:
+            raise ProtocolError(f"site {self.client_id}: unknown stage {stage!r}")
+        return check_reply(self.config, stage.rsplit(".", 1)[-1], reply)
+
+    # -- set-up ---------------------------------------------------------------------------------
+    def describe(self) -> dict[str, Any]:
+        """What the site tells the server at set-up: shapes, keys, its plan; no records.
+
+        Its training-set size (and class counts) only if its policy allows and the run asks.
+        """
+        out: dict[str, Any] = {
+            "site_id": self.client_id,
+            "num_heldout": len(self.heldout) if self.heldout is not None else 0,
+            "dataset": self.dataset_name,
+            "fingerprint": self.fingerprint,
+            "task": self.task.name,
+            "spec": {
+                "in_channels": self.spec.in_channels,
+                "num_classes": self.spec.num_classes,
+                "spatial_dims": self.spec.spatial_dims,
+                "image_shape": list(self.spec.image_shape),
+            },
+        }
+        if self.disclose_size:
+            out["num_samples"] = len(self.train)
+            out["class_counts"] = self.train.class_counts(
+                num_classes=self.spec.num_classes
+            ).tolist()
+        if self.signer is not None:
+            out["signing_key"] = self.signer.public_key_hex
+        if self.plan is not None:
+            out["plan"] = plan_fields(self.plan)
+            # Over what the site spent so far (nothing, or its stored history): the report
+            # can state the site's claim even if it never trains in this run.
+            out["signature"] = self.sign_claim()
+        if self.he_public is not None:
+            out["he_public"] = self.he_public
+        return out
+
+    # -- models -----------------------------------------------------------------------------
+    def model(self, weights: bytes, *, layout_keys: Sequence[str]) -> tuple[nn.Module, ParamLayout]:
+        """The global model from the server's weights, frozen as the run says.
+
+        Raises:
+            ProtocolError: If the weights or the trainable-parameter list do not fit the model.
+
+        """
+        from securefed.models.transfer import freeze
+
+        if self._built is None:
+            self._built = build_model(name=self.config.model, spec=self.spec)
+            self._built.module.to(self.device)
+        model = self._built.module
+        state = weights_from_bytes(weights, what="the global weights")
+        try:
+            model.load_state_dict(state, strict=True)
+        except RuntimeError as exc:
+            first = str(exc).strip().splitlines()[0]
+            raise ProtocolError(f"the global weights do not fit the model ({first})") from exc
+        spec = self.config.effective_freeze
+        if spec != "none":
+            freeze(model, spec=spec, head_prefixes=self._built.head_prefixes)
+        trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+        layout = ParamLayout(model.state_dict(), keys=trainable if spec != "none" else None)
+        if list(layout.keys) != list(layout_keys):
+            raise ProtocolError(
+                "the server's list of aggregated parameters differs from this site's model"
+            )
+        return model, layout
+
+    def _models(self, fields: Mapping[str, Any]) -> list[nn.Module]:
+        """CFL: the cluster models a message carries (fields ``models`` = K, ``model0``...)."""
+        count = fields["models"]
+        if isinstance(count, bool) or not isinstance(count, int) or not 1 <= count <= 64:
+            raise ProtocolError(f"a message names {count!r} cluster models")
+        out = []
+        for k in range(count):
+            model, _ = self.model(fields[f"model{k}"], layout_keys=fields["layout_keys"])
+            out.append(copy.deepcopy(model))
+        return out
+
+    @torch.no_grad()
+    def _data_loss(self, model: nn.Module, split: ArraySplit, batch_size: int = 256) -> float:
+        model.eval()
+        images, labels = torch.tensor(split.images), torch.tensor(split.labels)
+        total = 0.0
+        for i in range(0, len(split), batch_size):
+            x, y = images[i : i + batch_size].to(self.device), labels[i : i + batch_size]
+            total += float(self.task.loss_fn(model(x).float(), y.to(self.device))) * len(y)
+        return total / len(split)
+
+    def select_cluster(self, models: Sequence[nn.Module]) -> int:
+        """IFCA's site step: the cluster model with the lowest loss on the site's data.
+
+        Only the chosen index leaves the site (the report says so; CFL runs without DP).
+        """
+        return int(np.argmin([self._data_loss(m, self.train) for m in models]))
+
+    # -- training -----------------------------------------------------------------------------
+    def _sync_history(self, history: Sequence[Mapping[str, Any]], round_index: int) -> None:
+        """Compare the server's copy of this site's events with the site's own.
+
+        Within a run the site keeps its own copy: a server that under-reports the budget
+        already spent would otherwise make the site over-spend it.
+        """
+        if self.history_known:
+            if self.own_events() != list(history):
+                raise ProtocolError("the server's copy of this site's privacy history differs")
+            return
+        try:
+            earlier = [PrivacyEvent(**e) for e in history]
+        except TypeError as exc:
+            raise ProtocolError(f"malformed privacy history from the server ({exc})") from exc
+        if any(e.round >= round_index for e in earlier):
+            raise ProtocolError(f"privacy history holds events of round {round_index} or later")
+        self._adopt(earlier)
+        self.history_known = True
+
+    def _claim_fields(self, before: int) -> dict[str, Any]:
+        """This step's events, the site's epsilon, its plan and its signature over the claim."""
+        if self.plan is None:
+            return {}
+        events = self.own_events()
+        epsilon = self.trainer.epsilon()
+        claim = site_claim_for(
+            self.config,
+            client_id=self.client_id,
+            plan=self.plan,
+            events=events,
+            epsilon=epsilon,
+            num_samples=len(self.train) if self.disclose_size else None,
+        )
+        assert self.signer is not None  # checked at construction
+        return {
+            "events": events[before:],
+            "epsilon": epsilon,
+            "plan": plan_fields(self.plan),
+            "signature": self.signer.sign_claim(claim),
+        }
+
+    def sign_claim(self) -> str | None:
+        """The site's signature over its claim as it stands (None without DP)."""
+        return self._claim_fields(0).get("signature")
+
+    def fit(self, fields: Mapping[str, Any]) -> dict[str, Any]:
+        """Train one round from the server's weights and protect the update.
+
+        Fields: ``weights``, ``layout_keys``, ``round``, ``n_sites``, ``history`` (the
+        server's copy of this site's events), and ``return_weights`` (the cyclic schedule:
+        hand the trained model on, in the clear; refused with secure aggregation).
+        """
+        round_index = int(fields["round"])
+        self._sync_history(fields["history"], round_index)
+        model, layout = self.model(fields["weights"], layout_keys=fields["layout_keys"])
+        before = len(self.own_events())
+        vec, loss, _, state = local_update(
+            self.config, trainer=self.trainer, layout=layout, model=model, round_index=round_index
+        )
+        # The training loss is an un-noised function of the site's records: it stays here.
+        self.train_log.append({"round": round_index, "train_loss": loss})
+        log.info("site %d round %d: train loss %.4f", self.client_id, round_index, loss)
+        reply = self._claim_fields(before)
+        if fields.get("return_weights"):
+            if self.config.secure_agg != "none":
+                raise ProtocolError("the server asked for the trained model in the clear")
+            reply["weights"] = weights_to_bytes(state)
+            return reply
+        start = time.perf_counter()
+        reply.update(
+            self.protection.protect(
+                np.asarray(vec, dtype=np.float64),
+                round_index=round_index,
+                n_sites=int(fields["n_sites"]),
+                state=self.state,
+            )
+        )
+        if self.protection.stages or self.config.secure_agg != "none":
+            reply["protect_seconds"] = time.perf_counter() - start
+        return reply
+
+    def evaluate(self, fields: Mapping[str, Any]) -> dict[str, Any]:
+        """The served model's metrics on the held-out split; with ``personalize``, the twin's.
+
+        Fields: ``weights`` (or CFL's ``models``, then the site picks its cluster first),
+        ``layout_keys``, ``round`` (the model's round), ``personalize`` and ``history``.
+        Fine-tuning the twin is DP-SGD on the site's records, accounted as phase
+        ``personalize`` of that round; the twin never leaves the site.
+        """
+        reply: dict[str, Any] = {}
+        if "models" in fields:
+            models = self._models(fields)
+            reply["cluster"] = cluster = self.select_cluster(models)
+            model = models[cluster]
+        else:
+            model, _ = self.model(fields["weights"], layout_keys=fields["layout_keys"])
+        metrics = None
+        if self.heldout is not None:
+            metrics = self.task.evaluate(model=model, split=self.heldout, device=self.device)
+        reply["metrics"] = metrics
+        if fields.get("personalize"):
+            round_index = int(fields["round"])
+            self._sync_history(fields["history"], round_index + 1)
+            before = len(self.own_events())
+            self.twin = self._fine_tune(model, round_index)
+            if self.heldout is not None:
+                reply["twin"] = self.task.evaluate(
+                    model=self.twin, split=self.heldout, device=self.device
+                )
+            reply.update(self._claim_fields(before))
+        return reply
+
+    def _fine_tune(self, model: nn.Module, round_index: int) -> nn.Module:
+        """The site's digital twin: a private copy of ``model`` fine-tuned on its records."""
+        twin = copy.deepcopy(model)
+        cid = self.client_id
+        gen = torch.Generator(device="cpu").manual_seed(
+            seed_for(self.config.seed, 6, round_index, cid)
+        )
+        noise = (
+            mechanism_noise(self.config, 6, round_index, cid) if self.config.dp_enabled else None
+        )
+        result = self.trainer.train_round(
+            model=twin,
+            round_index=round_index,
+            epochs=self.config.personalize,
+            generator=gen,
+            noise=noise,
+            phase="personalize",
+            lr=self.config.personalize_lr,
+        )
+        twin.load_state_dict(result.state, strict=True)
+        return twin
