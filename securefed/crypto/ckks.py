@@ -45,7 +45,7 @@ import secrets
 import stat
 import struct
 import time
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -76,7 +76,7 @@ __all__ = [
     "write_key_files",
     "read_key_file",
     "read_frame_header",
-    "he_sum",
+    "he_sum",  # noqa: F822 - resolved by the module __getattr__ below
     "raw_tenseal_reference",
     "MAX_COEFF_MODULUS_BITS",
 ]
@@ -391,7 +391,7 @@ def _layout_id(n_total: int, indices: np.ndarray | None) -> bytes:
     return h.digest()[:16]
 
 
-def _normalize_subset(
+def normalize_subset(
     subset: np.ndarray | Sequence[int] | Sequence[bool] | None, n_coordinates: int
 ) -> np.ndarray | None:
     """Turn a boolean mask or index array into sorted unique int64 indices (None = all)."""
@@ -425,7 +425,7 @@ def _normalize_subset(
     return idx.astype(np.int64, copy=False)
 
 
-def _as_vector(vector: np.ndarray, what: str) -> np.ndarray:
+def as_vector(vector: np.ndarray, what: str) -> np.ndarray:
     arr = np.asarray(vector)
     if arr.ndim != 1 or arr.size == 0:
         raise DataError(f"{what} must be a non-empty 1-D vector (got shape {arr.shape}).")
@@ -816,10 +816,10 @@ class CKKSEncryptor:
             ConfigError: Bad ``subset`` or ``site_id``.
 
         """
-        values = _as_vector(vector, f"update of site {site_id}")
+        values = as_vector(vector, f"update of site {site_id}")
         sender = _check_site_id(site_id)
-        idx = _normalize_subset(subset, values.shape[0])
-        selected = _select(values, idx)
+        idx = normalize_subset(subset, values.shape[0])
+        selected = select_coordinates(values, idx)
         if not np.all(np.isfinite(selected)):
             raise DataError(f"update of site {site_id} has non-finite values (NaN or inf).")
         limit = self.params.max_abs_sum()
@@ -847,7 +847,7 @@ class CKKSEncryptor:
         )
 
 
-def _select(values: np.ndarray, idx: np.ndarray | None) -> np.ndarray:
+def select_coordinates(values: np.ndarray, idx: np.ndarray | None) -> np.ndarray:
     if idx is None:
         return values
     if idx[-1] - idx[0] + 1 == idx.shape[0]:  # contiguous: a view, no copy
@@ -901,6 +901,11 @@ class CKKSAggregator:
         self._n_values = 0
         self._contributors: list[int] = []
         self._ts = _tenseal()
+
+    @property
+    def params(self) -> CKKSParams:
+        """The CKKS parameters of the key set."""
+        return self._key.params
 
     @property
     def context(self) -> tenseal.Context:
@@ -1163,146 +1168,6 @@ class HEResult:
         return out
 
 
-def he_sum(
-    inputs: Mapping[int, np.ndarray],
-    *,
-    params: CKKSParams | None = None,
-    drop_before_upload: Collection[int] = (),
-    weights: Mapping[int, float] | None = None,
-    subset: np.ndarray | Sequence[int] | Sequence[bool] | None = None,
-    min_survivors: int = 1,
-    keys: CKKSKeySet | None = None,
-    round_index: int = 0,
-) -> HEResult:
-    """Run CKKS aggregation in-process: sites encrypt, the server adds, the key holder decrypts.
-
-    Each role sees only what it would over a network: sites get the framed context, the server
-    the public context and the update bytes, the key holder the aggregate bytes.
-
-    Args:
-        inputs: Site id -> flat vector (all the same length), e.g. ``[n_i * u_i, n_i]``.
-        params: CKKS parameters; defaults if None (or taken from ``keys``).
-        drop_before_upload: Sites whose update never arrives; they contribute nothing.
-        weights: Optional plaintext scalar weight per surviving site, applied by the server.
-        subset: Boolean mask or index array of the coordinates to encrypt (e.g. the trainable
-            parameters); the others are not sent and are 0 in ``total``.
-        min_survivors: Fewest surviving sites for which the sum is released.
-        keys: An existing key set; a fresh one is generated (and timed) if None.
-        round_index: Round number bound into every frame.
-
-    Returns:
-        The sum and its costs.
-
-    Raises:
-        ConfigError: Inconsistent arguments (unknown sites, missing weights, bad subset).
-        DataError: Vectors of different lengths, non-finite values, or a sum too large for the
-            parameters.
-        DropoutRecoveryError: Fewer than ``min_survivors`` sites survived.
-
-    """
-    if not inputs:
-        raise ConfigError("`inputs` is empty; at least one site must take part.")
-    if isinstance(min_survivors, bool) or min_survivors < 1:
-        raise ConfigError(f"`min_survivors` must be at least 1 (got {min_survivors}).")
-    if keys is not None and params is not None and keys.params != params:
-        raise ConfigError("`params` differ from the parameters of the given `keys`.")
-    unknown = set(drop_before_upload) - set(inputs)
-    if unknown:
-        raise ConfigError(f"`drop_before_upload` names unknown sites {sorted(unknown)}.")
-    vectors = {c: _as_vector(v, f"input of site {c}") for c, v in inputs.items()}
-    lengths = {v.shape[0] for v in vectors.values()}
-    if len(lengths) != 1:
-        raise DataError(f"site inputs must all have the same length (got {sorted(lengths)}).")
-    (n_total,) = lengths
-    survivors = tuple(sorted(set(inputs) - set(drop_before_upload)))
-    dropped = tuple(sorted(set(drop_before_upload)))
-    if len(survivors) < min_survivors:
-        raise DropoutRecoveryError(
-            f"round {round_index}: {len(survivors)} site(s) survived, fewer than the "
-            f"{min_survivors} required; the round is not applied."
-        )
-    if weights is not None:
-        missing = [c for c in survivors if c not in weights]
-        if missing:
-            raise ConfigError(f"`weights` has no entry for surviving sites {missing}.")
-        extra = set(weights) - set(inputs)
-        if extra:
-            raise ConfigError(f"`weights` names unknown sites {sorted(extra)}.")
-        for c in survivors:
-            w = float(weights[c])
-            if not math.isfinite(w) or w == 0.0:
-                raise ConfigError(
-                    f"`weights[{c}]` must be finite and non-zero (got {weights[c]}); "
-                    "leave the site out instead."
-                )
-    idx = _normalize_subset(subset, n_total)
-
-    keygen_seconds = 0.0
-    if keys is None:
-        t0 = time.perf_counter()
-        keys = generate_keys(params=params)
-        keygen_seconds = time.perf_counter() - t0
-    params = keys.params
-
-    # Checked here, where all plaintexts are at hand: a wrapped sum would decrypt to garbage.
-    bound = 0.0
-    for c in survivors:
-        selected = _select(vectors[c], idx)
-        if not np.all(np.isfinite(selected)):
-            raise DataError(f"input of site {c} has non-finite values (NaN or inf).")
-        scale = abs(float(weights[c])) if weights is not None else 1.0
-        bound += scale * float(np.max(np.abs(selected)))
-    limit = params.max_abs_sum(weighted=weights is not None)
-    if not bound < limit:
-        raise DataError(
-            f"the sum may reach |value| {bound:.3g}, not below the CKKS bound {limit:.3g} for "
-            "these parameters; use more data-prime bits or smaller inputs."
-        )
-
-    encryptor = CKKSEncryptor(
-        keys.public_context if params.encryption == "asymmetric" else keys.secret_context
-    )
-    frames: dict[int, bytes] = {}
-    client_seconds: dict[int, float] = {}
-    for c in survivors:
-        t0 = time.perf_counter()
-        frames[c] = encryptor.encrypt(vectors[c], site_id=c, round_index=round_index, subset=idx)
-        client_seconds[c] = time.perf_counter() - t0
-
-    t0 = time.perf_counter()
-    server = CKKSAggregator(
-        keys.public_context, round_index=round_index, weighted=weights is not None
-    )
-    for c in survivors:
-        server.add(frames[c], site_id=c, weight=None if weights is None else weights[c])
-    aggregate = server.aggregate()
-    server_seconds = time.perf_counter() - t0
-
-    t0 = time.perf_counter()
-    decryptor = CKKSDecryptor(keys.secret_context, min_contributors=min_survivors)
-    summed = decryptor.decrypt(aggregate, round_index=round_index)
-    if idx is None:
-        total = summed
-    else:
-        total = np.zeros(n_total, dtype=np.float64)
-        total[idx] = summed
-    decrypt_seconds = time.perf_counter() - t0
-
-    return HEResult(
-        total=total,
-        survivors=survivors,
-        dropped=dropped,
-        bytes_per_client={c: len(frames[c]) for c in survivors},
-        client_seconds=client_seconds,
-        server_seconds=server_seconds,
-        decrypt_seconds=decrypt_seconds,
-        aggregate_bytes=len(aggregate),
-        keygen_seconds=keygen_seconds,
-        params=params,
-        encrypted_indices=idx,
-    )
-
-
 def raw_tenseal_reference(
     vector: np.ndarray,
     *,
@@ -1331,7 +1196,7 @@ def raw_tenseal_reference(
     if n_clients < 1:
         raise ConfigError(f"`n_clients` must be at least 1 (got {n_clients}).")
     params = CKKSParams() if params is None else params
-    values = _as_vector(vector, "`vector`")
+    values = as_vector(vector, "`vector`")
     ts = _tenseal()
     ctx = params._tenseal_context()
     public = None
@@ -1363,3 +1228,16 @@ def raw_tenseal_reference(
             vec = ts.ckks_vector_from(ctx, vec.serialize())
         out[a:b] = vec.decrypt()
     return time.perf_counter() - start
+
+
+def __getattr__(name: str) -> Any:
+    """``he_sum`` moved to :mod:`securefed.protocol.harness`; the old path still works.
+
+    It runs the CKKS mode over an in-process link, so it lives above this layer; resolving it
+    on first access keeps ``securefed.crypto`` free of any import of ``securefed.protocol``.
+    """
+    if name == "he_sum":
+        from securefed.protocol.harness import he_sum
+
+        return he_sum
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

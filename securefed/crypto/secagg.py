@@ -95,7 +95,7 @@ __all__ = [
     "SecAggServer",
     "default_threshold",
     "masking_keystream_bytes",
-    "secure_sum",
+    "secure_sum",  # noqa: F822 - resolved by the module __getattr__ below
 ]
 
 _SEED_BYTES = 32
@@ -890,6 +890,8 @@ class SecAggServer:
             self._check_message(msg.round_index, msg.sender, allowed, "unmask shares")
             assert self._graph is not None
             mine = self._graph.neighbourhood(msg.sender)
+            # Every share is checked before any is stored: a refused message leaves no trace.
+            accepted = []
             for pairs, owners, store, kind in (
                 (msg.seed_shares, self._uploaded, self._seed_shares, "seed"),
                 (msg.key_shares, self._dropped, self._key_shares, "key"),
@@ -900,8 +902,11 @@ class SecAggServer:
                             f"server: site {msg.sender} sent a {kind} share of site {owner}, "
                             "which it should not hold or which was not requested."
                         )
-                    share = Share.from_bytes(index=msg.sender + 1, data=data)
-                    store.setdefault(owner, []).append(share)
+                    accepted.append(
+                        (store, owner, Share.from_bytes(index=msg.sender + 1, data=data))
+                    )
+            for store, owner, share in accepted:
+                store.setdefault(owner, []).append(share)
             self._answered.add(msg.sender)
 
     def aggregate(self) -> np.ndarray:
@@ -1041,149 +1046,14 @@ class SecAggResult:
         }
 
 
-def _validate_inputs(
-    inputs: Mapping[int, np.ndarray], config: SecAggConfig
-) -> tuple[dict[int, np.ndarray], int]:
-    if not isinstance(inputs, Mapping):
-        raise DataError("`inputs` must be a mapping from site id to vector.")
-    if not 1 <= len(inputs) <= config.n_clients:
-        raise DataError(
-            f"`inputs` has {len(inputs)} sites; between 1 and `n_clients`={config.n_clients} "
-            "are allowed."
-        )
-    vectors: dict[int, np.ndarray] = {}
-    dim = None
-    for site, values in inputs.items():
-        _check_site_id(site)
-        x = np.asarray(values)
-        if x.ndim != 1 or x.dtype.kind not in "fiu":
-            raise DataError(
-                f"input of site {site} must be a 1-D real vector (got shape {x.shape}, "
-                f"dtype {x.dtype})."
-            )
-        if dim is None:
-            dim = x.shape[0]
-        if x.shape[0] != dim:
-            raise DataError(f"input of site {site} has length {x.shape[0]}, others have {dim}.")
-        vectors[int(site)] = x
-    if not dim:
-        raise DataError("`inputs` vectors must have at least one coordinate.")
-    return vectors, dim
+def __getattr__(name: str) -> Any:
+    """``secure_sum`` moved to :mod:`securefed.protocol.harness`; the old path still works.
 
-
-def secure_sum(
-    inputs: Mapping[int, np.ndarray],
-    *,
-    config: SecAggConfig,
-    round_index: int,
-    drop_before_upload: Collection[int] = (),
-    drop_after_upload: Collection[int] = (),
-    drop_before_shares: Collection[int] = (),
-    graph_seed: bytes | None = None,
-) -> SecAggResult:
-    """Run one full secure-aggregation round in process, parties exchanging only bytes.
-
-    Args:
-        inputs: site id -> float vector; all of equal length, at most ``config.n_clients``
-            sites (fewer than ``config.threshold`` raises DropoutRecoveryError).
-            The FL layer passes ``[n_i * update_i..., n_i]`` so the server learns only sums.
-        config: Protocol parameters.
-        round_index: Training round (binds keys and messages).
-        drop_before_upload: Sites that share keys, then vanish before uploading: excluded from
-            the sum; their pairwise masks are removed via their reconstructed mask keys.
-        drop_after_upload: Sites that upload, then vanish before unmasking: included in the
-            sum; their self masks are reconstructed from the other sites' shares.
-        drop_before_shares: Sites that advertise keys, then vanish before sharing them:
-            excluded; nobody masks with them.
-        graph_seed: Public SecAgg+ graph seed; None draws a fresh one (``secrets``).
-
-    Returns:
-        The sum over survivors with participation, traffic and timing.
-
-    Raises:
-        DropoutRecoveryError: If fewer than t sites remain at any step, or some site's
-            secrets lack t answering holders, or (SecAgg+) the survivors are disconnected.
-            The caller must then leave the global model unchanged.
-        DataError: On malformed inputs.
-        ConfigError: On inconsistent drop lists.
-
+    It runs the masking mode over an in-process link, so it lives above this layer; resolving
+    it on first access keeps ``securefed.crypto`` free of any import of ``securefed.protocol``.
     """
-    vectors, dim = _validate_inputs(inputs, config)
-    drops = {
-        "drop_before_shares": set(drop_before_shares),
-        "drop_before_upload": set(drop_before_upload),
-        "drop_after_upload": set(drop_after_upload),
-    }
-    for name, sites in drops.items():
-        unknown = sites - set(vectors)
-        if unknown:
-            raise ConfigError(f"`{name}` names sites {sorted(unknown)} that have no input.")
-    names = list(drops)
-    for i, a in enumerate(names):
-        for b in names[i + 1 :]:
-            both = drops[a] & drops[b]
-            if both:
-                raise ConfigError(f"sites {sorted(both)} are in both `{a}` and `{b}`.")
+    if name == "secure_sum":
+        from securefed.protocol.harness import secure_sum
 
-    sites = sorted(vectors)
-    server = SecAggServer(
-        config=config, round_index=round_index, site_ids=sites, dim=dim, graph_seed=graph_seed
-    )
-    clients = {
-        s: SecAggClient(site_id=s, config=config, round_index=round_index, dim=dim) for s in sites
-    }
-    sent = dict.fromkeys(sites, 0)
-    received = dict.fromkeys(sites, 0)
-
-    for s in sites:
-        message = clients[s].advertise_keys()
-        sent[s] += len(message)
-        server.receive_advertise_keys(message)
-    broadcast = server.public_keys()
-
-    for s in sites:
-        received[s] += len(broadcast)
-        if s in drops["drop_before_shares"]:
-            continue
-        message = clients[s].share_keys(broadcast)
-        sent[s] += len(message)
-        server.receive_encrypted_shares(message)
-    relays = server.relay_shares()
-
-    for s, relay in relays.items():
-        received[s] += len(relay)
-        if s in drops["drop_before_upload"]:
-            continue
-        message = clients[s].masked_input(relay, values=vectors[s])
-        sent[s] += len(message)
-        server.receive_masked_input(message)
-    request = server.unmask_request()
-
-    for s in server.survivors:
-        received[s] += len(request)
-        if s in drops["drop_after_upload"]:
-            continue
-        message = clients[s].unmask(request)
-        sent[s] += len(message)
-        server.receive_unmask_shares(message)
-    total = server.aggregate()
-
-    survivors = server.survivors
-    return SecAggResult(
-        total=total,
-        survivors=survivors,
-        dropped=server.dropped,
-        dropped_after_upload=tuple(sorted(set(survivors) - set(server.answered))),
-        clipped=sum(clients[s].clipped or 0 for s in survivors),
-        bytes_sent=MappingProxyType(sent),
-        bytes_received=MappingProxyType(received),
-        client_seconds=MappingProxyType({s: clients[s].timer.wall for s in sites}),
-        client_cpu_seconds=MappingProxyType({s: clients[s].timer.cpu for s in sites}),
-        client_step_seconds=MappingProxyType(
-            {s: MappingProxyType(dict(clients[s].timer.steps)) for s in sites}
-        ),
-        server_seconds=server.timer.wall,
-        server_cpu_seconds=server.timer.cpu,
-        codec=config.codec,
-        config=config,
-    )
+        return secure_sum
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

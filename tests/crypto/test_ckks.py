@@ -411,7 +411,7 @@ def test_frames_with_different_subsets_are_not_added(keys: ckks.CKKSKeySet) -> N
 )
 def test_invalid_subsets_are_refused(subset: np.ndarray, message: str) -> None:
     with pytest.raises(ConfigError, match=message):
-        ckks._normalize_subset(subset, 10)
+        ckks.normalize_subset(subset, 10)
 
 
 # ------------------------------------------------------------------ frames and integrity
