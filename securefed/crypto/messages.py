@@ -64,6 +64,7 @@ __all__ = [
     "RelayedShares",
     "UnmaskRequest",
     "UnmaskShares",
+    "claimed_sender",
     "message_type",
     "share_associated_data",
     "share_pair_plaintext",
@@ -114,6 +115,24 @@ def split_share_pair(plaintext: bytes) -> tuple[bytes, bytes]:
             f"decrypted share pair is {len(plaintext)} bytes, expected {2 * SHARE_BYTES}."
         )
     return plaintext[:SHARE_BYTES], plaintext[SHARE_BYTES:]
+
+
+def claimed_sender(data: bytes) -> int:
+    """The sender id a frame's header claims, read without checking the rest of the frame.
+
+    A transport that knows who answered compares it before the message is accepted (the full
+    checks still run when the message is parsed).
+
+    Raises:
+        IntegrityError: Not a frame of this protocol.
+
+    """
+    if not isinstance(data, (bytes, bytearray, memoryview)) or len(data) < HEADER_BYTES:
+        raise IntegrityError("not a secure-aggregation message (no complete header).")
+    magic, _, _, _, sender, _ = _HEADER.unpack_from(data)
+    if magic != MAGIC:
+        raise IntegrityError(f"message magic is {magic!r}, expected {MAGIC!r}.")
+    return int(sender)
 
 
 def message_type(data: bytes) -> MessageType:

@@ -198,3 +198,29 @@ def test_describe_is_the_privacy_report_entry_of_the_run():
     assert entry == secagg_config(config, n_sites=5).describe()
     assert entry["protocol"] == "SecAgg+" and entry["n_clients"] == 5
     assert entry["neighbors"] == 2 and entry["clip_range"] == 100.0
+
+
+def test_a_site_that_speaks_for_another_is_refused():
+    # Prepare: site 0's endpoint advertises keys drawn in site 1's name (as if to mask for it).
+    config = _config()
+    vectors = _vectors(5)
+    impostor = MaskingMode().site(config, site_id=1)
+
+    class Impostor:
+        def __init__(self, site):
+            self.site = site
+
+        def handle(self, stage, fields):
+            if stage == Stage.FIT:
+                return impostor.protect(vectors[0], round_index=4, n_sites=5, state={})
+            return self.site.handle(stage, fields)
+
+    # Execute
+    outcome, _, _ = _round(config, vectors, wrap={0: Impostor})
+
+    # Assert: the transport says who answered; site 1's own keys are the ones taken.
+    assert "claims to be from 1" in outcome.site_errors[0]
+    assert 1 not in outcome.site_errors
+    assert outcome.survivors == [1, 2, 3, 4]
+    expected = sum(vectors[s] for s in (1, 2, 3, 4))
+    np.testing.assert_allclose(outcome.total, expected, atol=_quantum(config, 5), rtol=0)

@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 
+from securefed.crypto.messages import claimed_sender
 from securefed.crypto.secagg import SecAggClient, SecAggConfig, SecAggServer
 from securefed.errors import ProtocolError
 from securefed.protocol.link import Link
@@ -58,6 +59,13 @@ def secagg_config(config: Any, *, n_sites: int) -> SecAggConfig:
         ring_bits=config.secagg_ring_bits,
         clip_range=config.secagg_clip,
     )
+
+
+def _check_sender(message: Any, sid: int) -> None:
+    """The link knows who answered: a site must not speak for another one."""
+    claimed = claimed_sender(message)
+    if claimed != sid:
+        raise ProtocolError(f"the message from site {sid} claims to be from {claimed}")
 
 
 class MaskingSite(SiteProtection):
@@ -238,6 +246,7 @@ class MaskingCollector(SumCollector):
                 if reply is None:
                     continue
                 try:
+                    _check_sender(reply["message"], sid)
                     receive(reply["message"])
                 except (KeyError, TypeError, ProtocolError) as exc:
                     # Nothing of a refused reply reached the server's sums (parsed first).
@@ -251,6 +260,7 @@ class MaskingCollector(SumCollector):
             advertised = []
             for sid in sorted(fits):
                 try:
+                    _check_sender(fits[sid]["advertise"], sid)
                     server.receive_advertise_keys(fits[sid]["advertise"])
                 except (KeyError, TypeError, ProtocolError) as exc:
                     refuse(sid, Stage.FIT, f"refused: {exc}")
