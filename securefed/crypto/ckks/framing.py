@@ -16,11 +16,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from securefed.crypto.framing import DIGEST_BYTES, FrameReader, check_digest, seal_frame
-from securefed.errors import (
-    ConfigError,
-    IntegrityError,
-    ProtocolError,
-)
+from securefed.errors import ConfigError, IntegrityError, ProtocolError
 
 if TYPE_CHECKING:  # pragma: no cover - typing only; TenSEAL is imported lazily
     pass

@@ -23,16 +23,9 @@ from securefed.crypto.ckks.framing import (
     VERSION,
     open_frame,
 )
-from securefed.crypto.ckks.params import (
-    ENCRYPTION_TYPES,
-    CKKSParams,
-    load_tenseal,
-)
+from securefed.crypto.ckks.params import ENCRYPTION_TYPES, CKKSParams, load_tenseal
 from securefed.crypto.framing import seal_frame
-from securefed.errors import (
-    ConfigError,
-    IntegrityError,
-)
+from securefed.errors import ConfigError, IntegrityError
 
 if TYPE_CHECKING:  # pragma: no cover - typing only; TenSEAL is imported lazily
     import tenseal

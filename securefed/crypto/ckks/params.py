@@ -9,10 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from securefed.errors import (
-    ConfigError,
-    OptionalDependencyError,
-)
+from securefed.errors import ConfigError, OptionalDependencyError
 
 if TYPE_CHECKING:  # pragma: no cover - typing only; TenSEAL is imported lazily
     import tenseal

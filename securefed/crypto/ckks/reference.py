@@ -7,17 +7,10 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from securefed.crypto.ckks.framing import (
-    chunk_sizes,
-)
-from securefed.crypto.ckks.params import (
-    CKKSParams,
-    load_tenseal,
-)
+from securefed.crypto.ckks.framing import chunk_sizes
+from securefed.crypto.ckks.params import CKKSParams, load_tenseal
 from securefed.crypto.ckks.roles import as_vector
-from securefed.errors import (
-    ConfigError,
-)
+from securefed.errors import ConfigError
 
 if TYPE_CHECKING:  # pragma: no cover - typing only; TenSEAL is imported lazily
     pass

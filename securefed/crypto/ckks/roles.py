@@ -22,10 +22,7 @@ from securefed.crypto.ckks.framing import (
     layout_id,
 )
 from securefed.crypto.ckks.keys import load_key
-from securefed.crypto.ckks.params import (
-    CKKSParams,
-    load_tenseal,
-)
+from securefed.crypto.ckks.params import CKKSParams, load_tenseal
 from securefed.errors import (
     ConfigError,
     DataError,

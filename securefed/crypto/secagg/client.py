@@ -9,10 +9,7 @@ import numpy as np
 
 from securefed.crypto import kdf
 from securefed.crypto.aead import open_sealed, seal
-from securefed.crypto.graph import (
-    NeighbourGraph,
-    build_graph,
-)
+from securefed.crypto.graph import NeighbourGraph, build_graph
 from securefed.crypto.messages import (
     AdvertiseKeys,
     EncryptedShares,
@@ -27,9 +24,7 @@ from securefed.crypto.messages import (
     split_share_pair,
 )
 from securefed.crypto.prg import MaskStreams
-from securefed.crypto.secagg.config import (
-    SecAggConfig,
-)
+from securefed.crypto.secagg.config import SecAggConfig
 from securefed.crypto.secagg.rounds import (
     Phase,
     StepTimer,
@@ -39,11 +34,7 @@ from securefed.crypto.secagg.rounds import (
     require_connected,
 )
 from securefed.crypto.shamir import Share, split
-from securefed.errors import (
-    DataError,
-    DropoutRecoveryError,
-    ProtocolError,
-)
+from securefed.errors import DataError, DropoutRecoveryError, ProtocolError
 
 __all__ = ["SecAggClient"]
 

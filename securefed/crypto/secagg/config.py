@@ -8,15 +8,9 @@ from typing import Any
 import numpy as np
 
 from securefed.crypto.fixedpoint import FixedPointCodec
-from securefed.crypto.graph import (
-    effective_degree,
-)
-from securefed.crypto.messages import (
-    SERVER_ID,
-)
-from securefed.errors import (
-    ConfigError,
-)
+from securefed.crypto.graph import effective_degree
+from securefed.crypto.messages import SERVER_ID
+from securefed.errors import ConfigError
 
 __all__ = ["SecAggConfig", "default_threshold", "is_int", "masking_keystream_bytes"]
 

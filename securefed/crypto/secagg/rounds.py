@@ -12,17 +12,10 @@ from typing import Any
 import numpy as np
 
 from securefed.crypto.fixedpoint import FixedPointCodec
-from securefed.crypto.graph import (
-    NeighbourGraph,
-)
-from securefed.crypto.messages import (
-    SERVER_ID,
-)
+from securefed.crypto.graph import NeighbourGraph
+from securefed.crypto.messages import SERVER_ID
 from securefed.crypto.secagg.config import SecAggConfig, is_int
-from securefed.errors import (
-    ConfigError,
-    DropoutRecoveryError,
-)
+from securefed.errors import ConfigError, DropoutRecoveryError
 
 __all__ = [
     "Phase",

@@ -9,11 +9,7 @@ from types import MappingProxyType
 import numpy as np
 
 from securefed.crypto import kdf
-from securefed.crypto.graph import (
-    GRAPH_SEED_BYTES,
-    NeighbourGraph,
-    build_graph,
-)
+from securefed.crypto.graph import GRAPH_SEED_BYTES, NeighbourGraph, build_graph
 from securefed.crypto.messages import (
     AdvertiseKeys,
     EncryptedShares,
@@ -25,9 +21,7 @@ from securefed.crypto.messages import (
     UnmaskShares,
 )
 from securefed.crypto.prg import apply_masks
-from securefed.crypto.secagg.config import (
-    SecAggConfig,
-)
+from securefed.crypto.secagg.config import SecAggConfig
 from securefed.crypto.secagg.rounds import (
     Phase,
     StepTimer,
@@ -37,12 +31,7 @@ from securefed.crypto.secagg.rounds import (
     require_connected,
 )
 from securefed.crypto.shamir import Share, combine
-from securefed.errors import (
-    ConfigError,
-    DropoutRecoveryError,
-    IntegrityError,
-    ProtocolError,
-)
+from securefed.errors import ConfigError, DropoutRecoveryError, IntegrityError, ProtocolError
 
 __all__ = ["SecAggServer"]
 
