@@ -37,7 +37,6 @@ A sealed share pair is AES-GCM(nonce 12 | ciphertext of [b-share (66) | s_sk-sha
 from __future__ import annotations
 
 import enum
-import hashlib
 import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -45,6 +44,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from securefed.crypto.aead import sealed_length
+from securefed.crypto.framing import DIGEST_BYTES, FrameReader, check_digest, seal_frame
 from securefed.crypto.prg import word_dtype
 from securefed.crypto.shamir import SHARE_BYTES
 from securefed.errors import ConfigError, IntegrityError, ProtocolError
@@ -64,6 +64,7 @@ __all__ = [
     "RelayedShares",
     "UnmaskRequest",
     "UnmaskShares",
+    "claimed_sender",
     "message_type",
     "share_associated_data",
     "share_pair_plaintext",
@@ -75,7 +76,6 @@ VERSION = 1
 SERVER_ID = 0xFFFFFFFF
 _HEADER = struct.Struct("<4sBBQIQ")
 HEADER_BYTES = _HEADER.size
-_DIGEST_BYTES = 32
 _KEY_BYTES = 32
 SEALED_SHARES_BYTES = sealed_length(2 * SHARE_BYTES)
 _U32 = struct.Struct("<I")
@@ -117,6 +117,24 @@ def split_share_pair(plaintext: bytes) -> tuple[bytes, bytes]:
     return plaintext[:SHARE_BYTES], plaintext[SHARE_BYTES:]
 
 
+def claimed_sender(data: bytes) -> int:
+    """The sender id a frame's header claims, read without checking the rest of the frame.
+
+    A transport that knows who answered compares it before the message is accepted (the full
+    checks still run when the message is parsed).
+
+    Raises:
+        IntegrityError: Not a frame of this protocol.
+
+    """
+    if not isinstance(data, (bytes, bytearray, memoryview)) or len(data) < HEADER_BYTES:
+        raise IntegrityError("not a secure-aggregation message (no complete header).")
+    magic, _, _, _, sender, _ = _HEADER.unpack_from(data)
+    if magic != MAGIC:
+        raise IntegrityError(f"message magic is {magic!r}, expected {MAGIC!r}.")
+    return int(sender)
+
+
 def message_type(data: bytes) -> MessageType:
     """Type of a framed message, after checking the frame (length, magic, digest)."""
     kind, _, _, _ = _unframe(data)
@@ -151,20 +169,17 @@ def _check_bytes(value: bytes, size: int, what: str) -> None:
 def _frame(kind: MessageType, round_index: int, sender: int, *body: bytes | memoryview) -> bytes:
     length = sum(memoryview(part).nbytes for part in body)
     header = _HEADER.pack(MAGIC, VERSION, int(kind), round_index, sender, length)
-    digest = hashlib.sha256(header)
-    for part in body:
-        digest.update(part)
-    return b"".join([header, *body, digest.digest()])
+    return seal_frame([header, *body])
 
 
 def _unframe(data: bytes) -> tuple[MessageType, int, int, memoryview]:
     if not isinstance(data, (bytes, bytearray, memoryview)):
         raise IntegrityError(f"a message must be bytes (got {type(data).__name__}).")
     view = memoryview(data).cast("B")
-    if view.nbytes < HEADER_BYTES + _DIGEST_BYTES:
+    if view.nbytes < HEADER_BYTES + DIGEST_BYTES:
         raise IntegrityError(
             f"message is {view.nbytes} bytes, shorter than header + digest "
-            f"({HEADER_BYTES + _DIGEST_BYTES}): truncated."
+            f"({HEADER_BYTES + DIGEST_BYTES}): truncated."
         )
     magic, version, kind, round_index, sender, length = _HEADER.unpack_from(view)
     if magic != MAGIC:
@@ -175,16 +190,14 @@ def _unframe(data: bytes) -> tuple[MessageType, int, int, memoryview]:
         kind = MessageType(kind)
     except ValueError:
         raise IntegrityError(f"unknown message type {kind}.") from None
-    expected = HEADER_BYTES + length + _DIGEST_BYTES
+    expected = HEADER_BYTES + length + DIGEST_BYTES
     if view.nbytes != expected:
         raise IntegrityError(
             f"{kind.name} message is {view.nbytes} bytes but its header declares {expected}: "
             "truncated or padded."
         )
-    end = HEADER_BYTES + length
-    if hashlib.sha256(view[:end]).digest() != bytes(view[end:]):
-        raise IntegrityError(f"{kind.name} message digest mismatch: corrupted or tampered.")
-    return kind, round_index, sender, view[HEADER_BYTES:end]
+    signed = check_digest(view, f"{kind.name} message")
+    return kind, round_index, sender, signed[HEADER_BYTES:]
 
 
 def _unframe_as(
@@ -198,44 +211,6 @@ def _unframe_as(
     if not from_server and sender == SERVER_ID:
         raise ProtocolError(f"{kind.name} must come from a site, not the server.")
     return round_index, sender, body
-
-
-class _Reader:
-    """Cursor over a message body that refuses to read past its end."""
-
-    def __init__(self, body: memoryview, kind: MessageType) -> None:
-        self._body = body
-        self._at = 0
-        self._kind = kind
-
-    def take(self, size: int) -> memoryview:
-        if size < 0 or self._at + size > self._body.nbytes:
-            raise IntegrityError(
-                f"{self._kind.name} body is {self._body.nbytes} bytes; a field at offset "
-                f"{self._at} needs {size} more: length fields do not match the body."
-            )
-        out = self._body[self._at : self._at + size]
-        self._at += size
-        return out
-
-    def u32(self) -> int:
-        return _U32.unpack(self.take(4))[0]
-
-    def count(self, item_bytes: int) -> int:
-        n = self.u32()
-        if n * item_bytes > self._body.nbytes - self._at:
-            raise IntegrityError(
-                f"{self._kind.name} declares {n} entries of {item_bytes} bytes but only "
-                f"{self._body.nbytes - self._at} bytes remain."
-            )
-        return n
-
-    def done(self) -> None:
-        if self._at != self._body.nbytes:
-            raise IntegrityError(
-                f"{self._kind.name} body has {self._body.nbytes - self._at} unexpected "
-                "trailing bytes."
-            )
 
 
 @dataclass(frozen=True)
@@ -276,9 +251,9 @@ class AdvertiseKeys:
         """Parse and validate; raises IntegrityError or ProtocolError."""
         kind = MessageType.ADVERTISE_KEYS
         round_index, sender, body = _unframe_as(data, kind, from_server=False)
-        reader = _Reader(body, kind)
+        reader = FrameReader(body, f"{kind.name} body")
         enc, mask = bytes(reader.take(_KEY_BYTES)), bytes(reader.take(_KEY_BYTES))
-        reader.done()
+        reader.finish()
         return cls(round_index=round_index, sender=sender, encryption_public=enc, mask_public=mask)
 
 
@@ -329,11 +304,11 @@ class PublicKeys:
         """Parse and validate; raises IntegrityError or ProtocolError."""
         kind = MessageType.PUBLIC_KEYS
         round_index, _, body = _unframe_as(data, kind, from_server=True)
-        reader = _Reader(body, kind)
+        reader = FrameReader(body, f"{kind.name} body")
         seed = bytes(reader.take(32))
         entries = []
-        for _ in range(reader.count(4 + 2 * _KEY_BYTES)):
-            site = reader.u32()
+        for _ in range(reader.count(_U32, 4 + 2 * _KEY_BYTES)):
+            site = reader.unpack(_U32)[0]
             entries.append(
                 KeyEntry(
                     site=site,
@@ -341,7 +316,7 @@ class PublicKeys:
                     mask_public=bytes(reader.take(_KEY_BYTES)),
                 )
             )
-        reader.done()
+        reader.finish()
         return cls(round_index=round_index, graph_seed=seed, entries=tuple(entries))
 
 
@@ -358,10 +333,10 @@ def _sealed_parts(pairs: tuple[tuple[int, bytes], ...]) -> list[bytes]:
     return parts
 
 
-def _read_sealed(reader: _Reader) -> tuple[tuple[int, bytes], ...]:
+def _read_sealed(reader: FrameReader) -> tuple[tuple[int, bytes], ...]:
     pairs = []
-    for _ in range(reader.count(4 + SEALED_SHARES_BYTES)):
-        site = reader.u32()
+    for _ in range(reader.count(_U32, 4 + SEALED_SHARES_BYTES)):
+        site = reader.unpack(_U32)[0]
         pairs.append((site, bytes(reader.take(SEALED_SHARES_BYTES))))
     return tuple(pairs)
 
@@ -399,9 +374,9 @@ class EncryptedShares:
         """Parse and validate; raises IntegrityError or ProtocolError."""
         kind = MessageType.ENCRYPTED_SHARES
         round_index, sender, body = _unframe_as(data, kind, from_server=False)
-        reader = _Reader(body, kind)
+        reader = FrameReader(body, f"{kind.name} body")
         sealed = _read_sealed(reader)
-        reader.done()
+        reader.finish()
         return cls(round_index=round_index, sender=sender, sealed=sealed)
 
 
@@ -439,10 +414,10 @@ class RelayedShares:
         """Parse and validate; raises IntegrityError or ProtocolError."""
         kind = MessageType.RELAYED_SHARES
         round_index, _, body = _unframe_as(data, kind, from_server=True)
-        reader = _Reader(body, kind)
-        recipient = reader.u32()
+        reader = FrameReader(body, f"{kind.name} body")
+        recipient = reader.unpack(_U32)[0]
         sealed = _read_sealed(reader)
-        reader.done()
+        reader.finish()
         return cls(round_index=round_index, recipient=recipient, sealed=sealed)
 
 
@@ -500,7 +475,7 @@ class MaskedInput:
         """Parse (zero-copy, read-only view) and validate; raises IntegrityError/ProtocolError."""
         kind = MessageType.MASKED_INPUT
         round_index, sender, body = _unframe_as(data, kind, from_server=False)
-        reader = _Reader(body, kind)
+        reader = FrameReader(body, f"{kind.name} body")
         ring_bits, dimension = struct.unpack("<BQ", reader.take(9))
         if ring_bits not in (32, 64):
             raise IntegrityError(f"masked input declares a {ring_bits}-bit ring (32 or 64).")
@@ -511,7 +486,7 @@ class MaskedInput:
                 f"carries {body.nbytes - 9} bytes."
             )
         words = np.frombuffer(reader.take(dimension * dtype.itemsize), dtype=dtype)
-        reader.done()
+        reader.finish()
         return cls(round_index=round_index, sender=sender, ring_bits=ring_bits, words=words)
 
 
@@ -553,10 +528,10 @@ class UnmaskRequest:
         """Parse and validate; raises IntegrityError or ProtocolError."""
         kind = MessageType.UNMASK_REQUEST
         round_index, _, body = _unframe_as(data, kind, from_server=True)
-        reader = _Reader(body, kind)
-        survivors = tuple(reader.u32() for _ in range(reader.count(4)))
-        dropped = tuple(reader.u32() for _ in range(reader.count(4)))
-        reader.done()
+        reader = FrameReader(body, f"{kind.name} body")
+        survivors = tuple(reader.unpack(_U32)[0] for _ in range(reader.count(_U32, 4)))
+        dropped = tuple(reader.unpack(_U32)[0] for _ in range(reader.count(_U32, 4)))
+        reader.finish()
         return cls(round_index=round_index, survivors=survivors, dropped=dropped)
 
 
@@ -611,15 +586,15 @@ class UnmaskShares:
         """Parse and validate; raises IntegrityError or ProtocolError."""
         kind = MessageType.UNMASK_SHARES
         round_index, sender, body = _unframe_as(data, kind, from_server=False)
-        reader = _Reader(body, kind)
+        reader = FrameReader(body, f"{kind.name} body")
         lists = []
         for _ in range(2):
             pairs = []
-            for _ in range(reader.count(4 + SHARE_BYTES)):
-                owner = reader.u32()
+            for _ in range(reader.count(_U32, 4 + SHARE_BYTES)):
+                owner = reader.unpack(_U32)[0]
                 pairs.append((owner, bytes(reader.take(SHARE_BYTES))))
             lists.append(tuple(pairs))
-        reader.done()
+        reader.finish()
         return cls(
             round_index=round_index, sender=sender, seed_shares=lists[0], key_shares=lists[1]
         )

@@ -138,7 +138,7 @@ class MaskingAggregator(Aggregator):
         drop_after_upload: Collection[int] = (),
     ) -> AggregateOutcome:
         """Mask at each site, sum and unmask at the server, recovering dropped sites."""
-        from securefed.crypto.secagg import secure_sum
+        from securefed.protocol.harness import secure_sum
 
         res = secure_sum(
             inputs,
@@ -196,7 +196,7 @@ class HEAggregator(Aggregator):
         A site that drops after its ciphertext arrived is still in the sum: CKKS needs no
         later step from it.
         """
-        from securefed.crypto.ckks import he_sum
+        from securefed.protocol.harness import he_sum
 
         res = he_sum(
             inputs,

@@ -25,6 +25,7 @@ from securefed.crypto.ckks import (
     read_key_file,
     write_key_files,
 )
+from securefed.crypto.ckks import framing as ckks_framing
 from securefed.errors import (
     ConfigError,
     DataError,
@@ -133,7 +134,7 @@ def test_server_context_is_public_and_cannot_decrypt(
     server = CKKSAggregator(keys.public_context, round_index=7)
     server.add(site_frame, site_id=3)
     aggregate = server.aggregate()
-    first_chunk = bytes(ckks._decode_vector_frame(aggregate, kinds=(4,), what="t")[1][0])
+    first_chunk = bytes(ckks_framing.decode_vector_frame(aggregate, kinds=(4,), what="t")[1][0])
 
     # Execute / Assert: the context holds no secret key, and TenSEAL refuses to decrypt with it.
     assert server.context.is_private() is False
@@ -151,10 +152,10 @@ def test_server_context_is_public_and_cannot_decrypt(
 
 def test_public_context_bytes_hold_no_secret_key(keys: ckks.CKKSKeySet) -> None:
     # Prepare: the raw TenSEAL bytes inside our public key frame.
-    _, _, reader = ckks._open_frame(keys.public_context, kinds=(2,), what="t")
-    degree, n_primes = reader.unpack(ckks._KEY_BODY)
-    reader.take(n_primes + ckks._KEY_TAIL.size)
-    (length,) = reader.unpack(ckks._U64)
+    _, _, reader = ckks_framing.open_frame(keys.public_context, kinds=(2,), what="t")
+    degree, n_primes = reader.unpack(ckks_framing.KEY_BODY)
+    reader.take(n_primes + ckks_framing.KEY_TAIL.size)
+    (length,) = reader.unpack(ckks_framing.U64)
 
     # Execute
     ctx = ts.context_from(bytes(reader.take(length)))
@@ -411,7 +412,7 @@ def test_frames_with_different_subsets_are_not_added(keys: ckks.CKKSKeySet) -> N
 )
 def test_invalid_subsets_are_refused(subset: np.ndarray, message: str) -> None:
     with pytest.raises(ConfigError, match=message):
-        ckks._normalize_subset(subset, 10)
+        ckks.normalize_subset(subset, 10)
 
 
 # ------------------------------------------------------------------ frames and integrity
@@ -449,13 +450,13 @@ def test_tampered_update_frames_raise_integrity_error(
 
 def test_tenseal_deserialization_errors_become_integrity_errors(keys: ckks.CKKSKeySet) -> None:
     # Prepare: a frame whose digest is right but whose ciphertext bytes are garbage.
-    frame = ckks._encode_vector_frame(
+    frame = ckks_framing.encode_vector_frame(
         kind=3,
         key_id=keys.key_id,
         round_index=0,
         sender=1,
         n_values=3,
-        layout_id=ckks._layout_id(3, None),
+        layout_id=ckks_framing.layout_id(3, None),
         slots=4096,
         weighted=False,
         contributors=(1,),

@@ -1,0 +1,320 @@
+"""``--secure-agg mask``: Bonawitz pairwise masking with SecAgg+ neighbourhoods, over any link.
+
+The one driver of the masking protocol (:mod:`securefed.crypto.secagg` holds its parties).
+The fit reply carries the site's key advertisement; the server then runs three stages:
+
+* ``Stage.SHARE``: every site that advertised gets all public keys and returns its sealed
+  Shamir shares;
+* ``Stage.MASKED``: every site that shared gets the shares sealed to it and uploads its
+  masked, fixed-point-encoded update;
+* ``Stage.UNMASK``: every uploader gets the survivor list and reveals the shares the server
+  needs; the server removes the masks and decodes the sum.
+
+A site keeps its round secrets in the runtime's state (bytes and ints only, so Flower can hold
+it in ``context.state`` between processes); the server never holds one site's update.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Collection, Mapping
+from typing import Any
+
+import numpy as np
+
+from securefed.crypto.messages import claimed_sender
+from securefed.crypto.secagg import SecAggClient, SecAggConfig, SecAggServer
+from securefed.errors import ProtocolError
+from securefed.protocol.link import Link
+from securefed.protocol.modes.base import (
+    SecureSumMode,
+    SiteProtection,
+    SiteState,
+    SumCollector,
+    SumOutcome,
+)
+from securefed.protocol.wire import Stage, vector_from_bytes, vector_to_bytes
+
+__all__ = ["MaskingCollector", "MaskingMode", "MaskingSite", "secagg_config"]
+
+#: A round's masking parameters for ``n`` sampled sites.
+ConfigFor = Callable[[int], SecAggConfig]
+
+# Site-state keys, prefixed so they cannot collide with what the runtime keeps beside them.
+_ROUND, _N_SITES, _VECTOR, _CLIENT = "mask.round", "mask.n_sites", "mask.vector", "mask.client"
+
+
+def secagg_config(config: Any, *, n_sites: int) -> SecAggConfig:
+    """The masking parameters for a round of ``n_sites`` (identical at server and sites).
+
+    Args:
+        config: The run's :class:`~securefed.config.RunConfig`.
+        n_sites: Sites sampled this round (the graph and the fixed-point head-room use it).
+
+    """
+    return SecAggConfig(
+        n_clients=n_sites,
+        threshold=config.secagg_threshold,
+        neighbors=config.secagg_neighbors,
+        ring_bits=config.secagg_ring_bits,
+        clip_range=config.secagg_clip,
+    )
+
+
+def _check_sender(message: Any, sid: int) -> None:
+    """The link knows who answered: a site must not speak for another one."""
+    claimed = claimed_sender(message)
+    if claimed != sid:
+        raise ProtocolError(f"the message from site {sid} claims to be from {claimed}")
+
+
+class MaskingSite(SiteProtection):
+    """One site's side: advertise keys at fit, then share, upload masked, unmask.
+
+    The :class:`~securefed.crypto.secagg.SecAggClient` is rebuilt from the state at every stage
+    (a Flower site may answer each message in a fresh process).
+
+    Args:
+        site_id: This site's id.
+        config_for: The round's parameters for ``n`` sampled sites (the server's must agree).
+
+    Attributes:
+        step_seconds: Wall-clock seconds per protocol step in the current round (summed over
+            the stages this object answered), for harnesses and benchmarks.
+        wall_seconds: Wall-clock seconds inside the steps this round.
+        cpu_seconds: CPU seconds inside the steps this round.
+
+    """
+
+    stages = (Stage.SHARE, Stage.MASKED, Stage.UNMASK)
+
+    def __init__(self, *, site_id: int, config_for: ConfigFor) -> None:
+        self.site_id = int(site_id)
+        self.config_for = config_for
+        self.step_seconds: dict[str, float] = {}
+        self.wall_seconds = 0.0
+        self.cpu_seconds = 0.0
+
+    def _tally(self, client: SecAggClient) -> None:
+        for name, spent in client.timer.steps.items():
+            self.step_seconds[name] = self.step_seconds.get(name, 0.0) + spent
+        self.wall_seconds += client.timer.wall
+        self.cpu_seconds += client.timer.cpu
+
+    def protect(
+        self, vector: np.ndarray, *, round_index: int, n_sites: int, state: SiteState
+    ) -> dict[str, Any]:
+        """Draw this round's keys and return their advertisement (the update stays here)."""
+        start = time.perf_counter()
+        self.step_seconds, self.wall_seconds, self.cpu_seconds = {}, 0.0, 0.0
+        client = SecAggClient(
+            site_id=self.site_id,
+            config=self.config_for(int(n_sites)),
+            round_index=round_index,
+            dim=len(vector),
+        )
+        advertise = client.advertise_keys()
+        self._tally(client)
+        state[_ROUND] = int(round_index)
+        state[_N_SITES] = int(n_sites)
+        state[_VECTOR] = vector_to_bytes(vector)
+        state[_CLIENT] = client.export_state()
+        return {"advertise": advertise, "protect_seconds": time.perf_counter() - start}
+
+    def step(self, stage: str, fields: dict[str, Any], *, state: SiteState) -> dict[str, Any]:
+        """Answer ``share``, ``masked`` or ``unmask`` for the round held in ``state``.
+
+        Raises:
+            ProtocolError: For another round than the one in ``state`` (the site restarted
+                mid-round), a stage out of order, or a malformed server message.
+
+        """
+        start = time.perf_counter()
+        if stage not in self.stages:
+            return super().step(stage, fields, state=state)
+        round_index = fields.get("round")
+        if _CLIENT not in state or state.get(_ROUND) != round_index:
+            raise ProtocolError(
+                f"this site holds no state for round {round_index} (it restarted mid-round)"
+            )
+        message = fields.get("message")
+        if not isinstance(message, bytes):
+            raise ProtocolError(f"{stage} message: no protocol bytes")
+        client = SecAggClient.from_state(
+            state[_CLIENT], config=self.config_for(int(state[_N_SITES]))
+        )
+        reply: dict[str, Any] = {}
+        try:
+            if stage == Stage.SHARE:
+                reply["message"] = client.share_keys(message)
+            elif stage == Stage.MASKED:
+                values = vector_from_bytes(state[_VECTOR], what="the stored update")
+                reply["message"] = client.masked_input(message, values=values)
+                reply["clipped"] = int(client.clipped or 0)
+                # The plaintext update is not needed any more: do not keep it at the site.
+                state[_VECTOR] = b""
+            else:
+                reply["message"] = client.unmask(message)
+        finally:
+            self._tally(client)
+        if stage == Stage.UNMASK:
+            for key in (_ROUND, _N_SITES, _VECTOR, _CLIENT):
+                state.pop(key, None)
+        else:
+            state[_CLIENT] = client.export_state()
+        reply["protect_seconds"] = time.perf_counter() - start
+        return reply
+
+
+class MaskingCollector(SumCollector):
+    """The server's side: relay keys and shares, collect masked inputs, unmask the sum.
+
+    Args:
+        config_for: The round's parameters for ``n`` sampled sites.
+        describe_config: The parameters privacy.json states (the run's full complement).
+        graph_seed: Public SecAgg+ graph seed; None draws a fresh one each round (tests pin
+            it to build the same graph).
+
+    Attributes:
+        last_error: The exception that stopped the latest sum, else None (a harness re-raises
+            it; the round engine reads the outcome's ``error``).
+        last_server: The latest round's :class:`~securefed.crypto.secagg.SecAggServer` (its
+            timer and participation sets), for harnesses and benchmarks.
+
+    """
+
+    def __init__(
+        self,
+        *,
+        config_for: ConfigFor,
+        describe_config: SecAggConfig,
+        graph_seed: bytes | None = None,
+    ) -> None:
+        self.config_for = config_for
+        self.describe_config = describe_config
+        self.graph_seed = graph_seed
+        self.last_error: Exception | None = None
+        self.last_server: SecAggServer | None = None
+
+    def collect(
+        self,
+        link: Link,
+        fits: Mapping[int, Mapping[str, Any]],
+        *,
+        round_index: int,
+        chosen: list[int],
+        dim: int,
+        timeout: float,
+        drop_before_upload: Collection[int] = (),
+        drop_after_upload: Collection[int] = (),
+    ) -> SumOutcome:
+        """Run share, masked and unmask over ``link``; see :meth:`SumCollector.collect`."""
+        self.last_error = None
+        site_errors: dict[int, str] = {}
+        protect: dict[int, float] = {}
+        group = str(round_index)
+        server = SecAggServer(
+            config=self.config_for(len(chosen)),
+            round_index=round_index,
+            site_ids=chosen,
+            dim=dim,
+            graph_seed=self.graph_seed,
+        )
+        self.last_server = server
+
+        def refuse(sid: int, stage: str, why: str) -> None:
+            site_errors.setdefault(sid, f"{stage}: {why}")
+
+        def note(sid: int, reply: Mapping[str, Any]) -> None:
+            seconds = reply.get("protect_seconds", 0.0)
+            if isinstance(seconds, (int, float)) and not isinstance(seconds, bool):
+                protect[sid] = protect.get(sid, 0.0) + float(seconds)
+
+        def run(stage: str, messages: Mapping[int, bytes], receive: Callable) -> dict[int, dict]:
+            """One stage: send, then feed each reply to the server; a bad reply is refused."""
+            replies, errors = link.exchange(
+                {sid: (stage, {"round": round_index, "message": m}) for sid, m in messages.items()},
+                timeout=timeout,
+                group=group,
+            )
+            accepted = {}
+            for sid in sorted(messages):
+                if sid in errors:
+                    refuse(sid, stage, errors[sid])
+                    continue
+                reply = replies.get(sid)
+                if reply is None:
+                    continue
+                try:
+                    _check_sender(reply["message"], sid)
+                    receive(reply["message"])
+                except (KeyError, TypeError, ProtocolError) as exc:
+                    # Nothing of a refused reply reached the server's sums (parsed first).
+                    refuse(sid, stage, f"refused: {exc}")
+                    continue
+                note(sid, reply)
+                accepted[sid] = reply
+            return accepted
+
+        try:
+            advertised = []
+            for sid in sorted(fits):
+                try:
+                    _check_sender(fits[sid]["advertise"], sid)
+                    server.receive_advertise_keys(fits[sid]["advertise"])
+                except (KeyError, TypeError, ProtocolError) as exc:
+                    refuse(sid, Stage.FIT, f"refused: {exc}")
+                    continue
+                note(sid, fits[sid])
+                advertised.append(sid)
+            keys = server.public_keys()
+            run(Stage.SHARE, dict.fromkeys(advertised, keys), server.receive_encrypted_shares)
+            # In-process simulation: a site gone before its upload is not asked for it.
+            gone = set(drop_before_upload)
+            relays = {s: m for s, m in server.relay_shares().items() if s not in gone}
+            masked = run(Stage.MASKED, relays, server.receive_masked_input)
+            request = server.unmask_request()
+            away = set(drop_after_upload)
+            asked = {s: request for s in server.survivors if s not in away}
+            run(Stage.UNMASK, asked, server.receive_unmask_shares)
+            total = server.aggregate()
+        except ProtocolError as exc:
+            self.last_error = exc
+            return SumOutcome(
+                None,
+                [],
+                error=f"round {round_index}: {exc}",
+                server_seconds=server.timer.wall,
+                protect_seconds=protect,
+                site_errors=site_errors,
+            )
+        return SumOutcome(
+            total,
+            list(server.survivors),
+            clipped=sum(int(r.get("clipped", 0)) for r in masked.values()),
+            server_seconds=server.timer.wall,
+            protect_seconds=protect,
+            site_errors=site_errors,
+        )
+
+    def describe(self) -> dict[str, Any]:
+        """The protocol, its parameters and the fixed-point encoding."""
+        return self.describe_config.describe()
+
+
+class MaskingMode(SecureSumMode):
+    """Pairwise masking (Bonawitz et al. 2017; SecAgg+ neighbourhoods, Bell et al. 2020)."""
+
+    name = "mask"
+    stages = (Stage.SHARE, Stage.MASKED, Stage.UNMASK)
+
+    def server(self, config: Any, *, n_sites: int, he_public: bytes | None = None) -> SumCollector:
+        """The server side; parameters from ``config``, ``n_sites`` for the report."""
+        return MaskingCollector(
+            config_for=lambda n: secagg_config(config, n_sites=n),
+            describe_config=secagg_config(config, n_sites=n_sites),
+        )
+
+    def site(self, config: Any, *, site_id: int, he_secret: bytes | None = None) -> SiteProtection:
+        """Site ``site_id``'s side; parameters from ``config``."""
+        return MaskingSite(site_id=site_id, config_for=lambda n: secagg_config(config, n_sites=n))
