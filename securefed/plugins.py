@@ -92,5 +92,5 @@ def register_strategy(name: str, target: str | Callable[..., Any]) -> None:
 
 
 def register_server_optimizer(name: str, target: str | Callable[..., Any]) -> None:
-    """Make ``--server-opt name`` available (a :class:`~securefed.fl.strategies.ServerOptimizer`)."""
+    """Make ``--server-opt name`` available (a ``securefed.fl.strategies.ServerOptimizer``)."""
     SERVER_OPTIMIZERS.register(name, target)

@@ -31,6 +31,7 @@ __all__ = [
     "PARTIAL_MARK",
 ]
 
+
 def default_out_dir() -> Path:
     """A fresh timestamped folder under ``runs/``."""
     stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S-%f")
@@ -324,5 +325,3 @@ def _annotate(exc: Exception, line: str) -> None:
         exc.args = (f"{exc.args[0]} ({line})",)
     else:
         exc.add_note(line)
-
-

@@ -13,8 +13,8 @@ import pytest
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from securefed.run import train  # noqa: E402
 from securefed.report.summary import curves_figure, epsilon_figure  # noqa: E402
+from securefed.run import train  # noqa: E402
 
 
 @pytest.fixture(scope="module")

@@ -146,7 +146,7 @@ class FedAdam(ServerOptimizer):
 
 
 def build_server_optimizer(*, name: str, lr: float, momentum: float = 0.9) -> ServerOptimizer:
-    """The optimizer registered as ``--server-opt NAME`` (:data:`securefed.plugins.SERVER_OPTIMIZERS`).
+    """The optimizer registered as ``--server-opt NAME`` (``plugins.SERVER_OPTIMIZERS``).
 
     Raises:
         ConfigError: Unknown name.

@@ -2,8 +2,9 @@
 
 Payloads and replies are keyed by **site id** (a runtime maps ids to its own addresses) and
 are plain field dicts (:mod:`securefed.protocol.wire`): scalars, strings, bytes, JSON-able
-dicts and lists. :class:`LocalLink` delivers them to in-process site endpoints through the
-same encoding the Flower link uses, so the same bytes cross in both runtimes.
+dicts and lists. :class:`LocalLink` delivers them to in-process site endpoints as the record
+layout the Flower link carries (without importing Flower), so the same bytes cross in both
+runtimes.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from collections.abc import Mapping
 from typing import Any, Protocol
 
 from securefed.errors import SecureFedError
-from securefed.protocol.wire import decode, encode, payload_size
+from securefed.protocol.wire import from_record, record_size, to_record
 
 __all__ = ["Link", "LocalLink", "Payloads", "Replies", "SiteEndpoint"]
 
@@ -107,8 +108,8 @@ class LocalLink:
         errors: dict[int, str] = {}
         for sid in sorted(payloads):
             stage, fields = payloads[sid]
-            content = encode(fields)
-            self.sent[sid] = self.sent.get(sid, 0) + payload_size(content)
+            content = to_record(fields)
+            self.sent[sid] = self.sent.get(sid, 0) + record_size(content)
             if sid in self._lost.get((group, stage), set()):
                 errors[sid] = "dropped out (simulated)"
                 continue
@@ -117,11 +118,11 @@ class LocalLink:
                 errors[sid] = "no such site"
                 continue
             try:
-                reply = endpoint.handle(stage, decode(content, what=f"{stage} message"))
+                reply = endpoint.handle(stage, from_record(content, what=f"{stage} message"))
             except SecureFedError as exc:
                 errors[sid] = str(exc)
                 continue
-            encoded = encode(reply)
-            self.received[sid] = self.received.get(sid, 0) + payload_size(encoded)
-            replies[sid] = decode(encoded, what=f"reply of site {sid}")
+            encoded = to_record(reply)
+            self.received[sid] = self.received.get(sid, 0) + record_size(encoded)
+            replies[sid] = from_record(encoded, what=f"reply of site {sid}")
         return replies, errors

@@ -17,6 +17,9 @@ import numpy as np
 from securefed.errors import ProtocolError
 
 __all__ = [
+    "from_record",
+    "record_size",
+    "to_record",
     "PROTOCOL",
     "RECORD",
     "Stage",
@@ -50,10 +53,13 @@ class Stage:
 _Value = int | float | str | bytes | bool
 
 
-def encode(fields: Mapping[str, Any]) -> Any:
-    """A Flower ``RecordDict`` holding ``fields``; dicts and lists travel as JSON strings."""
-    from flwr.app import ConfigRecord, RecordDict
+def to_record(fields: Mapping[str, Any]) -> dict[str, _Value]:
+    """The flat record a message carries: scalars, strings, bytes; dicts and lists as JSON.
 
+    The same record crosses in-process (:class:`~securefed.protocol.link.LocalLink`) and
+    over Flower (inside one ``ConfigRecord``), so a field that cannot cross the network
+    fails in both runtimes.
+    """
     record: dict[str, _Value] = {"protocol": PROTOCOL}
     for key, value in fields.items():
         if key == "protocol" or key.startswith("json:"):
@@ -66,20 +72,16 @@ def encode(fields: Mapping[str, Any]) -> Any:
             record["json:" + key] = json.dumps(value, allow_nan=True)
         else:
             raise TypeError(f"`{key}`: {type(value).__name__} cannot go on the wire")
-    return RecordDict({RECORD: ConfigRecord(record)})
+    return record
 
 
-def decode(content: Any, *, what: str) -> dict[str, Any]:
-    """The fields of a securefed ``RecordDict`` (JSON values parsed back).
+def from_record(record: Mapping[str, Any], *, what: str) -> dict[str, Any]:
+    """The fields of a record made by :func:`to_record` (JSON values parsed back).
 
     Raises:
-        ProtocolError: If the record is missing, of another protocol version, or malformed.
+        ProtocolError: If the record is of another protocol version or malformed.
 
     """
-    try:
-        record = content.config_records[RECORD]
-    except (KeyError, AttributeError) as exc:
-        raise ProtocolError(f"{what}: not a securefed message (no `{RECORD}` record)") from exc
     if record.get("protocol") != PROTOCOL:
         raise ProtocolError(
             f"{what}: protocol version {record.get('protocol')!r}, this side speaks {PROTOCOL}"
@@ -98,17 +100,42 @@ def decode(content: Any, *, what: str) -> dict[str, Any]:
     return out
 
 
+def record_size(record: Mapping[str, Any]) -> int:
+    """Bytes of payload in a record (keys and values; framing not counted)."""
+    total = 0
+    for key, value in record.items():
+        total += len(key)
+        if isinstance(value, (bytes, str)):
+            total += len(value)
+        else:
+            total += 8
+    return total
+
+
+def encode(fields: Mapping[str, Any]) -> Any:
+    """A Flower ``RecordDict`` holding ``fields`` in one ``ConfigRecord``."""
+    from flwr.app import ConfigRecord, RecordDict
+
+    return RecordDict({RECORD: ConfigRecord(to_record(fields))})
+
+
+def decode(content: Any, *, what: str) -> dict[str, Any]:
+    """The fields of a securefed ``RecordDict``.
+
+    Raises:
+        ProtocolError: If the record is missing, of another protocol version, or malformed.
+
+    """
+    try:
+        record = content.config_records[RECORD]
+    except (KeyError, AttributeError) as exc:
+        raise ProtocolError(f"{what}: not a securefed message (no `{RECORD}` record)") from exc
+    return from_record(record, what=what)
+
+
 def payload_size(content: Any) -> int:
     """Bytes of securefed payload in a ``RecordDict`` (keys and values; framing not counted)."""
-    total = 0
-    for record in content.config_records.values():
-        for key, value in record.items():
-            total += len(key)
-            if isinstance(value, (bytes, str)):
-                total += len(value)
-            else:
-                total += 8
-    return total
+    return sum(record_size(r) for r in content.config_records.values())
 
 
 def vector_to_bytes(vector: np.ndarray) -> bytes:

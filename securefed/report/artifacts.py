@@ -71,8 +71,6 @@ def _config_json(fed: RoundEngine) -> dict[str, Any]:
     }
 
 
-
-
 def _strategy_json(fed: RoundEngine) -> dict[str, Any]:
     cfg = fed.config
     out: dict[str, Any] = {
@@ -89,13 +87,9 @@ def _strategy_json(fed: RoundEngine) -> dict[str, Any]:
     return out
 
 
-
-
 def _disclosures(fed: RoundEngine) -> list[dict[str, str]]:
     """Every field a site releases, with its protection (:mod:`securefed.fl.disclosures`)."""
     return disclosures_json(fed.config, runtime=fed.runtime)
-
-
 
 
 def _privacy_json(fed: RoundEngine) -> dict[str, Any]:
@@ -197,8 +191,6 @@ def _privacy_json(fed: RoundEngine) -> dict[str, Any]:
     }
 
 
-
-
 def _metrics_csv(metrics: dict[str, Any], path: Path) -> None:
     keys = list(HEADLINE_METRICS)
     with path.open("w", newline="") as fh:
@@ -229,8 +221,6 @@ def _metrics_csv(metrics: dict[str, Any], path: Path) -> None:
                         "",
                     ]
                 )
-
-
 
 
 def write_outputs(fed: RoundEngine, out: Path) -> None:
@@ -275,8 +265,6 @@ def package_versions() -> dict[str, str | None]:
     return out
 
 
-
-
 def prepare_out(out: Path) -> Path:
     """The deployed server's run folder: created, refused when it holds a finished run."""
     if out.exists() and not out.is_dir():
@@ -285,5 +273,3 @@ def prepare_out(out: Path) -> Path:
         raise ConfigError(f"--out {out}: already holds a run; choose another folder")
     out.mkdir(parents=True, exist_ok=True)
     return out
-
-

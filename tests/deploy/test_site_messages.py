@@ -17,9 +17,9 @@ from flwr.app import Context, Error, Message, RecordDict
 from securefed.config import RunConfig
 from securefed.deploy import site_app
 from securefed.deploy.coordinator import Coordinator, Link
-from securefed.protocol.wire import Stage, decode
 from securefed.errors import ProtocolError
 from securefed.fl.disclosures import check_reply, message_fields
+from securefed.protocol.wire import Stage, decode
 
 _HANDLERS = {
     Stage.SETUP: site_app.setup,

@@ -9,8 +9,8 @@ import pytest
 from securefed.config import RunConfig
 from securefed.errors import ConfigError
 from securefed.fl.disclosures import PROTECTIONS, site_releases
-from securefed.run import train
 from securefed.fl.simulation import Federation
+from securefed.run import train
 
 #: Per-site keys the server-side files may hold without a disclosure opt-in.
 _HELD_OUT = {

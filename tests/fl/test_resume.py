@@ -13,8 +13,8 @@ import torch
 from securefed.config import RunConfig
 from securefed.errors import ConfigError, IntegrityError
 from securefed.fl.checkpoint import load_checkpoint, save_checkpoint
-from securefed.run import PARTIAL_MARK, RunInterrupted, train
 from securefed.fl.simulation import Federation
+from securefed.run import PARTIAL_MARK, RunInterrupted, train
 from tests.conftest import tiny_config, write_small_npz
 
 

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from securefed.dp.accounting import pld_epsilon
-from securefed.run import train
 from securefed.fl.simulation import Federation
+from securefed.run import train
 
 
 def _strip_times(obj):

@@ -137,7 +137,9 @@ class SecureSumMode(ABC):
     stages: ClassVar[tuple[str, ...]] = ()
 
     @abstractmethod
-    def server(self, config: RunConfig, *, n_sites: int, he_public: bytes | None = None) -> SumCollector:
+    def server(
+        self, config: RunConfig, *, n_sites: int, he_public: bytes | None = None
+    ) -> SumCollector:
         """The server side for ``config``."""
 
     @abstractmethod

@@ -62,7 +62,8 @@ class _PlainServer(SumCollector):
             return SumOutcome(
                 None,
                 [],
-                error=f"round {round_index}: every sampled site dropped out; the round is not applied",
+                error=f"round {round_index}: every sampled site dropped out; the round is not "
+                "applied",
                 site_errors=errors,
             )
         return SumOutcome(
@@ -84,7 +85,9 @@ class PlainMode(SecureSumMode):
     protects = False
 
     def server(self, config: Any, *, n_sites: int, he_public: bytes | None = None) -> SumCollector:
+        """The server side: adds the plaintext vectors."""
         return _PlainServer()
 
     def site(self, config: Any, *, site_id: int, he_secret: bytes | None = None) -> SiteProtection:
+        """The site side: sends the vector as it is."""
         return _PlainSite()
