@@ -190,7 +190,9 @@ def site_releases(config: RunConfig, *, runtime: str = "in-process") -> list[Rel
         )
     if config.secure_agg != "none" and config.schedule != "cyclic":
         for message in (
-            ("fit", "share", "masked", "unmask") if config.secure_agg == "mask" else ("fit",)
+            ("fit", "share", "masked", "unmask")
+            if config.secure_agg == "mask"
+            else ("fit", "decrypt")
         ):
             add(
                 message,

@@ -153,12 +153,18 @@ def test_cfl_membership_is_per_site_and_secure_sums_per_cluster_match_plaintext(
     assert compared >= 1
 
 
+def _choose(fed, pick):
+    """Each site picks its cluster by ``pick(site id)`` (the choice is the site's own step)."""
+    for site in fed.sites:
+        site.select_cluster = lambda models, cid=site.client_id: pick(cid)
+
+
 def test_cfl_skips_a_single_site_cluster_under_secure_aggregation(small_config):
     cfg = small_config.replace(
         strategy="cfl", clusters=3, clients=3, rounds=1, secure_agg="mask", dp_epsilon=None
     )
     fed = Federation(cfg)
-    fed.select_cluster = lambda site: [0, 0, 1][site.client_id]  # type: ignore[method-assign]
+    _choose(fed, lambda cid: [0, 0, 1][cid])
     before = _vec(fed, 1)
     rec = fed.run_round(1)
     by_k = {c["cluster"]: c for c in rec.data["clusters"]}
@@ -166,7 +172,7 @@ def test_cfl_skips_a_single_site_cluster_under_secure_aggregation(small_config):
     assert not by_k[1]["applied"] and "reveal" in by_k[1]["skipped"]
     np.testing.assert_array_equal(_vec(fed, 1), before)
     # every site alone in its cluster: nothing can be aggregated, the round is not applied
-    fed.select_cluster = lambda site: site.client_id  # type: ignore[method-assign]
+    _choose(fed, lambda cid: cid)
     rec = fed.run_round(2)
     assert not rec.applied and "no cluster could be aggregated" in rec.data["error"]
 
