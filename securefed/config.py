@@ -33,11 +33,12 @@ __all__ = [
 ACCOUNTANTS = ("pld",)
 #: Accountants of schema 1.x runs: Opacus' add/remove accountants (gdp also under-reported).
 LEGACY_ACCOUNTANTS = ("prv", "rdp", "gdp")
-#: Built-in names; the allowed ones come from :mod:`securefed.plugins` (plug-ins add more).
-SECURE_AGG_MODES = ("none", "mask", "he")
+#: The built-in names, read off :mod:`securefed.plugins` at import; what a run may use is the
+#: registries' names when it is validated (a plug-in registered later adds to them).
+SECURE_AGG_MODES = plugins.SECURE_AGG.names()
+STRATEGIES = plugins.STRATEGIES.names()
+SERVER_OPTIMIZERS = plugins.SERVER_OPTIMIZERS.names()
 DEVICES = ("auto", "cpu", "cuda")
-STRATEGIES = ("fedavg", "fedprox", "ftl", "cfl")
-SERVER_OPTIMIZERS = ("none", "avgm", "adam")
 SCHEDULES = ("parallel", "cyclic")
 TASKS = ("auto", "classification", "segmentation")
 PERSONALIZE_WHEN = ("end", "every")
