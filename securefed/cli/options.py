@@ -25,6 +25,7 @@ __all__ = [
     "ShownDefaultOption",
     "config_from_flags",
     "field_option",
+    "flag_fields",
     "option",
     "param_name",
     "run_config_options",
