@@ -24,17 +24,21 @@ __all__ = [
     "SERVER_OPTIMIZERS",
     "SCHEDULES",
     "TASKS",
+    "Flag",
+    "NotAFlag",
+    "cli_metadata",
     "flag_for",
 ]
 
 ACCOUNTANTS = ("pld",)
 #: Accountants of schema 1.x runs: Opacus' add/remove accountants (gdp also under-reported).
 LEGACY_ACCOUNTANTS = ("prv", "rdp", "gdp")
-#: Built-in names; the allowed ones come from :mod:`securefed.plugins` (plug-ins add more).
-SECURE_AGG_MODES = ("none", "mask", "he")
+#: The built-in names, read off :mod:`securefed.plugins` at import; what a run may use is the
+#: registries' names when it is validated (a plug-in registered later adds to them).
+SECURE_AGG_MODES = plugins.SECURE_AGG.names()
+STRATEGIES = plugins.STRATEGIES.names()
+SERVER_OPTIMIZERS = plugins.SERVER_OPTIMIZERS.names()
 DEVICES = ("auto", "cpu", "cuda")
-STRATEGIES = ("fedavg", "fedprox", "ftl", "cfl")
-SERVER_OPTIMIZERS = ("none", "avgm", "adam")
 SCHEDULES = ("parallel", "cyclic")
 TASKS = ("auto", "classification", "segmentation")
 PERSONALIZE_WHEN = ("end", "every")
@@ -58,18 +62,83 @@ def _check(cond: bool, msg: str) -> None:
         raise ConfigError(msg)
 
 
-# Fields whose command-line option is not simply ``--`` + the name with dashes.
-_FLAG_OVERRIDES = {"data_options": "--data-option", "he_coeff_mod_bit_sizes": "--he-coeff-bits"}
+@dataclass(frozen=True)
+class Flag:
+    """How a :class:`RunConfig` field is set on the command line.
+
+    ``securefed train`` and ``deploy run`` generate their options from these
+    (:mod:`securefed.cli.options`), so a new setting is one field with its ``Flag``. Pure data:
+    the click types are made in the CLI, so this module (and a library user) never imports click.
+
+    Attributes:
+        help: The option's help text.
+        flag: The option (default: ``--`` + the field name with dashes).
+        off: A bool field's switch-off option (``--no-augment``); without one, a bool is a bare
+            flag that can only switch the setting on.
+        kind: How a value is read when the annotation does not say: ``path``, ``file``,
+            ``dir`` (a path; ``file``/``dir`` refuse the other), ``epsilon`` (a number or
+            ``inf``), ``int-list`` (comma-separated integers), ``key-value`` (repeatable
+            ``KEY=VALUE``, values read as JSON when they parse).
+        min: Smallest integer accepted, checked while parsing.
+        choices: Allowed values, or a :class:`securefed.plugins.Registry` whose names are read
+            when the option is parsed (so a registered plug-in is offered).
+        shown: How ``--help`` shows the default when it is not the field's default as typed
+            (``"2/3 majority"`` for a default that is computed).
+        flag_value: The value of the option given bare (``--secure-agg`` alone: ``mask``).
+        deploy: Whether ``deploy run`` offers the option. ``False``: it still parses (hidden),
+            so the deployment's own check refuses it in one line instead of click's "no such
+            option".
+        deploy_choices: The choices ``deploy run``'s help lists, when fewer than ``choices``.
+        deploy_help: ``deploy run``'s help text, when it differs.
+
+    """
+
+    help: str
+    flag: str | None = None
+    off: str | None = None
+    kind: str | None = None
+    min: int | None = None
+    choices: tuple[Any, ...] | plugins.Registry | None = None
+    shown: str | None = None
+    flag_value: str | None = None
+    deploy: bool = True
+    deploy_choices: tuple[str, ...] | None = None
+    deploy_help: str | None = None
+
+
+@dataclass(frozen=True)
+class NotAFlag:
+    """A :class:`RunConfig` field that no option sets (a config file still may), and why."""
+
+    reason: str
+
+
+def _setting(default: Any, *, not_a_flag: str | None = None, **flag: Any) -> Any:
+    """A RunConfig field with its command-line metadata (``not_a_flag``: why it has none)."""
+    cli = NotAFlag(not_a_flag) if not_a_flag is not None else Flag(**flag)
+    return dataclasses.field(default=default, metadata={"cli": cli})
+
+
+def cli_metadata(field: str) -> Flag | NotAFlag:
+    """The command-line metadata of RunConfig ``field``."""
+    return _FIELDS[field].metadata["cli"]
 
 
 def flag_for(field: str) -> str:
-    """The ``securefed train`` option that sets RunConfig ``field`` (e.g. ``--batch-size``)."""
-    return _FLAG_OVERRIDES.get(field, "--" + field.replace("_", "-"))
+    """The ``securefed train`` option that sets RunConfig ``field`` (e.g. ``--batch-size``).
+
+    For a field no option sets: the configuration-file key.
+    """
+    meta = cli_metadata(field)
+    if isinstance(meta, NotAFlag):
+        return field
+    return meta.flag or "--" + field.replace("_", "-")
 
 
 def _n(field: str) -> str:
     """How an error names a field: the flag a CLI user typed, then the config-file key."""
-    return f"`{flag_for(field)}` ({field})"
+    flag = flag_for(field)
+    return f"`{field}`" if flag == field else f"`{flag}` ({field})"
 
 
 def _at_most(k: int) -> str:
@@ -228,59 +297,214 @@ class RunConfig:
 
     """
 
-    dataset: str = "synthetic"
-    data_dir: str | None = None
-    data: str | None = None
-    data_options: dict[str, Any] | None = None
-    num_classes: int | None = None
-    model: str = "cnn"
-    clients: int = 3
-    partition: str = "iid"
-    rounds: int = 10
-    local_epochs: int = 2
-    batch_size: int = 256
-    max_physical_batch_size: int | None = None
-    lr: float = 2.0
-    momentum: float = 0.5
-    client_fraction: float = 1.0
-    dp_epsilon: float | None = 8.0
-    dp_delta: float | None = None
-    max_grad_norm: float = 1.0
-    accountant: str = "pld"
-    disclose_site_sizes: bool = False
-    secure_agg: str = "none"
-    secagg_threshold: int | None = None
-    secagg_neighbors: int | None = None
-    secagg_ring_bits: int = 64
-    secagg_clip: float = 1e6
-    he_poly_modulus_degree: int = 8192
-    he_coeff_mod_bit_sizes: tuple[int, ...] = (60, 40, 40, 60)
-    he_scale_bits: int = 40
-    dropout_clients: float = 0.0
-    dropout_phase: str = "after"
-    seed: int = 0
-    device: str = "auto"
-    conv_acc_tol: float = 0.005
-    conv_loss_tol: float = 0.01
-    conv_patience: int = 3
-    task: str = "auto"
-    fusion: str = "early"
-    augment: bool = False
-    strategy: str = "fedavg"
-    prox_mu: float | None = None
-    server_opt: str = "none"
-    server_lr: float | None = None
-    server_momentum: float = 0.9
-    pretrained: str | None = None
-    freeze: str | None = None
-    public_fraction: float = 0.0
-    public_seed: int = 0
-    schedule: str = "parallel"
-    clusters: int = 2
-    personalize: int = 0
-    personalize_when: str = "end"
-    personalize_lr: float | None = None
-    reproducible_noise: bool = False
+    dataset: str = _setting(
+        "synthetic",
+        help="'synthetic' (offline default), a MedMNIST v2 name, read from DATA_DIR/NAME.npz, or "
+        "module:function returning a DatasetBundle (see securefed.register_dataset).",
+    )
+    data_dir: str | None = _setting(
+        None,
+        kind="dir",
+        shown="~/.medmnist",
+        help="Folder with MedMNIST .npz files. Nothing is downloaded.",
+    )
+    data: str | None = _setting(
+        None,
+        kind="path",
+        shown="none (use --dataset)",
+        help="An image-folder tree (train/<class>/*.png, optional val/, test/) or a .npz file.",
+    )
+    data_options: dict[str, Any] | None = _setting(
+        None,
+        flag="--data-option",
+        kind="key-value",
+        help="Loader option, repeatable: e.g. --data-option n_train=108 --data-option "
+        "image_size=32 (synthetic-seg), image_size=64 (NIfTI).",
+    )
+    num_classes: int | None = _setting(
+        None,
+        shown="largest training label + 1",
+        help="Number of classes K of an .npz that declares none (no `class_names` array); any "
+        "label outside [0, K) is refused.",
+    )
+    model: str = _setting(
+        "cnn",
+        help="Model from the registry: cnn, densenet121, resnet18 (classification); unet, "
+        "vit-unet (segmentation); or module:function building an nn.Module from a ModelSpec.",
+    )
+    clients: int = _setting(3, help="Number of sites.")
+    partition: str = _setting(
+        "iid",
+        help="How training data is split across sites: iid | dirichlet:ALPHA | by-label:K | "
+        "by-group (one hospital group per site, e.g. synthetic-seg).",
+    )
+    rounds: int = _setting(10, help="Federated rounds.")
+    local_epochs: int = _setting(2, help="Local epochs per round.")
+    batch_size: int = _setting(
+        256, help="Expected batch size (DP: Poisson sampling rate 1/ceil(n/B))."
+    )
+    max_physical_batch_size: int | None = _setting(
+        None,
+        min=1,
+        shown="whole batch",
+        help="Run at most N records through the model at once; a larger batch is split and its "
+        "gradients accumulated into the same single DP step (same privacy, less memory).",
+    )
+    lr: float = _setting(2.0, help="Local SGD learning rate.")
+    momentum: float = _setting(0.5, help="Local SGD momentum.")
+    client_fraction: float = _setting(
+        1.0, help="Fraction of sites sampled per round (not used as privacy amplification)."
+    )
+    dp_epsilon: float | None = _setting(
+        8.0,
+        kind="epsilon",
+        help="Target ε per site over the whole run; 'inf' for the non-private baseline.",
+    )
+    dp_delta: float | None = _setting(
+        None,
+        shown="1e-5",
+        help="Largest δ a site may use; each site lowers it to at most 1/(10 n) for its own "
+        "size n.",
+    )
+    max_grad_norm: float = _setting(1.0, help="Per-sample gradient clipping bound C.")
+    accountant: str = _setting(
+        "pld",
+        # The legacy names parse, so that RunConfig refuses them with the reason.
+        choices=ACCOUNTANTS + LEGACY_ACCOUNTANTS,
+        help="Accountant for calibration and reporting: dp_accounting PLD, replace-one adjacency "
+        "(Opacus' prv/rdp/gdp account add/remove neighbours and are refused).",
+    )
+    disclose_site_sizes: bool = _setting(
+        False,
+        off="--keep-site-sizes",
+        shown="keep",
+        help="Write each site's training-set size and class counts into the run's files, or keep "
+        "them at the sites.",
+    )
+    secure_agg: str = _setting(
+        "none",
+        choices=plugins.SECURE_AGG,
+        flag_value="mask",
+        help="Secure aggregation: none | mask (pairwise masking; the bare flag) | he (CKKS).",
+    )
+    secagg_threshold: int | None = _setting(
+        None, shown="2/3 majority", help="Masking: Shamir threshold t within a neighbourhood."
+    )
+    secagg_neighbors: int | None = _setting(
+        None, shown="all sites", help="Masking: SecAgg+ neighbours per site, ~O(log n)."
+    )
+    secagg_ring_bits: int = _setting(
+        64, choices=(32, 64), help="Masking: fixed-point ring Z_(2^k)."
+    )
+    secagg_clip: float = _setting(
+        1e6,
+        help="Masking: largest |n_i * update| per coordinate; beyond it values are clipped "
+        "and counted.",
+    )
+    he_poly_modulus_degree: int = _setting(8192, help="CKKS ring degree N (slots N/2).")
+    he_coeff_mod_bit_sizes: tuple[int, ...] = _setting(
+        (60, 40, 40, 60),
+        flag="--he-coeff-bits",
+        kind="int-list",
+        help="CKKS coefficient modulus bit sizes, comma-separated.",
+    )
+    he_scale_bits: int = _setting(40, help="CKKS scale 2^bits.")
+    dropout_clients: float = _setting(
+        0.0,
+        shown="0",  # a count, shown as one
+        help="Simulated dropouts per round: a count K, or a rate in (0, 1).",
+        deploy=False,
+    )
+    dropout_phase: str = _setting(
+        "after",
+        choices=("after", "before"),
+        help="Sites drop after uploading their masked input (recovered) or before.",
+        deploy=False,
+    )
+    seed: int = _setting(
+        0,
+        help="Seed for data, partition, init, augmentation and site sampling (DP noise: see "
+        "--reproducible-noise).",
+    )
+    device: str = _setting("auto", choices=DEVICES, help="Where to train.")
+    conv_acc_tol: float = _setting(
+        0.005, help="Convergence: accuracy change below this counts as stable."
+    )
+    conv_loss_tol: float = _setting(
+        0.01, help="Convergence: loss change below this counts as stable."
+    )
+    conv_patience: int = _setting(3, help="Convergence: consecutive stable rounds required.")
+    task: str = _setting(
+        "auto", choices=TASKS, help="classification or segmentation; auto follows the data set."
+    )
+    fusion: str = _setting(
+        "early",
+        choices=FUSIONS,
+        help="Multi-modal input: early (modalities as channels) or late (one encoder each).",
+    )
+    augment: bool = _setting(
+        False,
+        off="--no-augment",
+        help="TorchIO augmentation of training data (flip, affine, elastic, bias field, noise).",
+    )
+    strategy: str = _setting(
+        "fedavg",
+        choices=plugins.STRATEGIES,
+        help="fedavg | fedprox | ftl (transfer from --pretrained) | cfl (clustered, IFCA).",
+        # Until the deployment runs cfl (securefed.deploy.coordinator.check_deployable).
+        deploy_choices=("fedavg", "fedprox", "ftl"),
+        deploy_help="fedavg | fedprox | ftl (transfer from --pretrained).",
+    )
+    prox_mu: float | None = _setting(None, shown="0.01 for fedprox", help="FedProx weight mu.")
+    server_opt: str = _setting(
+        "none",
+        choices=plugins.SERVER_OPTIMIZERS,
+        help="Server optimizer on the aggregate: none (FedAvg) | avgm (FedAvgM) | adam (FedAdam).",
+    )
+    server_lr: float | None = _setting(None, shown="1; adam 0.01", help="Server step size.")
+    server_momentum: float = _setting(0.9, help="FedAvgM momentum / FedAdam beta1.")
+    pretrained: str | None = _setting(
+        None, kind="file", help="Start from these safetensors weights (see `securefed pretrain`)."
+    )
+    freeze: str | None = _setting(
+        None,
+        shown="none; backbone for ftl",
+        help="none | backbone | comma-separated module prefixes.",
+    )
+    public_fraction: float = _setting(
+        0.0,
+        help="Share of the training split declared public (pretraining); sites get the rest.",
+        deploy=False,
+    )
+    public_seed: int = _setting(
+        0, help="Seed of the public/private split; must match `securefed pretrain`.", deploy=False
+    )
+    schedule: str = _setting(
+        "parallel",
+        choices=SCHEDULES,
+        help="parallel, or cyclic (the model visits the sites in turn; no secure aggregation).",
+        deploy=False,
+    )
+    clusters: int = _setting(2, help="cfl: number of cluster models K.", deploy=False)
+    personalize: int = _setting(
+        0,
+        help="Digital twins: fine-tuning epochs per site on its own data (0 = off).",
+        deploy=False,
+    )
+    personalize_when: str = _setting(
+        "end",
+        choices=PERSONALIZE_WHEN,
+        help="Fine-tune the twins after the last round only, or after every round.",
+        deploy=False,
+    )
+    personalize_lr: float | None = _setting(
+        None, shown="--lr", help="Learning rate of twin fine-tuning.", deploy=False
+    )
+    reproducible_noise: bool = _setting(
+        False,
+        help="Derive DP noise and Poisson sampling from --seed (research only: anyone who knows "
+        "the seed can replay a site's training, so ε does not hold against them).",
+    )
 
     def __post_init__(self) -> None:
         # Types first, so the range checks below compare numbers, never "two" or None.
@@ -600,3 +824,6 @@ class RunConfig:
     def replace(self, **changes: Any) -> RunConfig:
         """A copy with ``changes`` applied (and validated)."""
         return dataclasses.replace(self, **changes)
+
+
+_FIELDS = {f.name: f for f in dataclasses.fields(RunConfig)}

@@ -1,0 +1,242 @@
+"""``securefed bench``: the benchmark suites."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from securefed.cli.options import option
+from securefed.config import DEVICES
+
+__all__ = ["bench"]
+
+
+@click.group()
+def bench() -> None:
+    """Benchmark suites; each writes results.json, results.csv and summary.md to --out."""
+
+
+def _bench_options(default_seeds: str):
+    """Options every suite takes: --out, --quick, --seeds, --device."""
+
+    def deco(fn):
+        fn = option("--device", type=click.Choice(DEVICES), default="auto", show_default=True)(fn)
+        fn = option(
+            "--seeds",
+            default=None,
+            show_default=default_seeds,
+            help="Comma-separated seeds; tables show mean ± std over them.",
+        )(fn)
+        fn = option("--quick", is_flag=True, help="A small grid: minutes on 2 CPU cores.")(fn)
+        return option(
+            "--out",
+            type=click.Path(file_okay=False),
+            default=None,
+            help="Output folder [default: bench-out/SUITE]; a finished cell there is not rerun.",
+        )(fn)
+
+    return deco
+
+
+def _seeds(text: str | None, default: tuple[int, ...]) -> tuple[int, ...]:
+    if text is None:
+        return default
+    try:
+        return tuple(int(s) for s in text.split(","))
+    except ValueError as exc:
+        raise click.BadParameter("comma-separated integers", param_hint="--seeds") from exc
+
+
+def _epsilons(text: str) -> tuple[float | None, ...]:
+    try:
+        return tuple(None if e.strip() == "inf" else float(e) for e in text.split(","))
+    except ValueError as exc:
+        raise click.BadParameter("comma-separated numbers or inf", param_hint="--epsilons") from exc
+
+
+def _done(path: Path) -> None:
+    click.echo(f"results: {path}\nsummary: {path.parent / 'summary.md'}")
+
+
+@bench.command("secure-agg")
+@_bench_options(default_seeds="0 (3 repeats)")
+def bench_secure_agg(out, quick, seeds, device) -> None:
+    """Cost of masking and CKKS vs plaintext, by model size, sites and dropout.
+
+    Timing cells keep the fastest of their repeats (machine noise, not seed variance):
+    --seeds S1,S2,... sets the inputs' seed (the first) and the number of repeats.
+    """
+    from securefed.bench.secure_agg import run_secure_agg_bench
+
+    grid = None
+    if seeds is not None:
+        chosen = _seeds(seeds, (0,))
+        grid = {"seed": chosen[0], "repeats": len(chosen)}
+    out = Path(out or "bench-out/secure-agg")
+    _done(run_secure_agg_bench(out_dir=out, quick=quick, progress=True, grid=grid))
+
+
+@bench.command("privacy-utility")
+@_bench_options(default_seeds="0,1,2 (quick: 0)")
+@option(
+    "--data-dir",
+    type=click.Path(file_okay=False),
+    default=None,
+    show_default="~/.medmnist",
+    help="MedMNIST folder.",
+)
+@option("--dataset", default="pneumoniamnist", show_default=True, help="Data set name.")
+@option(
+    "--epsilons",
+    default=None,
+    show_default="1,2,4,8,inf",
+    help="Comma-separated ε, inf = no DP.",
+)
+@option("--rounds", type=int, default=None, help="Rounds per run [default: 10; quick 3].")
+def bench_privacy_utility(out, quick, seeds, device, data_dir, dataset, epsilons, rounds):
+    """ε × {fedavg, ftl} × {none, mask, he}: accuracy, convergence, time, bytes, spent ε."""
+    import dataclasses
+
+    from securefed.bench.privacy_utility import (
+        QUICK_PU,
+        PrivacyUtilityGrid,
+        run_privacy_utility,
+    )
+
+    grid = QUICK_PU if quick else PrivacyUtilityGrid()
+    base = dict(grid.base, device=device)
+    if rounds is not None:
+        base["rounds"] = rounds
+    grid = dataclasses.replace(
+        grid,
+        dataset=dataset,
+        data_dir=data_dir,
+        base=base,
+        seeds=_seeds(seeds, grid.seeds),
+        epsilons=_epsilons(epsilons) if epsilons else grid.epsilons,
+    )
+    out = Path(out or "bench-out/privacy-utility")
+    _done(run_privacy_utility(out_dir=out, grid=grid, progress=True))
+
+
+@bench.command("scaling")
+@_bench_options(default_seeds="0,1,2 (quick: 0)")
+@option(
+    "--sites", default=None, show_default="2,5,10,20,50,100", help="Comma-separated site counts."
+)
+def bench_scaling(out, quick, seeds, device, sites):
+    """2 -> 100 sites at fixed total data: seconds per round and peak memory."""
+    import dataclasses
+
+    from securefed.bench.scaling import QUICK_SCALING, ScalingGrid, run_scaling
+
+    grid = QUICK_SCALING if quick else ScalingGrid()
+    try:
+        site_list = tuple(int(n) for n in sites.split(",")) if sites else grid.sites
+    except ValueError as exc:
+        raise click.BadParameter("comma-separated integers", param_hint="--sites") from exc
+    grid = dataclasses.replace(
+        grid,
+        sites=site_list,
+        seeds=_seeds(seeds, grid.seeds),
+        base=dict(grid.base, device=device),
+    )
+    _done(run_scaling(out_dir=Path(out or "bench-out/scaling"), grid=grid, progress=True))
+
+
+@bench.command("seeds")
+@_bench_options(default_seeds="0,1,2 (quick: 0)")
+@option(
+    "--data-dir",
+    type=click.Path(file_okay=False),
+    default=None,
+    show_default="~/.medmnist",
+    help="MedMNIST folder.",
+)
+@option("--dataset", default="pneumoniamnist", show_default=True, help="Data set name.")
+def bench_seeds(out, quick, seeds, device, data_dir, dataset):
+    """The paper-style experiments: FL vs CFL vs FTL, and global model vs digital twin."""
+    import dataclasses
+
+    from securefed.bench.seeds import run_seeds_suite
+    from securefed.bench.strategies import QUICK, ComparisonGrid
+    from securefed.bench.twins import QUICK_TWINS, TwinGrid
+
+    chosen = _seeds(seeds, (0,) if quick else (0, 1, 2))
+    comparison = QUICK if quick else ComparisonGrid()
+    comparison = dataclasses.replace(
+        comparison,
+        dataset=dataset,
+        data_dir=data_dir,
+        seeds=chosen,
+        base=dict(comparison.base, device=device),
+    )
+    twins = QUICK_TWINS if quick else TwinGrid()
+    twins = dataclasses.replace(twins, seeds=chosen, base=dict(twins.base, device=device))
+    out = Path(out or "bench-out/seeds")
+    _done(run_seeds_suite(out_dir=out, comparison=comparison, twins=twins, progress=True))
+
+
+@bench.command("strategies")
+@_bench_options(default_seeds="0")
+@option(
+    "--data-dir",
+    type=click.Path(file_okay=False),
+    default=None,
+    show_default="~/.medmnist",
+    help="MedMNIST folder.",
+)
+@option("--dataset", default="pneumoniamnist", show_default=True, help="Data set name.")
+@option(
+    "--arms",
+    default="fl,cfl,ftl",
+    show_default=True,
+    help="Comma-separated: fl, fedprox, cfl, ftl (frozen backbone), ftl-all (fine-tune all).",
+)
+@option("--epsilons", default="8,inf", show_default=True, help="Comma-separated ε; inf = no DP.")
+@option("--rounds", type=int, default=None, help="Rounds per run [default: 10; quick 4].")
+@option("--model", default=None, help="Model for every arm [default: cnn].")
+def bench_strategies(out, quick, seeds, device, data_dir, dataset, arms, epsilons, rounds, model):
+    """FL vs CFL vs FTL on the same non-IID sites (accuracy, P/R/F1, convergence)."""
+    import dataclasses
+
+    from securefed.bench.strategies import QUICK, ComparisonGrid, run_strategy_comparison
+
+    grid = QUICK if quick else ComparisonGrid()
+    base = dict(grid.base, device=device)
+    if rounds is not None:
+        base["rounds"] = rounds
+    if model is not None:
+        base["model"] = model
+    grid = dataclasses.replace(
+        grid,
+        dataset=dataset,
+        data_dir=data_dir,
+        arms=tuple(a.strip() for a in arms.split(",")),
+        epsilons=_epsilons(epsilons),
+        seeds=_seeds(seeds, (0,)),
+        base=base,
+    )
+    out = Path(out or "bench-out/strategies")
+    _done(run_strategy_comparison(out_dir=out, grid=grid, progress=True))
+
+
+@bench.command("twins")
+@_bench_options(default_seeds="0")
+@option("--epsilons", default="inf,8", show_default=True, help="Comma-separated ε; inf = no DP.")
+@option("--model", default=None, help="Segmentation model [default: unet].")
+def bench_twins(out, quick, seeds, device, epsilons, model):
+    """Digital twins: global vs twin Dice per hospital (3D segmentation, 9 sites)."""
+    import dataclasses
+
+    from securefed.bench.twins import QUICK_TWINS, TwinGrid, run_twin_bench
+
+    grid = QUICK_TWINS if quick else TwinGrid()
+    base = dict(grid.base, device=device)
+    if model is not None:
+        base["model"] = model
+    grid = dataclasses.replace(
+        grid, epsilons=_epsilons(epsilons), seeds=_seeds(seeds, (0,)), base=base
+    )
+    _done(run_twin_bench(out_dir=Path(out or "bench-out/twins"), grid=grid, progress=True))

@@ -1,0 +1,322 @@
+"""``securefed deploy`` (a server, one site process per hospital) and ``securefed certs``.
+
+``deploy run`` takes ``train``'s generated RunConfig options, shaped by each field's
+``Flag.deploy``: what the Flower runtime refuses still parses (so the refusal is one line
+naming the option) but is not offered in its ``--help``.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+
+from securefed.cli.options import config_from_flags, field_option, option, run_config_options
+from securefed.cli.train import CONFIG_OPTION, NO_DP_OPTION, run_line
+
+__all__ = ["certs", "deploy", "deploy_run"]
+
+
+@click.command()
+@option("--out", type=click.Path(file_okay=False), required=True, help="Folder to write.")
+@option(
+    "--hosts",
+    default="127.0.0.1,localhost",
+    show_default=True,
+    help="Comma-separated names/IPs the sites dial the server by (certificate SANs).",
+)
+@option("--sites", type=int, default=3, show_default=True, help="Site key pairs to make.")
+@option("--days", type=int, default=30, show_default=True, help="Validity in days.")
+@option("--overwrite", is_flag=True, help="Replace existing files.")
+def certs(out, hosts, sites, days, overwrite) -> None:
+    """Create a TEST certificate authority, server certificate and site keys (for trials).
+
+    A hospital deployment uses certificates from its own PKI, with the same file names:
+    ca.crt, server.pem, server.key, and site{i}.key / site{i}.pub for SuperNode
+    authentication.
+    """
+    from securefed.deploy.certs import create_test_pki
+
+    made = create_test_pki(
+        folder=Path(out),
+        hosts=tuple(h.strip() for h in hosts.split(",") if h.strip()),
+        sites=sites,
+        days=days,
+        overwrite=overwrite,
+    )
+    click.echo(f"test PKI in {made.folder}: ca.crt, server.pem/.key, {sites} site key pairs")
+
+
+@click.group()
+def deploy() -> None:
+    """Run securefed across machines on Flower: a server, one site process per hospital."""
+
+
+def _tls_options(f):
+    f = option("--insecure", is_flag=True, help="No TLS (closed test networks only).")(f)
+    return option(
+        "--certs",
+        type=click.Path(file_okay=False, exists=True),
+        default=None,
+        show_default="none",
+        help="Folder with ca.crt (and, for the server, server.pem/server.key).",
+    )(f)
+
+
+def _exec(cmd: list[str]) -> None:
+    """Run a Flower process in the foreground with securefed's environment."""
+    import subprocess
+
+    from securefed.deploy.launch import flower_env
+
+    click.echo("$ " + " ".join(cmd), err=True)
+    try:
+        code = subprocess.call(cmd, env=flower_env())
+    except KeyboardInterrupt:
+        code = 130
+    sys.exit(code)
+
+
+@deploy.command("server")
+@_tls_options
+@option("--host", default="127.0.0.1", show_default=True, help="Listen address.")
+@option("--port", type=int, default=8000, show_default=True, help="The one HTTP port.")
+@option("--node-auth", is_flag=True, help="Accept only registered site keys.")
+@option(
+    "--database",
+    type=click.Path(dir_okay=False),
+    default=None,
+    show_default="in memory",
+    help="SQLite file for the server's state (node registrations survive a restart).",
+)
+def deploy_server(certs, insecure, host, port, node_auth, database) -> None:
+    """Start the Flower SuperLink (the server) with TLS."""
+    from securefed.deploy.launch import superlink_command
+
+    _exec(
+        superlink_command(
+            certs=Path(certs) if certs else None,
+            insecure=insecure,
+            host=host,
+            port=port,
+            node_auth=node_auth,
+            database=Path(database) if database else None,
+        )
+    )
+
+
+@deploy.command("register")
+@_tls_options
+@option("--superlink", default="127.0.0.1:8000", show_default=True, help="host:port.")
+@click.argument("public_key", type=click.Path(dir_okay=False, exists=True))
+def deploy_register(certs, insecure, superlink, public_key) -> None:
+    """Register a site's public key (site{i}.pub) with a server started with --node-auth."""
+    import subprocess
+    import tempfile
+
+    from securefed.deploy.launch import flower_env, flower_home, register_command
+
+    with tempfile.TemporaryDirectory() as tmp:
+        home = Path(tmp)
+        flower_home(
+            home, superlink=superlink, certs=Path(certs) if certs else None, insecure=insecure
+        )
+        code = subprocess.call(
+            register_command(public_key=Path(public_key)), env=flower_env(home=home)
+        )
+    sys.exit(code)
+
+
+@deploy.command("site")
+@_tls_options
+@option("--superlink", default="127.0.0.1:8000", show_default=True, help="host:port.")
+@option("--site-id", type=int, required=True, help="This hospital's id, 0..N-1.")
+@option("--dataset", default=None, help="Data set name [default: the run's].")
+@option("--data-dir", default=None, show_default="none", help="Folder of the data set.")
+@option("--data", default=None, show_default="none", help="This hospital's data folder or file.")
+@option(
+    "--shard",
+    is_flag=True,
+    help="Trials: take shard SITE_ID of a data set all sites share, as in-process.",
+)
+@option("--device", default=None, help="cpu, cuda or auto [default: the run's].")
+@option("--runtime-port", type=int, default=None, show_default="9094 + site id", help="Local port.")
+@option(
+    "--auth-key",
+    type=click.Path(dir_okay=False, exists=True),
+    default=None,
+    show_default="none",
+    help="This site's private key (site{i}.key) for a server with --node-auth.",
+)
+@option(
+    "--he-key",
+    type=click.Path(dir_okay=False, exists=True),
+    default=None,
+    show_default="none",
+    help="The sites' CKKS secret context (ckks-<id>.secret) for --secure-agg he.",
+)
+@option(
+    "--max-epsilon",
+    type=float,
+    default=None,
+    show_default="no limit",
+    help="This hospital's policy: refuse runs targeting a larger epsilon, or no DP.",
+)
+@option(
+    "--max-delta",
+    type=float,
+    default=None,
+    show_default="no limit",
+    help="This hospital's policy: refuse runs whose delta bound (--dp-delta) is larger.",
+)
+@option(
+    "--disclose-size",
+    is_flag=True,
+    help="Allow this site's training-set size into the run's files (off: it stays here).",
+)
+@option(
+    "--signing-key",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="This site's Ed25519 key for its signed privacy claims; created (0600) if missing "
+    "[default: site<SITE_ID>.signing.key in the current folder].",
+)
+@option(
+    "--allow-reproducible-noise",
+    is_flag=True,
+    help="Accept --reproducible-noise runs (research only: their ε does not hold against "
+    "anyone who knows the seed).",
+)
+def deploy_site(
+    certs,
+    insecure,
+    superlink,
+    site_id,
+    dataset,
+    data_dir,
+    data,
+    shard,
+    device,
+    runtime_port,
+    auth_key,
+    he_key,
+    max_epsilon,
+    max_delta,
+    disclose_size,
+    signing_key,
+    allow_reproducible_noise,
+) -> None:
+    """Start one hospital's Flower SuperNode, pointing at its own data.
+
+    The site signs its privacy claim every round with its own key; the public key is printed
+    here: publish it where the server's operator cannot change it, for
+    `securefed audit --site-keys`.
+    """
+    from securefed.deploy.launch import ensure_signing_key, supernode_command
+
+    key = Path(signing_key or f"site{site_id}.signing.key")
+    cmd = supernode_command(
+        superlink=superlink,
+        site_id=site_id,
+        certs=Path(certs) if certs else None,
+        insecure=insecure,
+        dataset=dataset,
+        data_dir=data_dir,
+        data=data,
+        shard=shard,
+        device=device,
+        runtime_port=runtime_port,
+        auth_key=Path(auth_key) if auth_key else None,
+        he_key=Path(he_key) if he_key else None,
+        max_epsilon=max_epsilon,
+        max_delta=max_delta,
+        disclose_size=disclose_size,
+        signing_key=key,
+        allow_reproducible_noise=allow_reproducible_noise,
+    )
+    # After the command's own checks (TLS choice), so a refused start writes no key.
+    click.echo(f"site {site_id} signing key {key}: {ensure_signing_key(key)}", err=True)
+    _exec(cmd)
+
+
+@deploy.command("he-keys")
+@option("--out", type=click.Path(file_okay=True), required=True, help="Existing folder.")
+@field_option("he_poly_modulus_degree")
+@field_option("he_coeff_mod_bit_sizes")
+@field_option("he_scale_bits")
+def deploy_he_keys(out, **flags) -> None:
+    """Create the sites' shared CKKS key set (run it at one site; copy to the others).
+
+    Writes ckks-<id>.secret (0600, for the sites only) and ckks-<id>.public. Use the same
+    --he-* options as the run. The server never needs a file: sites send it the public context.
+    """
+    from securefed.crypto.ckks import CKKSParams, generate_keys, write_key_files
+
+    # Through RunConfig, so the values are checked as a run's would be.
+    config = config_from_flags(None, False, (), flags).replace(secure_agg="he")
+    params = CKKSParams(
+        poly_modulus_degree=config.he_poly_modulus_degree,
+        coeff_mod_bit_sizes=config.he_coeff_mod_bit_sizes,
+        global_scale_bits=config.he_scale_bits,
+    )
+    keys = generate_keys(params=params)
+    Path(out).mkdir(parents=True, exist_ok=True)
+    secret, public = write_key_files(keys, directory=out)
+    click.echo(f"CKKS key set: {secret} (sites only) and {public}")
+
+
+@deploy.command("run")
+@_tls_options
+@option("--superlink", default="127.0.0.1:8000", show_default=True, help="host:port.")
+@option("--out", type=click.Path(file_okay=False), required=True, help="Run folder.")
+@option("--resume", is_flag=True, help="Continue from OUT/checkpoint after a restart.")
+@option("--fit-timeout", type=float, default=3600.0, show_default=True, help="Seconds.")
+@option("--stage-timeout", type=float, default=300.0, show_default=True, help="Seconds.")
+@option("--connect-timeout", type=float, default=300.0, show_default=True, help="Seconds.")
+@option(
+    "--stop-after",
+    type=int,
+    default=0,
+    show_default="0: run every round",
+    help="Stop after N rounds (drills).",
+)
+# `train`'s options (its --out, --quiet and --resume aside: this command has its own).
+@CONFIG_OPTION
+@run_config_options(deploy=True, after={"dp_epsilon": [NO_DP_OPTION]})
+def deploy_run(
+    certs,
+    insecure,
+    superlink,
+    out,
+    resume,
+    fit_timeout,
+    stage_timeout,
+    connect_timeout,
+    stop_after,
+    config_file,
+    no_dp,
+    data_option,
+    **flags,
+) -> None:
+    """Submit a run to a deployment and wait.
+
+    Takes `securefed train`'s options, except what only the in-process runtime runs for now:
+    cfl, twins (--personalize), --schedule cyclic, --public-fraction, --dropout-clients.
+    """
+    from securefed.deploy.launch import RunOptions, submit
+
+    config = config_from_flags(config_file, no_dp, data_option, flags)
+    options = RunOptions(
+        superlink=superlink,
+        certs=Path(certs) if certs else None,
+        insecure=insecure,
+        out=Path(out),
+        resume=resume,
+        fit_timeout=fit_timeout,
+        stage_timeout=stage_timeout,
+        connect_timeout=connect_timeout,
+        stop_after=stop_after,
+    )
+    run_dir = submit(config, options=options)
+    click.echo(run_line(run_dir) if (run_dir / "privacy.json").exists() else f"stopped: {run_dir}")
