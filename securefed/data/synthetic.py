@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from securefed.data.dataset import ArraySplit, DatasetBundle
+from securefed.data.bundle import ArraySplit, DatasetBundle
 from securefed.errors import ConfigError
 
 __all__ = ["SHAPES_2D", "SHAPES_3D", "make_synthetic"]
