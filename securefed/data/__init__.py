@@ -6,15 +6,8 @@ import torch and TorchIO).
 
 from typing import Any
 
-from securefed.data.dataset import (
-    LABEL_CONVENTIONS,
-    SPLITS,
-    TASKS,
-    ArraySplit,
-    DatasetBundle,
-    available_datasets,
-    load_dataset,
-)
+from securefed.data.bundle import LABEL_CONVENTIONS, SPLITS, TASKS, ArraySplit, DatasetBundle
+from securefed.data.dataset import available_datasets, load_dataset
 from securefed.data.imagefolder import load_image_folder
 from securefed.data.medmnist import MEDMNIST_CLASS_NAMES, load_medmnist, load_medmnist_npz
 from securefed.data.nifti import load_nifti_segmentation

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from securefed.data.dataset import SPLITS, ArraySplit, DatasetBundle
+from securefed.data.bundle import SPLITS, ArraySplit, DatasetBundle
 from securefed.data.partition import stratified_holdout
 from securefed.errors import ConfigError, DataError
 

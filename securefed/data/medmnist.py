@@ -11,7 +11,7 @@ from types import MappingProxyType
 
 import numpy as np
 
-from securefed.data.dataset import SPLITS, ArraySplit, DatasetBundle, resolve_classes
+from securefed.data.bundle import SPLITS, ArraySplit, DatasetBundle, resolve_classes
 from securefed.errors import DataError
 
 __all__ = [
@@ -158,7 +158,7 @@ def load_medmnist_npz(
     last axis is 1 or 3 is read as channels-last 2D unless ``name`` ends in ``3d``. Labels are
     (N,) or (N, 1) non-negative integers.
 
-    The classes (:func:`~securefed.data.dataset.resolve_classes`): an optional 1-D string array
+    The classes (:func:`~securefed.data.bundle.resolve_classes`): an optional 1-D string array
     ``class_names`` in the archive declares them; else a known MedMNIST set (see
     :data:`MEDMNIST_CLASS_NAMES`) has its published ones; else ``num_classes`` fixes K (classes
     ``"0"`` ... ``"K-1"``); else K is the largest training label + 1, and every class below it

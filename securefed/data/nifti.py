@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from securefed.data.dataset import ArraySplit, DatasetBundle
+from securefed.data.bundle import ArraySplit, DatasetBundle
 from securefed.data.partition import stratified_holdout
 from securefed.errors import ConfigError, DataError
 

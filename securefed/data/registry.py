@@ -2,7 +2,7 @@
 
 A loader is a function called as ``loader(seed=SEED, **data_options)`` (``SEED`` is the run's
 ``--seed``, ``data_options`` its ``--data-option KEY=VALUE`` pairs) that returns a
-:class:`~securefed.data.dataset.DatasetBundle`. The bundle validates the arrays (float32
+:class:`~securefed.data.bundle.DatasetBundle`. The bundle validates the arrays (float32
 images in [0, 1], int64 labels in ``[0, num_classes)``, matching shapes) and fingerprints them
 for the privacy report, exactly as for the built-in loaders; nothing else is accepted, so no
 unchecked data reaches training.
@@ -14,6 +14,8 @@ import inspect
 from collections.abc import Callable
 from typing import Any
 
+from securefed.data.bundle import DatasetBundle
+from securefed.data.medmnist import MEDMNIST_CLASS_NAMES
 from securefed.errors import ConfigError, DataError
 
 __all__ = ["register_dataset", "registered_datasets", "resolve_dataset", "load_registered"]
@@ -42,8 +44,6 @@ def register_dataset(name: str) -> Callable[[Callable[..., Any]], Callable[..., 
         ConfigError: ``name`` is empty or a built-in data set's name.
 
     """
-    from securefed.data.medmnist import MEDMNIST_CLASS_NAMES
-
     if not isinstance(name, str) or not name:
         raise ConfigError(f"register_dataset: the name must be a non-empty string (got {name!r})")
     if name in _BUILTIN or name in MEDMNIST_CLASS_NAMES:
@@ -83,7 +83,7 @@ def resolve_dataset(name: str) -> bool:
     return True
 
 
-def load_registered(name: str, *, seed: int, **options: Any):  # noqa: ANN201 - DatasetBundle
+def load_registered(name: str, *, seed: int, **options: Any) -> DatasetBundle:
     """Call the loader of ``name`` as ``loader(seed=seed, **options)`` and check its result.
 
     Raises:
@@ -92,8 +92,6 @@ def load_registered(name: str, *, seed: int, **options: Any):  # noqa: ANN201 - 
         DataError: The loader returned something other than a DatasetBundle.
 
     """
-    from securefed.data.dataset import DatasetBundle
-
     if not resolve_dataset(name):
         raise ConfigError(f"--dataset {name!r}: not a registered data set")
     fn = _LOADERS[name]

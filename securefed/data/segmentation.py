@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from securefed.data.dataset import ArraySplit, DatasetBundle
+from securefed.data.bundle import ArraySplit, DatasetBundle
 from securefed.errors import ConfigError
 
 __all__ = [

@@ -4,15 +4,18 @@ from __future__ import annotations
 
 import numpy as np
 
-from securefed.data.dataset import ArraySplit, DatasetBundle
+from securefed.data.bundle import ArraySplit, DatasetBundle
 from securefed.errors import ConfigError
 
-__all__ = ["SHAPES_2D", "SHAPES_3D", "make_synthetic"]
+__all__ = ["DEFAULT_SIZES", "SHAPES_2D", "SHAPES_3D", "make_synthetic"]
 
 SHAPES_2D: tuple[str, ...] = ("disc", "ring", "box", "cross")
 SHAPES_3D: tuple[str, ...] = ("sphere", "cube", "shell", "jack")
 
-_DEFAULT_SIZES = {2: (2400, 400, 800), 3: (600, 100, 200)}
+#: Default (n_train, n_val, n_test) per spatial_dims; validate.py reads the training size.
+DEFAULT_SIZES: dict[int, tuple[int, int, int]] = {2: (2400, 400, 800), 3: (600, 100, 200)}
+# validate.py still imports the old private name; remove once it reads DEFAULT_SIZES.
+_DEFAULT_SIZES = DEFAULT_SIZES
 _DEFAULT_IMAGE_SIZE = {2: 28, 3: 16}
 # Smallest sides at which the largest shape still fits with a one-pixel margin.
 _MIN_IMAGE_SIZE = {2: 12, 3: 16}
@@ -70,7 +73,7 @@ def make_synthetic(
         raise ConfigError(
             f"`image_size` must be an int of at least {smallest} in {spatial_dims}D (got {size!r})."
         )
-    defaults = _DEFAULT_SIZES[spatial_dims]
+    defaults = DEFAULT_SIZES[spatial_dims]
     sizes = {}
     for field_name, value, default in zip(
         ("n_train", "n_val", "n_test"), (n_train, n_val, n_test), defaults, strict=True

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from securefed.data.dataset import ArraySplit
+from securefed.data.bundle import ArraySplit
 from securefed.errors import ConfigError, OptionalDependencyError
 
 if TYPE_CHECKING:

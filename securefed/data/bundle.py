@@ -1,0 +1,442 @@
+"""The in-memory data model every loader builds: validated splits and a fingerprinted bundle.
+
+Loaders (:mod:`~securefed.data.medmnist`, :mod:`~securefed.data.nifti`, ...) import these types
+from here; the dispatcher :mod:`securefed.data.dataset` imports the loaders. Keeping the types
+apart from the dispatcher is what lets the arrows point one way.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from securefed.errors import DataError
+
+if TYPE_CHECKING:
+    from torch.utils.data import TensorDataset
+
+__all__ = [
+    "LABEL_CONVENTIONS",
+    "SPLITS",
+    "TASKS",
+    "ArraySplit",
+    "DatasetBundle",
+    "resolve_classes",
+]
+
+SPLITS: tuple[str, ...] = ("train", "val", "test")
+
+#: Learning tasks a bundle can hold.
+TASKS: tuple[str, ...] = ("classification", "segmentation")
+
+#: Accepted ``DatasetBundle.label_convention`` values (None: no convention).
+LABEL_CONVENTIONS: tuple[str | None, ...] = (None, "brats")
+
+# Version tag of the fingerprint byte layout; bump it if the layout ever changes so old and
+# new fingerprints can never be confused.
+_FINGERPRINT_TAG = b"securefed.dataset.fingerprint.v1\n"
+
+
+@dataclass(frozen=True, eq=False)
+class ArraySplit:
+    """One split of a classification or segmentation data set, held in memory.
+
+    Attributes:
+        images: float32 array of shape (N, C, H, W) or (N, C, D, H, W), values in [0, 1].
+            Normalisation is the model's job, so the data stay interpretable as pixels.
+        labels: int64, non-negative. Classification: shape (N,), one class index per sample.
+            Segmentation: shape (N, *spatial), one label map per sample with the images'
+            spatial shape ((N, H, W) or (N, D, H, W)).
+        groups: Optional int64 array of shape (N,), non-negative: the acquisition site
+            (hospital, scanner) each sample came from. ``by-group`` partitioning uses it.
+
+    The arrays are stored as read-only views, so code handed a split cannot alter it and a
+    bundle's fingerprint keeps describing the data a run used (the loaders build fresh arrays,
+    so no writable alias survives them). Splits compare by identity.
+
+    """
+
+    images: np.ndarray
+    labels: np.ndarray
+    groups: np.ndarray | None = None
+
+    def __post_init__(self) -> None:
+        images, labels, groups = self.images, self.labels, self.groups
+        if not isinstance(images, np.ndarray) or images.dtype != np.float32:
+            raise DataError(
+                "`images` must be a float32 numpy array "
+                f"(got {type(images).__name__} of dtype {getattr(images, 'dtype', None)})."
+            )
+        if images.ndim not in (4, 5):
+            raise DataError(
+                "`images` must have shape (N, C, H, W) or (N, C, D, H, W) "
+                f"(got shape {images.shape})."
+            )
+        if not isinstance(labels, np.ndarray) or labels.dtype != np.int64 or labels.ndim < 1:
+            raise DataError(
+                "`labels` must be an int64 numpy array of shape (N,) or (N, *spatial) "
+                f"(got dtype {getattr(labels, 'dtype', None)}, "
+                f"shape {getattr(labels, 'shape', None)})."
+            )
+        if images.shape[0] != labels.shape[0]:
+            raise DataError(
+                f"`images` and `labels` must have the same length "
+                f"(got {images.shape[0]} images and {labels.shape[0]} labels)."
+            )
+        if labels.ndim > 1 and labels.shape[1:] != images.shape[2:]:
+            raise DataError(
+                f"`labels` label maps must have the images' spatial shape {images.shape[2:]} "
+                f"(got labels of shape {labels.shape} for images of shape {images.shape})."
+            )
+        if labels.shape[0] == 0:
+            raise DataError("A split must hold at least one sample (got 0).")
+        if min(images.shape[1:]) < 1:
+            raise DataError(f"`images` has an empty axis (shape {images.shape}).")
+        lo, hi = float(images.min()), float(images.max())
+        if not (np.isfinite(lo) and np.isfinite(hi)) or lo < 0.0 or hi > 1.0:
+            raise DataError(f"`images` values must be finite and in [0, 1] (got [{lo}, {hi}]).")
+        if int(labels.min()) < 0:
+            raise DataError(f"`labels` must be non-negative (got {int(labels.min())}).")
+        if groups is not None:
+            if not isinstance(groups, np.ndarray) or groups.dtype != np.int64 or groups.ndim != 1:
+                raise DataError(
+                    "`groups` must be None or a 1-D int64 numpy array "
+                    f"(got dtype {getattr(groups, 'dtype', None)}, "
+                    f"shape {getattr(groups, 'shape', None)})."
+                )
+            if groups.shape[0] != labels.shape[0]:
+                raise DataError(
+                    f"`groups` must hold one entry per sample "
+                    f"(got {groups.shape[0]} groups for {labels.shape[0]} samples)."
+                )
+            if int(groups.min()) < 0:
+                raise DataError(f"`groups` must be non-negative (got {int(groups.min())}).")
+            object.__setattr__(self, "groups", _read_only(groups))
+        object.__setattr__(self, "images", _read_only(images))
+        object.__setattr__(self, "labels", _read_only(labels))
+
+    def __len__(self) -> int:
+        """Return the number of samples."""
+        return int(self.labels.shape[0])
+
+    @property
+    def task(self) -> str:
+        """``"segmentation"`` when the labels are label maps, else ``"classification"``."""
+        return "segmentation" if self.labels.ndim > 1 else "classification"
+
+    def class_counts(self, *, num_classes: int) -> np.ndarray:
+        """Count samples per class, as an int64 array of length ``num_classes``.
+
+        Classification: the number of samples of each class. Segmentation: the number of
+        samples whose label map contains the class at least once (so the counts can sum to
+        more than N, and class 0 usually counts every sample).
+        """
+        if self.labels.ndim == 1:
+            return np.bincount(self.labels, minlength=num_classes).astype(np.int64)
+        flat = self.labels.reshape(len(self), -1)
+        width = max(num_classes, int(flat.max()) + 1)
+        present = np.zeros(width, dtype=np.int64)
+        for row in flat:
+            present += np.bincount(row, minlength=width) > 0
+        return present
+
+    def group_counts(self) -> dict[int, int]:
+        """Samples per group, ``{group: count}`` in group order; empty without groups."""
+        if self.groups is None:
+            return {}
+        ids, counts = np.unique(self.groups, return_counts=True)
+        return {int(g): int(c) for g, c in zip(ids, counts, strict=True)}
+
+    def subset(self, *, indices: np.ndarray) -> ArraySplit:
+        """Return a new split holding the samples at ``indices`` (e.g. one site's partition)."""
+        idx = np.asarray(indices, dtype=np.int64)
+        groups = None if self.groups is None else self.groups[idx]
+        return ArraySplit(images=self.images[idx], labels=self.labels[idx], groups=groups)
+
+    def to_torch(self) -> TensorDataset:
+        """Wrap as a torch ``TensorDataset`` of ``(image float32, label int64)`` tensors.
+
+        Labels have shape () for classification and the spatial shape for segmentation.
+        The tensors are copies: torch cannot wrap the read-only arrays without a warning,
+        and training code must not be able to alter the fingerprinted data.
+        """
+        import torch
+        from torch.utils.data import TensorDataset
+
+        return TensorDataset(torch.tensor(self.images), torch.tensor(self.labels))
+
+
+def _read_only(array: np.ndarray) -> np.ndarray:
+    view = np.ascontiguousarray(array).view()
+    view.flags.writeable = False
+    return view
+
+
+@dataclass(frozen=True, eq=False)
+class DatasetBundle:
+    """A classification or segmentation data set with train/val/test splits and provenance.
+
+    Attributes:
+        name: Data set name (e.g. ``"pneumoniamnist"``, ``"synthetic"``).
+        train: Training split (partitioned across sites).
+        val: Validation split (held out; used for per-site and global validation).
+        test: Test split (held out; used only for the final evaluation).
+        num_classes: Number of classes K; every label (or label-map voxel) is in [0, K).
+            For segmentation class 0 is the background.
+        class_names: K human-readable class names.
+        source: Where the data came from: a resolved file or folder path, or
+            ``"synthetic(seed=...)"``.
+        task: ``"classification"`` (labels (N,)) or ``"segmentation"`` (label maps
+            (N, *spatial)); every split must match it.
+        label_convention: None, or ``"brats"``: K = 4 with 0 background, 1 necrotic /
+            non-enhancing tumour core, 2 peritumoural oedema, 3 enhancing tumour (BraTS label
+            4, remapped to 3). It tells the metrics how to form the BraTS regions.
+        group_names: Optional names of the acquisition groups (hospitals), indexed by group
+            id. Requires groups; every group id must be below its length.
+        in_channels: C, derived from the images.
+        spatial_dims: 2 for (C, H, W) images, 3 for (C, D, H, W) volumes.
+        image_shape: Spatial shape, (H, W) or (D, H, W).
+        fingerprint: SHA-256 hex digest of every split's arrays (layout in
+            :meth:`compute_fingerprint`), so a privacy report can pin the exact data. Bundles
+            compare by identity; compare fingerprints to compare data.
+
+    Either every split carries ``groups`` or none does.
+
+    """
+
+    name: str
+    train: ArraySplit
+    val: ArraySplit
+    test: ArraySplit
+    num_classes: int
+    class_names: tuple[str, ...]
+    source: str
+    task: str = "classification"
+    label_convention: str | None = None
+    group_names: tuple[str, ...] | None = None
+    in_channels: int = field(init=False)
+    spatial_dims: int = field(init=False)
+    image_shape: tuple[int, ...] = field(init=False)
+    fingerprint: str = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.name, str) or not self.name:
+            raise DataError(f"`name` must be a non-empty string (got {self.name!r}).")
+        if self.task not in TASKS:
+            raise DataError(f"`task` must be one of {', '.join(TASKS)} (got {self.task!r}).")
+        for split in SPLITS:
+            if not isinstance(getattr(self, split), ArraySplit):
+                raise DataError(f"`{split}` must be an ArraySplit.")
+        sample_shape = self.train.images.shape[1:]
+        for split in SPLITS[1:]:
+            other = getattr(self, split).images.shape[1:]
+            if other != sample_shape:
+                raise DataError(
+                    f"{self.name}: `{split}` images have per-sample shape {other} but `train` "
+                    f"images have {sample_shape}."
+                )
+        for split in SPLITS:
+            if getattr(self, split).task != self.task:
+                raise DataError(
+                    f"{self.name}: task '{self.task}' needs labels of shape "
+                    f"{'(N,)' if self.task == 'classification' else '(N, *spatial)'} but "
+                    f"`{split}` labels have shape {getattr(self, split).labels.shape}."
+                )
+        with_groups = [s for s in SPLITS if getattr(self, s).groups is not None]
+        if with_groups and len(with_groups) != len(SPLITS):
+            raise DataError(
+                f"{self.name}: either every split has `groups` or none does "
+                f"(only {', '.join(with_groups)} do)."
+            )
+        if isinstance(self.num_classes, bool) or not isinstance(self.num_classes, int):
+            raise DataError(f"`num_classes` must be an int (got {self.num_classes!r}).")
+        if self.num_classes < 2:
+            raise DataError(
+                f"{self.name}: {self.task} needs at least 2 classes (got {self.num_classes})."
+            )
+        for split in SPLITS:
+            top = int(getattr(self, split).labels.max())
+            if top >= self.num_classes:
+                raise DataError(
+                    f"{self.name}: `{split}` labels must be in [0, {self.num_classes}) "
+                    f"(found label {top})."
+                )
+        names = tuple(self.class_names)
+        if len(names) != self.num_classes or not all(isinstance(n, str) for n in names):
+            raise DataError(
+                f"{self.name}: `class_names` must be {self.num_classes} strings (got {names!r})."
+            )
+        if self.label_convention not in LABEL_CONVENTIONS:
+            raise DataError(
+                f"`label_convention` must be None or one of {', '.join(LABEL_CONVENTIONS[1:])} "
+                f"(got {self.label_convention!r})."
+            )
+        if self.label_convention == "brats" and (
+            self.task != "segmentation" or self.num_classes != 4
+        ):
+            raise DataError(
+                f"{self.name}: label convention 'brats' needs a segmentation task with 4 classes "
+                f"(got task '{self.task}', {self.num_classes} classes)."
+            )
+        if self.group_names is not None:
+            group_names = tuple(self.group_names)
+            if not with_groups:
+                raise DataError(f"{self.name}: `group_names` given but the splits have no groups.")
+            top_group = max(int(getattr(self, s).groups.max()) for s in SPLITS)
+            if top_group >= len(group_names) or not all(isinstance(g, str) for g in group_names):
+                raise DataError(
+                    f"{self.name}: `group_names` must be strings naming every group id up to "
+                    f"{top_group} (got {len(group_names)} names)."
+                )
+            object.__setattr__(self, "group_names", group_names)
+        object.__setattr__(self, "class_names", names)
+        object.__setattr__(self, "in_channels", int(sample_shape[0]))
+        object.__setattr__(self, "spatial_dims", len(sample_shape) - 1)
+        object.__setattr__(self, "image_shape", tuple(int(s) for s in sample_shape[1:]))
+        object.__setattr__(self, "fingerprint", self.compute_fingerprint())
+
+    @property
+    def has_groups(self) -> bool:
+        """Whether the splits record each sample's acquisition group (hospital)."""
+        return self.train.groups is not None
+
+    def compute_fingerprint(self) -> str:
+        r"""Hash the arrays of all splits (SHA-256), in a fixed, documented byte layout.
+
+        The digest input is the tag ``b"securefed.dataset.fingerprint.v1\n"``, then, only for a
+        bundle whose task is not classification, the ASCII line
+        ``"task:{task};label_convention:{label_convention}\n"`` (``None`` written as ``none``),
+        then, for each split in the order train, val, test and for each of its arrays in the
+        order images, labels, groups (groups only when present), the ASCII header
+        ``"{split}/{array}:{dtype}:{shape}\n"`` (dtype ``<f4`` or ``<i8``; shape as
+        comma-separated integers) and the array's little-endian, C-order bytes. A
+        classification bundle without groups therefore hashes exactly as before groups and
+        segmentation existed. Group names are labels, not data, and are not hashed. Anyone
+        holding the same arrays can recompute it without securefed.
+        """
+        digest = hashlib.sha256(_FINGERPRINT_TAG)
+        if self.task != "classification":
+            convention = "none" if self.label_convention is None else self.label_convention
+            digest.update(f"task:{self.task};label_convention:{convention}\n".encode("ascii"))
+        for split_name in SPLITS:
+            split = getattr(self, split_name)
+            arrays = [("images", split.images, "<f4"), ("labels", split.labels, "<i8")]
+            if split.groups is not None:
+                arrays.append(("groups", split.groups, "<i8"))
+            for array_name, array, dtype in arrays:
+                data = np.ascontiguousarray(array, dtype=dtype)
+                shape = ",".join(str(s) for s in data.shape)
+                digest.update(f"{split_name}/{array_name}:{dtype}:{shape}\n".encode("ascii"))
+                digest.update(memoryview(data).cast("B"))
+        return digest.hexdigest()
+
+    def describe(self) -> dict[str, Any]:
+        """Summarise as a JSON-ready dict for ``config.json`` and the privacy report.
+
+        ``class_counts`` counts samples per class; for segmentation, the samples whose label
+        map contains the class (see :meth:`ArraySplit.class_counts`). ``group_counts`` maps
+        each split to ``{group id as a string: samples}``, or is None without groups.
+        """
+        return {
+            "name": self.name,
+            "source": self.source,
+            "fingerprint": self.fingerprint,
+            "task": self.task,
+            "label_convention": self.label_convention,
+            "num_classes": self.num_classes,
+            "class_names": list(self.class_names),
+            "in_channels": self.in_channels,
+            "spatial_dims": self.spatial_dims,
+            "image_shape": list(self.image_shape),
+            "sizes": {s: len(getattr(self, s)) for s in SPLITS},
+            "class_counts": {
+                s: getattr(self, s).class_counts(num_classes=self.num_classes).tolist()
+                for s in SPLITS
+            },
+            "group_names": None if self.group_names is None else list(self.group_names),
+            "group_counts": (
+                {s: {str(g): c for g, c in getattr(self, s).group_counts().items()} for s in SPLITS}
+                if self.has_groups
+                else None
+            ),
+        }
+
+
+def resolve_classes(
+    *,
+    labels: Mapping[str, np.ndarray],
+    source: str,
+    declared: Sequence[str] | None = None,
+    declared_by: str = "the data set",
+    num_classes: int | None = None,
+    key: str = "`{split}` labels",
+) -> tuple[str, ...]:
+    """The classes of a classification data set, and a check that every label is one of them.
+
+    One rule for every loader whose labels are numbers (``.npz`` files, by path or by name):
+
+    1. ``declared`` class names (a ``class_names`` array in the file, or a known MedMNIST
+       set's published list) fix K; ``num_classes``, when given too, must agree.
+    2. else ``num_classes`` (``--num-classes``) fixes K; classes are named ``"0"`` ...
+    3. else K is the largest training label + 1, and every class below it must occur in the
+       training split: a gap means a stray label (one 7 in a binary set), not seven classes.
+
+    Then a label outside [0, K) in any split is refused. Inferring K from all splits, as
+    before, turned one stray test label into an extra class the model could never learn.
+
+    Args:
+        labels: Per split (``train``, ``val``, ``test``), its (N,) non-negative int labels.
+        source: What to name in errors (the file).
+        declared: Class names the data declare, or None.
+        declared_by: Who declared them, for errors (e.g. "its `class_names` array").
+        num_classes: K requested by the user (``--num-classes``), or None.
+        key: How to name a split's labels in errors; ``{split}`` is replaced.
+
+    Returns:
+        The K class names.
+
+    Raises:
+        DataError: One line naming ``source``, the split and the offending label.
+
+    """
+    if declared is not None:
+        names = tuple(str(n) for n in declared)
+        if num_classes is not None and num_classes != len(names):
+            raise DataError(
+                f"{source}: `--num-classes` is {num_classes} but {declared_by} declares "
+                f"{len(names)} classes; drop --num-classes or fix the declaration."
+            )
+        origin = f"the {len(names)} classes {declared_by} declares"
+    elif num_classes is not None:
+        names = tuple(str(c) for c in range(num_classes))
+        origin = f"`--num-classes` {num_classes}"
+    else:
+        train = labels["train"]
+        top = int(train.max())
+        counts = np.bincount(train, minlength=top + 1)
+        missing = [c for c in range(top + 1) if counts[c] == 0]
+        if missing:
+            shown = ", ".join(str(c) for c in missing[:5]) + (", ..." if len(missing) > 5 else "")
+            raise DataError(
+                f"{source}: {key.format(split='train')} hold label {top} but never "
+                f"{shown}: a stray label, or classes the data do not declare; declare the "
+                "classes (a `class_names` array in the .npz, or --num-classes) or fix the label."
+            )
+        names = tuple(str(c) for c in range(top + 1))
+        origin = f"the training labels 0..{top}"
+    if len(names) < 2:
+        raise DataError(
+            f"{source}: classification needs at least 2 classes (got {len(names)}, from {origin})."
+        )
+    for split in SPLITS:
+        top = int(labels[split].max())
+        if top >= len(names):
+            raise DataError(
+                f"{source}: {key.format(split=split)} must be in [0, {len(names)}) "
+                f"({origin}) but hold label {top}."
+            )
+    return names
