@@ -451,9 +451,6 @@ class RunConfig:
         "fedavg",
         choices=plugins.STRATEGIES,
         help="fedavg | fedprox | ftl (transfer from --pretrained) | cfl (clustered, IFCA).",
-        # Until the deployment runs cfl (securefed.deploy.coordinator.check_deployable).
-        deploy_choices=("fedavg", "fedprox", "ftl"),
-        deploy_help="fedavg | fedprox | ftl (transfer from --pretrained).",
     )
     prox_mu: float | None = _setting(None, shown="0.01 for fedprox", help="FedProx weight mu.")
     server_opt: str = _setting(
@@ -483,19 +480,16 @@ class RunConfig:
         "parallel",
         choices=SCHEDULES,
         help="parallel, or cyclic (the model visits the sites in turn; no secure aggregation).",
-        deploy=False,
     )
-    clusters: int = _setting(2, help="cfl: number of cluster models K.", deploy=False)
+    clusters: int = _setting(2, help="cfl: number of cluster models K.")
     personalize: int = _setting(
         0,
         help="Digital twins: fine-tuning epochs per site on its own data (0 = off).",
-        deploy=False,
     )
     personalize_when: str = _setting(
         "end",
         choices=PERSONALIZE_WHEN,
         help="Fine-tune the twins after the last round only, or after every round.",
-        deploy=False,
     )
     personalize_lr: float | None = _setting(
         None, shown="--lr", help="Learning rate of twin fine-tuning.", deploy=False

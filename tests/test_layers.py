@@ -192,16 +192,9 @@ def test_lower_layers_import_no_upper_layer_at_module_level(layer):
     assert not up, up
 
 
-_FL_REPORT = pytest.mark.xfail(
-    strict=True,
-    reason="fl/run.py imports securefed.report.summary inside write_outputs (the lead's "
-    "typed run state removes it; this check then passes and the mark must go)",
-)
-
-
 @pytest.mark.parametrize(
     "layer",
-    [pytest.param(name, marks=_FL_REPORT) if name == "fl" else name for name in RANK],
+    list(RANK),
 )
 def test_no_layer_imports_a_higher_one_anywhere(layer):
     # Lazy imports count: an arrow inside a function is still an arrow back up.
