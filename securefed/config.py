@@ -492,7 +492,7 @@ class RunConfig:
         help="Fine-tune the twins after the last round only, or after every round.",
     )
     personalize_lr: float | None = _setting(
-        None, shown="--lr", help="Learning rate of twin fine-tuning.", deploy=False
+        None, shown="--lr", help="Learning rate of twin fine-tuning."
     )
     reproducible_noise: bool = _setting(
         False,

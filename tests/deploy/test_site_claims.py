@@ -3,13 +3,13 @@
 import pytest
 
 from securefed.config import RunConfig
-from securefed.deploy.coordinator import Coordinator
-from securefed.deploy.site import NodeSettings, deployed_claim
+from securefed.deploy.site import NodeSettings
 from securefed.dp.accounting import calibrate_noise, compute_epsilon
-from securefed.dp.ledger import PrivacyEvent, PrivacyLedger
+from securefed.dp.ledger import PrivacyEvent
 from securefed.dp.signing import SiteSigner
 from securefed.dp.trainer import DPPlan
 from securefed.errors import PrivacyBudgetError, ProtocolError
+from securefed.fl.claims import ClaimBook, site_claim_for
 from securefed.fl.planning import check_site_plan, plan_site_privacy
 
 CONFIG = RunConfig(dp_epsilon=8.0, rounds=2, local_epochs=1, batch_size=2)
@@ -38,21 +38,10 @@ SIGNER = SiteSigner.generate()
 
 
 def _server_view():
-    """The state Coordinator._account reads, with the server's real checking methods."""
-    from functools import partial
-    from types import SimpleNamespace
-
-    view = SimpleNamespace(
-        plans={},
-        delta=None,
-        ledger=PrivacyLedger(),
-        config=CONFIG,
-        sites={0: {"signing_key": SIGNER.public_key_hex}},
-        signatures={},
-    )
-    for name in ("_check_signature", "_epsilon"):
-        setattr(view, name, partial(getattr(Coordinator, name), view))
-    return view
+    """The server's claim book, with the site's public key from set-up."""
+    book = ClaimBook(CONFIG)
+    book.keys[0] = SIGNER.public_key_hex
+    return book
 
 
 def _reply(events, plan=None, *, view=None):
@@ -61,7 +50,7 @@ def _reply(events, plan=None, *, view=None):
     earlier = [e.to_dict() for e in view.ledger.for_client(0)] if view else []
     history = [(e["noise_multiplier"], e["sample_rate"], e["steps"]) for e in earlier + events]
     epsilon = compute_epsilon(history=history, delta=plan.delta)
-    claim = deployed_claim(CONFIG, client_id=0, plan=plan, events=earlier + events, epsilon=epsilon)
+    claim = site_claim_for(CONFIG, client_id=0, plan=plan, events=earlier + events, epsilon=epsilon)
     return {
         "events": events,
         "plan": plan.__dict__,
@@ -72,9 +61,9 @@ def _reply(events, plan=None, *, view=None):
 
 def test_an_honest_plan_passes_and_is_pinned():
     view = _server_view()
-    Coordinator._account(view, 0, _reply([_event(1)], view=view), 1)
+    view.account(0, _reply([_event(1)], view=view), round_index=1)
     assert view.plans[0] == _plan() and view.delta == _plan().delta
-    Coordinator._account(view, 0, _reply([_event(2)], view=view), 2)
+    view.account(0, _reply([_event(2)], view=view), round_index=2)
     assert len(view.ledger.events) == 2
     assert view.signatures[0]  # the latest signed claim, kept for privacy.json
 
@@ -84,10 +73,10 @@ def test_a_claim_the_site_did_not_sign_is_refused_but_its_spending_is_recorded()
     reply = _reply([_event(1)], view=view)
     reply["signature"] = _reply([_event(1, steps=8)], view=view)["signature"]
     with pytest.raises(ProtocolError, match="signature does not cover"):
-        Coordinator._account(view, 0, reply, 1)
+        view.account(0, reply, round_index=1)
     assert len(view.ledger.events) == 1
     with pytest.raises(ProtocolError, match="no signed privacy claim"):
-        Coordinator._account(_server_view(), 0, {**_reply([_event(1)]), "signature": None}, 1)
+        _server_view().account(0, {**_reply([_event(1)]), "signature": None}, round_index=1)
 
 
 @pytest.mark.parametrize(
@@ -110,7 +99,7 @@ def test_the_server_records_what_a_site_spent_even_when_it_refuses_the_update():
     view = _server_view()
 
     with pytest.raises(ProtocolError, match="other DP parameters"):
-        Coordinator._account(view, 0, _reply([_event(1, noise_multiplier=0.5)]), 1)
+        view.account(0, _reply([_event(1, noise_multiplier=0.5)]), round_index=1)
 
     assert [e.noise_multiplier for e in view.ledger.events] == [0.5]
 
@@ -118,27 +107,27 @@ def test_the_server_records_what_a_site_spent_even_when_it_refuses_the_update():
 def test_a_round_with_fewer_steps_than_an_epoch_is_refused():
     view = _server_view()
     with pytest.raises(ProtocolError, match="other DP parameters"):
-        Coordinator._account(view, 0, _reply([_event(1, steps=1)]), 1)
+        view.account(0, _reply([_event(1, steps=1)]), round_index=1)
 
 
 def test_a_plan_that_changes_mid_run_is_refused():
     view = _server_view()
-    Coordinator._account(view, 0, _reply([_event(1)], view=view), 1)
+    view.account(0, _reply([_event(1)], view=view), round_index=1)
     sigma = calibrate_noise(
         target_epsilon=8.0, delta=1e-6, sample_rate=0.25, steps=8, accountant="pld"
     )
     other = _plan(delta=1e-6, noise_multiplier=sigma)
     check_site_plan(CONFIG, other)  # a valid plan on its own
     with pytest.raises(ProtocolError, match="changed during the run"):
-        Coordinator._account(view, 0, _reply([_event(2)], plan=other), 2)
+        view.account(0, _reply([_event(2)], plan=other), round_index=2)
 
 
 def test_the_server_refuses_and_does_not_record_another_rounds_events():
     view = _server_view()
     with pytest.raises(ProtocolError, match="not its round's"):
-        Coordinator._account(view, 0, _reply([_event(2)]), 1)
+        view.account(0, _reply([_event(2)]), round_index=1)
     with pytest.raises(ProtocolError, match="no DP accounting"):
-        Coordinator._account(view, 0, _reply([]), 1)
+        view.account(0, _reply([]), round_index=1)
     assert view.ledger.events == ()
 
 

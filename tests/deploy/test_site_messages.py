@@ -16,13 +16,15 @@ from flwr.app import Context, Error, Message, RecordDict
 
 from securefed.config import RunConfig
 from securefed.deploy import site_app
-from securefed.deploy.coordinator import Coordinator, Link
+from securefed.deploy.coordinator import Coordinator, FlowerLink
 from securefed.errors import ProtocolError
+from securefed.fl.claims import ClaimBook
 from securefed.fl.disclosures import check_reply, message_fields
 from securefed.protocol.wire import Stage, decode
 
 _HANDLERS = {
     Stage.SETUP: site_app.setup,
+    Stage.SELECT: site_app.select,
     Stage.FIT: site_app.fit,
     Stage.SHARE: site_app.share,
     Stage.MASKED: site_app.masked,
@@ -93,7 +95,7 @@ def _deploy(config, out, node_extra=None, **kwargs):
             **(node_extra or {}),
         }
     grid = LoopbackGrid(nodes)
-    link = Link(grid, poll=0.0)
+    link = FlowerLink(grid, poll=0.0)
     run = Coordinator(config, link=link, out=out, stage_timeout=30, fit_timeout=120, **kwargs)
     return grid, run
 
@@ -208,25 +210,25 @@ def test_the_server_cannot_attach_a_claim_the_site_did_not_sign():
         entry=entry, events=[], run=run, noise="secret", adjacency="replace-one", accountant="pld"
     )
     sig = signer.sign_claim(claim)
-    view = type("View", (), {})()
-    view.sites = {0: {"signing_key": signer.public_key_hex}}
+    view = ClaimBook(RunConfig())
+    view.keys = {0: signer.public_key_hex}
     view.signatures = {0: sig}
     privacy = {"clients": [dict(entry, epsilon=2.0)], "events": [], "noise": "secret"}
     privacy.update(adjacency="replace-one", accountant="pld")
     with pytest.raises(IntegrityError, match="signature does not match"):
-        Coordinator.sign_privacy(view, privacy, run=run)  # epsilon lowered by the server
+        view.attach(privacy, run=run)  # epsilon lowered by the server
     privacy["clients"][0]["epsilon"] = 3.0
-    Coordinator.sign_privacy(view, privacy, run=run)
+    view.attach(privacy, run=run)
     assert privacy["site_keys"] == {"0": signer.public_key_hex}
 
 
 def test_a_dp_site_without_its_signing_key_stops_before_reading_data(tmp_path):
-    from securefed.deploy.site import DeployedSite, NodeSettings
+    from securefed.deploy.site import NodeSettings, deployed_site
     from securefed.errors import ConfigError
 
     node = NodeSettings.from_node_config({"site-id": 0, "data": str(tmp_path / "missing.npz")})
     with pytest.raises(ConfigError, match="signing key"):
-        DeployedSite(RunConfig(dp_epsilon=8.0), node)
+        deployed_site(RunConfig(dp_epsilon=8.0), node)
 
 
 @pytest.mark.slow
@@ -241,7 +243,7 @@ def test_a_resumed_deployed_run_accounts_every_step_of_every_round(
     grid, first = _deploy(config, tmp_path / "run", stop_after=2)
     first.run()
     resumed = Coordinator(
-        config, link=Link(grid, poll=0.0), out=tmp_path / "run", resume=True, fit_timeout=120
+        config, link=FlowerLink(grid, poll=0.0), out=tmp_path / "run", resume=True, fit_timeout=120
     )
     out = resumed.run()
     privacy = json.loads((out / "privacy.json").read_text())
@@ -256,15 +258,16 @@ def test_a_resumed_deployed_run_accounts_every_step_of_every_round(
 def test_the_data_fingerprint_a_site_sends_cannot_confirm_a_guess_of_its_data(
     small_config, tmp_path
 ):
+    from securefed.data.dataset import load_dataset
     from securefed.deploy.launch import ensure_signing_key
-    from securefed.deploy.site import DeployedSite, NodeSettings
+    from securefed.deploy.site import NodeSettings, deployed_site
 
     def fingerprint(key_name):
         key = tmp_path / key_name
         ensure_signing_key(key)
         node = NodeSettings.from_node_config({"site-id": 0, "signing-key": str(key)})
-        site = DeployedSite(small_config, node)
-        return site.describe()["fingerprint"], site.bundle.fingerprint
+        site = deployed_site(small_config, node)
+        return site.describe()["fingerprint"], load_dataset(data=small_config.data).fingerprint
 
     sent, plain = fingerprint("a.key")
     assert sent != plain  # an adversary who guesses the data file computes `plain`, not `sent`

@@ -10,7 +10,8 @@ from hypothesis import strategies as st
 
 from securefed.cli import main
 from securefed.config import RunConfig
-from securefed.deploy import launch, wire
+from securefed.deploy import launch
+from securefed.protocol import wire
 from securefed.deploy.checkpoint import load_checkpoint, save_checkpoint
 from securefed.deploy.coordinator import check_deployable
 from securefed.deploy.site import NodeSettings
@@ -265,20 +266,21 @@ def test_run_options_refuse_a_negative_stop_after(tmp_path):
 
 
 def test_check_deployable_names_everything_it_refuses_in_one_error():
-    config = RunConfig(strategy="cfl", personalize=2, public_fraction=0.2, dp_epsilon=None)
+    config = RunConfig(public_fraction=0.2, dropout_clients=1, dp_epsilon=None)
 
     with pytest.raises(ConfigError) as info:
         check_deployable(config)
 
     message = str(info.value)
     assert "\n" not in message
-    for part in ("--strategy cfl", "--personalize", "--public-fraction"):
+    for part in ("--public-fraction", "--dropout-clients"):
         assert part in message
 
 
-def test_check_deployable_refuses_the_cyclic_schedule():
-    with pytest.raises(ConfigError, match="--schedule cyclic"):
-        check_deployable(RunConfig(schedule="cyclic"))
+def test_clustered_fl_twins_and_the_cyclic_schedule_are_deployable():
+    # One round engine: what runs in-process runs over Flower (CFL, twins, cyclic).
+    check_deployable(RunConfig(strategy="cfl", personalize=2, dp_epsilon=None))
+    check_deployable(RunConfig(schedule="cyclic"))
 
 
 @pytest.mark.parametrize("secure_agg", ["none", "mask", "he"])
@@ -447,22 +449,23 @@ def _assert_one_line_error(err, *fragments):
         assert fragment in err, err
 
 
-def test_deploy_run_refuses_an_in_process_only_strategy(tmp_path, monkeypatch, capsys):
+def test_deploy_run_refuses_an_in_process_only_option(tmp_path, monkeypatch, capsys):
+    config = tmp_path / "run.json"
+    config.write_text('{"public_fraction": 0.2, "dp_epsilon": null}')
     code, err = securefed(
         monkeypatch,
         capsys,
         "deploy",
         "run",
-        "--strategy",
-        "cfl",
-        "--no-dp",
+        "--config",
+        config,
         "--insecure",
         "--out",
         tmp_path / "r",
     )
 
     assert code == 2
-    _assert_one_line_error(err, "--strategy cfl", "in-process")
+    _assert_one_line_error(err, "--public-fraction", "in-process")
     assert not (tmp_path / "r").exists()
 
 
