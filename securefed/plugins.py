@@ -20,6 +20,7 @@ __all__ = [
     "SERVER_OPTIMIZERS",
     "STRATEGIES",
     "register_server_optimizer",
+    "import_callable",
     "register_strategy",
 ]
 
@@ -94,3 +95,32 @@ def register_strategy(name: str, target: str | Callable[..., Any]) -> None:
 def register_server_optimizer(name: str, target: str | Callable[..., Any]) -> None:
     """Make ``--server-opt name`` available (a ``securefed.fl.strategies.ServerOptimizer``)."""
     SERVER_OPTIMIZERS.register(name, target)
+
+
+def import_callable(ref: str, *, flag: str) -> Callable:
+    """The callable ``function`` of ``module:function`` (``--model``/``--dataset`` references).
+
+    Raises:
+        ConfigError: Naming ``flag``, when the module, the attribute or a callable is missing.
+
+    """
+    import importlib
+
+    module_name, _, attr = ref.partition(":")
+    if not module_name or not attr:
+        raise ConfigError(f"{flag} {ref!r}: expected module:function")
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as exc:  # noqa: BLE001 - any import failure is the user's module's
+        raise ConfigError(
+            f"{flag} {ref!r}: cannot import module {module_name!r} "
+            f"({type(exc).__name__}: {exc})".replace("\n", " ")
+        ) from exc
+    obj: object = module
+    for part in attr.split("."):
+        if not hasattr(obj, part):
+            raise ConfigError(f"{flag} {ref!r}: module {module_name!r} has no {attr!r}")
+        obj = getattr(obj, part)
+    if not callable(obj):
+        raise ConfigError(f"{flag} {ref!r}: {attr!r} is a {type(obj).__name__}, not a function")
+    return obj

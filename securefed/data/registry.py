@@ -77,9 +77,9 @@ def resolve_dataset(name: str) -> bool:
         return True
     if ":" not in name:
         return False
-    from securefed.models import _import_callable
+    from securefed.plugins import import_callable
 
-    _LOADERS[name] = _import_callable(name, flag="--dataset")
+    _LOADERS[name] = import_callable(name, flag="--dataset")
     return True
 
 

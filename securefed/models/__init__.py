@@ -8,6 +8,7 @@ from dataclasses import dataclass, replace
 from torch import nn
 
 from securefed.errors import ConfigError
+from securefed.plugins import import_callable
 
 __all__ = [
     "TASKS",
@@ -280,33 +281,9 @@ def resolve_model(name: str) -> str:
             f"--model {name!r}: unknown model; known models: {', '.join(available_models())}, "
             "or module:function"
         )
-    fn = _import_callable(name, flag="--model")
+    fn = import_callable(name, flag="--model")
     register_model(name, tasks=TASKS)(fn)
     return name
-
-
-def _import_callable(ref: str, *, flag: str) -> Callable:
-    """The callable ``function`` of ``module:function`` (shared with data set registration)."""
-    import importlib
-
-    module_name, _, attr = ref.partition(":")
-    if not module_name or not attr:
-        raise ConfigError(f"{flag} {ref!r}: expected module:function")
-    try:
-        module = importlib.import_module(module_name)
-    except Exception as exc:  # noqa: BLE001 - any import failure is the user's module's
-        raise ConfigError(
-            f"{flag} {ref!r}: cannot import module {module_name!r} "
-            f"({type(exc).__name__}: {exc})".replace("\n", " ")
-        ) from exc
-    obj: object = module
-    for part in attr.split("."):
-        if not hasattr(obj, part):
-            raise ConfigError(f"{flag} {ref!r}: module {module_name!r} has no {attr!r}")
-        obj = getattr(obj, part)
-    if not callable(obj):
-        raise ConfigError(f"{flag} {ref!r}: {attr!r} is a {type(obj).__name__}, not a function")
-    return obj
 
 
 def build_model(*, name: str, spec: ModelSpec) -> BuiltModel:

@@ -71,15 +71,6 @@ class LoopbackGrid:
         return [self.replies.pop(i) for i in ids if i in self.replies]
 
 
-@pytest.fixture
-def task_identity(monkeypatch):
-    """Flower stamps messages with the running task's identity; this process is the server."""
-    from flwr.supercore.task_identity import TaskIdentity
-
-    for name, value in (("_run_id", 1), ("_node_id", 0), ("_task_id", 1)):
-        monkeypatch.setattr(TaskIdentity, name, value)
-
-
 def _deploy(config, out, node_extra=None, **kwargs):
     from securefed.deploy.launch import ensure_signing_key
 

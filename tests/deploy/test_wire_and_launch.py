@@ -11,7 +11,6 @@ from hypothesis import strategies as st
 from securefed.cli import main
 from securefed.config import RunConfig
 from securefed.deploy import launch
-from securefed.protocol import wire
 from securefed.deploy.checkpoint import load_checkpoint, save_checkpoint
 from securefed.deploy.coordinator import check_deployable
 from securefed.deploy.site import NodeSettings
@@ -24,6 +23,7 @@ from securefed.errors import (
     ProtocolError,
 )
 from securefed.fl.strategies import build_server_optimizer
+from securefed.protocol import wire
 
 try:
     import tomllib

@@ -323,3 +323,41 @@ def test_late_fusion_segmentation_runs_one_dp_round():
     assert fed.records[0].applied
     # one encoder per modality (T1, T1ce, T2, FLAIR), each with its own head
     assert len(fed.built.head_prefixes) == 4
+
+
+# -- plug-ins ---------------------------------------------------------------------------------
+def test_a_registered_server_optimizer_and_strategy_run_without_touching_the_engine(
+    small_config, monkeypatch
+):
+    from securefed import plugins
+    from securefed.fl.strategies import FedAvg, Strategy
+
+    class Frozen(FedAvg):
+        """Never moves the model: proves the registered class, not a built-in, ran."""
+
+        name = "frozen"
+
+        def step(self, *, current, delta):
+            return current
+
+    class TwoModels(Strategy):
+        name = "two"
+
+        def num_models(self, config):
+            return 2
+
+    monkeypatch.setattr(
+        plugins.SERVER_OPTIMIZERS, "_entries", dict(plugins.SERVER_OPTIMIZERS._entries)
+    )
+    monkeypatch.setattr(plugins.STRATEGIES, "_entries", dict(plugins.STRATEGIES._entries))
+    plugins.register_server_optimizer("frozen", Frozen)
+    plugins.register_strategy("two", TwoModels())
+    cfg = small_config.replace(rounds=1, server_opt="frozen", strategy="two")
+    fed = Federation(cfg)
+    assert len(fed.models) == 2
+    before = _vec(fed)
+    rec = fed.run_round(1)
+    assert rec.applied
+    np.testing.assert_array_equal(_vec(fed), before)
+    with pytest.raises(ConfigError, match="strategy"):
+        RunConfig(strategy="not-registered")
