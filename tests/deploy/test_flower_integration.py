@@ -11,6 +11,9 @@ with ``--secure-agg mask``:
 3. the final weights must equal the in-process runtime with the same seed and the same
    dropout; the privacy report must match it and pass the audit.
 
+Then clustered FL (IFCA), and FTL from a public backbone with a DP digital twin per site, each
+one round over Flower against the in-process run.
+
 Every process group is gone at the end.
 """
 
@@ -301,6 +304,55 @@ def test_server_restart_resumes_from_its_checkpoint(masked_run) -> None:
     assert sorted((e["round"], e["client_id"]) for e in privacy["events"]) == [
         (r, s) for r in (1, 2) for s in (0, 1, 2)
     ]
+
+
+@pytest.fixture(scope="module")
+def public_backbone(tmp_path_factory) -> Path:
+    """FTL weights pretrained on another (public) data set, as a hospital network would."""
+    from securefed.fl.pretrain import pretrain
+
+    root = tmp_path_factory.mktemp("public")
+    return pretrain(
+        out=root / "pre",
+        data=str(write_small_npz(root / "public.npz", seed=7)),
+        epochs=1,
+        batch_size=32,
+        device="cpu",
+        progress=False,
+    )
+
+
+@pytest.mark.parametrize(
+    "name, changes",
+    [
+        # IFCA: the sites pick their cluster over Flower; one masked sum per cluster.
+        ("cfl", {"strategy": "cfl", "clusters": 2, "dp_epsilon": None}),
+        # Transfer learning from a public backbone, and a DP digital twin at every site.
+        ("ftl-twins", {"strategy": "ftl", "personalize": 1, "pretrained": "BACKBONE"}),
+    ],
+)
+def test_cfl_ftl_and_twins_over_flower_equal_the_in_process_run(
+    deployment, tiny_npz, public_backbone, name, changes
+) -> None:
+    dep, root = deployment
+    if changes.get("pretrained") == "BACKBONE":
+        changes = {**changes, "pretrained": str(public_backbone)}
+    config = _config(tiny_npz, rounds=1, secagg_threshold=2, **changes)
+    out = dep.submit(config, out=root / f"{name}-run", **TIMEOUTS)
+    fed = Federation(config)
+    fed.run_round(1)
+    _assert_same_weights(
+        load_file(str(out / "model.safetensors")), fed.global_model.state_dict(), config
+    )
+    metrics = json.loads((out / "metrics.json").read_text())
+    record = metrics["rounds"][0]
+    assert record["applied"], record["error"]
+    if config.strategy == "cfl":
+        assert record["clusters"] == fed.records[0].data["clusters"]
+    if config.personalize:
+        assert all("twin" in c for c in record["clients"])
+        privacy = json.loads((out / "privacy.json").read_text())
+        assert {e["phase"] for e in privacy["events"]} == {"federated", "personalize"}
 
 
 def test_every_process_is_gone_after_close(deployment) -> None:
