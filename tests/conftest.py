@@ -141,3 +141,17 @@ def tiny_config(npz, **changes):
 def small_config(small_npz):
     """A fast DP configuration over ``small_npz`` (3 sites, 2 rounds)."""
     return tiny_config(small_npz)
+
+
+def pretrain_public(root):
+    """FTL weights pretrained on another (public) data set than the sites' (seed 7)."""
+    from securefed.fl.pretrain import pretrain
+
+    return pretrain(
+        out=root / "pre",
+        data=str(write_small_npz(root / "public.npz", seed=7)),
+        epochs=1,
+        batch_size=32,
+        device="cpu",
+        progress=False,
+    )

@@ -19,6 +19,7 @@ from typing import Any
 
 from securefed.config import RunConfig
 from securefed.errors import ProtocolError
+from securefed.protocol.modes import get_mode
 
 __all__ = [
     "PROTECTIONS",
@@ -138,68 +139,10 @@ def site_releases(config: RunConfig, *, runtime: str = "in-process") -> list[Rel
             "the model the site trained, handed on to the next site (cyclic schedule; "
             "refused with secure aggregation)",
         )
-    elif config.secure_agg == "none":
-        add(
-            "fit",
-            "vector",
-            "dp-accounted" if dp else "clear",
-            "n_i times the site's model update, then n_i: the update is DP-SGD output "
-            "(post-processing); n_i, the site's size, is sent in the clear"
-            if dp
-            else "n_i times the site's model update, then n_i, in the clear (no DP)",
-        )
-    elif config.secure_agg == "mask":
-        add("fit", "advertise", "clear", "the site's two X25519 public keys for this round")
-        add(
-            "share",
-            "message",
-            "clear",
-            "Shamir shares of the site's secrets, each AES-GCM-sealed to one peer",
-        )
-        add(
-            "masked",
-            "message",
-            "secure-sum",
-            "n_i times the update and n_i, fixed-point encoded and masked",
-        )
-        add(
-            "masked",
-            "clipped",
-            "dp-accounted" if dp else "clear",
-            "how many coordinates of the site's (noised) update the fixed-point encoder clipped",
-        )
-        add(
-            "unmask",
-            "message",
-            "clear",
-            "shares that remove the masks: of survivors' self-mask seeds, of dropped sites' "
-            "keys (never both for one site)",
-        )
     else:
-        add(
-            "fit",
-            "ciphertext",
-            "secure-sum",
-            "n_i times the update and n_i, CKKS-encrypted under the sites' key",
-        )
-        add(
-            "decrypt",
-            "vector",
-            "secure-sum",
-            "key holder only: the decrypted sum of at least 2 sites' updates",
-        )
-    if config.secure_agg != "none" and config.schedule != "cyclic":
-        for message in (
-            ("fit", "share", "masked", "unmask")
-            if config.secure_agg == "mask"
-            else ("fit", "decrypt")
-        ):
-            add(
-                message,
-                "protect_seconds",
-                "clear",
-                "seconds spent encoding/masking/encrypting (depends on the model size only)",
-            )
+        # What the secure-sum mode's messages carry is the mode's to declare.
+        for release in get_mode(config.secure_agg).releases(config):
+            add(*release)
     held = "the global model's metrics on the site's held-out split (not DP: evaluation data)"
     add("heldout", "metrics", "clear", held)
     if config.personalize:

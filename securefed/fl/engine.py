@@ -258,12 +258,11 @@ class RoundEngine:
 
     def _collector(self, n_sites: int) -> SumCollector:
         """One server side per group size (masking's parameters depend on it)."""
-        key = n_sites if self.config.secure_agg == "mask" else 0
-        if key not in self._collectors:
-            self._collectors[key] = self.mode.server(
+        if n_sites not in self._collectors:
+            self._collectors[n_sites] = self.mode.server(
                 self.config, n_sites=n_sites, he_public=self.he_public
             )
-        return self._collectors[key]
+        return self._collectors[n_sites]
 
     # -- set-up ---------------------------------------------------------------------------------
     def adopt_sites(self, replies: Mapping[int, Mapping[str, Any]]) -> None:
@@ -497,7 +496,7 @@ class RoundEngine:
         error = None
         agg_start = time.perf_counter()
         for k, members in groups.items():
-            if cfl and self.config.secure_agg != "none" and len(members) < 2:
+            if cfl and self.mode.protects and len(members) < 2:
                 # A "sum" of one update is that update: aggregating it securely would only
                 # pretend. The cluster keeps its model this round.
                 skipped[k] = "one site: a secure sum of one update would reveal it"

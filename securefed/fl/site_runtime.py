@@ -187,9 +187,9 @@ class SiteRuntime:
             loss_fn=task.loss_fn,
             max_physical_batch_size=config.max_physical_batch_size,
         )
-        self.protection = get_mode(config.secure_agg).site(
-            config, site_id=client_id, he_secret=he_secret
-        )
+        mode = get_mode(config.secure_agg)
+        self.protects = mode.protects
+        self.protection = mode.site(config, site_id=client_id, he_secret=he_secret)
         self.state: dict[str, Any] = {}
         self.train_log: list[dict[str, float]] = []
         self.twin: nn.Module | None = None
@@ -396,7 +396,7 @@ class SiteRuntime:
         log.info("site %d round %d: train loss %.4f", self.client_id, round_index, loss)
         reply = self._claim_fields(before)
         if fields.get("return_weights"):
-            if self.config.secure_agg != "none":
+            if self.protects:
                 raise ProtocolError("the server asked for the trained model in the clear")
             reply["weights"] = weights_to_bytes(state)
             return reply
@@ -409,7 +409,7 @@ class SiteRuntime:
                 state=self.state,
             )
         )
-        if self.protection.stages or self.config.secure_agg != "none":
+        if self.protects:
             reply["protect_seconds"] = time.perf_counter() - start
         return reply
 

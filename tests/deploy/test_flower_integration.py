@@ -36,7 +36,7 @@ from securefed.config import RunConfig  # noqa: E402
 from securefed.crypto.secagg import SecAggConfig  # noqa: E402
 from securefed.deploy.local import LocalDeployment  # noqa: E402
 from securefed.fl.simulation import Federation  # noqa: E402
-from tests.conftest import write_small_npz  # noqa: E402
+from tests.conftest import pretrain_public, write_small_npz  # noqa: E402
 
 # Real SuperLink/SuperNode processes: minutes, so not in the default `pytest -q` (see pyproject).
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
@@ -309,17 +309,7 @@ def test_server_restart_resumes_from_its_checkpoint(masked_run) -> None:
 @pytest.fixture(scope="module")
 def public_backbone(tmp_path_factory) -> Path:
     """FTL weights pretrained on another (public) data set, as a hospital network would."""
-    from securefed.fl.pretrain import pretrain
-
-    root = tmp_path_factory.mktemp("public")
-    return pretrain(
-        out=root / "pre",
-        data=str(write_small_npz(root / "public.npz", seed=7)),
-        epochs=1,
-        batch_size=32,
-        device="cpu",
-        progress=False,
-    )
+    return pretrain_public(tmp_path_factory.mktemp("public"))
 
 
 @pytest.mark.parametrize(

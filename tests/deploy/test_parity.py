@@ -23,7 +23,7 @@ from safetensors.torch import load_file
 
 from securefed.fl.simulation import Federation
 from securefed.run import train
-from tests.conftest import tiny_config, write_small_npz
+from tests.conftest import pretrain_public, tiny_config, write_small_npz
 from tests.deploy.test_site_messages import _deploy
 
 pytestmark = pytest.mark.slow
@@ -43,16 +43,7 @@ def data(tmp_path_factory):
     npz = write_small_npz(root / "tiny.npz")
     # FTL's backbone comes from another (public) data set: a deployed server holds no
     # public share of the sites' data.
-    from securefed.fl.pretrain import pretrain
-
-    pre = pretrain(
-        out=root / "pre",
-        data=str(write_small_npz(root / "public.npz", seed=7)),
-        epochs=1,
-        batch_size=32,
-        device="cpu",
-        progress=False,
-    )
+    pre = pretrain_public(root)
     return npz, pre
 
 

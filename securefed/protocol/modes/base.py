@@ -28,7 +28,17 @@ if TYPE_CHECKING:
     from securefed.config import RunConfig
     from securefed.protocol.link import Link
 
-__all__ = ["SecureSumMode", "SiteProtection", "SumCollector", "SumOutcome", "SiteState"]
+__all__ = [
+    "TIMING_DETAIL",
+    "SecureSumMode",
+    "SiteProtection",
+    "SumCollector",
+    "SumOutcome",
+    "SiteState",
+]
+
+#: What a ``protect_seconds`` field reveals (for :meth:`SecureSumMode.releases`).
+TIMING_DETAIL = "seconds spent encoding/masking/encrypting (depends on the model size only)"
 
 #: A site's protocol state between stages: stays at the site. Values are bytes, str, int or
 #: float only, so a runtime can keep it where Flower keeps a ClientApp's state.

@@ -20,6 +20,7 @@ from securefed.crypto.ckks import CKKSAggregator, CKKSDecryptor, CKKSEncryptor, 
 from securefed.errors import ConfigError, DataError, ProtocolError
 from securefed.protocol.link import Link
 from securefed.protocol.modes.base import (
+    TIMING_DETAIL,
     SecureSumMode,
     SiteProtection,
     SiteState,
@@ -287,6 +288,25 @@ class CKKSMode(SecureSumMode):
 
     name = "he"
     stages = (Stage.DECRYPT,)
+
+    def releases(self, config: Any) -> list[tuple[str, str, str, str]]:
+        """The ciphertext, the key holder's decrypted sum, and step timings."""
+        return [
+            (
+                "fit",
+                "ciphertext",
+                "secure-sum",
+                "n_i times the update and n_i, CKKS-encrypted under the sites' key",
+            ),
+            (
+                "decrypt",
+                "vector",
+                "secure-sum",
+                "key holder only: the decrypted sum of at least 2 sites' updates",
+            ),
+            ("fit", "protect_seconds", "clear", TIMING_DETAIL),
+            ("decrypt", "protect_seconds", "clear", TIMING_DETAIL),
+        ]
 
     def server(self, config: Any, *, n_sites: int, he_public: bytes | None = None) -> SumCollector:
         """The server side; it gets the sites' public context only.

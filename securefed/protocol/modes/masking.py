@@ -27,6 +27,7 @@ from securefed.crypto.secagg import SecAggClient, SecAggConfig, SecAggServer
 from securefed.errors import ProtocolError
 from securefed.protocol.link import Link
 from securefed.protocol.modes.base import (
+    TIMING_DETAIL,
     SecureSumMode,
     SiteProtection,
     SiteState,
@@ -307,6 +308,43 @@ class MaskingMode(SecureSumMode):
 
     name = "mask"
     stages = (Stage.SHARE, Stage.MASKED, Stage.UNMASK)
+
+    def releases(self, config: Any) -> list[tuple[str, str, str, str]]:
+        """Keys, sealed shares, the masked update, unmasking shares, and step timings."""
+        dp = config.dp_enabled
+        out = [
+            ("fit", "advertise", "clear", "the site's two X25519 public keys for this round"),
+            (
+                "share",
+                "message",
+                "clear",
+                "Shamir shares of the site's secrets, each AES-GCM-sealed to one peer",
+            ),
+            (
+                "masked",
+                "message",
+                "secure-sum",
+                "n_i times the update and n_i, fixed-point encoded and masked",
+            ),
+            (
+                "masked",
+                "clipped",
+                "dp-accounted" if dp else "clear",
+                "how many coordinates of the site's (noised) update the fixed-point encoder "
+                "clipped",
+            ),
+            (
+                "unmask",
+                "message",
+                "clear",
+                "shares that remove the masks: of survivors' self-mask seeds, of dropped sites' "
+                "keys (never both for one site)",
+            ),
+        ]
+        return out + [
+            (m, "protect_seconds", "clear", TIMING_DETAIL)
+            for m in ("fit", "share", "masked", "unmask")
+        ]
 
     def server(self, config: Any, *, n_sites: int, he_public: bytes | None = None) -> SumCollector:
         """The server side; parameters from ``config``, ``n_sites`` for the report."""

@@ -84,6 +84,21 @@ class PlainMode(SecureSumMode):
     name = "none"
     protects = False
 
+    def releases(self, config: Any) -> list[tuple[str, str, str, str]]:
+        """The update itself, in the clear (DP output when DP is on)."""
+        dp = config.dp_enabled
+        return [
+            (
+                "fit",
+                "vector",
+                "dp-accounted" if dp else "clear",
+                "n_i times the site's model update, then n_i: the update is DP-SGD output "
+                "(post-processing); n_i, the site's size, is sent in the clear"
+                if dp
+                else "n_i times the site's model update, then n_i, in the clear (no DP)",
+            )
+        ]
+
     def server(self, config: Any, *, n_sites: int, he_public: bytes | None = None) -> SumCollector:
         """The server side: adds the plaintext vectors."""
         return _PlainServer()
