@@ -22,14 +22,4 @@ __all__ = [
     "SecAggServer",
     "default_threshold",
     "masking_keystream_bytes",
-    "secure_sum",
 ]
-
-
-def __getattr__(name: str) -> object:
-    """``secure_sum`` lives in :mod:`securefed.protocol.harness` (resolved on first access)."""
-    if name == "secure_sum":
-        from securefed.protocol.harness import secure_sum
-
-        return secure_sum
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -53,8 +53,9 @@ __all__ = ["METRICS_SCHEMA_VERSION", "RoundEngine", "RoundRecord", "SiteInfo"]
 
 #: metrics.json schema: 1.1 added task, strategy, primary_metric, site_mean, clusters and
 #: personalization; 2.0 removed the per-site train_loss and num_train_samples (they no longer
-#: leave a site; num_train_samples stays when the sites disclose their sizes).
-METRICS_SCHEMA_VERSION = "2.0"
+#: leave a site; num_train_samples stays when the sites disclose their sizes); 2.1 (additive)
+#: gives every run `runtime` and per-round `transport`, as one engine runs both runtimes.
+METRICS_SCHEMA_VERSION = "2.1"
 
 #: Events a runtime may log (``event=..., **fields``); the Flower runtime writes them to
 #: deploy-log.jsonl.

@@ -19,7 +19,6 @@ from securefed.crypto.ckks import (
     CKKSEncryptor,
     CKKSParams,
     generate_keys,
-    he_sum,
     raw_tenseal_reference,
     read_frame_header,
     read_key_file,
@@ -34,6 +33,7 @@ from securefed.errors import (
     OptionalDependencyError,
     ProtocolError,
 )
+from securefed.protocol.harness import he_sum
 
 ts = pytest.importorskip("tenseal")
 

@@ -24,15 +24,3 @@ def test_importing_every_crypto_module_loads_no_torch_and_no_protocol_layer():
 
     # Assert
     assert proc.returncode == 0, proc.stderr
-
-
-def test_the_moved_drivers_keep_their_old_import_paths():
-    # Execute
-    from securefed.crypto import secure_sum as from_crypto
-    from securefed.crypto.ckks import he_sum
-    from securefed.crypto.secagg import secure_sum
-    from securefed.protocol import harness
-
-    # Assert: one driver each, reachable from where callers import it today.
-    assert from_crypto is secure_sum is harness.secure_sum
-    assert he_sum is harness.he_sum

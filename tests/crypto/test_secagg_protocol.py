@@ -21,7 +21,6 @@ from securefed.crypto import (
     SecAggServer,
     default_threshold,
     masking_keystream_bytes,
-    secure_sum,
 )
 from securefed.crypto.graph import build_graph
 from securefed.crypto.messages import (
@@ -37,6 +36,7 @@ from securefed.errors import (
     IntegrityError,
     ProtocolError,
 )
+from securefed.protocol.harness import secure_sum
 
 # -- a hand-driven round, so tests can intercept and alter the bytes ---------------------------
 
@@ -491,7 +491,8 @@ def test_crypto_package_imports_and_runs_without_torch_or_tenseal():
     code = (
         "import sys, numpy as np\n"
         "import securefed.crypto, securefed.crypto.secagg\n"
-        "from securefed.crypto import SecAggConfig, secure_sum\n"
+        "from securefed.crypto import SecAggConfig\n"
+        "from securefed.protocol.harness import secure_sum\n"
         "r = secure_sum({0: np.ones(4), 1: np.ones(4)}, config=SecAggConfig(n_clients=2), "
         "round_index=0)\n"
         "assert abs(r.total.sum() - 8) < 1e-6\n"

@@ -16,7 +16,8 @@ import numpy as np
 from securefed.bench.secure_agg.grid import SecureAggGrid
 from securefed.bench.secure_agg.workload import ROUND_INDEX, DropoutPlan, reference_sum
 from securefed.crypto.prg import chunk_bytes, keystream
-from securefed.crypto.secagg import SecAggConfig, masking_keystream_bytes, secure_sum
+from securefed.crypto.secagg import SecAggConfig, masking_keystream_bytes
+from securefed.protocol.harness import he_sum, secure_sum
 
 __all__ = ["AES_REFERENCE_REPEATS", "measure_cell", "pinned_to_one_core"]
 
@@ -86,18 +87,16 @@ class _Run:
 
 
 def _run_plain(inputs: Mapping[int, np.ndarray], plan: DropoutPlan) -> _Run:
-    from securefed.fl.aggregation import PlainAggregator
-
-    out = PlainAggregator().aggregate(
-        inputs, round_index=ROUND_INDEX, drop_before_upload=plan.dropped
-    )
-    survivors = list(out.survivors)
+    """The baseline: survivors upload float32 vectors, the server adds them."""
+    start = time.perf_counter()
+    survivors = sorted(s for s in inputs if s not in set(plan.dropped))
+    total = np.sum([np.asarray(inputs[s], dtype=np.float64) for s in survivors], axis=0)
     return _Run(
-        total=out.total,
+        total=total,
         survivors=survivors,
-        client_seconds=[out.client_seconds[s] for s in survivors],
-        bytes_sent=[out.bytes_per_client[s] for s in survivors],
-        server_seconds=out.server_seconds,
+        client_seconds=[0.0 for _ in survivors],
+        bytes_sent=[int(inputs[s].size * 4) for s in survivors],
+        server_seconds=time.perf_counter() - start,
         protocol="plaintext (float32 upload)",
     )
 
@@ -136,8 +135,6 @@ def _run_mask(inputs: Mapping[int, np.ndarray], plan: DropoutPlan, n_clients: in
 
 
 def _run_he(inputs: Mapping[int, np.ndarray], plan: DropoutPlan, keys: Any) -> _Run:
-    from securefed.crypto.ckks import he_sum
-
     res = he_sum(inputs, keys=keys, drop_before_upload=plan.dropped, round_index=ROUND_INDEX)
     survivors = list(res.survivors)
     params = keys.params

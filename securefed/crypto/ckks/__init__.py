@@ -42,8 +42,6 @@ is :func:`securefed.protocol.harness.he_sum` (the CKKS mode over an in-process l
 
 from __future__ import annotations
 
-from typing import Any
-
 from securefed.crypto.ckks.framing import FrameHeader, read_frame_header
 from securefed.crypto.ckks.keys import CKKSKeySet, generate_keys, read_key_file, write_key_files
 from securefed.crypto.ckks.params import MAX_COEFF_MODULUS_BITS, CKKSParams
@@ -70,23 +68,9 @@ __all__ = [
     "write_key_files",
     "read_key_file",
     "read_frame_header",
-    "he_sum",  # noqa: F822 - resolved by __getattr__ below
     "raw_tenseal_reference",
     "MAX_COEFF_MODULUS_BITS",
     "as_vector",
     "normalize_subset",
     "select_coordinates",
 ]
-
-
-def __getattr__(name: str) -> Any:
-    """``he_sum`` moved to :mod:`securefed.protocol.harness`; the old path still works.
-
-    It runs the CKKS mode over an in-process link, so it lives above this layer; resolving it
-    on first access keeps ``securefed.crypto`` free of any import of ``securefed.protocol``.
-    """
-    if name == "he_sum":
-        from securefed.protocol.harness import he_sum
-
-        return he_sum
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -48,8 +48,6 @@ The in-process driver :func:`secure_sum` is :func:`securefed.protocol.harness.se
 
 from __future__ import annotations
 
-from typing import Any
-
 from securefed.crypto.secagg.client import SecAggClient
 from securefed.crypto.secagg.config import SecAggConfig, default_threshold, masking_keystream_bytes
 from securefed.crypto.secagg.rounds import SecAggResult
@@ -62,18 +60,4 @@ __all__ = [
     "SecAggServer",
     "default_threshold",
     "masking_keystream_bytes",
-    "secure_sum",  # noqa: F822 - resolved by __getattr__ below
 ]
-
-
-def __getattr__(name: str) -> Any:
-    """``secure_sum`` moved to :mod:`securefed.protocol.harness`; the old path still works.
-
-    It runs the masking mode over an in-process link, so it lives above this layer; resolving
-    it on first access keeps ``securefed.crypto`` free of any import of ``securefed.protocol``.
-    """
-    if name == "secure_sum":
-        from securefed.protocol.harness import secure_sum
-
-        return secure_sum
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
