@@ -120,7 +120,8 @@ class SiteExecutor:
         app_ref: ``module:attribute`` of the ClientApp; a run whose app bundle names another
             ClientApp gets an error reply.
         app: The ClientApp object itself (tests); default: imported from ``app_ref``.
-        poll_interval: Seconds between two task requests while idle.
+        idle: The wait between two task requests while idle, reset after each task
+            (default from :data:`securefed.deploy.polls.EXECUTOR_IDLE`).
 
     """
 
@@ -130,14 +131,12 @@ class SiteExecutor:
         *,
         app_ref: str = DEFAULT_APP,
         app: Callable[..., Any] | None = None,
-        poll_interval: float = polls.EXECUTOR_POLL_SECONDS,
+        idle: polls.IdleWait | None = None,
     ) -> None:
-        if not poll_interval > 0:
-            raise ValueError(f"poll_interval must be positive (got {poll_interval})")
         self.address = check_loopback(runtime_api_address)
         self.app_ref = app_ref
         self.app = app if app is not None else load_app(app_ref)
-        self.poll_interval = poll_interval
+        self.idle = idle if idle is not None else polls.IdleWait(*polls.EXECUTOR_IDLE)
         self.tasks_run = 0
         self._fab_refs: dict[str, str | None] = {}
         self._stop = threading.Event()
@@ -257,12 +256,14 @@ class SiteExecutor:
                 self._stop.wait(1.0)
                 continue
             if token is None:
-                self._stop.wait(self.poll_interval)
+                self._stop.wait(self.idle.next())
                 continue
             try:
                 self.run_task(token)
             except Exception as exc:  # noqa: BLE001  # e.g. the SuperNode dropped the task
                 log.error("task failed outside the ClientApp: %s", exc)
+            # The round's next message usually follows soon.
+            self.idle.reset()
             if max_tasks is not None and self.tasks_run >= max_tasks:
                 return
 
@@ -431,7 +432,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runtime-api-address", required=True, help="loopback HOST:PORT")
     parser.add_argument("--app", default=DEFAULT_APP, help="the ClientApp, MODULE:ATTRIBUTE")
-    parser.add_argument("--poll-interval", type=float, default=polls.EXECUTOR_POLL_SECONDS)
     parser.add_argument("--parent-pid", type=int, default=None, help="exit when it is gone")
     parser.add_argument(
         "--preload",
@@ -454,9 +454,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.parent_pid is not None:
         _watch_parent(args.parent_pid)
     try:
-        executor = SiteExecutor(
-            args.runtime_api_address, app_ref=args.app, poll_interval=args.poll_interval
-        )
+        executor = SiteExecutor(args.runtime_api_address, app_ref=args.app)
     except (ValueError, TypeError, ImportError, AttributeError) as exc:
         print(f"error: site executor: {exc}", file=sys.stderr)
         return 2

@@ -249,30 +249,35 @@ def test_the_executor_refuses_any_other_address(address) -> None:
         site_executor.check_loopback(address)
 
 
-def test_shortened_supernode_sleeps_map_only_flowers_two_constants() -> None:
+def test_idle_wait_starts_short_after_activity_and_grows_to_its_cap() -> None:
+    wait = polls.IdleWait(0.1, 0.3, growth=2)
+    assert [wait.next() for _ in range(4)] == [0.1, 0.2, 0.3, 0.3]
+    wait.reset()
+    assert wait.next() == 0.1
+    with pytest.raises(ValueError):
+        polls.IdleWait(0.5, 0.1)
+
+
+def test_shortened_supernode_sleeps_map_only_flowers_constants(monkeypatch) -> None:
     from flwr.supernode import start_client_internal as loop
 
-    original = loop.time, loop.pull_objects
+    original = loop.time, loop.pull_objects, loop._pull_and_store_message
     slept: list[float] = []
+    wait = polls.IdleWait(0.01, 0.04, growth=2)
     try:
-        assert polls.shorten_supernode_polls({3: 0.0, 0.5: 0.0})
-        real_sleep = time.sleep
-        # The shim calls the real time.sleep with the mapped value.
-        time.sleep = slept.append  # type: ignore[assignment]
-        try:
-            loop.time.sleep(3)
-            loop.time.sleep(0.5)
-            loop.time.sleep(1.25)
-        finally:
-            time.sleep = real_sleep
-        assert slept == [0.0, 0.0, 1.25]
+        assert polls.shorten_supernode_polls(wait, {0.5: 0.002})
+        # The shim calls the real time.sleep with the value it maps to.
+        monkeypatch.setattr(time, "sleep", slept.append)
+        for seconds in (3, 3, 3, 3, 0.5, 1.25):
+            loop.time.sleep(seconds)
+        assert slept == [0.01, 0.02, 0.04, 0.04, 0.002, 1.25]
         assert loop.time.monotonic is time.monotonic
         assert loop.pull_objects.keywords == {
             "initial_backoff": polls.PULL_FIRST_WAIT_SECONDS,
             "backoff_cap": polls.PULL_MAX_WAIT_SECONDS,
         }
     finally:
-        loop.time, loop.pull_objects = original
+        loop.time, loop.pull_objects, loop._pull_and_store_message = original
 
 
 def _children(pid: int) -> list[int]:
