@@ -221,6 +221,7 @@ def supernode_command(
 
     """
     _tls(certs, insecure, what=f"site {site_id}")
+    _tool("flower-supernode")  # Flower must be installed: the site runs its SuperNode
     cmd = [
         # Flower's flower-supernode entry point, run by securefed's site launcher: one warm
         # ClientApp executor per site and short idle polls (see securefed.deploy.supernode).

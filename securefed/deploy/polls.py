@@ -8,13 +8,13 @@ what is sent or to whom, nor TLS or node authentication: only how soon a process
 =================================  ==========  ================  ==========================
 wait (process)                     Flower      securefed         set by
 =================================  ==========  ================  ==========================
-SuperNode idle, between two        3 s         0.05 s after a    :func:`shorten_supernode_
+SuperNode idle, between two        3 s         0.15 s after a    :func:`shorten_supernode_
 requests to the SuperLink for a                message, growing  polls` (patched, see below)
-message (site)                                 x1.25 to 0.5 s
+message (site)                                 x1.25 to 0.6 s
 SuperNode, between two looks for   0.5 s       0.05 s            :func:`shorten_supernode_
 the ClientApp's reply (site, in                                  polls` (patched)
 memory)
-first wait for a message part not  1 s,        0.02 s,           :func:`shorten_supernode_
+first wait for a message part not  1 s,        0.05 s,           :func:`shorten_supernode_
 yet uploaded (SuperNode, site      doubling    doubling          polls`, :func:`shorten_
 executor, ServerApp)               to 10 s     to 0.5 s          grid_pulls`, the executor's
                                                                  ``pull_task_input``
@@ -28,7 +28,9 @@ two ServerApp task requests                                      INTERVAL`` (Flo
 
 The idle waits start short right after a message, when the next stage of the round is near,
 and grow while nothing comes: ten idle sites polling every 0.2 s kept 0.75 of a 2-core machine
-busy (measured with ``LocalDeployment``), CPU the sites' training then lacked.
+busy (measured with ``LocalDeployment``), CPU the sites' training then lacked. They do not start
+shorter than 0.15 s because every poll is a request the SuperLink must serve: with ten sites,
+the SuperLink (one Python process) is what a protocol stage waits for, not the sites.
 
 The first three are constants in Flower's source, not settings: the functions here replace
 them by rebinding names inside one Flower module each (``time``, ``pull_objects`` and
@@ -37,8 +39,8 @@ them by rebinding names inside one Flower module each (``time``, ``pull_objects`
 1.42 (pyproject pins ``flwr>=1.42,<1.43``); on any other version they leave Flower as it is and
 log a warning, so a deployment still works, only slower.
 
-The cost of the shorter waits: a long-idle site sends its SuperLink two small TLS requests a
-second (instead of one every 3 s), and its executor asks its SuperNode four times a second over
+The cost of the shorter waits: a long-idle site sends its SuperLink under two small TLS requests
+a second (instead of one every 3 s), and its executor asks its SuperNode four times a second over
 loopback; more during a round.
 """
 
@@ -69,14 +71,14 @@ FLWR_SERIES = "1.42."
 FLWR_SUPERNODE_IDLE_SLEEP = 3
 FLWR_SUPERNODE_REPLY_SLEEP = 0.5
 #: SuperNode idle wait: (first after a message, longest) seconds.
-SUPERNODE_IDLE = (0.05, 0.5)
+SUPERNODE_IDLE = (0.15, 0.6)
 #: Other SuperNode sleeps (Flower's value -> securefed's): the wait for the ClientApp's reply.
 SUPERNODE_SLEEPS: dict[float, float] = {FLWR_SUPERNODE_REPLY_SLEEP: 0.05}
 #: First wait before asking again for a message part that is not uploaded yet; doubles up to
 #: :data:`PULL_MAX_WAIT_SECONDS`. A message becomes visible before its parts are uploaded, so
 #: the reader often asks early; Flower's first wait of 1 s (then 2 s, 4 s) was paid once per
 #: stage per direction.
-PULL_FIRST_WAIT_SECONDS = 0.02
+PULL_FIRST_WAIT_SECONDS = 0.05
 PULL_MAX_WAIT_SECONDS = 0.5
 #: Site executor idle wait between two task requests: (first after a task, longest) seconds.
 EXECUTOR_IDLE = (0.02, 0.25)
