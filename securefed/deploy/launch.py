@@ -4,12 +4,15 @@ A deployment is three kinds of process, each on its own machine in real use:
 
 - the **SuperLink** (``flower-superlink``): the server; Flower starts the securefed ServerApp
   next to it for each run;
-- one **SuperNode** per hospital (``flower-supernode``), pointing at its own data through its
-  node configuration; Flower starts the securefed ClientApp in it for each message;
+- one **SuperNode** per hospital (Flower's ``flower-supernode``, run by
+  :mod:`securefed.deploy.supernode`), pointing at its own data through its node
+  configuration, with one long-lived executor (:mod:`securefed.deploy.executor`) that runs
+  the securefed ClientApp for every message;
 - ``flwr run``, which submits a run (the securefed Flower App and its configuration).
 
 TLS is on unless ``insecure`` is asked for. These helpers only build argument lists and
-environments (and wait for a submitted run); the processes are Flower's own.
+environments (and wait for a submitted run); the processes are Flower's own, except the
+site's executor.
 """
 
 from __future__ import annotations
@@ -65,12 +68,13 @@ def flower_env(
 ) -> dict[str, str]:
     """Environment for Flower processes: this Python's tools first on PATH, fast task polling.
 
-    Flower starts the ServerApp and every ClientApp as child processes found on ``PATH``;
-    they must be this environment's, or they would not import securefed.
+    Flower starts the ServerApp (once per run, next to the SuperLink) as a child process found
+    on ``PATH``; it must be this environment's, or it would not import securefed. (Sites run
+    their ClientApp in securefed's own executor, :mod:`securefed.deploy.executor`.)
     """
     env = dict(os.environ if base is None else base)
     env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
-    # SuperExec polls for new tasks every 1 s by default; each round has four exchanges.
+    # The SuperLink's SuperExec polls for a new ServerApp task every 1 s by default.
     env.setdefault("FLWR_SUPEREXEC_TASK_POLL_INTERVAL", "0.1")
     if home is not None:
         env["FLWR_HOME"] = str(home)
@@ -187,7 +191,10 @@ def supernode_command(
     signing_key: Path | None = None,
     allow_reproducible_noise: bool = False,
 ) -> list[str]:
-    """``flower-supernode`` for one hospital, its data named in its node configuration.
+    """The site process for one hospital, its data named in its node configuration.
+
+    Flower's ``flower-supernode`` (its options, TLS and node authentication unchanged) in
+    process isolation, with securefed's warm ClientApp executor beside it.
 
     Args:
         superlink: ``host:port`` of the SuperLink.
@@ -214,8 +221,15 @@ def supernode_command(
 
     """
     _tls(certs, insecure, what=f"site {site_id}")
+    _tool("flower-supernode")  # Flower must be installed: the site runs its SuperNode
     cmd = [
-        _tool("flower-supernode"),
+        # Flower's flower-supernode entry point, run by securefed's site launcher: one warm
+        # ClientApp executor per site and short idle polls (see securefed.deploy.supernode).
+        sys.executable,
+        "-m",
+        "securefed.deploy.supernode",
+        "--isolation",
+        "process",
         "--superlink",
         superlink,
         "--port",

@@ -83,12 +83,27 @@ class LocalDeployment:
         #: Each site's claim-signing public key (hex), for ``securefed audit --site-keys``.
         self.site_keys: dict[int, str] = {}
         self.env = launch.flower_env()
+        # All sites share this machine's cores: each site's torch gets its share, as N
+        # hospitals would each use their own machine. Without it every site starts one thread
+        # per core and N sites oversubscribe the cores N-fold while they train together.
+        threads = str(max(1, (os.cpu_count() or 1) // sites))
+        self.site_env = {
+            **self.env,
+            "OMP_NUM_THREADS": self.env.get("OMP_NUM_THREADS", threads),
+            "MKL_NUM_THREADS": self.env.get("MKL_NUM_THREADS", threads),
+        }
 
-    def _spawn(self, cmd: Sequence[str], log: str) -> subprocess.Popen:
+    def _spawn(
+        self, cmd: Sequence[str], log: str, *, env: dict[str, str] | None = None
+    ) -> subprocess.Popen:
         fh = open(self.folder / log, "ab")  # noqa: SIM115  # the child owns it
         try:
             return subprocess.Popen(
-                list(cmd), env=self.env, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True
+                list(cmd),
+                env=self.env if env is None else env,
+                stdout=fh,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
             )
         finally:
             fh.close()
@@ -136,7 +151,7 @@ class LocalDeployment:
             auth_key=(self.certs / f"site{site_id}.key") if self.node_auth else None,  # type: ignore[operator]
             **self.site_options,
         )
-        self.site_procs[site_id] = self._spawn(cmd, f"site{site_id}.log")
+        self.site_procs[site_id] = self._spawn(cmd, f"site{site_id}.log", env=self.site_env)
 
     def start(self) -> LocalDeployment:
         """Server, registrations, then every site."""
@@ -147,7 +162,7 @@ class LocalDeployment:
         return self
 
     def kill_site(self, site_id: int) -> None:
-        """SIGKILL a site's process group (the SuperNode and its running ClientApp)."""
+        """SIGKILL a site's process group (the SuperNode and its ClientApp executor)."""
         _kill(self.site_procs.pop(site_id))
 
     def kill_server(self) -> None:

@@ -15,6 +15,7 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from securefed.config import RunConfig
+from securefed.deploy.polls import shorten_grid_pulls
 from securefed.errors import SecureFedError
 
 __all__ = ["app"]
@@ -28,6 +29,8 @@ def main(grid: Grid, context: Context) -> None:
     from securefed.deploy.coordinator import Coordinator, FlowerLink
 
     logging.getLogger("securefed.deploy").setLevel(logging.INFO)
+    # Sites' replies are fetched without Flower's 1 s first back-off (securefed.deploy.polls).
+    shorten_grid_pulls()
     rc = context.run_config
     out = Path(str(rc["out"]))
     if not out.is_absolute():
