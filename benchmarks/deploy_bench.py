@@ -6,8 +6,9 @@ aggregation on the synthetic shapes, the tiny ``cnn`` on CPU, trained twice in o
 * in-process (``securefed.run.train``): wall time per round, and the masked-input protocol
   bytes each site sent per round;
 * over Flower (a real SuperLink and N SuperNodes on 127.0.0.1 with TLS and node authentication,
-  :class:`securefed.deploy.local.LocalDeployment`): wall time per round at the server, the wall
-  clock of the whole submission (``flwr run``, ServerApp and ClientApp process starts included),
+  :class:`securefed.deploy.local.LocalDeployment`; each site runs its ClientApp in one warm
+  executor and gets cores / N torch threads): wall time per round at the server, the wall
+  clock of the whole submission (``flwr run`` and the ServerApp's start included),
   securefed payload bytes from and to each site per round, and the loopback interface's
   received bytes over the submission divided by sites and rounds;
 
@@ -25,6 +26,9 @@ Writes ``results.json``/``results.csv`` (one row per site count and runtime, wit
 deployment (certificates, SuperLink database, logs) lives in ``OUT/work`` and is deleted after
 a successful run; after a failure only its ``*.log`` files are kept. A site count whose two rows
 are already in ``results.json`` is skipped, so an interrupted invocation resumes.
+
+The sites' start-up (each executor's imports, about 10 s on 2 cores) overlaps the run's
+connection and set-up: it is in ``submit_seconds``, not in the round times.
 
 The loopback counter is machine-wide: anything else talking over ``lo`` during the Flower run
 (other tests, other deployments) is counted too, so run it on a quiet machine.

@@ -227,7 +227,8 @@ class SiteExecutor:
                     push_message(client, reply, context)
             except Exception as exc:  # noqa: BLE001
                 log.error("could not push the reply to the SuperNode", exc_info=exc)
-            heartbeat.stop()
+            if heartbeat.is_running:  # its thread may have ended on an unexpected error
+                heartbeat.stop()
             try:
                 # Like flwr-clientapp: the context goes back even after a failure.
                 push_task_output(
