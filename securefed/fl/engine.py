@@ -98,6 +98,46 @@ class _Sums:
     site_errors: dict[int, str] = field(default_factory=dict)
 
 
+class _LoggedLink:
+    """A link that reports every exchange (``sent``, then ``replies``) to the engine's log."""
+
+    def __init__(self, link: Link, event: EventSink) -> None:
+        self.link = link
+        self.event = event
+
+    @property
+    def sent(self) -> dict[int, int]:
+        return self.link.sent
+
+    @property
+    def received(self) -> dict[int, int]:
+        return self.link.received
+
+    def exchange(
+        self,
+        payloads: Mapping[int, tuple[str, dict[str, Any]]],
+        *,
+        timeout: float,
+        group: str,
+        awaited: set[int] | None = None,
+    ) -> tuple[dict[int, dict[str, Any]], dict[int, str]]:
+        stages = sorted({stage.rsplit(".", 1)[-1] for stage, _ in payloads.values()})
+        where = {"round": int(group)} if group.isdigit() else {"group": group}
+        stage = stages[0] if len(stages) == 1 else ",".join(stages)
+        self.event(event="sent", stage=stage, **where)
+        replies, errors = self.link.exchange(
+            payloads, timeout=timeout, group=group, awaited=awaited
+        )
+        self.event(
+            event="replies",
+            stage=stage,
+            sites=sorted(replies),
+            errors={str(k): v for k, v in sorted(errors.items())},
+            **where,
+        )
+        return replies, errors
+
+
 def apply_transfer(
     models: list[nn.Module],
     *,
@@ -169,6 +209,8 @@ class RoundEngine:
         self.config = config
         self.bundle = bundle
         self.link = link
+        #: The link every round exchange goes through: it logs each stage sent and answered.
+        self.logged = _LoggedLink(link, self._event)
         self.public_indices = public_indices
         self.dropout_schedule = dropout_schedule
         self.fit_timeout = fit_timeout
@@ -418,8 +460,7 @@ class RoundEngine:
         self, round_index: int, payloads: dict[int, tuple[str, dict[str, Any]]]
     ) -> tuple[dict[int, dict[str, Any]], dict[int, str]]:
         """The fit exchange, then each reply's DP accounting (a refused one is left out)."""
-        self._event(event="sent", round=round_index, stage="fit")
-        replies, errors = self.link.exchange(
+        replies, errors = self.logged.exchange(
             payloads, timeout=self.fit_timeout, group=str(round_index)
         )
         fits = {}
@@ -430,13 +471,6 @@ class RoundEngine:
                 errors[sid] = str(exc)
                 continue
             fits[sid] = replies[sid]
-        self._event(
-            event="replies",
-            round=round_index,
-            stage="fit",
-            sites=sorted(fits),
-            errors={str(k): v for k, v in errors.items()},
-        )
         return fits, errors
 
     def _assign(
@@ -449,7 +483,7 @@ class RoundEngine:
             sid: (Stage.SELECT, {**_models_fields(blobs), "layout_keys": list(self.layout.keys)})
             for sid in chosen
         }
-        replies, failed = self.link.exchange(
+        replies, failed = self.logged.exchange(
             payloads, timeout=self.fit_timeout, group=str(round_index)
         )
         errors.update(failed)
@@ -507,7 +541,7 @@ class RoundEngine:
                 skipped[k] = "no site completed training this round"
                 continue
             outcome = self._collector(len(members)).collect(
-                self.link,
+                self.logged,
                 contributed,
                 round_index=round_index,
                 chosen=members,
@@ -649,9 +683,8 @@ class RoundEngine:
             payloads[sid] = (Stage.EVALUATE, fields)
         # A site that failed this round may be gone for good: its evaluation is not awaited.
         awaited = set(self.site_info) - set(sums.site_errors)
-        self._event(event="sent", round=round_index, stage="evaluate")
         start = time.perf_counter()
-        replies, errors = self.link.exchange(
+        replies, errors = self.logged.exchange(
             payloads, timeout=self.fit_timeout, group=str(round_index), awaited=awaited
         )
         exchange_seconds = time.perf_counter() - start

@@ -6,13 +6,15 @@ with ``--secure-agg mask``:
 
 1. after round 1 the server (SuperLink) is SIGKILLed and restarted, and the run resumes from
    the server's checkpoint;
-2. in round 2, site 2's process is SIGKILLed once every site has shared its keys: the round
-   must complete through Bonawitz dropout recovery;
+2. in round 2, site 2's process is SIGKILLed once every site has trained (answered fit): it
+   never uploads its masked input (with warm site processes the protocol steps take
+   milliseconds, so the kill comes before them rather than between them), and the round must
+   complete through Bonawitz dropout recovery;
 3. the final weights must equal the in-process runtime with the same seed and the same
    dropout; the privacy report must match it and pass the audit.
 
-Then clustered FL (IFCA), and FTL from a public backbone with a DP digital twin per site, each
-one round over Flower against the in-process run.
+Before the masked run (which kills a site), clustered FL (IFCA), and FTL from a public backbone
+with a DP digital twin per site, each one round over Flower against the in-process run.
 
 Every process group is gone at the end.
 """
@@ -187,8 +189,47 @@ def test_ckks_over_flower_equals_the_plaintext_sum(deployment, tiny_npz) -> None
 
 
 @pytest.fixture(scope="module")
+def public_backbone(tmp_path_factory) -> Path:
+    """FTL weights pretrained on another (public) data set, as a hospital network would."""
+    return pretrain_public(tmp_path_factory.mktemp("public"))
+
+
+@pytest.mark.parametrize(
+    "name, changes",
+    [
+        # IFCA: the sites pick their cluster over Flower; one masked sum per cluster.
+        ("cfl", {"strategy": "cfl", "clusters": 2, "dp_epsilon": None}),
+        # Transfer learning from a public backbone, and a DP digital twin at every site.
+        ("ftl-twins", {"strategy": "ftl", "personalize": 1, "pretrained": "BACKBONE"}),
+    ],
+)
+def test_cfl_ftl_and_twins_over_flower_equal_the_in_process_run(
+    deployment, tiny_npz, public_backbone, name, changes
+) -> None:
+    dep, root = deployment
+    if changes.get("pretrained") == "BACKBONE":
+        changes = {**changes, "pretrained": str(public_backbone)}
+    config = _config(tiny_npz, rounds=1, secagg_threshold=2, **changes)
+    out = dep.submit(config, out=root / f"{name}-run", **TIMEOUTS)
+    fed = Federation(config)
+    fed.run_round(1)
+    _assert_same_weights(
+        load_file(str(out / "model.safetensors")), fed.global_model.state_dict(), config
+    )
+    metrics = json.loads((out / "metrics.json").read_text())
+    record = metrics["rounds"][0]
+    assert record["applied"], record["error"]
+    if config.strategy == "cfl":
+        assert record["clusters"] == fed.records[0].data["clusters"]
+    if config.personalize:
+        assert all("twin" in c for c in record["clients"])
+        privacy = json.loads((out / "privacy.json").read_text())
+        assert {e["phase"] for e in privacy["events"]} == {"federated", "personalize"}
+
+
+@pytest.fixture(scope="module")
 def masked_run(deployment, tiny_npz):
-    """Two masked rounds: a server restart after round 1, site 2 killed in round 2."""
+    """Two masked rounds: a server restart after round 1, site 2 killed in round 2 (after fit)."""
     dep, root = deployment
     # t = 2 of 3 tolerates one dropout (the default for 3 sites, 3, tolerates none).
     config = _config(tiny_npz, secagg_threshold=2)
@@ -200,7 +241,7 @@ def masked_run(deployment, tiny_npz):
     assert not (out / "privacy.json").exists()
     dep.start_server()
     dep.pgids.append(dep.server.pid)
-    watcher, killed = _kill_when(dep, out / "deploy-log.jsonl", 2, stage="share", round_index=2)
+    watcher, killed = _kill_when(dep, out / "deploy-log.jsonl", 2, stage="fit", round_index=2)
     dep.submit(config, out=out, resume=True, **{**TIMEOUTS, "stage_timeout": 20.0})
     watcher.join(timeout=10)
     return {
@@ -218,7 +259,11 @@ def _site_2_drops_in_round_2(round_index: int, chosen: list[int]) -> tuple[set[i
 
 @pytest.fixture(scope="module")
 def in_process(masked_run, tmp_path_factory):
-    """The same run in one process, site 2 vanishing after sharing its keys in round 2."""
+    """The same run in one process, site 2 vanishing before its upload in round 2.
+
+    Whether a site drops before or after sharing its keys, it is left out of the sum and the
+    others' masks are removed: the sum, and so the model, is the same.
+    """
     from securefed.run import train
 
     config = masked_run["config"]
@@ -304,45 +349,6 @@ def test_server_restart_resumes_from_its_checkpoint(masked_run) -> None:
     assert sorted((e["round"], e["client_id"]) for e in privacy["events"]) == [
         (r, s) for r in (1, 2) for s in (0, 1, 2)
     ]
-
-
-@pytest.fixture(scope="module")
-def public_backbone(tmp_path_factory) -> Path:
-    """FTL weights pretrained on another (public) data set, as a hospital network would."""
-    return pretrain_public(tmp_path_factory.mktemp("public"))
-
-
-@pytest.mark.parametrize(
-    "name, changes",
-    [
-        # IFCA: the sites pick their cluster over Flower; one masked sum per cluster.
-        ("cfl", {"strategy": "cfl", "clusters": 2, "dp_epsilon": None}),
-        # Transfer learning from a public backbone, and a DP digital twin at every site.
-        ("ftl-twins", {"strategy": "ftl", "personalize": 1, "pretrained": "BACKBONE"}),
-    ],
-)
-def test_cfl_ftl_and_twins_over_flower_equal_the_in_process_run(
-    deployment, tiny_npz, public_backbone, name, changes
-) -> None:
-    dep, root = deployment
-    if changes.get("pretrained") == "BACKBONE":
-        changes = {**changes, "pretrained": str(public_backbone)}
-    config = _config(tiny_npz, rounds=1, secagg_threshold=2, **changes)
-    out = dep.submit(config, out=root / f"{name}-run", **TIMEOUTS)
-    fed = Federation(config)
-    fed.run_round(1)
-    _assert_same_weights(
-        load_file(str(out / "model.safetensors")), fed.global_model.state_dict(), config
-    )
-    metrics = json.loads((out / "metrics.json").read_text())
-    record = metrics["rounds"][0]
-    assert record["applied"], record["error"]
-    if config.strategy == "cfl":
-        assert record["clusters"] == fed.records[0].data["clusters"]
-    if config.personalize:
-        assert all("twin" in c for c in record["clients"])
-        privacy = json.loads((out / "privacy.json").read_text())
-        assert {e["phase"] for e in privacy["events"]} == {"federated", "personalize"}
 
 
 def test_every_process_is_gone_after_close(deployment) -> None:
