@@ -35,6 +35,8 @@ app = ClientApp()
 RUN_CONFIG = "run_config"
 _LEDGER = "securefed.ledger"
 _PROTOCOL = "securefed.protocol"
+#: In the protocol state: the run configuration the round's fit ran under.
+_PINNED = "securefed.run_config"
 
 #: The runtime of the run this process serves: (run id, node config, run config) -> runtime.
 _RUNTIMES: dict[tuple[int, str, str], SiteRuntime] = {}
@@ -86,7 +88,14 @@ def _handle(msg: Message, context: Context) -> Message:
         raise ProtocolError(f"{stage} message: no valid run configuration ({exc})") from exc
     state = _protocol_state(context)
     mode = get_mode(config.secure_agg)
+    pinned = json.dumps(config.to_dict(), sort_keys=True)
     if stage in mode.stages:
+        # The round's protocol runs under the configuration its fit ran under: a server that
+        # changes it between steps (another threshold, fewer neighbours) is refused.
+        if state.get(_PINNED) != pinned:
+            raise ProtocolError(
+                f"{stage}: the run configuration differs from the one this round's fit used"
+            )
         # Protocol steps: the site's secure-sum side only (no torch, no data).
         node = NodeSettings.from_node_config(dict(context.node_config))
         node.check_policy(config)
@@ -103,8 +112,14 @@ def _handle(msg: Message, context: Context) -> Message:
     if stage == Stage.SETUP:
         state = {}  # a new session: no protocol step of an earlier one continues
     runtime.state = state
-    reply = runtime.handle(stage, fields)
-    _store(context, runtime.state, runtime.own_events() if runtime.history_known else None)
+    try:
+        reply = runtime.handle(stage, fields)
+        if stage == Stage.FIT:
+            runtime.state[_PINNED] = pinned
+    finally:
+        # Even when the step fails after training: the site's own ledger must hold what it
+        # spent, or a fresh site process would believe the server's shorter copy.
+        _store(context, runtime.state, runtime.own_events() if runtime.history_known else None)
     return Message(encode(reply), reply_to=msg)
 
 

@@ -131,6 +131,13 @@ def site_releases(config: RunConfig, *, runtime: str = "in-process") -> list[Rel
         add("fit", "events", "dp-accounted", "this round's DP-SGD events: " + _CLAIM)
         add("fit", "epsilon", "dp-accounted", "the site's spent epsilon, computed from events")
         add("fit", "signature", "clear", "Ed25519 signature over the site's privacy claim")
+    add(
+        "fit",
+        "refused",
+        "clear",
+        "why a site that trained sends no update (its own check on it failed, e.g. the CKKS "
+        "overflow bound): the reason only; its DP accounting still goes with it",
+    )
     if config.schedule == "cyclic":
         add(
             "fit",

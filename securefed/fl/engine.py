@@ -470,6 +470,10 @@ class RoundEngine:
             except ProtocolError as exc:
                 errors[sid] = str(exc)
                 continue
+            if "refused" in replies[sid]:
+                # It trained (and was accounted) but kept its update back.
+                errors[sid] = str(replies[sid]["refused"])
+                continue
             fits[sid] = replies[sid]
         return fits, errors
 
@@ -669,12 +673,15 @@ class RoundEngine:
         blobs = self._blobs()
         payloads: dict[int, tuple[str, dict[str, Any]]] = {}
         for sid in sorted(self.site_info):
+            # A site that failed a step this round may be gone: its reply is not awaited, so it
+            # is not asked to fine-tune (spending the server might then not count).
+            twin = personalize and sid not in sums.site_errors
             fields: dict[str, Any] = {
                 "layout_keys": list(self.layout.keys),
                 "round": round_index,
-                "personalize": personalize,
+                "personalize": twin,
             }
-            if personalize:
+            if twin:
                 fields["history"] = self._history(sid)
             if len(self.models) > 1 and self.clusters.get(sid) is None:
                 fields.update(_models_fields(blobs))
@@ -693,7 +700,7 @@ class RoundEngine:
         clients = []
         for sid in sorted(self.site_info):
             rep = replies.get(sid, {})
-            if personalize and sid in replies:
+            if payloads[sid][1]["personalize"] and sid in replies:
                 try:
                     self.claims.account(sid, rep, round_index=round_index, phase="personalize")
                 except ProtocolError as exc:

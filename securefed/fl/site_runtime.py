@@ -27,7 +27,7 @@ from securefed.data.dataset import ArraySplit
 from securefed.dp.ledger import PrivacyEvent, PrivacyLedger
 from securefed.dp.signing import SiteSigner
 from securefed.dp.trainer import SiteTrainer
-from securefed.errors import ConfigError, PrivacyBudgetError, ProtocolError
+from securefed.errors import ConfigError, PrivacyBudgetError, ProtocolError, SecureFedError
 from securefed.fl.claims import plan_fields, site_claim_for
 from securefed.fl.disclosures import check_reply
 from securefed.fl.params import ParamLayout
@@ -351,6 +351,35 @@ class SiteRuntime:
         self._adopt(earlier)
         self.history_known = True
 
+    def _check_budget(self, round_index: int, *, epochs: int, phase: str) -> None:
+        """Refuse training the site's own plan does not cover, whatever the server asks.
+
+        The plan was calibrated for ``rounds`` rounds (and the twins' fine-tuning): a round
+        past them, a round trained twice, or steps beyond the planned ones would spend more
+        than the epsilon the site agreed to.
+
+        Raises:
+            ProtocolError: Naming what the site refuses.
+
+        """
+        if self.plan is None:
+            return
+        cid = self.client_id
+        if not 1 <= round_index <= self.config.rounds:
+            raise ProtocolError(
+                f"site {cid}: round {round_index} is outside the run's {self.config.rounds} rounds"
+            )
+        own = self.own_events()
+        if any(e["phase"] == phase and e["round"] >= round_index for e in own):
+            raise ProtocolError(f"site {cid}: already trained ({phase}) in round {round_index}")
+        steps = epochs * self.trainer.steps_per_epoch
+        spent = sum(int(e["steps"]) for e in own)
+        if spent + steps > self.plan.planned_steps:
+            raise ProtocolError(
+                f"site {cid}: {steps} more steps would pass the {self.plan.planned_steps} its "
+                f"privacy plan covers ({spent} spent)"
+            )
+
     def _claim_fields(self, before: int) -> dict[str, Any]:
         """This step's events, the site's epsilon, its plan and its signature over the claim."""
         if self.plan is None:
@@ -386,6 +415,7 @@ class SiteRuntime:
         """
         round_index = int(fields["round"])
         self._sync_history(fields["history"], round_index)
+        self._check_budget(round_index, epochs=self.config.local_epochs, phase="federated")
         model, layout = self.model(fields["weights"], layout_keys=fields["layout_keys"])
         before = len(self.own_events())
         vec, loss, _, state = local_update(
@@ -401,14 +431,20 @@ class SiteRuntime:
             reply["weights"] = weights_to_bytes(state)
             return reply
         start = time.perf_counter()
-        reply.update(
-            self.protection.protect(
+        try:
+            protected = self.protection.protect(
                 np.asarray(vec, dtype=np.float64),
                 round_index=round_index,
                 n_sites=int(fields["n_sites"]),
                 state=self.state,
             )
-        )
+        except SecureFedError as exc:
+            # The site trained and spent budget: its accounting still goes to the server (so
+            # the report counts it), with no update and the reason it kept it back.
+            self.state.clear()
+            reply["refused"] = f"site {self.client_id}: {exc}"
+            return reply
+        reply.update(protected)
         if self.protects:
             reply["protect_seconds"] = time.perf_counter() - start
         return reply
@@ -435,6 +471,7 @@ class SiteRuntime:
         if fields.get("personalize"):
             round_index = int(fields["round"])
             self._sync_history(fields["history"], round_index + 1)
+            self._check_budget(round_index, epochs=self.config.personalize, phase="personalize")
             before = len(self.own_events())
             self.twin = self._fine_tune(model, round_index)
             if self.heldout is not None:

@@ -1,0 +1,45 @@
+"""A site spends only what its own plan covers, and what it spent is always counted."""
+
+from __future__ import annotations
+
+import pytest
+
+from securefed.errors import DataError
+from securefed.fl.simulation import Federation
+
+
+@pytest.mark.slow
+def test_a_site_refuses_a_round_twice_or_past_the_plan(small_config):
+    # Without the site's own check, a server could replay round 1 (or run round 3 of a
+    # 2-round plan) and the site would spend beyond the epsilon it agreed to.
+    cfg = small_config.replace(rounds=2)
+    fed = Federation(cfg)
+    assert fed.run_round(1).applied
+    spent = [len(s.ledger.events) for s in fed.sites]
+    again = fed.run_round(1)
+    assert not again.applied
+    assert all("already trained" in why for why in again.data["transport"]["site_errors"].values())
+    beyond = fed.run_round(3)
+    assert not beyond.applied
+    assert all("outside the run" in why for why in beyond.data["transport"]["site_errors"].values())
+    assert [len(s.ledger.events) for s in fed.sites] == spent  # nothing more was spent
+
+
+@pytest.mark.slow
+def test_a_site_that_trains_then_keeps_its_update_back_is_still_accounted(small_config):
+    # Without the accounting in the refusal, the report would state epsilon 0 for a site that
+    # spent a round's budget (a protection step failing after training, e.g. CKKS overflow).
+    cfg = small_config.replace(rounds=1)
+    fed = Federation(cfg)
+
+    def overflow(*args, **kwargs):
+        raise DataError("a sum of 3 updates like this one may exceed the CKKS bound")
+
+    fed.sites[1].protection.protect = overflow
+    rec = fed.run_round(1)
+    assert rec.applied and rec.data["survivors"] == [0, 2]
+    assert "CKKS bound" in rec.data["transport"]["site_errors"]["1"]
+    own = [e.to_dict() for e in fed.sites[1].ledger.events]
+    assert own and [e.to_dict() for e in fed.ledger.for_client(1)] == own
+    assert fed.claims.epsilon(1) == pytest.approx(fed.sites[1].trainer.epsilon())
+    assert fed.claims.epsilon(1) > 0
