@@ -43,8 +43,9 @@ class NodeSettings:
             server; this is the site's check on it.
         max_delta: Refuse any run whose delta bound (``--dp-delta``, default 1e-5) is above
             it. The site always lowers delta to at most ``1/(10 n)`` for its own size.
-        disclose_size: Allow this site's training-set size to be written into the run's
-            files; a run that asks for sizes (``--disclose-site-sizes``) is refused otherwise.
+        disclose_size: Allow this site's training-set size and class counts to be written
+            into the run's files; a run that asks for sizes (``--disclose-site-sizes``) is
+            refused otherwise.
         signing_key: This site's Ed25519 key file: it signs the site's privacy claim every
             round, so the run's report cannot be rewritten in its name. Required for DP runs.
         allow_reproducible_noise: Accept runs with ``reproducible_noise`` (DP noise derived
