@@ -59,6 +59,18 @@ def _done(path: Path) -> None:
     click.echo(f"results: {path}\nsummary: {path.parent / 'summary.md'}")
 
 
+def _medmnist_options(fn):
+    """``--data-dir`` and ``--dataset`` of the suites that read MedMNIST."""
+    fn = option("--dataset", default="pneumoniamnist", show_default=True, help="Data set name.")(fn)
+    return option(
+        "--data-dir",
+        type=click.Path(file_okay=False),
+        default=None,
+        show_default="~/.medmnist",
+        help="MedMNIST folder.",
+    )(fn)
+
+
 @bench.command("secure-agg")
 @_bench_options(default_seeds="0 (3 repeats)")
 def bench_secure_agg(out, quick, seeds, device) -> None:
@@ -79,14 +91,7 @@ def bench_secure_agg(out, quick, seeds, device) -> None:
 
 @bench.command("privacy-utility")
 @_bench_options(default_seeds="0,1,2 (quick: 0)")
-@option(
-    "--data-dir",
-    type=click.Path(file_okay=False),
-    default=None,
-    show_default="~/.medmnist",
-    help="MedMNIST folder.",
-)
-@option("--dataset", default="pneumoniamnist", show_default=True, help="Data set name.")
+@_medmnist_options
 @option(
     "--epsilons",
     default=None,
@@ -147,14 +152,7 @@ def bench_scaling(out, quick, seeds, device, sites):
 
 @bench.command("seeds")
 @_bench_options(default_seeds="0,1,2 (quick: 0)")
-@option(
-    "--data-dir",
-    type=click.Path(file_okay=False),
-    default=None,
-    show_default="~/.medmnist",
-    help="MedMNIST folder.",
-)
-@option("--dataset", default="pneumoniamnist", show_default=True, help="Data set name.")
+@_medmnist_options
 def bench_seeds(out, quick, seeds, device, data_dir, dataset):
     """The paper-style experiments: FL vs CFL vs FTL, and global model vs digital twin."""
     import dataclasses
@@ -180,14 +178,7 @@ def bench_seeds(out, quick, seeds, device, data_dir, dataset):
 
 @bench.command("strategies")
 @_bench_options(default_seeds="0")
-@option(
-    "--data-dir",
-    type=click.Path(file_okay=False),
-    default=None,
-    show_default="~/.medmnist",
-    help="MedMNIST folder.",
-)
-@option("--dataset", default="pneumoniamnist", show_default=True, help="Data set name.")
+@_medmnist_options
 @option(
     "--arms",
     default="fl,cfl,ftl",
