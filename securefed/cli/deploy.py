@@ -173,7 +173,8 @@ def deploy_register(certs, insecure, superlink, public_key) -> None:
 @option(
     "--disclose-size",
     is_flag=True,
-    help="Allow this site's training-set size into the run's files (off: it stays here).",
+    help="Allow this site's training-set size and class counts into the run's files (off: they "
+    "stay here).",
 )
 @option(
     "--signing-key",

@@ -470,6 +470,14 @@ class SiteRuntime:
         reply["metrics"] = metrics
         if fields.get("personalize"):
             round_index = int(fields["round"])
+            cfg = self.config
+            if not cfg.personalize or not (
+                cfg.personalize_when == "every" or round_index == cfg.rounds
+            ):
+                raise ProtocolError(
+                    f"site {self.client_id}: the run does not fine-tune twins in round "
+                    f"{round_index}"
+                )
             self._sync_history(fields["history"], round_index + 1)
             self._check_budget(round_index, epochs=self.config.personalize, phase="personalize")
             before = len(self.own_events())

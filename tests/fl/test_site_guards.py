@@ -43,3 +43,22 @@ def test_a_site_that_trains_then_keeps_its_update_back_is_still_accounted(small_
     assert own and [e.to_dict() for e in fed.ledger.for_client(1)] == own
     assert fed.claims.epsilon(1) == pytest.approx(fed.sites[1].trainer.epsilon())
     assert fed.claims.epsilon(1) > 0
+
+
+def test_a_site_fine_tunes_a_twin_only_when_the_run_says_so(small_config):
+    # Without it, a server could ask for DP fine-tuning at will, on the site's records.
+    from securefed.errors import ProtocolError
+    from securefed.protocol.wire import Stage
+
+    fed = Federation(small_config.replace(rounds=2, personalize=1, personalize_when="end"))
+    site = fed.sites[0]
+    fields = {
+        "weights": fed._blobs()[0],
+        "layout_keys": list(fed.layout.keys),
+        "round": 1,  # "end": only after the last round
+        "personalize": True,
+        "history": [],
+    }
+    with pytest.raises(ProtocolError, match="does not fine-tune twins in round 1"):
+        site.handle(Stage.EVALUATE, fields)
+    assert site.ledger.events == ()
