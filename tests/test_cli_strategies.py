@@ -74,7 +74,7 @@ def test_cfl_with_twins_under_masking_reports_membership_and_makes_no_dp_claim(t
     assert set(metrics["clusters"]["final_membership"]) == {"0", "1", "2", "3"}
     assert len(metrics["personalization"]) == 4
     privacy = json.loads((run / "privacy.json").read_text())
-    assert ("fit", "cluster", "clear") in {
+    assert ("select", "cluster", "clear") in {
         (d["message"], d["field"], d["protection"]) for d in privacy["disclosures"]
     }
     assert privacy["events"] == []

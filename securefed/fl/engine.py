@@ -512,6 +512,15 @@ class RoundEngine:
             if any(v == k for v in assign.values())
         }
         keys = list(self.layout.keys)
+        cfl = len(self.models) > 1
+        # A site alone in its cluster under secure aggregation is not asked to train: a "sum"
+        # of its one update would reveal it, so the cluster is skipped below.
+        solo = {
+            c
+            for members in groups.values()
+            if cfl and self.mode.protects and len(members) < 2
+            for c in members
+        }
         payloads = {
             sid: (
                 Stage.FIT,
@@ -524,12 +533,12 @@ class RoundEngine:
                 },
             )
             for sid in sorted(assign)
+            if sid not in solo
         }
         fit_start = time.perf_counter()
         fits, fit_errors = self._fit(round_index, payloads)
         errors.update(fit_errors)
         train_seconds = time.perf_counter() - fit_start
-        cfl = len(self.models) > 1
         outcomes: dict[int, SumOutcome] = {}
         skipped: dict[int, str] = {}
         error = None
