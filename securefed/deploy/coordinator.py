@@ -23,7 +23,7 @@ from securefed.errors import ConfigError, ProtocolError
 from securefed.fl.checkpoint import load_checkpoint, save_checkpoint
 from securefed.fl.engine import RoundEngine
 from securefed.protocol.link import Payloads, Replies
-from securefed.protocol.wire import Stage, decode, encode, payload_size
+from securefed.protocol.wire import RUN_CONFIG, Stage, decode, encode, payload_size
 
 __all__ = ["Coordinator", "FlowerLink", "check_deployable"]
 
@@ -70,14 +70,25 @@ class FlowerLink:
         self.config = config
         self.poll = poll
         self.nodes: dict[int, int] = {}
-        self.sent: dict[int, int] = {}
-        self.received: dict[int, int] = {}
+        #: Payload bytes per Flower node (the per-site figures are read through ``nodes``).
+        self.node_sent: dict[int, int] = {}
+        self.node_received: dict[int, int] = {}
         #: Nodes Flower reported as gone (no heartbeat), e.g. a site process that was killed.
         self.unreachable: set[int] = set()
 
     def node_ids(self) -> list[int]:
         """Nodes (SuperNodes) connected now."""
         return sorted(int(n) for n in self.grid.get_node_ids())
+
+    @property
+    def sent(self) -> dict[int, int]:
+        """Per site, payload bytes sent to it so far."""
+        return {sid: self.node_sent.get(node, 0) for sid, node in self.nodes.items()}
+
+    @property
+    def received(self) -> dict[int, int]:
+        """Per site, payload bytes received from it so far."""
+        return {sid: self.node_received.get(node, 0) for sid, node in self.nodes.items()}
 
     def bind(self, nodes: Mapping[int, int]) -> None:
         """Address site ``sid`` at Flower node ``nodes[sid]`` from now on."""
@@ -97,10 +108,6 @@ class FlowerLink:
             if awaited is None
             else {self.nodes[s] for s in awaited if s in self.nodes},
         )
-        for node, size in list(self._sizes.items()):
-            sid = site_of[node]
-            self.sent[sid] = self.sent.get(sid, 0) + size[0]
-            self.received[sid] = self.received.get(sid, 0) + size[1]
         return (
             {site_of[n]: r for n, r in replies.items()},
             {site_of[n]: why for n, why in errors.items()},
@@ -108,12 +115,12 @@ class FlowerLink:
 
     def exchange_nodes(
         self,
-        payloads: Mapping[int, tuple[str, dict[str, Any]]],
+        payloads: Payloads,
         *,
         timeout: float,
         group: str,
         awaited: set[int] | None = None,
-    ) -> tuple[dict[int, dict[str, Any]], dict[int, str]]:
+    ) -> Replies:
         """Send each node its message; wait up to ``timeout`` s for the replies.
 
         Returns:
@@ -125,11 +132,10 @@ class FlowerLink:
 
         ids: dict[str, int] = {}
         messages = []
-        self._sizes: dict[int, list[int]] = {}
         run = self.config.to_dict() if self.config is not None else None
         for node, (stage, fields) in payloads.items():
-            content = encode({**fields, "run_config": run} if run is not None else fields)
-            self._sizes[node] = [payload_size(content), 0]
+            content = encode({**fields, RUN_CONFIG: run} if run is not None else fields)
+            self.node_sent[node] = self.node_sent.get(node, 0) + payload_size(content)
             messages.append(Message(content, dst_node_id=node, message_type=stage, group_id=group))
         for node, mid in zip(payloads, self.grid.push_messages(messages)):
             ids[mid] = node
@@ -150,7 +156,8 @@ class FlowerLink:
                     if reply.error.code in _UNREACHABLE:
                         self.unreachable.add(node)
                     continue
-                self._sizes[node][1] = payload_size(reply.content)
+                size = payload_size(reply.content)
+                self.node_received[node] = self.node_received.get(node, 0) + size
                 try:
                     replies[node] = decode(reply.content, what=f"reply of node {node}")
                 except ProtocolError as exc:

@@ -22,17 +22,15 @@ from securefed.deploy.site import NodeSettings
 from securefed.errors import ProtocolError
 from securefed.fl.disclosures import check_reply
 from securefed.protocol.modes import get_mode
-from securefed.protocol.wire import Stage, decode, encode
+from securefed.protocol.wire import RUN_CONFIG, Stage, decode, encode
 
 if TYPE_CHECKING:
     from securefed.fl.site_runtime import SiteRuntime
 
-__all__ = ["RUN_CONFIG", "app"]
+__all__ = ["app"]
 
 app = ClientApp()
 
-#: The field every message carries: the run configuration (the site checks it each time).
-RUN_CONFIG = "run_config"
 _LEDGER = "securefed.ledger"
 _PROTOCOL = "securefed.protocol"
 #: In the protocol state: the run configuration the round's fit ran under.

@@ -234,7 +234,7 @@ def _close(a: float, b: float, rtol: float = 1e-12) -> bool:
 
 
 def _personalize_rounds(run: dict, executed: list[int]) -> list[int]:
-    """Rounds after which the twins are fine-tuned (mirrors fl.simulation.personalize_rounds)."""
+    """Rounds after which the twins are fine-tuned (mirrors fl.planning.personalizes_in)."""
     if not run.get("personalize"):
         return []
     if run.get("personalize_when") == "every":

@@ -35,6 +35,7 @@ from securefed.fl.params import ParamLayout
 from securefed.fl.planning import (
     model_spec,
     personalize_rounds,
+    personalizes_in,
     resolve_device,
     sample_participants,
     seed_for,
@@ -45,7 +46,7 @@ from securefed.fl.strategies import ServerOptimizer, build_server_optimizer, bui
 from securefed.fl.transfer import pretraining_provenance
 from securefed.metrics import detect_convergence
 from securefed.models import build_model
-from securefed.protocol.link import Link
+from securefed.protocol.link import Link, Payloads, Replies
 from securefed.protocol.modes import SumCollector, SumOutcome, get_mode
 from securefed.protocol.wire import Stage
 
@@ -114,13 +115,8 @@ class _LoggedLink:
         return self.link.received
 
     def exchange(
-        self,
-        payloads: Mapping[int, tuple[str, dict[str, Any]]],
-        *,
-        timeout: float,
-        group: str,
-        awaited: set[int] | None = None,
-    ) -> tuple[dict[int, dict[str, Any]], dict[int, str]]:
+        self, payloads: Payloads, *, timeout: float, group: str, awaited: set[int] | None = None
+    ) -> Replies:
         stages = sorted({stage.rsplit(".", 1)[-1] for stage, _ in payloads.values()})
         where = {"round": int(group)} if group.isdigit() else {"group": group}
         stage = stages[0] if len(stages) == 1 else ",".join(stages)
@@ -676,9 +672,7 @@ class RoundEngine:
 
         """
         cfg = self.config
-        personalize = bool(self.personalize_rounds()) and (
-            cfg.personalize_when == "every" or round_index == cfg.rounds
-        )
+        personalize = personalizes_in(cfg, round_index)
         blobs = self._blobs()
         payloads: dict[int, tuple[str, dict[str, Any]]] = {}
         for sid in sorted(self.site_info):

@@ -31,6 +31,7 @@ __all__ = [
     "mechanism_noise",
     "model_spec",
     "personalize_rounds",
+    "personalizes_in",
     "plan_site_privacy",
     "resolve_device",
     "sample_participants",
@@ -117,6 +118,13 @@ def personalize_rounds(config: RunConfig) -> int:
     if config.personalize == 0:
         return 0
     return config.rounds if config.personalize_when == "every" else 1
+
+
+def personalizes_in(config: RunConfig, round_index: int) -> bool:
+    """Whether the digital twins are fine-tuned after ``round_index`` (both sides check it)."""
+    return bool(config.personalize) and (
+        config.personalize_when == "every" or round_index == config.rounds
+    )
 
 
 def plan_site_privacy(config: RunConfig, *, num_samples: int) -> DPPlan:

@@ -17,7 +17,7 @@ from securefed.config import RunConfig
 from securefed.data.dataset import DatasetBundle, load_dataset
 from securefed.errors import ConfigError, DataError
 from securefed.fl.engine import METRICS_SCHEMA_VERSION, RoundEngine, RoundRecord
-from securefed.fl.planning import model_spec, resolve_device, seed_for, site_splits, task_for
+from securefed.fl.planning import seed_for, site_splits
 from securefed.fl.site_runtime import SiteRuntime
 from securefed.fl.transfer import public_split
 from securefed.protocol.link import LocalLink
@@ -88,9 +88,14 @@ class Federation(RoundEngine):
             splits = site_splits(config, train=self.private_train, val=bundle.val)
         except DataError as exc:
             raise DataError(f"{bundle.source}: {exc}") from exc
-        task = task_for(bundle, config)
-        spec = model_spec(bundle, task, config)
-        device = resolve_device(config.device)
+        link = LocalLink({})  # the sites join it once the engine has the task and model shape
+        super().__init__(
+            config,
+            bundle=bundle,
+            link=link,
+            public_indices=public_indices,
+            dropout_schedule=dropout_schedule,
+        )
         he_secret, he_public = _ckks_keys(config)
         self.sites: list[SiteRuntime] = [
             SiteRuntime(
@@ -98,10 +103,10 @@ class Federation(RoundEngine):
                 client_id=cid,
                 train=train,
                 heldout=held,
-                spec=spec,
-                task=task,
+                spec=self.spec,
+                task=self.task,
                 spatial_dims=bundle.spatial_dims,
-                device=device,
+                device=self.device,
                 dataset_name=bundle.name,
                 # The in-process operator holds every shard: the plain fingerprint hides
                 # nothing from it (a deployed site keys its fingerprint).
@@ -113,14 +118,8 @@ class Federation(RoundEngine):
             )
             for cid, (train, held) in enumerate(splits)
         ]
-        super().__init__(
-            config,
-            bundle=bundle,
-            link=LocalLink({s.client_id: s for s in self.sites}),
-            public_indices=public_indices,
-            dropout_schedule=dropout_schedule,
-        )
-        replies, errors = self.link.exchange(
+        link.sites = {s.client_id: s for s in self.sites}
+        replies, errors = link.exchange(
             {s.client_id: (Stage.SETUP, {}) for s in self.sites}, timeout=0, group="setup"
         )
         if errors:

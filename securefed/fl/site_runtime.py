@@ -33,6 +33,7 @@ from securefed.fl.disclosures import check_reply
 from securefed.fl.params import ParamLayout
 from securefed.fl.planning import (
     mechanism_noise,
+    personalizes_in,
     plan_site_privacy,
     seed_for,
     training_dataset,
@@ -470,10 +471,7 @@ class SiteRuntime:
         reply["metrics"] = metrics
         if fields.get("personalize"):
             round_index = int(fields["round"])
-            cfg = self.config
-            if not cfg.personalize or not (
-                cfg.personalize_when == "every" or round_index == cfg.rounds
-            ):
+            if not personalizes_in(self.config, round_index):
                 raise ProtocolError(
                     f"site {self.client_id}: the run does not fine-tune twins in round "
                     f"{round_index}"

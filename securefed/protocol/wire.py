@@ -22,6 +22,7 @@ __all__ = [
     "to_record",
     "PROTOCOL",
     "RECORD",
+    "RUN_CONFIG",
     "Stage",
     "decode",
     "encode",
@@ -34,6 +35,9 @@ __all__ = [
 PROTOCOL = 1
 #: Name of the one ConfigRecord a securefed message carries.
 RECORD = "securefed"
+#: Over Flower, the field every message to a site carries: the run configuration, which the
+#: site checks against its own policy each time.
+RUN_CONFIG = "run_config"
 
 
 class Stage:

@@ -11,7 +11,6 @@ from hypothesis import strategies as st
 from securefed.cli import main
 from securefed.config import RunConfig
 from securefed.deploy import launch
-from securefed.deploy.checkpoint import load_checkpoint, save_checkpoint
 from securefed.deploy.coordinator import check_deployable
 from securefed.deploy.site import NodeSettings
 from securefed.dp.ledger import PrivacyEvent, PrivacyLedger
@@ -22,6 +21,7 @@ from securefed.errors import (
     PrivacyBudgetError,
     ProtocolError,
 )
+from securefed.fl.checkpoint import load_checkpoint, save_checkpoint
 from securefed.fl.strategies import build_server_optimizer
 from securefed.protocol import wire
 
