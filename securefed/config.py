@@ -403,12 +403,17 @@ class RunConfig:
     )
     he_poly_modulus_degree: int = _setting(8192, help="CKKS ring degree N (slots N/2).")
     he_coeff_mod_bit_sizes: tuple[int, ...] = _setting(
-        (60, 40, 40, 60),
+        (60, 60, 60, 38),
         flag="--he-coeff-bits",
         kind="int-list",
-        help="CKKS coefficient modulus bit sizes, comma-separated.",
+        help="CKKS coefficient modulus bit sizes, comma-separated (data primes, then the "
+        "special prime).",
     )
-    he_scale_bits: int = _setting(40, help="CKKS scale 2^bits.")
+    he_scale_bits: int = _setting(
+        100,
+        help="CKKS scale 2^bits; large, so the decryption's flooding noise stays below 1e-6 "
+        "(see docs/ckks.md).",
+    )
     dropout_clients: float = _setting(
         0.0,
         shown="0",  # a count, shown as one

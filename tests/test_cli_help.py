@@ -100,7 +100,7 @@ def test_train_shows_the_run_config_defaults():
         "--seed": d.seed,
         "--max-grad-norm": d.max_grad_norm,
         "--secagg-ring-bits": d.secagg_ring_bits,
-        "--he-coeff-bits": "60,40,40,60",
+        "--he-coeff-bits": "60,60,60,38",
     }.items():
         assert f"[default: {value}]" in entries[flag], entries[flag]
     # click would print a string default as "(cnn)"; ours reads as the value to type.

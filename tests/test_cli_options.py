@@ -156,7 +156,7 @@ def test_help_shows_the_run_config_default_itself_unless_told_otherwise():
             continue  # shown as the switch that is on (--no-augment)
         assert f"[default: {shown(value)}]" in entries[flag_for(field)], field
     assert "[default: 8.0]" in entries["--dp-epsilon"]
-    assert "[default: 60,40,40,60]" in entries["--he-coeff-bits"]
+    assert "[default: 60,60,60,38]" in entries["--he-coeff-bits"]
 
 
 def test_deploy_run_offers_exactly_the_deployable_fields():

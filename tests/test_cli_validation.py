@@ -79,7 +79,7 @@ def npz(tmp_path):
             ["--secure-agg mask with 4 site(s)", "`--secagg-threshold`", "majority"],
         ),
         (["--secure-agg", "mask", "--clients", 1], ["`--clients`", "at least 2"]),
-        (["--secure-agg", "he", "--he-scale-bits", 99], ["--secure-agg he"]),
+        (["--secure-agg", "he", "--he-scale-bits", 170], ["--secure-agg he"]),
         (["--clients", 100000], ["`--clients` (clients) is 100000", "2400 training samples"]),
     ],
 )

@@ -6,11 +6,12 @@ import numpy as np
 import pytest
 
 from securefed.config import RunConfig
+from securefed.crypto.roster import Roster
 from securefed.errors import ConfigError, ProtocolError
 from securefed.plugins import SECURE_AGG
 from securefed.protocol.harness import ProtocolSite, run_sum
 from securefed.protocol.modes.ckks import CKKSMode, ckks_params
-from securefed.protocol.wire import Stage
+from securefed.protocol.wire import Stage, vector_from_bytes
 
 pytest.importorskip("tenseal")
 
@@ -103,21 +104,108 @@ def test_fewer_contributors_than_the_minimum_give_no_sum(keys):
     assert Stage.DECRYPT not in sites[2].stages
 
 
+def _aggregate(keys, *, round_index, sites, values=None):
+    """What an honest server would send: the encrypted sum of ``sites``' updates."""
+    from securefed.crypto.ckks import CKKSAggregator, CKKSEncryptor
+
+    enc = CKKSEncryptor(keys.public_context)
+    agg = CKKSAggregator(keys.public_context, round_index=round_index)
+    for s in sites:
+        vector = np.ones(DIM) if values is None else values[s]
+        agg.add(enc.encrypt(vector, site_id=s, round_index=round_index), site_id=s)
+    return agg.aggregate()
+
+
 def test_the_decrypting_site_refuses_a_sum_of_fewer_than_min_contributors(keys):
-    # Prepare: a server that asks to decrypt a single site's ciphertext.
+    # Prepare: a server that asks to decrypt a single site's ciphertext, and even claims the
+    # run has one site (the old code took its minimum, min(2, clients), from that claim).
     from securefed.crypto.ckks import CKKSAggregator
 
-    config = RunConfig(secure_agg="he", clients=4)
+    config = RunConfig(secure_agg="he", clients=1)
     site = CKKSMode().site(config, site_id=0, he_secret=keys.secret_context)
-    fit = site.protect(np.ones(DIM), round_index=1, n_sites=4, state={})
+    state = {}
+    fit = site.protect(np.ones(DIM), round_index=1, n_sites=4, state=state)
     agg = CKKSAggregator(keys.public_context, round_index=1)
     agg.add(fit["ciphertext"], site_id=0)
 
     # Execute / Assert
     with pytest.raises(ProtocolError, match="at least 2 are required"):
-        site.step(Stage.DECRYPT, {"round": 1, "aggregate": agg.aggregate()}, state={})
+        site.step(Stage.DECRYPT, {"round": 1, "aggregate": agg.aggregate()}, state=state)
     with pytest.raises(ProtocolError, match="needs `aggregate` bytes"):
-        site.step(Stage.DECRYPT, {"round": 1}, state={})
+        site.step(Stage.DECRYPT, {"round": 1}, state=state)
+
+
+def test_the_pinned_minimum_comes_from_the_roster_not_from_the_servers_config(keys):
+    # Prepare: the federation pinned 3 contributors; the server's config says 4 sites.
+    roster, _ = Roster.generate(4, min_contributors=3)
+    config = RunConfig(secure_agg="he", clients=4)
+    site = CKKSMode().site(config, site_id=0, he_secret=keys.secret_context, roster=roster)
+    state = {}
+    site.protect(np.ones(DIM), round_index=3, n_sites=4, state=state)
+    two = _aggregate(keys, round_index=3, sites=[0, 1])
+    three = _aggregate(keys, round_index=3, sites=[0, 1, 2])
+
+    # Execute / Assert
+    with pytest.raises(ProtocolError, match="sums 2 site\\(s\\); at least 3"):
+        site.step(Stage.DECRYPT, {"round": 3, "aggregate": two}, state=state)
+    total = vector_from_bytes(
+        site.step(Stage.DECRYPT, {"round": 3, "aggregate": three}, state=state)["vector"],
+        length=DIM,
+        what="sum",
+    )
+    np.testing.assert_allclose(total, np.full(DIM, 3.0), atol=ATOL, rtol=0)
+    # the noise is sized for the roster's 4 sites, not the 3 the aggregate claims
+    assert site.last_sigma == pytest.approx(keys.params.flooding_sigma(4))
+
+
+def test_a_key_holder_decrypts_only_the_round_it_fit_once_and_only_a_sum_it_is_in(keys):
+    # Prepare
+    config = RunConfig(secure_agg="he", clients=4)
+    site = CKKSMode().site(config, site_id=0, he_secret=keys.secret_context)
+    state = {}
+    site.protect(np.ones(DIM), round_index=5, n_sites=4, state=state)
+    current = _aggregate(keys, round_index=5, sites=[0, 1])
+    earlier = _aggregate(keys, round_index=4, sites=[0, 1])
+    without_me = _aggregate(keys, round_index=5, sites=[1, 2])
+
+    # Execute / Assert: before the first decryption, nothing but this round's sum is served.
+    with pytest.raises(ProtocolError, match="aggregate of round 4"):
+        site.step(Stage.DECRYPT, {"round": 4, "aggregate": earlier}, state=state)
+    with pytest.raises(ProtocolError, match="message says 6"):
+        site.step(Stage.DECRYPT, {"round": 6, "aggregate": current}, state=state)
+    with pytest.raises(ProtocolError, match="does not list this site"):
+        site.step(Stage.DECRYPT, {"round": 5, "aggregate": without_me}, state=state)
+    reply = site.step(Stage.DECRYPT, {"round": 5, "aggregate": current}, state=state)
+    with pytest.raises(ProtocolError, match="already decrypted; one decryption per round"):
+        site.step(Stage.DECRYPT, {"round": 5, "aggregate": current}, state=state)
+
+    # Assert: the state holds only ints and lists of ints (Flower's ConfigRecord).
+    assert len(reply["vector"]) == 8 * DIM
+    assert state == {
+        "ckks.fit_round": 5,
+        "ckks.decrypted_rounds": [5],
+        "ckks.decryptions": 1,
+    }
+    with pytest.raises(ProtocolError, match="latest contribution is to round None"):
+        site.step(Stage.DECRYPT, {"round": 5, "aggregate": current}, state={})
+
+
+def test_a_key_holder_refuses_decryptions_beyond_its_share_of_the_budget(keys):
+    # Prepare: four sites share the key's 2^32-decryption budget; this one has used its share.
+    from securefed.crypto.ckks.flooding import DECRYPTION_BUDGET
+
+    config = RunConfig(secure_agg="he", clients=4)
+    site = CKKSMode().site(config, site_id=0, he_secret=keys.secret_context)
+    state = {"ckks.decryptions": DECRYPTION_BUDGET // 4}
+    site.protect(np.ones(DIM), round_index=2, n_sites=4, state=state)
+
+    # Execute / Assert
+    with pytest.raises(ProtocolError, match="decryption budget"):
+        site.step(
+            Stage.DECRYPT,
+            {"round": 2, "aggregate": _aggregate(keys, round_index=2, sites=[0, 1])},
+            state=state,
+        )
 
 
 class _Tamper:
@@ -171,7 +259,10 @@ def test_a_malformed_decryption_is_refused_and_the_next_contributor_asked(keys):
 def test_the_server_side_gets_only_a_public_context_for_the_runs_parameters(keys):
     # Prepare
     config = RunConfig(secure_agg="he", clients=4)
-    other = RunConfig(secure_agg="he", clients=4, he_scale_bits=30)
+    other = RunConfig(secure_agg="he", clients=4, he_scale_bits=90)
+    coarse = RunConfig(
+        secure_agg="he", clients=4, he_coeff_mod_bit_sizes=(60, 40, 40, 60), he_scale_bits=40
+    )
 
     # Execute / Assert
     with pytest.raises(ProtocolError, match="must not hold the CKKS secret key"):
@@ -182,6 +273,13 @@ def test_the_server_side_gets_only_a_public_context_for_the_runs_parameters(keys
         CKKSMode().server(config, n_sites=4)
     with pytest.raises(ConfigError, match="secret key"):
         CKKSMode().site(config, site_id=0)
+    # The former defaults: the flooding noise would exceed the documented bound.
+    for side in (
+        lambda: CKKSMode().server(coarse, n_sites=4, he_public=keys.public_context),
+        lambda: CKKSMode().site(coarse, site_id=0, he_secret=keys.secret_context),
+    ):
+        with pytest.raises(ConfigError, match="flooding noise .* above the documented bound"):
+            side()
 
 
 def test_describe_is_the_deployed_privacy_report_entry(keys):
@@ -197,7 +295,9 @@ def test_describe_is_the_deployed_privacy_report_entry(keys):
         "library": "tenseal",
         "server_holds_secret_key": False,
         "key_holder": "the sites (one key set, distributed out of band); the lowest-id "
-        "contributing site decrypts each round's sum",
+        "contributing site decrypts each round's sum, once, adding flooding noise",
         "min_contributors": 2,
-        **ckks_params(config).describe(),
+        **ckks_params(config).describe(n_sites=4),
     }
+    assert entry["flooding_sigma"] == pytest.approx(keys.params.flooding_sigma(4))
+    assert entry["precision"] < 1e-9

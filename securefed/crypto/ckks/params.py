@@ -9,6 +9,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from securefed.crypto.ckks import flooding
+from securefed.crypto.ckks.flooding import DECRYPTION_BUDGET
 from securefed.errors import ConfigError, OptionalDependencyError
 
 if TYPE_CHECKING:  # pragma: no cover - typing only; TenSEAL is imported lazily
@@ -30,6 +32,10 @@ SECURITY_LEVEL_BITS = 128
 # SEAL generates NTT-friendly primes of at most 60 bits; below 20 bits there are too few primes
 # congruent to 1 mod 2N and the scale would give no useful precision.
 MIN_PRIME_BITS, MAX_PRIME_BITS = 20, 60
+# Only additions are done (no rescaling), so the scale may exceed a prime (SEAL encodes scales
+# beyond 64 bits with multi-precision arithmetic); it must leave this many bits of the data
+# modulus for the magnitude of the sum (sums up to 2^19 at the least).
+MIN_HEADROOM_BITS = 20
 ENCRYPTION_TYPES = ("asymmetric", "symmetric")
 
 
@@ -55,8 +61,10 @@ class CKKSParams:
         coeff_mod_bit_sizes: Bit sizes of the coefficient-modulus primes; the last is SEAL's
             special (key-switching) prime, the others are data primes. Their sum must not exceed
             :data:`MAX_COEFF_MODULUS_BITS` for ``N``.
-        global_scale_bits: Values are encoded as ``round(x * 2**global_scale_bits)``; sets the
-            precision. At most the smallest middle prime and below the first prime.
+        global_scale_bits: Values are encoded as ``round(x * 2**global_scale_bits)``. Only
+            additions are done, so it is bounded by the data modulus (at least
+            ``MIN_HEADROOM_BITS`` must remain for the sum's magnitude), not by a prime. A large
+            scale is what keeps the decryption's flooding noise (:mod:`.flooding`) small.
         encryption: ``"asymmetric"`` (public-key encryption: sites may hold only the public
             context) or ``"symmetric"`` (secret-key encryption: about twice as fast, every site
             must hold the secret key; the server's context then holds no key at all).
@@ -64,8 +72,11 @@ class CKKSParams:
     """
 
     poly_modulus_degree: int = 8192
-    coeff_mod_bit_sizes: tuple[int, ...] = (60, 40, 40, 60)
-    global_scale_bits: int = 40
+    # Three 60-bit data primes (Q = 2^180) and a 38-bit special prime: 218 bits, the 128-bit
+    # bound for N = 8192. Scale 2^100 leaves 2^79 for the sum and makes the flooding noise
+    # about 2e-11 per summed site (see `precision`).
+    coeff_mod_bit_sizes: tuple[int, ...] = (60, 60, 60, 38)
+    global_scale_bits: int = 100
     encryption: str = "asymmetric"
 
     def __post_init__(self) -> None:
@@ -115,16 +126,11 @@ class CKKSParams:
                 f"`global_scale_bits` must be at least {MIN_PRIME_BITS} for useful precision "
                 f"(got {scale})."
             )
-        if scale >= sizes[0]:
+        data_bits = sum(sizes[:-1])
+        if scale > data_bits - MIN_HEADROOM_BITS:
             raise ConfigError(
-                f"`global_scale_bits` must be below the first prime's {sizes[0]} bits "
-                f"(got {scale} >= {sizes[0]})."
-            )
-        middle = sizes[1:-1]
-        if middle and scale > min(middle):
-            raise ConfigError(
-                f"`global_scale_bits` must be at most the smallest middle prime "
-                f"(got {scale} > {min(middle)})."
+                f"`global_scale_bits` must leave at least {MIN_HEADROOM_BITS} of the "
+                f"{data_bits} data-modulus bits for the sum's magnitude (got {scale})."
             )
         if self.encryption not in ENCRYPTION_TYPES:
             raise ConfigError(
@@ -160,8 +166,64 @@ class CKKSParams:
         headroom = self.data_modulus_bits - scale_bits - 1
         return math.ldexp(1.0, headroom) if headroom > 0 else 0.0
 
+    def flooding_sigma(self, contributors: int, *, queries: int = DECRYPTION_BUDGET) -> float:
+        """Standard deviation of the decryption's flooding noise for a sum of ``contributors``.
+
+        See :func:`securefed.crypto.ckks.flooding.flooding_sigma` (LMSS 2022).
+        """
+        return flooding.flooding_sigma(
+            poly_modulus_degree=self.poly_modulus_degree,
+            scale_bits=self.global_scale_bits,
+            contributors=contributors,
+            queries=queries,
+        )
+
+    def error_bound(self, contributors: int) -> float:
+        """High-probability CKKS error of a sum of ``contributors`` fresh encryptions (values)."""
+        return flooding.error_bound(
+            poly_modulus_degree=self.poly_modulus_degree,
+            scale_bits=self.global_scale_bits,
+            contributors=contributors,
+        )
+
+    def precision(self, contributors: int) -> float:
+        """Worst absolute error per coordinate of a flooded sum of ``contributors`` sites.
+
+        ``8.5 sigma + t`` (:func:`securefed.crypto.ckks.flooding.precision`); exceeded with
+        probability below 2^-49 per coordinate.
+        """
+        return flooding.precision(
+            poly_modulus_degree=self.poly_modulus_degree,
+            scale_bits=self.global_scale_bits,
+            contributors=contributors,
+        )
+
+    def check_precision(self, n_sites: int) -> None:
+        """Refuse parameters whose flooding noise would spoil a sum of ``n_sites`` sites.
+
+        Raises:
+            ConfigError: :meth:`precision` exceeds
+                :data:`~securefed.crypto.ckks.flooding.PRECISION_BOUND`.
+
+        """
+        worst = self.precision(max(1, int(n_sites)))
+        if worst > flooding.PRECISION_BOUND:
+            raise ConfigError(
+                f"CKKS scale 2^{self.global_scale_bits} with poly_modulus_degree "
+                f"{self.poly_modulus_degree}: the decryption's flooding noise (sigma "
+                f"{self.flooding_sigma(max(1, int(n_sites))):.3g} for {n_sites} sites, "
+                f"{flooding.SECURITY_BITS}-bit security over {flooding.DECRYPTION_BUDGET} "
+                f"decryptions) makes the sum's error up to {worst:.3g}, above the documented "
+                f"bound {flooding.PRECISION_BOUND:g}; raise --he-scale-bits (each bit halves "
+                "it) and the data primes with it."
+            )
+
     def describe(
-        self, *, n_coordinates: int | None = None, n_encrypted: int | None = None
+        self,
+        *,
+        n_coordinates: int | None = None,
+        n_encrypted: int | None = None,
+        n_sites: int | None = None,
     ) -> dict[str, Any]:
         """Parameters for the privacy report.
 
@@ -169,6 +231,7 @@ class CKKSParams:
             n_coordinates: Length of the full update vector, if known.
             n_encrypted: How many of its coordinates are encrypted and sent (a trainable subset);
                 the rest are not sent at all.
+            n_sites: The most sites a sum may hold (sizes the flooding noise), if known.
 
         Returns:
             A JSON-serializable dictionary.
@@ -188,7 +251,22 @@ class CKKSParams:
             "encryption": self.encryption,
             "server_keys": "public context only (no secret key); the server cannot decrypt",
             "max_abs_sum": self.max_abs_sum(),
+            "decryption": (
+                "the key holder adds Gaussian flooding noise (OS CSPRNG) to the plaintext "
+                "polynomial before decoding and rounds to a power-of-two grid below sigma "
+                "(Li, Micciancio, Schultz, Sorrell, CRYPTO 2022): sigma = sqrt(24 N alpha) "
+                "2^(s/2) t"
+            ),
+            "flooding_security_bits": flooding.SECURITY_BITS,
+            "decryption_budget": flooding.DECRYPTION_BUDGET,
+            "fresh_error_bound": flooding.fresh_error_bound(self.poly_modulus_degree),
         }
+        if n_sites is not None:
+            k = max(1, int(n_sites))
+            out["flooding_sites"] = k
+            out["flooding_sigma"] = self.flooding_sigma(k)
+            out["error_bound"] = self.error_bound(k)
+            out["precision"] = self.precision(k)
         if n_coordinates is not None:
             encrypted = n_coordinates if n_encrypted is None else n_encrypted
             out["coordinates"] = n_coordinates

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from securefed.crypto.ckks.flooding import DECRYPTION_BUDGET, gaussian, quantum
 from securefed.crypto.ckks.framing import (
     AGGREGATOR_ID,
     KIND_AGGREGATE,
@@ -385,12 +386,24 @@ class CKKSAggregator:
 
 
 class CKKSDecryptor:
-    """The key holder's side: decrypt an aggregate (never a single site's update).
+    """The key holder's side: decrypt an aggregate (never a single site's update), flooded.
+
+    A raw CKKS decryption gives away the secret key (Li and Micciancio 2021; see
+    :mod:`.flooding`), so every decryption adds Gaussian noise from the OS CSPRNG to the
+    plaintext polynomial, exactly, before decoding, and rounds the released values to a
+    power-of-two grid below ``sigma`` (Li, Micciancio, Schultz, Sorrell, CRYPTO 2022).
 
     Args:
         secret_context: The framed secret context.
         min_contributors: Refuse aggregates that claim fewer summed sites than this. The claim
             is the server's, so this guards against mistakes, not a malicious server.
+        max_contributors: The most sites a sum may hold (the pinned roster size); the noise is
+            sized for ``max(claimed contributors, max_contributors)`` fresh encryptions, so a
+            server cannot shrink it by under-reporting. None trusts the frame's claim.
+        queries: Decryptions the key serves over its lifetime (LMSS's ``alpha``).
+
+    Attributes:
+        last_sigma: The flooding standard deviation of the latest decryption (value units).
 
     Raises:
         ProtocolError: A public context was given.
@@ -399,33 +412,55 @@ class CKKSDecryptor:
     """
 
     def __init__(
-        self, secret_context: bytes | bytearray | memoryview, *, min_contributors: int = 1
+        self,
+        secret_context: bytes | bytearray | memoryview,
+        *,
+        min_contributors: int = 1,
+        max_contributors: int | None = None,
+        queries: int = DECRYPTION_BUDGET,
     ) -> None:
         key = load_key(secret_context, kinds=(KIND_SECRET_CONTEXT, KIND_PUBLIC_CONTEXT))
         if key.kind != KIND_SECRET_CONTEXT:
             raise ProtocolError("decryption needs the secret context; got the public context.")
         if min_contributors < 1:
             raise ConfigError(f"`min_contributors` must be at least 1 (got {min_contributors}).")
+        if max_contributors is not None and max_contributors < 1:
+            raise ConfigError(f"`max_contributors` must be at least 1 (got {max_contributors}).")
         self._key = key
         self._min = min_contributors
+        self._max = max_contributors
+        self._queries = int(queries)
         self._ts = load_tenseal()
+        self.last_sigma = 0.0
+
+    @property
+    def params(self) -> CKKSParams:
+        """The CKKS parameters of the key set."""
+        return self._key.params
+
+    def sigma(self, contributors: int) -> float:
+        """The flooding standard deviation for an aggregate claiming ``contributors`` sites."""
+        k = max(int(contributors), self._max or 0, 1)
+        return self._key.params.flooding_sigma(k, queries=self._queries)
 
     def decrypt(
         self, frame: bytes | bytearray | memoryview, *, round_index: int | None = None
     ) -> np.ndarray:
-        """Decrypt an aggregate frame to the float64 sum over its encrypted coordinates.
+        """Decrypt an aggregate frame to the flooded float64 sum over its encrypted coordinates.
 
         Args:
             frame: The server's aggregate frame.
             round_index: If given, the round the aggregate must belong to.
 
         Returns:
-            The sum, one entry per encrypted coordinate (subset order).
+            The sum plus Gaussian noise of :meth:`sigma`, rounded to
+            :func:`~securefed.crypto.ckks.flooding.quantum`, one entry per encrypted coordinate
+            (subset order).
 
         Raises:
             IntegrityError: The frame is damaged.
-            ProtocolError: A site update instead of an aggregate, another key set or round, or
-                too few contributors.
+            ProtocolError: A site update instead of an aggregate, another key set or round, too
+                few contributors, or server-side weights.
 
         """
         header, chunks = decode_vector_frame(frame, kinds=(KIND_AGGREGATE,), what="CKKS aggregate")
@@ -440,23 +475,41 @@ class CKKSDecryptor:
                 f"aggregate sums {len(header.contributors)} site(s); at least {self._min} "
                 "are required before decrypting."
             )
+        if header.weighted:
+            # Server-side weights multiply each site's error by amounts the key holder never
+            # sees, so no flooding could be sized for them.
+            raise ProtocolError(
+                "aggregate carries server-side weights; the key holder cannot bound their error "
+                "and decrypts unweighted sums only (sites send n_i * u_i instead)."
+            )
+        sigma = self.sigma(len(header.contributors))
+        grid = quantum(sigma)
         out = np.empty(header.n_values, dtype=np.float64)
         for i, (blob, (start, end)) in enumerate(
             zip(chunks, chunk_sizes(header.n_values, header.slots), strict=True)
         ):
             try:
                 vec = self._ts.ckks_vector_from(self._key.context, bytes(blob))
-                values = vec.decrypt()
+                if vec.size() != end - start:
+                    raise IntegrityError(
+                        f"chunk {i} of the aggregate holds {vec.size()} values, "
+                        f"expected {end - start}."
+                    )
+                # Exact: the noise is encoded at the ciphertext's scale and added to it as a
+                # plaintext, so it enters the integer polynomial before any float rounding.
+                vec.add_((sigma * gaussian(end - start)).tolist())
+                values = np.asarray(vec.decrypt(), dtype=np.float64)
             except (ValueError, RuntimeError, TypeError) as exc:
                 raise IntegrityError(
                     f"chunk {i} of the aggregate does not decrypt under this key: {exc}"
                 ) from exc
-            if len(values) != end - start:
+            if values.shape[0] != end - start:
                 raise IntegrityError(
-                    f"chunk {i} of the aggregate holds {len(values)} values, "
+                    f"chunk {i} of the aggregate holds {values.shape[0]} values, "
                     f"expected {end - start}."
                 )
-            out[start:end] = values
+            out[start:end] = np.round(values / grid) * grid
+        self.last_sigma = sigma
         return out
 
 

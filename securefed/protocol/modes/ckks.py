@@ -3,9 +3,20 @@
 The one driver of the CKKS protocol (:mod:`securefed.crypto.ckks` holds its roles). The fit
 reply carries the site's ciphertext; the server, which holds only the public context, adds
 the ciphertexts and sends the encrypted sum to one contributing site at a time
-(``Stage.DECRYPT``, lowest id first) until one answers. That site holds the secret context
-and refuses a sum of fewer than ``min_contributors`` sites, counted by itself from its own
-configuration (a sum of one update would be that update).
+(``Stage.DECRYPT``, lowest id first) until one answers.
+
+The decrypting site trusts nothing the server says about limits. Its minimum number of
+contributors comes from its own pins (the federation's signed roster, else 2), never from the
+run configuration the server sends; it decrypts only an aggregate of the round it has just
+contributed to, under its own key, that lists it among the contributors, and only once per
+round (remembered in its protocol state); it counts its decryptions against its share of the
+key's budget; and it floods every decryption with Gaussian noise sized for the roster's size
+(:mod:`securefed.crypto.ckks.flooding`), so the released sum does not give away the key.
+
+What this cannot stop (``docs/ckks.md``): the server colluding with any key holder reads every
+update, and an active server can book a single site's ciphertext, or that ciphertext plus
+encryptions of zero, as an aggregate of several sites; the claimed contributor list is not
+verifiable by the key holder.
 """
 
 from __future__ import annotations
@@ -17,6 +28,8 @@ from typing import Any
 import numpy as np
 
 from securefed.crypto.ckks import CKKSAggregator, CKKSDecryptor, CKKSEncryptor, CKKSParams
+from securefed.crypto.ckks.flooding import DECRYPTION_BUDGET, SECURITY_BITS
+from securefed.crypto.ckks.framing import read_frame_header
 from securefed.errors import ConfigError, DataError, ProtocolError
 from securefed.protocol.link import Link
 from securefed.protocol.modes.base import (
@@ -29,21 +42,73 @@ from securefed.protocol.modes.base import (
 )
 from securefed.protocol.wire import Stage, vector_from_bytes, vector_to_bytes
 
-__all__ = ["CKKSCollector", "CKKSMode", "CKKSSite", "ckks_params", "min_contributors"]
+__all__ = [
+    "CKKSCollector",
+    "CKKSMode",
+    "CKKSSite",
+    "ckks_params",
+    "min_contributors",
+    "pinned_min_contributors",
+    "pinned_n_sites",
+]
+
+#: Keys of a CKKS site's protocol state (ints and a list of ints only).
+_FIT_ROUND = "ckks.fit_round"
+_DECRYPTED = "ckks.decrypted_rounds"
+_QUERIES = "ckks.decryptions"
+#: Fewest contributors a key holder without a roster decrypts: one update is not a sum.
+_DEFAULT_MIN = 2
 
 
-def ckks_params(config: Any) -> CKKSParams:
-    """The run's CKKS parameters (``--he-*`` options)."""
-    return CKKSParams(
+def ckks_params(config: Any, *, n_sites: int | None = None) -> CKKSParams:
+    """The run's CKKS parameters (``--he-*`` options), refused if flooding would spoil them.
+
+    Args:
+        config: The run configuration.
+        n_sites: Sites a sum may hold (sizes the flooding check); ``config.clients`` if None.
+
+    Raises:
+        ConfigError: Invalid parameters, or a flooding noise that makes the sum's error exceed
+            :data:`~securefed.crypto.ckks.flooding.PRECISION_BOUND`.
+
+    """
+    params = CKKSParams(
         poly_modulus_degree=config.he_poly_modulus_degree,
         coeff_mod_bit_sizes=tuple(config.he_coeff_mod_bit_sizes),
         global_scale_bits=config.he_scale_bits,
     )
+    params.check_precision(config.clients if n_sites is None else n_sites)
+    return params
 
 
-def min_contributors(config: Any) -> int:
-    """Fewest summed sites a key holder decrypts: 2 (one update alone is not a sum)."""
-    return min(2, config.clients)
+def min_contributors(config: Any, roster: Any = None) -> int:
+    """Fewest ciphertexts the *server* sends for decryption (the site checks on its own)."""
+    if roster is not None:
+        return int(roster.min_contributors)
+    return min(_DEFAULT_MIN, config.clients)
+
+
+def pinned_min_contributors(roster: Any = None) -> int:
+    """Fewest summed sites a key holder decrypts, from its own pins only.
+
+    The roster's ``min_contributors`` (signed by the federation, at least 2 when it lists two
+    sites or more), else 2. Never the server's configuration: a server sending
+    ``clients = 1`` must not get one site's update decrypted.
+    """
+    if roster is not None:
+        return max(1, int(roster.min_contributors))
+    return _DEFAULT_MIN
+
+
+def pinned_n_sites(config: Any, roster: Any = None) -> int:
+    """The most sites a sum may hold: the roster's size, else the run's ``clients``.
+
+    Sizes the flooding noise and splits the decryption budget between key holders. Without a
+    roster it comes from the configuration, which in a deployment the server sends.
+    """
+    if roster is not None:
+        return int(roster.n_sites)
+    return max(1, int(config.clients))
 
 
 class CKKSSite(SiteProtection):
@@ -53,13 +118,19 @@ class CKKSSite(SiteProtection):
         site_id: This site's id (written into its ciphertext frame).
         context: The framed context it encrypts with (the secret one: every site holds the
             key set, so any contributor can decrypt the sum).
-        min_contributors: Fewest sites an aggregate must sum before this site decrypts it.
+        min_contributors: Fewest sites an aggregate must sum before this site decrypts it
+            (from the site's own pins, :func:`pinned_min_contributors`).
         subset: Coordinates to encrypt (None: all); the others never leave the site.
+        max_sites: The most sites a sum may hold (pinned: the roster's size); sizes the
+            flooding noise and this site's share of the decryption budget. None: the
+            aggregate's own contributor count sizes the noise and the whole budget is this
+            site's.
 
     Attributes:
         encrypt_seconds: Seconds the latest :meth:`protect` spent.
         decrypt_seconds: Seconds the latest decryption spent.
         update_bytes: Size of the latest ciphertext frame.
+        last_sigma: Flooding standard deviation of the latest decryption.
 
     """
 
@@ -72,22 +143,32 @@ class CKKSSite(SiteProtection):
         context: bytes,
         min_contributors: int,
         subset: np.ndarray | None = None,
+        max_sites: int | None = None,
     ) -> None:
         self.site_id = int(site_id)
         self.context = context
         self.min_contributors = int(min_contributors)
         self.subset = subset
+        self.max_sites = None if max_sites is None else int(max_sites)
         self.encrypt_seconds = 0.0
         self.decrypt_seconds = 0.0
         self.update_bytes = 0
+        self.last_sigma = 0.0
         # Loading a TenSEAL context costs milliseconds: once per object, not per round.
         self._encryptor: CKKSEncryptor | None = None
         self._decryptor: CKKSDecryptor | None = None
+
+    @property
+    def decryption_allowance(self) -> int:
+        """Ciphertext decryptions this site serves under the key: its share of the budget."""
+        return DECRYPTION_BUDGET // max(1, self.max_sites or 1)
 
     def protect(
         self, vector: np.ndarray, *, round_index: int, n_sites: int, state: SiteState
     ) -> dict[str, Any]:
         """Encrypt the update, refusing one whose sum over ``n_sites`` could overflow.
+
+        Records the round in ``state``: the site decrypts only an aggregate of this round.
 
         Raises:
             DataError: If ``n_sites`` updates like this one may exceed the CKKS bound.
@@ -109,16 +190,22 @@ class CKKSSite(SiteProtection):
         frame = encryptor.encrypt(
             vector, site_id=self.site_id, round_index=round_index, subset=self.subset
         )
+        state[_FIT_ROUND] = int(round_index)
         self.encrypt_seconds = time.perf_counter() - start
         self.update_bytes = len(frame)
         return {"ciphertext": frame, "protect_seconds": self.encrypt_seconds}
 
     def step(self, stage: str, fields: dict[str, Any], *, state: SiteState) -> dict[str, Any]:
-        """Key holder: decrypt the server's sum of at least ``min_contributors`` updates.
+        """Key holder: decrypt, with flooding, the server's sum for the round just fit.
+
+        Refuses (before touching the ciphertext) an aggregate that is not of the round this
+        site last contributed to, one that does not list this site, a second decryption in
+        the same round, one that sums fewer than the pinned minimum, and one beyond this
+        site's share of the decryption budget.
 
         Raises:
-            ProtocolError: For a malformed message, another round's or key set's aggregate,
-                or one that sums too few sites.
+            ProtocolError: For any refusal above, a malformed message, or another key set's
+                aggregate.
 
         """
         if stage != Stage.DECRYPT:
@@ -127,9 +214,44 @@ class CKKSSite(SiteProtection):
         aggregate, round_index = fields.get("aggregate"), fields.get("round")
         if not isinstance(aggregate, bytes) or not isinstance(round_index, int):
             raise ProtocolError("decrypt message: needs `aggregate` bytes and the `round`")
+        header = read_frame_header(aggregate)
+        fit_round = state.get(_FIT_ROUND)
+        if fit_round is None or header.round_index != fit_round or round_index != fit_round:
+            raise ProtocolError(
+                f"site {self.site_id}: asked to decrypt an aggregate of round "
+                f"{header.round_index} (message says {round_index}); this site's latest "
+                f"contribution is to round {fit_round}"
+            )
+        done = [int(r) for r in state.get(_DECRYPTED, [])]
+        if fit_round in done:
+            raise ProtocolError(
+                f"site {self.site_id}: the aggregate of round {fit_round} was already decrypted; "
+                "one decryption per round"
+            )
+        if self.site_id not in header.contributors:
+            raise ProtocolError(
+                f"site {self.site_id}: the aggregate does not list this site's update; a key "
+                "holder decrypts only a sum it contributed to"
+            )
+        used = int(state.get(_QUERIES, 0))
+        if used + header.n_chunks > self.decryption_allowance:
+            raise ProtocolError(
+                f"site {self.site_id}: decrypting {header.n_chunks} more ciphertexts would pass "
+                f"its share {self.decryption_allowance} of the key's {DECRYPTION_BUDGET}-"
+                "decryption budget; make a new key set"
+            )
         if self._decryptor is None:
-            self._decryptor = CKKSDecryptor(self.context, min_contributors=self.min_contributors)
-        total = self._decryptor.decrypt(aggregate, round_index=round_index)
+            self._decryptor = CKKSDecryptor(
+                self.context,
+                min_contributors=self.min_contributors,
+                max_contributors=self.max_sites,
+            )
+        total = self._decryptor.decrypt(aggregate, round_index=fit_round)
+        # Only lists of ints in the state (Flower's ConfigRecord); the last few rounds suffice,
+        # as the round must also equal the latest fit round.
+        state[_DECRYPTED] = [*done[-7:], fit_round]
+        state[_QUERIES] = used + header.n_chunks
+        self.last_sigma = self._decryptor.last_sigma
         self.decrypt_seconds = time.perf_counter() - start
         return {"vector": vector_to_bytes(total)}
 
@@ -141,7 +263,9 @@ class CKKSCollector(SumCollector):
         public: The framed public context (a secret one is refused).
         params: The run's CKKS parameters; the sites' key must be for them.
         min_contributors: Fewest ciphertexts worth sending for decryption.
-        weights: Optional plaintext weight per site, applied to its ciphertext by the server.
+        weights: Optional plaintext weight per site, applied to its ciphertext by the server
+            (key holders refuse to decrypt a weighted sum: its error cannot be flooded).
+        n_sites: The most sites a sum may hold, for the report's flooding figures.
 
     Attributes:
         last_error: The exception that stopped the latest sum, else None.
@@ -159,6 +283,7 @@ class CKKSCollector(SumCollector):
         params: CKKSParams,
         min_contributors: int,
         weights: Mapping[int, float] | None = None,
+        n_sites: int | None = None,
     ) -> None:
         if public is None:
             raise ConfigError("no site sent a CKKS public context")
@@ -171,6 +296,7 @@ class CKKSCollector(SumCollector):
         self.params = params
         self.min_contributors = int(min_contributors)
         self.weights = weights
+        self.n_sites = n_sites
         self.last_error: Exception | None = None
         self.aggregate_bytes = 0
 
@@ -277,9 +403,9 @@ class CKKSCollector(SumCollector):
             "library": "tenseal",
             "server_holds_secret_key": False,
             "key_holder": "the sites (one key set, distributed out of band); the lowest-id "
-            "contributing site decrypts each round's sum",
+            "contributing site decrypts each round's sum, once, adding flooding noise",
             "min_contributors": self.min_contributors,
-            **self.params.describe(),
+            **self.params.describe(n_sites=self.n_sites),
         }
 
 
@@ -290,7 +416,9 @@ class CKKSMode(SecureSumMode):
     stages = (Stage.DECRYPT,)
 
     def releases(self, config: Any) -> list[tuple[str, str, str, str]]:
-        """The ciphertext, the key holder's decrypted sum, and step timings."""
+        """The ciphertext, the key holder's flooded decrypted sum, and step timings."""
+        params = ckks_params(config)
+        sigma = params.flooding_sigma(max(1, int(config.clients)))
         return [
             (
                 "fit",
@@ -302,32 +430,64 @@ class CKKSMode(SecureSumMode):
                 "decrypt",
                 "vector",
                 "secure-sum",
-                "key holder only: the decrypted sum of at least 2 sites' updates",
+                "key holder only, once per round: the decrypted sum of at least 2 sites' "
+                "updates (the key holder's pinned minimum) plus Gaussian flooding noise "
+                f"(sigma {sigma:.2g} for {config.clients} sites, {SECURITY_BITS}-bit security "
+                "against key recovery), rounded to a power-of-two grid below sigma",
             ),
             ("fit", "protect_seconds", "clear", TIMING_DETAIL),
             ("decrypt", "protect_seconds", "clear", TIMING_DETAIL),
         ]
 
-    def server(self, config: Any, *, n_sites: int, he_public: bytes | None = None) -> SumCollector:
+    def server(
+        self,
+        config: Any,
+        *,
+        n_sites: int,
+        he_public: bytes | None = None,
+        roster: Any = None,
+    ) -> SumCollector:
         """The server side; it gets the sites' public context only.
 
         Raises:
             ConfigError: No public context, or one for other parameters than the run's.
 
         """
+        most = pinned_n_sites(config, roster)
         return CKKSCollector(
-            public=he_public, params=ckks_params(config), min_contributors=min_contributors(config)
+            public=he_public,
+            params=ckks_params(config, n_sites=most),
+            min_contributors=min_contributors(config, roster),
+            n_sites=most,
         )
 
-    def site(self, config: Any, *, site_id: int, he_secret: bytes | None = None) -> SiteProtection:
+    def site(
+        self,
+        config: Any,
+        *,
+        site_id: int,
+        he_secret: bytes | None = None,
+        identity: Any = None,
+        roster: Any = None,
+    ) -> SiteProtection:
         """Site ``site_id``'s side, holding the secret context.
 
+        The minimum number of contributors and the most sites a sum may hold come from the
+        site's roster (signed by the federation), never from ``config``, which in a
+        deployment the server sends. ``identity`` is not needed by CKKS.
+
         Raises:
-            ConfigError: Without the secret context.
+            ConfigError: Without the secret context, or with parameters whose flooding noise
+                would exceed the documented precision bound.
 
         """
         if he_secret is None:
             raise ConfigError(f"site {site_id}: --secure-agg he needs the CKKS secret key file")
+        most = pinned_n_sites(config, roster)
+        ckks_params(config, n_sites=most)
         return CKKSSite(
-            site_id=site_id, context=he_secret, min_contributors=min_contributors(config)
+            site_id=site_id,
+            context=he_secret,
+            min_contributors=pinned_min_contributors(roster),
+            max_sites=most,
         )
