@@ -587,3 +587,84 @@ def test_raw_tenseal_reference_times_both_variants() -> None:
     assert 0.0 < with_transport < 10.0
     with pytest.raises(ConfigError, match="`n_clients` must be at least 1"):
         raw_tenseal_reference(np.ones(10), n_clients=0)
+
+
+# ------------------------------------------------------------------ flooding
+
+
+@pytest.mark.parametrize("encryption", ["asymmetric", "symmetric"])
+@pytest.mark.parametrize("scale_bits", [100, 40])
+def test_measured_ckks_error_stays_below_the_bound_the_flooding_is_sized_for(
+    encryption: str, scale_bits: int
+) -> None:
+    # Prepare: 10 sites encrypt zeros, so the raw decryption of the sum *is* its CKKS error
+    # (SEAL's float64 decoding of small integer coefficients is exact to 1e-16 relative).
+    sizes = (60, 60, 60, 38) if scale_bits == 100 else (60, 40, 40, 60)
+    params = CKKSParams(
+        coeff_mod_bit_sizes=sizes, global_scale_bits=scale_bits, encryption=encryption
+    )
+    keys = generate_keys(params=params)
+    enc = CKKSEncryptor(keys.secret_context)
+    server = CKKSAggregator(keys.public_context)
+    k = 10
+    for site in range(k):
+        server.add(enc.encrypt(np.zeros(params.slots), site_id=site), site_id=site)
+    _, blobs = ckks_framing.decode_vector_frame(server.aggregate(), kinds=(4,), what="t")
+    context = ckks.keys.load_key(keys.secret_context, kinds=(1,)).context
+
+    # Execute: the raw decryption, which only the test (never the key holder) performs.
+    raw = np.asarray(ts.ckks_vector_from(context, bytes(blobs[0])).decrypt())
+
+    # Assert: t bounds the observed error with room to spare, at both scales.
+    t = params.error_bound(k)
+    assert 0.0 < np.max(np.abs(raw)) <= t
+    assert np.max(np.abs(raw)) * 2.0**scale_bits < 0.25 * k * ckks.flooding.fresh_error_bound(8192)
+
+
+def test_flooding_noise_has_the_sigma_it_is_sized_for_and_is_rounded_to_its_grid(
+    keys: ckks.CKKSKeySet,
+) -> None:
+    # Prepare
+    from securefed.crypto.ckks.flooding import quantum
+
+    enc = CKKSEncryptor(keys.public_context)
+    server = CKKSAggregator(keys.public_context)
+    for site in range(3):
+        server.add(enc.encrypt(np.full(8192, 1.5), site_id=site), site_id=site)
+    decryptor = CKKSDecryptor(keys.secret_context, max_contributors=50)
+
+    # Execute
+    first = decryptor.decrypt(server.aggregate())
+    second = decryptor.decrypt(server.aggregate())
+
+    # Assert: sized for the pinned 50 sites; fresh CSPRNG noise on every decryption.
+    sigma = keys.params.flooding_sigma(50)
+    assert decryptor.last_sigma == sigma == pytest.approx(50 * keys.params.flooding_sigma(1))
+    residual = first - 4.5
+    assert 0.9 * sigma < np.std(residual) < 1.1 * sigma
+    assert abs(np.mean(residual)) < 0.1 * sigma
+    assert np.max(np.abs(residual)) <= keys.params.precision(50)
+    grid = quantum(sigma)
+    np.testing.assert_array_equal(np.round(first / grid) * grid, first)
+    assert not np.array_equal(first, second)
+
+
+def test_flooding_sigma_follows_the_published_formula() -> None:
+    # Prepare: LMSS 2022: sigma = sqrt(24 N alpha) 2^(s/2) t, t = k * B / scale.
+    from securefed.crypto.ckks import flooding
+
+    params = CKKSParams()
+    bound = flooding.fresh_error_bound(8192)
+
+    # Execute
+    sigma = params.flooding_sigma(7, queries=1000)
+
+    # Assert
+    t = 7 * bound / 2.0**100
+    assert sigma == pytest.approx(np.sqrt(24 * 8192 * 1000) * 2.0**20 * t)
+    assert params.error_bound(7) == pytest.approx(t)
+    # the defaults meet the documented bound with room for thousands of sites
+    params.check_precision(1000)
+    assert params.precision(100) < 2e-8
+    with pytest.raises(ConfigError, match="above the documented bound 1e-06"):
+        CKKSParams(coeff_mod_bit_sizes=(60, 40, 40, 60), global_scale_bits=40).check_precision(2)
