@@ -217,13 +217,24 @@ def _check_secure_aggregation(result: AuditResult, privacy: dict, config: Any, w
             bits = [int(b) for b in params["coeff_mod_bit_sizes"]]
             scale = int(params["global_scale_bits"])
             limit = _HE_MAX_COEFF_BITS.get(degree, 0)
+            # Only additions: the scale is bounded by the data modulus (leaving 20 bits for
+            # the sum's magnitude), not by a prime; see securefed.crypto.ckks.params.
             result.add(
                 "CKKS: 128-bit parameters and a public-only server context",
                 sum(bits) <= limit
-                and (len(bits) < 3 or scale <= min(bits[1:-1]))
+                and len(bits) >= 2
+                and scale + 20 <= sum(bits[:-1])
                 and "no secret key" in str(params.get("server_keys", ""))
                 and params.get("server_holds_secret_key") is False,
                 f"N={degree}, moduli {bits} ({sum(bits)} <= {limit} bits), scale 2^{scale}",
+            )
+            # A raw CKKS decryption gives away the key (Li-Micciancio 2021): the key holder
+            # must flood it (Li-Micciancio-Schultz-Sorrell 2022) with >= 40-bit security.
+            security = int(params.get("flooding_security_bits", 0))
+            result.add(
+                "CKKS: decryption flooded against key recovery",
+                security >= 40,
+                f"{security}-bit statistical security",
             )
     except (KeyError, TypeError, ValueError) as exc:
         raise AuditError(f"{where}: malformed secure_aggregation_params ({exc!r})") from exc
