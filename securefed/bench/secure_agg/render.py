@@ -256,7 +256,8 @@ def write_summary(
         " `raw_tenseal_reference`: `ts.ckks_vector` of the same vector per survivor, chunk by"
         " chunk with the same parameters, `add_`, `decrypt`, timed in the same process and"
         " interleaved with ours; **+ser.** adds TenSEAL's own serialize/load on each hop."
-        " Default CKKS parameters: N = 8192, moduli 60/40/40/60, scale 2^40, asymmetric.",
+        " Default CKKS parameters: N = 8192, moduli 60/60/60/38, scale 2^100, asymmetric;"
+        " the key holder floods each decryption (docs/ckks.md), part of **decrypt s**.",
         f"- Each cell runs up to {grid.repeats} times, starting no repeat after"
         f" {grid.repeat_budget_seconds:g} s, and keeps its fastest run (`timing_repeats`); on a"
         " shared machine the fastest run is the least disturbed one.",

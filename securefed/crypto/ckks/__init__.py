@@ -11,24 +11,29 @@ Approximate Numbers"; TenSEAL, Benaissa et al. 2021):
   of ``N/2`` slots, and sends one framed byte message. The FL layer passes
   ``[n_i * u_i, n_i]``, so the server needs no plaintext weights.
 * **Server** (:class:`CKKSAggregator`): holds only the public context and ciphertext bytes; adds
-  the ciphertexts (optionally times plaintext scalar weights) and returns an aggregate frame. It
-  cannot decrypt.
-* **Key holder** (:class:`CKKSDecryptor`): decrypts the aggregate only, never a single update.
+  the ciphertexts (optionally times plaintext scalar weights, which key holders then refuse to
+  decrypt) and returns an aggregate frame. It cannot decrypt.
+* **Key holder** (:class:`CKKSDecryptor`): decrypts the aggregate only, never a single update,
+  and floods every decryption (:mod:`.flooding`): a raw CKKS decryption hands the secret key to
+  whoever holds the ciphertext (Li and Micciancio 2021; ``tests/crypto/test_ckks_key_recovery.py``).
 
 Threat model notes for a reviewer. The server is honest-but-curious. One CKKS key is shared by
 the key holders, so the server colluding with any holder of the secret key learns every site's
 update; with ``encryption="asymmetric"`` sites may encrypt with the public context alone and only
-the key holder can collude. The frame digest is an unkeyed SHA-256: it detects truncation and
+the key holder can collude. An *active* server can frame one site's ciphertext (alone, or plus
+encryptions of zero it books under other site ids) as an aggregate: the contributor list is its
+claim, and no key holder can check it, so a pinned minimum of contributors does not stop that
+(docs/ckks.md). The frame digest is an unkeyed SHA-256: it detects truncation and
 corruption, not a forger (authenticity is the transport's job, e.g. TLS). Dropout needs no
 recovery: a site that does not upload contributes nothing.
 
-Precision (default parameters, N = 8192, scale 2^40): a fresh ciphertext decrypts with an
-absolute error of at most about 2e-8 per coordinate (measured over 1e6 coordinates), whatever
-the magnitude (CKKS noise is additive, not relative). Errors add over sites, so the sum of ``k``
-vectors is off by at most ``k * 5e-8`` (``5e-8 * sum|w_i|`` with server weights; the budget the
-tests enforce): 5e-6 for 100 sites, a relative error below 1e-9 for sums of magnitude 1e4-1e5
-and far inside the 1e-4 FedAvg needs after dividing by the summed weight. Sums must stay below
-:meth:`CKKSParams.max_abs_sum` (2^99 plain, 2^59 weighted, at the defaults) or decryption wraps.
+Precision (default parameters, N = 8192, data primes 3 x 60 bits, scale 2^100): the released
+sum of ``k`` sites is off by at most :meth:`CKKSParams.precision` ``(k) = 8.5 sigma + t``
+(about ``1.6e-10 k``: 4.7e-10 for 3 sites, 1.6e-8 for 100), where ``sigma`` (``1.8e-11 k``) is
+the flooding noise and ``t`` the CKKS error bound (``6e-25 k``), plus float64 decoding's
+relative error near 1e-15 of the sum's magnitude. Runs whose ``--he-*`` options make the
+flooding exceed 1e-6 are refused. Sums must stay below :meth:`CKKSParams.max_abs_sum` (2^79)
+or decryption wraps; server-side weights (scale 2^200) do not fit the defaults.
 
 Cost: next to TenSEAL's own encrypt/add/decrypt, the protocol adds TenSEAL ``serialize()``
 (SEAL's compressed format) and deserialization on every hop, plus a SHA-256 per frame; see
@@ -42,6 +47,7 @@ is :func:`securefed.protocol.harness.he_sum` (the CKKS mode over an in-process l
 
 from __future__ import annotations
 
+from securefed.crypto.ckks import flooding
 from securefed.crypto.ckks.framing import FrameHeader, read_frame_header
 from securefed.crypto.ckks.keys import CKKSKeySet, generate_keys, read_key_file, write_key_files
 from securefed.crypto.ckks.params import MAX_COEFF_MODULUS_BITS, CKKSParams
@@ -70,6 +76,7 @@ __all__ = [
     "read_frame_header",
     "raw_tenseal_reference",
     "MAX_COEFF_MODULUS_BITS",
+    "flooding",
     "as_vector",
     "normalize_subset",
     "select_coordinates",

@@ -430,8 +430,9 @@ class CKKSMode(SecureSumMode):
                 "decrypt",
                 "vector",
                 "secure-sum",
-                "key holder only, once per round: the decrypted sum of at least 2 sites' "
-                "updates (the key holder's pinned minimum) plus Gaussian flooding noise "
+                "key holder only, once per round: the decrypted sum of at least the key "
+                "holder's pinned minimum of sites' updates (the roster's min_contributors, "
+                "else 2) plus Gaussian flooding noise "
                 f"(sigma {sigma:.2g} for {config.clients} sites, {SECURITY_BITS}-bit security "
                 "against key recovery), rounded to a power-of-two grid below sigma",
             ),
