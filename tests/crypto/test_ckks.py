@@ -668,3 +668,24 @@ def test_flooding_sigma_follows_the_published_formula() -> None:
     assert params.precision(100) < 2e-8
     with pytest.raises(ConfigError, match="above the documented bound 1e-06"):
         CKKSParams(coeff_mod_bit_sizes=(60, 40, 40, 60), global_scale_bits=40).check_precision(2)
+
+
+def test_flooding_noise_comes_from_os_urandom_not_from_seeded_generators(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Prepare
+    from securefed.crypto.ckks import flooding
+
+    # Execute: seeding numpy's global generator does not repeat the noise ...
+    np.random.seed(0)
+    first = flooding.gaussian(1000)
+    np.random.seed(0)
+    second = flooding.gaussian(1000)
+    # ... while fixing the OS CSPRNG's output does (so that is where it comes from).
+    monkeypatch.setattr(flooding.os, "urandom", lambda n: bytes(range(n)))
+    pinned = flooding.gaussian(1000), flooding.gaussian(1000)
+
+    # Assert
+    assert not np.array_equal(first, second)
+    np.testing.assert_array_equal(*pinned)
+    assert abs(np.mean(first)) < 0.2 and 0.9 < np.std(first) < 1.1
