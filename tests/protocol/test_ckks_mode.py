@@ -188,6 +188,17 @@ def test_a_key_holder_decrypts_only_the_round_it_fit_once_and_only_a_sum_it_is_i
     }
     with pytest.raises(ProtocolError, match="latest contribution is to round None"):
         site.step(Stage.DECRYPT, {"round": 5, "aggregate": current}, state={})
+    # a server that re-runs round 5's fit later gets no second decryption of round 5
+    site.protect(np.ones(DIM), round_index=6, n_sites=4, state=state)
+    site.step(
+        Stage.DECRYPT,
+        {"round": 6, "aggregate": _aggregate(keys, round_index=6, sites=[0, 1])},
+        state=state,
+    )
+    site.protect(np.ones(DIM), round_index=5, n_sites=4, state=state)
+    with pytest.raises(ProtocolError, match="round 5 was already decrypted"):
+        site.step(Stage.DECRYPT, {"round": 5, "aggregate": current}, state=state)
+    assert state["ckks.decrypted_rounds"] == [5, 6]
 
 
 def test_a_key_holder_refuses_decryptions_beyond_its_share_of_the_budget(keys):

@@ -247,9 +247,9 @@ class CKKSSite(SiteProtection):
                 max_contributors=self.max_sites,
             )
         total = self._decryptor.decrypt(aggregate, round_index=fit_round)
-        # Only lists of ints in the state (Flower's ConfigRecord); the last few rounds suffice,
-        # as the round must also equal the latest fit round.
-        state[_DECRYPTED] = [*done[-7:], fit_round]
+        # Every decrypted round of the session (a list of ints, as Flower's ConfigRecord
+        # holds): a server that re-runs the fit of an old round gets no second decryption.
+        state[_DECRYPTED] = [*done, fit_round]
         state[_QUERIES] = used + header.n_chunks
         self.last_sigma = self._decryptor.last_sigma
         self.decrypt_seconds = time.perf_counter() - start
