@@ -301,6 +301,12 @@ class RunOptions:
         stage_timeout: Seconds a site may take for a protocol step.
         connect_timeout: Seconds to wait for every site to connect.
         stop_after: End the run after this many rounds, leaving a checkpoint (drills).
+        federation_key: The federation's private key file (``federation.key``): it signs the
+            app bundle and the run's configuration; sites run nothing it did not sign.
+        roster: The signed roster file (``securefed deploy roster``); the server checks each
+            site's identity proof against it. None only with ``insecure_no_roster``.
+        insecure_no_roster: Submit without a roster: the server then cannot tell a site that
+            claims another's id (closed test networks only).
 
     """
 
@@ -313,14 +319,43 @@ class RunOptions:
     stage_timeout: float = 300.0
     connect_timeout: float = 300.0
     stop_after: int = 0
+    federation_key: Path | None = None
+    roster: Path | None = None
+    insecure_no_roster: bool = False
 
     def __post_init__(self) -> None:
         _tls(self.certs, self.insecure, what="run")
+        if self.federation_key is None:
+            raise ConfigError(
+                "run: sites only run runs signed by the federation key; give --federation-key "
+                "FILE (make one with `securefed deploy federation-key`)"
+            )
+        if self.roster is None and not self.insecure_no_roster:
+            raise ConfigError(
+                "run: give --roster FILE (from `securefed deploy roster`) so the server can "
+                "check each site's identity; --insecure-no-roster skips that check"
+            )
         for name in ("fit_timeout", "stage_timeout", "connect_timeout"):
             if not getattr(self, name) > 0:
                 raise ConfigError(f"`{name}` must be positive (got {getattr(self, name)})")
         if self.stop_after < 0:
             raise ConfigError(f"`stop_after` must be >= 0 (got {self.stop_after})")
+
+
+def _signed_roster_text(path: Path, federation: Any) -> str:
+    """The signed roster file's text, checked against the federation key that signs the run."""
+    from securefed.crypto.roster import federation_public_key, load_signed_roster
+    from securefed.errors import IntegrityError
+
+    try:
+        data = Path(path).read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"roster {path}: {exc.strerror}") from exc
+    try:
+        load_signed_roster(data, federation_key=federation_public_key(federation))
+    except IntegrityError as exc:
+        raise ConfigError(f"roster {path}: {exc}") from exc
+    return data.decode()
 
 
 def submit(
@@ -342,10 +377,15 @@ def submit(
         ProtocolError: If the run failed; the server's one-line reason is in the message.
 
     """
+    from flwr.cli.build import build_fab_from_disk
+
     from securefed.deploy.coordinator import check_deployable
+    from securefed.deploy.trust import SIGNATURE_KEY, load_federation_key, sign_run
 
     check_deployable(config)
     out = Path(options.out).resolve()
+    federation = load_federation_key(options.federation_key)  # type: ignore[arg-type]
+    roster = _signed_roster_text(options.roster, federation) if options.roster else ""
     with tempfile.TemporaryDirectory(prefix="securefed-run-") as tmp:
         home = Path(tmp) / "flwr-home"
         flower_home(
@@ -361,14 +401,14 @@ def submit(
             "stage-timeout": float(options.stage_timeout),
             "connect-timeout": float(options.connect_timeout),
             "stop-after": int(options.stop_after),
+            "roster": roster,
         }
-        run_config.write_text(
-            "\n".join(
-                f"{k} = {_toml_value(v) if not isinstance(v, float) else repr(v)}"
-                for k, v in values.items()
-            )
-            + "\n"
-        )
+        # The signature covers the bundle `flwr run` builds from this folder (the same Flower
+        # function, deterministic) and every value of the run configuration.
+        values[SIGNATURE_KEY] = sign_run(build_fab_from_disk(app), values, federation)
+        import tomli_w
+
+        run_config.write_text(tomli_w.dumps(values))
         # `--stream` also makes `flwr run` wait for the run to end.
         cmd = [_tool("flwr"), "run", str(app), "securefed", "--run-config", str(run_config)]
         cmd.append("--stream")

@@ -49,6 +49,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 from securefed.errors import ConfigError, ProtocolError
 
 __all__ = [
+    "IDENTITY_FIELD",
     "SIGNATURE_KEY",
     "create_federation_key",
     "identity_message",
@@ -63,6 +64,8 @@ __all__ = [
 
 #: The run-config key that carries the federation's signature over the run.
 SIGNATURE_KEY = "app-signature"
+#: The set-up reply field that carries a site's identity proof (the server removes it).
+IDENTITY_FIELD = "identity"
 _RUN_CONTEXT = b"securefed/run/v1\x00"
 _IDENTITY_CONTEXT = b"securefed/site-identity/v1\x00"
 _KEY_BYTES = 32

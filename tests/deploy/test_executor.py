@@ -39,8 +39,10 @@ from flwr.supercore.run import Run  # noqa: E402
 from flwr.supernode.nodestate import NodeStateFactory  # noqa: E402
 
 from securefed.deploy import executor as site_executor  # noqa: E402
-from securefed.deploy import polls  # noqa: E402
-from securefed.deploy import trust  # noqa: E402
+from securefed.deploy import (
+    polls,  # noqa: E402
+    trust,  # noqa: E402
+)
 from securefed.deploy.local import free_port  # noqa: E402
 
 NODE_ID = 7
