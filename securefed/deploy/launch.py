@@ -99,22 +99,32 @@ def superlink_command(
     insecure: bool = False,
     host: str = "127.0.0.1",
     port: int = DEFAULT_PORT,
-    node_auth: bool = False,
+    node_auth: bool = True,
     database: Path | None = None,
+    expose_control: tuple[str, ...] = (),
 ) -> list[str]:
-    """``flower-superlink`` with TLS from ``certs`` (ca.crt, server.pem, server.key).
+    """Flower's ``flower-superlink`` behind securefed's API gate, TLS from ``certs``.
+
+    Run by :mod:`securefed.deploy.superlink`: the sites' Fleet API answers everyone (with
+    Flower's node authentication), the Control and Runtime APIs only the server host itself.
 
     Args:
         certs: Folder written by ``securefed certs`` (or your PKI's files, same names).
         insecure: Plain HTTP (only for a closed test network).
         host: Address to listen on (``0.0.0.0`` for every interface).
         port: The one HTTP port Flower 1.42 serves its APIs on.
-        node_auth: Accept only SuperNodes whose public key was registered.
+        node_auth: Accept only SuperNodes whose public key was registered (default on).
         database: SQLite file for the SuperLink's state (default: in memory).
+        expose_control: Networks (CIDR) that may also reach the Control API, which Flower
+            1.42 does not authenticate.
 
     """
     _tls(certs, insecure, what="server")
-    cmd = [_tool("flower-superlink"), "--host", host, "--port", str(port)]
+    _tool("flower-superlink")  # Flower must be installed
+    cmd = [sys.executable, "-m", "securefed.deploy.superlink"]
+    for net in expose_control:
+        cmd += ["--expose-control", net]
+    cmd += ["--host", host, "--port", str(port)]
     if insecure:
         cmd.append("--insecure")
     else:
@@ -190,6 +200,10 @@ def supernode_command(
     disclose_size: bool = False,
     signing_key: Path | None = None,
     allow_reproducible_noise: bool = False,
+    federation_key: str | Path | None = None,
+    roster: Path | None = None,
+    min_contributors: int | None = None,
+    insecure_no_roster: bool = False,
 ) -> list[str]:
     """The site process for one hospital, its data named in its node configuration.
 
@@ -218,9 +232,24 @@ def supernode_command(
             :func:`ensure_signing_key`).
         allow_reproducible_noise: The site accepts ``--reproducible-noise`` runs (tests and
             research only: their epsilon does not hold against anyone who knows the seed).
+        federation_key: The federation's public key (``federation.pub`` or its hex): the
+            site runs only runs signed by it. Required.
+        roster: The federation's signed roster file (needed for secure aggregation).
+        min_contributors: The site's own least number of contributors to a sum (>= 2).
+        insecure_no_roster: Accept secure-aggregation runs without a roster (test networks).
 
     """
     _tls(certs, insecure, what=f"site {site_id}")
+    if federation_key is None:
+        raise ConfigError(
+            f"site {site_id}: give --federation-key federation.pub (from the federation's "
+            "admin): the site runs only runs signed by that key"
+        )
+    from securefed.deploy.trust import load_federation_public
+
+    pinned = load_federation_public(federation_key).hex()
+    if roster is not None and not Path(roster).is_file():
+        raise ConfigError(f"site {site_id}: roster {roster}: no such file")
     _tool("flower-supernode")  # Flower must be installed: the site runs its SuperNode
     cmd = [
         # Flower's flower-supernode entry point, run by securefed's site launcher: one warm
@@ -249,6 +278,10 @@ def supernode_command(
                 "disclose-size": True if disclose_size else None,
                 "signing-key": str(Path(signing_key).resolve()) if signing_key else None,
                 "allow-reproducible-noise": True if allow_reproducible_noise else None,
+                "federation-key": pinned,
+                "roster": str(Path(roster).resolve()) if roster is not None else None,
+                "min-contributors": int(min_contributors) if min_contributors else None,
+                "insecure-no-roster": True if insecure_no_roster else None,
             }
         ),
     ]

@@ -219,9 +219,7 @@ def sign_identity(
     return key.sign(message).hex()
 
 
-def verify_identity(
-    roster: Any, proof: Any, *, run_id: int, node_id: int, site_id: int
-) -> None:
+def verify_identity(roster: Any, proof: Any, *, run_id: int, node_id: int, site_id: int) -> None:
     """Check that the process on ``node_id`` holds the roster's identity key of ``site_id``.
 
     Args:
@@ -254,4 +252,3 @@ def verify_identity(
             f"node {node_id} claims site-id {site_id}, but its identity proof is not by that "
             f"site's registered key ({exc})"
         ) from exc
-
