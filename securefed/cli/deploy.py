@@ -224,7 +224,8 @@ def deploy_register(certs, insecure, superlink, public_key) -> None:
 )
 @option(
     "--federation-key",
-    required=True,
+    default=None,
+    show_default="required",
     help="The federation's public key (federation.pub, or its hex): this site runs only runs "
     "signed by it.",
 )
@@ -439,7 +440,8 @@ def deploy_roster(federation_key, name, sites, min_contributors, threshold, out)
 @option(
     "--federation-key",
     type=click.Path(dir_okay=False, exists=True),
-    required=True,
+    default=None,
+    show_default="required",
     help="The federation's private key (federation.key): signs the app and this run's "
     "configuration; sites run nothing else.",
 )
@@ -447,6 +449,7 @@ def deploy_roster(federation_key, name, sites, min_contributors, threshold, out)
     "--roster",
     type=click.Path(dir_okay=False, exists=True),
     default=None,
+    show_default="required, or --insecure-no-roster",
     help="The federation's signed roster: the server checks every site's identity against it.",
 )
 @option(
@@ -480,9 +483,11 @@ def deploy_run(
     Takes `securefed train`'s options, except what only the in-process runtime runs for now:
     cfl, twins (--personalize), --schedule cyclic, --public-fraction, --dropout-clients.
     """
+    from securefed.deploy.coordinator import check_deployable
     from securefed.deploy.launch import RunOptions, submit
 
     config = config_from_flags(config_file, no_dp, data_option, flags)
+    check_deployable(config)  # what the Flower runtime cannot run, before any other check
     options = RunOptions(
         superlink=superlink,
         certs=Path(certs) if certs else None,
@@ -493,7 +498,7 @@ def deploy_run(
         stage_timeout=stage_timeout,
         connect_timeout=connect_timeout,
         stop_after=stop_after,
-        federation_key=Path(federation_key),
+        federation_key=Path(federation_key) if federation_key else None,
         roster=Path(roster) if roster else None,
         insecure_no_roster=insecure_no_roster,
     )

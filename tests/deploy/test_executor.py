@@ -331,6 +331,7 @@ def test_the_site_process_and_its_executor_stop_together(tmp_path, kill) -> None
         certs=None,
         insecure=True,
         runtime_port=free_port(),
+        federation_key=FEDERATION_PUB,
     )
     with open(tmp_path / "site.log", "wb") as log:
         site = subprocess.Popen(cmd, env=launch.flower_env(), stdout=log, stderr=subprocess.STDOUT)
