@@ -140,6 +140,8 @@ class SiteExecutor:
         self.idle = idle if idle is not None else polls.IdleWait(*polls.EXECUTOR_IDLE)
         self.tasks_run = 0
         self._fab_refs: dict[str, str | None] = {}
+        #: Run id -> the signature it was accepted under (a signature serves one run only).
+        self._runs: dict[int, str] = {}
         self._stop = threading.Event()
         self._client = self._runtime_client(token=None)
 
@@ -185,7 +187,12 @@ class SiteExecutor:
         of the run configuration. Checked before the ClientApp is called: a refused run's
         messages get an error reply and nothing of the app runs.
         """
-        from securefed.deploy.trust import load_federation_public, verify_run
+        from securefed.deploy.trust import (
+            SIGNATURE_KEY,
+            check_fresh,
+            load_federation_public,
+            verify_run,
+        )
 
         pinned = dict(context.node_config).get("federation-key") if context is not None else None
         if not pinned:
@@ -196,7 +203,21 @@ class SiteExecutor:
             federation = load_federation_public(str(pinned))
         except Exception as exc:  # noqa: BLE001  # ConfigError: the site's own setting is wrong
             raise PermissionError(f"this site's federation key: {exc}") from exc
-        verify_run(fab.content, dict(context.run_config), federation)
+        run_config = dict(context.run_config)
+        verify_run(fab.content, run_config, federation)
+        run_id = int(context.run_id)
+        signature = str(run_config.get(SIGNATURE_KEY))
+        if run_id not in self._runs:
+            # First message of a run: its signature must be fresh and not used by another run.
+            check_fresh(run_config, now=time.time())
+            if signature in self._runs.values():
+                raise PermissionError(
+                    "this signed run was already run here under another run id (a replay); "
+                    "submit it again to sign it afresh"
+                )
+            self._runs[run_id] = signature
+        elif self._runs[run_id] != signature:
+            raise PermissionError(f"run {run_id} changed its signature")
         if fab.hash_str not in self._fab_refs:
             self._fab_refs[fab.hash_str] = _fab_clientapp(fab.content)
         named = self._fab_refs[fab.hash_str]

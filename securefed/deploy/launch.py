@@ -23,6 +23,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from importlib import resources
@@ -413,7 +414,12 @@ def submit(
     from flwr.cli.build import build_fab_from_disk
 
     from securefed.deploy.coordinator import check_deployable
-    from securefed.deploy.trust import SIGNATURE_KEY, load_federation_key, sign_run
+    from securefed.deploy.trust import (
+        SIGNATURE_KEY,
+        SIGNED_AT_KEY,
+        load_federation_key,
+        sign_run,
+    )
 
     check_deployable(config)
     out = Path(options.out).resolve()
@@ -435,6 +441,8 @@ def submit(
             "connect-timeout": float(options.connect_timeout),
             "stop-after": int(options.stop_after),
             "roster": roster,
+            # Inside the signature: a site refuses a run first seen long after it was signed.
+            SIGNED_AT_KEY: int(time.time()),
         }
         # The signature covers the bundle `flwr run` builds from this folder (the same Flower
         # function, deterministic) and every value of the run configuration.

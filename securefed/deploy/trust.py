@@ -50,7 +50,10 @@ from securefed.errors import ConfigError, ProtocolError
 
 __all__ = [
     "IDENTITY_FIELD",
+    "MAX_SIGNATURE_AGE",
     "SIGNATURE_KEY",
+    "SIGNED_AT_KEY",
+    "check_fresh",
     "create_federation_key",
     "identity_message",
     "load_federation_key",
@@ -66,6 +69,12 @@ __all__ = [
 SIGNATURE_KEY = "app-signature"
 #: The set-up reply field that carries a site's identity proof (the server removes it).
 IDENTITY_FIELD = "identity"
+#: The run-config key with the signing time (Unix seconds), inside what is signed.
+SIGNED_AT_KEY = "signed-at"
+#: How old a run's signature may be when a site first sees the run (a replay window).
+MAX_SIGNATURE_AGE = 24 * 3600.0
+#: How far in the future a signing time may be (clock differences between machines).
+MAX_CLOCK_AHEAD = 600.0
 _RUN_CONTEXT = b"securefed/run/v1\x00"
 _IDENTITY_CONTEXT = b"securefed/site-identity/v1\x00"
 _KEY_BYTES = 32
@@ -196,6 +205,32 @@ def verify_run(fab: bytes, run_config: Mapping[str, Any], federation_public: byt
             "the run's signature does not verify against this site's federation key "
             "(another key, or the app or its configuration changed after signing)"
         ) from exc
+
+
+def check_fresh(run_config: Mapping[str, Any], *, now: float) -> None:
+    """Refuse a run whose (verified) signing time is too old or too far ahead of ``now``.
+
+    A signed run replayed later (its bundle and configuration resubmitted unchanged by
+    someone who saw them) would otherwise make the sites train, and spend privacy budget,
+    again. A site checks this when it first sees a run.
+
+    Raises:
+        PermissionError: No signing time, or one outside the window.
+
+    """
+    signed_at = run_config.get(SIGNED_AT_KEY)
+    if isinstance(signed_at, bool) or not isinstance(signed_at, int | float):
+        raise PermissionError("the run's signature carries no signing time (signed-at)")
+    age = now - float(signed_at)
+    if age > MAX_SIGNATURE_AGE:
+        raise PermissionError(
+            f"the run was signed {age / 3600:.1f} h ago (a site accepts "
+            f"{MAX_SIGNATURE_AGE / 3600:g} h): submit it again to sign it afresh"
+        )
+    if age < -MAX_CLOCK_AHEAD:
+        raise PermissionError(
+            f"the run's signing time is {-age:.0f} s in the future; check the clocks"
+        )
 
 
 def identity_message(*, federation: str, run_id: int, node_id: int, site_id: int) -> bytes:

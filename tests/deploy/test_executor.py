@@ -49,7 +49,7 @@ NODE_ID = 7
 #: The federation key that signs the test runs; the SuperNode's node config pins its public half.
 FEDERATION = Ed25519PrivateKey.generate()
 FEDERATION_PUB = FEDERATION.public_key().public_bytes_raw().hex()
-RUN_CONFIG = {"config": "{}", "out": "/nowhere", "stop-after": 0}
+RUN_CONFIG = {"config": "{}", "out": "/nowhere", "stop-after": 0, "signed-at": int(time.time())}
 RUN_ID = 11
 APP_REF = "tests.deploy.test_executor:counting_app"
 
@@ -396,3 +396,33 @@ def test_a_signed_app_replayed_with_another_run_config_is_refused(supernode) -> 
 def test_a_site_without_a_pinned_federation_key_runs_nothing(supernode) -> None:
     supernode.start_run(_fab(APP_REF), pinned=None)
     assert "pins no federation key" in _refused(supernode)
+
+
+def test_a_stale_signed_run_is_refused(supernode) -> None:
+    """A signed run replayed a day later (unchanged, so its signature verifies) is refused."""
+    stale = {**RUN_CONFIG, "signed-at": int(time.time() - trust.MAX_SIGNATURE_AGE - 60)}
+    supernode.start_run(_fab(APP_REF), run_config=stale)
+    reason = _refused(supernode)
+    assert "signed" in reason and "h ago" in reason
+
+
+def test_one_signature_serves_one_run(supernode) -> None:
+    """The same signed run under a second run id (a replay) is refused by the site."""
+    fab = _fab(APP_REF)
+    supernode.start_run(fab)
+    ex = site_executor.SiteExecutor(supernode.address, app_ref=APP_REF, app=counting_app)
+    try:
+        mid = supernode.deliver("query.count")
+        ex.serve(max_tasks=1)
+        assert not supernode.take_reply(mid).has_error()
+        # As if the run the executor served was run 12, and run 11 now replays its bundle and
+        # configuration unchanged (its signature verifies).
+        context = supernode.state.get_run_series_context(supernode.series_id)
+        ex._runs = {12: ex._runs[RUN_ID]}
+        mid = supernode.deliver("query.count")
+        ex.serve(max_tasks=2)
+        reply = supernode.take_reply(mid)
+    finally:
+        ex.close()
+    assert reply.has_error() and "replay" in reply.error.reason
+    assert int(context.state.config_records["count"]["n"]) == 1

@@ -243,10 +243,12 @@ def _attacker_federation(tmp_path):
 def test_a_site_claiming_another_sites_id_is_refused(
     small_config, tmp_path, task_identity, attack, why
 ) -> None:
-    """Against 60ad9a0 node 99 was taken as site 0 (or the run died on two site-id 0s).
+    """Node 99 says it is site 0 but cannot sign as the roster's site 0: refused.
 
-    Node 99 says it is site 0 but cannot sign as the roster's site 0: the coordinator refuses
-    it and binds the real site 0.
+    The coordinator refuses it and binds the real site 0. Checked against 60ad9a0 with the same
+    loopback set-up (a scratch test in an export of that commit): there, this set-up ended in
+    "two site processes claim site-id 0" (the run died), and without the real site 0 the
+    spoofer was bound as site 0 ({0: 99, 1: 101, 2: 102}).
     """
     if attack == "own key":
         extra = _attacker_federation(tmp_path)
