@@ -376,6 +376,19 @@ class RunOptions:
             raise ConfigError(f"`stop_after` must be >= 0 (got {self.stop_after})")
 
 
+def _manifest_defaults(app: Path) -> dict[str, Any]:
+    """The app manifest's ``[tool.flwr.app.config]`` defaults (flat, as Flower fuses them)."""
+    from flwr.common.config import flatten_dict
+
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python 3.10
+        import tomli as tomllib  # type: ignore[no-redef]
+
+    manifest = tomllib.loads((Path(app) / "pyproject.toml").read_text())
+    return dict(flatten_dict(manifest["tool"]["flwr"]["app"].get("config", {})))
+
+
 def _signed_roster_text(path: Path, federation: Any) -> str:
     """The signed roster file's text, checked against the federation key that signs the run."""
     from securefed.crypto.roster import federation_public_key, load_signed_roster
@@ -445,8 +458,11 @@ def submit(
             SIGNED_AT_KEY: int(time.time()),
         }
         # The signature covers the bundle `flwr run` builds from this folder (the same Flower
-        # function, deterministic) and every value of the run configuration.
-        values[SIGNATURE_KEY] = sign_run(build_fab_from_disk(app), values, federation)
+        # function, deterministic) and every value of the run configuration the sites will
+        # see: the manifest's defaults with these values over them, as Flower fuses them.
+        fab = build_fab_from_disk(app)
+        seen = {**_manifest_defaults(app), **values}
+        values[SIGNATURE_KEY] = sign_run(fab, seen, federation)
         import tomli_w
 
         run_config.write_text(tomli_w.dumps(values))
