@@ -21,6 +21,7 @@ from securefed.deploy.site import NodeSettings
 from securefed.deploy.superlink import ApiGate
 from securefed.errors import ConfigError, ProtocolError
 from tests.deploy.test_site_messages import _deploy, federation
+from tests.deploy.test_wire_and_launch import securefed
 
 # -- the API gate --------------------------------------------------------------------------------
 
@@ -280,3 +281,40 @@ def test_a_proof_for_another_node_or_run_does_not_verify(tmp_path) -> None:
             trust.verify_identity(roster, proof, **where)
     with pytest.raises(ProtocolError, match="no identity proof"):
         trust.verify_identity(roster, None, run_id=5, node_id=100, site_id=0)
+
+
+# -- the server and site commands ------------------------------------------------------------------
+
+
+@pytest.fixture
+def no_exec(monkeypatch):
+    """Capture the command `securefed deploy server|site` would run instead of running it."""
+    import importlib
+
+    cli_deploy = importlib.import_module("securefed.cli.deploy")  # the module, not the group
+    ran: list[list[str]] = []
+    monkeypatch.setattr(cli_deploy, "_exec", lambda cmd: ran.append(cmd))
+    return ran
+
+
+def test_deploy_server_has_node_auth_on_and_warns_when_it_is_off(no_exec) -> None:
+    from securefed.cli.deploy import deploy
+
+    result = CliRunner().invoke(deploy, ["server", "--insecure"])
+    assert result.exit_code == 0, result.output
+    assert "--enable-supernode-auth" in no_exec[-1]
+    assert "warning" not in result.output
+    result = CliRunner().invoke(
+        deploy, ["server", "--insecure", "--no-node-auth", "--expose-control", "10.0.0.0/8"]
+    )
+    assert result.exit_code == 0, result.output
+    assert "--enable-supernode-auth" not in no_exec[-1]
+    assert "warning: --no-node-auth" in result.output
+    assert "warning: --expose-control: anyone in 10.0.0.0/8 can submit runs" in result.output
+
+
+def test_deploy_site_without_the_federation_key_is_one_line(monkeypatch, capsys) -> None:
+    code, err = securefed(monkeypatch, capsys, "deploy", "site", "--insecure", "--site-id", "0")
+    assert code == 2
+    assert "Traceback" not in err and err.count("\n") == 0, err
+    assert "--federation-key" in err
