@@ -180,7 +180,7 @@ def deploy_register(certs, insecure, superlink, public_key) -> None:
     type=click.Path(dir_okay=False, exists=True),
     default=None,
     show_default="none",
-    help="This site's private key (site{i}.key) for a server with --node-auth.",
+    help="This site's node key (site-<i>/site<i>.key), registered with the server.",
 )
 @option(
     "--he-key",
