@@ -32,9 +32,9 @@ __all__ = ["certs", "deploy", "deploy_run"]
 def certs(out, hosts, sites, days, overwrite) -> None:
     """Create a TEST certificate authority, server certificate and site keys (for trials).
 
-    A hospital deployment uses certificates from its own PKI, with the same file names:
-    ca.crt, server.pem, server.key, and site{i}.key / site{i}.pub for SuperNode
-    authentication.
+    Writes ca.crt, server.pem/server.key (the server's), ca/ca.key (the CA's, kept apart) and
+    site-<i>/ (site i's own: site<i>.key, site<i>.pub, ca.crt). A hospital deployment uses
+    certificates from its own PKI, with the same file names.
     """
     from securefed.deploy.certs import create_test_pki
 
@@ -45,7 +45,12 @@ def certs(out, hosts, sites, days, overwrite) -> None:
         days=days,
         overwrite=overwrite,
     )
-    click.echo(f"test PKI in {made.folder}: ca.crt, server.pem/.key, {sites} site key pairs")
+    click.echo(
+        f"test PKI in {made.folder}: ca.crt, server.pem/.key, ca/ca.key, "
+        f"site-0..site-{sites - 1}/ (give site i only its folder)"
+        if sites
+        else f"test PKI in {made.folder}: ca.crt, server.pem/.key, ca/ca.key"
+    )
 
 
 @click.group()
@@ -82,7 +87,20 @@ def _exec(cmd: list[str]) -> None:
 @_tls_options
 @option("--host", default="127.0.0.1", show_default=True, help="Listen address.")
 @option("--port", type=int, default=8000, show_default=True, help="The one HTTP port.")
-@option("--node-auth", is_flag=True, help="Accept only registered site keys.")
+@option(
+    "--node-auth/--no-node-auth",
+    default=True,
+    show_default=True,
+    help="Accept only registered site keys. --no-node-auth lets any holder of ca.crt join as "
+    "a site (closed test networks only).",
+)
+@option(
+    "--expose-control",
+    multiple=True,
+    metavar="CIDR",
+    help="Also answer the Control API (flwr run, register) to this network; Flower 1.42 does "
+    "not authenticate it [default: the server host only]. Repeatable.",
+)
 @option(
     "--database",
     type=click.Path(dir_okay=False),
@@ -90,10 +108,24 @@ def _exec(cmd: list[str]) -> None:
     show_default="in memory",
     help="SQLite file for the server's state (node registrations survive a restart).",
 )
-def deploy_server(certs, insecure, host, port, node_auth, database) -> None:
-    """Start the Flower SuperLink (the server) with TLS."""
+def deploy_server(certs, insecure, host, port, node_auth, expose_control, database) -> None:
+    """Start the Flower SuperLink (the server) with TLS and node authentication.
+
+    The sites' API answers on HOST:PORT; the Control API (runs, registrations) only to the
+    server host itself unless --expose-control names a network.
+    """
     from securefed.deploy.launch import superlink_command
 
+    if not node_auth:
+        click.echo("warning: --no-node-auth: any holder of ca.crt can connect as a site", err=True)
+    if expose_control:
+        click.echo(
+            "warning: --expose-control: anyone in "
+            + ", ".join(expose_control)
+            + " can submit runs (Flower 1.42 has no Control API authentication); sites still "
+            "run only runs signed by the federation key",
+            err=True,
+        )
     _exec(
         superlink_command(
             certs=Path(certs) if certs else None,
@@ -102,6 +134,7 @@ def deploy_server(certs, insecure, host, port, node_auth, database) -> None:
             port=port,
             node_auth=node_auth,
             database=Path(database) if database else None,
+            expose_control=tuple(expose_control),
         )
     )
 
@@ -111,7 +144,7 @@ def deploy_server(certs, insecure, host, port, node_auth, database) -> None:
 @option("--superlink", default="127.0.0.1:8000", show_default=True, help="host:port.")
 @click.argument("public_key", type=click.Path(dir_okay=False, exists=True))
 def deploy_register(certs, insecure, superlink, public_key) -> None:
-    """Register a site's public key (site{i}.pub) with a server started with --node-auth."""
+    """Register a site's node key (site-<i>/site<i>.pub); run it on the server host."""
     import subprocess
     import tempfile
 
@@ -147,7 +180,7 @@ def deploy_register(certs, insecure, superlink, public_key) -> None:
     type=click.Path(dir_okay=False, exists=True),
     default=None,
     show_default="none",
-    help="This site's private key (site{i}.key) for a server with --node-auth.",
+    help="This site's node key (site-<i>/site<i>.key), registered with the server.",
 )
 @option(
     "--he-key",
@@ -189,6 +222,33 @@ def deploy_register(certs, insecure, superlink, public_key) -> None:
     help="Accept --reproducible-noise runs (research only: their ε does not hold against "
     "anyone who knows the seed).",
 )
+@option(
+    "--federation-key",
+    default=None,
+    show_default="required",
+    help="The federation's public key (federation.pub, or its hex): this site runs only runs "
+    "signed by it.",
+)
+@option(
+    "--roster",
+    type=click.Path(dir_okay=False, exists=True),
+    default=None,
+    show_default="none",
+    help="The federation's signed roster (roster.json); needed for --secure-agg mask|he.",
+)
+@option(
+    "--min-contributors",
+    type=click.IntRange(min=2),
+    default=None,
+    show_default="the roster's",
+    help="This site's own least number of sites in any sum it helps reveal.",
+)
+@option(
+    "--insecure-no-roster",
+    is_flag=True,
+    help="Accept secure-aggregation runs without a roster (closed test networks only: the "
+    "server could then present keys of its own as peers).",
+)
 def deploy_site(
     certs,
     insecure,
@@ -207,6 +267,10 @@ def deploy_site(
     disclose_size,
     signing_key,
     allow_reproducible_noise,
+    federation_key,
+    roster,
+    min_contributors,
+    insecure_no_roster,
 ) -> None:
     """Start one hospital's Flower SuperNode, pointing at its own data.
 
@@ -235,6 +299,10 @@ def deploy_site(
         disclose_size=disclose_size,
         signing_key=key,
         allow_reproducible_noise=allow_reproducible_noise,
+        federation_key=federation_key,
+        roster=Path(roster) if roster else None,
+        min_contributors=min_contributors,
+        insecure_no_roster=insecure_no_roster,
     )
     # After the command's own checks (TLS choice), so a refused start writes no key.
     click.echo(f"site {site_id} signing key {key}: {ensure_signing_key(key)}", err=True)
@@ -267,6 +335,93 @@ def deploy_he_keys(out, **flags) -> None:
     click.echo(f"CKKS key set: {secret} (sites only) and {public}")
 
 
+@deploy.command("federation-key")
+@option(
+    "--out",
+    type=click.Path(dir_okay=False),
+    required=True,
+    help="Private key file to create (e.g. federation.key); its .pub is written beside it.",
+)
+def deploy_federation_key(out) -> None:
+    """Create the federation key (the admin keeps it; sites get the .pub).
+
+    It signs the roster and every run; sites run nothing it did not sign.
+    """
+    from securefed.deploy.trust import create_federation_key
+
+    public = create_federation_key(out)
+    pub = Path(out).with_suffix(".pub")
+    click.echo(f"federation key {out} (keep it); public key {pub} (for the sites): {public}")
+
+
+@deploy.command("site-key")
+@option(
+    "--signing-key",
+    type=click.Path(dir_okay=False),
+    required=True,
+    help="This site's Ed25519 identity/signing key; created (0600) if missing.",
+)
+def deploy_site_key(signing_key) -> None:
+    """Print a site's identity public key (hex), creating the key if needed.
+
+    Send the hex to the federation's admin for the roster; the key itself stays at the site.
+    """
+    from securefed.deploy.launch import ensure_signing_key
+
+    click.echo(ensure_signing_key(Path(signing_key)))
+
+
+@deploy.command("roster")
+@option(
+    "--federation-key",
+    type=click.Path(dir_okay=False, exists=True),
+    required=True,
+    help="The federation's private key (federation.key).",
+)
+@option("--federation", "name", default="securefed", show_default=True, help="Federation name.")
+@option(
+    "--site",
+    "sites",
+    multiple=True,
+    required=True,
+    metavar="ID=KEY",
+    help="A site's id and identity public key (hex from `deploy site-key`, or a file with it). "
+    "Repeat for every site.",
+)
+@option("--min-contributors", type=click.IntRange(min=2), default=2, show_default=True)
+@option(
+    "--threshold",
+    type=int,
+    default=None,
+    show_default="2/3 majority",
+    help="Least masking threshold t any site accepts.",
+)
+@option("--out", type=click.Path(dir_okay=False), required=True, help="Signed roster to write.")
+def deploy_roster(federation_key, name, sites, min_contributors, threshold, out) -> None:
+    """Write the federation's signed roster: site ids and their identity keys.
+
+    Give it to the server (`deploy run --roster`) and to every site (`deploy site --roster`).
+    """
+    from securefed.crypto.roster import Roster, sign_roster
+    from securefed.deploy.trust import load_federation_key, load_federation_public
+    from securefed.errors import ConfigError
+
+    keys: dict[int, bytes] = {}
+    for item in sites:
+        sid, sep, value = item.partition("=")
+        if not sep or not sid.strip().isdigit():
+            raise ConfigError(f"--site {item!r}: expected ID=KEY (e.g. 0=site0.id.pub)")
+        if int(sid) in keys:
+            raise ConfigError(f"--site: site {sid} given twice")
+        keys[int(sid)] = load_federation_public(value)
+    roster = Roster(
+        federation=name, sites=keys, min_contributors=min_contributors, threshold=threshold
+    )
+    data = sign_roster(roster, load_federation_key(federation_key))
+    Path(out).write_bytes(data)
+    click.echo(f"roster {out}: {len(keys)} sites, min_contributors {min_contributors}")
+
+
 @deploy.command("run")
 @_tls_options
 @option("--superlink", default="127.0.0.1:8000", show_default=True, help="host:port.")
@@ -282,6 +437,26 @@ def deploy_he_keys(out, **flags) -> None:
     show_default="0: run every round",
     help="Stop after N rounds (drills).",
 )
+@option(
+    "--federation-key",
+    type=click.Path(dir_okay=False, exists=True),
+    default=None,
+    show_default="required",
+    help="The federation's private key (federation.key): signs the app and this run's "
+    "configuration; sites run nothing else.",
+)
+@option(
+    "--roster",
+    type=click.Path(dir_okay=False, exists=True),
+    default=None,
+    show_default="required, or --insecure-no-roster",
+    help="The federation's signed roster: the server checks every site's identity against it.",
+)
+@option(
+    "--insecure-no-roster",
+    is_flag=True,
+    help="Run without a roster (a site's id is then taken as claimed; test networks only).",
+)
 # `train`'s options (its --out, --quiet and --resume aside: this command has its own).
 @CONFIG_OPTION
 @run_config_options(deploy=True, after={"dp_epsilon": [NO_DP_OPTION]})
@@ -295,6 +470,9 @@ def deploy_run(
     stage_timeout,
     connect_timeout,
     stop_after,
+    federation_key,
+    roster,
+    insecure_no_roster,
     config_file,
     no_dp,
     data_option,
@@ -305,9 +483,11 @@ def deploy_run(
     Takes `securefed train`'s options, except what only the in-process runtime runs for now:
     cfl, twins (--personalize), --schedule cyclic, --public-fraction, --dropout-clients.
     """
+    from securefed.deploy.coordinator import check_deployable
     from securefed.deploy.launch import RunOptions, submit
 
     config = config_from_flags(config_file, no_dp, data_option, flags)
+    check_deployable(config)  # what the Flower runtime cannot run, before any other check
     options = RunOptions(
         superlink=superlink,
         certs=Path(certs) if certs else None,
@@ -318,6 +498,9 @@ def deploy_run(
         stage_timeout=stage_timeout,
         connect_timeout=connect_timeout,
         stop_after=stop_after,
+        federation_key=Path(federation_key) if federation_key else None,
+        roster=Path(roster) if roster else None,
+        insecure_no_roster=insecure_no_roster,
     )
     run_dir = submit(config, options=options)
     click.echo(run_line(run_dir) if (run_dir / "privacy.json").exists() else f"stopped: {run_dir}")

@@ -1,19 +1,22 @@
 """A throwaway test PKI for a Flower deployment: CA, SuperLink TLS certificate, SuperNode keys.
 
 This is a TEST CA, for trials and CI; a hospital deployment uses certificates from its own PKI.
-:func:`create_test_pki` writes, into one folder:
+:func:`create_test_pki` writes, into one folder, each party's part apart:
 
-- ``ca.crt`` / ``ca.key``: a self-signed CA (EC P-256, SHA-256). No name constraints: gRPC's
-  BoringSSL fails the handshake on an iPAddress constraint ("unsupported name constraint type").
-- ``server.pem`` / ``server.key``: the SuperLink's TLS certificate (``--ssl-certfile`` /
-  ``--ssl-keyfile``, with ``--ssl-ca-certfile ca.crt``); SuperNodes and the ``flwr`` CLI trust
-  it through ``--root-certificates ca.crt``.
-- ``site{i}.key`` / ``site{i}.pub``: one SECP384R1 key pair per SuperNode for
-  ``flower-superlink --enable-supernode-auth``. The private key is in OpenSSH format because
-  Flower 1.42 reads ``--auth-supernode-private-key`` with ``load_ssh_private_key``; the public
-  key is an OpenSSH ``ecdsa-sha2-nistp384`` line for ``flwr supernode register``.
+- ``ca.crt`` (everyone) and ``ca/ca.key``: a self-signed CA (EC P-256, SHA-256), its private key
+  alone in ``ca/``, which no other party needs. No name constraints: gRPC's BoringSSL fails the
+  handshake on an iPAddress constraint ("unsupported name constraint type").
+- ``server.pem`` / ``server.key`` (the server): the SuperLink's TLS certificate
+  (``--ssl-certfile`` / ``--ssl-keyfile``, with ``--ssl-ca-certfile ca.crt``); SuperNodes and
+  the ``flwr`` CLI trust it through ``--root-certificates ca.crt``.
+- ``site-{i}/`` (site i, and only site i): ``site{i}.key`` / ``site{i}.pub``, its SECP384R1 key
+  pair for ``flower-superlink --enable-supernode-auth``, and a copy of ``ca.crt``. The private
+  key is in OpenSSH format because Flower 1.42 reads ``--auth-supernode-private-key`` with
+  ``load_ssh_private_key``; the public key is an OpenSSH ``ecdsa-sha2-nistp384`` line for
+  ``flwr supernode register`` (the server operator needs the ``.pub`` only).
 
-Private keys are created with ``O_EXCL`` and mode 0600, so they never exist world-readable.
+Folders are 0700; private keys are created with ``O_EXCL`` and mode 0600, so they never exist
+world-readable. (Before issue 14, every key, ``ca.key`` included, was in the one folder.)
 """
 
 from __future__ import annotations
@@ -76,12 +79,13 @@ class CertificateSet:
         folder: The folder holding every file below.
         ca_cert: ``ca.crt``, the CA certificate (PEM); ``--ssl-ca-certfile`` on the SuperLink,
             ``--root-certificates`` on SuperNodes and the ``flwr`` CLI.
-        ca_key: ``ca.key``, the CA private key (PKCS8 PEM, mode 0600).
+        ca_key: ``ca/ca.key``, the CA private key (PKCS8 PEM, mode 0600, folder 0700).
         server_cert: ``server.pem``, the SuperLink certificate (PEM), ``--ssl-certfile``.
         server_key: ``server.key``, its private key (PKCS8 PEM, mode 0600), ``--ssl-keyfile``.
-        site_keys: Per site ``(private key, public key)``: ``site{i}.key`` (OpenSSH private key,
-            mode 0600, ``--auth-supernode-private-key``) and ``site{i}.pub`` (OpenSSH public key
-            line, for ``flwr supernode register``).
+        site_keys: Per site ``(private key, public key)``: ``site-{i}/site{i}.key`` (OpenSSH
+            private key, mode 0600, ``--auth-supernode-private-key``) and
+            ``site-{i}/site{i}.pub`` (OpenSSH public key line, for ``flwr supernode register``);
+            ``site-{i}/`` (0700) also holds a copy of ``ca.crt``.
         hosts: Host names and IP addresses the server certificate is valid for.
 
     """
@@ -193,17 +197,28 @@ def create_test_pki(
     result = CertificateSet(
         folder=root,
         ca_cert=root / "ca.crt",
-        ca_key=root / "ca.key",
+        ca_key=root / "ca" / "ca.key",
         server_cert=root / "server.pem",
         server_key=root / "server.key",
-        site_keys=tuple((root / f"site{i}.key", root / f"site{i}.pub") for i in range(sites)),
+        site_keys=tuple(
+            (_site_folder(root, i) / f"site{i}.key", _site_folder(root, i) / f"site{i}.pub")
+            for i in range(sites)
+        ),
         hosts=tuple(hosts),
     )
+    site_cas = [_site_folder(root, i) / "ca.crt" for i in range(sites)]
     targets = [result.ca_cert, result.ca_key, result.server_cert, result.server_key]
-    targets += [path for pair in result.site_keys for path in pair]
+    targets += [path for pair in result.site_keys for path in pair] + site_cas
     _check_targets(targets, overwrite=overwrite)
 
     files = _build_files(result, names, days=days)
+    ca_pem = next(data for path, data, _ in files if path == result.ca_cert)
+    files += [(path, ca_pem, _PUBLIC_MODE) for path in site_cas]
+    # Each party's private files in a folder of its own (0700): the CA key in ca/, site i's
+    # node key in site-<i>/ (with a copy of ca.crt: the folder is what site i is given).
+    for sub in [result.ca_key.parent] + [_site_folder(root, i) for i in range(sites)]:
+        _prepare_folder(sub)
+        os.chmod(sub, 0o700)
     if overwrite:
         _replace_files(files)
     else:
@@ -334,6 +349,11 @@ def _general_name(host: object) -> x509.GeneralName:
             "(letters, digits, '-', dot-separated; non-ASCII names in their xn-- form)."
         )
     return x509.DNSName(host)
+
+
+def _site_folder(root: Path, index: int) -> Path:
+    """Site ``index``'s own folder: its node key pair and a copy of ``ca.crt``."""
+    return root / f"site-{index}"
 
 
 def _prepare_folder(folder: Path) -> Path:

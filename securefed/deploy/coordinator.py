@@ -18,7 +18,9 @@ from pathlib import Path
 from typing import Any
 
 from securefed.config import RunConfig
+from securefed.crypto.roster import Roster
 from securefed.data.dataset import load_dataset
+from securefed.deploy.trust import IDENTITY_FIELD, verify_identity
 from securefed.errors import ConfigError, ProtocolError
 from securefed.fl.checkpoint import load_checkpoint, save_checkpoint
 from securefed.fl.engine import RoundEngine
@@ -196,6 +198,11 @@ class Coordinator(RoundEngine):
         connect_timeout: Seconds to wait for ``config.clients`` sites to connect.
         resume: Continue from ``out/checkpoint`` instead of starting afresh.
         stop_after: Stop (as if the server died) after this many rounds: tests and drills.
+        roster: The federation's signed roster: a site's set-up reply must carry an identity
+            proof by the roster's key for the site id it claims
+            (:func:`securefed.deploy.trust.verify_identity`), so no site process can take
+            another site's id. None (``--insecure-no-roster``): ids are taken as claimed.
+        run_id: The Flower run id the identity proofs are bound to (default: the grid's).
 
     """
 
@@ -212,9 +219,13 @@ class Coordinator(RoundEngine):
         connect_timeout: float = 300.0,
         resume: bool = False,
         stop_after: int | None = None,
+        roster: Roster | None = None,
+        run_id: int | None = None,
     ) -> None:
         check_deployable(config)
         link.config = config
+        self.identity_roster = roster
+        self.run_id = run_id
         self.out = Path(out)
         self.connect_timeout = connect_timeout
         self.resume = resume
@@ -255,6 +266,7 @@ class Coordinator(RoundEngine):
         by_site: dict[int, int] = {}
         replies_by_site: dict[int, dict[str, Any]] = {}
         asked: set[int] = set()
+        refused: dict[int, str] = {}
         while True:
             fresh = [n for n in link.node_ids() if n not in asked]
             if fresh:
@@ -270,6 +282,13 @@ class Coordinator(RoundEngine):
                     self._event(event="unreachable", node=str(node), why=why)
                 for node, info in replies.items():
                     sid = int(info["site_id"])
+                    why = self._identity_refusal(node, sid, info.pop(IDENTITY_FIELD, None))
+                    if why is not None:
+                        # Not bound: the real site can still connect and take its id.
+                        refused[node] = why
+                        self._event(event="refused", node=str(node), site=sid, why=why)
+                        log.warning("node %s refused: %s", node, why)
+                        continue
                     if sid in by_site:
                         raise ConfigError(
                             f"two site processes claim site-id {sid}; give each its own"
@@ -285,14 +304,34 @@ class Coordinator(RoundEngine):
                 break
             if time.monotonic() > deadline:
                 missing = sorted(wanted - set(by_site))
+                refusals = "".join(f"; refused node {n}: {w}" for n, w in sorted(refused.items()))
                 raise ConfigError(
                     f"sites {missing} did not connect within {self.connect_timeout:g} s; start "
-                    "a site process for each (securefed deploy site --site-id ...)"
+                    "a site process for each (securefed deploy site --site-id ...)" + refusals
                 )
             time.sleep(0.5)
         link.bind(by_site)
         self.adopt_sites(replies_by_site)
         self._event(event="setup", sites={str(k): v for k, v in sorted(by_site.items())})
+
+    def _identity_refusal(self, node: int, sid: int, proof: Any) -> str | None:
+        """Why node ``node`` may not be site ``sid`` (None: it may).
+
+        With a roster, the node's set-up reply must carry an identity proof by the roster's
+        key for ``sid``, bound to this run and this node: a site claiming another site's id,
+        a site not in the roster, or a proof replayed from another node or run is refused.
+        Without a roster (``--insecure-no-roster``) every claim is taken as made.
+        """
+        if self.identity_roster is None:
+            return None
+        run_id = self.run_id
+        if run_id is None:
+            run_id = int(self.link.grid.run.run_id)  # type: ignore[attr-defined]
+        try:
+            verify_identity(self.identity_roster, proof, run_id=run_id, node_id=node, site_id=sid)
+        except ProtocolError as exc:
+            return str(exc)
+        return None
 
     def run(self) -> Path:
         """Set up, run every round (resuming if asked), write the run's files."""

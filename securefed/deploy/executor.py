@@ -16,8 +16,9 @@ So the ClientApp sees exactly what a ``flwr-clientapp`` process would: its state
 error reply, as Flower's own process makes it, and the executor goes on to the next message.
 
 It only talks to its own SuperNode over loopback (the Runtime API has no TLS of its own: the
-SuperNode serves it on 127.0.0.1), and it only runs the ClientApp it was started with: a run
-whose app bundle names another ClientApp gets an error reply.
+SuperNode serves it on 127.0.0.1), it only runs runs signed by the federation key the site
+pinned (node config ``federation-key``; :mod:`securefed.deploy.trust`), and it only runs the
+ClientApp it was started with: any other run gets an error reply, and its app is never called.
 
 What it uses from Flower is internal to Flower 1.42 (``flwr.supernode.runtime.run_clientapp``
 helpers, ``RuntimeHttpClient``, the AcquireTask protocol): pyproject pins ``flwr<1.43``.
@@ -139,6 +140,8 @@ class SiteExecutor:
         self.idle = idle if idle is not None else polls.IdleWait(*polls.EXECUTOR_IDLE)
         self.tasks_run = 0
         self._fab_refs: dict[str, str | None] = {}
+        #: Run id -> the signature it was accepted under (a signature serves one run only).
+        self._runs: dict[int, str] = {}
         self._stop = threading.Event()
         self._client = self._runtime_client(token=None)
 
@@ -175,8 +178,46 @@ class SiteExecutor:
             return str(res.token)
         return None
 
-    def _check_app(self, fab: Any) -> None:
-        """Refuse a run whose app bundle names another ClientApp than the one loaded here."""
+    def _check_app(self, fab: Any, context: Any) -> None:
+        """Refuse a run not signed by this site's federation key, or naming another ClientApp.
+
+        The signature (``app-signature`` in the run configuration, see
+        :mod:`securefed.deploy.trust`) must verify against the federation public key pinned in
+        this site's own node configuration (``federation-key``), over this FAB and every value
+        of the run configuration. Checked before the ClientApp is called: a refused run's
+        messages get an error reply and nothing of the app runs.
+        """
+        from securefed.deploy.trust import (
+            SIGNATURE_KEY,
+            check_fresh,
+            load_federation_public,
+            verify_run,
+        )
+
+        pinned = dict(context.node_config).get("federation-key") if context is not None else None
+        if not pinned:
+            raise PermissionError(
+                "this site pins no federation key (node config federation-key); it runs no app"
+            )
+        try:
+            federation = load_federation_public(str(pinned))
+        except Exception as exc:  # noqa: BLE001  # ConfigError: the site's own setting is wrong
+            raise PermissionError(f"this site's federation key: {exc}") from exc
+        run_config = dict(context.run_config)
+        verify_run(fab.content, run_config, federation)
+        run_id = int(context.run_id)
+        signature = str(run_config.get(SIGNATURE_KEY))
+        if run_id not in self._runs:
+            # First message of a run: its signature must be fresh and not used by another run.
+            check_fresh(run_config, now=time.time())
+            if signature in self._runs.values():
+                raise PermissionError(
+                    "this signed run was already run here under another run id (a replay); "
+                    "submit it again to sign it afresh"
+                )
+            self._runs[run_id] = signature
+        elif self._runs[run_id] != signature:
+            raise PermissionError(f"run {run_id} changed its signature")
         if fab.hash_str not in self._fab_refs:
             self._fab_refs[fab.hash_str] = _fab_clientapp(fab.content)
         named = self._fab_refs[fab.hash_str]
@@ -206,7 +247,7 @@ class SiteExecutor:
         sub_status, details = SubStatus.FAILED, "ClientApp task failed due to unknown reason"
         try:
             message, context, _run, fab = pull_task_input(client)
-            self._check_app(fab)
+            self._check_app(fab, context)
             app_start = time.perf_counter()
             reply = self.app(message=message, context=context)
             app_seconds = time.perf_counter() - app_start

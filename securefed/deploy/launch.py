@@ -23,6 +23,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from importlib import resources
@@ -99,22 +100,32 @@ def superlink_command(
     insecure: bool = False,
     host: str = "127.0.0.1",
     port: int = DEFAULT_PORT,
-    node_auth: bool = False,
+    node_auth: bool = True,
     database: Path | None = None,
+    expose_control: tuple[str, ...] = (),
 ) -> list[str]:
-    """``flower-superlink`` with TLS from ``certs`` (ca.crt, server.pem, server.key).
+    """Flower's ``flower-superlink`` behind securefed's API gate, TLS from ``certs``.
+
+    Run by :mod:`securefed.deploy.superlink`: the sites' Fleet API answers everyone (with
+    Flower's node authentication), the Control and Runtime APIs only the server host itself.
 
     Args:
         certs: Folder written by ``securefed certs`` (or your PKI's files, same names).
         insecure: Plain HTTP (only for a closed test network).
         host: Address to listen on (``0.0.0.0`` for every interface).
         port: The one HTTP port Flower 1.42 serves its APIs on.
-        node_auth: Accept only SuperNodes whose public key was registered.
+        node_auth: Accept only SuperNodes whose public key was registered (default on).
         database: SQLite file for the SuperLink's state (default: in memory).
+        expose_control: Networks (CIDR) that may also reach the Control API, which Flower
+            1.42 does not authenticate.
 
     """
     _tls(certs, insecure, what="server")
-    cmd = [_tool("flower-superlink"), "--host", host, "--port", str(port)]
+    _tool("flower-superlink")  # Flower must be installed
+    cmd = [sys.executable, "-m", "securefed.deploy.superlink"]
+    for net in expose_control:
+        cmd += ["--expose-control", net]
+    cmd += ["--host", host, "--port", str(port)]
     if insecure:
         cmd.append("--insecure")
     else:
@@ -190,6 +201,10 @@ def supernode_command(
     disclose_size: bool = False,
     signing_key: Path | None = None,
     allow_reproducible_noise: bool = False,
+    federation_key: str | Path | None = None,
+    roster: Path | None = None,
+    min_contributors: int | None = None,
+    insecure_no_roster: bool = False,
 ) -> list[str]:
     """The site process for one hospital, its data named in its node configuration.
 
@@ -218,9 +233,24 @@ def supernode_command(
             :func:`ensure_signing_key`).
         allow_reproducible_noise: The site accepts ``--reproducible-noise`` runs (tests and
             research only: their epsilon does not hold against anyone who knows the seed).
+        federation_key: The federation's public key (``federation.pub`` or its hex): the
+            site runs only runs signed by it. Required.
+        roster: The federation's signed roster file (needed for secure aggregation).
+        min_contributors: The site's own least number of contributors to a sum (>= 2).
+        insecure_no_roster: Accept secure-aggregation runs without a roster (test networks).
 
     """
     _tls(certs, insecure, what=f"site {site_id}")
+    if federation_key is None:
+        raise ConfigError(
+            f"site {site_id}: give --federation-key federation.pub (from the federation's "
+            "admin): the site runs only runs signed by that key"
+        )
+    from securefed.deploy.trust import load_federation_public
+
+    pinned = load_federation_public(federation_key).hex()
+    if roster is not None and not Path(roster).is_file():
+        raise ConfigError(f"site {site_id}: roster {roster}: no such file")
     _tool("flower-supernode")  # Flower must be installed: the site runs its SuperNode
     cmd = [
         # Flower's flower-supernode entry point, run by securefed's site launcher: one warm
@@ -249,6 +279,10 @@ def supernode_command(
                 "disclose-size": True if disclose_size else None,
                 "signing-key": str(Path(signing_key).resolve()) if signing_key else None,
                 "allow-reproducible-noise": True if allow_reproducible_noise else None,
+                "federation-key": pinned,
+                "roster": str(Path(roster).resolve()) if roster is not None else None,
+                "min-contributors": int(min_contributors) if min_contributors else None,
+                "insecure-no-roster": True if insecure_no_roster else None,
             }
         ),
     ]
@@ -301,6 +335,12 @@ class RunOptions:
         stage_timeout: Seconds a site may take for a protocol step.
         connect_timeout: Seconds to wait for every site to connect.
         stop_after: End the run after this many rounds, leaving a checkpoint (drills).
+        federation_key: The federation's private key file (``federation.key``): it signs the
+            app bundle and the run's configuration; sites run nothing it did not sign.
+        roster: The signed roster file (``securefed deploy roster``); the server checks each
+            site's identity proof against it. None only with ``insecure_no_roster``.
+        insecure_no_roster: Submit without a roster: the server then cannot tell a site that
+            claims another's id (closed test networks only).
 
     """
 
@@ -313,14 +353,56 @@ class RunOptions:
     stage_timeout: float = 300.0
     connect_timeout: float = 300.0
     stop_after: int = 0
+    federation_key: Path | None = None
+    roster: Path | None = None
+    insecure_no_roster: bool = False
 
     def __post_init__(self) -> None:
         _tls(self.certs, self.insecure, what="run")
+        if self.federation_key is None:
+            raise ConfigError(
+                "run: sites only run runs signed by the federation key; give --federation-key "
+                "FILE (make one with `securefed deploy federation-key`)"
+            )
+        if self.roster is None and not self.insecure_no_roster:
+            raise ConfigError(
+                "run: give --roster FILE (from `securefed deploy roster`) so the server can "
+                "check each site's identity; --insecure-no-roster skips that check"
+            )
         for name in ("fit_timeout", "stage_timeout", "connect_timeout"):
             if not getattr(self, name) > 0:
                 raise ConfigError(f"`{name}` must be positive (got {getattr(self, name)})")
         if self.stop_after < 0:
             raise ConfigError(f"`stop_after` must be >= 0 (got {self.stop_after})")
+
+
+def _manifest_defaults(app: Path) -> dict[str, Any]:
+    """The app manifest's ``[tool.flwr.app.config]`` defaults (flat, as Flower fuses them)."""
+    from flwr.common.config import flatten_dict
+
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python 3.10
+        import tomli as tomllib  # type: ignore[no-redef]
+
+    manifest = tomllib.loads((Path(app) / "pyproject.toml").read_text())
+    return dict(flatten_dict(manifest["tool"]["flwr"]["app"].get("config", {})))
+
+
+def _signed_roster_text(path: Path, federation: Any) -> str:
+    """The signed roster file's text, checked against the federation key that signs the run."""
+    from securefed.crypto.roster import federation_public_key, load_signed_roster
+    from securefed.errors import IntegrityError
+
+    try:
+        data = Path(path).read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"roster {path}: {exc.strerror}") from exc
+    try:
+        load_signed_roster(data, federation_key=federation_public_key(federation))
+    except IntegrityError as exc:
+        raise ConfigError(f"roster {path}: {exc}") from exc
+    return data.decode()
 
 
 def submit(
@@ -342,10 +424,20 @@ def submit(
         ProtocolError: If the run failed; the server's one-line reason is in the message.
 
     """
+    from flwr.cli.build import build_fab_from_disk
+
     from securefed.deploy.coordinator import check_deployable
+    from securefed.deploy.trust import (
+        SIGNATURE_KEY,
+        SIGNED_AT_KEY,
+        load_federation_key,
+        sign_run,
+    )
 
     check_deployable(config)
     out = Path(options.out).resolve()
+    federation = load_federation_key(options.federation_key)  # type: ignore[arg-type]
+    roster = _signed_roster_text(options.roster, federation) if options.roster else ""
     with tempfile.TemporaryDirectory(prefix="securefed-run-") as tmp:
         home = Path(tmp) / "flwr-home"
         flower_home(
@@ -361,14 +453,19 @@ def submit(
             "stage-timeout": float(options.stage_timeout),
             "connect-timeout": float(options.connect_timeout),
             "stop-after": int(options.stop_after),
+            "roster": roster,
+            # Inside the signature: a site refuses a run first seen long after it was signed.
+            SIGNED_AT_KEY: int(time.time()),
         }
-        run_config.write_text(
-            "\n".join(
-                f"{k} = {_toml_value(v) if not isinstance(v, float) else repr(v)}"
-                for k, v in values.items()
-            )
-            + "\n"
-        )
+        # The signature covers the bundle `flwr run` builds from this folder (the same Flower
+        # function, deterministic) and every value of the run configuration the sites will
+        # see: the manifest's defaults with these values over them, as Flower fuses them.
+        fab = build_fab_from_disk(app)
+        seen = {**_manifest_defaults(app), **values}
+        values[SIGNATURE_KEY] = sign_run(fab, seen, federation)
+        import tomli_w
+
+        run_config.write_text(tomli_w.dumps(values))
         # `--stream` also makes `flwr run` wait for the run to end.
         cmd = [_tool("flwr"), "run", str(app), "securefed", "--run-config", str(run_config)]
         cmd.append("--stream")

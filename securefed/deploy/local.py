@@ -50,6 +50,13 @@ class LocalDeployment:
         tls: Use TLS (a test CA made with :func:`securefed.deploy.certs.create_test_pki`).
         node_auth: Only registered site keys may connect (needs ``tls``).
         shard: Sites take their shard of the run's data set (``--shard``).
+        site_options: More :func:`~securefed.deploy.launch.supernode_command` arguments for
+            every site.
+        roster: Give the sites and the runs the federation's signed roster (``roster.json``,
+            from each site's identity key); off, sites start with ``--insecure-no-roster``.
+
+    As a real federation, it has a federation key (``federation.key``, the admin's) that signs
+    the roster and every run it submits; each site pins ``federation.pub``.
 
     Use as a context manager; :meth:`close` kills every process group.
     """
@@ -63,6 +70,7 @@ class LocalDeployment:
         node_auth: bool = True,
         shard: bool = True,
         site_options: dict[str, Any] | None = None,
+        roster: bool = True,
     ) -> None:
         self.folder = Path(folder)
         self.folder.mkdir(parents=True, exist_ok=True)
@@ -78,6 +86,14 @@ class LocalDeployment:
             from securefed.deploy.certs import create_test_pki
 
             self.certs = create_test_pki(folder=self.folder / "certs", sites=sites).folder
+        from securefed.deploy.trust import create_federation_key
+
+        self.federation_key = self.folder / "federation.key"
+        if not self.federation_key.exists():
+            create_federation_key(self.federation_key)
+        self.federation_pub = self.federation_key.with_suffix(".pub")
+        self.use_roster = roster
+        self.roster: Path | None = None
         self.server: subprocess.Popen | None = None
         self.site_procs: dict[int, subprocess.Popen] = {}
         #: Each site's claim-signing public key (hex), for ``securefed audit --site-keys``.
@@ -129,32 +145,60 @@ class LocalDeployment:
             launch.flower_home(home, superlink=self.superlink, certs=self.certs, insecure=False)
             for i in range(self.n_sites):
                 subprocess.run(
-                    launch.register_command(public_key=self.certs / f"site{i}.pub"),  # type: ignore[operator]
+                    launch.register_command(public_key=self.certs / f"site-{i}" / f"site{i}.pub"),  # type: ignore[operator]
                     env=launch.flower_env(self.env, home=home),
                     check=True,
                     capture_output=True,
                     timeout=60,
                 )
 
-    def start_site(self, site_id: int) -> None:
-        """Start one SuperNode."""
+    def make_roster(self) -> Path:
+        """Sign ``roster.json`` with the federation key, from every site's identity key."""
+        from securefed.crypto.roster import Roster, sign_roster
+        from securefed.deploy.trust import load_federation_key
+
+        keys = {}
+        for i in range(self.n_sites):
+            hexkey = launch.ensure_signing_key(self.folder / f"site{i}.signing.key")
+            self.site_keys[i] = hexkey
+            keys[i] = bytes.fromhex(hexkey)
+        roster = Roster(federation="securefed-local", sites=keys)
+        path = self.folder / "roster.json"
+        path.write_bytes(sign_roster(roster, load_federation_key(self.federation_key)))
+        self.roster = path
+        return path
+
+    def site_command(self, site_id: int, **overrides: Any) -> list[str]:
+        """The command that starts site ``site_id`` (its keys, the roster, the federation key)."""
         key = self.folder / f"site{site_id}.signing.key"
         self.site_keys[site_id] = launch.ensure_signing_key(key)
-        cmd = launch.supernode_command(
-            superlink=self.superlink,
-            site_id=site_id,
-            signing_key=key,
-            certs=self.certs,
-            insecure=not self.tls,
-            shard=self.shard,
-            runtime_port=free_port(),
-            auth_key=(self.certs / f"site{site_id}.key") if self.node_auth else None,  # type: ignore[operator]
+        node_key = self.certs / f"site-{site_id}" / f"site{site_id}.key" if self.certs else None
+        options: dict[str, Any] = {
+            "superlink": self.superlink,
+            "site_id": site_id,
+            "signing_key": key,
+            "certs": self.certs,
+            "insecure": not self.tls,
+            "shard": self.shard,
+            "runtime_port": free_port(),
+            "auth_key": node_key if self.node_auth else None,
+            "federation_key": self.federation_pub,
+            "roster": self.roster,
+            "insecure_no_roster": self.roster is None,
             **self.site_options,
-        )
+            **overrides,
+        }
+        return launch.supernode_command(**options)
+
+    def start_site(self, site_id: int, **overrides: Any) -> None:
+        """Start one SuperNode (``overrides``: other supernode_command arguments, for tests)."""
+        cmd = self.site_command(site_id, **overrides)
         self.site_procs[site_id] = self._spawn(cmd, f"site{site_id}.log", env=self.site_env)
 
     def start(self) -> LocalDeployment:
         """Server, registrations, then every site."""
+        if self.use_roster and self.roster is None:
+            self.make_roster()
         self.start_server()
         self.register_sites()
         for i in range(self.n_sites):
@@ -178,7 +222,12 @@ class LocalDeployment:
             certs=self.certs,
             insecure=not self.tls,
             out=Path(out),
-            **options,
+            **{
+                "federation_key": self.federation_key,
+                "roster": self.roster,
+                "insecure_no_roster": self.roster is None,
+                **options,
+            },
         )
         return launch.submit(config, options=opts, stream=False, timeout=timeout, env=self.env)
 

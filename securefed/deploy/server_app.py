@@ -15,12 +15,28 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from securefed.config import RunConfig
+from securefed.crypto.roster import Roster, load_signed_roster
 from securefed.deploy.polls import shorten_grid_pulls
 from securefed.errors import SecureFedError
 
 __all__ = ["app"]
 
 app = ServerApp()
+
+
+def _roster(text: str) -> Roster | None:
+    """The run's signed roster (checked against the key that signed it), or None if absent.
+
+    ``securefed deploy run`` checked that key is the federation key that signed the run; the
+    sites check the run's signature themselves.
+    """
+    if not text:
+        return None
+    try:
+        signer = bytes.fromhex(str(json.loads(text)["signer"]))
+    except (ValueError, KeyError, TypeError) as exc:
+        raise SecureFedError(f"the run's roster is not a signed roster file ({exc})") from exc
+    return load_signed_roster(text.encode(), federation_key=signer)
 
 
 @app.main()
@@ -43,6 +59,7 @@ def main(grid: Grid, context: Context) -> None:
         stop_after = int(rc.get("stop-after", 0)) or None
         Coordinator(
             config,
+            roster=_roster(str(rc.get("roster", ""))),
             link=FlowerLink(grid),
             out=out,
             fit_timeout=float(rc["fit-timeout"]),

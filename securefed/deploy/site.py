@@ -17,9 +17,10 @@ from securefed.dp.signing import SiteSigner
 from securefed.errors import ConfigError, DataError, IntegrityError, PrivacyBudgetError
 
 if TYPE_CHECKING:
+    from securefed.crypto.roster import Roster
     from securefed.fl.site_runtime import SiteRuntime
 
-__all__ = ["NodeSettings", "deployed_site"]
+__all__ = ["NodeSettings", "deployed_site", "identity_proof"]
 
 
 @dataclass(frozen=True)
@@ -51,6 +52,15 @@ class NodeSettings:
         allow_reproducible_noise: Accept runs with ``reproducible_noise`` (DP noise derived
             from the run's seed, which the server and every site know). Off by default: such
             a run's epsilon does not hold against them, so a site must opt in.
+        federation_key: The federation's public key (``federation.pub``, or its 64 hex
+            characters), pinned here: the site's executor runs only runs it signed, and the
+            roster must be signed by it.
+        roster: The federation's signed roster file (``securefed deploy roster``): the site
+            ids and identity keys of every site. Required for secure aggregation.
+        min_contributors: This site's own least number of contributors to any sum it helps
+            reveal (>= 2); the larger of it and the roster's applies.
+        insecure_no_roster: Accept a secure-aggregation run without a roster (closed test
+            networks only: peers' keys and ids are then whatever the server says).
 
     """
 
@@ -66,6 +76,10 @@ class NodeSettings:
     disclose_size: bool = False
     signing_key: str | None = None
     allow_reproducible_noise: bool = False
+    federation_key: str | None = None
+    roster: str | None = None
+    min_contributors: int | None = None
+    insecure_no_roster: bool = False
 
     @classmethod
     def from_node_config(cls, node_config: Mapping[str, Any]) -> NodeSettings:
@@ -89,6 +103,10 @@ class NodeSettings:
             "disclose-size",
             "signing-key",
             "allow-reproducible-noise",
+            "federation-key",
+            "roster",
+            "min-contributors",
+            "insecure-no-roster",
         }
         unknown = sorted(set(node_config) - known)
         if unknown:
@@ -101,6 +119,18 @@ class NodeSettings:
         if not isinstance(allow, bool):
             raise ConfigError(
                 f"node config: `allow-reproducible-noise` must be true or false (got {allow!r})"
+            )
+
+        for flag in ("insecure-no-roster",):
+            if not isinstance(node_config.get(flag, False), bool):
+                raise ConfigError(
+                    f"node config: `{flag}` must be true or false (got {node_config.get(flag)!r})"
+                )
+        least = node_config.get("min-contributors")
+        bad = isinstance(least, bool) or not isinstance(least, int) or least < 2
+        if least is not None and bad:
+            raise ConfigError(
+                f"node config: `min-contributors` must be an integer >= 2 (got {least!r})"
             )
 
         def text(key: str) -> str | None:
@@ -120,6 +150,10 @@ class NodeSettings:
             disclose_size=bool(node_config.get("disclose-size", False)),
             signing_key=text("signing-key"),
             allow_reproducible_noise=allow,
+            federation_key=text("federation-key"),
+            roster=text("roster"),
+            min_contributors=least,
+            insecure_no_roster=bool(node_config.get("insecure-no-roster", False)),
         )
 
     def check_policy(self, config: RunConfig) -> None:
@@ -177,6 +211,52 @@ class NodeSettings:
         except (OSError, ValueError, IntegrityError) as exc:
             raise ConfigError(f"site {self.site_id}: signing key: {exc}") from exc
 
+    def load_roster(self, signer: SiteSigner | None = None) -> Roster | None:
+        """The federation's roster, verified against the pinned federation key (None if unset).
+
+        Args:
+            signer: This site's identity key; when given, the roster must list its public key
+                for this site's id.
+
+        Raises:
+            ConfigError: No federation key pinned, an unreadable file, a roster not signed by
+                the pinned key, this site missing from it, or listed with another key.
+
+        """
+        from securefed.crypto.roster import load_signed_roster
+        from securefed.deploy.trust import load_federation_public
+
+        if self.roster is None:
+            return None
+        if self.federation_key is None:
+            raise ConfigError(
+                f"site {self.site_id}: a roster needs the federation public key it is checked "
+                "against (securefed deploy site --federation-key federation.pub)"
+            )
+        try:
+            data = Path(self.roster).read_bytes()
+        except OSError as exc:
+            raise ConfigError(f"site {self.site_id}: roster {self.roster}: {exc.strerror}") from exc
+        try:
+            roster = load_signed_roster(
+                data, federation_key=load_federation_public(self.federation_key)
+            )
+        except IntegrityError as exc:
+            raise ConfigError(f"site {self.site_id}: roster {self.roster}: {exc}") from exc
+        if self.site_id not in roster.sites:
+            raise ConfigError(f"site {self.site_id}: not in the federation's roster")
+        if signer is not None and roster.sites[self.site_id].hex() != signer.public_key_hex:
+            raise ConfigError(
+                f"site {self.site_id}: the roster lists another identity key for this site id "
+                "than this site's signing key"
+            )
+        return roster
+
+    def min_contributors_floor(self, roster: Roster | None) -> int:
+        """The least number of contributors this site accepts: its own and the roster's."""
+        own = self.min_contributors or 2
+        return max(own, roster.min_contributors) if roster is not None else own
+
     def he_contexts(self) -> tuple[bytes, bytes]:
         """This site's CKKS (secret, public) contexts, read from ``he-key`` and its twin.
 
@@ -221,7 +301,18 @@ def deployed_site(config: RunConfig, node: NodeSettings) -> SiteRuntime:
     from securefed.fl.site_runtime import SiteRuntime
 
     node.check_policy(config)
-    signer = node.signer() if config.dp_enabled else None
+    secure = config.secure_agg != "none"
+    if secure and node.roster is None and not node.insecure_no_roster:
+        raise ConfigError(
+            f"site {node.site_id}: --secure-agg {config.secure_agg} needs the federation's "
+            "signed roster (securefed deploy site --roster roster.json); "
+            "--insecure-no-roster accepts the run without it (closed test networks only)"
+        )
+    # The identity key signs set-up proofs (site_app) and, for masking, round keys, whenever
+    # a roster is used; the runtime holds it for DP claims (its set-up reply then names it).
+    identity = node.signer() if (config.dp_enabled or node.roster is not None) else None
+    roster = node.load_roster(identity)
+    signer = identity if config.dp_enabled else None
     device = resolve_device(node.device or config.device)
     from securefed.data.dataset import load_dataset
 
@@ -247,7 +338,7 @@ def deployed_site(config: RunConfig, node: NodeSettings) -> SiteRuntime:
     he_secret = he_public = None
     if config.secure_agg == "he":
         he_secret, he_public = node.he_contexts()
-    return SiteRuntime(
+    runtime = SiteRuntime(
         config,
         client_id=node.site_id,
         train=train,
@@ -268,4 +359,31 @@ def deployed_site(config: RunConfig, node: NodeSettings) -> SiteRuntime:
         he_secret=he_secret,
         he_public=he_public,
         disclose_size=node.disclose_size,
+        roster=roster,
+    )
+    # The site's own minimum beside the roster's (a mode reads the larger one).
+    runtime.min_contributors_floor = node.min_contributors_floor(roster)  # type: ignore[attr-defined]
+    # The identity key, also in runs without DP (set-up identity proofs, masking round keys).
+    runtime.identity_signer = identity  # type: ignore[attr-defined]
+    return runtime
+
+
+def identity_proof(runtime: SiteRuntime, *, run_id: int, node_id: int) -> str | None:
+    """The site's set-up identity proof for this run and Flower node (None without a roster).
+
+    Signed with the site's identity key over (federation, run id, node id, site id); the
+    server checks it against the roster (:func:`securefed.deploy.trust.verify_identity`).
+    """
+    from securefed.deploy.trust import sign_identity
+
+    roster = getattr(runtime, "roster", None)
+    signer = getattr(runtime, "identity_signer", None)
+    if roster is None or signer is None:
+        return None
+    return sign_identity(
+        signer._key,  # the SiteSigner's Ed25519 key: the site's registered identity
+        federation=roster.federation,
+        run_id=run_id,
+        node_id=node_id,
+        site_id=runtime.client_id,
     )

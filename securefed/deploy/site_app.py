@@ -18,7 +18,8 @@ from flwr.app import ConfigRecord, Context, Message
 from flwr.clientapp import ClientApp
 
 from securefed.config import RunConfig
-from securefed.deploy.site import NodeSettings
+from securefed.deploy.site import NodeSettings, identity_proof
+from securefed.deploy.trust import IDENTITY_FIELD
 from securefed.errors import ProtocolError
 from securefed.fl.disclosures import check_reply
 from securefed.protocol.modes import get_mode
@@ -112,6 +113,10 @@ def _handle(msg: Message, context: Context) -> Message:
     runtime.state = state
     try:
         reply = runtime.handle(stage, fields)
+        if stage == Stage.SETUP:
+            proof = identity_proof(runtime, run_id=context.run_id, node_id=context.node_id)
+            if proof is not None:
+                reply[IDENTITY_FIELD] = proof  # the server checks it against the roster
         if stage == Stage.FIT:
             runtime.state[_PINNED] = pinned
     finally:

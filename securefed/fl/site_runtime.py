@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from securefed.config import RunConfig
+from securefed.crypto.roster import Roster
 from securefed.data.dataset import ArraySplit
 from securefed.dp.ledger import PrivacyEvent, PrivacyLedger
 from securefed.dp.signing import SiteSigner
@@ -124,6 +125,7 @@ class SiteRuntime:
         he_secret: The CKKS secret context (``--secure-agg he``).
         he_public: The CKKS public context the site reports at set-up.
         disclose_size: Whether the site's policy lets it disclose its size when the run asks.
+        roster: The federation's signed roster, verified by the site (deployed runs).
 
     Attributes:
         plan: The DP-SGD plan the site derived for itself (None without DP).
@@ -152,6 +154,7 @@ class SiteRuntime:
         he_secret: bytes | None = None,
         he_public: bytes | None = None,
         disclose_size: bool = True,
+        roster: Roster | None = None,
     ) -> None:
         if config.dp_enabled and signer is None:
             raise ConfigError(f"site {client_id}: a DP run needs the site's signing key")
@@ -165,6 +168,9 @@ class SiteRuntime:
         self.dataset_name = dataset_name
         self.fingerprint = fingerprint
         self.signer = signer
+        #: The federation's verified roster (deployed sites); placeholder until helper B's
+        #: masking takes it (``mode.site(..., roster=...)``).
+        self.roster = roster
         self.he_public = he_public
         self.disclose_size = bool(config.disclose_site_sizes and disclose_size)
         # The site picks its own delta from its size; nothing the server sends sets it.

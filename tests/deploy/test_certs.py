@@ -48,7 +48,12 @@ def _all_paths(pki: CertificateSet) -> list[Path]:
 
 
 def _snapshot(folder: Path) -> dict[str, tuple[bytes, int]]:
-    return {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in sorted(folder.iterdir())}
+    """Every file under ``folder`` (by relative path): its bytes and modification time."""
+    return {
+        str(p.relative_to(folder)): (p.read_bytes(), p.stat().st_mtime_ns)
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
 
 
 def _client_auth_cert(pki: CertificateSet, *, host: str, out: Path) -> tuple[Path, Path]:
@@ -144,14 +149,31 @@ def test_writes_every_file_with_private_keys_0600(pki: CertificateSet) -> None:
 
     # Assert
     assert sorted(p.name for p in folder.iterdir()) == sorted(
-        ["ca.crt", "ca.key", "server.pem", "server.key"]
-        + [f"site{i}.{ext}" for i in range(3) for ext in ("key", "pub")]
+        ["ca.crt", "ca", "server.pem", "server.key"] + [f"site-{i}" for i in range(3)]
     )
     for private in [pki.ca_key, pki.server_key] + [pair[0] for pair in pki.site_keys]:
         assert _mode(private) == 0o600, private
     for public in [pki.ca_cert, pki.server_cert] + [pair[1] for pair in pki.site_keys]:
         assert _mode(public) == 0o644, public
-    assert pki.site_keys[2] == (folder / "site2.key", folder / "site2.pub")
+    assert pki.site_keys[2] == (folder / "site-2" / "site2.key", folder / "site-2" / "site2.pub")
+    assert pki.ca_key == folder / "ca" / "ca.key"
+
+
+def test_each_party_gets_a_folder_of_its_own(pki: CertificateSet) -> None:
+    """The CA key and each site's key each sit in a 0700 folder no other party is given.
+
+    Against 60ad9a0 this fails: every site key and ca.key were in one folder.
+    """
+    folder = pki.folder
+    assert sorted(p.name for p in (folder / "ca").iterdir()) == ["ca.key"]
+    assert _mode(folder / "ca") == 0o700
+    for i in range(3):
+        site = folder / f"site-{i}"
+        assert _mode(site) == 0o700
+        assert sorted(p.name for p in site.iterdir()) == ["ca.crt", f"site{i}.key", f"site{i}.pub"]
+        assert (site / "ca.crt").read_bytes() == pki.ca_cert.read_bytes()
+    # No private key of anyone but the server at the top level (what the server is given).
+    assert not [p for p in folder.iterdir() if p.suffix == ".key" and p.name != "server.key"]
     assert pki.hosts == ("127.0.0.1", "localhost")
 
 
@@ -209,14 +231,15 @@ def test_one_existing_target_blocks_every_write(tmp_path: Path) -> None:
     # Prepare: only the last target exists, so a writer that checked file by file would have
     # written everything else before noticing.
     folder = tmp_path / "pki"
-    folder.mkdir()
-    (folder / "site1.pub").write_text("someone else's key\n")
+    (folder / "site-1").mkdir(parents=True)
+    (folder / "site-1" / "ca.crt").write_text("someone else's CA\n")
 
     # Execute / Assert
-    with pytest.raises(ConfigError, match="site1.pub"):
+    with pytest.raises(ConfigError, match="ca.crt"):
         create_test_pki(folder=folder, sites=2)
-    assert [p.name for p in folder.iterdir()] == ["site1.pub"]
-    assert (folder / "site1.pub").read_text() == "someone else's key\n"
+    assert [p.name for p in folder.iterdir()] == ["site-1"]
+    assert [p.name for p in (folder / "site-1").iterdir()] == ["ca.crt"]
+    assert (folder / "site-1" / "ca.crt").read_text() == "someone else's CA\n"
 
 
 def test_overwrite_replaces_every_file(pki: CertificateSet) -> None:

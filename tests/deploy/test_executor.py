@@ -18,6 +18,7 @@ import zipfile
 from pathlib import Path
 
 import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 pytest.importorskip("flwr")
 
@@ -38,10 +39,17 @@ from flwr.supercore.run import Run  # noqa: E402
 from flwr.supernode.nodestate import NodeStateFactory  # noqa: E402
 
 from securefed.deploy import executor as site_executor  # noqa: E402
-from securefed.deploy import polls  # noqa: E402
+from securefed.deploy import (
+    polls,  # noqa: E402
+    trust,  # noqa: E402
+)
 from securefed.deploy.local import free_port  # noqa: E402
 
 NODE_ID = 7
+#: The federation key that signs the test runs; the SuperNode's node config pins its public half.
+FEDERATION = Ed25519PrivateKey.generate()
+FEDERATION_PUB = FEDERATION.public_key().public_bytes_raw().hex()
+RUN_CONFIG = {"config": "{}", "out": "/nowhere", "stop-after": 0, "signed-at": int(time.time())}
 RUN_ID = 11
 APP_REF = "tests.deploy.test_executor:counting_app"
 
@@ -105,7 +113,18 @@ class SuperNodeState:
             time.sleep(0.05)
         assert self.server.started
 
-    def start_run(self, fab: Fab) -> None:
+    def start_run(
+        self,
+        fab: Fab,
+        *,
+        run_config: dict | None = None,
+        signer: Ed25519PrivateKey | None = FEDERATION,
+        pinned: str | None = FEDERATION_PUB,
+    ) -> None:
+        """Store a run as the SuperNode does; signed by ``signer`` unless it is None."""
+        values = dict(RUN_CONFIG if run_config is None else run_config)
+        if signer is not None:
+            values[trust.SIGNATURE_KEY] = trust.sign_run(fab.content, values, signer)
         run = Run.create_empty(RUN_ID)
         run.fab_hash = fab.hash_str
         run.fab_id, run.fab_version = "securefed/securefed-app", "0.1.0"
@@ -116,9 +135,9 @@ class SuperNodeState:
             Context(
                 run_id=RUN_ID,
                 node_id=NODE_ID,
-                node_config={},
+                node_config={} if pinned is None else {"federation-key": pinned},
                 state=RecordDict(),
-                run_config={},
+                run_config=values,
                 series_id=run.series_id,
             ),
         )
@@ -312,6 +331,7 @@ def test_the_site_process_and_its_executor_stop_together(tmp_path, kill) -> None
         certs=None,
         insecure=True,
         runtime_port=free_port(),
+        federation_key=FEDERATION_PUB,
     )
     with open(tmp_path / "site.log", "wb") as log:
         site = subprocess.Popen(cmd, env=launch.flower_env(), stdout=log, stderr=subprocess.STDOUT)
@@ -336,3 +356,73 @@ def test_the_site_process_and_its_executor_stop_together(tmp_path, kill) -> None
             site.kill()
             site.wait(timeout=30)
     assert sys.executable == cmd[0]
+
+
+def _refused(supernode: SuperNodeState) -> str:
+    """Deliver one message, let the executor take it; the error reason (the app never ran)."""
+    ex = site_executor.SiteExecutor(supernode.address, app_ref=APP_REF, app=counting_app)
+    try:
+        mid = supernode.deliver("query.count")
+        ex.serve(max_tasks=1)
+    finally:
+        ex.close()
+    reply = supernode.take_reply(mid)
+    assert reply.has_error()
+    # counting_app stores its count in the context on every call: it was never called.
+    assert supernode.state.get_run_series_context(supernode.series_id).state.config_records == {}
+    return str(reply.error.reason)
+
+
+def test_an_unsigned_run_is_refused_before_the_app_runs(supernode) -> None:
+    """Against 60ad9a0 this run was executed (the executor checked only the ClientApp name)."""
+    supernode.start_run(_fab(APP_REF), signer=None)
+    assert "not signed by the federation key" in _refused(supernode)
+
+
+def test_a_run_signed_by_another_key_is_refused(supernode) -> None:
+    supernode.start_run(_fab(APP_REF), signer=Ed25519PrivateKey.generate())
+    assert "does not verify" in _refused(supernode)
+
+
+def test_a_signed_app_replayed_with_another_run_config_is_refused(supernode) -> None:
+    fab = _fab(APP_REF)
+    signed = dict(RUN_CONFIG)
+    signed[trust.SIGNATURE_KEY] = trust.sign_run(fab.content, signed, FEDERATION)
+    replayed = {**signed, "out": "/elsewhere"}  # the signature of another configuration
+    supernode.start_run(fab, run_config=replayed, signer=None)
+    assert "does not verify" in _refused(supernode)
+
+
+def test_a_site_without_a_pinned_federation_key_runs_nothing(supernode) -> None:
+    supernode.start_run(_fab(APP_REF), pinned=None)
+    assert "pins no federation key" in _refused(supernode)
+
+
+def test_a_stale_signed_run_is_refused(supernode) -> None:
+    """A signed run replayed a day later (unchanged, so its signature verifies) is refused."""
+    stale = {**RUN_CONFIG, "signed-at": int(time.time() - trust.MAX_SIGNATURE_AGE - 60)}
+    supernode.start_run(_fab(APP_REF), run_config=stale)
+    reason = _refused(supernode)
+    assert "signed" in reason and "h ago" in reason
+
+
+def test_one_signature_serves_one_run(supernode) -> None:
+    """The same signed run under a second run id (a replay) is refused by the site."""
+    fab = _fab(APP_REF)
+    supernode.start_run(fab)
+    ex = site_executor.SiteExecutor(supernode.address, app_ref=APP_REF, app=counting_app)
+    try:
+        mid = supernode.deliver("query.count")
+        ex.serve(max_tasks=1)
+        assert not supernode.take_reply(mid).has_error()
+        # As if the run the executor served was run 12, and run 11 now replays its bundle and
+        # configuration unchanged (its signature verifies).
+        context = supernode.state.get_run_series_context(supernode.series_id)
+        ex._runs = {12: ex._runs[RUN_ID]}
+        mid = supernode.deliver("query.count")
+        ex.serve(max_tasks=2)
+        reply = supernode.take_reply(mid)
+    finally:
+        ex.close()
+    assert reply.has_error() and "replay" in reply.error.reason
+    assert int(context.state.config_records["count"]["n"]) == 1

@@ -17,7 +17,8 @@ def _context(key_path):
     from securefed.deploy.launch import ensure_signing_key
 
     ensure_signing_key(key_path)
-    node = {"site-id": 0, "shard": True, "signing-key": str(key_path)}
+    # A closed test: no roster (the guard under test is the site's own ledger).
+    node = {"site-id": 0, "shard": True, "signing-key": str(key_path), "insecure-no-roster": True}
     return Context(run_id=7, node_id=100, node_config=node, state=RecordDict(), run_config={})
 
 

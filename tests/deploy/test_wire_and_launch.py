@@ -1,6 +1,7 @@
 """Deployment pieces that need no running process: wire records, launch commands, checkpoints."""
 
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -31,6 +32,11 @@ except ModuleNotFoundError:  # Python 3.10: Flower's own dependency reads TOML t
     import tomli as tomllib
 
 # -- wire --------------------------------------------------------------------------------------
+
+#: A federation public key for site commands (any 32 bytes in hex).
+FEDERATION_PUB = "ab" * 32
+#: RunOptions that sign (the key file is read only when a run is submitted).
+SIGNED = {"federation_key": Path("federation.key"), "insecure_no_roster": True}
 
 
 def _raw_record(values):
@@ -178,7 +184,13 @@ def test_superlink_command_uses_the_three_tls_files(certs):
     assert _after(cmd, "--ssl-certfile") == str(certs / "server.pem")
     assert _after(cmd, "--ssl-keyfile") == str(certs / "server.key")
     assert "--insecure" not in cmd
-    assert "--enable-supernode-auth" not in cmd
+    # Node authentication is on unless turned off; the SuperLink runs behind securefed's gate.
+    assert "--enable-supernode-auth" in cmd
+    assert cmd[:3] == [sys.executable, "-m", "securefed.deploy.superlink"]
+    assert "--expose-control" not in cmd
+    off = launch.superlink_command(certs=certs, node_auth=False, expose_control=("10.0.0.0/8",))
+    assert "--enable-supernode-auth" not in off
+    assert _after(off, "--expose-control") == "10.0.0.0/8"
 
 
 def test_superlink_command_insecure_only_when_asked_and_node_auth(tmp_path):
@@ -200,7 +212,12 @@ def test_superlink_command_refuses_both_or_neither_tls_choice(certs, tmp_path):
 
 def test_supernode_command_trusts_the_ca_and_names_its_site(certs):
     cmd = launch.supernode_command(
-        superlink="10.0.0.1:8000", site_id=1, certs=certs, shard=True, auth_key=certs / "k"
+        superlink="10.0.0.1:8000",
+        site_id=1,
+        certs=certs,
+        shard=True,
+        auth_key=certs / "k",
+        federation_key=FEDERATION_PUB,
     )
 
     assert _after(cmd, "--root-certificates") == str(certs / "ca.crt")
@@ -209,6 +226,16 @@ def test_supernode_command_trusts_the_ca_and_names_its_site(certs):
     assert "shard=true" in node.split()
     assert _after(cmd, "--auth-supernode-private-key") == str(certs / "k")
     assert "--insecure" not in cmd
+    assert f'federation-key="{FEDERATION_PUB}"' in node.split()
+
+
+def test_a_site_needs_the_federation_key(certs):
+    with pytest.raises(ConfigError, match="--federation-key"):
+        launch.supernode_command(superlink="10.0.0.1:8000", site_id=1, certs=certs)
+    with pytest.raises(ConfigError, match="64 hex"):
+        launch.supernode_command(
+            superlink="10.0.0.1:8000", site_id=1, certs=certs, federation_key="not-a-key"
+        )
 
 
 def test_node_config_values_are_toml_values():
@@ -251,15 +278,34 @@ def test_node_config_value_with_quotes_reaches_flower_intact_or_is_refused(value
 def test_run_options_refuse_non_positive_timeouts(tmp_path, field, value):
     with pytest.raises(ConfigError, match=f"`{field}` must be positive"):
         launch.RunOptions(
-            superlink="127.0.0.1:8000", certs=None, insecure=True, out=tmp_path, **{field: value}
+            superlink="127.0.0.1:8000",
+            certs=None,
+            insecure=True,
+            out=tmp_path,
+            **SIGNED,
+            **{field: value},
         )
 
 
 def test_run_options_refuse_a_negative_stop_after(tmp_path):
     with pytest.raises(ConfigError, match="`stop_after`"):
         launch.RunOptions(
-            superlink="127.0.0.1:8000", certs=None, insecure=True, out=tmp_path, stop_after=-1
+            superlink="127.0.0.1:8000",
+            certs=None,
+            insecure=True,
+            out=tmp_path,
+            stop_after=-1,
+            **SIGNED,
         )
+
+
+def test_run_options_need_the_federation_key_and_a_roster_or_the_insecure_switch(tmp_path):
+    base = {"superlink": "127.0.0.1:8000", "certs": None, "insecure": True, "out": tmp_path}
+    with pytest.raises(ConfigError, match="--federation-key"):
+        launch.RunOptions(**base)
+    with pytest.raises(ConfigError, match="--roster"):
+        launch.RunOptions(**base, federation_key=tmp_path / "federation.key")
+    launch.RunOptions(**base, federation_key=tmp_path / "federation.key", insecure_no_roster=True)
 
 
 # -- what the Flower runtime runs --------------------------------------------------------------
@@ -498,7 +544,12 @@ def test_max_epsilon_must_be_a_positive_number(bad):
 
 def test_the_site_command_carries_the_policy_to_flower():
     cmd = launch.supernode_command(
-        superlink="127.0.0.1:8000", site_id=0, certs=None, insecure=True, max_epsilon=4.0
+        superlink="127.0.0.1:8000",
+        site_id=0,
+        certs=None,
+        insecure=True,
+        max_epsilon=4.0,
+        federation_key=FEDERATION_PUB,
     )
 
     assert "max-epsilon=4.0" in cmd[cmd.index("--node-config") + 1]
