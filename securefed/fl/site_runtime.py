@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from securefed.config import RunConfig
+from securefed.crypto.roster import Roster
 from securefed.data.dataset import ArraySplit
 from securefed.dp.ledger import PrivacyEvent, PrivacyLedger
 from securefed.dp.signing import SiteSigner
@@ -120,10 +121,12 @@ class SiteRuntime:
         device: Where the site trains.
         dataset_name: The data set's name (reported at set-up).
         fingerprint: What the site reports to identify its data across sessions.
-        signer: The site's signing key (needed with DP: the site signs its claims).
+        signer: The site's signing key (needed with DP: the site signs its claims); it is
+            also the site's identity key in modes that use the roster (masking).
         he_secret: The CKKS secret context (``--secure-agg he``).
         he_public: The CKKS public context the site reports at set-up.
         disclose_size: Whether the site's policy lets it disclose its size when the run asks.
+        roster: The federation's roster as the site verified it (masking needs it).
 
     Attributes:
         plan: The DP-SGD plan the site derived for itself (None without DP).
@@ -152,6 +155,7 @@ class SiteRuntime:
         he_secret: bytes | None = None,
         he_public: bytes | None = None,
         disclose_size: bool = True,
+        roster: Roster | None = None,
     ) -> None:
         if config.dp_enabled and signer is None:
             raise ConfigError(f"site {client_id}: a DP run needs the site's signing key")
@@ -190,7 +194,11 @@ class SiteRuntime:
         )
         mode = get_mode(config.secure_agg)
         self.protects = mode.protects
-        self.protection = mode.site(config, site_id=client_id, he_secret=he_secret)
+        keys: dict[str, Any] = {}
+        if mode.uses_roster:
+            identity = None if signer is None else signer.private_key
+            keys = {"identity": identity, "roster": roster}
+        self.protection = mode.site(config, site_id=client_id, he_secret=he_secret, **keys)
         self.state: dict[str, Any] = {}
         self.train_log: list[dict[str, float]] = []
         self.twin: nn.Module | None = None
