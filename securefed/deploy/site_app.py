@@ -76,6 +76,26 @@ def _store(context: Context, state: dict[str, Any], events: list[dict[str, Any]]
         context.state[_LEDGER] = ConfigRecord({"events": json.dumps(events)})
 
 
+def _identity_and_roster(mode: Any, node: NodeSettings) -> dict[str, Any]:
+    """The site's identity key and verified roster, for a mode that uses them (masking).
+
+    The roster comes from the node's own settings (the signed roster file, checked against the
+    federation key the site pinned), never from the server's message. A node without one
+    gets ``roster=None`` and the masking site refuses every step with a clear error.
+    """
+    if not mode.uses_roster:
+        return {}
+    load = getattr(node, "load_roster", None)  # NodeSettings' signed-roster loader
+    roster = load() if callable(load) else None
+    if roster is None:
+        raise ProtocolError(
+            f"site {node.site_id}: --secure-agg {mode.name} needs the federation's signed "
+            "roster (node settings `roster` and `federation-key`); refusing to run the "
+            "protocol without it"
+        )
+    return {"identity": node.signer().private_key, "roster": roster}
+
+
 def _handle(msg: Message, context: Context) -> Message:
     """Decode, answer with the site's runtime (or its secure-sum side), encode."""
     stage = msg.metadata.message_type
@@ -98,7 +118,9 @@ def _handle(msg: Message, context: Context) -> Message:
         node = NodeSettings.from_node_config(dict(context.node_config))
         node.check_policy(config)
         secret = node.he_contexts()[0] if config.secure_agg == "he" else None
-        protection = mode.site(config, site_id=node.site_id, he_secret=secret)
+        protection = mode.site(
+            config, site_id=node.site_id, he_secret=secret, **_identity_and_roster(mode, node)
+        )
         reply = check_reply(
             config,
             stage.rsplit(".", 1)[-1],
@@ -157,9 +179,15 @@ def masked(msg: Message, context: Context) -> Message:
     return _handle(msg, context)
 
 
+@app.train("consistency")
+def consistency(msg: Message, context: Context) -> Message:
+    """Bonawitz step 3 (active): sign the survivor list the server shows this site."""
+    return _handle(msg, context)
+
+
 @app.train("unmask")
 def unmask(msg: Message, context: Context) -> Message:
-    """Bonawitz step 3: reveal the shares the server needs to remove the masks."""
+    """Bonawitz step 4: reveal shares, once at least t survivors signed the same list."""
     return _handle(msg, context)
 
 

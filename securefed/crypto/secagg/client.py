@@ -565,7 +565,7 @@ class SecAggClient:
         assert self._graph is not None and self.active is not None
         if self.site_id not in survivors:
             raise ProtocolError(
-                f"site {self.site_id}: the server lists it as dropped after it uploaded; "
+                f"site {self.site_id}: the server has it listed as dropped after it uploaded; "
                 "refusing to answer."
             )
         unknown = survivors - set(self._graph.sites)
