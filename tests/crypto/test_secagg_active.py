@@ -790,7 +790,7 @@ def test_a_tampered_share_with_only_t_answers_fails_the_round_clearly():
         server.receive_unmask_shares(answers[1])
     server.receive_unmask_shares(answers[0])
     server.receive_unmask_shares(answers[2])
-    with pytest.raises(DropoutRecoveryError, match="only 2 of 4 sites answered the unmasking round"):
+    with pytest.raises(DropoutRecoveryError, match="only 2 of 4 sites answered"):
         server.aggregate()
 
 
