@@ -60,17 +60,21 @@ ConfigFor = Callable[[int], SecAggConfig]
 _ROUND, _N_SITES, _VECTOR, _CLIENT = "mask.round", "mask.n_sites", "mask.vector", "mask.client"
 
 
-def secagg_config(config: Any, *, n_sites: int) -> SecAggConfig:
+def secagg_config(config: Any, *, n_sites: int, site: bool = False) -> SecAggConfig:
     """The masking parameters for a round of ``n_sites`` (identical at server and sites).
 
     Args:
         config: The run's :class:`~securefed.config.RunConfig`.
         n_sites: Sites sampled this round (the graph and the fixed-point head-room use it).
+        site: A site's base parameters: the threshold and n it actually uses come from its
+            roster and the signed key list (:func:`~securefed.crypto.secagg.active.
+            pinned_config`), so the server's ``secagg_threshold`` is ignored and its
+            ``n_sites`` only counts as fixed-point head-room (at least 2).
 
     """
     return SecAggConfig(
-        n_clients=n_sites,
-        threshold=config.secagg_threshold,
+        n_clients=max(2, n_sites) if site else n_sites,
+        threshold=None if site else config.secagg_threshold,
         neighbors=config.secagg_neighbors,
         ring_bits=config.secagg_ring_bits,
         clip_range=config.secagg_clip,
@@ -498,7 +502,7 @@ class MaskingMode(SecureSumMode):
         """
         return MaskingSite(
             site_id=site_id,
-            config_for=lambda n: secagg_config(config, n_sites=n),
+            config_for=lambda n: secagg_config(config, n_sites=n, site=True),
             roster=roster,
             identity=identity,
             session=run_session(config),
