@@ -270,7 +270,8 @@ class SiteRuntime:
             out["class_counts"] = self.train.class_counts(
                 num_classes=self.spec.num_classes
             ).tolist()
-        if self.signer is not None:
+        if self.signer is not None and self.config.dp_enabled:
+            # (a masking run's identity key is in the roster already: not sent again)
             out["signing_key"] = self.signer.public_key_hex
         if self.plan is not None:
             out["plan"] = plan_fields(self.plan)
