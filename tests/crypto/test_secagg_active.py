@@ -643,6 +643,9 @@ def test_keys_of_another_round_or_session_are_refused(active, replay):
 
 
 def test_a_replayed_server_message_of_another_round_is_refused():
+    """The header round check was on 60ad9a0 already (kept); new is that a site signs at most
+    one survivor list: on 60ad9a0 there was no list to sign, and an unmask request needed no
+    signature at all (see the dropped-after-upload test)."""
     # Prepare
     party = Party(3, active=True, config=SecAggConfig(n_clients=3))
     server = _run_to_upload(party, _inputs(3), server_config=SecAggConfig(n_clients=3))
@@ -658,6 +661,9 @@ def test_a_replayed_server_message_of_another_round_is_refused():
 
 
 def test_consistency_signatures_of_another_round_are_refused():
+    """On 60ad9a0 an unmask request carried no signatures, so any request was answered; here
+    signatures collected in an earlier round (same sites, same survivor ids) do not verify,
+    because they bind the round and that round's key list."""
     # Prepare: round 6 ran to its consistency round; round 7 reuses its signatures.
     roster = Roster.generate(3)
     config = SecAggConfig(n_clients=3)

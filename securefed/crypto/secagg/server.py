@@ -447,7 +447,9 @@ class SecAggServer:
                 store.setdefault(owner, []).append(share)
             self._answered.add(msg.sender)
 
-    def _check_revealed(self, holder: int, owner: int, kind: str, share: bytes, salt: bytes):
+    def _check_revealed(
+        self, holder: int, owner: int, kind: str, share: bytes, salt: bytes
+    ) -> None:
         """A revealed share must open its owner's signed commitment (else its holder lied)."""
         assert self.active is not None
         if holder == owner:
