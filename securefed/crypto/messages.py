@@ -16,7 +16,9 @@ Parsing checks magic, version, type, the exact total length and the digest, then
 counts and lengths; any mismatch raises :class:`~securefed.errors.IntegrityError`. The digest
 catches truncation and corruption; it is not a MAC. Authenticity of the site-server channel is
 the transport's job (TLS), as in Bonawitz et al.'s model; the Shamir shares inside are
-additionally sealed end-to-end with AES-GCM between the two sites.
+additionally sealed end-to-end with AES-GCM between the two sites, and in the active variant
+what a site says that peers rely on (round keys, share commitments, the survivor list) is
+signed with its identity key, so a server that relays it cannot change it.
 
 Bodies (u32/u64 little-endian; id lists strictly increasing). A block marked *[active]* is
 present exactly when the round runs the active-security variant (Bonawitz et al. 2017, Fig. 4
