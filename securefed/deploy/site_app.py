@@ -93,7 +93,11 @@ def _identity_and_roster(mode: Any, node: NodeSettings) -> dict[str, Any]:
             "roster (node settings `roster` and `federation-key`); refusing to run the "
             "protocol without it"
         )
-    return {"identity": node.signer().private_key, "roster": roster}
+    keys: dict[str, Any] = {"identity": node.signer().private_key, "roster": roster}
+    own = getattr(node, "min_contributors", None)  # the node's own floor, if it sets one
+    if own is not None and mode.name == "mask":
+        keys["min_contributors"] = own
+    return keys
 
 
 def _handle(msg: Message, context: Context) -> Message:

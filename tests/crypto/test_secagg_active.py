@@ -380,6 +380,37 @@ def test_the_server_refuses_a_badly_signed_advertisement_naming_its_sender():
     server.receive_advertise_keys(good.to_bytes())  # the genuine one still gets in
 
 
+def test_a_site_pins_its_own_floor_on_the_round_size_on_top_of_the_roster():
+    # Prepare: the roster pins 2 contributors; site 0's own setting pins 4.
+    party = Party(3, active=True, config=SecAggConfig(n_clients=3))
+    party.clients[0].active = ActiveSecurity(
+        roster=party.roster,
+        session=SESSION,
+        identity=party.keys[0],
+        site_id=0,
+        min_contributors=4,
+    )
+    server = SecAggServer(
+        config=SecAggConfig(n_clients=3),
+        round_index=ROUND,
+        site_ids=[0, 1, 2],
+        dim=DIM,
+        active=party.server_security(),
+    )
+    for s in range(3):
+        server.receive_advertise_keys(party.call(s, "advertise_keys"))
+
+    # Execute
+    keys = server.public_keys()
+    for s in range(3):
+        party.call(s, "share_keys", keys)
+
+    # Assert: site 0 refuses the 3-site round; the others (roster floor 2) deal their shares.
+    assert isinstance(party.errors[0], DropoutRecoveryError)
+    assert "at least 4 contributors" in str(party.errors[0])
+    assert set(party.errors) == {0}
+
+
 # -- (b) split dropout views with a lied n_sites ---------------------------------------------
 
 

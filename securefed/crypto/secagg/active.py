@@ -62,6 +62,8 @@ class ActiveSecurity:
             and the round (a signature from another run, federation or round never verifies).
         identity: A site's own Ed25519 identity private key (None for the server).
         site_id: The site's id (None for the server); its roster key must be ``identity``'s.
+        min_contributors: The party's own floor on the contributors of any sum it helps
+            reveal (a site's node setting), on top of the roster's; None: the roster's only.
 
     Raises:
         ConfigError: A session id of the wrong length, or an identity key that is not the
@@ -73,6 +75,7 @@ class ActiveSecurity:
     session: bytes
     identity: Ed25519PrivateKey | None = None
     site_id: int | None = None
+    min_contributors: int | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.roster, Roster):
@@ -89,7 +92,15 @@ class ActiveSecurity:
                 raise ConfigError(
                     f"site {self.site_id}'s identity key is not the one the roster lists for it"
                 )
+        m = self.min_contributors
+        if m is not None and (isinstance(m, bool) or not isinstance(m, int) or m < 1):
+            raise ConfigError(f"min_contributors must be a positive integer (got {m!r})")
         object.__setattr__(self, "_digest", self.roster.digest())
+
+    @property
+    def least_contributors(self) -> int:
+        """Fewest contributors of a sum this party helps reveal: roster's, own, and 2."""
+        return max(2, self.roster.min_contributors, self.min_contributors or 0)
 
     @property
     def digest(self) -> bytes:
@@ -110,7 +121,9 @@ class ActiveSecurity:
             raise ProtocolError(f"{what}: {exc}") from exc
 
 
-def pinned_config(base: SecAggConfig, *, roster: Roster, n_round: int) -> SecAggConfig:
+def pinned_config(
+    base: SecAggConfig, *, roster: Roster, n_round: int, min_contributors: int | None = None
+) -> SecAggConfig:
     """The round's masking parameters from the party's own count and roster (module docstring).
 
     Args:
@@ -118,16 +131,17 @@ def pinned_config(base: SecAggConfig, *, roster: Roster, n_round: int) -> SecAgg
             server announced, used only as fixed-point head-room when it is the larger).
         roster: The federation's roster.
         n_round: Sites whose signed round keys this party accepted (U1).
+        min_contributors: The party's own floor on top of the roster's (None: none).
 
     Raises:
         DropoutRecoveryError: The round is too small for the roster's pinned limits.
 
     """
-    least = max(2, roster.min_contributors)
+    least = max(2, roster.min_contributors, min_contributors or 0)
     if n_round < least:
         raise DropoutRecoveryError(
-            f"only {n_round} sites advertised signed keys; the roster pins at least {least} "
-            "contributors, so the round is refused."
+            f"only {n_round} sites advertised signed keys; the roster and this party pin at "
+            f"least {least} contributors, so the round is refused."
         )
     m = effective_degree(n_sites=n_round, neighbors=base.neighbors) + 1
     if roster.threshold is None:

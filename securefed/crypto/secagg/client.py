@@ -192,7 +192,10 @@ class SecAggClient:
         self._peers = {e.site: e for e in msg.entries}
         if self.active is not None:
             self.config = pinned_config(
-                self.base_config, roster=self.active.roster, n_round=len(self._peers)
+                self.base_config,
+                roster=self.active.roster,
+                n_round=len(self._peers),
+                min_contributors=self.active.min_contributors,
             )
         self._graph = build_graph(
             sites=self._peers,
@@ -580,7 +583,7 @@ class SecAggClient:
                 f"site {self.site_id}: survivors {sorted(unseen)} dealt it no shares "
                 f"(U3 must lie in U2); refusing."
             )
-        least = max(self.config.threshold, self.active.roster.min_contributors)
+        least = max(self.config.threshold, self.active.least_contributors)
         if len(survivors) < least:
             raise DropoutRecoveryError(
                 f"only {len(survivors)} sites survive round {self.round_index}; this site "

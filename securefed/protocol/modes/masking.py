@@ -112,6 +112,8 @@ class MaskingSite(SiteProtection):
             run the protocol).
         identity: This site's Ed25519 identity key (the roster's key for ``site_id``).
         session: The 32-byte session id the signatures are bound to.
+        min_contributors: The site's own floor on the survivors of a round it unmasks (its
+            node setting), on top of the roster's.
 
     Attributes:
         step_seconds: Wall-clock seconds per protocol step in the current round (summed over
@@ -131,13 +133,18 @@ class MaskingSite(SiteProtection):
         roster: Roster | None = None,
         identity: Ed25519PrivateKey | None = None,
         session: bytes | None = None,
+        min_contributors: int | None = None,
     ) -> None:
         self.site_id = int(site_id)
         self.config_for = config_for
         self.active: ActiveSecurity | None = None
         if roster is not None and identity is not None and session is not None:
             self.active = ActiveSecurity(
-                roster=roster, session=session, identity=identity, site_id=self.site_id
+                roster=roster,
+                session=session,
+                identity=identity,
+                site_id=self.site_id,
+                min_contributors=min_contributors,
             )
         self.step_seconds: dict[str, float] = {}
         self.wall_seconds = 0.0
@@ -488,6 +495,7 @@ class MaskingMode(SecureSumMode):
         he_secret: bytes | None = None,
         identity: Ed25519PrivateKey | None = None,
         roster: Roster | None = None,
+        min_contributors: int | None = None,
     ) -> SiteProtection:
         """Site ``site_id``'s side; run parameters from ``config``, n and t from ``roster``.
 
@@ -498,6 +506,8 @@ class MaskingMode(SecureSumMode):
             identity: This site's Ed25519 identity key (its registered signing key).
             roster: The federation's roster as this site verified it. Without it (or the
                 identity) the site refuses every masking step.
+            min_contributors: The site's own floor (node setting ``min-contributors``) on top
+                of the roster's ``min_contributors``.
 
         """
         return MaskingSite(
@@ -506,4 +516,5 @@ class MaskingMode(SecureSumMode):
             roster=roster,
             identity=identity,
             session=run_session(config),
+            min_contributors=min_contributors,
         )
