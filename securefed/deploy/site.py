@@ -312,7 +312,9 @@ def deployed_site(config: RunConfig, node: NodeSettings) -> SiteRuntime:
     # a roster is used; the runtime holds it for DP claims (its set-up reply then names it).
     identity = node.signer() if (config.dp_enabled or node.roster is not None) else None
     roster = node.load_roster(identity)
-    signer = identity if config.dp_enabled else None
+    # Masking signs its round keys with the identity key, DP or not (the runtime sends the
+    # public key in its set-up reply only for DP claims).
+    signer = identity if (config.dp_enabled or roster is not None) else None
     device = resolve_device(node.device or config.device)
     from securefed.data.dataset import load_dataset
 

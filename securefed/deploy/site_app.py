@@ -77,6 +77,36 @@ def _store(context: Context, state: dict[str, Any], events: list[dict[str, Any]]
         context.state[_LEDGER] = ConfigRecord({"events": json.dumps(events)})
 
 
+def _identity_and_roster(mode: Any, node: NodeSettings) -> dict[str, Any]:
+    """The site's identity key, verified roster and own minimum, for modes that use them.
+
+    The roster comes from the node's own settings (the signed roster file, checked against the
+    federation key the site pinned), never from the server's message; the minimum number of
+    contributors is the larger of the site's own (``min-contributors``) and the roster's.
+    Without a roster a site refuses, unless its operator started it with
+    ``--insecure-no-roster`` (closed test networks: masking then runs its honest-but-curious
+    variant).
+    """
+    if not mode.uses_roster:
+        return {}
+    signer = node.signer() if node.roster is not None else None
+    roster = node.load_roster(signer)
+    if roster is None:
+        if node.insecure_no_roster:
+            return {}
+        raise ProtocolError(
+            f"site {node.site_id}: --secure-agg {mode.name} needs the federation's signed "
+            "roster (node settings `roster` and `federation-key`); refusing to run the "
+            "protocol without it"
+        )
+    assert signer is not None
+    return {
+        "identity": signer.private_key,
+        "roster": roster,
+        "min_contributors": node.min_contributors_floor(roster),
+    }
+
+
 def _handle(msg: Message, context: Context) -> Message:
     """Decode, answer with the site's runtime (or its secure-sum side), encode."""
     stage = msg.metadata.message_type
@@ -99,7 +129,9 @@ def _handle(msg: Message, context: Context) -> Message:
         node = NodeSettings.from_node_config(dict(context.node_config))
         node.check_policy(config)
         secret = node.he_contexts()[0] if config.secure_agg == "he" else None
-        protection = mode.site(config, site_id=node.site_id, he_secret=secret)
+        protection = mode.site(
+            config, site_id=node.site_id, he_secret=secret, **_identity_and_roster(mode, node)
+        )
         reply = check_reply(
             config,
             stage.rsplit(".", 1)[-1],
@@ -162,9 +194,15 @@ def masked(msg: Message, context: Context) -> Message:
     return _handle(msg, context)
 
 
+@app.train("consistency")
+def consistency(msg: Message, context: Context) -> Message:
+    """Bonawitz step 3 (active): sign the survivor list the server shows this site."""
+    return _handle(msg, context)
+
+
 @app.train("unmask")
 def unmask(msg: Message, context: Context) -> Message:
-    """Bonawitz step 3: reveal the shares the server needs to remove the masks."""
+    """Bonawitz step 4: reveal shares, once at least t survivors signed the same list."""
     return _handle(msg, context)
 
 

@@ -242,6 +242,11 @@ class SiteSigner:
             os.close(fd)
 
     @property
+    def private_key(self) -> Ed25519PrivateKey:
+        """The Ed25519 private key: the site's identity key in secure aggregation too."""
+        return self._key
+
+    @property
     def public_key_hex(self) -> str:
         """Hex of the raw 32-byte public key."""
         return (

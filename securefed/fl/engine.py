@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from securefed.config import RunConfig
+from securefed.crypto.roster import Roster
 from securefed.data.dataset import DatasetBundle
 from securefed.errors import ConfigError, ProtocolError
 from securefed.fl.claims import ClaimBook
@@ -245,6 +246,8 @@ class RoundEngine:
         self.mode = get_mode(config.secure_agg)
         self._collectors: dict[int, SumCollector] = {}
         self.he_public: bytes | None = None
+        #: The federation's roster, for modes that use one (the runtime sets it at set-up).
+        self.roster: Roster | None = None
         self.claims = ClaimBook(config)
         self.setup_signatures: dict[int, str] = {}
         self.site_info: dict[int, SiteInfo] = {}
@@ -298,8 +301,9 @@ class RoundEngine:
     def _collector(self, n_sites: int) -> SumCollector:
         """One server side per group size (masking's parameters depend on it)."""
         if n_sites not in self._collectors:
+            extra = {"roster": self.roster} if self.mode.uses_roster else {}
             self._collectors[n_sites] = self.mode.server(
-                self.config, n_sites=n_sites, he_public=self.he_public
+                self.config, n_sites=n_sites, he_public=self.he_public, **extra
             )
         return self._collectors[n_sites]
 

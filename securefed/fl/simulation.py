@@ -8,12 +8,13 @@ same accounting and the same secure sum as a Flower deployment, without the netw
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
 
 from securefed.config import RunConfig
+from securefed.crypto.roster import Roster
 from securefed.data.dataset import DatasetBundle, load_dataset
 from securefed.errors import ConfigError, DataError
 from securefed.fl.engine import METRICS_SCHEMA_VERSION, RoundEngine, RoundRecord
@@ -24,6 +25,22 @@ from securefed.protocol.link import LocalLink
 from securefed.protocol.wire import Stage
 
 __all__ = ["Federation", "METRICS_SCHEMA_VERSION", "RoundRecord"]
+
+
+def _in_process_roster(config: RunConfig, signers: Mapping[int, Any]) -> Roster:
+    """The in-process federation's roster: every simulated site's identity key, and the limits.
+
+    ``threshold`` is the run's ``--secagg-threshold`` (None: each round's 2/3 default), and
+    ``min_contributors`` 2: the sites pin both, whatever a round's messages say.
+    """
+    from securefed.crypto.roster import federation_public_key
+
+    return Roster(
+        federation="in-process",
+        sites={cid: federation_public_key(s.private_key) for cid, s in signers.items()},
+        min_contributors=min(2, len(signers)),
+        threshold=config.secagg_threshold,
+    )
 
 
 def _ckks_keys(config: RunConfig) -> tuple[bytes | None, bytes | None]:
@@ -97,6 +114,15 @@ class Federation(RoundEngine):
             dropout_schedule=dropout_schedule,
         )
         he_secret, he_public = _ckks_keys(config)
+        # Each simulated site signs with a key of its own (os.urandom): its DP claims, and (in
+        # modes that use the roster) its round keys; the roster lists their public halves.
+        signers = {
+            cid: SiteSigner.generate()
+            for cid in range(len(splits))
+            if config.dp_enabled or self.mode.uses_roster
+        }
+        if self.mode.uses_roster:
+            self.roster = _in_process_roster(config, signers)
         self.sites: list[SiteRuntime] = [
             SiteRuntime(
                 config,
@@ -111,10 +137,10 @@ class Federation(RoundEngine):
                 # The in-process operator holds every shard: the plain fingerprint hides
                 # nothing from it (a deployed site keys its fingerprint).
                 fingerprint=bundle.fingerprint,
-                # Each simulated site signs its claims with a key of its own (os.urandom).
-                signer=SiteSigner.generate() if config.dp_enabled else None,
+                signer=signers.get(cid),
                 he_secret=he_secret,
                 he_public=he_public,
+                roster=self.roster,
             )
             for cid, (train, held) in enumerate(splits)
         ]

@@ -121,11 +121,12 @@ class SiteRuntime:
         device: Where the site trains.
         dataset_name: The data set's name (reported at set-up).
         fingerprint: What the site reports to identify its data across sessions.
-        signer: The site's signing key (needed with DP: the site signs its claims).
+        signer: The site's signing key (needed with DP: the site signs its claims); it is
+            also the site's identity key in modes that use the roster (masking).
         he_secret: The CKKS secret context (``--secure-agg he``).
         he_public: The CKKS public context the site reports at set-up.
         disclose_size: Whether the site's policy lets it disclose its size when the run asks.
-        roster: The federation's signed roster, verified by the site (deployed runs).
+        roster: The federation's roster as the site verified it (secure aggregation needs it).
 
     Attributes:
         plan: The DP-SGD plan the site derived for itself (None without DP).
@@ -196,7 +197,11 @@ class SiteRuntime:
         )
         mode = get_mode(config.secure_agg)
         self.protects = mode.protects
-        self.protection = mode.site(config, site_id=client_id, he_secret=he_secret)
+        keys: dict[str, Any] = {}
+        if mode.uses_roster:
+            identity = None if signer is None else signer.private_key
+            keys = {"identity": identity, "roster": roster}
+        self.protection = mode.site(config, site_id=client_id, he_secret=he_secret, **keys)
         self.state: dict[str, Any] = {}
         self.train_log: list[dict[str, float]] = []
         self.twin: nn.Module | None = None
@@ -268,7 +273,8 @@ class SiteRuntime:
             out["class_counts"] = self.train.class_counts(
                 num_classes=self.spec.num_classes
             ).tolist()
-        if self.signer is not None:
+        if self.signer is not None and self.config.dp_enabled:
+            # (a masking run's identity key is in the roster already: not sent again)
             out["signing_key"] = self.signer.public_key_hex
         if self.plan is not None:
             out["plan"] = plan_fields(self.plan)

@@ -11,10 +11,11 @@ site objects and the link's byte counters.
 from __future__ import annotations
 
 import math
+import secrets
 import time
 from collections.abc import Collection, Mapping, Sequence
 from types import MappingProxyType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -23,6 +24,11 @@ from securefed.errors import ConfigError, DataError, DropoutRecoveryError, Secur
 from securefed.protocol.link import LocalLink
 from securefed.protocol.modes.base import SiteProtection, SiteState, SumCollector, SumOutcome
 from securefed.protocol.wire import Stage
+
+if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    from securefed.crypto.roster import Roster
 
 __all__ = ["ProtocolSite", "he_sum", "run_sum", "secure_sum"]
 
@@ -157,6 +163,36 @@ def _masking_inputs(
     return vectors, dim
 
 
+def _masking_roster(
+    vectors: Mapping[int, np.ndarray],
+    config: SecAggConfig,
+    roster: Roster | None,
+    identities: Mapping[int, Ed25519PrivateKey] | None,
+) -> tuple[Roster, Mapping[int, Ed25519PrivateKey]]:
+    """The given roster and keys, or a fresh in-process roster pinning ``config.threshold``."""
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    from securefed.crypto.roster import Roster, federation_public_key
+
+    if roster is not None:
+        if identities is None or set(vectors) - set(identities):
+            raise ConfigError("`identities` must hold the identity key of every site with input.")
+        return roster, identities
+    if len(vectors) < config.threshold:
+        raise DropoutRecoveryError(
+            f"only {len(vectors)} of {len(vectors)} sites advertised keys; "
+            f"threshold={config.threshold} are needed, so the round is abandoned."
+        )
+    keys = {s: Ed25519PrivateKey.generate() for s in vectors}
+    roster = Roster(
+        federation="in-process",
+        sites={s: federation_public_key(k) for s, k in keys.items()},
+        min_contributors=min(2, len(keys)),
+        threshold=config.threshold if len(keys) >= 2 else None,
+    )
+    return roster, keys
+
+
 def secure_sum(
     inputs: Mapping[int, np.ndarray],
     *,
@@ -166,8 +202,15 @@ def secure_sum(
     drop_after_upload: Collection[int] = (),
     drop_before_shares: Collection[int] = (),
     graph_seed: bytes | None = None,
+    roster: Roster | None = None,
+    identities: Mapping[int, Ed25519PrivateKey] | None = None,
+    session: bytes | None = None,
 ) -> SecAggResult:
     """Run one masking round in process through the masking mode, parties exchanging bytes.
+
+    The round runs the active-security variant: every site signs with an identity key listed
+    in ``roster``. Without ``roster`` a fresh in-process one is made, one key per site from
+    the OS CSPRNG, pinning ``config.threshold`` (so a round with fewer than t inputs fails).
 
     Args:
         inputs: site id -> float vector; all of equal length, at most ``config.n_clients``
@@ -182,6 +225,9 @@ def secure_sum(
         drop_before_shares: Sites that advertise keys, then vanish before sharing them:
             excluded; nobody masks with them.
         graph_seed: Public SecAgg+ graph seed; None draws a fresh one (``secrets``).
+        roster: The federation's roster (with ``identities``); None makes one.
+        identities: Site id -> Ed25519 identity key (the roster's); needed with ``roster``.
+        session: 32-byte session id; None draws a fresh one (``secrets``).
 
     Returns:
         The sum over survivors with participation, traffic (payload bytes as the link counts
@@ -218,10 +264,25 @@ def secure_sum(
     def config_for(_n: int) -> SecAggConfig:
         return config
 
-    protections = {s: MaskingSite(site_id=s, config_for=config_for) for s in vectors}
+    roster, identities = _masking_roster(vectors, config, roster, identities)
+    session = secrets.token_bytes(32) if session is None else session
+    protections = {
+        s: MaskingSite(
+            site_id=s,
+            config_for=config_for,
+            roster=roster,
+            identity=identities[s],
+            session=session,
+        )
+        for s in vectors
+    }
     sites = {s: ProtocolSite(protections[s], vectors[s]) for s in sorted(vectors)}
     collector = MaskingCollector(
-        config_for=config_for, describe_config=config, graph_seed=graph_seed
+        config_for=config_for,
+        describe_config=config,
+        graph_seed=graph_seed,
+        roster=roster,
+        session=session,
     )
     outcome, link = run_sum(
         collector,

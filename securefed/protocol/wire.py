@@ -49,6 +49,8 @@ class Stage:
     FIT = "train.fit"
     SHARE = "train.share"
     MASKED = "train.masked"
+    #: Masking, active variant: the survivors sign the survivor list (consistency round).
+    CONSISTENCY = "train.consistency"
     UNMASK = "train.unmask"
     DECRYPT = "train.decrypt"
     EVALUATE = "evaluate.heldout"

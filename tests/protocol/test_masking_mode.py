@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from securefed.config import RunConfig
+from securefed.crypto.roster import Roster
 from securefed.errors import ProtocolError
 from securefed.plugins import SECURE_AGG
 from securefed.protocol.harness import ProtocolSite, run_sum
@@ -19,6 +20,14 @@ def _config(**overrides):
     return RunConfig(secure_agg="mask", clients=5, secagg_clip=100.0, **overrides)
 
 
+#: A five-site federation's roster and identity keys, for tests that build sites themselves.
+_ROSTER, _KEYS = Roster.generate(5)
+
+
+def _site(config, s):
+    return MaskingMode().site(config, site_id=s, identity=_KEYS[s], roster=_ROSTER)
+
+
 def _vectors(n: int) -> dict[int, np.ndarray]:
     rng = np.random.default_rng(3)
     return {s: rng.uniform(-10, 10, size=DIM) for s in range(n)}
@@ -26,10 +35,15 @@ def _vectors(n: int) -> dict[int, np.ndarray]:
 
 def _round(config, vectors, *, lost=None, wrap=None, **drops):
     mode = MaskingMode()
-    sites = {s: ProtocolSite(mode.site(config, site_id=s), v) for s, v in sorted(vectors.items())}
+    # The federation's roster: one identity key per site (the mode refuses to run without).
+    roster, keys = Roster.generate(max(vectors) + 1, threshold=config.secagg_threshold)
+    sites = {
+        s: ProtocolSite(mode.site(config, site_id=s, identity=keys[s], roster=roster), v)
+        for s, v in sorted(vectors.items())
+    }
     for sid, wrapper in (wrap or {}).items():
         sites[sid] = wrapper(sites[sid])
-    collector = mode.server(config, n_sites=len(vectors))
+    collector = mode.server(config, n_sites=len(vectors), roster=roster)
     outcome, link = run_sum(
         collector, sites, round_index=4, n_sites=len(vectors), dim=DIM, lost=lost, **drops
     )
@@ -147,7 +161,7 @@ def test_site_state_holds_only_flower_storable_values_and_no_plaintext_after_upl
     # Prepare
     config = _config()
     mode = MaskingMode()
-    protections = {s: mode.site(config, site_id=s) for s in range(5)}
+    protections = {s: _site(config, s) for s in range(5)}
     vectors = _vectors(5)
 
     class Spy:
@@ -162,7 +176,9 @@ def test_site_state_holds_only_flower_storable_values_and_no_plaintext_after_upl
     sites = {s: Spy(ProtocolSite(protections[s], vectors[s])) for s in range(5)}
 
     # Execute
-    outcome, _ = run_sum(mode.server(config, n_sites=5), sites, round_index=2, n_sites=5, dim=DIM)
+    outcome, _ = run_sum(
+        mode.server(config, n_sites=5, roster=_ROSTER), sites, round_index=2, n_sites=5, dim=DIM
+    )
 
     # Assert
     assert outcome.error is None
@@ -176,7 +192,7 @@ def test_site_state_holds_only_flower_storable_values_and_no_plaintext_after_upl
 def test_a_site_refuses_a_stage_of_a_round_it_holds_no_state_for():
     # Prepare
     config = _config()
-    site = MaskingMode().site(config, site_id=0)
+    site = _site(config, 0)
     state: dict = {}
     site.protect(np.ones(DIM), round_index=3, n_sites=5, state=state)
 
@@ -204,7 +220,7 @@ def test_a_site_that_speaks_for_another_is_refused():
     # Prepare: site 0's endpoint advertises keys drawn in site 1's name (as if to mask for it).
     config = _config()
     vectors = _vectors(5)
-    impostor = MaskingMode().site(config, site_id=1)
+    impostor = _site(config, 1)
 
     class Impostor:
         def __init__(self, site):

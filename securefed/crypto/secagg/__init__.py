@@ -36,9 +36,28 @@ min(m, floor(2m/3) + 1), which tolerates m - t dropouts per neighbourhood and ke
   the complete graph, t colluding *neighbours* of u (out of k) suffice to recover u's secrets, so
   choose ``neighbors`` with a margin over your collusion assumption.
 
-Out of scope (as in the design's threat model): a server that lies about dropouts to different
-sites (needs the consistency round and signatures of the active-security variant) and sites that
-send malformed inputs.
+Active security (Bonawitz et al. 2017, Fig. 4, the "active" column; :mod:`.active`). With an
+:class:`~.active.ActiveSecurity` (the federation's signed roster, the run's session id and the
+site's Ed25519 identity key) the parties also:
+
+* sign (c_pk, s_pk) in AdvertiseKeys, bound to the roster digest, session and round; a site
+  checks every entry of the key list against its own roster before it deals a share, and the
+  server refuses a badly signed advertisement naming its sender;
+* derive n (the signed entries) and t (:func:`~.active.pinned_config`) themselves, never
+  from the server;
+* commit to every share they deal (salted SHA-256, signed by the owner): a holder checks the
+  pair it opens, the server checks every revealed share and leaves out (naming) a holder
+  whose share does not open its commitment;
+* run the consistency round after the uploads: each survivor signs the U3 it was shown (with
+  the transcript hash of the key list), once; it reveals shares only for the list it signed,
+  countersigned by at least t survivors, never when listed as dropped, never when U3 is not
+  within the sites it saw alive, and answers the unmask request at most once.
+
+Without it the parties run the honest-but-curious protocol above (kept for the harness that
+shows what each check stops: tests/crypto/test_secagg_active.py). The masking mode
+(:mod:`securefed.protocol.modes.masking`) always runs the active variant. Still out of scope:
+sites that send malformed inputs (a Byzantine site inside the bound; see
+docs/secure-aggregation.md).
 
 Modules by job: :mod:`.config` (parameters), :mod:`.client` (a site's side), :mod:`.server`
 (the aggregator's side), :mod:`.rounds` (what both share: phases, timers, the result type).

@@ -59,8 +59,10 @@ class Phase(enum.IntEnum):
     ADVERTISE = 0
     SHARE = 1
     MASK = 2
-    UNMASK = 3
-    DONE = 4
+    #: Active variant only: signing the survivor list.
+    CONSISTENCY = 3
+    UNMASK = 4
+    DONE = 5
 
 
 def check_site_id(site_id: int) -> None:

@@ -1,7 +1,8 @@
-"""The honest-but-curious aggregator of one masking round."""
+"""The aggregator of one masking round (honest-but-curious, or checked by the active variant)."""
 
 from __future__ import annotations
 
+import hashlib
 import secrets
 from collections.abc import Collection, Mapping
 from types import MappingProxyType
@@ -11,7 +12,11 @@ import numpy as np
 from securefed.crypto import kdf
 from securefed.crypto.graph import GRAPH_SEED_BYTES, NeighbourGraph, build_graph
 from securefed.crypto.messages import (
+    KEY_SHARE,
+    SEED_SHARE,
     AdvertiseKeys,
+    ConsistencyRequest,
+    ConsistencySignature,
     EncryptedShares,
     KeyEntry,
     MaskedInput,
@@ -19,8 +24,13 @@ from securefed.crypto.messages import (
     RelayedShares,
     UnmaskRequest,
     UnmaskShares,
+    commitments_payload,
+    consistency_payload,
+    round_keys_payload,
+    share_commitment,
 )
 from securefed.crypto.prg import apply_masks
+from securefed.crypto.secagg.active import ActiveSecurity, pinned_config
 from securefed.crypto.secagg.config import SecAggConfig
 from securefed.crypto.secagg.rounds import (
     Phase,
@@ -51,6 +61,11 @@ class SecAggServer:
         site_ids: Sites invited to this round (at most ``config.n_clients``).
         dim: Length of the vectors being summed.
         graph_seed: Public seed of the SecAgg+ graph; None draws 32 bytes from ``secrets``.
+        active: Roster and session of the active variant (no identity key), or None. The
+            server then refuses, naming the sender, any round key, share commitment or
+            consistency signature that does not verify against the roster, runs the
+            consistency round (:meth:`consistency_request`), and checks every revealed share
+            against its owner's signed commitment before reconstruction.
 
     """
 
@@ -62,6 +77,7 @@ class SecAggServer:
         site_ids: Collection[int],
         dim: int,
         graph_seed: bytes | None = None,
+        active: ActiveSecurity | None = None,
     ) -> None:
         check_round(round_index)
         check_dim(dim)
@@ -79,6 +95,8 @@ class SecAggServer:
         if len(graph_seed) != GRAPH_SEED_BYTES:
             raise ConfigError(f"`graph_seed` must be {GRAPH_SEED_BYTES} bytes.")
         self.config = config
+        self.base_config = config
+        self.active = active
         self.round_index = int(round_index)
         self.dim = int(dim)
         self.invited = frozenset(ids)
@@ -96,6 +114,10 @@ class SecAggServer:
         self._key_shares: dict[int, list[Share]] = {}
         self._answered: set[int] = set()
         self._total: np.ndarray | None = None
+        self._transcript = b""
+        self._commitments: dict[tuple[int, int], tuple[bytes, bytes]] = {}
+        self._signatures: dict[int, bytes] = {}
+        self._asked: frozenset[int] = frozenset()
 
     # -- helpers ---------------------------------------------------------------------------
 
@@ -135,16 +157,35 @@ class SecAggServer:
             msg = AdvertiseKeys.from_bytes(message)
             allowed = self.invited - set(self._keys)
             self._check_message(msg.round_index, msg.sender, allowed, "public keys")
+            if self.active is not None:
+                self.active.verify(
+                    msg.sender,
+                    round_keys_payload(
+                        roster_digest=self.active.digest,
+                        session=self.active.session,
+                        round_index=self.round_index,
+                        site=msg.sender,
+                        encryption_public=msg.encryption_public,
+                        mask_public=msg.mask_public,
+                    ),
+                    msg.signature,
+                    what=f"server: the round keys of site {msg.sender}",
+                )
             self._keys[msg.sender] = KeyEntry(
                 site=msg.sender,
                 encryption_public=msg.encryption_public,
                 mask_public=msg.mask_public,
+                signature=msg.signature if self.active is not None else b"",
             )
 
     def public_keys(self) -> bytes:
         """Close round 0 (U1 = sites heard from) and return the PUBLIC_KEYS broadcast."""
         self._enter(Phase.ADVERTISE, "public_keys")
         with self.timer.step("advertise_keys"):
+            if self.active is not None:
+                self.config = pinned_config(
+                    self.base_config, roster=self.active.roster, n_round=len(self._keys)
+                )
             self._require(len(self._keys), "advertised keys")
             self._graph = build_graph(
                 sites=self._keys,
@@ -157,6 +198,7 @@ class SecAggServer:
                 graph_seed=self._graph_seed,
                 entries=tuple(self._keys[s] for s in sorted(self._keys)),
             ).to_bytes()
+            self._transcript = hashlib.sha256(message).digest()
         self._phase = Phase.SHARE
         return message
 
@@ -177,8 +219,35 @@ class SecAggServer:
                     f"server: site {msg.sender} sealed shares to {sorted(recipients)}, expected "
                     f"its neighbours {sorted(expected)}."
                 )
-            for recipient, sealed in msg.sealed:
-                self._sealed.setdefault(recipient, []).append((msg.sender, sealed))
+            signed: tuple = (None,) * len(msg.sealed)
+            if self.active is not None:
+                if len(msg.commitments) != len(msg.sealed):
+                    raise ProtocolError(
+                        f"server: site {msg.sender}'s shares carry no signed commitments."
+                    )
+                for (recipient, _), (c_seed, c_key, sig) in zip(
+                    msg.sealed, msg.commitments, strict=True
+                ):
+                    self.active.verify(
+                        msg.sender,
+                        commitments_payload(
+                            roster_digest=self.active.digest,
+                            session=self.active.session,
+                            round_index=self.round_index,
+                            owner=msg.sender,
+                            holder=recipient,
+                            seed_commitment=c_seed,
+                            key_commitment=c_key,
+                        ),
+                        sig,
+                        what=f"server: site {msg.sender}'s commitments to its shares for "
+                        f"site {recipient}",
+                    )
+                signed = msg.commitments
+            for (recipient, sealed), commitment in zip(msg.sealed, signed, strict=True):
+                self._sealed.setdefault(recipient, []).append((msg.sender, sealed, commitment))
+                if commitment is not None:
+                    self._commitments[(msg.sender, recipient)] = (commitment[0], commitment[1])
             self._shared.add(msg.sender)
 
     def relay_shares(self) -> Mapping[int, bytes]:
@@ -197,9 +266,15 @@ class SecAggServer:
                     )
             relays = {}
             for site in sorted(self._shared):
-                sealed = sorted((s, c) for s, c in self._sealed.get(site, []) if s in self._shared)
+                entries = sorted(
+                    (e for e in self._sealed.get(site, []) if e[0] in self._shared),
+                    key=lambda e: e[0],
+                )
                 relays[site] = RelayedShares(
-                    round_index=self.round_index, recipient=site, sealed=tuple(sealed)
+                    round_index=self.round_index,
+                    recipient=site,
+                    sealed=tuple((s, c) for s, c, _ in entries),
+                    commitments=tuple(m for _, _, m in entries if m is not None),
                 ).to_bytes()
             self._sealed = {}
         self._phase = Phase.MASK
@@ -229,29 +304,103 @@ class SecAggServer:
 
     # -- round 4 ---------------------------------------------------------------------------
 
+    def _close_uploads(self) -> None:
+        """U3 = uploaders; refuse if some site's masks could never be removed."""
+        self._require(len(self._uploaded), "uploaded masked inputs")
+        if self.active is not None and len(self._uploaded) < self.active.roster.min_contributors:
+            raise DropoutRecoveryError(
+                f"only {len(self._uploaded)} sites uploaded in round {self.round_index}; the "
+                f"roster pins {self.active.roster.min_contributors} contributors."
+            )
+        assert self._graph is not None
+        self._dropped = frozenset(self._shared - self._uploaded)
+        for site in sorted(self._uploaded | self._dropped):
+            holders = self._graph.neighbourhood(site) & self._uploaded
+            if len(holders) < self.config.threshold:
+                raise DropoutRecoveryError(
+                    f"site {site}'s masks cannot be removed in round {self.round_index}: "
+                    f"only {len(holders)} of its share holders uploaded, threshold="
+                    f"{self.config.threshold}."
+                )
+        require_connected(self._graph, self._uploaded, self.round_index)
+
+    def consistency_request(self) -> bytes:
+        """Active variant: close round 2 (U3 = uploaders) and return the CONSISTENCY_REQUEST.
+
+        Raises:
+            ProtocolError: Without the active variant.
+            DropoutRecoveryError: As :meth:`unmask_request`.
+
+        """
+        if self.active is None:
+            raise ProtocolError("server: no consistency round without the active variant.")
+        self._enter(Phase.MASK, "consistency_request")
+        with self.timer.step("consistency"):
+            self._close_uploads()
+            message = ConsistencyRequest(
+                round_index=self.round_index, survivors=tuple(sorted(self._uploaded))
+            ).to_bytes()
+        self._phase = Phase.CONSISTENCY
+        return message
+
+    def receive_consistency(self, message: bytes) -> None:
+        """Active variant: accept one survivor's signature over U3 (refused unless it verifies)."""
+        self._enter(Phase.CONSISTENCY, "receive_consistency")
+        with self.timer.step("consistency"):
+            msg = ConsistencySignature.from_bytes(message)
+            allowed = self._uploaded - set(self._signatures)
+            self._check_message(msg.round_index, msg.sender, allowed, "consistency signature")
+            assert self.active is not None
+            self.active.verify(
+                msg.sender,
+                consistency_payload(
+                    roster_digest=self.active.digest,
+                    session=self.active.session,
+                    round_index=self.round_index,
+                    transcript=self._transcript,
+                    survivors=tuple(sorted(self._uploaded)),
+                ),
+                msg.signature,
+                what=f"server: site {msg.sender}'s consistency signature",
+            )
+            self._signatures[msg.sender] = msg.signature
+
+    @property
+    def signers(self) -> tuple[int, ...]:
+        """Survivors whose consistency signature verified (asked to unmask, active variant)."""
+        return tuple(sorted(self._signatures))
+
     def unmask_request(self) -> bytes:
-        """Close round 2 (U3 = uploaders) and return the UNMASK_REQUEST broadcast.
+        """Close round 2 (honest-but-curious) or 3 (active) and return the UNMASK_REQUEST.
 
         Raises:
             DropoutRecoveryError: If fewer than t sites uploaded, some site's secrets could not
-                be reconstructed even if every survivor answered, or (SecAgg+) the survivors
-                are disconnected in the graph.
+                be reconstructed even if every survivor answered, (SecAgg+) the survivors are
+                disconnected in the graph, or (active) fewer than t survivors signed U3.
 
         """
+        if self.active is not None:
+            self._enter(Phase.CONSISTENCY, "unmask_request")
+            with self.timer.step("unmask"):
+                t = self.config.threshold
+                if len(self._signatures) < t:
+                    raise DropoutRecoveryError(
+                        f"only {len(self._signatures)} survivors answered the unmasking round "
+                        f"(signed the survivor list) in round {self.round_index}; threshold={t} "
+                        "are needed, so the round is abandoned."
+                    )
+                self._asked = frozenset(self._signatures)
+                message = UnmaskRequest(
+                    round_index=self.round_index,
+                    survivors=tuple(sorted(self._uploaded)),
+                    dropped=tuple(sorted(self._dropped)),
+                    signatures=tuple(sorted(self._signatures.items())),
+                ).to_bytes()
+            self._phase = Phase.UNMASK
+            return message
         self._enter(Phase.MASK, "unmask_request")
         with self.timer.step("unmask"):
-            self._require(len(self._uploaded), "uploaded masked inputs")
-            assert self._graph is not None
-            self._dropped = frozenset(self._shared - self._uploaded)
-            for site in sorted(self._uploaded | self._dropped):
-                holders = self._graph.neighbourhood(site) & self._uploaded
-                if len(holders) < self.config.threshold:
-                    raise DropoutRecoveryError(
-                        f"site {site}'s masks cannot be removed in round {self.round_index}: "
-                        f"only {len(holders)} of its share holders uploaded, threshold="
-                        f"{self.config.threshold}."
-                    )
-            require_connected(self._graph, self._uploaded, self.round_index)
+            self._close_uploads()
             message = UnmaskRequest(
                 round_index=self.round_index,
                 survivors=tuple(sorted(self._uploaded)),
@@ -265,12 +414,20 @@ class SecAggServer:
         self._enter(Phase.UNMASK, "receive_unmask_shares")
         with self.timer.step("unmask"):
             msg = UnmaskShares.from_bytes(message)
-            allowed = self._uploaded - self._answered
+            asked = self._asked if self.active is not None else self._uploaded
+            allowed = asked - self._answered
             self._check_message(msg.round_index, msg.sender, allowed, "unmask shares")
             assert self._graph is not None
             mine = self._graph.neighbourhood(msg.sender)
             # Every share is checked before any is stored: a refused message leaves no trace.
             accepted = []
+            if self.active is not None and len(msg.salts) != len(msg.seed_shares) + len(
+                msg.key_shares
+            ):
+                raise ProtocolError(
+                    f"server: site {msg.sender}'s shares carry no commitment salts."
+                )
+            salts = iter(msg.salts)
             for pairs, owners, store, kind in (
                 (msg.seed_shares, self._uploaded, self._seed_shares, "seed"),
                 (msg.key_shares, self._dropped, self._key_shares, "key"),
@@ -281,12 +438,44 @@ class SecAggServer:
                             f"server: site {msg.sender} sent a {kind} share of site {owner}, "
                             "which it should not hold or which was not requested."
                         )
+                    if self.active is not None:
+                        self._check_revealed(msg.sender, owner, kind, data, next(salts))
                     accepted.append(
                         (store, owner, Share.from_bytes(index=msg.sender + 1, data=data))
                     )
             for store, owner, share in accepted:
                 store.setdefault(owner, []).append(share)
             self._answered.add(msg.sender)
+
+    def _check_revealed(
+        self, holder: int, owner: int, kind: str, share: bytes, salt: bytes
+    ) -> None:
+        """A revealed share must open its owner's signed commitment (else its holder lied)."""
+        assert self.active is not None
+        if holder == owner:
+            return  # a site's own share is not dealt, so not committed (see the docs)
+        committed = self._commitments.get((owner, holder))
+        if committed is None:
+            raise ProtocolError(
+                f"server: site {holder} revealed a {kind} share of site {owner}, which dealt "
+                "it none."
+            )
+        expected = committed[0] if kind == "seed" else committed[1]
+        got = share_commitment(
+            session=self.active.session,
+            round_index=self.round_index,
+            owner=owner,
+            holder=holder,
+            kind=SEED_SHARE if kind == "seed" else KEY_SHARE,
+            salt=salt,
+            share=share,
+        )
+        if got != expected:
+            raise IntegrityError(
+                f"server: site {holder}'s {kind} share of site {owner} does not open the "
+                f"commitment site {owner} signed (tampered share); all of site {holder}'s "
+                "shares are excluded."
+            )
 
     def aggregate(self) -> np.ndarray:
         """Reconstruct the mask secrets, remove all masks and decode the sum.

@@ -25,7 +25,10 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import numpy as np
 
 if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
     from securefed.config import RunConfig
+    from securefed.crypto.roster import Roster
     from securefed.protocol.link import Link
 
 __all__ = [
@@ -145,15 +148,34 @@ class SecureSumMode(ABC):
     protects: ClassVar[bool] = True
     #: Stages after ``fit`` (Flower message types the ClientApp must answer).
     stages: ClassVar[tuple[str, ...]] = ()
+    #: Whether the mode needs the federation's roster (and each site its identity key): the
+    #: runtimes then pass ``roster`` to :meth:`server` and ``identity``/``roster`` to
+    #: :meth:`site`.
+    uses_roster: ClassVar[bool] = False
 
     @abstractmethod
     def server(
-        self, config: RunConfig, *, n_sites: int, he_public: bytes | None = None
+        self,
+        config: RunConfig,
+        *,
+        n_sites: int,
+        he_public: bytes | None = None,
+        roster: Roster | None = None,
     ) -> SumCollector:
-        """The server side for ``config``."""
+        """The server side for ``config`` (``roster``: the federation's, when the mode uses it)."""
 
     @abstractmethod
     def site(
-        self, config: RunConfig, *, site_id: int, he_secret: bytes | None = None
+        self,
+        config: RunConfig,
+        *,
+        site_id: int,
+        he_secret: bytes | None = None,
+        identity: Ed25519PrivateKey | None = None,
+        roster: Roster | None = None,
     ) -> SiteProtection:
-        """The side of site ``site_id`` for ``config``."""
+        """The side of site ``site_id`` for ``config``.
+
+        ``identity`` is the site's Ed25519 identity key and ``roster`` the federation's roster
+        as the site verified it (modes with :attr:`uses_roster`).
+        """

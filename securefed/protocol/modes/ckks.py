@@ -414,6 +414,8 @@ class CKKSMode(SecureSumMode):
 
     name = "he"
     stages = (Stage.DECRYPT,)
+    # The key holder pins its minimum number of contributors from the roster.
+    uses_roster = True
 
     def releases(self, config: Any) -> list[tuple[str, str, str, str]]:
         """The ciphertext, the key holder's flooded decrypted sum, and step timings."""
@@ -470,12 +472,14 @@ class CKKSMode(SecureSumMode):
         he_secret: bytes | None = None,
         identity: Any = None,
         roster: Any = None,
+        min_contributors: int | None = None,
     ) -> SiteProtection:
         """Site ``site_id``'s side, holding the secret context.
 
         The minimum number of contributors and the most sites a sum may hold come from the
-        site's roster (signed by the federation), never from ``config``, which in a
-        deployment the server sends. ``identity`` is not needed by CKKS.
+        site's roster (signed by the federation) and its own ``min_contributors`` (node setting,
+        the larger applies), never from ``config``, which in a deployment the server sends.
+        ``identity`` is not needed by CKKS.
 
         Raises:
             ConfigError: Without the secret context, or with parameters whose flooding noise
@@ -489,6 +493,6 @@ class CKKSMode(SecureSumMode):
         return CKKSSite(
             site_id=site_id,
             context=he_secret,
-            min_contributors=pinned_min_contributors(roster),
+            min_contributors=max(pinned_min_contributors(roster), min_contributors or 0),
             max_sites=most,
         )

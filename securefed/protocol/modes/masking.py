@@ -7,8 +7,16 @@ The fit reply carries the site's key advertisement; the server then runs three s
   Shamir shares;
 * ``Stage.MASKED``: every site that shared gets the shares sealed to it and uploads its
   masked, fixed-point-encoded update;
-* ``Stage.UNMASK``: every uploader gets the survivor list and reveals the shares the server
-  needs; the server removes the masks and decodes the sum.
+* ``Stage.CONSISTENCY``: every uploader gets the survivor list U3 and signs it with its
+  identity key (Bonawitz et al. 2017's consistency round);
+* ``Stage.UNMASK``: every site that signed gets U3 with the signatures and, once it has
+  checked at least t of them over the list it signed, reveals the shares the server needs;
+  the server removes the masks and decodes the sum.
+
+This is the active-security variant (:mod:`securefed.crypto.secagg.active`): round keys and
+share commitments are signed with each site's identity key and checked against the
+federation's roster, and a site derives n and t from its roster and the signed key list,
+never from the server. A site without a roster and identity key refuses to run the protocol.
 
 A site keeps its round secrets in the runtime's state (bytes and ints only, so Flower can hold
 it in ``context.state`` between processes); the server never holds one site's update.
@@ -16,14 +24,16 @@ it in ``context.state`` between processes); the server never holds one site's up
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable, Collection, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from securefed.crypto.messages import claimed_sender
 from securefed.crypto.secagg import SecAggClient, SecAggConfig, SecAggServer
+from securefed.crypto.secagg.active import ActiveSecurity, session_id
 from securefed.errors import ProtocolError
 from securefed.protocol.link import Link
 from securefed.protocol.modes.base import (
@@ -36,7 +46,12 @@ from securefed.protocol.modes.base import (
 )
 from securefed.protocol.wire import Stage, vector_from_bytes, vector_to_bytes
 
-__all__ = ["MaskingCollector", "MaskingMode", "MaskingSite", "secagg_config"]
+if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    from securefed.crypto.roster import Roster
+
+__all__ = ["MaskingCollector", "MaskingMode", "MaskingSite", "run_session", "secagg_config"]
 
 #: A round's masking parameters for ``n`` sampled sites.
 ConfigFor = Callable[[int], SecAggConfig]
@@ -45,21 +60,36 @@ ConfigFor = Callable[[int], SecAggConfig]
 _ROUND, _N_SITES, _VECTOR, _CLIENT = "mask.round", "mask.n_sites", "mask.vector", "mask.client"
 
 
-def secagg_config(config: Any, *, n_sites: int) -> SecAggConfig:
+def secagg_config(config: Any, *, n_sites: int, site: bool = False) -> SecAggConfig:
     """The masking parameters for a round of ``n_sites`` (identical at server and sites).
 
     Args:
         config: The run's :class:`~securefed.config.RunConfig`.
         n_sites: Sites sampled this round (the graph and the fixed-point head-room use it).
+        site: A site's base parameters: the threshold and n it actually uses come from its
+            roster and the signed key list (:func:`~securefed.crypto.secagg.active.
+            pinned_config`), so the server's ``secagg_threshold`` is ignored and its
+            ``n_sites`` only counts as fixed-point head-room (at least 2).
 
     """
     return SecAggConfig(
-        n_clients=n_sites,
-        threshold=config.secagg_threshold,
+        n_clients=max(2, n_sites) if site else n_sites,
+        threshold=None if site else config.secagg_threshold,
         neighbors=config.secagg_neighbors,
         ring_bits=config.secagg_ring_bits,
         clip_range=config.secagg_clip,
     )
+
+
+def run_session(config: Any) -> bytes:
+    """The masking session id of a run: SHA-256 over its canonical configuration.
+
+    Server and sites compute it from the run configuration they hold (a deployed site from the
+    configuration its round's fit ran under), so every signature of the round is bound to the
+    run; fresh round keys bind it to the round itself (see docs/secure-aggregation.md).
+    """
+    canonical = json.dumps(config.to_dict(), sort_keys=True, separators=(",", ":"))
+    return session_id(b"run-config", canonical.encode())
 
 
 def _check_sender(message: Any, sid: int) -> None:
@@ -78,6 +108,12 @@ class MaskingSite(SiteProtection):
     Args:
         site_id: This site's id.
         config_for: The round's parameters for ``n`` sampled sites (the server's must agree).
+        roster: The federation's roster, as this site verified it (None: the site refuses to
+            run the protocol).
+        identity: This site's Ed25519 identity key (the roster's key for ``site_id``).
+        session: The 32-byte session id the signatures are bound to.
+        min_contributors: The site's own floor on the survivors of a round it unmasks (its
+            node setting), on top of the roster's.
 
     Attributes:
         step_seconds: Wall-clock seconds per protocol step in the current round (summed over
@@ -87,11 +123,29 @@ class MaskingSite(SiteProtection):
 
     """
 
-    stages = (Stage.SHARE, Stage.MASKED, Stage.UNMASK)
+    stages = (Stage.SHARE, Stage.MASKED, Stage.CONSISTENCY, Stage.UNMASK)
 
-    def __init__(self, *, site_id: int, config_for: ConfigFor) -> None:
+    def __init__(
+        self,
+        *,
+        site_id: int,
+        config_for: ConfigFor,
+        roster: Roster | None = None,
+        identity: Ed25519PrivateKey | None = None,
+        session: bytes | None = None,
+        min_contributors: int | None = None,
+    ) -> None:
         self.site_id = int(site_id)
         self.config_for = config_for
+        self.active: ActiveSecurity | None = None
+        if roster is not None and identity is not None and session is not None:
+            self.active = ActiveSecurity(
+                roster=roster,
+                session=session,
+                identity=identity,
+                site_id=self.site_id,
+                min_contributors=min_contributors,
+            )
         self.step_seconds: dict[str, float] = {}
         self.wall_seconds = 0.0
         self.cpu_seconds = 0.0
@@ -107,12 +161,14 @@ class MaskingSite(SiteProtection):
     ) -> dict[str, Any]:
         """Draw this round's keys and return their advertisement (the update stays here)."""
         start = time.perf_counter()
+        self._require_active()
         self.step_seconds, self.wall_seconds, self.cpu_seconds = {}, 0.0, 0.0
         client = SecAggClient(
             site_id=self.site_id,
             config=self.config_for(int(n_sites)),
             round_index=round_index,
             dim=len(vector),
+            active=self.active,
         )
         advertise = client.advertise_keys()
         self._tally(client)
@@ -122,17 +178,27 @@ class MaskingSite(SiteProtection):
         state[_CLIENT] = client.export_state()
         return {"advertise": advertise, "protect_seconds": time.perf_counter() - start}
 
+    def _require_active(self) -> None:
+        if self.active is None:
+            raise ProtocolError(
+                f"site {self.site_id}: masking needs the federation's signed roster and this "
+                "site's identity key (a deployed site: node settings `roster` and "
+                "`federation-key`); refusing to run secure aggregation without them"
+            )
+
     def step(self, stage: str, fields: dict[str, Any], *, state: SiteState) -> dict[str, Any]:
-        """Answer ``share``, ``masked`` or ``unmask`` for the round held in ``state``.
+        """Answer ``share``, ``masked``, ``consistency`` or ``unmask`` for the round in ``state``.
 
         Raises:
             ProtocolError: For another round than the one in ``state`` (the site restarted
-                mid-round), a stage out of order, or a malformed server message.
+                mid-round or already answered the unmask request), a stage out of order, a
+                malformed server message, or any check of the active variant.
 
         """
         start = time.perf_counter()
         if stage not in self.stages:
             return super().step(stage, fields, state=state)
+        self._require_active()
         round_index = fields.get("round")
         if _CLIENT not in state or state.get(_ROUND) != round_index:
             raise ProtocolError(
@@ -142,7 +208,7 @@ class MaskingSite(SiteProtection):
         if not isinstance(message, bytes):
             raise ProtocolError(f"{stage} message: no protocol bytes")
         client = SecAggClient.from_state(
-            state[_CLIENT], config=self.config_for(int(state[_N_SITES]))
+            state[_CLIENT], config=self.config_for(int(state[_N_SITES])), active=self.active
         )
         reply: dict[str, Any] = {}
         try:
@@ -154,8 +220,16 @@ class MaskingSite(SiteProtection):
                 reply["clipped"] = int(client.clipped or 0)
                 # The plaintext update is not needed any more: do not keep it at the site.
                 state[_VECTOR] = b""
+            elif stage == Stage.CONSISTENCY:
+                reply["message"] = client.consistency(message)
             else:
                 reply["message"] = client.unmask(message)
+        except ProtocolError:
+            # A refused step ends the round at this site: it signs at most one survivor list
+            # and answers at most one unmask request, whatever the server sends next.
+            for key in (_ROUND, _N_SITES, _VECTOR, _CLIENT):
+                state.pop(key, None)
+            raise
         finally:
             self._tally(client)
         if stage == Stage.UNMASK:
@@ -175,6 +249,9 @@ class MaskingCollector(SumCollector):
         describe_config: The parameters privacy.json states (the run's full complement).
         graph_seed: Public SecAgg+ graph seed; None draws a fresh one each round (tests pin
             it to build the same graph).
+        roster: The federation's roster; with ``session``, the server checks every signature
+            and commitment and runs the consistency round (the sites require it).
+        session: The 32-byte session id of the run.
 
     Attributes:
         last_error: The exception that stopped the latest sum, else None (a harness re-raises
@@ -190,10 +267,15 @@ class MaskingCollector(SumCollector):
         config_for: ConfigFor,
         describe_config: SecAggConfig,
         graph_seed: bytes | None = None,
+        roster: Roster | None = None,
+        session: bytes | None = None,
     ) -> None:
         self.config_for = config_for
         self.describe_config = describe_config
         self.graph_seed = graph_seed
+        self.active: ActiveSecurity | None = None
+        if roster is not None and session is not None:
+            self.active = ActiveSecurity(roster=roster, session=session)
         self.last_error: Exception | None = None
         self.last_server: SecAggServer | None = None
 
@@ -220,6 +302,7 @@ class MaskingCollector(SumCollector):
             site_ids=chosen,
             dim=dim,
             graph_seed=self.graph_seed,
+            active=self.active,
         )
         self.last_server = server
 
@@ -274,10 +357,14 @@ class MaskingCollector(SumCollector):
             gone = set(drop_before_upload)
             relays = {s: m for s, m in server.relay_shares().items() if s not in gone}
             masked = run(Stage.MASKED, relays, server.receive_masked_input)
-            request = server.unmask_request()
             away = set(drop_after_upload)
-            asked = {s: request for s in server.survivors if s not in away}
-            run(Stage.UNMASK, asked, server.receive_unmask_shares)
+            answering = [s for s in server.survivors if s not in away]
+            if self.active is not None:
+                check = server.consistency_request()
+                run(Stage.CONSISTENCY, dict.fromkeys(answering, check), server.receive_consistency)
+                answering = [s for s in server.signers if s not in away]
+            request = server.unmask_request()
+            run(Stage.UNMASK, dict.fromkeys(answering, request), server.receive_unmask_shares)
             total = server.aggregate()
         except ProtocolError as exc:
             self.last_error = exc
@@ -300,25 +387,48 @@ class MaskingCollector(SumCollector):
 
     def describe(self) -> dict[str, Any]:
         """The protocol, its parameters and the fixed-point encoding."""
-        return self.describe_config.describe()
+        out = self.describe_config.describe()
+        if self.active is not None:
+            roster = self.active.roster
+            out.update(
+                variant="active (Bonawitz et al. 2017, Fig. 4): signed round keys, signed share "
+                "commitments, consistency round",
+                threat_model="an active server (key substitution, split or lied views, replays, "
+                "tampered shares) learns only the sum of at least max(t, min_contributors) "
+                "sites unless it colludes with t sites; see docs/secure-aggregation.md",
+                identities="Ed25519 identity keys from the federation roster",
+                roster_sha256=roster.digest().hex(),
+                roster_sites=roster.n_sites,
+                pinned_threshold=roster.threshold,
+                min_contributors=roster.min_contributors,
+            )
+        return out
 
 
 class MaskingMode(SecureSumMode):
     """Pairwise masking (Bonawitz et al. 2017; SecAgg+ neighbourhoods, Bell et al. 2020)."""
 
     name = "mask"
-    stages = (Stage.SHARE, Stage.MASKED, Stage.UNMASK)
+    stages = (Stage.SHARE, Stage.MASKED, Stage.CONSISTENCY, Stage.UNMASK)
+    uses_roster = True
 
     def releases(self, config: Any) -> list[tuple[str, str, str, str]]:
-        """Keys, sealed shares, the masked update, unmasking shares, and step timings."""
+        """Keys, sealed shares, the masked update, signatures, unmasking shares, timings."""
         dp = config.dp_enabled
         out = [
-            ("fit", "advertise", "clear", "the site's two X25519 public keys for this round"),
+            (
+                "fit",
+                "advertise",
+                "clear",
+                "the site's two X25519 public keys for this round and its Ed25519 identity "
+                "signature over them (bound to the roster, run and round)",
+            ),
             (
                 "share",
                 "message",
                 "clear",
-                "Shamir shares of the site's secrets, each AES-GCM-sealed to one peer",
+                "Shamir shares of the site's secrets, each AES-GCM-sealed to one peer, with "
+                "salted SHA-256 commitments to each share and the site's signature over them",
             ),
             (
                 "masked",
@@ -334,25 +444,77 @@ class MaskingMode(SecureSumMode):
                 "clipped",
             ),
             (
+                "consistency",
+                "message",
+                "clear",
+                "the site's Ed25519 signature over the survivor list it was shown (consistency "
+                "round)",
+            ),
+            (
                 "unmask",
                 "message",
                 "clear",
                 "shares that remove the masks: of survivors' self-mask seeds, of dropped sites' "
-                "keys (never both for one site)",
+                "keys (never both for one site), with the salts that open their commitments",
             ),
         ]
         return out + [
             (m, "protect_seconds", "clear", TIMING_DETAIL)
-            for m in ("fit", "share", "masked", "unmask")
+            for m in ("fit", "share", "masked", "consistency", "unmask")
         ]
 
-    def server(self, config: Any, *, n_sites: int, he_public: bytes | None = None) -> SumCollector:
-        """The server side; parameters from ``config``, ``n_sites`` for the report."""
+    def server(
+        self,
+        config: Any,
+        *,
+        n_sites: int,
+        he_public: bytes | None = None,
+        roster: Roster | None = None,
+    ) -> SumCollector:
+        """The server side; parameters from ``config``, ``n_sites`` for the report.
+
+        Args:
+            config: The run configuration.
+            n_sites: Sites in the federation (for privacy.json).
+            he_public: Unused (CKKS only).
+            roster: The federation's roster; without it the sites refuse to take part.
+
+        """
         return MaskingCollector(
             config_for=lambda n: secagg_config(config, n_sites=n),
             describe_config=secagg_config(config, n_sites=n_sites),
+            roster=roster,
+            session=run_session(config),
         )
 
-    def site(self, config: Any, *, site_id: int, he_secret: bytes | None = None) -> SiteProtection:
-        """Site ``site_id``'s side; parameters from ``config``."""
-        return MaskingSite(site_id=site_id, config_for=lambda n: secagg_config(config, n_sites=n))
+    def site(
+        self,
+        config: Any,
+        *,
+        site_id: int,
+        he_secret: bytes | None = None,
+        identity: Ed25519PrivateKey | None = None,
+        roster: Roster | None = None,
+        min_contributors: int | None = None,
+    ) -> SiteProtection:
+        """Site ``site_id``'s side; run parameters from ``config``, n and t from ``roster``.
+
+        Args:
+            config: The run configuration.
+            site_id: This site's id.
+            he_secret: Unused (CKKS only).
+            identity: This site's Ed25519 identity key (its registered signing key).
+            roster: The federation's roster as this site verified it. Without it (or the
+                identity) the site refuses every masking step.
+            min_contributors: The site's own floor (node setting ``min-contributors``) on top
+                of the roster's ``min_contributors``.
+
+        """
+        return MaskingSite(
+            site_id=site_id,
+            config_for=lambda n: secagg_config(config, n_sites=n, site=True),
+            roster=roster,
+            identity=identity,
+            session=run_session(config),
+            min_contributors=min_contributors,
+        )

@@ -1,0 +1,163 @@
+"""What the active-security variant adds: identities, the session, and the pinned parameters.
+
+Bonawitz et al. 2017 (Fig. 4, "active" column) defend against a server that lies: every
+site signs its round keys and, after the masked inputs, the survivor list U3 it was shown
+(the consistency round), with a long-term identity key that the server cannot replace. Here
+the identities come from the federation's signed :class:`~securefed.crypto.roster.Roster`.
+
+Pinned parameters. A site never takes n or t from the server. It counts n itself, as the
+sites whose round keys carry a valid signature from the roster (U1 as it was shown to it),
+and derives the Shamir threshold for the round from that count and its own roster:
+
+* m = (SecAgg+ degree for n) + 1, the holders of each site's shares (n for the complete graph);
+* t = ``default_threshold(m)`` = floor(2m/3) + 1 when the roster pins no threshold; otherwise
+  t = max(roster.threshold, floor(m/2) + 1), i.e. never below the roster's pin and always a
+  strict majority of the holders;
+* a round with t > m (fewer advertised sites than the pinned threshold needs), with fewer than
+  ``roster.min_contributors`` advertised sites, or whose survivors are fewer than
+  max(t, min_contributors), is refused.
+
+Sampling rule: a round may sample any subset of the roster as long as the subset satisfies
+the rule above; the majority threshold counts the round's own holders, so two disjoint groups
+of honest holders can never each reach t, whatever the server tells them. The fixed-point
+head-room uses the largest of the server's and the site's own count, so a lied ``n_sites``
+costs at most precision, never a wrapped sum.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from securefed.crypto.graph import effective_degree
+from securefed.crypto.messages import SESSION_BYTES
+from securefed.crypto.roster import Roster, federation_public_key
+from securefed.crypto.secagg.config import SecAggConfig, default_threshold
+from securefed.errors import ConfigError, DropoutRecoveryError, ProtocolError
+
+__all__ = ["ActiveSecurity", "pinned_config", "session_id"]
+
+_SESSION_DOMAIN = b"securefed/secagg/v1/session\x00"
+
+
+def session_id(*parts: bytes) -> bytes:
+    """A 32-byte session id: SHA-256 over a domain string and length-prefixed ``parts``."""
+    h = hashlib.sha256(_SESSION_DOMAIN)
+    for part in parts:
+        data = bytes(part)
+        h.update(len(data).to_bytes(8, "little") + data)
+    return h.digest()
+
+
+@dataclass(frozen=True)
+class ActiveSecurity:
+    """A party's view of the active variant: the roster, the session, and its identity.
+
+    Attributes:
+        roster: The federation's roster as this party verified it (sites' identity keys,
+            pinned ``min_contributors`` and ``threshold``).
+        session: 32-byte id of the run, bound into every signature with the roster's digest
+            and the round (a signature from another run, federation or round never verifies).
+        identity: A site's own Ed25519 identity private key (None for the server).
+        site_id: The site's id (None for the server); its roster key must be ``identity``'s.
+        min_contributors: The party's own floor on the contributors of any sum it helps
+            reveal (a site's node setting), on top of the roster's; None: the roster's only.
+
+    Raises:
+        ConfigError: A session id of the wrong length, or an identity key that is not the
+            roster's key for ``site_id``.
+
+    """
+
+    roster: Roster
+    session: bytes
+    identity: Ed25519PrivateKey | None = None
+    site_id: int | None = None
+    min_contributors: int | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.roster, Roster):
+            raise ConfigError("the active variant needs the federation's Roster")
+        if not isinstance(self.session, bytes) or len(self.session) != SESSION_BYTES:
+            raise ConfigError(f"the session id must be {SESSION_BYTES} bytes")
+        if (self.identity is None) != (self.site_id is None):
+            raise ConfigError("a site needs both its id and its identity key")
+        if self.identity is not None:
+            pinned = self.roster.sites.get(self.site_id)  # type: ignore[arg-type]
+            if pinned is None:
+                raise ConfigError(f"site {self.site_id} is not in the federation's roster")
+            if federation_public_key(self.identity) != pinned:
+                raise ConfigError(
+                    f"site {self.site_id}'s identity key is not the one the roster lists for it"
+                )
+        m = self.min_contributors
+        if m is not None and (isinstance(m, bool) or not isinstance(m, int) or m < 1):
+            raise ConfigError(f"min_contributors must be a positive integer (got {m!r})")
+        object.__setattr__(self, "_digest", self.roster.digest())
+
+    @property
+    def least_contributors(self) -> int:
+        """Fewest contributors of a sum this party helps reveal: roster's, own, and 2."""
+        return max(2, self.roster.min_contributors, self.min_contributors or 0)
+
+    @property
+    def digest(self) -> bytes:
+        """The roster's digest, bound into every signature."""
+        return self._digest  # type: ignore[attr-defined]
+
+    def sign(self, payload: bytes) -> bytes:
+        """This site's Ed25519 signature over ``payload``."""
+        if self.identity is None:
+            raise ProtocolError("the server has no identity key to sign with")
+        return self.identity.sign(payload)
+
+    def verify(self, site: int, payload: bytes, signature: bytes, *, what: str) -> None:
+        """Check ``signature`` by roster site ``site``; ProtocolError naming ``what`` if not."""
+        try:
+            self.roster.verify(site, payload, signature)
+        except ProtocolError as exc:
+            raise ProtocolError(f"{what}: {exc}") from exc
+
+
+def pinned_config(
+    base: SecAggConfig, *, roster: Roster, n_round: int, min_contributors: int | None = None
+) -> SecAggConfig:
+    """The round's masking parameters from the party's own count and roster (module docstring).
+
+    Args:
+        base: The run's parameters (ring, clip range, neighbours, and the round size the
+            server announced, used only as fixed-point head-room when it is the larger).
+        roster: The federation's roster.
+        n_round: Sites whose signed round keys this party accepted (U1).
+        min_contributors: The party's own floor on top of the roster's (None: none).
+
+    Raises:
+        DropoutRecoveryError: The round is too small for the roster's pinned limits.
+
+    """
+    least = max(2, roster.min_contributors, min_contributors or 0)
+    if n_round < least:
+        raise DropoutRecoveryError(
+            f"only {n_round} sites advertised signed keys; the roster and this party pin at "
+            f"least {least} contributors, so the round is refused."
+        )
+    m = effective_degree(n_sites=n_round, neighbors=base.neighbors) + 1
+    if roster.threshold is None:
+        t = default_threshold(neighbourhood_size=m)
+    else:
+        t = max(roster.threshold, m // 2 + 1)
+    if t > m:
+        raise DropoutRecoveryError(
+            f"only {m} holders per site in a round of {n_round} advertised sites; the roster "
+            f"pins threshold t={t}, so the round is refused."
+        )
+    return SecAggConfig(
+        n_clients=n_round,
+        threshold=t,
+        neighbors=base.neighbors,
+        ring_bits=base.ring_bits,
+        clip_range=base.clip_range,
+        frac_bits=base.frac_bits if base.n_clients >= n_round else None,
+    )
