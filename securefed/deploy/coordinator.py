@@ -224,7 +224,6 @@ class Coordinator(RoundEngine):
     ) -> None:
         check_deployable(config)
         link.config = config
-        self.identity_roster = roster
         self.run_id = run_id
         self.out = Path(out)
         self.connect_timeout = connect_timeout
@@ -246,6 +245,9 @@ class Coordinator(RoundEngine):
             stage_timeout=stage_timeout,
             on_event=self._event,
         )
+        # The roster binds site ids to identity keys at set-up, and is the one the masking
+        # and CKKS server sides pin their parameters from (the engine's `roster`).
+        self.roster = roster
 
     def _event(self, **fields: Any) -> None:
         line = json.dumps({"time": round(time.time(), 3), **fields}, sort_keys=True)
@@ -322,13 +324,13 @@ class Coordinator(RoundEngine):
         a site not in the roster, or a proof replayed from another node or run is refused.
         Without a roster (``--insecure-no-roster``) every claim is taken as made.
         """
-        if self.identity_roster is None:
+        if self.roster is None:
             return None
         run_id = self.run_id
         if run_id is None:
             run_id = int(self.link.grid.run.run_id)  # type: ignore[attr-defined]
         try:
-            verify_identity(self.identity_roster, proof, run_id=run_id, node_id=node, site_id=sid)
+            verify_identity(self.roster, proof, run_id=run_id, node_id=node, site_id=sid)
         except ProtocolError as exc:
             return str(exc)
         return None

@@ -103,53 +103,15 @@ def test_flower_link_equals_in_process_link(case, data, tmp_path, task_identity)
     assert fp["disclosures"] == lp["disclosures"]  # the same messages, field for field
 
 
-def test_deployed_masking_runs_the_active_protocol_and_equals_in_process(
-    tmp_path, task_identity, monkeypatch
-):
+def test_deployed_masking_runs_the_active_protocol_and_equals_in_process(tmp_path, task_identity):
     """The consistency stage over Flower messages (real ClientApp handlers, LoopbackGrid).
 
-    Until the deployment's roster plumbing lands (node settings `roster`/`federation-key`,
-    helper C), the test hands every site the roster itself: ``NodeSettings.load_roster`` (the
-    name site_app calls) returns it, a site runtime built without it gets its masking side
-    rebuilt with it, and the coordinator is given it. Once the plumbing is in, these patches
-    are no-ops but the first.
+    Every site loads the federation's signed roster from its node settings and checks it
+    against the federation key it pins; the coordinator binds site ids with the same roster.
     """
-    import securefed.deploy.site as site_mod
-    import tests.deploy.test_site_messages as messages
-    from securefed.crypto.roster import Roster, federation_public_key
-    from securefed.deploy import site_app
-    from securefed.deploy.site import NodeSettings
-    from securefed.dp.signing import SiteSigner
-    from securefed.protocol.modes import get_mode
-    from securefed.protocol.wire import Stage
-
     npz = write_small_npz(tmp_path / "tiny.npz")
     config = tiny_config(npz, rounds=1, reproducible_noise=True, secure_agg="mask")
-    if Stage.CONSISTENCY not in messages._HANDLERS:
-        monkeypatch.setitem(messages._HANDLERS, Stage.CONSISTENCY, site_app.consistency)
     grid, run = _deploy(config, tmp_path / "flower", node_extra={"allow-reproducible-noise": True})
-    keys = {
-        s: SiteSigner.load(tmp_path / f"flower-site{s}.signing.key") for s in range(config.clients)
-    }
-    roster = Roster(
-        federation="parity",
-        sites={s: federation_public_key(k.private_key) for s, k in keys.items()},
-    )
-    monkeypatch.setattr(NodeSettings, "load_roster", lambda self: roster, raising=False)
-    built = site_mod.deployed_site
-
-    def with_roster(cfg, node):
-        runtime = built(cfg, node)
-        if getattr(runtime.protection, "active", None) is None:
-            runtime.protection = get_mode(cfg.secure_agg).site(
-                cfg, site_id=node.site_id, identity=node.signer().private_key, roster=roster
-            )
-        return runtime
-
-    monkeypatch.setattr(site_mod, "deployed_site", with_roster)
-    if run.roster is None:
-        run.roster = roster
-
     flower = run.run()
     local = train(config, out_dir=tmp_path / "local", progress=False, federation=Federation(config))
 

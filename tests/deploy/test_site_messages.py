@@ -29,6 +29,7 @@ _HANDLERS = {
     Stage.FIT: site_app.fit,
     Stage.SHARE: site_app.share,
     Stage.MASKED: site_app.masked,
+    Stage.CONSISTENCY: site_app.consistency,
     Stage.UNMASK: site_app.unmask,
     Stage.DECRYPT: site_app.decrypt,
     Stage.EVALUATE: site_app.evaluate,
@@ -141,7 +142,7 @@ def test_every_field_a_site_sends_is_declared_and_none_reveals_size_or_loss(
     by_stage = {stage.split(".")[-1] for stage, _ in grid.sent}
     expected = (
         {"setup", "fit", "heldout"}
-        | ({"share", "masked", "unmask"} if secure_agg == "mask" else set())
+        | ({"share", "masked", "consistency", "unmask"} if secure_agg == "mask" else set())
         | ({"decrypt"} if secure_agg == "he" else set())
     )
     assert by_stage == expected  # every message type of this mode was exercised
