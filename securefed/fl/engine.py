@@ -859,7 +859,7 @@ class RoundEngine:
         out["site_mean"] = {
             primary: float(np.mean([c[primary] for c in scored])) if scored else None
         }
-        twins = [c["twin"][primary] for c in scored if "twin" in c]
+        twins = [c["twin"][primary] for c in scored if c.get("twin", {}).get(primary) is not None]
         if twins:
             out["site_mean"]["twin_" + primary] = float(np.mean(twins))
         if len(self.models) > 1:
@@ -1028,7 +1028,8 @@ class RoundEngine:
             for key in self.task.headline:
                 row[f"global_{key}"] = c.get(key)
                 row[f"twin_{key}"] = c["twin"].get(key)
-            row["twin_gain"] = c["twin"][primary] - c[primary]
+            gain = (c["twin"].get(primary), c.get(primary))
+            row["twin_gain"] = None if None in gain else gain[0] - gain[1]
             rows.append(row)
         return rows
 

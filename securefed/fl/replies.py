@@ -137,9 +137,11 @@ def _metrics(v: Any, *, primary: str, nullable: bool) -> str | None:
         why = _finite_json(value, 1)
         if why:
             return f"metric {key!r} {why}"
-    value = v.get(primary)
+    if primary not in v:
+        return f"lacks the primary metric {primary!r}"
+    value = v[primary]
     if value is not None and not _is_number(value):
-        return f"metric {primary!r} must be a number"
+        return f"metric {primary!r} must be a number or null"
     return None
 
 
