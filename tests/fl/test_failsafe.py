@@ -341,3 +341,32 @@ def test_the_default_bound_is_lr_sqrt_d(small_npz):
     cfg = tiny_config(small_npz, dp_epsilon=None)
     assert update_clip_for(cfg, 10_000) == pytest.approx(cfg.lr * 100)
     assert update_clip_for(cfg.replace(update_clip=3.0), 10_000) == 3.0
+
+
+@pytest.mark.parametrize(
+    ("field", "value"), [("sample_rate", 5.0), ("steps", "many"), ("noise_multiplier", None)]
+)
+def test_a_malformed_dp_event_is_refused_before_it_reaches_the_ledger(small_npz, field, value):
+    """A DP site reports an event of its round with a sample rate of 5 (or a wrong type).
+
+    On 60ad9a0 the event was recorded before it was checked, so the ledger kept an event no
+    accountant can replay: the site's epsilon (computed for its row) then raised out of
+    ``run_round`` (a wrong type: TypeError, also out of it).
+    """
+    fed = Federation(tiny_config(small_npz, rounds=2))
+
+    def edit(s: str, reply: dict[str, Any], fields: dict[str, Any]) -> dict[str, Any]:
+        if s == Stage.FIT and _in_round(fields, 1):
+            reply["events"][0][field] = value
+        return reply
+
+    _corrupt(fed, 2, edit)
+    first = fed.run_round(1)
+    assert first.applied and first.data["survivors"] == [0, 1]
+    assert "malformed DP report" in first.data["dropped_reasons"]["2"]
+    assert fed.ledger.for_client(2) == []  # nothing of it was recorded
+    assert first.data["clients"][2]["epsilon"] == 0.0  # a report it cannot read is not one
+    # Site 2's own ledger now holds round 1, the server's does not: it refuses to train on a
+    # history that differs from its own (issue 11), while the others go on.
+    second = fed.run_round(2)
+    assert second.applied and 2 not in second.data["survivors"]
