@@ -470,7 +470,8 @@ class RoundEngine:
                 "survivors": sums.survivors,
                 "dropped": sorted(set(chosen) - set(sums.survivors)),
                 "dropped_reasons": {
-                    str(s): errors.get(s, "its update is not in the sum")
+                    str(s): errors.get(s)
+                    or ("its update is not in the sum" if sums.applied else "round not applied")
                     for s in sorted(set(chosen) - set(sums.survivors))
                 },
                 "update_bound": None
