@@ -842,7 +842,8 @@ class RoundEngine:
                 entry["cluster"] = self.clusters.get(sid)
             if rep.get("metrics"):
                 # The site's figures never replace what the server computed (its id, its
-                # epsilon from the server's own accounting, ...): those are set last.
+                # epsilon from the server's own accounting, ...): a figure of such a name is
+                # dropped (the reply schema already refused it).
                 entry.update(
                     (k, v)
                     for k, v in rep["metrics"].items()

@@ -9,8 +9,9 @@ the round. The checks, in order:
    (:func:`securefed.fl.disclosures.message_fields`: what an honest site may send);
 2. the message's required fields are present (:data:`REQUIRED`, plus the DP claim under DP
    and the mode's update field in a fit reply that carries an update);
-3. each field has its kind and range (:data:`FIELDS`); a field declared by a mode that this
-   table does not know (a plug-in's) is left to the mode, which parses its own bytes.
+3. each field has its kind and range (:data:`FIELDS`, per message); a field a mode declares
+   that this table does not know (a plug-in's, a new stage's) is left to the mode, which
+   parses its own bytes.
 
 JSON size and nesting were capped before parsing, by :func:`securefed.protocol.wire.from_record`.
 The table is documented in docs/poisoning.md ("Reply schema").
@@ -145,33 +146,46 @@ def _metrics(v: Any, *, primary: str, nullable: bool) -> str | None:
     return None
 
 
-#: Every reply field the server reads: its check. The message is the Flower message type's
-#: action (``fit``, ``heldout``...); ``*`` applies to every message.
-FIELDS: dict[str, Check] = {
-    # fit (and the DP claim, also in heldout)
+_CLAIM: dict[str, Check] = {
     "events": _events,
     "epsilon": _epsilon,
     "plan": _object,
     "signature": _text,
-    "refused": _text,
-    "weights": _bytes,
-    "vector": _bytes,
-    "advertise": _bytes,
-    "ciphertext": _bytes,
-    "protect_seconds": _seconds,
-    # masking's later stages, CKKS' decrypt
-    "message": _bytes,
-    "clipped": _count(0),
-    # set-up
-    "site_id": _count(0),
-    "num_heldout": _count(0),
-    "num_samples": _count(1),
-    "dataset": _text,
-    "fingerprint": _text,
-    "task": _text,
-    "spec": _object,
-    "signing_key": _text,
-    "he_public": _bytes,
+}
+_MASKING: dict[str, Check] = {"message": _bytes}
+
+#: Per message (the Flower message type's action: ``fit``, ``heldout``...), every reply field
+#: the server reads and its check; ``*`` applies to every message. (CFL's ``cluster``, the
+#: held-out ``metrics`` and ``twin`` depend on the run: :class:`ReplySchema` adds them.)
+FIELDS: dict[str, dict[str, Check]] = {
+    "*": {"protect_seconds": _seconds},
+    "setup": {
+        "site_id": _count(0),
+        "num_heldout": _count(0),
+        "num_samples": _count(1),
+        "class_counts": _counts,
+        "dataset": _text,
+        "fingerprint": _text,
+        "task": _text,
+        "spec": _object,
+        "signing_key": _text,
+        "plan": _object,
+        "signature": _text,
+        "he_public": _bytes,
+    },
+    "fit": {
+        **_CLAIM,
+        "refused": _text,
+        "weights": _bytes,
+        "vector": _bytes,
+        "advertise": _bytes,
+        "ciphertext": _bytes,
+    },
+    "heldout": dict(_CLAIM),
+    "share": _MASKING,
+    "masked": {**_MASKING, "clipped": _count(0)},
+    "unmask": _MASKING,
+    "decrypt": {"vector": _bytes},
 }
 
 #: Fields each message must carry (more under DP, and the update in a fit reply).
@@ -204,12 +218,18 @@ class ReplySchema:
         self.config = config
         self.allowed = message_fields(config)
         self.primary = primary_metric
-        self.fields: dict[str, Check] = {
-            **FIELDS,
-            "cluster": _count(0, num_models - 1),
-            "class_counts": _counts,
-            "metrics": lambda v: _metrics(v, primary=primary_metric, nullable=True),
-            "twin": lambda v: _metrics(v, primary=primary_metric, nullable=False),
+        cluster = _count(0, num_models - 1)
+        run: dict[str, dict[str, Check]] = {
+            "select": {"cluster": cluster},
+            "heldout": {
+                "cluster": cluster,
+                "metrics": lambda v: _metrics(v, primary=primary_metric, nullable=True),
+                "twin": lambda v: _metrics(v, primary=primary_metric, nullable=False),
+            },
+        }
+        self.fields: dict[str, dict[str, Check]] = {
+            message: {**FIELDS["*"], **FIELDS.get(message, {}), **run.get(message, {})}
+            for message in set(FIELDS) | set(run) | set(self.allowed)
         }
 
     def required(self, message: str, reply: Mapping[str, Any]) -> frozenset[str]:
@@ -245,8 +265,9 @@ class ReplySchema:
         missing = sorted(self.required(message, reply) - set(reply))
         if missing:
             raise ProtocolError(f"missing field `{missing[0]}` in a {message} reply")
+        checks = self.fields.get(message, FIELDS["*"])
         for key, value in reply.items():
-            check = self.fields.get(key)
+            check = checks.get(key)
             why = check(value) if check is not None else None
             if why:
                 raise ProtocolError(f"field `{key}` {why}")
