@@ -8,6 +8,7 @@ docstring says what happened on the base commit 60ad9a0, without the protection.
 
 from __future__ import annotations
 
+import json
 import math
 import struct
 import time
@@ -22,6 +23,7 @@ from securefed.fl.bounds import aggregate_violation, update_clip_for
 from securefed.fl.simulation import Federation
 from securefed.protocol.link import LocalLink
 from securefed.protocol.wire import PROTOCOL, Stage, from_record, vector_from_bytes, vector_to_bytes
+from securefed.report.artifacts import write_outputs
 from tests.conftest import tiny_config
 
 Edit = Callable[[str, dict[str, Any], dict[str, Any]], dict[str, Any]]
@@ -265,7 +267,9 @@ def _edit_masked_words(config, message: bytes, change: Callable[[np.ndarray, int
 
 
 @pytest.mark.parametrize("attack", ["update", "weight"])
-def test_masking_a_site_editing_its_masked_words_gets_the_round_refused(small_npz, attack):
+def test_masking_a_site_editing_its_masked_words_gets_the_round_refused(
+    small_npz, tmp_path, attack
+):
     """Site 2 adds 1e6 to each masked update word, or subtracts from its weight word so that
     Σ n_i is 0.5: the server sees only the sum, so it refuses the round.
 
@@ -296,6 +300,12 @@ def test_masking_a_site_editing_its_masked_words_gets_the_round_refused(small_np
     np.testing.assert_array_equal(_weights(fed), before)  # the global model is unchanged
     second = fed.run_round(2)
     assert second.applied and second.data["update_bound"]["refused"] is None
+    # The run's files state it: metrics.json 2.2 and summary.md name the refused round.
+    write_outputs(fed, tmp_path)
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["schema_version"] == "2.2"
+    assert metrics["rounds"][0]["update_bound"]["refused"] == bound["refused"]
+    assert "round 1: **refused** (poisoning bound)" in (tmp_path / "summary.md").read_text()
 
 
 def test_honest_rounds_pass_the_bound_in_every_mode(small_npz):
