@@ -266,15 +266,16 @@ def _edit_masked_words(config, message: bytes, change: Callable[[np.ndarray, int
     return seal_frame([message[:start], words.tobytes(), message[start + 8 * dim : -DIGEST_BYTES]])
 
 
-@pytest.mark.parametrize("attack", ["update", "weight"])
+@pytest.mark.parametrize("attack", ["update", "weight", "inflate"])
 def test_masking_a_site_editing_its_masked_words_gets_the_round_refused(
     small_npz, tmp_path, attack
 ):
-    """Site 2 adds 1e6 to each masked update word, or subtracts from its weight word so that
-    Σ n_i is 0.5: the server sees only the sum, so it refuses the round.
+    """Site 2 adds 1e6 to each masked update word, or edits its weight word so that Σ n_i is
+    0.5 (or inflated by 1e9): the server sees only the sum, so it refuses the round.
 
-    On 60ad9a0 both sums were applied: the update attack moved every weight by about
-    1e6 / Σ n_i, the weight attack divided the honest sum by 0.5 (the issue's run: -4.3e11).
+    On 60ad9a0 every such sum was applied: the update attack moved every weight by about
+    1e6 / Σ n_i, the weight attack divided the honest sum by 0.5 (the issue's run: -4.3e11),
+    the inflated weight shrank the round's step to nothing.
     """
     fed = _federation(small_npz, secure_agg="mask")
     before = _weights(fed)
@@ -283,8 +284,10 @@ def test_masking_a_site_editing_its_masked_words_gets_the_round_refused(
     def change(words: np.ndarray, frac: int) -> None:
         if attack == "update":
             words[:-1] += np.uint64(int(1e6 * 2**frac))
-        else:
+        elif attack == "weight":
             words[-1] -= np.uint64(int((n_total - 0.5) * 2**frac))
+        else:  # claims n_i = 1e9 so that its update weighs as the others' times 1e7
+            words[-1] += np.uint64(int(1e9 * 2**frac))
 
     def edit(s: str, reply: dict[str, Any], fields: dict[str, Any]) -> dict[str, Any]:
         if s == Stage.MASKED and _in_round(fields, 1):
@@ -296,7 +299,8 @@ def test_masking_a_site_editing_its_masked_words_gets_the_round_refused(
     assert not rec.applied
     bound = rec.data["update_bound"]
     assert bound["refused"] and "refused" in rec.data["error"]
-    assert ("L2 norm" if attack == "update" else "weights is 0.5") in bound["refused"]
+    expected = {"update": "L2 norm", "weight": "weights is 0.5", "inflate": "weights is 1e+09"}
+    assert expected[attack] in bound["refused"]
     np.testing.assert_array_equal(_weights(fed), before)  # the global model is unchanged
     second = fed.run_round(2)
     assert second.applied and second.data["update_bound"]["refused"] is None
@@ -306,6 +310,27 @@ def test_masking_a_site_editing_its_masked_words_gets_the_round_refused(
     assert metrics["schema_version"] == "2.2"
     assert metrics["rounds"][0]["update_bound"]["refused"] == bound["refused"]
     assert "round 1: **refused** (poisoning bound)" in (tmp_path / "summary.md").read_text()
+
+
+def test_ckks_a_site_encrypting_a_huge_update_gets_the_round_refused(small_npz):
+    """Site 2 encrypts 1e3 per coordinate (inside CKKS' range, so its ciphertext is valid).
+
+    On 60ad9a0 the decrypted sum was applied: every weight moved by about 1e3 / Σ n_i (4.2).
+    """
+    fed = _federation(small_npz, secure_agg="he")
+    before = _weights(fed)
+    honest = fed.sites[2].protection.protect
+
+    def poisoned(vector: np.ndarray, **kw: Any) -> dict[str, Any]:
+        bad = np.full_like(vector, 1e3)
+        bad[-1] = vector[-1]
+        return honest(bad if kw["round_index"] == 1 else vector, **kw)
+
+    fed.sites[2].protection.protect = poisoned  # the site runs code of its own
+    rec = fed.run_round(1)
+    assert not rec.applied and "L2 norm" in rec.data["update_bound"]["refused"]
+    np.testing.assert_array_equal(_weights(fed), before)
+    assert fed.run_round(2).applied
 
 
 def test_honest_rounds_pass_the_bound_in_every_mode(small_npz):
