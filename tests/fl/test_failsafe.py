@@ -17,9 +17,13 @@ from typing import Any
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
+from securefed.config import RunConfig
 from securefed.errors import ProtocolError
 from securefed.fl.bounds import aggregate_violation, update_clip_for
+from securefed.fl.replies import FIELDS, ReplySchema
 from securefed.fl.simulation import Federation
 from securefed.protocol.link import LocalLink
 from securefed.protocol.wire import PROTOCOL, Stage, from_record, vector_from_bytes, vector_to_bytes
@@ -405,3 +409,49 @@ def test_a_malformed_dp_event_is_refused_before_it_reaches_the_ledger(small_npz,
     # history that differs from its own (issue 11), while the others go on.
     second = fed.run_round(2)
     assert second.applied and 2 not in second.data["survivors"]
+
+
+# -- any record ---------------------------------------------------------------------------------
+
+_JSON = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=8),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner),
+    max_leaves=12,
+)
+_FIELD_NAMES = sorted(
+    {name for table in FIELDS.values() for name in table}
+    | {"metrics", "twin", "cluster", "class_counts"}
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    message=st.sampled_from(["setup", "fit", "heldout", "select", "masked", "decrypt", "x"]),
+    record=st.dictionaries(
+        st.sampled_from(_FIELD_NAMES) | st.text(max_size=6),
+        st.integers()
+        | st.floats()
+        | st.text(max_size=8)
+        | st.binary(max_size=8)
+        | st.booleans()
+        | _JSON.map(lambda v: ("json", v)),
+        max_size=6,
+    ),
+    dp=st.booleans(),
+)
+def test_any_record_is_read_or_refused_with_a_protocol_error(message, record, dp):
+    """Whatever a site puts in its record, decoding and the schema raise ProtocolError or
+    accept it; nothing else escapes (on 60ad9a0 RecursionError, ValueError and TypeError did,
+    further down the round)."""
+    config = RunConfig(dp_epsilon=8.0 if dp else None, secure_agg="mask", clients=3)
+    schema = ReplySchema(config, num_models=2, primary_metric="accuracy")
+    wire: dict[str, Any] = {"protocol": PROTOCOL}
+    for key, value in record.items():
+        if isinstance(value, tuple):
+            wire["json:" + key] = json.dumps(value[1])
+        else:
+            wire[key] = value
+    try:
+        schema.check(message, from_record(wire, what="reply"))
+    except ProtocolError:
+        pass
