@@ -252,6 +252,11 @@ class RunConfig:
         secagg_ring_bits: Fixed-point ring Z_(2^k), k = 32 or 64.
         secagg_clip: Largest |value| the fixed-point encoder accepts per coordinate of the
             pre-scaled update ``n_i * u_i``; larger values are clipped and counted.
+        update_clip: Poisoning bound C_u: each site clips its whole model update (the L2
+            norm of the flattened vector it aggregates, after training) to C_u before
+            protecting it, and the server refuses to apply a round whose decoded sum is larger
+            than such updates can make (docs/poisoning.md). ``None``: ``lr * sqrt(d)`` for a
+            model of d aggregated values (each value moves by at most ``lr`` RMS a round).
         he_poly_modulus_degree: CKKS ring degree N (slots = N/2).
         he_coeff_mod_bit_sizes: CKKS coefficient moduli, in bits.
         he_scale_bits: CKKS scale 2^bits.
@@ -400,6 +405,12 @@ class RunConfig:
         1e6,
         help="Masking: largest |n_i * update| per coordinate; beyond it values are clipped "
         "and counted.",
+    )
+    update_clip: float | None = _setting(
+        None,
+        shown="lr*sqrt(d)",
+        help="Poisoning bound: L2 norm each site clips its whole update to; the server refuses "
+        "a round whose sum exceeds what such updates can make.",
     )
     he_poly_modulus_degree: int = _setting(8192, help="CKKS ring degree N (slots N/2).")
     he_coeff_mod_bit_sizes: tuple[int, ...] = _setting(
@@ -631,7 +642,7 @@ class RunConfig:
                 math.isfinite(self.prox_mu) and self.prox_mu >= 0,
                 f"{_n('prox_mu')} must be >= 0 (got {self.prox_mu}).",
             )
-        for name in ("server_lr", "personalize_lr"):
+        for name in ("server_lr", "personalize_lr", "update_clip"):
             value = getattr(self, name)
             if value is not None:
                 _check(

@@ -10,6 +10,7 @@ will state. The same in both runtimes: the in-process sites sign with keys of th
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -83,6 +84,56 @@ def site_claim_for(
     )
 
 
+#: Ranges of a reported DP event's numbers (beyond its types): what an accountant can replay.
+_EVENT_RANGES = {
+    "noise_multiplier": lambda v: 0 <= v <= 1e6,
+    "sample_rate": lambda v: 0 < v <= 1,
+    "steps": lambda v: 0 <= v <= 10**9,
+    "max_grad_norm": lambda v: 0 < v <= 1e12,
+    "round": lambda v: 0 <= v <= 10**9,
+    "phase": lambda v: v in ("federated", "personalize"),
+}
+
+
+def _typed(cls: type, fields: Any, *, sid: int, what: str) -> Any:
+    """``cls(**fields)`` for a dataclass, each field of its declared type (finite numbers).
+
+    Raises:
+        ProtocolError: If ``fields`` is not an object of exactly ``cls``'s fields, each of
+            its type (an int is a number; a bool is neither), or a number is not finite.
+
+    """
+    if not isinstance(fields, Mapping):
+        raise ProtocolError(f"site {sid}: malformed {what} (not an object)")
+    for f in dataclasses.fields(cls):
+        if f.name not in fields:
+            continue  # the constructor names a missing one
+        value = fields[f.name]
+        kind = f.type if isinstance(f.type, str) else f.type.__name__
+        ok = not isinstance(value, bool) and (
+            (kind == "int" and isinstance(value, int))
+            or (kind == "float" and isinstance(value, (int, float)) and math.isfinite(value))
+            or (kind == "str" and isinstance(value, str) and len(value) <= 64)
+        )
+        if not ok:
+            raise ProtocolError(f"site {sid}: malformed {what} (`{f.name}` is {value!r:.40})")
+    try:
+        return cls(**fields)
+    except TypeError as exc:
+        raise ProtocolError(f"site {sid}: malformed {what} ({exc})") from exc
+
+
+def _event(fields: Any, *, sid: int) -> PrivacyEvent:
+    """One reported DP event, typed and in the ranges an accountant can replay."""
+    event = _typed(PrivacyEvent, fields, sid=sid, what="DP report")
+    for name, ok in _EVENT_RANGES.items():
+        if not ok(getattr(event, name)):
+            raise ProtocolError(
+                f"site {sid}: malformed DP report (`{name}` = {getattr(event, name)!r})"
+            )
+    return event
+
+
 class ClaimBook:
     """The server's record of every site's privacy spending and signed claims.
 
@@ -119,10 +170,7 @@ class ClaimBook:
                 pinned earlier.
 
         """
-        try:
-            plan = DPPlan(**(fields or {}))
-        except TypeError as exc:
-            raise ProtocolError(f"site {sid}: malformed DP plan ({exc})") from exc
+        plan = _typed(DPPlan, fields or {}, sid=sid, what="DP plan")
         pinned = self.plans.get(sid)
         if pinned is None:
             try:
@@ -151,10 +199,12 @@ class ClaimBook:
                 events), or breaks the plan, or its signature does not cover the claim.
 
         """
-        try:
-            events = [PrivacyEvent(**e) for e in reply.get("events") or []]
-        except TypeError as exc:
-            raise ProtocolError(f"site {sid}: malformed DP report ({exc})") from exc
+        reported = reply.get("events") or []
+        if not isinstance(reported, list):
+            raise ProtocolError(f"site {sid}: malformed DP report (events are not a list)")
+        # Every event is checked before any is recorded: the ledger holds only events an
+        # accountant can replay (a malformed one would break every later epsilon).
+        events = [_event(e, sid=sid) for e in reported]
         if any(e.client_id != sid or e.round != round_index or e.phase != phase for e in events):
             raise ProtocolError(f"site {sid}: reported an event that is not its round's")
         for e in events:

@@ -31,6 +31,13 @@ from securefed.config import RunConfig
 from securefed.crypto.roster import Roster
 from securefed.data.dataset import DatasetBundle
 from securefed.errors import ConfigError, ProtocolError
+from securefed.fl.bounds import (
+    aggregate_violation,
+    coordinate_slack,
+    max_site_weight,
+    site_violation,
+    update_clip_for,
+)
 from securefed.fl.claims import ClaimBook
 from securefed.fl.params import ParamLayout
 from securefed.fl.planning import (
@@ -42,6 +49,7 @@ from securefed.fl.planning import (
     seed_for,
     task_for,
 )
+from securefed.fl.replies import SERVER_FIELDS, ReplySchema
 from securefed.fl.site_runtime import weights_from_bytes, weights_to_bytes
 from securefed.fl.strategies import ServerOptimizer, build_server_optimizer, build_strategy
 from securefed.fl.transfer import pretraining_provenance
@@ -49,15 +57,17 @@ from securefed.metrics import detect_convergence
 from securefed.models import build_model
 from securefed.protocol.link import Link, Payloads, Replies
 from securefed.protocol.modes import SumCollector, SumOutcome, get_mode
-from securefed.protocol.wire import Stage
+from securefed.protocol.wire import Stage, vector_from_bytes
 
 __all__ = ["METRICS_SCHEMA_VERSION", "RoundEngine", "RoundRecord", "SiteInfo"]
 
 #: metrics.json schema: 1.1 added task, strategy, primary_metric, site_mean, clusters and
 #: personalization; 2.0 removed the per-site train_loss and num_train_samples (they no longer
 #: leave a site; num_train_samples stays when the sites disclose their sizes); 2.1 (additive)
-#: gives every run `runtime` and per-round `transport`, as one engine runs both runtimes.
-METRICS_SCHEMA_VERSION = "2.1"
+#: gives every run `runtime` and per-round `transport`, as one engine runs both runtimes;
+#: 2.2 (additive) gives every round `dropped_reasons` and `update_bound` (the poisoning bound,
+#: and why a round was refused).
+METRICS_SCHEMA_VERSION = "2.2"
 
 #: Events a runtime may log (``event=..., **fields``); the Flower runtime writes them to
 #: deploy-log.jsonl.
@@ -98,14 +108,33 @@ class _Sums:
     clipped: int = 0
     clusters: list[dict[str, Any]] | None = None
     site_errors: dict[int, str] = field(default_factory=dict)
+    #: Why the poisoning bound refused the round's sum (then ``applied`` is False).
+    refused: str | None = None
+    #: L2 norm of the applied average update (the largest over CFL's clusters).
+    update_norm: float | None = None
 
 
 class _LoggedLink:
-    """A link that reports every exchange (``sent``, then ``replies``) to the engine's log."""
+    """A link that checks every reply, then reports the exchange to the engine's log.
 
-    def __init__(self, link: Link, event: EventSink) -> None:
+    Args:
+        link: The link to the sites.
+        event: The engine's log.
+        check: ``check(message, reply)`` raises :class:`ProtocolError` for a reply the server
+            must not read (:meth:`~securefed.fl.replies.ReplySchema.check`); that site then
+            failed the exchange, with the reason.
+
+    """
+
+    def __init__(
+        self,
+        link: Link,
+        event: EventSink,
+        check: Callable[[str, Mapping[str, Any]], None] | None = None,
+    ) -> None:
         self.link = link
         self.event = event
+        self.check = check
 
     @property
     def sent(self) -> dict[int, int]:
@@ -125,6 +154,15 @@ class _LoggedLink:
         replies, errors = self.link.exchange(
             payloads, timeout=timeout, group=group, awaited=awaited
         )
+        if self.check is not None:
+            for sid in sorted(replies):
+                message = payloads[sid][0].rsplit(".", 1)[-1] if sid in payloads else "?"
+                try:
+                    self.check(message, replies[sid])
+                except ProtocolError as exc:
+                    # A malformed reply drops its site from the step; nothing of it is read.
+                    errors[sid] = f"{message} reply refused: {exc}"
+                    del replies[sid]
         self.event(
             event="replies",
             stage=stage,
@@ -256,6 +294,14 @@ class RoundEngine:
         self.eps_history: dict[int, list[float]] = {}
         self.records: list[RoundRecord] = []
         self.elapsed = 0.0
+        #: Every reply of a round is checked against it before anything reads it.
+        self.schema = ReplySchema(
+            config, num_models=len(self.models), primary_metric=self.task.primary_metric
+        )
+        self.logged.check = self.schema.check
+        #: The poisoning bound (docs/poisoning.md): C_u and N_max.
+        self.update_clip = update_clip_for(config, self.layout.size)
+        self.max_weight = max_site_weight(config)
 
     # -- what the report writers read ---------------------------------------------------------
     @property
@@ -325,6 +371,10 @@ class RoundEngine:
         }
         infos: dict[int, SiteInfo] = {}
         for sid, info in sorted(replies.items()):
+            try:
+                self.schema.check("setup", info)
+            except ProtocolError as exc:
+                raise ConfigError(f"site {sid}: set-up reply refused: {exc}") from exc
             if info.get("spec") != want or info.get("task") != self.task.name:
                 raise ConfigError(
                     f"site {sid}: its data ({info.get('task')}, {info.get('spec')}) does not "
@@ -423,6 +473,19 @@ class RoundEngine:
                 "participants": chosen,
                 "survivors": sums.survivors,
                 "dropped": sorted(set(chosen) - set(sums.survivors)),
+                "dropped_reasons": {
+                    str(s): errors.get(s)
+                    or ("its update is not in the sum" if sums.applied else "round not applied")
+                    for s in sorted(set(chosen) - set(sums.survivors))
+                },
+                "update_bound": None
+                if cfg.schedule == "cyclic"
+                else {
+                    "update_clip": self.update_clip,
+                    "max_weight": self.max_weight,
+                    "update_norm": sums.update_norm,
+                    "refused": sums.refused,
+                },
                 "timing": {
                     # Sites send no training time (a side channel on their size): this is the
                     # server's own wall time of the fit exchange.
@@ -538,10 +601,13 @@ class RoundEngine:
         fit_start = time.perf_counter()
         fits, fit_errors = self._fit(round_index, payloads)
         errors.update(fit_errors)
+        if not self.mode.protects:
+            fits = self._screen_updates(fits, errors)
         train_seconds = time.perf_counter() - fit_start
         outcomes: dict[int, SumOutcome] = {}
         skipped: dict[int, str] = {}
-        error = None
+        error: str | None = None
+        refused: str | None = None
         agg_start = time.perf_counter()
         for k, members in groups.items():
             if cfl and self.mode.protects and len(members) < 2:
@@ -569,6 +635,12 @@ class RoundEngine:
                 # One failed sum fails the round: no cluster is half-applied.
                 outcomes, error = {}, outcome.error or "the secure sum failed"
                 break
+            refused = self._bound_violation(outcome)
+            if refused is not None:
+                # A sum no honest clipped updates can make: the round is refused, no model
+                # changes (and no cluster is half-applied).
+                outcomes, error = {}, f"round {round_index} refused: {refused}"
+                break
             outcomes[k] = outcome
         agg_seconds = time.perf_counter() - agg_start
         if error is None and not outcomes:
@@ -587,9 +659,16 @@ class RoundEngine:
         survivors = sorted(c for o in outcomes.values() for c in o.survivors)
         protect = sum(float(f.get("protect_seconds", 0.0)) for f in fits.values())
         protect += sum(sum(o.protect_seconds.values()) for o in outcomes.values())
+        norms = [
+            float(np.linalg.norm(o.total[:-1])) / float(o.total[-1])
+            for o in outcomes.values()
+            if o.total is not None
+        ]
         sums = _Sums(
             applied=error is None,
             error=error,
+            refused=refused,
+            update_norm=max(norms) if norms and error is None else None,
             survivors=survivors,
             train_seconds=train_seconds,
             protect_seconds=protect,
@@ -608,6 +687,43 @@ class RoundEngine:
                 for k in range(len(self.models))
             ]
         return sums
+
+    def _screen_updates(
+        self, fits: dict[int, dict[str, Any]], errors: dict[int, str]
+    ) -> dict[int, dict[str, Any]]:
+        """Without secure aggregation: drop each site whose own vector breaks the bound.
+
+        The server sees each plaintext update, so it checks each one (a secure mode's server
+        can check only the sum: :meth:`_bound_violation`).
+        """
+        kept = {}
+        for sid, reply in fits.items():
+            if "vector" in reply:
+                try:
+                    vector = vector_from_bytes(
+                        reply["vector"], length=self.layout.size + 1, what=f"site {sid}"
+                    )
+                except ProtocolError as exc:
+                    errors[sid] = f"vector: {exc}"
+                    continue
+                why = site_violation(vector, clip=self.update_clip, max_weight=self.max_weight)
+                if why is not None:
+                    errors[sid] = f"fit: update refused: {why}"
+                    continue
+            kept[sid] = reply
+        return kept
+
+    def _bound_violation(self, outcome: SumOutcome) -> str | None:
+        """Why a decoded sum breaks the poisoning bound (docs/poisoning.md), or None."""
+        assert outcome.total is not None
+        k = len(outcome.survivors)
+        return aggregate_violation(
+            outcome.total,
+            contributors=k,
+            clip=self.update_clip,
+            max_weight=self.max_weight,
+            slack=coordinate_slack(self.config, k),
+        )
 
     def _server_step(self, k: int, total: np.ndarray) -> None:
         """Apply the average update of cluster ``k`` through its server optimizer."""
@@ -729,7 +845,14 @@ class RoundEngine:
             if len(self.models) > 1:
                 entry["cluster"] = self.clusters.get(sid)
             if rep.get("metrics"):
-                entry.update(rep["metrics"])
+                # The site's figures never replace what the server computed (its id, its
+                # epsilon from the server's own accounting, ...): a figure of such a name is
+                # dropped (the reply schema already refused it).
+                entry.update(
+                    (k, v)
+                    for k, v in rep["metrics"].items()
+                    if k not in entry and k not in SERVER_FIELDS
+                )
                 if rep.get("twin"):
                     entry["twin"] = rep["twin"]
             clients.append(entry)
@@ -742,7 +865,7 @@ class RoundEngine:
         out["site_mean"] = {
             primary: float(np.mean([c[primary] for c in scored])) if scored else None
         }
-        twins = [c["twin"][primary] for c in scored if "twin" in c]
+        twins = [c["twin"][primary] for c in scored if c.get("twin", {}).get(primary) is not None]
         if twins:
             out["site_mean"]["twin_" + primary] = float(np.mean(twins))
         if len(self.models) > 1:
@@ -911,7 +1034,8 @@ class RoundEngine:
             for key in self.task.headline:
                 row[f"global_{key}"] = c.get(key)
                 row[f"twin_{key}"] = c["twin"].get(key)
-            row["twin_gain"] = c["twin"][primary] - c[primary]
+            gain = (c["twin"].get(primary), c.get(primary))
+            row["twin_gain"] = None if None in gain else gain[0] - gain[1]
             rows.append(row)
         return rows
 

@@ -29,6 +29,7 @@ from securefed.dp.ledger import PrivacyEvent, PrivacyLedger
 from securefed.dp.signing import SiteSigner
 from securefed.dp.trainer import SiteTrainer
 from securefed.errors import ConfigError, PrivacyBudgetError, ProtocolError, SecureFedError
+from securefed.fl.bounds import clip_update, max_site_weight, update_clip_for
 from securefed.fl.claims import plan_fields, site_claim_for
 from securefed.fl.disclosures import check_reply
 from securefed.fl.params import ParamLayout
@@ -76,9 +77,14 @@ def local_update(
 ) -> tuple[np.ndarray, float, float, dict[str, torch.Tensor]]:
     """One site's round: train a copy of ``model``, return ``[n * update..., n]`` and more.
 
+    The update is clipped to the run's L2 bound C_u and the weight n capped at N_max
+    (:mod:`securefed.fl.bounds`) before it is scaled: post-processing of the DP-SGD output
+    (no privacy cost), and what lets the server refuse a sum no honest sites can make.
+
     Returns:
         The vector to aggregate (pre-scaled by the sample count, so a weighted FedAvg needs
-        only sums), the mean training loss, the training seconds and the trained state.
+        only sums), the mean training loss, the training seconds and the trained state
+        (unclipped: the cyclic schedule hands it on as trained).
 
     """
     local = copy.deepcopy(model)
@@ -103,7 +109,11 @@ def local_update(
         anchor=anchor,
     )
     update = layout.flatten(result.state) - layout.flatten(model.state_dict())
-    vec = np.concatenate([result.num_samples * update, [float(result.num_samples)]])
+    update, clipped = clip_update(update, update_clip_for(config, layout.size))
+    if clipped:
+        log.info("site %d round %d: update clipped to C_u", trainer.client_id, round_index)
+    weight = min(float(result.num_samples), max_site_weight(config))
+    vec = np.concatenate([weight * update, [weight]])
     return vec, result.mean_loss, result.seconds, result.state
 
 

@@ -17,7 +17,10 @@ import numpy as np
 from securefed.errors import ProtocolError
 
 __all__ = [
+    "MAX_JSON_CHARS",
+    "MAX_JSON_DEPTH",
     "from_record",
+    "json_depth",
     "record_size",
     "to_record",
     "PROTOCOL",
@@ -38,6 +41,19 @@ RECORD = "securefed"
 #: Over Flower, the field every message to a site carries: the run configuration, which the
 #: site checks against its own policy each time.
 RUN_CONFIG = "run_config"
+
+
+#: Longest JSON document one field may carry (characters). The largest honest ones are a
+#: site's privacy history and a model's parameter names: kilobytes to a few hundred.
+MAX_JSON_CHARS = 4 * 1024 * 1024
+#: Deepest nesting of lists and objects one JSON field may have. Honest fields nest at most
+#: 4 levels (metrics' per-class entries in a list in an object); Python's parser recurses
+#: once per level, so a field nested 10^5 deep would raise RecursionError inside it.
+MAX_JSON_DEPTH = 32
+
+_OPEN = np.zeros(256, dtype=np.int8)
+_OPEN[[ord("["), ord("{")]] = 1
+_OPEN[[ord("]"), ord("}")]] = -1
 
 
 class Stage:
@@ -96,14 +112,64 @@ def from_record(record: Mapping[str, Any], *, what: str) -> dict[str, Any]:
     for key, value in record.items():
         if key == "protocol":
             continue
+        if not isinstance(key, str):
+            raise ProtocolError(f"{what}: a field name is not a string")
         if key.startswith("json:"):
-            try:
-                out[key[5:]] = json.loads(value)
-            except (TypeError, json.JSONDecodeError) as exc:
-                raise ProtocolError(f"{what}: field `{key[5:]}` is not JSON") from exc
+            out[key[5:]] = _parse_json(value, field=key[5:], what=what)
         else:
             out[key] = value
     return out
+
+
+def json_depth(text: str) -> int:
+    """Deepest nesting of ``[``/``{`` in a JSON text, brackets inside strings not counted.
+
+    A linear, vectorised pre-scan (no recursion, no parse): about 15 ms for a megabyte.
+    A quote counts as a string delimiter unless an odd run of backslashes precedes it.
+    Malformed text gets some number back; the parser then refuses it.
+    """
+    data = np.frombuffer(text.encode("utf-8", "surrogatepass"), dtype=np.uint8)
+    if data.size == 0:
+        return 0
+    quote = data == ord('"')
+    backslash = data == ord("\\")
+    if backslash.any():
+        # Length of the run of backslashes that ends just before each position.
+        index = np.arange(data.size, dtype=np.int32)
+        last_other = np.maximum.accumulate(np.where(backslash, -1, index))
+        run_before = np.zeros(data.size, dtype=np.int32)
+        run_before[1:] = index[:-1] - last_other[:-1]
+        quote &= run_before % 2 == 0
+    inside = (np.cumsum(quote, dtype=np.int32) & 1).astype(bool) | quote
+    step = np.where(inside, np.int8(0), _OPEN[data])
+    return int(max(0, np.cumsum(step, dtype=np.int32).max()))
+
+
+def _parse_json(value: Any, *, field: str, what: str) -> Any:
+    """One JSON field, its size and nesting checked before the parser sees it.
+
+    Raises:
+        ProtocolError: If the value is not a string, is longer than :data:`MAX_JSON_CHARS`,
+            nests deeper than :data:`MAX_JSON_DEPTH`, or is not JSON.
+
+    """
+    if not isinstance(value, str):
+        raise ProtocolError(f"{what}: field `{field}` is not JSON text")
+    if len(value) > MAX_JSON_CHARS:
+        raise ProtocolError(
+            f"{what}: field `{field}` holds {len(value)} characters of JSON; at most "
+            f"{MAX_JSON_CHARS} are accepted"
+        )
+    depth = json_depth(value)
+    if depth > MAX_JSON_DEPTH:
+        raise ProtocolError(
+            f"{what}: field `{field}` nests {depth} levels deep; at most {MAX_JSON_DEPTH} are "
+            "accepted"
+        )
+    try:
+        return json.loads(value)
+    except (ValueError, RecursionError) as exc:  # JSONDecodeError, too many integer digits
+        raise ProtocolError(f"{what}: field `{field}` is not JSON ({exc})") from exc
 
 
 def record_size(record: Mapping[str, Any]) -> int:

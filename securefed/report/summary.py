@@ -209,6 +209,30 @@ def _strategy_line(privacy: dict[str, Any]) -> str:
     return text
 
 
+def _failures(metrics: dict[str, Any]) -> list[str]:
+    """Rounds not applied and sites left out, with the reasons (none: no section)."""
+    lines = []
+    for r in metrics["rounds"]:
+        bound = r.get("update_bound") or {}
+        if bound.get("refused"):
+            lines.append(f"- round {r['round']}: **refused** (poisoning bound): {bound['refused']}")
+        elif not r.get("applied", True):
+            lines.append(f"- round {r['round']}: not applied: {r.get('error')}")
+        for sid, why in (r.get("dropped_reasons") or {}).items():
+            if r.get("applied", True):
+                lines.append(f"- round {r['round']}: site {sid} left out: {why}")
+    if not lines:
+        return []
+    return [
+        "",
+        "## Rounds not applied and sites left out",
+        "",
+        "A refused round left the global model unchanged; see docs/poisoning.md.",
+        "",
+        *lines,
+    ]
+
+
 def write_summary(
     out: Path, *, config: dict[str, Any], metrics: dict[str, Any], privacy: dict[str, Any]
 ) -> Path:
@@ -297,8 +321,9 @@ def write_summary(
             lines.append(
                 f"| {row['client_id']} | {row['num_heldout']} | "
                 f"{_fmt(row['global_' + primary])} | {_fmt(row['twin_' + primary])} | "
-                f"{row['twin_gain']:+.3f} |"
+                + ("n/a |" if row["twin_gain"] is None else f"{row['twin_gain']:+.3f} |")
             )
+    lines += _failures(metrics)
     clusters = metrics.get("clusters")
     if clusters:
         lines += [
