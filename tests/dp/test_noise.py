@@ -125,7 +125,8 @@ def test_the_reproducible_noise_flag_reaches_the_run_config(command):
     def config(*args: str) -> RunConfig:
         ctx = cmd.make_context(command, [*base, *args])
         p = dict(ctx.params)
-        for key in ("out", "quiet", "certs", "insecure", "superlink", "resume", "stop_after"):
+        deploy_only = ("certs", "insecure", "superlink", "federation_key", "roster")
+        for key in ("out", "quiet", "resume", "stop_after", "insecure_no_roster", *deploy_only):
             p.pop(key, None)
         for key in [k for k in p if k.endswith("_timeout")]:
             p.pop(key)
