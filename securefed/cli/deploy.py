@@ -388,7 +388,15 @@ def deploy_site_key(signing_key) -> None:
     help="A site's id and identity public key (hex from `deploy site-key`, or a file with it). "
     "Repeat for every site.",
 )
-@option("--min-contributors", type=click.IntRange(min=2), default=2, show_default=True)
+@option(
+    "--min-contributors",
+    type=click.IntRange(min=2),
+    default=None,
+    show_default="a majority of the roster, floor(n/2) + 1",
+    help="Fewest sites in any sum a site helps reveal. A majority means a server can never "
+    "split one round's sites into two groups and learn each group's sum; lower it only for "
+    "runs that sample fewer sites per round (--client-fraction).",
+)
 @option(
     "--threshold",
     type=int,
@@ -414,6 +422,8 @@ def deploy_roster(federation_key, name, sites, min_contributors, threshold, out)
         if int(sid) in keys:
             raise ConfigError(f"--site: site {sid} given twice")
         keys[int(sid)] = load_federation_public(value)
+    if min_contributors is None:
+        min_contributors = min(len(keys), len(keys) // 2 + 1) if len(keys) >= 2 else 1
     roster = Roster(
         federation=name, sites=keys, min_contributors=min_contributors, threshold=threshold
     )

@@ -283,7 +283,13 @@ class Coordinator(RoundEngine):
                         raise ConfigError(f"site set-up failed on node {node}: {why}")
                     self._event(event="unreachable", node=str(node), why=why)
                 for node, info in replies.items():
-                    sid = int(info["site_id"])
+                    sid = info.get("site_id")
+                    if isinstance(sid, bool) or not isinstance(sid, int) or sid < 0:
+                        # A node that cannot say which site it is answers nothing else.
+                        why = f"its set-up reply names no valid site id ({sid!r})"
+                        refused[node] = why
+                        self._event(event="refused", node=str(node), why=why)
+                        continue
                     why = self._identity_refusal(node, sid, info.pop(IDENTITY_FIELD, None))
                     if why is not None:
                         # Not bound: the real site can still connect and take its id.

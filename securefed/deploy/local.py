@@ -54,6 +54,8 @@ class LocalDeployment:
             every site.
         roster: Give the sites and the runs the federation's signed roster (``roster.json``,
             from each site's identity key); off, sites start with ``--insecure-no-roster``.
+        roster_threshold: The least masking threshold the roster pins (None: a 2/3 majority,
+            so 3 sites tolerate no dropout; 2 lets one of 3 drop out).
 
     As a real federation, it has a federation key (``federation.key``, the admin's) that signs
     the roster and every run it submits; each site pins ``federation.pub``.
@@ -71,6 +73,7 @@ class LocalDeployment:
         shard: bool = True,
         site_options: dict[str, Any] | None = None,
         roster: bool = True,
+        roster_threshold: int | None = None,
     ) -> None:
         self.folder = Path(folder)
         self.folder.mkdir(parents=True, exist_ok=True)
@@ -93,6 +96,7 @@ class LocalDeployment:
             create_federation_key(self.federation_key)
         self.federation_pub = self.federation_key.with_suffix(".pub")
         self.use_roster = roster
+        self.roster_threshold = roster_threshold
         self.roster: Path | None = None
         self.server: subprocess.Popen | None = None
         self.site_procs: dict[int, subprocess.Popen] = {}
@@ -162,7 +166,12 @@ class LocalDeployment:
             hexkey = launch.ensure_signing_key(self.folder / f"site{i}.signing.key")
             self.site_keys[i] = hexkey
             keys[i] = bytes.fromhex(hexkey)
-        roster = Roster(federation="securefed-local", sites=keys)
+        roster = Roster(
+            federation="securefed-local",
+            sites=keys,
+            min_contributors=min(len(keys), len(keys) // 2 + 1),
+            threshold=self.roster_threshold,
+        )
         path = self.folder / "roster.json"
         path.write_bytes(sign_roster(roster, load_federation_key(self.federation_key)))
         self.roster = path

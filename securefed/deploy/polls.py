@@ -1,6 +1,6 @@
 """Every wait securefed shortens in Flower 1.42, in one place, and why.
 
-A secure-aggregation round is four exchanges with every site (fit, share, masked, unmask), and
+A masked round is five exchanges with every site (fit, share, masked, consistency, unmask), and
 each exchange crosses these waits. Flower 1.42 sizes them for long-running apps on real
 networks; on a LAN or loopback they were most of a deployed round's time. None of these changes
 what is sent or to whom, nor TLS or node authentication: only how soon a process looks again.

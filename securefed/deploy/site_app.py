@@ -84,8 +84,8 @@ def _identity_and_roster(mode: Any, node: NodeSettings) -> dict[str, Any]:
     federation key the site pinned), never from the server's message; the minimum number of
     contributors is the larger of the site's own (``min-contributors``) and the roster's.
     Without a roster a site refuses, unless its operator started it with
-    ``--insecure-no-roster`` (closed test networks: masking then runs its honest-but-curious
-    variant).
+    ``--insecure-no-roster`` (closed test networks): CKKS then pins only the site's own
+    minimum, and masking still refuses (its active variant needs the roster).
     """
     if not mode.uses_roster:
         return {}
@@ -93,7 +93,7 @@ def _identity_and_roster(mode: Any, node: NodeSettings) -> dict[str, Any]:
     roster = node.load_roster(signer)
     if roster is None:
         if node.insecure_no_roster:
-            return {}
+            return {"min_contributors": node.min_contributors_floor(None)}
         raise ProtocolError(
             f"site {node.site_id}: --secure-agg {mode.name} needs the federation's signed "
             "roster (node settings `roster` and `federation-key`); refusing to run the "
@@ -107,14 +107,41 @@ def _identity_and_roster(mode: Any, node: NodeSettings) -> dict[str, Any]:
     }
 
 
+def _signed_config(stage: str, context: Context) -> RunConfig:
+    """The run's configuration as submitted and signed (``deploy run``), from Flower's run config.
+
+    Raises:
+        ProtocolError: The run carries none, or it does not parse.
+
+    """
+    raw = (context.run_config or {}).get("config")
+    if raw is None:
+        raise ProtocolError(
+            f"{stage}: the run carries no signed configuration; this site acts only on runs "
+            "the federation signed"
+        )
+    try:
+        return RunConfig.from_dict(json.loads(str(raw)))
+    except (ValueError, TypeError) as exc:
+        raise ProtocolError(f"{stage}: the run's configuration does not parse ({exc})") from exc
+
+
 def _handle(msg: Message, context: Context) -> Message:
     """Decode, answer with the site's runtime (or its secure-sum side), encode."""
     stage = msg.metadata.message_type
     fields = decode(msg.content, what=f"{stage} message")
+    config = _signed_config(stage, context)
     try:
-        config = RunConfig.from_dict(fields.pop(RUN_CONFIG))
+        sent = RunConfig.from_dict(fields.pop(RUN_CONFIG))
     except (KeyError, TypeError) as exc:
         raise ProtocolError(f"{stage} message: no valid run configuration ({exc})") from exc
+    if sent != config:
+        # The site acts on the run the federation signed (checked by its executor before this
+        # app runs), never on a configuration the server writes into a message: a server
+        # that turned `--secure-agg mask` into `none` here would get the update in the clear.
+        raise ProtocolError(
+            f"{stage} message: its run configuration differs from the run the federation signed"
+        )
     state = _protocol_state(context)
     mode = get_mode(config.secure_agg)
     pinned = json.dumps(config.to_dict(), sort_keys=True)

@@ -96,6 +96,13 @@ def site_releases(config: RunConfig, *, runtime: str = "in-process") -> list[Rel
         "clear",
         "size of the site's held-out split (evaluation data, not the DP-protected records)",
     )
+    add(
+        "setup",
+        "identity",
+        "clear",
+        "deployed runs with a roster: Ed25519 signature by the site's identity key over "
+        "(federation, run id, node id, site id), binding its site id (not data)",
+    )
     if dp:
         add("setup", "signing_key", "clear", "the site's Ed25519 public key (not data)")
         add("setup", "plan", "dp-accounted", _CLAIM)

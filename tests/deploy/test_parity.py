@@ -9,7 +9,7 @@ objects included). Both use ``reproducible_noise`` so the DP noise is the same.
 The documented bound (docs/architecture.md): every final weight agrees to
 ``|flower - in_process| <= 1e-7 + 1e-6 |in_process|``. Plaintext and cyclic runs are equal
 bit for bit; masking rounds with fresh random coins, so a weight near a float32 rounding
-boundary may move one ulp; CKKS is approximate at scale 2^40 (~1e-9 on an averaged weight). A
+boundary may move one ulp; CKKS is approximate (scale 2^100 plus flooding noise, ~5e-10). A
 second round's training amplifies those differences past the bound, so the secure-sum cases are
 compared after one round, the plaintext ones after two. A lost site, a wrong mask or a skipped
 round moves weights by DP noise, ~1e-2: far outside.

@@ -39,10 +39,14 @@ _HANDLERS = {
 class LoopbackGrid:
     """Flower's Grid, in memory: each pushed message runs the site's handler at once."""
 
-    def __init__(self, node_configs: dict[int, dict]) -> None:
+    def __init__(self, node_configs: dict[int, dict], run_config: dict | None = None) -> None:
         self.contexts = {
             node: Context(
-                run_id=1, node_id=node, node_config=cfg, state=RecordDict(), run_config={}
+                run_id=1,
+                node_id=node,
+                node_config=cfg,
+                state=RecordDict(),
+                run_config=dict(run_config or {}),
             )
             for node, cfg in node_configs.items()
         }
@@ -114,7 +118,8 @@ def _deploy(config, out, node_extra=None, **kwargs):
             "roster": str(path),
             **(node_extra or {}),
         }
-    grid = LoopbackGrid(nodes)
+    # What `deploy run` submits (and the sites' executors verify): the signed configuration.
+    grid = LoopbackGrid(nodes, run_config={"config": json.dumps(config.to_dict())})
     link = FlowerLink(grid, poll=0.0)
     kwargs = {"roster": roster, "run_id": 1, **kwargs}
     run = Coordinator(config, link=link, out=out, stage_timeout=30, fit_timeout=120, **kwargs)
@@ -146,11 +151,11 @@ def test_every_field_a_site_sends_is_declared_and_none_reveals_size_or_loss(
         | ({"decrypt"} if secure_agg == "he" else set())
     )
     assert by_stage == expected  # every message type of this mode was exercised
-    # The set-up identity proof (a signature, no data; securefed.deploy.trust) is not in
-    # fl/disclosures.py yet: helper B / the lead add it there (issue 14).
     for stage, reply in grid.sent:
         name = stage.split(".")[-1]
-        allowed = set(declared[name]) | ({IDENTITY_FIELD} if name == "setup" else set())
+        allowed = set(declared[name])
+        if name == "setup":
+            assert IDENTITY_FIELD in reply  # the deployed site binds its id (declared)
         assert set(reply) <= allowed, (name, set(reply) - allowed)
         assert not {"train_loss", "num_samples", "class_counts", "train_seconds"} & set(reply)
     privacy = json.loads((out / "privacy.json").read_text())

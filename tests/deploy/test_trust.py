@@ -218,7 +218,7 @@ def _spoofed(small_config, tmp_path, spoofer_node_config):
         node_id=99,
         node_config={**honest.node_config, **spoofer_node_config},
         state=type(honest.state)(),
-        run_config={},
+        run_config=dict(honest.run_config),
     )
     grid.contexts = {99: spoofer, **grid.contexts}
     run.connect_timeout = 5
@@ -318,3 +318,39 @@ def test_deploy_site_without_the_federation_key_is_one_line(monkeypatch, capsys)
     assert code == 2
     assert "Traceback" not in err and err.count("\n") == 0, err
     assert "--federation-key" in err
+
+
+@pytest.mark.parametrize("bad", [None, "0", -1, True, 1.5])
+def test_a_node_without_a_valid_site_id_is_refused_and_set_up_goes_on(
+    small_config, tmp_path, task_identity, monkeypatch, bad
+) -> None:
+    """A node whose set-up reply names no valid site id is refused, not a crash of set-up.
+
+    Before, the coordinator read ``int(info["site_id"])``: a missing id raised ``KeyError``
+    and ended the run's set-up for every site.
+    """
+    from flwr.app import Message
+
+    import tests.deploy.test_site_messages as messages
+    from securefed.protocol.wire import Stage, decode, encode
+
+    grid, run = _spoofed(small_config, tmp_path, {})
+    real = messages._HANDLERS[Stage.SETUP]
+
+    def setup(msg, context):
+        reply = real(msg, context)
+        if context.node_id != 99:
+            return reply
+        fields = decode(reply.content, what="reply")
+        if bad is None:
+            fields.pop("site_id")
+        else:
+            fields["site_id"] = bad
+        return Message(encode(fields), reply_to=msg)
+
+    monkeypatch.setitem(messages._HANDLERS, Stage.SETUP, setup)
+    run._setup()
+    assert run.link.nodes == {0: 100, 1: 101, 2: 102}
+    log = [json.loads(line) for line in (run.out / "deploy-log.jsonl").open()]
+    refused = [e for e in log if e["event"] == "refused"]
+    assert [e["node"] for e in refused] == ["99"] and "no valid site id" in refused[0]["why"]
