@@ -40,11 +40,11 @@ THREAT_MODEL = (
     "of roster sites, its own included, itself and floods the sum it returns against key "
     "recovery, so an active server cannot present one site's ciphertext as a sum; a site "
     "colluding with the server can still contribute an encryption of zero, and one colluding "
-    "key holder reads every update. A site's update counts only within the run's update bound (--update-clip); up to "
-    "n - t sites may drop out of a round; a network observer sees only encrypted traffic in a "
-    "deployment. Out of scope: Byzantine sites inside the update bound, side channels other "
-    "than the reply timing listed in "
-    "'disclosures', and a patient's several records (group privacy)."
+    "key holder reads every update. A site's update counts only within the run's update bound "
+    "(--update-clip); up to n - t sites may drop out of a round; a network observer sees only "
+    "encrypted traffic in a deployment. Out of scope: Byzantine sites inside the update bound, "
+    "side channels other than the reply timing listed in 'disclosures', and a patient's "
+    "several records (group privacy)."
 )
 
 
