@@ -135,9 +135,16 @@ def sign_contribution(
 
 
 def verify_contribution(
-    roster: Roster, *, session: bytes, round_index: int, contribution: Contribution
+    roster: Roster,
+    *,
+    session: bytes,
+    round_index: int,
+    contribution: Contribution,
+    digest: bytes | None = None,
 ) -> None:
     """Check that ``contribution`` was signed by its site's roster key for this session/round.
+
+    ``digest``: the frame's SHA-256 if the caller computed it already (else computed here).
 
     Raises:
         ProtocolError: Unknown site, or a signature that does not verify (another frame,
@@ -156,7 +163,7 @@ def verify_contribution(
         session=session,
         round_index=round_index,
         site_id=contribution.site_id,
-        digest=frame_digest(contribution.frame),
+        digest=frame_digest(contribution.frame) if digest is None else digest,
     )
     roster.verify(contribution.site_id, message, bytes(contribution.signature))
 

@@ -305,10 +305,17 @@ class CKKSSite(SiteProtection):
                 f"site {self.site_id}: the contribution list is for round {listed_round}, not "
                 f"{fit_round}"
             )
+        digests = {e.site_id: frame_digest(e.frame) for e in entries}
         for entry in entries:
-            verify_contribution(roster, session=session, round_index=fit_round, contribution=entry)
+            verify_contribution(
+                roster,
+                session=session,
+                round_index=fit_round,
+                contribution=entry,
+                digest=digests[entry.site_id],
+            )
         own = [e for e in entries if e.site_id == self.site_id]
-        if not own or not hmac.compare_digest(frame_digest(own[0].frame), mine):
+        if not own or not hmac.compare_digest(digests[self.site_id], mine):
             raise ProtocolError(
                 f"site {self.site_id}: the contribution list does not hold the ciphertext this "
                 "site sent; a key holder decrypts only a sum it contributed to"
