@@ -362,3 +362,35 @@ def test_the_contribution_list_is_parsed_strictly(keys, fed):
     with pytest.raises(ProtocolError, match="contributes twice"):
         encode_contributions(ROUND, [entry, entry])
     assert decode_contributions(blob) == (ROUND, [entry])
+
+
+def test_a_contribution_signature_binds_the_roster_the_session_the_round_and_the_site(keys, fed):
+    # Prepare: one signed contribution, and the same keys under another federation's roster.
+    from securefed.crypto.ckks.contributions import verify_contribution
+    from securefed.errors import ProtocolError
+    from securefed.protocol.modes.base import run_session
+
+    roster, _ = fed
+    entry = _signed_elsewhere(keys, fed, 1, round_index=ROUND)
+    other_roster = Roster(federation="elsewhere", sites=roster.sites)
+    session = run_session(_config())
+
+    # Execute / Assert: it verifies only as signed.
+    verify_contribution(roster, session=session, round_index=ROUND, contribution=entry)
+    for changed in (
+        {"roster": other_roster},
+        {"session": run_session(_config(seed=99))},
+        {"round_index": ROUND + 1},
+        {"contribution": Contribution(2, entry.frame, entry.signature)},
+    ):
+        args = {
+            "roster": roster,
+            "session": session,
+            "round_index": ROUND,
+            "contribution": entry,
+        } | changed
+        with pytest.raises(ProtocolError, match="does not verify"):
+            verify_contribution(
+                args.pop("roster"),
+                **args,
+            )
