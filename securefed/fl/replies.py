@@ -180,6 +180,7 @@ FIELDS: dict[str, dict[str, Check]] = {
         "vector": _bytes,
         "advertise": _bytes,
         "ciphertext": _bytes,
+        "ciphertext_signature": _bytes,
     },
     "heldout": dict(_CLAIM),
     "share": _MASKING,
@@ -246,6 +247,8 @@ class ReplySchema:
                     need.add("weights")
                 elif self.config.secure_agg in _UPDATE_FIELD:
                     need.add(_UPDATE_FIELD[self.config.secure_agg])
+                    if self.config.secure_agg == "he":
+                        need.add("ciphertext_signature")  # the key holder sums signed ones
         return frozenset(need)
 
     def check(self, message: str, reply: Mapping[str, Any]) -> None:

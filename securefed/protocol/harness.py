@@ -335,17 +335,20 @@ def he_sum(
 ) -> Any:
     """Run CKKS aggregation in process through the CKKS mode.
 
-    Sites encrypt, the server adds, the lowest-id contributing site decrypts.
+    Sites encrypt and sign (each with a fresh identity key, listed in an in-process roster),
+    the server checks and forwards the signed ciphertexts, the lowest-id contributing site
+    checks them, adds them and decrypts the sum.
 
     Each role sees only what it would over a network: the sites hold the key set, the server
-    the public context and the update bytes, the decrypting site the aggregate bytes.
+    the public context and the signed update bytes, the decrypting site those bytes.
 
     Args:
         inputs: Site id -> flat vector (all the same length), e.g. ``[n_i * u_i, n_i]``.
         params: :class:`~securefed.crypto.ckks.CKKSParams`; defaults if None (or taken from
             ``keys``).
         drop_before_upload: Sites whose update never arrives; they contribute nothing.
-        weights: Optional plaintext scalar weight per surviving site, applied by the server.
+        weights: Plaintext scalar weight per surviving site: validated, then refused (the key
+            holder sums the signed ciphertexts itself; sites send ``n_i * u_i`` instead).
         subset: Boolean mask or index array of the coordinates to encrypt (e.g. the trainable
             parameters); the others are not sent and are 0 in ``total``.
         min_survivors: Fewest surviving sites for which the sum is released (the decrypting
@@ -364,6 +367,8 @@ def he_sum(
         DropoutRecoveryError: Fewer than ``min_survivors`` sites survived.
 
     """
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
     from securefed.crypto.ckks import (
         HEResult,
         as_vector,
@@ -371,6 +376,7 @@ def he_sum(
         normalize_subset,
         select_coordinates,
     )
+    from securefed.crypto.roster import Roster, federation_public_key
     from securefed.protocol.modes.ckks import CKKSCollector, CKKSSite
 
     if not inputs:
@@ -432,9 +438,31 @@ def he_sum(
             "these parameters; use more data-prime bits or smaller inputs."
         )
 
+    if weights is not None:
+        # The key holder sums the sites' signed ciphertexts itself and decrypts unweighted
+        # sums only (server-side weights would multiply errors the flooding cannot size).
+        raise ConfigError(
+            "server-side weights are not supported: the key holder sums the signed ciphertexts "
+            "itself; sites send n_i * u_i instead"
+        )
+    # An in-process federation: a roster of the inputs' sites, each with a fresh identity key.
+    identities = {c: Ed25519PrivateKey.generate() for c in sorted(vectors)}
+    n_sites = len(identities)
+    roster = Roster(
+        federation="in-process",
+        sites={c: federation_public_key(k) for c, k in identities.items()},
+        min_contributors=min(n_sites, max(2, min_survivors)) if n_sites >= 2 else 1,
+    )
+    session = secrets.token_bytes(32)
     protections = {
         c: CKKSSite(
-            site_id=c, context=keys.secret_context, min_contributors=min_survivors, subset=idx
+            site_id=c,
+            context=keys.secret_context,
+            min_contributors=max(min_survivors, roster.min_contributors),
+            subset=idx,
+            roster=roster,
+            identity=identities[c],
+            session=session,
         )
         for c in vectors
     }
@@ -443,7 +471,8 @@ def he_sum(
         public=keys.public_context,
         params=params,
         min_contributors=min_survivors,
-        weights=None if weights is None else {c: float(weights[c]) for c in survivors},
+        roster=roster,
+        session=session,
     )
     outcome, _ = run_sum(
         collector,

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from securefed.config import RunConfig
+from securefed.crypto.ckks.contributions import Contribution, encode_contributions
 from securefed.crypto.roster import Roster
 from securefed.errors import ConfigError, ProtocolError
 from securefed.plugins import SECURE_AGG
@@ -26,6 +27,12 @@ def keys():
     return generate_keys(params=ckks_params(RunConfig(secure_agg="he", clients=4)))
 
 
+@pytest.fixture(scope="module")
+def fed():
+    """A roster of 4 sites and their identity keys."""
+    return Roster.generate(4)
+
+
 def _vectors(n: int) -> dict[int, np.ndarray]:
     return {s: np.arange(DIM, dtype=float) + 10.0 * s for s in range(n)}
 
@@ -44,14 +51,28 @@ class _Counting:
 def _round(keys, vectors, *, lost=None, wrap=None, clients=4, **drops):
     config = RunConfig(secure_agg="he", clients=clients)
     mode = CKKSMode()
+    roster, identities = Roster.generate(len(vectors))
     sites = {
-        s: _Counting(ProtocolSite(mode.site(config, site_id=s, he_secret=keys.secret_context), v))
+        s: _Counting(
+            ProtocolSite(
+                mode.site(
+                    config,
+                    site_id=s,
+                    he_secret=keys.secret_context,
+                    roster=roster,
+                    identity=identities[s],
+                ),
+                v,
+            )
+        )
         for s, v in sorted(vectors.items())
     }
     endpoints = dict(sites)
     for sid, wrapper in (wrap or {}).items():
         endpoints[sid] = wrapper(sites[sid])
-    collector = mode.server(config, n_sites=len(vectors), he_public=keys.public_context)
+    collector = mode.server(
+        config, n_sites=len(vectors), he_public=keys.public_context, roster=roster
+    )
     outcome, _ = run_sum(
         collector, endpoints, round_index=7, n_sites=len(vectors), dim=DIM, lost=lost, **drops
     )
@@ -104,118 +125,143 @@ def test_fewer_contributors_than_the_minimum_give_no_sum(keys):
     assert Stage.DECRYPT not in sites[2].stages
 
 
-def _aggregate(keys, *, round_index, sites, values=None):
-    """What an honest server would send: the encrypted sum of ``sites``' updates."""
-    from securefed.crypto.ckks import CKKSAggregator, CKKSEncryptor
+def _site(keys, fed, site_id, *, config=None, **extra):
+    roster, identities = fed
+    config = config or RunConfig(secure_agg="he", clients=4)
+    return CKKSMode().site(
+        config,
+        site_id=site_id,
+        he_secret=keys.secret_context,
+        roster=roster,
+        identity=identities[site_id],
+        **extra,
+    )
 
-    enc = CKKSEncryptor(keys.public_context)
-    agg = CKKSAggregator(keys.public_context, round_index=round_index)
+
+def _signed(keys, fed, *, round_index, sites, config=None, states=None):
+    """What an honest server forwards: the signed fit ciphertexts of ``sites`` (a list blob).
+
+    ``states`` (site -> state) supplies the states of sites whose fit the caller also runs.
+    """
+    entries = []
     for s in sites:
-        vector = np.ones(DIM) if values is None else values[s]
-        agg.add(enc.encrypt(vector, site_id=s, round_index=round_index), site_id=s)
-    return agg.aggregate()
+        state = {} if states is None or s not in states else states[s]
+        fit = _site(keys, fed, s, config=config).protect(
+            np.ones(DIM), round_index=round_index, n_sites=4, state=state
+        )
+        entries.append(Contribution(s, fit["ciphertext"], fit["ciphertext_signature"]))
+    return encode_contributions(round_index, entries)
 
 
-def test_the_decrypting_site_refuses_a_sum_of_fewer_than_min_contributors(keys):
-    # Prepare: a server that asks to decrypt a single site's ciphertext, and even claims the
-    # run has one site (the old code took its minimum, min(2, clients), from that claim).
-    from securefed.crypto.ckks import CKKSAggregator
+def _decrypt(site, blob, round_index, state):
+    return site.step(Stage.DECRYPT, {"round": round_index, "contributions": blob}, state=state)
 
+
+def test_the_decrypting_site_refuses_a_sum_of_fewer_than_min_contributors(keys, fed):
+    # Prepare: a server that asks to decrypt the key holder's own ciphertext alone, and even
+    # claims the run has one site (the old code took its minimum, min(2, clients), from that).
     config = RunConfig(secure_agg="he", clients=1)
-    site = CKKSMode().site(config, site_id=0, he_secret=keys.secret_context)
-    state = {}
-    fit = site.protect(np.ones(DIM), round_index=1, n_sites=4, state=state)
-    agg = CKKSAggregator(keys.public_context, round_index=1)
-    agg.add(fit["ciphertext"], site_id=0)
+    states = {0: {}}
+    alone = _signed(keys, fed, round_index=1, sites=[0], config=config, states=states)
+    site = _site(keys, fed, 0, config=config)
 
     # Execute / Assert
-    with pytest.raises(ProtocolError, match="at least 2 are required"):
-        site.step(Stage.DECRYPT, {"round": 1, "aggregate": agg.aggregate()}, state=state)
-    with pytest.raises(ProtocolError, match="needs `aggregate` bytes"):
-        site.step(Stage.DECRYPT, {"round": 1}, state=state)
+    with pytest.raises(ProtocolError, match="1 signed contribution\\(s\\); at least 2 roster"):
+        _decrypt(site, alone, 1, states[0])
+    with pytest.raises(ProtocolError, match="needs `contributions` bytes"):
+        site.step(Stage.DECRYPT, {"round": 1}, state=states[0])
+    with pytest.raises(ProtocolError, match="needs `contributions` bytes"):
+        site.step(Stage.DECRYPT, {"round": 1, "aggregate": alone}, state=states[0])
 
 
 def test_the_pinned_minimum_comes_from_the_roster_not_from_the_servers_config(keys):
     # Prepare: the federation pinned 3 contributors; the server's config says 4 sites.
-    roster, _ = Roster.generate(4, min_contributors=3)
-    config = RunConfig(secure_agg="he", clients=4)
-    site = CKKSMode().site(config, site_id=0, he_secret=keys.secret_context, roster=roster)
+    fed3 = Roster.generate(4, min_contributors=3)
     state = {}
-    site.protect(np.ones(DIM), round_index=3, n_sites=4, state=state)
-    two = _aggregate(keys, round_index=3, sites=[0, 1])
-    three = _aggregate(keys, round_index=3, sites=[0, 1, 2])
+    two = _signed(keys, fed3, round_index=3, sites=[0, 1], states={0: state})
+    site = _site(keys, fed3, 0)
+    state3 = {}
+    three = _signed(keys, fed3, round_index=3, sites=[0, 1, 2], states={0: state3})
 
     # Execute / Assert
-    with pytest.raises(ProtocolError, match="sums 2 site\\(s\\); at least 3"):
-        site.step(Stage.DECRYPT, {"round": 3, "aggregate": two}, state=state)
-    total = vector_from_bytes(
-        site.step(Stage.DECRYPT, {"round": 3, "aggregate": three}, state=state)["vector"],
-        length=DIM,
-        what="sum",
-    )
+    with pytest.raises(ProtocolError, match="2 signed contribution\\(s\\); at least 3"):
+        _decrypt(site, two, 3, state)
+    total = vector_from_bytes(_decrypt(site, three, 3, state3)["vector"], length=DIM, what="sum")
     np.testing.assert_allclose(total, np.full(DIM, 3.0), atol=ATOL, rtol=0)
-    # the noise is sized for the roster's 4 sites, not the 3 the aggregate claims
+    # the noise is sized for the roster's 4 sites, not the 3 signed contributions
     assert site.last_sigma == pytest.approx(keys.params.flooding_sigma(4))
 
 
-def test_a_key_holder_decrypts_only_the_round_it_fit_once_and_only_a_sum_it_is_in(keys):
+def test_a_key_holder_decrypts_only_the_round_it_fit_once_and_only_a_sum_it_is_in(keys, fed):
     # Prepare
-    config = RunConfig(secure_agg="he", clients=4)
-    site = CKKSMode().site(config, site_id=0, he_secret=keys.secret_context)
+    site = _site(keys, fed, 0)
     state = {}
-    site.protect(np.ones(DIM), round_index=5, n_sites=4, state=state)
-    current = _aggregate(keys, round_index=5, sites=[0, 1])
-    earlier = _aggregate(keys, round_index=4, sites=[0, 1])
-    without_me = _aggregate(keys, round_index=5, sites=[1, 2])
+    current = _signed(keys, fed, round_index=5, sites=[0, 1], states={0: state})
+    earlier = _signed(keys, fed, round_index=4, sites=[0, 1])
+    without_me = _signed(keys, fed, round_index=5, sites=[1, 2])
 
     # Execute / Assert: before the first decryption, nothing but this round's sum is served.
-    with pytest.raises(ProtocolError, match="aggregate of round 4"):
-        site.step(Stage.DECRYPT, {"round": 4, "aggregate": earlier}, state=state)
-    with pytest.raises(ProtocolError, match="message says 6"):
-        site.step(Stage.DECRYPT, {"round": 6, "aggregate": current}, state=state)
-    with pytest.raises(ProtocolError, match="does not list this site"):
-        site.step(Stage.DECRYPT, {"round": 5, "aggregate": without_me}, state=state)
-    reply = site.step(Stage.DECRYPT, {"round": 5, "aggregate": current}, state=state)
+    with pytest.raises(ProtocolError, match="sum of round 4"):
+        _decrypt(site, earlier, 4, state)
+    with pytest.raises(ProtocolError, match="list is for round 4, not 5"):
+        _decrypt(site, earlier, 5, state)
+    with pytest.raises(ProtocolError, match="sum of round 6"):
+        _decrypt(site, current, 6, state)
+    with pytest.raises(ProtocolError, match="does not hold the ciphertext this site sent"):
+        _decrypt(site, without_me, 5, state)
+    reply = _decrypt(site, current, 5, state)
     with pytest.raises(ProtocolError, match="already decrypted; one decryption per round"):
-        site.step(Stage.DECRYPT, {"round": 5, "aggregate": current}, state=state)
+        _decrypt(site, current, 5, state)
 
-    # Assert: the state holds only ints and lists of ints (Flower's ConfigRecord).
+    # Assert: the state holds only ints, a list of ints and the frame's 32-byte digest.
     assert len(reply["vector"]) == 8 * DIM
-    assert state == {
-        "ckks.fit_round": 5,
-        "ckks.decrypted_rounds": [5],
-        "ckks.decryptions": 1,
+    assert set(state) == {
+        "ckks.fit_round",
+        "ckks.fit_digest",
+        "ckks.decrypted_rounds",
+        "ckks.decryptions",
     }
+    assert state["ckks.fit_round"] == 5 and len(state["ckks.fit_digest"]) == 32
+    assert state["ckks.decrypted_rounds"] == [5] and state["ckks.decryptions"] == 1
     with pytest.raises(ProtocolError, match="latest contribution is to round None"):
-        site.step(Stage.DECRYPT, {"round": 5, "aggregate": current}, state={})
+        _decrypt(site, current, 5, {})
     # a server that re-runs round 5's fit later gets no second decryption of round 5
-    site.protect(np.ones(DIM), round_index=6, n_sites=4, state=state)
-    site.step(
-        Stage.DECRYPT,
-        {"round": 6, "aggregate": _aggregate(keys, round_index=6, sites=[0, 1])},
-        state=state,
-    )
-    site.protect(np.ones(DIM), round_index=5, n_sites=4, state=state)
+    _decrypt(site, _signed(keys, fed, round_index=6, sites=[0, 1], states={0: state}), 6, state)
+    again = _signed(keys, fed, round_index=5, sites=[0, 1], states={0: state})
     with pytest.raises(ProtocolError, match="round 5 was already decrypted"):
-        site.step(Stage.DECRYPT, {"round": 5, "aggregate": current}, state=state)
+        _decrypt(site, again, 5, state)
     assert state["ckks.decrypted_rounds"] == [5, 6]
 
 
-def test_a_key_holder_refuses_decryptions_beyond_its_share_of_the_budget(keys):
+def test_a_key_holder_refuses_decryptions_beyond_its_share_of_the_budget(keys, fed):
     # Prepare: four sites share the key's 2^32-decryption budget; this one has used its share.
     from securefed.crypto.ckks.flooding import DECRYPTION_BUDGET
 
-    config = RunConfig(secure_agg="he", clients=4)
-    site = CKKSMode().site(config, site_id=0, he_secret=keys.secret_context)
     state = {"ckks.decryptions": DECRYPTION_BUDGET // 4}
-    site.protect(np.ones(DIM), round_index=2, n_sites=4, state=state)
+    blob = _signed(keys, fed, round_index=2, sites=[0, 1], states={0: state})
 
     # Execute / Assert
     with pytest.raises(ProtocolError, match="decryption budget"):
-        site.step(
-            Stage.DECRYPT,
-            {"round": 2, "aggregate": _aggregate(keys, round_index=2, sites=[0, 1])},
-            state=state,
+        _decrypt(_site(keys, fed, 0), blob, 2, state)
+
+
+def test_a_site_without_a_roster_or_identity_refuses_to_take_part(keys, fed):
+    # Prepare: what `--insecure-no-roster` used to allow in a `he` run.
+    config = RunConfig(secure_agg="he", clients=4)
+    bare = CKKSMode().site(config, site_id=0, he_secret=keys.secret_context)
+    no_identity = CKKSMode().site(config, site_id=0, he_secret=keys.secret_context, roster=fed[0])
+    state = {}
+    blob = _signed(keys, fed, round_index=1, sites=[0, 1], states={0: state})
+
+    # Execute / Assert
+    for site in (bare, no_identity):
+        with pytest.raises(ProtocolError, match="needs the federation's signed roster"):
+            site.protect(np.ones(DIM), round_index=1, n_sites=4, state={})
+        with pytest.raises(ProtocolError, match="needs the federation's signed roster"):
+            _decrypt(site, blob, 1, state)
+    with pytest.raises(ConfigError, match="not the roster's key"):
+        CKKSMode().site(
+            config, site_id=0, he_secret=keys.secret_context, roster=fed[0], identity=fed[1][1]
         )
 
 
@@ -306,7 +352,8 @@ def test_describe_is_the_deployed_privacy_report_entry(keys):
         "library": "tenseal",
         "server_holds_secret_key": False,
         "key_holder": "the sites (one key set, distributed out of band); the lowest-id "
-        "contributing site decrypts each round's sum, once, adding flooding noise",
+        "contributing site checks the contributors' signed ciphertexts, adds them itself "
+        "and decrypts the sum, once per round, adding flooding noise",
         "min_contributors": 2,
         **ckks_params(config).describe(n_sites=4),
     }

@@ -41,7 +41,9 @@ Cost: next to TenSEAL's own encrypt/add/decrypt, the protocol adds TenSEAL ``ser
 
 Modules by job: :mod:`.params` (parameters and their security check), :mod:`.framing` (the
 byte layouts), :mod:`.keys` (key set-up and key files), :mod:`.roles` (encryptor, aggregator,
-decryptor), :mod:`.reference` (plain TenSEAL timing). The in-process driver :func:`he_sum`
+decryptor), :mod:`.contributions` (the sites' signed ciphertexts the key holder sums itself:
+it never decrypts a ciphertext the server composed), :mod:`.reference` (plain TenSEAL
+timing). The in-process driver :func:`he_sum`
 is :func:`securefed.protocol.harness.he_sum` (the CKKS mode over an in-process link).
 """
 

@@ -35,6 +35,7 @@ __all__ = [
     "KeyMaterial",
     "generate_keys",
     "load_key",
+    "public_context_of",
     "read_key_file",
     "write_key_files",
 ]
@@ -155,6 +156,27 @@ def generate_keys(*, params: CKKSParams | None = None) -> CKKSKeySet:
         secret_context=key_frame(KIND_SECRET_CONTEXT, key_id, params, secret_blob),
         public_context=key_frame(KIND_PUBLIC_CONTEXT, key_id, params, public_blob),
     )
+
+
+def public_context_of(secret_context: bytes | bytearray | memoryview) -> bytes:
+    """The framed public context of a framed secret context (same key id and parameters).
+
+    The key holder adds the contributors' ciphertexts itself before decrypting; it does so
+    under the public half, like the server, so the sum never touches the secret key.
+
+    Raises:
+        IntegrityError: The frame is damaged.
+        ProtocolError: It is not a secret context.
+
+    """
+    key = load_key(secret_context, kinds=(KIND_SECRET_CONTEXT,))
+    blob = key.context.serialize(
+        save_public_key=key.params.encryption == "asymmetric",
+        save_secret_key=False,
+        save_galois_keys=False,
+        save_relin_keys=False,
+    )
+    return key_frame(KIND_PUBLIC_CONTEXT, key.key_id, key.params, blob)
 
 
 def _write_new_file(path: Path, data: bytes, mode: int) -> None:

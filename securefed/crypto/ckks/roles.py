@@ -393,6 +393,13 @@ class CKKSDecryptor:
     plaintext polynomial, exactly, before decoding, and rounds the released values to a
     power-of-two grid below ``sigma`` (Li, Micciancio, Schultz, Sorrell, CRYPTO 2022).
 
+    The noise is sized for the error of ``k`` fresh encryptions added together, so give it
+    only an aggregate the key holder added itself from ciphertexts it checked (the CKKS mode's
+    key holder adds the sites' signed ciphertexts, :mod:`.contributions`). A frame an active
+    server composed may be the sum doubled 72 times: its error then dwarfs the noise, and the
+    reply divided by ``2**72`` is the raw decryption that gives away the key
+    (``tests/crypto/test_ckks_scaled_aggregate.py``).
+
     Args:
         secret_context: The framed secret context.
         min_contributors: Refuse aggregates that claim fewer summed sites than this. The claim

@@ -38,6 +38,7 @@ __all__ = [
     "SumCollector",
     "SumOutcome",
     "SiteState",
+    "run_session",
 ]
 
 #: What a ``protect_seconds`` field reveals (for :meth:`SecureSumMode.releases`).
@@ -46,6 +47,22 @@ TIMING_DETAIL = "seconds spent encoding/masking/encrypting (depends on the model
 #: A site's protocol state between stages: stays at the site. Values are bytes, str, int or
 #: float only, so a runtime can keep it where Flower keeps a ClientApp's state.
 SiteState = MutableMapping[str, Any]
+
+
+def run_session(config: Any) -> bytes:
+    """The session id of a run: SHA-256 over its canonical configuration.
+
+    Server and sites compute it from the run configuration they hold (a deployed site from the
+    configuration its round's fit ran under), so every signature of the round (masking's round
+    keys, CKKS' signed contributions) is bound to the run; the round index binds it to the
+    round itself (see docs/secure-aggregation.md).
+    """
+    import json
+
+    from securefed.crypto.secagg.active import session_id
+
+    canonical = json.dumps(config.to_dict(), sort_keys=True, separators=(",", ":"))
+    return session_id(b"run-config", canonical.encode())
 
 
 @dataclass

@@ -1,35 +1,49 @@
 """``--secure-agg he``: CKKS homomorphic encryption (TenSEAL), over any link.
 
 The one driver of the CKKS protocol (:mod:`securefed.crypto.ckks` holds its roles). The fit
-reply carries the site's ciphertext; the server, which holds only the public context, adds
-the ciphertexts and sends the encrypted sum to one contributing site at a time
-(``Stage.DECRYPT``, lowest id first) until one answers.
+reply carries the site's ciphertext and its Ed25519 signature over it (bound to the roster,
+the run's session and the round); the server, which holds only the public context, checks
+each ciphertext and signature and sends the signed ciphertexts to one contributing site at a
+time (``Stage.DECRYPT``, lowest id first) until one answers.
 
-The decrypting site trusts nothing the server says about limits. Its minimum number of
-contributors comes from its own pins (the federation's signed roster, else 2), never from the
-run configuration the server sends; it decrypts only an aggregate of the round it has just
-contributed to, under its own key, that lists it among the contributors, and only once per
-round (remembered in its protocol state); it counts its decryptions against its share of the
-key's budget; and it floods every decryption with Gaussian noise sized for the roster's size
-(:mod:`securefed.crypto.ckks.flooding`), so the released sum does not give away the key.
+The decrypting site trusts nothing the server says. It decrypts only a sum it computed
+itself, from ciphertexts each signed by a distinct site of its roster for its session and the
+round it has just contributed to, that holds its own ciphertext exactly as it sent it, and of
+at least its pinned minimum of sites (the federation's signed roster); once per round
+(remembered in its protocol state); within its share of the key's decryption budget; and it
+floods every decryption with Gaussian noise sized for the roster's size
+(:mod:`securefed.crypto.ckks.flooding`), so the released sum does not give away the key. A
+server that sends a ciphertext of its own making (a multiple of the aggregate that defeats
+the flooding, one site's ciphertext as a "sum", its own Enc(0) booked as a site) gets no
+decryption. Without a roster and identity key a site refuses to take part.
 
 What this cannot stop (``docs/ckks.md``): the server colluding with any key holder reads every
-update, and an active server can book a single site's ciphertext, or that ciphertext plus
-encryptions of zero, as an aggregate of several sites; the claimed contributor list is not
-verifiable by the key holder.
+update, and a site that colludes with the server can sign an encryption of zero, so "k
+contributors" means k roster sites signed, not k honest updates.
 """
 
 from __future__ import annotations
 
+import hmac
 import time
 from collections.abc import Collection, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from securefed.crypto.ckks import CKKSAggregator, CKKSDecryptor, CKKSEncryptor, CKKSParams
+from securefed.crypto.ckks.contributions import (
+    Contribution,
+    decode_contributions,
+    encode_contributions,
+    frame_digest,
+    sign_contribution,
+    verify_contribution,
+)
 from securefed.crypto.ckks.flooding import DECRYPTION_BUDGET, SECURITY_BITS
 from securefed.crypto.ckks.framing import read_frame_header
+from securefed.crypto.ckks.keys import public_context_of
+from securefed.crypto.roster import federation_public_key
 from securefed.errors import ConfigError, DataError, ProtocolError
 from securefed.protocol.link import Link
 from securefed.protocol.modes.base import (
@@ -39,8 +53,14 @@ from securefed.protocol.modes.base import (
     SiteState,
     SumCollector,
     SumOutcome,
+    run_session,
 )
 from securefed.protocol.wire import Stage, vector_from_bytes, vector_to_bytes
+
+if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    from securefed.crypto.roster import Roster
 
 __all__ = [
     "CKKSCollector",
@@ -52,8 +72,9 @@ __all__ = [
     "pinned_n_sites",
 ]
 
-#: Keys of a CKKS site's protocol state (ints and a list of ints only).
+#: Keys of a CKKS site's protocol state (ints, a list of ints and 32 bytes only).
 _FIT_ROUND = "ckks.fit_round"
+_FIT_DIGEST = "ckks.fit_digest"
 _DECRYPTED = "ckks.decrypted_rounds"
 _QUERIES = "ckks.decryptions"
 #: Fewest contributors a key holder without a roster decrypts: one update is not a sum.
@@ -112,25 +133,33 @@ def pinned_n_sites(config: Any, roster: Any = None) -> int:
 
 
 class CKKSSite(SiteProtection):
-    """One site's side: encrypt the update at fit; decrypt a sum when asked (key holder).
+    """One site's side: encrypt and sign the update at fit; sum and decrypt when asked.
 
     Args:
         site_id: This site's id (written into its ciphertext frame).
         context: The framed context it encrypts with (the secret one: every site holds the
             key set, so any contributor can decrypt the sum).
-        min_contributors: Fewest sites an aggregate must sum before this site decrypts it
-            (from the site's own pins, :func:`pinned_min_contributors`).
+        min_contributors: Fewest roster sites whose signed updates this site sums before it
+            decrypts (from the site's own pins, :func:`pinned_min_contributors`).
         subset: Coordinates to encrypt (None: all); the others never leave the site.
         max_sites: The most sites a sum may hold (pinned: the roster's size); sizes the
-            flooding noise and this site's share of the decryption budget. None: the
-            aggregate's own contributor count sizes the noise and the whole budget is this
-            site's.
+            flooding noise and this site's share of the decryption budget. None: the number
+            of verified contributors sizes the noise and the whole budget is this site's.
+        roster: The federation's roster as this site verified it; None: the site refuses to
+            take part (it could neither sign its update nor check the others').
+        identity: This site's Ed25519 identity key (the roster's key for ``site_id``).
+        session: The 32-byte session id the contribution signatures are bound to
+            (:func:`~securefed.protocol.modes.base.run_session`).
 
     Attributes:
         encrypt_seconds: Seconds the latest :meth:`protect` spent.
-        decrypt_seconds: Seconds the latest decryption spent.
+        decrypt_seconds: Seconds the latest decryption spent (checks, sum and decryption).
         update_bytes: Size of the latest ciphertext frame.
         last_sigma: Flooding standard deviation of the latest decryption.
+
+    Raises:
+        ConfigError: ``identity`` is not the roster's key for ``site_id``, or a session id
+            that is not 32 bytes.
 
     """
 
@@ -144,12 +173,25 @@ class CKKSSite(SiteProtection):
         min_contributors: int,
         subset: np.ndarray | None = None,
         max_sites: int | None = None,
+        roster: Roster | None = None,
+        identity: Ed25519PrivateKey | None = None,
+        session: bytes | None = None,
     ) -> None:
         self.site_id = int(site_id)
         self.context = context
         self.min_contributors = int(min_contributors)
         self.subset = subset
         self.max_sites = None if max_sites is None else int(max_sites)
+        if session is not None and len(session) != 32:
+            raise ConfigError(f"site {site_id}: the session id must be 32 bytes")
+        if roster is not None and identity is not None:
+            if roster.sites.get(self.site_id) != federation_public_key(identity):
+                raise ConfigError(
+                    f"site {site_id}: its identity key is not the roster's key for this site"
+                )
+        self.roster = roster
+        self.identity = identity
+        self.session = session
         self.encrypt_seconds = 0.0
         self.decrypt_seconds = 0.0
         self.update_bytes = 0
@@ -157,23 +199,37 @@ class CKKSSite(SiteProtection):
         # Loading a TenSEAL context costs milliseconds: once per object, not per round.
         self._encryptor: CKKSEncryptor | None = None
         self._decryptor: CKKSDecryptor | None = None
+        self._public: bytes | None = None
 
     @property
     def decryption_allowance(self) -> int:
         """Ciphertext decryptions this site serves under the key: its share of the budget."""
         return DECRYPTION_BUDGET // max(1, self.max_sites or 1)
 
+    def _pinned(self) -> tuple[Roster, Ed25519PrivateKey, bytes]:
+        if self.roster is None or self.identity is None or self.session is None:
+            raise ProtocolError(
+                f"site {self.site_id}: --secure-agg he needs the federation's signed roster and "
+                "this site's identity key (a deployed site: node settings `roster` and "
+                "`federation-key`); without them it can neither sign its ciphertext nor check "
+                "what it is asked to decrypt, and refuses to take part"
+            )
+        return self.roster, self.identity, self.session
+
     def protect(
         self, vector: np.ndarray, *, round_index: int, n_sites: int, state: SiteState
     ) -> dict[str, Any]:
-        """Encrypt the update, refusing one whose sum over ``n_sites`` could overflow.
+        """Encrypt the update and sign the frame, refusing one whose sum could overflow.
 
-        Records the round in ``state``: the site decrypts only an aggregate of this round.
+        Records the round and the frame's SHA-256 in ``state``: the site decrypts only a sum
+        of this round that holds exactly this frame.
 
         Raises:
             DataError: If ``n_sites`` updates like this one may exceed the CKKS bound.
+            ProtocolError: Without a roster, identity key or session.
 
         """
+        roster, identity, session = self._pinned()
         start = time.perf_counter()
         if self._encryptor is None:
             self._encryptor = CKKSEncryptor(self.context)
@@ -190,86 +246,139 @@ class CKKSSite(SiteProtection):
         frame = encryptor.encrypt(
             vector, site_id=self.site_id, round_index=round_index, subset=self.subset
         )
+        signature = sign_contribution(
+            identity,
+            roster=roster,
+            session=session,
+            round_index=round_index,
+            site_id=self.site_id,
+            frame=frame,
+        )
         state[_FIT_ROUND] = int(round_index)
+        state[_FIT_DIGEST] = frame_digest(frame)
         self.encrypt_seconds = time.perf_counter() - start
         self.update_bytes = len(frame)
-        return {"ciphertext": frame, "protect_seconds": self.encrypt_seconds}
+        return {
+            "ciphertext": frame,
+            "ciphertext_signature": signature,
+            "protect_seconds": self.encrypt_seconds,
+        }
 
     def step(self, stage: str, fields: dict[str, Any], *, state: SiteState) -> dict[str, Any]:
-        """Key holder: decrypt, with flooding, the server's sum for the round just fit.
+        """Key holder: check the signed contributions, add them, decrypt the sum with flooding.
 
-        Refuses (before touching the ciphertext) an aggregate that is not of the round this
-        site last contributed to, one that does not list this site, a second decryption in
-        the same round, one that sums fewer than the pinned minimum, and one beyond this
-        site's share of the decryption budget.
+        The site never decrypts a ciphertext the server composed. It refuses, before adding or
+        decrypting anything: a list for another round than the one it last fit, a second
+        decryption of a round, a list it cannot parse, a contribution whose signature does
+        not verify against its roster for its session and that round, a list without this
+        site's own frame (the exact SHA-256 it produced at fit), fewer signed roster sites
+        than its pinned minimum, and a decryption beyond its share of the budget.
 
         Raises:
-            ProtocolError: For any refusal above, a malformed message, or another key set's
-                aggregate.
+            ProtocolError: For any refusal above, a malformed message, or ciphertexts under
+                another key set (``IntegrityError`` for damaged ones).
 
         """
         if stage != Stage.DECRYPT:
             return super().step(stage, fields, state=state)
+        roster, _, session = self._pinned()
         start = time.perf_counter()
-        aggregate, round_index = fields.get("aggregate"), fields.get("round")
-        if not isinstance(aggregate, bytes) or not isinstance(round_index, int):
-            raise ProtocolError("decrypt message: needs `aggregate` bytes and the `round`")
-        header = read_frame_header(aggregate)
+        listing, round_index = fields.get("contributions"), fields.get("round")
+        if not isinstance(listing, bytes) or not isinstance(round_index, int):
+            raise ProtocolError("decrypt message: needs `contributions` bytes and the `round`")
         fit_round = state.get(_FIT_ROUND)
-        if fit_round is None or header.round_index != fit_round or round_index != fit_round:
+        mine = state.get(_FIT_DIGEST)
+        if fit_round is None or round_index != fit_round or not isinstance(mine, bytes):
             raise ProtocolError(
-                f"site {self.site_id}: asked to decrypt an aggregate of round "
-                f"{header.round_index} (message says {round_index}); this site's latest "
-                f"contribution is to round {fit_round}"
+                f"site {self.site_id}: asked to decrypt a sum of round {round_index}; this "
+                f"site's latest contribution is to round {fit_round}"
             )
         done = [int(r) for r in state.get(_DECRYPTED, [])]
         if fit_round in done:
             raise ProtocolError(
-                f"site {self.site_id}: the aggregate of round {fit_round} was already decrypted; "
+                f"site {self.site_id}: the sum of round {fit_round} was already decrypted; "
                 "one decryption per round"
             )
-        if self.site_id not in header.contributors:
+        listed_round, entries = decode_contributions(listing)
+        if listed_round != fit_round:
             raise ProtocolError(
-                f"site {self.site_id}: the aggregate does not list this site's update; a key "
-                "holder decrypts only a sum it contributed to"
+                f"site {self.site_id}: the contribution list is for round {listed_round}, not "
+                f"{fit_round}"
             )
-        used = int(state.get(_QUERIES, 0))
-        if used + header.n_chunks > self.decryption_allowance:
+        digests = {e.site_id: frame_digest(e.frame) for e in entries}
+        for entry in entries:
+            verify_contribution(
+                roster,
+                session=session,
+                round_index=fit_round,
+                contribution=entry,
+                digest=digests[entry.site_id],
+            )
+        own = [e for e in entries if e.site_id == self.site_id]
+        if not own or not hmac.compare_digest(digests[self.site_id], mine):
             raise ProtocolError(
-                f"site {self.site_id}: decrypting {header.n_chunks} more ciphertexts would pass "
+                f"site {self.site_id}: the contribution list does not hold the ciphertext this "
+                "site sent; a key holder decrypts only a sum it contributed to"
+            )
+        if len(entries) < self.min_contributors:
+            raise ProtocolError(
+                f"site {self.site_id}: {len(entries)} signed contribution(s); at least "
+                f"{self.min_contributors} roster sites are required before decrypting"
+            )
+        n_chunks = read_frame_header(own[0].frame).n_chunks
+        used = int(state.get(_QUERIES, 0))
+        if used + n_chunks > self.decryption_allowance:
+            raise ProtocolError(
+                f"site {self.site_id}: decrypting {n_chunks} more ciphertexts would pass "
                 f"its share {self.decryption_allowance} of the key's {DECRYPTION_BUDGET}-"
                 "decryption budget; make a new key set"
             )
+        if self._public is None:
+            self._public = public_context_of(self.context)
         if self._decryptor is None:
             self._decryptor = CKKSDecryptor(
                 self.context,
                 min_contributors=self.min_contributors,
                 max_contributors=self.max_sites,
             )
-        total = self._decryptor.decrypt(aggregate, round_index=fit_round)
+        # The sum is this site's own: every ciphertext in it is a fresh encryption signed by
+        # a roster site, so the flooding sized for len(entries) (or the roster) covers its
+        # error; a multiple of one, or anything else the server composes, is never decrypted.
+        agg = CKKSAggregator(self._public, round_index=fit_round)
+        for entry in entries:
+            agg.add(entry.frame, site_id=entry.site_id)
+        total = self._decryptor.decrypt(agg.aggregate(), round_index=fit_round)
         # Every decrypted round of the session (a list of ints, as Flower's ConfigRecord
         # holds): a server that re-runs the fit of an old round gets no second decryption.
         state[_DECRYPTED] = [*done, fit_round]
-        state[_QUERIES] = used + header.n_chunks
+        state[_QUERIES] = used + n_chunks
         self.last_sigma = self._decryptor.last_sigma
         self.decrypt_seconds = time.perf_counter() - start
         return {"vector": vector_to_bytes(total)}
 
 
 class CKKSCollector(SumCollector):
-    """The server's side: add the ciphertexts; a contributing site decrypts the sum.
+    """The server's side: check and forward the signed ciphertexts; a contributor decrypts.
+
+    The server checks each fit reply's ciphertext (it loads under the public context, is of
+    this round and this site) and its signature against the roster; a site whose reply fails
+    is dropped with the reason. It sends the key holder the signed frames
+    (:func:`~securefed.crypto.ckks.contributions.encode_contributions`), not a sum of its
+    own: the key holder adds them itself.
 
     Args:
         public: The framed public context (a secret one is refused).
         params: The run's CKKS parameters; the sites' key must be for them.
         min_contributors: Fewest ciphertexts worth sending for decryption.
-        weights: Optional plaintext weight per site, applied to its ciphertext by the server
-            (key holders refuse to decrypt a weighted sum: its error cannot be flooded).
         n_sites: The most sites a sum may hold, for the report's flooding figures.
+        roster: The federation's roster; None: the server checks no signature (the key
+            holder still does, and refuses what does not verify).
+        session: The run's session id (:func:`~securefed.protocol.modes.base.run_session`);
+            needed with ``roster``.
 
     Attributes:
         last_error: The exception that stopped the latest sum, else None.
-        aggregate_bytes: Size of the latest aggregate frame.
+        aggregate_bytes: Size of the latest contribution list sent for decryption.
 
     Raises:
         ConfigError: If no public context was given or it is for other parameters.
@@ -282,8 +391,9 @@ class CKKSCollector(SumCollector):
         public: bytes | None,
         params: CKKSParams,
         min_contributors: int,
-        weights: Mapping[int, float] | None = None,
         n_sites: int | None = None,
+        roster: Roster | None = None,
+        session: bytes | None = None,
     ) -> None:
         if public is None:
             raise ConfigError("no site sent a CKKS public context")
@@ -292,11 +402,14 @@ class CKKSCollector(SumCollector):
             raise ConfigError(
                 "the sites' CKKS keys were made for other parameters than this run's --he-* options"
             )
+        if roster is not None and (session is None or len(session) != 32):
+            raise ConfigError("checking the sites' signatures needs the run's 32-byte session id")
         self.public = public
         self.params = params
         self.min_contributors = int(min_contributors)
-        self.weights = weights
         self.n_sites = n_sites
+        self.roster = roster
+        self.session = session
         self.last_error: Exception | None = None
         self.aggregate_bytes = 0
 
@@ -312,7 +425,7 @@ class CKKSCollector(SumCollector):
         drop_before_upload: Collection[int] = (),
         drop_after_upload: Collection[int] = (),
     ) -> SumOutcome:
-        """Add the fit replies' ciphertexts, then have a contributor decrypt the sum.
+        """Check the fit replies' signed ciphertexts, then have a contributor decrypt their sum.
 
         ``dim`` is the length of the encrypted part (the decrypted sum's length).
         """
@@ -320,23 +433,37 @@ class CKKSCollector(SumCollector):
         start = time.perf_counter()
         site_errors: dict[int, str] = {}
         protect: dict[int, float] = {}
-        agg = CKKSAggregator(
-            self.public, round_index=round_index, weighted=self.weights is not None
-        )
+        # The server still adds the ciphertexts: a frame that does not load, or of another
+        # round, site or layout, is refused here instead of failing the key holder's sum.
+        agg = CKKSAggregator(self.public, round_index=round_index)
+        signed: list[Contribution] = []
         gone = set(drop_before_upload)
         for sid in sorted(fits):
             if sid in gone:
                 continue
             try:
-                weight = None if self.weights is None else self.weights[sid]
-                agg.add(fits[sid]["ciphertext"], site_id=sid, weight=weight)
+                frame, signature = fits[sid]["ciphertext"], fits[sid]["ciphertext_signature"]
+                if not isinstance(frame, bytes) or not isinstance(signature, bytes):
+                    raise TypeError("`ciphertext` and `ciphertext_signature` must be bytes")
+                entry = Contribution(sid, frame, signature)
+                if self.roster is not None:
+                    assert self.session is not None
+                    verify_contribution(
+                        self.roster,
+                        session=self.session,
+                        round_index=round_index,
+                        contribution=entry,
+                    )
+                agg.add(frame, site_id=sid)
             except (KeyError, TypeError, ProtocolError, DataError) as exc:
                 site_errors[sid] = f"ciphertext: {exc}"
                 continue
+            signed.append(entry)
             seconds = fits[sid].get("protect_seconds", 0.0)
             protect[sid] = float(seconds) if isinstance(seconds, (int, float)) else 0.0
         # An add that fails half-way discards the whole aggregate: its list is the truth.
         added = list(agg.contributors)
+        signed = [e for e in signed if e.site_id in added]
         if len(added) < self.min_contributors:
             return self._failed(
                 round_index,
@@ -345,14 +472,14 @@ class CKKSCollector(SumCollector):
                 protect,
                 site_errors,
             )
-        blob = agg.aggregate()
+        blob = encode_contributions(round_index, signed)
         self.aggregate_bytes = len(blob)
         server_seconds = time.perf_counter() - start
         # In-process simulation: a site gone after its upload cannot decrypt.
         away = set(drop_after_upload)
         for holder in sorted(s for s in added if s not in away):
             replies, errors = link.exchange(
-                {holder: (Stage.DECRYPT, {"round": round_index, "aggregate": blob})},
+                {holder: (Stage.DECRYPT, {"round": round_index, "contributions": blob})},
                 timeout=timeout,
                 group=str(round_index),
             )
@@ -373,7 +500,7 @@ class CKKSCollector(SumCollector):
                 site_errors=site_errors,
             )
         return self._failed(
-            round_index, "no key-holding site decrypted the aggregate", start, protect, site_errors
+            round_index, "no key-holding site decrypted the sum", start, protect, site_errors
         )
 
     def _failed(
@@ -403,7 +530,8 @@ class CKKSCollector(SumCollector):
             "library": "tenseal",
             "server_holds_secret_key": False,
             "key_holder": "the sites (one key set, distributed out of band); the lowest-id "
-            "contributing site decrypts each round's sum, once, adding flooding noise",
+            "contributing site checks the contributors' signed ciphertexts, adds them itself "
+            "and decrypts the sum, once per round, adding flooding noise",
             "min_contributors": self.min_contributors,
             **self.params.describe(n_sites=self.n_sites),
         }
@@ -414,7 +542,8 @@ class CKKSMode(SecureSumMode):
 
     name = "he"
     stages = (Stage.DECRYPT,)
-    # The key holder pins its minimum number of contributors from the roster.
+    # Sites sign their ciphertexts with their identity keys; the key holder checks them, and
+    # pins its minimum number of contributors, against the roster.
     uses_roster = True
 
     def releases(self, config: Any) -> list[tuple[str, str, str, str]]:
@@ -429,12 +558,20 @@ class CKKSMode(SecureSumMode):
                 "n_i times the update and n_i, CKKS-encrypted under the sites' key",
             ),
             (
+                "fit",
+                "ciphertext_signature",
+                "clear",
+                "the site's Ed25519 signature over its ciphertext (SHA-256 of the frame, bound "
+                "to the roster, the run's session, the round and the site id)",
+            ),
+            (
                 "decrypt",
                 "vector",
                 "secure-sum",
-                "key holder only, once per round: the decrypted sum of at least the key "
-                "holder's pinned minimum of sites' updates (the roster's min_contributors, "
-                "else 2) plus Gaussian flooding noise "
+                "key holder only, once per round: the decrypted sum, computed by the key "
+                "holder itself, of the signed ciphertexts of at least its pinned minimum of "
+                "roster sites (the roster's min_contributors), its own included, plus "
+                "Gaussian flooding noise "
                 f"(sigma {sigma:.2g} for {config.clients} sites, {SECURITY_BITS}-bit security "
                 "against key recovery), rounded to a power-of-two grid below sigma",
             ),
@@ -448,7 +585,7 @@ class CKKSMode(SecureSumMode):
         *,
         n_sites: int,
         he_public: bytes | None = None,
-        roster: Any = None,
+        roster: Roster | None = None,
     ) -> SumCollector:
         """The server side; it gets the sites' public context only.
 
@@ -462,6 +599,8 @@ class CKKSMode(SecureSumMode):
             params=ckks_params(config, n_sites=most),
             min_contributors=min_contributors(config, roster),
             n_sites=most,
+            roster=roster,
+            session=run_session(config),
         )
 
     def site(
@@ -470,8 +609,8 @@ class CKKSMode(SecureSumMode):
         *,
         site_id: int,
         he_secret: bytes | None = None,
-        identity: Any = None,
-        roster: Any = None,
+        identity: Ed25519PrivateKey | None = None,
+        roster: Roster | None = None,
         min_contributors: int | None = None,
     ) -> SiteProtection:
         """Site ``site_id``'s side, holding the secret context.
@@ -479,7 +618,8 @@ class CKKSMode(SecureSumMode):
         The minimum number of contributors and the most sites a sum may hold come from the
         site's roster (signed by the federation) and its own ``min_contributors`` (node setting,
         the larger applies), never from ``config``, which in a deployment the server sends.
-        ``identity`` is not needed by CKKS.
+        Without ``roster`` and ``identity`` the site refuses every step (it can neither sign
+        its ciphertext nor check the ones it would decrypt).
 
         Raises:
             ConfigError: Without the secret context, or with parameters whose flooding noise
@@ -495,4 +635,7 @@ class CKKSMode(SecureSumMode):
             context=he_secret,
             min_contributors=max(pinned_min_contributors(roster), min_contributors or 0),
             max_sites=most,
+            roster=roster,
+            identity=identity,
+            session=run_session(config),
         )

@@ -24,7 +24,6 @@ it in ``context.state`` between processes); the server never holds one site's up
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Callable, Collection, Mapping
 from typing import TYPE_CHECKING, Any
@@ -33,7 +32,7 @@ import numpy as np
 
 from securefed.crypto.messages import claimed_sender
 from securefed.crypto.secagg import SecAggClient, SecAggConfig, SecAggServer
-from securefed.crypto.secagg.active import ActiveSecurity, session_id
+from securefed.crypto.secagg.active import ActiveSecurity
 from securefed.errors import ProtocolError
 from securefed.protocol.link import Link
 from securefed.protocol.modes.base import (
@@ -43,6 +42,7 @@ from securefed.protocol.modes.base import (
     SiteState,
     SumCollector,
     SumOutcome,
+    run_session,
 )
 from securefed.protocol.wire import Stage, vector_from_bytes, vector_to_bytes
 
@@ -79,17 +79,6 @@ def secagg_config(config: Any, *, n_sites: int, site: bool = False) -> SecAggCon
         ring_bits=config.secagg_ring_bits,
         clip_range=config.secagg_clip,
     )
-
-
-def run_session(config: Any) -> bytes:
-    """The masking session id of a run: SHA-256 over its canonical configuration.
-
-    Server and sites compute it from the run configuration they hold (a deployed site from the
-    configuration its round's fit ran under), so every signature of the round is bound to the
-    run; fresh round keys bind it to the round itself (see docs/secure-aggregation.md).
-    """
-    canonical = json.dumps(config.to_dict(), sort_keys=True, separators=(",", ":"))
-    return session_id(b"run-config", canonical.encode())
 
 
 def _check_sender(message: Any, sid: int) -> None:
