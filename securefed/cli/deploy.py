@@ -246,8 +246,8 @@ def deploy_register(certs, insecure, superlink, public_key) -> None:
 @option(
     "--insecure-no-roster",
     is_flag=True,
-    help="Accept secure-aggregation runs without a roster (closed test networks only: the "
-    "server could then present keys of its own as peers).",
+    help="Take part in plaintext runs without a roster (closed test networks only: the "
+    "server then takes any site id as claimed). Secure aggregation always needs the roster.",
 )
 def deploy_site(
     certs,

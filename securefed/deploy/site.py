@@ -302,11 +302,13 @@ def deployed_site(config: RunConfig, node: NodeSettings) -> SiteRuntime:
 
     node.check_policy(config)
     secure = config.secure_agg != "none"
-    if secure and node.roster is None and not node.insecure_no_roster:
+    if secure and node.roster is None:
+        # Both modes' defences against an active server rest on the roster (masking: signed
+        # round keys; CKKS: signed contributions), so --insecure-no-roster covers plaintext
+        # runs only.
         raise ConfigError(
             f"site {node.site_id}: --secure-agg {config.secure_agg} needs the federation's "
-            "signed roster (securefed deploy site --roster roster.json); "
-            "--insecure-no-roster accepts the run without it (closed test networks only)"
+            "signed roster (securefed deploy site --roster roster.json)"
         )
     # The identity key signs set-up proofs (site_app) and, for masking, round keys, whenever
     # a roster is used; the runtime holds it for DP claims (its set-up reply then names it).

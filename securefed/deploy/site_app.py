@@ -83,17 +83,13 @@ def _identity_and_roster(mode: Any, node: NodeSettings) -> dict[str, Any]:
     The roster comes from the node's own settings (the signed roster file, checked against the
     federation key the site pinned), never from the server's message; the minimum number of
     contributors is the larger of the site's own (``min-contributors``) and the roster's.
-    Without a roster a site refuses, unless its operator started it with
-    ``--insecure-no-roster`` (closed test networks): CKKS then pins only the site's own
-    minimum, and masking still refuses (its active variant needs the roster).
+    Without a roster a site refuses (``--insecure-no-roster`` covers plaintext runs only).
     """
     if not mode.uses_roster:
         return {}
     signer = node.signer() if node.roster is not None else None
     roster = node.load_roster(signer)
     if roster is None:
-        if node.insecure_no_roster:
-            return {"min_contributors": node.min_contributors_floor(None)}
         raise ProtocolError(
             f"site {node.site_id}: --secure-agg {mode.name} needs the federation's signed "
             "roster (node settings `roster` and `federation-key`); refusing to run the "

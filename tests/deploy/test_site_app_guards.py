@@ -14,12 +14,17 @@ from tests.conftest import tiny_config
 
 
 def _context(key_path, config):
-    """Site 0's Flower context in a run the federation signed with ``config``."""
-    from securefed.deploy.launch import ensure_signing_key
+    """Site 0's Flower context in a run the federation signed with ``config``, with a roster."""
+    from tests.deploy.test_site_messages import federation
 
-    ensure_signing_key(key_path)
-    # A closed test: no roster (the guard under test is the site's own ledger).
-    node = {"site-id": 0, "shard": True, "signing-key": str(key_path), "insecure-no-roster": True}
+    _, roster, pub, keys = federation(key_path.parent / "federation", config.clients)
+    node = {
+        "site-id": 0,
+        "shard": True,
+        "signing-key": str(keys[0]),
+        "federation-key": pub,
+        "roster": str(roster),
+    }
     signed = {"config": json.dumps(config.to_dict())}
     return Context(run_id=7, node_id=100, node_config=node, state=RecordDict(), run_config=signed)
 

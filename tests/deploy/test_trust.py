@@ -199,19 +199,25 @@ def test_a_secure_aggregation_run_without_a_roster_is_refused_unless_insecure(
 ) -> None:
     from securefed.deploy.site import deployed_site
 
-    config = small_config.replace(secure_agg="mask", dp_epsilon=None)
-    with pytest.raises(ConfigError, match="signed roster"):
-        deployed_site(config, NodeSettings(site_id=0, shard=True))
-    runtime = deployed_site(config, NodeSettings(site_id=0, shard=True, insecure_no_roster=True))
+    # Both secure-aggregation modes rest on the roster: --insecure-no-roster does not lift that
+    # (it covers plaintext runs only).
+    for mode in ("mask", "he"):
+        config = small_config.replace(secure_agg=mode, dp_epsilon=None)
+        for insecure in (False, True):
+            node = NodeSettings(site_id=0, shard=True, insecure_no_roster=insecure)
+            with pytest.raises(ConfigError, match="signed roster"):
+                deployed_site(config, node)
+    plain = small_config.replace(secure_agg="none", dp_epsilon=None)
+    runtime = deployed_site(plain, NodeSettings(site_id=0, shard=True, insecure_no_roster=True))
     assert runtime.roster is None
 
 
 # -- a site claiming another site's id -----------------------------------------------------------
 
 
-def _spoofed(small_config, tmp_path, spoofer_node_config):
+def _spoofed(small_config, tmp_path, spoofer_node_config, secure_agg="mask"):
     """Sites 0..2 at nodes 100..102, plus node 99 claiming site-id 0."""
-    grid, run = _deploy(small_config.replace(secure_agg="mask"), tmp_path / "run")
+    grid, run = _deploy(small_config.replace(secure_agg=secure_agg), tmp_path / "run")
     honest = grid.contexts[100]
     spoofer = type(honest)(
         run_id=1,
@@ -257,7 +263,10 @@ def test_a_site_claiming_another_sites_id_is_refused(
         mallory = tmp_path / "mallory.key"
         ensure_signing_key(mallory)
         extra = {"signing-key": str(mallory), "roster": None, "insecure-no-roster": True}
-    grid, run = _spoofed(small_config, tmp_path, {k: v for k, v in extra.items() if v is not None})
+    # Without a roster a site takes part in plaintext runs only; the server still holds one.
+    mode = "none" if attack == "no proof" else "mask"
+    cfg = {k: v for k, v in extra.items() if v is not None}
+    grid, run = _spoofed(small_config, tmp_path, cfg, secure_agg=mode)
     if "roster" in extra and extra["roster"] is None:
         del grid.contexts[99].node_config["roster"]
     run._setup()
