@@ -587,7 +587,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     def stop_now(signum: int, _frame: Any) -> None:
         # The executor holds no state of its own but its record of accepted runs, written
-        # atomically (contexts live in the SuperNode), so a stop needs no clean-up; exiting at once also cuts a long local training short.
+        # atomically (contexts live in the SuperNode), so a stop needs no clean-up; exiting
+        # at once also cuts a long local training short.
         log.info("site executor: signal %d; stopping", signum)
         os._exit(0)
 
