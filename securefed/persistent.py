@@ -16,7 +16,7 @@ one of them.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, MutableMapping
+from collections.abc import Iterator, Mapping, MutableMapping
 from typing import TYPE_CHECKING, Any
 
 from securefed.errors import ProtocolError
@@ -56,7 +56,7 @@ class PersistentStore(MutableMapping[str, Any]):
 
     """
 
-    def __init__(self, values: MutableMapping[str, Any] | None = None) -> None:
+    def __init__(self, values: Mapping[str, Any] | None = None) -> None:
         self._values: dict[str, Any] = {}
         for key, value in (values or {}).items():
             self[key] = value
