@@ -36,7 +36,7 @@ THREAT_MODEL = (
     "against the federation's signed roster, pins n, t and the minimum number of contributors, "
     "and reveals shares only after t matching signatures over the survivor list, so the server "
     "learns only the sum of a round unless it colludes with 2t - m of a site's m share holders "
-    "('tolerated_colluders' in 'secure_aggregation' states how many it survives; a roster "
+    "('tolerated_colluders' in 'secure_aggregation_params' states how many it survives; a roster "
     "threshold below floor(2m/3) + 1 trades it for dropouts). 'he': the decrypting site "
     "floods the sum it returns against key recovery and pins its minimum, but an active server "
     "can present one site's ciphertext as a sum, and one colluding key holder reads every "
