@@ -34,7 +34,8 @@ min(m, floor(2m/3) + 1), which tolerates m - t dropouts per neighbourhood and ke
   connected subgraph; the server learns only the total. Bell et al. show that random graphs of
   degree O(log n) stay connected, and keep any fixed site's neighbourhood from being mostly
   corrupt, with high probability; here connectivity is checked every round, not assumed. Unlike
-  the complete graph, t colluding *neighbours* of u (out of k) suffice to recover u's secrets, so
+  the complete graph, t colluding *neighbours* of u (out of k) suffice to recover u's secrets
+  (2t - m with split survivor lists, m = k + 1), so
   choose ``neighbors`` with a margin over your collusion assumption.
 
 Active security (Bonawitz et al. 2017, Fig. 4, the "active" column; :mod:`.active`). With an
