@@ -401,8 +401,10 @@ def deploy_site_key(signing_key) -> None:
     "--threshold",
     type=int,
     default=None,
-    show_default="2/3 majority",
-    help="Least masking threshold t any site accepts.",
+    show_default="floor(2m/3) + 1 of a site's m share holders",
+    help="Masking threshold t every site uses (never below a strict majority of the holders). "
+    "It trades collusion for dropout tolerance: a round survives m - t dropouts and a server "
+    "colluding with fewer than 2t - m sites; each step down buys one dropout for two colluders.",
 )
 @option("--out", type=click.Path(dir_okay=False), required=True, help="Signed roster to write.")
 def deploy_roster(federation_key, name, sites, min_contributors, threshold, out) -> None:

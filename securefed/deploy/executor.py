@@ -17,8 +17,10 @@ error reply, as Flower's own process makes it, and the executor goes on to the n
 
 It only talks to its own SuperNode over loopback (the Runtime API has no TLS of its own: the
 SuperNode serves it on 127.0.0.1), it only runs runs signed by the federation key the site
-pinned (node config ``federation-key``; :mod:`securefed.deploy.trust`), and it only runs the
-ClientApp it was started with: any other run gets an error reply, and its app is never called.
+pinned (node config ``federation-key``; :mod:`securefed.deploy.trust`), each signature for one
+run id only (remembered across restarts in ``<signing-key>.runs.json``, :func:`seen_runs_path`),
+and it only runs the ClientApp it was started with: any other run gets an error reply, and its
+app is never called.
 
 What it uses from Flower is internal to Flower 1.42 (``flwr.supernode.runtime.run_clientapp``
 helpers, ``RuntimeHttpClient``, the AcquireTask protocol): pyproject pins ``flwr<1.43``.
@@ -30,27 +32,34 @@ from __future__ import annotations
 import argparse
 import importlib
 import ipaddress
+import json
 import logging
 import os
 import signal
 import sys
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 from securefed.deploy import polls
+from securefed.errors import ConfigError
 
 __all__ = [
     "DEFAULT_APP",
     "DEFAULT_PRELOAD",
+    "SEEN_RUNS_SUFFIX",
     "SiteExecutor",
     "check_loopback",
     "load_app",
+    "load_seen_runs",
     "log_to_stderr",
     "main",
     "preload",
     "pull_task_input",
+    "save_seen_runs",
+    "seen_runs_path",
 ]
 
 log = logging.getLogger("securefed.executor")
@@ -64,6 +73,64 @@ TASK_RETRY_SECONDS = 60.0
 #: torch optimizer imports torch._dynamo), so that cost is paid while the run connects rather
 #: than inside round 1. Missing ones are skipped.
 DEFAULT_PRELOAD = ("torch", "torch._dynamo", "opacus", "monai", "dp_accounting")
+
+
+#: Next to the site's signing key (node config ``signing-key``): the signed runs it accepted.
+SEEN_RUNS_SUFFIX = ".runs.json"
+
+
+def seen_runs_path(node_config: Mapping[str, Any]) -> Path | None:
+    """Where a site keeps the signed runs it accepted: ``<signing-key>.runs.json``.
+
+    None when the node has no signing key (then the executor remembers only in memory, and a
+    restarted executor would accept a replay of a run signed less than 24 h ago).
+    """
+    key = node_config.get("signing-key")
+    if not key:
+        return None
+    path = Path(str(key))
+    return path.with_name(path.name + SEEN_RUNS_SUFFIX)
+
+
+def load_seen_runs(path: Path, *, now: float) -> dict[int, dict[str, Any]]:
+    """The signed runs this site accepted (run id -> signature, signing time), still fresh.
+
+    Entries signed more than :data:`~securefed.deploy.trust.MAX_SIGNATURE_AGE` ago are left
+    out: :func:`~securefed.deploy.trust.check_fresh` refuses their replay anyway.
+
+    Raises:
+        ConfigError: The file exists but does not parse (the site refuses to run rather than
+            forget what it accepted).
+
+    """
+    from securefed.deploy.trust import MAX_SIGNATURE_AGE
+
+    if not path.exists():
+        return {}
+    try:
+        raw = json.loads(path.read_text())
+        runs = {
+            int(rid): {"signature": str(e["signature"]), "signed_at": float(e["signed_at"])}
+            for rid, e in raw["runs"].items()
+        }
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise ConfigError(
+            f"{path}: this site's record of accepted runs is unreadable ({exc})"
+        ) from exc
+    return {rid: e for rid, e in runs.items() if now - e["signed_at"] <= MAX_SIGNATURE_AGE}
+
+
+def save_seen_runs(path: Path, runs: Mapping[int, Mapping[str, Any]]) -> None:
+    """Write the accepted runs atomically, readable by the site's user only (0600)."""
+    body = json.dumps({"runs": {str(rid): dict(e) for rid, e in sorted(runs.items())}}, indent=1)
+    tmp = path.with_name(path.name + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        os.fchmod(fh.fileno(), 0o600)
+        fh.write(body)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
 
 
 def check_loopback(address: str) -> str:
@@ -189,7 +256,6 @@ class SiteExecutor:
         """
         from securefed.deploy.trust import (
             SIGNATURE_KEY,
-            check_fresh,
             load_federation_public,
             verify_run,
         )
@@ -208,14 +274,7 @@ class SiteExecutor:
         run_id = int(context.run_id)
         signature = str(run_config.get(SIGNATURE_KEY))
         if run_id not in self._runs:
-            # First message of a run: its signature must be fresh and not used by another run.
-            check_fresh(run_config, now=time.time())
-            if signature in self._runs.values():
-                raise PermissionError(
-                    "this signed run was already run here under another run id (a replay); "
-                    "submit it again to sign it afresh"
-                )
-            self._runs[run_id] = signature
+            self._first_message(run_id, signature, run_config, dict(context.node_config))
         elif self._runs[run_id] != signature:
             raise PermissionError(f"run {run_id} changed its signature")
         if fab.hash_str not in self._fab_refs:
@@ -225,6 +284,47 @@ class SiteExecutor:
             raise PermissionError(
                 f"this site runs the ClientApp {self.app_ref}; the run's app names {named}"
             )
+
+    def _first_message(
+        self,
+        run_id: int,
+        signature: str,
+        run_config: Mapping[str, Any],
+        node_config: Mapping[str, Any],
+    ) -> None:
+        """A run this executor process has not seen: fresh, and not a replay of another run.
+
+        What the site accepted is also on disk next to its signing key
+        (:func:`seen_runs_path`), so a restarted executor still refuses a signed run replayed
+        under another run id within the signature's 24 h, and still continues a run it had
+        accepted.
+
+        Raises:
+            PermissionError: A stale signature, a replay, or a run id whose signature changed.
+
+        """
+        from securefed.deploy.trust import SIGNED_AT_KEY, check_fresh
+
+        now = time.time()
+        path = seen_runs_path(node_config)
+        seen = load_seen_runs(path, now=now) if path is not None else {}
+        if run_id in seen:
+            if seen[run_id]["signature"] != signature:
+                raise PermissionError(f"run {run_id} changed its signature")
+            self._runs[run_id] = signature  # a run accepted before this executor restarted
+            return
+        # First message of a run: its signature must be fresh and not used by another run.
+        check_fresh(run_config, now=now)
+        used = set(self._runs.values()) | {e["signature"] for e in seen.values()}
+        if signature in used:
+            raise PermissionError(
+                "this signed run was already run here under another run id (a replay); "
+                "submit it again to sign it afresh"
+            )
+        if path is not None:
+            seen[run_id] = {"signature": signature, "signed_at": float(run_config[SIGNED_AT_KEY])}
+            save_seen_runs(path, seen)
+        self._runs[run_id] = signature
 
     def run_task(self, token: str) -> bool:
         """Handle one claimed task the way ``flwr-clientapp`` does, without a new process.
@@ -486,8 +586,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     log_to_stderr()
 
     def stop_now(signum: int, _frame: Any) -> None:
-        # The executor holds no state of its own (contexts live in the SuperNode), so a stop
-        # needs no clean-up; exiting at once also cuts a long local training short.
+        # The executor holds no state of its own but its record of accepted runs, written
+        # atomically (contexts live in the SuperNode), so a stop needs no clean-up; exiting
+        # at once also cuts a long local training short.
         log.info("site executor: signal %d; stopping", signum)
         os._exit(0)
 

@@ -3,7 +3,8 @@
 What a site does is :class:`securefed.fl.site_runtime.SiteRuntime`, the object the
 in-process runtime simulates; this module only adapts Flower's messages to it. What a site
 must remember between messages (its own copy of its privacy ledger, its secure-sum secrets
-between protocol steps) lives in ``context.state``, which Flower keeps at the site and never
+between protocol steps, and what it did once per round, :mod:`securefed.persistent`) lives in
+``context.state``, which Flower keeps at the site and never
 sends to the server. In a long-lived site process (``securefed deploy site`` runs one) the
 runtime is built once per run and kept; the protocol steps of the secure sum need no torch
 and no data, so they stay quick even in a fresh process.
@@ -17,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 from flwr.app import ConfigRecord, Context, Message
 from flwr.clientapp import ClientApp
 
+from securefed import persistent
 from securefed.config import RunConfig
 from securefed.deploy.site import NodeSettings, identity_proof
 from securefed.deploy.trust import IDENTITY_FIELD
@@ -155,17 +157,24 @@ def _handle(msg: Message, context: Context) -> Message:
         protection = mode.site(
             config, site_id=node.site_id, he_secret=secret, **_identity_and_roster(mode, node)
         )
-        reply = check_reply(
-            config,
-            stage.rsplit(".", 1)[-1],
-            protection.answer(stage, fields, state=state),
-        )
+        protection.persistent = persistent.load(context)
+        try:
+            reply = check_reply(
+                config,
+                stage.rsplit(".", 1)[-1],
+                protection.answer(stage, fields, state=state),
+            )
+        finally:
+            persistent.save(context, protection.persistent)
         _store(context, state, None)
         return Message(encode(reply), reply_to=msg)
     runtime = _runtime(config, context)
     if stage == Stage.SETUP:
         state = {}  # a new session: no protocol step of an earlier one continues
     runtime.state = state
+    # What the site did in this run (rounds trained, keys advertised) outlives the session:
+    # always from context.state, which a fresh site process shares and `setup` never clears.
+    runtime.persistent = persistent.load(context)
     try:
         reply = runtime.handle(stage, fields)
         if stage == Stage.SETUP:
@@ -178,6 +187,7 @@ def _handle(msg: Message, context: Context) -> Message:
         # Even when the step fails after training: the site's own ledger must hold what it
         # spent, or a fresh site process would believe the server's shorter copy.
         _store(context, runtime.state, runtime.own_events() if runtime.history_known else None)
+        persistent.save(context, runtime.persistent)
     return Message(encode(reply), reply_to=msg)
 
 

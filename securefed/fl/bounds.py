@@ -41,7 +41,9 @@ def update_clip_for(config: Any, dim: int) -> float:
     most ``lr`` root-mean-square in a round. An honest local update is a few SGD steps of
     size ``lr`` times a gradient whose coordinates are far below 1 (measured on the test
     configurations: 1-2 % of the default without DP, 9-10 % with DP), so the default clips no
-    honest update in practice, while it refuses an update that moves every weight by 1e6.
+    honest update in practice, while it refuses an update that moves every weight by 1e6. It
+    is loose: on those configurations it is 8x the model's own norm, so it does not keep one
+    round from replacing the model (docs/poisoning.md, "Choosing --update-clip").
     """
     if config.update_clip is not None:
         return float(config.update_clip)

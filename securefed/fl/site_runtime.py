@@ -42,12 +42,16 @@ from securefed.fl.planning import (
 )
 from securefed.fl.tasks import Task
 from securefed.models import ModelSpec, build_model
+from securefed.persistent import PersistentStore
 from securefed.protocol.modes import get_mode
 from securefed.protocol.wire import Stage
 
 __all__ = ["SiteRuntime", "local_update", "weights_from_bytes", "weights_to_bytes"]
 
 log = logging.getLogger("securefed.site")
+
+#: In the site's persistent store: the rounds it trained (``fit``) in this run.
+_FIT_ROUNDS = "fit.rounds"
 
 
 def weights_to_bytes(state: Mapping[str, torch.Tensor]) -> bytes:
@@ -144,6 +148,8 @@ class SiteRuntime:
         trainer: The site's DP-SGD trainer.
         train_log: Per round, the site's mean training loss: it stays at the site.
         state: The secure-sum mode's state between protocol steps (stays at the site).
+        persistent: What the site remembers across the run's sessions (the rounds it trained;
+            its mode's once-per-round steps); shared with its mode's site side.
         twin: The site's latest digital twin (a private fine-tuned copy), or None.
 
     """
@@ -213,9 +219,22 @@ class SiteRuntime:
             keys = {"identity": identity, "roster": roster}
         self.protection = mode.site(config, site_id=client_id, he_secret=he_secret, **keys)
         self.state: dict[str, Any] = {}
+        self._persistent = PersistentStore()
+        self.protection.persistent = self._persistent
         self.train_log: list[dict[str, float]] = []
         self.twin: nn.Module | None = None
         self._built: Any = None
+
+    @property
+    def persistent(self) -> PersistentStore:
+        """The site's store for the run (:mod:`securefed.persistent`)."""
+        return self._persistent
+
+    @persistent.setter
+    def persistent(self, store: PersistentStore) -> None:
+        """Continue from a stored copy (a deployed site's ``context.state``); the mode shares it."""
+        self._persistent = store
+        self.protection.persistent = store
 
     # -- what other parts read --------------------------------------------------------------
     def own_events(self) -> list[dict[str, Any]]:
@@ -439,6 +458,13 @@ class SiteRuntime:
         round_index = int(fields["round"])
         self._sync_history(fields["history"], round_index)
         self._check_budget(round_index, epochs=self.config.local_epochs, phase="federated")
+        # DP or not, a site trains a round once per run: without DP a re-fit of the same round
+        # gives the same update, and a server that summed it twice (with and without this
+        # site's neighbours) would difference the sums. Recorded before training, in the store
+        # that outlives the session (``setup`` clears the protocol state, not this).
+        self.persistent.claim_once(
+            _FIT_ROUNDS, round_index, what=f"site {self.client_id}: training round {round_index}"
+        )
         model, layout = self.model(fields["weights"], layout_keys=fields["layout_keys"])
         before = len(self.own_events())
         vec, loss, _, state = local_update(

@@ -44,6 +44,7 @@ from securefed.deploy import (
     trust,  # noqa: E402
 )
 from securefed.deploy.local import free_port  # noqa: E402
+from securefed.errors import ConfigError  # noqa: E402
 
 NODE_ID = 7
 #: The federation key that signs the test runs; the SuperNode's node config pins its public half.
@@ -120,6 +121,7 @@ class SuperNodeState:
         run_config: dict | None = None,
         signer: Ed25519PrivateKey | None = FEDERATION,
         pinned: str | None = FEDERATION_PUB,
+        node_extra: dict | None = None,
     ) -> None:
         """Store a run as the SuperNode does; signed by ``signer`` unless it is None."""
         values = dict(RUN_CONFIG if run_config is None else run_config)
@@ -135,7 +137,10 @@ class SuperNodeState:
             Context(
                 run_id=RUN_ID,
                 node_id=NODE_ID,
-                node_config={} if pinned is None else {"federation-key": pinned},
+                node_config={
+                    **({} if pinned is None else {"federation-key": pinned}),
+                    **(node_extra or {}),
+                },
                 state=RecordDict(),
                 run_config=values,
                 series_id=run.series_id,
@@ -426,3 +431,52 @@ def test_one_signature_serves_one_run(supernode) -> None:
         ex.close()
     assert reply.has_error() and "replay" in reply.error.reason
     assert int(context.state.config_records["count"]["n"]) == 1
+
+
+def _serve_one(supernode: SuperNodeState):
+    """A fresh executor process (as after a restart) takes one message; its reply."""
+    ex = site_executor.SiteExecutor(supernode.address, app_ref=APP_REF, app=counting_app)
+    try:
+        mid = supernode.deliver("query.count")
+        ex.serve(max_tasks=1)
+    finally:
+        ex.close()
+    return supernode.take_reply(mid)
+
+
+def test_a_restarted_executor_still_refuses_a_replayed_signed_run(supernode, tmp_path) -> None:
+    """A signed run replayed under a new run id after the site's executor restarted.
+
+    Before the fix the executor remembered accepted signatures only in memory, so a restarted
+    executor accepted the replay within the signature's 24 h (the review's
+    d4_replay_after_restart.py). It now keeps them next to the site's signing key (0600).
+    """
+    key = tmp_path / "site.signing.key"
+    fab = _fab(APP_REF)
+    supernode.start_run(fab, node_extra={"signing-key": str(key)})
+    assert not _serve_one(supernode).has_error()
+    path = site_executor.seen_runs_path({"signing-key": str(key)})
+    assert path is not None and path.stat().st_mode & 0o777 == 0o600
+    seen = site_executor.load_seen_runs(path, now=time.time())
+    assert list(seen) == [RUN_ID]
+    # A restarted executor continues the run it accepted.
+    assert not _serve_one(supernode).has_error()
+    # As if run 12 was the run it served, and run 11 now replays its bundle and configuration.
+    site_executor.save_seen_runs(path, {12: seen[RUN_ID]})
+    reply = _serve_one(supernode)
+    assert reply.has_error() and "replay" in reply.error.reason
+    context = supernode.state.get_run_series_context(supernode.series_id)
+    assert int(context.state.config_records["count"]["n"]) == 2  # the replay never ran
+
+
+def test_the_record_of_accepted_runs_forgets_what_can_no_longer_be_replayed(tmp_path) -> None:
+    # Entries older than a signature's lifetime are refused by their age anyway: pruned.
+    path = tmp_path / "site.signing.key.runs.json"
+    now = time.time()
+    old = {"signature": "aa", "signed_at": now - trust.MAX_SIGNATURE_AGE - 1}
+    recent = {"signature": "bb", "signed_at": now - 60}
+    site_executor.save_seen_runs(path, {1: old, 2: recent})
+    assert site_executor.load_seen_runs(path, now=now) == {2: recent}
+    path.write_text("{not json")
+    with pytest.raises(ConfigError, match="unreadable"):
+        site_executor.load_seen_runs(path, now=now)

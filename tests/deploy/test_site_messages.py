@@ -301,3 +301,45 @@ def test_the_data_fingerprint_a_site_sends_cannot_confirm_a_guess_of_its_data(
     assert sent != plain  # an adversary who guesses the data file computes `plain`, not `sent`
     assert fingerprint("a.key")[0] == sent  # stable for the site: a resume can compare it
     assert fingerprint("b.key")[0] != sent
+
+
+@pytest.mark.slow
+def test_a_deployed_site_trains_and_masks_a_round_once_across_setup_and_a_fresh_process(
+    small_config, tmp_path, task_identity
+):
+    """The server replays round 1's set-up and fit to a site after the round completed.
+
+    Before the fix, a masking run without DP accepted it (the review's
+    m3_deployed_refit_same_round.py): the budget check returned early without DP, ``setup``
+    reset the protocol state, and the site trained round 1 again (the same update) and
+    advertised fresh signed round-1 keys, so the server could sum the round again without
+    another site and difference the two sums. The site now keeps the rounds it trained and
+    advertised keys for in ``context.state["securefed.persistent"]``, which ``setup`` does
+    not clear and a fresh site process reads.
+    """
+    import copy
+
+    config = small_config.replace(secure_agg="mask", rounds=1, dp_epsilon=None)
+    grid, run = _deploy(config, tmp_path / "run")
+    sent: dict[str, Message] = {}
+    push = grid.push_messages
+
+    def recording(messages):
+        for m in messages:
+            if m.metadata.dst_node_id == 100:
+                sent[m.metadata.message_type] = Message(
+                    copy.deepcopy(m.content), dst_node_id=100, message_type=m.metadata.message_type
+                )
+        return push(messages)
+
+    grid.push_messages = recording
+    run.run()
+    context = grid.contexts[100]
+    assert context.state.config_records["securefed.persistent"]["fit.rounds"] == [1]
+    assert context.state.config_records["securefed.persistent"]["mask.rounds"] == [1]
+
+    site_app._RUNTIMES.clear()  # a fresh site process
+    site_app.setup(sent[Stage.SETUP], context)  # a new session: the protocol state is reset
+    with pytest.raises(ProtocolError, match="training round 1: already done once"):
+        site_app.fit(sent[Stage.FIT], context)
+    site_app._RUNTIMES.clear()

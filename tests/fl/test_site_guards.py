@@ -62,3 +62,20 @@ def test_a_site_fine_tunes_a_twin_only_when_the_run_says_so(small_config):
     with pytest.raises(ProtocolError, match="does not fine-tune twins in round 1"):
         site.handle(Stage.EVALUATE, fields)
     assert site.ledger.events == ()
+
+
+@pytest.mark.slow
+def test_a_site_without_dp_trains_a_round_once(small_config):
+    # Before the fix the budget check returned early without DP: a replayed round 1 was
+    # trained again (the same update: training is deterministic) and masked with fresh keys,
+    # so a server summing it with and without one site would get that site's update. The
+    # site now remembers the rounds it trained, DP or not.
+    cfg = small_config.replace(rounds=2, dp_epsilon=None, secure_agg="mask")
+    fed = Federation(cfg)
+    assert fed.run_round(1).applied
+    again = fed.run_round(1)
+    assert not again.applied
+    errors = again.data["transport"]["site_errors"]
+    assert set(errors) == {"0", "1", "2"}
+    assert all("training round 1: already done once" in why for why in errors.values())
+    assert fed.run_round(2).applied

@@ -213,16 +213,13 @@ def test_a_key_holder_decrypts_only_the_round_it_fit_once_and_only_a_sum_it_is_i
     with pytest.raises(ProtocolError, match="already decrypted; one decryption per round"):
         _decrypt(site, current, 5, state)
 
-    # Assert: the state holds only ints, a list of ints and the frame's 32-byte digest.
+    # Assert: the session's state holds the round it fit and the frame's 32-byte digest; what
+    # it decrypted is in its persistent store, which a new session (set-up) does not reset.
     assert len(reply["vector"]) == 8 * DIM
-    assert set(state) == {
-        "ckks.fit_round",
-        "ckks.fit_digest",
-        "ckks.decrypted_rounds",
-        "ckks.decryptions",
-    }
+    assert set(state) == {"ckks.fit_round", "ckks.fit_digest"}
     assert state["ckks.fit_round"] == 5 and len(state["ckks.fit_digest"]) == 32
-    assert state["ckks.decrypted_rounds"] == [5] and state["ckks.decryptions"] == 1
+    kept = site.persistent
+    assert kept["ckks.decrypted_rounds"] == [5] and kept["ckks.decryptions"] == 1
     with pytest.raises(ProtocolError, match="latest contribution is to round None"):
         _decrypt(site, current, 5, {})
     # a server that re-runs round 5's fit later gets no second decryption of round 5
@@ -230,19 +227,21 @@ def test_a_key_holder_decrypts_only_the_round_it_fit_once_and_only_a_sum_it_is_i
     again = _signed(keys, fed, round_index=5, sites=[0, 1], states={0: state})
     with pytest.raises(ProtocolError, match="round 5 was already decrypted"):
         _decrypt(site, again, 5, state)
-    assert state["ckks.decrypted_rounds"] == [5, 6]
+    assert site.persistent["ckks.decrypted_rounds"] == [5, 6]
 
 
 def test_a_key_holder_refuses_decryptions_beyond_its_share_of_the_budget(keys, fed):
     # Prepare: four sites share the key's 2^32-decryption budget; this one has used its share.
     from securefed.crypto.ckks.flooding import DECRYPTION_BUDGET
 
-    state = {"ckks.decryptions": DECRYPTION_BUDGET // 4}
+    state = {}
     blob = _signed(keys, fed, round_index=2, sites=[0, 1], states={0: state})
+    site = _site(keys, fed, 0)
+    site.persistent["ckks.decryptions"] = DECRYPTION_BUDGET // 4
 
     # Execute / Assert
     with pytest.raises(ProtocolError, match="decryption budget"):
-        _decrypt(_site(keys, fed, 0), blob, 2, state)
+        _decrypt(site, blob, 2, state)
 
 
 def test_a_site_without_a_roster_or_identity_refuses_to_take_part(keys, fed):

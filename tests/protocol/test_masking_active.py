@@ -299,3 +299,47 @@ def test_a_site_without_a_roster_refuses_to_mask():
     # Execute / Assert
     with pytest.raises(ProtocolError, match="needs the federation's signed roster"):
         site.protect(np.ones(DIM), round_index=0, n_sites=N, state={})
+
+
+def test_a_site_advertises_keys_for_a_round_once_so_a_rerun_without_one_site_is_refused():
+    """The server re-runs a round (same session, same roster) without site 0 and differences.
+
+    Before the fix, :meth:`MaskingSite.protect` accepted a second call for the same round and
+    drew fresh keys: both runs unmasked, and ``first - second`` was site 0's input to within
+    the fixed-point quantum (the review's m1_restart_round.py; without DP a site's re-fit of a
+    round gives the same update). Now every site remembers, in its persistent store, the
+    rounds it advertised keys for: the second run's fits are refused and no sum comes out.
+    """
+    # Prepare: the same site objects (the same sites of one run) answer both runs.
+    config = _config()
+    vectors = _vectors()
+    mode = MaskingMode()
+    roster, keys = Roster.generate(N)
+    protections = {
+        s: mode.site(config, site_id=s, identity=keys[s], roster=roster) for s in range(N)
+    }
+
+    def run(who):
+        sites = {s: ProtocolSite(protections[s], vectors[s]) for s in who}
+        link = LocalLink(sites)
+        fits, errors = link.exchange(
+            {s: (Stage.FIT, {"round": ROUND, "n_sites": N}) for s in sites},
+            timeout=1,
+            group=str(ROUND),
+        )
+        collector = mode.server(config, n_sites=N, roster=roster)
+        outcome = collector.collect(
+            link, fits, round_index=ROUND, chosen=sorted(sites), dim=DIM, timeout=1
+        )
+        return outcome, errors
+
+    # Execute
+    first, _ = run(range(N))
+    second, errors = run(range(1, N))
+
+    # Assert: the first sum is honest; the re-run gets no sum, every site refused its fit.
+    np.testing.assert_allclose(first.total, sum(vectors.values()), atol=_quantum(config))
+    assert second.total is None
+    assert set(errors) == set(range(1, N))
+    assert all("already done once" in why for why in errors.values())
+    assert all(p.persistent["mask.rounds"] == [ROUND] for p in protections.values())

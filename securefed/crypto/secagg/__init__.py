@@ -26,14 +26,16 @@ min(m, floor(2m/3) + 1), which tolerates m - t dropouts per neighbourhood and ke
   unmasking round; otherwise the round raises :class:`DropoutRecoveryError` (no partial sum).
 * Secrecy: fewer than t holders (with the server) learn nothing about b_u or s_sk_u (Shamir).
   Honest sites reveal b-shares for U3 and s_sk-shares for D only, so the server never holds
-  both secrets of one site; a majority threshold also means two disjoint groups of holders can
-  never each reach t.
+  both secrets of one site; a majority threshold also means two disjoint groups of honest
+  holders can never each reach t (colluders sign in both: fewer than 2t - m are tolerated,
+  :func:`.active.collusion_tolerance`).
 * SecAgg+: masks cancel only inside connected survivor components, so the server would learn
   the sum of each component. Sites therefore refuse to unmask unless the survivors induce a
   connected subgraph; the server learns only the total. Bell et al. show that random graphs of
   degree O(log n) stay connected, and keep any fixed site's neighbourhood from being mostly
   corrupt, with high probability; here connectivity is checked every round, not assumed. Unlike
-  the complete graph, t colluding *neighbours* of u (out of k) suffice to recover u's secrets, so
+  the complete graph, t colluding *neighbours* of u (out of k) suffice to recover u's secrets
+  (2t - m with split survivor lists, m = k + 1), so
   choose ``neighbors`` with a margin over your collusion assumption.
 
 Active security (Bonawitz et al. 2017, Fig. 4, the "active" column; :mod:`.active`). With an

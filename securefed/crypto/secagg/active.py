@@ -19,7 +19,9 @@ and derives the Shamir threshold for the round from that count and its own roste
 
 Sampling rule: a round may sample any subset of the roster as long as the subset satisfies
 the rule above; the majority threshold counts the round's own holders, so two disjoint groups
-of honest holders can never each reach t, whatever the server tells them. The fixed-point
+of honest holders can never each reach t, whatever the server tells them. Colluding holders
+sign in both groups: the rule tolerates fewer than 2t - m of them (:func:`collusion_tolerance`;
+a roster pin below floor(2m/3) + 1 trades that tolerance for dropouts). The fixed-point
 head-room uses the largest of the server's and the site's own count, so a lied ``n_sites``
 costs at most precision, never a wrapped sum.
 """
@@ -37,7 +39,7 @@ from securefed.crypto.roster import Roster, federation_public_key
 from securefed.crypto.secagg.config import SecAggConfig, default_threshold
 from securefed.errors import ConfigError, DropoutRecoveryError, ProtocolError
 
-__all__ = ["ActiveSecurity", "pinned_config", "session_id"]
+__all__ = ["ActiveSecurity", "collusion_tolerance", "pinned_config", "session_id"]
 
 _SESSION_DOMAIN = b"securefed/secagg/v1/session\x00"
 
@@ -161,3 +163,24 @@ def pinned_config(
         clip_range=base.clip_range,
         frac_bits=base.frac_bits if base.n_clients >= n_round else None,
     )
+
+
+def collusion_tolerance(*, threshold: int, holders: int) -> int:
+    """How many colluding share holders the active protocol tolerates: ``max(0, 2t - m - 1)``.
+
+    A server that colludes with ``c`` of a site's ``m`` share holders can show two disjoint
+    groups of honest holders two survivor lists; each group unmasks once it has ``t``
+    signatures of its members, the colluders signing in both. Both groups unmask when
+    ``m - c + 2c >= 2t``: then one gives the site's self-mask seed and the other its mask key,
+    and its update is in the clear. Fewer than ``2t - m`` colluders cannot (Bonawitz et al.
+    2017, Theorem 6.5's bound on corrupt parties, ``n_C < 2t - n``).
+
+    Args:
+        threshold: The round's Shamir threshold t.
+        holders: Share holders per site m (the round's sites, or the SecAgg+ neighbourhood).
+
+    Returns:
+        The largest number of colluding sites among the holders that learns nothing more.
+
+    """
+    return max(0, 2 * int(threshold) - int(holders) - 1)

@@ -24,6 +24,8 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 
+from securefed.persistent import PersistentStore
+
 if TYPE_CHECKING:
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
@@ -95,6 +97,24 @@ class SiteProtection(ABC):
 
     #: Stages after ``fit`` this side answers (Flower message types).
     stages: ClassVar[tuple[str, ...]] = ()
+
+    _persistent: PersistentStore | None = None
+
+    @property
+    def persistent(self) -> PersistentStore:
+        """What this site must remember across sessions of the run (:mod:`securefed.persistent`).
+
+        A fresh store per object unless a runtime hands it the site's own (a
+        :class:`~securefed.fl.site_runtime.SiteRuntime` shares its store; a deployed site's
+        comes from ``context.state``).
+        """
+        if self._persistent is None:
+            self._persistent = PersistentStore()
+        return self._persistent
+
+    @persistent.setter
+    def persistent(self, store: PersistentStore) -> None:
+        self._persistent = store
 
     @abstractmethod
     def protect(

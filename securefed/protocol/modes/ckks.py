@@ -293,7 +293,7 @@ class CKKSSite(SiteProtection):
                 f"site {self.site_id}: asked to decrypt a sum of round {round_index}; this "
                 f"site's latest contribution is to round {fit_round}"
             )
-        done = [int(r) for r in state.get(_DECRYPTED, [])]
+        done = [int(r) for r in self.persistent.get(_DECRYPTED, [])]
         if fit_round in done:
             raise ProtocolError(
                 f"site {self.site_id}: the sum of round {fit_round} was already decrypted; "
@@ -326,7 +326,7 @@ class CKKSSite(SiteProtection):
                 f"{self.min_contributors} roster sites are required before decrypting"
             )
         n_chunks = read_frame_header(own[0].frame).n_chunks
-        used = int(state.get(_QUERIES, 0))
+        used = int(self.persistent.get(_QUERIES, 0))
         if used + n_chunks > self.decryption_allowance:
             raise ProtocolError(
                 f"site {self.site_id}: decrypting {n_chunks} more ciphertexts would pass "
@@ -350,8 +350,10 @@ class CKKSSite(SiteProtection):
         total = self._decryptor.decrypt(agg.aggregate(), round_index=fit_round)
         # Every decrypted round of the session (a list of ints, as Flower's ConfigRecord
         # holds): a server that re-runs the fit of an old round gets no second decryption.
-        state[_DECRYPTED] = [*done, fit_round]
-        state[_QUERIES] = used + n_chunks
+        # In the site's persistent store: a new session (set-up) of the run must not reset
+        # what it decrypted, or a server could re-run set-up for another decryption.
+        self.persistent[_DECRYPTED] = [*done, fit_round]
+        self.persistent[_QUERIES] = used + n_chunks
         self.last_sigma = self._decryptor.last_sigma
         self.decrypt_seconds = time.perf_counter() - start
         return {"vector": vector_to_bytes(total)}

@@ -32,8 +32,12 @@ import numpy as np
 
 from securefed.crypto.messages import claimed_sender
 from securefed.crypto.secagg import SecAggClient, SecAggConfig, SecAggServer
-from securefed.crypto.secagg.active import ActiveSecurity
-from securefed.errors import ProtocolError
+from securefed.crypto.secagg.active import (
+    ActiveSecurity,
+    collusion_tolerance,
+    pinned_config,
+)
+from securefed.errors import DropoutRecoveryError, ProtocolError
 from securefed.protocol.link import Link
 from securefed.protocol.modes.base import (
     TIMING_DETAIL,
@@ -58,6 +62,8 @@ ConfigFor = Callable[[int], SecAggConfig]
 
 # Site-state keys, prefixed so they cannot collide with what the runtime keeps beside them.
 _ROUND, _N_SITES, _VECTOR, _CLIENT = "mask.round", "mask.n_sites", "mask.vector", "mask.client"
+#: In the site's persistent store: the rounds it advertised masking keys for.
+_ADVERTISED = "mask.rounds"
 
 
 def secagg_config(config: Any, *, n_sites: int, site: bool = False) -> SecAggConfig:
@@ -148,9 +154,23 @@ class MaskingSite(SiteProtection):
     def protect(
         self, vector: np.ndarray, *, round_index: int, n_sites: int, state: SiteState
     ) -> dict[str, Any]:
-        """Draw this round's keys and return their advertisement (the update stays here)."""
+        """Draw this round's keys and return their advertisement (the update stays here).
+
+        A site advertises keys for a round once per run (remembered in :attr:`persistent`,
+        which outlives the session's protocol state): a server that re-ran the round, once with
+        every site and once without one, would get two sums whose difference is that site's
+        update (training without DP is deterministic, so a re-fit gives the same update).
+
+        Raises:
+            ProtocolError: Without a roster and identity key, or for a round this site already
+                advertised keys for.
+
+        """
         start = time.perf_counter()
         self._require_active()
+        self.persistent.claim_once(
+            _ADVERTISED, int(round_index), what=f"site {self.site_id}: masking round {round_index}"
+        )
         self.step_seconds, self.wall_seconds, self.cpu_seconds = {}, 0.0, 0.0
         client = SecAggClient(
             site_id=self.site_id,
@@ -384,13 +404,29 @@ class MaskingCollector(SumCollector):
                 "commitments, consistency round",
                 threat_model="an active server (key substitution, split or lied views, replays, "
                 "tampered shares) learns only the sum of at least max(t, min_contributors) "
-                "sites unless it colludes with t sites; see docs/secure-aggregation.md",
+                "sites unless it colludes with 2t - m of a site's m share holders "
+                "('tolerated_colluders'); see docs/secure-aggregation.md",
                 identities="Ed25519 identity keys from the federation roster",
                 roster_sha256=roster.digest().hex(),
                 roster_sites=roster.n_sites,
                 pinned_threshold=roster.threshold,
                 min_contributors=roster.min_contributors,
             )
+            try:
+                pinned = pinned_config(
+                    self.describe_config, roster=roster, n_round=self.describe_config.n_clients
+                )
+            except DropoutRecoveryError:
+                pass  # the full complement cannot run a round: nothing to state
+            else:
+                assert pinned.threshold is not None
+                out.update(
+                    threshold=pinned.threshold,
+                    max_dropouts_per_neighbourhood=pinned.neighbourhood_size - pinned.threshold,
+                    tolerated_colluders=collusion_tolerance(
+                        threshold=pinned.threshold, holders=pinned.neighbourhood_size
+                    ),
+                )
         return out
 
 
