@@ -3,19 +3,21 @@
 The one driver of the CKKS protocol (:mod:`securefed.crypto.ckks` holds its roles). The fit
 reply carries the site's ciphertext and its Ed25519 signature over it (bound to the roster,
 the run's session and the round); the server, which holds only the public context, checks
-each ciphertext and signature and sends the signed ciphertexts to one contributing site at a
-time (``Stage.DECRYPT``, lowest id first) until one answers.
+each ciphertext and signature and sends the signed ciphertexts to the round's one decrypting
+site (``Stage.DECRYPT``): :func:`decrypting_site`, a public function of the run's session and
+the round over the roster, which the server cannot choose.
 
 The decrypting site trusts nothing the server says. It decrypts only a sum it computed
-itself, from ciphertexts each signed by a distinct site of its roster for its session and the
-round it has just contributed to, that holds its own ciphertext exactly as it sent it, and of
-at least its pinned minimum of sites (the federation's signed roster); once per round
-(remembered in its protocol state); within its share of the key's decryption budget; and it
-floods every decryption with Gaussian noise sized for the roster's size
-(:mod:`securefed.crypto.ckks.flooding`), so the released sum does not give away the key. A
-server that sends a ciphertext of its own making (a multiple of the aggregate that defeats
-the flooding, one site's ciphertext as a "sum", its own Enc(0) booked as a site) gets no
-decryption. Without a roster and identity key a site refuses to take part.
+itself, from ciphertexts each signed by a distinct site of its roster for its session and that
+round, of at least its pinned minimum of sites (the federation's signed roster); only in the
+rounds it is the decrypting site of, and once per round (remembered in its persistent store);
+within its share of the key's decryption budget; and it floods every decryption with Gaussian
+noise sized for the roster's size (:mod:`securefed.crypto.ckks.flooding`), so the released sum
+does not give away the key. A server that sends a ciphertext of its own making (a multiple of
+the aggregate that defeats the flooding, one site's ciphertext as a "sum", its own Enc(0)
+booked as a site) gets no decryption; and since one site decrypts one list per round, it
+cannot have overlapping subsets of a round decrypted and solve for single updates. Without a
+roster and identity key a site refuses to take part.
 
 What this cannot stop (``docs/ckks.md``): the server colluding with any key holder reads every
 update, and a site that colludes with the server can sign an encryption of zero, so "k
@@ -24,6 +26,7 @@ contributors" means k roster sites signed, not k honest updates.
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 import time
 from collections.abc import Collection, Mapping
@@ -67,6 +70,7 @@ __all__ = [
     "CKKSMode",
     "CKKSSite",
     "ckks_params",
+    "decrypting_site",
     "min_contributors",
     "pinned_min_contributors",
     "pinned_n_sites",
@@ -79,6 +83,21 @@ _DECRYPTED = "ckks.decrypted_rounds"
 _QUERIES = "ckks.decryptions"
 #: Fewest contributors a key holder without a roster decrypts: one update is not a sum.
 _DEFAULT_MIN = 2
+
+
+def decrypting_site(roster: Roster, session: bytes, round_index: int) -> int:
+    """The one roster site that decrypts round ``round_index``'s sum.
+
+    A public function of the run's session and the round, so the server cannot pick the key
+    holder, and every site computes it for itself. One site, decrypting once per round, means
+    the server gets one sum per round: asking several key holders to decrypt overlapping
+    subsets of a round (and subtracting) would otherwise give it single sites' updates. The
+    price: a round whose decrypting site is offline is not decrypted (the run goes on).
+    """
+    ids = sorted(roster.sites)
+    tag = b"securefed/ckks/decrypting-site/v1\x00"
+    digest = hashlib.sha256(tag + bytes(session) + int(round_index).to_bytes(8, "big")).digest()
+    return ids[int.from_bytes(digest[:8], "big") % len(ids)]
 
 
 def ckks_params(config: Any, *, n_sites: int | None = None) -> CKKSParams:
@@ -286,13 +305,13 @@ class CKKSSite(SiteProtection):
         listing, round_index = fields.get("contributions"), fields.get("round")
         if not isinstance(listing, bytes) or not isinstance(round_index, int):
             raise ProtocolError("decrypt message: needs `contributions` bytes and the `round`")
-        fit_round = state.get(_FIT_ROUND)
-        mine = state.get(_FIT_DIGEST)
-        if fit_round is None or round_index != fit_round or not isinstance(mine, bytes):
+        designated = decrypting_site(roster, session, round_index)
+        if designated != self.site_id:
             raise ProtocolError(
-                f"site {self.site_id}: asked to decrypt a sum of round {round_index}; this "
-                f"site's latest contribution is to round {fit_round}"
+                f"site {self.site_id}: the sum of round {round_index} is decrypted by site "
+                f"{designated} (fixed by the session and the round), not by this site"
             )
+        fit_round = round_index
         done = [int(r) for r in self.persistent.get(_DECRYPTED, [])]
         if fit_round in done:
             raise ProtocolError(
@@ -314,18 +333,19 @@ class CKKSSite(SiteProtection):
                 contribution=entry,
                 digest=digests[entry.site_id],
             )
+        mine = state.get(_FIT_DIGEST) if state.get(_FIT_ROUND) == fit_round else None
         own = [e for e in entries if e.site_id == self.site_id]
-        if not own or not hmac.compare_digest(digests[self.site_id], mine):
+        if mine is not None and (not own or not hmac.compare_digest(digests[self.site_id], mine)):
             raise ProtocolError(
-                f"site {self.site_id}: the contribution list does not hold the ciphertext this "
-                "site sent; a key holder decrypts only a sum it contributed to"
+                f"site {self.site_id}: the contribution list leaves out or changes the "
+                "ciphertext this site sent for this round"
             )
         if len(entries) < self.min_contributors:
             raise ProtocolError(
                 f"site {self.site_id}: {len(entries)} signed contribution(s); at least "
                 f"{self.min_contributors} roster sites are required before decrypting"
             )
-        n_chunks = read_frame_header(own[0].frame).n_chunks
+        n_chunks = read_frame_header(entries[0].frame).n_chunks
         used = int(self.persistent.get(_QUERIES, 0))
         if used + n_chunks > self.decryption_allowance:
             raise ProtocolError(
@@ -477,9 +497,16 @@ class CKKSCollector(SumCollector):
         blob = encode_contributions(round_index, signed)
         self.aggregate_bytes = len(blob)
         server_seconds = time.perf_counter() - start
-        # In-process simulation: a site gone after its upload cannot decrypt.
+        # One site decrypts each round's sum (fixed by the session and the round); without a
+        # roster (a harness) any contributor may. In-process simulation: a site gone after its
+        # upload cannot decrypt.
         away = set(drop_after_upload)
-        for holder in sorted(s for s in added if s not in away):
+        if self.roster is not None:
+            assert self.session is not None
+            holders = [decrypting_site(self.roster, self.session, round_index)]
+        else:
+            holders = sorted(added)
+        for holder in [h for h in holders if h not in away]:
             replies, errors = link.exchange(
                 {holder: (Stage.DECRYPT, {"round": round_index, "contributions": blob})},
                 timeout=timeout,
