@@ -667,6 +667,12 @@ class RunConfig:
             "fedavg, fedprox, ftl or --personalize under DP.",
         )
         _check(
+            self.strategy != "cfl" or self.secure_agg != "he",
+            "--strategy cfl sums each cluster separately, several sums a round, and under "
+            "--secure-agg he one site decrypts one sum per round (so that a server cannot have "
+            "overlapping subsets decrypted and subtract them): use --secure-agg mask with cfl.",
+        )
+        _check(
             self.schedule == "parallel" or self.strategy in ("fedavg", "ftl", "fedprox"),
             f"--schedule cyclic has no meaning for --strategy {self.strategy}.",
         )
