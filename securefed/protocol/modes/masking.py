@@ -420,10 +420,22 @@ class MaskingCollector(SumCollector):
                 pass  # the full complement cannot run a round: nothing to state
             else:
                 assert pinned.threshold is not None
+                # The server may run (or sample) any round the roster admits, and a smaller
+                # round can tolerate fewer colluders: state the least over all of them.
+                tolerances = []
+                for n_round in range(2, roster.n_sites + 1):
+                    try:
+                        p = pinned_config(self.describe_config, roster=roster, n_round=n_round)
+                    except DropoutRecoveryError:
+                        continue
+                    tolerances.append(
+                        collusion_tolerance(threshold=p.threshold, holders=p.neighbourhood_size)
+                    )
                 out.update(
                     threshold=pinned.threshold,
                     max_dropouts_per_neighbourhood=pinned.neighbourhood_size - pinned.threshold,
-                    tolerated_colluders=collusion_tolerance(
+                    tolerated_colluders=min(tolerances),
+                    tolerated_colluders_full_round=collusion_tolerance(
                         threshold=pinned.threshold, holders=pinned.neighbourhood_size
                     ),
                 )
