@@ -5,10 +5,19 @@ when a new session starts (a deployed site resets it at ``setup``). Some facts m
 that, or a server could replay a step and difference the answers: the rounds a site trained
 and advertised masking keys for, the rounds a CKKS key holder decrypted, its decryption
 count. They live in a :class:`PersistentStore`. In-process, a
-:class:`~securefed.fl.site_runtime.SiteRuntime` and its mode's site side share one store;
-a deployed site keeps it in Flower's ``context.state`` under the record :data:`RECORD`
-(:func:`load` / :func:`save`), which Flower keeps at the site across messages and processes
-of a run and which the ``setup`` stage never clears.
+:class:`~securefed.fl.site_runtime.SiteRuntime` and its mode's site side share one store.
+
+A deployed site keeps it on its own disk (:func:`state_path`, :func:`read_site_file`,
+:func:`write_site_file`): ``<signing-key>.state/<session hex>.json``, one file per run
+session (:func:`securefed.protocol.modes.base.run_session`, a hash of the run
+configuration), 0600 in a 0700 folder, written atomically and fsynced before any reply
+leaves the site. Flower's ``context.state`` is not enough: Flower 1.42's SuperNode keeps it
+in memory only, so a restarted site (``securefed deploy site``) or a resubmitted run
+(``--resume``: a new Flower run, a fresh context) would forget what it did, and a server
+could re-fit or re-key a round and difference the answers. ``context.state`` still holds a
+copy under the record :data:`RECORD` (:func:`load` / :func:`save`), tagged with its session
+and ignored under another; it is what a site without a signing key (plaintext runs without
+DP only) relies on, within one SuperNode process.
 
 Values are what a Flower ``ConfigRecord`` holds: int, float, str, bytes, bool, or a list of
 one of them.
@@ -16,18 +25,35 @@ one of them.
 
 from __future__ import annotations
 
+import json
+import os
 from collections.abc import Iterator, Mapping, MutableMapping
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from securefed.errors import ProtocolError
+from securefed.errors import ConfigError, ProtocolError
 
 if TYPE_CHECKING:
     from flwr.app import Context
 
-__all__ = ["RECORD", "PersistentStore", "load", "save"]
+__all__ = [
+    "RECORD",
+    "SESSION_KEY",
+    "STATE_SUFFIX",
+    "PersistentStore",
+    "load",
+    "read_site_file",
+    "save",
+    "state_path",
+    "write_site_file",
+]
 
 #: The record of ``context.state`` a deployed site keeps its store in.
 RECORD = "securefed.persistent"
+#: In each of a deployed site's ``context.state`` records: the session it belongs to (hex).
+SESSION_KEY = "securefed.session"
+#: Next to the site's signing key: the folder of its per-session state files.
+STATE_SUFFIX = ".state"
 
 _SCALARS = (bool, int, float, str, bytes)
 
@@ -104,14 +130,130 @@ class PersistentStore(MutableMapping[str, Any]):
         return {k: list(v) if isinstance(v, list) else v for k, v in self._values.items()}
 
 
-def load(context: Context) -> PersistentStore:
-    """The site's store from Flower's ``context.state`` (empty when none was saved)."""
+def load(context: Context, session: str | None = None) -> PersistentStore:
+    """The site's store from Flower's ``context.state`` (empty when none was saved).
+
+    Args:
+        context: The site's Flower context.
+        session: The run's session (hex); a record saved under another session is ignored.
+
+    """
     record = context.state.config_records.get(RECORD)
-    return PersistentStore(dict(record.items()) if record is not None else None)
+    if record is None:
+        return PersistentStore()
+    values = dict(record.items())
+    if values.pop(SESSION_KEY, None) != session:
+        return PersistentStore()
+    return PersistentStore(values)
 
 
-def save(context: Context, store: PersistentStore) -> None:
-    """Write the store back into ``context.state`` (Flower keeps it at the site)."""
+def save(context: Context, store: PersistentStore, session: str | None = None) -> None:
+    """Write the store back into ``context.state``, tagged with its session (hex)."""
     from flwr.app import ConfigRecord
 
-    context.state[RECORD] = ConfigRecord(store.to_dict())
+    values = store.to_dict()
+    if session is not None:
+        values[SESSION_KEY] = session
+    context.state[RECORD] = ConfigRecord(values)
+
+
+def state_path(node_config: Mapping[str, Any], session: str) -> Path | None:
+    """Where a deployed site keeps a session's state: ``<signing-key>.state/<session>.json``.
+
+    None when the node has no signing key (plaintext runs without DP): then the site keeps
+    its state in Flower's ``context.state`` only, which a restarted SuperNode forgets.
+    """
+    key = node_config.get("signing-key")
+    if not key:
+        return None
+    if not session or any(c not in "0123456789abcdef" for c in session):
+        raise ProtocolError("persistent store: a session is lower-case hex")
+    path = Path(str(key))
+    return path.with_name(path.name + STATE_SUFFIX) / f"{session}.json"
+
+
+def _encode(value: Any) -> Any:
+    if isinstance(value, bytes):
+        return {"bytes": value.hex()}
+    if isinstance(value, list):
+        return [_encode(v) for v in value]
+    return value
+
+
+def _decode(value: Any) -> Any:
+    if isinstance(value, dict):
+        return bytes.fromhex(str(value["bytes"]))
+    if isinstance(value, list):
+        return [_decode(v) for v in value]
+    return value
+
+
+def read_site_file(path: Path, session: str) -> tuple[PersistentStore, list[dict[str, Any]] | None]:
+    """A session's state file: the store and the site's own privacy ledger (None: none yet).
+
+    A missing file is a session the site has not served (an empty store, no ledger).
+
+    Raises:
+        ConfigError: The file exists but is unreadable, malformed, or for another session: the
+            site refuses to act rather than forget what it did.
+
+    """
+    try:
+        raw = path.read_text()
+    except FileNotFoundError:
+        return PersistentStore(), None
+    except OSError as exc:
+        raise ConfigError(f"{path}: this site's run state is unreadable ({exc})") from exc
+    try:
+        body = json.loads(raw)
+        if body["session"] != session:
+            raise ValueError("it belongs to another session")
+        store = PersistentStore({str(k): _decode(v) for k, v in body["store"].items()})
+        ledger = body["ledger"]
+        if ledger is not None and not (
+            isinstance(ledger, list) and all(isinstance(e, dict) for e in ledger)
+        ):
+            raise ValueError("its ledger is not a list of events")
+    except (ValueError, KeyError, TypeError, AttributeError, ProtocolError) as exc:
+        raise ConfigError(
+            f"{path}: this site's run state is corrupt ({exc}); refusing to act on this run"
+        ) from exc
+    return store, ledger
+
+
+def write_site_file(
+    path: Path, session: str, store: PersistentStore, ledger: list[dict[str, Any]] | None
+) -> None:
+    """Write a session's state atomically: 0600 file, 0700 folder, fsynced, then renamed.
+
+    Args:
+        path: From :func:`state_path`.
+        session: The run's session (hex).
+        store: What the site did once in the run.
+        ledger: The site's own privacy events (None: it does not know them yet).
+
+    """
+    folder = path.parent
+    folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+    os.chmod(folder, 0o700)
+    body = json.dumps(
+        {
+            "session": session,
+            "store": {k: _encode(v) for k, v in store.to_dict().items()},
+            "ledger": ledger,
+        },
+        sort_keys=True,
+    )
+    tmp = path.with_name(path.name + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        os.fchmod(fh.fileno(), 0o600)
+        fh.write(body)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+    dir_fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)

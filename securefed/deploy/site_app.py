@@ -2,17 +2,25 @@
 
 What a site does is :class:`securefed.fl.site_runtime.SiteRuntime`, the object the
 in-process runtime simulates; this module only adapts Flower's messages to it. What a site
-must remember between messages (its own copy of its privacy ledger, its secure-sum secrets
-between protocol steps, and what it did once per round, :mod:`securefed.persistent`) lives in
-``context.state``, which Flower keeps at the site and never
-sends to the server. In a long-lived site process (``securefed deploy site`` runs one) the
-runtime is built once per run and kept; the protocol steps of the secure sum need no torch
-and no data, so they stay quick even in a fresh process.
+must remember between messages is kept at the site and never sent to the server: its secure-
+sum secrets between protocol steps in Flower's ``context.state``; its own copy of its privacy
+ledger and what it did once per round (:mod:`securefed.persistent`) on its own disk, in
+``<signing-key>.state/<session>.json`` (the session: a hash of the run configuration), loaded
+at every message (authoritative over ``context.state``) and written, fsynced, after every step
+before its reply leaves. Flower 1.42's SuperNode keeps ``context.state`` in memory only and a
+resubmitted run (``--resume``) gets a fresh one, so the disk is what makes a restarted site or
+a resumed run remember the rounds it trained, keyed and decrypted. A site without a signing
+key (plaintext runs without DP only) keeps all of it in ``context.state``: a restarted
+SuperNode forgets it. Every ``context.state`` record carries its session and is ignored under
+another. In a long-lived site process (``securefed deploy site`` runs one) the runtime is
+built once per run and kept; the protocol steps of the secure sum need no torch and no data,
+so they stay quick even in a fresh process.
 """
 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from flwr.app import ConfigRecord, Context, Message
@@ -25,6 +33,7 @@ from securefed.deploy.trust import IDENTITY_FIELD
 from securefed.errors import ProtocolError
 from securefed.fl.disclosures import check_reply
 from securefed.protocol.modes import get_mode
+from securefed.protocol.modes.base import run_session
 from securefed.protocol.wire import RUN_CONFIG, Stage, decode, encode
 
 if TYPE_CHECKING:
@@ -43,8 +52,17 @@ _PINNED = "securefed.run_config"
 _RUNTIMES: dict[tuple[int, str, str], SiteRuntime] = {}
 
 
-def _runtime(config: RunConfig, context: Context) -> SiteRuntime:
-    """The site's runtime for this run (built once per process and run)."""
+def _runtime(
+    config: RunConfig, context: Context, ledger: list[dict[str, Any]] | None
+) -> SiteRuntime:
+    """The site's runtime for this run (built once per process and run).
+
+    Args:
+        config: The signed run configuration.
+        context: The site's Flower context.
+        ledger: The site's own privacy events in this session (None: it has none yet).
+
+    """
     from securefed.deploy.site import deployed_site
 
     node = dict(context.node_config)
@@ -57,26 +75,63 @@ def _runtime(config: RunConfig, context: Context) -> SiteRuntime:
     if runtime is None:
         _RUNTIMES.clear()  # one run at a time per site process
         runtime = deployed_site(config, NodeSettings.from_node_config(node))
-        own = context.state.config_records.get(_LEDGER)
-        if own is None:
-            # A site process new to this run learns what it spent from the server's copy
-            # at its first fit; afterwards it compares every copy with its own.
+        if ledger is None:
+            # A site new to this session learns what it spent from the server's copy at its
+            # first fit; afterwards it compares every copy with its own.
             runtime.history_known = False
         else:
-            runtime.restore_events(json.loads(str(own["events"])))
+            runtime.restore_events(ledger)
         _RUNTIMES[key] = runtime
     return runtime
 
 
-def _protocol_state(context: Context) -> dict[str, Any]:
+def _protocol_state(context: Context, session: str) -> dict[str, Any]:
+    """The round's protocol state from ``context.state`` (empty when saved under another run)."""
     record = context.state.config_records.get(_PROTOCOL)
-    return dict(record.items()) if record is not None else {}
+    if record is None:
+        return {}
+    state = dict(record.items())
+    if state.pop(persistent.SESSION_KEY, None) != session:
+        return {}
+    return state
 
 
-def _store(context: Context, state: dict[str, Any], events: list[dict[str, Any]] | None) -> None:
-    context.state[_PROTOCOL] = ConfigRecord(state)
+def _load(
+    context: Context, path: Path | None, session: str
+) -> tuple[persistent.PersistentStore, list[dict[str, Any]] | None]:
+    """The session's store and the site's own ledger: from its disk, else ``context.state``.
+
+    Raises:
+        ConfigError: The state file is corrupt (the site refuses rather than forgets).
+
+    """
+    if path is not None:
+        return persistent.read_site_file(path, session)
+    record = context.state.config_records.get(_LEDGER)
+    ledger = None
+    if record is not None and record.get(persistent.SESSION_KEY) == session:
+        ledger = json.loads(str(record["events"]))
+    return persistent.load(context, session), ledger
+
+
+def _store(
+    context: Context,
+    *,
+    path: Path | None,
+    session: str,
+    state: dict[str, Any],
+    store: persistent.PersistentStore,
+    events: list[dict[str, Any]] | None,
+) -> None:
+    """Save the step's state: the disk file first (fsynced), then ``context.state``."""
+    if path is not None:
+        persistent.write_site_file(path, session, store, events)
+    context.state[_PROTOCOL] = ConfigRecord({**state, persistent.SESSION_KEY: session})
     if events is not None:
-        context.state[_LEDGER] = ConfigRecord({"events": json.dumps(events)})
+        context.state[_LEDGER] = ConfigRecord(
+            {"events": json.dumps(events), persistent.SESSION_KEY: session}
+        )
+    persistent.save(context, store, session)
 
 
 def _identity_and_roster(mode: Any, node: NodeSettings) -> dict[str, Any]:
@@ -140,7 +195,12 @@ def _handle(msg: Message, context: Context) -> Message:
         raise ProtocolError(
             f"{stage} message: its run configuration differs from the run the federation signed"
         )
-    state = _protocol_state(context)
+    session = run_session(config).hex()
+    path = persistent.state_path(dict(context.node_config), session)
+    # What the site did in this run (rounds trained, keys advertised, rounds decrypted, its
+    # own ledger) outlives the session, the site process and the Flower run: from its disk.
+    store, ledger = _load(context, path, session)
+    state = _protocol_state(context, session)
     mode = get_mode(config.secure_agg)
     pinned = json.dumps(config.to_dict(), sort_keys=True)
     if stage in mode.stages:
@@ -157,7 +217,7 @@ def _handle(msg: Message, context: Context) -> Message:
         protection = mode.site(
             config, site_id=node.site_id, he_secret=secret, **_identity_and_roster(mode, node)
         )
-        protection.persistent = persistent.load(context)
+        protection.persistent = store
         try:
             reply = check_reply(
                 config,
@@ -165,16 +225,21 @@ def _handle(msg: Message, context: Context) -> Message:
                 protection.answer(stage, fields, state=state),
             )
         finally:
-            persistent.save(context, protection.persistent)
-        _store(context, state, None)
+            # A refused step too: what it popped from the state (a seed, a key) stays gone.
+            _store(
+                context,
+                path=path,
+                session=session,
+                state=state,
+                store=protection.persistent,
+                events=ledger,
+            )
         return Message(encode(reply), reply_to=msg)
-    runtime = _runtime(config, context)
+    runtime = _runtime(config, context, ledger)
     if stage == Stage.SETUP:
         state = {}  # a new session: no protocol step of an earlier one continues
     runtime.state = state
-    # What the site did in this run (rounds trained, keys advertised) outlives the session:
-    # always from context.state, which a fresh site process shares and `setup` never clears.
-    runtime.persistent = persistent.load(context)
+    runtime.persistent = store
     try:
         reply = runtime.handle(stage, fields)
         if stage == Stage.SETUP:
@@ -186,8 +251,14 @@ def _handle(msg: Message, context: Context) -> Message:
     finally:
         # Even when the step fails after training: the site's own ledger must hold what it
         # spent, or a fresh site process would believe the server's shorter copy.
-        _store(context, runtime.state, runtime.own_events() if runtime.history_known else None)
-        persistent.save(context, runtime.persistent)
+        _store(
+            context,
+            path=path,
+            session=session,
+            state=runtime.state,
+            store=runtime.persistent,
+            events=runtime.own_events() if runtime.history_known else ledger,
+        )
     return Message(encode(reply), reply_to=msg)
 
 

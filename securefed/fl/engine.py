@@ -547,7 +547,14 @@ class RoundEngine:
         if not self.strategy.selects_model:
             return dict.fromkeys(chosen, 0)
         payloads = {
-            sid: (Stage.SELECT, {**_models_fields(blobs), "layout_keys": list(self.layout.keys)})
+            sid: (
+                Stage.SELECT,
+                {
+                    **_models_fields(blobs),
+                    "layout_keys": list(self.layout.keys),
+                    "round": round_index,  # the site answers once per round
+                },
+            )
             for sid in chosen
         }
         replies, failed = self.logged.exchange(

@@ -52,6 +52,8 @@ log = logging.getLogger("securefed.site")
 
 #: In the site's persistent store: the rounds it trained (``fit``) in this run.
 _FIT_ROUNDS = "fit.rounds"
+#: In the site's persistent store: the rounds it chose a cluster for (CFL's ``select``).
+_SELECT_ROUNDS = "select.rounds"
 
 
 def weights_to_bytes(state: Mapping[str, torch.Tensor]) -> bytes:
@@ -232,7 +234,7 @@ class SiteRuntime:
 
     @persistent.setter
     def persistent(self, store: PersistentStore) -> None:
-        """Continue from a stored copy (a deployed site's ``context.state``); the mode shares it."""
+        """Continue from a stored copy (a deployed site: its state file); the mode shares it."""
         self._persistent = store
         self.protection.persistent = store
 
@@ -267,7 +269,7 @@ class SiteRuntime:
         if stage == Stage.SETUP:
             reply = self.describe()
         elif stage == Stage.SELECT:
-            reply = {"cluster": self.select_cluster(self._models(fields))}
+            reply = self.select(fields)
         elif stage == Stage.FIT:
             reply = self.fit(fields)
         elif stage == Stage.EVALUATE:
@@ -373,6 +375,46 @@ class SiteRuntime:
         """
         return int(np.argmin([self._data_loss(m, self.train) for m in models]))
 
+    def _check_round(self, fields: Mapping[str, Any]) -> int:
+        """The message's round, within the run's ``1..rounds``, whatever the server asks.
+
+        Raises:
+            ProtocolError: No round, or one outside the run.
+
+        """
+        try:
+            round_index = fields["round"]
+        except KeyError:
+            raise ProtocolError(f"site {self.client_id}: the message names no round") from None
+        if isinstance(round_index, bool) or not isinstance(round_index, int):
+            raise ProtocolError(f"site {self.client_id}: the message's round is not an integer")
+        if not 1 <= round_index <= self.config.rounds:
+            raise ProtocolError(
+                f"site {self.client_id}: round {round_index} is outside the run's "
+                f"{self.config.rounds} rounds"
+            )
+        return round_index
+
+    def select(self, fields: Mapping[str, Any]) -> dict[str, Any]:
+        """CFL: choose the cluster for a round, once per round of the run.
+
+        Fields: ``models``, ``layout_keys`` and ``round``. The choice is an un-noised function
+        of the site's records: answered for every model set a server liked, it would probe
+        them, so the site answers one ``select`` per round (recorded in the persistent store
+        before it computes the answer).
+
+        Raises:
+            ProtocolError: No valid round, or a round the site answered already.
+
+        """
+        round_index = self._check_round(fields)
+        self.persistent.claim_once(
+            _SELECT_ROUNDS,
+            round_index,
+            what=f"site {self.client_id}: choosing a cluster for round {round_index}",
+        )
+        return {"cluster": self.select_cluster(self._models(fields))}
+
     # -- training -----------------------------------------------------------------------------
     def _sync_history(self, history: Sequence[Mapping[str, Any]], round_index: int) -> None:
         """Compare the server's copy of this site's events with the site's own.
@@ -404,13 +446,14 @@ class SiteRuntime:
             ProtocolError: Naming what the site refuses.
 
         """
-        if self.plan is None:
-            return
         cid = self.client_id
         if not 1 <= round_index <= self.config.rounds:
+            # DP or not: a run's rounds are its rounds.
             raise ProtocolError(
                 f"site {cid}: round {round_index} is outside the run's {self.config.rounds} rounds"
             )
+        if self.plan is None:
+            return
         own = self.own_events()
         if any(e["phase"] == phase and e["round"] >= round_index for e in own):
             raise ProtocolError(f"site {cid}: already trained ({phase}) in round {round_index}")
@@ -455,7 +498,7 @@ class SiteRuntime:
         server's copy of this site's events), and ``return_weights`` (the cyclic schedule:
         hand the trained model on, in the clear; refused with secure aggregation).
         """
-        round_index = int(fields["round"])
+        round_index = self._check_round(fields)
         self._sync_history(fields["history"], round_index)
         self._check_budget(round_index, epochs=self.config.local_epochs, phase="federated")
         # DP or not, a site trains a round once per run: without DP a re-fit of the same round

@@ -79,3 +79,44 @@ def test_a_site_without_dp_trains_a_round_once(small_config):
     assert set(errors) == {"0", "1", "2"}
     assert all("training round 1: already done once" in why for why in errors.values())
     assert fed.run_round(2).applied
+
+
+def test_a_site_without_dp_refuses_a_round_outside_the_run(small_config):
+    # Review r1: the bounds were checked only with DP; a plaintext site trained round 10**6.
+    from securefed.errors import ProtocolError
+    from securefed.protocol.wire import Stage
+
+    fed = Federation(small_config.replace(rounds=2, dp_epsilon=None))
+    site = fed.sites[0]
+    fields = {
+        "weights": fed._blobs()[0],
+        "layout_keys": list(fed.layout.keys),
+        "n_sites": 3,
+        "history": [],
+    }
+    for bad in (0, 3, 10**6):
+        with pytest.raises(ProtocolError, match="outside the run's 2 rounds"):
+            site.handle(Stage.FIT, {**fields, "round": bad})
+    with pytest.raises(ProtocolError, match="names no round"):
+        site.handle(Stage.FIT, fields)
+    assert "fit.rounds" not in site.persistent
+
+
+def test_a_cfl_site_chooses_a_cluster_once_per_round_of_the_run(small_config):
+    # Review r1: `select` answered without limit, an un-noised loss comparison on the site's
+    # records the server could repeat with any models it liked.
+    from securefed.errors import ProtocolError
+    from securefed.fl.engine import _models_fields
+    from securefed.protocol.wire import Stage
+
+    fed = Federation(small_config.replace(rounds=2, dp_epsilon=None, strategy="cfl", clusters=2))
+    site = fed.sites[0]
+    fields = {**_models_fields(fed._blobs()), "layout_keys": list(fed.layout.keys)}
+    with pytest.raises(ProtocolError, match="names no round"):
+        site.handle(Stage.SELECT, fields)
+    with pytest.raises(ProtocolError, match="outside the run's 2 rounds"):
+        site.handle(Stage.SELECT, {**fields, "round": 3})
+    assert site.handle(Stage.SELECT, {**fields, "round": 1})["cluster"] in (0, 1)
+    with pytest.raises(ProtocolError, match="cluster for round 1: already done once"):
+        site.handle(Stage.SELECT, {**fields, "round": 1})
+    assert site.handle(Stage.SELECT, {**fields, "round": 2})["cluster"] in (0, 1)

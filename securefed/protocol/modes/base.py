@@ -106,7 +106,7 @@ class SiteProtection(ABC):
 
         A fresh store per object unless a runtime hands it the site's own (a
         :class:`~securefed.fl.site_runtime.SiteRuntime` shares its store; a deployed site's
-        comes from ``context.state``).
+        comes from its state file on disk, :func:`securefed.persistent.read_site_file`).
         """
         if self._persistent is None:
             self._persistent = PersistentStore()
