@@ -21,8 +21,9 @@ from securefed.crypto.ckks.contributions import (
 )
 from securefed.crypto.roster import Roster
 from securefed.protocol.harness import ProtocolSite
-from securefed.protocol.modes.ckks import CKKSMode, ckks_params
-from securefed.protocol.wire import Stage
+from securefed.protocol.modes.base import run_session
+from securefed.protocol.modes.ckks import CKKSMode, ckks_params, decrypting_site
+from securefed.protocol.wire import Stage, vector_from_bytes
 from tests.protocol.test_masking_active import MaliciousLink
 
 ts = pytest.importorskip("tenseal")
@@ -61,6 +62,16 @@ def decryptions(monkeypatch):
 
 def _config(**overrides):
     return RunConfig(secure_agg="he", clients=N, **overrides)
+
+
+def _holder(fed, round_index=ROUND, config=None):
+    """The round's one decrypting site (a public function of the session and the round)."""
+    return decrypting_site(fed[0], run_session(config or _config()), round_index)
+
+
+def _not_holder(fed, index=0):
+    """The ``index``-th site that is not the round's decrypting site."""
+    return [s for s in range(N) if s != _holder(fed)][index]
 
 
 def _vectors() -> dict[int, np.ndarray]:
@@ -163,10 +174,11 @@ def test_the_honest_round_decrypts_once_the_sum_of_the_signed_ciphertexts(keys, 
     # Execute
     outcome, link = _round(keys, fed)
 
-    # Assert: one decryption (site 0), of the plaintext sum within the documented precision.
+    # Assert: one decryption (the round's decrypting site), of the plaintext sum within the
+    # documented precision.
     assert outcome.error is None and outcome.survivors == [0, 1, 2]
     np.testing.assert_allclose(outcome.total, sum(_vectors().values()), atol=ATOL, rtol=0)
-    assert decryptions == [ROUND] and list(link.replies[Stage.DECRYPT]) == [0]
+    assert decryptions == [ROUND] and list(link.replies[Stage.DECRYPT]) == [_holder(fed)]
     assert all(len(r["ciphertext_signature"]) == 64 for r in link.replies[Stage.FIT].values())
 
 
@@ -233,6 +245,15 @@ def _alone(which):
     return _list_rewrite(change)
 
 
+def _left_out():
+    """The others' signed ciphertexts, without the key holder's own (it contributed)."""
+
+    def change(sid, round_index, entries):
+        return round_index, {s: e for s, e in entries.items() if s != sid}
+
+    return _list_rewrite(change)
+
+
 def _unsigned(victim: int):
     def change(sid, round_index, entries):
         entries[victim] = Contribution(victim, entries[victim].frame, bytes(64))
@@ -256,29 +277,36 @@ def _relabelled(victim: int):
 ATTACKS = {
     "scaled aggregate": (_scaled_as_aggregate, "needs `contributions` bytes"),
     "scaled ciphertext under its signature": (
-        lambda k, f: _scaled_entry(k, f, 1),
+        lambda k, f: _scaled_entry(k, f, _not_holder(f)),
         "signature does not verify",
     ),
     "Enc(0) booked as another site": (
-        lambda k, f: _enc0_booked_as(k, f, 2),
+        lambda k, f: _enc0_booked_as(k, f, _not_holder(f, 1)),
         "signature does not verify",
     ),
     "ciphertext replayed from another round": (
-        lambda k, f: _replayed(k, f, 1, round_index=ROUND - 1),
+        lambda k, f: _replayed(k, f, _not_holder(f), round_index=ROUND - 1),
         "signature does not verify",
     ),
     "ciphertext replayed from another session": (
-        lambda k, f: _replayed(k, f, 1, round_index=ROUND, config=_config(seed=99)),
+        lambda k, f: _replayed(k, f, _not_holder(f), round_index=ROUND, config=_config(seed=99)),
         "signature does not verify",
     ),
     "the key holder's ciphertext alone": (lambda k, f: _alone("self"), "at least 2 roster"),
     "another site's ciphertext alone": (
         lambda k, f: _alone("other"),
-        "does not hold the ciphertext this site sent",
+        "leaves out or changes the ciphertext this site sent",
     ),
-    "unsigned contribution": (lambda k, f: _unsigned(2), "signature does not verify"),
+    "the key holder's ciphertext left out": (
+        lambda k, f: _left_out(),
+        "leaves out or changes the ciphertext this site sent",
+    ),
+    "unsigned contribution": (
+        lambda k, f: _unsigned(_not_holder(f, 1)),
+        "signature does not verify",
+    ),
     "own ciphertext booked as another site": (
-        lambda k, f: _relabelled(2),
+        lambda k, f: _relabelled(_not_holder(f, 1)),
         "signature does not verify",
     ),
 }
@@ -289,15 +317,98 @@ def test_every_attack_is_refused_before_any_decryption(keys, fed, decryptions, a
     # Prepare
     make, reason = ATTACKS[attack]
 
-    # Execute: the server rewrites every decrypt message it sends.
+    # Execute: the server rewrites every decrypt message it sends (to the round's decrypting
+    # site, the only one it may ask).
     outcome, link = _round(keys, fed, rewrite=make(keys, fed))
 
-    # Assert: every asked key holder refused, with the reason, and nothing was decrypted.
+    # Assert: the key holder refused, with the reason, and nothing was decrypted.
     assert decryptions == []
     assert outcome.total is None and "no key-holding site decrypted" in outcome.error
     assert not link.replies[Stage.DECRYPT]
-    assert set(link.errors[Stage.DECRYPT]) == {0, 1, 2}
+    assert set(link.errors[Stage.DECRYPT]) == {_holder(fed)}
     assert all(reason in e for e in link.errors[Stage.DECRYPT].values())
+
+
+def test_overlapping_subsets_cannot_be_decrypted_by_different_key_holders(
+    keys, fed, decryptions, monkeypatch
+):
+    """The second review's attack: three key holders, three overlapping pairs of one round.
+
+    With N=3 and a roster minimum of 2, a server sends the signed lists {0,1}, {1,2}, {0,2}
+    to holders 0, 1 and 2. Under the former rule (any key holder that contributed decrypts,
+    once per round) each holder decrypted its pair, and (s01 + s02 - s12) / 2 etc. gave every
+    site's update: measured at 1.4e-10 on commit e534be4 (/tmp/review14b). Now one site,
+    fixed by the session and the round, decrypts one list per round.
+    """
+    from securefed.errors import ProtocolError
+    from securefed.protocol.modes import ckks as ckks_mode
+
+    # Prepare
+    x = {s: np.random.default_rng(s).normal(size=DIM) for s in range(N)}
+    pairs = {0: (0, 1), 1: (1, 2), 2: (0, 2)}  # holder -> the subset it is asked to decrypt
+
+    def federation():
+        """Fresh sites (persistent stores), their fit states and signed contributions."""
+        sites = {s: _site(keys, fed, s) for s in range(N)}
+        states = {s: {} for s in range(N)}
+        signed = {}
+        for s in range(N):
+            fit = sites[s].protect(x[s], round_index=ROUND, n_sites=N, state=states[s])
+            signed[s] = Contribution(s, fit["ciphertext"], fit["ciphertext_signature"])
+        return sites, states, signed
+
+    def ask(sites, states, signed, holder, subset):
+        blob = encode_contributions(ROUND, [signed[s] for s in subset])
+        reply = sites[holder].step(
+            Stage.DECRYPT, {"round": ROUND, "contributions": blob}, state=states[holder]
+        )
+        return vector_from_bytes(reply["vector"], length=DIM, what="sum")
+
+    # Execute (before): the rule bypassed, so that each asked holder counts as the round's
+    # decrypting site; every holder is in its pair, as the former rule required.
+    sites, states, signed = federation()
+    sums = {}
+    for holder, subset in pairs.items():
+        with monkeypatch.context() as patch:
+            patch.setattr(ckks_mode, "decrypting_site", lambda *_, h=holder: h)
+            sums[subset] = ask(sites, states, signed, holder, subset)
+    s01, s12, s02 = sums[(0, 1)], sums[(1, 2)], sums[(0, 2)]
+    recovered = {0: (s01 + s02 - s12) / 2, 1: (s01 + s12 - s02) / 2, 2: (s12 + s02 - s01) / 2}
+
+    # Assert (before): three decryptions, every single update recovered.
+    assert decryptions == [ROUND] * 3
+    for s in range(N):
+        np.testing.assert_allclose(recovered[s], x[s], atol=ATOL, rtol=0)
+
+    # Execute (now): the same attack on fresh sites, under the rule.
+    decryptions.clear()
+    sites, states, signed = federation()
+    holder = _holder(fed)
+    released, refused = {}, {}
+    for asked, subset in pairs.items():
+        try:
+            released[asked] = ask(sites, states, signed, asked, subset)
+        except ProtocolError as exc:
+            refused[asked] = str(exc)
+
+    # Assert (now): only the round's decrypting site decrypted, once, one pair's sum; the other
+    # two refused, naming it. One sum of two updates gives neither update.
+    assert list(released) == [holder] and decryptions == [ROUND]
+    np.testing.assert_allclose(
+        released[holder], sum(x[s] for s in pairs[holder]), atol=ATOL, rtol=0
+    )
+    assert set(refused) == set(range(N)) - {holder}
+    assert all(
+        f"is decrypted by site {holder}" in why and "not by this site" in why
+        for why in refused.values()
+    )
+    # the decrypting site refuses a second list of the round (another pair, all three)
+    for subset in (pairs[(holder + 1) % N], tuple(range(N))):
+        if holder not in subset:
+            subset = (*subset, holder)
+        with pytest.raises(ProtocolError, match="already decrypted; one decryption per round"):
+            ask(sites, states, signed, holder, sorted(set(subset)))
+    assert decryptions == [ROUND]
 
 
 def test_without_the_signature_checks_an_enc0_booked_as_a_site_releases_one_update(keys, fed):
