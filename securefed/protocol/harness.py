@@ -336,8 +336,9 @@ def he_sum(
     """Run CKKS aggregation in process through the CKKS mode.
 
     Sites encrypt and sign (each with a fresh identity key, listed in an in-process roster),
-    the server checks and forwards the signed ciphertexts, the lowest-id contributing site
-    checks them, adds them and decrypts the sum.
+    the server checks and forwards the signed ciphertexts, and the round's decrypting site
+    (:func:`~securefed.protocol.modes.ckks.decrypting_site`) checks them, adds them and
+    decrypts the sum.
 
     Each role sees only what it would over a network: the sites hold the key set, the server
     the public context and the signed update bytes, the decrypting site those bytes.

@@ -442,9 +442,9 @@ def test_describe_is_the_deployed_privacy_report_entry(keys):
         "protocol": "ckks",
         "library": "tenseal",
         "server_holds_secret_key": False,
-        "key_holder": "the sites (one key set, distributed out of band); the lowest-id "
-        "contributing site checks the contributors' signed ciphertexts, adds them itself "
-        "and decrypts the sum, once per round, adding flooding noise",
+        "key_holder": "the sites (one key set, distributed out of band); one site per "
+        "round, fixed by the run's session and the round, checks the contributors' signed "
+        "ciphertexts, adds them itself and decrypts the sum, once, adding flooding noise",
         "min_contributors": 2,
         **ckks_params(config).describe(n_sites=4),
     }

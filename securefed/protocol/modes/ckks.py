@@ -528,8 +528,16 @@ class CKKSCollector(SumCollector):
                 protect_seconds=protect,
                 site_errors=site_errors,
             )
+        for holder in holders:
+            if holder in away:
+                site_errors.setdefault(holder, "decrypt: gone after its upload")
+        named = f" (the round's decrypting site: {holders[0]})" if self.roster is not None else ""
         return self._failed(
-            round_index, "no key-holding site decrypted the sum", start, protect, site_errors
+            round_index,
+            f"no key-holding site decrypted the sum{named}",
+            start,
+            protect,
+            site_errors,
         )
 
     def _failed(
@@ -558,9 +566,9 @@ class CKKSCollector(SumCollector):
             "protocol": "ckks",
             "library": "tenseal",
             "server_holds_secret_key": False,
-            "key_holder": "the sites (one key set, distributed out of band); the lowest-id "
-            "contributing site checks the contributors' signed ciphertexts, adds them itself "
-            "and decrypts the sum, once per round, adding flooding noise",
+            "key_holder": "the sites (one key set, distributed out of band); one site per "
+            "round, fixed by the run's session and the round, checks the contributors' signed "
+            "ciphertexts, adds them itself and decrypts the sum, once, adding flooding noise",
             "min_contributors": self.min_contributors,
             **self.params.describe(n_sites=self.n_sites),
         }
