@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from securefed.crypto.graph import effective_degree
-from securefed.crypto.messages import SESSION_BYTES
+from securefed.crypto.messages import SESSION_BYTES, round_keys_payload
 from securefed.crypto.roster import Roster, federation_public_key
 from securefed.crypto.secagg.config import SecAggConfig, default_threshold
 from securefed.errors import ConfigError, DropoutRecoveryError, ProtocolError
@@ -108,6 +108,19 @@ class ActiveSecurity:
     def digest(self) -> bytes:
         """The roster's digest, bound into every signature."""
         return self._digest  # type: ignore[attr-defined]
+
+    def round_keys(
+        self, *, round_index: int, site: int, encryption_public: bytes, mask_public: bytes
+    ) -> bytes:
+        """What ``site`` signs over its round keys, bound to this roster and session."""
+        return round_keys_payload(
+            roster_digest=self.digest,
+            session=self.session,
+            round_index=round_index,
+            site=site,
+            encryption_public=encryption_public,
+            mask_public=mask_public,
+        )
 
     def sign(self, payload: bytes) -> bytes:
         """This site's Ed25519 signature over ``payload``."""

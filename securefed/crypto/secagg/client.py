@@ -27,7 +27,6 @@ from securefed.crypto.messages import (
     UnmaskShares,
     commitments_payload,
     consistency_payload,
-    round_keys_payload,
     share_associated_data,
     share_commitment,
     share_pair_plaintext,
@@ -229,9 +228,7 @@ class SecAggClient:
             signature = b""
             if self.active is not None:
                 signature = self.active.sign(
-                    round_keys_payload(
-                        roster_digest=self.active.digest,
-                        session=self.active.session,
+                    self.active.round_keys(
                         round_index=self.round_index,
                         site=self.site_id,
                         encryption_public=enc,
@@ -259,9 +256,7 @@ class SecAggClient:
         for e in msg.entries:
             self.active.verify(
                 e.site,
-                round_keys_payload(
-                    roster_digest=self.active.digest,
-                    session=self.active.session,
+                self.active.round_keys(
                     round_index=self.round_index,
                     site=e.site,
                     encryption_public=e.encryption_public,

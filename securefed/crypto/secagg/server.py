@@ -26,7 +26,6 @@ from securefed.crypto.messages import (
     UnmaskShares,
     commitments_payload,
     consistency_payload,
-    round_keys_payload,
     share_commitment,
 )
 from securefed.crypto.prg import apply_masks
@@ -160,9 +159,7 @@ class SecAggServer:
             if self.active is not None:
                 self.active.verify(
                     msg.sender,
-                    round_keys_payload(
-                        roster_digest=self.active.digest,
-                        session=self.active.session,
+                    self.active.round_keys(
                         round_index=self.round_index,
                         site=msg.sender,
                         encryption_public=msg.encryption_public,
