@@ -310,13 +310,11 @@ def deployed_site(config: RunConfig, node: NodeSettings) -> SiteRuntime:
             f"site {node.site_id}: --secure-agg {config.secure_agg} needs the federation's "
             "signed roster (securefed deploy site --roster roster.json)"
         )
-    # The identity key signs set-up proofs (site_app) and, for masking, round keys, whenever
-    # a roster is used; the runtime holds it for DP claims (its set-up reply then names it).
-    identity = node.signer() if (config.dp_enabled or node.roster is not None) else None
-    roster = node.load_roster(identity)
-    # Masking signs its round keys with the identity key, DP or not (the runtime sends the
-    # public key in its set-up reply only for DP claims).
-    signer = identity if (config.dp_enabled or roster is not None) else None
+    # The identity key signs DP claims, set-up proofs and the secure-sum mode's round keys or
+    # ciphertexts whenever a roster is used, DP or not (the runtime sends the public key in
+    # its set-up reply only for DP claims).
+    signer = node.signer() if (config.dp_enabled or node.roster is not None) else None
+    roster = node.load_roster(signer)
     device = resolve_device(node.device or config.device)
     from securefed.data.dataset import load_dataset
 
@@ -364,11 +362,8 @@ def deployed_site(config: RunConfig, node: NodeSettings) -> SiteRuntime:
         he_public=he_public,
         disclose_size=node.disclose_size,
         roster=roster,
+        min_contributors=node.min_contributors_floor(roster),
     )
-    # The site's own minimum beside the roster's (a mode reads the larger one).
-    runtime.min_contributors_floor = node.min_contributors_floor(roster)  # type: ignore[attr-defined]
-    # The identity key, also in runs without DP (set-up identity proofs, masking round keys).
-    runtime.identity_signer = identity  # type: ignore[attr-defined]
     return runtime
 
 
@@ -380,12 +375,11 @@ def identity_proof(runtime: SiteRuntime, *, run_id: int, node_id: int) -> str | 
     """
     from securefed.deploy.trust import sign_identity
 
-    roster = getattr(runtime, "roster", None)
-    signer = getattr(runtime, "identity_signer", None)
+    roster, signer = runtime.roster, runtime.signer
     if roster is None or signer is None:
         return None
     return sign_identity(
-        signer._key,  # the SiteSigner's Ed25519 key: the site's registered identity
+        signer.private_key,  # the site's registered identity
         federation=roster.federation,
         run_id=run_id,
         node_id=node_id,

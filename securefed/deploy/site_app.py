@@ -245,7 +245,9 @@ def _handle(msg: Message, context: Context) -> Message:
         if stage == Stage.SETUP:
             proof = identity_proof(runtime, run_id=context.run_id, node_id=context.node_id)
             if proof is not None:
-                reply[IDENTITY_FIELD] = proof  # the server checks it against the roster
+                # The server checks it against the roster; the site's own disclosure check
+                # covers it like every other field.
+                reply = check_reply(config, "setup", {**reply, IDENTITY_FIELD: proof})
         if stage == Stage.FIT:
             runtime.state[_PINNED] = pinned
     finally:

@@ -143,6 +143,9 @@ class SiteRuntime:
         he_public: The CKKS public context the site reports at set-up.
         disclose_size: Whether the site's policy lets it disclose its size when the run asks.
         roster: The federation's roster as the site verified it (secure aggregation needs it).
+        min_contributors: The site's own least number of sites in any sum it helps reveal
+            (a deployed site's ``min-contributors``); the mode applies the larger of it and
+            the roster's.
 
     Attributes:
         plan: The DP-SGD plan the site derived for itself (None without DP).
@@ -174,6 +177,7 @@ class SiteRuntime:
         he_public: bytes | None = None,
         disclose_size: bool = True,
         roster: Roster | None = None,
+        min_contributors: int | None = None,
     ) -> None:
         if config.dp_enabled and signer is None:
             raise ConfigError(f"site {client_id}: a DP run needs the site's signing key")
@@ -187,8 +191,7 @@ class SiteRuntime:
         self.dataset_name = dataset_name
         self.fingerprint = fingerprint
         self.signer = signer
-        #: The federation's verified roster (deployed sites); placeholder until helper B's
-        #: masking takes it (``mode.site(..., roster=...)``).
+        #: The federation's verified roster (the secure-sum mode and set-up proofs use it).
         self.roster = roster
         self.he_public = he_public
         self.disclose_size = bool(config.disclose_site_sizes and disclose_size)
@@ -218,7 +221,7 @@ class SiteRuntime:
         keys: dict[str, Any] = {}
         if mode.uses_roster:
             identity = None if signer is None else signer.private_key
-            keys = {"identity": identity, "roster": roster}
+            keys = {"identity": identity, "roster": roster, "min_contributors": min_contributors}
         self.protection = mode.site(config, site_id=client_id, he_secret=he_secret, **keys)
         self.state: dict[str, Any] = {}
         self._persistent = PersistentStore()
