@@ -71,21 +71,25 @@ def clip_update(update: np.ndarray, bound: float) -> tuple[np.ndarray, bool]:
 def coordinate_slack(config: Any, n_summands: int) -> float:
     """Largest error per coordinate the secure sum of ``n_summands`` vectors may add.
 
-    Masking: one fixed-point quantum per summand (stochastic rounding). CKKS (and a mode
-    this module does not know): 1e-3 per summand, above CKKS' approximation error and any
-    decryption noise that keeps averaged weights within 1e-4. Plaintext: none.
+    Masking: one fixed-point quantum per summand (stochastic rounding), the quantum of the
+    codec the sites encoded with, sized for up to the run's sites (a round with dropouts is
+    encoded for more sites than it sums). CKKS: the flooded decryption's documented precision,
+    its noise sized, as the key holder sizes it, for up to the run's sites. Plaintext: none.
     """
     n = max(int(n_summands), 1)
+    most = max(n, int(config.clients))
     if config.secure_agg == "none":
         return 0.0
     if config.secure_agg == "mask":
         from securefed.crypto.fixedpoint import FixedPointCodec
 
         codec = FixedPointCodec(
-            ring_bits=config.secagg_ring_bits, clip_range=config.secagg_clip, n_summands=n
+            ring_bits=config.secagg_ring_bits, clip_range=config.secagg_clip, n_summands=most
         )
         return n * codec.quantum
-    return n * 1e-3
+    from securefed.protocol.modes.ckks import ckks_params
+
+    return ckks_params(config, n_sites=most).precision(most)
 
 
 def site_violation(vector: np.ndarray, *, clip: float, max_weight: float) -> str | None:

@@ -54,6 +54,7 @@ log = logging.getLogger("securefed.site")
 _FIT_ROUNDS = "fit.rounds"
 #: In the site's persistent store: the rounds it chose a cluster for (CFL's ``select``).
 _SELECT_ROUNDS = "select.rounds"
+_EVALUATE_CLUSTER_ROUNDS = "evaluate.cluster.rounds"
 
 
 def weights_to_bytes(state: Mapping[str, torch.Tensor]) -> bytes:
@@ -553,7 +554,15 @@ class SiteRuntime:
         ``personalize`` of that round; the twin never leaves the site.
         """
         reply: dict[str, Any] = {}
+        round_index = self._check_round(fields)
         if "models" in fields:
+            # The cluster choice is the un-noised function `select` answers once per round:
+            # here too, or the held-out step would be a probe without limit.
+            self.persistent.claim_once(
+                _EVALUATE_CLUSTER_ROUNDS,
+                round_index,
+                what=f"site {self.client_id}: choosing a cluster to evaluate, round {round_index}",
+            )
             models = self._models(fields)
             reply["cluster"] = cluster = self.select_cluster(models)
             model = models[cluster]
@@ -564,7 +573,6 @@ class SiteRuntime:
             metrics = self.task.evaluate(model=model, split=self.heldout, device=self.device)
         reply["metrics"] = metrics
         if fields.get("personalize"):
-            round_index = int(fields["round"])
             if not personalizes_in(self.config, round_index):
                 raise ProtocolError(
                     f"site {self.client_id}: the run does not fine-tune twins in round "

@@ -467,3 +467,24 @@ def test_any_record_is_read_or_refused_with_a_protocol_error(message, record, dp
         schema.check(message, from_record(wire, what="reply"))
     except ProtocolError:
         pass
+
+
+def test_the_rounding_slack_is_the_one_the_sites_encoded_and_decrypted_with():
+    """A round with dropouts sums fewer sites than it was encoded (or flooded) for.
+
+    Second review: the slack was computed for the survivors alone, a finer quantum than the
+    sites used when some dropped out, so an honest masked round could be refused; the CKKS
+    slack was a flat 1e-3 per site, far looser than the documented precision.
+    """
+    from securefed.crypto.fixedpoint import FixedPointCodec
+    from securefed.fl.bounds import coordinate_slack
+    from securefed.protocol.modes.ckks import ckks_params
+
+    mask = RunConfig(secure_agg="mask", clients=5)
+    sites_quantum = FixedPointCodec(
+        ring_bits=mask.secagg_ring_bits, clip_range=mask.secagg_clip, n_summands=5
+    ).quantum
+    assert coordinate_slack(mask, 3) == pytest.approx(3 * sites_quantum)
+    he = RunConfig(secure_agg="he", clients=5)
+    assert coordinate_slack(he, 3) == pytest.approx(ckks_params(he).precision(5))
+    assert coordinate_slack(he, 3) < 1e-8

@@ -120,3 +120,21 @@ def test_a_cfl_site_chooses_a_cluster_once_per_round_of_the_run(small_config):
     with pytest.raises(ProtocolError, match="cluster for round 1: already done once"):
         site.handle(Stage.SELECT, {**fields, "round": 1})
     assert site.handle(Stage.SELECT, {**fields, "round": 2})["cluster"] in (0, 1)
+
+
+def test_a_cfl_site_picks_a_cluster_to_evaluate_once_per_round(small_config):
+    # Second review: the held-out step with CFL's `models` recomputed the un-noised cluster
+    # choice for whatever models the server sent, as often as it asked.
+    from securefed.errors import ProtocolError
+    from securefed.fl.engine import _models_fields
+    from securefed.protocol.wire import Stage
+
+    fed = Federation(small_config.replace(rounds=2, dp_epsilon=None, strategy="cfl", clusters=2))
+    site = fed.sites[0]
+    fields = {**_models_fields(fed._blobs()), "layout_keys": list(fed.layout.keys)}
+    with pytest.raises(ProtocolError, match="names no round"):
+        site.handle(Stage.EVALUATE, fields)
+    assert site.handle(Stage.EVALUATE, {**fields, "round": 1})["cluster"] in (0, 1)
+    with pytest.raises(ProtocolError, match="cluster to evaluate, round 1: already done once"):
+        site.handle(Stage.EVALUATE, {**fields, "round": 1})
+    assert site.handle(Stage.EVALUATE, {**fields, "round": 2})["cluster"] in (0, 1)
