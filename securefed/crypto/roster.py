@@ -20,6 +20,7 @@ it is unpickled or evaluated.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 from collections.abc import Mapping
@@ -166,9 +167,12 @@ class Roster:
 
     def digest(self) -> bytes:
         """SHA-256 of :meth:`canonical`: binds signatures made under this roster to it."""
-        import hashlib
-
-        return hashlib.sha256(self.canonical()).digest()
+        # Checked with every signature of a round: computed once (the roster is frozen).
+        cached = self.__dict__.get("_digest")
+        if cached is None:
+            cached = hashlib.sha256(self.canonical()).digest()
+            object.__setattr__(self, "_digest", cached)
+        return cached
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> Roster:

@@ -122,14 +122,15 @@ def sign_contribution(
     round_index: int,
     site_id: int,
     frame: bytes,
+    digest: bytes | None = None,
 ) -> bytes:
-    """A site's signature over its update frame (64 bytes)."""
+    """A site's signature over its update frame (64 bytes); ``digest``: its SHA-256, if known."""
     message = contribution_message(
         roster=roster,
         session=session,
         round_index=round_index,
         site_id=site_id,
-        digest=frame_digest(frame),
+        digest=frame_digest(frame) if digest is None else digest,
     )
     return identity.sign(message)
 

@@ -265,6 +265,7 @@ class CKKSSite(SiteProtection):
         frame = encryptor.encrypt(
             vector, site_id=self.site_id, round_index=round_index, subset=self.subset
         )
+        digest = frame_digest(frame)
         signature = sign_contribution(
             identity,
             roster=roster,
@@ -272,9 +273,10 @@ class CKKSSite(SiteProtection):
             round_index=round_index,
             site_id=self.site_id,
             frame=frame,
+            digest=digest,
         )
         state[_FIT_ROUND] = int(round_index)
-        state[_FIT_DIGEST] = frame_digest(frame)
+        state[_FIT_DIGEST] = digest
         self.encrypt_seconds = time.perf_counter() - start
         self.update_bytes = len(frame)
         return {
@@ -287,11 +289,12 @@ class CKKSSite(SiteProtection):
         """Key holder: check the signed contributions, add them, decrypt the sum with flooding.
 
         The site never decrypts a ciphertext the server composed. It refuses, before adding or
-        decrypting anything: a list for another round than the one it last fit, a second
-        decryption of a round, a list it cannot parse, a contribution whose signature does
-        not verify against its roster for its session and that round, a list without this
-        site's own frame (the exact SHA-256 it produced at fit), fewer signed roster sites
-        than its pinned minimum, and a decryption beyond its share of the budget.
+        decrypting anything: a round it is not the decrypting site of (:func:`decrypting_site`),
+        a second decryption of a round, a list it cannot parse or for another round, a
+        contribution whose signature does not verify against its roster for its session and
+        that round, a list that leaves out or changes this site's own frame when it
+        contributed to the round (it need not have), fewer signed roster sites than its pinned
+        minimum, and a decryption beyond its share of the budget.
 
         Raises:
             ProtocolError: For any refusal above, a malformed message, or ciphertexts under
@@ -311,29 +314,28 @@ class CKKSSite(SiteProtection):
                 f"site {self.site_id}: the sum of round {round_index} is decrypted by site "
                 f"{designated} (fixed by the session and the round), not by this site"
             )
-        fit_round = round_index
         done = [int(r) for r in self.persistent.get(_DECRYPTED, [])]
-        if fit_round in done:
+        if round_index in done:
             raise ProtocolError(
-                f"site {self.site_id}: the sum of round {fit_round} was already decrypted; "
+                f"site {self.site_id}: the sum of round {round_index} was already decrypted; "
                 "one decryption per round"
             )
         listed_round, entries = decode_contributions(listing)
-        if listed_round != fit_round:
+        if listed_round != round_index:
             raise ProtocolError(
                 f"site {self.site_id}: the contribution list is for round {listed_round}, not "
-                f"{fit_round}"
+                f"{round_index}"
             )
         digests = {e.site_id: frame_digest(e.frame) for e in entries}
         for entry in entries:
             verify_contribution(
                 roster,
                 session=session,
-                round_index=fit_round,
+                round_index=round_index,
                 contribution=entry,
                 digest=digests[entry.site_id],
             )
-        mine = state.get(_FIT_DIGEST) if state.get(_FIT_ROUND) == fit_round else None
+        mine = state.get(_FIT_DIGEST) if state.get(_FIT_ROUND) == round_index else None
         own = [e for e in entries if e.site_id == self.site_id]
         if mine is not None and (not own or not hmac.compare_digest(digests[self.site_id], mine)):
             raise ProtocolError(
@@ -364,15 +366,15 @@ class CKKSSite(SiteProtection):
         # The sum is this site's own: every ciphertext in it is a fresh encryption signed by
         # a roster site, so the flooding sized for len(entries) (or the roster) covers its
         # error; a multiple of one, or anything else the server composes, is never decrypted.
-        agg = CKKSAggregator(self._public, round_index=fit_round)
+        agg = CKKSAggregator(self._public, round_index=round_index)
         for entry in entries:
             agg.add(entry.frame, site_id=entry.site_id)
-        total = self._decryptor.decrypt(agg.aggregate(), round_index=fit_round)
+        total = self._decryptor.decrypt(agg.aggregate(), round_index=round_index)
         # Every decrypted round of the session (a list of ints, as Flower's ConfigRecord
         # holds): a server that re-runs the fit of an old round gets no second decryption.
         # In the site's persistent store: a new session (set-up) of the run must not reset
         # what it decrypted, or a server could re-run set-up for another decryption.
-        self.persistent[_DECRYPTED] = [*done, fit_round]
+        self.persistent[_DECRYPTED] = [*done, round_index]
         self.persistent[_QUERIES] = used + n_chunks
         self.last_sigma = self._decryptor.last_sigma
         self.decrypt_seconds = time.perf_counter() - start
