@@ -45,6 +45,7 @@ __all__ = [
     "read_site_file",
     "save",
     "state_path",
+    "write_private_atomic",
     "write_site_file",
 ]
 
@@ -244,15 +245,24 @@ def write_site_file(
         },
         sort_keys=True,
     )
+    write_private_atomic(path, body)
+
+
+def write_private_atomic(path: Path, text: str) -> None:
+    """Replace ``path`` with ``text`` atomically, readable by its owner only (0600).
+
+    Written to a temporary file beside it, fsynced, renamed over it, and the folder fsynced,
+    so a crash leaves the old file or the new one, never a part of either.
+    """
     tmp = path.with_name(path.name + ".tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as fh:
         os.fchmod(fh.fileno(), 0o600)
-        fh.write(body)
+        fh.write(text)
         fh.flush()
         os.fsync(fh.fileno())
     os.replace(tmp, path)
-    dir_fd = os.open(folder, os.O_RDONLY)
+    dir_fd = os.open(path.parent, os.O_RDONLY)
     try:
         os.fsync(dir_fd)
     finally:

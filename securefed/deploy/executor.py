@@ -122,15 +122,10 @@ def load_seen_runs(path: Path, *, now: float) -> dict[int, dict[str, Any]]:
 
 def save_seen_runs(path: Path, runs: Mapping[int, Mapping[str, Any]]) -> None:
     """Write the accepted runs atomically, readable by the site's user only (0600)."""
+    from securefed.persistent import write_private_atomic
+
     body = json.dumps({"runs": {str(rid): dict(e) for rid, e in sorted(runs.items())}}, indent=1)
-    tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as fh:
-        os.fchmod(fh.fileno(), 0o600)
-        fh.write(body)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    write_private_atomic(path, body)
 
 
 def check_loopback(address: str) -> str:

@@ -611,7 +611,8 @@ class CKKSMode(SecureSumMode):
                 "holder itself, of the signed ciphertexts of at least its pinned minimum of "
                 "roster sites (the roster's min_contributors), its own included, plus "
                 "Gaussian flooding noise "
-                f"(sigma {sigma:.2g} for {config.clients} sites, {SECURITY_BITS}-bit security "
+                f"(sigma {sigma:.2g} for {config.clients} sites, at least: the key holder sizes "
+                f"it for its roster's sites, {SECURITY_BITS}-bit security "
                 "against key recovery), rounded to a power-of-two grid below sigma",
             ),
             ("fit", "protect_seconds", "clear", TIMING_DETAIL),
