@@ -43,10 +43,9 @@ from pathlib import Path
 from typing import Any
 
 from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from securefed.errors import ConfigError, ProtocolError
+from securefed.errors import ConfigError, IntegrityError, ProtocolError
 
 __all__ = [
     "IDENTITY_FIELD",
@@ -90,26 +89,21 @@ def create_federation_key(path: str | os.PathLike[str]) -> str:
         ConfigError: If either file exists (a federation key is never overwritten).
 
     """
+    from securefed.dp.signing import SiteSigner
+
     private = Path(path)
     public = private.with_suffix(".pub")
     for target in (private, public):
         if os.path.lexists(target):
             raise ConfigError(f"{target} already exists; a federation key is never overwritten")
-    key = Ed25519PrivateKey.generate()
-    pem = key.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-    )
-    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
+    # The same Ed25519 key file as a site's signing key (PKCS#8 PEM, created 0600, O_EXCL).
+    signer = SiteSigner.generate()
     try:
-        fd = os.open(private, flags, 0o600)
+        signer.save(private, fmt="pem")
     except OSError as exc:
         raise ConfigError(f"cannot write {private} ({exc.strerror})") from exc
-    with os.fdopen(fd, "wb") as fh:
-        os.fchmod(fh.fileno(), 0o600)
-        fh.write(pem)
-    hexkey = _raw(key.public_key()).hex()
-    public.write_text(hexkey + "\n")
-    return hexkey
+    public.write_text(signer.public_key_hex + "\n")
+    return signer.public_key_hex
 
 
 def load_federation_key(path: str | os.PathLike[str]) -> Ed25519PrivateKey:
@@ -119,21 +113,14 @@ def load_federation_key(path: str | os.PathLike[str]) -> Ed25519PrivateKey:
         ConfigError: Missing, readable by others, or not an Ed25519 private key.
 
     """
-    path = Path(path)
+    from securefed.dp.signing import SiteSigner
+
     try:
-        mode = path.stat().st_mode & 0o777
-        data = path.read_bytes()
+        return SiteSigner.load(path).private_key
     except OSError as exc:
         raise ConfigError(f"federation key {path}: {exc.strerror}") from exc
-    if mode & 0o077:
-        raise ConfigError(f"federation key {path}: mode {mode:o}; make it 0600 (chmod 600)")
-    try:
-        key = serialization.load_pem_private_key(data, password=None)
-    except (ValueError, TypeError) as exc:
-        raise ConfigError(f"federation key {path}: not a PEM private key ({exc})") from exc
-    if not isinstance(key, Ed25519PrivateKey):
-        raise ConfigError(f"federation key {path}: not an Ed25519 key")
-    return key
+    except IntegrityError as exc:
+        raise ConfigError(f"federation key {exc}") from exc
 
 
 def load_federation_public(value: str | os.PathLike[str]) -> bytes:
@@ -162,10 +149,6 @@ def _is_hex_key(text: str) -> bool:
         return len(bytes.fromhex(text)) == _KEY_BYTES
     except ValueError:
         return False
-
-
-def _raw(key: Ed25519PublicKey) -> bytes:
-    return key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
 
 
 def _canonical(value: Any) -> bytes:

@@ -196,7 +196,9 @@ class SiteSigner:
         mode = stat.S_IMODE(path.stat().st_mode)
         if mode & 0o077:
             # A site key others can read lets them sign claims in the site's name.
-            raise IntegrityError(f"{path}: key file mode {mode:o} lets others read it; chmod 600")
+            raise IntegrityError(
+                f"{path}: key file mode {mode:o} lets others read it; make it 0600 (chmod 600)"
+            )
         data = path.read_bytes()
         try:
             if data.lstrip().startswith(b"-----BEGIN"):
