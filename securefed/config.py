@@ -243,6 +243,10 @@ class RunConfig:
         max_grad_norm: Per-sample gradient clipping bound C.
         accountant: ``pld``: dp_accounting's PLD accountant, replace-one adjacency (the only
             one; Opacus' add/remove accountants are refused, see ``dp/accounting.py``).
+        calibrate: DP classification with one global model: after the last round, fit the
+            decision offsets from DP-noised per-class score statistics of the sites' training
+            data (:mod:`securefed.dp.calibration`), accounted within ``dp_epsilon``.
+        calibration_noise: Noise multiplier of that release.
         disclose_site_sizes: Every site agrees to put its training-set size and class counts
             in the run's files (off: they stay at the site; only their sum in a round's secure
             sum is released). In a deployment each site decides for itself.
@@ -378,6 +382,18 @@ class RunConfig:
         choices=ACCOUNTANTS + LEGACY_ACCOUNTANTS,
         help="Accountant for calibration and reporting: dp_accounting PLD, replace-one adjacency "
         "(Opacus' prv/rdp/gdp account add/remove neighbours and are refused).",
+    )
+    calibrate: bool = _setting(
+        True,
+        off="--no-calibrate",
+        help="DP classification: after the last round, set the decision threshold from "
+        "DP-noised per-class score statistics of the sites' training data (accounted within "
+        "--dp-epsilon; docs/calibration.md).",
+    )
+    calibration_noise: float = _setting(
+        8.0,
+        help="Noise multiplier of the calibration release (sigma per unit of its sensitivity); "
+        "its privacy cost is part of --dp-epsilon.",
     )
     disclose_site_sizes: bool = _setting(
         False,
@@ -546,7 +562,7 @@ class RunConfig:
         for name in ("seed", "public_seed", "personalize"):
             value = getattr(self, name)
             _check(value >= 0, f"{_n(name)} must be 0 or more (got {value}).")
-        for name in ("lr", "max_grad_norm", "secagg_clip"):
+        for name in ("lr", "max_grad_norm", "secagg_clip", "calibration_noise"):
             value = getattr(self, name)
             _check(
                 math.isfinite(value) and value > 0,

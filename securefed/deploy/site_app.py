@@ -282,6 +282,12 @@ def evaluate(msg: Message, context: Context) -> Message:
     return _handle(msg, context)
 
 
+@app.evaluate("calibrate")
+def calibrate(msg: Message, context: Context) -> Message:
+    """DP classification, after the last round: noised per-class score statistics."""
+    return _handle(msg, context)
+
+
 @app.train("fit")
 def fit(msg: Message, context: Context) -> Message:
     """Train a round with DP-SGD and protect the update (the secure sum's first step)."""

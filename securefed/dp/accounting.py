@@ -161,11 +161,14 @@ def calibrate_noise(
     sample_rate: float,
     steps: int,
     accountant: str = ACCOUNTANT,
+    extra: tuple[tuple[float, float, int], ...] = (),
 ) -> float:
     """Smallest noise multiplier (to 0.01 in epsilon) whose replace-one epsilon is <= target.
 
     Bisection on sigma: epsilon decreases as sigma grows. The result's epsilon is at most the
-    target and, unless sigma hit the search's resolution, within 0.01 of it.
+    target and, unless sigma hit the search's resolution, within 0.01 of it. ``extra`` are
+    fixed entries composed with the steps (e.g. the decision calibration's release,
+    :func:`securefed.dp.calibration.planned_entries`): sigma leaves room for them.
 
     Raises:
         PrivacyBudgetError: No noise multiplier up to 1e4 reaches the target.
@@ -174,8 +177,14 @@ def calibrate_noise(
     _check_accountant(accountant)
 
     def eps(sigma: float) -> float:
-        return pld_epsilon(history=[(sigma, sample_rate, steps)], delta=delta)
+        return pld_epsilon(history=[(sigma, sample_rate, steps), *extra], delta=delta)
 
+    if extra and pld_epsilon(history=list(extra), delta=delta) >= target_epsilon:
+        raise PrivacyBudgetError(
+            f"epsilon={target_epsilon} at delta={delta:.2g}: the decision calibration alone "
+            f"spends {pld_epsilon(history=list(extra), delta=delta):.3g}; raise "
+            "--calibration-noise or --dp-epsilon, or pass --no-calibrate"
+        )
     hi = 1.0
     while eps(hi) > target_epsilon:
         hi *= 2

@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from securefed.config import planned_epochs
+from securefed.dp import calibration
 from securefed.dp.report import read_json, report_hash
 from securefed.dp.signing import claim_from_report, run_digest, verify_claim
 from securefed.errors import AuditError, PrivacyBudgetError
@@ -369,7 +370,12 @@ def _check_site(
 
     fed = [e for e in events if e.get("phase", "federated") == "federated"]
     twin = [e for e in events if e.get("phase") == "personalize"]
-    other = [e for e in events if e.get("phase", "federated") not in ("federated", "personalize")]
+    cal = [e for e in events if e.get("phase") == calibration.PHASE]
+    other = [
+        e
+        for e in events
+        if e.get("phase", "federated") not in ("federated", "personalize", calibration.PHASE)
+    ]
     want_rounds = sorted(r for r in executed if cid in participants.get(r, set()))
     got_rounds = sorted(int(e["round"]) for e in fed)
     result.add(
@@ -399,9 +405,27 @@ def _check_site(
             _close(e["noise_multiplier"], sigma)
             and _close(e["sample_rate"], q)
             and _close(e["max_grad_norm"], clip)
-            for e in events
+            for e in fed + twin
         ),
         f"sigma={sigma:.6g}, q={q:.6g}, C={clip:g}",
+    )
+    entries = calibration.planned_entries(run)
+    want_cal = {(s_, q_, n_, calibration.CLIP) for s_, q_, n_ in entries}
+    result.add(
+        f"{name}: decision calibration: at most one release, after the last round, as planned",
+        len(cal) <= (1 if entries else 0)
+        and all(
+            int(e["round"]) == int(run["rounds"])
+            and (
+                float(e["noise_multiplier"]),
+                float(e["sample_rate"]),
+                int(e["steps"]),
+                float(e["max_grad_norm"]),
+            )
+            in want_cal
+            for e in cal
+        ),
+        f"{len(cal)} calibration event(s); planned {list(want_cal) or 'none'}",
     )
     result.add(
         f"{name}: clipping bound C = configured max_grad_norm",
@@ -439,7 +463,7 @@ def _check_site(
         f"{c['planned_steps']} vs {planned}",
     )
     target = float(run["dp_epsilon"])
-    cache_key = (target, delta, q, planned, str(privacy.get("accountant")))
+    cache_key = (target, delta, q, planned, str(privacy.get("accountant")), entries)
     if cache_key not in calibrated:
         try:
             with _quiet():
@@ -449,6 +473,7 @@ def _check_site(
                     sample_rate=q,
                     steps=planned,
                     accountant=str(privacy.get("accountant")),
+                    extra=entries,
                 )
         except (PrivacyBudgetError, ArithmeticError, ValueError, KeyError) as exc:
             calibrated[cache_key] = None

@@ -19,7 +19,7 @@ from __future__ import annotations
 import sys
 import time
 import warnings
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -268,12 +268,24 @@ class SiteTrainer:
             accountant=self.plan.accountant,
         )
 
-    def resume_accounting(self, events: Sequence[PrivacyEvent]) -> None:
+    def resume_accounting(
+        self,
+        events: Sequence[PrivacyEvent],
+        *,
+        releases: Mapping[str, Collection[tuple[float, float, int, float]]] | None = None,
+    ) -> None:
         """Carry earlier rounds' DP events into a fresh trainer (a new site process).
 
         A deployed site runs each round in a new process; without this, its epsilon would
         start from zero. The events are checked and recorded in the ledger, nothing else:
         epsilon is always computed from the ledger.
+
+        Args:
+            events: The site's earlier events.
+            releases: Other mechanisms of the site's plan, by phase: the (sigma, q, steps, C)
+                each may have (e.g. the decision calibration,
+                :mod:`securefed.dp.calibration`); their events are checked against these
+                instead of the DP-SGD plan.
 
         Raises:
             PrivacyBudgetError: If the trainer already trained, or an event is another site's
@@ -288,7 +300,14 @@ class SiteTrainer:
                 raise PrivacyBudgetError(
                     f"site {self.client_id}: handed an event of site {e.client_id}"
                 )
-            if self.plan is None or (e.noise_multiplier, e.sample_rate) != (
+            other = (releases or {}).get(e.phase)
+            if other is not None:
+                if (e.noise_multiplier, e.sample_rate, e.steps, e.max_grad_norm) not in other:
+                    raise PrivacyBudgetError(
+                        f"site {self.client_id}: an earlier {e.phase} event (round {e.round}) "
+                        "does not match this site's privacy plan"
+                    )
+            elif self.plan is None or (e.noise_multiplier, e.sample_rate) != (
                 self.plan.noise_multiplier,
                 self.plan.sample_rate,
             ):

@@ -15,6 +15,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from securefed.config import RunConfig
+from securefed.dp import calibration
 from securefed.dp.accounting import ADJACENCY, compute_epsilon
 from securefed.dp.ledger import PrivacyEvent, PrivacyLedger
 from securefed.dp.signing import attach_site_signatures, site_claim, verify_claim
@@ -91,7 +92,7 @@ _EVENT_RANGES = {
     "steps": lambda v: 0 <= v <= 10**9,
     "max_grad_norm": lambda v: 0 < v <= 1e12,
     "round": lambda v: 0 <= v <= 10**9,
-    "phase": lambda v: v in ("federated", "personalize"),
+    "phase": lambda v: v in ("federated", "personalize", calibration.PHASE),
 }
 
 
@@ -215,7 +216,16 @@ class ClaimBook:
         self.check_signature(sid, reply.get("signature"))
         per_epoch = round(1.0 / plan.sample_rate)
         epochs = self.config.local_epochs if phase == "federated" else self.config.personalize
-        for e in events:
+        if phase == calibration.PHASE:
+            # One release of its own kind, whose parameters the run fixes.
+            entries = calibration.planned_entries(self.config.to_dict())
+            want = {(s, q, n, calibration.CLIP) for s, q, n in entries}
+            if len(events) != 1 or any(
+                (e.noise_multiplier, e.sample_rate, e.steps, e.max_grad_norm) not in want
+                for e in events
+            ):
+                raise ProtocolError(f"site {sid}: calibrated with other DP parameters than planned")
+        for e in events if phase != calibration.PHASE else ():
             if (e.noise_multiplier, e.sample_rate, e.max_grad_norm) != (
                 plan.noise_multiplier,
                 plan.sample_rate,

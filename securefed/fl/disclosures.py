@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from securefed.config import RunConfig
+from securefed.dp.calibration import calibrates
 from securefed.errors import ProtocolError
 from securefed.protocol.modes import get_mode
 
@@ -171,6 +172,19 @@ def site_releases(config: RunConfig, *, runtime: str = "in-process") -> list[Rel
             add("heldout", "epsilon", "dp-accounted", "the site's spent epsilon after it")
             add("heldout", "plan", "dp-accounted", _CLAIM)
             add("heldout", "signature", "clear", "Ed25519 signature over the site's claim")
+    if calibrates(config.to_dict()):
+        add(
+            "calibrate",
+            "statistics",
+            "dp-accounted",
+            "after the last round: per-class counts and sums of the final model's clipped, "
+            "centred logits over the site's training records, with Gaussian noise (one event "
+            "of phase calibrate in the site's ledger; docs/calibration.md)",
+        )
+        add("calibrate", "events", "dp-accounted", "the calibration's DP event")
+        add("calibrate", "epsilon", "dp-accounted", "the site's spent epsilon after it")
+        add("calibrate", "plan", "dp-accounted", _CLAIM)
+        add("calibrate", "signature", "clear", "Ed25519 signature over the site's claim")
     add(
         "*",
         "(timing)",

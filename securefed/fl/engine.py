@@ -30,6 +30,7 @@ from torch import nn
 from securefed.config import RunConfig
 from securefed.crypto.roster import Roster
 from securefed.data.dataset import DatasetBundle
+from securefed.dp import calibration
 from securefed.errors import ConfigError, ProtocolError
 from securefed.fl.bounds import (
     aggregate_violation,
@@ -454,6 +455,11 @@ class RoundEngine:
             sums = self._cyclic_round(round_index, chosen, drop_before)
         else:
             sums = self._parallel_round(round_index, chosen, drop_before, drop_after)
+        calibrated, calibration_seconds = None, 0.0
+        if round_index == cfg.rounds and self.calibrates:
+            cal_start = time.perf_counter()
+            calibrated = self._calibrate(round_index, sums)
+            calibration_seconds = time.perf_counter() - cal_start
         eval_start = time.perf_counter()
         record, twin_seconds, eval_errors = self._evaluate(round_index, chosen, sums)
         eval_seconds = time.perf_counter() - eval_start - twin_seconds
@@ -494,6 +500,7 @@ class RoundEngine:
                     "aggregation": sums.agg_seconds,
                     "personalization": twin_seconds,
                     "evaluation": eval_seconds,
+                    "calibration": calibration_seconds,
                 },
                 "bytes_per_client": {str(s): received[s] for s in sums.survivors},
                 "clipped_values": sums.clipped,
@@ -507,6 +514,8 @@ class RoundEngine:
         )
         if sums.clusters is not None:
             record["clusters"] = sums.clusters
+        if calibrated is not None:
+            record["decision_calibration"] = calibrated
         rec = RoundRecord(data=record, applied=sums.applied)
         self.records.append(rec)
         self._event(
@@ -788,6 +797,88 @@ class RoundEngine:
         )
 
     # -- evaluation -------------------------------------------------------------------------
+    @property
+    def calibrates(self) -> bool:
+        """Whether the run ends with a decision calibration (:mod:`securefed.dp.calibration`)."""
+        return (
+            calibration.calibrates(self.config.to_dict())
+            and self.task.name == "classification"
+            and len(self.models) == 1
+        )
+
+    def _calibrate(self, round_index: int, sums: _Sums) -> dict[str, Any]:
+        """After the last round: shift the global model's decision by the sites' noised statistics.
+
+        Every site that did not fail this round is asked (its budget covers the release
+        whether or not it trained the round). Each reply is accounted before it is read. The
+        offsets change only the bias of the model's output layer, before the final
+        evaluation, so metrics.json's last round and model.safetensors describe the
+        calibrated model.
+        """
+        k = self.spec.num_classes
+        blob = self._blobs()[0]
+        asked = sorted(set(self.site_info) - set(sums.site_errors))
+        payloads = {
+            sid: (
+                Stage.CALIBRATE,
+                {
+                    "weights": blob,
+                    "layout_keys": list(self.layout.keys),
+                    "round": round_index,
+                    "history": self._history(sid),
+                },
+            )
+            for sid in asked
+        }
+        replies, errors = self.logged.exchange(
+            payloads, timeout=self.stage_timeout, group=str(round_index)
+        )
+        total = np.zeros(calibration.statistics_size(k))
+        used: list[int] = []
+        for sid in sorted(replies):
+            try:
+                # Accounted first: what a site says it spent counts even if its values are bad.
+                self.claims.account(
+                    sid, replies[sid], round_index=round_index, phase=calibration.PHASE
+                )
+                total += calibration.check_statistics(
+                    replies[sid]["statistics"], num_classes=k, what=f"site {sid}"
+                )
+            except (ProtocolError, ValueError) as exc:
+                errors[sid] = str(exc)
+                continue
+            used.append(sid)
+        noise = float(self.config.calibration_noise)
+        record: dict[str, Any] = {
+            "sites": used,
+            "noise_multiplier": noise,
+            "clip": calibration.CLIP,
+            "site_errors": {str(s): why for s, why in sorted(errors.items())},
+        }
+        if not used:
+            record.update(applied=False, reason="no site sent calibration statistics")
+            record.update(offsets=[0.0] * k, counts=None)
+            return record
+        result = calibration.offsets_from_sum(
+            total, num_classes=k, sites=len(used), noise_multiplier=noise
+        )
+        applied, reason = result.applied, result.reason
+        if applied:
+            biases = _output_biases(self.models[0], k)
+            if not biases:
+                applied, reason = False, "the model has no output-layer bias to shift"
+            with torch.no_grad():
+                for bias in biases:
+                    bias += torch.tensor(result.offsets, dtype=bias.dtype, device=bias.device)
+        record.update(
+            applied=applied,
+            reason=reason,
+            offsets=result.offsets if applied else [0.0] * k,
+            counts=result.counts,
+        )
+        self._event(event="calibration", round=round_index, applied=applied, reason=reason)
+        return record
+
     def _evaluate(
         self, round_index: int, chosen: list[int], sums: _Sums
     ) -> tuple[dict[str, Any], float, dict[int, str]]:
@@ -1085,6 +1176,25 @@ class RoundEngine:
                 "served_cluster": self.largest_cluster(),
             }
         return out
+
+
+def _output_biases(model: nn.Module, num_classes: int) -> list[torch.Tensor]:
+    """The bias of the layer that emits the logits (of each branch, for late fusion).
+
+    Late fusion averages its branches' logits, so the same offset goes on every branch's
+    head. A model whose last linear layer is not ``num_classes`` wide, or has no bias, gets
+    none (the calibration is then reported as not applied).
+    """
+    branches = getattr(model, "branches", None)
+    parts = list(branches) if isinstance(branches, nn.ModuleList) else [model]
+    out = []
+    for part in parts:
+        linears = [m for m in part.modules() if isinstance(m, nn.Linear)]
+        last = linears[-1] if linears else None
+        if last is None or last.out_features != num_classes or last.bias is None:
+            return []
+        out.append(last.bias)
+    return out
 
 
 def _models_fields(blobs: list[bytes]) -> dict[str, Any]:

@@ -20,6 +20,7 @@ from securefed.dp.accounting import (
     site_delta,
     steps_per_epoch,
 )
+from securefed.dp.calibration import planned_entries
 from securefed.dp.noise import NoiseSource, SecretNoise, SeededNoise
 from securefed.dp.trainer import DPPlan
 from securefed.errors import ConfigError, DataError
@@ -131,7 +132,8 @@ def plan_site_privacy(config: RunConfig, *, num_samples: int) -> DPPlan:
     """One site's DP-SGD plan: sigma calibrated for every step the site may take in the run.
 
     Calibrates for the worst case: the site takes part in every round, and its twin
-    fine-tuning (on the same records) is accounted too. Sampling by the server is not
+    fine-tuning (on the same records) and the decision calibration's release
+    (:mod:`securefed.dp.calibration`) are accounted too. Sampling by the server is not
     counted as amplification. Runs at the site, which picks its own delta (the run's, lowered
     to at most ``1/(10 n)`` for its size); the same in-process and over Flower.
     """
@@ -145,6 +147,7 @@ def plan_site_privacy(config: RunConfig, *, num_samples: int) -> DPPlan:
         sample_rate=q,
         steps=steps,
         accountant=config.accountant,
+        extra=planned_entries(config.to_dict()),
     )
     return DPPlan(
         noise_multiplier=sigma,
@@ -191,6 +194,7 @@ def check_site_plan(config: RunConfig, plan: DPPlan) -> None:
         sample_rate=plan.sample_rate,
         steps=plan.planned_steps,
         accountant=config.accountant,
+        extra=planned_entries(config.to_dict()),
     )
     if plan.noise_multiplier != sigma:
         raise ProtocolError(

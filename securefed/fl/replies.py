@@ -104,6 +104,16 @@ def _counts(v: Any) -> str | None:
     return None
 
 
+def _numbers(v: Any) -> str | None:
+    if (
+        not isinstance(v, list)
+        or len(v) > 1_000_000
+        or not all(_is_number(x) and math.isfinite(x) for x in v)
+    ):
+        return "is not a list of finite numbers"
+    return None
+
+
 def _finite_json(v: Any, depth: int = 0) -> str | None:
     """A metric value: None, a finite number, a short string, or lists/objects of them."""
     if depth > 4:
@@ -187,6 +197,7 @@ FIELDS: dict[str, dict[str, Check]] = {
     "masked": {**_MASKING, "clipped": _count(0)},
     "unmask": _MASKING,
     "decrypt": {"vector": _bytes},
+    "calibrate": {**_CLAIM, "statistics": _numbers},
 }
 
 #: Fields each message must carry (more under DP, and the update in a fit reply).
@@ -198,6 +209,7 @@ REQUIRED: dict[str, frozenset[str]] = {
     "masked": frozenset({"message"}),
     "unmask": frozenset({"message"}),
     "decrypt": frozenset({"vector"}),
+    "calibrate": frozenset({"statistics", "events", "epsilon", "plan", "signature"}),
 }
 
 #: The field that carries a site's protected update in its fit reply, per mode.

@@ -25,6 +25,7 @@ from torch import nn
 from securefed.config import RunConfig
 from securefed.crypto.roster import Roster
 from securefed.data.dataset import ArraySplit
+from securefed.dp import calibration
 from securefed.dp.ledger import PrivacyEvent, PrivacyLedger
 from securefed.dp.signing import SiteSigner
 from securefed.dp.trainer import SiteTrainer
@@ -55,6 +56,8 @@ _FIT_ROUNDS = "fit.rounds"
 #: In the site's persistent store: the rounds it chose a cluster for (CFL's ``select``).
 _SELECT_ROUNDS = "select.rounds"
 _EVALUATE_CLUSTER_ROUNDS = "evaluate.cluster.rounds"
+#: Rounds whose decision calibration the site released (once per run: it is accounted).
+_CALIBRATE_ROUNDS = "calibrate.rounds"
 
 
 def weights_to_bytes(state: Mapping[str, torch.Tensor]) -> bytes:
@@ -257,8 +260,10 @@ class SiteRuntime:
             return
         if self.plan is None:
             raise ProtocolError("a run without DP has no privacy history")
+        planned = calibration.planned_entries(self.config.to_dict())
+        releases = {calibration.PHASE: {(s, q, n, calibration.CLIP) for s, q, n in planned}}
         try:
-            self.trainer.resume_accounting(events)
+            self.trainer.resume_accounting(events, releases=releases)
         except PrivacyBudgetError as exc:
             raise ProtocolError(str(exc)) from exc
 
@@ -278,6 +283,8 @@ class SiteRuntime:
             reply = self.fit(fields)
         elif stage == Stage.EVALUATE:
             reply = self.evaluate(fields)
+        elif stage == Stage.CALIBRATE:
+            reply = self.calibrate(fields)
         elif stage in self.protection.stages:
             reply = self.protection.answer(stage, fields, state=self.state)
         else:
@@ -462,7 +469,8 @@ class SiteRuntime:
         if any(e["phase"] == phase and e["round"] >= round_index for e in own):
             raise ProtocolError(f"site {cid}: already trained ({phase}) in round {round_index}")
         steps = epochs * self.trainer.steps_per_epoch
-        spent = sum(int(e["steps"]) for e in own)
+        # The calibration release has its own place in the plan (not a DP-SGD step).
+        spent = sum(int(e["steps"]) for e in own if e["phase"] != calibration.PHASE)
         if spent + steps > self.plan.planned_steps:
             raise ProtocolError(
                 f"site {cid}: {steps} more steps would pass the {self.plan.planned_steps} its "
@@ -588,6 +596,67 @@ class SiteRuntime:
                 )
             reply.update(self._claim_fields(before))
         return reply
+
+    def calibrate(self, fields: Mapping[str, Any]) -> dict[str, Any]:
+        """Noised per-class score statistics of the final model on the site's training data.
+
+        Fields: ``weights``, ``layout_keys``, ``round`` (the run's last) and ``history``. The
+        release is one Gaussian mechanism of sensitivity 2R under replace-one adjacency
+        (:mod:`securefed.dp.calibration`), recorded as an event of phase ``calibrate`` and
+        covered by the site's plan. The site answers once per run, and only in a run that
+        calibrates, whatever the server asks.
+
+        Raises:
+            ProtocolError: Not a calibrating run, not the last round, or asked twice.
+
+        """
+        round_index = self._check_round(fields)
+        cid = self.client_id
+        run = self.config.to_dict()
+        if (
+            self.plan is None
+            or not calibration.calibrates(run)
+            or self.task.name != "classification"
+        ):
+            raise ProtocolError(f"site {cid}: this run does not calibrate its decision")
+        if round_index != self.config.rounds:
+            raise ProtocolError(f"site {cid}: calibration only after the last round")
+        self._sync_history(fields["history"], round_index + 1)
+        if any(e["phase"] == calibration.PHASE for e in self.own_events()):
+            raise ProtocolError(f"site {cid}: already released its calibration statistics")
+        self.persistent.claim_once(
+            _CALIBRATE_ROUNDS, round_index, what=f"site {cid}: calibrating round {round_index}"
+        )
+        model, _ = self.model(fields["weights"], layout_keys=fields["layout_keys"])
+        ((sigma, q, steps),) = calibration.planned_entries(run)
+        logits = self._logits(model, self.train)
+        stats = calibration.site_statistics(
+            logits, np.asarray(self.train.labels), num_classes=self.spec.num_classes
+        )
+        noise = mechanism_noise(self.config, 7, round_index, cid).gaussian(stats.size)
+        released = stats + noise.double().numpy() * (sigma * calibration.CLIP)
+        before = len(self.own_events())
+        self.ledger.record(
+            PrivacyEvent(
+                round=round_index,
+                client_id=cid,
+                noise_multiplier=sigma,
+                sample_rate=q,
+                steps=steps,
+                max_grad_norm=calibration.CLIP,
+                phase=calibration.PHASE,
+            )
+        )
+        return {"statistics": released.tolist(), **self._claim_fields(before)}
+
+    @torch.no_grad()
+    def _logits(self, model: nn.Module, split: ArraySplit, batch_size: int = 256) -> np.ndarray:
+        model.eval()
+        out = []
+        for start in range(0, len(split), batch_size):
+            x = torch.from_numpy(np.array(split.images[start : start + batch_size]))
+            out.append(model(x.to(self.device)).float().cpu().numpy())
+        return np.concatenate(out) if out else np.zeros((0, self.spec.num_classes))
 
     def _fine_tune(self, model: nn.Module, round_index: int) -> nn.Module:
         """The site's digital twin: a private copy of ``model`` fine-tuned on its records."""

@@ -70,6 +70,8 @@ class Stage:
     UNMASK = "train.unmask"
     DECRYPT = "train.decrypt"
     EVALUATE = "evaluate.heldout"
+    #: DP classification, after the last round: noised per-class score statistics.
+    CALIBRATE = "evaluate.calibrate"
 
 
 _Value = int | float | str | bytes | bool

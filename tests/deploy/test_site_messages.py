@@ -18,6 +18,7 @@ from securefed.config import RunConfig
 from securefed.deploy import site_app
 from securefed.deploy.coordinator import Coordinator, FlowerLink
 from securefed.deploy.trust import IDENTITY_FIELD
+from securefed.dp.calibration import calibrates, planned_entries
 from securefed.errors import ProtocolError
 from securefed.fl.claims import ClaimBook
 from securefed.fl.disclosures import check_reply, message_fields
@@ -33,6 +34,7 @@ _HANDLERS = {
     Stage.UNMASK: site_app.unmask,
     Stage.DECRYPT: site_app.decrypt,
     Stage.EVALUATE: site_app.evaluate,
+    Stage.CALIBRATE: site_app.calibrate,
 }
 
 
@@ -149,6 +151,7 @@ def test_every_field_a_site_sends_is_declared_and_none_reveals_size_or_loss(
         {"setup", "fit", "heldout"}
         | ({"share", "masked", "consistency", "unmask"} if secure_agg == "mask" else set())
         | ({"decrypt"} if secure_agg == "he" else set())
+        | ({"calibrate"} if calibrates(config.to_dict()) else set())
     )
     assert by_stage == expected  # every message type of this mode was exercised
     for stage, reply in grid.sent:
@@ -275,10 +278,13 @@ def test_a_resumed_deployed_run_accounts_every_step_of_every_round(
     )
     out = resumed.run()
     privacy = json.loads((out / "privacy.json").read_text())
+    release = planned_entries(config.to_dict())  # the decision calibration, after round 5
     for c in privacy["clients"]:
-        per_round = [e["steps"] for e in privacy["events"] if e["client_id"] == c["client_id"]]
-        assert len(per_round) == 5 and c["steps"] == sum(per_round) == c["planned_steps"]
-        history = [(c["noise_multiplier"], c["sample_rate"], c["steps"])]
+        own = [e for e in privacy["events"] if e["client_id"] == c["client_id"]]
+        per_round = [e["steps"] for e in own if e["phase"] == "federated"]
+        assert len(per_round) == 5 and sum(per_round) == c["planned_steps"]
+        assert c["steps"] == sum(e["steps"] for e in own) == c["planned_steps"] + len(release)
+        history = [(c["noise_multiplier"], c["sample_rate"], sum(per_round)), *release]
         assert c["epsilon"] == pytest.approx(compute_epsilon(history=history, delta=c["delta"]))
         assert 7.9 <= c["epsilon"] <= 8.0  # the whole budget, as planned
 

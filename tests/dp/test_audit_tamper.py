@@ -108,7 +108,16 @@ def empty_ledger(p):
     _reclaim(p)
 
 
+def quiet_calibration(p):
+    # Claim the decision calibration was released with 4x the noise (a smaller epsilon).
+    for e in p["events"]:
+        if e["client_id"] == 0 and e["phase"] == "calibrate":
+            e["noise_multiplier"] *= 4
+    _reclaim(p)
+
+
 TAMPERINGS = {
+    "calibration noise x 4": quiet_calibration,
     "sample rate / 4": quarter_q,
     "sigma x 2": double_sigma,
     "a round dropped from the ledger": drop_round,
@@ -117,6 +126,9 @@ TAMPERINGS = {
 
 #: The binding check that stops each rewrite once the rewriter re-signs it.
 STOPPED_BY = {
+    "calibration noise x 4": (
+        "site 0: decision calibration: at most one release, after the last round, as planned"
+    ),
     "sample rate / 4": "site 0: steps per event = epochs x 1/q",
     "sigma x 2": "site 0: sigma = calibrate_noise(target, delta, q, planned steps)",
     "a round dropped from the ledger": (

@@ -1,0 +1,186 @@
+"""Decision calibration under DP: its sensitivity, its accounting, and the sites' guards."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from securefed.dp import calibration
+from securefed.dp.accounting import calibrate_noise, pld_epsilon
+from securefed.errors import PrivacyBudgetError, ProtocolError
+
+R = calibration.CLIP
+
+
+def _worst_pairs(k: int, rng: np.random.Generator):
+    """Neighbouring data sets (one record replaced), including the worst cases."""
+    for _ in range(200):
+        n = int(rng.integers(1, 30))
+        logits = rng.normal(0, 50, size=(n, k))  # far past the clip
+        labels = rng.integers(0, k, size=n)
+        other = logits.copy()
+        other_labels = labels.copy()
+        i = int(rng.integers(0, n))
+        other[i] = -logits[i] * rng.uniform(0.5, 2)  # opposite direction: the worst row change
+        other_labels[i] = rng.integers(0, k)
+        yield (logits, labels), (other, other_labels)
+
+
+@pytest.mark.parametrize("k", [2, 3, 7])
+def test_replacing_one_record_moves_the_statistics_by_at_most_2r(k):
+    # The accounting entry (sigma, q=1, steps=1, C=R) is only right if this holds.
+    rng = np.random.default_rng(k)
+    worst = 0.0
+    for (a, ya), (b, yb) in _worst_pairs(k, rng):
+        va = calibration.site_statistics(a, ya, num_classes=k)
+        vb = calibration.site_statistics(b, yb, num_classes=k)
+        worst = max(worst, float(np.linalg.norm(va - vb)))
+    assert worst <= 2 * R + 1e-9
+    assert worst > 1.5 * R  # the bound is nearly met: the test exercises the worst case
+
+
+def test_statistics_refuse_labels_and_shapes_that_do_not_fit():
+    with pytest.raises(ValueError, match="labels must lie"):
+        calibration.site_statistics(np.zeros((2, 2)), np.array([0, 2]), num_classes=2)
+    with pytest.raises(ValueError, match="need logits"):
+        calibration.site_statistics(np.zeros((2, 3)), np.array([0, 1]), num_classes=2)
+
+
+def _skewed_scores(rng, n0=1200, n1=3400, m0=1.43, m1=1.93, sd=0.3):
+    """A DP-trained binary model as measured on PneumoniaMNIST (seed 1): every logit
+    difference is positive, so the raw model calls every image class 1."""
+    d = np.concatenate([rng.normal(m0, sd, n0), rng.normal(m1, sd, n1)])
+    y = np.concatenate([np.zeros(n0, int), np.ones(n1, int)])
+    return np.stack([-d / 2, d / 2], axis=1), y
+
+
+def _balanced_accuracy(logits, y):
+    pred = logits.argmax(1)
+    return float(np.mean([np.mean(pred[y == c] == c) for c in np.unique(y)]))
+
+
+def test_noised_statistics_of_five_sites_move_a_one_class_model_to_the_midpoint():
+    rng = np.random.default_rng(0)
+    logits, y = _skewed_scores(rng)
+    assert _balanced_accuracy(logits, y) == 0.5  # one class for everything
+    sites = np.array_split(rng.permutation(len(y)), 5)
+    sigma = calibration.NOISE_MULTIPLIER
+    total = sum(
+        calibration.site_statistics(logits[i], y[i], num_classes=2)
+        + rng.normal(0, sigma * R, calibration.statistics_size(2))
+        for i in sites
+    )
+    cal = calibration.offsets_from_sum(total, num_classes=2, sites=5, noise_multiplier=sigma)
+    assert cal.applied, cal.reason
+    threshold = -(cal.offsets[1] - cal.offsets[0])  # logit difference where the call flips
+    assert threshold == pytest.approx((1.43 + 1.93) / 2, abs=0.15)
+    assert _balanced_accuracy(logits + np.array(cal.offsets), y) > 0.75
+
+
+def test_calibration_is_skipped_when_noise_would_set_it():
+    rng = np.random.default_rng(1)
+    logits, y = _skewed_scores(rng, n0=8, n1=40)  # a handful of records of one class
+    total = calibration.site_statistics(logits, y, num_classes=2)
+    cal = calibration.offsets_from_sum(total, num_classes=2, sites=2, noise_multiplier=8.0)
+    assert not cal.applied and "fewer than" in cal.reason and cal.offsets == [0.0, 0.0]
+    logits, y = _skewed_scores(rng, m0=1.5, m1=1.5)  # no signal: the means coincide
+    total = calibration.site_statistics(logits, y, num_classes=2)
+    cal = calibration.offsets_from_sum(total, num_classes=2, sites=5, noise_multiplier=8.0)
+    assert not cal.applied and "under twice the noise" in cal.reason
+
+
+def test_the_plan_leaves_room_for_the_release_and_refuses_a_budget_it_alone_would_pass():
+    q, steps = 1 / 12, 240
+    plain = calibrate_noise(target_epsilon=8.0, delta=1e-5, sample_rate=q, steps=steps)
+    entries = calibration.planned_entries({"dp_epsilon": 8.0, "calibrate": True})
+    assert entries == ((calibration.NOISE_MULTIPLIER, 1.0, 1),)
+    sigma = calibrate_noise(
+        target_epsilon=8.0, delta=1e-5, sample_rate=q, steps=steps, extra=entries
+    )
+    assert sigma > plain
+    # With sigma planned without the release, release and steps together pass the target.
+    assert pld_epsilon(history=[(plain, q, steps), *entries], delta=1e-5) > 8.0
+    assert pld_epsilon(history=[(sigma, q, steps), *entries], delta=1e-5) <= 8.0
+    with pytest.raises(PrivacyBudgetError, match="--no-calibrate"):
+        calibrate_noise(target_epsilon=0.5, delta=1e-5, sample_rate=q, steps=steps, extra=entries)
+
+
+@pytest.mark.parametrize(
+    "run",
+    [
+        {"dp_epsilon": None, "calibrate": True},
+        {"dp_epsilon": 8.0, "calibrate": False},
+        {"dp_epsilon": 8.0},  # a report from before calibration existed
+        {"dp_epsilon": 8.0, "calibrate": True, "task": "segmentation"},
+        {"dp_epsilon": 8.0, "calibrate": True, "dataset": "synthetic-seg"},
+        {"dp_epsilon": 8.0, "calibrate": True, "strategy": "cfl"},
+    ],
+)
+def test_runs_that_do_not_calibrate_budget_nothing_for_it(run):
+    assert calibration.planned_entries(run) == ()
+
+
+def _final_fields(fed, round_index):
+    return {
+        "weights": fed._blobs()[0],
+        "layout_keys": list(fed.layout.keys),
+        "round": round_index,
+        "history": fed._history(0),
+    }
+
+
+@pytest.mark.slow
+def test_a_site_releases_its_statistics_once_after_the_last_round_only(small_config):
+    # Without these guards a server could ask for the statistics of many models (or of the
+    # same model twice) and difference the releases beyond what the plan accounted.
+    from securefed.fl.simulation import Federation
+    from securefed.protocol.wire import Stage
+
+    fed = Federation(small_config.replace(rounds=2))
+    assert fed.calibrates
+    site = fed.sites[0]
+    with pytest.raises(ProtocolError, match="only after the last round"):
+        site.handle(Stage.CALIBRATE, _final_fields(fed, 1))
+    fed.run_round(1)
+    fed.run_round(2)  # the engine calibrates here
+    events = [e for e in site.ledger.events if e.phase == calibration.PHASE]
+    assert len(events) == 1 and events[0].round == 2
+    with pytest.raises(ProtocolError, match="already"):
+        site.handle(Stage.CALIBRATE, _final_fields(fed, 2))
+    assert len([e for e in site.ledger.events if e.phase == calibration.PHASE]) == 1
+    # The server's copy holds it, and the site's epsilon over everything stays in budget.
+    assert [e.to_dict() for e in fed.ledger.for_client(0)] == site.own_events()
+    assert site.trainer.epsilon() <= small_config.dp_epsilon
+
+
+def test_a_site_in_a_run_without_calibration_refuses_and_may_not_send_statistics(small_config):
+    from securefed.fl.disclosures import check_reply
+    from securefed.fl.simulation import Federation
+    from securefed.protocol.wire import Stage
+
+    cfg = small_config.replace(rounds=1, calibrate=False)
+    fed = Federation(cfg)
+    assert not fed.calibrates
+    with pytest.raises(ProtocolError, match="does not calibrate"):
+        fed.sites[0].handle(Stage.CALIBRATE, _final_fields(fed, 1))
+    with pytest.raises(ProtocolError):
+        check_reply(cfg, "calibrate", {"statistics": [1.0] * 6})
+
+
+@pytest.mark.slow
+def test_a_calibrated_run_is_audited(small_config, tmp_path):
+    from securefed.dp.audit import audit_run
+    from securefed.run import train
+
+    out = train(small_config.replace(rounds=2), out_dir=tmp_path / "run", progress=False)
+    metrics = json.loads((out / "metrics.json").read_text())
+    record = metrics["rounds"][-1]["decision_calibration"]
+    assert record["sites"] == [0, 1, 2] and record["noise_multiplier"] == 8.0
+    assert metrics["rounds"][-1]["timing"]["calibration"] > 0
+    privacy = json.loads((out / "privacy.json").read_text())
+    assert any(d["message"] == "calibrate" for d in privacy["disclosures"])
+    assert sum(e["phase"] == calibration.PHASE for e in privacy["events"]) == 3
+    result = audit_run(out)
+    assert result.ok, [c for c in result.checks if not c.ok]
