@@ -181,7 +181,8 @@ def calibrate_noise(
 
     if extra and pld_epsilon(history=list(extra), delta=delta) >= target_epsilon:
         raise PrivacyBudgetError(
-            f"epsilon={target_epsilon} at delta={delta:.2g}: the decision calibration alone "
+            f"epsilon={target_epsilon} at delta={delta:.2g} cannot be reached: the decision "
+            "calibration alone "
             f"spends {pld_epsilon(history=list(extra), delta=delta):.3g}; raise "
             "--calibration-noise or --dp-epsilon, or pass --no-calibrate"
         )

@@ -437,13 +437,14 @@ def _check_site(
         all(1 <= int(e["round"]) <= int(run["rounds"]) for e in events),
         f"rounds {sorted({int(e['round']) for e in events})}",
     )
-    total = sum(int(e["steps"]) for e in events)
+    total = sum(int(e["steps"]) for e in fed + twin + other)
     twin_total = sum(int(e["steps"]) for e in twin)
-    ledger_rounds = sorted({int(e["round"]) for e in events})
+    ledger_rounds = sorted({int(e["round"]) for e in fed + twin + other})
     result.add(
         f"{name}: reported steps and rounds = ledger",
         int(c["steps"]) == total
         and int(c.get("personalization_steps", twin_total)) == twin_total
+        and int(c.get("calibration_releases", len(cal))) == len(cal)
         and [int(r) for r in c.get("rounds_participated", ledger_rounds)] == ledger_rounds,
         f"steps {c['steps']} vs {total}, twin {c.get('personalization_steps')} vs {twin_total}, "
         f"rounds {c.get('rounds_participated')} vs {ledger_rounds}",

@@ -15,6 +15,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from securefed.dp import calibration
 from securefed.dp.accounting import ADJACENCY
 from securefed.dp.report import SCHEMA_VERSION, THREAT_MODEL, json_ready, report_hash, write_json
 from securefed.errors import ConfigError
@@ -107,9 +108,13 @@ def _privacy_json(fed: RoundEngine) -> dict[str, Any]:
             "noise_multiplier": plan.noise_multiplier if plan else None,
             "max_grad_norm": plan.max_grad_norm if plan else None,
             "planned_steps": plan.planned_steps if plan else None,
-            "steps": sum(e.steps for e in events),
+            # DP-SGD steps; the decision calibration's release is counted apart.
+            "steps": sum(e.steps for e in events if e.phase != calibration.PHASE),
             "personalization_steps": sum(e.steps for e in events if e.phase == "personalize"),
-            "rounds_participated": sorted({e.round for e in events}),
+            "calibration_releases": sum(e.phase == calibration.PHASE for e in events),
+            "rounds_participated": sorted(
+                {e.round for e in events if e.phase != calibration.PHASE}
+            ),
             "epsilon": history[-1] if plan and history else None,
             "epsilon_per_round": list(history) if plan else [],
         }

@@ -5,6 +5,7 @@ import pytest
 from securefed.config import RunConfig
 from securefed.deploy.site import NodeSettings
 from securefed.dp.accounting import calibrate_noise, compute_epsilon
+from securefed.dp.calibration import planned_entries
 from securefed.dp.ledger import PrivacyEvent
 from securefed.dp.signing import SiteSigner
 from securefed.dp.trainer import DPPlan
@@ -114,7 +115,12 @@ def test_a_plan_that_changes_mid_run_is_refused():
     view = _server_view()
     view.account(0, _reply([_event(1)], view=view), round_index=1)
     sigma = calibrate_noise(
-        target_epsilon=8.0, delta=1e-6, sample_rate=0.25, steps=8, accountant="pld"
+        target_epsilon=8.0,
+        delta=1e-6,
+        sample_rate=0.25,
+        steps=8,
+        accountant="pld",
+        extra=planned_entries(CONFIG.to_dict()),
     )
     other = _plan(delta=1e-6, noise_multiplier=sigma)
     check_site_plan(CONFIG, other)  # a valid plan on its own

@@ -195,7 +195,7 @@ def test_twin_fine_tuning_is_accounted_and_stays_within_the_budget(small_config)
     cfg = small_config.replace(rounds=2, personalize=1)
     fed = _run(cfg)
     phases = {e.phase for e in fed.ledger.events}
-    assert phases == {"federated", "personalize"}
+    assert phases == {"federated", "personalize", "calibrate"}
     for s in fed.sites:
         assert s.trainer.epsilon() <= cfg.dp_epsilon + 1e-6
         per = sum(e.steps for e in fed.ledger.for_client(s.client_id) if e.phase == "personalize")

@@ -371,18 +371,20 @@ def _flip(data: bytes) -> bytes:
 
 
 def test_a_tampered_ciphertext_is_refused_and_the_others_are_summed(keys):
-    # Prepare
+    # Prepare: the tampered site is not the key holder (who refuses its own bad frame).
     vectors = _vectors(4)
+    bad = next(s for s in (2, 3, 1, 0) if s != _designated(4))
+    good = [s for s in range(4) if s != bad]
 
     # Execute
     outcome, _ = _round(
-        keys, vectors, wrap={2: lambda s: _Tamper(s, Stage.FIT, "ciphertext", _flip)}
+        keys, vectors, wrap={bad: lambda s: _Tamper(s, Stage.FIT, "ciphertext", _flip)}
     )
 
     # Assert
-    assert outcome.survivors == [0, 1, 3] and "ciphertext" in outcome.site_errors[2]
+    assert outcome.survivors == good and "ciphertext" in outcome.site_errors[bad]
     np.testing.assert_allclose(
-        outcome.total, vectors[0] + vectors[1] + vectors[3], atol=ATOL, rtol=0
+        outcome.total, sum(vectors[s] for s in good), atol=ATOL, rtol=0
     )
 
 
