@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -23,6 +23,7 @@ __all__ = [
     "detect_convergence",
     "flat_windows",
     "roc_auc",
+    "site_fairness",
 ]
 
 #: The scalar figures tables and CSV files show for a model, in display order.
@@ -336,3 +337,73 @@ def detect_convergence(
             first_round = i + 2 - patience  # first round of the first flat window (from 1)
             return {"round": first_round, "seconds": float(secs[:first_round].sum())}
     return None
+
+
+def site_fairness(
+    clients: Sequence[Mapping[str, Any]],
+    *,
+    metric: str,
+    num_heldout: Mapping[int, int] | None = None,
+    twin: bool = False,
+) -> dict[str, Any]:
+    """How evenly one round's model serves the sites: worst, best, spread, std, mean.
+
+    Computed over the sites that reported a finite held-out ``metric`` that round; every
+    site is unweighted (a small site counts as much as a large one: fairness is about sites,
+    not records). The others are listed by why they are left out:
+
+    - ``no_heldout``: the site has no held-out records (its ``num_samples`` is 0, or it
+      reported nothing and ``num_heldout`` gives 0), so it has no figure to report;
+    - ``no_metrics``: it has held-out records but reported no figure that round (it failed
+      or dropped out; for twins, no twin was fine-tuned that round);
+    - ``not_finite``: its figure is NaN or infinite (a diverged model), which has no rank.
+
+    Ties pick the smallest ``client_id`` for both the worst and the best site.
+
+    Args:
+        clients: A round's ``clients`` rows of ``metrics.json`` (``client_id``, the site's
+            held-out figures, optionally ``num_samples`` and ``twin``).
+        metric: The figure to compare (the task's primary metric: ``accuracy`` or
+            ``mean_dice``).
+        num_heldout: Held-out size per site, for sites whose row carries no ``num_samples``.
+        twin: Compare the sites' twins (``row["twin"][metric]``) instead of the served model.
+
+    Returns:
+        ``{"metric", "sites" (ids included), "mean", "std" (population, over sites),
+        "spread" (max - min), "worst_site" and "best_site" ({"client_id", "value"}),
+        "excluded" ({"no_heldout", "no_metrics", "not_finite"}: lists of ids)}``; the figures
+        are None when no site is included.
+
+    """
+    included: list[tuple[float, int]] = []
+    excluded: dict[str, list[int]] = {"no_heldout": [], "no_metrics": [], "not_finite": []}
+    for row in clients:
+        sid = int(row["client_id"])
+        source = (row.get("twin") or {}) if twin else row
+        value = source.get(metric)
+        size = source.get("num_samples", row.get("num_samples"))
+        if size is None and num_heldout is not None:
+            size = num_heldout.get(sid)
+        if size == 0:
+            excluded["no_heldout"].append(sid)
+        elif value is None:
+            excluded["no_metrics"].append(sid)
+        elif not (isinstance(value, numbers.Real) and math.isfinite(value)):
+            excluded["not_finite"].append(sid)
+        else:
+            included.append((float(value), sid))
+    out: dict[str, Any] = {"metric": metric, "sites": sorted(sid for _, sid in included)}
+    if included:
+        values = np.array([v for v, _ in included])
+        worst = min(included)
+        best = min(included, key=lambda vs: (-vs[0], vs[1]))
+        out |= {
+            "mean": float(values.mean()),
+            "std": float(values.std()),
+            "spread": best[0] - worst[0],
+            "worst_site": {"client_id": worst[1], "value": worst[0]},
+            "best_site": {"client_id": best[1], "value": best[0]},
+        }
+    else:
+        out |= dict.fromkeys(("mean", "std", "spread", "worst_site", "best_site"))
+    return out | {"excluded": excluded}
