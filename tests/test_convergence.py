@@ -34,6 +34,14 @@ DP2_ACC = [0.625, 0.625, 0.625, 0.625, 0.625, 0.625, 0.625, 0.8542, 0.625, 0.671
 NODP_LOSS = [1.0437, 0.5924, 1.1494, 0.786, 0.4691, 1.5357, 0.4973, 0.7672, 0.4298, 0.4768]
 NODP_ACC = [0.625, 0.7051, 0.625, 0.625, 0.8173, 0.625, 0.8029, 0.6234, 0.7853, 0.7228]
 
+# From benchmarks/results/strategies.json (the strategies suite, PneumoniaMNIST, 5 sites):
+# FTL without DP, seed 2, flat from round ~4 with a dip in round 6; FL at epsilon 8, seed 1,
+# whose loss swings between ~3 and ~0.7.
+FTL_ACC = [0.8574, 0.851, 0.8381, 0.8558, 0.8574, 0.8253, 0.859, 0.851, 0.8606, 0.8654]
+FTL_LOSS = [0.3865, 0.3974, 0.4156, 0.3383, 0.3249, 0.4341, 0.3783, 0.3867, 0.3477, 0.3138]
+FL_DP_ACC = [0.625, 0.492, 0.625, 0.375, 0.625, 0.6442, 0.625, 0.6218, 0.625, 0.6154]
+FL_DP_LOSS = [3.4583, 0.7367, 3.3734, 1.1626, 2.2976, 0.6379, 1.7621, 0.6149, 2.3558, 0.6515]
+
 ROUNDS = np.arange(1, 11)
 
 
@@ -77,8 +85,8 @@ def _climbing(seed):
 
 @pytest.mark.parametrize(
     ("acc", "loss"),
-    [(DP_ACC, DP_LOSS), (DP2_ACC, DP2_LOSS), (NODP_ACC, NODP_LOSS)],
-    ids=["dp-lr05-s1", "dp-s0", "nodp-s1"],
+    [(DP_ACC, DP_LOSS), (DP2_ACC, DP2_LOSS), (NODP_ACC, NODP_LOSS), (FL_DP_ACC, FL_DP_LOSS)],
+    ids=["dp-lr05-s1", "dp-s0", "nodp-s1", "suite-fl-eps8-s1"],
 )
 def test_recorded_oscillating_runs_have_not_converged(acc, loss):
     # Execute / Assert
@@ -283,3 +291,10 @@ def test_suites_recompute_convergence_by_the_same_rule():
         }
         assert run is not None
         assert suite == run
+
+
+def test_a_recorded_plateau_is_found_where_it_begins_not_three_rounds_later():
+    # Execute / Assert: the old rule waits for three calm rounds in a row (round 7); the trend
+    # over windows sees the plateau from round 4 despite the round-6 dip
+    assert _converge(FTL_ACC, FTL_LOSS)["round"] == 4
+    assert _old_rule(FTL_ACC, FTL_LOSS, acc_tol=0.01, loss_tol=0.05) == 7
