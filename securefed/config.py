@@ -13,6 +13,7 @@ import numpy as np
 
 from securefed import plugins
 from securefed.errors import ConfigError
+from securefed.metrics import CONV_ACC_TOL, CONV_LOSS_TOL, CONV_PATIENCE, CONV_WINDOW
 
 __all__ = [
     "RunConfig",
@@ -273,9 +274,13 @@ class RunConfig:
         seed: Seeds data generation, partitioning, model init, augmentation and participant
             sampling. Not DP noise or DP-SGD's Poisson sampling (see ``reproducible_noise``).
         device: ``auto``, ``cpu`` or ``cuda``.
-        conv_acc_tol: Convergence: a round is stable when its accuracy changes by strictly less.
-        conv_loss_tol: Convergence: ... and its loss changes by strictly less than this.
-        conv_patience: Convergence: consecutive stable rounds needed.
+        conv_acc_tol: Convergence (:func:`securefed.metrics.detect_convergence`): tolerance on
+            the primary metric (accuracy or Dice) over a window, for its fitted change across
+            the window and for its scatter around that trend.
+        conv_loss_tol: Convergence: the same tolerance for the test loss.
+        conv_patience: Convergence: consecutive flat windows needed.
+        conv_window: Convergence: rounds per window (a configuration file from before schema
+            2.3, without it, gets the default).
         task: ``auto`` (from the data set), ``classification`` or ``segmentation``.
         fusion: Multi-modal inputs: ``early`` (modalities as channels) or ``late``
             (one encoder per modality, logits averaged).
@@ -460,12 +465,17 @@ class RunConfig:
     )
     device: str = _setting("auto", choices=DEVICES, help="Where to train.")
     conv_acc_tol: float = _setting(
-        0.005, help="Convergence: accuracy change below this counts as stable."
+        CONV_ACC_TOL,
+        help="Convergence: most the primary metric's trend may move across a window, and its "
+        "scatter around the trend.",
     )
     conv_loss_tol: float = _setting(
-        0.01, help="Convergence: loss change below this counts as stable."
+        CONV_LOSS_TOL, help="Convergence: the same tolerance for the test loss."
     )
-    conv_patience: int = _setting(3, help="Convergence: consecutive stable rounds required.")
+    conv_patience: int = _setting(
+        CONV_PATIENCE, help="Convergence: consecutive flat windows required."
+    )
+    conv_window: int = _setting(CONV_WINDOW, help="Convergence: rounds per window (at least 3).")
     task: str = _setting(
         "auto", choices=TASKS, help="classification or segmentation; auto follows the data set."
     )
@@ -630,6 +640,10 @@ class RunConfig:
             and (self.dropout_clients < 1 or float(self.dropout_clients).is_integer()),
             f"{_n('dropout_clients')} must be a whole count >= 1 or a rate in [0, 1) "
             f"(got {self.dropout_clients}).",
+        )
+        _check(
+            self.conv_window >= 3,
+            f"{_n('conv_window')} must be at least 3 (got {self.conv_window}).",
         )
         for name in ("conv_acc_tol", "conv_loss_tol"):
             value = getattr(self, name)

@@ -4,14 +4,27 @@ from __future__ import annotations
 
 import math
 import numbers
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
 from securefed.errors import ConfigError, DataError
 
-__all__ = ["HEADLINE_METRICS", "classification_metrics", "detect_convergence", "roc_auc"]
+__all__ = [
+    "CONVERGENCE_RULE",
+    "CONV_ACC_TOL",
+    "CONV_LOSS_TOL",
+    "CONV_PATIENCE",
+    "CONV_WINDOW",
+    "HEADLINE_METRICS",
+    "classification_metrics",
+    "convergence_criteria",
+    "detect_convergence",
+    "flat_windows",
+    "roc_auc",
+    "site_fairness",
+]
 
 #: The scalar figures tables and CSV files show for a model, in display order.
 HEADLINE_METRICS = (
@@ -163,6 +176,85 @@ def _safe_divide(numerator: np.ndarray, denominator: np.ndarray) -> np.ndarray:
     return out
 
 
+#: Name of the convergence rule, recorded in ``metrics.json``'s ``convergence_criteria``.
+CONVERGENCE_RULE = "trend-window"
+#: Default trailing window (rounds) over which a curve's trend and scatter are judged.
+CONV_WINDOW = 5
+#: Default tolerances and patience (runs and benchmark suites share them): sized so that a
+#: curve flattened under DP noise of about +-0.02 per round is found and one still climbing
+#: a few hundredths per round is not.
+CONV_ACC_TOL = 0.025
+CONV_LOSS_TOL = 0.05
+CONV_PATIENCE = 2
+#: How many standard errors of the fitted trend are put down to noise.
+CONV_NOISE_SIGMAS = 2.0
+
+
+def flat_windows(values: Sequence[float], *, tol: float, window: int) -> np.ndarray:
+    """Which trailing windows of a curve are flat, by a least-squares line through each.
+
+    For the window of rounds ``e - window + 1 .. e`` the line ``y = a + b t`` is fitted by
+    least squares; ``s`` is the residual standard deviation (``window - 2`` degrees of
+    freedom) and ``se = s / sqrt(sum (t - mean t)^2)`` the standard error of the slope. The
+    window is flat when both hold:
+
+    - scatter: ``s <= tol``. Round-to-round noise is allowed, but only up to the tolerance;
+      a curve that swings (e.g. a loss alternating 2.0, 0.7, 2.0, ...) has a near-zero slope
+      and a large ``s``, and is not flat.
+    - trend: ``|b| (window - 1) <= tol + 2 se (window - 1)``: the change the line predicts
+      across the window is at most the tolerance, to within two standard errors. Under noise
+      the fitted change across the window of a flat curve is itself noisy (standard
+      deviation about 1.3 s for windows of 4 to 6 rounds), so a bare
+      ``|b| (window - 1) <= tol`` would often refuse a flattened noisy curve; the margin is
+      bounded (``s <= tol``), so a climb of several tolerances per window still fails.
+
+    A window holding a NaN or infinite value is never flat.
+
+    Args:
+        values: The curve, one value per round.
+        tol: Tolerance in the curve's units, finite and >= 0.
+        window: Rounds per window, >= 3 (a line through two points has no residual).
+
+    Returns:
+        Booleans, one per window: entry ``i`` is the window ending at round ``i + window``
+        (rounds numbered from 1). Empty when there are fewer than ``window`` rounds.
+
+    """
+    y = np.asarray(values, dtype=np.float64)
+    n = y.size - window + 1
+    if n <= 0:
+        return np.zeros(0, dtype=bool)
+    t = np.arange(window, dtype=np.float64) - (window - 1) / 2.0  # centred: a and b decouple
+    stt = float(t @ t)
+    out = np.zeros(n, dtype=bool)
+    for i in range(n):
+        w = y[i : i + window]
+        if not np.all(np.isfinite(w)):
+            continue
+        slope = float(t @ (w - w.mean())) / stt
+        resid = w - w.mean() - slope * t
+        s = math.sqrt(float(resid @ resid) / (window - 2))
+        se = s / math.sqrt(stt)
+        span = window - 1
+        out[i] = s <= tol and abs(slope) * span <= tol + CONV_NOISE_SIGMAS * se * span
+    return out
+
+
+def convergence_criteria(
+    *, metric: str, acc_tol: float, loss_tol: float, patience: int, window: int
+) -> dict[str, Any]:
+    """The rule and every parameter of it, as ``metrics.json`` records them."""
+    return {
+        "rule": CONVERGENCE_RULE,
+        "metric": metric,
+        "window": window,
+        "patience": patience,
+        "acc_tol": acc_tol,
+        "loss_tol": loss_tol,
+        "noise_sigmas": CONV_NOISE_SIGMAS,
+    }
+
+
 def detect_convergence(
     *,
     accuracies: Sequence[float],
@@ -171,35 +263,49 @@ def detect_convergence(
     acc_tol: float,
     loss_tol: float,
     patience: int,
+    window: int = CONV_WINDOW,
 ) -> dict[str, Any] | None:
-    """First round from which accuracy and loss stay flat for ``patience`` rounds.
+    """First round of the plateau: where both curves have flattened, robustly to noise.
 
-    Rounds are numbered from 1; ``accuracies[r-1]``, ``losses[r-1]`` and ``seconds[r-1]``
-    belong to round r, and ``seconds[r-1]`` is the wall-clock duration of round r alone (not
-    a running total). Round r >= 2 is *stable* when both
-    ``|accuracies[r-1] - accuracies[r-2]| < acc_tol`` and
-    ``|losses[r-1] - losses[r-2]| < loss_tol``. The convergence round is the smallest r such
-    that rounds r+1, ..., r+patience are all stable: round r is where the plateau begins,
-    the first round after which nothing changed by a tolerance or more for ``patience``
-    consecutive rounds. A NaN or infinite value is never stable.
+    Rounds are numbered from 1; ``accuracies[r-1]`` (the primary metric: accuracy, or Dice
+    for segmentation), ``losses[r-1]`` and ``seconds[r-1]`` belong to round r, and
+    ``seconds[r-1]`` is the wall-clock duration of round r alone. A window of ``window``
+    consecutive rounds is *flat* when it is flat for the primary metric (tolerance
+    ``acc_tol``) and for the loss (tolerance ``loss_tol``) by :func:`flat_windows`: a
+    least-squares line through the window moves by at most the tolerance across it (to within
+    two standard errors of its slope), and the points scatter around the line by at most the
+    tolerance. The run has converged once ``patience`` consecutive windows are
+    flat; the convergence round is the first round of the first of them, where the plateau
+    begins. Comparing consecutive rounds (the rule before schema 2.3) fails under DP noise:
+    every round jitters by more than a tight tolerance even after the curve has flattened;
+    a line fitted over several rounds averages the jitter out, and the scatter bound still
+    refuses a curve that swings.
 
-    Example: accuracies 0.50, 0.70, 0.80, 0.805, 0.806, 0.807 with ``acc_tol=0.01``
-    (losses flat) and ``patience=3``: rounds 4, 5, 6 are stable, so convergence is at round 3.
+    Example (``window=4``, ``patience=2``, ``acc_tol=0.02``, losses flat): accuracies
+    0.50, 0.70, 0.80, 0.83, 0.81, 0.84, 0.82, 0.83. Rounds 1-4 rise by 0.33 across the
+    window (slope 0.109/round): not flat. Rounds 2-5: slope 0.036, scatter s = 0.043 > 0.02:
+    not flat. Rounds 3-6 (0.80, 0.83, 0.81, 0.84): slope 0.010, so 0.030 across the window,
+    at most 0.02 + 2 se x 3 = 0.02 + 2 x (0.0158 / sqrt(5)) x 3 = 0.062, and s = 0.0158 <=
+    0.02: flat. Rounds 4-7: slope 0.000, s = 0.0158: flat. Two flat windows in
+    a row: convergence at round 3. The consecutive-round rule with a tolerance of 0.02 and
+    patience 2 would never fire: only one change (0.82 to 0.83) is below 0.02.
 
     Args:
-        accuracies: Per-round accuracy.
+        accuracies: Per-round primary metric.
         losses: Per-round loss.
         seconds: Per-round wall-clock seconds (non-negative).
-        acc_tol: Accuracy tolerance, >= 0 (0: no change is small enough, never converges).
-        loss_tol: Loss tolerance, >= 0 (likewise).
-        patience: Number of consecutive stable rounds required, >= 1.
+        acc_tol: Primary-metric tolerance, finite and >= 0, in its units.
+        loss_tol: Loss tolerance, finite and >= 0, in its units.
+        patience: Number of consecutive flat windows required, >= 1.
+        window: Rounds per window, >= 3.
 
     Returns:
         ``{"round": r, "seconds": sum(seconds[:r])}`` (the wall time to reach the plateau), or
-        None when no such round exists yet (including fewer than ``patience + 1`` rounds).
+        None when no such round exists yet (including fewer than ``window + patience - 1``
+        rounds).
 
     Raises:
-        ConfigError: A tolerance or ``patience`` is out of range.
+        ConfigError: A tolerance, ``patience`` or ``window`` is out of range.
         DataError: The sequences differ in length or a duration is negative or not finite.
 
     """
@@ -208,6 +314,8 @@ def detect_convergence(
             raise ConfigError(f"`{name}` must be a finite number >= 0 (got {tol!r}).")
     if isinstance(patience, bool) or not isinstance(patience, int) or patience < 1:
         raise ConfigError(f"`patience` must be a positive int (got {patience!r}).")
+    if isinstance(window, bool) or not isinstance(window, int) or window < 3:
+        raise ConfigError(f"`window` must be an int of at least 3 (got {window!r}).")
     acc = np.asarray(accuracies, dtype=np.float64)
     loss = np.asarray(losses, dtype=np.float64)
     secs = np.asarray(seconds, dtype=np.float64)
@@ -219,13 +327,83 @@ def detect_convergence(
     if not np.all(np.isfinite(secs)) or np.any(secs < 0):
         raise DataError("`seconds` must hold finite, non-negative durations.")
 
-    with np.errstate(invalid="ignore"):
-        # stable[i] refers to round i + 2: the change from round i + 1 to round i + 2.
-        stable = (np.abs(np.diff(acc)) < acc_tol) & (np.abs(np.diff(loss)) < loss_tol)
+    flat = flat_windows(acc, tol=acc_tol, window=window) & flat_windows(
+        loss, tol=loss_tol, window=window
+    )
     run = 0
-    for i, ok in enumerate(stable):
+    for i, ok in enumerate(flat):
         run = run + 1 if ok else 0
         if run == patience:
-            first_round = i + 2 - patience  # round whose successor starts the stable stretch
+            first_round = i + 2 - patience  # first round of the first flat window (from 1)
             return {"round": first_round, "seconds": float(secs[:first_round].sum())}
     return None
+
+
+def site_fairness(
+    clients: Sequence[Mapping[str, Any]],
+    *,
+    metric: str,
+    num_heldout: Mapping[int, int] | None = None,
+    twin: bool = False,
+) -> dict[str, Any]:
+    """How evenly one round's model serves the sites: worst, best, spread, std, mean.
+
+    Computed over the sites that reported a finite held-out ``metric`` that round; every
+    site is unweighted (a small site counts as much as a large one: fairness is about sites,
+    not records). The others are listed by why they are left out:
+
+    - ``no_heldout``: the site has no held-out records (its ``num_samples`` is 0, or it
+      reported nothing and ``num_heldout`` gives 0), so it has no figure to report;
+    - ``no_metrics``: it has held-out records but reported no figure that round (it failed
+      or dropped out; for twins, no twin was fine-tuned that round);
+    - ``not_finite``: its figure is NaN or infinite (a diverged model), which has no rank.
+
+    Ties pick the smallest ``client_id`` for both the worst and the best site.
+
+    Args:
+        clients: A round's ``clients`` rows of ``metrics.json`` (``client_id``, the site's
+            held-out figures, optionally ``num_samples`` and ``twin``).
+        metric: The figure to compare (the task's primary metric: ``accuracy`` or
+            ``mean_dice``).
+        num_heldout: Held-out size per site, for sites whose row carries no ``num_samples``.
+        twin: Compare the sites' twins (``row["twin"][metric]``) instead of the served model.
+
+    Returns:
+        ``{"metric", "sites" (ids included), "mean", "std" (population, over sites),
+        "spread" (max - min), "worst_site" and "best_site" ({"client_id", "value"}),
+        "excluded" ({"no_heldout", "no_metrics", "not_finite"}: lists of ids)}``; the figures
+        are None when no site is included.
+
+    """
+    included: list[tuple[float, int]] = []
+    excluded: dict[str, list[int]] = {"no_heldout": [], "no_metrics": [], "not_finite": []}
+    for row in clients:
+        sid = int(row["client_id"])
+        source = (row.get("twin") or {}) if twin else row
+        value = source.get(metric)
+        size = source.get("num_samples", row.get("num_samples"))
+        if size is None and num_heldout is not None:
+            size = num_heldout.get(sid)
+        if size == 0:
+            excluded["no_heldout"].append(sid)
+        elif value is None:
+            excluded["no_metrics"].append(sid)
+        elif not (isinstance(value, numbers.Real) and math.isfinite(value)):
+            excluded["not_finite"].append(sid)
+        else:
+            included.append((float(value), sid))
+    out: dict[str, Any] = {"metric": metric, "sites": sorted(sid for _, sid in included)}
+    if included:
+        values = np.array([v for v, _ in included])
+        worst = min(included)
+        best = min(included, key=lambda vs: (-vs[0], vs[1]))
+        out |= {
+            "mean": float(values.mean()),
+            "std": float(values.std()),
+            "spread": best[0] - worst[0],
+            "worst_site": {"client_id": worst[1], "value": worst[0]},
+            "best_site": {"client_id": best[1], "value": best[0]},
+        }
+    else:
+        out |= dict.fromkeys(("mean", "std", "spread", "worst_site", "best_site"))
+    return out | {"excluded": excluded}

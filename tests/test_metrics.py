@@ -1,4 +1,4 @@
-"""Classification metrics against scikit-learn, and convergence detection on hand-made runs."""
+"""Classification metrics against scikit-learn (convergence: tests/test_convergence.py)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from sklearn import metrics as skm
 
 from securefed.errors import ConfigError, DataError
-from securefed.metrics import classification_metrics, detect_convergence, roc_auc
+from securefed.metrics import classification_metrics, roc_auc
 
 # scikit-learn, the reference, warns about the very edge cases these tests compare on.
 pytestmark = [
@@ -178,73 +178,3 @@ def test_bad_inputs_are_rejected(kwargs, error, expected):
     # Execute / Assert
     with pytest.raises(error, match=expected):
         classification_metrics(**call)
-
-
-def _converge(acc, loss=None, seconds=None, **kwargs):
-    loss = [1.0] * len(acc) if loss is None else loss
-    seconds = [1.0] * len(acc) if seconds is None else seconds
-    params = {"acc_tol": 0.01, "loss_tol": 0.05, "patience": 3} | kwargs
-    return detect_convergence(accuracies=acc, losses=loss, seconds=seconds, **params)
-
-
-def test_convergence_round_is_where_the_plateau_begins():
-    # Prepare: the docstring's example; rounds 4, 5, 6 change by < 0.01
-    acc = [0.50, 0.70, 0.80, 0.805, 0.806, 0.807]
-    seconds = [2.0, 3.0, 4.0, 5.0, 6.0, 7.0]
-
-    # Execute
-    result = _converge(acc, seconds=seconds)
-
-    # Assert: round 3, after 2 + 3 + 4 seconds
-    assert result == {"round": 3, "seconds": 9.0}
-
-
-def test_a_flat_run_converges_at_round_one():
-    # Execute / Assert
-    assert _converge([0.9] * 4, seconds=[1.5, 1, 1, 1]) == {"round": 1, "seconds": 1.5}
-
-
-def test_too_few_rounds_or_a_broken_stretch_is_not_convergence():
-    # Execute / Assert: three stable changes need four rounds
-    assert _converge([0.9, 0.9, 0.9]) is None
-    # a jump resets the stretch; the plateau starting at round 4 is then found
-    assert _converge([0.9, 0.9, 0.9, 0.7, 0.7, 0.7, 0.7])["round"] == 4
-    # exactly acc_tol is not "less than" the tolerance, so a zero tolerance never converges
-    assert _converge([0.0, 0.25, 0.5, 0.75], acc_tol=0.25) is None
-    assert _converge([0.9] * 5, acc_tol=0.0) is None
-
-
-def test_loss_must_also_be_flat():
-    # Prepare: accuracy flat, loss still falling fast until round 4
-    acc = [0.8] * 7
-    loss = [2.0, 1.5, 1.0, 0.5, 0.49, 0.48, 0.47]
-
-    # Execute
-    result = _converge(acc, loss=loss)
-
-    # Assert
-    assert result["round"] == 4
-
-
-def test_nan_is_never_stable():
-    # Execute / Assert
-    assert _converge([0.5] * 5, loss=[1.0, float("nan"), 1.0, 1.0, 1.0]) is None
-
-
-@pytest.mark.parametrize(
-    ("kwargs", "error"),
-    [
-        ({"acc_tol": float("nan")}, ConfigError),
-        ({"loss_tol": -1.0}, ConfigError),
-        ({"patience": 0}, ConfigError),
-        ({"loss": [1.0]}, DataError),
-        ({"seconds": [1.0, -1.0, 1.0]}, DataError),
-    ],
-)
-def test_convergence_rejects_bad_arguments(kwargs, error):
-    # Prepare
-    acc = [0.5, 0.5, 0.5]
-
-    # Execute / Assert
-    with pytest.raises(error):
-        _converge(acc, **kwargs)

@@ -29,6 +29,7 @@ __all__ = [
     "environment",
     "load_rows",
     "claim_folder",
+    "convergence_note",
     "curve_convergence",
     "non_iid_sites",
     "open_suite",
@@ -318,9 +319,18 @@ def non_iid_sites() -> dict[str, Any]:
 
 
 def curve_convergence(
-    rounds: list[dict[str, Any]], *, acc_tol: float, loss_tol: float, patience: int
+    rounds: list[dict[str, Any]],
+    *,
+    acc_tol: float,
+    loss_tol: float,
+    patience: int,
+    window: int,
 ) -> dict[str, Any]:
-    """Convergence of a run's global test curves by a suite's rule (``{}`` when never)."""
+    """Convergence of a run's global test curves, recomputed (``{}`` when never).
+
+    The same rule as a run's ``metrics.json`` (:func:`securefed.metrics.detect_convergence`),
+    with the suite's parameters, so every cell of a suite is judged alike.
+    """
     from securefed.metrics import detect_convergence
 
     return (
@@ -331,8 +341,20 @@ def curve_convergence(
             acc_tol=acc_tol,
             loss_tol=loss_tol,
             patience=patience,
+            window=window,
         )
         or {}
+    )
+
+
+def convergence_note(*, acc_tol: float, loss_tol: float, patience: int, window: int) -> str:
+    """One sentence for a suite's summary: the convergence rule and its parameters."""
+    return (
+        f"Convergence round: first round of the first {patience} consecutive flat windows of "
+        f"{window} rounds; a window is flat when a least-squares line through its test "
+        f"accuracy moves by at most {acc_tol} across it (to within two standard errors) and "
+        f"the points scatter around the line by at most {acc_tol}, and likewise for the test "
+        f"loss with {loss_tol} (n/a: never)."
     )
 
 

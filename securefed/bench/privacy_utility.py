@@ -18,6 +18,7 @@ from typing import Any
 
 from securefed.bench.common import (
     Cell,
+    convergence_note,
     curve_convergence,
     load_rows,
     mean_std,
@@ -30,6 +31,7 @@ from securefed.bench.common import (
 )
 from securefed.config import RunConfig
 from securefed.errors import ConfigError
+from securefed.metrics import CONV_ACC_TOL, CONV_LOSS_TOL, CONV_PATIENCE, CONV_WINDOW
 
 __all__ = ["PrivacyUtilityGrid", "QUICK_PU", "REQUIRED_COLUMNS", "run_privacy_utility"]
 
@@ -72,8 +74,9 @@ class PrivacyUtilityGrid:
         seeds: Run seeds.
         base: Shared RunConfig settings.
         pretrain_epochs: Epochs of FTL pretraining.
-        conv_acc_tol, conv_loss_tol, conv_patience: Convergence rule applied to every
-            cell's curves (looser than a run's default: DP training is noisy).
+        conv_acc_tol, conv_loss_tol, conv_patience, conv_window: Convergence rule applied to
+            every cell's curves (a run's rule and defaults:
+            :func:`securefed.metrics.detect_convergence`).
 
     """
 
@@ -86,9 +89,10 @@ class PrivacyUtilityGrid:
     seeds: tuple[int, ...] = (0, 1, 2)
     base: dict[str, Any] = field(default_factory=non_iid_sites)
     pretrain_epochs: int = 10
-    conv_acc_tol: float = 0.01
-    conv_loss_tol: float = 0.05
-    conv_patience: int = 3
+    conv_acc_tol: float = CONV_ACC_TOL
+    conv_loss_tol: float = CONV_LOSS_TOL
+    conv_patience: int = CONV_PATIENCE
+    conv_window: int = CONV_WINDOW
 
     def __post_init__(self) -> None:
         bad = [s for s in self.strategies if s not in ("fedavg", "ftl")]
@@ -147,6 +151,7 @@ def _rows(
         acc_tol=grid.conv_acc_tol,
         loss_tol=grid.conv_loss_tol,
         patience=grid.conv_patience,
+        window=grid.conv_window,
     )
     sent = [b for r in rounds for b in r["bytes_per_client"].values()]
     eps_sites = [c["epsilon"] for c in privacy["clients"]]
@@ -192,8 +197,12 @@ def _summary(out: Path, rows: list[dict[str, Any]], grid: PrivacyUtilityGrid) ->
         f"{grid.base.get('public_fraction', 0):.0%} of the training split, which no site holds "
         "(every cell sets it aside, so all cells train on the same private sites). "
         f"CKKS (`he`) runs only at ε ∈ {{{', '.join(_eps_label(e) for e in grid.he_epsilons)}}}. "
-        f"Convergence: first round after which test accuracy moves by < {grid.conv_acc_tol} "
-        f"and test loss by < {grid.conv_loss_tol} for {grid.conv_patience} rounds.",
+        + convergence_note(
+            acc_tol=grid.conv_acc_tol,
+            loss_tol=grid.conv_loss_tol,
+            patience=grid.conv_patience,
+            window=grid.conv_window,
+        ),
         "",
         "## Utility",
         "",

@@ -20,6 +20,7 @@ from typing import Any
 
 from securefed.bench.common import (
     Cell,
+    convergence_note,
     curve_convergence,
     mean_std,
     non_iid_sites,
@@ -31,6 +32,7 @@ from securefed.bench.common import (
 )
 from securefed.config import RunConfig
 from securefed.errors import ConfigError
+from securefed.metrics import CONV_ACC_TOL, CONV_LOSS_TOL, CONV_PATIENCE, CONV_WINDOW
 
 __all__ = ["ARMS", "REQUIRED_COLUMNS", "ComparisonGrid", "run_strategy_comparison"]
 
@@ -71,11 +73,10 @@ class ComparisonGrid:
         base: Settings shared by every arm (sites, partition, rounds, ...).
         target_accuracy: "Rounds to target" counts rounds until this accuracy is reached.
         pretrain_epochs: Epochs of pretraining on the public share.
-        conv_acc_tol: Convergence (recomputed from each run's curves, so every arm is judged
-            by the same rule): accuracy change counted as stable. DP training is noisy, so
-            the suite is looser than a run's default (0.005).
-        conv_loss_tol: Likewise for the test loss (run default 0.01).
-        conv_patience: Stable rounds required.
+        conv_acc_tol, conv_loss_tol, conv_patience, conv_window: Convergence, recomputed
+            from each run's curves by a run's rule
+            (:func:`securefed.metrics.detect_convergence`), so every arm is judged alike;
+            the defaults are a run's.
 
     """
 
@@ -87,9 +88,10 @@ class ComparisonGrid:
     base: dict[str, Any] = field(default_factory=non_iid_sites)
     target_accuracy: float = 0.80
     pretrain_epochs: int = 10
-    conv_acc_tol: float = 0.01
-    conv_loss_tol: float = 0.05
-    conv_patience: int = 3
+    conv_acc_tol: float = CONV_ACC_TOL
+    conv_loss_tol: float = CONV_LOSS_TOL
+    conv_patience: int = CONV_PATIENCE
+    conv_window: int = CONV_WINDOW
 
     def __post_init__(self) -> None:
         unknown = [a for a in self.arms if a not in ARMS]
@@ -131,6 +133,7 @@ def _rows_from_run(
         acc_tol=grid.conv_acc_tol,
         loss_tol=grid.conv_loss_tol,
         patience=grid.conv_patience,
+        window=grid.conv_window,
     )
     return [
         {
@@ -171,9 +174,13 @@ def _summary(out: Path, rows: list[dict[str, Any]], grid: ComparisonGrid) -> Non
         f"on the declared-public {grid.base['public_fraction']:.0%} of the training split "
         f"({grid.pretrain_epochs} epochs), which no site holds. Mean ± std over seeds "
         f"{sorted({r['seed'] for r in rows})}. Rounds to target: first round with test "
-        f"accuracy >= {grid.target_accuracy}, per seed. Convergence round: first round after "
-        f"which test accuracy moves by < {grid.conv_acc_tol} and test loss by < "
-        f"{grid.conv_loss_tol} for {grid.conv_patience} rounds (n/a: never).",
+        f"accuracy >= {grid.target_accuracy}, per seed. "
+        + convergence_note(
+            acc_tol=grid.conv_acc_tol,
+            loss_tol=grid.conv_loss_tol,
+            patience=grid.conv_patience,
+            window=grid.conv_window,
+        ),
         "",
         "| ε | arm | accuracy | best | macro P | macro R | macro F1 | AUC | conv. round |"
         " rounds to target | seconds | ε spent |",

@@ -54,7 +54,7 @@ from securefed.fl.replies import SERVER_FIELDS, ReplySchema
 from securefed.fl.site_runtime import weights_from_bytes, weights_to_bytes
 from securefed.fl.strategies import ServerOptimizer, build_server_optimizer, build_strategy
 from securefed.fl.transfer import pretraining_provenance
-from securefed.metrics import detect_convergence
+from securefed.metrics import convergence_criteria, detect_convergence, site_fairness
 from securefed.models import build_model
 from securefed.protocol.link import Link, Payloads, Replies
 from securefed.protocol.modes import SumCollector, SumOutcome, get_mode
@@ -67,8 +67,10 @@ __all__ = ["METRICS_SCHEMA_VERSION", "RoundEngine", "RoundRecord", "SiteInfo"]
 #: leave a site; num_train_samples stays when the sites disclose their sizes); 2.1 (additive)
 #: gives every run `runtime` and per-round `transport`, as one engine runs both runtimes;
 #: 2.2 (additive) gives every round `dropped_reasons` and `update_bound` (the poisoning bound,
-#: and why a round was refused).
-METRICS_SCHEMA_VERSION = "2.2"
+#: and why a round was refused); 2.3 (additive) judges convergence by a trend over a window of
+#: rounds (``convergence_criteria`` names the rule and all its parameters) and gives every
+#: round, and the run, a ``fairness`` block across sites (and ``fairness_twins``).
+METRICS_SCHEMA_VERSION = "2.3"
 
 #: Events a runtime may log (``event=..., **fields``); the Flower runtime writes them to
 #: deploy-log.jsonl.
@@ -1137,17 +1139,42 @@ class RoundEngine:
             rows.append(row)
         return rows
 
-    def metrics(self) -> dict[str, Any]:
-        """``metrics.json``: per-round records, final figures and convergence."""
-        rounds = [r.data for r in self.records]
+    def _with_fairness(self, record: dict[str, Any]) -> dict[str, Any]:
+        """A copy of a round's record with its ``fairness`` (and ``fairness_twins``) block."""
+        sizes = {sid: info.num_heldout for sid, info in self.site_info.items()}
         primary = self.task.primary_metric
+        out = {
+            **record,
+            "fairness": site_fairness(record["clients"], metric=primary, num_heldout=sizes),
+        }
+        if any("twin" in c for c in record["clients"]):
+            out["fairness_twins"] = site_fairness(
+                record["clients"], metric=primary, num_heldout=sizes, twin=True
+            )
+        return out
+
+    def metrics(self) -> dict[str, Any]:
+        """``metrics.json``: per-round records, final figures, fairness and convergence."""
+        primary = self.task.primary_metric
+        # Fairness is derived here, not stored in the records: checkpoints stay as they were,
+        # and a resumed run's earlier rounds get it too.
+        rounds = [self._with_fairness(r.data) for r in self.records]
+        cfg = self.config
+        criteria = convergence_criteria(
+            metric=primary,
+            acc_tol=cfg.conv_acc_tol,
+            loss_tol=cfg.conv_loss_tol,
+            patience=cfg.conv_patience,
+            window=cfg.conv_window,
+        )
         conv = detect_convergence(
             accuracies=[r["global"][primary] for r in rounds],
             losses=[r["global"]["loss"] for r in rounds],
             seconds=[r["seconds"] for r in rounds],
-            acc_tol=self.config.conv_acc_tol,
-            loss_tol=self.config.conv_loss_tol,
-            patience=self.config.conv_patience,
+            acc_tol=cfg.conv_acc_tol,
+            loss_tol=cfg.conv_loss_tol,
+            patience=cfg.conv_patience,
+            window=cfg.conv_window,
         )
         best = max(rounds, key=lambda r: r["global"][primary]) if rounds else None
         out: dict[str, Any] = {
@@ -1160,14 +1187,13 @@ class RoundEngine:
             "final": rounds[-1]["global"] if rounds else None,
             "best": {"round": best["round"], **best["global"]} if best else None,
             "convergence": conv,
-            "convergence_criteria": {
-                "metric": primary,
-                "acc_tol": self.config.conv_acc_tol,
-                "loss_tol": self.config.conv_loss_tol,
-                "patience": self.config.conv_patience,
-            },
+            "convergence_criteria": criteria,
             "total_seconds": self.elapsed,
         }
+        # The last round's fairness, beside ``final`` (which stays the global test figures).
+        for key in ("fairness", "fairness_twins"):
+            if rounds and key in rounds[-1]:
+                out["final_" + key] = rounds[-1][key]
         if self.personalize_rounds():
             out["personalization"] = self.personalization_table()
         if len(self.models) > 1:

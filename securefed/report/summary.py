@@ -14,6 +14,7 @@ __all__ = [
     "epsilon_figure",
     "headline_for",
     "curve_metrics",
+    "fairness_lines",
 ]
 
 _LABELS = {
@@ -39,6 +40,43 @@ def headline_for(metrics: dict[str, Any]) -> tuple[str, ...]:
 
         return tuple(SEG_HEADLINE_METRICS)
     return HEADLINE_METRICS
+
+
+_LEFT_OUT = {
+    "no_heldout": "without held-out data",
+    "no_metrics": "without a figure this round",
+    "not_finite": "with a non-finite figure",
+}
+
+
+def fairness_lines(metrics: dict[str, Any]) -> list[str]:
+    """The last round's spread across sites (served model, and twins), one line each.
+
+    Beside the global figure, which can hide a site the model serves badly: the worst site,
+    the spread (best minus worst) and the unweighted mean, from ``final_fairness`` and
+    ``final_fairness_twins`` in ``metrics.json``. Nothing for a file without them (< 2.3).
+    """
+    primary = metrics.get("primary_metric", "accuracy")
+    label = _LABELS.get(primary, primary)
+    lines = []
+    for key, who in (("final_fairness", "served model"), ("final_fairness_twins", "twins")):
+        block = metrics.get(key)
+        if not block:
+            continue
+        left = block.get("excluded", {})
+        notes = [f"{len(ids)} {_LEFT_OUT[why]}" for why, ids in left.items() if ids]
+        tail = f"; left out: {', '.join(notes)}" if notes else ""
+        worst = block.get("worst_site")
+        if worst is None:
+            lines.append(f"- across sites ({who}, {label}): no site reported a figure{tail}")
+            continue
+        lines.append(
+            f"- across sites ({who}, {label} on each site's held-out data): worst site "
+            f"{worst['client_id']} **{_fmt(worst['value'])}**, spread "
+            f"**{_fmt(block['spread'])}**, mean {_fmt(block['mean'])} over "
+            f"{len(block['sites'])} sites{tail}"
+        )
+    return [*lines, ""] if lines else []
 
 
 def _fmt(x: Any, digits: int = 3) -> str:
@@ -278,6 +316,7 @@ def write_summary(
         "|---" * len(headline) + "|",
         "| " + " | ".join(_fmt(final.get(k)) for k in headline) + " |",
         "",
+        *fairness_lines(metrics),
     ]
     if final.get("confusion_matrix"):
         lines += ["Confusion matrix (rows = true class, columns = predicted):", ""]
