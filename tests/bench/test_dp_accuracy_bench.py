@@ -1,0 +1,53 @@
+"""benchmarks/dp_accuracy.py: a one-class model is flagged, and the table shows the worst seed."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _bench():
+    spec = importlib.util.spec_from_file_location(
+        "dp_accuracy", ROOT / "benchmarks" / "dp_accuracy.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _run(folder: Path, *, accuracy: float, confusion: list[list[int]]) -> Path:
+    folder.mkdir(parents=True)
+    final = {
+        "accuracy": accuracy,
+        "auc": 0.9,
+        "balanced_accuracy": 0.5,
+        "macro_f1": 0.4,
+        "confusion_matrix": confusion,
+    }
+    metrics = {
+        "final": final,
+        "rounds": [{"decision_calibration": {"applied": False}}],
+        "final_fairness": {"worst_site": {"client_id": 1, "value": 0.7}},
+        "total_seconds": 12.0,
+    }
+    (folder / "metrics.json").write_text(json.dumps(metrics))
+    return folder
+
+
+def test_a_one_class_model_is_flagged_and_the_table_shows_the_worst_seed(tmp_path):
+    bench = _bench()
+    one = bench._row(
+        _run(tmp_path / "a", accuracy=0.625, confusion=[[0, 234], [0, 390]]), seed=1, epsilon=8.0
+    )
+    two = bench._row(
+        _run(tmp_path / "b", accuracy=0.85, confusion=[[200, 34], [60, 330]]), seed=2, epsilon=8.0
+    )
+    assert one["one_class"] and not two["one_class"]
+    assert one["worst_site_accuracy"] == 0.7 and one["calibrated"] is False
+    text = bench.table([one, two])
+    assert "| 8 | 1,2 |" in text
+    assert "(min 0.625)" in text  # the worst seed is shown, not only the mean
+    assert text.rstrip().endswith("| 1 |")  # one of the two runs called one class
