@@ -572,12 +572,17 @@ class RunConfig:
         for name in ("seed", "public_seed", "personalize"):
             value = getattr(self, name)
             _check(value >= 0, f"{_n(name)} must be 0 or more (got {value}).")
-        for name in ("lr", "max_grad_norm", "secagg_clip", "calibration_noise"):
+        for name in ("lr", "max_grad_norm", "secagg_clip"):
             value = getattr(self, name)
             _check(
                 math.isfinite(value) and value > 0,
                 f"{_n(name)} must be positive and finite (got {value}).",
             )
+        # securefed.dp.calibration.MIN_NOISE_MULTIPLIER: below it the release is all budget.
+        _check(
+            math.isfinite(self.calibration_noise) and self.calibration_noise >= 1.0,
+            f"{_n('calibration_noise')} must be at least 1 (got {self.calibration_noise}).",
+        )
         for name in ("momentum", "server_momentum", "public_fraction"):
             value = getattr(self, name)
             _check(0 <= value < 1, f"{_n(name)} must be in [0, 1) (got {value}).")

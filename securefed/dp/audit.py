@@ -331,6 +331,7 @@ def _check_site(
     executed: list[int],
     participants: dict[int, set[int]],
     calibrated: dict[tuple, float | None],
+    released: set[int],
 ) -> float:
     """Every check of one DP site; returns its claimed epsilon."""
     from securefed.dp import accounting
@@ -409,11 +410,17 @@ def _check_site(
         ),
         f"sigma={sigma:.6g}, q={q:.6g}, C={clip:g}",
     )
-    entries = calibration.planned_entries(run)
+    try:
+        entries = calibration.planned_entries(run)
+    except ValueError as exc:  # e.g. a noise multiplier no run can have: no accountant call
+        entries = ()
+        result.add(f"{name}: the run's calibration noise is valid", False, str(exc))
     want_cal = {(s_, q_, n_, calibration.CLIP) for s_, q_, n_ in entries}
+    want_n = 1 if entries and cid in released else 0
     result.add(
-        f"{name}: decision calibration: at most one release, after the last round, as planned",
-        len(cal) <= (1 if entries else 0)
+        f"{name}: decision calibration: one release iff metrics.json accounts one, after the "
+        "last round, as planned",
+        len(cal) == want_n
         and all(
             int(e["round"]) == int(run["rounds"])
             and (
@@ -425,7 +432,8 @@ def _check_site(
             in want_cal
             for e in cal
         ),
-        f"{len(cal)} calibration event(s); planned {list(want_cal) or 'none'}",
+        f"{len(cal)} calibration event(s), {want_n} accounted in metrics.json; planned "
+        f"{list(want_cal) or 'none'}",
     )
     result.add(
         f"{name}: clipping bound C = configured max_grad_norm",
@@ -641,6 +649,13 @@ def audit_run(
             not orphans,
             f"events of unreported sites {orphans}" if orphans else "yes",
         )
+        last = metrics["rounds"][-1] if metrics["rounds"] else {}
+        record = last.get("decision_calibration") if isinstance(last, dict) else None
+        released = (
+            {int(s) for s in record.get("accounted", record.get("sites", []))}
+            if isinstance(record, dict)
+            else set()
+        )
         calibrated: dict[tuple, float | None] = {}
         claims: list[float] = []
         deltas: list[float] = []
@@ -658,6 +673,7 @@ def audit_run(
                     executed=executed,
                     participants=participants,
                     calibrated=calibrated,
+                    released=released,
                 )
             )
             deltas.append(float(c.get("delta", privacy["delta"])))

@@ -48,11 +48,13 @@ import numpy as np
 
 __all__ = [
     "CLIP",
+    "MIN_NOISE_MULTIPLIER",
     "NOISE_MULTIPLIER",
     "PHASE",
     "Calibration",
     "calibrates",
     "check_statistics",
+    "implausible",
     "offsets_from_sum",
     "planned_entries",
     "site_statistics",
@@ -67,6 +69,10 @@ CLIP = 4.0
 #: Default noise multiplier sigma_cal: at epsilon 8 it raises the DP-SGD noise by about 1 %
 #: (the release alone is epsilon 0.93 at delta 1e-5, replace-one).
 NOISE_MULTIPLIER = 8.0
+#: Smallest noise multiplier accepted: below it the release alone costs more than any useful
+#: budget, and dp_accounting's PLD grid for it grows without bound (an untrusted report must
+#: not make the audit exhaust memory).
+MIN_NOISE_MULTIPLIER = 1.0
 #: Data sets whose task is segmentation even when ``--task auto`` (no calibration budget).
 _SEGMENTATION_DATASETS = frozenset({"synthetic-seg"})
 
@@ -91,10 +97,20 @@ def planned_entries(run: Mapping[str, Any]) -> tuple[tuple[float, float, int], .
 
     Every site budgets for it from the start (DP-SGD's sigma is calibrated with it), whether
     or not it is asked in the end: the claim must not depend on what the server does.
+
+    Raises:
+        ValueError: ``calibration_noise`` below :data:`MIN_NOISE_MULTIPLIER` (or not a
+            number): a run that cannot have been configured, so no accountant is asked.
+
     """
     if not calibrates(run):
         return ()
-    return ((float(run.get("calibration_noise", NOISE_MULTIPLIER)), 1.0, 1),)
+    sigma = run.get("calibration_noise", NOISE_MULTIPLIER)
+    if isinstance(sigma, bool) or not isinstance(sigma, (int, float)):
+        raise ValueError(f"calibration_noise {sigma!r} is not a number")
+    if not (math.isfinite(sigma) and sigma >= MIN_NOISE_MULTIPLIER):
+        raise ValueError(f"calibration_noise {sigma!r} is below {MIN_NOISE_MULTIPLIER}")
+    return ((float(sigma), 1.0, 1),)
 
 
 def statistics_size(num_classes: int) -> int:
@@ -126,6 +142,10 @@ def site_statistics(
         )
     if labels.size and (labels.min() < 0 or labels.max() >= k):
         raise ValueError(f"labels must lie in 0..{k - 1}")
+    # A non-finite logit (a model a server crafted to overflow on some records) would carry
+    # NaN past the noise and name the record's class: such a record adds z = 0 (still counted),
+    # which keeps the 2R bound for any model.
+    logits = np.where(np.isfinite(logits).all(axis=1, keepdims=True), logits, 0.0)
     z = logits - logits.mean(axis=1, keepdims=True)
     norms = np.linalg.norm(z, axis=1, keepdims=True)
     z *= np.minimum(1.0, clip / np.maximum(norms, 1e-12))
@@ -179,6 +199,8 @@ def offsets_from_sum(
     counts = total[:k] / clip
     sums = total[k:].reshape(k, k)
     zero = [0.0] * k
+    if not (np.all(np.isfinite(counts)) and math.isfinite(float(counts.sum()))):
+        return Calibration(zero, False, "the summed counts are not finite", counts.tolist())
     count_sd = noise_multiplier * math.sqrt(max(sites, 1))  # noise s.d. on a summed count
     sum_sd = count_sd * clip  # ... and on a summed score
     least = max(10.0, 3.0 * count_sd)
@@ -206,8 +228,47 @@ def offsets_from_sum(
                 f"under twice the noise ({2 * se:.3g})",
                 counts.tolist(),
             )
-        offsets.append(-(mean_in + mean_out) / 2.0)
+        offset = -(mean_in + mean_out) / 2.0
+        if not math.isfinite(offset) or abs(offset) > clip:
+            # Honest sites' means lie within [-R, R] (each z is), so their midpoint does too:
+            # anything else is a poisoned or broken sum, and a site must not set the model.
+            return Calibration(
+                zero,
+                False,
+                f"class {c}: offset {offset:.3g} outside [-{clip:g}, {clip:g}] (a bad release)",
+                counts.tolist(),
+            )
+        offsets.append(offset)
     return Calibration(offsets, True, None, counts.tolist())
+
+
+def implausible(
+    vec: np.ndarray,
+    *,
+    num_classes: int,
+    noise_multiplier: float,
+    max_records: float,
+    clip: float = CLIP,
+) -> str | None:
+    """Why one site's release cannot come from an honest site, or None.
+
+    An honest vector is ``(R n, M)`` plus noise of s.d. ``sigma R``: its counts are not far
+    below 0 nor, in all, above ``max_records`` (the run's N_max, the most one site weighs);
+    and every score sum ``|M[y][c]|`` is at most ``R n[y]``. Six standard deviations of
+    slack keep an honest site in (a false refusal about once in 10^8 per coordinate). A
+    site that passes can still pull the threshold, in proportion to its claimed size, within
+    [-R, R]: the trust a site has for its model update too.
+    """
+    k = int(num_classes)
+    slack = 6.0 * noise_multiplier  # in records
+    counts = vec[:k] / clip
+    sums = vec[k:].reshape(k, k)
+    if np.any(counts < -slack) or counts.sum() > max_records + slack * math.sqrt(k):
+        return "class counts outside what one site can hold"
+    room = clip * (np.maximum(counts, 0.0) + slack)
+    if np.any(np.abs(sums) > room[:, None]):
+        return "score sums larger than its counts allow"
+    return None
 
 
 def check_statistics(values: Sequence[Any], *, num_classes: int, what: str) -> np.ndarray:

@@ -837,22 +837,40 @@ class RoundEngine:
         )
         total = np.zeros(calibration.statistics_size(k))
         used: list[int] = []
+        accounted: list[int] = []
         for sid in sorted(replies):
             try:
                 # Accounted first: what a site says it spent counts even if its values are bad.
                 self.claims.account(
                     sid, replies[sid], round_index=round_index, phase=calibration.PHASE
                 )
-                total += calibration.check_statistics(
-                    replies[sid]["statistics"], num_classes=k, what=f"site {sid}"
-                )
-            except (ProtocolError, ValueError) as exc:
+            except ProtocolError as exc:
                 errors[sid] = str(exc)
                 continue
+            accounted.append(sid)
+            try:
+                vec = calibration.check_statistics(
+                    replies[sid].get("statistics"), num_classes=k, what=f"site {sid}"
+                )
+            except ValueError as exc:
+                errors[sid] = str(exc)
+                continue
+            why = calibration.implausible(
+                vec,
+                num_classes=k,
+                noise_multiplier=float(self.config.calibration_noise),
+                max_records=self.max_weight,
+            )
+            if why is not None:
+                errors[sid] = f"site {sid}: calibration statistics refused: {why}"
+                continue
+            total += vec
             used.append(sid)
         noise = float(self.config.calibration_noise)
         record: dict[str, Any] = {
             "sites": used,
+            # Every site whose release is in the ledger (the audit checks the two agree).
+            "accounted": accounted,
             "noise_multiplier": noise,
             "clip": calibration.CLIP,
             "site_errors": {str(s): why for s, why in sorted(errors.items())},
@@ -861,17 +879,16 @@ class RoundEngine:
             record.update(applied=False, reason="no site sent calibration statistics")
             record.update(offsets=[0.0] * k, counts=None)
             return record
-        result = calibration.offsets_from_sum(
-            total, num_classes=k, sites=len(used), noise_multiplier=noise
-        )
+        try:
+            result = calibration.offsets_from_sum(
+                total, num_classes=k, sites=len(used), noise_multiplier=noise
+            )
+        except ValueError as exc:  # a sum that overflowed: bad releases, not a failed round
+            result = calibration.Calibration([0.0] * k, False, str(exc), [])
         applied, reason = result.applied, result.reason
         if applied:
-            biases = _output_biases(self.models[0], k)
-            if not biases:
-                applied, reason = False, "the model has no output-layer bias to shift"
-            with torch.no_grad():
-                for bias in biases:
-                    bias += torch.tensor(result.offsets, dtype=bias.dtype, device=bias.device)
+            reason = self._shift_output(result.offsets)
+            applied = reason is None
         record.update(
             applied=applied,
             reason=reason,
@@ -880,6 +897,33 @@ class RoundEngine:
         )
         self._event(event="calibration", round=round_index, applied=applied, reason=reason)
         return record
+
+    @torch.no_grad()
+    def _shift_output(self, offsets: list[float]) -> str | None:
+        """Add ``offsets`` to the global model's logits through its output bias.
+
+        The bias is found by structure (:func:`_output_biases`), then the shift is verified on
+        two test images: every logit must move by exactly its offset. A model whose layout
+        fooled the search (a plug-in whose last linear layer is not its output) is put back
+        as it was. Returns why the shift was not made, or None.
+        """
+        model = self.models[0]
+        biases = _output_biases(model, len(offsets))
+        if not biases:
+            return "the model has no output-layer bias to shift"
+        probe = torch.from_numpy(np.array(self.bundle.test.images[:2])).to(self.device)
+        model.eval()
+        before = model(probe).double()
+        shift = [torch.tensor(offsets, dtype=b.dtype, device=b.device) for b in biases]
+        for bias, s in zip(biases, shift):
+            bias += s
+        moved = model(probe).double() - before
+        want = torch.tensor(offsets, dtype=torch.float64, device=moved.device).expand_as(moved)
+        if not torch.allclose(moved, want, atol=1e-4, rtol=1e-4):
+            for bias, s in zip(biases, shift):
+                bias -= s
+            return "the model's output did not move by the offsets (its output layer is not found)"
+        return None
 
     def _evaluate(
         self, round_index: int, chosen: list[int], sums: _Sums

@@ -262,6 +262,8 @@ class SiteRuntime:
             raise ProtocolError("a run without DP has no privacy history")
         planned = calibration.planned_entries(self.config.to_dict())
         releases = {calibration.PHASE: {(s, q, n, calibration.CLIP) for s, q, n in planned}}
+        if sum(e.phase == calibration.PHASE for e in events) > len(planned):
+            raise ProtocolError("a privacy history with more calibration releases than planned")
         try:
             self.trainer.resume_accounting(events, releases=releases)
         except PrivacyBudgetError as exc:
@@ -628,6 +630,9 @@ class SiteRuntime:
             _CALIBRATE_ROUNDS, round_index, what=f"site {cid}: calibrating round {round_index}"
         )
         model, _ = self.model(fields["weights"], layout_keys=fields["layout_keys"])
+        # A data-independent check: weights that are not finite can only be a probe.
+        if not all(bool(torch.isfinite(t).all()) for t in model.state_dict().values()):
+            raise ProtocolError(f"site {cid}: the model to calibrate has non-finite weights")
         ((sigma, q, steps),) = calibration.planned_entries(run)
         logits = self._logits(model, self.train)
         stats = calibration.site_statistics(

@@ -76,9 +76,11 @@ def _reclaim(privacy):
             for r in range(1, privacy["rounds"] + 1)
         ]
         c["epsilon"], c["epsilon_per_round"] = per_round[-1], per_round
-        c["steps"] = sum(e["steps"] for e in ev)
+        dp_sgd = [e for e in ev if e["phase"] != "calibrate"]
+        c["steps"] = sum(e["steps"] for e in dp_sgd)
         c["personalization_steps"] = sum(e["steps"] for e in ev if e["phase"] == "personalize")
-        c["rounds_participated"] = sorted({e["round"] for e in ev})
+        c["calibration_releases"] = len(ev) - len(dp_sgd)
+        c["rounds_participated"] = sorted({e["round"] for e in dp_sgd})
     privacy["epsilon"] = max(c["epsilon"] for c in privacy["clients"])
 
 
@@ -116,19 +118,31 @@ def quiet_calibration(p):
     _reclaim(p)
 
 
+def drop_calibration(p):
+    # Hide site 0's decision-calibration release (its epsilon drops).
+    p["events"] = [
+        e for e in p["events"] if not (e["client_id"] == 0 and e["phase"] == "calibrate")
+    ]
+    _reclaim(p)
+
+
 TAMPERINGS = {
     "calibration noise x 4": quiet_calibration,
+    "a calibration release dropped from the ledger": drop_calibration,
     "sample rate / 4": quarter_q,
     "sigma x 2": double_sigma,
     "a round dropped from the ledger": drop_round,
     "empty ledger": empty_ledger,
 }
 
+_CALIBRATION_CHECK = (
+    "site 0: decision calibration: one release iff metrics.json accounts one, after the last "
+    "round, as planned"
+)
 #: The binding check that stops each rewrite once the rewriter re-signs it.
 STOPPED_BY = {
-    "calibration noise x 4": (
-        "site 0: decision calibration: at most one release, after the last round, as planned"
-    ),
+    "calibration noise x 4": _CALIBRATION_CHECK,
+    "a calibration release dropped from the ledger": _CALIBRATION_CHECK,
     "sample rate / 4": "site 0: steps per event = epochs x 1/q",
     "sigma x 2": "site 0: sigma = calibrate_noise(target, delta, q, planned steps)",
     "a round dropped from the ledger": (

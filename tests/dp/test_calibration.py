@@ -184,3 +184,135 @@ def test_a_calibrated_run_is_audited(small_config, tmp_path):
     assert sum(e["phase"] == calibration.PHASE for e in privacy["events"]) == 3
     result = audit_run(out)
     assert result.ok, [c for c in result.checks if not c.ok]
+
+
+# -- found by the review: each would succeed without its fix ---------------------------------
+
+
+def test_a_non_finite_logit_cannot_carry_a_record_past_the_noise():
+    # A server can craft a model that overflows to inf on one target record. Before the fix
+    # its class row became NaN, which noise does not hide (epsilon infinite): the release
+    # named the record's class.
+    rng = np.random.default_rng(3)
+    logits = rng.normal(size=(20, 3))
+    labels = rng.integers(0, 3, size=20)
+    for bad in (np.inf, -np.inf, np.nan):
+        crafted = logits.copy()
+        crafted[7, 1] = bad
+        v = calibration.site_statistics(crafted, labels, num_classes=3)
+        assert np.all(np.isfinite(v))
+        neighbour = calibration.site_statistics(
+            np.delete(crafted, 7, 0), np.delete(labels, 7), num_classes=3
+        )
+        # The record still counts, and moves nothing else: like a zero-logit record.
+        zeroed = logits.copy()
+        zeroed[7] = 0.0
+        np.testing.assert_allclose(v, calibration.site_statistics(zeroed, labels, num_classes=3))
+        assert np.linalg.norm(v - neighbour) <= 2 * R
+
+
+def test_a_site_refuses_to_calibrate_a_model_with_non_finite_weights(small_config):
+    from securefed.fl.simulation import Federation
+    from securefed.fl.site_runtime import weights_to_bytes
+    from securefed.protocol.wire import Stage
+
+    fed = Federation(small_config.replace(rounds=1))
+    state = {k: v.clone() for k, v in fed.global_model.state_dict().items()}
+    name = next(k for k, v in state.items() if v.dtype.is_floating_point)
+    state[name].view(-1)[0] = float("inf")
+    fields = {**_final_fields(fed, 1), "weights": weights_to_bytes(state)}
+    with pytest.raises(ProtocolError, match="non-finite weights"):
+        fed.sites[0].handle(Stage.CALIBRATE, fields)
+    assert not [e for e in fed.sites[0].ledger.events if e.phase == calibration.PHASE]
+
+
+def test_a_poisoned_release_is_refused_or_bounded_and_an_overflow_cannot_crash_the_sum():
+    # Before the fix one site's huge numbers set offsets of about 5e5 (the model then called
+    # one class at will), and an overflowing sum crashed the round.
+    rng = np.random.default_rng(4)
+    logits, y = _skewed_scores(rng)
+    honest = calibration.site_statistics(logits, y, num_classes=2)
+    bounds = {"num_classes": 2, "noise_multiplier": 8.0, "max_records": 1e6}
+    assert calibration.implausible(honest, **bounds) is None
+    greedy = honest.copy()
+    greedy[2:] *= 1e3  # scores far beyond what its counts allow
+    assert "score sums" in calibration.implausible(greedy, **bounds)
+    huge = np.full(calibration.statistics_size(2), 1e12)
+    assert "counts" in calibration.implausible(huge, **bounds)
+    # A site that stays plausible but claims a million records moves the offsets only within
+    # [-R, R]; a sum that is not finite is refused, never applied.
+    heavy = np.zeros(calibration.statistics_size(2))
+    heavy[:2] = R * 5e5
+    heavy[2:] = [-R * 5e5, R * 5e5, -R * 5e5, R * 5e5]
+    cal = calibration.offsets_from_sum(honest + heavy, num_classes=2, sites=2, noise_multiplier=8.0)
+    assert all(abs(o) <= R for o in cal.offsets)
+    with pytest.raises(ValueError):
+        calibration.offsets_from_sum(
+            np.full(calibration.statistics_size(2), np.inf),
+            num_classes=2,
+            sites=2,
+            noise_multiplier=8.0,
+        )
+
+
+@pytest.mark.slow
+def test_a_bad_release_is_still_accounted_and_the_others_calibrate(small_config):
+    # Before the fix the reply schema dropped a reply with bad numbers before the claim book
+    # saw it: the site had spent the release, the report did not count it.
+    from securefed.fl.simulation import Federation
+    from securefed.protocol.wire import Stage
+
+    fed = Federation(small_config.replace(rounds=1))
+
+    def tamper(site, change):
+        real = site.handle
+
+        def handle(stage, fields):
+            reply = real(stage, fields)
+            if stage == Stage.CALIBRATE:
+                reply["statistics"] = change(reply["statistics"])
+            return reply
+
+        site.handle = handle
+
+    tamper(fed.sites[2], lambda v: [float("nan")] * len(v))
+    k = fed.spec.num_classes
+    tamper(fed.sites[1], lambda v: v[:k] + [x * 1e4 for x in v[k:]])  # scores beyond its counts
+    rec = fed.run_round(1)
+    cal = rec.data["decision_calibration"]
+    assert cal["accounted"] == [0, 1, 2] and cal["sites"] == [0]
+    assert "site 2" in cal["site_errors"]["2"]
+    assert "refused" in cal["site_errors"]["1"]
+    site = fed.sites[2]
+    assert [e.to_dict() for e in fed.ledger.for_client(2)] == site.own_events()
+    assert any(e.phase == calibration.PHASE for e in fed.ledger.for_client(2))
+
+
+def test_a_model_whose_last_linear_layer_is_not_its_output_is_left_as_it_was(small_config):
+    import torch
+    from torch import nn
+
+    from securefed.fl.simulation import Federation
+
+    fed = Federation(small_config.replace(rounds=1))
+    model = fed.models[0]
+    # A plug-in that registers a K-wide linear layer after its real head, unused by forward.
+    model.decoy = nn.Linear(4, fed.spec.num_classes)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    why = fed._shift_output([0.5, -0.5, 0.25, -0.25])
+    assert why is not None and "did not move" in why
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    del model.decoy
+    assert fed._shift_output([0.5, -0.5, 0.25, -0.25]) is None  # the real head moves
+
+
+def test_a_noise_multiplier_below_one_is_refused_before_any_accountant_runs(small_config):
+    from securefed.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="calibration_noise"):
+        small_config.replace(calibration_noise=1e-3)
+    with pytest.raises(ValueError, match="below"):
+        calibration.planned_entries(
+            {"dp_epsilon": 8.0, "calibrate": True, "calibration_noise": 1e-3}
+        )
