@@ -460,7 +460,7 @@ class RoundEngine:
         calibrated, calibration_seconds = None, 0.0
         if round_index == cfg.rounds and self.calibrates:
             cal_start = time.perf_counter()
-            calibrated = self._calibrate(round_index, sums)
+            calibrated = self._calibrate(round_index, chosen, sums)
             calibration_seconds = time.perf_counter() - cal_start
         eval_start = time.perf_counter()
         record, twin_seconds, eval_errors = self._evaluate(round_index, chosen, sums)
@@ -808,18 +808,20 @@ class RoundEngine:
             and len(self.models) == 1
         )
 
-    def _calibrate(self, round_index: int, sums: _Sums) -> dict[str, Any]:
+    def _calibrate(self, round_index: int, chosen: list[int], sums: _Sums) -> dict[str, Any]:
         """After the last round: shift the global model's decision by the sites' noised statistics.
 
-        Every site that did not fail this round is asked (its budget covers the release
-        whether or not it trained the round). Each reply is accounted before it is read. The
+        Every site that neither failed nor dropped out of this round is asked (its budget
+        covers the release whether or not it was sampled for the round); a dropped site may be
+        gone, in both runtimes alike. Each reply is accounted before it is read. The
         offsets change only the bias of the model's output layer, before the final
         evaluation, so metrics.json's last round and model.safetensors describe the
         calibrated model.
         """
         k = self.spec.num_classes
         blob = self._blobs()[0]
-        asked = sorted(set(self.site_info) - set(sums.site_errors))
+        dropped = set(chosen) - set(sums.survivors) if sums.applied else set()
+        asked = sorted(set(self.site_info) - set(sums.site_errors) - dropped)
         payloads = {
             sid: (
                 Stage.CALIBRATE,

@@ -226,7 +226,8 @@ def test_cfl_ftl_and_twins_over_flower_equal_the_in_process_run(
     if config.personalize:
         assert all("twin" in c for c in record["clients"])
         privacy = json.loads((out / "privacy.json").read_text())
-        assert {e["phase"] for e in privacy["events"]} == {"federated", "personalize"}
+        # (and the decision calibration's release after the last round, a DP classification run)
+        assert {e["phase"] for e in privacy["events"]} == {"federated", "personalize", "calibrate"}
 
 
 @pytest.fixture(scope="module")
@@ -307,6 +308,11 @@ def test_privacy_report_matches_and_passes_the_audit(
     ours = json.loads((masked_run["out"] / "privacy.json").read_text())
     ref = json.loads((in_process["out"] / "privacy.json").read_text())
     assert ours["events"] == ref["events"]
+    # Site 2 dropped out of the last round (killed over Flower, lost in-process): only the
+    # other two release calibration statistics, and metrics.json accounts exactly those.
+    released = sorted(e["client_id"] for e in ours["events"] if e["phase"] == "calibrate")
+    metrics = json.loads((masked_run["out"] / "metrics.json").read_text())
+    assert released == metrics["rounds"][-1]["decision_calibration"]["accounted"] == [0, 1]
     for a, b in zip(ours["clients"], ref["clients"]):
         assert a["epsilon_per_round"] == pytest.approx(b["epsilon_per_round"], abs=1e-12)
         assert a["noise_multiplier"] == b["noise_multiplier"]
@@ -348,7 +354,8 @@ def test_server_restart_resumes_from_its_checkpoint(masked_run) -> None:
     assert kinds.count(("round", 1)) == 1  # round 1 is never re-run
     # Site 2 trained in round 2 (and was accounted) before it was killed.
     privacy = json.loads((masked_run["out"] / "privacy.json").read_text())
-    assert sorted((e["round"], e["client_id"]) for e in privacy["events"]) == [
+    trained = [e for e in privacy["events"] if e["phase"] == "federated"]
+    assert sorted((e["round"], e["client_id"]) for e in trained) == [
         (r, s) for r in (1, 2) for s in (0, 1, 2)
     ]
 
