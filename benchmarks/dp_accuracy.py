@@ -27,12 +27,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 from pathlib import Path
 from typing import Any
 
-from securefed.bench.common import environment, write_atomic
+from securefed.bench.common import environment, mean_std, write_atomic
 from securefed.config import RunConfig
 from securefed.run import train
 
@@ -59,10 +58,7 @@ def _row(run: Path, *, seed: int, epsilon: float | None) -> dict[str, Any]:
 
 
 def _cell(value: list[float]) -> str:
-    if not value:
-        return "n/a"
-    sd = statistics.stdev(value) if len(value) > 1 else 0.0
-    return f"{statistics.mean(value):.3f} ± {sd:.3f} (min {min(value):.3f})"
+    return f"{mean_std(value)} (min {min(value):.3f})" if value else "n/a"
 
 
 def table(rows: list[dict[str, Any]]) -> str:

@@ -415,7 +415,7 @@ def _check_site(
     except ValueError as exc:  # e.g. a noise multiplier no run can have: no accountant call
         entries = ()
         result.add(f"{name}: the run's calibration noise is valid", False, str(exc))
-    want_cal = {(s_, q_, n_, calibration.CLIP) for s_, q_, n_ in entries}
+    want_cal = calibration.planned_releases(run) if entries else frozenset()
     want_n = 1 if entries and cid in released else 0
     result.add(
         f"{name}: decision calibration: one release iff metrics.json accounts one, after the "

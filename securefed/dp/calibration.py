@@ -57,6 +57,7 @@ __all__ = [
     "implausible",
     "offsets_from_sum",
     "planned_entries",
+    "planned_releases",
     "site_statistics",
     "statistics_size",
 ]
@@ -111,6 +112,19 @@ def planned_entries(run: Mapping[str, Any]) -> tuple[tuple[float, float, int], .
     if not (math.isfinite(sigma) and sigma >= MIN_NOISE_MULTIPLIER):
         raise ValueError(f"calibration_noise {sigma!r} is below {MIN_NOISE_MULTIPLIER}")
     return ((float(sigma), 1.0, 1),)
+
+
+def planned_releases(run: Mapping[str, Any]) -> frozenset[tuple[float, float, int, float]]:
+    """The ``(sigma, q, steps, C)`` a ledger event of phase :data:`PHASE` may have in ``run``.
+
+    Empty when the run does not calibrate. The one rule the site (resuming its history), the
+    server's claim book and the audit check a release against.
+
+    Raises:
+        ValueError: As :func:`planned_entries`.
+
+    """
+    return frozenset((s, q, n, CLIP) for s, q, n in planned_entries(run))
 
 
 def statistics_size(num_classes: int) -> int:

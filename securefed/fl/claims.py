@@ -218,14 +218,14 @@ class ClaimBook:
         epochs = self.config.local_epochs if phase == "federated" else self.config.personalize
         if phase == calibration.PHASE:
             # One release of its own kind, whose parameters the run fixes.
-            entries = calibration.planned_entries(self.config.to_dict())
-            want = {(s, q, n, calibration.CLIP) for s, q, n in entries}
+            want = calibration.planned_releases(self.config.to_dict())
             if len(events) != 1 or any(
                 (e.noise_multiplier, e.sample_rate, e.steps, e.max_grad_norm) not in want
                 for e in events
             ):
                 raise ProtocolError(f"site {sid}: calibrated with other DP parameters than planned")
-        for e in events if phase != calibration.PHASE else ():
+            return
+        for e in events:
             if (e.noise_multiplier, e.sample_rate, e.max_grad_norm) != (
                 plan.noise_multiplier,
                 plan.sample_rate,

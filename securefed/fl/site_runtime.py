@@ -260,8 +260,8 @@ class SiteRuntime:
             return
         if self.plan is None:
             raise ProtocolError("a run without DP has no privacy history")
-        planned = calibration.planned_entries(self.config.to_dict())
-        releases = {calibration.PHASE: {(s, q, n, calibration.CLIP) for s, q, n in planned}}
+        planned = calibration.planned_releases(self.config.to_dict())
+        releases = {calibration.PHASE: planned}
         if sum(e.phase == calibration.PHASE for e in events) > len(planned):
             raise ProtocolError("a privacy history with more calibration releases than planned")
         try:

@@ -30,6 +30,18 @@ def _context(key_path, config):
     return Context(run_id=7, node_id=100, node_config=node, state=RecordDict(), run_config=signed)
 
 
+def _fresh_process(context, run_id):
+    """The same site's context as a new site process sees it (empty state), in run ``run_id``."""
+    site_app._RUNTIMES.clear()
+    return Context(
+        run_id=run_id,
+        node_id=100,
+        node_config=dict(context.node_config),
+        state=RecordDict(),
+        run_config=dict(context.run_config),
+    )
+
+
 def _message(stage, fields, config):
     return Message(
         encode({**fields, "run_config": config.to_dict()}),
@@ -147,14 +159,7 @@ def test_a_restarted_site_or_resumed_run_refuses_to_refit_a_round_and_keeps_its_
     own = body["ledger"]
     assert [(e["round"], e["phase"]) for e in own] == [(1, "federated")]
 
-    site_app._RUNTIMES.clear()  # a fresh site process
-    fresh = Context(
-        run_id=run_id,
-        node_id=100,
-        node_config=dict(context.node_config),
-        state=RecordDict(),
-        run_config=dict(context.run_config),
-    )
+    fresh = _fresh_process(context, run_id)
     # The server's shorter copy of the site's history is not adopted ...
     with pytest.raises(ProtocolError, match="copy of this site's privacy history differs"):
         site_app.fit(_message(Stage.FIT, _fit_fields(config), config), fresh)
@@ -175,14 +180,7 @@ def test_a_restarted_site_without_dp_refuses_to_refit_a_round(small_npz, tmp_pat
     context = _context(tmp_path / "site0.key", config)
     site_app._RUNTIMES.clear()
     site_app.fit(_message(Stage.FIT, _fit_fields(config), config), context)
-    site_app._RUNTIMES.clear()
-    fresh = Context(
-        run_id=9,
-        node_id=100,
-        node_config=dict(context.node_config),
-        state=RecordDict(),
-        run_config=dict(context.run_config),
-    )
+    fresh = _fresh_process(context, 9)
     with pytest.raises(ProtocolError, match="training round 1: already done once"):
         site_app.fit(_message(Stage.FIT, _fit_fields(config), config), fresh)
     site_app._RUNTIMES.clear()
