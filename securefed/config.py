@@ -44,6 +44,14 @@ SCHEDULES = ("parallel", "cyclic")
 TASKS = ("auto", "classification", "segmentation")
 PERSONALIZE_WHEN = ("end", "every")
 FUSIONS = ("early", "late")
+# Defaults fixed in advance, never tuned on a site's data (docs/defaults.md explains each).
+#: DP-SGD: learning rate for a clipped (C = 1), noised mean gradient, and its momentum.
+DP_LR, DP_MOMENTUM, DP_CLIP = 2.0, 0.5, 1.0
+#: Plain SGD: 0.1 per 256 records (Goyal et al. 2017) with momentum 0.9, no clipping.
+PLAIN_LR, PLAIN_MOMENTUM = 0.1, 0.9
+#: Fewest steps per local epoch: below it a site gets no subsampling (q = 1) and too few
+#: updates per round; smaller sites use smaller batches instead.
+MIN_STEPS = 4
 
 
 def planned_epochs(
@@ -226,22 +234,28 @@ class RunConfig:
         num_classes: Number of classes K of a data set that does not declare its classes
             (an ``.npz`` without a ``class_names`` array); ``None``: the largest training
             label + 1. A label outside [0, K) in any split is refused.
-        model: Registered model name (see ``securefed.models.available_models``).
+        model: Registered model name (see ``securefed.models.available_models``), or
+            ``auto``: picked from the task and image size (:func:`securefed.models.auto_model`).
         clients: Number of sites.
         partition: ``iid``, ``dirichlet:ALPHA``, ``by-label:K`` or ``by-group``.
         rounds: Federated rounds.
         local_epochs: Local epochs per round (each an expected pass over the site's data).
-        batch_size: Expected batch size; with DP, Poisson sampling at ``q = 1/ceil(n/B)``.
+        batch_size: Largest expected batch B. A site of n records takes
+            ``max(ceil(n/B), min_steps)`` steps per epoch (with DP, Poisson sampling at
+            q = 1/steps), so its batch is about n/steps.
+        min_steps: Fewest steps per local epoch (``securefed.dp.accounting.steps_per_epoch``).
         max_physical_batch_size: Most records run through the model at once (``None``: a
             whole batch). Larger batches are split and their gradients accumulated into the
             same single step, so privacy and results are unchanged; memory is bounded.
-        lr: Local learning rate (SGD with momentum).
-        momentum: Local SGD momentum.
+        lr: Local learning rate (SGD with momentum) for a full batch of ``batch_size``
+            (``None``: :attr:`effective_lr`); a site with a smaller batch scales it linearly.
+        momentum: Local SGD momentum (``None``: 0.5 with DP, 0.9 without).
         client_fraction: Fraction of sites sampled each round.
         dp_epsilon: Target epsilon per site over the whole run; ``None`` disables DP.
         dp_delta: Largest delta a site may use (``None``: 1e-5). Each site lowers it to at most
             ``1/(10 n)`` for its own size n (:func:`securefed.dp.accounting.site_delta`).
-        max_grad_norm: Per-sample gradient clipping bound C.
+        max_grad_norm: Per-sample gradient clipping bound C (``None``: 1 with DP; without DP
+            no clipping, and a given value clips each batch gradient).
         accountant: ``pld``: dp_accounting's PLD accountant, replace-one adjacency (the only
             one; Opacus' add/remove accountants are refused, see ``dp/accounting.py``).
         calibrate: DP classification with one global model: after the last round, fit the
@@ -342,9 +356,10 @@ class RunConfig:
         "label outside [0, K) is refused.",
     )
     model: str = _setting(
-        "cnn",
-        help="Model from the registry: cnn, densenet121, resnet18 (classification); unet, "
-        "vit-unet (segmentation); or module:function building an nn.Module from a ModelSpec.",
+        "auto",
+        help="Model from the registry: auto (picked from the data, see docs/defaults.md), cnn, "
+        "resnet-small, resnet18, densenet121 (classification); unet, vit-unet (segmentation); "
+        "or module:function building an nn.Module from a ModelSpec.",
     )
     clients: int = _setting(3, help="Number of sites.")
     partition: str = _setting(
@@ -355,7 +370,15 @@ class RunConfig:
     rounds: int = _setting(10, help="Federated rounds.")
     local_epochs: int = _setting(2, help="Local epochs per round.")
     batch_size: int = _setting(
-        256, help="Expected batch size (DP: Poisson sampling rate 1/ceil(n/B))."
+        256,
+        help="Largest expected batch B; each site takes max(ceil(n/B), min-steps) steps an "
+        "epoch (DP: Poisson sampling rate 1/steps), so a small site uses smaller batches.",
+    )
+    min_steps: int = _setting(
+        MIN_STEPS,
+        help="Fewest optimizer steps a site takes per local epoch; a site with fewer than "
+        "min-steps x B records uses batches of n/min-steps, and its learning rate shrinks "
+        "in proportion.",
     )
     max_physical_batch_size: int | None = _setting(
         None,
@@ -364,8 +387,15 @@ class RunConfig:
         help="Run at most N records through the model at once; a larger batch is split and its "
         "gradients accumulated into the same single DP step (same privacy, less memory).",
     )
-    lr: float = _setting(2.0, help="Local SGD learning rate.")
-    momentum: float = _setting(0.5, help="Local SGD momentum.")
+    lr: float | None = _setting(
+        None,
+        shown="2.0 with DP; 0.1 x B/256 without",
+        help="Local SGD learning rate for a full batch of --batch-size (a site whose batch is "
+        "smaller scales it linearly).",
+    )
+    momentum: float | None = _setting(
+        None, shown="0.5 with DP; 0.9 without", help="Local SGD momentum."
+    )
     client_fraction: float = _setting(
         1.0, help="Fraction of sites sampled per round (not used as privacy amplification)."
     )
@@ -380,7 +410,12 @@ class RunConfig:
         help="Largest δ a site may use; each site lowers it to at most 1/(10 n) for its own "
         "size n.",
     )
-    max_grad_norm: float = _setting(1.0, help="Per-sample gradient clipping bound C.")
+    max_grad_norm: float | None = _setting(
+        None,
+        shown="1.0 with DP; no clipping without",
+        help="Per-sample gradient clipping bound C (without DP: clip each batch gradient to it, "
+        "only when given).",
+    )
     accountant: str = _setting(
         "pld",
         # The legacy names parse, so that RunConfig refuses them with the reason.
@@ -564,6 +599,7 @@ class RunConfig:
             "rounds",
             "local_epochs",
             "batch_size",
+            "min_steps",
             "conv_patience",
             "clusters",
         ):
@@ -574,6 +610,8 @@ class RunConfig:
             _check(value >= 0, f"{_n(name)} must be 0 or more (got {value}).")
         for name in ("lr", "max_grad_norm", "secagg_clip"):
             value = getattr(self, name)
+            if value is None:
+                continue
             _check(
                 math.isfinite(value) and value > 0,
                 f"{_n(name)} must be positive and finite (got {value}).",
@@ -585,6 +623,8 @@ class RunConfig:
         )
         for name in ("momentum", "server_momentum", "public_fraction"):
             value = getattr(self, name)
+            if value is None:
+                continue
             _check(0 <= value < 1, f"{_n(name)} must be in [0, 1) (got {value}).")
         if self.max_physical_batch_size is not None:
             _check(
@@ -825,6 +865,33 @@ class RunConfig:
         return 0.01 if self.server_opt == "adam" else 1.0
 
     @property
+    def effective_lr(self) -> float:
+        """Learning rate for a full batch of ``batch_size``: 2.0 with DP, 0.1 x B/256 without.
+
+        The DP default is for DP-SGD's clipped (norm <= 1) and noised mean gradient; the
+        non-private one is the linear-scaling rule of Goyal et al. (2017), 0.1 per 256 records,
+        for plain unclipped SGD with momentum 0.9. A site whose batch is smaller than
+        ``batch_size`` scales this linearly (:func:`securefed.dp.accounting.site_lr`).
+        """
+        if self.lr is not None:
+            return float(self.lr)
+        return DP_LR if self.dp_enabled else PLAIN_LR * self.batch_size / 256
+
+    @property
+    def effective_momentum(self) -> float:
+        """Local SGD momentum: 0.5 with DP (noise averages over fewer steps), 0.9 without."""
+        if self.momentum is not None:
+            return float(self.momentum)
+        return DP_MOMENTUM if self.dp_enabled else PLAIN_MOMENTUM
+
+    @property
+    def effective_max_grad_norm(self) -> float | None:
+        """Clipping bound: C = 1 with DP unless set; without DP none unless set."""
+        if self.max_grad_norm is not None:
+            return float(self.max_grad_norm)
+        return DP_CLIP if self.dp_enabled else None
+
+    @property
     def effective_freeze(self) -> str:
         """What is frozen: ``backbone`` for ftl, ``none`` otherwise, unless set."""
         if self.freeze is not None:
@@ -867,9 +934,22 @@ class RunConfig:
         except (OSError, json.JSONDecodeError) as exc:
             raise ConfigError(f"{path}: cannot read configuration ({exc})") from exc
         if isinstance(data, dict) and "run" in data:
-            data = data["run"]
+            if not isinstance(data["run"], dict):
+                raise ConfigError(f"{path}: a configuration must be a JSON object")
+            return cls.from_recorded(data["run"])
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: a configuration must be a JSON object")
+        return cls.from_dict(data)
+
+    @classmethod
+    def from_recorded(cls, data: dict[str, Any]) -> RunConfig:
+        """Rebuild the configuration a run recorded (config.json's ``run``, a checkpoint's).
+
+        A record from before ``min_steps`` existed ran with ``ceil(n/B)`` steps an epoch,
+        so it is read as ``min_steps = 1``: the replayed run is the one recorded.
+        """
+        if "min_steps" not in data:
+            data = {**data, "min_steps": 1}
         return cls.from_dict(data)
 
     def replace(self, **changes: Any) -> RunConfig:

@@ -128,7 +128,7 @@ def resume_config(run_dir: Path) -> RunConfig:
             f"--resume {folder}: a deployed run's checkpoint; continue it with "
             "`securefed deploy run --resume`"
         )
-    return RunConfig.from_dict(meta["config"])
+    return RunConfig.from_recorded(meta["config"])
 
 
 def _differences(a: RunConfig, b: RunConfig) -> list[str]:
@@ -268,6 +268,9 @@ def _run(
     warning = fed.memory_warning()
     if warning is not None:
         print(warning, file=sys.stderr)
+    if done == 0:
+        for line in fed.batch_warnings():
+            print(line, file=sys.stderr)
     try:
         bar = tqdm(
             range(done + 1, config.rounds + 1),

@@ -125,6 +125,8 @@ def _check_model(config: RunConfig) -> None:
     from securefed.models import available_models, models_for_task
 
     known = available_models()
+    if config.model == "auto":
+        return  # picked from the data when the model is built (securefed.models.auto_model)
     if config.model not in known:
         raise ConfigError(
             f"`--model` (model) must be one of {', '.join(known)} (got {config.model!r})."

@@ -95,16 +95,17 @@ def test_train_shows_the_run_config_defaults():
         "--rounds": d.rounds,
         "--local-epochs": d.local_epochs,
         "--batch-size": d.batch_size,
-        "--lr": d.lr,
+        "--min-steps": d.min_steps,
+        "--lr": "2.0 with DP; 0.1 x B/256 without",
         "--dp-epsilon": d.dp_epsilon,
         "--seed": d.seed,
-        "--max-grad-norm": d.max_grad_norm,
+        "--max-grad-norm": "1.0 with DP; no clipping without",
         "--secagg-ring-bits": d.secagg_ring_bits,
         "--he-coeff-bits": "60,60,60,38",
     }.items():
         assert f"[default: {value}]" in entries[flag], entries[flag]
-    # click would print a string default as "(cnn)"; ours reads as the value to type.
-    assert "[default: cnn]" in entries["--model"]
+    # click would print a string default as "(auto)"; ours reads as the value to type.
+    assert "[default: auto]" in entries["--model"]
 
 
 def test_deploy_run_help_lists_only_what_a_deployment_runs():

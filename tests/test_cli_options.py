@@ -149,7 +149,7 @@ def test_help_shows_the_run_config_default_itself_unless_told_otherwise():
     """Without ``shown``, the default printed is RunConfig's own value, as a user types it."""
     entries = _option_entries(_help("train"))
     plain = [f for f in FLAG_FIELDS if cli_metadata(f).shown is None and f != "reproducible_noise"]
-    assert {"clients", "lr", "dp_epsilon", "he_coeff_mod_bit_sizes", "strategy"} <= set(plain)
+    assert {"clients", "rounds", "dp_epsilon", "he_coeff_mod_bit_sizes", "strategy"} <= set(plain)
     for field in plain:
         value = getattr(DEFAULTS, field)
         if isinstance(value, bool):

@@ -50,7 +50,7 @@ def test_invalid_settings_name_the_flag_and_the_field(changes, field):
         ({"seed": 1.5}, "`--seed` (seed) must be an integer (got 1.5)."),
         ({"rounds": 2.0}, "`--rounds` (rounds) must be an integer (got 2.0)."),
         ({"clients": True}, "`--clients` (clients) must be an integer (got true)."),
-        ({"lr": "0.1"}, '`--lr` (lr) must be a number (got "0.1").'),
+        ({"lr": "0.1"}, '`--lr` (lr) must be a number or null (got "0.1").'),
         ({"augment": 1}, "`--augment` (augment) must be true or false (got 1)."),
         ({"dp_epsilon": "8"}, '`--dp-epsilon` (dp_epsilon) must be a number or null (got "8").'),
         ({"dataset": None}, "`--dataset` (dataset) must be a string (got null)."),

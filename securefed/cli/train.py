@@ -172,7 +172,12 @@ def run_line(run_dir: Path) -> str:
     show_default="none (use --dataset)",
     help="A data folder or .npz file.",
 )
-@option("--model", default="cnn", show_default=True, help="Model to pretrain.")
+@option(
+    "--model",
+    default="auto",
+    show_default=True,
+    help="Model to pretrain; auto picks it from the data as `train` does.",
+)
 @option(
     "--public-fraction",
     type=float,

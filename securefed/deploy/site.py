@@ -7,6 +7,7 @@ object the in-process runtime simulates; this module reads the hospital's node c
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -364,6 +365,9 @@ def deployed_site(config: RunConfig, node: NodeSettings) -> SiteRuntime:
         roster=roster,
         min_contributors=node.min_contributors_floor(roster),
     )
+    for line in runtime.batch_warnings():
+        # The site's own log only: the lines name its size.
+        print(line, file=sys.stderr)
     return runtime
 
 

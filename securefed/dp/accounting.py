@@ -31,6 +31,8 @@ __all__ = [
     "run_delta_bound",
     "site_delta",
     "steps_per_epoch",
+    "site_batch",
+    "site_lr",
     "sample_rate",
 ]
 
@@ -47,14 +49,40 @@ _DISCRETIZATION = 1e-3
 _MAX_SIGMA = 1e4
 
 
-def steps_per_epoch(*, num_samples: int, batch_size: int) -> int:
-    """Optimizer steps per local epoch: ``ceil(n / B)``."""
-    return max(1, math.ceil(num_samples / batch_size))
+def steps_per_epoch(*, num_samples: int, batch_size: int, min_steps: int = 1) -> int:
+    """Optimizer steps per local epoch: ``max(ceil(n / B), min(min_steps, n))``.
+
+    ``B`` is the largest batch; a site with fewer than ``min_steps * B`` records takes
+    ``min_steps`` steps of about ``n / min_steps`` records instead of one or two large ones
+    (never more steps than records). The rule uses only the site's own size, which
+    replace-one adjacency treats as public.
+    """
+    return max(1, math.ceil(num_samples / batch_size), min(min_steps, num_samples))
 
 
-def sample_rate(*, num_samples: int, batch_size: int) -> float:
-    """Poisson sampling rate ``q = 1 / ceil(n / B)``, so an epoch is exactly ``1/q`` steps."""
-    return 1.0 / steps_per_epoch(num_samples=num_samples, batch_size=batch_size)
+def sample_rate(*, num_samples: int, batch_size: int, min_steps: int = 1) -> float:
+    """Poisson sampling rate ``q = 1 / steps_per_epoch``, so an epoch is exactly ``1/q`` steps."""
+    return 1.0 / steps_per_epoch(
+        num_samples=num_samples, batch_size=batch_size, min_steps=min_steps
+    )
+
+
+def site_batch(*, num_samples: int, batch_size: int, min_steps: int = 1) -> int:
+    """A site's (expected) batch: ``ceil(n / steps_per_epoch)``, at most ``batch_size``."""
+    spe = steps_per_epoch(num_samples=num_samples, batch_size=batch_size, min_steps=min_steps)
+    return max(1, min(batch_size, math.ceil(num_samples / spe)))
+
+
+def site_lr(*, lr: float, num_samples: int, batch_size: int, min_steps: int = 1) -> float:
+    """A site's learning rate: ``lr * min(1, n / (min_steps * B))``.
+
+    ``lr`` is for a full batch of B. A site below ``min_steps * B`` records, whose batch
+    :func:`steps_per_epoch` shrinks to about ``n / min_steps``, scales it linearly with that
+    batch (Goyal et al. 2017): ``lr / batch``, the step per record's gradient, stays the same
+    at every site, and under DP-SGD so does each step's noise in parameter space,
+    ``lr * sigma * C / batch``. Larger sites use ``lr`` as given.
+    """
+    return float(lr) * min(1.0, num_samples / (max(1, min_steps) * batch_size))
 
 
 def run_delta_bound(run_delta: float | None) -> float:

@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from securefed.config import planned_epochs
+from securefed.config import DP_CLIP, planned_epochs
 from securefed.dp import calibration
 from securefed.dp.report import read_json, report_hash
 from securefed.dp.signing import claim_from_report, run_digest, verify_claim
@@ -435,10 +435,12 @@ def _check_site(
         f"{len(cal)} calibration event(s), {want_n} accounted in metrics.json; planned "
         f"{list(want_cal) or 'none'}",
     )
+    # An unset bound is DP-SGD's default C (securefed.config.DP_CLIP).
+    want_clip = DP_CLIP if run.get("max_grad_norm") is None else run["max_grad_norm"]
     result.add(
         f"{name}: clipping bound C = configured max_grad_norm",
-        run.get("max_grad_norm") is not None and _close(clip, run["max_grad_norm"]),
-        f"{clip:g} vs {run.get('max_grad_norm')}",
+        _close(clip, want_clip),
+        f"{clip:g} vs {want_clip:g}",
     )
     result.add(
         f"{name}: event rounds within 1..{run['rounds']}",

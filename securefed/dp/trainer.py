@@ -32,7 +32,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 from torch.utils.data._utils.collate import default_collate
 
-from securefed.dp.accounting import compute_epsilon, steps_per_epoch
+from securefed.dp.accounting import compute_epsilon, site_batch, site_lr, steps_per_epoch
 from securefed.dp.ledger import PrivacyEvent, PrivacyLedger
 from securefed.dp.noise import SECURE_DRAWS, NoiseSource
 from securefed.errors import PrivacyBudgetError
@@ -201,11 +201,12 @@ class SiteTrainer:
         dataset: The site's private training data.
         plan: DP parameters, or ``None`` for non-private training.
         ledger: Shared append-only event ledger.
-        batch_size: Expected batch size.
-        lr: SGD learning rate.
+        batch_size: Largest expected batch size B.
+        lr: SGD learning rate for a full batch of B; a site whose batch is smaller (see
+            ``min_steps``) scales it linearly (:func:`securefed.dp.accounting.site_lr`).
         momentum: SGD momentum.
         device: Torch device.
-        max_grad_norm: Without DP, clip the batch gradient to this norm (DP's step regime).
+        max_grad_norm: Without DP, clip the batch gradient to this norm (``None``: plain SGD).
         loss_fn: ``f(logits, target) -> mean loss``; cross-entropy by default. It must be a
             mean of per-sample terms (no coupling across the batch) for per-sample clipping
             to bound each record's influence.
@@ -214,6 +215,8 @@ class SiteTrainer:
             are accumulated; the optimizer still takes one step per batch, the same step.
         progress: Show a progress bar (site, step/total) on stderr for rounds that last
             more than a couple of seconds.
+        min_steps: Fewest steps per local epoch; a site with fewer than ``min_steps * B``
+            records uses batches of about ``n / min_steps``.
 
     """
 
@@ -232,6 +235,7 @@ class SiteTrainer:
         loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
         max_physical_batch_size: int | None = None,
         progress: bool = False,
+        min_steps: int = 1,
     ) -> None:
         if max_physical_batch_size is not None and max_physical_batch_size < 1:
             raise ValueError("`max_physical_batch_size` must be at least 1")
@@ -247,6 +251,7 @@ class SiteTrainer:
         self.loss_fn = loss_fn or nn.CrossEntropyLoss()
         self.max_physical_batch_size = max_physical_batch_size
         self.progress = progress
+        self.min_steps = min_steps
 
     @property
     def num_samples(self) -> int:
@@ -255,8 +260,27 @@ class SiteTrainer:
 
     @property
     def steps_per_epoch(self) -> int:
-        """DP-SGD steps per local epoch: ``ceil(n/B)``, the number calibration assumed."""
-        return steps_per_epoch(num_samples=self.num_samples, batch_size=self.batch_size)
+        """Steps per local epoch: ``max(ceil(n/B), min_steps)``, the number calibration assumed."""
+        return steps_per_epoch(
+            num_samples=self.num_samples, batch_size=self.batch_size, min_steps=self.min_steps
+        )
+
+    @property
+    def site_batch(self) -> int:
+        """This site's (expected) batch: about ``n / steps_per_epoch``, at most B."""
+        return site_batch(
+            num_samples=self.num_samples, batch_size=self.batch_size, min_steps=self.min_steps
+        )
+
+    @property
+    def site_lr(self) -> float:
+        """This site's learning rate: ``lr`` scaled by its batch over B (at most ``lr``)."""
+        return site_lr(
+            lr=self.lr,
+            num_samples=self.num_samples,
+            batch_size=self.batch_size,
+            min_steps=self.min_steps,
+        )
 
     def epsilon(self) -> float:
         """Epsilon spent so far over all rounds (0 before the first step, inf without DP)."""
@@ -402,7 +426,7 @@ class SiteTrainer:
         if hasattr(self.dataset, "set_epoch"):
             self.dataset.set_epoch(round_index)  # fresh, reproducible augmentation per round
         trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-        lr = self.lr if lr is None else lr
+        lr = self.site_lr if lr is None else lr
         optimizer = torch.optim.SGD([p for _, p in trainable], lr=lr, momentum=self.momentum)
         prox = []
         if prox_mu > 0:
@@ -415,7 +439,7 @@ class SiteTrainer:
             model, optimizer, loader, counter = self._make_private(model, optimizer, noise)
         else:
             loader = DataLoader(
-                self.dataset, batch_size=self.batch_size, shuffle=True, generator=generator
+                self.dataset, batch_size=self.site_batch, shuffle=True, generator=generator
             )
         criterion = self.loss_fn
         total_loss, total_n, steps = 0.0, 0, 0
@@ -459,9 +483,8 @@ class SiteTrainer:
                         batch_loss += float(loss.detach()) * len(yc)
                     if not dp:
                         if self.max_grad_norm is not None:
-                            # The non-private baseline keeps DP-SGD's step-size regime (the
-                            # defaults' lr assumes gradients of norm <= C), minus noise and
-                            # per-sample clipping, so the two compare.
+                            # Asked for: the DP step-size regime (gradients of norm <= C)
+                            # without noise or per-sample clipping.
                             torch.nn.utils.clip_grad_norm_(model.parameters(), self.max_grad_norm)
                         optimizer.step()
                     if prox:

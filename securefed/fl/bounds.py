@@ -47,7 +47,7 @@ def update_clip_for(config: Any, dim: int) -> float:
     """
     if config.update_clip is not None:
         return float(config.update_clip)
-    return float(config.lr) * math.sqrt(max(int(dim), 1))
+    return float(config.effective_lr) * math.sqrt(max(int(dim), 1))
 
 
 def max_site_weight(config: Any) -> float:

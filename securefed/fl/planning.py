@@ -138,8 +138,12 @@ def plan_site_privacy(config: RunConfig, *, num_samples: int) -> DPPlan:
     to at most ``1/(10 n)`` for its size); the same in-process and over Flower.
     """
     delta = site_delta(num_samples=num_samples, run_delta=config.dp_delta)
-    q = sample_rate(num_samples=num_samples, batch_size=config.batch_size)
-    spe = steps_per_epoch(num_samples=num_samples, batch_size=config.batch_size)
+    q = sample_rate(
+        num_samples=num_samples, batch_size=config.batch_size, min_steps=config.min_steps
+    )
+    spe = steps_per_epoch(
+        num_samples=num_samples, batch_size=config.batch_size, min_steps=config.min_steps
+    )
     steps = config.planned_epochs * spe
     sigma = calibrate_noise(
         target_epsilon=float(config.dp_epsilon),
@@ -152,7 +156,7 @@ def plan_site_privacy(config: RunConfig, *, num_samples: int) -> DPPlan:
     return DPPlan(
         noise_multiplier=sigma,
         sample_rate=q,
-        max_grad_norm=config.max_grad_norm,
+        max_grad_norm=config.effective_max_grad_norm,
         planned_steps=steps,
         delta=delta,
         accountant=config.accountant,
@@ -186,7 +190,7 @@ def check_site_plan(config: RunConfig, plan: DPPlan) -> None:
     bound = run_delta_bound(config.dp_delta)
     if not 0 < plan.delta <= bound:
         raise ProtocolError(f"delta {plan.delta:g} is outside (0, {bound:g}]")
-    if plan.max_grad_norm != config.max_grad_norm or plan.accountant != config.accountant:
+    if plan.max_grad_norm != config.effective_max_grad_norm or plan.accountant != config.accountant:
         raise ProtocolError("clipping bound or accountant differ from the run's")
     sigma = calibrate_noise(
         target_epsilon=float(config.dp_epsilon),

@@ -34,7 +34,7 @@ def pretrain(
     dataset: str = "synthetic",
     data_dir: str | None = None,
     data: str | None = None,
-    model: str = "cnn",
+    model: str = "auto",
     public_fraction: float = 0.0,
     public_seed: int = 0,
     epochs: int = 10,
@@ -109,6 +109,7 @@ def pretrain(
             fusion=fusion,
         ),
     )
+    model = built.name  # what "auto" resolved to, recorded in the file's metadata
     net = built.module.to(dev)
     gen = torch.Generator().manual_seed(seed_for(seed, 0x9E8))
     loader = DataLoader(source.to_torch(), batch_size=batch_size, shuffle=True, generator=gen)

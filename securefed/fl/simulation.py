@@ -171,6 +171,13 @@ class Federation(RoundEngine):
         for site in self.sites:
             site.trainer.progress = enabled
 
+    def batch_warnings(self) -> list[str]:
+        """Every simulated site's :meth:`~securefed.fl.site_runtime.SiteRuntime.batch_warnings`.
+
+        In a deployment each site prints its own; here one operator holds every site.
+        """
+        return [line for site in self.sites for line in site.batch_warnings()]
+
     def memory_warning(self) -> str | None:
         """One line when DP-SGD's per-sample gradients will not fit in memory, else None.
 

@@ -127,6 +127,12 @@ def local_update(
     return vec, result.mean_loss, result.seconds, result.state
 
 
+#: Fewest optimizer steps a round before a site warns (see ``SiteRuntime.batch_warnings``).
+MIN_ROUND_STEPS = 4
+#: Smallest DP-SGD batch before a site warns that noise swamps its signal.
+MIN_DP_BATCH = 16
+
+
 class SiteRuntime:
     """A site's shard, privacy plan, trainer, keys and protocol state, for one run.
 
@@ -213,10 +219,11 @@ class SiteRuntime:
             plan=self.plan,
             ledger=self.ledger,
             batch_size=config.batch_size,
-            lr=config.lr,
-            momentum=config.momentum,
+            min_steps=config.min_steps,
+            lr=config.effective_lr,
+            momentum=config.effective_momentum,
             device=device,
-            max_grad_norm=config.max_grad_norm,
+            max_grad_norm=config.effective_max_grad_norm,
             loss_fn=task.loss_fn,
             max_physical_batch_size=config.max_physical_batch_size,
         )
@@ -270,6 +277,40 @@ class SiteRuntime:
             raise ProtocolError(str(exc)) from exc
 
     # -- dispatch -----------------------------------------------------------------------------
+    def batch_warnings(self) -> list[str]:
+        """Lines for the site's operator when its batches are too few or too small to learn.
+
+        Local only: they name the site's size, which it may keep to itself. Rules fixed in
+        advance (docs/defaults.md): one step per epoch (q = 1: no subsampling, so no privacy
+        amplification), fewer than :data:`MIN_ROUND_STEPS` steps a round, and under DP
+        batches below :data:`MIN_DP_BATCH` records, whose signal the noise swamps.
+        """
+        t, cfg = self.trainer, self.config
+        n, spe, b = t.num_samples, t.steps_per_epoch, t.site_batch
+        who = f"site {self.client_id} ({n} training records)"
+        out = []
+        if spe == 1:
+            out.append(
+                f"warning: {who}: one step per epoch with --batch-size {cfg.batch_size} "
+                f"(q = 1: no subsampling"
+                + (", so DP-SGD gets no privacy amplification" if cfg.dp_enabled else "")
+                + f"); raise --min-steps (now {cfg.min_steps}) or lower --batch-size."
+            )
+        if spe * cfg.local_epochs < MIN_ROUND_STEPS:
+            out.append(
+                f"warning: {who}: only {spe * cfg.local_epochs} optimizer step(s) a round; "
+                "raise --local-epochs or --min-steps."
+            )
+        if cfg.dp_enabled and b < MIN_DP_BATCH:
+            sigma = self.plan.noise_multiplier if self.plan is not None else float("nan")
+            out.append(
+                f"warning: {who}: DP-SGD batches of about {b} records (noise std "
+                f"sigma*C/batch = {sigma / b:.3g}*C on every coordinate of a mean gradient of "
+                "norm <= C): expect little learning here; pool data into fewer, larger sites, "
+                "or use --strategy ftl from a pretrained backbone."
+            )
+        return out
+
     def handle(self, stage: str, fields: dict[str, Any]) -> dict[str, Any]:
         """Answer one message; the reply's fields are checked against the disclosures.
 

@@ -15,6 +15,8 @@ __all__ = [
     "FUSIONS",
     "ModelSpec",
     "BuiltModel",
+    "AUTO",
+    "auto_model",
     "available_models",
     "models_for_task",
     "build_model",
@@ -23,6 +25,10 @@ __all__ = [
 ]
 
 TASKS = ("classification", "segmentation")
+#: ``--model auto``: the registered model is picked from the data by :func:`auto_model`.
+AUTO = "auto"
+#: Largest image side (2D) the default ``cnn`` is picked for; above it, ``resnet-small``.
+AUTO_CNN_MAX_SIDE = 64
 FUSIONS = ("early", "late")
 
 
@@ -90,6 +96,7 @@ class BuiltModel:
 
     Attributes:
         module: The model, ready for Opacus.
+        name: The registered name built (what ``auto`` resolved to).
         changes: ``"name: OldType -> NewType"`` for each layer Opacus' fixer replaced.
         num_parameters: Trainable parameters.
         head_prefixes: Module-name prefixes (as in ``named_parameters()``) of the task head
@@ -103,6 +110,7 @@ class BuiltModel:
     changes: tuple[str, ...]
     num_parameters: int
     head_prefixes: tuple[str, ...] = ()
+    name: str = ""
 
 
 @dataclass(frozen=True)
@@ -192,6 +200,33 @@ def _cnn(spec: ModelSpec) -> nn.Module:
     )
 
 
+@register_model("resnet-small", head_prefixes=("head",))
+def _resnet_small(spec: ModelSpec) -> nn.Module:
+    from securefed.models.resnet_small import SmallResNet
+
+    if spec.spatial_dims != 2:
+        raise ConfigError("resnet-small is a 2D model; for volumes use cnn, resnet18 or unet.")
+    return SmallResNet(in_channels=spec.in_channels, num_classes=spec.num_classes)
+
+
+def auto_model(spec: ModelSpec) -> str:
+    """The model ``--model auto`` builds for ``spec``: a rule fixed in advance, not tuned.
+
+    - segmentation: ``unet``;
+    - classification of volumes, or of images at most 64 px a side: ``cnn`` (full
+      resolution through its first block, which small images need);
+    - classification of larger images (or of unknown size): ``resnet-small`` (a stride-2
+      stem and four halving stages: fast on CPUs, and its receptive field covers the image).
+    """
+    if spec.task == "segmentation":
+        return "unet"
+    if spec.spatial_dims == 3:
+        return "cnn"
+    if spec.image_shape is not None and max(spec.image_shape) <= AUTO_CNN_MAX_SIDE:
+        return "cnn"
+    return "resnet-small"
+
+
 @register_model("densenet121", head_prefixes=("class_layers.out",))
 def _densenet121(spec: ModelSpec) -> nn.Module:
     from monai.networks.nets import DenseNet121
@@ -274,7 +309,7 @@ def resolve_model(name: str) -> str:
             imported, or the attribute is missing or not callable.
 
     """
-    if name in _REGISTRY:
+    if name in _REGISTRY or name == AUTO:
         return name
     if ":" not in name:
         raise ConfigError(
@@ -306,6 +341,8 @@ def build_model(*, name: str, spec: ModelSpec) -> BuiltModel:
 
     from securefed.models.compat import make_hook_safe
 
+    if name == AUTO:
+        name = auto_model(spec)
     if name not in _REGISTRY and ":" in name:
         resolve_model(name)
     if name not in _REGISTRY:
@@ -357,4 +394,6 @@ def build_model(*, name: str, spec: ModelSpec) -> BuiltModel:
         if not any(_under(n, prefix) for n in names):
             raise ConfigError(f"model {name!r}: head prefix {prefix!r} matches no parameter")
     n_params = sum(p.numel() for p in fixed.parameters() if p.requires_grad)
-    return BuiltModel(module=fixed, changes=changes, num_parameters=n_params, head_prefixes=head)
+    return BuiltModel(
+        module=fixed, changes=changes, num_parameters=n_params, head_prefixes=head, name=name
+    )

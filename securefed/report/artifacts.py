@@ -56,12 +56,21 @@ def _config_json(fed: RoundEngine) -> dict[str, Any]:
                 for s in fed.site_summaries()
             ],
             "model": {
-                "name": cfg.model,
+                "name": fed.built.name,
                 "num_parameters": fed.built.num_parameters,
                 "trainable_parameters": fed.transfer["trainable_parameters"],
                 "head_prefixes": list(fed.built.head_prefixes),
             },
             "task": fed.task.name,
+            # What unset flags resolved to (securefed.config's effective_* rules); a site's
+            # own batch and lr follow from these and its size (docs/defaults.md).
+            "training": {
+                "batch_size": cfg.batch_size,
+                "min_steps": cfg.min_steps,
+                "lr": cfg.effective_lr,
+                "momentum": cfg.effective_momentum,
+                "max_grad_norm": cfg.effective_max_grad_norm,
+            },
             "strategy": _strategy_json(fed),
             "public_samples": len(fed.public_indices) if fed.public_indices is not None else 0,
             "secure_aggregation": fed.aggregator.describe(),
@@ -82,7 +91,7 @@ def _strategy_json(fed: RoundEngine) -> dict[str, Any]:
         "freeze": fed.transfer["freeze"],
         "personalize_epochs": cfg.personalize,
         "personalize_when": cfg.personalize_when if cfg.personalize else None,
-        "personalize_lr": (cfg.personalize_lr or cfg.lr) if cfg.personalize else None,
+        "personalize_lr": (cfg.personalize_lr or cfg.effective_lr) if cfg.personalize else None,
     }
     out.update(fed.strategy.describe(cfg))
     return out
@@ -175,7 +184,7 @@ def _privacy_json(fed: RoundEngine) -> dict[str, Any]:
         "secure_aggregation": cfg.secure_agg,
         "secure_aggregation_params": fed.aggregator.describe(),
         "model": {
-            "name": cfg.model,
+            "name": fed.built.name,
             "num_parameters": fed.built.num_parameters,
             "opacus_validator": "passed",
         },
@@ -239,7 +248,7 @@ def write_outputs(fed: RoundEngine, out: Path) -> None:
         # Signing precedes the hash so that the hash covers keys and signatures too.
         fed.sign_privacy(privacy, run=config["run"])
     privacy["sha256"] = report_hash(privacy=privacy, config=config, metrics=metrics)
-    meta = {"model": fed.config.model, "securefed": "0.1.0", "task": fed.task.name}
+    meta = {"model": fed.built.name, "securefed": "0.1.0", "task": fed.task.name}
     save_file(
         {k: v.detach().cpu().contiguous() for k, v in fed.global_model.state_dict().items()},
         str(out / "model.safetensors"),

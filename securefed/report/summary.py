@@ -279,6 +279,7 @@ def write_summary(
     headline = headline_for(metrics)
     primary = metrics.get("primary_metric", "accuracy")
     run = config["run"]
+    training = config.get("resolved", {}).get("training") or {}
     final = metrics["final"] or {}
     conv = metrics.get("convergence")
     ds = privacy["dataset"]
@@ -293,9 +294,12 @@ def write_summary(
     lines += [
         f"- data set: **{ds['name']}** (fingerprint `{ds['fingerprint'][:16]}…`), "
         f"{run['clients']} sites, partition `{run['partition']}`",
-        f"- model: `{run['model']}` ({privacy['model']['num_parameters']:,} parameters)",
+        f"- model: `{privacy['model']['name']}` ({privacy['model']['num_parameters']:,} "
+        "parameters)",
         f"- rounds: {run['rounds']} × {run['local_epochs']} local epoch(s), "
-        f"batch {run['batch_size']}, lr {run['lr']}",
+        f"batch ≤ {run['batch_size']} (≥ {training.get('min_steps', 1)} steps an epoch), "
+        f"lr {training.get('lr', run['lr'])}, momentum {training.get('momentum', run['momentum'])}"
+        + (", no clipping" if training and training.get("max_grad_norm") is None else ""),
         f"- secure aggregation: `{privacy['secure_aggregation']}`",
         _strategy_line(privacy),
         (

@@ -67,10 +67,11 @@ def _replay(config, fed: Federation, dataset: Dataset) -> np.ndarray:
         plan=site.plan,
         ledger=PrivacyLedger(),
         batch_size=config.batch_size,
-        lr=config.lr,
-        momentum=config.momentum,
+        min_steps=config.min_steps,
+        lr=config.effective_lr,
+        momentum=config.effective_momentum,
         device=torch.device("cpu"),
-        max_grad_norm=config.max_grad_norm,
+        max_grad_norm=config.effective_max_grad_norm,
         loss_fn=site.loss_fn,
     )
     vec, *_ = local_update(
@@ -93,13 +94,14 @@ def _noise_scale(config, fed: Federation) -> float:
     """Rough per-coordinate RMS by which two noise draws move a round's update.
 
     Each step adds N(0, (sigma*C)^2) to the clipped sum and divides by the expected batch
-    size B, then steps by lr; momentum m amplifies a step by up to 1/(1-m); two independent
+    size B (the site's batch), then steps by lr (the site's); momentum m amplifies a step by up to 1/(1-m); two independent
     draws differ by sqrt(2) of one, and T steps add up as sqrt(T).
     """
     plan = fed.plans[SITE]
     steps = plan.planned_steps
-    per_step = config.lr * plan.noise_multiplier * plan.max_grad_norm / config.batch_size
-    return per_step * math.sqrt(2 * steps) / (1 - config.momentum)
+    site = fed.sites[SITE].trainer
+    per_step = site.site_lr * plan.noise_multiplier * plan.max_grad_norm / site.site_batch
+    return per_step * math.sqrt(2 * steps) / (1 - config.effective_momentum)
 
 
 @pytest.mark.slow

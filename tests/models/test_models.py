@@ -20,6 +20,8 @@ CASES = [
     ("cnn", 3, "classification", (16, 16, 16)),
     ("densenet121", 2, "classification", (32, 32)),
     ("densenet121", 3, "classification", (32, 32, 32)),
+    ("resnet-small", 2, "classification", (32, 32)),
+    ("resnet-small", 2, "classification", (96, 72)),
     ("resnet18", 2, "classification", (28, 28)),
     ("resnet18", 3, "classification", (16, 16, 16)),
     ("unet", 2, "segmentation", (16, 16)),
@@ -101,7 +103,7 @@ def test_models_for_task_partitions_the_registry():
     classification = models_for_task("classification")
     segmentation = models_for_task("segmentation")
 
-    assert classification == ["cnn", "densenet121", "resnet18"]
+    assert classification == ["cnn", "densenet121", "resnet-small", "resnet18"]
     assert segmentation == ["unet", "vit-unet"]
     with pytest.raises(ConfigError, match="`task`"):
         models_for_task("detection")

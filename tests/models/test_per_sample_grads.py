@@ -85,3 +85,21 @@ def test_late_fusion_per_sample_gradients_are_exact():
     assert missing == []
     assert scale > 1e-3
     assert err < TOL
+
+
+def test_resnet_small_per_sample_gradients_are_exact():
+    # Prepare: strided convs, 1x1 projection shortcuts and GroupNorm, as --model auto builds
+    # them above 64 px
+    torch.manual_seed(0)
+    spec = ModelSpec(in_channels=1, num_classes=3, image_shape=(80, 80))
+    model = build_model(name="resnet-small", spec=spec).module.double()
+    x = torch.randn(2, 1, 80, 80, dtype=torch.float64)
+    y = torch.tensor([0, 2])
+
+    # Execute
+    err, scale, missing = max_per_sample_error(model, x, y, _cross_entropy)
+
+    # Assert
+    assert missing == []
+    assert scale > 1e-3
+    assert err < TOL

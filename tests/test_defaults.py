@@ -1,0 +1,183 @@
+"""Data-aware defaults: each site's batch and lr from its size, the model from the image size,
+and a conventional (unclipped) non-private baseline (docs/defaults.md)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from click.testing import CliRunner
+from torch import nn
+
+from securefed.config import RunConfig
+from securefed.dp.accounting import sample_rate, site_batch, site_lr, steps_per_epoch
+from securefed.dp.ledger import PrivacyLedger
+from securefed.dp.trainer import SiteTrainer
+from securefed.models import ModelSpec, auto_model, build_model
+from tests.conftest import tiny_config, write_small_npz
+
+
+@pytest.mark.parametrize(
+    ("n", "batch", "min_steps", "steps", "site_b"),
+    [
+        (51, 256, 4, 4, 13),  # the CT set's smallest site: 4 steps of ~13, not 1 of 51
+        (203, 256, 4, 4, 51),
+        (51, 256, 1, 1, 51),  # the old rule: one full-batch step (q = 1)
+        (5000, 256, 4, 20, 250),  # a large site keeps its ceil(n/B) steps
+        (3, 256, 4, 3, 1),  # never more steps than records
+    ],
+)
+def test_small_sites_take_at_least_min_steps(n, batch, min_steps, steps, site_b):
+    got = steps_per_epoch(num_samples=n, batch_size=batch, min_steps=min_steps)
+    assert got == steps
+    assert sample_rate(num_samples=n, batch_size=batch, min_steps=min_steps) == 1.0 / steps
+    assert site_batch(num_samples=n, batch_size=batch, min_steps=min_steps) == site_b
+
+
+def test_site_lr_scales_linearly_below_the_full_batch():
+    assert site_lr(lr=2.0, num_samples=5000, batch_size=256, min_steps=4) == 2.0
+    assert site_lr(lr=2.0, num_samples=512, batch_size=256, min_steps=4) == pytest.approx(
+        2.0 * 512 / 1024
+    )
+
+
+def test_unset_training_flags_follow_dp_or_not():
+    dp = RunConfig(dp_epsilon=8.0)
+    assert (dp.effective_lr, dp.effective_momentum, dp.effective_max_grad_norm) == (2.0, 0.5, 1.0)
+    plain = RunConfig(dp_epsilon=None)
+    # No clipping by default: the baseline a user would run without securefed.
+    assert plain.effective_max_grad_norm is None
+    assert (plain.effective_lr, plain.effective_momentum) == (0.1, 0.9)
+    assert RunConfig(dp_epsilon=None, batch_size=64).effective_lr == pytest.approx(0.025)
+    given = RunConfig(dp_epsilon=None, lr=0.3, momentum=0.0, max_grad_norm=2.0)
+    assert (given.effective_lr, given.effective_momentum, given.effective_max_grad_norm) == (
+        0.3,
+        0.0,
+        2.0,
+    )
+    with pytest.raises(Exception, match="min_steps"):
+        RunConfig(min_steps=0)
+
+
+def _trainer(*, max_grad_norm, lr=1.0):
+    torch.manual_seed(0)
+    x = torch.randn(8, 4) * 100.0  # large inputs: a gradient far above norm 1
+    y = torch.zeros(8, dtype=torch.long)
+    data = torch.utils.data.TensorDataset(x, y)
+    return SiteTrainer(
+        client_id=0,
+        dataset=data,
+        plan=None,
+        ledger=PrivacyLedger(),
+        batch_size=8,
+        lr=lr,
+        momentum=0.0,
+        device=torch.device("cpu"),
+        max_grad_norm=max_grad_norm,
+    )
+
+
+@pytest.mark.parametrize("clip", [None, 1.0])
+def test_non_private_step_is_clipped_only_when_asked(clip):
+    model = nn.Linear(4, 2)
+    before = torch.cat([p.detach().flatten() for p in model.parameters()]).clone()
+    trainer = _trainer(max_grad_norm=clip)
+    trainer.train_round(model=model, round_index=1, epochs=1, generator=torch.Generator())
+    moved = float((torch.cat([p.detach().flatten() for p in model.parameters()]) - before).norm())
+    if clip is None:
+        assert moved > 5.0  # lr 1 x the raw gradient, whose norm is in the tens
+    else:
+        assert moved <= 1.0 + 1e-5  # lr 1 x a gradient clipped to norm 1
+
+
+@pytest.mark.parametrize(
+    ("shape", "dims", "task", "name"),
+    [
+        ((28, 28), 2, "classification", "cnn"),
+        ((64, 64), 2, "classification", "cnn"),
+        ((96, 96), 2, "classification", "resnet-small"),
+        ((224, 224), 2, "classification", "resnet-small"),
+        ((28, 28, 28), 3, "classification", "cnn"),
+        ((64, 64), 2, "segmentation", "unet"),
+    ],
+)
+def test_auto_model_follows_the_data(shape, dims, task, name):
+    spec = ModelSpec(in_channels=1, num_classes=2, spatial_dims=dims, task=task, image_shape=shape)
+    assert auto_model(spec) == name
+
+
+def test_resnet_small_is_dp_compatible_and_sized_for_large_images():
+    spec = ModelSpec(in_channels=1, num_classes=4, image_shape=(128, 128))
+    built = build_model(name="auto", spec=spec)
+    assert built.name == "resnet-small"
+    assert built.changes == ()  # GroupNorm already: nothing for Opacus to replace
+    assert built.num_parameters < 300_000
+    out = built.module(torch.zeros(2, 1, 128, 128))
+    assert out.shape == (2, 4)
+
+
+def test_small_sites_warn_only_under_the_old_rule(tmp_path):
+    from securefed.fl.simulation import Federation
+
+    npz = write_small_npz(tmp_path / "t.npz", n_train=120, n_val=30, n_test=40)
+    # 40 records a site with B = 256: the old rule takes one step an epoch (q = 1).
+    old = Federation(tiny_config(npz, batch_size=256, min_steps=1, rounds=1))
+    lines = old.batch_warnings()
+    assert any("q = 1" in line and "--min-steps" in line for line in lines)
+    assert any("steps a round" in line or "step(s) a round" in line for line in lines)
+    new = Federation(tiny_config(npz, batch_size=256, rounds=1, local_epochs=1))
+    lines = new.batch_warnings()
+    assert not any("q = 1" in line for line in lines)
+    # 4 steps of ~10 records under DP: the noise warning names what to do instead.
+    assert any("DP-SGD batches of about 10 records" in line for line in lines)
+
+
+def test_cli_run_records_what_the_defaults_resolved_to(tmp_path):
+    from securefed.cli import cli
+
+    npz = write_small_npz(tmp_path / "t.npz", n_train=120, n_val=30, n_test=40)
+    out = tmp_path / "run"
+    result = CliRunner().invoke(
+        cli,
+        [
+            "train",
+            "--data",
+            str(npz),
+            "--clients",
+            "2",
+            "--rounds",
+            "1",
+            "--local-epochs",
+            "1",
+            "--no-dp",
+            "--device",
+            "cpu",
+            "--out",
+            str(out),
+            "-q",
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    config = json.loads((out / "config.json").read_text())
+    assert config["run"]["model"] == "auto" and config["run"]["lr"] is None
+    assert config["resolved"]["model"]["name"] == "cnn"  # 28 px
+    assert config["resolved"]["training"] == {
+        "batch_size": 256,
+        "min_steps": 4,
+        "lr": pytest.approx(0.1),
+        "momentum": 0.9,
+        "max_grad_norm": None,
+    }
+    assert "no clipping" in (out / "summary.md").read_text()
+
+
+def test_a_run_recorded_before_min_steps_replays_with_its_own_rule(tmp_path):
+    recorded = RunConfig().to_dict()
+    del recorded["min_steps"]
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps({"schema_version": "2.0", "run": recorded}))
+    assert RunConfig.from_json(path).min_steps == 1
+    # A hand-written file (no "run" block) gets today's default.
+    path.write_text(json.dumps({"rounds": 3}))
+    assert RunConfig.from_json(path).min_steps == 4
