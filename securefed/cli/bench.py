@@ -187,7 +187,7 @@ def bench_seeds(out, quick, seeds, device, data_dir, dataset):
 )
 @option("--epsilons", default="8,inf", show_default=True, help="Comma-separated ε; inf = no DP.")
 @option("--rounds", type=int, default=None, help="Rounds per run [default: 10; quick 4].")
-@option("--model", default=None, help="Model for every arm [default: cnn].")
+@option("--model", default=None, help="Model for every arm [default: auto].")
 def bench_strategies(out, quick, seeds, device, data_dir, dataset, arms, epsilons, rounds, model):
     """FL vs CFL vs FTL on the same non-IID sites (accuracy, P/R/F1, convergence)."""
     import dataclasses
@@ -231,3 +231,38 @@ def bench_twins(out, quick, seeds, device, epsilons, model):
         grid, epsilons=_epsilons(epsilons), seeds=_seeds(seeds, (0,)), base=base
     )
     _done(run_twin_bench(out_dir=Path(out or "bench-out/twins"), grid=grid, progress=True))
+
+
+@bench.command("real-data")
+@_bench_options(default_seeds="0,1,2")
+@option(
+    "--data-dir",
+    type=click.Path(file_okay=False),
+    default="../shared/data",
+    show_default=True,
+    help="Folder holding the real sets' .npz files.",
+)
+@option(
+    "--sets",
+    default="pneumoniamnist,breastmnist,brain_tumor_mri_96",
+    show_default=True,
+    help="Comma-separated data sets (file names without .npz).",
+)
+@option("--arms", default="fl,cfl,ftl", show_default=True, help="Comma-separated arms.")
+@option("--epsilons", default="inf,8", show_default=True, help="Comma-separated ε; inf = no DP.")
+def bench_real_data(out, quick, seeds, device, data_dir, sets, arms, epsilons):
+    """FL, CFL and FTL × {no DP, ε} on real data sets, with default settings, over seeds."""
+    from securefed.bench.real_data import RealDataGrid, run_real_data
+    from securefed.bench.real_data import quick as quick_grid
+
+    grid = RealDataGrid(
+        data_dir=data_dir,
+        sets=tuple(s.strip() for s in sets.split(",")),
+        arms=tuple(a.strip() for a in arms.split(",")),
+        epsilons=_epsilons(epsilons),
+        seeds=_seeds(seeds, (0, 1, 2)),
+    )
+    grid = type(grid)(**{**grid.__dict__, "base": {**grid.base, "device": device}})
+    if quick:
+        grid = quick_grid(grid)
+    _done(run_real_data(out_dir=Path(out or "bench-out/real-data"), grid=grid, progress=True))
