@@ -12,7 +12,13 @@ from pathlib import Path
 
 import click
 
-from securefed.cli.options import config_from_flags, option, run_config_options
+from securefed.cli.options import (
+    config_from_flags,
+    data_options_from_flag,
+    field_option,
+    option,
+    run_config_options,
+)
 from securefed.config import DEVICES, FUSIONS
 
 __all__ = [
@@ -172,6 +178,7 @@ def run_line(run_dir: Path) -> str:
     show_default="none (use --dataset)",
     help="A data folder or .npz file.",
 )
+@field_option("data_options")
 @option("--model", default="cnn", show_default=True, help="Model to pretrain.")
 @option(
     "--public-fraction",
@@ -190,7 +197,7 @@ def run_line(run_dir: Path) -> str:
 @option("--fusion", type=click.Choice(FUSIONS), default="early", show_default=True)
 @option("--out", type=click.Path(file_okay=False), required=True, help="Output folder.")
 @option("--quiet", "-q", is_flag=True, help="No progress bar.")
-def pretrain(out, quiet, **options) -> None:
+def pretrain(out, quiet, data_option, **options) -> None:
     """Pretrain on public data (no DP, no privacy cost) for `train --strategy ftl`.
 
     Writes OUT/model.safetensors (with provenance metadata) and OUT/pretrain.json.
@@ -201,7 +208,12 @@ def pretrain(out, quiet, **options) -> None:
 
     if not 0 <= options["public_fraction"] < 1:
         raise click.BadParameter("must be in [0, 1)", param_hint="--public-fraction")
-    path = run_pretrain(out=Path(out), progress=not quiet, **options)
+    path = run_pretrain(
+        out=Path(out),
+        progress=not quiet,
+        data_options=data_options_from_flag(data_option),
+        **options,
+    )
     info = json.loads((path.parent / "pretrain.json").read_text())
     scores = ", ".join(
         f"{k} {v:.3f}" for k, v in info["final"].items() if isinstance(v, float) and k != "loss"

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +35,7 @@ def pretrain(
     dataset: str = "synthetic",
     data_dir: str | None = None,
     data: str | None = None,
+    data_options: Mapping[str, Any] | None = None,
     model: str = "cnn",
     public_fraction: float = 0.0,
     public_seed: int = 0,
@@ -53,6 +55,8 @@ def pretrain(
         dataset: Source data set name (``synthetic``, a MedMNIST name, ``synthetic-seg``).
         data_dir: Folder with MedMNIST ``.npz`` files.
         data: A data folder or ``.npz`` file instead of ``dataset``.
+        data_options: Loader options (``--data-option``), as for ``securefed train``: e.g.
+            ``{"image_size": 64}`` for an image folder whose images differ in size.
         model: Registered model name.
         public_fraction: 0 uses the whole training split of a data set the sites do not hold;
             in (0, 1) uses only that declared-public share of it (the sites later train on
@@ -71,7 +75,8 @@ def pretrain(
         The path of the written weights.
 
     Raises:
-        ConfigError: Bad arguments, or ``out`` already holds a model.
+        ConfigError: Bad arguments or loader options, or ``out`` already holds a model.
+        DataError: The data are missing or malformed.
 
     """
     from tqdm.auto import tqdm
@@ -84,7 +89,9 @@ def pretrain(
     out = Path(out)
     if (out / "model.safetensors").exists():
         raise ConfigError(f"--out {out}: already holds model.safetensors; choose another folder")
-    bundle = load_dataset(name=dataset, data_dir=data_dir, data=data, seed=seed)
+    bundle = load_dataset(
+        name=dataset, data_dir=data_dir, data=data, seed=seed, **dict(data_options or {})
+    )
     if public_fraction > 0:
         _, public = public_split(bundle.train, fraction=public_fraction, seed=public_seed)
     else:
@@ -142,6 +149,7 @@ def pretrain(
                 "metadata": meta,
                 "source": {
                     "dataset": bundle.describe(),
+                    "data_options": dict(data_options or {}),
                     "public_samples": len(public),
                     "public_fraction": public_fraction,
                     "public_seed": public_seed,
