@@ -3,29 +3,14 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
-from PIL import Image
-
+from tests.conftest import write_image_folder
 from tests.test_cli import _assert_one_line_error, securefed
-
-
-def _image_folder(root: Path, *, odd_size: tuple[int, int] | None = (20, 18)) -> Path:
-    """Two classes told apart by brightness, in 16x16 images (one of ``odd_size`` if given)."""
-    for split, n in (("train", 12), ("val", 4), ("test", 4)):
-        for c, cls in enumerate(("dark", "bright")):
-            for i in range(n):
-                path = root / split / cls / f"{i:02d}.png"
-                path.parent.mkdir(parents=True, exist_ok=True)
-                Image.new("L", (16, 16), color=30 + 180 * c + i).save(path)
-    if odd_size is not None:
-        Image.new("L", odd_size, color=40).save(root / "train" / "dark" / "odd.png")
-    return root
 
 
 def test_pretrain_passes_data_options_to_the_loader(tmp_path):
     # Prepare
-    data = _image_folder(tmp_path / "folder")
+    data = write_image_folder(tmp_path / "folder", odd_size=(20, 18))
     out = tmp_path / "pre"
 
     # Execute
@@ -43,7 +28,7 @@ def test_pretrain_passes_data_options_to_the_loader(tmp_path):
 
 def test_pretrain_refuses_an_unknown_data_option_with_one_line(tmp_path):
     # Prepare
-    data = _image_folder(tmp_path / "folder")
+    data = write_image_folder(tmp_path / "folder", odd_size=(20, 18))
 
     # Execute
     proc = securefed(
@@ -54,3 +39,24 @@ def test_pretrain_refuses_an_unknown_data_option_with_one_line(tmp_path):
     # Assert
     assert proc.returncode == 2
     _assert_one_line_error(proc, "n_train", "image folders")
+
+
+def test_pretrain_prints_its_held_out_figures_and_warns_at_chance(tmp_path):
+    # Prepare: flat gray images in both classes, which no model can tell apart
+    data = write_image_folder(tmp_path / "folder", signal=False)
+
+    # Execute
+    proc = securefed(
+        "pretrain", "--data", data, "--epochs", "1", "--batch-size", "8", "--device", "cpu",
+        "--quiet", "--out", tmp_path / "pre",
+    )  # fmt: skip
+
+    # Assert
+    assert proc.returncode == 0, proc.stderr
+    summary = proc.stdout.strip()
+    assert summary.count("\n") == 0, summary
+    assert "val accuracy 0.500, balanced accuracy 0.500, AUC" in summary
+    assert "(majority class 0.500); test accuracy" in summary
+    assert "warning: pretrain: no better than chance on val" in proc.stderr
+    info = json.loads((tmp_path / "pre" / "pretrain.json").read_text())
+    assert [w for w in info["warnings"] if "on test" in w]
