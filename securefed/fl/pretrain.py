@@ -92,17 +92,19 @@ def overfitting_warning(losses: Sequence[float], *, epochs: int = RISING_EPOCHS)
     if len(losses) <= epochs:
         return None
     tail = list(losses[-(epochs + 1) :])
-    # Near a zero loss, float noise alone rises and falls: a rise under 1 % is no trend.
+    # A flat loss wobbles by float noise and batch order: a rise under 1 % is no trend.
     if not all(b > a for a, b in zip(tail, tail[1:])) or tail[-1] <= 1.01 * tail[0]:
         return None
-    shown = " -> ".join(f"{v:.3f}" for v in tail)
+    shown = " -> ".join(f"{v:.4g}" for v in tail)
     return (
         f"held-out (val) loss rose in each of the last {epochs} epochs ({shown}): the model is "
         "overfitting the public data; use fewer epochs, a smaller lr or more public data"
     )
 
 
-def _heldout(task: Any, net: torch.nn.Module, split: ArraySplit, *, num_classes: int, dev) -> dict:
+def _heldout(
+    task: Any, net: torch.nn.Module, split: ArraySplit, *, num_classes: int, dev: torch.device
+) -> dict[str, Any]:
     """The task's headline figures on ``split``; for classification also the chance bars."""
     res = task.evaluate(model=net, split=split, device=dev)
     out: dict[str, Any] = {"num_samples": len(split), **{k: res.get(k) for k in task.headline}}
