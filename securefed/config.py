@@ -230,7 +230,8 @@ class RunConfig:
         data_dir: Folder holding MedMNIST ``.npz`` files (default: ``~/.medmnist``).
         data: Path of an image-folder tree, NIfTI tree or ``.npz`` file; overrides ``dataset``.
         data_options: Loader options, e.g. ``{"n_train": 108, "image_size": 32}`` for
-            ``synthetic-seg`` or ``{"image_size": 64}`` for a NIfTI tree.
+            ``synthetic-seg``, ``{"image_size": 64}`` for a NIfTI tree, or
+            ``{"image_size": 64, "val_fraction": 0.2}`` for an image folder.
         num_classes: Number of classes K of a data set that does not declare its classes
             (an ``.npz`` without a ``class_names`` array); ``None``: the largest training
             label + 1. A label outside [0, K) in any split is refused.
@@ -347,7 +348,8 @@ class RunConfig:
         flag="--data-option",
         kind="key-value",
         help="Loader option, repeatable: e.g. --data-option n_train=108 --data-option "
-        "image_size=32 (synthetic-seg), image_size=64 (NIfTI).",
+        "image_size=32 (synthetic-seg), image_size=64 (NIfTI), image_size=64 or [H,W] and "
+        "val_fraction=0.2 (image folder).",
     )
     num_classes: int | None = _setting(
         None,

@@ -114,6 +114,38 @@ def write_small_npz(
     return path
 
 
+def write_image_folder(
+    root: Path,
+    *,
+    signal: bool = True,
+    per_class: tuple[int, int, int] = (24, 8, 8),
+    odd_size: tuple[int, int] | None = None,
+) -> Path:
+    """A two-class image folder (train/val/test) of 16x16 gray PNGs.
+
+    With ``signal`` class ``left`` is bright on the left half and ``right`` on the right,
+    under noise: a CNN learns it in an epoch or two. Without, every image is the same flat
+    gray, so no model can beat chance. ``odd_size`` adds one training image of that size.
+    """
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for split, n in zip(("train", "val", "test"), per_class, strict=True):
+        for c, cls in enumerate(("left", "right")):
+            for i in range(n):
+                pixels = np.full((16, 16), 100, dtype=np.uint8)
+                if signal:
+                    pixels = rng.integers(0, 60, (16, 16)).astype(np.uint8)
+                    pixels[:, 8 * c : 8 * (c + 1)] += 150
+                path = root / split / cls / f"{i:02d}.png"
+                path.parent.mkdir(parents=True, exist_ok=True)
+                Image.fromarray(pixels).save(path)
+    if odd_size is not None:
+        Image.new("L", odd_size, color=40).save(root / "train" / "left" / "odd.png")
+    return root
+
+
 @pytest.fixture
 def small_npz(tmp_path) -> Path:
     """Path of a tiny 4-class MedMNIST-layout .npz file."""

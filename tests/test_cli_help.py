@@ -141,3 +141,9 @@ def test_deploy_run_still_refuses_hidden_options_with_one_line(
     assert "Traceback" not in err and err.count("\n") == 0, err
     assert "does not support" in err and fragment in err, err
     assert not (tmp_path / "run").exists()
+
+
+def test_data_option_help_names_the_image_folder_options():
+    entry = _option_entries(_help("train"))["--data-option"]
+    assert "val_fraction=0.2 (image folder)" in entry, entry
+    assert "image_size=64 or [H,W]" in entry, entry

@@ -261,6 +261,7 @@ def pretrained_weights(
         out=path.parent,
         dataset=dataset,
         data_dir=data_dir,
+        data_options=base.get("data_options"),
         model=base.get("model", "auto"),
         public_fraction=float(base["public_fraction"]),
         public_seed=int(base.get("public_seed", 0)),

@@ -24,6 +24,7 @@ from securefed.plugins import Registry
 __all__ = [
     "ShownDefaultOption",
     "config_from_flags",
+    "data_options_from_flag",
     "field_option",
     "flag_fields",
     "option",
@@ -270,6 +271,15 @@ def run_config_options(
 
 
 _FIELD_OF_PARAM = {param_name(f): f for f in flag_fields()}
+
+
+def data_options_from_flag(data_option: tuple) -> dict[str, Any] | None:
+    """``--data-option``'s parsed pairs as loader options (None when none was given).
+
+    For commands that take the option without a RunConfig (``securefed pretrain``), so that
+    they read it exactly as ``train`` does.
+    """
+    return KeyValue.to_config(data_option) if data_option else None
 
 
 def config_from_flags(

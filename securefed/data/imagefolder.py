@@ -17,7 +17,8 @@ IMAGE_SUFFIXES: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".ti
 # 16-bit grayscale (common for X-ray exports); scaled by 1/65535 rather than through Pillow's
 # convert("L"), which clips values above 255 instead of rescaling them.
 _SIXTEEN_BIT_MODES = frozenset({"I;16", "I;16L", "I;16B", "I;16N", "I"})
-_GRAY_MODES = frozenset({"1", "L", "LA"}) | _SIXTEEN_BIT_MODES
+# Single-band modes, and gray with alpha (alpha is dropped, see `_read_image`).
+_GRAY_MODES = frozenset({"1", "L", "LA", "La"})
 
 
 def load_image_folder(
@@ -37,9 +38,14 @@ def load_image_folder(
     - Images may sit in nested folders below a class folder (e.g. one per patient). Accepted
       suffixes: see :data:`IMAGE_SUFFIXES` (any case). Entries whose name starts with ``.`` are
       skipped; any other file is an error, so no data is dropped silently.
-    - Channels: one (grayscale) if every image is grayscale (Pillow modes 1, L, LA, I;16, I),
-      otherwise three (RGB; grayscale images are replicated, alpha is dropped). 8-bit images
-      are scaled by 1/255, 16-bit ones by 1/65535.
+    - Channels: an image is grayscale when it has one band (Pillow modes 1, L, I;16, I) or
+      when its colour channels are equal everywhere (R == G == B), whatever its mode: RGB,
+      RGBA, LA, or a palette ("P") image whose used colours are gray. The folder has one
+      channel if every image is grayscale, otherwise three (RGB; grayscale images are
+      replicated). 8-bit images are scaled by 1/255, 16-bit ones by 1/65535.
+    - Alpha is dropped, not composited: each pixel keeps its recorded intensity. Medical
+      exports carry alpha as an opaque filler or an annotation layer, and compositing on
+      black would darken every partly transparent pixel, changing the measurement itself.
     - Size: with ``image_size=None`` every image must already have the same size (no
       resampling, so pixels stay exactly as exported); otherwise every image is resized to
       ``image_size`` (an int for square, or (height, width)) with bilinear, anti-aliased
@@ -206,8 +212,17 @@ def _read_image(path: Path) -> tuple[np.ndarray, bool]:
             if mode == "F":
                 raise DataError(f"{path}: floating-point (mode F) images are not supported.")
             if mode in _GRAY_MODES:
+                # Pillow's LA -> L keeps the gray band as is: the alpha is dropped.
                 return np.asarray(img.convert("L"), dtype=np.float32) / 255.0, True
-            return np.asarray(img.convert("RGB"), dtype=np.float32) / 255.0, False
+            # RGB(A), palette, CMYK...: Pillow's RGBA -> RGB also drops alpha, uncomposited. A
+            # palette goes through RGBA so that Pillow does not warn about its transparency.
+            colour = img.convert("RGBA") if mode in ("P", "PA") else img
+            rgb = np.asarray(colour.convert("RGB"), dtype=np.float32) / 255.0
+            if np.array_equal(rgb[..., 0], rgb[..., 1]) and np.array_equal(
+                rgb[..., 1], rgb[..., 2]
+            ):
+                return rgb[..., 0], True
+            return rgb, False
     except DataError:
         raise
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:

@@ -113,6 +113,8 @@ MEDMNIST_CLASS_NAMES: Mapping[str, tuple[str, ...]] = MappingProxyType(
 )
 
 _KEYS = tuple(f"{split}_{kind}" for split in SPLITS for kind in ("images", "labels"))
+# Exports from other tools (and Kaggle copies) spell the validation split ``valid_*``.
+_VALID_ALIASES = {"val_images": "valid_images", "val_labels": "valid_labels"}
 
 
 def default_data_dir() -> Path:
@@ -152,7 +154,9 @@ def load_medmnist_npz(
 ) -> DatasetBundle:
     """Read a MedMNIST-layout ``.npz`` into a :class:`DatasetBundle`.
 
-    The archive must hold ``{train,val,test}_{images,labels}``. Images are uint8 (scaled by
+    The archive must hold ``{train,val,test}_{images,labels}``; ``valid_images`` and
+    ``valid_labels`` are read as ``val_*`` (a file holding both spellings is refused, since
+    which one is the validation split would be a guess). Images are uint8 (scaled by
     1/255) or floats already in [0, 1], laid out (N, H, W) grayscale, (N, H, W, 3) RGB or
     (N, D, H, W) volumes; they become (N, C, H, W) / (N, 1, D, H, W) float32. A 4-D array whose
     last axis is 1 or 3 is read as channels-last 2D unless ``name`` ends in ``3d``. Labels are
@@ -172,18 +176,23 @@ def load_medmnist_npz(
 
     Raises:
         DataError: One line naming the file and the problem: missing, not an npz, corrupt,
-            pickled objects, missing keys, wrong dtype or shape, length mismatch, negative or
-            out-of-range labels, multi-label targets, or an empty split.
+            pickled objects, missing keys, both ``val_*`` and ``valid_*`` keys, wrong dtype or
+            shape, length mismatch, negative or out-of-range labels, multi-label targets, or an
+            empty split.
 
     """
     path = Path(path).expanduser()
     if not path.is_file():
         raise DataError(f"{path}: file not found; securefed never downloads data.")
     name = path.stem if name is None else name
-    arrays = _read_npz(path)
+    arrays, stored = _read_npz(path)
     base = re.sub(r"_\d+$", "", name.lower())
-    images = {s: _images(arrays[f"{s}_images"], key=f"{s}_images", path=path) for s in SPLITS}
-    labels = {s: _labels(arrays[f"{s}_labels"], key=f"{s}_labels", path=path) for s in SPLITS}
+    images = {
+        s: _images(arrays[f"{s}_images"], key=stored[f"{s}_images"], path=path) for s in SPLITS
+    }
+    labels = {
+        s: _labels(arrays[f"{s}_labels"], key=stored[f"{s}_labels"], path=path) for s in SPLITS
+    }
 
     train_shape = images["train"].shape
     if len(train_shape) == 3:
@@ -198,7 +207,7 @@ def load_medmnist_npz(
             "or (N, D, H, W)."
         )
     for split in SPLITS:
-        key = f"{split}_images"
+        key = stored[f"{split}_images"]
         if images[split].shape[1:] != train_shape[1:]:
             raise DataError(
                 f"{path}: `{key}` has shape {images[split].shape}; its per-image shape must "
@@ -206,8 +215,8 @@ def load_medmnist_npz(
             )
         if images[split].shape[0] != labels[split].shape[0]:
             raise DataError(
-                f"{path}: `{split}_labels` has {labels[split].shape[0]} labels but `{key}` has "
-                f"{images[split].shape[0]} images."
+                f"{path}: `{stored[f'{split}_labels']}` has {labels[split].shape[0]} labels but "
+                f"`{key}` has {images[split].shape[0]} images."
             )
         if images[split].shape[0] == 0:
             raise DataError(f"{path}: split `{split}` is empty (0 images).")
@@ -239,7 +248,8 @@ def load_medmnist_npz(
     )
 
 
-def _read_npz(path: Path) -> dict[str, np.ndarray]:
+def _read_npz(path: Path) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+    """The arrays under their canonical keys, and each canonical key's name in the file."""
     with path.open("rb") as handle:
         magic = handle.read(6)
     if magic.startswith(b"\x93NUMPY"):
@@ -250,14 +260,16 @@ def _read_npz(path: Path) -> dict[str, np.ndarray]:
     key = None
     try:
         with np.load(path, allow_pickle=False) as archive:
-            missing = [k for k in _KEYS if k not in archive.files]
+            stored = _stored_keys(archive.files, path=path)
+            missing = [stored[k] for k in _KEYS if stored[k] not in archive.files]
             if missing:
                 raise DataError(
                     f"{path}: missing keys {', '.join(missing)} (found: "
                     f"{', '.join(sorted(archive.files)) or 'none'})."
                 )
-            for key in _KEYS:
-                arrays[key] = archive[key]
+            for canonical in _KEYS:
+                key = stored[canonical]
+                arrays[canonical] = archive[key]
             if "class_names" in archive.files:
                 key = "class_names"
                 arrays[key] = _class_names(archive[key], path=path)
@@ -271,7 +283,23 @@ def _read_npz(path: Path) -> dict[str, np.ndarray]:
         raise DataError(f"{path}: corrupt .npz archive ({_where(key)}: {exc}).") from None
     except (zipfile.BadZipFile, zlib.error, OSError, EOFError) as exc:
         raise DataError(f"{path}: corrupt .npz archive ({_where(key)}: {exc}).") from None
-    return arrays
+    return arrays, stored
+
+
+def _stored_keys(files: list[str], *, path: Path) -> dict[str, str]:
+    """Canonical key -> its name in the file: ``valid_*`` stands for ``val_*`` when alone."""
+    present = set(files)
+    val = sorted(k for k in _VALID_ALIASES if k in present)
+    valid = sorted(a for a in _VALID_ALIASES.values() if a in present)
+    if val and valid:
+        raise DataError(
+            f"{path}: holds both {', '.join(val)} and {', '.join(valid)}; keep one naming of "
+            "the validation split."
+        )
+    stored = {k: k for k in _KEYS}
+    if valid:
+        stored.update(_VALID_ALIASES)
+    return stored
 
 
 def _class_names(array: np.ndarray, *, path: Path) -> np.ndarray:

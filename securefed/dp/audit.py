@@ -55,9 +55,13 @@ __all__ = [
 #: Exit codes of ``securefed audit``.
 EXIT_OK, EXIT_FAIL, EXIT_MALFORMED, EXIT_NO_DP = 0, 1, 2, 3
 
-#: The privacy.json major version this auditor reads. 1.x reports predate secret noise,
-#: replace-one accounting and signed claims: there is nothing in them to bind.
-READS_SCHEMA_MAJOR = 2
+#: The newest privacy.json major version this auditor reads. 1.x reports predate secret
+#: noise, replace-one accounting and signed claims: there is nothing in them to bind.
+READS_SCHEMA_MAJOR = 3
+#: Every major version it reads: 3.0 changed only the `transfer` counts, which no check
+#: reads, so 2.x reports stay auditable.
+_READS_MAJORS = ("2", "3")
+_READS = " and ".join(f"{m}.x" for m in _READS_MAJORS)
 
 #: Claimed epsilon may sit below the independent PLD value by at most this much
 #: (absolute + relative): accountants discretise differently.
@@ -587,10 +591,10 @@ def audit_run(
     if major == "1":
         raise AuditError(
             f"{where}: schema {version} predates secret noise and signed site claims; "
-            f"this auditor reads {READS_SCHEMA_MAJOR}.x"
+            f"this auditor reads {_READS}"
         )
-    if major != str(READS_SCHEMA_MAJOR):
-        raise AuditError(f"{where}: schema {version}; this auditor reads {READS_SCHEMA_MAJOR}.x")
+    if major not in _READS_MAJORS:
+        raise AuditError(f"{where}: schema {version}; this auditor reads {_READS}")
     claimed_hash = _require(privacy, "sha256", where)
     if not isinstance(config, dict) or not isinstance(config.get("run"), dict):
         raise AuditError(f"{run_dir / 'config.json'}: no 'run' object")
@@ -598,7 +602,7 @@ def audit_run(
         raise AuditError(f"{run_dir / 'metrics.json'}: no 'rounds' list")
     run = config["run"]
     result = AuditResult()
-    result.add("schema version", True, f"{version} (this auditor reads {READS_SCHEMA_MAJOR}.x)")
+    result.add("schema version", True, f"{version} (this auditor reads {_READS})")
     actual_hash = report_hash(privacy=privacy, config=config, metrics=metrics)
     result.add(
         "sha256 of report, config and metrics",

@@ -21,7 +21,8 @@ __all__ = [
 ]
 
 #: Bump the minor version for added keys, the major version for changed or removed ones.
-SCHEMA_VERSION = "2.0"
+#: privacy.json and config.json share it. 3.0: `transfer.frozen_parameters` counts scalars.
+SCHEMA_VERSION = "3.0"
 
 THREAT_MODEL = (
     "Record-level (epsilon, delta)-DP per site for replace-one adjacency: each site's DP-SGD "

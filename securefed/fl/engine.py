@@ -206,9 +206,22 @@ def apply_transfer(
     if spec != "none":
         frozen = [freeze(m, spec=spec, head_prefixes=head_prefixes) for m in models]
         info["frozen"] = list(frozen[0])
-    n_train = sum(p.numel() for p in models[0].parameters() if p.requires_grad)
-    n_all = sum(p.numel() for p in models[0].parameters())
-    info.update({"freeze": spec, "trainable_parameters": n_train, "all_parameters": n_all})
+    # Scalars and tensors are counted apart: "parameters" always means scalars (numel), as
+    # in num_parameters, and "tensors" the weight and bias arrays that hold them.
+    params = list(models[0].parameters())
+    trainable = [p for p in params if p.requires_grad]
+    n_train = sum(p.numel() for p in trainable)
+    n_all = sum(p.numel() for p in params)
+    info.update(
+        {
+            "freeze": spec,
+            "trainable_parameters": n_train,
+            "frozen_parameters": n_all - n_train,
+            "trainable_tensors": len(trainable),
+            "frozen_tensors": len(params) - len(trainable),
+            "all_parameters": n_all,
+        }
+    )
     return info
 
 

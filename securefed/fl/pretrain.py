@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import sys
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -18,14 +19,100 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from securefed.data.dataset import load_dataset
+from securefed.data.dataset import ArraySplit, load_dataset
 from securefed.dp.report import json_ready, write_json
 from securefed.errors import ConfigError
 from securefed.fl.planning import resolve_device, seed_for
 from securefed.fl.tasks import build_task
 from securefed.fl.transfer import pretrain_metadata, public_split
 
-__all__ = ["pretrain"]
+__all__ = [
+    "CHANCE_MARGIN",
+    "PRETRAIN_SCHEMA_VERSION",
+    "RISING_EPOCHS",
+    "chance_warnings",
+    "overfitting_warning",
+    "pretrain",
+]
+
+#: ``pretrain.json``'s version. 2.0: ``history`` is per-epoch figures on the validation split
+#: (it was the test split), ``heldout`` and ``warnings`` added.
+PRETRAIN_SCHEMA_VERSION = "2.0"
+#: Balanced accuracy within this of 1/K counts as chance: a few held-out samples more or
+#: less right is noise, not a backbone worth transferring.
+CHANCE_MARGIN = 0.02
+#: Held-out loss rising this many epochs in a row is read as overfitting, not noise.
+RISING_EPOCHS = 3
+
+
+def chance_warnings(*, split: str, metrics: Mapping[str, Any], num_classes: int) -> list[str]:
+    """Warnings when a classifier does no better than chance on ``split``.
+
+    Chance is either bar: balanced accuracy at most 1/K + :data:`CHANCE_MARGIN` (what a model
+    that ignores the image scores on every class mix), or accuracy at most the majority-class
+    accuracy (what always answering the split's most frequent class scores).
+
+    Args:
+        split: The split's name, for the message.
+        metrics: Its figures, with ``accuracy``, ``balanced_accuracy`` and
+            ``majority_class_accuracy``.
+        num_classes: K.
+
+    Returns:
+        Zero, one or two one-line warnings.
+
+    """
+    out = []
+    bar = 1.0 / num_classes + CHANCE_MARGIN
+    balanced = metrics["balanced_accuracy"]
+    if balanced <= bar:
+        out.append(
+            f"no better than chance on {split}: balanced accuracy {balanced:.3f} <= 1/K + "
+            f"{CHANCE_MARGIN:g} = {bar:.3f} (K = {num_classes})"
+        )
+    accuracy, majority = metrics["accuracy"], metrics["majority_class_accuracy"]
+    if accuracy <= majority:
+        out.append(
+            f"no better than chance on {split}: accuracy {accuracy:.3f} <= majority-class "
+            f"accuracy {majority:.3f}"
+        )
+    return out
+
+
+def overfitting_warning(losses: Sequence[float], *, epochs: int = RISING_EPOCHS) -> str | None:
+    """A warning when the held-out loss rose in each of the last ``epochs`` epochs, else None.
+
+    The rises must add up to at least 1 % of the loss they started from.
+
+    Args:
+        losses: Held-out loss after each epoch, in order.
+        epochs: How many consecutive rises count.
+
+    """
+    if len(losses) <= epochs:
+        return None
+    tail = list(losses[-(epochs + 1) :])
+    # A flat loss wobbles by float noise and batch order: a rise under 1 % is no trend.
+    if not all(b > a for a, b in zip(tail, tail[1:])) or tail[-1] <= 1.01 * tail[0]:
+        return None
+    shown = " -> ".join(f"{v:.4g}" for v in tail)
+    return (
+        f"held-out (val) loss rose in each of the last {epochs} epochs ({shown}): the model is "
+        "overfitting the public data; use fewer epochs, a smaller lr or more public data"
+    )
+
+
+def _heldout(
+    task: Any, net: torch.nn.Module, split: ArraySplit, *, num_classes: int, dev: torch.device
+) -> dict[str, Any]:
+    """The task's headline figures on ``split``; for classification also the chance bars."""
+    res = task.evaluate(model=net, split=split, device=dev)
+    out: dict[str, Any] = {"num_samples": len(split), **{k: res.get(k) for k in task.headline}}
+    if task.name == "classification":
+        counts = split.class_counts(num_classes=num_classes)
+        out["majority_class_accuracy"] = float(counts.max() / len(split))
+        out["chance_balanced_accuracy"] = 1.0 / num_classes
+    return out
 
 
 def pretrain(
@@ -34,6 +121,7 @@ def pretrain(
     dataset: str = "synthetic",
     data_dir: str | None = None,
     data: str | None = None,
+    data_options: Mapping[str, Any] | None = None,
     model: str = "auto",
     public_fraction: float = 0.0,
     public_seed: int = 0,
@@ -53,6 +141,8 @@ def pretrain(
         dataset: Source data set name (``synthetic``, a MedMNIST name, ``synthetic-seg``).
         data_dir: Folder with MedMNIST ``.npz`` files.
         data: A data folder or ``.npz`` file instead of ``dataset``.
+        data_options: Loader options (``--data-option``), as for ``securefed train``: e.g.
+            ``{"image_size": 64}`` for an image folder whose images differ in size.
         model: Registered model name.
         public_fraction: 0 uses the whole training split of a data set the sites do not hold;
             in (0, 1) uses only that declared-public share of it (the sites later train on
@@ -71,7 +161,8 @@ def pretrain(
         The path of the written weights.
 
     Raises:
-        ConfigError: Bad arguments, or ``out`` already holds a model.
+        ConfigError: Bad arguments or loader options, or ``out`` already holds a model.
+        DataError: The data are missing or malformed.
 
     """
     from tqdm.auto import tqdm
@@ -84,7 +175,9 @@ def pretrain(
     out = Path(out)
     if (out / "model.safetensors").exists():
         raise ConfigError(f"--out {out}: already holds model.safetensors; choose another folder")
-    bundle = load_dataset(name=dataset, data_dir=data_dir, data=data, seed=seed)
+    bundle = load_dataset(
+        name=dataset, data_dir=data_dir, data=data, seed=seed, **dict(data_options or {})
+    )
     if public_fraction > 0:
         _, public = public_split(bundle.train, fraction=public_fraction, seed=public_seed)
     else:
@@ -115,14 +208,27 @@ def pretrain(
     loader = DataLoader(source.to_torch(), batch_size=batch_size, shuffle=True, generator=gen)
     opt = torch.optim.SGD(net.parameters(), lr=lr, momentum=momentum)
     history: list[dict[str, Any]] = []
+    k = bundle.num_classes
     for epoch in tqdm(range(1, epochs + 1), desc="pretrain", disable=not progress, file=sys.stderr):
         net.train()
         for x, y in loader:
             opt.zero_grad(set_to_none=True)
             task.loss_fn(net(x.to(dev)), y.to(dev)).backward()
             opt.step()
-        res = task.evaluate(model=net, split=bundle.test, device=dev)
-        history.append({"epoch": epoch, **{k: res.get(k) for k in task.headline}})
+        # Per epoch on val only: the test split is scored once, after training, so that no
+        # figure from it can have steered the run.
+        history.append({"epoch": epoch, **_heldout(task, net, bundle.val, num_classes=k, dev=dev)})
+    heldout = {
+        "val": {key: v for key, v in history[-1].items() if key != "epoch"},
+        "test": _heldout(task, net, bundle.test, num_classes=k, dev=dev),
+    }
+    warnings: list[str] = []
+    if task.name == "classification":
+        for name, figures in heldout.items():
+            warnings += chance_warnings(split=name, metrics=figures, num_classes=k)
+    rising = overfitting_warning([h["loss"] for h in history])
+    if rising is not None:
+        warnings.append(rising)
     meta = pretrain_metadata(
         bundle=bundle,
         model=model,
@@ -138,11 +244,12 @@ def pretrain(
         out / "pretrain.json",
         json_ready(
             {
-                "schema_version": "1.0",
+                "schema_version": PRETRAIN_SCHEMA_VERSION,
                 "weights": {"file": path.name, "sha256": digest},
                 "metadata": meta,
                 "source": {
                     "dataset": bundle.describe(),
+                    "data_options": dict(data_options or {}),
                     "public_samples": len(public),
                     "public_fraction": public_fraction,
                     "public_seed": public_seed,
@@ -159,7 +266,9 @@ def pretrain(
                     "seed": seed,
                 },
                 "history": history,
-                "final": history[-1],
+                "heldout": heldout,
+                "final": heldout["test"],
+                "warnings": warnings,
                 "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             }
         ),

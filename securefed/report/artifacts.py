@@ -15,6 +15,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from securefed.config import RunConfig
 from securefed.dp import calibration
 from securefed.dp.accounting import ADJACENCY
 from securefed.dp.report import SCHEMA_VERSION, THREAT_MODEL, json_ready, report_hash, write_json
@@ -50,7 +51,7 @@ def _config_json(fed: RoundEngine) -> dict[str, Any]:
         "resolved": {
             "device": str(fed.device),
             "delta": fed.delta,
-            "dataset": fed.bundle.describe(),
+            "dataset": {**fed.bundle.describe(), "loaded_from": _loaded_from(cfg)},
             "sites": [
                 {k: v for k, v in s.items() if k != "epsilon_per_round"}
                 for s in fed.site_summaries()
@@ -79,6 +80,17 @@ def _config_json(fed: RoundEngine) -> dict[str, Any]:
         "platform": {"machine": platform.machine(), "system": platform.system()},
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
     }
+
+
+def _loaded_from(cfg: RunConfig) -> dict[str, Any]:
+    """Which setting chose the data, so a reader need not infer it from ``run``.
+
+    ``run.dataset`` keeps its default ``"synthetic"`` when ``--data`` names the data, and
+    read on its own it has been taken for the data set a run used.
+    """
+    if cfg.data is not None:
+        return {"option": "--data", "path": str(Path(cfg.data).expanduser().resolve())}
+    return {"option": "--dataset", "name": cfg.dataset}
 
 
 def _strategy_json(fed: RoundEngine) -> dict[str, Any]:
@@ -165,8 +177,10 @@ def _privacy_json(fed: RoundEngine) -> dict[str, Any]:
         ),
         "transfer": {
             "pretrained": fed.transfer["pretrained"],
-            "frozen_parameters": len(fed.transfer["frozen"]),
+            "frozen_parameters": fed.transfer["frozen_parameters"],
             "trainable_parameters": fed.transfer["trainable_parameters"],
+            "frozen_tensors": fed.transfer["frozen_tensors"],
+            "trainable_tensors": fed.transfer["trainable_tensors"],
             "reinitialised": fed.transfer["reinitialised"],
             "public_fraction": fed.config.public_fraction,
             "public_seed": fed.config.public_seed if fed.config.public_fraction else None,

@@ -62,6 +62,68 @@ def test_any_rgb_image_makes_all_rgb_with_gray_replicated(tmp_path):
     assert red[0].min() > 0.9 and red[1].max() < 0.1
 
 
+def _gray_palette_image(size: tuple[int, int], value: int) -> Image.Image:
+    image = Image.new("P", size, color=0)
+    image.putpalette([v for level in range(256) for v in (level, level, level)])
+    image.paste(value, (0, 0, *size))
+    return image
+
+
+GRAY_WITH_EXTRA_BANDS = {
+    "RGBA": lambda size, v: Image.new("RGBA", size, color=(v, v, v, 255)),
+    "RGBA half transparent": lambda size, v: Image.new("RGBA", size, color=(v, v, v, 128)),
+    "LA": lambda size, v: Image.new("LA", size, color=(v, 60)),
+    "RGB": lambda size, v: Image.new("RGB", size, color=(v, v, v)),
+    "P": _gray_palette_image,
+}
+
+
+@pytest.mark.parametrize("kind", sorted(GRAY_WITH_EXTRA_BANDS))
+def test_gray_images_with_alpha_or_colour_bands_load_as_one_channel(tmp_path, kind):
+    # Prepare
+    root = _make_tree(tmp_path / "d")
+    make = GRAY_WITH_EXTRA_BANDS[kind]
+    _write(root / "train" / "benign" / "scan.png", make((6, 5), 77))
+
+    # Execute
+    bundle = load_image_folder(root=root)
+
+    # Assert: alpha is dropped, not composited, so the pixel keeps its value
+    assert bundle.in_channels == 1
+    index = 4  # after 00..03.png
+    np.testing.assert_array_equal(bundle.train.images[index], np.float32(77 / 255))
+
+
+def test_rgba_gray_beside_sixteen_bit_gray_stays_one_channel(tmp_path):
+    # Prepare
+    root = _make_tree(tmp_path / "d")
+    _write(root / "val" / "benign" / "a.png", Image.new("RGBA", (6, 5), color=(9, 9, 9, 0)))
+    pixels = np.full((5, 6), 40000, dtype=np.uint16)
+    _write(root / "test" / "malignant" / "xray.png", Image.fromarray(pixels))
+
+    # Execute
+    bundle = load_image_folder(root=root)
+
+    # Assert
+    assert bundle.in_channels == 1
+    assert bundle.val.images[4, 0, 0, 0] == np.float32(9 / 255)  # after 00..03.png
+
+
+def test_colour_rgba_image_makes_all_rgb_with_alpha_dropped(tmp_path):
+    # Prepare
+    root = _make_tree(tmp_path / "d")
+    _write(root / "train" / "benign" / "z.png", Image.new("RGBA", (6, 5), color=(200, 0, 0, 0)))
+
+    # Execute
+    bundle = load_image_folder(root=root)
+
+    # Assert
+    assert bundle.in_channels == 3
+    red = bundle.train.images[4]
+    np.testing.assert_array_equal(red[0], np.float32(200 / 255))
+    assert red[1].max() == 0 and red[2].max() == 0
+
+
 def test_sixteen_bit_images_are_scaled_not_clipped(tmp_path):
     # Prepare
     root = _make_tree(tmp_path / "d")

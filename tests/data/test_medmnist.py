@@ -158,6 +158,19 @@ BAD_ARRAY_CASES = {
         "split `val` is empty",
     ),
     "int32 images": ({"test_images": np.zeros((6, 28, 28), dtype=np.int32)}, "dtype int32"),
+    "val and valid keys": (
+        {"valid_images": np.zeros((4, 28, 28), dtype=np.uint8)},
+        "holds both val_images, val_labels and valid_images; keep one naming",
+    ),
+    "valid images of the wrong shape": (
+        {
+            "val_images": None,
+            "val_labels": None,
+            "valid_images": np.zeros((4, 27, 28), dtype=np.uint8),
+            "valid_labels": np.zeros((4, 1), dtype=np.uint8),
+        },
+        "`valid_images` has shape (4, 27, 28)",
+    ),
     "float images above 1": (
         {"test_images": np.full((6, 28, 28), 3.0, dtype=np.float32)},
         "outside [0, 1]",
@@ -187,6 +200,20 @@ def test_malformed_arrays_give_one_line_data_error_naming_the_file(write_npz, ca
     assert message.startswith(f"{path}: ")
     assert expected in message
     assert "\n" not in message
+
+
+def test_valid_keys_are_read_as_the_validation_split(write_npz, medmnist_arrays):
+    # Prepare
+    arrays = medmnist_arrays()
+    renamed = {k.replace("val_", "valid_"): v for k, v in arrays.items()}
+    plain, valid = write_npz("plain.npz", arrays), write_npz("valid.npz", renamed)
+
+    # Execute
+    expected, bundle = load_medmnist_npz(path=plain), load_medmnist_npz(path=valid)
+
+    # Assert
+    assert bundle.fingerprint == expected.fingerprint
+    assert len(bundle.val) == len(arrays["val_labels"])
 
 
 def test_label_beyond_a_known_sets_classes_is_rejected(write_npz, medmnist_arrays):

@@ -89,8 +89,12 @@ def test_unreadable_input_is_an_audit_error(tmp_path):
     (tmp_path / "privacy.json").write_text(json.dumps({"schema_version": "1.0"}))
     with pytest.raises(AuditError, match="1.0 predates secret noise"):
         audit_run(tmp_path)
-    (tmp_path / "privacy.json").write_text(json.dumps({"schema_version": "2.0"}))
-    with pytest.raises(AuditError, match="missing key 'sha256'"):
+    for readable in ("2.0", "3.0"):  # 3.0 changed only `transfer` counts, which no check reads
+        (tmp_path / "privacy.json").write_text(json.dumps({"schema_version": readable}))
+        with pytest.raises(AuditError, match="missing key 'sha256'"):
+            audit_run(tmp_path)
+    (tmp_path / "privacy.json").write_text(json.dumps({"schema_version": "4.0"}))
+    with pytest.raises(AuditError, match="schema 4.0; this auditor reads 2.x and 3.x"):
         audit_run(tmp_path)
 
 

@@ -93,9 +93,9 @@ def _rms(a: np.ndarray, b: np.ndarray) -> float:
 def _noise_scale(config, fed: Federation) -> float:
     """Rough per-coordinate RMS by which two noise draws move a round's update.
 
-    Each step adds N(0, (sigma*C)^2) to the clipped sum and divides by the expected batch
-    size B (the site's batch), then steps by lr (the site's); momentum m amplifies a step by up to 1/(1-m); two independent
-    draws differ by sqrt(2) of one, and T steps add up as sqrt(T).
+    Each step adds N(0, (sigma*C)^2) to the clipped sum and divides by the site's expected
+    batch size, then steps by the site's lr; momentum m amplifies a step by up to 1/(1-m);
+    two independent draws differ by sqrt(2) of one, and T steps add up as sqrt(T).
     """
     plan = fed.plans[SITE]
     steps = plan.planned_steps

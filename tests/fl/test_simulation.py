@@ -1,5 +1,6 @@
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -32,6 +33,22 @@ def _flat(obj, prefix: str = "") -> dict:
     return {prefix: obj}
 
 
+def test_config_json_names_the_data_a_data_run_loaded(small_config, tmp_path):
+    # Prepare
+    cfg = small_config.replace(rounds=1, local_epochs=1, dp_epsilon=None)
+
+    # Execute
+    out = train(cfg, out_dir=tmp_path / "run", progress=False)
+
+    # Assert: `run` stays the RunConfig as given; `resolved` says what was loaded, and how
+    config = json.loads((out / "config.json").read_text())
+    assert config["schema_version"] == "3.0"
+    assert (config["run"]["dataset"], config["run"]["data"]) == ("synthetic", cfg.data)
+    dataset = config["resolved"]["dataset"]
+    assert dataset["loaded_from"] == {"option": "--data", "path": str(Path(cfg.data).resolve())}
+    assert (dataset["name"], dataset["source"]) == ("tiny", str(Path(cfg.data).resolve()))
+
+
 @pytest.mark.slow
 def test_run_writes_every_artifact_and_epsilon_stays_under_target(small_config, tmp_path):
     out = train(small_config, out_dir=tmp_path / "run", progress=False)
@@ -48,7 +65,7 @@ def test_run_writes_every_artifact_and_epsilon_stays_under_target(small_config, 
         assert (out / name).exists(), name
     privacy = json.loads((out / "privacy.json").read_text())
     metrics = json.loads((out / "metrics.json").read_text())
-    assert privacy["schema_version"] == "2.0"
+    assert privacy["schema_version"] == "3.0"
     assert privacy["sampling"] == "poisson"
     assert privacy["model_changes"], "BatchNorm -> GroupNorm must be reported"
     for c in privacy["clients"]:

@@ -102,6 +102,39 @@ def test_ftl_leaves_frozen_parameters_bit_identical(small_config, pretrained_fil
     assert sent and all(b < 4 * fed.built.num_parameters for b in sent.values())
 
 
+def test_privacy_report_counts_frozen_and_trainable_in_scalars_and_in_tensors(
+    small_config, pretrained_file, tmp_path
+):
+    # Prepare
+    import json
+
+    from securefed.run import train
+
+    cfg = small_config.replace(
+        strategy="ftl",
+        pretrained=str(pretrained_file),
+        public_fraction=0.2,
+        rounds=1,
+        local_epochs=1,
+        dp_epsilon=None,
+    )
+    fed = Federation(cfg)
+    params = dict(fed.global_model.named_parameters())
+    frozen = fed.transfer["frozen"]
+
+    # Execute
+    out = train(cfg, out_dir=tmp_path / "run", progress=False)
+
+    # Assert: "parameters" are scalars (as in num_parameters), "tensors" are arrays
+    privacy = json.loads((out / "privacy.json").read_text())
+    transfer = privacy["transfer"]
+    assert transfer["frozen_tensors"] == len(frozen) > 0
+    assert transfer["trainable_tensors"] == len(params) - len(frozen) > 0
+    assert transfer["frozen_parameters"] == sum(params[n].numel() for n in frozen)
+    total = transfer["frozen_parameters"] + transfer["trainable_parameters"]
+    assert total == privacy["model"]["num_parameters"]
+
+
 def test_ftl_sites_never_hold_a_public_sample(small_config, pretrained_file):
     cfg = small_config.replace(strategy="ftl", pretrained=str(pretrained_file), public_fraction=0.2)
     fed = Federation(cfg)
