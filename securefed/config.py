@@ -508,7 +508,8 @@ class RunConfig:
     freeze: str | None = _setting(
         None,
         shown="none; backbone for ftl",
-        help="none | backbone | comma-separated module prefixes.",
+        help="none | backbone (all but the head) | backbone-except-last (head and last block "
+        "train) | comma-separated module prefixes.",
     )
     public_fraction: float = _setting(
         0.0,

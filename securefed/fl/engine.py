@@ -183,6 +183,7 @@ def apply_transfer(
     head_prefixes: tuple[str, ...],
     bundle: DatasetBundle,
     public_indices: np.ndarray | None,
+    last_block_prefixes: tuple[str, ...] = (),
 ) -> dict[str, Any]:
     """Load pretrained weights and freeze what ``freeze`` names, in every model."""
     from securefed.models.transfer import freeze, load_pretrained
@@ -204,7 +205,12 @@ def apply_transfer(
         info["reinitialised"] = list(loads[0].reinitialised)
     spec = config.effective_freeze
     if spec != "none":
-        frozen = [freeze(m, spec=spec, head_prefixes=head_prefixes) for m in models]
+        frozen = [
+            freeze(
+                m, spec=spec, head_prefixes=head_prefixes, last_block_prefixes=last_block_prefixes
+            )
+            for m in models
+        ]
         info["frozen"] = list(frozen[0])
     n_train = sum(p.numel() for p in models[0].parameters() if p.requires_grad)
     n_all = sum(p.numel() for p in models[0].parameters())
@@ -269,6 +275,7 @@ class RoundEngine:
             self.models,
             config=config,
             head_prefixes=tuple(self.built.head_prefixes),
+            last_block_prefixes=tuple(self.built.last_block_prefixes),
             bundle=bundle,
             public_indices=public_indices,
         )

@@ -15,7 +15,10 @@ from torch import nn
 from securefed.errors import ConfigError, DataError
 from securefed.models.weights import CONVENTIONS, map_keys, read_weight_file
 
-__all__ = ["PretrainedLoad", "freeze", "load_pretrained", "save_weights"]
+__all__ = ["FREEZE_KEYWORDS", "PretrainedLoad", "freeze", "load_pretrained", "save_weights"]
+
+#: The ``--freeze`` keywords; anything else is a list of module prefixes.
+FREEZE_KEYWORDS = ("none", "backbone", "backbone-except-last")
 
 
 def _inner(module: nn.Module) -> nn.Module:
@@ -34,7 +37,19 @@ def _under_any(params: Mapping[str, object], prefix: str) -> bool:
     return any(_under(n, (prefix,)) for n in params)
 
 
-def freeze(module: nn.Module, *, spec: str, head_prefixes: Sequence[str]) -> tuple[str, ...]:
+def _check_prefixes(params: Mapping[str, object], prefixes: Sequence[str], what: str) -> None:
+    for prefix in prefixes:
+        if not _under_any(params, prefix):
+            raise ConfigError(f"{what} {prefix!r} matches no parameter of the model.")
+
+
+def freeze(
+    module: nn.Module,
+    *,
+    spec: str,
+    head_prefixes: Sequence[str],
+    last_block_prefixes: Sequence[str] = (),
+) -> tuple[str, ...]:
     """Freeze part of ``module`` (``requires_grad = False``) for transfer learning.
 
     Call it before ``PrivacyEngine.make_private``: frozen parameters get no per-sample
@@ -43,16 +58,20 @@ def freeze(module: nn.Module, *, spec: str, head_prefixes: Sequence[str]) -> tup
 
     Args:
         module: The model (an Opacus ``GradSampleModule`` is unwrapped).
-        spec: ``"none"``; ``"backbone"`` (every parameter not under a head prefix); or a
+        spec: ``"none"``; ``"backbone"`` (every parameter not under a head prefix);
+            ``"backbone-except-last"`` (every parameter under neither a head prefix nor a
+            last-block prefix: the head and the backbone's last block train); or a
             comma-separated list of module-name prefixes, e.g. ``"features.conv0,features.norm0"``.
         head_prefixes: The model's head (:attr:`securefed.models.BuiltModel.head_prefixes`).
+        last_block_prefixes: The backbone's last block
+            (:attr:`securefed.models.BuiltModel.last_block_prefixes`).
 
     Returns:
         The names of the parameters frozen, sorted.
 
     Raises:
-        ConfigError: ``spec`` is empty, a prefix matches no parameter, or nothing would
-            remain trainable.
+        ConfigError: ``spec`` is empty, a prefix matches no parameter, the model has no last
+            block for ``"backbone-except-last"``, or nothing would remain trainable.
 
     """
     module = _inner(module)
@@ -61,20 +80,27 @@ def freeze(module: nn.Module, *, spec: str, head_prefixes: Sequence[str]) -> tup
     if spec == "none":
         return ()
     if spec == "backbone":
-        for prefix in head_prefixes:
-            if not _under_any(params, prefix):
-                raise ConfigError(f"head prefix {prefix!r} matches no parameter of the model.")
+        _check_prefixes(params, head_prefixes, "head prefix")
         frozen = sorted(n for n in params if not _under(n, head_prefixes))
+    elif spec == "backbone-except-last":
+        if not last_block_prefixes:
+            raise ConfigError(
+                "`freeze` 'backbone-except-last' needs the model's last block, and this model "
+                "registers none (register_model(last_block_prefixes=...)); use 'backbone' or "
+                "module prefixes."
+            )
+        _check_prefixes(params, head_prefixes, "head prefix")
+        _check_prefixes(params, last_block_prefixes, "last-block prefix")
+        keep = (*head_prefixes, *last_block_prefixes)
+        frozen = sorted(n for n in params if not _under(n, keep))
     else:
         prefixes = [p.strip() for p in spec.split(",") if p.strip()]
         if not prefixes:
             raise ConfigError(
-                f"`freeze` must be 'none', 'backbone' or comma-separated module prefixes "
-                f"(got {spec!r})."
+                f"`freeze` must be one of {', '.join(map(repr, FREEZE_KEYWORDS))} or "
+                f"comma-separated module prefixes (got {spec!r})."
             )
-        for prefix in prefixes:
-            if not _under_any(params, prefix):
-                raise ConfigError(f"`freeze` prefix {prefix!r} matches no parameter of the model.")
+        _check_prefixes(params, prefixes, "`freeze` prefix")
         frozen = sorted(n for n in params if _under(n, prefixes))
     frozen_set = set(frozen)
     if not any(p.requires_grad for n, p in params.items() if n not in frozen_set):

@@ -10,8 +10,8 @@ import torch
 from safetensors.torch import save, save_file
 
 from securefed.errors import ConfigError, DataError
-from securefed.models import ModelSpec, build_model
-from securefed.models.transfer import PretrainedLoad, load_pretrained
+from securefed.models import ModelSpec, build_model, register_model
+from securefed.models.transfer import PretrainedLoad, freeze, load_pretrained
 from securefed.models.weights import map_keys, read_weight_file
 from tests.models.foreign_weights import torchvision_densenet121, torchvision_resnet
 
@@ -326,3 +326,86 @@ def test_pretrained_load_validates_the_new_fields():
         PretrainedLoad(**ok, adapted=("b",))
     with pytest.raises(ConfigError, match="`zeroed`"):
         PretrainedLoad(**ok, zeroed=("a",))
+
+
+# --- freeze backbone-except-last ---------------------------------------------------------
+
+
+def _trainable(module):
+    return sorted(n for n, p in module.named_parameters() if p.requires_grad)
+
+
+@pytest.mark.parametrize(
+    "name, kept",
+    [("cnn", ("features.8.", "features.9.", "head.")), ("resnet18", ("layer4.", "fc."))],
+)
+def test_backbone_except_last_trains_exactly_the_head_and_the_last_block(name, kept):
+    built = _built(name)
+    every = [n for n, _ in built.module.named_parameters()]
+
+    frozen = freeze(
+        built.module,
+        spec="backbone-except-last",
+        head_prefixes=built.head_prefixes,
+        last_block_prefixes=built.last_block_prefixes,
+    )
+
+    assert _trainable(built.module) == sorted(n for n in every if n.startswith(kept))
+    assert set(frozen) == set(every) - set(_trainable(built.module))
+    assert any(n.startswith(kept[0]) for n in every) and frozen
+
+
+def test_backbone_except_last_of_a_late_fusion_model_keeps_each_branch_last_block():
+    built = build_model(name="cnn", spec=ModelSpec(in_channels=2, num_classes=3, fusion="late"))
+
+    freeze(
+        built.module,
+        spec="backbone-except-last",
+        head_prefixes=built.head_prefixes,
+        last_block_prefixes=built.last_block_prefixes,
+    )
+
+    assert {n.split(".")[1] for n in _trainable(built.module)} == {"0", "1"}
+    assert all(
+        ".features.8." in n or ".features.9." in n or ".head." in n
+        for n in _trainable(built.module)
+    )
+
+
+def test_a_model_without_a_last_block_refuses_the_keyword():
+    @register_model("test-no-last-block", head_prefixes=("1",))
+    def _factory(spec):
+        return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(16, spec.num_classes))
+
+    built = build_model(name="test-no-last-block", spec=ModelSpec(in_channels=1, num_classes=2))
+
+    with pytest.raises(ConfigError, match="'backbone-except-last' needs the model's last block"):
+        freeze(built.module, spec="backbone-except-last", head_prefixes=built.head_prefixes)
+    assert all(p.requires_grad for p in built.module.parameters())
+
+
+@pytest.mark.parametrize(
+    "name, spec, last",
+    [
+        (
+            "densenet121",
+            ModelSpec(in_channels=1, num_classes=2),
+            ("features.denseblock4", "features.norm5"),
+        ),
+        ("unet", ModelSpec(in_channels=1, num_classes=2, task="segmentation"), ("upcat_1",)),
+        (
+            "vit-unet",
+            ModelSpec(in_channels=1, num_classes=2, task="segmentation", image_shape=(16, 16)),
+            ("decoders.3",),
+        ),
+    ],
+)
+def test_every_builtin_model_registers_a_last_block_that_matches_parameters(
+    name, spec, last, request
+):
+    if name == "densenet121":
+        built = request.getfixturevalue("densenet")
+    else:
+        built = build_model(name=name, spec=spec)
+
+    assert built.last_block_prefixes == last  # build_model checks each matches a parameter
