@@ -202,6 +202,16 @@ def apply_transfer(
             public_indices=public_indices,
         )
         info["pretrained"]["path"] = str(config.pretrained)
+        # How the file's keys became the model's (securefed.models.weights): the naming
+        # convention, and what was dropped, adapted or zero-filled on the way.
+        info["pretrained"].update(
+            convention=loads[0].convention,
+            file_format=loads[0].file_format,
+            renamed_keys=len(loads[0].renamed),
+            dropped=list(loads[0].dropped),
+            adapted=list(loads[0].adapted),
+            zeroed=list(loads[0].zeroed),
+        )
         info["reinitialised"] = list(loads[0].reinitialised)
     spec = config.effective_freeze
     if spec != "none":
