@@ -308,7 +308,8 @@ class RunConfig:
         server_lr: Server learning rate (``None``: 1.0 for none/avgm, 0.01 for adam).
         server_momentum: FedAvgM momentum, FedAdam beta1.
         pretrained: safetensors weights to start from (required by ``ftl``).
-        freeze: What to freeze: ``none``, ``backbone`` or comma-separated module prefixes
+        freeze: What to freeze: ``none``, ``backbone``, ``backbone-except-last`` (all but
+            the head and the model's last block) or comma-separated module prefixes
             (``None``: ``backbone`` for ftl, ``none`` otherwise).
         public_fraction: Share of the training split declared public (for pretraining)
             and kept away from the sites; 0 keeps every sample private.
@@ -545,7 +546,8 @@ class RunConfig:
     freeze: str | None = _setting(
         None,
         shown="none; backbone for ftl",
-        help="none | backbone | comma-separated module prefixes.",
+        help="none | backbone (all but the head) | backbone-except-last (head and last block "
+        "train) | comma-separated module prefixes.",
     )
     public_fraction: float = _setting(
         0.0,

@@ -139,3 +139,39 @@ def test_report_command_renders_a_run(tmp_path):
     page = (run / "report.html").read_text()
     assert "data:image/png;base64," in page and "<table>" in page
     _assert_one_line_error(securefed("report", tmp_path / "nothing"), "no such folder")
+
+
+@pytest.mark.slow
+def test_ftl_from_a_torchvision_resnet18_checkpoint_records_the_convention(tmp_path):
+    # Prepare: a torchvision-named RGB ResNet-18 (random values, real names and shapes), as a
+    # user would download it; securefed itself downloads nothing.
+    import torch
+
+    from tests.models.foreign_weights import torchvision_resnet
+
+    weights = tmp_path / "tv_resnet18.pth"
+    torch.save(torchvision_resnet(), weights)
+    run = tmp_path / "run"
+
+    # Execute: one round on 32x32 synthetic data; ftl freezes all but the head by default
+    proc = securefed(
+        "train", "--dataset", "synthetic", "--data-option", "n_train=48",
+        "--data-option", "n_val=16", "--data-option", "n_test=16",
+        "--data-option", "image_size=32", "--clients", "2", "--model", "resnet18",
+        "--strategy", "ftl", "--pretrained", weights, "--dp-epsilon", "8",
+        "--rounds", "1", "--local-epochs", "1", "--batch-size", "16", "--accountant", "pld",
+        "--device", "cpu", "--quiet", "--out", run,
+    )  # fmt: skip
+
+    # Assert
+    assert proc.returncode == 0, proc.stderr
+    pretrained = json.loads((run / "privacy.json").read_text())["transfer"]["pretrained"]
+    assert pretrained["convention"] == "torchvision/timm"
+    assert pretrained["file_format"] == "torch"
+    assert pretrained["adapted"] == ["conv1.weight"]
+    assert "layer4.1.bn2.running_var" in pretrained["dropped"]
+    assert pretrained["verified_disjoint"] is False  # no securefed provenance in the file
+    assert (
+        "torchvision/timm names mapped, 60 BatchNorm statistics dropped"
+        in (run / "summary.md").read_text()
+    )

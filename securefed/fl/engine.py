@@ -183,6 +183,7 @@ def apply_transfer(
     head_prefixes: tuple[str, ...],
     bundle: DatasetBundle,
     public_indices: np.ndarray | None,
+    last_block_prefixes: tuple[str, ...] = (),
 ) -> dict[str, Any]:
     """Load pretrained weights and freeze what ``freeze`` names, in every model."""
     from securefed.models.transfer import freeze, load_pretrained
@@ -201,10 +202,25 @@ def apply_transfer(
             public_indices=public_indices,
         )
         info["pretrained"]["path"] = str(config.pretrained)
+        # How the file's keys became the model's (securefed.models.weights): the naming
+        # convention, and what was dropped, adapted or zero-filled on the way.
+        info["pretrained"].update(
+            convention=loads[0].convention,
+            file_format=loads[0].file_format,
+            renamed_keys=len(loads[0].renamed),
+            dropped=list(loads[0].dropped),
+            adapted=list(loads[0].adapted),
+            zeroed=list(loads[0].zeroed),
+        )
         info["reinitialised"] = list(loads[0].reinitialised)
     spec = config.effective_freeze
     if spec != "none":
-        frozen = [freeze(m, spec=spec, head_prefixes=head_prefixes) for m in models]
+        frozen = [
+            freeze(
+                m, spec=spec, head_prefixes=head_prefixes, last_block_prefixes=last_block_prefixes
+            )
+            for m in models
+        ]
         info["frozen"] = list(frozen[0])
     # Scalars and tensors are counted apart: "parameters" always means scalars (numel), as
     # in num_parameters, and "tensors" the weight and bias arrays that hold them.
@@ -282,6 +298,7 @@ class RoundEngine:
             self.models,
             config=config,
             head_prefixes=tuple(self.built.head_prefixes),
+            last_block_prefixes=tuple(self.built.last_block_prefixes),
             bundle=bundle,
             public_indices=public_indices,
         )

@@ -392,7 +392,12 @@ class SiteRuntime:
             raise ProtocolError(f"the global weights do not fit the model ({first})") from exc
         spec = self.config.effective_freeze
         if spec != "none":
-            freeze(model, spec=spec, head_prefixes=self._built.head_prefixes)
+            freeze(
+                model,
+                spec=spec,
+                head_prefixes=self._built.head_prefixes,
+                last_block_prefixes=self._built.last_block_prefixes,
+            )
         trainable = [n for n, p in model.named_parameters() if p.requires_grad]
         layout = ParamLayout(model.state_dict(), keys=trainable if spec != "none" else None)
         if list(layout.keys) != list(layout_keys):

@@ -103,6 +103,9 @@ class BuiltModel:
             (final classifier or final 1x1 conv; for late fusion, every branch's). Everything
             else is the backbone, for :func:`securefed.models.transfer.freeze` and
             :func:`securefed.models.transfer.load_pretrained`.
+        last_block_prefixes: Module-name prefixes of the backbone's last block (for late
+            fusion, every branch's), which ``--freeze backbone-except-last`` leaves trainable
+            with the head; empty when the model registers none.
 
     """
 
@@ -110,6 +113,7 @@ class BuiltModel:
     changes: tuple[str, ...]
     num_parameters: int
     head_prefixes: tuple[str, ...] = ()
+    last_block_prefixes: tuple[str, ...] = ()
     name: str = ""
 
 
@@ -118,6 +122,7 @@ class _Entry:
     factory: Callable[[ModelSpec], nn.Module]
     tasks: tuple[str, ...]
     head_prefixes: tuple[str, ...]
+    last_block_prefixes: tuple[str, ...] = ()
 
 
 _REGISTRY: dict[str, _Entry] = {}
@@ -128,6 +133,7 @@ def register_model(
     *,
     tasks: Iterable[str] = ("classification",),
     head_prefixes: Iterable[str] = (),
+    last_block_prefixes: Iterable[str] = (),
 ) -> Callable:
     """Register a factory ``f(spec) -> nn.Module`` under ``name`` (a decorator).
 
@@ -147,6 +153,9 @@ def register_model(
         name: The ``--model`` name.
         tasks: Tasks the factory supports (a subset of :data:`TASKS`).
         head_prefixes: Module-name prefixes of the task head in the factory's module.
+        last_block_prefixes: Module-name prefixes (after Opacus' fix) of the backbone's last
+            block, the part nearest the head; optional, needed by ``--freeze
+            backbone-except-last``.
 
     Raises:
         ConfigError: ``tasks`` is empty or names an unknown task.
@@ -156,9 +165,12 @@ def register_model(
     if not tasks or any(t not in TASKS for t in tasks):
         raise ConfigError(f"`tasks` of model {name!r} must be a non-empty subset of {TASKS}.")
     head = tuple(head_prefixes)
+    last = tuple(last_block_prefixes)
 
     def deco(fn: Callable[[ModelSpec], nn.Module]) -> Callable[[ModelSpec], nn.Module]:
-        _REGISTRY[name] = _Entry(factory=fn, tasks=tasks, head_prefixes=head)
+        _REGISTRY[name] = _Entry(
+            factory=fn, tasks=tasks, head_prefixes=head, last_block_prefixes=last
+        )
         return fn
 
     return deco
@@ -189,7 +201,9 @@ def _check_min_side(name: str, spec: ModelSpec, minimum: int) -> None:
         )
 
 
-@register_model("cnn", head_prefixes=("head",))
+# The last conv block: features.8 (conv) and features.9 (its norm); features.10+ hold no
+# parameters (tanh, pooling, flatten).
+@register_model("cnn", head_prefixes=("head",), last_block_prefixes=("features.8", "features.9"))
 def _cnn(spec: ModelSpec) -> nn.Module:
     from securefed.models.cnn import SmallCNN
 
@@ -200,7 +214,7 @@ def _cnn(spec: ModelSpec) -> nn.Module:
     )
 
 
-@register_model("resnet-small", head_prefixes=("head",))
+@register_model("resnet-small", head_prefixes=("head",), last_block_prefixes=("stages.3",))
 def _resnet_small(spec: ModelSpec) -> nn.Module:
     from securefed.models.resnet_small import SmallResNet
 
@@ -227,7 +241,12 @@ def auto_model(spec: ModelSpec) -> str:
     return "resnet-small"
 
 
-@register_model("densenet121", head_prefixes=("class_layers.out",))
+# The last dense block and the norm after it (a GroupNorm once Opacus has fixed the model).
+@register_model(
+    "densenet121",
+    head_prefixes=("class_layers.out",),
+    last_block_prefixes=("features.denseblock4", "features.norm5"),
+)
 def _densenet121(spec: ModelSpec) -> nn.Module:
     from monai.networks.nets import DenseNet121
 
@@ -241,7 +260,7 @@ def _densenet121(spec: ModelSpec) -> nn.Module:
     )
 
 
-@register_model("resnet18", head_prefixes=("fc",))
+@register_model("resnet18", head_prefixes=("fc",), last_block_prefixes=("layer4",))
 def _resnet18(spec: ModelSpec) -> nn.Module:
     from monai.networks.nets import resnet18
 
@@ -252,7 +271,13 @@ def _resnet18(spec: ModelSpec) -> nn.Module:
     )
 
 
-@register_model("unet", tasks=("segmentation",), head_prefixes=("final_conv",))
+# The decoder's last (full-resolution) stage, whose output the 1x1 head reads.
+@register_model(
+    "unet",
+    tasks=("segmentation",),
+    head_prefixes=("final_conv",),
+    last_block_prefixes=("upcat_1",),
+)
 def _unet(spec: ModelSpec) -> nn.Module:
     from monai.networks.nets import BasicUNet
 
@@ -273,7 +298,13 @@ def _unet(spec: ModelSpec) -> nn.Module:
     )
 
 
-@register_model("vit-unet", tasks=("segmentation",), head_prefixes=("head",))
+# The decoder's last (full-resolution) stage; its upsampling holds no parameters.
+@register_model(
+    "vit-unet",
+    tasks=("segmentation",),
+    head_prefixes=("head",),
+    last_block_prefixes=("decoders.3",),
+)
 def _vit_unet(spec: ModelSpec) -> nn.Module:
     from securefed.models.vit_unet import ViTUNet
 
@@ -371,9 +402,13 @@ def build_model(*, name: str, spec: ModelSpec) -> BuiltModel:
         head = tuple(
             f"branches.{i}.{p}" for i in range(spec.in_channels) for p in entry.head_prefixes
         )
+        last = tuple(
+            f"branches.{i}.{p}" for i in range(spec.in_channels) for p in entry.last_block_prefixes
+        )
     else:
         module = make(spec)
         head = entry.head_prefixes
+        last = entry.last_block_prefixes
     if any(isinstance(p, nn.parameter.UninitializedParameter) for p in module.parameters()):
         raise ConfigError(
             f"--model {name!r}: the model has lazy (uninitialized) parameters; size its layers "
@@ -393,7 +428,15 @@ def build_model(*, name: str, spec: ModelSpec) -> BuiltModel:
     for prefix in head:
         if not any(_under(n, prefix) for n in names):
             raise ConfigError(f"model {name!r}: head prefix {prefix!r} matches no parameter")
+    for prefix in last:
+        if not any(_under(n, prefix) for n in names):
+            raise ConfigError(f"model {name!r}: last-block prefix {prefix!r} matches no parameter")
     n_params = sum(p.numel() for p in fixed.parameters() if p.requires_grad)
     return BuiltModel(
-        module=fixed, changes=changes, num_parameters=n_params, head_prefixes=head, name=name
+        module=fixed,
+        changes=changes,
+        num_parameters=n_params,
+        head_prefixes=head,
+        last_block_prefixes=last,
+        name=name,
     )

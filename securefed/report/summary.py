@@ -240,6 +240,12 @@ def _strategy_line(privacy: dict[str, Any]) -> str:
     pre = (privacy.get("transfer") or {}).get("pretrained")
     if pre:
         text += f"; pretrained on {pre.get('source')} (no privacy cost)"
+        # Reports from before issue 16 have no convention: their files were securefed's own.
+        if pre.get("convention", "securefed") != "securefed":
+            text += (
+                f", {pre['convention']} names mapped, {len(pre.get('dropped', []))} BatchNorm "
+                "statistics dropped"
+            )
     if st.get("freeze", "none") != "none":
         text += f"; frozen: {st['freeze']}"
     if st.get("personalize_epochs"):

@@ -147,6 +147,26 @@ def test_ftl_sites_never_hold_a_public_sample(small_config, pretrained_file):
     assert fed.transfer["pretrained"]["verified_disjoint"] is True
 
 
+def test_ftl_backbone_except_last_aggregates_the_head_and_the_last_block(
+    small_config, pretrained_file
+):
+    cfg = small_config.replace(
+        strategy="ftl",
+        pretrained=str(pretrained_file),
+        public_fraction=0.2,
+        freeze="backbone-except-last",
+    )
+
+    fed = Federation(cfg)
+
+    # cnn's last block is its last conv (features.8) and norm (features.9)
+    expected = [
+        f"{m}.{w}" for m in ("features.8", "features.9", "head") for w in ("weight", "bias")
+    ]
+    assert sorted(fed.layout.keys) == sorted(expected)
+    assert fed.transfer["freeze"] == "backbone-except-last"
+
+
 def test_ftl_refuses_weights_pretrained_on_the_sites_private_data(small_config, pretrained_file):
     base = small_config.replace(strategy="ftl", pretrained=str(pretrained_file))
     with pytest.raises(ConfigError, match="--public-fraction 0.2"):
