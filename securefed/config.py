@@ -47,8 +47,12 @@ FUSIONS = ("early", "late")
 # Defaults fixed in advance, never tuned on a site's data (docs/defaults.md explains each).
 #: DP-SGD: learning rate for a clipped (C = 1), noised mean gradient, and its momentum.
 DP_LR, DP_MOMENTUM, DP_CLIP = 2.0, 0.5, 1.0
-#: Plain SGD: 0.1 per 256 records (Goyal et al. 2017) with momentum 0.9, no clipping.
-PLAIN_LR, PLAIN_MOMENTUM = 0.1, 0.9
+#: DP-SGD's largest batch: each step's noise on the mean gradient falls as 1/B, so DP-SGD
+#: wants large batches (De et al. 2022; Ponomareva et al. 2023, "How to DP-fy ML").
+DP_BATCH = 256
+#: Plain SGD: a conventional minibatch of 64, lr 0.1 per 256 records (Goyal et al. 2017),
+#: momentum 0.9, no clipping.
+PLAIN_BATCH, PLAIN_LR, PLAIN_MOMENTUM = 64, 0.1, 0.9
 #: Fewest steps per local epoch: below it a site gets no subsampling (q = 1) and too few
 #: updates per round; smaller sites use smaller batches instead.
 MIN_STEPS = 4
@@ -372,8 +376,9 @@ class RunConfig:
     )
     rounds: int = _setting(10, help="Federated rounds.")
     local_epochs: int = _setting(2, help="Local epochs per round.")
-    batch_size: int = _setting(
-        256,
+    batch_size: int | None = _setting(
+        None,
+        shown="256 with DP; 64 without",
         help="Largest expected batch B; each site takes max(ceil(n/B), min-steps) steps an "
         "epoch (DP: Poisson sampling rate 1/steps), so a small site uses smaller batches.",
     )
@@ -602,13 +607,17 @@ class RunConfig:
             "clients",
             "rounds",
             "local_epochs",
-            "batch_size",
             "min_steps",
             "conv_patience",
             "clusters",
         ):
             value = getattr(self, name)
             _check(value >= 1, f"{_n(name)} must be at least 1 (got {value}).")
+        if self.batch_size is not None:
+            _check(
+                self.batch_size >= 1,
+                f"{_n('batch_size')} must be at least 1 (got {self.batch_size}).",
+            )
         for name in ("seed", "public_seed", "personalize"):
             value = getattr(self, name)
             _check(value >= 0, f"{_n(name)} must be 0 or more (got {value}).")
@@ -870,7 +879,7 @@ class RunConfig:
 
     @property
     def effective_lr(self) -> float:
-        """Learning rate for a full batch of ``batch_size``: 2.0 with DP, 0.1 x B/256 without.
+        """Learning rate for a full batch of B: 2.0 with DP, 0.1 x B/256 without.
 
         The DP default is for DP-SGD's clipped (norm <= 1) and noised mean gradient; the
         non-private one is the linear-scaling rule of Goyal et al. (2017), 0.1 per 256 records,
@@ -879,7 +888,14 @@ class RunConfig:
         """
         if self.lr is not None:
             return float(self.lr)
-        return DP_LR if self.dp_enabled else PLAIN_LR * self.batch_size / 256
+        return DP_LR if self.dp_enabled else PLAIN_LR * self.effective_batch_size / 256
+
+    @property
+    def effective_batch_size(self) -> int:
+        """Largest expected batch B: 256 with DP, 64 without, unless set."""
+        if self.batch_size is not None:
+            return int(self.batch_size)
+        return DP_BATCH if self.dp_enabled else PLAIN_BATCH
 
     @property
     def effective_momentum(self) -> float:

@@ -94,7 +94,7 @@ def test_train_shows_the_run_config_defaults():
         "--clients": d.clients,
         "--rounds": d.rounds,
         "--local-epochs": d.local_epochs,
-        "--batch-size": d.batch_size,
+        "--batch-size": "256 with DP; 64 without",
         "--min-steps": d.min_steps,
         "--lr": "2.0 with DP; 0.1 x B/256 without",
         "--dp-epsilon": d.dp_epsilon,

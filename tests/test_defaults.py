@@ -48,8 +48,10 @@ def test_unset_training_flags_follow_dp_or_not():
     plain = RunConfig(dp_epsilon=None)
     # No clipping by default: the baseline a user would run without securefed.
     assert plain.effective_max_grad_norm is None
-    assert (plain.effective_lr, plain.effective_momentum) == (0.1, 0.9)
-    assert RunConfig(dp_epsilon=None, batch_size=64).effective_lr == pytest.approx(0.025)
+    # A conventional minibatch of 64 at 0.1 per 256 records; DP-SGD's large batch of 256.
+    assert plain.effective_batch_size == 64 and dp.effective_batch_size == 256
+    assert (plain.effective_lr, plain.effective_momentum) == (pytest.approx(0.025), 0.9)
+    assert RunConfig(dp_epsilon=None, batch_size=256).effective_lr == pytest.approx(0.1)
     given = RunConfig(dp_epsilon=None, lr=0.3, momentum=0.0, max_grad_norm=2.0)
     assert (given.effective_lr, given.effective_momentum, given.effective_max_grad_norm) == (
         0.3,
@@ -163,9 +165,9 @@ def test_cli_run_records_what_the_defaults_resolved_to(tmp_path):
     assert config["run"]["model"] == "auto" and config["run"]["lr"] is None
     assert config["resolved"]["model"]["name"] == "cnn"  # 28 px
     assert config["resolved"]["training"] == {
-        "batch_size": 256,
+        "batch_size": 64,
         "min_steps": 4,
-        "lr": pytest.approx(0.1),
+        "lr": pytest.approx(0.025),
         "momentum": 0.9,
         "max_grad_norm": None,
     }

@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from securefed.config import DP_CLIP, planned_epochs
+from securefed.config import DP_BATCH, DP_CLIP, planned_epochs
 from securefed.dp import calibration
 from securefed.dp.report import read_json, report_hash
 from securefed.dp.signing import claim_from_report, run_digest, verify_claim
@@ -264,7 +264,13 @@ def _check_binding(result: AuditResult, privacy: dict, run: dict) -> None:
         ("target epsilon", privacy.get("target_epsilon"), run.get("dp_epsilon")),
         ("rounds", privacy.get("rounds"), run.get("rounds")),
         ("local epochs", privacy.get("local_epochs"), run.get("local_epochs")),
-        ("batch size", privacy.get("batch_size"), run.get("batch_size")),
+        # An unset batch is DP-SGD's default B (securefed.config.DP_BATCH); the audit reads
+        # only DP runs.
+        (
+            "batch size",
+            privacy.get("batch_size"),
+            DP_BATCH if run.get("batch_size") is None else run.get("batch_size"),
+        ),
         ("accountant", privacy.get("accountant"), run.get("accountant")),
     ]
     for name, got, want in pairs:

@@ -139,10 +139,10 @@ def plan_site_privacy(config: RunConfig, *, num_samples: int) -> DPPlan:
     """
     delta = site_delta(num_samples=num_samples, run_delta=config.dp_delta)
     q = sample_rate(
-        num_samples=num_samples, batch_size=config.batch_size, min_steps=config.min_steps
+        num_samples=num_samples, batch_size=config.effective_batch_size, min_steps=config.min_steps
     )
     spe = steps_per_epoch(
-        num_samples=num_samples, batch_size=config.batch_size, min_steps=config.min_steps
+        num_samples=num_samples, batch_size=config.effective_batch_size, min_steps=config.min_steps
     )
     steps = config.planned_epochs * spe
     sigma = calibrate_noise(

@@ -191,7 +191,7 @@ class Federation(RoundEngine):
         return memory_warning(
             self.models[0],
             sample_shape=tuple(self.bundle.train.images.shape[1:]),
-            batch_size=min(self.config.batch_size, largest),
+            batch_size=min(self.config.effective_batch_size, largest),
             max_physical_batch_size=self.config.max_physical_batch_size,
             device=self.device,
         )

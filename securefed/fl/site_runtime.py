@@ -218,7 +218,7 @@ class SiteRuntime:
             ),
             plan=self.plan,
             ledger=self.ledger,
-            batch_size=config.batch_size,
+            batch_size=config.effective_batch_size,
             min_steps=config.min_steps,
             lr=config.effective_lr,
             momentum=config.effective_momentum,
@@ -291,7 +291,7 @@ class SiteRuntime:
         out = []
         if spe == 1:
             out.append(
-                f"warning: {who}: one step per epoch with --batch-size {cfg.batch_size} "
+                f"warning: {who}: one step per epoch with --batch-size {cfg.effective_batch_size} "
                 f"(q = 1: no subsampling"
                 + (", so DP-SGD gets no privacy amplification" if cfg.dp_enabled else "")
                 + f"); raise --min-steps (now {cfg.min_steps}) or lower --batch-size."

@@ -66,7 +66,7 @@ def _config_json(fed: RoundEngine) -> dict[str, Any]:
             # What unset flags resolved to (securefed.config's effective_* rules); a site's
             # own batch and lr follow from these and its size (docs/defaults.md).
             "training": {
-                "batch_size": cfg.batch_size,
+                "batch_size": cfg.effective_batch_size,
                 "min_steps": cfg.min_steps,
                 "lr": cfg.effective_lr,
                 "momentum": cfg.effective_momentum,
@@ -192,7 +192,7 @@ def _privacy_json(fed: RoundEngine) -> dict[str, Any]:
         "disclosures": _disclosures(fed),
         "rounds": cfg.rounds,
         "local_epochs": cfg.local_epochs,
-        "batch_size": cfg.batch_size,
+        "batch_size": cfg.effective_batch_size,
         "clients": clients,
         "events": [e.to_dict() for e in fed.ledger.events],
         "secure_aggregation": cfg.secure_agg,
