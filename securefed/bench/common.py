@@ -245,7 +245,7 @@ def pretrained_weights(
     dataset: str,
     data_dir: str | None,
     base: dict[str, Any],
-    epochs: int,
+    epochs: int | None,
     progress: bool,
 ) -> Path:
     """FTL's starting point for a suite: pretrained once on the declared-public share.

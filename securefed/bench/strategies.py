@@ -43,6 +43,8 @@ ARMS: dict[str, dict[str, Any]] = {
     "cfl": {"strategy": "cfl", "clusters": 2},
     "ftl": {"strategy": "ftl", "freeze": "backbone"},
     "ftl-all": {"strategy": "ftl", "freeze": "none"},
+    # The head and the last block: the pretrained early features stay, the last adapts.
+    "ftl-last": {"strategy": "ftl", "freeze": "backbone-except-last"},
 }
 
 REQUIRED_COLUMNS = (
@@ -72,7 +74,7 @@ class ComparisonGrid:
         seeds: Run seeds (the public split and the pretrained model stay fixed).
         base: Settings shared by every arm (sites, partition, rounds, ...).
         target_accuracy: "Rounds to target" counts rounds until this accuracy is reached.
-        pretrain_epochs: Epochs of pretraining on the public share.
+        pretrain_epochs: Epochs of pretraining on the public share (``None``: pretrain's default).
         conv_acc_tol, conv_loss_tol, conv_patience, conv_window: Convergence, recomputed
             from each run's curves by a run's rule
             (:func:`securefed.metrics.detect_convergence`), so every arm is judged alike;
@@ -87,7 +89,7 @@ class ComparisonGrid:
     seeds: tuple[int, ...] = (0,)
     base: dict[str, Any] = field(default_factory=non_iid_sites)
     target_accuracy: float = 0.80
-    pretrain_epochs: int = 10
+    pretrain_epochs: int | None = 10
     conv_acc_tol: float = CONV_ACC_TOL
     conv_loss_tol: float = CONV_LOSS_TOL
     conv_patience: int = CONV_PATIENCE

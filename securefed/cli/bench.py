@@ -183,7 +183,8 @@ def bench_seeds(out, quick, seeds, device, data_dir, dataset):
     "--arms",
     default="fl,cfl,ftl",
     show_default=True,
-    help="Comma-separated: fl, fedprox, cfl, ftl (frozen backbone), ftl-all (fine-tune all).",
+    help="Comma-separated: fl, fedprox, cfl, ftl (frozen backbone), ftl-last (head and last "
+    "block), ftl-all (fine-tune all).",
 )
 @option("--epsilons", default="8,inf", show_default=True, help="Comma-separated ε; inf = no DP.")
 @option("--rounds", type=int, default=None, help="Rounds per run [default: 10; quick 4].")

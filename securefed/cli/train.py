@@ -194,7 +194,13 @@ def run_line(run_dir: Path) -> str:
     "for a data set no site holds).",
 )
 @option("--public-seed", type=int, default=0, show_default=True, help="Public split seed.")
-@option("--epochs", type=int, default=10, show_default=True, help="Training epochs.")
+@option(
+    "--epochs",
+    type=int,
+    default=None,
+    show_default="enough for about 1,000 steps, 10 to 200",
+    help="Training epochs (lr follows a cosine schedule to 0 over them).",
+)
 @option("--batch-size", type=int, default=64, show_default=True, help="Batch size.")
 @option("--lr", type=float, default=0.05, show_default=True, help="SGD learning rate.")
 @option("--seed", type=int, default=0, show_default=True, help="Init and shuffle seed.")

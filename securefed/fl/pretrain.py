@@ -10,6 +10,7 @@ its sites hold as private.
 from __future__ import annotations
 
 import datetime as _dt
+import math
 import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -41,6 +42,19 @@ PRETRAIN_SCHEMA_VERSION = "2.0"
 #: Balanced accuracy within this of 1/K counts as chance: a few held-out samples more or
 #: less right is noise, not a backbone worth transferring.
 CHANCE_MARGIN = 0.02
+#: Optimizer steps an unset ``epochs`` aims for: public data cost no privacy, so pretraining
+#: runs long enough to converge on small public sets (10 epochs of 500 images are 80 steps).
+PRETRAIN_STEPS = 1000
+#: Bounds on the epochs that rule picks.
+MIN_PRETRAIN_EPOCHS, MAX_PRETRAIN_EPOCHS = 10, 200
+
+
+def default_epochs(*, num_samples: int, batch_size: int) -> int:
+    """Epochs for about :data:`PRETRAIN_STEPS` optimizer steps, within [10, 200]."""
+    steps = max(1, math.ceil(num_samples / batch_size))
+    return min(MAX_PRETRAIN_EPOCHS, max(MIN_PRETRAIN_EPOCHS, math.ceil(PRETRAIN_STEPS / steps)))
+
+
 #: Held-out loss rising this many epochs in a row is read as overfitting, not noise.
 RISING_EPOCHS = 3
 
@@ -125,7 +139,7 @@ def pretrain(
     model: str = "auto",
     public_fraction: float = 0.0,
     public_seed: int = 0,
-    epochs: int = 10,
+    epochs: int | None = None,
     batch_size: int = 64,
     lr: float = 0.05,
     momentum: float = 0.9,
@@ -148,7 +162,9 @@ def pretrain(
             in (0, 1) uses only that declared-public share of it (the sites later train on
             the rest with ``--public-fraction`` and the same ``public_seed``).
         public_seed: Seed of the public/private split.
-        epochs: Passes over the public data.
+        epochs: Passes over the public data (``None``: :func:`default_epochs`, about 1,000
+            steps). The learning rate follows a cosine schedule to 0 over them, so the last
+            epochs settle the weights rather than bounce around.
         batch_size: Mini-batch size.
         lr: SGD learning rate.
         momentum: SGD momentum.
@@ -170,7 +186,7 @@ def pretrain(
     from securefed.models import ModelSpec, build_model
     from securefed.models.transfer import save_weights
 
-    if epochs < 1 or batch_size < 1 or lr <= 0:
+    if (epochs is not None and epochs < 1) or batch_size < 1 or lr <= 0:
         raise ConfigError("`epochs` and `batch_size` must be >= 1 and `lr` positive")
     out = Path(out)
     if (out / "model.safetensors").exists():
@@ -183,6 +199,8 @@ def pretrain(
     else:
         public = np.arange(len(bundle.train), dtype=np.int64)
     source = bundle.train.subset(indices=public)
+    if epochs is None:
+        epochs = default_epochs(num_samples=len(source), batch_size=batch_size)
     task_name = getattr(bundle, "task", "classification")
     task = build_task(
         name=task_name,
@@ -207,6 +225,7 @@ def pretrain(
     gen = torch.Generator().manual_seed(seed_for(seed, 0x9E8))
     loader = DataLoader(source.to_torch(), batch_size=batch_size, shuffle=True, generator=gen)
     opt = torch.optim.SGD(net.parameters(), lr=lr, momentum=momentum)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs * len(loader))
     history: list[dict[str, Any]] = []
     k = bundle.num_classes
     for epoch in tqdm(range(1, epochs + 1), desc="pretrain", disable=not progress, file=sys.stderr):
@@ -215,6 +234,7 @@ def pretrain(
             opt.zero_grad(set_to_none=True)
             task.loss_fn(net(x.to(dev)), y.to(dev)).backward()
             opt.step()
+            schedule.step()
         # Per epoch on val only: the test split is scored once, after training, so that no
         # figure from it can have steered the run.
         history.append({"epoch": epoch, **_heldout(task, net, bundle.val, num_classes=k, dev=dev)})

@@ -303,7 +303,8 @@ def write_summary(
         f"- model: `{privacy['model']['name']}` ({privacy['model']['num_parameters']:,} "
         "parameters)",
         f"- rounds: {run['rounds']} × {run['local_epochs']} local epoch(s), "
-        f"batch ≤ {training.get('batch_size', run['batch_size'])} (≥ {training.get('min_steps', 1)} steps an epoch), "
+        f"batch ≤ {training.get('batch_size', run['batch_size'])} "
+        f"(≥ {training.get('min_steps', 1)} steps an epoch), "
         f"lr {training.get('lr', run['lr'])}, momentum {training.get('momentum', run['momentum'])}"
         + (", no clipping" if training and training.get("max_grad_norm") is None else ""),
         f"- secure aggregation: `{privacy['secure_aggregation']}`",

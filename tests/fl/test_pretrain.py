@@ -93,3 +93,12 @@ def test_overfitting_is_a_rise_in_each_of_the_last_epochs(losses, fires):
     assert (warning is not None) == fires
     if fires:
         assert f"rose in each of the last {RISING_EPOCHS} epochs" in warning
+
+
+def test_unset_epochs_aim_for_about_a_thousand_steps():
+    from securefed.fl.pretrain import default_epochs
+
+    # 514 public images in batches of 64: 9 steps an epoch, so 112 epochs.
+    assert default_epochs(num_samples=514, batch_size=64) == 112
+    assert default_epochs(num_samples=100_000, batch_size=64) == 10  # at least 10
+    assert default_epochs(num_samples=10, batch_size=64) == 200  # at most 200
