@@ -25,7 +25,8 @@ from tests.conftest import tiny_config, write_small_npz
         (203, 256, 4, 4, 51),
         (51, 256, 1, 1, 51),  # the old rule: one full-batch step (q = 1)
         (5000, 256, 4, 20, 250),  # a large site keeps its ceil(n/B) steps
-        (3, 256, 4, 3, 1),  # never more steps than records
+        # Not capped at n: q = 1/n would publish a tiny site's exact size.
+        (3, 256, 4, 4, 1),
     ],
 )
 def test_small_sites_take_at_least_min_steps(n, batch, min_steps, steps, site_b):
@@ -35,11 +36,36 @@ def test_small_sites_take_at_least_min_steps(n, batch, min_steps, steps, site_b)
     assert site_batch(num_samples=n, batch_size=batch, min_steps=min_steps) == site_b
 
 
-def test_site_lr_scales_linearly_below_the_full_batch():
+def test_site_lr_scales_only_where_min_steps_set_the_steps():
     assert site_lr(lr=2.0, num_samples=5000, batch_size=256, min_steps=4) == 2.0
-    assert site_lr(lr=2.0, num_samples=512, batch_size=256, min_steps=4) == pytest.approx(
-        2.0 * 512 / 1024
+    # 3 steps by ceil(n/B) raised to 4: batches of 128, lr scaled to 128/256.
+    assert site_lr(lr=2.0, num_samples=512, batch_size=256, min_steps=4) == pytest.approx(1.0)
+    # ceil(900/256) = 4 already: min_steps changed nothing, so neither does the lr.
+    assert site_lr(lr=2.0, num_samples=900, batch_size=256, min_steps=4) == 2.0
+    # The rule before min_steps: one step of 51, at the full lr (recorded runs replay).
+    assert site_lr(lr=2.0, num_samples=51, batch_size=256, min_steps=1) == 2.0
+
+
+@pytest.mark.parametrize(
+    ("n", "min_steps", "batches"), [(9, 4, 4), (6, 4, 4), (45, 10, 10), (3, 4, 3)]
+)
+def test_non_private_sites_take_the_promised_steps(n, min_steps, batches):
+    x = torch.randn(n, 4)
+    data = torch.utils.data.TensorDataset(x, torch.zeros(n, dtype=torch.long))
+    trainer = SiteTrainer(
+        client_id=0,
+        dataset=data,
+        plan=None,
+        ledger=PrivacyLedger(),
+        batch_size=64,
+        lr=0.1,
+        momentum=0.0,
+        device=torch.device("cpu"),
+        min_steps=min_steps,
     )
+    loader = trainer._plain_loader(torch.Generator().manual_seed(0))
+    seen = [len(y) for _, y in loader]
+    assert len(seen) == batches and sum(seen) == n and max(seen) - min(seen) <= 1
 
 
 def test_unset_training_flags_follow_dp_or_not():

@@ -50,14 +50,15 @@ _MAX_SIGMA = 1e4
 
 
 def steps_per_epoch(*, num_samples: int, batch_size: int, min_steps: int = 1) -> int:
-    """Optimizer steps per local epoch: ``max(ceil(n / B), min(min_steps, n))``.
+    """Optimizer steps per local epoch: ``max(ceil(n / B), min_steps)``.
 
     ``B`` is the largest batch; a site with fewer than ``min_steps * B`` records takes
-    ``min_steps`` steps of about ``n / min_steps`` records instead of one or two large ones
-    (never more steps than records). The rule uses only the site's own size, which
-    replace-one adjacency treats as public.
+    ``min_steps`` steps of about ``n / min_steps`` records instead of one or two large ones.
+    The count is not capped at ``n``: under DP the sampling rate ``1/steps`` is published, and
+    ``1/n`` would name a tiny site's exact size (Poisson batches may be empty; the non-private
+    loader takes at most ``n`` batches). The rule uses only the site's own size.
     """
-    return max(1, math.ceil(num_samples / batch_size), min(min_steps, num_samples))
+    return max(1, math.ceil(num_samples / batch_size), min_steps)
 
 
 def sample_rate(*, num_samples: int, batch_size: int, min_steps: int = 1) -> float:
@@ -74,15 +75,18 @@ def site_batch(*, num_samples: int, batch_size: int, min_steps: int = 1) -> int:
 
 
 def site_lr(*, lr: float, num_samples: int, batch_size: int, min_steps: int = 1) -> float:
-    """A site's learning rate: ``lr * min(1, n / (min_steps * B))``.
+    """A site's learning rate: ``lr * n / (min_steps * B)`` where ``min_steps`` set its steps.
 
-    ``lr`` is for a full batch of B. A site below ``min_steps * B`` records, whose batch
-    :func:`steps_per_epoch` shrinks to about ``n / min_steps``, scales it linearly with that
-    batch (Goyal et al. 2017): ``lr / batch``, the step per record's gradient, stays the same
-    at every site, and under DP-SGD so does each step's noise in parameter space,
-    ``lr * sigma * C / batch``. Larger sites use ``lr`` as given.
+    Only a site that ``min_steps`` splits into more steps than ``ceil(n / B)`` scales ``lr``,
+    linearly with its batch of about ``n / min_steps`` (Goyal et al. 2017): the step per
+    record's gradient is then ``lr / B``, as at a site with full batches, and under DP-SGD each
+    step's noise in parameter space, ``lr * sigma * C / batch``, is ``lr * sigma * C / B`` times
+    that site's own sigma. Every other site, and every site under ``min_steps = 1`` (the rule
+    before it existed, so that recorded runs replay exactly), uses ``lr`` as given.
     """
-    return float(lr) * min(1.0, num_samples / (max(1, min_steps) * batch_size))
+    if min_steps <= math.ceil(num_samples / batch_size):
+        return float(lr)
+    return float(lr) * min(1.0, num_samples / (min_steps * batch_size))
 
 
 def run_delta_bound(run_delta: float | None) -> float:

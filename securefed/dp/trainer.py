@@ -16,6 +16,7 @@ over the same records, so the step is the unsplit step; the ledger counts logica
 
 from __future__ import annotations
 
+import math
 import sys
 import time
 import warnings
@@ -378,6 +379,19 @@ class SiteTrainer:
         )
         return private, dp_optimizer, poisson_loader(self.dataset, sampler=sampler), counter
 
+    def _plain_loader(self, generator: torch.Generator) -> DataLoader:
+        """Shuffled batches without DP, as many as the schedule promises.
+
+        ``ceil(n/B)`` batches of B, as before ``min_steps`` existed; or, when ``min_steps``
+        asks for more, exactly that many near-equal batches (at most ``n``).
+        """
+        n, steps = self.num_samples, self.steps_per_epoch
+        if steps == math.ceil(n / self.batch_size):
+            return DataLoader(
+                self.dataset, batch_size=self.batch_size, shuffle=True, generator=generator
+            )
+        return DataLoader(self.dataset, batch_sampler=_SplitSampler(n, min(steps, n), generator))
+
     def _chunks(self, n: int) -> list[tuple[int, int]]:
         """Index ranges of the physical chunks of a batch of ``n`` (one, possibly empty)."""
         size = self.max_physical_batch_size
@@ -438,9 +452,7 @@ class SiteTrainer:
             assert noise is not None
             model, optimizer, loader, counter = self._make_private(model, optimizer, noise)
         else:
-            loader = DataLoader(
-                self.dataset, batch_size=self.site_batch, shuffle=True, generator=generator
-            )
+            loader = self._plain_loader(generator)
         criterion = self.loss_fn
         total_loss, total_n, steps = 0.0, 0, 0
         dp = self.plan is not None
@@ -523,6 +535,25 @@ class SiteTrainer:
             mean_loss=total_loss / max(total_n, 1),
             seconds=time.perf_counter() - start,
         )
+
+
+class _SplitSampler:
+    """A fresh shuffle of ``n`` indices, cut into ``parts`` near-equal batches, per pass."""
+
+    def __init__(self, n: int, parts: int, generator: torch.Generator) -> None:
+        self.n, self.parts, self.generator = n, max(1, parts), generator
+
+    def __len__(self) -> int:
+        return self.parts
+
+    def __iter__(self) -> Iterator[list[int]]:
+        order = torch.randperm(self.n, generator=self.generator).tolist()
+        size, extra = divmod(self.n, self.parts)
+        start = 0
+        for i in range(self.parts):
+            stop = start + size + (1 if i < extra else 0)
+            yield order[start:stop]
+            start = stop
 
 
 def _round_bar(*, enabled: bool, total: int, desc: str):
