@@ -323,7 +323,8 @@ class RunConfig:
         clusters: Number of cluster models K for ``cfl``.
         personalize: Digital twins: local fine-tuning epochs per site (0 = off).
         personalize_when: ``end`` (after the last round) or ``every`` round.
-        personalize_lr: Learning rate of twin fine-tuning (``None``: ``lr``).
+        personalize_lr: Learning rate of twin fine-tuning, the same at every site (``None``:
+            each site's own lr, :func:`securefed.dp.accounting.site_lr`).
         reproducible_noise: Derive DP-SGD's noise and Poisson sampling from ``seed`` (for
             research reproducibility). Off (the default), each site draws them from a secret
             key of its own; on, anyone who knows the seed can replay a site's training, so
@@ -578,7 +579,9 @@ class RunConfig:
         help="Fine-tune the twins after the last round only, or after every round.",
     )
     personalize_lr: float | None = _setting(
-        None, shown="--lr", help="Learning rate of twin fine-tuning."
+        None,
+        shown="each site's lr",
+        help="Learning rate of twin fine-tuning, used as is at every site.",
     )
     reproducible_noise: bool = _setting(
         False,

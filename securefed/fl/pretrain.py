@@ -186,7 +186,7 @@ def pretrain(
     from securefed.models import ModelSpec, build_model
     from securefed.models.transfer import save_weights
 
-    if (epochs is not None and epochs < 1) or batch_size < 1 or lr <= 0:
+    if (epochs is not None and epochs < 1) or batch_size < 1 or not (math.isfinite(lr) and lr > 0):
         raise ConfigError("`epochs` and `batch_size` must be >= 1 and `lr` positive")
     out = Path(out)
     if (out / "model.safetensors").exists():

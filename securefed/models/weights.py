@@ -204,6 +204,37 @@ def _strip_module_prefix(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Te
     return tensors
 
 
+#: Element types a weight file may hold: real floats (cast to the model's), and integers and
+#: booleans (buffers). Complex, quantized and float8 tensors are refused: a complex tensor
+#: would be cut to its real part unchecked, and the others cannot be checked for NaN.
+_WEIGHT_DTYPES = frozenset(
+    {
+        torch.float16,
+        torch.bfloat16,
+        torch.float32,
+        torch.float64,
+        torch.uint8,
+        torch.int8,
+        torch.int16,
+        torch.int32,
+        torch.int64,
+        torch.bool,
+    }
+)
+
+
+def _check_tensor(t: torch.Tensor, *, key: str, path: Path) -> None:
+    """Refuse anything but a dense, real, finite tensor in memory, naming the key."""
+    if t.layout != torch.strided or t.is_meta or t.is_quantized or t.dtype not in _WEIGHT_DTYPES:
+        kind = "meta" if t.is_meta else f"{t.layout}, {t.dtype}".replace("torch.", "")
+        raise DataError(
+            f"{path}: tensor {key!r} is not a dense real tensor ({kind}); weight files must "
+            "hold plain float, integer or bool tensors."
+        )
+    if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+        raise DataError(f"{path}: tensor {key!r} holds non-finite values (NaN or inf).")
+
+
 def read_weight_file(path: str | Path) -> WeightFile:
     """Read a safetensors file or a weights-only torch checkpoint; never unpickle otherwise.
 
@@ -234,8 +265,7 @@ def read_weight_file(path: str | Path) -> WeightFile:
         # Anything else gets safetensors' checks, whose messages say what is wrong.
         (tensors, metadata), file_format = _read_safetensors(data, path), "safetensors"
     for key, t in tensors.items():
-        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
-            raise DataError(f"{path}: tensor {key!r} holds non-finite values (NaN or inf).")
+        _check_tensor(t, key=key, path=path)
     return WeightFile(
         tensors=_strip_module_prefix(dict(tensors)),
         metadata=metadata,

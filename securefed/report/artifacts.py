@@ -103,7 +103,8 @@ def _strategy_json(fed: RoundEngine) -> dict[str, Any]:
         "freeze": fed.transfer["freeze"],
         "personalize_epochs": cfg.personalize,
         "personalize_when": cfg.personalize_when if cfg.personalize else None,
-        "personalize_lr": (cfg.personalize_lr or cfg.effective_lr) if cfg.personalize else None,
+        # Unset: each site's own lr (site_lr), which depends on its size; recorded as null.
+        "personalize_lr": cfg.personalize_lr if cfg.personalize else None,
     }
     out.update(fed.strategy.describe(cfg))
     return out

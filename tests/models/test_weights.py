@@ -409,3 +409,22 @@ def test_every_builtin_model_registers_a_last_block_that_matches_parameters(
         built = build_model(name=name, spec=spec)
 
     assert built.last_block_prefixes == last  # build_model checks each matches a parameter
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: torch.zeros(4, 4).to_sparse(),
+        lambda: torch.complex(torch.tensor([float("nan")]), torch.tensor([0.0])),
+        lambda: torch.quantize_per_tensor(torch.zeros(4), 0.1, 0, torch.qint8),
+        lambda: torch.zeros(4, device="meta"),
+    ],
+    ids=["sparse", "complex-nan", "quantized", "meta"],
+)
+def test_unusual_tensors_are_refused_in_one_line(tmp_path, make):
+    from securefed.models.weights import read_weight_file
+
+    path = tmp_path / "w.pt"
+    torch.save({"conv1.weight": make()}, path)
+    with pytest.raises(DataError, match="'conv1.weight'"):
+        read_weight_file(path)
