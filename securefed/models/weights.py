@@ -43,7 +43,7 @@ from pathlib import Path
 
 import torch
 
-from securefed.errors import DataError
+from securefed.errors import ConfigError, DataError
 
 __all__ = [
     "CONVENTIONS",
@@ -346,7 +346,15 @@ def map_keys(
         if new not in model_keys and owner is not None and f"{owner}.weight" in model_keys:
             dropped.append(key)
             continue
-        if new not in model_keys or new in mapped:
+        if new in mapped:
+            # Two names (e.g. torchvision's and securefed's) for one tensor: say so, rather
+            # than call either one a tensor the model lacks.
+            first = next(k for k in tensors if k != key and _torchvision_name(k) == new)
+            raise ConfigError(
+                f"the weight file holds both {first!r} and {key!r}, two names for the model's "
+                f"tensor {new!r}; keep one naming convention per file."
+            )
+        if new not in model_keys:
             unexpected.append(key)
             continue
         if new != key:

@@ -428,3 +428,18 @@ def test_unusual_tensors_are_refused_in_one_line(tmp_path, make):
     torch.save({"conv1.weight": make()}, path)
     with pytest.raises(DataError, match="'conv1.weight'"):
         read_weight_file(path)
+
+
+def test_a_file_with_two_names_for_one_tensor_says_so():
+    spec = ModelSpec(in_channels=1, num_classes=2, image_shape=(32, 32))
+    built = build_model(name="densenet121", spec=spec)
+    state = built.module.state_dict()
+    tensors = {k: v.clone() for k, v in state.items()}
+    # torchvision's name for the classifier beside securefed's own
+    tensors["classifier.weight"] = state["class_layers.out.weight"].clone()
+    with pytest.raises(
+        ConfigError,
+        match="'classifier.weight'.*'class_layers.out.weight'|"
+        "'class_layers.out.weight'.*'classifier.weight'",
+    ):
+        map_keys(tensors, model_keys=state)
