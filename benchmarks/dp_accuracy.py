@@ -31,7 +31,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from securefed.bench.common import environment, mean_std, write_atomic
+from securefed.bench.common import environment, is_one_class, mean_std_min, write_atomic
 from securefed.config import RunConfig
 from securefed.run import train
 
@@ -42,7 +42,6 @@ def _row(run: Path, *, seed: int, epsilon: float | None) -> dict[str, Any]:
     metrics = json.loads((run / "metrics.json").read_text())
     final = metrics["final"]
     last = metrics["rounds"][-1]
-    predicted = [sum(col) for col in zip(*final["confusion_matrix"])]
     calibration = last.get("decision_calibration") or {}
     fairness = metrics.get("final_fairness") or {}
     return {
@@ -51,14 +50,10 @@ def _row(run: Path, *, seed: int, epsilon: float | None) -> dict[str, Any]:
         **{k: final.get(k) for k in FIGURES},
         "worst_site_accuracy": (fairness.get("worst_site") or {}).get("value"),
         "calibrated": calibration.get("applied"),
-        "one_class": sum(1 for p in predicted if p > 0) <= 1,
+        "one_class": is_one_class(final["confusion_matrix"]),
         "seconds": metrics.get("total_seconds"),
         "run": str(run),
     }
-
-
-def _cell(value: list[float]) -> str:
-    return f"{mean_std(value)} (min {min(value):.3f})" if value else "n/a"
 
 
 def table(rows: list[dict[str, Any]]) -> str:
@@ -67,10 +62,7 @@ def table(rows: list[dict[str, Any]]) -> str:
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for eps in sorted({r["epsilon"] for r in rows}, key=lambda e: (e is None, e)):
         cell = [r for r in rows if r["epsilon"] == eps]
-        values = [
-            _cell([float(r[k]) for r in cell if r[k] is not None])
-            for k in (*FIGURES, "worst_site_accuracy")
-        ]
+        values = [mean_std_min([r[k] for r in cell]) for k in (*FIGURES, "worst_site_accuracy")]
         label = "∞ (no DP)" if eps is None else f"{eps:g}"
         seeds = ",".join(str(r["seed"]) for r in sorted(cell, key=lambda r: r["seed"]))
         ones = sum(bool(r["one_class"]) for r in cell)

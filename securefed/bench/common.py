@@ -239,6 +239,17 @@ def mean_std(values: Sequence[float | None], digits: int = 3) -> str:
     return f"{statistics.mean(xs):.{digits}f} ± {statistics.stdev(xs):.{digits}f}"
 
 
+def mean_std_min(values: Sequence[float | None], digits: int = 3) -> str:
+    """``"m ± s (min x)"``: :func:`mean_std` and the worst value, the figure a user meets."""
+    xs = [float(v) for v in values if v is not None and math.isfinite(v)]
+    return f"{mean_std(xs, digits)} (min {min(xs):.{digits}f})" if xs else "n/a"
+
+
+def is_one_class(confusion: Sequence[Sequence[int]]) -> bool:
+    """Whether a confusion matrix (rows true, columns predicted) has at most one predicted class."""
+    return sum(1 for column in zip(*confusion) if sum(column)) <= 1
+
+
 def pretrained_weights(
     out: Path,
     *,

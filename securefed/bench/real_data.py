@@ -15,7 +15,13 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from securefed.bench.common import claim_folder, write_atomic, write_rows
+from securefed.bench.common import (
+    claim_folder,
+    is_one_class,
+    mean_std_min,
+    write_atomic,
+    write_rows,
+)
 from securefed.bench.strategies import ComparisonGrid, run_strategy_comparison
 from securefed.errors import ConfigError, DataError
 
@@ -27,10 +33,6 @@ REAL_SETS: dict[str, dict[str, Any]] = {
     "breastmnist": {"clients": 3, "partition": "dirichlet:0.5"},
     "brain_tumor_mri_96": {"clients": 4, "partition": "dirichlet:0.5"},
 }
-
-
-def _base() -> dict[str, Any]:
-    return {"rounds": 10, "public_fraction": 0.1, "device": "auto"}
 
 
 @dataclass(frozen=True)
@@ -55,7 +57,7 @@ class RealDataGrid:
     arms: tuple[str, ...] = ("fl", "cfl", "ftl")
     epsilons: tuple[float | None, ...] = (None, 8.0)
     seeds: tuple[int, ...] = (0, 1, 2)
-    base: dict[str, Any] = field(default_factory=_base)
+    base: dict[str, Any] = field(default_factory=lambda: RealDataGrid.default_base())
     pretrain_epochs: int | None = None
 
     def __post_init__(self) -> None:
@@ -68,6 +70,11 @@ class RealDataGrid:
         if missing:
             raise DataError(f"{Path(self.data_dir) / (missing[0] + '.npz')}: no such file")
 
+    @staticmethod
+    def default_base() -> dict[str, Any]:
+        """Shared settings: 10 rounds, 10 % declared public; everything else the default."""
+        return {"rounds": 10, "public_fraction": 0.1, "device": "auto"}
+
     def comparison(self, name: str) -> ComparisonGrid:
         """The strategy comparison for one set."""
         return ComparisonGrid(
@@ -79,16 +86,6 @@ class RealDataGrid:
             base={**self.base, **REAL_SETS[name]},
             pretrain_epochs=self.pretrain_epochs,
         )
-
-
-def _cell(values: list[float | None]) -> str:
-    import statistics
-
-    got = [float(v) for v in values if v is not None]
-    if not got:
-        return "–"
-    sd = statistics.stdev(got) if len(got) > 1 else 0.0
-    return f"{statistics.mean(got):.3f} ± {sd:.3f} (min {min(got):.3f})"
 
 
 def summary_table(rows: list[dict[str, Any]]) -> str:
@@ -106,16 +103,13 @@ def summary_table(rows: list[dict[str, Any]]) -> str:
 
     for ds, eps, arm in sorted({(r["dataset"], r["epsilon"], r["arm"]) for r in rows}, key=order):
         cell = [r for r in rows if (r["dataset"], r["epsilon"], r["arm"]) == (ds, eps, arm)]
-        # A column of the confusion matrix with any prediction in it: one such = one class.
-        one_class = sum(
-            1 for r in cell if sum(1 for c in zip(*r["confusion_matrix"]) if sum(c)) <= 1
-        )
+        one_class = sum(1 for r in cell if is_one_class(r["confusion_matrix"]))
         lines.append(
             f"| {ds} | {'∞' if eps is None else f'{eps:g}'} | {arm} | "
             f"{','.join(str(r['seed']) for r in cell)} | "
-            f"{_cell([r['accuracy'] for r in cell])} | "
-            f"{_cell([r['balanced_accuracy'] for r in cell])} | "
-            f"{_cell([r.get('auc') for r in cell])} | {one_class} | "
+            f"{mean_std_min([r['accuracy'] for r in cell])} | "
+            f"{mean_std_min([r['balanced_accuracy'] for r in cell])} | "
+            f"{mean_std_min([r.get('auc') for r in cell])} | {one_class} | "
             f"{sum(r['total_seconds'] for r in cell) / len(cell):.0f} |"
         )
     return "\n".join(lines) + "\n"

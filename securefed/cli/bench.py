@@ -262,8 +262,8 @@ def bench_real_data(out, quick, seeds, device, data_dir, sets, arms, epsilons):
         arms=tuple(a.strip() for a in arms.split(",")),
         epsilons=_epsilons(epsilons),
         seeds=_seeds(seeds, (0, 1, 2)),
+        base={**RealDataGrid.default_base(), "device": device},
     )
-    grid = type(grid)(**{**grid.__dict__, "base": {**grid.base, "device": device}})
     if quick:
         grid = quick_grid(grid)
     _done(run_real_data(out_dir=Path(out or "bench-out/real-data"), grid=grid, progress=True))
