@@ -76,7 +76,7 @@ def _assert_same_weights(ours: dict, ref: dict, config: RunConfig) -> None:
     so a wrong mask, a lost site or a skipped round could not pass it.
     """
     quantum = SecAggConfig(
-        n_clients=config.clients, clip_range=config.secagg_clip, ring_bits=config.secagg_ring_bits
+        n_clients=config.clients, clip_range=config.secagg_clip, ring_bits=config.resolved_ring_bits
     ).codec.quantum
     assert quantum < 1e-8
     assert set(ours) == set(ref)
