@@ -1005,7 +1005,7 @@ class RunConfig:
         """
         if "min_steps" not in data:
             data = {**data, "min_steps": 1}
-        # Before schema 3.1 masking always used a 64-bit ring with a 1e6 clip range.
+        # Before schema 3.1 the defaults were a 64-bit ring and a 1e6 clip range.
         if "secagg_ring_bits" not in data:
             data = {**data, "secagg_ring_bits": 64}
         if "secagg_clip" not in data:
