@@ -184,6 +184,12 @@ def _typed(field: str, annotation: str, value: Any) -> Any:
     config file that says ``"rounds": 2.5`` or ``"seed": 1.0`` was written by mistake.
     """
     kinds = [k.strip() for k in annotation.split(" | ")]
+    if kinds == ["int", "str"]:  # a count or a keyword (``secagg_ring_bits``: 64 or "auto")
+        if isinstance(value, str):
+            return value
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+            raise ConfigError(f"{_n(field)} must be an integer or a string (got {_shown(value)}).")
+        return int(value)
     optional = "None" in kinds
     base = next(k for k in kinds if k != "None")
     if value is None:
@@ -273,9 +279,13 @@ class RunConfig:
         secure_agg: ``none``, ``mask`` (pairwise masking) or ``he`` (CKKS).
         secagg_threshold: Shamir threshold t (``None``: a 2/3 majority of a neighbourhood).
         secagg_neighbors: SecAgg+ neighbours per site (``None``: all other sites).
-        secagg_ring_bits: Fixed-point ring Z_(2^k), k = 32 or 64.
+        secagg_ring_bits: Fixed-point ring Z_(2^k), k = 32 or 64, or ``auto``: the smallest
+            whose rounding adds at most ``AUTO_RING_TOLERANCE`` (1e-3) per coordinate to the
+            FedAvg average (:attr:`resolved_ring_bits`).
         secagg_clip: Largest |value| the fixed-point encoder accepts per coordinate of the
-            pre-scaled update ``n_i * u_i``; larger values are clipped and counted.
+            pre-scaled update ``n_i * u_i`` (and N_max, the largest weight n_i); larger values
+            are clipped and counted. 1e5 (1e6 before schema 3.1) lets a 32-bit ring carry up
+            to 20 sites within the ``auto`` tolerance.
         update_clip: Poisoning bound C_u: each site clips its whole model update (the L2
             norm of the flattened vector it aggregates, after training) to C_u before
             protecting it, and the server refuses to apply a round whose decoded sum is larger
@@ -463,11 +473,14 @@ class RunConfig:
     secagg_neighbors: int | None = _setting(
         None, shown="all sites", help="Masking: SecAgg+ neighbours per site, ~O(log n)."
     )
-    secagg_ring_bits: int = _setting(
-        64, choices=(32, 64), help="Masking: fixed-point ring Z_(2^k)."
+    secagg_ring_bits: int | str = _setting(
+        "auto",
+        choices=("auto", 32, 64),
+        help="Masking: fixed-point ring Z_(2^k); auto: 32 bits when its rounding adds at most "
+        "1e-3 per coordinate to the FedAvg average, else 64 (docs/secure-aggregation.md).",
     )
     secagg_clip: float = _setting(
-        1e6,
+        1e5,
         help="Masking: largest |n_i * update| per coordinate; beyond it values are clipped "
         "and counted.",
     )
@@ -682,8 +695,9 @@ class RunConfig:
                 f"{_n(name)} must be one of {', '.join(allowed)} (got {value!r}).",
             )
         _check(
-            self.secagg_ring_bits in (32, 64),
-            f"{_n('secagg_ring_bits')} must be 32 or 64 (got {self.secagg_ring_bits}).",
+            self.secagg_ring_bits in ("auto", 32, 64),
+            f"{_n('secagg_ring_bits')} must be auto, 32 or 64 (got "
+            f"{_shown(self.secagg_ring_bits)}).",
         )
         if self.secagg_threshold is not None:
             _check(
@@ -867,6 +881,22 @@ class RunConfig:
         )
 
     @property
+    def resolved_ring_bits(self) -> int:
+        """The masking ring: ``secagg_ring_bits``, or for ``auto`` the one it resolves to.
+
+        ``auto`` picks, for the run's full complement of sites (``clients``: no round sums
+        more) and ``secagg_clip``, the smallest ring whose worst-case rounding error on the
+        FedAvg average is at most :data:`~securefed.crypto.fixedpoint.AUTO_RING_TOLERANCE`
+        (:func:`~securefed.crypto.fixedpoint.choose_ring_bits`). Server and sites resolve it
+        from the same signed configuration, so they agree.
+        """
+        if self.secagg_ring_bits != "auto":
+            return int(self.secagg_ring_bits)
+        from securefed.crypto.fixedpoint import choose_ring_bits
+
+        return choose_ring_bits(clip_range=self.secagg_clip, n_summands=max(2, self.clients))
+
+    @property
     def effective_prox_mu(self) -> float:
         """Mu actually used: 0.01 for fedprox unless set, else the given value or 0."""
         if self.prox_mu is not None:
@@ -969,10 +999,17 @@ class RunConfig:
         """Rebuild the configuration a run recorded (config.json's ``run``, a checkpoint's).
 
         A record from before ``min_steps`` existed ran with ``ceil(n/B)`` steps an epoch,
-        so it is read as ``min_steps = 1``: the replayed run is the one recorded.
+        so it is read as ``min_steps = 1``: the replayed run is the one recorded. One without
+        ``secagg_ring_bits`` or ``secagg_clip`` is read with the 64-bit ring and 1e6 clip range
+        that masking had before ``auto``.
         """
         if "min_steps" not in data:
             data = {**data, "min_steps": 1}
+        # Before schema 3.1 the defaults were a 64-bit ring and a 1e6 clip range.
+        if "secagg_ring_bits" not in data:
+            data = {**data, "secagg_ring_bits": 64}
+        if "secagg_clip" not in data:
+            data = {**data, "secagg_clip": 1e6}
         return cls.from_dict(data)
 
     def replace(self, **changes: Any) -> RunConfig:

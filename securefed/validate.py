@@ -78,7 +78,7 @@ def _check_secure_agg(config: RunConfig) -> None:
                 n_clients=n,
                 threshold=config.secagg_threshold,
                 neighbors=config.secagg_neighbors,
-                ring_bits=config.secagg_ring_bits,
+                ring_bits=config.resolved_ring_bits,
                 clip_range=config.secagg_clip,
             )
         except ConfigError as exc:

@@ -141,3 +141,25 @@ def test_num_classes_reaches_the_loader_once():
     }
     with pytest.raises(ConfigError, match="`--num-classes` .* 3 disagrees"):
         RunConfig(num_classes=3, data_options={"num_classes": 2})
+
+
+def test_the_masking_ring_is_auto_by_default_and_an_old_record_keeps_its_64_bit_ring(tmp_path):
+    assert RunConfig().secagg_ring_bits == "auto"
+    assert RunConfig(clients=3).resolved_ring_bits == 32
+    assert RunConfig(clients=21).resolved_ring_bits == 64  # the 32-bit quantum exceeds 1e-3
+    assert RunConfig(secagg_ring_bits=64).resolved_ring_bits == 64
+    with pytest.raises(ConfigError, match=r"must be auto, 32 or 64 \(got \"sixteen\"\)"):
+        RunConfig(secagg_ring_bits="sixteen")
+    with pytest.raises(ConfigError, match="must be an integer or a string"):
+        RunConfig(secagg_ring_bits=32.0)
+    # A run recorded before the setting existed (schema < 3.1) masked in a 64-bit ring with
+    # a 1e6 clip range: that is what it replays with.
+    recorded = RunConfig().to_dict()
+    del recorded["secagg_ring_bits"], recorded["secagg_clip"]
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps({"schema_version": "3.0", "run": recorded}))
+    old = RunConfig.from_json(path)
+    assert (old.secagg_ring_bits, old.secagg_clip, old.resolved_ring_bits) == (64, 1e6, 64)
+    # A hand-written file (no "run" block) gets today's default.
+    path.write_text(json.dumps({"clients": 3}))
+    assert RunConfig.from_json(path).secagg_ring_bits == "auto"

@@ -137,10 +137,14 @@ class KeyValue(click.ParamType):
 
 
 class IntChoice(click.Choice):
-    """A choice among integers, typed as text and returned as an int (``--secagg-ring-bits``)."""
+    """A choice among integers (and keywords), typed as text; an integer comes back as an int.
+
+    ``--secagg-ring-bits``: ``32`` and ``64`` are ints, ``auto`` stays a string.
+    """
 
     def convert(self, value, param, ctx):  # noqa: D102
-        return int(super().convert(str(value), param, ctx))
+        chosen = super().convert(str(value), param, ctx)
+        return int(chosen) if chosen.lstrip("-").isdigit() else chosen
 
 
 class RegistryChoice(click.Choice):

@@ -18,12 +18,26 @@ from securefed.crypto.prg import (
 )
 from securefed.errors import ConfigError, DataError
 
-__all__ = ["FLOAT_EXACT_BITS", "FixedPointCodec"]
+__all__ = [
+    "AUTO_RING_TOLERANCE",
+    "FLOAT_EXACT_BITS",
+    "RING_CHOICES",
+    "FixedPointCodec",
+    "choose_ring_bits",
+]
 
 FLOAT_EXACT_BITS = 53
 """float64 represents every integer of magnitude <= 2^53 exactly."""
 
 _TWO_MINUS_53 = math.ldexp(1.0, -53)
+
+#: Rings the codec offers, smallest first: ``auto`` picks the first that meets the tolerance.
+#: (16 bits cannot: 3 sites at a clip range of 1e5 would leave no fractional bit at all.)
+RING_CHOICES = (32, 64)
+
+#: ``--secagg-ring-bits auto``: the largest worst-case error per coordinate the ring's rounding
+#: may add to the FedAvg average (the quantum, see :meth:`FixedPointCodec.error_bound`).
+AUTO_RING_TOLERANCE = 1e-3
 
 
 @dataclass(frozen=True)
@@ -213,8 +227,37 @@ class FixedPointCodec:
         signed = words.astype(words.dtype.newbyteorder("=")).view(f"i{words.dtype.itemsize}")
         return np.ldexp(signed.astype(np.float64), -self.frac_bits)
 
+    def error_bound(self, n_summands: int | None = None) -> dict[str, float]:
+        """The error the stochastic rounding adds, per coordinate, to a sum and to FedAvg.
+
+        Each encoding is within one quantum q of its (clipped) input and unbiased, with
+        variance at most q^2/4 (a Bernoulli step of size q), independently across sites. So a
+        sum of k encodings is off by at most k q (worst case) with standard deviation at most
+        sqrt(k) q / 2. The FedAvg average divides the sum of ``n_i u_i`` by the sum of the
+        weights ``n_i``, which every site encodes exactly (an integer below the clip range), and
+        every ``n_i >= 1``: its error is at most k q / sum(n_i) <= q, standard deviation at most
+        q / (2 sqrt(k)), both shrinking as the sites' sizes grow.
+
+        Args:
+            n_summands: k, the encodings summed (default: the codec's ``n_summands``).
+
+        Returns:
+            ``sum_max``, ``sum_sd``, ``mean_max`` and ``mean_sd`` (the average's, for weights of
+            1; divide by the mean weight for larger ones).
+
+        """
+        k = self.n_summands if n_summands is None else max(int(n_summands), 1)
+        q = self.quantum
+        return {
+            "sum_max": k * q,
+            "sum_sd": math.sqrt(k) * q / 2,
+            "mean_max": q,
+            "mean_sd": q / (2 * math.sqrt(k)),
+        }
+
     def describe(self) -> dict[str, Any]:
         """JSON-ready parameters for the privacy report."""
+        bound = self.error_bound()
         return {
             "ring_bits": self.ring_bits,
             "frac_bits": self.frac_bits,
@@ -223,7 +266,47 @@ class FixedPointCodec:
             "headroom_bits": self.headroom_bits,
             "max_summands": self.n_summands,
             "rounding": "stochastic (unbiased), AES-256-CTR coins under an os.urandom key",
+            # The quantization error, per coordinate (error_bound): of the sum of max_summands
+            # encodings, worst case and standard deviation; of the FedAvg average, worst case
+            # (every n_i = 1; it is k q / sum(n_i) in general).
+            "sum_error_max": bound["sum_max"],
+            "sum_error_sd": bound["sum_sd"],
+            "mean_error_max": bound["mean_max"],
+            "word_bytes": self.ring_bits // 8,
         }
+
+
+def choose_ring_bits(
+    *, clip_range: float, n_summands: int, tolerance: float = AUTO_RING_TOLERANCE
+) -> int:
+    """The smallest ring of :data:`RING_CHOICES` whose rounding meets ``tolerance``.
+
+    A ring qualifies when it can hold the sum of ``n_summands`` values clipped to
+    ``clip_range`` without wrapping and its quantum, the worst-case error per coordinate of the
+    FedAvg average (:meth:`FixedPointCodec.error_bound`), is at most ``tolerance``. The weights
+    ``n_i`` are multiplied in before encoding, so ``clip_range`` bounds ``n_i u_i`` (and the
+    weight ``n_i`` itself).
+
+    Raises:
+        ConfigError: If no ring meets ``tolerance`` (a smaller clip range or fewer sites would).
+
+    """
+    if not (isinstance(tolerance, (int, float)) and math.isfinite(tolerance) and tolerance > 0):
+        raise ConfigError(f"`tolerance` must be a positive number (got {tolerance!r}).")
+    best = None
+    for bits in RING_CHOICES:
+        try:
+            codec = FixedPointCodec(ring_bits=bits, clip_range=clip_range, n_summands=n_summands)
+        except ConfigError:
+            continue
+        best = codec
+        if codec.quantum <= tolerance:
+            return bits
+    got = f"the 64-bit ring's quantum is {best.quantum:.3g}" if best else "no ring holds the sum"
+    raise ConfigError(
+        f"no fixed-point ring keeps the FedAvg rounding error within {tolerance:g} for "
+        f"{n_summands} sites at clip range {clip_range:g} ({got}); lower `--secagg-clip`."
+    )
 
 
 def _ceil_scaled(clip: float, frac_bits: int) -> int:

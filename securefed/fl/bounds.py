@@ -84,7 +84,7 @@ def coordinate_slack(config: Any, n_summands: int) -> float:
         from securefed.crypto.fixedpoint import FixedPointCodec
 
         codec = FixedPointCodec(
-            ring_bits=config.secagg_ring_bits, clip_range=config.secagg_clip, n_summands=most
+            ring_bits=config.resolved_ring_bits, clip_range=config.secagg_clip, n_summands=most
         )
         return n * codec.quantum
     from securefed.protocol.modes.ckks import ckks_params

@@ -689,3 +689,26 @@ def test_flooding_noise_comes_from_os_urandom_not_from_seeded_generators(
     assert not np.array_equal(first, second)
     np.testing.assert_array_equal(*pinned)
     assert abs(np.mean(first)) < 0.2 and 0.9 < np.std(first) < 1.1
+
+
+def test_an_update_fills_every_slot_of_every_ciphertext_but_the_last(keys) -> None:
+    """Packing: one flat vector across ciphertexts of N/2 slots, no per-tensor padding.
+
+    So the bytes a site sends are ceil(values / 4096) ciphertexts, each the same size whatever
+    it holds (2 polynomials x 8192 coefficients x 3 data primes x 8 bytes, 24x float32 for a
+    full one; docs/benchmarks.md, "Bytes on the wire").
+    """
+    # Prepare
+    slots = keys.params.slots
+    enc = CKKSEncryptor(keys.public_context)
+
+    # Execute: two full ciphertexts and one holding a single value.
+    full = enc.encrypt(np.ones(2 * slots), site_id=0, round_index=1)
+    spill = enc.encrypt(np.ones(2 * slots + 1), site_id=0, round_index=1)
+
+    # Assert
+    assert (slots, read_frame_header(full).n_chunks) == (4096, 2)
+    assert read_frame_header(spill).n_chunks == 3
+    per_ciphertext = len(spill) - len(full)
+    assert per_ciphertext > 2 * 8192 * 3 * 7  # 60-bit residues barely compress
+    assert len(full) / (4 * 2 * slots) < 24.1  # every slot used: 24x float32, no more

@@ -261,7 +261,7 @@ def test_plaintext_an_inflated_weight_drops_the_site(small_npz):
     _corrupt(fed, 2, edit)
     rec = fed.run_round(1)
     assert rec.applied and rec.data["survivors"] == [0, 1]
-    assert "not a count in [1, 1e+06]" in rec.data["dropped_reasons"]["2"]
+    assert "not a count in [1, 100000]" in rec.data["dropped_reasons"]["2"]
 
 
 def _edit_masked_words(config, message: bytes, change: Callable[[np.ndarray, int], None]) -> bytes:
@@ -275,11 +275,12 @@ def _edit_masked_words(config, message: bytes, change: Callable[[np.ndarray, int
 
     frac = secagg_config(config, n_sites=config.clients).codec.frac_bits
     ring_bits, dim = struct.unpack_from("<BQ", message, HEADER_BYTES)
-    assert ring_bits == 64
-    start = HEADER_BYTES + 9
-    words = np.frombuffer(message, dtype="<u8", count=dim, offset=start).copy()
+    assert ring_bits == config.resolved_ring_bits
+    start, size = HEADER_BYTES + 9, ring_bits // 8
+    words = np.frombuffer(message, dtype=f"<u{size}", count=dim, offset=start).copy()
     change(words, frac)
-    return seal_frame([message[:start], words.tobytes(), message[start + 8 * dim : -DIGEST_BYTES]])
+    end = start + size * dim
+    return seal_frame([message[:start], words.tobytes(), message[end:-DIGEST_BYTES]])
 
 
 @pytest.mark.parametrize("attack", ["update", "weight", "inflate"])
@@ -293,17 +294,23 @@ def test_masking_a_site_editing_its_masked_words_gets_the_round_refused(
     1e6 / Σ n_i, the weight attack divided the honest sum by 0.5 (the issue's run: -4.3e11),
     the inflated weight shrank the round's step to nothing.
     """
-    fed = _federation(small_npz, secure_agg="mask")
+    # The pre-issue-17 ring (64 bits, clip range 1e6) carries a claimed weight of 1e9 without
+    # wrapping (the default 32-bit ring would wrap it into some other, also refused, weight).
+    ring = {"secagg_ring_bits": 64, "secagg_clip": 1e6} if attack == "inflate" else {}
+    fed = _federation(small_npz, secure_agg="mask", **ring)
     before = _weights(fed)
     n_total = float(sum(len(site.train) for site in fed.sites))
 
     def change(words: np.ndarray, frac: int) -> None:
+        def word(x: float) -> np.unsignedinteger:
+            return words.dtype.type(int(x * 2**frac) % 2 ** (8 * words.dtype.itemsize))
+
         if attack == "update":
-            words[:-1] += np.uint64(int(1e6 * 2**frac))
+            words[:-1] += word(1e6 if words.dtype.itemsize == 8 else 1e3)
         elif attack == "weight":
-            words[-1] -= np.uint64(int((n_total - 0.5) * 2**frac))
+            words[-1] -= word(n_total - 0.5)
         else:  # claims n_i = 1e9 so that its update weighs as the others' times 1e7
-            words[-1] += np.uint64(int(1e9 * 2**frac))
+            words[-1] += word(1e9)
 
     def edit(s: str, reply: dict[str, Any], fields: dict[str, Any]) -> dict[str, Any]:
         if s == Stage.MASKED and _in_round(fields, 1):
@@ -482,7 +489,7 @@ def test_the_rounding_slack_is_the_one_the_sites_encoded_and_decrypted_with():
 
     mask = RunConfig(secure_agg="mask", clients=5)
     sites_quantum = FixedPointCodec(
-        ring_bits=mask.secagg_ring_bits, clip_range=mask.secagg_clip, n_summands=5
+        ring_bits=mask.resolved_ring_bits, clip_range=mask.secagg_clip, n_summands=5
     ).quantum
     assert coordinate_slack(mask, 3) == pytest.approx(3 * sites_quantum)
     he = RunConfig(secure_agg="he", clients=5)

@@ -150,6 +150,7 @@ def pinned_config(
 
     Raises:
         DropoutRecoveryError: The round is too small for the roster's pinned limits.
+        ProtocolError: The run's ring cannot carry the sum of ``n_round`` sites' values.
 
     """
     least = max(2, roster.min_contributors, min_contributors or 0)
@@ -168,14 +169,23 @@ def pinned_config(
             f"only {m} holders per site in a round of {n_round} advertised sites; the roster "
             f"pins threshold t={t}, so the round is refused."
         )
-    return SecAggConfig(
-        n_clients=n_round,
-        threshold=t,
-        neighbors=base.neighbors,
-        ring_bits=base.ring_bits,
-        clip_range=base.clip_range,
-        frac_bits=base.frac_bits if base.n_clients >= n_round else None,
-    )
+    try:
+        # The codec checks that n_round encodings at these fractional bits cannot wrap: a
+        # wrapped sum would decode to garbage (a correctness failure: the masks are uniform in
+        # any ring, so privacy does not depend on it).
+        return SecAggConfig(
+            n_clients=n_round,
+            threshold=t,
+            neighbors=base.neighbors,
+            ring_bits=base.ring_bits,
+            clip_range=base.clip_range,
+            frac_bits=base.frac_bits if base.n_clients >= n_round else None,
+        )
+    except ConfigError as exc:
+        raise ProtocolError(
+            f"refusing to encode for a round of {n_round} sites: a {base.ring_bits}-bit ring "
+            f"cannot hold their sum without wrapping ({exc})"
+        ) from exc
 
 
 def collusion_tolerance(*, threshold: int, holders: int) -> int:

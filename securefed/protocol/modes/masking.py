@@ -37,7 +37,7 @@ from securefed.crypto.secagg.active import (
     collusion_tolerance,
     pinned_config,
 )
-from securefed.errors import DropoutRecoveryError, ProtocolError
+from securefed.errors import ConfigError, DropoutRecoveryError, ProtocolError
 from securefed.protocol.link import Link
 from securefed.protocol.modes.base import (
     TIMING_DETAIL,
@@ -55,7 +55,14 @@ if TYPE_CHECKING:
 
     from securefed.crypto.roster import Roster
 
-__all__ = ["MaskingCollector", "MaskingMode", "MaskingSite", "run_session", "secagg_config"]
+__all__ = [
+    "MaskingCollector",
+    "MaskingMode",
+    "MaskingSite",
+    "ring_choice",
+    "run_session",
+    "secagg_config",
+]
 
 #: A round's masking parameters for ``n`` sampled sites.
 ConfigFor = Callable[[int], SecAggConfig]
@@ -82,9 +89,25 @@ def secagg_config(config: Any, *, n_sites: int, site: bool = False) -> SecAggCon
         n_clients=max(2, n_sites) if site else n_sites,
         threshold=None if site else config.secagg_threshold,
         neighbors=config.secagg_neighbors,
-        ring_bits=config.secagg_ring_bits,
+        ring_bits=config.resolved_ring_bits,
         clip_range=config.secagg_clip,
     )
+
+
+def ring_choice(config: Any) -> dict[str, Any]:
+    """How the run's ring was chosen: the setting, and for ``auto`` the tolerance it met."""
+    from securefed.crypto.fixedpoint import AUTO_RING_TOLERANCE
+
+    setting = config.secagg_ring_bits
+    out: dict[str, Any] = {"ring_setting": setting}
+    if setting == "auto":
+        out["ring_rule"] = (
+            "smallest of 32, 64 bits whose quantum (the worst-case rounding error per "
+            "coordinate of the FedAvg average, every n_i >= 1) is at most ring_tolerance, for "
+            "the run's sites and --secagg-clip"
+        )
+        out["ring_tolerance"] = AUTO_RING_TOLERANCE
+    return out
 
 
 def _check_sender(message: Any, sid: int) -> None:
@@ -172,9 +195,18 @@ class MaskingSite(SiteProtection):
             _ADVERTISED, int(round_index), what=f"site {self.site_id}: masking round {round_index}"
         )
         self.step_seconds, self.wall_seconds, self.cpu_seconds = {}, 0.0, 0.0
+        try:
+            config = self.config_for(int(n_sites))
+        except ConfigError as exc:
+            # The ring and clip range come from the signed run configuration; only the round
+            # size is the server's word, and a size whose sum could wrap is refused.
+            raise ProtocolError(
+                f"site {self.site_id}: refusing masking parameters for a round of {n_sites} "
+                f"sites: {exc}"
+            ) from exc
         client = SecAggClient(
             site_id=self.site_id,
-            config=self.config_for(int(n_sites)),
+            config=config,
             round_index=round_index,
             dim=len(vector),
             active=self.active,
@@ -261,6 +293,8 @@ class MaskingCollector(SumCollector):
         roster: The federation's roster; with ``session``, the server checks every signature
             and commitment and runs the consistency round (the sites require it).
         session: The 32-byte session id of the run.
+        ring_choice: How the ring was chosen (the setting and the ``auto`` tolerance), for
+            the report.
 
     Attributes:
         last_error: The exception that stopped the latest sum, else None (a harness re-raises
@@ -278,9 +312,11 @@ class MaskingCollector(SumCollector):
         graph_seed: bytes | None = None,
         roster: Roster | None = None,
         session: bytes | None = None,
+        ring_choice: Mapping[str, Any] | None = None,
     ) -> None:
         self.config_for = config_for
         self.describe_config = describe_config
+        self.ring_choice = dict(ring_choice or {})
         self.graph_seed = graph_seed
         self.active: ActiveSecurity | None = None
         if roster is not None and session is not None:
@@ -397,6 +433,7 @@ class MaskingCollector(SumCollector):
     def describe(self) -> dict[str, Any]:
         """The protocol, its parameters and the fixed-point encoding."""
         out = self.describe_config.describe()
+        out.update(self.ring_choice)
         if self.active is not None:
             roster = self.active.roster
             out.update(
@@ -522,6 +559,7 @@ class MaskingMode(SecureSumMode):
             describe_config=secagg_config(config, n_sites=n_sites),
             roster=roster,
             session=run_session(config),
+            ring_choice=ring_choice(config),
         )
 
     def site(

@@ -1,0 +1,152 @@
+"""The automatic masking ring: 32 bits where its rounding meets the tolerance, FedAvg within it.
+
+The FedAvg checks use real model updates: the SmallCNN (56k parameters) trained a few SGD
+steps at each site on its own synthetic images, so the update vectors have the magnitudes,
+signs and sparsity of real training, not of uniform noise.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from securefed.config import RunConfig
+from securefed.crypto.fixedpoint import AUTO_RING_TOLERANCE, FixedPointCodec, choose_ring_bits
+from securefed.crypto.roster import Roster
+from securefed.crypto.secagg import SecAggConfig
+from securefed.crypto.secagg.active import pinned_config
+from securefed.errors import ConfigError, ProtocolError
+from securefed.models import ModelSpec, build_model
+from securefed.protocol.harness import secure_sum
+from securefed.protocol.modes.masking import secagg_config
+
+
+def _site_updates(sizes: list[int], *, seed: int = 0) -> tuple[dict[int, np.ndarray], int]:
+    """``[n_i u_i..., n_i]`` per site: u_i a real SmallCNN update after 3 SGD steps."""
+    torch.manual_seed(seed)
+    model = build_model(name="cnn", spec=ModelSpec(in_channels=1, num_classes=4)).module
+    start = [p.detach().clone() for p in model.parameters()]
+    inputs = {}
+    for site, n in enumerate(sizes):
+        local = build_model(name="cnn", spec=ModelSpec(in_channels=1, num_classes=4)).module
+        with torch.no_grad():
+            for p, p0 in zip(local.parameters(), start, strict=True):
+                p.copy_(p0)
+        opt = torch.optim.SGD(local.parameters(), lr=0.5, momentum=0.5)
+        gen = torch.Generator().manual_seed(seed * 100 + site)
+        x = torch.randn(32, 1, 28, 28, generator=gen) + site  # a shifted site distribution
+        y = torch.randint(0, 4, (32,), generator=gen)
+        for _ in range(3):
+            opt.zero_grad()
+            nn.functional.cross_entropy(local(x), y).backward()
+            opt.step()
+        update = torch.cat(
+            [(p.detach() - p0).flatten() for p, p0 in zip(local.parameters(), start, strict=True)]
+        ).double()
+        inputs[site] = np.concatenate([n * update.numpy(), [float(n)]])
+    return inputs, int(sum(p.numel() for p in model.parameters()))
+
+
+def _fedavg(total: np.ndarray) -> np.ndarray:
+    return total[:-1] / total[-1]
+
+
+def test_auto_picks_32_bits_up_to_20_sites_at_the_default_clip_range():
+    clip = RunConfig().secagg_clip
+    assert RunConfig().secagg_ring_bits == "auto"
+    assert choose_ring_bits(clip_range=clip, n_summands=3) == 32
+    assert choose_ring_bits(clip_range=clip, n_summands=20) == 32
+    # 21 sites: a 32-bit quantum would be 2^-9 > 1e-3, so the ring grows to 64 bits.
+    assert choose_ring_bits(clip_range=clip, n_summands=21) == 64
+    assert RunConfig(secure_agg="mask", clients=21).resolved_ring_bits == 64
+    assert FixedPointCodec(ring_bits=32, clip_range=clip, n_summands=21).quantum > 1e-3
+    # An explicit ring is kept; a record of an older run (no setting) is its 64-bit ring.
+    assert RunConfig(secagg_ring_bits=32, clients=50).resolved_ring_bits == 32
+    old = {k: v for k, v in RunConfig().to_dict().items() if k != "secagg_ring_bits"}
+    assert RunConfig.from_recorded(old).resolved_ring_bits == 64
+    with pytest.raises(ConfigError, match="no fixed-point ring keeps"):
+        choose_ring_bits(clip_range=1e15, n_summands=10)
+
+
+@pytest.mark.parametrize("dropped", [(), (1,)], ids=["all-upload", "one-drops"])
+def test_masked_fedavg_with_the_auto_ring_is_within_1e_3_of_plaintext(dropped):
+    # Prepare: 5 sites of different sizes, the run's own masking parameters (auto ring).
+    sizes = [40, 75, 120, 33, 90]
+    config = RunConfig(secure_agg="mask", clients=len(sizes))
+    params = secagg_config(config, n_sites=len(sizes))
+    assert params.ring_bits == 32
+    inputs, _ = _site_updates(sizes)
+
+    # Execute
+    result = secure_sum(
+        inputs, config=params, round_index=1, drop_before_upload=dropped, graph_seed=b"\0" * 32
+    )
+
+    # Assert: the average over the survivors, against float64 plaintext FedAvg.
+    survivors = [s for s in inputs if s not in dropped]
+    assert list(result.survivors) == survivors
+    plain = _fedavg(np.sum([inputs[s] for s in survivors], axis=0))
+    masked = _fedavg(result.total)
+    assert result.total[-1] == sum(sizes[s] for s in survivors)  # the weights are exact
+    error = np.abs(masked - plain).max()
+    bound = len(survivors) * params.codec.quantum / result.total[-1]
+    assert error <= bound <= 1e-3
+    assert error > 0  # it was rounded (a 32-bit ring, not a float copy)
+
+
+def test_the_stated_bound_holds_when_every_weight_is_one():
+    """Worst case for the average: n_i = 1, so it is off by up to q, SD q / (2 sqrt(k))."""
+    sizes = [1, 1, 1, 1]
+    inputs, _ = _site_updates(sizes, seed=1)
+    params = secagg_config(RunConfig(secure_agg="mask", clients=4), n_sites=4)
+    bound = params.codec.error_bound(len(sizes))
+    result = secure_sum(inputs, config=params, round_index=1, graph_seed=b"\1" * 32)
+    error = _fedavg(result.total) - _fedavg(np.sum(list(inputs.values()), axis=0))
+    assert np.abs(error).max() <= bound["mean_max"] <= AUTO_RING_TOLERANCE
+    # 56k coordinates: the spread is at most the stated SD (a value on a grid point has none).
+    assert error.std() <= 1.1 * bound["mean_sd"]
+
+
+def test_the_sum_error_bound_and_its_sd_hold_at_the_worst_case_inputs():
+    # Prepare: every value half-way between two grid points (the largest rounding variance).
+    k, dim = 5, 200_000
+    codec = FixedPointCodec(ring_bits=32, clip_range=1e5, n_summands=k)
+    x = np.full(dim, 0.5 * codec.quantum) + codec.quantum * np.arange(dim) % 7
+    bound = codec.error_bound()
+
+    # Execute
+    total = np.zeros(dim, dtype=np.uint32)
+    for _ in range(k):
+        total += codec.encode(x)[0]
+    error = codec.decode(total) - k * x
+
+    # Assert: never above k q; spread at the stated SD (within sampling error of 200k draws).
+    assert np.abs(error).max() <= bound["sum_max"]
+    assert 0.95 * bound["sum_sd"] <= error.std() <= 1.05 * bound["sum_sd"]
+    assert abs(error.mean()) < 0.05 * bound["sum_sd"]  # unbiased
+
+
+def test_a_site_refuses_a_round_whose_sum_its_ring_cannot_hold():
+    """The ring and clip range are the signed configuration's; the round size is the site's
+    own count. Too many sites for a 32-bit ring at this clip range: no encoding, one line."""
+    roster, _ = Roster.generate(40)
+    base = SecAggConfig(n_clients=2, ring_bits=32, clip_range=1e8)
+    assert pinned_config(base, roster=roster, n_round=20).codec.frac_bits == 0
+    with pytest.raises(ProtocolError, match="cannot hold their sum without wrapping") as err:
+        pinned_config(base, roster=roster, n_round=30)
+    assert "\n" not in str(err.value)
+
+
+def test_the_32_bit_ring_sends_half_the_words_of_the_64_bit_one():
+    inputs, dim = _site_updates([10, 20, 30])
+    sent = {}
+    for bits in (32, 64):
+        params = SecAggConfig(n_clients=3, ring_bits=bits, clip_range=1e5)
+        sent[bits] = secure_sum(inputs, config=params, round_index=1).bytes_sent[0]
+    # Per value: 4 vs 8 bytes; the keys, shares and signatures are the same few kB.
+    assert math.isclose(sent[64] - sent[32], 4 * (dim + 1), rel_tol=0.01)
+    assert sent[32] <= 4 * (dim + 1) * 1.1
