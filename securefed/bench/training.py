@@ -238,6 +238,12 @@ class _PeakMemory:
         return _proc_status_kib("VmHWM") is not None
 
     def reset(self) -> None:
+        # Hand freed heap back to the kernel first: memory the allocator keeps from an earlier
+        # round (e.g. a DP round's per-sample gradients) would otherwise count in this one.
+        import gc
+
+        gc.collect()
+        _malloc_trim()
         if self.resettable:
             self._reset_hwm()
 
@@ -247,6 +253,18 @@ class _PeakMemory:
         import resource
 
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def _malloc_trim() -> None:
+    """Return freed heap to the kernel (glibc's ``malloc_trim(0)``; elsewhere nothing)."""
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    try:
+        ctypes.CDLL(name).malloc_trim(0)
+    except (OSError, AttributeError, TypeError):
+        pass
 
 
 def _rss_now_mib() -> float | None:
@@ -342,6 +360,7 @@ def measure_workload(
     }
     noise = SecretNoise()
     memory = _PeakMemory()
+    memory.reset()
     setup_rss = _rss_now_mib()
     rounds = {"dp": 0, "plain": 0}
 
@@ -419,6 +438,12 @@ def measure_workload(
         / min(per_sample(r) for r in runs["plain"]),
         ratio_median=statistics.median(paired),
         setup_rss_mib=setup_rss,
+        # Resetting the high-water mark also resets what wait4 would report for this process:
+        # its peak is the largest of the rounds' peaks and what it held before them.
+        process_peak_rss_mib=max(
+            [setup_rss or 0.0]
+            + [r["peak_mib"] for mode in ("dp", "plain") for r in (warm[mode], *runs[mode])]
+        ),
         peak_rss_resettable=memory.resettable,
         calibration_seconds=calibration_seconds,
         accounting_seconds_per_round=statistics.median(acct),
@@ -709,7 +734,9 @@ def run_training_bench(*, out_dir: Path, grid: TrainingGrid, progress: bool = Tr
             failures.append(str(exc))
             say(f"training bench: {exc}")
             continue
-        add({"kind": "step", "key": key, **result, "process_peak_rss_mib": peak})
+        if not result["peak_rss_resettable"]:
+            result["process_peak_rss_mib"] = peak  # no resets: wait4's figure is the whole run's
+        add({"kind": "step", "key": key, **result})
 
     if grid.quickstart:
         qs_key = f"quickstart/{device}"
