@@ -18,9 +18,10 @@ accountant or a quicker start-up shows up here without touching this suite:
   On CUDA, ``torch.cuda.max_memory_allocated`` per round as well.
 - **Accounting.** After every DP round the trainer's ledger holds one more event, and
   :meth:`~securefed.dp.trainer.SiteTrainer.epsilon` (what a site computes after each round;
-  the server's :class:`securefed.fl.claims` does the same from the same ledger) is timed.
+  the server's :mod:`securefed.fl.claims` does the same from the same ledger) is timed.
   The plan itself comes from :func:`securefed.fl.planning.plan_site_privacy` (sigma calibrated
-  once for ε = 8 over 10 rounds), whose seconds are reported too.
+  once for ε = 8 over 10 rounds, or over every round measured when more), whose seconds are
+  reported too.
 - **Quick start.** ``securefed train --dp-epsilon 8 --secure-agg`` as a child process of the
   real CLI, in an empty folder: wall time, peak RSS (``os.wait4``'s resource usage of that
   child alone), accuracy and ε from its ``metrics.json`` and ``privacy.json``; and the
@@ -341,7 +342,11 @@ def measure_workload(
     data = _Counted(torch.utils.data.TensorDataset(x, y))
 
     start = time.perf_counter()
-    plan = _site_plan(num_samples=n, batch_size=workload.batch_size, epochs=1, rounds=10)
+    # Planned for at least every round this process runs (warm-up + repeats), so no round
+    # goes past the plan whatever --repeats is.
+    plan = _site_plan(
+        num_samples=n, batch_size=workload.batch_size, epochs=1, rounds=max(10, repeats + 1)
+    )
     calibration_seconds = time.perf_counter() - start
 
     common = {
