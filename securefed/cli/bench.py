@@ -267,3 +267,84 @@ def bench_real_data(out, quick, seeds, device, data_dir, sets, arms, epsilons):
     if quick:
         grid = quick_grid(grid)
     _done(run_real_data(out_dir=Path(out or "bench-out/real-data"), grid=grid, progress=True))
+
+
+def _positive(value: int | None, flag: str) -> None:
+    if value is not None and value < 1:
+        raise click.BadParameter("must be at least 1", param_hint=flag)
+
+
+@bench.command("training")
+@option(
+    "--out",
+    type=click.Path(file_okay=False),
+    default=None,
+    help="Output folder [default: bench-out/training]; a finished row there is not rerun.",
+)
+@option("--quick", is_flag=True, help="2 repeats of 2-step rounds: minutes on 2 CPU cores.")
+@option("--device", type=click.Choice(DEVICES), default="auto", show_default=True)
+@option(
+    "--models",
+    default="cnn,resnet-small,resnet18,unet",
+    show_default=True,
+    help="Comma-separated: cnn (28 px, batch 256 and 64), resnet-small (64 px, batch 64), "
+    "resnet18 (64 px, batch 16), unet (3D, 32^3, batch 2).",
+)
+@option(
+    "--repeats",
+    type=int,
+    default=None,
+    show_default="5; quick 2",
+    help="Measured DP and plain rounds per model (alternating, after one warm-up each).",
+)
+@option("--steps", type=int, default=None, show_default="4; quick 2", help="Steps per round.")
+@option("--batch", type=int, default=None, show_default="per model", help="Batch for every model.")
+@option(
+    "--threads",
+    type=int,
+    default=1,
+    show_default=True,
+    help="Torch CPU threads of the step measurements (0: torch's default).",
+)
+@option("--skip-quickstart", is_flag=True, help="Do not run the quick start.")
+@option(
+    "--quickstart-rounds",
+    type=int,
+    default=None,
+    show_default="10, the CLI's",
+    help="Rounds of the quick start.",
+)
+def bench_training(
+    out, quick, device, models, repeats, steps, batch, threads, skip_quickstart, quickstart_rounds
+):
+    """DP-SGD step vs plain step, samples/s, peak RSS, accounting; the quick start's wall time.
+
+    Each model runs in its own process through SiteTrainer.train_round (DP plan vs none),
+    on synthetic tensors; the quick start runs the real CLI in a child process.
+    """
+    import dataclasses
+
+    from securefed.bench.training import (
+        QUICK_TRAINING,
+        TrainingGrid,
+        default_workloads,
+        run_training_bench,
+    )
+
+    for value, flag in ((repeats, "--repeats"), (steps, "--steps"), (batch, "--batch")):
+        _positive(value, flag)
+    _positive(quickstart_rounds, "--quickstart-rounds")
+    if threads < 0:
+        raise click.BadParameter("must be 0 or more", param_hint="--threads")
+    grid = QUICK_TRAINING if quick else TrainingGrid()
+    grid = dataclasses.replace(
+        grid,
+        workloads=default_workloads(tuple(m.strip() for m in models.split(",")), batch),
+        device=device,
+        repeats=repeats or grid.repeats,
+        steps=steps or grid.steps,
+        threads=threads or None,
+        quickstart=not skip_quickstart,
+        quickstart_rounds=quickstart_rounds,
+    )
+    _done(run_training_bench(out_dir=Path(out or "bench-out/training"), grid=grid, progress=True))
