@@ -34,9 +34,11 @@ randomness (:class:`~securefed.dp.noise.SecretNoise`, never ``--seed``) and stay
 
 from __future__ import annotations
 
+import hashlib
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -47,19 +49,24 @@ from securefed.dp.trainer import NoiseDPOptimizer, SiteTrainer
 from securefed.errors import AuditError
 
 __all__ = [
+    "RECORD_FILE",
     "CONFIDENCE",
     "GUESS_FRACTIONS",
     "METHOD",
     "AuditedSiteTrainer",
     "EmpiricalResult",
     "GradientCanaries",
+    "check_audit_run",
     "empirical_epsilon",
+    "file_sha256",
     "epsilon_lower_bound",
     "p_value",
 ]
 
 #: What :func:`empirical_epsilon` reports as its method.
 METHOD = "one-run white-box Dirac gradient canaries (Steinke, Nasr & Jagielski 2023)"
+#: The audit run's record (per canary: secret coin and score), beside privacy.json.
+RECORD_FILE = "empirical_audit.json"
 #: Default confidence of the lower bound.
 CONFIDENCE = 0.95
 #: Guesses tried, as a fraction of the canaries (half guessed +1, half -1). Fixed before the
@@ -378,3 +385,72 @@ class AuditedSiteTrainer(SiteTrainer):
         assert self.plan is not None
         self.canaries.attach(dp_optimizer, noise=noise, sample_rate=self.plan.sample_rate)
         return private, dp_optimizer, loader, counter
+
+
+def file_sha256(path: Path) -> str:
+    """Hex SHA-256 of a file's bytes."""
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def check_audit_run(run_dir: Path | str) -> dict[str, Any]:
+    """Recompute an audit run's eps_emp from its record and compare it with the claim.
+
+    Checks, in order: privacy.json's hash over itself, config.json and metrics.json; the
+    record's SHA-256 against privacy.json's ``empirical.record_sha256``; the record's shape;
+    that eps_emp recomputed from the record's coins and scores is the reported one.
+
+    Returns:
+        ``eps_emp``, ``epsilon`` (the audited site's analytical claim), ``site``, ``K``,
+        ``guesses``, ``correct``, ``confidence``, and ``holds``: eps_emp <= epsilon (a lower
+        bound above the claim refutes it at the stated confidence).
+
+    Raises:
+        AuditError: One line, for a missing, unreadable or tampered file or a run that is
+            no audit run.
+
+    """
+    from securefed.dp.report import read_json, report_hash
+
+    run = Path(run_dir)
+    privacy = read_json(run / "privacy.json")
+    if not isinstance(privacy, dict):
+        raise AuditError(f"{run / 'privacy.json'}: not a privacy report")
+    block = privacy.get("empirical")
+    if not isinstance(block, dict):
+        raise AuditError(
+            f"{run}: no empirical audit in privacy.json (train with --audit-canaries K)"
+        )
+    config, metrics = read_json(run / "config.json"), read_json(run / "metrics.json")
+    if privacy.get("sha256") != report_hash(privacy=privacy, config=config, metrics=metrics):
+        raise AuditError(f"{run / 'privacy.json'}: sha256 does not match its contents (edited)")
+    path = run / str(block.get("record", RECORD_FILE))
+    if not path.is_file():
+        raise AuditError(f"{path}: file not found")
+    if file_sha256(path) != block.get("record_sha256"):
+        raise AuditError(f"{path}: does not match privacy.json's record_sha256 (edited)")
+    record = read_json(path)
+    try:
+        signs, scores = record["signs"], record["scores"]
+        count, site = int(block["K"]), int(block["site"])
+        delta, confidence = float(block["delta"]), float(block["confidence"])
+        reported = float(block["eps_emp"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise AuditError(f"{path}: not an empirical audit record ({exc!r})") from exc
+    if not isinstance(signs, list) or len(signs) != count:
+        raise AuditError(f"{path}: {count} canaries declared, record holds another number")
+    result = empirical_epsilon(scores, signs, delta=delta, confidence=confidence)
+    if abs(result.eps_emp - reported) > 1e-6:
+        raise AuditError(
+            f"{run}: eps_emp recomputed from the record is {result.eps_emp:.4f}, the report "
+            f"says {reported:.4f}"
+        )
+    claims = {c.get("client_id"): c.get("epsilon") for c in privacy.get("clients", [])}
+    epsilon = claims.get(site)
+    if not isinstance(epsilon, (int, float)):
+        raise AuditError(f"{run / 'privacy.json'}: no analytical epsilon for site {site}")
+    return {
+        **result.to_dict(),
+        "site": site,
+        "epsilon": float(epsilon),
+        "holds": result.eps_emp <= float(epsilon),
+    }

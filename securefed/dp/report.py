@@ -22,7 +22,8 @@ __all__ = [
 
 #: Bump the minor version for added keys, the major version for changed or removed ones.
 #: privacy.json and config.json share it. 3.0: `transfer.frozen_parameters` counts scalars.
-SCHEMA_VERSION = "3.0"
+#: 3.1: optional `empirical` block (audit runs) in privacy.json, `audit_canaries` in config.json.
+SCHEMA_VERSION = "3.1"
 
 THREAT_MODEL = (
     "Record-level (epsilon, delta)-DP per site for replace-one adjacency: each site's DP-SGD "
