@@ -50,7 +50,8 @@ def audit(run_dir, as_json, site_keys_file, allow_reproducible_noise, empirical)
 
     \b
     Cannot prove: that noise was drawn at all (a site that skips it signs the same
-    claim; the signature makes the site accountable for its claim, no more). Without
+    claim; the signature makes the site accountable for its claim, no more; an audit
+    run's --empirical check measures it). Without
     --site-keys the keys are self-asserted by the report: anyone who rewrites the report
     can re-sign it with keys of their own. Pin the keys the sites published.
 
