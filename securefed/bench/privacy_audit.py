@@ -26,7 +26,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset, TensorDataset
 
-from securefed.bench.common import environment, open_suite, write_atomic, write_rows
+from securefed.bench.common import environment, mean_std, open_suite, write_atomic, write_rows
 from securefed.dp.accounting import (
     ACCOUNTANT,
     calibrate_noise,
@@ -272,12 +272,44 @@ def _summary(rows: list[dict[str, Any]], grid: AuditGrid) -> str:
         "analytical epsilon is the ledger's replace-one PLD figure. A lower bound below the "
         "claim is consistent with it; one above it refutes it.",
         "",
+    ]
+    groups: dict[tuple[str, float | None], list[dict[str, Any]]] = {}
+    for r in rows:
+        groups.setdefault((r["dataset"], r["epsilon"]), []).append(r)
+    lines += [
+        "| data set | target ε | analytical ε | eps_emp, mean ± std over seeds | largest eps_emp "
+        "| eps_emp ≤ analytical ε | seeds |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for (d, e), group in sorted(
+        groups.items(), key=lambda kv: (kv[0][0], math.inf if kv[0][1] is None else kv[0][1])
+    ):
+        emp = [r["eps_emp"] for r in group]
+        spent = [r["epsilon_spent"] for r in group]
+        below = (
+            "n/a (no claim)"
+            if e is None
+            else ("yes" if all(x <= y for x, y in zip(emp, spent)) else "**NO**")
+        )
+        lines.append(
+            f"| {d} | {_fmt(e)} | {mean_std(spent)} | {mean_std(emp)} | {max(emp):.3f} "
+            f"| {below} | {len(group)} |"
+        )
+    lines += [
+        "",
+        "Per seed:",
+        "",
         "| data set | target ε | analytical ε | eps_emp | correct / guesses | σ | q | steps "
         "| seed |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in sorted(
-        rows, key=lambda r: (r["dataset"], math.inf if r["epsilon"] is None else r["epsilon"])
+        rows,
+        key=lambda r: (
+            r["dataset"],
+            math.inf if r["epsilon"] is None else r["epsilon"],
+            r["seed"],
+        ),
     ):
         spent = "∞" if r["epsilon_spent"] is None else f"{r['epsilon_spent']:.3f}"
         lines.append(
