@@ -10,6 +10,7 @@ from click.testing import CliRunner
 from securefed.cli import cli
 from securefed.config import RunConfig
 from securefed.deploy.coordinator import check_deployable
+from securefed.dp.audit import audit_run as audit_run_dir
 from securefed.dp.empirical import RECORD_FILE, check_audit_run
 from securefed.errors import AuditError, ConfigError
 from securefed.run import train
@@ -54,6 +55,10 @@ def test_audit_empirical_cli_passes_and_refuses_a_tampered_record(audit_run, tmp
     bad = CliRunner().invoke(cli, ["audit", "--empirical", str(copy)])
     assert bad.exit_code == 2
     assert bad.output.strip().count("\n") == 0 and "record_sha256 (edited)" in bad.output
+    # The signature audit reads the empirical block too: one more check, failing here.
+    assert audit_run_dir(audit_run).ok
+    checks = {c.name: c for c in audit_run_dir(copy).checks}
+    assert not checks["empirical audit record"].ok
 
 
 def test_a_run_without_canaries_has_no_empirical_block(small_config, tmp_path):
