@@ -670,8 +670,8 @@ class RunConfig:
                 f"(got {self.dp_epsilon}).",
             )
         _check(
-            self.audit_canaries >= 0,
-            f"{_n('audit_canaries')} must be 0 (off) or a positive count "
+            self.audit_canaries == 0 or self.audit_canaries >= 2,
+            f"{_n('audit_canaries')} must be 0 (off) or a count of at least 2 "
             f"(got {self.audit_canaries}).",
         )
         _check(

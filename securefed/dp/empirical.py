@@ -46,7 +46,7 @@ from torch import nn
 
 from securefed.dp.noise import NoiseSource, SecretNoise
 from securefed.dp.trainer import NoiseDPOptimizer, SiteTrainer
-from securefed.errors import AuditError
+from securefed.errors import AuditError, ConfigError
 
 __all__ = [
     "RECORD_FILE",
@@ -279,9 +279,9 @@ class GradientCanaries:
 
     def _draw(self, num_params: int) -> None:
         if self.count > num_params:
-            raise ValueError(
-                f"{self.count} canaries need as many trainable parameters (the model has "
-                f"{num_params})"
+            raise ConfigError(
+                f"--audit-canaries {self.count}: each canary needs a trainable parameter of its "
+                f"own and the model has {num_params}"
             )
         # A secret uniform permutation: sort uniform 64-bit keys; the first K are the places.
         keys = torch.frombuffer(
@@ -327,6 +327,8 @@ class GradientCanaries:
                     continue
                 pick = sampled[idx]
                 if bool(pick.any()):
+                    if not p.summed_grad.is_contiguous():  # view() must alias the sum
+                        p.summed_grad = p.summed_grad.contiguous()
                     flat = p.summed_grad.view(-1)
                     values = (self.signs[idx][pick] * step_size).to(flat.dtype).to(flat.device)
                     flat.index_add_(0, off[pick].to(flat.device), values)

@@ -18,7 +18,7 @@ from securefed.dp.empirical import (
     p_value,
 )
 from securefed.dp.noise import SecretNoise
-from securefed.errors import AuditError
+from securefed.errors import AuditError, ConfigError
 
 
 class _SilencedNoise(SecretNoise):
@@ -93,6 +93,8 @@ def test_canary_places_and_coins_are_secret_not_seeded():
         draws.append((c.coordinates.tolist(), c.signs.tolist()))
         assert len(set(draws[-1][0])) == 50  # distinct coordinates
     assert draws[0] != draws[1]
+    with pytest.raises(ConfigError, match="needs a trainable parameter of its own"):
+        GradientCanaries(count=50)._draw(49)
 
 
 def _site(n: int = 240) -> TensorDataset:

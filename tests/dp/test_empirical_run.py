@@ -74,7 +74,8 @@ def test_a_run_without_canaries_has_no_empirical_block(small_config, tmp_path):
 def test_audit_canaries_need_dp_and_stay_in_process():
     with pytest.raises(ConfigError, match="needs --dp-epsilon"):
         RunConfig(dp_epsilon=None, audit_canaries=10)
-    with pytest.raises(ConfigError, match="positive count"):
-        RunConfig(audit_canaries=-1)
+    for bad in (-1, 1):
+        with pytest.raises(ConfigError, match="at least 2"):
+            RunConfig(audit_canaries=bad)
     with pytest.raises(ConfigError, match="--audit-canaries"):
         check_deployable(RunConfig(audit_canaries=10))
