@@ -279,6 +279,8 @@ def write_outputs(fed: RoundEngine, out: Path) -> None:
         fed.sign_privacy(privacy, run=config["run"])
     privacy["sha256"] = report_hash(privacy=privacy, config=config, metrics=metrics)
     meta = {"model": fed.built.name, "securefed": "0.1.0", "task": fed.task.name}
+    if audit is not None:  # the weights carry the canaries: say so in the file itself
+        meta["audit_run"] = "gradient canaries inside; do not deploy"
     save_file(
         {k: v.detach().cpu().contiguous() for k, v in fed.global_model.state_dict().items()},
         str(out / "model.safetensors"),

@@ -37,6 +37,10 @@ def test_audit_run_reports_eps_emp_below_the_claim_and_declares_itself(audit_run
     assert summary[2].startswith("**Privacy unit: one training record")
     assert "AUDIT RUN: do not deploy" in "\n".join(summary[:6])
     assert any("eps_emp" in line and "lower bound" not in line for line in summary)
+    from safetensors import safe_open
+
+    with safe_open(str(audit_run / "model.safetensors"), framework="pt") as f:
+        assert "do not deploy" in f.metadata()["audit_run"]
     result = check_audit_run(audit_run)
     assert result["holds"] and result["eps_emp"] == pytest.approx(block["eps_emp"])
 
