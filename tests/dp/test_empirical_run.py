@@ -83,3 +83,22 @@ def test_audit_canaries_need_dp_and_stay_in_process():
             RunConfig(audit_canaries=bad)
     with pytest.raises(ConfigError, match="--audit-canaries"):
         check_deployable(RunConfig(audit_canaries=10))
+
+
+def test_a_run_whose_noise_is_silently_off_fails_its_empirical_audit(
+    small_npz, tmp_path, monkeypatch
+):
+    """The planted bug through the whole run: the ledger claims eps = 1, no noise is added."""
+    from securefed.fl import site_runtime
+    from tests.conftest import tiny_config
+    from tests.dp.test_empirical import _SilencedNoise
+
+    monkeypatch.setattr(site_runtime, "mechanism_noise", lambda config, *labels: _SilencedNoise())
+    cfg = tiny_config(small_npz, rounds=1, dp_epsilon=1.0, audit_canaries=200, calibrate=False)
+    out = train(cfg, out_dir=tmp_path / "run", progress=False)
+    block = json.loads((out / "privacy.json").read_text())["empirical"]
+    assert block["epsilon"] <= 1.0 < block["eps_emp"]
+    assert "EXCEEDS the analytical ε" in (out / "summary.md").read_text()
+    refuted = CliRunner().invoke(cli, ["audit", "--empirical", str(out)])
+    assert refuted.exit_code == 1 and refuted.output.startswith("[FAIL] site 0: eps_emp")
+    assert not audit_run_dir(out).ok  # the signature audit fails it as well
