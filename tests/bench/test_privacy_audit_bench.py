@@ -30,7 +30,7 @@ def test_rows_hold_eps_emp_per_epsilon_below_the_claim_and_resume(tmp_path):
     noisy, bare = rows
     assert noisy["eps_emp"] <= noisy["epsilon_spent"] <= 4.0
     assert bare["epsilon_spent"] is None and bare["noise_multiplier"] == 0.0
-    assert bare["eps_emp"] > 2.0 and bare["correct"] == bare["guesses"]
+    assert bare["eps_emp"] > 2.0 and bare["correct"] >= 0.95 * bare["guesses"]
     summary = (tmp_path / "summary.md").read_text()
     assert "| synthetic | 4 |" in summary and "∞ (no noise)" in summary
     # Finished cells are read back, not trained again.
