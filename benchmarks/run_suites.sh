@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The commands behind the README's issue-4 and issue-5 figures, in the order they were run.
 # Run from the repository root with ../shared/data beside it. Each suite resumes if interrupted.
-# Usage: bash benchmarks/run_suites.sh [strategies|twins|privacy-utility|scaling|all]
+# Usage: bash benchmarks/run_suites.sh [strategies|twins|privacy-utility|scaling|privacy-audit|all]
 set -euo pipefail
 data=../shared/data
 run() { echo "+ $*" >&2; "$@"; }
@@ -18,6 +18,8 @@ case "${1:-all}" in
         --out bench-out/privacy-utility ;;&
   scaling|all)
     run securefed bench scaling --seeds 0,1,2 --device cpu --out bench-out/scaling ;;&
-  strategies|twins|privacy-utility|scaling|all) ;;
+  privacy-audit|all)
+    run securefed bench privacy-audit --data-dir "$data" --device cpu --out bench-out/privacy-audit ;;&
+  strategies|twins|privacy-utility|scaling|privacy-audit|all) ;;
   *) echo "unknown suite: $1" >&2; exit 2 ;;
 esac

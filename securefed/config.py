@@ -273,6 +273,10 @@ class RunConfig:
             decision offsets from DP-noised per-class score statistics of the sites' training
             data (:mod:`securefed.dp.calibration`), accounted within ``dp_epsilon``.
         calibration_noise: Noise multiplier of that release.
+        audit_canaries: K > 0 makes the run an empirical privacy audit: site 0's DP-SGD
+            carries K white-box gradient canaries (:mod:`securefed.dp.empirical`) and the
+            report gains eps_emp, a lower bound on its epsilon. The canaries change the
+            model, so such a run is an audit run, not one to deploy. 0: no audit.
         disclose_site_sizes: Every site agrees to put its training-set size and class counts
             in the run's files (off: they stay at the site; only their sum in a round's secure
             sum is released). In a deployment each site decides for itself.
@@ -453,6 +457,13 @@ class RunConfig:
         8.0,
         help="Noise multiplier of the calibration release (sigma per unit of its sensitivity); "
         "its privacy cost is part of --dp-epsilon.",
+    )
+    audit_canaries: int = _setting(
+        0,
+        help="Make this an audit run: K gradient canaries in site 0's DP-SGD give a measured "
+        "lower bound eps_emp on its ε (privacy.json `empirical`); the model carries them: do "
+        "not deploy it. 0: off.",
+        deploy=False,
     )
     disclose_site_sizes: bool = _setting(
         False,
@@ -671,6 +682,15 @@ class RunConfig:
                 f"{_n('dp_epsilon')} must be positive and finite, or inf (config: null) for no DP "
                 f"(got {self.dp_epsilon}).",
             )
+        _check(
+            self.audit_canaries == 0 or self.audit_canaries >= 2,
+            f"{_n('audit_canaries')} must be 0 (off) or a count of at least 2 "
+            f"(got {self.audit_canaries}).",
+        )
+        _check(
+            self.audit_canaries == 0 or self.dp_epsilon is not None,
+            f"{_n('audit_canaries')} audits DP-SGD: it needs --dp-epsilon (not inf).",
+        )
         if self.dp_delta is not None:
             _check(
                 0 < self.dp_delta < 1,

@@ -30,7 +30,13 @@ __all__ = ["audit", "report"]
     help="Accept a run whose DP noise came from a seed (test runs only: anyone with the seed "
     "can subtract the noise).",
 )
-def audit(run_dir, as_json, site_keys_file, allow_reproducible_noise) -> None:
+@option(
+    "--empirical",
+    is_flag=True,
+    help="Check the run's empirical audit instead (--audit-canaries): recompute eps_emp from "
+    "the recorded canary coins and scores and compare it with the analytical ε.",
+)
+def audit(run_dir, as_json, site_keys_file, allow_reproducible_noise, empirical) -> None:
     """Check RUN_DIR's privacy claims against its configuration and execution record.
 
     \b
@@ -44,9 +50,16 @@ def audit(run_dir, as_json, site_keys_file, allow_reproducible_noise) -> None:
 
     \b
     Cannot prove: that noise was drawn at all (a site that skips it signs the same
-    claim; the signature makes the site accountable for its claim, no more). Without
+    claim; the signature makes the site accountable for its claim, no more; an audit
+    run's --empirical check measures it). Without
     --site-keys the keys are self-asserted by the report: anyone who rewrites the report
     can re-sign it with keys of their own. Pin the keys the sites published.
+
+    \b
+    With --empirical (an audit run): recomputes eps_emp, the measured lower bound on
+    the audited site's epsilon, from the record the site kept, and checks it is not
+    above the analytical epsilon (exit 1 if it is: the claim is refuted at the stated
+    confidence). A low eps_emp proves nothing about the claim's tightness.
 
     \b
     Exit codes:
@@ -55,6 +68,9 @@ def audit(run_dir, as_json, site_keys_file, allow_reproducible_noise) -> None:
       2  input unreadable or malformed (or a 1.x report, which predates secret noise)
       3  the run makes no DP claim (config and report agree DP is off): not "verified"
     """  # noqa: D301 (click's \b keeps a paragraph as written)
+    if empirical:
+        _audit_empirical(run_dir, as_json=as_json)
+        return
     from securefed.dp.audit import TOLERANCE, audit_run, load_site_keys
     from securefed.errors import AuditError
 
@@ -122,6 +138,36 @@ def audit(run_dir, as_json, site_keys_file, allow_reproducible_noise) -> None:
         else:
             click.echo("audit: all claims hold")
     sys.exit(result.exit_code)
+
+
+def _audit_empirical(run_dir: str, *, as_json: bool) -> None:
+    """``securefed audit --empirical``: exit 0 (holds), 1 (refuted) or 2 (bad input)."""
+    from securefed.dp.empirical import check_audit_run
+    from securefed.errors import AuditError
+
+    try:
+        result = check_audit_run(run_dir)
+    except AuditError as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(2)
+    if as_json:
+        import json
+
+        click.echo(json.dumps(result, indent=2))
+    else:
+        verdict = "PASS" if result["holds"] else "FAIL"
+        relation = "<=" if result["holds"] else ">"
+        click.echo(
+            f"[{verdict}] site {result['site']}: eps_emp {result['eps_emp']:.4f} (recomputed from "
+            f"{result['K']} canaries, {result['correct']}/{result['guesses']} guesses right, "
+            f"{result['confidence']:.0%} confidence) {relation} analytical epsilon "
+            f"{result['epsilon']:.4f}"
+        )
+        click.echo(
+            "eps_emp is a lower bound: above the claim it refutes it; below, it shows the "
+            "mechanism leaks at least that much, not that the claim is tight."
+        )
+    sys.exit(0 if result["holds"] else 1)
 
 
 @click.command()

@@ -348,3 +348,40 @@ def bench_training(
         quickstart_rounds=quickstart_rounds,
     )
     _done(run_training_bench(out_dir=Path(out or "bench-out/training"), grid=grid, progress=True))
+
+
+@bench.command("privacy-audit")
+@_bench_options(default_seeds="0,1,2 (quick: 0)")
+@option(
+    "--data-dir",
+    type=click.Path(file_okay=False),
+    default="../shared/data",
+    show_default=True,
+    help="Folder holding the real sets' .npz files.",
+)
+@option(
+    "--sets",
+    default="synthetic,pneumoniamnist",
+    show_default=True,
+    help="Comma-separated data sets: synthetic and/or .npz names in --data-dir.",
+)
+@option("--epsilons", default="1,4,8,inf", show_default=True, help="Comma-separated ε; inf = σ 0.")
+@option("--canaries", type=int, default=None, help="Gradient canaries [default: 1000; quick 500].")
+def bench_privacy_audit(out, quick, seeds, device, data_dir, sets, epsilons, canaries):
+    """Empirical ε (one-run gradient-canary audit, 95 %) against the analytical ε, per ε."""
+    import dataclasses
+
+    from securefed.bench.privacy_audit import QUICK_AUDIT, AuditGrid, run_privacy_audit
+
+    grid = QUICK_AUDIT if quick else AuditGrid()
+    grid = dataclasses.replace(
+        grid,
+        datasets=tuple(s.strip() for s in sets.split(",")),
+        data_dir=data_dir,
+        epsilons=_epsilons(epsilons),
+        seeds=_seeds(seeds, grid.seeds),
+        canaries=grid.canaries if canaries is None else canaries,
+        device=device,
+    )
+    out = Path(out or "bench-out/privacy-audit")
+    _done(run_privacy_audit(out_dir=out, grid=grid, progress=True))

@@ -37,7 +37,8 @@ def check_deployable(config: RunConfig) -> None:
 
     Raises:
         ConfigError: For a public split (its provenance needs the server's copy of the
-            sites' data) or simulated dropouts (real sites drop out on their own).
+            sites' data), simulated dropouts (real sites drop out on their own) or an
+            empirical audit (an audit run is a separate, declared in-process run).
 
     """
     problems = []
@@ -45,6 +46,8 @@ def check_deployable(config: RunConfig) -> None:
         problems.append("--public-fraction")
     if config.dropout_clients:
         problems.append("--dropout-clients (real sites drop out on their own)")
+    if config.audit_canaries:
+        problems.append("--audit-canaries (an audit run is a separate in-process run)")
     if problems:
         raise ConfigError(
             "the Flower runtime does not support " + "; ".join(problems) + "; run it in-process"

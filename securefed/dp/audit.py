@@ -702,4 +702,23 @@ def audit_run(
         )
     except (KeyError, TypeError, ValueError, AttributeError) as exc:
         raise AuditError(f"{where}: malformed entry ({exc!r})") from exc
+    if "empirical" in privacy:
+        _check_empirical(result, run_dir)
     return result
+
+
+def _check_empirical(result: AuditResult, run_dir: Path) -> None:
+    """An audit run (``--audit-canaries``): eps_emp, recomputed, must not exceed the claim."""
+    from securefed.dp.empirical import check_audit_run  # torch: only audit runs need it
+
+    try:
+        e = check_audit_run(run_dir)
+    except AuditError as exc:
+        result.add("empirical audit record", False, str(exc))
+        return
+    result.add(
+        "empirical: eps_emp <= analytical epsilon (audit run)",
+        e["holds"],
+        f"site {e['site']}: eps_emp {e['eps_emp']:.4f} recomputed from {e['K']} canaries "
+        f"({e['confidence']:.0%}), epsilon {e['epsilon']:.4f}",
+    )

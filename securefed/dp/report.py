@@ -22,7 +22,8 @@ __all__ = [
 
 #: Bump the minor version for added keys, the major version for changed or removed ones.
 #: privacy.json and config.json share it. 3.0: `transfer.frozen_parameters` counts scalars.
-#: 3.1 (additive): the masking ring's choice and error bound (docs/schemas.md).
+#: 3.1 (additive): the masking ring's choice and error bound; an optional `empirical` block
+#: (audit runs) in privacy.json and `audit_canaries` in config.json (docs/schemas.md).
 SCHEMA_VERSION = "3.1"
 
 THREAT_MODEL = (

@@ -16,6 +16,7 @@ import numpy as np
 from securefed.config import RunConfig
 from securefed.crypto.roster import Roster
 from securefed.data.dataset import DatasetBundle, load_dataset
+from securefed.dp.empirical import CONFIDENCE, GradientCanaries
 from securefed.errors import ConfigError, DataError
 from securefed.fl.engine import METRICS_SCHEMA_VERSION, RoundEngine, RoundRecord
 from securefed.fl.planning import seed_for, site_splits
@@ -24,7 +25,10 @@ from securefed.fl.transfer import public_split
 from securefed.protocol.link import LocalLink
 from securefed.protocol.wire import Stage
 
-__all__ = ["Federation", "METRICS_SCHEMA_VERSION", "RoundRecord"]
+__all__ = ["AUDITED_SITE", "Federation", "METRICS_SCHEMA_VERSION", "RoundRecord"]
+
+#: The site whose DP-SGD carries ``--audit-canaries``' canaries.
+AUDITED_SITE = 0
 
 
 def _in_process_roster(config: RunConfig, signers: Mapping[int, Any]) -> Roster:
@@ -123,6 +127,10 @@ class Federation(RoundEngine):
         }
         if self.mode.uses_roster:
             self.roster = _in_process_roster(config, signers)
+        #: ``--audit-canaries``: the audited site's canaries (secret coins drawn at the site).
+        self.canaries = (
+            GradientCanaries(count=config.audit_canaries) if config.audit_canaries else None
+        )
         self.sites: list[SiteRuntime] = [
             SiteRuntime(
                 config,
@@ -141,6 +149,7 @@ class Federation(RoundEngine):
                 he_secret=he_secret,
                 he_public=he_public,
                 roster=self.roster,
+                canaries=self.canaries if cid == AUDITED_SITE else None,
             )
             for cid, (train, held) in enumerate(splits)
         ]
@@ -165,6 +174,28 @@ class Federation(RoundEngine):
         rng = np.random.default_rng(seed_for(self.config.seed, 5, round_index))
         gone = {int(c) for c in rng.choice(chosen, size=count, replace=False)} if count else set()
         return (gone, set()) if self.config.dropout_phase == "before" else (set(), gone)
+
+    def empirical_audit(self) -> tuple[dict[str, Any], dict[str, Any]] | None:
+        """``--audit-canaries``: privacy.json's ``empirical`` block and the site's record.
+
+        The record (each canary's secret coin and score) is what ``securefed audit
+        --empirical`` recomputes eps_emp from; in-process the operator holds every site's
+        data anyway, so it is written into the run folder. None without an audit.
+        """
+        if self.canaries is None:
+            return None
+        site = self.sites[AUDITED_SITE]
+        assert site.plan is not None
+        result = self.canaries.result(delta=site.plan.delta, confidence=CONFIDENCE)
+        record = {"site": AUDITED_SITE, **self.canaries.record()}
+        block = {
+            **result.to_dict(),
+            "site": AUDITED_SITE,
+            "epsilon": site.trainer.epsilon(),
+            "steps": self.canaries.steps,
+            "audit_run": True,
+        }
+        return block, record
 
     def set_progress(self, enabled: bool) -> None:
         """Show a bar (site, step/total) on stderr while a site's local training runs long."""

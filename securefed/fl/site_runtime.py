@@ -26,6 +26,7 @@ from securefed.config import RunConfig
 from securefed.crypto.roster import Roster
 from securefed.data.dataset import ArraySplit
 from securefed.dp import calibration
+from securefed.dp.empirical import AuditedSiteTrainer, GradientCanaries
 from securefed.dp.ledger import PrivacyEvent, PrivacyLedger
 from securefed.dp.signing import SiteSigner
 from securefed.dp.trainer import SiteTrainer
@@ -156,6 +157,8 @@ class SiteRuntime:
         min_contributors: The site's own least number of sites in any sum it helps reveal
             (a deployed site's ``min-contributors``); the mode applies the larger of it and
             the roster's.
+        canaries: Gradient canaries for an empirical audit run (``--audit-canaries``; the
+            in-process runtime hands them to site 0): the site's DP-SGD carries them.
 
     Attributes:
         plan: The DP-SGD plan the site derived for itself (None without DP).
@@ -188,6 +191,7 @@ class SiteRuntime:
         disclose_size: bool = True,
         roster: Roster | None = None,
         min_contributors: int | None = None,
+        canaries: GradientCanaries | None = None,
     ) -> None:
         if config.dp_enabled and signer is None:
             raise ConfigError(f"site {client_id}: a DP run needs the site's signing key")
@@ -211,7 +215,9 @@ class SiteRuntime:
         #: False until the site knows its own history (a fresh site process learns it from its
         #: stored copy; a new site starts with an empty one).
         self.history_known = True
-        self.trainer = SiteTrainer(
+        audit = {} if canaries is None else {"canaries": canaries}
+        self.trainer = (SiteTrainer if canaries is None else AuditedSiteTrainer)(
+            **audit,
             client_id=client_id,
             dataset=training_dataset(
                 config, train=train, spatial_dims=spatial_dims, site_id=client_id

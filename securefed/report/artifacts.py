@@ -18,6 +18,8 @@ from typing import Any
 from securefed.config import RunConfig
 from securefed.dp import calibration
 from securefed.dp.accounting import ADJACENCY
+from securefed.dp.empirical import RECORD_FILE as EMPIRICAL_RECORD
+from securefed.dp.empirical import file_sha256
 from securefed.dp.report import SCHEMA_VERSION, THREAT_MODEL, json_ready, report_hash, write_json
 from securefed.errors import ConfigError
 from securefed.fl.claims import noise_description
@@ -259,11 +261,26 @@ def write_outputs(fed: RoundEngine, out: Path) -> None:
     config = json_ready(_config_json(fed))
     metrics = json_ready(fed.metrics())
     privacy = json_ready(_privacy_json(fed))
+    audit = fed.empirical_audit() if hasattr(fed, "empirical_audit") else None
+    if audit is not None:
+        # An audit run (--audit-canaries): eps_emp beside the claim, bound by the report's hash
+        # to the record (secret coins and scores) `securefed audit --empirical` recomputes it from.
+        block, record = audit
+        write_json(out / EMPIRICAL_RECORD, record)
+        privacy["empirical"] = json_ready(
+            {
+                **block,
+                "record": EMPIRICAL_RECORD,
+                "record_sha256": file_sha256(out / EMPIRICAL_RECORD),
+            }
+        )
     if fed.config.dp_enabled:
         # Signing precedes the hash so that the hash covers keys and signatures too.
         fed.sign_privacy(privacy, run=config["run"])
     privacy["sha256"] = report_hash(privacy=privacy, config=config, metrics=metrics)
     meta = {"model": fed.built.name, "securefed": "0.1.0", "task": fed.task.name}
+    if audit is not None:  # the weights carry the canaries: say so in the file itself
+        meta["audit_run"] = "gradient canaries inside; do not deploy"
     save_file(
         {k: v.detach().cpu().contiguous() for k, v in fed.global_model.state_dict().items()},
         str(out / "model.safetensors"),

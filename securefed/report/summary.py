@@ -277,6 +277,33 @@ def _failures(metrics: dict[str, Any]) -> list[str]:
     ]
 
 
+def _privacy_unit_line(privacy: dict[str, Any]) -> str:
+    """The privacy unit, first thing a DP run's summary says: a record, not a patient."""
+    return (
+        "**Privacy unit: one training record (one image or volume) at one site.** ε is "
+        "record-level (replace-one adjacency); a patient with k records in a site's data is "
+        "protected at about k·ε, not ε."
+    )
+
+
+def _empirical_lines(empirical: dict[str, Any] | None) -> list[str]:
+    """eps_emp beside the analytical epsilon, with what a lower bound means (audit runs)."""
+    if not empirical:
+        return []
+    return [
+        f"- empirical ε (site {empirical['site']}, {empirical['K']} white-box gradient "
+        f"canaries, {empirical['confidence']:.0%} confidence): eps_emp = "
+        f"**{_fmt(empirical['eps_emp'])}** ≤ analytical ε = {_fmt(empirical['epsilon'])}"
+        if empirical["eps_emp"] <= (empirical["epsilon"] or 0.0)
+        else f"- empirical ε (site {empirical['site']}): eps_emp = "
+        f"**{_fmt(empirical['eps_emp'])}** EXCEEDS the analytical ε = "
+        f"{_fmt(empirical['epsilon'])}: the mechanism does not do what the ledger claims",
+        "  (a lower bound: the mechanism that ran leaks at least this much, at that "
+        "confidence; it is no estimate of the true ε, and a value far below the claim does "
+        "not show the claim is loose. `securefed audit --empirical RUN_DIR` recomputes it)",
+    ]
+
+
 def write_summary(
     out: Path, *, config: dict[str, Any], metrics: dict[str, Any], privacy: dict[str, Any]
 ) -> Path:
@@ -290,6 +317,16 @@ def write_summary(
     conv = metrics.get("convergence")
     ds = privacy["dataset"]
     lines = ["# securefed run summary", ""]
+    if privacy.get("dp"):
+        lines += [_privacy_unit_line(privacy), ""]
+    empirical = privacy.get("empirical")
+    if empirical:
+        lines += [
+            "> **AUDIT RUN: do not deploy this model.** Site "
+            f"{empirical['site']}'s DP-SGD carried {empirical['K']} gradient canaries "
+            "(`--audit-canaries`), which change the model; the run exists to measure privacy.",
+            "",
+        ]
     if privacy.get("dp") and privacy.get("noise") != "secret":
         lines += [
             "> **WARNING: reproducible noise.** This run drew its DP noise and sampling from "
@@ -318,6 +355,7 @@ def write_summary(
             if privacy.get("dp")
             else "- DP-SGD: **off** (non-private baseline)"
         ),
+        *_empirical_lines(empirical),
         f"- wall time: {_fmt(metrics['total_seconds'], 1)} s; convergence: "
         + (f"round {conv['round']} ({_fmt(conv['seconds'], 1)} s)" if conv else "not reached"),
         "",
