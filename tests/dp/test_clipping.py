@@ -16,6 +16,7 @@ import torch
 from torch import nn
 from torch.utils.data import TensorDataset
 
+from securefed.dp import clipping
 from securefed.dp.clipping import BookKeepingClipper, supports
 from securefed.dp.ledger import PrivacyLedger
 from securefed.dp.noise import SECURE_DRAWS, SeededNoise
@@ -331,4 +332,12 @@ def test_one_pass_on_cuda_matches_the_cpu_reference():
         lr=LR,
     ).state
     want, _ = _reference_round(ref, data, batch_size=3, noise=SeededNoise(11, 1))
+    _assert_same(got, want, start)
+
+
+@pytest.mark.parametrize("make", [_cnn, _resnet_small], ids=["cnn", "resnet-small"])
+def test_large_layers_clipped_by_norms_first_then_one_weighted_gradient_match(make, monkeypatch):
+    # Every convolution over the keep limit: norms block by block, the sum recomputed.
+    monkeypatch.setattr(clipping, "KEEP_NUMEL", 50)
+    got, want, start, *_ = _run_both(make, batch_size=3, seed=11)
     _assert_same(got, want, start)
