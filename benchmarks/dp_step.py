@@ -14,8 +14,9 @@ Modes timed (one step = forward, backward, clipping, noise, SGD update):
 
 Timing alternates the modes inside one process and keeps the fastest of ``--repeats`` rounds
 of ``--steps`` steps, so a busy machine affects every mode alike; quote ratios, not seconds.
-Peak memory is the resident-set growth of a fresh subprocess that runs a few steps of one
-mode (``ru_maxrss`` after the steps minus before the first), so modes do not share a peak.
+Peak memory is the resident-set growth of a fresh subprocess that runs 3 steps of one mode
+(Linux ``VmHWM``, reset after the model is built, minus ``VmRSS`` before the first step), so
+modes do not share a peak.
 
     python benchmarks/dp_step.py --models cnn --batches 256,64 --out bench-out/dp-step
     python benchmarks/dp_step.py --models cnn,resnet-small,resnet18,unet --threads 1
@@ -25,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import subprocess
 import sys
 import time
@@ -170,17 +170,25 @@ def time_modes(
     return best
 
 
+def _status_kib(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise KeyError(field)
+
+
 def _peak_child(name: str, mode: str, batch: int, threads: int) -> None:
     torch.set_num_threads(threads)
     fn = make_step(name, mode, batch)
     if fn is None:
         print(json.dumps(None))
         return
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    before = _status_kib("VmRSS")
+    # Reset the high-water mark (Linux): the peak below is the steps', not the imports'.
+    Path("/proc/self/clear_refs").write_text("5")
     for _ in range(3):
         fn()
-    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    print(json.dumps((after - before) / 1024))  # KiB -> MiB (Linux reports KiB)
+    print(json.dumps((_status_kib("VmHWM") - before) / 1024))
 
 
 def peak_mib(name: str, mode: str, batch: int, threads: int) -> float | None:

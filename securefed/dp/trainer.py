@@ -1,11 +1,29 @@
 """Local training at one site: DP-SGD, or plain SGD for the non-private baseline.
 
 DP-SGD is assembled by hand from Opacus' parts rather than through ``PrivacyEngine``: module
-validation, :class:`opacus.GradSampleModule` (per-sample gradients) and a
-:class:`opacus.optimizers.DPOptimizer` (clipping, mean over the expected batch size). What
-Opacus would take from a ``torch.Generator`` -- the Gaussian noise and the Poisson sampling --
-comes from a :class:`~securefed.dp.noise.NoiseSource`, by default a key only the site holds.
-Steps are counted here and written to the ledger; epsilon is computed from the ledger.
+validation, a per-sample clipper and a :class:`opacus.optimizers.DPOptimizer` (clipping,
+mean over the expected batch size). What Opacus would take from a ``torch.Generator`` -- the
+Gaussian noise and the Poisson sampling -- comes from a :class:`~securefed.dp.noise.NoiseSource`,
+by default a key only the site holds. Steps are counted here and written to the ledger;
+epsilon is computed from the ledger.
+
+Which per-sample clipping runs (``SiteTrainer(clipping="auto")``, :func:`clipping_mode`):
+
+- ``one-pass`` (:class:`~securefed.dp.clipping.BookKeepingClipper`) when every trainable
+  parameter sits in a ``Linear``, ``Conv1d/2d/3d`` (zero padding) or ``GroupNorm`` layer:
+  every built-in model except ``vit-unet`` (cnn, resnet-small, resnet18, densenet121, unet,
+  frozen or not). One backward pass that computes no weight's batch gradient; per-sample
+  gradients from native kernels; clipped sums handed to :class:`ClippedSumDPOptimizer`.
+  Why: it is the fastest exact mode measured on CPUs (``benchmarks/dp_step.py``; Opacus'
+  ghost clipping needs two backward passes and has no ghost rule for convolutions, its
+  functorch mode is slower than its hooks) and it keeps no per-sample gradients of large
+  convolutions (memory near a plain step's).
+- ``hooks`` (:class:`opacus.GradSampleModule` + :class:`NoiseDPOptimizer`) otherwise: a
+  layer the one-pass clipper has no rule for (LayerNorm, attention, embeddings, a user's
+  custom layer), or when asked for. Both modes compute the same clipped sums (up to float
+  summation order; ``tests/dp/test_clipping.py`` checks both against DP-SGD written out per
+  sample) and both need the loss to be a mean of per-sample terms (cross-entropy, and the
+  per-sample Dice-CE of segmentation).
 
 With ``max_physical_batch_size`` set, a Poisson-sampled (logical) batch is processed in chunks
 of at most that many records: each chunk's per-sample gradients are clipped and summed into
