@@ -210,6 +210,25 @@ def _grouped_grad_sample(conv: nn.Module, x: torch.Tensor, go: torch.Tensor) -> 
     return gw.view(b, *w.shape)
 
 
+def _group_norm_weight_samples(
+    m: nn.GroupNorm, x: torch.Tensor, go: torch.Tensor, gb: torch.Tensor
+) -> torch.Tensor:
+    """Per-sample GroupNorm weight gradients ``sum_s go * xhat``, without forming ``xhat``.
+
+    ``xhat = (x - mean_g) * rstd_g``, so the sum is ``rstd_g * (sum_s go*x - mean_g *
+    sum_s go)``: the group statistics (one pass over ``x``) and one batched dot product of
+    ``go`` with ``x``, instead of a second group norm and a product the size of ``x``.
+    """
+    b, c = x.shape[:2]
+    var, mean = torch.var_mean(x.reshape(b, m.num_groups, -1), dim=2, unbiased=False)
+    rstd = torch.rsqrt(var + m.eps)
+    per = c // m.num_groups
+    gx = torch.bmm(go.reshape(b * c, 1, -1), x.reshape(b * c, -1, 1)).view(b, c)
+    mean_c = mean.repeat_interleave(per, dim=1)
+    rstd_c = rstd.repeat_interleave(per, dim=1)
+    return (gx - mean_c * gb) * rstd_c
+
+
 def _from_batched(gs: torch.Tensor, layout: object) -> torch.Tensor:
     """Per-sample gradients in the parameter's own layout ``(B, *shape)``."""
     if layout is None:
@@ -288,11 +307,11 @@ class _Layer:
             if "bias" in self.params:
                 self._add("bias", go.sum(spatial))
         else:  # GroupNorm
+            gb = go.sum(spatial)
             if "weight" in self.params:
-                xhat = F.group_norm(x, m.num_groups, eps=m.eps)
-                self._add("weight", (go * xhat).sum(spatial))
+                self._add("weight", _group_norm_weight_samples(m, x, go, gb))
             if "bias" in self.params:
-                self._add("bias", go.sum(spatial))
+                self._add("bias", gb)
 
     def norms_sq(self, n: int, device: torch.device) -> torch.Tensor:
         """Squared per-sample norm of the layer's trainable parameters' gradients."""
