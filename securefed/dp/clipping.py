@@ -213,19 +213,20 @@ def _grouped_grad_sample(conv: nn.Module, x: torch.Tensor, go: torch.Tensor) -> 
 def _group_norm_weight_samples(
     m: nn.GroupNorm, x: torch.Tensor, go: torch.Tensor, gb: torch.Tensor
 ) -> torch.Tensor:
-    """Per-sample GroupNorm weight gradients ``sum_s go * xhat``, without forming ``xhat``.
+    """Per-sample GroupNorm weight gradients ``sum_s go * xhat``, without forming ``go * xhat``.
 
     ``xhat = (x - mean_g) * rstd_g``, so the sum is ``rstd_g * (sum_s go*x - mean_g *
-    sum_s go)``: the group statistics (one pass over ``x``) and one batched dot product of
-    ``go`` with ``x``, instead of a second group norm and a product the size of ``x``.
+    sum_s go)``: the group statistics (the native group-norm kernel's, as in the forward pass)
+    and one dot product per sample and channel, instead of a product the size of ``x``.
     """
     b, c = x.shape[:2]
-    var, mean = torch.var_mean(x.reshape(b, m.num_groups, -1), dim=2, unbiased=False)
-    rstd = torch.rsqrt(var + m.eps)
+    _, mean, rstd = torch.ops.aten.native_group_norm(
+        x, None, None, b, c, x[0, 0].numel(), m.num_groups, m.eps
+    )
     per = c // m.num_groups
-    gx = torch.bmm(go.reshape(b * c, 1, -1), x.reshape(b * c, -1, 1)).view(b, c)
-    mean_c = mean.repeat_interleave(per, dim=1)
-    rstd_c = rstd.repeat_interleave(per, dim=1)
+    gx = torch.linalg.vecdot(go.reshape(b, c, -1), x.reshape(b, c, -1))
+    mean_c = mean.view(b, -1).repeat_interleave(per, dim=1)
+    rstd_c = rstd.view(b, -1).repeat_interleave(per, dim=1)
     return (gx - mean_c * gb) * rstd_c
 
 
@@ -438,7 +439,7 @@ class BookKeepingClipper:
 
         The clip factor of sample ``i`` is ``min(1, C / (|g_i| + 1e-6))``, as in Opacus.
         """
-        if n == 0:
+        if n == 0 or not self.params:
             out = [torch.zeros_like(p) for p in self.params]
         else:
             device = self.params[0].device
