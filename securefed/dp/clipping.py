@@ -119,6 +119,51 @@ def _conv_norms_sq(conv: nn.Module, x: torch.Tensor, go: torch.Tensor) -> torch.
     return torch.cat(out)
 
 
+def _ghost_ok(conv: nn.Module, go: torch.Tensor) -> bool:
+    """Whether the ghost norm costs fewer operations than the per-sample gradients.
+
+    Per sample, the ghost norm multiplies two ``T x T`` Gram matrices (inputs, ``T x D``;
+    output gradients, ``T x Cout``; ``T`` output positions, ``D = Cin/groups * K``), the
+    per-sample gradients ``T x D x Cout`` numbers: ghost when ``T (D + Cout) < D Cout``
+    (Bu et al. 2023's rule), i.e. on the small maps deep in a network.
+    """
+    if conv.groups != 1:
+        return False
+    t = go[0, 0].numel()
+    d = conv.weight[0].numel()
+    return t * (d + go.shape[1]) < d * go.shape[1]
+
+
+def _unfold(conv: nn.Module, x: torch.Tensor, out_sizes: Sequence[int]) -> torch.Tensor:
+    """``(B, Cin * K, T)``: the input patch each output position reads (any spatial rank)."""
+    pad: list[int] = []
+    for p in reversed(conv.padding):
+        pad += [p, p]
+    xp = F.pad(x, pad) if any(pad) else x
+    cols = []
+    for off in itertools.product(*[range(k) for k in conv.kernel_size]):
+        idx = [slice(None), slice(None)]
+        for o, d, st, n in zip(off, conv.dilation, conv.stride, out_sizes):
+            idx.append(slice(o * d, o * d + st * (n - 1) + 1, st))
+        cols.append(xp[tuple(idx)])
+    b, cin = x.shape[:2]
+    return torch.stack(cols, dim=2).reshape(b, cin * len(cols), -1)
+
+
+def _conv_ghost_norms_sq(conv: nn.Module, x: torch.Tensor, go: torch.Tensor) -> torch.Tensor:
+    """Squared per-sample norms of a convolution's weight gradients, from Gram matrices.
+
+    ``|G_i|^2 = <A_i A_i^T, g_i g_i^T>`` with ``A_i`` the unfolded input (T x D) and ``g_i``
+    the output gradient (T x Cout), as in Opacus' ghost rule for linear layers.
+    """
+    b = x.shape[0]
+    a = _unfold(conv, x, go.shape[2:])  # (B, D, T)
+    g = go.reshape(b, go.shape[1], -1)  # (B, Cout, T)
+    aa = torch.bmm(a.transpose(1, 2), a)
+    gg = torch.bmm(g.transpose(1, 2), g)
+    return torch.linalg.vecdot(aa.reshape(b, -1), gg.reshape(b, -1)).float()
+
+
 def _conv_weight_grad(conv: nn.Module, x: torch.Tensor, go: torch.Tensor) -> torch.Tensor:
     """The batch weight gradient of a convolution (what autograd would compute)."""
     nd = x.dim() - 2
@@ -298,7 +343,10 @@ class _Layer:
             self._linear_samples(x, go)
         elif isinstance(m, _CONVS):
             if "weight" in self.params:
-                if self.uses == 1 and x.shape[0] * m.weight.numel() > KEEP_NUMEL:
+                if self.uses == 1 and _ghost_ok(m, go):
+                    self.deferred = (x, go)
+                    self.deferred_norm_sq = _conv_ghost_norms_sq(m, x, go)
+                elif self.uses == 1 and x.shape[0] * m.weight.numel() > KEEP_NUMEL:
                     self.deferred = (x, go)
                     self.deferred_norm_sq = _conv_norms_sq(m, x, go)
                 elif _shifted_ok(m, go):
