@@ -8,6 +8,7 @@ Modes timed (one step = forward, backward, clipping, noise, SGD update):
 - ``hooks``: Opacus ``GradSampleModule`` (hooks) + ``DPOptimizer``, what the trainer ran
   before issue 17 and still runs for models the one-pass clipper does not support;
 - ``functorch``: the same with ``force_functorch=True`` (vmap per-sample gradients);
+- ``ew``: Opacus' ``GradSampleModuleExpandedWeights`` (torch's expanded weights);
 - ``ghost``: Opacus fast gradient / ghost clipping (two backward passes);
 - ``bk``: :class:`securefed.dp.clipping.BookKeepingClipper` + noise + ``SGD.step()``,
   what :class:`securefed.dp.trainer.SiteTrainer` runs for supported models.
@@ -40,7 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from securefed.dp.clipping import BookKeepingClipper, supports  # noqa: E402
 from securefed.models import ModelSpec, build_model  # noqa: E402
 
-MODES = ("plain", "hooks", "functorch", "ghost", "bk")
+MODES = ("plain", "hooks", "functorch", "ew", "ghost", "bk")
 
 # name -> (ModelSpec, loss); the sizes are the ones the project trains them at on CPUs.
 SETUPS = {
@@ -100,6 +101,18 @@ def make_step(name: str, mode: str, batch: int) -> Callable[[], None] | None:
         return step
     if mode in ("hooks", "functorch"):
         gsm = GradSampleModule(model, loss_reduction="mean", force_functorch=mode == "functorch")
+        dpo = DPOptimizer(opt, noise_multiplier=1.0, max_grad_norm=1.0, expected_batch_size=batch)
+
+        def step() -> None:
+            dpo.zero_grad(set_to_none=True)
+            crit(gsm(x), y).backward()
+            dpo.step()
+
+        return step
+    if mode == "ew":
+        from opacus.grad_sample import GradSampleModuleExpandedWeights
+
+        gsm = GradSampleModuleExpandedWeights(model, batch_first=True, loss_reduction="mean")
         dpo = DPOptimizer(opt, noise_multiplier=1.0, max_grad_norm=1.0, expected_batch_size=batch)
 
         def step() -> None:
