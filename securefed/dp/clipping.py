@@ -11,11 +11,21 @@ second backward pass. Here, instead:
   the layers' inputs, never a weight's batch gradient (the first trained layer's output is
   made a leaf that requires a gradient, so the pass reaches it and stops there);
 - a hook on each supported layer's output receives the output gradient during that
-  backward pass and computes the layer's per-sample gradients at once: a convolution's with
-  one native grouped-convolution weight-gradient call (the batch as groups; no ``unfold``),
-  GroupNorm's from the normalized input, and a linear layer on ``(B, d)`` inputs keeps
-  only its input and output gradient (its per-sample norm is ``|a_i| |g_i|``, its clipped
-  sum one matrix product: "ghost" clipping);
+  backward pass and does the layer's per-sample work at once, by a fixed rule per layer:
+
+  * a convolution on a small map (``T (D + Cout) < D Cout``; ``T`` output positions, ``D``
+    inputs per output) takes its per-sample norms from two ``T x T`` Gram matrices (ghost
+    norm) and keeps its input and output gradient for the clipped sum, which is then one
+    native weight gradient of the output gradient scaled per sample;
+  * another convolution materializes its per-sample weight gradients with one native kernel
+    (oneDNN's grouped weight gradient with the batch as groups, no ``unfold``; batched
+    products of shifted views of the input for outputs of at most 100 positions) and keeps
+    them up to :data:`KEEP_NUMEL` numbers; beyond that it norms them block by block and
+    sums like a ghost layer;
+  * GroupNorm's per-sample gradients come from its group statistics; a linear layer on
+    ``(B, d)`` inputs keeps only its input and output gradient (norm ``|a_i| |g_i|``, clipped
+    sum one matrix product);
+
 - after the pass, the per-sample norms give the clip factors ``min(1, C / (|g_i| + 1e-6))``
   (Opacus' formula) and each parameter's clipped sum is one weighted sum over the batch.
 
