@@ -1,11 +1,29 @@
 """Local training at one site: DP-SGD, or plain SGD for the non-private baseline.
 
 DP-SGD is assembled by hand from Opacus' parts rather than through ``PrivacyEngine``: module
-validation, :class:`opacus.GradSampleModule` (per-sample gradients) and a
-:class:`opacus.optimizers.DPOptimizer` (clipping, mean over the expected batch size). What
-Opacus would take from a ``torch.Generator`` -- the Gaussian noise and the Poisson sampling --
-comes from a :class:`~securefed.dp.noise.NoiseSource`, by default a key only the site holds.
-Steps are counted here and written to the ledger; epsilon is computed from the ledger.
+validation, a per-sample clipper and a :class:`opacus.optimizers.DPOptimizer` (clipping,
+mean over the expected batch size). What Opacus would take from a ``torch.Generator`` -- the
+Gaussian noise and the Poisson sampling -- comes from a :class:`~securefed.dp.noise.NoiseSource`,
+by default a key only the site holds. Steps are counted here and written to the ledger;
+epsilon is computed from the ledger.
+
+Which per-sample clipping runs (``SiteTrainer(clipping="auto")``, :func:`clipping_mode`):
+
+- ``one-pass`` (:class:`~securefed.dp.clipping.BookKeepingClipper`) when every trainable
+  parameter sits in a ``Linear``, ``Conv1d/2d/3d`` (zero padding) or ``GroupNorm`` layer:
+  every built-in model except ``vit-unet`` (cnn, resnet-small, resnet18, densenet121, unet,
+  frozen or not). One backward pass that computes no weight's batch gradient; per-sample
+  gradients from native kernels; clipped sums handed to :class:`ClippedSumDPOptimizer`.
+  Why: it is the fastest exact mode measured on CPUs (``benchmarks/dp_step.py``; Opacus'
+  ghost clipping needs two backward passes and has no ghost rule for convolutions, its
+  functorch mode is slower than its hooks) and it keeps no per-sample gradients of large
+  convolutions (memory near a plain step's).
+- ``hooks`` (:class:`opacus.GradSampleModule` + :class:`NoiseDPOptimizer`) otherwise: a
+  layer the one-pass clipper has no rule for (LayerNorm, attention, embeddings, a user's
+  custom layer), or when asked for. Both modes compute the same clipped sums (up to float
+  summation order; ``tests/dp/test_clipping.py`` checks both against DP-SGD written out per
+  sample) and both need the loss to be a mean of per-sample terms (cross-entropy, and the
+  per-sample Dice-CE of segmentation).
 
 With ``max_physical_batch_size`` set, a Poisson-sampled (logical) batch is processed in chunks
 of at most that many records: each chunk's per-sample gradients are clipped and summed into
@@ -34,11 +52,24 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from torch.utils.data._utils.collate import default_collate
 
 from securefed.dp.accounting import compute_epsilon, site_batch, site_lr, steps_per_epoch
+from securefed.dp.clipping import BookKeepingClipper, unsupported_parameters
 from securefed.dp.ledger import PrivacyEvent, PrivacyLedger
 from securefed.dp.noise import SECURE_DRAWS, NoiseSource
 from securefed.errors import PrivacyBudgetError
 
-__all__ = ["DPPlan", "LocalResult", "NoiseDPOptimizer", "PoissonBatchSampler", "SiteTrainer"]
+__all__ = [
+    "CLIPPING_MODES",
+    "ClippedSumDPOptimizer",
+    "DPPlan",
+    "LocalResult",
+    "NoiseDPOptimizer",
+    "PoissonBatchSampler",
+    "SiteTrainer",
+    "clipping_mode",
+]
+
+#: ``SiteTrainer(clipping=...)``: ``auto`` picks ``one-pass`` when the model allows it.
+CLIPPING_MODES = ("auto", "one-pass", "hooks")
 
 
 @dataclass(frozen=True)
@@ -189,6 +220,63 @@ class NoiseDPOptimizer(DPOptimizer):
             _mark_as_processed(p.summed_grad)
 
 
+class ClippedSumDPOptimizer(NoiseDPOptimizer):
+    """:class:`NoiseDPOptimizer` fed clipped sums by a one-pass clipper, not per-sample grads.
+
+    :class:`~securefed.dp.clipping.BookKeepingClipper` computes each chunk's sum of clipped
+    per-sample gradients; :meth:`accumulate` adds it to ``p.summed_grad``, where Opacus'
+    ``clip_and_accumulate`` would have put it. The rest is the parent's: skipped steps
+    across chunks (``signal_skip_step``), the same noise draw (:meth:`NoiseDPOptimizer.add_noise`),
+    the mean over the expected batch size, the step hook.
+    """
+
+    def accumulate(self, sums: Sequence[torch.Tensor]) -> None:
+        """Add one chunk's clipped sums (one per parameter, in ``self.params`` order)."""
+        for p, s in zip(self.params, sums, strict=True):
+            if p.summed_grad is None:
+                p.summed_grad = s
+            else:
+                p.summed_grad += s
+
+    def pre_step(self, closure: Callable[[], float] | None = None) -> bool:
+        """Noise and scale the accumulated sums, unless the step is to be skipped."""
+        if not self.params:
+            return True
+        if self._check_skip_next_step():
+            self._is_last_step_skipped = True
+            return False
+        self.add_noise()
+        for p in self.params:
+            # accumulate() makes one clipped sum per logical batch: no accumulated iterations.
+            p.grad /= self.expected_batch_size
+        if self.step_hook:
+            self.step_hook(self)
+        self._is_last_step_skipped = False
+        return True
+
+
+def clipping_mode(model: nn.Module, requested: str = "auto") -> str:
+    """The per-sample clipping ``model`` trains with: ``one-pass`` or ``hooks``.
+
+    ``auto`` is ``one-pass`` when every trainable parameter sits in a layer the one-pass
+    clipper supports (:func:`securefed.dp.clipping.unsupported_parameters`), else ``hooks``.
+
+    Raises:
+        ValueError: ``requested`` is unknown, or ``one-pass`` for a model it cannot handle.
+
+    """
+    if requested not in CLIPPING_MODES:
+        raise ValueError(f"`clipping` must be one of {', '.join(CLIPPING_MODES)}")
+    if requested == "hooks":
+        return "hooks"
+    bad = unsupported_parameters(model)
+    if not bad:
+        return "one-pass"
+    if requested == "one-pass":
+        raise ValueError(f"one-pass clipping does not support parameter {bad[0]!r}")
+    return "hooks"
+
+
 class SiteTrainer:
     """Trains a site's copy of the global model, round after round.
 
@@ -218,6 +306,8 @@ class SiteTrainer:
             more than a couple of seconds.
         min_steps: Fewest steps per local epoch; a site with fewer than ``min_steps * B``
             records uses batches of about ``n / min_steps``.
+        clipping: Per-sample clipping of DP-SGD (see :func:`clipping_mode`): ``auto``
+            (default), ``one-pass`` or ``hooks``. Both compute the same clipped sums.
 
     """
 
@@ -237,9 +327,13 @@ class SiteTrainer:
         max_physical_batch_size: int | None = None,
         progress: bool = False,
         min_steps: int = 1,
+        clipping: str = "auto",
     ) -> None:
         if max_physical_batch_size is not None and max_physical_batch_size < 1:
             raise ValueError("`max_physical_batch_size` must be at least 1")
+        if clipping not in CLIPPING_MODES:
+            raise ValueError(f"`clipping` must be one of {', '.join(CLIPPING_MODES)}")
+        self.clipping = clipping
         self.client_id = client_id
         self.dataset = dataset
         self.plan = plan
@@ -345,8 +439,13 @@ class SiteTrainer:
 
     def _make_private(
         self, model: nn.Module, optimizer: torch.optim.Optimizer, noise: NoiseSource
-    ) -> tuple[GradSampleModule, NoiseDPOptimizer, DataLoader, list[int]]:
-        """What ``PrivacyEngine.make_private`` did, minus its generator and its accountant."""
+    ) -> tuple[nn.Module, NoiseDPOptimizer, DataLoader, list[int], BookKeepingClipper | None]:
+        """What ``PrivacyEngine.make_private`` did, minus its generator and its accountant.
+
+        Returns the model to run (a :class:`~opacus.GradSampleModule` in hooks mode, the
+        model itself in one-pass mode), the DP optimizer, the Poisson loader, the step
+        counter and the one-pass clipper (``None`` in hooks mode).
+        """
         plan = self.plan
         assert plan is not None
         steps = self.steps_per_epoch
@@ -357,17 +456,25 @@ class SiteTrainer:
                 f"1/ceil(n/B) = 1/{steps} for n={self.num_samples}, B={self.batch_size}"
             )
         ModuleValidator.validate(model, strict=True)
-        private = GradSampleModule(model, batch_first=True, loss_reduction="mean")
-        # Poisson batches must not be merged into one step (accounting counts each).
-        private.forbid_grad_accumulation()
-        dp_optimizer = NoiseDPOptimizer(
-            optimizer,
+        clipper = None
+        private: nn.Module
+        kwargs = dict(
             noise=noise,
             noise_multiplier=plan.noise_multiplier,
             max_grad_norm=plan.max_grad_norm,
             # The mean batch size of Poisson sampling, n * q (Opacus floors it to an int).
             expected_batch_size=self.num_samples * plan.sample_rate,
         )
+        dp_optimizer: NoiseDPOptimizer
+        if clipping_mode(model, self.clipping) == "one-pass":
+            dp_optimizer = ClippedSumDPOptimizer(optimizer, **kwargs)  # type: ignore[arg-type]
+            clipper = BookKeepingClipper(model, dp_optimizer.params)
+            private = model
+        else:
+            private = GradSampleModule(model, batch_first=True, loss_reduction="mean")
+            # Poisson batches must not be merged into one step (accounting counts each).
+            private.forbid_grad_accumulation()
+            dp_optimizer = NoiseDPOptimizer(optimizer, **kwargs)  # type: ignore[arg-type]
         counter = [0]
 
         def count(_: DPOptimizer) -> None:  # runs once per noisy step, after add_noise
@@ -377,7 +484,8 @@ class SiteTrainer:
         sampler = PoissonBatchSampler(
             num_samples=self.num_samples, sample_rate=plan.sample_rate, steps=steps, noise=noise
         )
-        return private, dp_optimizer, poisson_loader(self.dataset, sampler=sampler), counter
+        loader = poisson_loader(self.dataset, sampler=sampler)
+        return private, dp_optimizer, loader, counter, clipper
 
     def _plain_loader(self, generator: torch.Generator) -> DataLoader:
         """Shuffled batches without DP, as many as the schedule promises.
@@ -448,9 +556,11 @@ class SiteTrainer:
                 raise ValueError("FedProx needs the round's global weights as `anchor`")
             prox = [(p, anchor[n].to(self.device)) for n, p in trainable]
         counter = None
+        clipper: BookKeepingClipper | None = None
+        inner = model
         if self.plan is not None:
             assert noise is not None
-            model, optimizer, loader, counter = self._make_private(model, optimizer, noise)
+            model, optimizer, loader, counter, clipper = self._make_private(model, optimizer, noise)
         else:
             loader = self._plain_loader(generator)
         criterion = self.loss_fn
@@ -478,6 +588,17 @@ class SiteTrainer:
                             # (Without DP, p.grad accumulates across chunks: no zeroing.)
                             optimizer.zero_grad(set_to_none=True)
                         xc, yc = x[lo:hi], y[lo:hi]
+                        if clipper is not None:
+                            # One-pass clipping: one backward, the clipped sum at once.
+                            loss = self._one_pass(model, clipper, criterion, xc, yc)
+                            assert isinstance(optimizer, ClippedSumDPOptimizer)
+                            optimizer.accumulate(
+                                clipper.clip_and_sum(self.plan.max_grad_norm, len(yc))
+                            )
+                            optimizer.signal_skip_step(do_skip=not last)
+                            optimizer.step()
+                            batch_loss += float(loss) * len(yc)
+                            continue
                         out = model(xc)
                         # An empty Poisson batch still is a DP step (noise only).
                         loss = criterion(out, yc) if len(yc) else out.sum() * 0.0
@@ -524,9 +645,10 @@ class SiteTrainer:
                     phase=phase,
                 )
             )
-            inner = model._module  # GradSampleModule wraps the real model
-        else:
-            inner = model
+            if clipper is not None:
+                clipper.remove()
+            else:
+                inner = model._module  # GradSampleModule wraps the real model
         state = {k: v.detach().cpu().clone() for k, v in inner.state_dict().items()}
         return LocalResult(
             state=state,
@@ -535,6 +657,26 @@ class SiteTrainer:
             mean_loss=total_loss / max(total_n, 1),
             seconds=time.perf_counter() - start,
         )
+
+    @staticmethod
+    def _one_pass(
+        model: nn.Module,
+        clipper: BookKeepingClipper,
+        criterion: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+        x: torch.Tensor,
+        y: torch.Tensor,
+    ) -> float:
+        """Forward and backward of one chunk, its per-sample gradients recorded; its loss.
+
+        An empty chunk records nothing (its clipped sum is zero: noise only). The loss is a
+        mean over the chunk, so the per-sample gradients are ``len(y)`` times the loss'.
+        """
+        if not len(y):
+            return 0.0
+        with clipper.pass_(scale=len(y)):
+            loss = criterion(model(x), y)
+            loss.backward()
+        return float(loss.detach())
 
 
 class _SplitSampler:

@@ -1,0 +1,552 @@
+"""Per-sample clipping in one backward pass ("book-keeping", Bu et al. 2023), for DP-SGD.
+
+Opacus' hook mode (:class:`opacus.GradSampleModule`) lets autograd compute every weight's
+batch gradient (which DP-SGD throws away), then materializes each layer's per-sample
+gradients from its activations and output gradients (``unfold`` + ``einsum`` for
+convolutions), and clips and sums them in the optimizer. Its ghost-clipping mode needs a
+second backward pass. Here, instead:
+
+- the trainable parameters of the supported layers are taken out of autograd for the pass
+  (``requires_grad=False``), so the backward pass computes only the gradients that flow to
+  the layers' inputs, never a weight's batch gradient (the first trained layer's output is
+  made a leaf that requires a gradient, so the pass reaches it and stops there);
+- a hook on each supported layer's output receives the output gradient during that
+  backward pass and does the layer's per-sample work at once, by a fixed rule per layer:
+
+  * a convolution on a small map (``T (D + Cout) < D Cout``; ``T`` output positions, ``D``
+    inputs per output) takes its per-sample norms from two ``T x T`` Gram matrices (ghost
+    norm) and keeps its input and output gradient for the clipped sum, which is then one
+    native weight gradient of the output gradient scaled per sample;
+  * another convolution materializes its per-sample weight gradients with one native kernel
+    (oneDNN's grouped weight gradient with the batch as groups, no ``unfold``; batched
+    products of shifted views of the input for outputs of at most 100 positions) and keeps
+    them up to :data:`KEEP_NUMEL` numbers; beyond that it norms them block by block and
+    sums like a ghost layer;
+  * GroupNorm's per-sample gradients come from its group statistics; a linear layer on
+    ``(B, d)`` inputs keeps only its input and output gradient (norm ``|a_i| |g_i|``, clipped
+    sum one matrix product);
+
+- after the pass, the per-sample norms give the clip factors ``min(1, C / (|g_i| + 1e-6))``
+  (Opacus' formula) and each parameter's clipped sum is one weighted sum over the batch.
+
+The result is what :class:`opacus.optimizers.DPOptimizer` computes from a
+:class:`~opacus.GradSampleModule` -- the sum over the batch of the clipped per-sample
+gradients -- up to float rounding. Supported layers: :class:`~torch.nn.Linear`,
+:class:`~torch.nn.Conv1d`/``2d``/``3d`` (zero padding, numeric padding) and
+:class:`~torch.nn.GroupNorm`; :func:`supports` says whether a model's trainable
+parameters all live in such layers (the trainer falls back to Opacus' hooks otherwise).
+A layer used several times in one forward pass is handled: its per-sample gradients are
+summed over the uses before the norm is taken.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = ["BookKeepingClipper", "supports", "unsupported_parameters"]
+
+_CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+def _layer_ok(module: nn.Module) -> bool:
+    if isinstance(module, _CONVS):
+        return (
+            module.padding_mode == "zeros"
+            and not isinstance(module.padding, str)
+            and type(module) in _CONVS  # not a subclass that may change forward()
+        )
+    if isinstance(module, nn.Linear):
+        return type(module) is nn.Linear
+    if isinstance(module, nn.GroupNorm):
+        return type(module) is nn.GroupNorm
+    return False
+
+
+def unsupported_parameters(model: nn.Module) -> list[str]:
+    """Names of trainable parameters that the one-pass clipper cannot handle.
+
+    A parameter is supported when it is a direct parameter (``weight`` or ``bias``) of a
+    layer :class:`BookKeepingClipper` knows.
+    """
+    out = []
+    for mod_name, module in model.named_modules():
+        ok = _layer_ok(module)
+        for p_name, p in module.named_parameters(recurse=False):
+            if p.requires_grad and not (ok and p_name in ("weight", "bias")):
+                out.append(f"{mod_name}.{p_name}" if mod_name else p_name)
+    return out
+
+
+def supports(model: nn.Module) -> bool:
+    """Whether every trainable parameter of ``model`` sits in a supported layer."""
+    return not unsupported_parameters(model)
+
+
+#: Per-sample weight gradients of one convolution kept for the clipped sum up to this many
+#: numbers (B x P; 64 MiB in float32). A larger layer's are computed block by block for the
+#: norms only, and its clipped sum is one native weight gradient of the output gradient
+#: scaled per sample: memory stays near that of a plain step (ResNet-18 at B=64 would keep
+#: 2.9 GB of per-sample gradients, as Opacus' hooks do).
+KEEP_NUMEL = 1 << 24
+
+
+def _conv_grad_sample(conv: nn.Module, x: torch.Tensor, go: torch.Tensor) -> torch.Tensor:
+    """Per-sample weight gradients ``(B, *weight.shape)`` of a convolution."""
+    if _shifted_ok(conv, go):
+        return _from_shifted_batched(_shifted_grad_sample(conv, x, go))
+    return _grouped_grad_sample(conv, x, go)
+
+
+def _shifted_ok(conv: nn.Module, go: torch.Tensor) -> bool:
+    """Whether the shifted products beat the grouped convolution (measured on CPUs).
+
+    oneDNN's grouped weight gradient (the batch as groups) is the faster kernel unless the
+    output is small (at most 100 positions: 7x7, 4x4x4...), where its per-group overhead
+    dominates. A fixed rule, not timed at run time, so that a reproducible-noise run rounds
+    the same way every time.
+    """
+    return conv.groups == 1 and all(s == 1 for s in conv.stride) and go[0, 0].numel() <= 100
+
+
+def _from_shifted_batched(t: torch.Tensor) -> torch.Tensor:
+    nd = t.dim() - 3
+    return t.permute(0, nd + 2, nd + 1, *range(1, nd + 1))
+
+
+def _conv_norms_sq(conv: nn.Module, x: torch.Tensor, go: torch.Tensor) -> torch.Tensor:
+    """Squared per-sample norms of a convolution's weight gradients, block by block."""
+    b = x.shape[0]
+    block = max(1, KEEP_NUMEL // conv.weight.numel())
+    out = []
+    for lo in range(0, b, block):
+        gs = _conv_grad_sample(conv, x[lo : lo + block], go[lo : lo + block])
+        out.append(torch.linalg.vector_norm(gs.reshape(gs.shape[0], -1), dim=1).float().pow(2))
+    return torch.cat(out)
+
+
+def _ghost_ok(conv: nn.Module, go: torch.Tensor) -> bool:
+    """Whether the ghost norm costs fewer operations than the per-sample gradients.
+
+    Per sample, the ghost norm multiplies two ``T x T`` Gram matrices (inputs, ``T x D``;
+    output gradients, ``T x Cout``; ``T`` output positions, ``D = Cin/groups * K``), the
+    per-sample gradients ``T x D x Cout`` numbers: ghost when ``T (D + Cout) < D Cout``
+    (Bu et al. 2023's rule), i.e. on the small maps deep in a network.
+    """
+    if conv.groups != 1:
+        return False
+    t = go[0, 0].numel()
+    d = conv.weight[0].numel()
+    return t * (d + go.shape[1]) < d * go.shape[1]
+
+
+def _unfold(conv: nn.Module, x: torch.Tensor, out_sizes: Sequence[int]) -> torch.Tensor:
+    """``(B, Cin * K, T)``: the input patch each output position reads (any spatial rank)."""
+    pad: list[int] = []
+    for p in reversed(conv.padding):
+        pad += [p, p]
+    xp = F.pad(x, pad) if any(pad) else x
+    cols = []
+    for off in itertools.product(*[range(k) for k in conv.kernel_size]):
+        idx = [slice(None), slice(None)]
+        for o, d, st, n in zip(off, conv.dilation, conv.stride, out_sizes):
+            idx.append(slice(o * d, o * d + st * (n - 1) + 1, st))
+        cols.append(xp[tuple(idx)])
+    b, cin = x.shape[:2]
+    return torch.stack(cols, dim=2).reshape(b, cin * len(cols), -1)
+
+
+def _conv_ghost_norms_sq(conv: nn.Module, x: torch.Tensor, go: torch.Tensor) -> torch.Tensor:
+    """Squared per-sample norms of a convolution's weight gradients, from Gram matrices.
+
+    ``|G_i|^2 = <A_i A_i^T, g_i g_i^T>`` with ``A_i`` the unfolded input (T x D) and ``g_i``
+    the output gradient (T x Cout), as in Opacus' ghost rule for linear layers.
+    """
+    b = x.shape[0]
+    a = _unfold(conv, x, go.shape[2:])  # (B, D, T)
+    g = go.reshape(b, go.shape[1], -1)  # (B, Cout, T)
+    aa = torch.bmm(a.transpose(1, 2), a)
+    gg = torch.bmm(g.transpose(1, 2), g)
+    return torch.linalg.vecdot(aa.reshape(b, -1), gg.reshape(b, -1)).float()
+
+
+def _conv_weight_grad(conv: nn.Module, x: torch.Tensor, go: torch.Tensor) -> torch.Tensor:
+    """The batch weight gradient of a convolution (what autograd would compute)."""
+    nd = x.dim() - 2
+    _, gw, _ = torch.ops.aten.convolution_backward(
+        go,
+        x,
+        conv.weight.detach(),
+        None,
+        list(conv.stride),
+        list(conv.padding),
+        list(conv.dilation),
+        False,
+        [0] * nd,
+        conv.groups,
+        [False, True, False],
+    )
+    return gw
+
+
+def _from_shifted(t: torch.Tensor) -> torch.Tensor:
+    """A weight-shaped tensor from the ``(*kernel, Cin, Cout)`` layout of shifted products."""
+    nd = t.dim() - 2
+    return t.permute(nd + 1, nd, *range(nd)).contiguous()
+
+
+def _shifted_grad_sample(conv: nn.Module, x: torch.Tensor, go: torch.Tensor) -> torch.Tensor:
+    """Per-sample weight gradients of a stride-1, ungrouped convolution, without ``unfold``.
+
+    In the flattened zero-padded input, kernel offset ``k`` reads the window starting ``s_k``
+    elements further; with the output gradient zero-padded to the padded input's row length
+    (so its flat index steps like the input's), the gradient of that offset is one batched
+    matrix product of the output gradient with a *view* of the input: ``K`` products, no
+    copy of the input per offset.
+    """
+    nd = x.dim() - 2
+    b, cin, cout = x.shape[0], x.shape[1], go.shape[1]
+    pad: list[int] = []
+    for p in reversed(conv.padding):
+        pad += [p, p]
+    xp = F.pad(x, pad) if any(pad) else x
+    padded, out_sizes = xp.shape[2:], go.shape[2:]
+    strides = [1] * nd
+    for i in reversed(range(nd - 1)):
+        strides[i] = strides[i + 1] * padded[i + 1]
+    length = 1 + sum((o - 1) * st for o, st in zip(out_sizes, strides))
+    gpad: list[int] = []
+    for i in reversed(range(1, nd)):
+        gpad += [0, padded[i] - out_sizes[i]]
+    gp = (F.pad(go, gpad) if any(gpad) else go).reshape(b, cout, -1)[:, :, :length]
+    gp = gp.transpose(1, 2)
+    xf = xp.reshape(b, cin, -1)
+    out = x.new_empty(b, *conv.kernel_size, cin, cout)
+    for off in itertools.product(*[range(k) for k in conv.kernel_size]):
+        s = sum(o * d * st for o, d, st in zip(off, conv.dilation, strides))
+        torch.bmm(xf[:, :, s : s + length], gp, out=out[(slice(None), *off)])
+    # (B, *kernel, Cin, Cout): the layout the products write; callers that keep it (the
+    # norms and the clipped sum do not care) avoid a copy of B x P numbers.
+    return out
+
+
+def _grouped_grad_sample(conv: nn.Module, x: torch.Tensor, go: torch.Tensor) -> torch.Tensor:
+    """Per-sample weight gradients ``(B, *weight.shape)`` of a convolution, one native call.
+
+    The batch becomes the groups of one grouped convolution (sample ``i``'s input channels
+    and output channels form group ``i``), whose weight gradient is the stack of the
+    per-sample weight gradients.
+    """
+    b = x.shape[0]
+    w = conv.weight
+    groups = conv.groups * b
+    xs = x.reshape(1, b * x.shape[1], *x.shape[2:])
+    gs = go.reshape(1, b * go.shape[1], *go.shape[2:])
+    shape = (b * w.shape[0], *w.shape[1:])
+    weight = w.detach().expand(b, *w.shape).reshape(shape)
+    nd = x.dim() - 2
+    _, gw, _ = torch.ops.aten.convolution_backward(
+        gs,
+        xs,
+        weight,
+        None,
+        list(conv.stride),
+        list(conv.padding),
+        list(conv.dilation),
+        False,
+        [0] * nd,
+        groups,
+        [False, True, False],
+    )
+    return gw.view(b, *w.shape)
+
+
+def _group_norm_weight_samples(
+    m: nn.GroupNorm, x: torch.Tensor, go: torch.Tensor, gb: torch.Tensor
+) -> torch.Tensor:
+    """Per-sample GroupNorm weight gradients ``sum_s go * xhat``, without forming ``go * xhat``.
+
+    ``xhat = (x - mean_g) * rstd_g``, so the sum is ``rstd_g * (sum_s go*x - mean_g *
+    sum_s go)``: the group statistics (the native group-norm kernel's, as in the forward pass)
+    and one dot product per sample and channel, instead of a product the size of ``x``.
+    """
+    b, c = x.shape[:2]
+    _, mean, rstd = torch.ops.aten.native_group_norm(
+        x, None, None, b, c, x[0, 0].numel(), m.num_groups, m.eps
+    )
+    per = c // m.num_groups
+    gx = torch.linalg.vecdot(go.reshape(b, c, -1), x.reshape(b, c, -1))
+    mean_c = mean.view(b, -1).repeat_interleave(per, dim=1)
+    rstd_c = rstd.view(b, -1).repeat_interleave(per, dim=1)
+    return (gx - mean_c * gb) * rstd_c
+
+
+def _from_batched(gs: torch.Tensor, layout: object) -> torch.Tensor:
+    """Per-sample gradients in the parameter's own layout ``(B, *shape)``."""
+    if layout is None:
+        return gs
+    return torch.stack([layout(g) for g in gs])  # type: ignore[operator]
+
+
+class _Layer:
+    """What one layer contributes during a pass: per-sample gradients or ghost factors."""
+
+    def __init__(self, module: nn.Module, params: dict[str, nn.Parameter]) -> None:
+        self.module = module
+        self.params = params  # "weight"/"bias" -> parameter, trainable ones only
+        self.grad_samples: dict[str, torch.Tensor] = {}
+        # A per-sample gradient kept in another layout, and how its sum becomes the weight's.
+        self.layout: dict[str, object] = {}
+        self.ghost: tuple[torch.Tensor, torch.Tensor] | None = None  # (a, g) of a Linear
+        self.uses = 0  # forward calls in this pass (known before the backward starts)
+        # A large convolution's (input, output gradient): clipped sum by weighted weight grad.
+        self.deferred: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.deferred_norm_sq: torch.Tensor | None = None
+
+    def reset(self) -> None:
+        self.grad_samples = {}
+        self.layout = {}
+        self.ghost = None
+        self.uses = 0
+        self.deferred = None
+        self.deferred_norm_sq = None
+
+    def _add(self, name: str, gs: torch.Tensor, layout: object = None) -> None:
+        if name in self.grad_samples:
+            if self.layout.get(name) is not layout:  # a second use, in another layout
+                gs = _from_batched(gs, layout)
+                self.grad_samples[name] = _from_batched(
+                    self.grad_samples[name], self.layout.pop(name, None)
+                )
+            self.grad_samples[name] = self.grad_samples[name] + gs
+        else:
+            self.grad_samples[name] = gs
+            if layout is not None:
+                self.layout[name] = layout
+
+    def _materialize_ghost(self) -> None:
+        if self.ghost is not None:
+            a, g = self.ghost
+            self.ghost = None
+            self._linear_samples(a, g)
+
+    def _linear_samples(self, a: torch.Tensor, g: torch.Tensor) -> None:
+        if "weight" in self.params:
+            self._add("weight", torch.einsum("n...i,n...j->nij", g, a))
+        if "bias" in self.params:
+            self._add("bias", g.reshape(g.shape[0], -1, g.shape[-1]).sum(1))
+
+    def backward(self, x: torch.Tensor, go: torch.Tensor) -> None:
+        """Record the per-sample gradients of one use of the layer (``go`` per sample)."""
+        m = self.module
+        spatial = tuple(range(2, go.dim()))
+        if isinstance(m, nn.Linear):
+            first = not self.grad_samples and self.ghost is None
+            if x.dim() == 2 and first:
+                self.ghost = (x, go)
+                return
+            self._materialize_ghost()
+            self._linear_samples(x, go)
+        elif isinstance(m, _CONVS):
+            if "weight" in self.params:
+                if self.uses == 1 and _ghost_ok(m, go):
+                    self.deferred = (x, go)
+                    self.deferred_norm_sq = _conv_ghost_norms_sq(m, x, go)
+                elif self.uses == 1 and x.shape[0] * m.weight.numel() > KEEP_NUMEL:
+                    self.deferred = (x, go)
+                    self.deferred_norm_sq = _conv_norms_sq(m, x, go)
+                elif _shifted_ok(m, go):
+                    self._add("weight", _shifted_grad_sample(m, x, go), _from_shifted)
+                else:
+                    self._add("weight", _grouped_grad_sample(m, x, go))
+            if "bias" in self.params:
+                self._add("bias", go.sum(spatial))
+        else:  # GroupNorm
+            gb = go.sum(spatial)
+            if "weight" in self.params:
+                self._add("weight", _group_norm_weight_samples(m, x, go, gb))
+            if "bias" in self.params:
+                self._add("bias", gb)
+
+    def norms_sq(self, n: int, device: torch.device) -> torch.Tensor:
+        """Squared per-sample norm of the layer's trainable parameters' gradients."""
+        total = torch.zeros(n, device=device, dtype=torch.float32)
+        if self.ghost is not None:
+            a, g = self.ghost
+            g2 = g.float().pow(2).sum(1)
+            if "weight" in self.params:
+                total += a.float().pow(2).sum(1) * g2
+            if "bias" in self.params:
+                total += g2
+        if self.deferred_norm_sq is not None:
+            total += self.deferred_norm_sq
+        for gs in self.grad_samples.values():
+            total += torch.linalg.vector_norm(gs.reshape(n, -1), dim=1).float().pow(2)
+        return total
+
+    def clipped_sums(self, factor: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Each trainable parameter's ``sum_i factor_i * g_i``."""
+        out = {}
+        if self.ghost is not None:
+            a, g = self.ghost
+            gc = g * factor.to(g.dtype)[:, None]
+            if "weight" in self.params:
+                out["weight"] = gc.t() @ a
+            if "bias" in self.params:
+                out["bias"] = gc.sum(0)
+        if self.deferred is not None:
+            x, go = self.deferred
+            shape = (-1,) + (1,) * (go.dim() - 1)
+            out["weight"] = _conv_weight_grad(self.module, x, go * factor.to(go.dtype).view(shape))
+        for name, gs in self.grad_samples.items():
+            f = factor.to(gs.dtype)
+            summed = (f @ gs.reshape(gs.shape[0], -1)).view(gs.shape[1:])
+            to_param = self.layout.get(name)
+            out[name] = to_param(summed) if to_param is not None else summed
+        return out
+
+
+class BookKeepingClipper:
+    """Per-sample clipped gradient sums of a model's trainable parameters, one backward pass.
+
+    Usage, per physical batch (chunk)::
+
+        with clipper.pass_(scale=len(batch)):   # scale: the loss is a mean over the chunk
+            loss = loss_fn(model(x), y)
+            loss.backward()
+        sums = clipper.clip_and_sum(max_grad_norm)   # parameter -> clipped sum
+
+    The model's parameters are restored (``requires_grad``) when the pass ends, also on an
+    error.
+
+    Args:
+        model: The model; :func:`supports` must hold.
+        params: The trainable parameters, in the optimizer's order.
+
+    Raises:
+        ValueError: A trainable parameter is in a layer the clipper does not support.
+
+    """
+
+    def __init__(self, model: nn.Module, params: Sequence[nn.Parameter]) -> None:
+        bad = unsupported_parameters(model)
+        if bad:
+            raise ValueError(f"one-pass clipping does not support {', '.join(bad[:3])}")
+        wanted = {id(p) for p in params}
+        self.params = list(params)
+        self.layers: list[_Layer] = []
+        self._where: dict[int, tuple[_Layer, str]] = {}
+        self._handles = []
+        for module in model.modules():
+            own = {
+                n: p
+                for n, p in module.named_parameters(recurse=False)
+                if p.requires_grad and id(p) in wanted
+            }
+            if not own:
+                continue
+            layer = _Layer(module, own)
+            self.layers.append(layer)
+            for n, p in own.items():
+                self._where[id(p)] = (layer, n)
+            self._handles.append(module.register_forward_hook(self._forward_hook(layer)))
+        missing = [p for p in self.params if id(p) not in self._where]
+        if missing:
+            raise ValueError("a trainable parameter belongs to no module of the model")
+        self._active = False
+        self._scale = 1.0
+        self._n = 0
+
+    def _forward_hook(self, layer: _Layer):
+        def hook(module: nn.Module, inputs: tuple, output: torch.Tensor) -> torch.Tensor | None:
+            if not self._active or not torch.is_grad_enabled():
+                return None
+            x = inputs[0].detach()
+            layer.uses += 1
+            replaced = None
+            if not output.requires_grad:
+                # Nothing before this layer is trained (its input needs no gradient) and its
+                # own parameters are out of autograd: the output becomes the leaf the
+                # backward pass stops at -- no gradient flows into a frozen backbone.
+                replaced = output = output.detach().requires_grad_(True)
+
+            def on_grad(go: torch.Tensor) -> None:
+                layer.backward(x, go.detach())
+
+            output.register_hook(on_grad)
+            return replaced
+
+        return hook
+
+    def pass_(self, *, scale: float) -> _Pass:
+        """A forward/backward pass whose per-sample gradients are recorded.
+
+        Args:
+            scale: Factor from the loss' gradient to the per-sample gradients (the chunk's
+                size for a mean loss).
+
+        """
+        return _Pass(self, scale)
+
+    def clip_and_sum(self, max_grad_norm: float, n: int) -> list[torch.Tensor]:
+        """Clipped sums, one per parameter (optimizer order), of the last pass' ``n`` samples.
+
+        The clip factor of sample ``i`` is ``min(1, C / (|g_i| + 1e-6))``, as in Opacus.
+        """
+        if n == 0 or not self.params:
+            out = [torch.zeros_like(p) for p in self.params]
+        else:
+            device = self.params[0].device
+            norm_sq = torch.zeros(n, device=device, dtype=torch.float32)
+            for layer in self.layers:
+                norm_sq += layer.norms_sq(n, device)
+            # The hooks saw gradients of the loss, ``scale`` times smaller than the per-sample
+            # gradients (a mean over the chunk): scaled here, on B numbers, not on B x P.
+            norms = norm_sq.sqrt() * self._scale
+            factor = (max_grad_norm / (norms + 1e-6)).clamp(max=1.0) * self._scale
+            sums: dict[tuple[int, str], torch.Tensor] = {}
+            for layer in self.layers:
+                for name, s in layer.clipped_sums(factor).items():
+                    sums[(id(layer), name)] = s
+            out = []
+            for p in self.params:
+                layer, name = self._where[id(p)]
+                s = sums.get((id(layer), name))
+                out.append(torch.zeros_like(p) if s is None else s.to(p.dtype).view_as(p))
+        for layer in self.layers:
+            layer.reset()
+        return out
+
+    def remove(self) -> None:
+        """Detach the hooks from the model."""
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+
+class _Pass:
+    def __init__(self, clipper: BookKeepingClipper, scale: float) -> None:
+        self.clipper = clipper
+        self.scale = scale
+        self._saved: list[tuple[nn.Parameter, bool]] = []
+
+    def __enter__(self) -> _Pass:
+        c = self.clipper
+        for layer in c.layers:
+            layer.reset()
+        # No batch gradient of a weight is ever needed: autograd skips them.
+        self._saved = [(p, p.requires_grad) for p in c.params]
+        for p in c.params:
+            p.requires_grad_(False)
+        c._active, c._scale = True, self.scale
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        c = self.clipper
+        c._active = False
+        for p, rg in self._saved:
+            p.requires_grad_(rg)
