@@ -86,11 +86,7 @@ class Federation(RoundEngine):
         dropout_schedule: Callable[[int, list[int]], tuple[set[int], set[int]]] | None = None,
     ) -> None:
         from securefed.dp.signing import SiteSigner
-        from securefed.fl.heap import limit_heap_retention
 
-        # Before the first tensor: every site trains in this process, and glibc would keep
-        # the freed blocks of all their DP steps (securefed.fl.heap).
-        limit_heap_retention()
         bundle = bundle or load_dataset(
             name=config.dataset,
             data_dir=config.data_dir,
