@@ -25,7 +25,7 @@ class ViTUNet(nn.Module):
 
     - GroupNorm and LayerNorm only (no BatchNorm: it mixes examples of a batch).
     - No in-place operation on a layer output (Opacus' backward hooks forbid it), hence
-      :class:`~securefed.models.compat.OutOfPlaceUnetResBlock`.
+      :class:`~securefed.models.monai_blocks.OutOfPlaceUnetResBlock`.
     - Upsampling is parameter-free interpolation followed by convolution, not a transposed
       convolution, because Opacus 1.6 has no grad sampler for ``ConvTranspose``.
     - The learnable positional embedding is a parameter held directly by MONAI's
@@ -77,7 +77,7 @@ class ViTUNet(nn.Module):
         from monai.networks.blocks import PatchEmbeddingBlock, TransformerBlock, UpSample
         from monai.networks.layers import Conv
 
-        from securefed.models.compat import OutOfPlaceUnetResBlock
+        from securefed.models.monai_blocks import OutOfPlaceUnetResBlock
 
         img_size = tuple(int(s) for s in img_size)
         if spatial_dims not in (2, 3):

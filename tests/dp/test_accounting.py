@@ -100,3 +100,41 @@ def test_sample_rate_makes_an_epoch_a_whole_number_of_steps():
     # ceil(744 / 8) = 93: int(1 / q) would be 92 in float arithmetic for some such counts.
     q = sample_rate(num_samples=744, batch_size=8)
     assert round(1 / q) == 93
+
+
+def test_cached_composition_equals_dp_accounting_from_scratch():
+    """The cached pieces compose to dp_accounting's own figure for a multi-group history."""
+    from dp_accounting import NeighboringRelation, dp_event, pld
+
+    from securefed.dp.accounting import _group_pld, _pld_cached, pld_epsilon
+
+    _pld_cached.cache_clear()
+    _group_pld.cache_clear()
+    # Three rounds of two sigmas and a calibration release, in an order the grouping sorts.
+    history = [(1.3, 0.25, 4), (8.0, 1.0, 1), (0.9, 0.125, 8), (1.3, 0.25, 4), (0.9, 0.125, 8)]
+    acc = pld.PLDAccountant(
+        neighboring_relation=NeighboringRelation.REPLACE_ONE, value_discretization_interval=1e-3
+    )
+    for sigma, q, steps in history:
+        acc.compose(
+            dp_event.SelfComposedDpEvent(
+                dp_event.PoissonSampledDpEvent(q, dp_event.GaussianDpEvent(sigma)), steps
+            )
+        )
+    reference = acc.get_epsilon(1e-5)
+    assert pld_epsilon(history=history, delta=1e-5) == pytest.approx(reference, rel=1e-9)
+    # A later round reuses the one-step PLDs: the group pieces are built once per length.
+    built = _group_pld.cache_info().misses
+    longer = [*history, (1.3, 0.25, 4)]
+    assert pld_epsilon(history=longer, delta=1e-5) > pld_epsilon(history=history, delta=1e-5)
+    assert _group_pld.cache_info().misses == built + 1
+
+
+def test_degenerate_events_follow_dp_accounting():
+    from securefed.dp.accounting import pld_epsilon
+
+    # q = 0 releases nothing; sigma = 0 releases the sum in clear.
+    assert pld_epsilon(history=[(0.0, 0.0, 5), (1.0, 0.5, 2)], delta=1e-5) == pytest.approx(
+        pld_epsilon(history=[(1.0, 0.5, 2)], delta=1e-5)
+    )
+    assert pld_epsilon(history=[(0.0, 0.5, 1), (1.0, 0.5, 2)], delta=1e-5) == math.inf
