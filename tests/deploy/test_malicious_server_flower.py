@@ -47,9 +47,7 @@ def _run(small_npz, tmp_path, rewrite):
     return record, replies
 
 
-def test_a_substituted_peer_key_is_refused_by_the_deployed_site(
-    small_npz, tmp_path, task_identity
-):
+def test_a_substituted_peer_key_is_refused_by_the_deployed_site(small_npz, tmp_path, task_identity):
     swapped = kdf.public_bytes(kdf.generate_private_key())
 
     def rewrite(stage, sid, fields):

@@ -385,9 +385,7 @@ def test_a_tampered_ciphertext_is_refused_and_the_others_are_summed(keys):
 
     # Assert
     assert outcome.survivors == good and "ciphertext" in outcome.site_errors[bad]
-    np.testing.assert_allclose(
-        outcome.total, sum(vectors[s] for s in good), atol=ATOL, rtol=0
-    )
+    np.testing.assert_allclose(outcome.total, sum(vectors[s] for s in good), atol=ATOL, rtol=0)
 
 
 def test_a_malformed_decryption_is_refused_and_no_other_site_asked(keys):
