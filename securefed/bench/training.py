@@ -43,6 +43,7 @@ from pathlib import Path
 from typing import Any
 
 from securefed.bench.common import environment, load_rows, open_suite, write_atomic, write_rows
+from securefed.dp.memory import release_freed_heap
 from securefed.errors import ConfigError, SecureFedError
 
 __all__ = [
@@ -244,7 +245,7 @@ class _PeakMemory:
         import gc
 
         gc.collect()
-        _malloc_trim()
+        release_freed_heap()
         if self.resettable:
             self._reset_hwm()
 
@@ -254,18 +255,6 @@ class _PeakMemory:
         import resource
 
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
-
-
-def _malloc_trim() -> None:
-    """Return freed heap to the kernel (glibc's ``malloc_trim(0)``; elsewhere nothing)."""
-    import ctypes
-    import ctypes.util
-
-    name = ctypes.util.find_library("c")
-    try:
-        ctypes.CDLL(name).malloc_trim(0)
-    except (OSError, AttributeError, TypeError):
-        pass
 
 
 def _rss_now_mib() -> float | None:

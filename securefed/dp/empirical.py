@@ -383,10 +383,11 @@ class AuditedSiteTrainer(SiteTrainer):
         self.canaries = canaries
 
     def _make_private(self, model: nn.Module, optimizer: torch.optim.Optimizer, noise):
-        private, dp_optimizer, loader, counter = super()._make_private(model, optimizer, noise)
+        made = super()._make_private(model, optimizer, noise)
         assert self.plan is not None
-        self.canaries.attach(dp_optimizer, noise=noise, sample_rate=self.plan.sample_rate)
-        return private, dp_optimizer, loader, counter
+        # Either clipping mode: the canaries go into the clipped sum the noise step reads.
+        self.canaries.attach(made[1], noise=noise, sample_rate=self.plan.sample_rate)
+        return made
 
 
 def file_sha256(path: Path) -> str:
