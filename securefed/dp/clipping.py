@@ -13,15 +13,9 @@ second backward pass. Here, instead:
 - a hook on each supported layer's output receives the output gradient during that
   backward pass and does the layer's per-sample work at once, by a fixed rule per layer:
 
-  * a convolution on a small map (``T (D + Cout) < D Cout``; ``T`` output positions, ``D``
-    inputs per output) takes its per-sample norms from two ``T x T`` Gram matrices (ghost
-    norm) and keeps its input and output gradient for the clipped sum, which is then one
-    native weight gradient of the output gradient scaled per sample;
-  * another convolution materializes its per-sample weight gradients with one native kernel
+  * a convolution materializes its per-sample weight gradients with one native kernel
     (oneDNN's grouped weight gradient with the batch as groups, no ``unfold``; batched
-    products of shifted views of the input for outputs of at most 100 positions) and keeps
-    them up to :data:`KEEP_NUMEL` numbers; beyond that it norms them block by block and
-    sums like a ghost layer;
+    products of shifted views of the input for outputs of at most 100 positions);
   * GroupNorm's per-sample gradients come from its group statistics; a linear layer on
     ``(B, d)`` inputs keeps only its input and output gradient (norm ``|a_i| |g_i|``, clipped
     sum one matrix product);
@@ -36,7 +30,19 @@ gradients -- up to float rounding. Supported layers: :class:`~torch.nn.Linear`,
 :class:`~torch.nn.GroupNorm`; :func:`supports` says whether a model's trainable
 parameters all live in such layers (the trainer falls back to Opacus' hooks otherwise).
 A layer used several times in one forward pass is handled: its per-sample gradients are
-summed over the uses before the norm is taken.
+summed over the uses before the norm is taken. A parameter shared by several modules is not
+(the trainer falls back to hooks).
+
+Why every clipped sum is taken from the very tensors whose norms were measured: a norm computed
+one way (e.g. a ghost norm from Gram matrices) and a sum computed another (a native weight
+gradient of the scaled output gradient) agree in exact arithmetic but not in floats, and a
+crafted record can make them disagree by orders of magnitude. An earlier version did that for
+convolutions on small maps and for very large ones; one record of inputs ``+-2^16 + d`` had a
+ghost norm of 0 and entered the sum unclipped (norm 120 at C = 1). Materialized per-sample
+gradients cost memory (as Opacus' hooks do) but bound each record's contribution by C whatever
+the rounding. The linear rule is the exception that holds: a per-sample gradient ``g_i a_i^T``
+of a ``(B, d)`` input has the exact norm ``|g_i| |a_i|`` (a product, nothing cancels), and its
+share of the matrix product is that outer product.
 """
 
 from __future__ import annotations
@@ -71,35 +77,29 @@ def unsupported_parameters(model: nn.Module) -> list[str]:
     """Names of trainable parameters that the one-pass clipper cannot handle.
 
     A parameter is supported when it is a direct parameter (``weight`` or ``bias``) of a
-    layer :class:`BookKeepingClipper` knows.
+    layer :class:`BookKeepingClipper` knows, and of no other module.
     """
     out = []
-    for mod_name, module in model.named_modules():
+    owners: dict[int, int] = {}
+    for module in model.modules():
+        for p in module.parameters(recurse=False):
+            owners[id(p)] = owners.get(id(p), 0) + 1
+    for mod_name, module in model.named_modules(remove_duplicate=False):
         ok = _layer_ok(module)
         for p_name, p in module.named_parameters(recurse=False):
-            if p.requires_grad and not (ok and p_name in ("weight", "bias")):
-                out.append(f"{mod_name}.{p_name}" if mod_name else p_name)
+            name = f"{mod_name}.{p_name}" if mod_name else p_name
+            # A parameter shared by two modules (tied weights): each module's per-sample
+            # gradient would be normed alone; the sum over both is what must be clipped.
+            shared = owners[id(p)] > 1
+            if p.requires_grad and (shared or not (ok and p_name in ("weight", "bias"))):
+                if name not in out:
+                    out.append(name)
     return out
 
 
 def supports(model: nn.Module) -> bool:
     """Whether every trainable parameter of ``model`` sits in a supported layer."""
     return not unsupported_parameters(model)
-
-
-#: Per-sample weight gradients of one convolution kept for the clipped sum up to this many
-#: numbers (B x P; 64 MiB in float32). A larger layer's are computed block by block for the
-#: norms only, and its clipped sum is one native weight gradient of the output gradient
-#: scaled per sample: memory stays near that of a plain step (ResNet-18 at B=64 would keep
-#: 2.9 GB of per-sample gradients, as Opacus' hooks do).
-KEEP_NUMEL = 1 << 24
-
-
-def _conv_grad_sample(conv: nn.Module, x: torch.Tensor, go: torch.Tensor) -> torch.Tensor:
-    """Per-sample weight gradients ``(B, *weight.shape)`` of a convolution."""
-    if _shifted_ok(conv, go):
-        return _from_shifted_batched(_shifted_grad_sample(conv, x, go))
-    return _grouped_grad_sample(conv, x, go)
 
 
 def _shifted_ok(conv: nn.Module, go: torch.Tensor) -> bool:
@@ -111,86 +111,6 @@ def _shifted_ok(conv: nn.Module, go: torch.Tensor) -> bool:
     the same way every time.
     """
     return conv.groups == 1 and all(s == 1 for s in conv.stride) and go[0, 0].numel() <= 100
-
-
-def _from_shifted_batched(t: torch.Tensor) -> torch.Tensor:
-    nd = t.dim() - 3
-    return t.permute(0, nd + 2, nd + 1, *range(1, nd + 1))
-
-
-def _conv_norms_sq(conv: nn.Module, x: torch.Tensor, go: torch.Tensor) -> torch.Tensor:
-    """Squared per-sample norms of a convolution's weight gradients, block by block."""
-    b = x.shape[0]
-    block = max(1, KEEP_NUMEL // conv.weight.numel())
-    out = []
-    for lo in range(0, b, block):
-        gs = _conv_grad_sample(conv, x[lo : lo + block], go[lo : lo + block])
-        out.append(torch.linalg.vector_norm(gs.reshape(gs.shape[0], -1), dim=1).float().pow(2))
-    return torch.cat(out)
-
-
-def _ghost_ok(conv: nn.Module, go: torch.Tensor) -> bool:
-    """Whether the ghost norm costs fewer operations than the per-sample gradients.
-
-    Per sample, the ghost norm multiplies two ``T x T`` Gram matrices (inputs, ``T x D``;
-    output gradients, ``T x Cout``; ``T`` output positions, ``D = Cin/groups * K``), the
-    per-sample gradients ``T x D x Cout`` numbers: ghost when ``T (D + Cout) < D Cout``
-    (Bu et al. 2023's rule), i.e. on the small maps deep in a network.
-    """
-    if conv.groups != 1:
-        return False
-    t = go[0, 0].numel()
-    d = conv.weight[0].numel()
-    return t * (d + go.shape[1]) < d * go.shape[1]
-
-
-def _unfold(conv: nn.Module, x: torch.Tensor, out_sizes: Sequence[int]) -> torch.Tensor:
-    """``(B, Cin * K, T)``: the input patch each output position reads (any spatial rank)."""
-    pad: list[int] = []
-    for p in reversed(conv.padding):
-        pad += [p, p]
-    xp = F.pad(x, pad) if any(pad) else x
-    cols = []
-    for off in itertools.product(*[range(k) for k in conv.kernel_size]):
-        idx = [slice(None), slice(None)]
-        for o, d, st, n in zip(off, conv.dilation, conv.stride, out_sizes):
-            idx.append(slice(o * d, o * d + st * (n - 1) + 1, st))
-        cols.append(xp[tuple(idx)])
-    b, cin = x.shape[:2]
-    return torch.stack(cols, dim=2).reshape(b, cin * len(cols), -1)
-
-
-def _conv_ghost_norms_sq(conv: nn.Module, x: torch.Tensor, go: torch.Tensor) -> torch.Tensor:
-    """Squared per-sample norms of a convolution's weight gradients, from Gram matrices.
-
-    ``|G_i|^2 = <A_i A_i^T, g_i g_i^T>`` with ``A_i`` the unfolded input (T x D) and ``g_i``
-    the output gradient (T x Cout), as in Opacus' ghost rule for linear layers.
-    """
-    b = x.shape[0]
-    a = _unfold(conv, x, go.shape[2:])  # (B, D, T)
-    g = go.reshape(b, go.shape[1], -1)  # (B, Cout, T)
-    aa = torch.bmm(a.transpose(1, 2), a)
-    gg = torch.bmm(g.transpose(1, 2), g)
-    return torch.linalg.vecdot(aa.reshape(b, -1), gg.reshape(b, -1)).float()
-
-
-def _conv_weight_grad(conv: nn.Module, x: torch.Tensor, go: torch.Tensor) -> torch.Tensor:
-    """The batch weight gradient of a convolution (what autograd would compute)."""
-    nd = x.dim() - 2
-    _, gw, _ = torch.ops.aten.convolution_backward(
-        go,
-        x,
-        conv.weight.detach(),
-        None,
-        list(conv.stride),
-        list(conv.padding),
-        list(conv.dilation),
-        False,
-        [0] * nd,
-        conv.groups,
-        [False, True, False],
-    )
-    return gw
 
 
 def _from_shifted(t: torch.Tensor) -> torch.Tensor:
@@ -303,17 +223,12 @@ class _Layer:
         self.layout: dict[str, object] = {}
         self.ghost: tuple[torch.Tensor, torch.Tensor] | None = None  # (a, g) of a Linear
         self.uses = 0  # forward calls in this pass (known before the backward starts)
-        # A large convolution's (input, output gradient): clipped sum by weighted weight grad.
-        self.deferred: tuple[torch.Tensor, torch.Tensor] | None = None
-        self.deferred_norm_sq: torch.Tensor | None = None
 
     def reset(self) -> None:
         self.grad_samples = {}
         self.layout = {}
         self.ghost = None
         self.uses = 0
-        self.deferred = None
-        self.deferred_norm_sq = None
 
     def _add(self, name: str, gs: torch.Tensor, layout: object = None) -> None:
         if name in self.grad_samples:
@@ -353,13 +268,7 @@ class _Layer:
             self._linear_samples(x, go)
         elif isinstance(m, _CONVS):
             if "weight" in self.params:
-                if self.uses == 1 and _ghost_ok(m, go):
-                    self.deferred = (x, go)
-                    self.deferred_norm_sq = _conv_ghost_norms_sq(m, x, go)
-                elif self.uses == 1 and x.shape[0] * m.weight.numel() > KEEP_NUMEL:
-                    self.deferred = (x, go)
-                    self.deferred_norm_sq = _conv_norms_sq(m, x, go)
-                elif _shifted_ok(m, go):
+                if _shifted_ok(m, go):
                     self._add("weight", _shifted_grad_sample(m, x, go), _from_shifted)
                 else:
                     self._add("weight", _grouped_grad_sample(m, x, go))
@@ -382,8 +291,6 @@ class _Layer:
                 total += a.float().pow(2).sum(1) * g2
             if "bias" in self.params:
                 total += g2
-        if self.deferred_norm_sq is not None:
-            total += self.deferred_norm_sq
         for gs in self.grad_samples.values():
             total += torch.linalg.vector_norm(gs.reshape(n, -1), dim=1).float().pow(2)
         return total
@@ -398,10 +305,6 @@ class _Layer:
                 out["weight"] = gc.t() @ a
             if "bias" in self.params:
                 out["bias"] = gc.sum(0)
-        if self.deferred is not None:
-            x, go = self.deferred
-            shape = (-1,) + (1,) * (go.dim() - 1)
-            out["weight"] = _conv_weight_grad(self.module, x, go * factor.to(go.dtype).view(shape))
         for name, gs in self.grad_samples.items():
             f = factor.to(gs.dtype)
             summed = (f @ gs.reshape(gs.shape[0], -1)).view(gs.shape[1:])
