@@ -150,3 +150,22 @@ def test_the_32_bit_ring_sends_half_the_words_of_the_64_bit_one():
     # Per value: 4 vs 8 bytes; the keys, shares and signatures are the same few kB.
     assert math.isclose(sent[64] - sent[32], 4 * (dim + 1), rel_tol=0.01)
     assert sent[32] <= 4 * (dim + 1) * 1.1
+
+
+def test_a_server_cannot_make_sites_encode_at_different_scales():
+    """The server's announced round size no longer sets a site's fixed-point scale.
+
+    The attack it stops: announce a huge round to every site but one, so that the others
+    encode ~10 bits coarser; the decoded "sum" is then the one site's update plus rounding
+    (a reviewer read a site's n_i u_i to within 183 on a +-1e5 range this way).
+    """
+    for ring in ("auto", 64):
+        config = RunConfig(clients=6, secure_agg="mask", secagg_ring_bits=ring)
+        told = {n: secagg_config(config, n_sites=n, site=True) for n in (2, 6, 10_000)}
+        fracs = {c.frac_bits for c in told.values()}
+        server = secagg_config(config, n_sites=6)
+        assert fracs == {server.frac_bits}, (ring, fracs, server.frac_bits)
+        roster, _ = Roster.generate(6)
+        for n_round in (3, 6):
+            pinned = pinned_config(told[10_000], roster=roster, n_round=n_round)
+            assert pinned.frac_bits == server.frac_bits

@@ -81,16 +81,29 @@ def secagg_config(config: Any, *, n_sites: int, site: bool = False) -> SecAggCon
         n_sites: Sites sampled this round (the graph and the fixed-point head-room use it).
         site: A site's base parameters: the threshold and n it actually uses come from its
             roster and the signed key list (:func:`~securefed.crypto.secagg.active.
-            pinned_config`), so the server's ``secagg_threshold`` is ignored and its
-            ``n_sites`` only counts as fixed-point head-room (at least 2).
+            pinned_config`), so the server's ``secagg_threshold`` and ``n_sites`` are ignored.
 
+    The fixed-point fractional bits follow from the signed run's full complement of sites
+    (``clients``: no round sums more), never from the round's announced size. Why: when
+    they followed the announced size, a server could announce a huge round to every site
+    but one, so that the others encoded ~10 bits coarser, and read the one site's update out
+    of the "sum" (a reviewer's attack, ``tests/protocol/test_masking_ring.py``).
     """
+    from securefed.crypto.fixedpoint import FixedPointCodec
+
+    complement = max(2, int(config.clients))
+    frac = FixedPointCodec(
+        ring_bits=config.resolved_ring_bits,
+        clip_range=config.secagg_clip,
+        n_summands=complement,
+    ).frac_bits
     return SecAggConfig(
-        n_clients=max(2, n_sites) if site else n_sites,
+        n_clients=complement if site else n_sites,
         threshold=None if site else config.secagg_threshold,
         neighbors=config.secagg_neighbors,
         ring_bits=config.resolved_ring_bits,
         clip_range=config.secagg_clip,
+        frac_bits=frac,
     )
 
 
