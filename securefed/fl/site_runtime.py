@@ -28,7 +28,6 @@ from securefed.data.dataset import ArraySplit
 from securefed.dp import calibration
 from securefed.dp.empirical import AuditedSiteTrainer, GradientCanaries
 from securefed.dp.ledger import PrivacyEvent, PrivacyLedger
-from securefed.dp.memory import release_freed_heap
 from securefed.dp.signing import SiteSigner
 from securefed.dp.trainer import SiteTrainer
 from securefed.errors import ConfigError, PrivacyBudgetError, ProtocolError, SecureFedError
@@ -126,7 +125,6 @@ def local_update(
         log.info("site %d round %d: update clipped to C_u", trainer.client_id, round_index)
     weight = min(float(result.num_samples), max_site_weight(config))
     vec = np.concatenate([weight * update, [weight]])
-    release_freed_heap()  # the round's per-sample tensors (docs/memory.md)
     return vec, result.mean_loss, result.seconds, result.state
 
 
