@@ -16,8 +16,9 @@ Which per-sample clipping runs (``SiteTrainer(clipping="auto")``, :func:`clippin
   gradients from native kernels; clipped sums handed to :class:`ClippedSumDPOptimizer`.
   Why: it is the fastest exact mode measured on CPUs (``benchmarks/dp_step.py``; Opacus'
   ghost clipping needs two backward passes and has no ghost rule for convolutions, its
-  functorch mode is slower than its hooks) and it keeps no per-sample gradients of large
-  convolutions (memory near a plain step's).
+  functorch mode is slower than its hooks). Every clipped sum is taken from the per-sample
+  gradients whose norms were measured (see :mod:`securefed.dp.clipping` for the attack a
+  separately computed norm let through).
 - ``hooks`` (:class:`opacus.GradSampleModule` + :class:`NoiseDPOptimizer`) otherwise: a
   layer the one-pass clipper has no rule for (LayerNorm, attention, embeddings, a user's
   custom layer), or when asked for. Both modes compute the same clipped sums (up to float
