@@ -71,6 +71,16 @@ def _medmnist_options(fn):
     )(fn)
 
 
+#: The shared real sets' folder, for suites that read them.
+_DATA_DIR = option(
+    "--data-dir",
+    type=click.Path(file_okay=False),
+    default="../shared/data",
+    show_default=True,
+    help="Folder holding the real sets' .npz files.",
+)
+
+
 @bench.command("secure-agg")
 @_bench_options(default_seeds="0 (3 repeats)")
 def bench_secure_agg(out, quick, seeds, device) -> None:
@@ -236,13 +246,7 @@ def bench_twins(out, quick, seeds, device, epsilons, model):
 
 @bench.command("real-data")
 @_bench_options(default_seeds="0,1,2")
-@option(
-    "--data-dir",
-    type=click.Path(file_okay=False),
-    default="../shared/data",
-    show_default=True,
-    help="Folder holding the real sets' .npz files.",
-)
+@_DATA_DIR
 @option(
     "--sets",
     default="pneumoniamnist,breastmnist,brain_tumor_mri_96",
@@ -352,13 +356,7 @@ def bench_training(
 
 @bench.command("privacy-audit")
 @_bench_options(default_seeds="0,1,2 (quick: 0)")
-@option(
-    "--data-dir",
-    type=click.Path(file_okay=False),
-    default="../shared/data",
-    show_default=True,
-    help="Folder holding the real sets' .npz files.",
-)
+@_DATA_DIR
 @option(
     "--sets",
     default="synthetic,pneumoniamnist",
