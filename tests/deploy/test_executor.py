@@ -346,7 +346,13 @@ def test_the_site_process_and_its_executor_stop_together(tmp_path, kill) -> None
             assert site.poll() is None, (tmp_path / "site.log").read_text()[-2000:]
             time.sleep(0.1)
         (executor_pid,) = _children(site.pid)
-        cmdline = Path(f"/proc/{executor_pid}/cmdline").read_bytes().split(b"\0")
+        # Between fork and exec the child still shows its parent's command line: wait for it.
+        cmdline: list[bytes] = []
+        while time.monotonic() < deadline:
+            cmdline = Path(f"/proc/{executor_pid}/cmdline").read_bytes().split(b"\0")
+            if b"securefed.deploy.executor" in cmdline:
+                break
+            time.sleep(0.1)
         assert b"securefed.deploy.executor" in cmdline
         if kill.startswith("site"):
             site.send_signal(signal.SIGKILL if kill == "site-sigkill" else signal.SIGTERM)
