@@ -99,20 +99,15 @@ def make_step(name: str, mode: str, batch: int) -> Callable[[], None] | None:
             opt.step()
 
         return step
-    if mode in ("hooks", "functorch"):
-        gsm = GradSampleModule(model, loss_reduction="mean", force_functorch=mode == "functorch")
-        dpo = DPOptimizer(opt, noise_multiplier=1.0, max_grad_norm=1.0, expected_batch_size=batch)
+    if mode in ("hooks", "functorch", "ew"):
+        if mode == "ew":
+            from opacus.grad_sample import GradSampleModuleExpandedWeights
 
-        def step() -> None:
-            dpo.zero_grad(set_to_none=True)
-            crit(gsm(x), y).backward()
-            dpo.step()
-
-        return step
-    if mode == "ew":
-        from opacus.grad_sample import GradSampleModuleExpandedWeights
-
-        gsm = GradSampleModuleExpandedWeights(model, batch_first=True, loss_reduction="mean")
+            gsm = GradSampleModuleExpandedWeights(model, batch_first=True, loss_reduction="mean")
+        else:
+            gsm = GradSampleModule(
+                model, loss_reduction="mean", force_functorch=mode == "functorch"
+            )
         dpo = DPOptimizer(opt, noise_multiplier=1.0, max_grad_norm=1.0, expected_batch_size=batch)
 
         def step() -> None:

@@ -222,13 +222,11 @@ class _Layer:
         # A per-sample gradient kept in another layout, and how its sum becomes the weight's.
         self.layout: dict[str, object] = {}
         self.ghost: tuple[torch.Tensor, torch.Tensor] | None = None  # (a, g) of a Linear
-        self.uses = 0  # forward calls in this pass (known before the backward starts)
 
     def reset(self) -> None:
         self.grad_samples = {}
         self.layout = {}
         self.ghost = None
-        self.uses = 0
 
     def _add(self, name: str, gs: torch.Tensor, layout: object = None) -> None:
         if name in self.grad_samples:
@@ -369,7 +367,6 @@ class BookKeepingClipper:
             if not self._active or not torch.is_grad_enabled():
                 return None
             x = inputs[0].detach()
-            layer.uses += 1
             replaced = None
             if not output.requires_grad:
                 # Nothing before this layer is trained (its input needs no gradient) and its
