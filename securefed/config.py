@@ -19,6 +19,7 @@ __all__ = [
     "RunConfig",
     "ACCOUNTANTS",
     "LEGACY_ACCOUNTANTS",
+    "PRIVACY_UNITS",
     "SECURE_AGG_MODES",
     "DEVICES",
     "STRATEGIES",
@@ -34,6 +35,8 @@ __all__ = [
 ACCOUNTANTS = ("pld",)
 #: Accountants of schema 1.x runs: Opacus' add/remove accountants (gdp also under-reported).
 LEGACY_ACCOUNTANTS = ("prv", "rdp", "gdp")
+#: What one epsilon protects (``--privacy-unit``): one record, or all of one patient's records.
+PRIVACY_UNITS = ("record", "patient")
 #: The built-in names, read off :mod:`securefed.plugins` at import; what a run may use is the
 #: registries' names when it is validated (a plug-in registered later adds to them).
 SECURE_AGG_MODES = plugins.SECURE_AGG.names()
@@ -239,6 +242,8 @@ class RunConfig:
         dataset: ``synthetic`` or a MedMNIST name (``NAME.npz`` in ``data_dir``).
         data_dir: Folder holding MedMNIST ``.npz`` files (default: ``~/.medmnist``).
         data: Path of an image-folder tree, NIfTI tree or ``.npz`` file; overrides ``dataset``.
+        group_by: Where each record's patient id comes from
+            (:func:`securefed.data.load_dataset`'s ``group_by``; docs/patients.md).
         data_options: Loader options, e.g. ``{"n_train": 108, "image_size": 32}`` for
             ``synthetic-seg``, ``{"image_size": 64}`` for a NIfTI tree, or
             ``{"image_size": 64, "val_fraction": 0.2}`` for an image folder.
@@ -269,6 +274,9 @@ class RunConfig:
             no clipping, and a given value clips each batch gradient).
         accountant: ``pld``: dp_accounting's PLD accountant, replace-one adjacency (the only
             one; Opacus' add/remove accountants are refused, see ``dp/accounting.py``).
+        privacy_unit: ``record`` (each training record is one unit of privacy) or
+            ``patient`` (each patient: sampling over patients, per-patient clipping, so the
+            accounted epsilon is per patient; needs patient ids, ``group_by``).
         calibrate: DP classification with one global model: after the last round, fit the
             decision offsets from DP-noised per-class score statistics of the sites' training
             data (:mod:`securefed.dp.calibration`), accounted within ``dp_epsilon``.
@@ -377,6 +385,14 @@ class RunConfig:
         help="Number of classes K of an .npz that declares none (no `class_names` array); any "
         "label outside [0, K) is refused.",
     )
+    group_by: str | None = _setting(
+        None,
+        shown="none",
+        help="Patient id of each record, for --privacy-unit patient: for an .npz the array "
+        "suffix (patient_ids reads train_patient_ids); for image folders regex:PATTERN on file "
+        "names or a CSV of file,patient; NIfTI subjects are one patient each unless "
+        "regex:PATTERN merges their folder names (docs/patients.md).",
+    )
     model: str = _setting(
         "auto",
         help="Model from the registry: auto (picked from the data, see docs/defaults.md), cnn, "
@@ -445,6 +461,13 @@ class RunConfig:
         choices=ACCOUNTANTS + LEGACY_ACCOUNTANTS,
         help="Accountant for calibration and reporting: dp_accounting PLD, replace-one adjacency "
         "(Opacus' prv/rdp/gdp account add/remove neighbours and are refused).",
+    )
+    privacy_unit: str = _setting(
+        "record",
+        choices=PRIVACY_UNITS,
+        help="What ε protects: 'record' (one image or volume) or 'patient' (all of one "
+        "patient's records: Poisson sampling over patients, each patient's mean gradient "
+        "clipped; needs patient ids, see --group-by).",
     )
     calibrate: bool = _setting(
         True,
@@ -688,6 +711,19 @@ class RunConfig:
             f"(got {self.audit_canaries}).",
         )
         _check(
+            self.privacy_unit in PRIVACY_UNITS,
+            f"{_n('privacy_unit')} must be one of {', '.join(PRIVACY_UNITS)} "
+            f"(got {self.privacy_unit!r}).",
+        )
+        _check(
+            self.privacy_unit == "record" or self.dp_epsilon is not None,
+            f"{_n('privacy_unit')} patient is a DP setting: it needs --dp-epsilon (not inf).",
+        )
+        _check(
+            self.group_by is None or (isinstance(self.group_by, str) and self.group_by.strip()),
+            f"{_n('group_by')} must be a non-empty key, regex:PATTERN or CSV path.",
+        )
+        _check(
             self.audit_canaries == 0 or self.dp_epsilon is not None,
             f"{_n('audit_canaries')} audits DP-SGD: it needs --dp-epsilon (not inf).",
         )
@@ -812,6 +848,8 @@ class RunConfig:
         options = dict(self.data_options or {})
         if self.num_classes is not None:
             options["num_classes"] = self.num_classes
+        if self.group_by is not None:
+            options["group_by"] = self.group_by
         return options
 
     @property

@@ -95,6 +95,7 @@ def audit(run_dir, as_json, site_keys_file, allow_reproducible_noise, empirical)
                     "exit_code": result.exit_code,
                     "dp_claim": result.dp_claim,
                     "site_keys": result.keys,
+                    "privacy_unit": result.unit,
                     "checks": [c.__dict__ for c in result.checks],
                     "sites": result.rows,
                     "tolerance": TOLERANCE,
@@ -116,9 +117,9 @@ def audit(run_dir, as_json, site_keys_file, allow_reproducible_noise, empirical)
                     f"{r['pld']:>8.4f}"
                 )
             click.echo(
-                "(PLD, replace-one, recomputed with Google's dp_accounting from the report's "
-                "ledger; no RDP column: dp_accounting's RDP cannot do replace-one under Poisson "
-                "sampling; n '-' = not disclosed)"
+                f"(ε per {result.unit}; PLD, replace-one, recomputed with Google's "
+                "dp_accounting from the report's ledger; no RDP column: dp_accounting's RDP "
+                "cannot do replace-one under Poisson sampling; n '-' = not disclosed)"
             )
         for c in result.checks:
             click.echo(f"[{'PASS' if c.ok else 'FAIL'}] {c.name}: {c.detail}")

@@ -383,3 +383,35 @@ def bench_privacy_audit(out, quick, seeds, device, data_dir, sets, epsilons, can
     )
     out = Path(out or "bench-out/privacy-audit")
     _done(run_privacy_audit(out_dir=out, grid=grid, progress=True))
+
+
+@bench.command("privacy-unit")
+@_bench_options(default_seeds="0,1,2 (quick: 0)")
+@option("--epsilons", default="8", show_default=True, help="Comma-separated target ε.")
+@option(
+    "--records-per-patient",
+    type=click.IntRange(min=2),
+    default=4,
+    show_default=True,
+    help="k: records of each synthetic patient.",
+)
+def bench_privacy_unit(out, quick, seeds, device, epsilons, records_per_patient):
+    """Patient-level vs record-level DP at the same ε, on synthetic patients of k records."""
+    import dataclasses
+
+    from securefed.bench.privacy_unit import QUICK_UNIT, UnitGrid, run_privacy_unit
+
+    grid = QUICK_UNIT if quick else UnitGrid()
+    eps = _epsilons(epsilons)
+    if any(e is None for e in eps):
+        raise click.BadParameter(
+            "finite ε only (the no-dp arm is the ∞ row)", param_hint="--epsilons"
+        )
+    grid = dataclasses.replace(
+        grid,
+        records_per_patient=records_per_patient,
+        epsilons=eps,
+        seeds=_seeds(seeds, grid.seeds),
+        base={**grid.base, "device": device},
+    )
+    _done(run_privacy_unit(out_dir=Path(out or "bench-out/privacy-unit"), grid=grid, progress=True))

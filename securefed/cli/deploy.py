@@ -249,6 +249,19 @@ def deploy_register(certs, insecure, superlink, public_key) -> None:
     help="Take part in plaintext runs without a roster (closed test networks only: the "
     "server then takes any site id as claimed). Secure aggregation always needs the roster.",
 )
+@option(
+    "--privacy-unit",
+    type=click.Choice(["record", "patient"]),
+    default=None,
+    show_default="either",
+    help="This hospital's policy: 'patient' refuses runs whose ε is per record.",
+)
+@option(
+    "--group-by",
+    default=None,
+    show_default="the run's",
+    help="Where this site's patient ids come from, as the run's --group-by (docs/patients.md).",
+)
 def deploy_site(
     certs,
     insecure,
@@ -271,6 +284,8 @@ def deploy_site(
     roster,
     min_contributors,
     insecure_no_roster,
+    privacy_unit,
+    group_by,
 ) -> None:
     """Start one hospital's Flower SuperNode, pointing at its own data.
 
@@ -303,6 +318,8 @@ def deploy_site(
         roster=Path(roster) if roster else None,
         min_contributors=min_contributors,
         insecure_no_roster=insecure_no_roster,
+        privacy_unit=privacy_unit,
+        group_by=group_by,
     )
     # After the command's own checks (TLS choice), so a refused start writes no key.
     click.echo(f"site {site_id} signing key {key}: {ensure_signing_key(key)}", err=True)

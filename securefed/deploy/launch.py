@@ -205,6 +205,8 @@ def supernode_command(
     roster: Path | None = None,
     min_contributors: int | None = None,
     insecure_no_roster: bool = False,
+    privacy_unit: str | None = None,
+    group_by: str | None = None,
 ) -> list[str]:
     """The site process for one hospital, its data named in its node configuration.
 
@@ -238,6 +240,8 @@ def supernode_command(
         roster: The federation's signed roster file (needed for secure aggregation).
         min_contributors: The site's own least number of contributors to a sum (>= 2).
         insecure_no_roster: Accept secure-aggregation runs without a roster (test networks).
+        privacy_unit: ``patient``: refuse record-level runs (the site's policy).
+        group_by: Where this site's patient ids come from (``--group-by`` syntax).
 
     """
     _tls(certs, insecure, what=f"site {site_id}")
@@ -283,6 +287,8 @@ def supernode_command(
                 "roster": str(Path(roster).resolve()) if roster is not None else None,
                 "min-contributors": int(min_contributors) if min_contributors else None,
                 "insecure-no-roster": True if insecure_no_roster else None,
+                "privacy-unit": privacy_unit,
+                "group-by": group_by,
             }
         ),
     ]

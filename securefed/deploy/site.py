@@ -62,6 +62,10 @@ class NodeSettings:
             reveal (>= 2); the larger of it and the roster's applies.
         insecure_no_roster: Accept a secure-aggregation run without a roster (closed test
             networks only: peers' keys and ids are then whatever the server says).
+        privacy_unit: ``patient``: the hospital's policy is patient-level DP; a record-level
+            run is refused. ``record`` (or unset) accepts either.
+        group_by: Where this site's patient ids come from (``--group-by`` syntax); overrides
+            the run's, since each hospital knows its own data layout.
 
     """
 
@@ -81,6 +85,8 @@ class NodeSettings:
     roster: str | None = None
     min_contributors: int | None = None
     insecure_no_roster: bool = False
+    privacy_unit: str | None = None
+    group_by: str | None = None
 
     @classmethod
     def from_node_config(cls, node_config: Mapping[str, Any]) -> NodeSettings:
@@ -108,6 +114,8 @@ class NodeSettings:
             "roster",
             "min-contributors",
             "insecure-no-roster",
+            "privacy-unit",
+            "group-by",
         }
         unknown = sorted(set(node_config) - known)
         if unknown:
@@ -138,6 +146,12 @@ class NodeSettings:
             value = node_config.get(key)
             return None if value in (None, "") else str(value)
 
+        unit = text("privacy-unit")
+        if unit not in (None, "record", "patient"):
+            raise ConfigError(
+                f"node config: `privacy-unit` must be 'record' or 'patient' (got {unit!r})"
+            )
+
         return cls(
             site_id=raw,
             dataset=text("dataset"),
@@ -155,6 +169,8 @@ class NodeSettings:
             roster=text("roster"),
             min_contributors=least,
             insecure_no_roster=bool(node_config.get("insecure-no-roster", False)),
+            privacy_unit=unit,
+            group_by=text("group-by"),
         )
 
     def check_policy(self, config: RunConfig) -> None:
@@ -185,6 +201,11 @@ class NodeSettings:
                 f"site {self.site_id}: the run asks for reproducible DP noise (derived from its "
                 "seed, so its epsilon does not hold against whoever knows it); this site's "
                 "node config does not set allow-reproducible-noise"
+            )
+        if self.privacy_unit == "patient" and config.privacy_unit != "patient":
+            raise PrivacyBudgetError(
+                f"site {self.site_id}: the run's epsilon is per record; this site's policy "
+                "is patient-level DP (node config privacy-unit=patient)"
             )
         if self.max_epsilon is None:
             return
@@ -324,7 +345,7 @@ def deployed_site(config: RunConfig, node: NodeSettings) -> SiteRuntime:
         data_dir=node.data_dir if node.data_dir is not None else config.data_dir,
         data=node.data if node.data is not None else config.data,
         seed=config.seed,
-        **config.loader_options,
+        **{**config.loader_options, **({"group_by": node.group_by} if node.group_by else {})},
     )
     task = task_for(bundle, config)
     train, heldout = bundle.train, bundle.val

@@ -93,6 +93,8 @@ class AuditResult:
             claimed, pld).
         dp_claim: False when config and report agree that the run used no DP.
         keys: ``pinned`` (``--site-keys``) or ``self-asserted`` (the report's own keys).
+        unit: The privacy unit each recomputed epsilon is for (``record`` or ``patient``),
+            as the configuration the sites signed states it.
 
     """
 
@@ -100,6 +102,7 @@ class AuditResult:
     rows: list[dict[str, Any]] = field(default_factory=list)
     dp_claim: bool = True
     keys: str = "self-asserted"
+    unit: str = "record"
 
     @property
     def ok(self) -> bool:
@@ -272,6 +275,9 @@ def _check_binding(result: AuditResult, privacy: dict, run: dict) -> None:
             DP_BATCH if run.get("batch_size") is None else run.get("batch_size"),
         ),
         ("accountant", privacy.get("accountant"), run.get("accountant")),
+        # Runs from before --privacy-unit were record-level; the unit is in the run the
+        # sites signed, so a report cannot relabel a record-level epsilon as per patient.
+        ("privacy unit", privacy.get("privacy_unit"), run.get("privacy_unit", "record")),
     ]
     for name, got, want in pairs:
         result.add(
@@ -638,6 +644,7 @@ def audit_run(
 
     try:
         _check_binding(result, privacy, run)
+        result.unit = str(run.get("privacy_unit", "record"))
         _check_noise(result, privacy, allow_reproducible_noise)
         keys = _check_keys(result, privacy, site_keys, site_keys_source)
         executed = [int(r["round"]) for r in metrics["rounds"]]

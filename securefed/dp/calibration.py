@@ -133,15 +133,27 @@ def statistics_size(num_classes: int) -> int:
 
 
 def site_statistics(
-    logits: np.ndarray, labels: np.ndarray, *, num_classes: int, clip: float = CLIP
+    logits: np.ndarray,
+    labels: np.ndarray,
+    *,
+    num_classes: int,
+    clip: float = CLIP,
+    units: np.ndarray | None = None,
 ) -> np.ndarray:
     """The un-noised vector ``(R * n, M)`` of one site (the caller adds the noise).
+
+    With ``units`` (patient-level DP) each record counts ``1/k`` for a patient of ``k``
+    records: a patient adds the mean of its records' contributions. Each record's
+    contribution ``w_i`` differs from any other's by at most 2R (the module's bound), so the
+    difference of two patients' means, an average of such differences, does too: the release
+    keeps sensitivity 2R for replacing one patient.
 
     Args:
         logits: (N, K) logits of the site's training records under the global model.
         labels: (N,) class indices in ``0..K-1``.
         num_classes: K.
         clip: R.
+        units: (N,) patient id of each record, or None (each record its own unit).
 
     Raises:
         ValueError: Shapes or labels that do not fit ``num_classes``.
@@ -163,9 +175,16 @@ def site_statistics(
     z = logits - logits.mean(axis=1, keepdims=True)
     norms = np.linalg.norm(z, axis=1, keepdims=True)
     z *= np.minimum(1.0, clip / np.maximum(norms, 1e-12))
-    counts = np.bincount(labels, minlength=k).astype(np.float64)
+    weight = np.ones(labels.shape[0])
+    if units is not None:
+        units = np.asarray(units)
+        if units.shape != labels.shape:
+            raise ValueError(f"need one unit per record, got {units.shape} for {labels.shape}")
+        _, index, sizes = np.unique(units, return_inverse=True, return_counts=True)
+        weight = 1.0 / sizes[index]
+    counts = np.bincount(labels, weights=weight, minlength=k).astype(np.float64)
     sums = np.zeros((k, k))
-    np.add.at(sums, labels, z)
+    np.add.at(sums, labels, z * weight[:, None])
     return np.concatenate([clip * counts, sums.ravel()])
 
 

@@ -54,9 +54,36 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["BookKeepingClipper", "supports", "unsupported_parameters"]
+__all__ = [
+    "BookKeepingClipper",
+    "pool_by_unit",
+    "supports",
+    "unit_pooling",
+    "unsupported_parameters",
+]
 
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+def unit_pooling(units: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """How a chunk's per-record gradients become per-unit gradients.
+
+    Returns ``(index, weight, count)``: each record's unit as ``0..count-1``, its weight
+    ``1/k`` for a unit with ``k`` records in the chunk, and the number of units. A unit's
+    gradient is the weighted sum of its records': their mean. Clipping that mean to C bounds
+    everything the unit (a patient) adds to the step, however many records it has.
+    """
+    _, index, counts = torch.unique(units, return_inverse=True, return_counts=True)
+    weight = 1.0 / counts.to(torch.float64)[index]
+    return index, weight, int(counts.numel())
+
+
+def pool_by_unit(samples: torch.Tensor, index: torch.Tensor, weight: torch.Tensor, count: int):
+    """Per-unit means ``(count, ...)`` of per-record tensors ``samples`` ``(B, ...)``."""
+    w = weight.to(device=samples.device, dtype=samples.dtype)
+    scaled = samples * w.view(-1, *([1] * (samples.dim() - 1)))
+    out = torch.zeros((count, *samples.shape[1:]), dtype=samples.dtype, device=samples.device)
+    return out.index_add_(0, index.to(samples.device), scaled)
 
 
 def _layer_ok(module: nn.Module) -> bool:
@@ -279,6 +306,14 @@ class _Layer:
             if "bias" in self.params:
                 self._add("bias", gb)
 
+    def pool(self, index: torch.Tensor, weight: torch.Tensor, count: int) -> None:
+        """Turn the per-sample gradients into per-unit means (:func:`unit_pooling`)."""
+        # A linear layer's exact norm |a_i||g_i| is a single record's: a patient's mean of
+        # several outer products is no outer product, so it is materialized first.
+        self._materialize_ghost()
+        for name, gs in self.grad_samples.items():
+            self.grad_samples[name] = pool_by_unit(gs, index, weight, count)
+
     def norms_sq(self, n: int, device: torch.device) -> torch.Tensor:
         """Squared per-sample norm of the layer's trainable parameters' gradients."""
         total = torch.zeros(n, device=device, dtype=torch.float32)
@@ -392,14 +427,22 @@ class BookKeepingClipper:
         """
         return _Pass(self, scale)
 
-    def clip_and_sum(self, max_grad_norm: float, n: int) -> list[torch.Tensor]:
+    def clip_and_sum(
+        self, max_grad_norm: float, n: int, *, units: torch.Tensor | None = None
+    ) -> list[torch.Tensor]:
         """Clipped sums, one per parameter (optimizer order), of the last pass' ``n`` samples.
 
         The clip factor of sample ``i`` is ``min(1, C / (|g_i| + 1e-6))``, as in Opacus.
+        With ``units`` (each sample's patient), the samples of a unit are averaged first
+        (:func:`unit_pooling`) and each unit's mean is clipped: patient-level clipping.
         """
         if n == 0 or not self.params:
             out = [torch.zeros_like(p) for p in self.params]
         else:
+            if units is not None:
+                index, weight, n = unit_pooling(units)
+                for layer in self.layers:
+                    layer.pool(index, weight, n)
             device = self.params[0].device
             norm_sq = torch.zeros(n, device=device, dtype=torch.float32)
             for layer in self.layers:

@@ -24,11 +24,14 @@ __all__ = [
 #: privacy.json and config.json share it. 3.0: `transfer.frozen_parameters` counts scalars.
 #: 3.1 (additive): the masking ring's choice and error bound; an optional `empirical` block
 #: (audit runs) in privacy.json and `audit_canaries` in config.json (docs/schemas.md).
-SCHEMA_VERSION = "3.1"
+#: 3.2 (additive): `privacy_unit` may be "patient" (with its `guarantee`, `sampling` and
+#: `clipping` wording); config.json's run gains `privacy_unit` and `group_by`.
+SCHEMA_VERSION = "3.2"
 
 THREAT_MODEL = (
-    "Record-level (epsilon, delta)-DP per site for replace-one adjacency: each site's DP-SGD "
-    "guarantee covers the substitution of any one of its training records, against anyone who "
+    "(epsilon, delta)-DP per site and per privacy unit ('privacy_unit': one training record, or "
+    "all of one patient's records) for replace-one adjacency: each site's DP-SGD guarantee "
+    "covers the substitution of any one of its units, against anyone who "
     "sees everything the site releases (the server included: every field is listed in "
     "'disclosures' with its protection), accounted over all its steps in all rounds; sites do "
     "not gain amplification from being sampled by the server. The DP noise and the Poisson "

@@ -42,6 +42,7 @@ import warnings
 from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from opacus import GradSampleModule
 from opacus.data_loader import dtype_safe, shape_safe, wrap_collate_with_empty
@@ -53,7 +54,12 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from torch.utils.data._utils.collate import default_collate
 
 from securefed.dp.accounting import compute_epsilon, site_batch, site_lr, steps_per_epoch
-from securefed.dp.clipping import BookKeepingClipper, unsupported_parameters
+from securefed.dp.clipping import (
+    BookKeepingClipper,
+    pool_by_unit,
+    unit_pooling,
+    unsupported_parameters,
+)
 from securefed.dp.ledger import PrivacyEvent, PrivacyLedger
 from securefed.dp.noise import SECURE_DRAWS, NoiseSource
 from securefed.errors import PrivacyBudgetError
@@ -66,6 +72,7 @@ __all__ = [
     "NoiseDPOptimizer",
     "PoissonBatchSampler",
     "SiteTrainer",
+    "UnitTagged",
     "clipping_mode",
 ]
 
@@ -114,16 +121,26 @@ class PoissonBatchSampler(Sampler[list[int]]):
     :class:`~securefed.dp.noise.NoiseSource`: who sampled which record is part of the
     mechanism, so it must be as unpredictable as the noise.
 
+    With ``units`` (patient-level DP), each coin is a patient's: a batch holds every record of
+    each sampled patient and none of the others', one patient's records next to each other.
+
     Args:
         num_samples: Records in the data set.
         sample_rate: q.
         steps: Batches per pass (``ceil(n/B)`` for DP-SGD's epoch).
         noise: Where the coins come from.
+        units: The record indices of each privacy unit (``None``: each record is one).
 
     """
 
     def __init__(
-        self, *, num_samples: int, sample_rate: float, steps: int, noise: NoiseSource
+        self,
+        *,
+        num_samples: int,
+        sample_rate: float,
+        steps: int,
+        noise: NoiseSource,
+        units: Sequence[np.ndarray] | None = None,
     ) -> None:
         super().__init__()
         if steps < 1:
@@ -132,14 +149,46 @@ class PoissonBatchSampler(Sampler[list[int]]):
         self.sample_rate = sample_rate
         self.steps = steps
         self.noise = noise
+        self.units = None if units is None else [np.asarray(u, dtype=np.int64) for u in units]
 
     def __len__(self) -> int:
         return self.steps
 
     def __iter__(self) -> Iterator[list[int]]:
+        units = self.units
         for _ in range(self.steps):
-            mask = self.noise.bernoulli(self.num_samples, self.sample_rate)
-            yield mask.nonzero().flatten().tolist()
+            if units is None:
+                mask = self.noise.bernoulli(self.num_samples, self.sample_rate)
+                yield mask.nonzero().flatten().tolist()
+                continue
+            # One coin per privacy unit (patient): all of its records, or none of them,
+            # contiguous so that a physical chunk never splits a unit.
+            mask = self.noise.bernoulli(len(units), self.sample_rate)
+            picked = [units[i] for i in mask.nonzero().flatten().tolist()]
+            yield np.concatenate(picked).tolist() if picked else []
+
+
+class UnitTagged(Dataset):
+    """``dataset``'s items with the index of their privacy unit (patient) appended.
+
+    Patient-level DP-SGD needs, for each record of a batch, whose it is: the records of one
+    patient are averaged before they are clipped.
+    """
+
+    def __init__(self, dataset: Dataset, unit_of: torch.Tensor) -> None:
+        self.dataset = dataset
+        self.unit_of = unit_of
+
+    def __len__(self) -> int:
+        return len(self.unit_of)
+
+    def __getitem__(self, index: int) -> tuple:
+        return (*self.dataset[index], self.unit_of[index])
+
+    def set_epoch(self, epoch: int) -> None:
+        """Pass the round on to an augmenting data set."""
+        if hasattr(self.dataset, "set_epoch"):
+            self.dataset.set_epoch(epoch)
 
 
 def poisson_loader(dataset: Dataset, *, sampler: PoissonBatchSampler) -> DataLoader:
@@ -309,6 +358,11 @@ class SiteTrainer:
             records uses batches of about ``n / min_steps``.
         clipping: Per-sample clipping of DP-SGD (see :func:`clipping_mode`): ``auto``
             (default), ``one-pass`` or ``hooks``. Both compute the same clipped sums.
+        units: Patient-level DP: the record indices of each patient (every record in exactly
+            one). Poisson sampling is then over patients (all of a patient's records or
+            none), each sampled patient's records are averaged and that mean is clipped to
+            C, and the mean step divides by the expected number of patients: the plan's
+            epsilon is per patient. ``None``: record-level (each record its own unit).
 
     """
 
@@ -329,6 +383,7 @@ class SiteTrainer:
         progress: bool = False,
         min_steps: int = 1,
         clipping: str = "auto",
+        units: Sequence[np.ndarray] | None = None,
     ) -> None:
         if max_physical_batch_size is not None and max_physical_batch_size < 1:
             raise ValueError("`max_physical_batch_size` must be at least 1")
@@ -348,6 +403,23 @@ class SiteTrainer:
         self.max_physical_batch_size = max_physical_batch_size
         self.progress = progress
         self.min_steps = min_steps
+        self.units = None if units is None else _check_units(units, self.num_samples)
+        self.unit_of: torch.Tensor | None = None
+        if self.units is not None:
+            unit_of = torch.empty(self.num_samples, dtype=torch.int64)
+            for i, records in enumerate(self.units):
+                unit_of[torch.from_numpy(records)] = i
+            self.unit_of = unit_of
+
+    @property
+    def privacy_unit(self) -> str:
+        """``patient`` when the trainer was given units, else ``record``."""
+        return "record" if self.units is None else "patient"
+
+    @property
+    def num_units(self) -> int:
+        """Privacy units at this site: patients, or records for record-level DP."""
+        return self.num_samples if self.units is None else len(self.units)
 
     @property
     def num_samples(self) -> int:
@@ -463,8 +535,8 @@ class SiteTrainer:
             noise=noise,
             noise_multiplier=plan.noise_multiplier,
             max_grad_norm=plan.max_grad_norm,
-            # The mean batch size of Poisson sampling, n * q (Opacus floors it to an int).
-            expected_batch_size=self.num_samples * plan.sample_rate,
+            # The mean batch size of Poisson sampling in units, n * q (records or patients).
+            expected_batch_size=self.num_units * plan.sample_rate,
         )
         dp_optimizer: NoiseDPOptimizer
         if clipping_mode(model, self.clipping) == "one-pass":
@@ -483,9 +555,14 @@ class SiteTrainer:
 
         dp_optimizer.attach_step_hook(count)
         sampler = PoissonBatchSampler(
-            num_samples=self.num_samples, sample_rate=plan.sample_rate, steps=steps, noise=noise
+            num_samples=self.num_samples,
+            sample_rate=plan.sample_rate,
+            steps=steps,
+            noise=noise,
+            units=self.units,
         )
-        loader = poisson_loader(self.dataset, sampler=sampler)
+        dataset = self.dataset if self.unit_of is None else UnitTagged(self.dataset, self.unit_of)
+        loader = poisson_loader(dataset, sampler=sampler)
         return private, dp_optimizer, loader, counter, clipper
 
     def _plain_loader(self, generator: torch.Generator) -> DataLoader:
@@ -501,12 +578,28 @@ class SiteTrainer:
             )
         return DataLoader(self.dataset, batch_sampler=_SplitSampler(n, min(steps, n), generator))
 
-    def _chunks(self, n: int) -> list[tuple[int, int]]:
-        """Index ranges of the physical chunks of a batch of ``n`` (one, possibly empty)."""
+    def _chunks(self, n: int, units: torch.Tensor | None = None) -> list[tuple[int, int]]:
+        """Index ranges of the physical chunks of a batch of ``n`` (one, possibly empty).
+
+        With ``units`` (each record's patient, one patient's records contiguous) a chunk ends
+        only where a patient's records end: a patient's mean gradient is clipped whole. A
+        patient with more records than ``max_physical_batch_size`` gets a chunk of its own,
+        that much larger.
+        """
         size = self.max_physical_batch_size
         if size is None or n <= size:
             return [(0, n)]
-        return [(lo, min(lo + size, n)) for lo in range(0, n, size)]
+        if units is None:
+            return [(lo, min(lo + size, n)) for lo in range(0, n, size)]
+        ends = (torch.nonzero(units[1:] != units[:-1]).flatten() + 1).tolist() + [n]
+        chunks, lo, last = [], 0, 0
+        for end in ends:
+            if end - lo > size and last > lo:
+                chunks.append((lo, last))
+                lo = last
+            last = end
+        chunks.append((lo, n))
+        return chunks
 
     def train_round(
         self,
@@ -576,10 +669,12 @@ class SiteTrainer:
             # Opacus' hooks fire on inputs that need no grad; torch warns, nothing is wrong.
             warnings.filterwarnings("ignore", message="Full backward hook is firing")
             for _ in range(epochs):
-                for x, y in loader:
-                    x, y = x.to(self.device), y.to(self.device)
+                for batch in loader:
+                    x, y = batch[0].to(self.device), batch[1].to(self.device)
+                    # Each record's patient under patient-level DP (UnitTagged's last item).
+                    u = batch[2] if dp and self.units is not None else None
                     optimizer.zero_grad(set_to_none=True)
-                    chunks = self._chunks(len(y))
+                    chunks = self._chunks(len(y), u)
                     batch_loss = 0.0
                     for i, (lo, hi) in enumerate(chunks):
                         last = i == len(chunks) - 1
@@ -589,12 +684,13 @@ class SiteTrainer:
                             # (Without DP, p.grad accumulates across chunks: no zeroing.)
                             optimizer.zero_grad(set_to_none=True)
                         xc, yc = x[lo:hi], y[lo:hi]
+                        uc = None if u is None else u[lo:hi]
                         if clipper is not None:
                             # One-pass clipping: one backward, the clipped sum at once.
                             loss = self._one_pass(model, clipper, criterion, xc, yc)
                             assert isinstance(optimizer, ClippedSumDPOptimizer)
                             optimizer.accumulate(
-                                clipper.clip_and_sum(self.plan.max_grad_norm, len(yc))
+                                clipper.clip_and_sum(self.plan.max_grad_norm, len(yc), units=uc)
                             )
                             optimizer.signal_skip_step(do_skip=not last)
                             optimizer.step()
@@ -608,6 +704,8 @@ class SiteTrainer:
                             # size (GradSampleModule, loss_reduction="mean"): chunking does
                             # not change them.
                             loss.backward()
+                            if uc is not None and len(yc):
+                                _pool_grad_samples(optimizer.params, uc)
                             optimizer.signal_skip_step(do_skip=not last)
                             optimizer.step()
                         else:
@@ -678,6 +776,29 @@ class SiteTrainer:
             loss = criterion(model(x), y)
             loss.backward()
         return float(loss.detach())
+
+
+def _pool_grad_samples(params: Sequence[nn.Parameter], units: torch.Tensor) -> None:
+    """Replace Opacus' per-record ``grad_sample`` by per-patient means, before it clips them."""
+    index, weight, count = unit_pooling(units)
+    for p in params:
+        p.grad_sample = pool_by_unit(p.grad_sample, index, weight, count)
+
+
+def _check_units(units: Sequence[np.ndarray], n: int) -> list[np.ndarray]:
+    """The units as int64 arrays, each record in exactly one of them, none empty.
+
+    Raises:
+        ValueError: A record in no unit or in two, an index outside ``[0, n)``, an empty unit.
+
+    """
+    out = [np.asarray(u, dtype=np.int64).reshape(-1) for u in units]
+    if any(len(u) == 0 for u in out):
+        raise ValueError("`units`: a privacy unit without records")
+    flat = np.concatenate(out) if out else np.zeros(0, dtype=np.int64)
+    if len(flat) != n or not np.array_equal(np.sort(flat), np.arange(n)):
+        raise ValueError(f"`units` must place each of the {n} records in exactly one unit")
+    return out
 
 
 class _SplitSampler:

@@ -30,7 +30,13 @@ from securefed.dp.empirical import AuditedSiteTrainer, GradientCanaries
 from securefed.dp.ledger import PrivacyEvent, PrivacyLedger
 from securefed.dp.signing import SiteSigner
 from securefed.dp.trainer import SiteTrainer
-from securefed.errors import ConfigError, PrivacyBudgetError, ProtocolError, SecureFedError
+from securefed.errors import (
+    ConfigError,
+    DataError,
+    PrivacyBudgetError,
+    ProtocolError,
+    SecureFedError,
+)
 from securefed.fl.bounds import clip_update, max_site_weight, update_clip_for
 from securefed.fl.claims import plan_fields, site_claim_for
 from securefed.fl.disclosures import check_reply
@@ -215,6 +221,8 @@ class SiteRuntime:
         #: False until the site knows its own history (a fresh site process learns it from its
         #: stored copy; a new site starts with an empty one).
         self.history_known = True
+        #: Each record's patient under --privacy-unit patient (None: record-level DP).
+        self.patients = _patients_of(config, train, client_id)
         audit = {} if canaries is None else {"canaries": canaries}
         self.trainer = (SiteTrainer if canaries is None else AuditedSiteTrainer)(
             **audit,
@@ -232,6 +240,7 @@ class SiteRuntime:
             max_grad_norm=config.effective_max_grad_norm,
             loss_fn=task.loss_fn,
             max_physical_batch_size=config.max_physical_batch_size,
+            units=None if self.patients is None else train.units(),
         )
         mode = get_mode(config.secure_agg)
         self.protects = mode.protects
@@ -315,6 +324,15 @@ class SiteRuntime:
                 "norm <= C): expect little learning here; pool data into fewer, larger sites, "
                 "or use --strategy ftl from a pretrained backbone."
             )
+        if cfg.dp_enabled and t.units is not None and self.plan is not None:
+            per_batch = t.num_units * self.plan.sample_rate
+            if per_batch < MIN_DP_BATCH:
+                out.append(
+                    f"warning: {who}: patient-level DP-SGD batches of about {per_batch:.3g} of "
+                    f"its {t.num_units} patients; the noise is sized for one patient, so "
+                    f"expect little learning: raise --batch-size (now {cfg.effective_batch_size}"
+                    ") so a step samples more patients, or pool patients into fewer sites."
+                )
         return out
 
     def handle(self, stage: str, fields: dict[str, Any]) -> dict[str, Any]:
@@ -688,7 +706,10 @@ class SiteRuntime:
         ((sigma, q, steps),) = calibration.planned_entries(run)
         logits = self._logits(model, self.train)
         stats = calibration.site_statistics(
-            logits, np.asarray(self.train.labels), num_classes=self.spec.num_classes
+            logits,
+            np.asarray(self.train.labels),
+            num_classes=self.spec.num_classes,
+            units=self.patients,
         )
         noise = mechanism_noise(self.config, 7, round_index, cid).gaussian(stats.size)
         released = stats + noise.double().numpy() * (sigma * calibration.CLIP)
@@ -736,3 +757,22 @@ class SiteRuntime:
         )
         twin.load_state_dict(result.state, strict=True)
         return twin
+
+
+def _patients_of(config: RunConfig, train: ArraySplit, site: int) -> np.ndarray | None:
+    """The patient id of each training record under ``--privacy-unit patient``, else None.
+
+    Raises:
+        DataError: Patient-level DP was asked for and the data carry no patient ids.
+
+    """
+    if config.privacy_unit != "patient":
+        return None
+    patients = getattr(train, "patients", None)
+    if patients is None:
+        raise DataError(
+            f"site {site}: --privacy-unit patient needs a patient id per record, and this "
+            "site's data have none (set --group-by; docs/patients.md)"
+        )
+    return np.asarray(patients)
+

@@ -34,7 +34,9 @@ def public_split(split: ArraySplit, *, fraction: float, seed: int) -> tuple[np.n
     """Split a training split's indices into (private, public), deterministically by seed.
 
     Classification splits are stratified (the public part keeps the class mix); others
-    (segmentation) are split uniformly at random.
+    (segmentation) are split uniformly at random. With patient ids the split is by patient
+    (stratified by each patient's first record's class): a patient is public or private as a
+    whole, since records released without DP would otherwise weaken a patient-level ε.
 
     Args:
         split: The training split.
@@ -47,6 +49,9 @@ def public_split(split: ArraySplit, *, fraction: float, seed: int) -> tuple[np.n
     """
     if not 0 < fraction < 1:
         raise ConfigError(f"`public_fraction` must be in (0, 1) (got {fraction}).")
+    patients = getattr(split, "patients", None)
+    if patients is not None:
+        return _public_patients(np.asarray(patients), np.asarray(split.labels), fraction, seed)
     labels = np.asarray(split.labels)
     if labels.ndim == 1:
         return stratified_holdout(labels, fraction=fraction, seed=seed)
@@ -55,6 +60,22 @@ def public_split(split: ArraySplit, *, fraction: float, seed: int) -> tuple[np.n
     n_public = min(max(int(round(fraction * n)), 1), n - 1)
     public = np.sort(rng.permutation(n)[:n_public]).astype(np.int64)
     return np.setdiff1d(np.arange(n), public).astype(np.int64), public
+
+
+def _public_patients(
+    patients: np.ndarray, labels: np.ndarray, fraction: float, seed: int
+) -> tuple[np.ndarray, np.ndarray]:
+    ids, first, index = np.unique(patients, return_index=True, return_inverse=True)
+    if len(ids) < 2:
+        raise ConfigError("`public_fraction` needs at least 2 patients (the data have 1).")
+    if labels.ndim == 1:
+        _, public_ids = stratified_holdout(labels[first], fraction=fraction, seed=seed)
+    else:
+        rng = np.random.default_rng(seed)
+        k = min(max(int(round(fraction * len(ids))), 1), len(ids) - 1)
+        public_ids = rng.permutation(len(ids))[:k]
+    public = np.flatnonzero(np.isin(index, public_ids)).astype(np.int64)
+    return np.setdiff1d(np.arange(len(patients)), public).astype(np.int64), public
 
 
 def indices_digest(indices: np.ndarray) -> str:

@@ -117,8 +117,28 @@ def _disclosures(fed: RoundEngine) -> list[dict[str, str]]:
     return disclosures_json(fed.config, runtime=fed.runtime)
 
 
+#: privacy.json ``guarantee``, by ``privacy_unit``.
+GUARANTEES = {
+    "record": (
+        "record-level (epsilon, delta)-DP per site, over all rounds, for replace-one "
+        "adjacency (one training record substituted by any other). A patient with k "
+        "records is protected at group size k (about k x epsilon), not at epsilon."
+    ),
+    "patient": (
+        "patient-level (epsilon, delta)-DP per site, over all rounds, for replace-one "
+        "adjacency over patients (all of one patient's training records at the site "
+        "substituted by any other patient's, whatever their number): Poisson sampling "
+        "over patients, each sampled patient's mean gradient clipped to C. It holds as far "
+        "as the site's patient ids (--group-by) are right: two ids for one patient are two "
+        "units."
+    ),
+}
+NO_GUARANTEE = "none: this run makes no DP claim"
+
+
 def _privacy_json(fed: RoundEngine) -> dict[str, Any]:
     cfg = fed.config
+    patient = cfg.privacy_unit == "patient"
     noise, noise_source = noise_description(cfg)
     clients = []
     for s in fed.site_summaries():
@@ -153,17 +173,17 @@ def _privacy_json(fed: RoundEngine) -> dict[str, Any]:
         "delta": fed.delta,
         "accountant": cfg.accountant if cfg.dp_enabled else None,
         "adjacency": ADJACENCY if cfg.dp_enabled else None,
-        "privacy_unit": "record" if cfg.dp_enabled else None,
+        "privacy_unit": cfg.privacy_unit if cfg.dp_enabled else None,
         "epsilon": max(eps) if eps else None,
-        "guarantee": (
-            "record-level (epsilon, delta)-DP per site, over all rounds, for replace-one "
-            "adjacency (one training record substituted by any other). A patient with k "
-            "records is protected at group size k (about k x epsilon), not at epsilon."
-            if cfg.dp_enabled
-            else "none: this run makes no DP claim"
+        "guarantee": GUARANTEES[cfg.privacy_unit] if cfg.dp_enabled else NO_GUARANTEE,
+        "sampling": (
+            ("poisson over patients" if patient else "poisson") if cfg.dp_enabled else "shuffle"
         ),
-        "sampling": "poisson" if cfg.dp_enabled else "shuffle",
-        "clipping": "flat per-sample L2" if cfg.dp_enabled else None,
+        "clipping": (
+            ("flat L2 of each patient's mean gradient" if patient else "flat per-sample L2")
+            if cfg.dp_enabled
+            else None
+        ),
         "noise": noise if cfg.dp_enabled else None,
         "noise_source": noise_source if cfg.dp_enabled else None,
         "calibration": (

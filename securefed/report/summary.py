@@ -278,7 +278,13 @@ def _failures(metrics: dict[str, Any]) -> list[str]:
 
 
 def _privacy_unit_line(privacy: dict[str, Any]) -> str:
-    """The privacy unit, first thing a DP run's summary says: a record, not a patient."""
+    """The privacy unit, first thing a DP run's summary says: a record or a patient."""
+    if privacy.get("privacy_unit") == "patient":
+        return (
+            "**Privacy unit: one patient (all of a patient's records) at one site.** ε is "
+            "patient-level (replace-one adjacency over patients, from the site's patient ids); "
+            "it holds as far as those ids are right."
+        )
     return (
         "**Privacy unit: one training record (one image or volume) at one site.** ε is "
         "record-level (replace-one adjacency); a patient with k records in a site's data is "
@@ -347,11 +353,16 @@ def write_summary(
         f"- secure aggregation: `{privacy['secure_aggregation']}`",
         _strategy_line(privacy),
         (
-            f"- DP-SGD: record-level, replace-one adjacency; target ε = "
+            f"- DP-SGD: {privacy.get('privacy_unit') or 'record'}-level, replace-one "
+            f"adjacency; target ε = "
             f"{privacy['target_epsilon']}, δ ≤ {privacy['delta']:.2e} (each site's own), "
             f"accountant `{privacy['accountant']}`; spent ε (max over sites) = "
-            f"**{_fmt(privacy['epsilon'])}**. A patient with k records is protected at about "
-            "k·ε, not ε"
+            f"**{_fmt(privacy['epsilon'])}**"
+            + (
+                " per patient"
+                if privacy.get("privacy_unit") == "patient"
+                else ". A patient with k records is protected at about k·ε, not ε"
+            )
             if privacy.get("dp")
             else "- DP-SGD: **off** (non-private baseline)"
         ),

@@ -9,7 +9,7 @@ from securefed.dp.calibration import planned_entries
 from securefed.dp.ledger import PrivacyEvent
 from securefed.dp.signing import SiteSigner
 from securefed.dp.trainer import DPPlan
-from securefed.errors import PrivacyBudgetError, ProtocolError
+from securefed.errors import ConfigError, PrivacyBudgetError, ProtocolError
 from securefed.fl.claims import ClaimBook, site_claim_for
 from securefed.fl.planning import check_site_plan, plan_site_privacy
 
@@ -160,3 +160,14 @@ def test_a_site_keeps_its_size_unless_its_policy_allows_disclosure():
     with pytest.raises(PrivacyBudgetError, match="disclose-size=false"):
         NodeSettings.from_node_config({"site-id": 0}).check_policy(asks)
     NodeSettings.from_node_config({"site-id": 0, "disclose-size": True}).check_policy(asks)
+
+
+def test_a_patient_level_site_refuses_a_record_level_run():
+    node = NodeSettings.from_node_config({"site-id": 0, "privacy-unit": "patient"})
+    with pytest.raises(PrivacyBudgetError, match="privacy-unit=patient"):
+        node.check_policy(CONFIG)
+    node.check_policy(CONFIG.replace(privacy_unit="patient"))
+    # A record-level policy accepts either; an unknown unit is a typo, refused.
+    NodeSettings.from_node_config({"site-id": 0, "privacy-unit": "record"}).check_policy(CONFIG)
+    with pytest.raises(ConfigError, match="privacy-unit"):
+        NodeSettings.from_node_config({"site-id": 0, "privacy-unit": "person"})

@@ -387,3 +387,27 @@ def test_undisclosed_num_samples_is_reported_not_failed(honest, tmp_path):
     assert res.exit_code == 0, res.stdout
     details = {c["name"]: c["detail"] for c in json.loads(res.stdout)["checks"]}
     assert "n not disclosed" in details["site 0: delta < 1/num_samples"]
+
+
+def _to_patient(p):
+    p["privacy_unit"] = "patient"
+
+
+def _run_to_patient(c):
+    c["run"]["privacy_unit"] = "patient"
+
+
+def test_relabelling_a_record_level_epsilon_as_per_patient_fails(honest, tmp_path):
+    """A rewriter who calls the record-level run patient-level (a k-fold stronger claim)."""
+    d = copy_run(honest, tmp_path)
+    _edit(d, _to_patient)
+    rehash(d)
+    code, checks = audit(d)
+    assert code == 1 and "privacy unit matches the configuration" in failed(checks)
+    # Relabelled in config.json too: the run the sites signed said "record".
+    d2 = copy_run(honest, tmp_path / "both")
+    _edit(d2, _to_patient, config_fn=_run_to_patient)
+    rehash(d2)
+    code, checks = audit(d2)
+    assert code == 1
+    assert "site 0: signed claim verifies" in failed(checks)

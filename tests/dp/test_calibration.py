@@ -316,3 +316,30 @@ def test_a_noise_multiplier_below_one_is_refused_before_any_accountant_runs(smal
         calibration.planned_entries(
             {"dp_epsilon": 8.0, "calibrate": True, "calibration_noise": 1e-3}
         )
+
+
+def test_a_patients_records_move_the_release_by_at_most_2r_under_patient_level_dp():
+    """Replacing one patient of 6 records by another of 1: within 2R per patient, not per
+    record (record-level weights would let the 6 records move the release by about 6R)."""
+    rng = np.random.default_rng(4)
+    k = 3
+    others = rng.normal(size=(20, k)) * 5
+    other_labels = rng.integers(0, k, 20)
+    other_ids = np.arange(20) + 100
+    big = np.tile(np.array([[9.0, -9.0, 0.0]]), (6, 1))  # one patient, 6 extreme records
+    small = np.array([[-9.0, 9.0, 0.0]])
+
+    def release(extra_logits, extra_labels, units):
+        logits = np.concatenate([others, extra_logits])
+        labels = np.concatenate([other_labels, extra_labels])
+        ids = np.concatenate([other_ids, np.zeros(len(extra_labels), dtype=np.int64)])
+        return calibration.site_statistics(
+            logits, labels, num_classes=k, units=ids if units else None
+        )
+
+    a = release(big, np.zeros(6, dtype=np.int64), True)
+    b = release(small, np.ones(1, dtype=np.int64), True)
+    assert np.linalg.norm(a - b) <= 2 * calibration.CLIP + 1e-9
+    a = release(big, np.zeros(6, dtype=np.int64), False)
+    b = release(small, np.ones(1, dtype=np.int64), False)
+    assert np.linalg.norm(a - b) > 4 * calibration.CLIP
