@@ -156,8 +156,11 @@ def encode_ids(
             "kind so that one patient has one id."
         )
     if kinds == {"int"}:
-        # A common integer dtype, so that uint64 and int64 ids compare by value.
-        arrays = {s: a.astype(np.int64) if a.dtype.kind == "i" else a for s, a in arrays.items()}
+        # One integer dtype: concatenating uint64 with int64 would give float64 and merge ids.
+        for split, array in arrays.items():
+            if array.dtype.kind == "u" and array.size and int(array.max()) >= 2**63:
+                raise DataError(f"{source}: `{split}` patient ids exceed the int64 range.")
+        arrays = {split: array.astype(np.int64) for split, array in arrays.items()}
     distinct = np.unique(np.concatenate(list(arrays.values())))
     return {
         split: np.searchsorted(distinct, array).astype(np.int64) for split, array in arrays.items()
