@@ -276,13 +276,17 @@ def _partition_patients(config: RunConfig, *, train: ArraySplit) -> list[np.ndar
         )
     first = np.array([u[0] for u in units], dtype=np.int64)  # units hold sorted indices
     groups = getattr(train, "groups", None)
-    unit_parts = partition(
-        train.labels[first],
-        spec=config.partition,
-        n_sites=config.clients,
-        seed=seed_for(config.seed, 1),
-        **({"groups": groups[first]} if groups is not None else {}),
-    )
+    try:
+        unit_parts = partition(
+            train.labels[first],
+            spec=config.partition,
+            n_sites=config.clients,
+            seed=seed_for(config.seed, 1),
+            **({"groups": groups[first]} if groups is not None else {}),
+        )
+    except DataError as exc:
+        # The partitioner counts its rows as samples; here each row is a patient.
+        raise DataError(f"partitioning {len(units)} patients (one row each): {exc}") from None
     return [
         np.sort(np.concatenate([units[u] for u in part])).astype(np.int64) for part in unit_parts
     ]

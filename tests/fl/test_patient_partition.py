@@ -114,3 +114,20 @@ def test_patient_partition_is_deterministic_and_refuses_fewer_patients_than_site
     few = _split(8, seed=5, patients=np.array([1, 1, 1, 1, 2, 2, 2, 2], dtype=np.int64))
     with pytest.raises(DataError, match="3 sites but only 2 patients"):
         site_splits(config.replace(partition="iid"), train=few, val=val)
+
+
+def test_an_infeasible_patient_partition_says_it_counts_patients():
+    # Prepare: 3 patients for 3 sites under a near-degenerate Dirichlet: some site gets none
+    patients = np.repeat(np.arange(3, dtype=np.int64), 5)
+    train = ArraySplit(
+        images=np.zeros((15, 1, 2, 2), np.float32),
+        labels=np.zeros(15, np.int64),
+        patients=patients,
+    )
+    config = RunConfig(clients=3, partition="dirichlet:0.01", seed=0)
+
+    # Execute / Assert
+    with pytest.raises(
+        DataError, match=r"partitioning 3 patients \(one row each\): dirichlet:0.01 left a site"
+    ):
+        site_splits(config, train=train, val=_split(4, seed=1))
