@@ -53,6 +53,10 @@ class ArraySplit:
             spatial shape ((N, H, W) or (N, D, H, W)).
         groups: Optional int64 array of shape (N,), non-negative: the acquisition site
             (hospital, scanner) each sample came from. ``by-group`` partitioning uses it.
+        patients: Optional int64 array of shape (N,), non-negative: the patient each record
+            belongs to (ids need not be contiguous). Patient-level DP treats all of a
+            patient's records as one privacy unit, and site partitioning keeps them at one
+            site. None means every record is its own unit.
 
     The arrays are stored as read-only views, so code handed a split cannot alter it and a
     bundle's fingerprint keeps describing the data a run used (the loaders build fresh arrays,
@@ -63,9 +67,10 @@ class ArraySplit:
     images: np.ndarray
     labels: np.ndarray
     groups: np.ndarray | None = None
+    patients: np.ndarray | None = None
 
     def __post_init__(self) -> None:
-        images, labels, groups = self.images, self.labels, self.groups
+        images, labels = self.images, self.labels
         if not isinstance(images, np.ndarray) or images.dtype != np.float32:
             raise DataError(
                 "`images` must be a float32 numpy array "
@@ -101,21 +106,24 @@ class ArraySplit:
             raise DataError(f"`images` values must be finite and in [0, 1] (got [{lo}, {hi}]).")
         if int(labels.min()) < 0:
             raise DataError(f"`labels` must be non-negative (got {int(labels.min())}).")
-        if groups is not None:
-            if not isinstance(groups, np.ndarray) or groups.dtype != np.int64 or groups.ndim != 1:
+        for field_name in ("groups", "patients"):
+            ids = getattr(self, field_name)
+            if ids is None:
+                continue
+            if not isinstance(ids, np.ndarray) or ids.dtype != np.int64 or ids.ndim != 1:
                 raise DataError(
-                    "`groups` must be None or a 1-D int64 numpy array "
-                    f"(got dtype {getattr(groups, 'dtype', None)}, "
-                    f"shape {getattr(groups, 'shape', None)})."
+                    f"`{field_name}` must be None or a 1-D int64 numpy array "
+                    f"(got dtype {getattr(ids, 'dtype', None)}, "
+                    f"shape {getattr(ids, 'shape', None)})."
                 )
-            if groups.shape[0] != labels.shape[0]:
+            if ids.shape[0] != labels.shape[0]:
                 raise DataError(
-                    f"`groups` must hold one entry per sample "
-                    f"(got {groups.shape[0]} groups for {labels.shape[0]} samples)."
+                    f"`{field_name}` must hold one entry per sample "
+                    f"(got {ids.shape[0]} {field_name} for {labels.shape[0]} samples)."
                 )
-            if int(groups.min()) < 0:
-                raise DataError(f"`groups` must be non-negative (got {int(groups.min())}).")
-            object.__setattr__(self, "groups", _read_only(groups))
+            if int(ids.min()) < 0:
+                raise DataError(f"`{field_name}` must be non-negative (got {int(ids.min())}).")
+            object.__setattr__(self, field_name, _read_only(ids))
         object.__setattr__(self, "images", _read_only(images))
         object.__setattr__(self, "labels", _read_only(labels))
 
@@ -151,11 +159,34 @@ class ArraySplit:
         ids, counts = np.unique(self.groups, return_counts=True)
         return {int(g): int(c) for g, c in zip(ids, counts, strict=True)}
 
+    def patient_count(self) -> int:
+        """Distinct patients; ``len(self)`` without ids, since then every record is a unit."""
+        if self.patients is None:
+            return len(self)
+        return int(np.unique(self.patients).size)
+
+    def units(self) -> list[np.ndarray]:
+        """The privacy units: record indices of each patient, in ascending patient id order.
+
+        One sorted int64 index array per distinct id; without ``patients`` every record is its
+        own unit (``[array([0]), array([1]), ...]``). O(N log N): one stable sort, then a
+        split at the id boundaries.
+        """
+        if self.patients is None:
+            return [np.array([i], dtype=np.int64) for i in range(len(self))]
+        order = np.argsort(self.patients, kind="stable").astype(np.int64)
+        ordered = self.patients[order]
+        bounds = np.flatnonzero(ordered[1:] != ordered[:-1]) + 1
+        return np.split(order, bounds)
+
     def subset(self, *, indices: np.ndarray) -> ArraySplit:
         """Return a new split holding the samples at ``indices`` (e.g. one site's partition)."""
         idx = np.asarray(indices, dtype=np.int64)
         groups = None if self.groups is None else self.groups[idx]
-        return ArraySplit(images=self.images[idx], labels=self.labels[idx], groups=groups)
+        patients = None if self.patients is None else self.patients[idx]
+        return ArraySplit(
+            images=self.images[idx], labels=self.labels[idx], groups=groups, patients=patients
+        )
 
     def to_torch(self) -> TensorDataset:
         """Wrap as a torch ``TensorDataset`` of ``(image float32, label int64)`` tensors.
@@ -204,7 +235,9 @@ class DatasetBundle:
             :meth:`compute_fingerprint`), so a privacy report can pin the exact data. Bundles
             compare by identity; compare fingerprints to compare data.
 
-    Either every split carries ``groups`` or none does.
+    Either every split carries ``groups`` or none does. ``patients`` may be on the training
+    split alone (patient-level DP needs them there; held-out splits often lack ids), but a
+    held-out split with patients needs a training split with them too.
 
     """
 
@@ -251,6 +284,12 @@ class DatasetBundle:
             raise DataError(
                 f"{self.name}: either every split has `groups` or none does "
                 f"(only {', '.join(with_groups)} do)."
+            )
+        with_patients = [s for s in SPLITS if getattr(self, s).patients is not None]
+        if with_patients and self.train.patients is None:
+            raise DataError(
+                f"{self.name}: {', '.join(with_patients)} record patients but `train` does not; "
+                "give the training split patient ids too (or drop them)."
             )
         if isinstance(self.num_classes, bool) or not isinstance(self.num_classes, int):
             raise DataError(f"`num_classes` must be an int (got {self.num_classes!r}).")
@@ -304,6 +343,11 @@ class DatasetBundle:
         """Whether the splits record each sample's acquisition group (hospital)."""
         return self.train.groups is not None
 
+    @property
+    def has_patients(self) -> bool:
+        """Whether the training split records each sample's patient (patient-level DP)."""
+        return self.train.patients is not None
+
     def compute_fingerprint(self) -> str:
         r"""Hash the arrays of all splits (SHA-256), in a fixed, documented byte layout.
 
@@ -311,12 +355,15 @@ class DatasetBundle:
         bundle whose task is not classification, the ASCII line
         ``"task:{task};label_convention:{label_convention}\n"`` (``None`` written as ``none``),
         then, for each split in the order train, val, test and for each of its arrays in the
-        order images, labels, groups (groups only when present), the ASCII header
+        order images, labels, groups, patients (groups and patients only when present), the
+        ASCII header
         ``"{split}/{array}:{dtype}:{shape}\n"`` (dtype ``<f4`` or ``<i8``; shape as
         comma-separated integers) and the array's little-endian, C-order bytes. A
-        classification bundle without groups therefore hashes exactly as before groups and
-        segmentation existed. Group names are labels, not data, and are not hashed. Anyone
-        holding the same arrays can recompute it without securefed.
+        classification bundle without groups or patients therefore hashes exactly as before
+        groups, patients and segmentation existed. Patient ids are hashed as stored (not
+        renumbered): which records form one patient changes what a patient-level privacy
+        claim covers. Group names are labels, not data, and are not hashed. Anyone holding the
+        same arrays can recompute it without securefed.
         """
         digest = hashlib.sha256(_FINGERPRINT_TAG)
         if self.task != "classification":
@@ -327,6 +374,8 @@ class DatasetBundle:
             arrays = [("images", split.images, "<f4"), ("labels", split.labels, "<i8")]
             if split.groups is not None:
                 arrays.append(("groups", split.groups, "<i8"))
+            if split.patients is not None:
+                arrays.append(("patients", split.patients, "<i8"))
             for array_name, array, dtype in arrays:
                 data = np.ascontiguousarray(array, dtype=dtype)
                 shape = ",".join(str(s) for s in data.shape)
@@ -340,6 +389,8 @@ class DatasetBundle:
         ``class_counts`` counts samples per class; for segmentation, the samples whose label
         map contains the class (see :meth:`ArraySplit.class_counts`). ``group_counts`` maps
         each split to ``{group id as a string: samples}``, or is None without groups.
+        ``patient_counts`` maps each split to its number of distinct patients (None for a
+        split without ids), or is None when no split has patient ids.
         """
         return {
             "name": self.name,
@@ -361,6 +412,16 @@ class DatasetBundle:
             "group_counts": (
                 {s: {str(g): c for g, c in getattr(self, s).group_counts().items()} for s in SPLITS}
                 if self.has_groups
+                else None
+            ),
+            "patient_counts": (
+                {
+                    s: None
+                    if getattr(self, s).patients is None
+                    else getattr(self, s).patient_count()
+                    for s in SPLITS
+                }
+                if self.has_patients
                 else None
             ),
         }

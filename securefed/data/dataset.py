@@ -48,7 +48,15 @@ def available_datasets() -> tuple[str, ...]:
     return ("synthetic", "synthetic-seg", *sorted(MEDMNIST_CLASS_NAMES))
 
 
-_SYNTHETIC_OPTIONS = ("spatial_dims", "num_classes", "n_train", "n_val", "n_test", "image_size")
+_SYNTHETIC_OPTIONS = (
+    "spatial_dims",
+    "num_classes",
+    "n_train",
+    "n_val",
+    "n_test",
+    "image_size",
+    "records_per_patient",
+)
 _SYNTHETIC_SEG_OPTIONS = ("n_train", "n_val", "n_test", "image_size", "modalities", "n_groups")
 _NIFTI_OPTIONS = (
     "image_size",
@@ -67,6 +75,7 @@ def load_dataset(
     data: str | Path | None = None,
     seed: int = 0,
     num_classes: int | None = None,
+    group_by: str | None = None,
     **options: Any,
 ) -> DatasetBundle:
     """Load a data set by name or path. Nothing is ever downloaded.
@@ -91,6 +100,14 @@ def load_dataset(
     7. otherwise: MedMNIST ``{name}.npz`` in ``data_dir`` (default ``~/.medmnist``, where the
        ``medmnist`` package keeps its downloads).
 
+    Patient ids (``group_by``, ``--group-by``; see ``docs/patients.md``): ``.npz`` files and
+    MedMNIST names read the arrays ``train_KEY`` (and ``val_KEY``/``test_KEY`` when present)
+    for ``group_by=KEY``; image folders take ``regex:PATTERN`` (on file names) or a
+    ``file,patient`` ``.csv``; NIfTI folders take ``regex:PATTERN`` on subject folder names
+    (without it each subject is one patient); synthetic data take the
+    ``records_per_patient`` option instead. Synthetic, synthetic-seg and registered data sets
+    refuse ``group_by`` (a registered loader may set ``patients`` itself).
+
     When ``data`` is given, ``name`` only labels the bundle (and picks MedMNIST class names);
     left at ``"synthetic"`` it is replaced by the file or folder name, and ``data_dir`` is
     ignored.
@@ -104,6 +121,7 @@ def load_dataset(
             classes (an ``.npz`` without ``class_names``; see :func:`resolve_classes`). For
             synthetic data it is the generator's ``num_classes``; every other loader knows its
             classes (folder names, label maps), and a different K is refused.
+        group_by: Where each record's patient id comes from (see above), or None.
         **options: Loader-specific keyword arguments (see above).
 
     Returns:
@@ -111,14 +129,26 @@ def load_dataset(
 
     Raises:
         DataError: The data are missing, unreadable or malformed (the message names the file).
-        ConfigError: ``name`` or ``options`` are invalid for the chosen loader.
+        ConfigError: ``name``, ``options`` or ``group_by`` are invalid for the chosen loader.
 
     """
+    if group_by is not None and (not isinstance(group_by, str) or not group_by.strip()):
+        raise ConfigError(f"--group-by must be a non-empty string (got {group_by!r}).")
     if name == "synthetic" and data is None:
+        _refuse_group_by(
+            group_by,
+            "synthetic data (use --data-option records_per_patient=K for patients of K records)",
+        )
         # The generator's own option: it makes exactly that many classes.
         return make_synthetic(seed=seed, **_synthetic_options(options, num_classes))
     bundle = _load(
-        name=name, data_dir=data_dir, data=data, seed=seed, num_classes=num_classes, **options
+        name=name,
+        data_dir=data_dir,
+        data=data,
+        seed=seed,
+        num_classes=num_classes,
+        group_by=group_by,
+        **options,
     )
     if num_classes is not None and bundle.num_classes != num_classes:  # folders, label maps
         raise DataError(
@@ -140,6 +170,7 @@ def _load(
     data: str | Path | None,
     seed: int,
     num_classes: int | None,
+    group_by: str | None,
     **options: Any,
 ) -> DatasetBundle:
     if data is not None:
@@ -148,18 +179,26 @@ def _load(
         if path.is_dir():
             if holds_nifti(path):
                 _check_options(options, accepted=_NIFTI_OPTIONS, loader="NIfTI folders")
-                return load_nifti_segmentation(root=path, name=label, seed=seed, **options)
+                return load_nifti_segmentation(
+                    root=path, name=label, seed=seed, group_by=group_by, **options
+                )
             _check_options(options, accepted=("image_size", "val_fraction"), loader="image folders")
-            return load_image_folder(root=path, name=label, seed=seed, **options)
+            return load_image_folder(root=path, name=label, seed=seed, group_by=group_by, **options)
         if path.suffix.lower() == ".npz":
             _check_options(options, accepted=(), loader=".npz files")
-            return load_medmnist_npz(path=path, name=label, num_classes=num_classes)
+            return load_medmnist_npz(
+                path=path, name=label, num_classes=num_classes, group_by=group_by
+            )
         if not path.exists():
             raise DataError(f"{path}: no such file or folder; securefed never downloads data.")
         raise DataError(f"{path}: expected a folder of images or a .npz file.")
     if resolve_dataset(name):  # registered with register_dataset, or module:function
+        _refuse_group_by(
+            group_by, f"the registered data set {name!r} (its loader sets patient ids itself)"
+        )
         return load_registered(name, seed=seed, **options)
     if name == "synthetic-seg":
+        _refuse_group_by(group_by, "synthetic-seg data (it has no patients)")
         _check_options(options, accepted=_SYNTHETIC_SEG_OPTIONS, loader="synthetic-seg data")
         return make_synthetic_segmentation(seed=seed, **options)
     if not re.fullmatch(r"[A-Za-z0-9_.-]+", name) or name.startswith("."):
@@ -168,7 +207,12 @@ def _load(
             f"'pneumoniamnist' (got {name!r}); to load a path, pass it as `data`."
         )
     _check_options(options, accepted=(), loader="MedMNIST data sets")
-    return load_medmnist(name=name, data_dir=data_dir, num_classes=num_classes)
+    return load_medmnist(name=name, data_dir=data_dir, num_classes=num_classes, group_by=group_by)
+
+
+def _refuse_group_by(group_by: str | None, loader: str) -> None:
+    if group_by is not None:
+        raise ConfigError(f"--group-by does not apply to {loader}.")
 
 
 def _check_options(options: dict[str, Any], *, accepted: tuple[str, ...], loader: str) -> None:

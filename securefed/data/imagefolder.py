@@ -2,12 +2,21 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
 
 from securefed.data.bundle import SPLITS, ArraySplit, DatasetBundle
 from securefed.data.partition import stratified_holdout
+from securefed.data.patients import (
+    REGEX_PREFIX,
+    encode_ids,
+    holdout_by_patient,
+    parse_regex,
+    patient_from_name,
+    read_patient_csv,
+)
 from securefed.errors import ConfigError, DataError
 
 __all__ = ["IMAGE_SUFFIXES", "load_image_folder"]
@@ -28,6 +37,7 @@ def load_image_folder(
     image_size: int | tuple[int, int] | None = None,
     seed: int = 0,
     val_fraction: float = 0.1,
+    group_by: str | None = None,
 ) -> DatasetBundle:
     """Load ``root/{train,val,test}/<class>/...`` image files into a :class:`DatasetBundle`.
 
@@ -51,10 +61,16 @@ def load_image_folder(
       ``image_size`` (an int for square, or (height, width)) with bilinear, anti-aliased
       resampling, ignoring aspect ratio.
     - ``val/`` missing: a stratified ``val_fraction`` of each training class is held out,
-      chosen by ``seed``. Note that this split is per image: if one patient has several
-      images, provide ``val/`` yourself to keep patients apart.
+      chosen by ``seed``. Without patient ids this split is per image; with ``group_by`` it
+      holds out whole patients (stratified by each patient's first label), so no patient is
+      in both train and val.
     - ``test/`` missing: an error. A test set carved at random would change with the seed and
       could put one patient's images on both sides; the user must fix it.
+    - Patient ids (``group_by``, ``--group-by``): ``regex:PATTERN`` searches each file's name
+      without suffix (its stem) with a Python regex that has one capture group or a named
+      group ``patient``; or the path of a ``.csv`` file with a header and columns
+      ``file,patient``, ``file`` relative to ``root`` (``train/normal/img01.png``), listing
+      every image and nothing else. One id string gets one code in every split.
 
     Args:
         root: Folder holding ``train/``, ``test/`` and optionally ``val/``.
@@ -62,15 +78,19 @@ def load_image_folder(
         image_size: Target size, or None to require equal sizes.
         seed: Seed of the carved validation split.
         val_fraction: Fraction held out when ``val/`` is missing, in (0, 1).
+        group_by: ``regex:PATTERN`` or a ``.csv`` path giving each image's patient, or None.
 
     Raises:
         DataError: Missing folders, unreadable or unsupported images, a stray file, unequal
-            sizes without ``image_size``, or an empty split; the message names the path.
-        ConfigError: Bad ``image_size`` or ``val_fraction``.
+            sizes without ``image_size``, or an empty split; a file the ``group_by`` pattern
+            does not match, or an image the CSV does not list (or a row naming no image); the
+            message names the path.
+        ConfigError: Bad ``image_size``, ``val_fraction`` or ``group_by``.
 
     """
     root = Path(root).expanduser()
     size = _target_size(image_size)
+    pattern, csv_path = _patient_source(group_by)
     if not 0.0 < val_fraction < 1.0:
         raise ConfigError(f"`val_fraction` must be in (0, 1) (got {val_fraction!r}).")
     if not root.is_dir():
@@ -97,6 +117,7 @@ def load_image_folder(
     for split, entries in listed.items():
         if not entries:
             raise DataError(f"{root / split}: contains no images.")
+    patients = _patients(listed, root=root, pattern=pattern, csv_path=csv_path)
     per_class = np.bincount([label for _, label in listed["train"]], minlength=len(class_names))
     if per_class.min() == 0:
         empty = class_names[int(np.argmin(per_class))]
@@ -121,17 +142,25 @@ def load_image_folder(
     for split, entries in listed.items():
         images = np.stack([_conform(img, gray=gray, size=size) for img, _ in decoded[split]])
         labels = np.array([label for _, label in entries], dtype=np.int64)
-        splits[split] = ArraySplit(images=images, labels=labels)
+        splits[split] = ArraySplit(images=images, labels=labels, patients=patients.get(split))
     if "val" not in splits:
         pool = splits["train"]
-        kept, held_out = stratified_holdout(pool.labels, fraction=val_fraction, seed=seed)
-        if held_out.size == 0:
+        if pool.patients is None:
+            kept, held_out = stratified_holdout(pool.labels, fraction=val_fraction, seed=seed)
+            unit = "images"
+        else:
+            kept, held_out = holdout_by_patient(
+                pool.labels, pool.patients, fraction=val_fraction, seed=seed
+            )
+            unit = "patients"
+        if held_out.size == 0 or kept.size == 0:
             raise DataError(
-                f"{train_dir}: too few images to hold out a validation split; add a val/ folder."
+                f"{train_dir}: too few {unit} to hold out a validation split; add a val/ folder."
             )
         splits["train"] = pool.subset(indices=kept)
         splits["val"] = pool.subset(indices=held_out)
-        source = f"{root.resolve()} (val: stratified {val_fraction:g} of train, seed={seed})"
+        by = "" if pool.patients is None else " by patient"
+        source = f"{root.resolve()} (val: stratified {val_fraction:g} of train{by}, seed={seed})"
     else:
         source = str(root.resolve())
 
@@ -143,6 +172,67 @@ def load_image_folder(
         num_classes=len(class_names),
         class_names=tuple(class_names),
         source=source,
+    )
+
+
+def _patient_source(group_by: str | None) -> tuple[re.Pattern[str] | None, Path | None]:
+    """The compiled ``regex:`` pattern or the CSV path of a ``group_by`` spec."""
+    if group_by is None:
+        return None, None
+    if not isinstance(group_by, str) or not group_by:
+        raise ConfigError(f"--group-by must be regex:PATTERN or a .csv path (got {group_by!r}).")
+    if group_by.startswith(REGEX_PREFIX):
+        return parse_regex(group_by), None
+    if group_by.lower().endswith(".csv"):
+        path = Path(group_by).expanduser()
+        if not path.is_file():
+            raise DataError(f"{path}: patient CSV not found (--group-by).")
+        return None, path
+    raise ConfigError(
+        f"--group-by {group_by!r}: for image folders use regex:PATTERN (matched against each "
+        "file name) or the path of a file,patient .csv."
+    )
+
+
+def _patients(
+    listed: dict[str, list[tuple[Path, int]]],
+    *,
+    root: Path,
+    pattern: re.Pattern[str] | None,
+    csv_path: Path | None,
+) -> dict[str, np.ndarray]:
+    """Each split's int64 patient codes, in ``listed`` order (empty without a source)."""
+    raw: dict[str, list[str]] = {}
+    if pattern is not None:
+        for split, entries in listed.items():
+            raw[split] = [patient_from_name(pattern, path.stem, path=path) for path, _ in entries]
+    elif csv_path is not None:
+        table = read_patient_csv(csv_path, root=root)
+        seen: set[str] = set()
+        for split, entries in listed.items():
+            ids = []
+            for path, _ in entries:
+                key = path.relative_to(root).as_posix()
+                if key not in table:
+                    raise DataError(
+                        f"{path}: not listed in {csv_path}; every image needs a file,patient row "
+                        f"(file written as {key})."
+                    )
+                seen.add(key)
+                ids.append(table[key])
+            raw[split] = ids
+        extra = sorted(set(table) - seen)
+        if extra:
+            more = f" and {len(extra) - 1} more" if len(extra) > 1 else ""
+            raise DataError(
+                f"{csv_path}: lists {extra[0]}{more}, which is not an image of {root}; "
+                "remove the row(s) or add the file(s)."
+            )
+    if not raw:
+        return {}
+    return encode_ids(
+        {s: np.array(ids, dtype=str) for s, ids in raw.items()},
+        source=str(csv_path or root),
     )
 
 

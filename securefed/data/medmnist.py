@@ -12,7 +12,8 @@ from types import MappingProxyType
 import numpy as np
 
 from securefed.data.bundle import SPLITS, ArraySplit, DatasetBundle, resolve_classes
-from securefed.errors import DataError
+from securefed.data.patients import REGEX_PREFIX, encode_ids
+from securefed.errors import ConfigError, DataError
 
 __all__ = [
     "MEDMNIST_CLASS_NAMES",
@@ -123,7 +124,11 @@ def default_data_dir() -> Path:
 
 
 def load_medmnist(
-    *, name: str, data_dir: str | Path | None = None, num_classes: int | None = None
+    *,
+    name: str,
+    data_dir: str | Path | None = None,
+    num_classes: int | None = None,
+    group_by: str | None = None,
 ) -> DatasetBundle:
     """Load ``{name}.npz`` from ``data_dir`` (default ``~/.medmnist``). Never downloads.
 
@@ -132,6 +137,7 @@ def load_medmnist(
         data_dir: Folder holding the archive.
         num_classes: Class count when the file does not declare its classes (see
             :func:`load_medmnist_npz`).
+        group_by: Key of the patient id arrays (see :func:`load_medmnist_npz`).
 
     Raises:
         DataError: The file is missing or malformed (see :func:`load_medmnist_npz`).
@@ -146,11 +152,15 @@ def load_medmnist(
             f"downloads data: put the MedMNIST .npz there, set `data_dir`, or pass the file as "
             f"`data`. Known MedMNIST names: {known}."
         )
-    return load_medmnist_npz(path=path, name=name, num_classes=num_classes)
+    return load_medmnist_npz(path=path, name=name, num_classes=num_classes, group_by=group_by)
 
 
 def load_medmnist_npz(
-    *, path: str | Path, name: str | None = None, num_classes: int | None = None
+    *,
+    path: str | Path,
+    name: str | None = None,
+    num_classes: int | None = None,
+    group_by: str | None = None,
 ) -> DatasetBundle:
     """Read a MedMNIST-layout ``.npz`` into a :class:`DatasetBundle`.
 
@@ -168,24 +178,41 @@ def load_medmnist_npz(
     ``"0"`` ... ``"K-1"``); else K is the largest training label + 1, and every class below it
     must occur in training. A label outside [0, K) in any split is refused.
 
+    Patient ids (``group_by=KEY``, ``--group-by KEY``): the array ``train_KEY`` (required) and
+    ``val_KEY`` / ``test_KEY`` (each optional; ``valid_KEY`` in a ``valid_*`` file) hold one id
+    per record, integers or strings (a unicode array loads without pickle), shape (N,) or
+    (N, 1). They become int64 codes, the same code for the same id in every split.
+
     Args:
         path: The ``.npz`` file.
         name: Data set name; default the file stem. A ``_64``-style size suffix is ignored when
             looking up class names.
         num_classes: ``--num-classes``, for a file that declares no classes.
+        group_by: Key of the patient id arrays, or None for no patient ids.
 
     Raises:
         DataError: One line naming the file and the problem: missing, not an npz, corrupt,
             pickled objects, missing keys, both ``val_*`` and ``valid_*`` keys, wrong dtype or
             shape, length mismatch, negative or out-of-range labels, multi-label targets, or an
-            empty split.
+            empty split; a missing ``train_KEY`` (listing the keys present) or patient ids of
+            the wrong kind or length.
+        ConfigError: ``group_by`` is not an array key (a ``regex:`` or ``.csv`` spec).
 
     """
     path = Path(path).expanduser()
     if not path.is_file():
         raise DataError(f"{path}: file not found; securefed never downloads data.")
     name = path.stem if name is None else name
-    arrays, stored = _read_npz(path)
+    if group_by is not None and (
+        not isinstance(group_by, str)
+        or not re.fullmatch(r"[A-Za-z0-9_.-]+", group_by)
+        or group_by.startswith(REGEX_PREFIX)
+    ):
+        raise ConfigError(
+            f"{path}: for .npz files --group-by names the id arrays by KEY (reads train_KEY), "
+            f"e.g. --group-by patient_ids (got {group_by!r})."
+        )
+    arrays, stored = _read_npz(path, group_by=group_by)
     base = re.sub(r"_\d+$", "", name.lower())
     images = {
         s: _images(arrays[f"{s}_images"], key=stored[f"{s}_images"], path=path) for s in SPLITS
@@ -233,8 +260,11 @@ def load_medmnist_npz(
         key="`{split}_labels`",
     )
 
+    patients = _patients(arrays, stored, labels=labels, path=path)
     splits = {
-        s: ArraySplit(images=_to_channels_first(images[s], layout), labels=labels[s])
+        s: ArraySplit(
+            images=_to_channels_first(images[s], layout), labels=labels[s], patients=patients.get(s)
+        )
         for s in SPLITS
     }
     return DatasetBundle(
@@ -248,8 +278,14 @@ def load_medmnist_npz(
     )
 
 
-def _read_npz(path: Path) -> tuple[dict[str, np.ndarray], dict[str, str]]:
-    """The arrays under their canonical keys, and each canonical key's name in the file."""
+def _read_npz(
+    path: Path, *, group_by: str | None = None
+) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+    """The arrays under their canonical keys, and each canonical key's name in the file.
+
+    With ``group_by``, the patient id arrays come back as ``{split}_patients`` (``val`` and
+    ``test`` only when the file has them), their names in the file in the second dict.
+    """
     with path.open("rb") as handle:
         magic = handle.read(6)
     if magic.startswith(b"\x93NUMPY"):
@@ -273,6 +309,20 @@ def _read_npz(path: Path) -> tuple[dict[str, np.ndarray], dict[str, str]]:
             if "class_names" in archive.files:
                 key = "class_names"
                 arrays[key] = _class_names(archive[key], path=path)
+            if group_by is not None:
+                for split in SPLITS:
+                    names = [f"{split}_{group_by}"]
+                    if split == "val":
+                        names.append(f"valid_{group_by}")
+                    key = next((k for k in names if k in archive.files), None)
+                    if key is None and split == "train":
+                        raise DataError(
+                            f"{path}: --group-by {group_by}: no `train_{group_by}` array (found: "
+                            f"{', '.join(sorted(archive.files))})."
+                        )
+                    if key is not None:
+                        arrays[f"{split}_patients"] = archive[key]
+                        stored[f"{split}_patients"] = key
     except ValueError as exc:
         if isinstance(exc, DataError):
             raise
@@ -315,6 +365,34 @@ def _class_names(array: np.ndarray, *, path: Path) -> np.ndarray:
     if any(not n.strip() for n in names) or len(set(names)) != len(names):
         raise DataError(f"{path}: `class_names` must be unique, non-empty strings (got {names}).")
     return array
+
+
+def _patients(
+    arrays: dict[str, np.ndarray],
+    stored: dict[str, str],
+    *,
+    labels: dict[str, np.ndarray],
+    path: Path,
+) -> dict[str, np.ndarray]:
+    """The int64 patient codes of each split that has ids (none without ``--group-by``)."""
+    raw: dict[str, np.ndarray] = {}
+    for split in SPLITS:
+        if f"{split}_patients" not in arrays:
+            continue
+        key, ids = stored[f"{split}_patients"], arrays[f"{split}_patients"]
+        if ids.ndim == 2 and ids.shape[1] == 1:
+            ids = ids[:, 0]
+        if ids.ndim != 1 or ids.shape[0] != labels[split].shape[0]:
+            raise DataError(
+                f"{path}: `{key}` has shape {ids.shape}; expected one patient id per record "
+                f"({labels[split].shape[0]},)."
+            )
+        raw[key] = ids
+    if not raw:
+        return {}
+    codes = encode_ids(raw, source=str(path))
+    by_key = {stored[f"{s}_patients"]: s for s in SPLITS if f"{s}_patients" in stored}
+    return {by_key[key]: code for key, code in codes.items()}
 
 
 def _where(key: str | None) -> str:

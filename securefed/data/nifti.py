@@ -11,6 +11,7 @@ import numpy as np
 
 from securefed.data.bundle import ArraySplit, DatasetBundle
 from securefed.data.partition import stratified_holdout
+from securefed.data.patients import encode_ids, parse_regex, patient_from_name
 from securefed.errors import ConfigError, DataError
 
 __all__ = [
@@ -63,8 +64,9 @@ def load_nifti_segmentation(
     val_fraction: float = 0.1,
     test_fraction: float = 0.2,
     brats: bool | None = None,
+    group_by: str | None = None,
 ) -> DatasetBundle:
-    """Load NIfTI subjects from ``root`` into a segmentation :class:`DatasetBundle`.
+    r"""Load NIfTI subjects from ``root`` into a segmentation :class:`DatasetBundle`.
 
     Layout (see ``docs/segmentation-data.md``): one folder per subject holding one 3-D file
     per modality and a label map, ``ROOT/<subject>/<modality>.nii.gz`` and
@@ -84,9 +86,17 @@ def load_nifti_segmentation(
     remapped to 3. ``brats=True`` also accepts already remapped {0, 1, 2, 3} maps. Otherwise
     the classes are 0 ... max label, named by number.
 
-    Splits are carved by subject, deterministically by ``seed``: ``test_fraction`` and then
-    ``val_fraction`` of the subjects, stratified by hospital when there are hospitals (every
-    hospital with at least two subjects gives at least one), each split at least one subject.
+    Patients: every subject folder is one patient by default (``patients`` is the subject's
+    index among all subjects, in every split). ``group_by="regex:PATTERN"`` reads the patient
+    from the subject folder's name instead (a Python regex searched in the name, with one
+    capture group or a named group ``patient``), merging several sessions of one patient:
+    ``regex:^(sub-\d+)`` makes ``sub-01_ses-1`` and ``sub-01_ses-2`` one patient.
+
+    Splits are carved by patient, deterministically by ``seed``: ``test_fraction`` and then
+    ``val_fraction`` of the patients, stratified by hospital when there are hospitals (every
+    hospital with at least two patients gives at least one; a patient counts in the hospital
+    of its first subject folder), each split at least one patient. With one subject per
+    patient (the default) this is the split by subject.
 
     Args:
         root: The data folder.
@@ -101,6 +111,8 @@ def load_nifti_segmentation(
         test_fraction: Share of subjects for testing, in (0, 1), with
             ``val_fraction + test_fraction < 1``.
         brats: True: BraTS labels required; False: generic labels; None: detect.
+        group_by: ``regex:PATTERN`` on the subject folder names, or None (one patient per
+            subject).
 
     Returns:
         The bundle (``task="segmentation"``), with groups when hospital folders are used.
@@ -108,9 +120,9 @@ def load_nifti_segmentation(
     Raises:
         DataError: Missing or unreadable files, a subject missing a modality or the label
             map, shapes or orientations that differ within a subject, non-integer, negative
-            or out-of-range labels, constant images, too few subjects; the message names the
-            file or folder.
-        ConfigError: Bad arguments.
+            or out-of-range labels, constant images, too few patients, a subject folder the
+            ``group_by`` pattern does not match; the message names the file or folder.
+        ConfigError: Bad arguments (``group_by`` other than ``regex:PATTERN``).
 
     """
     root = Path(root).expanduser()
@@ -120,10 +132,23 @@ def load_nifti_segmentation(
         raise ConfigError(f"`label_name` must be a non-empty string (got {label_name!r}).")
     if brats not in (None, True, False):
         raise ConfigError(f"`brats` must be True, False or None (got {brats!r}).")
+    if group_by is not None and not (isinstance(group_by, str) and group_by.startswith("regex:")):
+        raise ConfigError(
+            f"--group-by {group_by!r}: for NIfTI folders use regex:PATTERN, matched against each "
+            "subject folder's name (each subject is its own patient by default)."
+        )
+    pattern = None if group_by is None else parse_regex(group_by)
     if not root.is_dir():
         raise DataError(f"{root}: no such folder; securefed never downloads data.")
 
     subjects = _discover(root, label_name=label_name)
+    if pattern is None:
+        patients = np.arange(len(subjects), dtype=np.int64)
+    else:
+        names = [patient_from_name(pattern, s.folder.name, path=s.folder) for s in subjects]
+        patients = encode_ids({"subjects": np.array(names, dtype=str)}, source=str(root))[
+            "subjects"
+        ]
     channels = _modalities(subjects, requested=modalities, label_name=label_name)
     n = len(subjects)
     images = np.empty((n, len(channels), *shape), dtype=np.float32)
@@ -151,13 +176,27 @@ def load_nifti_segmentation(
         if group_names
         else None
     )
-    train_idx, val_idx, test_idx = _carve(
-        n, groups=groups, val_fraction=val_fraction, test_fraction=test_fraction, seed=seed
+    # Carve whole patients: the carving runs on one row per patient (its first subject's
+    # hospital), then expands to the patient's subjects.
+    ids, first = np.unique(patients, return_index=True)
+    unit_splits = _carve(
+        ids.size,
+        groups=None if groups is None else groups[first],
+        val_fraction=val_fraction,
+        test_fraction=test_fraction,
+        seed=seed,
+        unit="subject" if ids.size == n else "patient",
+    )
+    train_idx, val_idx, test_idx = (
+        np.flatnonzero(np.isin(patients, ids[units])).astype(np.int64) for units in unit_splits
     )
 
     def split(idx: np.ndarray) -> ArraySplit:
         return ArraySplit(
-            images=images[idx], labels=labels[idx], groups=None if groups is None else groups[idx]
+            images=images[idx],
+            labels=labels[idx],
+            groups=None if groups is None else groups[idx],
+            patients=patients[idx],
         )
 
     return DatasetBundle(
@@ -168,13 +207,24 @@ def load_nifti_segmentation(
         num_classes=num_classes,
         class_names=class_names,
         source=(
-            f"{root.resolve()} (NIfTI, {n} subjects, image_size={'x'.join(map(str, shape))}; "
-            f"val {val_fraction:g}, test {test_fraction:g} of subjects, seed={seed})"
+            f"{root.resolve()} (NIfTI, {n} subjects{_patient_note(ids.size, n)}, "
+            f"image_size={'x'.join(map(str, shape))}; "
+            f"val {val_fraction:g}, test {test_fraction:g} of {_unit_name(ids.size, n)}, "
+            f"seed={seed})"
         ),
         task="segmentation",
         label_convention=convention,
         group_names=tuple(group_names) if group_names else None,
     )
+
+
+def _patient_note(n_patients: int, n_subjects: int) -> str:
+    return "" if n_patients == n_subjects else f" of {n_patients} patients"
+
+
+def _unit_name(n_patients: int, n_subjects: int) -> str:
+    # The old wording when every subject is its own patient, so sources read as before.
+    return "subjects" if n_patients == n_subjects else "patients"
 
 
 def _target_shape(image_size: int | Sequence[int]) -> tuple[int, int, int]:
@@ -434,10 +484,16 @@ def _label_convention(
 
 
 def _carve(
-    n: int, *, groups: np.ndarray | None, val_fraction: float, test_fraction: float, seed: int
+    n: int,
+    *,
+    groups: np.ndarray | None,
+    val_fraction: float,
+    test_fraction: float,
+    seed: int,
+    unit: str = "subject",
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     if n < 3:
-        raise DataError(f"found {n} subject(s); need at least 3 for train, val and test splits.")
+        raise DataError(f"found {n} {unit}(s); need at least 3 for train, val and test splits.")
     rng = np.random.default_rng(seed)
     pool = np.arange(n, dtype=np.int64)
     test = _holdout(pool, groups, fraction=test_fraction, keep=2, rng=rng)

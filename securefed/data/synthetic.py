@@ -30,6 +30,7 @@ def make_synthetic(
     n_val: int | None = None,
     n_test: int | None = None,
     image_size: int | None = None,
+    records_per_patient: int = 1,
 ) -> DatasetBundle:
     """Generate a balanced shape-classification data set, deterministic in ``seed``.
 
@@ -44,6 +45,15 @@ def make_synthetic(
     does not change when the training size does. Classes are exactly balanced (up to one
     sample) and shuffled.
 
+    With ``records_per_patient`` k > 1 the records come in patients of k consecutive records
+    (the last patient of a split may have fewer): a patient has one diagnosis (the same label
+    on all its records) and one appearance drawn once per patient (shape size, stroke, position,
+    contrast, background), which its records repeat with small per-record jitter (size +-5 %,
+    position about half a pixel, contrast and level +-0.02) and their own pixel noise, as
+    repeat scans of one patient would. ``patients`` is set in every split, with ids unique
+    across splits (a patient is in one split only), and classes are balanced over patients.
+    k = 1 (the default) leaves ``patients`` None and the data byte-identical to before.
+
     Args:
         seed: Generator seed.
         spatial_dims: 2 for images, 3 for volumes.
@@ -53,6 +63,8 @@ def make_synthetic(
         n_test: Test samples (default 800 in 2D, 200 in 3D).
         image_size: Side length in pixels/voxels (default 28 in 2D, 16 in 3D; at least 12 in
             2D and 16 in 3D).
+        records_per_patient: k, records per patient (1: no patient ids). Each split needs
+            at least ``num_classes`` patients.
 
     Returns:
         The data set, with ``source == "synthetic(seed=...)"``.
@@ -73,6 +85,9 @@ def make_synthetic(
         raise ConfigError(
             f"`image_size` must be an int of at least {smallest} in {spatial_dims}D (got {size!r})."
         )
+    per = records_per_patient
+    if isinstance(per, bool) or not isinstance(per, int) or per < 1:
+        raise ConfigError(f"`records_per_patient` must be a positive int (got {per!r}).")
     defaults = DEFAULT_SIZES[spatial_dims]
     sizes = {}
     for field_name, value, default in zip(
@@ -83,13 +98,29 @@ def make_synthetic(
             raise ConfigError(
                 f"`{field_name}` must be an int of at least num_classes={k} (got {n!r})."
             )
+        if -(-n // per) < k:
+            raise ConfigError(
+                f"`{field_name}` {n} at records_per_patient={per} gives {-(-n // per)} "
+                f"patient(s), fewer than num_classes={k}."
+            )
         sizes[field_name] = n
 
     children = np.random.SeedSequence(seed).spawn(3)
-    splits = [
-        _make_split(n=n, k=k, size=size, spatial_dims=spatial_dims, seq=child)
-        for n, child in zip(sizes.values(), children, strict=True)
-    ]
+    splits = []
+    first_id = 0
+    for n, child in zip(sizes.values(), children, strict=True):
+        splits.append(
+            _make_split(
+                n=n,
+                k=k,
+                size=size,
+                spatial_dims=spatial_dims,
+                seq=child,
+                per_patient=per,
+                first_id=first_id,
+            )
+        )
+        first_id += -(-n // per)
     name = "synthetic" if spatial_dims == 2 else "synthetic3d"
     return DatasetBundle(
         name=name,
@@ -98,46 +129,111 @@ def make_synthetic(
         test=splits[2],
         num_classes=k,
         class_names=shapes[:k],
-        source=f"synthetic(seed={seed}, spatial_dims={spatial_dims}, image_size={size})",
+        source=(
+            f"synthetic(seed={seed}, spatial_dims={spatial_dims}, image_size={size}"
+            + ("" if per == 1 else f", records_per_patient={per}")
+            + ")"
+        ),
     )
 
 
 def _make_split(
-    *, n: int, k: int, size: int, spatial_dims: int, seq: np.random.SeedSequence
+    *,
+    n: int,
+    k: int,
+    size: int,
+    spatial_dims: int,
+    seq: np.random.SeedSequence,
+    per_patient: int = 1,
+    first_id: int = 0,
 ) -> ArraySplit:
     rng = np.random.default_rng(seq)
+    if per_patient == 1:
+        # The draws, in their historical order: the data must stay byte-identical.
+        params = _draw(rng, n=n, k=k, size=size, spatial_dims=spatial_dims)
+        patients = None
+    else:
+        n_patients = -(-n // per_patient)
+        owner = np.arange(n, dtype=np.int64) // per_patient  # record -> patient (0-based)
+        drawn = _draw(rng, n=n_patients, k=k, size=size, spatial_dims=spatial_dims)
+        params = {name: value[owner] for name, value in drawn.items()}
+        params = _jitter(params, rng, size=size, spatial_dims=spatial_dims)
+        patients = owner + first_id
+    labels = params["labels"]
+
+    axes = np.arange(size, dtype=np.float64)
+    grid = np.stack(np.meshgrid(*([axes] * spatial_dims), indexing="ij"))  # (dims, *spatial)
+    expand = (slice(None),) + (None,) * spatial_dims
+    center = params["center"]
+    offsets = [grid[d][None] - center[:, d][expand] for d in range(spatial_dims)]
+    mask = _render(
+        labels, offsets, params["r"][expand], params["w"][expand], spatial_dims=spatial_dims
+    )
+
+    # Background: level + linear gradient + broad bump; all per-image random so that mean
+    # intensity cannot identify the class.
+    direction = params["direction"]
+    gradient = params["gradient"][expand] * sum(
+        direction[:, d][expand] * (grid[d][None] / (size - 1) - 0.5) for d in range(spatial_dims)
+    )
+    bump_center = params["bump_center"]
+    bump_sq = sum((grid[d][None] - bump_center[:, d][expand]) ** 2 for d in range(spatial_dims))
+    bump_width = params["bump_width"][expand] * size
+    bump = params["bump"][expand] * np.exp(-bump_sq / (2 * bump_width**2))
+    noise = rng.uniform(0.02, 0.08, n)[expand] * rng.standard_normal(mask.shape)
+
+    level, contrast = params["level"][expand], params["contrast"][expand]
+    images = np.clip(level + gradient + bump + contrast * mask + noise, 0.0, 1.0)
+    return ArraySplit(images=images[:, None].astype(np.float32), labels=labels, patients=patients)
+
+
+def _draw(
+    rng: np.random.Generator, *, n: int, k: int, size: int, spatial_dims: int
+) -> dict[str, np.ndarray]:
+    """Draw ``n`` images' (or patients') label and appearance, all but the pixel noise."""
     labels = rng.permutation(np.arange(n, dtype=np.int64) % k)
     scale = size / 28.0 if spatial_dims == 2 else size / 16.0
-
     # Shape geometry, in pixels: radius / half-side r, stroke width w.
     r = rng.uniform(0.16, 0.32, n) * size
     w = rng.uniform(1.6, 2.6, n) * scale
     margin = r + w / 2 + 1.0
     center = rng.uniform(margin[:, None], size - 1 - margin[:, None], (n, spatial_dims))
-
-    axes = np.arange(size, dtype=np.float64)
-    grid = np.stack(np.meshgrid(*([axes] * spatial_dims), indexing="ij"))  # (dims, *spatial)
-    expand = (slice(None),) + (None,) * spatial_dims
-    offsets = [grid[d][None] - center[:, d][expand] for d in range(spatial_dims)]
-    mask = _render(labels, offsets, r[expand], w[expand], spatial_dims=spatial_dims)
-
-    # Background: level + linear gradient + broad bump; all per-image random so that mean
-    # intensity cannot identify the class.
-    level = rng.uniform(0.0, 0.35, n)[expand]
+    level = rng.uniform(0.0, 0.35, n)
     direction = rng.normal(size=(n, spatial_dims))
     direction /= np.linalg.norm(direction, axis=1, keepdims=True)
-    gradient = rng.uniform(0.0, 0.2, n)[expand] * sum(
-        direction[:, d][expand] * (grid[d][None] / (size - 1) - 0.5) for d in range(spatial_dims)
-    )
+    gradient = rng.uniform(0.0, 0.2, n)
     bump_center = rng.uniform(0, size - 1, (n, spatial_dims))
-    bump_sq = sum((grid[d][None] - bump_center[:, d][expand]) ** 2 for d in range(spatial_dims))
-    bump_width = rng.uniform(0.25, 0.5, n)[expand] * size
-    bump = rng.uniform(-0.15, 0.15, n)[expand] * np.exp(-bump_sq / (2 * bump_width**2))
-    contrast = rng.uniform(0.25, 0.65, n)[expand]
-    noise = rng.uniform(0.02, 0.08, n)[expand] * rng.standard_normal(mask.shape)
+    bump_width = rng.uniform(0.25, 0.5, n)
+    bump = rng.uniform(-0.15, 0.15, n)
+    contrast = rng.uniform(0.25, 0.65, n)
+    return {
+        "labels": labels,
+        "r": r,
+        "w": w,
+        "center": center,
+        "level": level,
+        "direction": direction,
+        "gradient": gradient,
+        "bump_center": bump_center,
+        "bump_width": bump_width,
+        "bump": bump,
+        "contrast": contrast,
+    }
 
-    images = np.clip(level + gradient + bump + contrast * mask + noise, 0.0, 1.0)
-    return ArraySplit(images=images[:, None].astype(np.float32), labels=labels)
+
+def _jitter(
+    params: dict[str, np.ndarray], rng: np.random.Generator, *, size: int, spatial_dims: int
+) -> dict[str, np.ndarray]:
+    """Per-record variation around a patient's appearance: small, so a patient stays alike."""
+    n = params["labels"].shape[0]
+    out = dict(params)
+    out["r"] = params["r"] * rng.uniform(0.95, 1.05, n)
+    margin = out["r"] + params["w"] / 2 + 1.0
+    moved = params["center"] + rng.normal(0.0, 0.5, (n, spatial_dims))
+    out["center"] = np.clip(moved, margin[:, None], size - 1 - margin[:, None])
+    out["contrast"] = params["contrast"] + rng.uniform(-0.02, 0.02, n)
+    out["level"] = np.clip(params["level"] + rng.uniform(-0.02, 0.02, n), 0.0, None)
+    return out
 
 
 def _soft(signed_distance: np.ndarray) -> np.ndarray:

@@ -223,17 +223,33 @@ def site_splits(
 
     Deterministic in ``config.seed``: a site process that holds the whole data set (a trial
     on one machine) derives exactly the shard the in-process runtime gives that site.
+
+    With patient ids (``train.patients``) the patients are partitioned, not the records, so
+    every patient's records are at exactly one site (patient-level DP needs a patient's whole
+    contribution in one site's accounting). Each patient stands for one row, with the label
+    (class, or label map for segmentation) and the group of its first record, and the same
+    ``partition`` (spec, seed) runs on those rows; each site then gets the records of its
+    patients. ``val`` is dealt by record as without patients. Without patient ids the result
+    is that of the record-level partition, unchanged.
+
+    Raises:
+        DataError: Fewer training samples (or patients) than sites, or an infeasible spec.
+
     """
     if config.clients > len(train):
         raise DataError(f"{config.clients} sites but only {len(train)} training samples")
     groups = getattr(train, "groups", None)
-    parts = partition(
-        train.labels,
-        spec=config.partition,
-        n_sites=config.clients,
-        seed=seed_for(config.seed, 1),
-        **({"groups": groups} if groups is not None else {}),
-    )
+    patients = getattr(train, "patients", None)
+    if patients is None:
+        parts = partition(
+            train.labels,
+            spec=config.partition,
+            n_sites=config.clients,
+            seed=seed_for(config.seed, 1),
+            **({"groups": groups} if groups is not None else {}),
+        )
+    else:
+        parts = _partition_patients(config, train=train)
     site_labels = [train.labels[p] for p in parts]
     val_groups = getattr(val, "groups", None)
     extra = (
@@ -247,4 +263,30 @@ def site_splits(
     return [
         (train.subset(indices=p), val.subset(indices=h) if len(h) else None)
         for p, h in zip(parts, held)
+    ]
+
+
+def _partition_patients(config: RunConfig, *, train: ArraySplit) -> list[np.ndarray]:
+    """Sorted record indices per site, from a partition of the patients (one row each)."""
+    units = train.units()
+    if config.clients > len(units):
+        raise DataError(
+            f"{config.clients} sites but only {len(units)} patients in the training split; "
+            "every site needs at least one patient"
+        )
+    first = np.array([u[0] for u in units], dtype=np.int64)  # units hold sorted indices
+    groups = getattr(train, "groups", None)
+    try:
+        unit_parts = partition(
+            train.labels[first],
+            spec=config.partition,
+            n_sites=config.clients,
+            seed=seed_for(config.seed, 1),
+            **({"groups": groups[first]} if groups is not None else {}),
+        )
+    except DataError as exc:
+        # The partitioner counts its rows as samples; here each row is a patient.
+        raise DataError(f"partitioning {len(units)} patients (one row each): {exc}") from None
+    return [
+        np.sort(np.concatenate([units[u] for u in part])).astype(np.int64) for part in unit_parts
     ]

@@ -1,0 +1,133 @@
+"""site_splits with patient ids: patients, not records, are dealt to sites."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from securefed.config import RunConfig
+from securefed.data import ArraySplit
+from securefed.data.partition import partition, partition_like
+from securefed.errors import DataError
+from securefed.fl.planning import seed_for, site_splits
+
+
+def _split(
+    n: int,
+    *,
+    seed: int,
+    patients: np.ndarray | None = None,
+    groups: np.ndarray | None = None,
+    classes: int = 3,
+) -> ArraySplit:
+    rng = np.random.default_rng(seed)
+    # Encode the record index in the pixels so a site's records can be traced back.
+    images = (np.arange(n, dtype=np.float32) / n)[:, None, None, None] * np.ones(
+        (1, 1, 2, 2), np.float32
+    )
+    if patients is None:
+        labels = rng.integers(0, classes, n).astype(np.int64)
+    else:  # one diagnosis per patient
+        ids, inverse = np.unique(patients, return_inverse=True)
+        labels = rng.integers(0, classes, ids.size).astype(np.int64)[inverse]
+    return ArraySplit(images=images, labels=labels, groups=groups, patients=patients)
+
+
+def _patients(n_patients: int, *, seed: int) -> np.ndarray:
+    """1-6 records per patient, non-contiguous ids, records of a patient scattered."""
+    rng = np.random.default_rng(seed)
+    sizes = rng.integers(1, 7, n_patients)
+    ids = np.repeat(rng.permutation(5 * n_patients)[:n_patients], sizes)
+    return rng.permutation(ids).astype(np.int64)
+
+
+def _record_index(split: ArraySplit, n: int) -> np.ndarray:
+    return np.rint(split.images[:, 0, 0, 0] * n).astype(np.int64)
+
+
+@pytest.mark.parametrize("spec", ["dirichlet:0.5", "iid", "by-group"])
+def test_every_patient_is_at_exactly_one_site_and_every_record_is_placed_once(spec):
+    # Prepare: 60 patients in 4 hospitals (a patient's records in one hospital)
+    patients = _patients(60, seed=1)
+    n = patients.size
+    _, codes = np.unique(patients, return_inverse=True)
+    groups = (codes % 4).astype(np.int64)
+    train = _split(n, seed=2, patients=patients, groups=groups)
+    val = _split(30, seed=3, groups=np.arange(30, dtype=np.int64) % 4)
+    config = RunConfig(clients=4, partition=spec, seed=7)
+
+    # Execute
+    shards = site_splits(config, train=train, val=val)
+
+    # Assert
+    placed = np.concatenate([_record_index(site, n) for site, _ in shards])
+    assert np.array_equal(np.sort(placed), np.arange(n))
+    owners: dict[int, set[int]] = {}
+    for k, (site, _) in enumerate(shards):
+        assert np.array_equal(site.patients, patients[_record_index(site, n)])
+        for pid in site.patients.tolist():
+            owners.setdefault(pid, set()).add(k)
+    assert len(owners) == 60
+    assert all(len(sites) == 1 for sites in owners.values())
+
+
+@pytest.mark.parametrize("spec", ["dirichlet:0.5", "iid", "by-group"])
+def test_without_patients_the_split_is_the_record_level_partition(spec):
+    # Prepare
+    n = 90
+    train = _split(n, seed=2, groups=np.arange(n, dtype=np.int64) % 3)
+    val = _split(30, seed=3, groups=np.arange(30, dtype=np.int64) % 3)
+    config = RunConfig(clients=3, partition=spec, seed=11)
+
+    # Execute
+    shards = site_splits(config, train=train, val=val)
+
+    # Assert: exactly the indices of partition/partition_like with the same seeds
+    parts = partition(train.labels, spec=spec, n_sites=3, seed=seed_for(11, 1), groups=train.groups)
+    held = partition_like(
+        val.labels,
+        site_train_labels=[train.labels[p] for p in parts],
+        seed=seed_for(11, 2),
+        heldout_groups=val.groups,
+        site_train_groups=[train.groups[p] for p in parts],
+    )
+    for (site, site_val), p, h in zip(shards, parts, held, strict=True):
+        assert np.array_equal(_record_index(site, n), p)
+        assert site.patients is None
+        assert np.array_equal(_record_index(site_val, 30), h)
+
+
+def test_patient_partition_is_deterministic_and_refuses_fewer_patients_than_sites():
+    # Prepare
+    patients = _patients(12, seed=4)
+    train = _split(patients.size, seed=5, patients=patients)
+    val = _split(10, seed=6)
+    config = RunConfig(clients=3, partition="dirichlet:0.5", seed=2)
+
+    # Execute
+    first = site_splits(config, train=train, val=val)
+    again = site_splits(config, train=train, val=val)
+
+    # Assert
+    for (a, _), (b, _) in zip(first, again, strict=True):
+        assert np.array_equal(a.patients, b.patients) and np.array_equal(a.images, b.images)
+    few = _split(8, seed=5, patients=np.array([1, 1, 1, 1, 2, 2, 2, 2], dtype=np.int64))
+    with pytest.raises(DataError, match="3 sites but only 2 patients"):
+        site_splits(config.replace(partition="iid"), train=few, val=val)
+
+
+def test_an_infeasible_patient_partition_says_it_counts_patients():
+    # Prepare: 3 patients for 3 sites under a near-degenerate Dirichlet: some site gets none
+    patients = np.repeat(np.arange(3, dtype=np.int64), 5)
+    train = ArraySplit(
+        images=np.zeros((15, 1, 2, 2), np.float32),
+        labels=np.zeros(15, np.int64),
+        patients=patients,
+    )
+    config = RunConfig(clients=3, partition="dirichlet:0.01", seed=0)
+
+    # Execute / Assert
+    with pytest.raises(
+        DataError, match=r"partitioning 3 patients \(one row each\): dirichlet:0.01 left a site"
+    ):
+        site_splits(config, train=train, val=_split(4, seed=1))
