@@ -775,4 +775,3 @@ def _patients_of(config: RunConfig, train: ArraySplit, site: int) -> np.ndarray 
             "site's data have none (set --group-by; docs/patients.md)"
         )
     return np.asarray(patients)
-
