@@ -104,7 +104,11 @@ class DPPlan:
 
 @dataclass(frozen=True)
 class LocalResult:
-    """What local training hands back to the federation layer (never leaves the site raw)."""
+    """What local training hands back to the federation layer (never leaves the site raw).
+
+    ``num_samples`` is the site's FedAvg weight: its records, or its patients under
+    patient-level DP (the record count is no fixed quantity under patient adjacency).
+    """
 
     state: dict[str, torch.Tensor]
     num_samples: int
@@ -362,7 +366,9 @@ class SiteTrainer:
             one). Poisson sampling is then over patients (all of a patient's records or
             none), each sampled patient's records are averaged and that mean is clipped to
             C, and the mean step divides by the expected number of patients: the plan's
-            epsilon is per patient. ``None``: record-level (each record its own unit).
+            epsilon is per patient. ``batch_size`` and ``min_steps`` then count patients,
+            and q, the steps, the lr scaling and the FedAvg weight follow from the number
+            of patients, not of records. ``None``: record-level (each record its own unit).
 
     """
 
@@ -403,6 +409,8 @@ class SiteTrainer:
         self.max_physical_batch_size = max_physical_batch_size
         self.progress = progress
         self.min_steps = min_steps
+        if units is not None and plan is None:
+            raise ValueError("`units` (patient-level DP) needs a DP plan")
         self.units = None if units is None else _check_units(units, self.num_samples)
         self.unit_of: torch.Tensor | None = None
         if self.units is not None:
@@ -426,18 +434,22 @@ class SiteTrainer:
         """Training samples at this site."""
         return len(self.dataset)  # type: ignore[arg-type]
 
+    # Under patient-level DP, n below is the number of patients P, and B counts patients:
+    # replacing one patient by another changes the record count but not P, so everything the
+    # mechanism's shape depends on (q, steps, lr, the FedAvg weight) must come from P alone.
+
     @property
     def steps_per_epoch(self) -> int:
         """Steps per local epoch: ``max(ceil(n/B), min_steps)``, the number calibration assumed."""
         return steps_per_epoch(
-            num_samples=self.num_samples, batch_size=self.batch_size, min_steps=self.min_steps
+            num_samples=self.num_units, batch_size=self.batch_size, min_steps=self.min_steps
         )
 
     @property
     def site_batch(self) -> int:
-        """This site's (expected) batch: about ``n / steps_per_epoch``, at most B."""
+        """This site's (expected) batch in units: about ``n / steps_per_epoch``, at most B."""
         return site_batch(
-            num_samples=self.num_samples, batch_size=self.batch_size, min_steps=self.min_steps
+            num_samples=self.num_units, batch_size=self.batch_size, min_steps=self.min_steps
         )
 
     @property
@@ -445,7 +457,7 @@ class SiteTrainer:
         """This site's learning rate: ``lr`` scaled by its batch over B (at most ``lr``)."""
         return site_lr(
             lr=self.lr,
-            num_samples=self.num_samples,
+            num_samples=self.num_units,
             batch_size=self.batch_size,
             min_steps=self.min_steps,
         )
@@ -751,7 +763,7 @@ class SiteTrainer:
         state = {k: v.detach().cpu().clone() for k, v in inner.state_dict().items()}
         return LocalResult(
             state=state,
-            num_samples=self.num_samples,
+            num_samples=self.num_units,
             steps=steps,
             mean_loss=total_loss / max(total_n, 1),
             seconds=time.perf_counter() - start,

@@ -216,13 +216,17 @@ class SiteRuntime:
         self.he_public = he_public
         self.disclose_size = bool(config.disclose_site_sizes and disclose_size)
         # The site picks its own delta from its size; nothing the server sends sets it.
-        self.plan = plan_site_privacy(config, num_samples=len(train)) if config.dp_enabled else None
+        #: Each record's patient under --privacy-unit patient (None: record-level DP).
+        self.patients = _patients_of(config, train, client_id)
+        #: The site's size in privacy units (records, or patients): what its plan, its FedAvg
+        #: weight and any size it discloses count. Under patient adjacency the record count
+        #: changes with the patient replaced; the number of patients does not.
+        self.size = len(train) if self.patients is None else len(np.unique(self.patients))
+        self.plan = plan_site_privacy(config, num_samples=self.size) if config.dp_enabled else None
         self.ledger = PrivacyLedger()
         #: False until the site knows its own history (a fresh site process learns it from its
         #: stored copy; a new site starts with an empty one).
         self.history_known = True
-        #: Each record's patient under --privacy-unit patient (None: record-level DP).
-        self.patients = _patients_of(config, train, client_id)
         audit = {} if canaries is None else {"canaries": canaries}
         self.trainer = (SiteTrainer if canaries is None else AuditedSiteTrainer)(
             **audit,
@@ -301,8 +305,9 @@ class SiteRuntime:
         batches below :data:`MIN_DP_BATCH` records, whose signal the noise swamps.
         """
         t, cfg = self.trainer, self.config
-        n, spe, b = t.num_samples, t.steps_per_epoch, t.site_batch
-        who = f"site {self.client_id} ({n} training records)"
+        n, spe, b = t.num_units, t.steps_per_epoch, t.site_batch
+        unit = "records" if t.units is None else "patients"
+        who = f"site {self.client_id} ({n} training {unit})"
         out = []
         if spe == 1:
             out.append(
@@ -319,20 +324,11 @@ class SiteRuntime:
         if cfg.dp_enabled and b < MIN_DP_BATCH:
             sigma = self.plan.noise_multiplier if self.plan is not None else float("nan")
             out.append(
-                f"warning: {who}: DP-SGD batches of about {b} records (noise std "
+                f"warning: {who}: DP-SGD batches of about {b} {unit} (noise std "
                 f"sigma*C/batch = {sigma / b:.3g}*C on every coordinate of a mean gradient of "
                 "norm <= C): expect little learning here; pool data into fewer, larger sites, "
                 "or use --strategy ftl from a pretrained backbone."
             )
-        if cfg.dp_enabled and t.units is not None and self.plan is not None:
-            per_batch = t.num_units * self.plan.sample_rate
-            if per_batch < MIN_DP_BATCH:
-                out.append(
-                    f"warning: {who}: patient-level DP-SGD batches of about {per_batch:.3g} of "
-                    f"its {t.num_units} patients; the noise is sized for one patient, so "
-                    f"expect little learning: raise --batch-size (now {cfg.effective_batch_size}"
-                    ") so a step samples more patients, or pool patients into fewer sites."
-                )
         return out
 
     def handle(self, stage: str, fields: dict[str, Any]) -> dict[str, Any]:
@@ -378,7 +374,7 @@ class SiteRuntime:
             },
         }
         if self.disclose_size:
-            out["num_samples"] = len(self.train)
+            out["num_samples"] = self.size
             out["class_counts"] = self.train.class_counts(
                 num_classes=self.spec.num_classes
             ).tolist()
@@ -561,7 +557,7 @@ class SiteRuntime:
             plan=self.plan,
             events=events,
             epsilon=epsilon,
-            num_samples=len(self.train) if self.disclose_size else None,
+            num_samples=self.size if self.disclose_size else None,
         )
         assert self.signer is not None  # checked at construction
         return {

@@ -90,7 +90,8 @@ def _reference(model, data, units, *, steps, noise, sigma=SIGMA):
 
 
 def _trainer(data, units, *, batch_size, clipping="auto", physical=None, sigma=SIGMA):
-    n = len(data)
+    # Under patient-level DP the batch size and q count patients (q = 1/ceil(P/B)).
+    n = len(data) if units is None else len(units)
     steps = -(-n // batch_size)
     ledger = PrivacyLedger()
     trainer = SiteTrainer(
@@ -128,7 +129,7 @@ def test_a_round_is_patient_level_dp_sgd_by_its_definition(clipping, physical) -
     start = copy.deepcopy(model.state_dict())
     ref, sampled = _reference(copy.deepcopy(model), data, units, steps=3, noise=SeededNoise(11))
     assert any(len(s) > 1 for s in sampled)  # the comparison covers multi-patient batches
-    trainer, ledger = _trainer(data, units, batch_size=5, clipping=clipping, physical=physical)
+    trainer, ledger = _trainer(data, units, batch_size=2, clipping=clipping, physical=physical)
     assert trainer.privacy_unit == "patient" and trainer.num_units == 5
     got = trainer.train_round(
         model=model,
@@ -220,9 +221,43 @@ def test_units_must_cover_every_record_once() -> None:
 
 def test_chunks_end_only_where_a_patient_ends() -> None:
     data, units = _data(len(PATIENT_OF)), _units(PATIENT_OF)
-    trainer, _ = _trainer(data, units, batch_size=5, physical=3)
+    trainer, _ = _trainer(data, units, batch_size=2, physical=3)
     u = torch.tensor([0, 0, 0, 0, 1, 1, 2, 3, 3, 3, 4])
     chunks = trainer._chunks(len(u), u)
     assert chunks == [(0, 4), (4, 7), (7, 10), (10, 11)]
     for lo, _hi in chunks[1:]:
         assert u[lo] != u[lo - 1]
+
+
+def test_q_steps_lr_and_weight_follow_the_patient_count_not_the_record_count() -> None:
+    """Replacing one patient by another with more records changes n, not P: nothing of the
+    mechanism's shape (q, steps, lr) nor the FedAvg weight may move with it."""
+    few = PATIENT_OF  # 13 records, 5 patients
+    many = np.concatenate([PATIENT_OF, np.full(40, 9)])  # patient 9 now has 41 records
+    shapes = []
+    for patient_of in (few, many):
+        units = _units(patient_of)
+        data = _data(len(patient_of))
+        trainer, _ = _trainer(data, units, batch_size=2)
+        result = trainer.train_round(
+            model=_cnn(), round_index=1, epochs=1, generator=torch.Generator(), noise=SeededNoise(3)
+        )
+        shapes.append(
+            (trainer.steps_per_epoch, trainer.site_batch, trainer.site_lr, result.num_samples)
+        )
+    assert shapes[0] == shapes[1] == (3, 2, LR, 5)
+
+
+def test_units_need_a_dp_plan() -> None:
+    with pytest.raises(ValueError, match="DP plan"):
+        SiteTrainer(
+            client_id=0,
+            dataset=_data(4),
+            plan=None,
+            ledger=PrivacyLedger(),
+            batch_size=2,
+            lr=LR,
+            momentum=0.0,
+            device=torch.device("cpu"),
+            units=[np.arange(4)],
+        )
