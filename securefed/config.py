@@ -411,7 +411,8 @@ class RunConfig:
         None,
         shown="256 with DP; 64 without",
         help="Largest expected batch B; each site takes max(ceil(n/B), min-steps) steps an "
-        "epoch (DP: Poisson sampling rate 1/steps), so a small site uses smaller batches.",
+        "epoch (DP: Poisson sampling rate 1/steps), so a small site uses smaller batches. "
+        "Under --privacy-unit patient, n and B count patients.",
     )
     min_steps: int = _setting(
         MIN_STEPS,
@@ -467,7 +468,7 @@ class RunConfig:
         choices=PRIVACY_UNITS,
         help="What ε protects: 'record' (one image or volume) or 'patient' (all of one "
         "patient's records: Poisson sampling over patients, each patient's mean gradient "
-        "clipped; needs patient ids, see --group-by).",
+        "clipped, --batch-size in patients; needs patient ids, see --group-by).",
     )
     calibrate: bool = _setting(
         True,
