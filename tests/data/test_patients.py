@@ -14,27 +14,7 @@ from PIL import Image
 from securefed.data import ArraySplit, DatasetBundle, load_dataset
 from securefed.data.synthetic import make_synthetic
 from securefed.errors import ConfigError, DataError
-
-
-def _split(n: int, *, seed: int = 0, patients: np.ndarray | None = None) -> ArraySplit:
-    rng = np.random.default_rng(seed)
-    images = rng.random((n, 1, 4, 4), dtype=np.float32)
-    return ArraySplit(images=images, labels=(np.arange(n) % 2).astype(np.int64), patients=patients)
-
-
-def _bundle(**overrides) -> DatasetBundle:
-    fields = {
-        "name": "toy",
-        "train": _split(6, seed=1),
-        "val": _split(4, seed=2),
-        "test": _split(2, seed=3),
-        "num_classes": 2,
-        "class_names": ("a", "b"),
-        "source": "test",
-    }
-    fields.update(overrides)
-    return DatasetBundle(**fields)
-
+from tests.data.test_dataset import _bundle, _split
 
 # --- ArraySplit / DatasetBundle -------------------------------------------------------------
 

@@ -20,11 +20,10 @@ from torch.utils.data import TensorDataset
 
 from securefed.dp.clipping import BookKeepingClipper
 from securefed.dp.ledger import PrivacyLedger
-from securefed.dp.noise import SECURE_DRAWS, SeededNoise
+from securefed.dp.noise import SeededNoise
 from securefed.dp.trainer import DPPlan, PoissonBatchSampler, SiteTrainer
 from securefed.models import ModelSpec, build_model
-
-SIGMA, C, LR = 0.7, 0.05, 1.0
+from tests.dp.test_clipping import LR, SIGMA, C, _assert_same, noisy_sgd_step
 
 # 13 records of 5 patients, of 1 to 4 records each, interleaved (ids need not be contiguous).
 PATIENT_OF = np.array([3, 0, 3, 7, 1, 0, 3, 7, 1, 9, 0, 3, 0])
@@ -75,17 +74,7 @@ def _reference(model, data, units, *, steps, noise, sigma=SIGMA):
             factor = min(1.0, C / (float(norm) + 1e-6))
             for s, g in zip(summed, grads):
                 s += factor * g
-        flat = noise.gaussian(sum(p.numel() for p in params), draws=SECURE_DRAWS).mul_(sigma * C)
-        offset = 0
-        with torch.no_grad():
-            for p, s in zip(params, summed):
-                k = p.numel()
-                p -= (
-                    LR
-                    * (s + flat[offset : offset + k].view(p.shape).to(p.dtype))
-                    / (len(units) * q)
-                )
-                offset += k
+        noisy_sgd_step(params, summed, noise=noise, sigma=sigma, denominator=len(units) * q)
     return {k: v.detach().clone() for k, v in model.state_dict().items()}, sampled
 
 
@@ -108,15 +97,6 @@ def _trainer(data, units, *, batch_size, clipping="auto", physical=None, sigma=S
         units=units,
     )
     return trainer, ledger
-
-
-def _assert_same(a, b, start) -> None:
-    for k in a:
-        if not a[k].is_floating_point():
-            continue
-        da, db = a[k] - start[k], b[k] - start[k]
-        scale = float(db.abs().max()) + 1e-12
-        assert float((da - db).abs().max()) <= 1e-4 * scale + 1e-7, k
 
 
 @pytest.mark.parametrize(
