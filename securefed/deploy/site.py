@@ -7,6 +7,7 @@ object the in-process runtime simulates; this module reads the hospital's node c
 
 from __future__ import annotations
 
+import logging
 import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -16,6 +17,8 @@ from typing import TYPE_CHECKING, Any
 from securefed.config import RunConfig
 from securefed.dp.signing import SiteSigner
 from securefed.errors import ConfigError, DataError, IntegrityError, PrivacyBudgetError
+
+_log = logging.getLogger("securefed.deploy.site")
 
 if TYPE_CHECKING:
     from securefed.crypto.roster import Roster
@@ -64,8 +67,9 @@ class NodeSettings:
             networks only: peers' keys and ids are then whatever the server says).
         privacy_unit: ``patient``: the hospital's policy is patient-level DP; a record-level
             run is refused. ``record`` (or unset) accepts either.
-        group_by: Where this site's patient ids come from (``--group-by`` syntax); overrides
-            the run's, since each hospital knows its own data layout.
+        group_by: Where this site's patient ids come from (``--group-by`` syntax). A site
+            that reads its own data never takes the run's ``--group-by`` (a server-chosen
+            pattern or path; see :func:`_load_site_data`); only a ``shard`` trial does.
 
     """
 
@@ -306,6 +310,42 @@ def _positive(value: Any, key: str) -> float | None:
     return float(value)
 
 
+def _load_site_data(config: RunConfig, node: NodeSettings) -> Any:
+    """The site's data set, read with the site's own patient grouping.
+
+    Where a record's patient comes from is the site's to say (node config ``group-by``): a
+    run's ``--group-by`` is a pattern or file path chosen by whoever configured the run, and a
+    pattern chosen by the server could split every record into its own "patient", probe the
+    site's file names through match/no-match answers, or name a file of the site's to read.
+    Only a trial that shards one shared data set (``shard``) takes the run's. For the same
+    reason a loader's error (which may quote a file name, hence a patient's name or record
+    number) stays in the site's log; the server hears only that the data could not be read.
+    """
+    from securefed.data.dataset import load_dataset
+
+    options = dict(config.loader_options)
+    if not node.shard:
+        options.pop("group_by", None)
+    if node.group_by:
+        options["group_by"] = node.group_by
+    try:
+        return load_dataset(
+            name=node.dataset or config.dataset,
+            data_dir=node.data_dir if node.data_dir is not None else config.data_dir,
+            data=node.data if node.data is not None else config.data,
+            seed=config.seed,
+            **options,
+        )
+    except (DataError, ConfigError) as exc:
+        if node.shard:
+            raise
+        _log.error("site %d: reading its data failed: %s", node.site_id, exc)
+        raise type(exc)(
+            f"site {node.site_id}: its data could not be read for this run (the reason is in "
+            "the site's log)"
+        ) from None
+
+
 def deployed_site(config: RunConfig, node: NodeSettings) -> SiteRuntime:
     """The hospital's :class:`~securefed.fl.site_runtime.SiteRuntime` for a run of ``config``.
 
@@ -338,15 +378,7 @@ def deployed_site(config: RunConfig, node: NodeSettings) -> SiteRuntime:
     signer = node.signer() if (config.dp_enabled or node.roster is not None) else None
     roster = node.load_roster(signer)
     device = resolve_device(node.device or config.device)
-    from securefed.data.dataset import load_dataset
-
-    bundle = load_dataset(
-        name=node.dataset or config.dataset,
-        data_dir=node.data_dir if node.data_dir is not None else config.data_dir,
-        data=node.data if node.data is not None else config.data,
-        seed=config.seed,
-        **{**config.loader_options, **({"group_by": node.group_by} if node.group_by else {})},
-    )
+    bundle = _load_site_data(config, node)
     task = task_for(bundle, config)
     train, heldout = bundle.train, bundle.val
     if node.shard:

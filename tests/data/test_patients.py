@@ -412,3 +412,15 @@ def test_registered_loaders_refuse_group_by_but_may_set_patients():
     assert bundle.train.patient_count() == 3
     with pytest.raises(ConfigError, match="--group-by does not apply to the registered"):
         load_dataset(name="patients-toy", group_by="patient_ids")
+
+
+def test_string_ids_that_differ_only_in_white_space_or_unicode_form_are_one_patient():
+    from securefed.data.patients import encode_ids
+
+    codes = encode_ids(
+        {"train": np.array(["P1", " P1", "pe\u0301", "p\u00e9"]), "val": np.array(["P1 "])},
+        source="t",
+    )
+    assert codes["train"].tolist()[0] == codes["train"].tolist()[1] == codes["val"][0]
+    assert codes["train"][2] == codes["train"][3]
+    assert codes["train"][0] != codes["train"][2]
