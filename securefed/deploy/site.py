@@ -311,36 +311,51 @@ def _positive(value: Any, key: str) -> float | None:
 
 
 def _load_site_data(config: RunConfig, node: NodeSettings) -> Any:
-    """The site's data set, read with the site's own patient grouping.
+    """The site's data set: the site's own, read with the site's own patient grouping.
 
-    Where a record's patient comes from is the site's to say (node config ``group-by``): a
-    run's ``--group-by`` is a pattern or file path chosen by whoever configured the run, and a
-    pattern chosen by the server could split every record into its own "patient", probe the
-    site's file names through match/no-match answers, or name a file of the site's to read.
-    Only a trial that shards one shared data set (``shard``) takes the run's. For the same
-    reason a loader's error (which may quote a file name, hence a patient's name or record
-    number) stays in the site's log; the server hears only that the data could not be read.
+    A site that reads its own data (not a ``shard`` trial) reads only what its node config
+    names (``data``, ``data-dir``, ``dataset``) and groups it by its own ``group-by``: never a
+    path, loader (``module:function``) or pattern from the run, which whoever configured the
+    run chose. A server-chosen path would pick which of the site's files (and patients) are
+    trained on and learn which guessed files exist; a server-chosen pattern could make every
+    record its own "patient" (patient-level in name only) or probe file names through
+    match/no-match answers. The run's loader options (image size, fractions) still apply:
+    every site must build the same model. For the same reason any loader error (which may
+    quote a file or folder name, hence a patient's name or record number) stays in the site's
+    log; the server hears one generic line. Only a ``shard`` trial, where every site reads one
+    shared data set, takes the run's data and grouping.
+
+    Raises:
+        ConfigError: A site reading its own data whose node config names none.
+        DataError: The data could not be read (details in the site's log).
+
     """
     from securefed.data.dataset import load_dataset
 
     options = dict(config.loader_options)
-    if not node.shard:
+    if node.shard:
+        source = {
+            "name": node.dataset or config.dataset,
+            "data_dir": node.data_dir if node.data_dir is not None else config.data_dir,
+            "data": node.data if node.data is not None else config.data,
+        }
+    else:
+        if node.data is None and node.dataset is None:
+            raise ConfigError(
+                f"site {node.site_id}: name this site's own data in its node config (data, or "
+                "dataset with data-dir); a site never reads a path or loader the run names"
+            )
         options.pop("group_by", None)
+        source = {"name": node.dataset or "synthetic", "data_dir": node.data_dir, "data": node.data}
     if node.group_by:
         options["group_by"] = node.group_by
+    if node.shard:
+        return load_dataset(seed=config.seed, **source, **options)
     try:
-        return load_dataset(
-            name=node.dataset or config.dataset,
-            data_dir=node.data_dir if node.data_dir is not None else config.data_dir,
-            data=node.data if node.data is not None else config.data,
-            seed=config.seed,
-            **options,
-        )
-    except (DataError, ConfigError) as exc:
-        if node.shard:
-            raise
-        _log.error("site %d: reading its data failed: %s", node.site_id, exc)
-        raise type(exc)(
+        return load_dataset(seed=config.seed, **source, **options)
+    except Exception as exc:  # noqa: BLE001 -- whatever it was, its text stays here
+        _log.error("site %d: reading its data failed: %r", node.site_id, exc)
+        raise DataError(
             f"site {node.site_id}: its data could not be read for this run (the reason is in "
             "the site's log)"
         ) from None
@@ -403,7 +418,9 @@ def deployed_site(config: RunConfig, node: NodeSettings) -> SiteRuntime:
         task=task,
         spatial_dims=bundle.spatial_dims,
         device=device,
-        dataset_name=bundle.name,
+        # A name from the site's own path could be a patient's; the server gets the node's
+        # label (or none) instead.
+        dataset_name=bundle.name if node.shard else (node.dataset or "site data"),
         # Keyed by the site's own secret: the server can tell that the data did not change
         # between sessions, but cannot test a guess of the data against it.
         fingerprint=(

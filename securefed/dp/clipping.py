@@ -94,6 +94,9 @@ class UnitPooler:
         _, inverse, counts = torch.unique_consecutive(
             units, return_inverse=True, return_counts=True
         )
+        if counts.numel() != torch.unique(units).numel():
+            # A patient whose records are not contiguous would be clipped as two patients.
+            raise ValueError("a batch must hold each patient's records next to each other")
         self.units = units
         self.weight = 1.0 / counts.to(torch.float64)[inverse]
         self._carry: dict[object, torch.Tensor] = {}

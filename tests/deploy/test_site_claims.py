@@ -199,3 +199,13 @@ def test_a_deployed_site_groups_its_data_by_its_own_key_and_keeps_loader_errors_
     assert "train_mrn" in caplog.text  # the operator still sees why
     shard = NodeSettings(site_id=0, data=str(path), shard=True)
     assert _load_site_data(run, shard).train.patient_count() == 20  # a shared-data trial
+    # A site reading its own data never reads a path (or loader) the run names...
+    with pytest.raises(ConfigError, match="never reads a path"):
+        _load_site_data(run.replace(data=str(path)), NodeSettings(site_id=0))
+    # ... and any failure, even one no loader anticipated, reaches the server as one line.
+    folder = tmp_path / "DOE_JANE_1975"
+    folder.mkdir()
+    (folder / "x.png").write_bytes(b"not a png")
+    with pytest.raises(DataError) as err:
+        _load_site_data(run, NodeSettings(site_id=0, data=str(folder)))
+    assert "DOE_JANE" not in str(err.value)

@@ -250,3 +250,9 @@ def test_units_need_a_dp_plan() -> None:
             device=torch.device("cpu"),
             units=[np.arange(4)],
         )
+
+
+def test_the_pooler_refuses_a_patient_whose_records_are_not_contiguous() -> None:
+    # Records [0, 1, 0] would be clipped as three patients: refused, not miscounted.
+    with pytest.raises(ValueError, match="next to each other"):
+        UnitPooler(torch.tensor([0, 1, 0]))
