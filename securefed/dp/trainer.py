@@ -31,6 +31,11 @@ of at most that many records: each chunk's per-sample gradients are clipped and 
 the optimizer's ``summed_grad`` (Opacus' ``signal_skip_step``, as its ``BatchMemoryManager``
 does), and one noisy step is taken per logical batch. Clipping is per sample and the sum is
 over the same records, so the step is the unsplit step; the ledger counts logical steps.
+
+Patient-level DP (``units``): the sampler flips one coin per patient and yields all of a
+sampled patient's records together; :class:`~securefed.dp.clipping.UnitPooler` averages each
+patient's per-record gradients (carrying a patient across chunks) and the patient's mean is
+what is clipped; q, the steps and the mean's denominator count patients.
 """
 
 from __future__ import annotations
@@ -160,8 +165,8 @@ class PoissonBatchSampler(Sampler[list[int]]):
                 mask = self.noise.bernoulli(self.num_samples, self.sample_rate)
                 yield mask.nonzero().flatten().tolist()
                 continue
-            # One coin per privacy unit (patient): all of its records, or none of them,
-            # contiguous so that a physical chunk never splits a unit.
+            # One coin per privacy unit (patient): all of its records, or none of them, next
+            # to each other (UnitPooler pools them, across physical chunks if need be).
             mask = self.noise.bernoulli(len(units), self.sample_rate)
             picked = [units[i] for i in mask.nonzero().flatten().tolist()]
             yield np.concatenate(picked).tolist() if picked else []
