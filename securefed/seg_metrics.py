@@ -50,9 +50,9 @@ def segmentation_metrics(
     ``voxel_f1`` (the pooled Dice) and ``voxel_iou`` score foreground (any label > 0) against
     background over every voxel of the split pooled together: the voxel-level figures of
     detection papers (sensitivity and specificity None when undefined; F1 and IoU 1 when
-    neither truth nor prediction has foreground). With ``label_convention="brats"`` (labels 0 background,
-    1 necrotic core, 2 oedema, 3 enhancing tumour) the regions enhancing tumour ET = {3},
-    tumour core TC = {1, 3} and whole tumour WT = {1, 2, 3} are scored the same way and
+    neither truth nor prediction has foreground). With ``label_convention="brats"`` (labels 0
+    background, 1 necrotic core, 2 oedema, 3 enhancing tumour) the regions enhancing tumour
+    ET = {3}, tumour core TC = {1, 3} and whole tumour WT = {1, 2, 3} are scored the same way and
     reported as ``dice_et``, ``iou_et``, ... (None without the convention, so the keys of
     :data:`SEG_HEADLINE_METRICS` except ``loss`` are always present).
 
