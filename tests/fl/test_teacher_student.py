@@ -30,12 +30,10 @@ K = 4
 OPTIONS = {"n_train": 8, "n_val": 4, "n_test": 4, "image_size": 16, "n_groups": 2}
 
 
-@pytest.fixture(scope="module")
-def teacher(tmp_path_factory):
+def pretrain_teacher(root):
     """A segmentation teacher pretrained (briefly) on another synthetic-seg draw (public)."""
     from securefed.fl.pretrain import pretrain
 
-    root = tmp_path_factory.mktemp("teacher")
     return pretrain(
         out=root / "pre",
         dataset="synthetic-seg",
@@ -47,6 +45,12 @@ def teacher(tmp_path_factory):
         device="cpu",
         progress=False,
     )
+
+
+@pytest.fixture(scope="module")
+def teacher(tmp_path_factory):
+    """The module's teacher weights."""
+    return pretrain_teacher(tmp_path_factory.mktemp("teacher"))
 
 
 def _config(teacher, **changes) -> RunConfig:
