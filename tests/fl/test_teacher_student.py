@@ -325,3 +325,18 @@ def test_the_deploy_path_accepts_teacher_student(teacher, secure_agg):
     from securefed.deploy.coordinator import check_deployable
 
     check_deployable(_config(teacher, secure_agg=secure_agg, dp_epsilon=8.0))
+
+
+def test_pretrain_checks_the_task_it_is_asked_for(tmp_path):
+    from securefed.fl.pretrain import pretrain
+
+    with pytest.raises(ConfigError, match="--task classification does not match"):
+        pretrain(
+            out=tmp_path / "pre",
+            dataset="synthetic-seg",
+            data_options=OPTIONS,
+            task="classification",
+            epochs=1,
+            device="cpu",
+            progress=False,
+        )
