@@ -640,7 +640,7 @@ class RunConfig:
         help="teacher-student: least teacher softmax confidence for a voxel's pseudo-label.",
     )
     unlabelled_weight: float = _setting(
-        1.0, help="teacher-student: weight of the pseudo-label loss of an unlabelled volume."
+        0.1, help="teacher-student: weight of the pseudo-label loss of an unlabelled volume."
     )
     personalize: int = _setting(
         0,

@@ -64,7 +64,7 @@ def _base() -> dict[str, Any]:
         "model": "unet",
         "clients": 3,
         "partition": "by-group",
-        "rounds": 5,
+        "rounds": 8,
         "local_epochs": 2,
         "batch_size": 4,
         "lr": 0.1,
@@ -113,7 +113,7 @@ class SemiGrid:
     base: dict[str, Any] = field(default_factory=_base)
     teacher: dict[str, Any] = field(default_factory=_teacher)
     pseudo_threshold: float = 0.9
-    unlabelled_weight: float = 1.0
+    unlabelled_weight: float = 0.1
 
     def __post_init__(self) -> None:
         bad = [a for a in self.arms if a not in ARMS]

@@ -426,7 +426,13 @@ def bench_privacy_unit(out, quick, seeds, device, epsilons, records_per_patient)
     show_default="0.1,0.25,1 (quick: 0.25,1)",
     help="Comma-separated labelled fractions in (0, 1].",
 )
-def bench_semi_supervised(out, quick, seeds, device, epsilons, fractions):
+@option("--pseudo-threshold", type=float, default=0.9, show_default=True, help="Teacher-student's.")
+@option(
+    "--unlabelled-weight", type=float, default=0.1, show_default=True, help="Teacher-student's."
+)
+def bench_semi_supervised(
+    out, quick, seeds, device, epsilons, fractions, pseudo_threshold, unlabelled_weight
+):
     """Teacher-student vs supervised-only at labelled fractions F (3D segmentation, 3 sites)."""
     import dataclasses
 
@@ -445,6 +451,8 @@ def bench_semi_supervised(out, quick, seeds, device, epsilons, fractions):
         epsilons=_epsilons(epsilons),
         seeds=_seeds(seeds, grid.seeds),
         base={**grid.base, "device": device},
+        pseudo_threshold=pseudo_threshold,
+        unlabelled_weight=unlabelled_weight,
     )
     _done(
         run_semi_supervised(
