@@ -479,7 +479,8 @@ class RunConfig:
         "record",
         choices=PRIVACY_UNITS,
         help="What ε protects: 'record' (one image or volume) or 'patient' (all of one "
-        "patient's records: Poisson sampling over patients, each patient's mean gradient "
+        "patient's training records: Poisson sampling over patients, each patient's mean "
+        "gradient "
         "clipped, --batch-size in patients; needs patient ids, see --group-by).",
     )
     calibrate: bool = _setting(

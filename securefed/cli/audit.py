@@ -69,7 +69,7 @@ def audit(run_dir, as_json, site_keys_file, allow_reproducible_noise, empirical)
       3  the run makes no DP claim (config and report agree DP is off): not "verified"
     """  # noqa: D301 (click's \b keeps a paragraph as written)
     if empirical:
-        _audit_empirical(run_dir, as_json=as_json)
+        _audit_empirical(run_dir, as_json=as_json, site_keys_file=site_keys_file)
         return
     from securefed.dp.audit import TOLERANCE, audit_run, load_site_keys
     from securefed.errors import AuditError
@@ -141,13 +141,15 @@ def audit(run_dir, as_json, site_keys_file, allow_reproducible_noise, empirical)
     sys.exit(result.exit_code)
 
 
-def _audit_empirical(run_dir: str, *, as_json: bool) -> None:
+def _audit_empirical(run_dir: str, *, as_json: bool, site_keys_file: str | None) -> None:
     """``securefed audit --empirical``: exit 0 (holds), 1 (refuted) or 2 (bad input)."""
+    from securefed.dp.audit import load_site_keys
     from securefed.dp.empirical import check_audit_run
     from securefed.errors import AuditError
 
     try:
-        result = check_audit_run(run_dir)
+        keys = load_site_keys(site_keys_file) if site_keys_file else None
+        result = check_audit_run(run_dir, site_keys=keys)
     except AuditError as exc:
         click.echo(f"error: {exc}", err=True)
         sys.exit(2)

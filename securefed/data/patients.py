@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import csv
 import re
+import unicodedata
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -122,7 +123,8 @@ def encode_ids(
     """Map raw patient ids of several splits to int64 codes that agree across the splits.
 
     The codes are the ranks of the ids among every distinct id of every split (so integer ids
-    keep their order, and one id in two splits gets one code).
+    keep their order, and one id in two splits gets one code). String ids are compared after
+    Unicode NFC normalisation and stripping surrounding white space.
 
     Args:
         ids: Per split, its 1-D raw ids: integers, or strings (str or bytes).
@@ -145,6 +147,12 @@ def encode_ids(
             raise DataError(
                 f"{source}: `{split}` patient ids must be a 1-D array of integers or strings "
                 f"(got dtype {array.dtype}, shape {array.shape})."
+            )
+        if array.dtype.kind == "U" and array.size:
+            # One patient, one id: " P1" and "P1", or "é" composed and decomposed, are the same
+            # patient in a hospital export, and would be two units (each at epsilon) otherwise.
+            array = np.array(
+                [unicodedata.normalize("NFC", str(v)).strip() for v in array], dtype=str
             )
         if array.dtype.kind == "U" and array.size and not np.all(np.char.str_len(array) > 0):
             raise DataError(f"{source}: `{split}` patient ids contain an empty string.")

@@ -7,6 +7,7 @@ object the in-process runtime simulates; this module reads the hospital's node c
 
 from __future__ import annotations
 
+import logging
 import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -16,6 +17,8 @@ from typing import TYPE_CHECKING, Any
 from securefed.config import RunConfig
 from securefed.dp.signing import SiteSigner
 from securefed.errors import ConfigError, DataError, IntegrityError, PrivacyBudgetError
+
+_log = logging.getLogger("securefed.deploy.site")
 
 if TYPE_CHECKING:
     from securefed.crypto.roster import Roster
@@ -64,8 +67,9 @@ class NodeSettings:
             networks only: peers' keys and ids are then whatever the server says).
         privacy_unit: ``patient``: the hospital's policy is patient-level DP; a record-level
             run is refused. ``record`` (or unset) accepts either.
-        group_by: Where this site's patient ids come from (``--group-by`` syntax); overrides
-            the run's, since each hospital knows its own data layout.
+        group_by: Where this site's patient ids come from (``--group-by`` syntax). A site
+            that reads its own data never takes the run's ``--group-by`` (a server-chosen
+            pattern or path; see :func:`_load_site_data`); only a ``shard`` trial does.
 
     """
 
@@ -306,6 +310,57 @@ def _positive(value: Any, key: str) -> float | None:
     return float(value)
 
 
+def _load_site_data(config: RunConfig, node: NodeSettings) -> Any:
+    """The site's data set: the site's own, read with the site's own patient grouping.
+
+    A site that reads its own data (not a ``shard`` trial) reads only what its node config
+    names (``data``, ``data-dir``, ``dataset``) and groups it by its own ``group-by``: never a
+    path, loader (``module:function``) or pattern from the run, which whoever configured the
+    run chose. A server-chosen path would pick which of the site's files (and patients) are
+    trained on and learn which guessed files exist; a server-chosen pattern could make every
+    record its own "patient" (patient-level in name only) or probe file names through
+    match/no-match answers. The run's loader options (image size, fractions) still apply:
+    every site must build the same model. For the same reason any loader error (which may
+    quote a file or folder name, hence a patient's name or record number) stays in the site's
+    log; the server hears one generic line. Only a ``shard`` trial, where every site reads one
+    shared data set, takes the run's data and grouping.
+
+    Raises:
+        ConfigError: A site reading its own data whose node config names none.
+        DataError: The data could not be read (details in the site's log).
+
+    """
+    from securefed.data.dataset import load_dataset
+
+    options = dict(config.loader_options)
+    if node.shard:
+        source = {
+            "name": node.dataset or config.dataset,
+            "data_dir": node.data_dir if node.data_dir is not None else config.data_dir,
+            "data": node.data if node.data is not None else config.data,
+        }
+    else:
+        if node.data is None and node.dataset is None:
+            raise ConfigError(
+                f"site {node.site_id}: name this site's own data in its node config (data, or "
+                "dataset with data-dir); a site never reads a path or loader the run names"
+            )
+        options.pop("group_by", None)
+        source = {"name": node.dataset or "synthetic", "data_dir": node.data_dir, "data": node.data}
+    if node.group_by:
+        options["group_by"] = node.group_by
+    if node.shard:
+        return load_dataset(seed=config.seed, **source, **options)
+    try:
+        return load_dataset(seed=config.seed, **source, **options)
+    except Exception as exc:  # noqa: BLE001 -- whatever it was, its text stays here
+        _log.error("site %d: reading its data failed: %r", node.site_id, exc)
+        raise DataError(
+            f"site {node.site_id}: its data could not be read for this run (the reason is in "
+            "the site's log)"
+        ) from None
+
+
 def deployed_site(config: RunConfig, node: NodeSettings) -> SiteRuntime:
     """The hospital's :class:`~securefed.fl.site_runtime.SiteRuntime` for a run of ``config``.
 
@@ -338,15 +393,7 @@ def deployed_site(config: RunConfig, node: NodeSettings) -> SiteRuntime:
     signer = node.signer() if (config.dp_enabled or node.roster is not None) else None
     roster = node.load_roster(signer)
     device = resolve_device(node.device or config.device)
-    from securefed.data.dataset import load_dataset
-
-    bundle = load_dataset(
-        name=node.dataset or config.dataset,
-        data_dir=node.data_dir if node.data_dir is not None else config.data_dir,
-        data=node.data if node.data is not None else config.data,
-        seed=config.seed,
-        **{**config.loader_options, **({"group_by": node.group_by} if node.group_by else {})},
-    )
+    bundle = _load_site_data(config, node)
     task = task_for(bundle, config)
     train, heldout = bundle.train, bundle.val
     if node.shard:
@@ -371,7 +418,9 @@ def deployed_site(config: RunConfig, node: NodeSettings) -> SiteRuntime:
         task=task,
         spatial_dims=bundle.spatial_dims,
         device=device,
-        dataset_name=bundle.name,
+        # A name from the site's own path could be a patient's; the server gets the node's
+        # label (or none) instead.
+        dataset_name=bundle.name if node.shard else (node.dataset or "site data"),
         # Keyed by the site's own secret: the server can tell that the data did not change
         # between sessions, but cannot test a guess of the data against it.
         fingerprint=(

@@ -710,16 +710,16 @@ def audit_run(
     except (KeyError, TypeError, ValueError, AttributeError) as exc:
         raise AuditError(f"{where}: malformed entry ({exc!r})") from exc
     if "empirical" in privacy:
-        _check_empirical(result, run_dir)
+        _check_empirical(result, run_dir, site_keys)
     return result
 
 
-def _check_empirical(result: AuditResult, run_dir: Path) -> None:
+def _check_empirical(result: AuditResult, run_dir: Path, site_keys: dict[str, str] | None) -> None:
     """An audit run (``--audit-canaries``): eps_emp, recomputed, must not exceed the claim."""
     from securefed.dp.empirical import check_audit_run  # torch: only audit runs need it
 
     try:
-        e = check_audit_run(run_dir)
+        e = check_audit_run(run_dir, site_keys=site_keys)
     except AuditError as exc:
         result.add("empirical audit record", False, str(exc))
         return

@@ -56,34 +56,80 @@ from torch import nn
 
 __all__ = [
     "BookKeepingClipper",
+    "UnitPooler",
     "pool_by_unit",
     "supports",
-    "unit_pooling",
     "unsupported_parameters",
 ]
 
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 
-def unit_pooling(units: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """How a chunk's per-record gradients become per-unit gradients.
-
-    Returns ``(index, weight, count)``: each record's unit as ``0..count-1``, its weight
-    ``1/k`` for a unit with ``k`` records in the chunk, and the number of units. A unit's
-    gradient is the weighted sum of its records': their mean. Clipping that mean to C bounds
-    everything the unit (a patient) adds to the step, however many records it has.
-    """
-    _, index, counts = torch.unique(units, return_inverse=True, return_counts=True)
-    weight = 1.0 / counts.to(torch.float64)[index]
-    return index, weight, int(counts.numel())
-
-
 def pool_by_unit(samples: torch.Tensor, index: torch.Tensor, weight: torch.Tensor, count: int):
-    """Per-unit means ``(count, ...)`` of per-record tensors ``samples`` ``(B, ...)``."""
+    """Per-unit weighted sums ``(count, ...)`` of per-record tensors ``samples`` ``(B, ...)``."""
     w = weight.to(device=samples.device, dtype=samples.dtype)
     scaled = samples * w.view(-1, *([1] * (samples.dim() - 1)))
     out = torch.zeros((count, *samples.shape[1:]), dtype=samples.dtype, device=samples.device)
     return out.index_add_(0, index.to(samples.device), scaled)
+
+
+class UnitPooler:
+    """Per-patient means of per-record gradients, over the physical chunks of one batch.
+
+    A patient's gradient is the mean of its records' gradients (weights ``1/k`` for a patient
+    with ``k`` records in the batch); clipping that mean to C bounds everything the patient
+    adds to the step, however many records it has. A batch holds each patient's records next
+    to each other (:class:`~securefed.dp.trainer.PoissonBatchSampler`), but a physical chunk
+    (``--max-physical-batch-size``) may end inside a patient: that patient's partial sum is
+    carried into the next chunk and clipped only once its last record is in, so a chunk never
+    holds more than the cap, however large a patient.
+
+    Args:
+        units: The batch's unit (patient) of each record, one patient's records contiguous.
+
+    """
+
+    def __init__(self, units: torch.Tensor) -> None:
+        units = torch.as_tensor(units).reshape(-1)
+        _, inverse, counts = torch.unique_consecutive(
+            units, return_inverse=True, return_counts=True
+        )
+        if counts.numel() != torch.unique(units).numel():
+            # A patient whose records are not contiguous would be clipped as two patients.
+            raise ValueError("a batch must hold each patient's records next to each other")
+        self.units = units
+        self.weight = 1.0 / counts.to(torch.float64)[inverse]
+        self._carry: dict[object, torch.Tensor] = {}
+
+    def pool(
+        self, samples: dict[object, torch.Tensor], lo: int, hi: int, *, scale: float = 1.0
+    ) -> tuple[dict[object, torch.Tensor], int]:
+        """Pool the chunk ``[lo, hi)``'s per-record tensors into its finished patients' means.
+
+        ``scale`` turns the tensors into per-record gradients (the chunk's size when they are
+        gradients of the chunk's mean loss). Returns the pooled tensors (one row per patient
+        whose last record is in the chunk, with any part carried from the previous chunk
+        added in) and their number.
+        """
+        u = self.units[lo:hi]
+        _, index, counts = torch.unique_consecutive(u, return_inverse=True, return_counts=True)
+        count = int(counts.numel())
+        weight = self.weight[lo:hi] * scale
+        out = {k: pool_by_unit(v, index, weight, count) for k, v in samples.items()}
+        if self._carry:  # the previous chunk ended inside this chunk's first patient
+            if set(self._carry) != set(out) or any(
+                self._carry[k].shape != v.shape[1:] for k, v in out.items()
+            ):
+                raise RuntimeError("a patient's gradients changed layout between chunks")
+            for k, v in out.items():
+                v[0] += self._carry[k]
+            self._carry = {}
+        if hi < len(self.units) and bool(self.units[hi] == self.units[hi - 1]):
+            # This chunk ends inside a patient: keep its partial mean for the next chunk.
+            self._carry = {k: v[-1].clone() for k, v in out.items()}
+            out = {k: v[:-1] for k, v in out.items()}
+            count -= 1
+        return out, count
 
 
 def _layer_ok(module: nn.Module) -> bool:
@@ -306,13 +352,12 @@ class _Layer:
             if "bias" in self.params:
                 self._add("bias", gb)
 
-    def pool(self, index: torch.Tensor, weight: torch.Tensor, count: int) -> None:
-        """Turn the per-sample gradients into per-unit means (:func:`unit_pooling`)."""
+    def samples(self) -> dict[str, torch.Tensor]:
+        """The per-sample gradients, materialized (for pooling them by patient)."""
         # A linear layer's exact norm |a_i||g_i| is a single record's: a patient's mean of
         # several outer products is no outer product, so it is materialized first.
         self._materialize_ghost()
-        for name, gs in self.grad_samples.items():
-            self.grad_samples[name] = pool_by_unit(gs, index, weight, count)
+        return self.grad_samples
 
     def norms_sq(self, n: int, device: torch.device) -> torch.Tensor:
         """Squared per-sample norm of the layer's trainable parameters' gradients."""
@@ -428,29 +473,45 @@ class BookKeepingClipper:
         return _Pass(self, scale)
 
     def clip_and_sum(
-        self, max_grad_norm: float, n: int, *, units: torch.Tensor | None = None
+        self,
+        max_grad_norm: float,
+        n: int,
+        *,
+        pooler: UnitPooler | None = None,
+        span: tuple[int, int] | None = None,
     ) -> list[torch.Tensor]:
         """Clipped sums, one per parameter (optimizer order), of the last pass' ``n`` samples.
 
         The clip factor of sample ``i`` is ``min(1, C / (|g_i| + 1e-6))``, as in Opacus.
-        With ``units`` (each sample's patient), the samples of a unit are averaged first
-        (:func:`unit_pooling`) and each unit's mean is clipped: patient-level clipping.
+        With a ``pooler`` (patient-level DP; the pass held records ``span`` of its batch),
+        the records are pooled into patients' means first and each finished patient's mean
+        is clipped.
         """
+        if pooler is not None and n:
+            lo, hi = span if span is not None else (0, n)
+            samples = {
+                (i, name): gs for i, layer in enumerate(self.layers)
+                for name, gs in layer.samples().items()
+            }  # fmt: skip
+            # Pooled at the per-sample gradients' scale: a patient carried from a chunk of
+            # another size adds parts that were scaled by that chunk's size.
+            pooled, n = pooler.pool(samples, lo, hi, scale=self._scale)
+            for (i, name), gs in pooled.items():
+                self.layers[i].grad_samples[name] = gs
+            scale = 1.0
+        else:
+            scale = self._scale
         if n == 0 or not self.params:
             out = [torch.zeros_like(p) for p in self.params]
         else:
-            if units is not None:
-                index, weight, n = unit_pooling(units)
-                for layer in self.layers:
-                    layer.pool(index, weight, n)
             device = self.params[0].device
             norm_sq = torch.zeros(n, device=device, dtype=torch.float32)
             for layer in self.layers:
                 norm_sq += layer.norms_sq(n, device)
             # The hooks saw gradients of the loss, ``scale`` times smaller than the per-sample
             # gradients (a mean over the chunk): scaled here, on B numbers, not on B x P.
-            norms = norm_sq.sqrt() * self._scale
-            factor = (max_grad_norm / (norms + 1e-6)).clamp(max=1.0) * self._scale
+            norms = norm_sq.sqrt() * scale
+            factor = (max_grad_norm / (norms + 1e-6)).clamp(max=1.0) * scale
             sums: dict[tuple[int, str], torch.Tensor] = {}
             for layer in self.layers:
                 for name, s in layer.clipped_sums(factor).items():

@@ -395,12 +395,17 @@ def file_sha256(path: Path) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
-def check_audit_run(run_dir: Path | str) -> dict[str, Any]:
+def check_audit_run(
+    run_dir: Path | str, *, site_keys: dict[str, str] | None = None
+) -> dict[str, Any]:
     """Recompute an audit run's eps_emp from its record and compare it with the claim.
 
     Checks, in order: privacy.json's hash over itself, config.json and metrics.json; the
-    record's SHA-256 against privacy.json's ``empirical.record_sha256``; the record's shape;
-    that eps_emp recomputed from the record's coins and scores is the reported one.
+    audited site's signature over the empirical block (its eps_emp and the record's digest)
+    by its key, pinned by ``site_keys`` (``{site id: public key hex}``) or else the report's
+    own; the record's SHA-256 against privacy.json's ``empirical.record_sha256``; the
+    record's shape; that eps_emp recomputed from the record's coins and scores is the
+    reported one.
 
     Returns:
         ``eps_emp``, ``epsilon`` (the audited site's analytical claim), ``site``, ``K``,
@@ -426,6 +431,20 @@ def check_audit_run(run_dir: Path | str) -> dict[str, Any]:
     config, metrics = read_json(run / "config.json"), read_json(run / "metrics.json")
     if privacy.get("sha256") != report_hash(privacy=privacy, config=config, metrics=metrics):
         raise AuditError(f"{run / 'privacy.json'}: sha256 does not match its contents (edited)")
+    from securefed.dp.signing import empirical_message, verify_message
+
+    keys = site_keys if site_keys is not None else privacy.get("site_keys") or {}
+    key = keys.get(str(block.get("site"))) if isinstance(keys, dict) else None
+    try:
+        message = empirical_message(block)
+    except KeyError as exc:
+        raise AuditError(f"{run / 'privacy.json'}: empirical block lacks {exc}") from None
+    if not verify_message(message, block.get("signature"), key):
+        pinned = "pinned" if site_keys is not None else "reported"
+        raise AuditError(
+            f"{run / 'privacy.json'}: the empirical block's signature does not verify against "
+            f"site {block.get('site')}'s {pinned} key (edited, or signed by another key)"
+        )
     path = run / str(block.get("record", RECORD_FILE))
     if not path.is_file():
         raise AuditError(f"{path}: file not found")

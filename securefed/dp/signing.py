@@ -46,6 +46,13 @@ __all__ = [
 
 #: Domain separation: a signature over a claim can never be replayed as any other message.
 CLAIM_DOMAIN = b"securefed/site-claim/v1\x00"
+#: Domain tag of an audit run's signed empirical result (:func:`empirical_message`).
+EMPIRICAL_DOMAIN = b"securefed/empirical-audit/v1\x00"
+#: The fields of privacy.json's ``empirical`` block the audited site signs.
+EMPIRICAL_FIELDS = (
+    "site", "K", "eps_emp", "guesses", "correct", "confidence", "delta", "steps",
+    "record_sha256",
+)  # fmt: skip
 
 _RAW_KEY_BYTES = 32
 
@@ -152,6 +159,17 @@ def claim_message(claim: Mapping[str, Any]) -> bytes:
     return CLAIM_DOMAIN + canonical_json(json_ready(dict(claim)))
 
 
+def empirical_message(block: Mapping[str, Any]) -> bytes:
+    """The bytes an audit run's site signs: its eps_emp and the digest of its record.
+
+    Raises:
+        KeyError: A field of :data:`EMPIRICAL_FIELDS` is missing.
+
+    """
+    fields = {k: block[k] for k in EMPIRICAL_FIELDS}
+    return EMPIRICAL_DOMAIN + canonical_json(json_ready(fields))
+
+
 def verify_claim(claim: Mapping[str, Any], signature_hex: str, public_key_hex: str) -> bool:
     """Whether ``signature_hex`` is a valid Ed25519 signature of ``claim`` by that key.
 
@@ -164,10 +182,20 @@ def verify_claim(claim: Mapping[str, Any], signature_hex: str, public_key_hex: s
         True only for a valid signature; malformed hex or keys give False, never an exception.
 
     """
+    return verify_message(claim_message(claim), signature_hex, public_key_hex)
+
+
+def verify_message(message: bytes, signature_hex: Any, public_key_hex: Any) -> bool:
+    """Whether ``signature_hex`` is a valid Ed25519 signature of ``message`` by that key.
+
+    Returns:
+        True only for a valid signature; malformed hex or keys give False, never an exception.
+
+    """
     try:
         key = Ed25519PublicKey.from_public_bytes(bytes.fromhex(public_key_hex))
-        key.verify(bytes.fromhex(signature_hex), claim_message(claim))
-    except (InvalidSignature, ValueError, TypeError):
+        key.verify(bytes.fromhex(signature_hex), message)
+    except (InvalidSignature, ValueError, TypeError, AttributeError):
         return False
     return True
 
@@ -259,7 +287,11 @@ class SiteSigner:
 
     def sign_claim(self, claim: Mapping[str, Any]) -> str:
         """Hex Ed25519 signature over :func:`claim_message` of ``claim``."""
-        return self._key.sign(claim_message(claim)).hex()
+        return self.sign_message(claim_message(claim))
+
+    def sign_message(self, message: bytes) -> str:
+        """Hex Ed25519 signature over ``message`` (domain-tagged by its builder)."""
+        return self._key.sign(message).hex()
 
     def keyed_digest(self, data: str | bytes, *, purpose: str) -> str:
         """HMAC-SHA256 of ``data`` under a key derived from this site's private key.

@@ -31,6 +31,11 @@ of at most that many records: each chunk's per-sample gradients are clipped and 
 the optimizer's ``summed_grad`` (Opacus' ``signal_skip_step``, as its ``BatchMemoryManager``
 does), and one noisy step is taken per logical batch. Clipping is per sample and the sum is
 over the same records, so the step is the unsplit step; the ledger counts logical steps.
+
+Patient-level DP (``units``): the sampler flips one coin per patient and yields all of a
+sampled patient's records together; :class:`~securefed.dp.clipping.UnitPooler` averages each
+patient's per-record gradients (carrying a patient across chunks) and the patient's mean is
+what is clipped; q, the steps and the mean's denominator count patients.
 """
 
 from __future__ import annotations
@@ -54,12 +59,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from torch.utils.data._utils.collate import default_collate
 
 from securefed.dp.accounting import compute_epsilon, site_batch, site_lr, steps_per_epoch
-from securefed.dp.clipping import (
-    BookKeepingClipper,
-    pool_by_unit,
-    unit_pooling,
-    unsupported_parameters,
-)
+from securefed.dp.clipping import BookKeepingClipper, UnitPooler, unsupported_parameters
 from securefed.dp.ledger import PrivacyEvent, PrivacyLedger
 from securefed.dp.noise import SECURE_DRAWS, NoiseSource
 from securefed.errors import PrivacyBudgetError
@@ -165,8 +165,8 @@ class PoissonBatchSampler(Sampler[list[int]]):
                 mask = self.noise.bernoulli(self.num_samples, self.sample_rate)
                 yield mask.nonzero().flatten().tolist()
                 continue
-            # One coin per privacy unit (patient): all of its records, or none of them,
-            # contiguous so that a physical chunk never splits a unit.
+            # One coin per privacy unit (patient): all of its records, or none of them, next
+            # to each other (UnitPooler pools them, across physical chunks if need be).
             mask = self.noise.bernoulli(len(units), self.sample_rate)
             picked = [units[i] for i in mask.nonzero().flatten().tolist()]
             yield np.concatenate(picked).tolist() if picked else []
@@ -590,28 +590,16 @@ class SiteTrainer:
             )
         return DataLoader(self.dataset, batch_sampler=_SplitSampler(n, min(steps, n), generator))
 
-    def _chunks(self, n: int, units: torch.Tensor | None = None) -> list[tuple[int, int]]:
+    def _chunks(self, n: int) -> list[tuple[int, int]]:
         """Index ranges of the physical chunks of a batch of ``n`` (one, possibly empty).
 
-        With ``units`` (each record's patient, one patient's records contiguous) a chunk ends
-        only where a patient's records end: a patient's mean gradient is clipped whole. A
-        patient with more records than ``max_physical_batch_size`` gets a chunk of its own,
-        that much larger.
+        Under patient-level DP a chunk may end inside a patient: :class:`UnitPooler`
+        carries that patient's partial mean into the next chunk, so the cap always holds.
         """
         size = self.max_physical_batch_size
         if size is None or n <= size:
             return [(0, n)]
-        if units is None:
-            return [(lo, min(lo + size, n)) for lo in range(0, n, size)]
-        ends = (torch.nonzero(units[1:] != units[:-1]).flatten() + 1).tolist() + [n]
-        chunks, lo, last = [], 0, 0
-        for end in ends:
-            if end - lo > size and last > lo:
-                chunks.append((lo, last))
-                lo = last
-            last = end
-        chunks.append((lo, n))
-        return chunks
+        return [(lo, min(lo + size, n)) for lo in range(0, n, size)]
 
     def train_round(
         self,
@@ -684,9 +672,9 @@ class SiteTrainer:
                 for batch in loader:
                     x, y = batch[0].to(self.device), batch[1].to(self.device)
                     # Each record's patient under patient-level DP (UnitTagged's last item).
-                    u = batch[2] if dp and self.units is not None else None
+                    pooler = UnitPooler(batch[2]) if dp and self.units is not None else None
                     optimizer.zero_grad(set_to_none=True)
-                    chunks = self._chunks(len(y), u)
+                    chunks = self._chunks(len(y))
                     batch_loss = 0.0
                     for i, (lo, hi) in enumerate(chunks):
                         last = i == len(chunks) - 1
@@ -696,13 +684,14 @@ class SiteTrainer:
                             # (Without DP, p.grad accumulates across chunks: no zeroing.)
                             optimizer.zero_grad(set_to_none=True)
                         xc, yc = x[lo:hi], y[lo:hi]
-                        uc = None if u is None else u[lo:hi]
                         if clipper is not None:
                             # One-pass clipping: one backward, the clipped sum at once.
                             loss = self._one_pass(model, clipper, criterion, xc, yc)
                             assert isinstance(optimizer, ClippedSumDPOptimizer)
                             optimizer.accumulate(
-                                clipper.clip_and_sum(self.plan.max_grad_norm, len(yc), units=uc)
+                                clipper.clip_and_sum(
+                                    self.plan.max_grad_norm, len(yc), pooler=pooler, span=(lo, hi)
+                                )
                             )
                             optimizer.signal_skip_step(do_skip=not last)
                             optimizer.step()
@@ -716,8 +705,8 @@ class SiteTrainer:
                             # size (GradSampleModule, loss_reduction="mean"): chunking does
                             # not change them.
                             loss.backward()
-                            if uc is not None and len(yc):
-                                _pool_grad_samples(optimizer.params, uc)
+                            if pooler is not None and len(yc):
+                                _pool_grad_samples(optimizer.params, pooler, lo, hi)
                             optimizer.signal_skip_step(do_skip=not last)
                             optimizer.step()
                         else:
@@ -790,11 +779,13 @@ class SiteTrainer:
         return float(loss.detach())
 
 
-def _pool_grad_samples(params: Sequence[nn.Parameter], units: torch.Tensor) -> None:
-    """Replace Opacus' per-record ``grad_sample`` by per-patient means, before it clips them."""
-    index, weight, count = unit_pooling(units)
-    for p in params:
-        p.grad_sample = pool_by_unit(p.grad_sample, index, weight, count)
+def _pool_grad_samples(
+    params: Sequence[nn.Parameter], pooler: UnitPooler, lo: int, hi: int
+) -> None:
+    """Replace Opacus' per-record ``grad_sample`` by finished patients' means, before it clips."""
+    pooled, _ = pooler.pool({i: p.grad_sample for i, p in enumerate(params)}, lo, hi)
+    for i, p in enumerate(params):
+        p.grad_sample = pooled[i]
 
 
 def _check_units(units: Sequence[np.ndarray], n: int) -> list[np.ndarray]:

@@ -35,8 +35,9 @@ PROTECTIONS = ("dp-accounted", "secure-sum", "clear")
 
 _CLAIM = (
     "the site's privacy claim (sigma, q, C, delta, steps, epsilon): q = 1/ceil(n/B), the step "
-    "counts and delta's order of magnitude reveal the site's size to within B, which is why "
-    "epsilon is stated for replace-one adjacency (n is the same in both neighbouring data sets)"
+    "counts and delta's order of magnitude reveal the site's size n (its records, or its "
+    "patients under --privacy-unit patient) to within B, which is why epsilon is stated for "
+    "replace-one adjacency over that unit (n is the same in both neighbouring data sets)"
 )
 
 
@@ -111,17 +112,18 @@ def site_releases(config: RunConfig, *, runtime: str = "in-process") -> list[Rel
     if config.secure_agg == "he":
         add("setup", "he_public", "clear", "the CKKS public context (no secret key)")
     if config.disclose_site_sizes:
+        unit = " (in patients)" if config.privacy_unit == "patient" else ""
         add(
             "setup",
             "num_samples",
             "clear",
-            "the site's training-set size, disclosed because the site opted in",
+            f"the site's training-set size{unit}, disclosed because the site opted in",
         )
         add(
             "setup",
             "class_counts",
             "clear",
-            "the site's training-set class counts, disclosed because the site opted in",
+            f"the site's training-set class counts{unit}, disclosed because the site opted in",
         )
     if config.strategy == "cfl":
         for message in ("select", "heldout"):

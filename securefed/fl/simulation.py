@@ -197,6 +197,14 @@ class Federation(RoundEngine):
         }
         return block, record
 
+    def sign_empirical(self, block: dict[str, Any]) -> str:
+        """The audited site's signature over its empirical result (``empirical_message``)."""
+        from securefed.dp.signing import empirical_message
+
+        signer = self.sites[AUDITED_SITE].signer
+        assert signer is not None  # an audit run is a DP run: every site has its key
+        return signer.sign_message(empirical_message(block))
+
     def set_progress(self, enabled: bool) -> None:
         """Show a bar (site, step/total) on stderr while a site's local training runs long."""
         for site in self.sites:

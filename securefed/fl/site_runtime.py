@@ -360,6 +360,28 @@ class SiteRuntime:
                 "norm <= C): expect little learning here; pool data into fewer, larger sites, "
                 "or use --strategy ftl from a pretrained backbone."
             )
+        if self.patients is not None:
+            out += self._patient_warnings(who)
+        return out
+
+    def _patient_warnings(self, who: str) -> list[str]:
+        """Signs that the patient ids do not describe patients (local lines, like the rest)."""
+        out = []
+        if self.size == len(self.train) and len(self.train) > 1:
+            out.append(
+                f"warning: {who}: every training record has a patient of its own; if patients "
+                "have several records, --group-by does not find them (patient-level DP is "
+                "then record-level)."
+            )
+        held = getattr(self.heldout, "patients", None)
+        if held is not None:
+            shared = np.intersect1d(np.asarray(held), self.patients).size
+            if shared:
+                out.append(
+                    f"warning: {who}: {shared} patient(s) have records in both the training "
+                    "and the held-out split; held-out metrics are not patient-level private "
+                    "and overstate accuracy on new patients."
+                )
         return out
 
     def handle(self, stage: str, fields: dict[str, Any]) -> dict[str, Any]:
@@ -406,9 +428,13 @@ class SiteRuntime:
         }
         if self.disclose_size:
             out["num_samples"] = self.size
-            out["class_counts"] = self.train.class_counts(
-                num_classes=self.spec.num_classes
-            ).tolist()
+            # Under patient-level DP the sizes count patients (one by its first record): a
+            # record count would move with the patient replaced.
+            counted = self.train
+            if self.patients is not None:
+                _, first = np.unique(self.patients, return_index=True)
+                counted = self.train.subset(indices=np.sort(first))
+            out["class_counts"] = counted.class_counts(num_classes=self.spec.num_classes).tolist()
         if self.signer is not None and self.config.dp_enabled:
             # (a masking run's identity key is in the roster already: not sent again)
             out["signing_key"] = self.signer.public_key_hex

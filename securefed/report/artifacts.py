@@ -302,6 +302,9 @@ def write_outputs(fed: RoundEngine, out: Path) -> None:
                 "record_sha256": file_sha256(out / EMPIRICAL_RECORD),
             }
         )
+        # Signed by the audited site, as its claim is: an edited record, rehashed, does not
+        # verify against the key the site published.
+        privacy["empirical"]["signature"] = fed.sign_empirical(privacy["empirical"])
     if fed.config.dp_enabled:
         # Signing precedes the hash so that the hash covers keys and signatures too.
         fed.sign_privacy(privacy, run=config["run"])

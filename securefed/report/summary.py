@@ -315,7 +315,8 @@ def _privacy_unit_line(privacy: dict[str, Any]) -> str:
     """The privacy unit, first thing a DP run's summary says: a record or a patient."""
     if privacy.get("privacy_unit") == "patient":
         return (
-            "**Privacy unit: one patient (all of a patient's records) at one site.** ε is "
+            "**Privacy unit: one patient (all of a patient's training records) at one site.** "
+            "ε is "
             "patient-level (replace-one adjacency over patients, from the site's patient ids); "
             "it holds as far as those ids are right."
         )

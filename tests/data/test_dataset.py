@@ -14,10 +14,17 @@ from securefed.data import ArraySplit, DatasetBundle, available_datasets, load_d
 from securefed.errors import ConfigError, DataError
 
 
-def _split(n: int = 6, *, shape: tuple[int, ...] = (1, 4, 4), seed: int = 0) -> ArraySplit:
+def _split(
+    n: int = 6,
+    *,
+    shape: tuple[int, ...] = (1, 4, 4),
+    seed: int = 0,
+    patients: np.ndarray | None = None,
+) -> ArraySplit:
     rng = np.random.default_rng(seed)
     images = rng.random((n, *shape), dtype=np.float32)
-    return ArraySplit(images=images, labels=(np.arange(n) % 2).astype(np.int64))
+    labels = (np.arange(n) % 2).astype(np.int64)
+    return ArraySplit(images=images, labels=labels, patients=patients)
 
 
 def _bundle(**overrides) -> DatasetBundle:

@@ -14,27 +14,7 @@ from PIL import Image
 from securefed.data import ArraySplit, DatasetBundle, load_dataset
 from securefed.data.synthetic import make_synthetic
 from securefed.errors import ConfigError, DataError
-
-
-def _split(n: int, *, seed: int = 0, patients: np.ndarray | None = None) -> ArraySplit:
-    rng = np.random.default_rng(seed)
-    images = rng.random((n, 1, 4, 4), dtype=np.float32)
-    return ArraySplit(images=images, labels=(np.arange(n) % 2).astype(np.int64), patients=patients)
-
-
-def _bundle(**overrides) -> DatasetBundle:
-    fields = {
-        "name": "toy",
-        "train": _split(6, seed=1),
-        "val": _split(4, seed=2),
-        "test": _split(2, seed=3),
-        "num_classes": 2,
-        "class_names": ("a", "b"),
-        "source": "test",
-    }
-    fields.update(overrides)
-    return DatasetBundle(**fields)
-
+from tests.data.test_dataset import _bundle, _split
 
 # --- ArraySplit / DatasetBundle -------------------------------------------------------------
 
@@ -432,3 +412,15 @@ def test_registered_loaders_refuse_group_by_but_may_set_patients():
     assert bundle.train.patient_count() == 3
     with pytest.raises(ConfigError, match="--group-by does not apply to the registered"):
         load_dataset(name="patients-toy", group_by="patient_ids")
+
+
+def test_string_ids_that_differ_only_in_white_space_or_unicode_form_are_one_patient():
+    from securefed.data.patients import encode_ids
+
+    codes = encode_ids(
+        {"train": np.array(["P1", " P1", "pe\u0301", "p\u00e9"]), "val": np.array(["P1 "])},
+        source="t",
+    )
+    assert codes["train"].tolist()[0] == codes["train"].tolist()[1] == codes["val"][0]
+    assert codes["train"][2] == codes["train"][3]
+    assert codes["train"][0] != codes["train"][2]

@@ -9,7 +9,7 @@ from securefed.dp.calibration import planned_entries
 from securefed.dp.ledger import PrivacyEvent
 from securefed.dp.signing import SiteSigner
 from securefed.dp.trainer import DPPlan
-from securefed.errors import ConfigError, PrivacyBudgetError, ProtocolError
+from securefed.errors import ConfigError, DataError, PrivacyBudgetError, ProtocolError
 from securefed.fl.claims import ClaimBook, site_claim_for
 from securefed.fl.planning import check_site_plan, plan_site_privacy
 
@@ -171,3 +171,41 @@ def test_a_patient_level_site_refuses_a_record_level_run():
     NodeSettings.from_node_config({"site-id": 0, "privacy-unit": "record"}).check_policy(CONFIG)
     with pytest.raises(ConfigError, match="privacy-unit"):
         NodeSettings.from_node_config({"site-id": 0, "privacy-unit": "person"})
+
+
+def test_a_deployed_site_groups_its_data_by_its_own_key_and_keeps_loader_errors_local(
+    tmp_path, caplog
+):
+    """The server's --group-by (a pattern or path it chose) never reads a site's data; a
+    loader error, which may quote a file name, reaches the server only as a generic line."""
+    import numpy as np
+
+    from securefed.deploy.site import _load_site_data
+    from tests.conftest import write_small_npz
+
+    path = write_small_npz(tmp_path / "site.npz", n_train=40, n_val=10, n_test=10)
+    arrays = dict(np.load(path, allow_pickle=False))
+    arrays["train_mrn"] = np.array([f"MRN{i // 2:05d}" for i in range(40)])
+    np.savez(path, **arrays)
+    run = CONFIG.replace(privacy_unit="patient", group_by="mrn")
+    own = NodeSettings(site_id=0, data=str(path))
+    assert _load_site_data(run, own).train.patients is None  # the run's key is not used
+    mine = NodeSettings(site_id=0, data=str(path), group_by="mrn")
+    assert _load_site_data(run, mine).train.patient_count() == 20
+    wrong = NodeSettings(site_id=0, data=str(path), group_by="patient_ids")
+    with pytest.raises(DataError) as err:
+        _load_site_data(run, wrong)
+    assert "train_mrn" not in str(err.value) and "site's log" in str(err.value)
+    assert "train_mrn" in caplog.text  # the operator still sees why
+    shard = NodeSettings(site_id=0, data=str(path), shard=True)
+    assert _load_site_data(run, shard).train.patient_count() == 20  # a shared-data trial
+    # A site reading its own data never reads a path (or loader) the run names...
+    with pytest.raises(ConfigError, match="never reads a path"):
+        _load_site_data(run.replace(data=str(path)), NodeSettings(site_id=0))
+    # ... and any failure, even one no loader anticipated, reaches the server as one line.
+    folder = tmp_path / "DOE_JANE_1975"
+    folder.mkdir()
+    (folder / "x.png").write_bytes(b"not a png")
+    with pytest.raises(DataError) as err:
+        _load_site_data(run, NodeSettings(site_id=0, data=str(folder)))
+    assert "DOE_JANE" not in str(err.value)

@@ -299,7 +299,9 @@ def test_the_data_fingerprint_a_site_sends_cannot_confirm_a_guess_of_its_data(
     def fingerprint(key_name):
         key = tmp_path / key_name
         ensure_signing_key(key)
-        node = NodeSettings.from_node_config({"site-id": 0, "signing-key": str(key)})
+        node = NodeSettings.from_node_config(
+            {"site-id": 0, "signing-key": str(key), "data": str(small_config.data)}
+        )
         site = deployed_site(small_config, node)
         return site.describe()["fingerprint"], load_dataset(data=small_config.data).fingerprint
 

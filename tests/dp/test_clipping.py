@@ -59,15 +59,20 @@ def _reference_round(
             factor = min(1.0, C / (float(norm) + 1e-6))
             for s, g in zip(summed, grads):
                 s += factor * g
-        flat = noise.gaussian(sum(p.numel() for p in params), draws=SECURE_DRAWS).mul_(sigma * C)
-        offset = 0
-        with torch.no_grad():
-            for p, s in zip(params, summed):
-                k = p.numel()
-                z = flat[offset : offset + k].view(p.shape).to(p.dtype)
-                p -= LR * (s + z) / (n * q)
-                offset += k
+        noisy_sgd_step(params, summed, noise=noise, sigma=sigma, denominator=n * q)
     return {k: v.detach().clone() for k, v in model.state_dict().items()}, sizes
+
+
+def noisy_sgd_step(params, summed, *, noise, sigma: float, denominator: float) -> None:
+    """The DP-SGD step by definition: clipped sums plus one flat Gaussian draw, averaged."""
+    flat = noise.gaussian(sum(p.numel() for p in params), draws=SECURE_DRAWS).mul_(sigma * C)
+    offset = 0
+    with torch.no_grad():
+        for p, s in zip(params, summed):
+            k = p.numel()
+            z = flat[offset : offset + k].view(p.shape).to(p.dtype)
+            p -= LR * (s + z) / denominator
+            offset += k
 
 
 def _trainer_round(

@@ -102,3 +102,39 @@ def test_a_run_whose_noise_is_silently_off_fails_its_empirical_audit(
     refuted = CliRunner().invoke(cli, ["audit", "--empirical", str(out)])
     assert refuted.exit_code == 1 and refuted.output.startswith("[FAIL] site 0: eps_emp")
     assert not audit_run_dir(out).ok  # the signature audit fails it as well
+
+
+def test_a_forged_empirical_record_rehashed_fails_the_sites_signature(audit_run, tmp_path):
+    """The attack: rewrite the canaries' scores so eps_emp comes out lower, then update
+    record_sha256 and the report hash. The audited site's signature over (eps_emp, record
+    digest) no longer verifies; against its pinned key even a re-signed block fails."""
+    import shutil
+
+    from securefed.dp.empirical import empirical_epsilon, file_sha256
+    from securefed.dp.signing import SiteSigner, empirical_message
+    from tests.dp.audit_fixtures import rehash
+
+    copy = tmp_path / "forged"
+    shutil.copytree(audit_run, copy)
+    record = json.loads((copy / RECORD_FILE).read_text())
+    record["scores"] = [0.0] * len(record["scores"])  # no canary guessed: eps_emp 0
+    (copy / RECORD_FILE).write_text(json.dumps(record))
+    privacy = json.loads((copy / "privacy.json").read_text())
+    block = privacy["empirical"]
+    forged = empirical_epsilon(
+        record["scores"], record["signs"], delta=block["delta"], confidence=block["confidence"]
+    )
+    block.update(forged.to_dict(), record_sha256=file_sha256(copy / RECORD_FILE))
+    (copy / "privacy.json").write_text(json.dumps(privacy))
+    rehash(copy)
+    with pytest.raises(AuditError, match="signature does not verify"):
+        check_audit_run(copy)
+    bad = CliRunner().invoke(cli, ["audit", "--empirical", str(copy)])
+    assert bad.exit_code == 2 and "signature" in bad.output
+    # Re-signed by the forger: the report's own key is then the forger's, the pinned one not.
+    block["signature"] = SiteSigner.generate().sign_message(empirical_message(block))
+    (copy / "privacy.json").write_text(json.dumps(privacy))
+    rehash(copy)
+    pinned = {"0": privacy["site_keys"]["0"]}
+    with pytest.raises(AuditError, match="pinned key"):
+        check_audit_run(copy, site_keys=pinned)

@@ -18,13 +18,12 @@ import torch
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from securefed.dp.clipping import BookKeepingClipper
+from securefed.dp.clipping import BookKeepingClipper, UnitPooler
 from securefed.dp.ledger import PrivacyLedger
-from securefed.dp.noise import SECURE_DRAWS, SeededNoise
+from securefed.dp.noise import SeededNoise
 from securefed.dp.trainer import DPPlan, PoissonBatchSampler, SiteTrainer
 from securefed.models import ModelSpec, build_model
-
-SIGMA, C, LR = 0.7, 0.05, 1.0
+from tests.dp.test_clipping import LR, SIGMA, C, _assert_same, noisy_sgd_step
 
 # 13 records of 5 patients, of 1 to 4 records each, interleaved (ids need not be contiguous).
 PATIENT_OF = np.array([3, 0, 3, 7, 1, 0, 3, 7, 1, 9, 0, 3, 0])
@@ -75,17 +74,7 @@ def _reference(model, data, units, *, steps, noise, sigma=SIGMA):
             factor = min(1.0, C / (float(norm) + 1e-6))
             for s, g in zip(summed, grads):
                 s += factor * g
-        flat = noise.gaussian(sum(p.numel() for p in params), draws=SECURE_DRAWS).mul_(sigma * C)
-        offset = 0
-        with torch.no_grad():
-            for p, s in zip(params, summed):
-                k = p.numel()
-                p -= (
-                    LR
-                    * (s + flat[offset : offset + k].view(p.shape).to(p.dtype))
-                    / (len(units) * q)
-                )
-                offset += k
+        noisy_sgd_step(params, summed, noise=noise, sigma=sigma, denominator=len(units) * q)
     return {k: v.detach().clone() for k, v in model.state_dict().items()}, sampled
 
 
@@ -108,15 +97,6 @@ def _trainer(data, units, *, batch_size, clipping="auto", physical=None, sigma=S
         units=units,
     )
     return trainer, ledger
-
-
-def _assert_same(a, b, start) -> None:
-    for k in a:
-        if not a[k].is_floating_point():
-            continue
-        da, db = a[k] - start[k], b[k] - start[k]
-        scale = float(db.abs().max()) + 1e-12
-        assert float((da - db).abs().max()) <= 1e-4 * scale + 1e-7, k
 
 
 @pytest.mark.parametrize(
@@ -204,7 +184,7 @@ def test_the_clipper_bounds_each_patients_mean_not_each_record() -> None:
     unit_of = torch.tensor([0] * 8 + [1, 2])
     with clipper.pass_(scale=len(y)):
         nn.CrossEntropyLoss()(model(x), y).backward()
-    sums = clipper.clip_and_sum(1e-3, len(y), units=unit_of)
+    sums = clipper.clip_and_sum(1e-3, len(y), pooler=UnitPooler(unit_of))
     total = float(torch.sqrt(sum(s.pow(2).sum() for s in sums)))
     assert total <= 3 * 1e-3 * (1 + 1e-4)
 
@@ -219,14 +199,23 @@ def test_units_must_cover_every_record_once() -> None:
             _trainer(data, bad, batch_size=2)
 
 
-def test_chunks_end_only_where_a_patient_ends() -> None:
-    data, units = _data(len(PATIENT_OF)), _units(PATIENT_OF)
-    trainer, _ = _trainer(data, units, batch_size=2, physical=3)
-    u = torch.tensor([0, 0, 0, 0, 1, 1, 2, 3, 3, 3, 4])
-    chunks = trainer._chunks(len(u), u)
-    assert chunks == [(0, 4), (4, 7), (7, 10), (10, 11)]
-    for lo, _hi in chunks[1:]:
-        assert u[lo] != u[lo - 1]
+@pytest.mark.parametrize("clipping", ["one-pass", "hooks"])
+def test_a_patient_larger_than_the_chunk_cap_is_carried_across_chunks(clipping) -> None:
+    """The memory cap holds for a patient of 8 records at cap 3, and the step is still the
+    patient-level step (its mean clipped once, not each chunk's part)."""
+    data, units = _big_patient_data()
+    ref_model = _cnn()
+    start = copy.deepcopy(ref_model.state_dict())
+    ref, _ = _reference(copy.deepcopy(ref_model), data, units, steps=1, noise=SeededNoise(5))
+    model = _cnn()
+    seen: list[int] = []
+    model.register_forward_pre_hook(lambda _m, args: seen.append(len(args[0])))
+    trainer, _ = _trainer(data, units, batch_size=len(units), clipping=clipping, physical=3)
+    got = trainer.train_round(
+        model=model, round_index=1, epochs=1, generator=torch.Generator(), noise=SeededNoise(5)
+    ).state
+    assert seen and max(seen) <= 3 and sum(seen) == len(data)
+    _assert_same(got, ref, start)
 
 
 def test_q_steps_lr_and_weight_follow_the_patient_count_not_the_record_count() -> None:
@@ -261,3 +250,9 @@ def test_units_need_a_dp_plan() -> None:
             device=torch.device("cpu"),
             units=[np.arange(4)],
         )
+
+
+def test_the_pooler_refuses_a_patient_whose_records_are_not_contiguous() -> None:
+    # Records [0, 1, 0] would be clipped as three patients: refused, not miscounted.
+    with pytest.raises(ValueError, match="next to each other"):
+        UnitPooler(torch.tensor([0, 1, 0]))

@@ -76,3 +76,29 @@ def test_patient_level_without_ids_is_one_clear_error(patient_npz, tmp_path):
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "--group-by" in lines[0], proc.stderr
     assert not list(tmp_path.glob("run*/privacy.json"))
+
+
+def test_the_site_warns_when_ids_look_wrong():
+    """Local lines for the operator: ids that make every record a patient (a --group-by that
+    finds nothing), and patients in both the training and the held-out split."""
+    from types import SimpleNamespace
+
+    from securefed.data import ArraySplit
+    from securefed.fl.site_runtime import SiteRuntime
+
+    def split(ids):
+        n = len(ids)
+        return ArraySplit(
+            images=np.zeros((n, 1, 2, 2), np.float32),
+            labels=np.zeros(n, np.int64),
+            patients=np.asarray(ids, np.int64),
+        )
+
+    alone = SimpleNamespace(size=4, train=split([0, 1, 2, 3]), heldout=None, patients=np.arange(4))
+    assert "patient of its own" in SiteRuntime._patient_warnings(alone, "site 0")[0]
+    train = split([0, 0, 1, 1])
+    shared = SimpleNamespace(size=2, train=train, heldout=split([1, 5]), patients=train.patients)
+    (line,) = SiteRuntime._patient_warnings(shared, "site 0")
+    assert "1 patient(s) have records in both" in line
+    fine = SimpleNamespace(size=2, train=train, heldout=split([7, 5]), patients=train.patients)
+    assert SiteRuntime._patient_warnings(fine, "site 0") == []
