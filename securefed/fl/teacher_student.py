@@ -23,9 +23,12 @@ K + c and an ignored voxel is 2K. Each volume stays one sample, so DP-SGD clips 
 both losses alike and every step is one the ledger counts.
 
 Privacy: the pseudo-labels are a function of the site's private volumes; they never leave
-the site and training on them is DP-SGD like any other step. The true label maps of the
-volumes chosen unlabelled are replaced by zeros when the site is built
-(:func:`drop_labels`), so nothing downstream can read them.
+the site and training on them is DP-SGD like any other step. Each volume's pseudo-labels are a
+function of that volume and the received model (itself a DP output) only -- the threshold is
+fixed -- so replacing one volume changes only its own target, which per-sample clipping
+bounds. A threshold computed across a site's volumes would couple them and void that argument.
+The true label maps of the volumes chosen unlabelled are replaced by zeros when the site is
+built (:func:`drop_labels`), so nothing downstream can read them.
 
 No mean-teacher EMA (Tarvainen & Valpola 2017): an EMA kept by the server of the global
 models is post-processing and would cost no privacy, but it needs a second model on the
