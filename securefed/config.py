@@ -326,14 +326,16 @@ class RunConfig:
         fusion: Multi-modal inputs: ``early`` (modalities as channels) or ``late``
             (one encoder per modality, logits averaged).
         augment: TorchIO augmentation of the training data (never of held-out data).
-        strategy: ``fedavg``, ``fedprox``, ``ftl`` (federated transfer learning) or ``cfl``
-            (clustered FL, IFCA).
+        strategy: ``fedavg``, ``fedprox``, ``ftl`` (federated transfer learning), ``cfl``
+            (clustered FL, IFCA) or ``teacher-student`` (semi-supervised segmentation:
+            pseudo-labels from the received global model, :mod:`securefed.fl.teacher_student`).
         prox_mu: FedProx proximal weight mu (``None``: 0.01 for fedprox, 0 otherwise).
         server_opt: Server optimizer on the averaged update: ``none`` (FedAvg), ``avgm``
             (FedAvgM) or ``adam`` (FedAdam).
         server_lr: Server learning rate (``None``: 1.0 for none/avgm, 0.01 for adam).
         server_momentum: FedAvgM momentum, FedAdam beta1.
-        pretrained: safetensors weights to start from (required by ``ftl``).
+        pretrained: safetensors weights to start from (required by ``ftl`` and
+            ``teacher-student``).
         freeze: What to freeze: ``none``, ``backbone``, ``backbone-except-last`` (all but
             the head and the model's last block) or comma-separated module prefixes
             (``None``: ``backbone`` for ftl, ``none`` otherwise).
@@ -343,6 +345,16 @@ class RunConfig:
         schedule: ``parallel`` (every site trains the same global model) or ``cyclic``
             (the model visits the sites one after another within a round).
         clusters: Number of cluster models K for ``cfl``.
+        labelled_fraction: Share F of each site's training volumes that keep their labels:
+            ``round(F * n_i)`` of site i's n_i records (at least 1), chosen by a generator
+            seeded from ``seed`` and the site id. ``teacher-student`` pseudo-labels the rest;
+            every other strategy trains on the labelled ones only (the supervised-only
+            baseline). 1.0: every record is labelled.
+        pseudo_threshold: ``teacher-student``: a voxel of an unlabelled volume gets the
+            teacher's argmax class when the teacher's largest softmax probability is at
+            least this (FixMatch's confidence threshold); other voxels are ignored.
+        unlabelled_weight: ``teacher-student``: weight of the pseudo-label cross-entropy of
+            an unlabelled volume against the Dice-CE of a labelled one.
         personalize: Digital twins: local fine-tuning epochs per site (0 = off).
         personalize_when: ``end`` (after the last round) or ``every`` round.
         personalize_lr: Learning rate of twin fine-tuning, the same at every site (``None``:
@@ -585,7 +597,8 @@ class RunConfig:
     strategy: str = _setting(
         "fedavg",
         choices=plugins.STRATEGIES,
-        help="fedavg | fedprox | ftl (transfer from --pretrained) | cfl (clustered, IFCA).",
+        help="fedavg | fedprox | ftl (transfer from --pretrained) | cfl (clustered, IFCA) | "
+        "teacher-student (semi-supervised segmentation from a --pretrained teacher).",
     )
     prox_mu: float | None = _setting(None, shown="0.01 for fedprox", help="FedProx weight mu.")
     server_opt: str = _setting(
@@ -618,6 +631,18 @@ class RunConfig:
         help="parallel, or cyclic (the model visits the sites in turn; no secure aggregation).",
     )
     clusters: int = _setting(2, help="cfl: number of cluster models K.")
+    labelled_fraction: float = _setting(
+        1.0,
+        help="Share of each site's training records that keep their labels (seeded by --seed "
+        "and the site); teacher-student pseudo-labels the rest, other strategies drop them.",
+    )
+    pseudo_threshold: float = _setting(
+        0.9,
+        help="teacher-student: least teacher softmax confidence for a voxel's pseudo-label.",
+    )
+    unlabelled_weight: float = _setting(
+        0.1, help="teacher-student: weight of the pseudo-label loss of an unlabelled volume."
+    )
     personalize: int = _setting(
         0,
         help="Digital twins: fine-tuning epochs per site on its own data (0 = off).",
@@ -812,6 +837,23 @@ class RunConfig:
                     math.isfinite(value) and value > 0,
                     f"{_n(name)} must be positive and finite (got {value}).",
                 )
+        _check(
+            0 < self.labelled_fraction <= 1,
+            f"{_n('labelled_fraction')} must be in (0, 1] (got {self.labelled_fraction}).",
+        )
+        _check(
+            0 < self.pseudo_threshold <= 1,
+            f"{_n('pseudo_threshold')} must be in (0, 1] (got {self.pseudo_threshold}).",
+        )
+        _check(
+            math.isfinite(self.unlabelled_weight) and self.unlabelled_weight >= 0,
+            f"{_n('unlabelled_weight')} must be >= 0 and finite (got {self.unlabelled_weight}).",
+        )
+        _check(
+            self.strategy != "teacher-student" or self.pretrained is not None,
+            "--strategy teacher-student needs a teacher: `--pretrained` weights trained on "
+            "public labelled volumes (`securefed pretrain` on a segmentation data set).",
+        )
         _check(
             self.strategy != "ftl" or self.pretrained is not None,
             "--strategy ftl needs `--pretrained` weights (--pretrained FILE.safetensors; "

@@ -77,6 +77,7 @@ SECURE_AGG = Registry("secure aggregation mode", "--secure-agg")
 
 for _name in ("fedavg", "fedprox", "ftl", "cfl"):
     STRATEGIES.register(_name, f"securefed.fl.strategies:{_name.upper()}")
+STRATEGIES.register("teacher-student", "securefed.fl.strategies:TEACHER_STUDENT")
 for _name, _cls in (("none", "FedAvg"), ("avgm", "FedAvgM"), ("adam", "FedAdam")):
     SERVER_OPTIMIZERS.register(_name, f"securefed.fl.strategies:{_cls}")
 for _name, _ref in (

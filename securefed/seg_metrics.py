@@ -43,11 +43,16 @@ def segmentation_metrics(
     - specificity ``tn / (tn + fp)``: undefined when c fills the whole volume in the truth,
       likewise left out.
 
-    An average with no defined subject is None. ``mean_dice`` and ``mean_iou`` are the
-    unweighted means of the per-class averages over the foreground classes 1 ... K-1 (the
-    background would inflate them). With ``label_convention="brats"`` (labels 0 background,
-    1 necrotic core, 2 oedema, 3 enhancing tumour) the regions enhancing tumour ET = {3},
-    tumour core TC = {1, 3} and whole tumour WT = {1, 2, 3} are scored the same way and
+    An average with no defined subject is None. ``mean_dice``, ``mean_iou``,
+    ``mean_sensitivity`` and ``mean_specificity`` are the unweighted means of the per-class
+    averages over the foreground classes 1 ... K-1 (the background would inflate them; a
+    class whose average is None is left out). ``voxel_sensitivity``, ``voxel_specificity``,
+    ``voxel_f1`` (the pooled Dice) and ``voxel_iou`` score foreground (any label > 0) against
+    background over every voxel of the split pooled together: the voxel-level figures of
+    detection papers (sensitivity and specificity None when undefined; F1 and IoU 1 when
+    neither truth nor prediction has foreground). With ``label_convention="brats"`` (labels 0
+    background, 1 necrotic core, 2 oedema, 3 enhancing tumour) the regions enhancing tumour
+    ET = {3}, tumour core TC = {1, 3} and whole tumour WT = {1, 2, 3} are scored the same way and
     reported as ``dice_et``, ``iou_et``, ... (None without the convention, so the keys of
     :data:`SEG_HEADLINE_METRICS` except ``loss`` are always present).
 
@@ -61,7 +66,9 @@ def segmentation_metrics(
 
     Returns:
         A dict of plain Python ints, floats, lists and None, ready for ``json.dump``: keys
-        ``n_samples``, ``mean_dice``, ``mean_iou``, ``dice_et``, ``iou_et``, ``dice_tc``,
+        ``n_samples``, ``mean_dice``, ``mean_iou``, ``mean_sensitivity``,
+        ``mean_specificity``, ``voxel_sensitivity``, ``voxel_specificity``, ``voxel_f1``,
+        ``voxel_iou``, ``dice_et``, ``iou_et``, ``dice_tc``,
         ``iou_tc``, ``dice_wt``, ``iou_wt``, ``per_class`` (K dicts with ``class``, ``dice``,
         ``iou``, ``sensitivity``, ``specificity``, ``support``: the number of subjects whose
         truth contains the class) and ``regions`` (``{"et": {...}, "tc": ..., "wt": ...}``
@@ -115,6 +122,9 @@ def segmentation_metrics(
         "n_samples": int(n),
         "mean_dice": float(np.mean([c["dice"] for c in per_class[1:]])),
         "mean_iou": float(np.mean([c["iou"] for c in per_class[1:]])),
+        "mean_sensitivity": _mean_defined([c["sensitivity"] for c in per_class[1:]]),
+        "mean_specificity": _mean_defined([c["specificity"] for c in per_class[1:]]),
+        **_voxel_scores(counts),
     }
     regions = None
     if label_convention == "brats":
@@ -163,6 +173,30 @@ def _scores(
             }
         )
     return out
+
+
+def _mean_defined(values: list[float | None]) -> float | None:
+    defined = [v for v in values if v is not None]
+    return float(np.mean(defined)) if defined else None
+
+
+def _voxel_scores(counts: np.ndarray) -> dict[str, float | None]:
+    """Foreground (any label > 0) vs background, pooled over every voxel of every subject.
+
+    The voxel-level figures detection papers report (sensitivity, specificity, F1, IoU of
+    "is tumour"): one big confusion table, so large volumes weigh more than small ones, unlike
+    the per-subject averages. F1 here is the pooled Dice of the foreground.
+    """
+    tp = int(counts[:, 1:, 1:].sum())
+    fn = int(counts[:, 1:, 0].sum())
+    fp = int(counts[:, 0, 1:].sum())
+    tn = int(counts[:, 0, 0].sum())
+    return {
+        "voxel_sensitivity": tp / (tp + fn) if tp + fn else None,
+        "voxel_specificity": tn / (tn + fp) if tn + fp else None,
+        "voxel_f1": 2 * tp / (2 * tp + fp + fn) if tp + fp + fn else 1.0,
+        "voxel_iou": tp / (tp + fp + fn) if tp + fp + fn else 1.0,
+    }
 
 
 def _mean_where(values: np.ndarray, defined: np.ndarray) -> float | None:

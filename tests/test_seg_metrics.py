@@ -190,3 +190,18 @@ def test_malformed_inputs_are_refused(kwargs, error, expected):
     # Execute / Assert
     with pytest.raises(error, match=expected):
         segmentation_metrics(**call)
+
+
+def test_voxel_level_figures_pool_tumour_vs_background_over_every_voxel():
+    # Two subjects of 10 voxels; tumour = any label > 0, whatever the class.
+    truth = np.array([[0, 0, 0, 0, 0, 0, 1, 2, 2, 3], [0, 0, 0, 0, 0, 0, 0, 0, 0, 0]])
+    pred = np.array([[0, 0, 0, 0, 0, 1, 2, 2, 0, 3], [0, 0, 0, 0, 0, 0, 0, 0, 2, 2]])
+    # tp 3 (the 1 predicted 2 counts: it is tumour), fn 1, fp 1 + 2, tn 5 + 8
+    out = segmentation_metrics(y_true=truth, y_pred=pred, num_classes=4)
+
+    assert out["voxel_sensitivity"] == pytest.approx(3 / 4)
+    assert out["voxel_specificity"] == pytest.approx(13 / 16)
+    assert out["voxel_f1"] == pytest.approx(2 * 3 / (2 * 3 + 3 + 1))
+    assert out["voxel_iou"] == pytest.approx(3 / (3 + 3 + 1))
+    for key in ("mean_sensitivity", "mean_specificity"):
+        assert 0 <= out[key] <= 1

@@ -284,7 +284,16 @@ def pretrained_weights(
 
 #: Grid fields that change what a cell computes; seeds, ε values, arms or site counts may be
 #: added to a folder (new cells), but these must match the results already there.
-_FIXED_FIELDS = ("base", "dataset", "data_dir", "pretrain_epochs", "secagg_plus_from")
+_FIXED_FIELDS = (
+    "base",
+    "dataset",
+    "data_dir",
+    "pretrain_epochs",
+    "secagg_plus_from",
+    "teacher",
+    "pseudo_threshold",
+    "unlabelled_weight",
+)
 
 
 def claim_folder(out: Path, *, suite: str, grid: dict[str, Any]) -> None:

@@ -415,3 +415,47 @@ def bench_privacy_unit(out, quick, seeds, device, epsilons, records_per_patient)
         base={**grid.base, "device": device},
     )
     _done(run_privacy_unit(out_dir=Path(out or "bench-out/privacy-unit"), grid=grid, progress=True))
+
+
+@bench.command("semi-supervised")
+@_bench_options(default_seeds="0,1,2 (quick: 0)")
+@option("--epsilons", default="inf,8", show_default=True, help="Comma-separated ε; inf = no DP.")
+@option(
+    "--fractions",
+    default=None,
+    show_default="0.1,0.25,1 (quick: 0.25,1)",
+    help="Comma-separated labelled fractions in (0, 1].",
+)
+@option("--pseudo-threshold", type=float, default=0.9, show_default=True, help="Teacher-student's.")
+@option(
+    "--unlabelled-weight", type=float, default=0.1, show_default=True, help="Teacher-student's."
+)
+def bench_semi_supervised(
+    out, quick, seeds, device, epsilons, fractions, pseudo_threshold, unlabelled_weight
+):
+    """Teacher-student vs supervised-only at labelled fractions F (3D segmentation, 3 sites)."""
+    import dataclasses
+
+    from securefed.bench.semi_supervised import QUICK_SEMI, SemiGrid, run_semi_supervised
+
+    grid = QUICK_SEMI if quick else SemiGrid()
+    try:
+        fracs = (
+            grid.fractions if fractions is None else tuple(float(f) for f in fractions.split(","))
+        )
+    except ValueError as exc:
+        raise click.BadParameter("comma-separated numbers", param_hint="--fractions") from exc
+    grid = dataclasses.replace(
+        grid,
+        fractions=fracs,
+        epsilons=_epsilons(epsilons),
+        seeds=_seeds(seeds, grid.seeds),
+        base={**grid.base, "device": device},
+        pseudo_threshold=pseudo_threshold,
+        unlabelled_weight=unlabelled_weight,
+    )
+    _done(
+        run_semi_supervised(
+            out_dir=Path(out or "bench-out/semi-supervised"), grid=grid, progress=True
+        )
+    )

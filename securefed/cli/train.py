@@ -19,7 +19,7 @@ from securefed.cli.options import (
     option,
     run_config_options,
 )
-from securefed.config import DEVICES, FUSIONS
+from securefed.config import DEVICES, FUSIONS, TASKS
 
 __all__ = [
     "CONFIG_OPTION",
@@ -206,6 +206,13 @@ def run_line(run_dir: Path) -> str:
 @option("--seed", type=int, default=0, show_default=True, help="Init and shuffle seed.")
 @option("--device", type=click.Choice(DEVICES), default="auto", show_default=True)
 @option("--fusion", type=click.Choice(FUSIONS), default="early", show_default=True)
+@option(
+    "--task",
+    type=click.Choice(TASKS),
+    default="auto",
+    show_default=True,
+    help="The data set's task, checked (segmentation: a teacher for --strategy teacher-student).",
+)
 @option("--out", type=click.Path(file_okay=False), required=True, help="Output folder.")
 @option("--quiet", "-q", is_flag=True, help="No progress bar.")
 def pretrain(out, quiet, data_option, **options) -> None:

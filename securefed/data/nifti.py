@@ -324,7 +324,9 @@ def _modalities(
         if label_name not in subject.files:
             raise DataError(
                 f"{subject.folder / (label_name + '.nii.gz')}: missing label map "
-                f"(found: {', '.join(sorted(subject.files))})."
+                f"(found: {', '.join(sorted(subject.files))}); every subject needs one, "
+                "unlabelled subjects are not supported (for teacher-student, use "
+                "--labelled-fraction on labelled data)."
             )
     if requested is not None:
         channels = tuple(requested)

@@ -80,10 +80,16 @@ def task_for(bundle: DatasetBundle, config: RunConfig) -> Task:
         raise ConfigError(
             f"--task {name} does not match the data: {bundle.name} is a {data_task} data set"
         )
+    teacher_student = config.strategy == "teacher-student"
+    if teacher_student and name != "segmentation":
+        raise ConfigError(
+            f"--strategy teacher-student is for segmentation; {bundle.name} is a {name} data set"
+        )
     return build_task(
         name=name,
         num_classes=bundle.num_classes,
         label_convention=getattr(bundle, "label_convention", None),
+        unlabelled_weight=config.unlabelled_weight if teacher_student else None,
     )
 
 

@@ -147,6 +147,7 @@ def pretrain(
     device: str = "auto",
     fusion: str = "early",
     progress: bool = True,
+    task: str = "auto",
 ) -> Path:
     """Pretrain ``model`` on a public source and write ``out/model.safetensors``.
 
@@ -172,12 +173,16 @@ def pretrain(
         device: ``auto``, ``cpu`` or ``cuda``.
         fusion: ``early`` or ``late`` multi-modal fusion.
         progress: Show a progress bar.
+        task: ``auto`` (the data set's), ``classification`` or ``segmentation``; a task the
+            data set does not have is refused (a teacher for ``--strategy teacher-student``
+            is pretrained with ``segmentation``).
 
     Returns:
         The path of the written weights.
 
     Raises:
-        ConfigError: Bad arguments or loader options, or ``out`` already holds a model.
+        ConfigError: Bad arguments or loader options, a ``task`` the data do not have, or
+            ``out`` already holds a model.
         DataError: The data are missing or malformed.
 
     """
@@ -202,6 +207,10 @@ def pretrain(
     if epochs is None:
         epochs = default_epochs(num_samples=len(source), batch_size=batch_size)
     task_name = getattr(bundle, "task", "classification")
+    if task not in ("auto", task_name):
+        raise ConfigError(
+            f"--task {task} does not match the data: {bundle.name} is a {task_name} data set"
+        )
     task = build_task(
         name=task_name,
         num_classes=bundle.num_classes,

@@ -49,6 +49,12 @@ from securefed.fl.planning import (
     training_dataset,
 )
 from securefed.fl.tasks import Task
+from securefed.fl.teacher_student import (
+    TeacherStudentDataset,
+    drop_labels,
+    labelled_indices,
+    pseudo_label_maps,
+)
 from securefed.models import ModelSpec, build_model
 from securefed.persistent import PersistentStore
 from securefed.protocol.modes import get_mode
@@ -201,6 +207,21 @@ class SiteRuntime:
     ) -> None:
         if config.dp_enabled and signer is None:
             raise ConfigError(f"site {client_id}: a DP run needs the site's signing key")
+        #: The records that keep their labels (``--labelled-fraction``; all by default).
+        self.labelled = labelled_indices(
+            seed=config.seed,
+            fraction=config.labelled_fraction,
+            num_samples=len(train),
+            site_id=client_id,
+        )
+        self.teacher_student = config.strategy == "teacher-student"
+        if self.teacher_student:
+            # The unlabelled volumes' true maps are forgotten here, before anything reads them.
+            train = drop_labels(train, self.labelled)
+        elif len(self.labelled) < len(train):
+            # Supervised-only at this labelled fraction: the unlabelled records are not used.
+            train = train.subset(indices=self.labelled)
+            self.labelled = np.arange(len(train), dtype=np.int64)
         self.config = config
         self.client_id = client_id
         self.train = train
@@ -228,12 +249,22 @@ class SiteRuntime:
         #: stored copy; a new site starts with an empty one).
         self.history_known = True
         audit = {} if canaries is None else {"canaries": canaries}
+        dataset = (
+            TeacherStudentDataset(
+                train,
+                labelled=self.labelled,
+                num_classes=spec.num_classes,
+                augment_labelled=config.augment,
+                spatial_dims=spatial_dims,
+                seed=seed_for(config.seed, 8, client_id),
+            )
+            if self.teacher_student
+            else training_dataset(config, train=train, spatial_dims=spatial_dims, site_id=client_id)
+        )
         self.trainer = (SiteTrainer if canaries is None else AuditedSiteTrainer)(
             **audit,
             client_id=client_id,
-            dataset=training_dataset(
-                config, train=train, spatial_dims=spatial_dims, site_id=client_id
-            ),
+            dataset=dataset,
             plan=self.plan,
             ledger=self.ledger,
             batch_size=config.effective_batch_size,
@@ -615,12 +646,17 @@ class SiteRuntime:
             _FIT_ROUNDS, round_index, what=f"site {self.client_id}: training round {round_index}"
         )
         model, layout = self.model(fields["weights"], layout_keys=fields["layout_keys"])
+        coverage = self._pseudo_label(model) if self.teacher_student else None
         before = len(self.own_events())
         vec, loss, _, state = local_update(
             self.config, trainer=self.trainer, layout=layout, model=model, round_index=round_index
         )
-        # The training loss is an un-noised function of the site's records: it stays here.
-        self.train_log.append({"round": round_index, "train_loss": loss})
+        # The training loss is an un-noised function of the site's records: it stays here
+        # (and so does the share of confidently pseudo-labelled voxels).
+        entry = {"round": round_index, "train_loss": loss}
+        if coverage is not None:
+            entry["pseudo_coverage"] = coverage
+        self.train_log.append(entry)
         log.info("site %d round %d: train loss %.4f", self.client_id, round_index, loss)
         reply = self._claim_fields(before)
         if fields.get("return_weights"):
@@ -748,6 +784,28 @@ class SiteRuntime:
             )
         )
         return {"statistics": released.tolist(), **self._claim_fields(before)}
+
+    def _pseudo_label(self, teacher: nn.Module) -> float | None:
+        """Teacher-student: the round's pseudo-labels of the unlabelled volumes, from ``teacher``.
+
+        ``teacher`` is the model the server sent for this round; it is not trained (local
+        training works on a copy). Returns the share of unlabelled voxels confident enough to
+        be pseudo-labelled (None without unlabelled volumes); it stays at the site.
+        """
+        dataset = self.trainer.dataset
+        assert isinstance(dataset, TeacherStudentDataset)
+        if not len(dataset.unlabelled):
+            return None
+        k = self.spec.num_classes
+        encoded = pseudo_label_maps(
+            teacher,
+            self.train.images[dataset.unlabelled],
+            num_classes=k,
+            threshold=self.config.pseudo_threshold,
+            device=self.device,
+        )
+        dataset.set_pseudo_labels(encoded)
+        return float((encoded < 2 * k).mean())
 
     @torch.no_grad()
     def _logits(self, model: nn.Module, split: ArraySplit, batch_size: int = 256) -> np.ndarray:

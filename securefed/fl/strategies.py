@@ -28,6 +28,7 @@ __all__ = [
     "FEDAVG",
     "FEDPROX",
     "FTL",
+    "TEACHER_STUDENT",
     "FedAdam",
     "FedAvg",
     "FedAvgM",
@@ -200,10 +201,40 @@ class _CFL(Strategy):
         }
 
 
+class _TeacherStudent(Strategy):
+    """Semi-supervised segmentation: self-training with a federated teacher.
+
+    One global model, aggregated like FedAvg. At the site, the model it receives for a round
+    is that round's teacher (frozen): it pseudo-labels the site's unlabelled volumes before
+    local DP-SGD trains the student on labelled and pseudo-labelled volumes together
+    (:mod:`securefed.fl.teacher_student`). Nothing new crosses the wire.
+    """
+
+    name = "teacher-student"
+
+    def describe(self, config: Any) -> dict[str, Any]:
+        return {
+            "recipe": (
+                "self-training with a federated teacher: FixMatch-style confidence-thresholded "
+                "pseudo-labels (Sohn et al. 2020); the teacher of round r is the global model "
+                "each site receives in round r, initialised from --pretrained"
+            ),
+            "labelled_fraction": config.labelled_fraction,
+            "pseudo_threshold": config.pseudo_threshold,
+            "unlabelled_weight": config.unlabelled_weight,
+            "unlabelled_augmentation": "always (TorchIO, as --augment)",
+            "pseudo_labels": (
+                "computed at each site from its private unlabelled volumes and the received "
+                "model; they never leave the site, and training on them is DP-SGD like any step"
+            ),
+        }
+
+
 FEDAVG = Strategy()
 FEDPROX = _FedProx()
 FTL = _FTL()
 CFL = _CFL()
+TEACHER_STUDENT = _TeacherStudent()
 
 
 def build_strategy(name: str) -> Strategy:

@@ -91,8 +91,18 @@ def evaluate_segmentation(
     return out
 
 
-def build_task(*, name: str, num_classes: int, label_convention: str | None = None) -> Task:
+def build_task(
+    *,
+    name: str,
+    num_classes: int,
+    label_convention: str | None = None,
+    unlabelled_weight: float | None = None,
+) -> Task:
     """The :class:`Task` for ``name``.
+
+    With ``unlabelled_weight`` (segmentation, ``--strategy teacher-student``) the training
+    loss also takes pseudo-labelled volumes in the encoded form of
+    :class:`~securefed.fl.teacher_student.SemiSupervisedLoss`; evaluation is unchanged.
 
     Raises:
         ConfigError: Unknown task.
@@ -111,11 +121,18 @@ def build_task(*, name: str, num_classes: int, label_convention: str | None = No
     if name == "segmentation":
         from securefed.seg_metrics import SEG_HEADLINE_METRICS
 
+        loss_fn: nn.Module = _DiceCE()
+        if unlabelled_weight is not None:
+            from securefed.fl.teacher_student import SemiSupervisedLoss
+
+            loss_fn = SemiSupervisedLoss(
+                num_classes=num_classes, unlabelled_weight=unlabelled_weight, supervised=loss_fn
+            )
         return Task(
             name=name,
             primary_metric="mean_dice",
             headline=tuple(SEG_HEADLINE_METRICS),
-            loss_fn=_DiceCE(),
+            loss_fn=loss_fn,
             evaluate=lambda *, model, split, device: evaluate_segmentation(
                 model=model,
                 split=split,

@@ -197,6 +197,14 @@ def _privacy_json(fed: RoundEngine) -> dict[str, Any]:
             "trainable parameters only (frozen parameters never change and are never sent)"
             if fed.transfer["frozen"]
             else "all model parameters"
+        )
+        + (
+            "; teacher-student: the pseudo-labels are computed at each site from its private "
+            "unlabelled volumes, so training on them is training on private data: it is DP-SGD "
+            "(each volume one sample, clipped and noised with the labelled ones) and every "
+            "step is in the site's events"
+            if cfg.strategy == "teacher-student"
+            else ""
         ),
         "transfer": {
             "pretrained": fed.transfer["pretrained"],

@@ -277,6 +277,40 @@ def _failures(metrics: dict[str, Any]) -> list[str]:
     ]
 
 
+#: Segmentation: the voxel-level figures (foreground vs background) and their labels.
+_VOXEL = (
+    ("voxel_sensitivity", "sensitivity"),
+    ("voxel_specificity", "specificity"),
+    ("voxel_f1", "F1 (Dice)"),
+    ("voxel_iou", "IoU"),
+)
+
+
+def _voxel_lines(metrics: dict[str, Any]) -> list[str]:
+    """Segmentation: voxel-level sensitivity, specificity, F1 and IoU, global and per site."""
+    final = metrics.get("final") or {}
+    if metrics.get("task") != "segmentation" or "voxel_f1" not in final:
+        return []  # classification, or a run recorded before these figures existed
+    lines = [
+        "",
+        "## Voxel level: tumour (any label > 0) vs background",
+        "",
+        "Pooled over every voxel of the split (global: test split; sites: their held-out "
+        "split, last round).",
+        "",
+        "| model on | " + " | ".join(label for _, label in _VOXEL) + " |",
+        "|---" * (len(_VOXEL) + 1) + "|",
+        "| global (test) | " + " | ".join(_fmt(final.get(k)) for k, _ in _VOXEL) + " |",
+    ]
+    last = metrics["rounds"][-1]["clients"] if metrics.get("rounds") else []
+    for c in last:
+        if "voxel_f1" in c:
+            lines.append(
+                f"| site {c['client_id']} | " + " | ".join(_fmt(c.get(k)) for k, _ in _VOXEL) + " |"
+            )
+    return lines
+
+
 def _privacy_unit_line(privacy: dict[str, Any]) -> str:
     """The privacy unit, first thing a DP run's summary says: a record or a patient."""
     if privacy.get("privacy_unit") == "patient":
@@ -405,6 +439,7 @@ def write_summary(
             f"{_fmt(p['noise_multiplier'])} | {_fmt(p['sample_rate'], 4)} | {p['steps']} | "
             f"{_fmt(p['epsilon'])} |"
         )
+    lines += _voxel_lines(metrics)
     table = metrics.get("personalization") or []
     if table:
         lines += [
