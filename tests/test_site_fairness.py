@@ -141,7 +141,7 @@ def test_a_run_writes_fairness_per_round_and_for_the_run(small_npz, tmp_path):
     metrics = json.loads((tmp_path / "metrics.json").read_text())
 
     # Assert
-    assert metrics["schema_version"] == "2.3"
+    assert metrics["schema_version"] == "2.4"
     for record in metrics["rounds"]:
         expected = site_fairness(record["clients"], metric="accuracy")
         assert record["fairness"] == expected

@@ -69,8 +69,10 @@ __all__ = ["METRICS_SCHEMA_VERSION", "RoundEngine", "RoundRecord", "SiteInfo"]
 #: 2.2 (additive) gives every round `dropped_reasons` and `update_bound` (the poisoning bound,
 #: and why a round was refused); 2.3 (additive) judges convergence by a trend over a window of
 #: rounds (``convergence_criteria`` names the rule and all its parameters) and gives every
-#: round, and the run, a ``fairness`` block across sites (and ``fairness_twins``).
-METRICS_SCHEMA_VERSION = "2.3"
+#: round, and the run, a ``fairness`` block across sites (and ``fairness_twins``); 2.4
+#: (additive) gives segmentation metrics ``mean_sensitivity``, ``mean_specificity`` and the
+#: voxel-level ``voxel_sensitivity``/``voxel_specificity``/``voxel_f1``/``voxel_iou``.
+METRICS_SCHEMA_VERSION = "2.4"
 
 #: Events a runtime may log (``event=..., **fields``); the Flower runtime writes them to
 #: deploy-log.jsonl.

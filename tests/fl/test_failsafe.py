@@ -330,7 +330,7 @@ def test_masking_a_site_editing_its_masked_words_gets_the_round_refused(
     # The run's files state it: metrics.json (2.2+) and summary.md name the refused round.
     write_outputs(fed, tmp_path)
     metrics = json.loads((tmp_path / "metrics.json").read_text())
-    assert metrics["schema_version"] == "2.3"
+    assert metrics["schema_version"] == "2.4"
     assert metrics["rounds"][0]["update_bound"]["refused"] == bound["refused"]
     assert "round 1: **refused** (poisoning bound)" in (tmp_path / "summary.md").read_text()
 
