@@ -257,10 +257,16 @@ def deploy_register(certs, insecure, superlink, public_key) -> None:
     help="This hospital's policy: 'patient' refuses runs whose ε is per record.",
 )
 @option(
+    "--allow-labelled-fraction",
+    is_flag=True,
+    help="Accept runs with --labelled-fraction below 1 (they drop some of this site's label "
+    "maps, to measure semi-supervised training).",
+)
+@option(
     "--group-by",
     default=None,
-    show_default="the run's",
-    help="Where this site's patient ids come from, as the run's --group-by (docs/patients.md).",
+    show_default="none",
+    help="Where this site's patient ids come from, in --group-by syntax (docs/patients.md).",
 )
 def deploy_site(
     certs,
@@ -285,6 +291,7 @@ def deploy_site(
     min_contributors,
     insecure_no_roster,
     privacy_unit,
+    allow_labelled_fraction,
     group_by,
 ) -> None:
     """Start one hospital's Flower SuperNode, pointing at its own data.
@@ -320,6 +327,7 @@ def deploy_site(
         insecure_no_roster=insecure_no_roster,
         privacy_unit=privacy_unit,
         group_by=group_by,
+        allow_labelled_fraction=allow_labelled_fraction,
     )
     # After the command's own checks (TLS choice), so a refused start writes no key.
     click.echo(f"site {site_id} signing key {key}: {ensure_signing_key(key)}", err=True)

@@ -207,6 +207,7 @@ def supernode_command(
     insecure_no_roster: bool = False,
     privacy_unit: str | None = None,
     group_by: str | None = None,
+    allow_labelled_fraction: bool = False,
 ) -> list[str]:
     """The site process for one hospital, its data named in its node configuration.
 
@@ -242,6 +243,7 @@ def supernode_command(
         insecure_no_roster: Accept secure-aggregation runs without a roster (test networks).
         privacy_unit: ``patient``: refuse record-level runs (the site's policy).
         group_by: Where this site's patient ids come from (``--group-by`` syntax).
+        allow_labelled_fraction: Accept runs that drop some of the site's label maps.
 
     """
     _tls(certs, insecure, what=f"site {site_id}")
@@ -289,6 +291,7 @@ def supernode_command(
                 "insecure-no-roster": True if insecure_no_roster else None,
                 "privacy-unit": privacy_unit,
                 "group-by": group_by,
+                "allow-labelled-fraction": True if allow_labelled_fraction else None,
             }
         ),
     ]

@@ -65,6 +65,9 @@ class NodeSettings:
             reveal (>= 2); the larger of it and the roster's applies.
         insecure_no_roster: Accept a secure-aggregation run without a roster (closed test
             networks only: peers' keys and ids are then whatever the server says).
+        allow_labelled_fraction: Accept runs with ``--labelled-fraction`` below 1, which make
+            the site drop label maps it holds (to measure semi-supervised training). Off by
+            default: a server could otherwise quietly degrade a site's training.
         privacy_unit: ``patient``: the hospital's policy is patient-level DP; a record-level
             run is refused. ``record`` (or unset) accepts either.
         group_by: Where this site's patient ids come from (``--group-by`` syntax). A site
@@ -91,6 +94,7 @@ class NodeSettings:
     insecure_no_roster: bool = False
     privacy_unit: str | None = None
     group_by: str | None = None
+    allow_labelled_fraction: bool = False
 
     @classmethod
     def from_node_config(cls, node_config: Mapping[str, Any]) -> NodeSettings:
@@ -120,6 +124,7 @@ class NodeSettings:
             "insecure-no-roster",
             "privacy-unit",
             "group-by",
+            "allow-labelled-fraction",
         }
         unknown = sorted(set(node_config) - known)
         if unknown:
@@ -134,7 +139,7 @@ class NodeSettings:
                 f"node config: `allow-reproducible-noise` must be true or false (got {allow!r})"
             )
 
-        for flag in ("insecure-no-roster",):
+        for flag in ("insecure-no-roster", "allow-labelled-fraction"):
             if not isinstance(node_config.get(flag, False), bool):
                 raise ConfigError(
                     f"node config: `{flag}` must be true or false (got {node_config.get(flag)!r})"
@@ -175,6 +180,7 @@ class NodeSettings:
             insecure_no_roster=bool(node_config.get("insecure-no-roster", False)),
             privacy_unit=unit,
             group_by=text("group-by"),
+            allow_labelled_fraction=bool(node_config.get("allow-labelled-fraction", False)),
         )
 
     def check_policy(self, config: RunConfig) -> None:
@@ -205,6 +211,13 @@ class NodeSettings:
                 f"site {self.site_id}: the run asks for reproducible DP noise (derived from its "
                 "seed, so its epsilon does not hold against whoever knows it); this site's "
                 "node config does not set allow-reproducible-noise"
+            )
+        if config.labelled_fraction < 1 and not self.allow_labelled_fraction:
+            raise PrivacyBudgetError(
+                f"site {self.site_id}: the run would drop the label maps of "
+                f"{1 - config.labelled_fraction:.0%} of this site's training volumes "
+                "(--labelled-fraction, a benchmark setting); this site's node config does not "
+                "set allow-labelled-fraction"
             )
         if self.privacy_unit == "patient" and config.privacy_unit != "patient":
             raise PrivacyBudgetError(

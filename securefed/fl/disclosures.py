@@ -123,7 +123,8 @@ def site_releases(config: RunConfig, *, runtime: str = "in-process") -> list[Rel
             "setup",
             "class_counts",
             "clear",
-            f"the site's training-set class counts{unit}, disclosed because the site opted in",
+            f"the site's training-set class counts{unit} (of its labelled records), disclosed "
+            "because the site opted in",
         )
     if config.strategy == "cfl":
         for message in ("select", "heldout"):

@@ -430,10 +430,11 @@ class SiteRuntime:
             out["num_samples"] = self.size
             # Under patient-level DP the sizes count patients (one by its first record): a
             # record count would move with the patient replaced.
-            counted = self.train
+            # Teacher-student: only the labelled records have label maps to count.
+            counted = self.train.subset(indices=self.labelled)
             if self.patients is not None:
-                _, first = np.unique(self.patients, return_index=True)
-                counted = self.train.subset(indices=np.sort(first))
+                _, first = np.unique(self.patients[self.labelled], return_index=True)
+                counted = counted.subset(indices=np.sort(first))
             out["class_counts"] = counted.class_counts(num_classes=self.spec.num_classes).tolist()
         if self.signer is not None and self.config.dp_enabled:
             # (a masking run's identity key is in the roster already: not sent again)

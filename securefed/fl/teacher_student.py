@@ -127,9 +127,14 @@ def pseudo_label_maps(
     num_classes: int,
     threshold: float,
     device: torch.device,
-    batch_size: int = 4,
+    batch_size: int = 1,
 ) -> np.ndarray:
-    """The teacher's encoded pseudo-label maps of ``images`` (un-augmented, eval mode)."""
+    """The teacher's encoded pseudo-label maps of ``images`` (un-augmented, eval mode).
+
+    One volume at a time by default: a volume's map then depends on that volume and the
+    teacher alone by construction (batched kernels may round differently with the batch's
+    shape), which is what per-sample clipping's argument assumes.
+    """
     was_training = teacher.training
     teacher.eval()
     out = []

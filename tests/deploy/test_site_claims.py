@@ -209,3 +209,11 @@ def test_a_deployed_site_groups_its_data_by_its_own_key_and_keeps_loader_errors_
     with pytest.raises(DataError) as err:
         _load_site_data(run, NodeSettings(site_id=0, data=str(folder)))
     assert "DOE_JANE" not in str(err.value)
+
+
+def test_a_deployed_site_keeps_its_labels_unless_it_allows_a_labelled_fraction():
+    run = RunConfig(labelled_fraction=0.25)
+    with pytest.raises(PrivacyBudgetError, match="allow-labelled-fraction"):
+        NodeSettings.from_node_config({"site-id": 0}).check_policy(run)
+    allowed = {"site-id": 0, "allow-labelled-fraction": True}
+    NodeSettings.from_node_config(allowed).check_policy(run)

@@ -26,7 +26,11 @@ def test_over_flower_it_equals_the_in_process_run(teacher, tmp_path, task_identi
     from tests.deploy.test_site_messages import _deploy
 
     config = _config(teacher, dp_epsilon=8.0, rounds=2, reproducible_noise=True)
-    _, run = _deploy(config, tmp_path / "flower", node_extra={"allow-reproducible-noise": True})
+    _, run = _deploy(
+        config,
+        tmp_path / "flower",
+        node_extra={"allow-reproducible-noise": True, "allow-labelled-fraction": True},
+    )
     flower = run.run()
     local = train(config, out_dir=tmp_path / "local", progress=False, federation=Federation(config))
 
