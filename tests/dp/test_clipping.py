@@ -75,18 +75,18 @@ def noisy_sgd_step(params, summed, *, noise, sigma: float, denominator: float) -
             offset += k
 
 
-def _trainer_round(
-    model: nn.Module,
+def make_trainer(
     data: TensorDataset,
     *,
     batch_size: int,
-    noise: SeededNoise,
     clipping: str = "auto",
     physical: int | None = None,
     sigma: float = SIGMA,
     loss_fn=None,
-) -> tuple[dict[str, torch.Tensor], PrivacyLedger]:
-    n = len(data)
+    units=None,
+) -> tuple[SiteTrainer, PrivacyLedger]:
+    """A site trainer on ``data`` with the plan q = 1/ceil(n/B), n in records or patients."""
+    n = len(data) if units is None else len(units)
     steps = -(-n // batch_size)
     plan = DPPlan(
         noise_multiplier=sigma,
@@ -108,6 +108,29 @@ def _trainer_round(
         device=torch.device("cpu"),
         max_physical_batch_size=physical,
         clipping=clipping,
+        loss_fn=loss_fn,
+        units=units,
+    )
+    return trainer, ledger
+
+
+def _trainer_round(
+    model: nn.Module,
+    data: TensorDataset,
+    *,
+    batch_size: int,
+    noise: SeededNoise,
+    clipping: str = "auto",
+    physical: int | None = None,
+    sigma: float = SIGMA,
+    loss_fn=None,
+) -> tuple[dict[str, torch.Tensor], PrivacyLedger]:
+    trainer, ledger = make_trainer(
+        data,
+        batch_size=batch_size,
+        clipping=clipping,
+        physical=physical,
+        sigma=sigma,
         loss_fn=loss_fn,
     )
     result = trainer.train_round(

@@ -23,7 +23,7 @@ from securefed.dp.ledger import PrivacyLedger
 from securefed.dp.noise import SeededNoise
 from securefed.dp.trainer import DPPlan, PoissonBatchSampler, SiteTrainer
 from securefed.models import ModelSpec, build_model
-from tests.dp.test_clipping import LR, SIGMA, C, _assert_same, noisy_sgd_step
+from tests.dp.test_clipping import LR, SIGMA, C, _assert_same, make_trainer, noisy_sgd_step
 
 # 13 records of 5 patients, of 1 to 4 records each, interleaved (ids need not be contiguous).
 PATIENT_OF = np.array([3, 0, 3, 7, 1, 0, 3, 7, 1, 9, 0, 3, 0])
@@ -80,23 +80,9 @@ def _reference(model, data, units, *, steps, noise, sigma=SIGMA):
 
 def _trainer(data, units, *, batch_size, clipping="auto", physical=None, sigma=SIGMA):
     # Under patient-level DP the batch size and q count patients (q = 1/ceil(P/B)).
-    n = len(data) if units is None else len(units)
-    steps = -(-n // batch_size)
-    ledger = PrivacyLedger()
-    trainer = SiteTrainer(
-        client_id=0,
-        dataset=data,
-        plan=_plan(steps, sigma),
-        ledger=ledger,
-        batch_size=batch_size,
-        lr=LR,
-        momentum=0.0,
-        device=torch.device("cpu"),
-        max_physical_batch_size=physical,
-        clipping=clipping,
-        units=units,
+    return make_trainer(
+        data, batch_size=batch_size, clipping=clipping, physical=physical, sigma=sigma, units=units
     )
-    return trainer, ledger
 
 
 @pytest.mark.parametrize(
