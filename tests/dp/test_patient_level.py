@@ -21,7 +21,7 @@ from torch.utils.data import TensorDataset
 from securefed.dp.clipping import BookKeepingClipper, UnitPooler
 from securefed.dp.ledger import PrivacyLedger
 from securefed.dp.noise import SeededNoise
-from securefed.dp.trainer import DPPlan, PoissonBatchSampler, SiteTrainer
+from securefed.dp.trainer import PoissonBatchSampler, SiteTrainer
 from securefed.models import ModelSpec, build_model
 from tests.dp.test_clipping import LR, SIGMA, C, _assert_same, make_trainer, noisy_sgd_step
 
@@ -44,17 +44,6 @@ def _cnn() -> nn.Module:
     torch.manual_seed(5)
     spec = ModelSpec(in_channels=1, num_classes=3, image_shape=(10, 10))
     return build_model(name="cnn", spec=spec).module
-
-
-def _plan(steps: int, sigma: float = SIGMA) -> DPPlan:
-    return DPPlan(
-        noise_multiplier=sigma,
-        sample_rate=1.0 / steps,
-        max_grad_norm=C,
-        planned_steps=steps,
-        delta=1e-5,
-        accountant="pld",
-    )
 
 
 def _reference(model, data, units, *, steps, noise, sigma=SIGMA):
