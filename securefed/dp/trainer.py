@@ -189,11 +189,6 @@ class UnitTagged(Dataset):
     def __getitem__(self, index: int) -> tuple:
         return (*self.dataset[index], self.unit_of[index])
 
-    def set_epoch(self, epoch: int) -> None:
-        """Pass the round on to an augmenting data set."""
-        if hasattr(self.dataset, "set_epoch"):
-            self.dataset.set_epoch(epoch)
-
 
 def poisson_loader(dataset: Dataset, *, sampler: PoissonBatchSampler) -> DataLoader:
     """A loader over ``dataset`` driven by ``sampler``, whose empty batches keep their shape.

@@ -242,7 +242,7 @@ class SiteRuntime:
         #: The site's size in privacy units (records, or patients): what its plan, its FedAvg
         #: weight and any size it discloses count. Under patient adjacency the record count
         #: changes with the patient replaced; the number of patients does not.
-        self.size = len(train) if self.patients is None else len(np.unique(self.patients))
+        self.size = train.patient_count() if self.patients is not None else len(train)
         self.plan = plan_site_privacy(config, num_samples=self.size) if config.dp_enabled else None
         self.ledger = PrivacyLedger()
         #: False until the site knows its own history (a fresh site process learns it from its

@@ -16,6 +16,7 @@ import numpy as np
 
 from securefed.data.dataset import ArraySplit, DatasetBundle
 from securefed.data.partition import stratified_holdout
+from securefed.data.patients import holdout_by_patient
 from securefed.errors import ConfigError
 
 __all__ = [
@@ -65,16 +66,14 @@ def public_split(split: ArraySplit, *, fraction: float, seed: int) -> tuple[np.n
 def _public_patients(
     patients: np.ndarray, labels: np.ndarray, fraction: float, seed: int
 ) -> tuple[np.ndarray, np.ndarray]:
-    ids, first, index = np.unique(patients, return_index=True, return_inverse=True)
+    ids, index = np.unique(patients, return_inverse=True)
     if len(ids) < 2:
         raise ConfigError("`public_fraction` needs at least 2 patients (the data have 1).")
     if labels.ndim == 1:
-        _, public_ids = stratified_holdout(labels[first], fraction=fraction, seed=seed)
-    else:
-        rng = np.random.default_rng(seed)
-        k = min(max(int(round(fraction * len(ids))), 1), len(ids) - 1)
-        public_ids = rng.permutation(len(ids))[:k]
-    public = np.flatnonzero(np.isin(index, public_ids)).astype(np.int64)
+        return holdout_by_patient(labels, patients, fraction=fraction, seed=seed)
+    rng = np.random.default_rng(seed)
+    k = min(max(int(round(fraction * len(ids))), 1), len(ids) - 1)
+    public = np.flatnonzero(np.isin(index, rng.permutation(len(ids))[:k])).astype(np.int64)
     return np.setdiff1d(np.arange(len(patients)), public).astype(np.int64), public
 
 

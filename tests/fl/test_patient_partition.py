@@ -131,3 +131,26 @@ def test_an_infeasible_patient_partition_says_it_counts_patients():
         DataError, match=r"partitioning 3 patients \(one row each\): dirichlet:0.01 left a site"
     ):
         site_splits(config, train=train, val=_split(4, seed=1))
+
+
+@pytest.mark.parametrize("segmentation", [False, True])
+def test_the_public_fraction_takes_whole_patients(segmentation):
+    """Records released without DP (the declared-public share) never split a patient: its
+    other records would otherwise sit in private data with part of the patient already out."""
+    from securefed.fl.transfer import public_split
+
+    rng = np.random.default_rng(3)
+    patients = np.repeat(np.arange(40), rng.integers(1, 6, 40))
+    n = patients.size
+    labels = rng.integers(0, 2, (n, 4, 4)) if segmentation else np.repeat(rng.integers(0, 2, 40), 1)
+    if not segmentation:
+        labels = labels[patients]  # one diagnosis per patient
+    split = ArraySplit(
+        images=np.zeros((n, 1, 4, 4), np.float32),
+        labels=labels.astype(np.int64),
+        patients=patients.astype(np.int64),
+    )
+    private, public = public_split(split, fraction=0.2, seed=0)
+    assert np.array_equal(np.sort(np.concatenate([private, public])), np.arange(n))
+    assert not set(patients[private]) & set(patients[public])
+    assert 4 <= len(set(patients[public])) <= 12
