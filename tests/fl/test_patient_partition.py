@@ -142,9 +142,8 @@ def test_the_public_fraction_takes_whole_patients(segmentation):
     rng = np.random.default_rng(3)
     patients = np.repeat(np.arange(40), rng.integers(1, 6, 40))
     n = patients.size
-    labels = rng.integers(0, 2, (n, 4, 4)) if segmentation else np.repeat(rng.integers(0, 2, 40), 1)
-    if not segmentation:
-        labels = labels[patients]  # one diagnosis per patient
+    # Segmentation: a map per record; classification: one diagnosis per patient.
+    labels = rng.integers(0, 2, (n, 4, 4)) if segmentation else rng.integers(0, 2, 40)[patients]
     split = ArraySplit(
         images=np.zeros((n, 1, 4, 4), np.float32),
         labels=labels.astype(np.int64),
