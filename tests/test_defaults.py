@@ -135,6 +135,26 @@ def test_auto_model_follows_the_data(shape, dims, task, name):
     assert auto_model(spec) == name
 
 
+@pytest.mark.parametrize(
+    ("shape", "dims", "task", "pretrained", "name"),
+    [
+        ((28, 28), 2, "classification", False, "cnn"),
+        ((64, 64), 2, "classification", False, "cnn"),
+        ((96, 96), 2, "classification", False, "scatter-linear"),
+        ((224, 160), 2, "classification", False, "scatter-linear"),
+        ((96, 96), 2, "classification", True, "resnet-small"),
+        ((28, 28, 28), 3, "classification", False, "cnn"),
+        ((96, 96, 96), 3, "classification", False, "cnn"),
+        ((96, 96), 2, "segmentation", False, "unet"),
+    ],
+)
+def test_auto_model_under_dp_picks_scatternet_for_large_images(shape, dims, task, pretrained, name):
+    # DP-SGD's noise grows with the weights: above 64 px, fixed ScatterNet features and a
+    # linear layer, unless pretrained weights (the non-private architecture) will be loaded.
+    spec = ModelSpec(in_channels=1, num_classes=2, spatial_dims=dims, task=task, image_shape=shape)
+    assert auto_model(spec, private=True, pretrained=pretrained) == name
+
+
 def test_resnet_small_is_dp_compatible_and_sized_for_large_images():
     spec = ModelSpec(in_channels=1, num_classes=4, image_shape=(128, 128))
     built = build_model(name="auto", spec=spec)

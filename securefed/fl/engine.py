@@ -42,6 +42,7 @@ from securefed.fl.bounds import (
 from securefed.fl.claims import ClaimBook
 from securefed.fl.params import ParamLayout
 from securefed.fl.planning import (
+    model_choice,
     model_spec,
     personalize_rounds,
     personalizes_in,
@@ -293,7 +294,7 @@ class RoundEngine:
         for k in range(self.strategy.num_models(config)):
             # Cluster k > 0 gets its own initialisation: IFCA needs distinct models to start.
             torch.manual_seed(seed_for(config.seed, 0x30DE1, *([k] if k else [])))
-            builds.append(build_model(name=config.model, spec=self.spec))
+            builds.append(build_model(name=config.model, spec=self.spec, **model_choice(config)))
         self.built = builds[0]
         self.models: list[nn.Module] = [b.module.to(self.device) for b in builds]
         self.transfer = apply_transfer(

@@ -30,6 +30,7 @@ from securefed.models import ModelSpec
 __all__ = [
     "check_site_plan",
     "mechanism_noise",
+    "model_choice",
     "model_spec",
     "personalize_rounds",
     "personalizes_in",
@@ -103,6 +104,11 @@ def model_spec(bundle: DatasetBundle, task: Task, config: RunConfig) -> ModelSpe
         image_shape=tuple(bundle.image_shape),
         fusion=config.fusion,
     )
+
+
+def model_choice(config: RunConfig) -> dict[str, bool]:
+    """What ``--model auto`` needs beyond the data's shape (:func:`securefed.models.auto_model`)."""
+    return {"private": config.dp_enabled, "pretrained": config.pretrained is not None}
 
 
 def training_dataset(

@@ -43,6 +43,7 @@ from securefed.fl.disclosures import check_reply
 from securefed.fl.params import ParamLayout
 from securefed.fl.planning import (
     mechanism_noise,
+    model_choice,
     personalizes_in,
     plan_site_privacy,
     seed_for,
@@ -459,7 +460,9 @@ class SiteRuntime:
         from securefed.models.transfer import freeze
 
         if self._built is None:
-            self._built = build_model(name=self.config.model, spec=self.spec)
+            self._built = build_model(
+                name=self.config.model, spec=self.spec, **model_choice(self.config)
+            )
             self._built.module.to(self.device)
         model = self._built.module
         state = weights_from_bytes(weights, what="the global weights")

@@ -223,14 +223,42 @@ def _resnet_small(spec: ModelSpec) -> nn.Module:
     return SmallResNet(in_channels=spec.in_channels, num_classes=spec.num_classes)
 
 
-def auto_model(spec: ModelSpec) -> str:
+@register_model("scatter-linear", head_prefixes=("head",), last_block_prefixes=("norm",))
+def _scatter_linear(spec: ModelSpec) -> nn.Module:
+    from securefed.models.scatter import MIN_SIDE, ScatterLinear
+
+    if spec.spatial_dims != 2:
+        raise ConfigError("scatter-linear is a 2D model; for volumes use cnn or resnet18.")
+    if spec.image_shape is None:
+        raise ConfigError("scatter-linear needs the image size (its filters depend on it).")
+    _check_min_side("scatter-linear", spec, MIN_SIDE)
+    return ScatterLinear(
+        in_channels=spec.in_channels,
+        num_classes=spec.num_classes,
+        image_shape=(spec.image_shape[0], spec.image_shape[1]),
+    )
+
+
+def auto_model(spec: ModelSpec, *, private: bool = False, pretrained: bool = False) -> str:
     """The model ``--model auto`` builds for ``spec``: a rule fixed in advance, not tuned.
 
     - segmentation: ``unet``;
     - classification of volumes, or of images at most 64 px a side: ``cnn`` (full
       resolution through its first block, which small images need);
-    - classification of larger images (or of unknown size): ``resnet-small`` (a stride-2
-      stem and four halving stages: fast on CPUs, and its receptive field covers the image).
+    - DP classification of larger 2D images, with no pretrained weights: ``scatter-linear``
+      (fixed ScatterNet features and a linear classifier, a few thousand weights: Tramer &
+      Boneh 2021 find it beats end-to-end CNNs under DP-SGD on data sets of hospital size,
+      see :mod:`securefed.models.scatter`);
+    - other classification of larger images (or of unknown size): ``resnet-small`` (a
+      stride-2 stem and four halving stages: fast on CPUs, and its receptive field covers
+      the image).
+
+    Args:
+        spec: The data's shape.
+        private: Whether the model is trained with DP-SGD.
+        pretrained: Whether pretrained weights will be loaded (their architecture is then
+            the non-private one, which ``securefed pretrain --model auto`` also picks).
+
     """
     if spec.task == "segmentation":
         return "unet"
@@ -238,6 +266,8 @@ def auto_model(spec: ModelSpec) -> str:
         return "cnn"
     if spec.image_shape is not None and max(spec.image_shape) <= AUTO_CNN_MAX_SIDE:
         return "cnn"
+    if private and not pretrained and _scatter_fits(spec):
+        return "scatter-linear"
     return "resnet-small"
 
 
@@ -352,16 +382,31 @@ def resolve_model(name: str) -> str:
     return name
 
 
-def build_model(*, name: str, spec: ModelSpec) -> BuiltModel:
+def _scatter_fits(spec: ModelSpec) -> bool:
+    from securefed.models.scatter import MIN_SIDE
+
+    return spec.image_shape is not None and min(spec.image_shape) >= MIN_SIDE
+
+
+def build_model(
+    *, name: str, spec: ModelSpec, private: bool = False, pretrained: bool = False
+) -> BuiltModel:
     """Build ``name`` for ``spec`` and make it DP-compatible with Opacus' validator.
 
     Every model goes through ``ModuleValidator.fix`` (BatchNorm -> GroupNorm, and whatever
-    else Opacus flags) whether or not DP is on, so private and non-private runs train the
-    same architecture and their figures compare. In-place operations, which Opacus'
+    else Opacus flags) whether or not DP is on, so private and non-private runs of one
+    ``--model`` train the same architecture and their figures compare (``auto`` may pick a
+    different one for each: :func:`auto_model`). In-place operations, which Opacus'
     backward hooks forbid, are replaced by out-of-place ones computing the same function
     (:func:`securefed.models.compat.make_hook_safe`). With ``spec.fusion == "late"`` the model is
     a :class:`~securefed.models.fusion.LateFusion` of ``spec.in_channels`` one-channel
     branches of ``name``.
+
+    Args:
+        name: A registered model, ``auto``, or ``module:function``.
+        spec: The data's shape.
+        private: Whether it trains with DP-SGD (only ``auto`` looks at it).
+        pretrained: Whether pretrained weights will be loaded (only ``auto`` looks at it).
 
     Raises:
         ConfigError: ``name`` is unknown or does not support ``spec.task``, ``spec`` does not
@@ -373,7 +418,7 @@ def build_model(*, name: str, spec: ModelSpec) -> BuiltModel:
     from securefed.models.compat import make_hook_safe
 
     if name == AUTO:
-        name = auto_model(spec)
+        name = auto_model(spec, private=private, pretrained=pretrained)
     if name not in _REGISTRY and ":" in name:
         resolve_model(name)
     if name not in _REGISTRY:

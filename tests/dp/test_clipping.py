@@ -171,6 +171,14 @@ def _resnet_small() -> tuple[nn.Module, TensorDataset]:
     return model, _data(6, (2, 32, 32), 3)
 
 
+def _scatter_linear() -> tuple[nn.Module, TensorDataset]:
+    torch.manual_seed(3)
+    model = build_model(
+        name="scatter-linear", spec=ModelSpec(in_channels=1, num_classes=3, image_shape=(16, 16))
+    ).module
+    return model, _data(6, (1, 16, 16), 3)
+
+
 def _layernorm_model() -> tuple[nn.Module, TensorDataset]:
     # LayerNorm: Opacus has a per-sample rule for it, the one-pass clipper has not.
     torch.manual_seed(3)
@@ -199,7 +207,9 @@ def _run_both(make, *, batch_size: int, seed: int, **kw):
     return got, want, start, sizes, ledger, model
 
 
-@pytest.mark.parametrize("make", [_cnn, _resnet_small], ids=["cnn", "resnet-small"])
+@pytest.mark.parametrize(
+    "make", [_cnn, _resnet_small, _scatter_linear], ids=["cnn", "resnet-small", "scatter-linear"]
+)
 @pytest.mark.parametrize("physical", [None, 1])
 def test_a_one_pass_round_is_dp_sgd_by_the_definition(make, physical):
     model, _ = make()

@@ -23,6 +23,8 @@ CASES = [
     ("resnet-small", 2, "classification", (32, 32)),
     ("resnet-small", 2, "classification", (96, 72)),
     ("resnet18", 2, "classification", (28, 28)),
+    ("scatter-linear", 2, "classification", (28, 28)),
+    ("scatter-linear", 2, "classification", (40, 72)),
     ("resnet18", 3, "classification", (16, 16, 16)),
     ("unet", 2, "segmentation", (16, 16)),
     ("unet", 3, "segmentation", (16, 16, 16)),
@@ -103,7 +105,7 @@ def test_models_for_task_partitions_the_registry():
     classification = models_for_task("classification")
     segmentation = models_for_task("segmentation")
 
-    assert classification == ["cnn", "densenet121", "resnet-small", "resnet18"]
+    assert classification == ["cnn", "densenet121", "resnet-small", "resnet18", "scatter-linear"]
     assert segmentation == ["unet", "vit-unet"]
     with pytest.raises(ConfigError, match="`task`"):
         models_for_task("detection")

@@ -1,0 +1,90 @@
+"""ScatterNet + linear (Tramer & Boneh 2021): fixed features, cached, never on the wire."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from securefed.errors import ConfigError
+from securefed.models import ModelSpec, build_model
+from securefed.models import scatter as scatter_mod
+from securefed.models.scatter import ScatterLinear, _FeatureCache, scatter_channels
+
+
+def _model(shape=(24, 24), channels=1, classes=3) -> ScatterLinear:
+    torch.manual_seed(0)
+    spec = ModelSpec(in_channels=channels, num_classes=classes, image_shape=shape)
+    return build_model(name="scatter-linear", spec=spec).module
+
+
+def test_only_the_trained_layers_are_in_the_state_dict():
+    # The filters are a function of the image size: sending or saving them would cost
+    # bytes every round and let a tampered file change the features silently.
+    model = _model()
+    assert sorted(model.state_dict()) == ["head.bias", "head.weight", "norm.bias", "norm.weight"]
+    assert sum(1 for _ in model.scattering.buffers()) > 0
+    assert sorted(n for n, _ in model.named_parameters()) == sorted(model.state_dict())
+
+
+def test_shapes_follow_the_paper_j2_l8_and_an_8x8_grid():
+    assert scatter_channels(1) == 81 and scatter_channels(3) == 243
+    small = _model(shape=(28, 28))
+    large = _model(shape=(96, 64), channels=3)
+    assert small.grid == (7, 7)  # 28 / 4
+    assert large.grid == (8, 8)  # pooled from 24 x 16
+    assert small.head.in_features == 81 * 49
+    assert large.head.in_features == 243 * 64
+    assert large(torch.rand(2, 3, 96, 64)).shape == (2, 3)
+
+
+def test_cached_features_equal_fresh_ones_and_distinct_images_differ(monkeypatch):
+    model = _model()
+    monkeypatch.setattr(scatter_mod, "_CACHE", _FeatureCache())
+    x = torch.rand(4, 1, 24, 24)
+    calls = []
+    compute = model._compute
+    monkeypatch.setattr(model, "_compute", lambda b: calls.append(len(b)) or compute(b))
+
+    first = model.features(x)
+    again = model.features(x)
+    mixed = model.features(torch.cat([x[:2], torch.rand(1, 1, 24, 24)]))
+
+    assert calls == [4, 1]  # the second pass hit the cache; the mix computed only the new one
+    assert torch.equal(first, again)
+    assert torch.allclose(first, compute(x), atol=1e-6)
+    assert torch.equal(mixed[:2], first[:2])
+    assert not torch.allclose(mixed[2], first[2])
+
+
+def test_the_cache_is_bounded_and_evicts_the_oldest():
+    cache = _FeatureCache(max_bytes=3 * 4 * 10)  # three 10-float tensors
+    for i in range(5):
+        cache.put(bytes([i]), torch.full((10,), float(i)))
+    assert cache.get(bytes([0])) is None and cache.get(bytes([1])) is None
+    assert float(cache.get(bytes([4]))[0]) == 4.0
+    assert cache._bytes <= cache.max_bytes
+
+
+def test_a_model_file_round_trips_without_the_filters(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    model = _model()
+    path = tmp_path / "m.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+    other = _model()
+    other.load_state_dict(load_file(str(path)), strict=True)
+    x = torch.rand(3, 1, 24, 24)
+    assert torch.equal(model(x), other(x))
+
+
+@pytest.mark.parametrize(
+    ("spec", "match"),
+    [
+        (ModelSpec(in_channels=1, num_classes=2, spatial_dims=3, image_shape=(16,) * 3), "2D"),
+        (ModelSpec(in_channels=1, num_classes=2), "image size"),
+        (ModelSpec(in_channels=1, num_classes=2, image_shape=(6, 32)), "at least 8"),
+    ],
+)
+def test_unfit_data_is_refused_in_one_line(spec, match):
+    with pytest.raises(ConfigError, match=match):
+        build_model(name="scatter-linear", spec=spec)
