@@ -403,10 +403,18 @@ def _images(array: np.ndarray, *, key: str, path: Path) -> np.ndarray:
     if array.dtype == np.uint8:
         return array
     if np.issubdtype(array.dtype, np.floating):
-        if array.size and (
-            not np.all(np.isfinite(array)) or float(array.min()) < 0 or float(array.max()) > 1
-        ):
-            raise DataError(f"{path}: `{key}` holds floats outside [0, 1] or non-finite values.")
+        if not array.size:
+            return array
+        # min and max see NaN (it propagates) and +-Inf; counting is left to the refusal.
+        lo, hi = float(array.min()), float(array.max())
+        if not (np.isfinite(lo) and np.isfinite(hi)):
+            bad = int(array.size - np.count_nonzero(np.isfinite(array)))
+            raise DataError(
+                f"{path}: `{key}` holds {bad} non-finite value(s) (NaN or +-Inf) of "
+                f"{array.size}; images must be finite floats in [0, 1]."
+            )
+        if lo < 0 or hi > 1:
+            raise DataError(f"{path}: `{key}` holds floats outside [0, 1] (got [{lo}, {hi}]).")
         return array
     raise DataError(
         f"{path}: `{key}` has dtype {array.dtype}; expected uint8 pixels or floats in [0, 1]."

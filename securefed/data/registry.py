@@ -89,7 +89,8 @@ def load_registered(name: str, *, seed: int, **options: Any) -> DatasetBundle:
     Raises:
         ConfigError: ``name`` is not registered, or the loader does not accept ``seed`` and
             these options (naming ``--dataset`` / ``--data-option``).
-        DataError: The loader returned something other than a DatasetBundle.
+        DataError: The loader refused its data or built malformed splits (the message names
+            ``--dataset``), or returned something other than a DatasetBundle.
 
     """
     if not resolve_dataset(name):
@@ -104,7 +105,12 @@ def load_registered(name: str, *, seed: int, **options: Any) -> DatasetBundle:
         ) from exc
     except ValueError:  # no signature (a builtin): let the call decide
         pass
-    bundle = fn(seed=seed, **options)
+    try:
+        bundle = fn(seed=seed, **options)
+    except DataError as exc:
+        # The loader's own code builds the splits, so a refusal from ArraySplit (NaN pixels,
+        # a bad shape) would otherwise not say which data set it came from.
+        raise DataError(f"--dataset {name!r}: {exc}") from exc
     if not isinstance(bundle, DatasetBundle):
         raise DataError(
             f"--dataset {name!r}: the loader returned a {type(bundle).__name__}, not a "

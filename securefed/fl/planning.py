@@ -241,8 +241,10 @@ def site_splits(
     contribution in one site's accounting). Each patient stands for one row, with the label
     (class, or label map for segmentation) and the group of its first record, and the same
     ``partition`` (spec, seed) runs on those rows; each site then gets the records of its
-    patients. ``val`` is dealt by record as without patients. Without patient ids the result
-    is that of the record-level partition, unchanged.
+    patients. With patient ids on ``val`` too, its patients are dealt the same way (one row
+    each, :func:`_deal_heldout_patients`), so no patient's held-out records are split across
+    sites, and a patient who also has training records is held out at the site that trains
+    on them. Without patient ids the result is that of the record-level partition, unchanged.
 
     Raises:
         DataError: Fewer training samples (or patients) than sites, or an infeasible spec.
@@ -262,19 +264,76 @@ def site_splits(
         )
     else:
         parts = _partition_patients(config, train=train)
-    site_labels = [train.labels[p] for p in parts]
-    val_groups = getattr(val, "groups", None)
-    extra = (
-        {"heldout_groups": val_groups, "site_train_groups": [groups[p] for p in parts]}
-        if groups is not None and val_groups is not None
-        else {}
-    )
-    held = partition_like(
-        val.labels, site_train_labels=site_labels, seed=seed_for(config.seed, 2), **extra
-    )
+    if getattr(val, "patients", None) is None:
+        site_labels = [train.labels[p] for p in parts]
+        val_groups = getattr(val, "groups", None)
+        extra = (
+            {"heldout_groups": val_groups, "site_train_groups": [groups[p] for p in parts]}
+            if groups is not None and val_groups is not None
+            else {}
+        )
+        held = partition_like(
+            val.labels, site_train_labels=site_labels, seed=seed_for(config.seed, 2), **extra
+        )
+    else:
+        held = _deal_heldout_patients(config, train=train, val=val, parts=parts)
     return [
         (train.subset(indices=p), val.subset(indices=h) if len(h) else None)
         for p, h in zip(parts, held)
+    ]
+
+
+def _deal_heldout_patients(
+    config: RunConfig, *, train: ArraySplit, val: ArraySplit, parts: list[np.ndarray]
+) -> list[np.ndarray]:
+    """Sorted ``val`` record indices per site, dealing whole held-out patients.
+
+    The rule of the training partition: each held-out patient is one row (label and group of
+    its first record), and :func:`partition_like` deals those rows in proportion to each site's
+    training rows, which are its patients when ``train`` has ids (else its records). A
+    held-out patient who also has training records goes to the site holding them instead, so
+    one patient's records never sit at two sites.
+    """
+    train_ids = getattr(train, "patients", None)
+    groups = getattr(train, "groups", None)
+    val_groups = getattr(val, "groups", None)
+    if train_ids is None:
+        site_rows = list(parts)
+    else:  # a site's patients, each by its first record (parts are sorted)
+        site_rows = [p[np.unique(train_ids[p], return_index=True)[1]] for p in parts]
+    units = val.units()
+    first = np.array([u[0] for u in units], dtype=np.int64)
+    owner: dict[int, int] = {}
+    if train_ids is not None:
+        for site, p in enumerate(parts):
+            owner.update(dict.fromkeys(np.unique(train_ids[p]).tolist(), site))
+    ids = val.patients[first].tolist()
+    free = np.array([i for i, pid in enumerate(ids) if pid not in owner], dtype=np.int64)
+    extra = (
+        {
+            "heldout_groups": val_groups[first[free]],
+            "site_train_groups": [groups[r] for r in site_rows],
+        }
+        if groups is not None and val_groups is not None
+        else {}
+    )
+    dealt = partition_like(
+        val.labels[first[free]],
+        site_train_labels=[train.labels[r] for r in site_rows],
+        seed=seed_for(config.seed, 2),
+        **extra,
+    )
+    site_units: list[list[int]] = [[] for _ in parts]
+    for site, rows in enumerate(dealt):
+        site_units[site].extend(free[rows].tolist())
+    for i, pid in enumerate(ids):
+        if pid in owner:
+            site_units[owner[pid]].append(i)
+    return [
+        np.sort(np.concatenate([units[u] for u in us])).astype(np.int64)
+        if us
+        else np.empty(0, dtype=np.int64)
+        for us in site_units
     ]
 
 

@@ -17,6 +17,8 @@ from securefed.bench.secure_agg import (
     run_secure_agg_bench,
     secagg_plus_neighbors,
 )
+from securefed.config import RunConfig
+from securefed.crypto.fixedpoint import FixedPointCodec
 from securefed.errors import ConfigError, DataError
 
 TINY = {"n_params": [1000], "n_clients": [3], "dropouts": [0.0, 0.34]}
@@ -66,7 +68,8 @@ def test_rows_have_required_columns_and_positive_finite_costs(tiny_run):
             assert 0 < r["client_seconds"] <= r["client_seconds_max"] < 60
     for r in (r for r in rows if r["mechanism"] == "mask"):
         assert r["aes_ctr_seconds"] > 0 and r["aes_ctr_prealloc_seconds"] > 0
-        assert r["keystream_bytes"] == (1 + 2) * 1001 * 8 + 1001 * 8
+        # 3 masks (self + 2 peers) of 4-byte words (the default 32-bit ring) + 8 coin bytes.
+        assert r["keystream_bytes"] == (1 + 2) * 1001 * 4 + 1001 * 8
         assert r["mask_throughput_ratio"] == pytest.approx(r["aes_ctr_seconds"] / r["mask_seconds"])
         assert r["tenseal_seconds"] is None
     for r in (r for r in rows if r["mechanism"] == "he"):
@@ -80,7 +83,11 @@ def test_secure_sums_match_the_plaintext_sum(tiny_run):
 
     for r in rows:
         assert r["sum_ok"], r["mechanism"]
-        assert r["max_abs_error"] <= min(r["error_bound"], 1e-4)
+        assert r["max_abs_error"] <= r["error_bound"]
+        if r["mechanism"] == "mask":  # the sum of k encodings is within k quanta
+            assert r["error_bound"] == r["n_survivors"] * 2.0 ** -r["frac_bits"]
+        else:
+            assert r["max_abs_error"] <= 1e-4
     # CKKS is approximate: a zero error would mean the check never saw a decryption.
     assert _row(rows, "he", 0.0)["max_abs_error"] > 0
 
@@ -102,8 +109,8 @@ def test_expansion_is_relative_to_float32(tiny_run):
     plain = _row(rows, "plain", 0.0)
     assert plain["bytes_per_client"] == 4 * 1001
     assert plain["expansion"] == 1.0
-    # 64-bit ring words plus key and share messages; one 4096-slot ciphertext for 1001 values.
-    assert 2 < _row(rows, "mask", 0.0)["expansion"] < 4
+    # 32-bit ring words plus key and share messages; one 4096-slot ciphertext for 1001 values.
+    assert 1 < _row(rows, "mask", 0.0)["expansion"] < 2
     assert _row(rows, "he", 0.0)["expansion"] > 20
 
 
@@ -205,3 +212,74 @@ def test_secagg_plus_degree_is_even_and_logarithmic(n):
         assert math.ceil(2 * math.log2(n)) >= n - 2
     else:
         assert k % 2 == 0 and 2 * math.log2(n) <= k < 2 * math.log2(n) + 2 and k < n - 1
+
+
+MASK_ONLY = {"n_params": [100], "n_clients": [3], "dropouts": [0.0], "mechanisms": ["mask"]}
+
+
+def test_masking_is_measured_with_the_ring_and_clip_range_a_run_gets_by_default(tiny_run):
+    # Prepare: what `securefed train --secure-agg mask --clients 3` resolves to
+    out, _, rows = tiny_run
+    run = RunConfig(clients=3, secure_agg="mask")
+    codec = FixedPointCodec(
+        ring_bits=run.resolved_ring_bits, clip_range=run.secagg_clip, n_summands=3
+    )
+
+    # Assert: the rows record that ring (32 bits since config schema 3.1, not the former 64)
+    for r in (r for r in rows if r["mechanism"] == "mask"):
+        assert (r["ring_bits"], r["clip_range"]) == (run.resolved_ring_bits, run.secagg_clip)
+        assert (r["ring_bits"], r["frac_bits"]) == (32, codec.frac_bits)
+    assert SecureAggGrid(n_params=[10], n_clients=[3]).ring_bits == run.secagg_ring_bits
+    summary = (out / "summary.md").read_text()
+    assert "Masking's ring: auto (32-bit for 3 sites), clip range 100000 (a run's defaults" in (
+        summary
+    )
+
+
+def test_the_former_64_bit_ring_at_clip_1e6_is_still_measurable(tmp_path):
+    # Execute
+    grid = {**MASK_ONLY, "ring_bits": 64, "clip_range": 1e6}
+    path = run_secure_agg_bench(out_dir=tmp_path, quick=True, progress=False, grid=grid)
+
+    # Assert: 8-byte words, and the fractional bits of the former default
+    (row,) = json.loads(path.read_text())
+    assert (row["ring_bits"], row["clip_range"]) == (64, 1e6)
+    assert row["frac_bits"] == FixedPointCodec(ring_bits=64, clip_range=1e6, n_summands=3).frac_bits
+    assert row["keystream_bytes"] == (1 + 2) * 101 * 8 + 101 * 8
+    assert row["sum_ok"]
+    assert "(not a run's defaults)" in (tmp_path / "summary.md").read_text()
+
+
+@pytest.mark.parametrize("recorded", [True, False])
+def test_resuming_into_masking_rows_of_another_ring_is_refused(tmp_path, recorded):
+    """Rows of the former 64-bit ring must not pass for the default ring's on a resume."""
+    # Prepare: a finished 64-bit run; without `recorded`, as written before rows named the ring
+    grid = {**MASK_ONLY, "ring_bits": 64, "clip_range": 1e6}
+    path = run_secure_agg_bench(out_dir=tmp_path, quick=True, progress=False, grid=grid)
+    if not recorded:
+        rows = json.loads(path.read_text())
+        for r in rows:
+            del r["ring_bits"], r["clip_range"]
+        path.write_text(json.dumps(rows))
+    before = path.read_text()
+
+    # Execute / Assert
+    with pytest.raises(
+        ConfigError, match="1 masking rows were measured with a 64-bit ring at clip"
+    ):
+        run_secure_agg_bench(out_dir=tmp_path, quick=True, progress=False, grid=MASK_ONLY)
+    assert path.read_text() == before
+
+
+@pytest.mark.parametrize(
+    "overrides, match",
+    [
+        ({"ring_bits": 16}, "ring_bits"),
+        ({"clip_range": 0.0}, "clip_range"),
+        # 100 sites at clip 1e8 cannot be summed in a 32-bit ring at all
+        ({"ring_bits": 32, "clip_range": 1e8, "n_clients": [100]}, "does not fit a 32-bit"),
+    ],
+)
+def test_grid_rejects_an_impossible_ring(overrides, match):
+    with pytest.raises(ConfigError, match=match):
+        SecureAggGrid(**{"n_params": [10], "n_clients": [3], **overrides})

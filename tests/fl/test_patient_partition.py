@@ -97,6 +97,64 @@ def test_without_patients_the_split_is_the_record_level_partition(spec):
         assert np.array_equal(_record_index(site_val, 30), h)
 
 
+def _hospitals(patients: np.ndarray) -> np.ndarray:
+    """A hospital per patient (all of a patient's records in one), 4 hospitals."""
+    _, codes = np.unique(patients, return_inverse=True)
+    return (codes % 4).astype(np.int64)
+
+
+@pytest.mark.parametrize("spec", ["dirichlet:0.5", "iid", "by-group"])
+def test_held_out_patients_are_dealt_whole_to_one_site(spec):
+    # Prepare: train and val patients of 1-6 scattered records each, distinct people.
+    # (by-group kept patients whole before too, a patient being in one hospital; it guards
+    # that dealing patients keeps each held-out patient with its hospital's site.)
+    train_ids = _patients(60, seed=1)
+    val_ids = _patients(25, seed=8) + 1000
+    train = _split(train_ids.size, seed=2, patients=train_ids, groups=_hospitals(train_ids))
+    val = _split(val_ids.size, seed=3, patients=val_ids, groups=_hospitals(val_ids))
+    config = RunConfig(clients=4, partition=spec, seed=7)
+
+    # Execute
+    shards = site_splits(config, train=train, val=val)
+
+    # Assert: every held-out record is placed once, and each patient at exactly one site
+    held = [_record_index(h, val_ids.size) for _, h in shards if h is not None]
+    placed = np.concatenate(held)
+    assert np.array_equal(np.sort(placed), np.arange(val_ids.size))
+    owners: dict[int, set[int]] = {}
+    for k, (_, site_val) in enumerate(shards):
+        if site_val is None:
+            continue
+        assert np.array_equal(site_val.patients, val_ids[_record_index(site_val, val_ids.size)])
+        for pid in site_val.patients.tolist():
+            owners.setdefault(pid, set()).add(k)
+    assert len(owners) == 25
+    assert all(len(sites) == 1 for sites in owners.values())
+
+
+def test_a_patient_with_training_records_is_held_out_at_the_site_that_trains_on_them():
+    # Prepare: the val split holds more records of 10 training patients, and 10 new patients
+    train_ids = _patients(30, seed=1)
+    known = np.unique(train_ids)[:10]
+    val_ids = np.concatenate([np.repeat(known, 3), np.repeat(np.arange(10) + 1000, 2)])
+    val_ids = np.random.default_rng(5).permutation(val_ids).astype(np.int64)
+    train = _split(train_ids.size, seed=2, patients=train_ids)
+    val = _split(val_ids.size, seed=3, patients=val_ids)
+    config = RunConfig(clients=3, partition="dirichlet:0.5", seed=4)
+
+    # Execute
+    shards = site_splits(config, train=train, val=val)
+
+    # Assert: no patient id is at two sites, across both splits
+    owners: dict[int, set[int]] = {}
+    for k, (site, site_val) in enumerate(shards):
+        ids = site.patients.tolist() + ([] if site_val is None else site_val.patients.tolist())
+        for pid in ids:
+            owners.setdefault(pid, set()).add(k)
+    assert set(known.tolist()) | set(range(1000, 1010)) <= set(owners)
+    assert all(len(sites) == 1 for sites in owners.values())
+
+
 def test_patient_partition_is_deterministic_and_refuses_fewer_patients_than_sites():
     # Prepare
     patients = _patients(12, seed=4)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -9,9 +10,13 @@ from typing import Any
 
 import numpy as np
 
+from securefed.config import RunConfig
+from securefed.crypto.fixedpoint import FixedPointCodec, choose_ring_bits
 from securefed.errors import ConfigError
 
 __all__ = [
+    "DEFAULT_CLIP_RANGE",
+    "DEFAULT_RING_BITS",
     "FULL_GRID",
     "MECHANISMS",
     "QUICK_GRID",
@@ -22,6 +27,12 @@ __all__ = [
 
 MECHANISMS = ("plain", "mask", "he")
 """Mechanisms of the suite: plaintext baseline, pairwise masking, CKKS (TenSEAL)."""
+
+# Masking is measured as a run gets it by default: read off RunConfig, not retyped, so the
+# suite follows the defaults when they change (they did in schema 3.1: 64 -> auto, 1e6 -> 1e5).
+_RUN_DEFAULTS = {f.name: f.default for f in dataclasses.fields(RunConfig)}
+DEFAULT_RING_BITS: int | str = _RUN_DEFAULTS["secagg_ring_bits"]
+DEFAULT_CLIP_RANGE: float = _RUN_DEFAULTS["secagg_clip"]
 
 
 def secagg_plus_neighbors(n_clients: int) -> int | None:
@@ -71,6 +82,11 @@ class SecureAggGrid:
         single_core: Pin the process to one CPU core for the run (Linux only).
         seed: Seed of the simulated inputs, the dropped sites and the public SecAgg+ graph
             seed, so that reruns measure the same work.
+        ring_bits: Masking's ring, 32, 64 or ``auto`` (resolved per site count as a run
+            resolves ``--secagg-ring-bits``); default: RunConfig's default.
+        clip_range: Masking's fixed-point clip range (``--secagg-clip``); default:
+            RunConfig's. ``ring_bits=64, clip_range=1e6`` measures masking as it was before
+            config schema 3.1.
 
     """
 
@@ -84,6 +100,8 @@ class SecureAggGrid:
     repeat_budget_seconds: float = 10.0
     single_core: bool = True
     seed: int = 0
+    ring_bits: int | str = DEFAULT_RING_BITS
+    clip_range: float = DEFAULT_CLIP_RANGE
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "n_params", _int_tuple("n_params", self.n_params, 1))
@@ -116,6 +134,29 @@ class SecureAggGrid:
                 raise ConfigError(f"`{name}` must be an integer >= {low} (got {value!r}).")
         if not isinstance(self.single_core, bool):
             raise ConfigError(f"`single_core` must be true or false (got {self.single_core!r}).")
+        if self.ring_bits not in ("auto", 32, 64) or isinstance(self.ring_bits, bool):
+            raise ConfigError(f"`ring_bits` must be auto, 32 or 64 (got {self.ring_bits!r}).")
+        clip = self.clip_range
+        if isinstance(clip, bool) or not isinstance(clip, (int, float)) or not clip > 0:
+            raise ConfigError(f"`clip_range` must be a positive number (got {clip!r}).")
+        object.__setattr__(self, "clip_range", float(clip))
+        if "mask" in self.mechanisms:
+            for n in self.n_clients:  # a ring that cannot hold the sum fails now, not mid-run
+                FixedPointCodec(
+                    ring_bits=self.mask_ring_bits(n), clip_range=self.clip_range, n_summands=n
+                )
+
+    def mask_ring_bits(self, n_clients: int) -> int:
+        """The ring masking uses for ``n_clients`` sites (``auto`` resolved as a run does).
+
+        Raises:
+            ConfigError: ``auto`` and no ring meets the tolerance at this clip range.
+
+        """
+        if self.ring_bits != "auto":
+            return int(self.ring_bits)
+        # As RunConfig.resolved_ring_bits: the full complement of sites, at least 2.
+        return choose_ring_bits(clip_range=self.clip_range, n_summands=max(2, n_clients))
 
     def neighbors(self, n_clients: int) -> int | None:
         """SecAgg+ degree for ``n_clients`` sites, or None for the complete graph."""

@@ -101,8 +101,18 @@ def _run_plain(inputs: Mapping[int, np.ndarray], plan: DropoutPlan) -> _Run:
     )
 
 
-def _run_mask(inputs: Mapping[int, np.ndarray], plan: DropoutPlan, n_clients: int) -> _Run:
-    config = SecAggConfig(n_clients=n_clients, threshold=plan.threshold, neighbors=plan.neighbors)
+def _run_mask(
+    inputs: Mapping[int, np.ndarray], plan: DropoutPlan, n_clients: int, grid: SecureAggGrid
+) -> _Run:
+    # The ring and clip range a run of n_clients sites gets (by default RunConfig's); the
+    # fractional bits follow from them and n_clients as in a run (protocol.modes.masking).
+    config = SecAggConfig(
+        n_clients=n_clients,
+        threshold=plan.threshold,
+        neighbors=plan.neighbors,
+        ring_bits=grid.mask_ring_bits(n_clients),
+        clip_range=grid.clip_range,
+    )
     res = secure_sum(
         inputs,
         config=config,
@@ -129,6 +139,8 @@ def _run_mask(inputs: Mapping[int, np.ndarray], plan: DropoutPlan, n_clients: in
                 res.client_step_seconds[s]["mask"] for s in survivors
             ),
             "frac_bits": config.frac_bits,
+            "ring_bits": config.ring_bits,
+            "clip_range": config.clip_range,
             "clipped": res.clipped,
         },
     )
@@ -183,7 +195,7 @@ def measure_cell(
         if mechanism == "plain":
             run = _run_plain(inputs, plan)
         elif mechanism == "mask":
-            run = _run_mask(inputs, plan, n_clients)
+            run = _run_mask(inputs, plan, n_clients, grid)
         else:
             run = _run_he(inputs, plan, keys)
             # Interleaved with our runs so that both see the same machine load.
@@ -241,6 +253,8 @@ def measure_cell(
         "max_abs_error": max_abs_error,
         "error_bound": error_bound,
         "sum_ok": bool(max_abs_error <= error_bound),
+        "ring_bits": best.fields.get("ring_bits"),
+        "clip_range": best.fields.get("clip_range"),
         "frac_bits": best.fields.get("frac_bits"),
         "clipped": best.fields.get("clipped", 0),
         "timing_repeats": repeats,

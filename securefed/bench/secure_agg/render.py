@@ -9,7 +9,13 @@ from pathlib import Path
 from typing import Any
 
 from securefed.bench.common import write_atomic
-from securefed.bench.secure_agg.grid import MECHANISMS, SecureAggGrid, n_dropped
+from securefed.bench.secure_agg.grid import (
+    DEFAULT_CLIP_RANGE,
+    DEFAULT_RING_BITS,
+    MECHANISMS,
+    SecureAggGrid,
+    n_dropped,
+)
 from securefed.bench.secure_agg.measure import AES_REFERENCE_REPEATS
 
 __all__ = ["plot", "sci", "write_summary"]
@@ -38,6 +44,14 @@ def sci(n: int) -> str:
     mantissa, exponent = f"{n:.0e}".split("e")
     short = f"{mantissa}e{int(exponent)}"
     return short if float(short) == n else str(n)
+
+
+def _ring_text(grid: SecureAggGrid) -> str:
+    """``auto`` (and what it resolves to per site count), or the fixed ring."""
+    if grid.ring_bits != "auto":
+        return f"{grid.ring_bits}-bit"
+    rings = ", ".join(f"{grid.mask_ring_bits(n)}-bit for {n} sites" for n in grid.n_clients)
+    return f"auto ({rings})"
 
 
 def _mb(x: float) -> str:
@@ -229,6 +243,12 @@ def write_summary(
         "",
         "- Each site's input is `[n_i u_i, n_i]` (n_params + 1 float64 values), u_i ~ N(0, 0.01^2)"
         " per coordinate and n_i uniform in [100, 1000], as the FL layer sends pre-scaled updates.",
+        f"- Masking's ring: {_ring_text(grid)}, clip range {grid.clip_range:g}"
+        + (
+            " (a run's defaults, `--secagg-ring-bits` and `--secagg-clip`)."
+            if (grid.ring_bits, grid.clip_range) == (DEFAULT_RING_BITS, DEFAULT_CLIP_RANGE)
+            else " (not a run's defaults)."
+        ),
         "- Dropout: `round(fraction x n)` sites (seeded draw) share their keys and then vanish"
         " before uploading, the costly recovery path of masking (the server reconstructs their"
         " mask keys and regenerates their pairwise masks). Plaintext and CKKS drop the same"
@@ -248,7 +268,8 @@ def write_summary(
         " the float32 size of the same vector, 4 (n_params + 1).",
         "- **mask s**: per-site seconds of the encode-and-mask step (median over surviving"
         " sites); it produces `masking_keystream_bytes` of AES-CTR keystream ((1 + degree) masks"
-        " of 8-byte words plus 8 bytes of rounding coins per value). Its references, both"
+        " of k/8-byte words for the k-bit ring plus 8 bytes of rounding coins per value). Its"
+        " references, both"
         " producing that many bytes with the `cryptography` package (best of"
         f" {AES_REFERENCE_REPEATS}): **1-call** `securefed.crypto.prg.keystream` (one"
         " `encryptor.update` over a zero buffer), and **prealloc**, `update_into` a preallocated"

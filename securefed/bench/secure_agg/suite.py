@@ -47,7 +47,8 @@ def run_secure_agg_bench(
         The path of ``results.json``.
 
     Raises:
-        ConfigError: Unknown or invalid ``grid`` entries.
+        ConfigError: Unknown or invalid ``grid`` entries, or ``out_dir`` holds masking rows
+            measured with another ring or clip range (they would be kept as if measured now).
         DataError: ``out_dir`` holds a ``results.json`` that is not a list of suite rows.
 
     """
@@ -62,6 +63,7 @@ def run_secure_agg_bench(
     out_dir.mkdir(parents=True, exist_ok=True)
     results_path = out_dir / "results.json"
     rows = load_results(results_path)
+    _refuse_other_rings(results_path, rows, spec)
     done = {cell_key(r) for r in rows}
     env = environment()
 
@@ -154,3 +156,28 @@ def run_secure_agg_bench(
         for line in targets:
             print(line)
     return results_path
+
+
+# Rows written before the suite recorded its ring were measured with SecAggConfig's defaults
+# of the time: the 64-bit ring at clip range 1e6.
+_UNRECORDED_RING = (64, 1e6)
+
+
+def _refuse_other_rings(path: Path, rows: list[dict[str, Any]], spec: SecureAggGrid) -> None:
+    """Refuse to resume into masking rows of another ring or clip range than ``spec``'s."""
+    other = []
+    for r in rows:
+        if r["mechanism"] != "mask":
+            continue
+        ring = r.get("ring_bits", _UNRECORDED_RING[0])
+        clip = r.get("clip_range", _UNRECORDED_RING[1])
+        if (ring, float(clip)) != (spec.mask_ring_bits(int(r["n_clients"])), spec.clip_range):
+            other.append((ring, float(clip)))
+    if other:
+        ring, clip = other[0]
+        raise ConfigError(
+            f"{path}: {len(other)} masking rows were measured with a {ring}-bit ring at clip "
+            f"range {clip:g}, not the ring_bits={spec.ring_bits} and clip range "
+            f"{spec.clip_range:g} of this run; use another --out, or a grid with their "
+            "ring_bits and clip_range."
+        )
