@@ -408,8 +408,8 @@ class RunConfig:
     model: str = _setting(
         "auto",
         help="Model from the registry: auto (picked from the data, see docs/defaults.md), cnn, "
-        "resnet-small, resnet18, densenet121 (classification); unet, vit-unet (segmentation); "
-        "or module:function building an nn.Module from a ModelSpec.",
+        "resnet-small, scatter-linear, resnet18, densenet121 (classification); unet, vit-unet "
+        "(segmentation); or module:function building an nn.Module from a ModelSpec.",
     )
     clients: int = _setting(3, help="Number of sites.")
     partition: str = _setting(

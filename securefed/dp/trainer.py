@@ -11,9 +11,10 @@ Which per-sample clipping runs (``SiteTrainer(clipping="auto")``, :func:`clippin
 
 - ``one-pass`` (:class:`~securefed.dp.clipping.BookKeepingClipper`) when every trainable
   parameter sits in a ``Linear``, ``Conv1d/2d/3d`` (zero padding) or ``GroupNorm`` layer:
-  every built-in model except ``vit-unet`` (cnn, resnet-small, resnet18, densenet121, unet,
-  frozen or not). One backward pass that computes no weight's batch gradient; per-sample
-  gradients from native kernels; clipped sums handed to :class:`ClippedSumDPOptimizer`.
+  every built-in model except ``vit-unet`` (cnn, resnet-small, scatter-linear, resnet18,
+  densenet121, unet, frozen or not). One backward pass that computes no weight's batch
+  gradient; per-sample gradients from native kernels; clipped sums handed to
+  :class:`ClippedSumDPOptimizer`.
   Why: it is the fastest exact mode measured on CPUs (``benchmarks/dp_step.py``; Opacus'
   ghost clipping needs two backward passes and has no ghost rule for convolutions, its
   functorch mode is slower than its hooks). Every clipped sum is taken from the per-sample

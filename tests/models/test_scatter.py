@@ -88,3 +88,35 @@ def test_a_model_file_round_trips_without_the_filters(tmp_path):
 def test_unfit_data_is_refused_in_one_line(spec, match):
     with pytest.raises(ConfigError, match=match):
         build_model(name="scatter-linear", spec=spec)
+
+
+def test_a_dp_run_on_large_images_trains_scatternet_and_ships_only_trained_weights(tmp_path):
+    # `--model auto` under DP above 64 px: scatter-linear, end to end through the engine; the
+    # served model file holds the norm and the head, never the scattering's filters.
+    import json
+
+    from safetensors.torch import load_file
+
+    import securefed
+    from securefed.config import RunConfig
+
+    config = RunConfig(
+        dataset="synthetic",
+        data_options={"n_train": 64, "n_val": 16, "n_test": 16, "image_size": 72},
+        clients=2,
+        rounds=1,
+        local_epochs=1,
+        dp_epsilon=8.0,
+        calibrate=False,
+        device="cpu",
+    )
+    out = securefed.train(config, out_dir=tmp_path / "run", progress=False)
+    resolved = json.loads((out / "config.json").read_text())["resolved"]["model"]
+    assert resolved["name"] == "scatter-linear"
+    assert sorted(load_file(str(out / "model.safetensors"))) == [
+        "head.bias",
+        "head.weight",
+        "norm.bias",
+        "norm.weight",
+    ]
+    assert json.loads((out / "privacy.json").read_text())["epsilon"] <= 8.0 + 1e-6
