@@ -59,6 +59,10 @@ PLAIN_BATCH, PLAIN_LR, PLAIN_MOMENTUM = 64, 0.1, 0.9
 #: Fewest steps per local epoch: below it a site gets no subsampling (q = 1) and too few
 #: updates per round; smaller sites use smaller batches instead.
 MIN_STEPS = 4
+#: The ``--model auto`` rule (:func:`securefed.models.auto_model`): 1 before ``scatter-linear``
+#: (schema < 3.3), 2 since (DP on 2D images above 64 px picks it). A recorded run keeps its own.
+AUTO_RULES = (1, 2)
+AUTO_RULE = 2
 
 
 def planned_epochs(
@@ -252,6 +256,8 @@ class RunConfig:
             label + 1. A label outside [0, K) in any split is refused.
         model: Registered model name (see ``securefed.models.available_models``), or
             ``auto``: picked from the task and image size (:func:`securefed.models.auto_model`).
+        auto_rule: Which rule ``auto`` follows (:data:`AUTO_RULES`): 2, today's; a run
+            recorded before rule 2 existed is replayed and resumed with rule 1, the one it ran.
         clients: Number of sites.
         partition: ``iid``, ``dirichlet:ALPHA``, ``by-label:K`` or ``by-group``.
         rounds: Federated rounds.
@@ -410,6 +416,10 @@ class RunConfig:
         help="Model from the registry: auto (picked from the data, see docs/defaults.md), cnn, "
         "resnet-small, scatter-linear, resnet18, densenet121 (classification); unet, vit-unet "
         "(segmentation); or module:function building an nn.Module from a ModelSpec.",
+    )
+    auto_rule: int = _setting(
+        AUTO_RULE,
+        not_a_flag="the release's --model auto rule; a recorded run keeps the one it ran with",
     )
     clients: int = _setting(3, help="Number of sites.")
     partition: str = _setting(
@@ -725,6 +735,10 @@ class RunConfig:
         _check(
             0 < self.client_fraction <= 1,
             f"{_n('client_fraction')} must be in (0, 1] (got {self.client_fraction}).",
+        )
+        _check(
+            self.auto_rule in AUTO_RULES and not isinstance(self.auto_rule, bool),
+            f"`auto_rule` must be one of {AUTO_RULES} (got {self.auto_rule!r}).",
         )
         if self.dp_epsilon is not None:
             _check(
@@ -1103,8 +1117,11 @@ class RunConfig:
         A record from before ``min_steps`` existed ran with ``ceil(n/B)`` steps an epoch,
         so it is read as ``min_steps = 1``: the replayed run is the one recorded. One without
         ``secagg_ring_bits`` or ``secagg_clip`` is read with the 64-bit ring and 1e6 clip range
-        that masking had before ``auto``.
+        that masking had before ``auto``; one without ``auto_rule`` (before schema 3.3) with
+        ``--model auto``'s rule 1, which never picks ``scatter-linear``.
         """
+        if "auto_rule" not in data:
+            data = {**data, "auto_rule": 1}
         if "min_steps" not in data:
             data = {**data, "min_steps": 1}
         # Before schema 3.1 the defaults were a 64-bit ring and a 1e6 clip range.

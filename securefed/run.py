@@ -319,7 +319,16 @@ def _run(
         elif partial.exists():
             _annotate(exc, _kept_line(partial, done))
         raise
+    finally:
+        _forget_features()
     return target
+
+
+def _forget_features() -> None:
+    """Drop cached image features (``scatter-linear``): no site's images outlive its run."""
+    scatter = sys.modules.get("securefed.models.scatter")
+    if scatter is not None:
+        scatter.clear_feature_cache()
 
 
 def _annotate(exc: Exception, line: str) -> None:

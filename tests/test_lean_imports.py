@@ -16,7 +16,7 @@ from pathlib import Path
 from tests.conftest import write_small_npz
 
 ROOT = Path(__file__).resolve().parents[1]
-HEAVY = ("monai", "torchio", "tenseal", "flwr")
+HEAVY = ("monai", "torchio", "tenseal", "flwr", "kymatio")
 
 # Runs the CLI, then prints on stdout which of HEAVY were ever imported.
 _PROBE = (

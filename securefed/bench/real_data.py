@@ -89,23 +89,32 @@ class RealDataGrid:
 
 
 def summary_table(rows: list[dict[str, Any]]) -> str:
-    """Markdown: one line per (set, ε, arm), mean ± std (min) over seeds."""
+    """Markdown: one line per (set, ε, arm, model), mean ± std (min) over seeds.
+
+    The model is part of the key: a folder resumed after ``--model auto`` changed its pick
+    (or rows from before the model was recorded, shown as ``?``) never averages two
+    architectures into one line.
+    """
     lines = [
-        "| data set | ε | arm | seeds | accuracy | balanced acc. | AUC | one-class runs |"
+        "| data set | ε | arm | model | seeds | accuracy | balanced acc. | AUC | one-class runs |"
         " seconds |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
 
-    def order(key: tuple[str, float | None, str]) -> tuple[int, float, str]:
-        ds, eps, arm = key
-        rank = list(REAL_SETS).index(ds) if ds in REAL_SETS else len(REAL_SETS)
-        return rank, -1.0 if eps is None else eps, arm
+    def key(r: dict[str, Any]) -> tuple[str, float | None, str, str]:
+        return r["dataset"], r["epsilon"], r["arm"], r.get("model") or "?"
 
-    for ds, eps, arm in sorted({(r["dataset"], r["epsilon"], r["arm"]) for r in rows}, key=order):
-        cell = [r for r in rows if (r["dataset"], r["epsilon"], r["arm"]) == (ds, eps, arm)]
+    def order(k: tuple[str, float | None, str, str]) -> tuple[int, float, str, str]:
+        ds, eps, arm, model = k
+        rank = list(REAL_SETS).index(ds) if ds in REAL_SETS else len(REAL_SETS)
+        return rank, -1.0 if eps is None else eps, arm, model
+
+    for k in sorted({key(r) for r in rows}, key=order):
+        ds, eps, arm, model = k
+        cell = [r for r in rows if key(r) == k]
         one_class = sum(1 for r in cell if is_one_class(r["confusion_matrix"]))
         lines.append(
-            f"| {ds} | {'∞' if eps is None else f'{eps:g}'} | {arm} | "
+            f"| {ds} | {'∞' if eps is None else f'{eps:g}'} | {arm} | {model} | "
             f"{','.join(str(r['seed']) for r in cell)} | "
             f"{mean_std_min([r['accuracy'] for r in cell])} | "
             f"{mean_std_min([r['balanced_accuracy'] for r in cell])} | "

@@ -126,6 +126,7 @@ def _rows_from_run(
 ) -> list[dict[str, Any]]:
     metrics = json.loads((run / "metrics.json").read_text())
     privacy = json.loads((run / "privacy.json").read_text())
+    resolved = json.loads((run / "config.json").read_text()).get("resolved", {})
     final, rounds = metrics["final"], metrics["rounds"]
     target = grid.target_accuracy
     curve = [r["global"]["accuracy"] for r in rounds]
@@ -141,6 +142,8 @@ def _rows_from_run(
         {
             "arm": arm,
             "strategy": metrics.get("strategy"),
+            # What `--model auto` built: the DP and non-private arms may differ (docs/defaults.md).
+            "model": resolved.get("model", {}).get("name"),
             "epsilon": eps,
             "seed": seed,
             "accuracy": final["accuracy"],

@@ -391,6 +391,9 @@ def deployed_site(config: RunConfig, node: NodeSettings) -> SiteRuntime:
     from securefed.fl.site_runtime import SiteRuntime
 
     node.check_policy(config)
+    scatter = sys.modules.get("securefed.models.scatter")
+    if scatter is not None:
+        scatter.clear_feature_cache()  # a long-lived site process: the last run's features go
     secure = config.secure_agg != "none"
     if secure and node.roster is None:
         # Both modes' defences against an active server rest on the roster (masking: signed

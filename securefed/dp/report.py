@@ -26,7 +26,8 @@ __all__ = [
 #: (audit runs) in privacy.json and `audit_canaries` in config.json (docs/schemas.md).
 #: 3.2 (additive): `privacy_unit` may be "patient" (with its `guarantee`, `sampling` and
 #: `clipping` wording); config.json's run gains `privacy_unit` and `group_by`.
-SCHEMA_VERSION = "3.2"
+#: 3.3 (additive): config.json's run gains `auto_rule` (the --model auto rule it ran with).
+SCHEMA_VERSION = "3.3"
 
 THREAT_MODEL = (
     "(epsilon, delta)-DP per site and per privacy unit ('privacy_unit': one training record, or "

@@ -1111,7 +1111,15 @@ class RoundEngine:
         meta = ck.meta
         if meta.get("runtime") != self.runtime:
             raise ConfigError(f"the checkpoint is not one of a {self.runtime} run")
-        if meta["config"] != json.loads(json.dumps(_plain(self.config.to_dict()))):
+        # Read as a recorded run (RunConfig.from_recorded): a checkpoint written before a
+        # field existed carries the value it ran with, which is what this run must have.
+        try:
+            recorded = RunConfig.from_recorded(dict(meta["config"])).to_dict()
+        except (ConfigError, TypeError, ValueError) as exc:
+            raise ConfigError(f"the checkpoint's configuration is unreadable ({exc})") from exc
+        if json.loads(json.dumps(_plain(recorded))) != json.loads(
+            json.dumps(_plain(self.config.to_dict()))
+        ):
             raise ConfigError(
                 "the checkpoint was written for another configuration; resume with the same "
                 "options (see its config)"
@@ -1147,11 +1155,19 @@ class RoundEngine:
             book.restore(meta)
         except ProtocolError as exc:
             raise ConfigError(str(exc)) from exc
+        try:
+            self.models[0].load_state_dict(ck.model_state, strict=True)
+            for k in range(1, len(self.models)):
+                self.models[k].load_state_dict(ck.extra[f"model{k}"], strict=True)
+        except RuntimeError as exc:
+            first = str(exc).strip().splitlines()[0]
+            raise ConfigError(
+                f"the checkpoint's weights do not fit the {self.built.name} this configuration "
+                f"builds ({first})"
+            ) from exc
         self.claims = book
-        self.models[0].load_state_dict(ck.model_state, strict=True)
         self.server_opts[0].load_state(ck.optimizer_state)
         for k in range(1, len(self.models)):
-            self.models[k].load_state_dict(ck.extra[f"model{k}"], strict=True)
             self.server_opts[k].load_state(
                 {n: v.numpy() for n, v in ck.extra.get(f"serveropt{k}", {}).items()}
             )

@@ -7,6 +7,8 @@ no privacy mechanism. Pure functions of ``RunConfig`` and data: no state, no net
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import torch
 
@@ -106,9 +108,13 @@ def model_spec(bundle: DatasetBundle, task: Task, config: RunConfig) -> ModelSpe
     )
 
 
-def model_choice(config: RunConfig) -> dict[str, bool]:
+def model_choice(config: RunConfig) -> dict[str, Any]:
     """What ``--model auto`` needs beyond the data's shape (:func:`securefed.models.auto_model`)."""
-    return {"private": config.dp_enabled, "pretrained": config.pretrained is not None}
+    return {
+        "private": config.dp_enabled,
+        "pretrained": config.pretrained is not None,
+        "rule": config.auto_rule,
+    }
 
 
 def training_dataset(

@@ -239,7 +239,9 @@ def _scatter_linear(spec: ModelSpec) -> nn.Module:
     )
 
 
-def auto_model(spec: ModelSpec, *, private: bool = False, pretrained: bool = False) -> str:
+def auto_model(
+    spec: ModelSpec, *, private: bool = False, pretrained: bool = False, rule: int = 2
+) -> str:
     """The model ``--model auto`` builds for ``spec``: a rule fixed in advance, not tuned.
 
     - segmentation: ``unet``;
@@ -257,7 +259,10 @@ def auto_model(spec: ModelSpec, *, private: bool = False, pretrained: bool = Fal
         spec: The data's shape.
         private: Whether the model is trained with DP-SGD.
         pretrained: Whether pretrained weights will be loaded (their architecture is then
-            the non-private one, which ``securefed pretrain --model auto`` also picks).
+            the non-private one, which ``securefed pretrain --model auto`` also picks; for a
+            ``scatter-linear`` file, name it: ``--model scatter-linear``).
+        rule: 2, today's rule; 1, the rule before ``scatter-linear`` (never picks it), which
+            a run recorded then is replayed and resumed with (``RunConfig.auto_rule``).
 
     """
     if spec.task == "segmentation":
@@ -266,7 +271,7 @@ def auto_model(spec: ModelSpec, *, private: bool = False, pretrained: bool = Fal
         return "cnn"
     if spec.image_shape is not None and max(spec.image_shape) <= AUTO_CNN_MAX_SIDE:
         return "cnn"
-    if private and not pretrained and _scatter_fits(spec):
+    if rule >= 2 and private and not pretrained and _scatter_fits(spec):
         return "scatter-linear"
     return "resnet-small"
 
@@ -389,7 +394,12 @@ def _scatter_fits(spec: ModelSpec) -> bool:
 
 
 def build_model(
-    *, name: str, spec: ModelSpec, private: bool = False, pretrained: bool = False
+    *,
+    name: str,
+    spec: ModelSpec,
+    private: bool = False,
+    pretrained: bool = False,
+    rule: int = 2,
 ) -> BuiltModel:
     """Build ``name`` for ``spec`` and make it DP-compatible with Opacus' validator.
 
@@ -407,6 +417,7 @@ def build_model(
         spec: The data's shape.
         private: Whether it trains with DP-SGD (only ``auto`` looks at it).
         pretrained: Whether pretrained weights will be loaded (only ``auto`` looks at it).
+        rule: Which rule ``auto`` follows (:func:`auto_model`).
 
     Raises:
         ConfigError: ``name`` is unknown or does not support ``spec.task``, ``spec`` does not
@@ -418,7 +429,7 @@ def build_model(
     from securefed.models.compat import make_hook_safe
 
     if name == AUTO:
-        name = auto_model(spec, private=private, pretrained=pretrained)
+        name = auto_model(spec, private=private, pretrained=pretrained, rule=rule)
     if name not in _REGISTRY and ":" in name:
         resolve_model(name)
     if name not in _REGISTRY:

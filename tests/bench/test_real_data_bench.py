@@ -35,8 +35,25 @@ def test_table_shows_min_and_counts_one_class_runs():
     table = summary_table(rows)
     lines = table.splitlines()
     # The non-private row comes first, then ε = 8 with its worst seed and one one-class run.
-    assert lines[2].startswith("| breastmnist | ∞ | fl | 0 |")
-    assert "(min 0.731)" in lines[3] and lines[3].split("|")[8].strip() == "1"
+    assert lines[2].startswith("| breastmnist | ∞ | fl | ? | 0 |")
+    assert "(min 0.731)" in lines[3] and lines[3].split("|")[9].strip() == "1"
+
+
+def test_rows_of_two_models_never_share_a_line():
+    # A folder resumed after `--model auto` changed its pick keeps both architectures apart.
+    rows = [
+        {
+            **_row("brain_tumor_mri_96", 8.0, "fl", 0, 0.60, [[5, 1], [1, 5]]),
+            "model": "resnet-small",
+        },
+        {
+            **_row("brain_tumor_mri_96", 8.0, "fl", 1, 0.74, [[5, 1], [1, 5]]),
+            "model": "scatter-linear",
+        },
+    ]
+    lines = summary_table(rows).splitlines()[2:]
+    assert len(lines) == 2
+    assert "| resnet-small | 0 |" in lines[0] and "| scatter-linear | 1 |" in lines[1]
 
 
 def test_unknown_or_missing_sets_are_refused(tmp_path):
@@ -75,7 +92,8 @@ def test_quick_grid_runs_on_real_data(tmp_path, shared_data_dir):
     }
     assert all(0.0 <= r["accuracy"] <= 1.0 for r in rows)
     summary = (out / "summary.md").read_text()
-    assert "| breastmnist | 8 | ftl |" in summary
+    assert "| breastmnist | 8 | ftl | cnn |" in summary
+    assert all(r["model"] == "cnn" for r in rows)
     # The defaults resolved from the data: 28 px images get the small CNN.
     run = next((out / "breastmnist" / "runs").iterdir())
     config = json.loads((run / "config.json").read_text())

@@ -295,3 +295,60 @@ def test_checkpoint_extra_groups_round_trip_and_tampering_is_refused(tmp_path):
     weights.write_bytes(weights.read_bytes()[:-1] + b"\x01")
     with pytest.raises(IntegrityError):
         load_checkpoint(tmp_path)
+
+
+def test_a_checkpoint_from_before_auto_rule_2_resumes_with_the_model_it_trained(tmp_path):
+    # A DP run on 72 px images checkpointed before `auto_rule` existed trained resnet-small;
+    # today's rule would build scatter-linear, whose weights the checkpoint cannot fill.
+    config = RunConfig(
+        dataset="synthetic",
+        data_options={"n_train": 32, "n_val": 8, "n_test": 8, "image_size": 72},
+        clients=2,
+        rounds=2,
+        local_epochs=1,
+        dp_epsilon=8.0,
+        calibrate=False,
+        device="cpu",
+        auto_rule=1,
+    )
+    fed = _StopAt(config, stop_at=2, exc=KeyboardInterrupt())
+    with pytest.raises(RunInterrupted):
+        train(config, out_dir=tmp_path / "run", federation=fed, progress=False)
+    (partial,) = _partials(tmp_path)
+    ck_json = partial / "checkpoint" / "checkpoint.json"
+    doc = json.loads(ck_json.read_text())
+    assert doc["config"].pop("auto_rule") == 1  # as written before schema 3.3
+    ck_json.write_text(json.dumps(doc))
+
+    resumed = train(resume=partial, progress=False)
+
+    recorded = json.loads((resumed / "config.json").read_text())
+    assert recorded["resolved"]["model"]["name"] == "resnet-small"
+    assert recorded["run"]["auto_rule"] == 1
+
+
+def test_a_checkpoint_whose_weights_do_not_fit_is_refused_in_one_line(tmp_path):
+    config = RunConfig(
+        dataset="synthetic",
+        data_options={"n_train": 32, "n_val": 8, "n_test": 8, "image_size": 72},
+        clients=2,
+        rounds=2,
+        local_epochs=1,
+        dp_epsilon=8.0,
+        calibrate=False,
+        device="cpu",
+    )
+    fed = _StopAt(config, stop_at=2, exc=KeyboardInterrupt())
+    with pytest.raises(RunInterrupted):
+        train(config, out_dir=tmp_path / "run", federation=fed, progress=False)
+    (partial,) = _partials(tmp_path)
+    engine = Federation(config.replace(model="resnet-small"))
+    with pytest.raises(ConfigError, match="another configuration"):
+        engine.restore(load_checkpoint(partial))
+    # Same configuration, but weights from another architecture (a swapped state file).
+    engine = Federation(config)
+    ck = load_checkpoint(partial)
+    ck.model_state.clear()
+    ck.model_state["stem.0.weight"] = torch.zeros(1)
+    with pytest.raises(ConfigError, match="do not fit the scatter-linear"):
+        engine.restore(ck)

@@ -120,3 +120,63 @@ def test_a_dp_run_on_large_images_trains_scatternet_and_ships_only_trained_weigh
         "norm.weight",
     ]
     assert json.loads((out / "privacy.json").read_text())["epsilon"] <= 8.0 + 1e-6
+
+
+def test_an_empty_batch_gives_empty_features_and_logits():
+    # An empty Poisson batch is a noise-only DP step; Opacus' hooks mode still runs forward.
+    model = _model()
+    assert model(torch.zeros(0, 1, 24, 24)).shape == (0, 3)
+
+
+def test_a_double_model_scatters_in_double(monkeypatch):
+    monkeypatch.setattr(scatter_mod, "_CACHE", _FeatureCache())
+    model = _model().double()
+    out = model(torch.rand(2, 1, 24, 24, dtype=torch.float64))
+    assert out.dtype == torch.float64
+
+
+def test_large_batches_are_scattered_in_chunks_with_the_same_result(monkeypatch):
+    # Chunks bound the transform's transient memory; they must not change the features.
+    model = _model()
+    x = torch.rand(5, 1, 24, 24)
+    whole = model._compute(x)
+    monkeypatch.setattr(scatter_mod, "CHUNK", 2)
+    assert torch.allclose(model._compute(x), whole, atol=1e-6)
+
+
+def test_a_run_ends_with_an_empty_cache(tmp_path):
+    import securefed
+    from securefed.config import RunConfig
+
+    config = RunConfig(
+        dataset="synthetic",
+        data_options={"n_train": 32, "n_val": 8, "n_test": 8, "image_size": 72},
+        clients=2,
+        rounds=1,
+        local_epochs=1,
+        model="scatter-linear",
+        dp_epsilon=8.0,
+        calibrate=False,
+        device="cpu",
+    )
+    securefed.train(config, out_dir=tmp_path / "run", progress=False)
+    assert scatter_mod._CACHE._bytes == 0 and not scatter_mod._CACHE._items
+
+
+def test_a_run_recorded_before_rule_2_replays_and_resumes_with_the_model_it_trained():
+    # Without the recorded rule, `auto` would now build scatter-linear for a DP run on 96 px
+    # images that trained resnet-small: its checkpoint could not be loaded, its replay differ.
+    from securefed.config import RunConfig
+    from securefed.fl.planning import model_choice
+    from securefed.models import auto_model
+
+    run = RunConfig(dp_epsilon=8.0).to_dict()
+    del run["auto_rule"]
+    old = RunConfig.from_recorded(run)
+    new = RunConfig(dp_epsilon=8.0)
+    spec = ModelSpec(in_channels=1, num_classes=4, image_shape=(96, 96))
+    assert old.auto_rule == 1 and new.auto_rule == 2
+    assert auto_model(spec, **model_choice(old)) == "resnet-small"
+    assert auto_model(spec, **model_choice(new)) == "scatter-linear"
+    with pytest.raises(ConfigError, match="auto_rule"):
+        RunConfig(auto_rule=3)
