@@ -229,4 +229,3 @@ def test_a_run_recorded_before_min_steps_replays_with_its_own_rule(tmp_path):
     # A hand-written file (no "run" block) gets today's default.
     path.write_text(json.dumps({"rounds": 3}))
     assert RunConfig.from_json(path).min_steps == 4
-
