@@ -59,6 +59,11 @@ PLAIN_BATCH, PLAIN_LR, PLAIN_MOMENTUM = 64, 0.1, 0.9
 #: Fewest steps per local epoch: below it a site gets no subsampling (q = 1) and too few
 #: updates per round; smaller sites use smaller batches instead.
 MIN_STEPS = 4
+#: Records run through the model at once on a CPU when ``--max-physical-batch-size`` is unset:
+#: bounds DP-SGD's per-step buffers (the quick start peaked at 1.1-1.7 GB with whole batches
+#: of ~200, 0.73-0.75 GB with 64, at the same wall time; docs/memory.md). A GPU keeps whole
+#: batches, where chunks would only leave it idle.
+CPU_PHYSICAL_BATCH = 64
 #: The ``--model auto`` rule (:func:`securefed.models.auto_model`): 1 before ``scatter-linear``
 #: (schema < 3.3), 2 since (DP on 2D images above 64 px picks it). A recorded run keeps its own.
 AUTO_RULES = (1, 2)
@@ -266,9 +271,11 @@ class RunConfig:
             ``max(ceil(n/B), min_steps)`` steps per epoch (with DP, Poisson sampling at
             q = 1/steps), so its batch is about n/steps.
         min_steps: Fewest steps per local epoch (``securefed.dp.accounting.steps_per_epoch``).
-        max_physical_batch_size: Most records run through the model at once (``None``: a
-            whole batch). Larger batches are split and their gradients accumulated into the
-            same single step, so privacy and results are unchanged; memory is bounded.
+        max_physical_batch_size: Most records run through the model at once (``None``:
+            :data:`CPU_PHYSICAL_BATCH` on a CPU, a whole batch on a GPU; see
+            :meth:`physical_batch`). Larger batches are split and their gradients
+            accumulated into the same single step, so privacy and results are unchanged;
+            memory is bounded.
         lr: Local learning rate (SGD with momentum) for a full batch of ``batch_size``
             (``None``: :attr:`effective_lr`); a site with a smaller batch scales it linearly.
         momentum: Local SGD momentum (``None``: 0.5 with DP, 0.9 without).
@@ -445,7 +452,7 @@ class RunConfig:
     max_physical_batch_size: int | None = _setting(
         None,
         min=1,
-        shown="whole batch",
+        shown=f"{CPU_PHYSICAL_BATCH} on a CPU, whole batch on a GPU",
         help="Run at most N records through the model at once; a larger batch is split and its "
         "gradients accumulated into the same single DP step (same privacy, less memory).",
     )
@@ -1059,6 +1066,16 @@ class RunConfig:
         if self.max_grad_norm is not None:
             return float(self.max_grad_norm)
         return DP_CLIP if self.dp_enabled else None
+
+    def physical_batch(self, device_type: str) -> int | None:
+        """Records run through the model at once on ``device_type`` (``None``: whole batch).
+
+        Not part of what a run computes: chunks accumulate into the same step, so each
+        party may pick its own; the default depends on the device that trains.
+        """
+        if self.max_physical_batch_size is not None:
+            return self.max_physical_batch_size
+        return CPU_PHYSICAL_BATCH if device_type == "cpu" else None
 
     @property
     def effective_freeze(self) -> str:

@@ -216,6 +216,7 @@ def test_cli_run_records_what_the_defaults_resolved_to(tmp_path):
         "lr": pytest.approx(0.025),
         "momentum": 0.9,
         "max_grad_norm": None,
+        "max_physical_batch_size": 64,  # a CPU's default chunk
     }
     assert "no clipping" in (out / "summary.md").read_text()
 
@@ -229,3 +230,11 @@ def test_a_run_recorded_before_min_steps_replays_with_its_own_rule(tmp_path):
     # A hand-written file (no "run" block) gets today's default.
     path.write_text(json.dumps({"rounds": 3}))
     assert RunConfig.from_json(path).min_steps == 4
+
+
+def test_a_cpu_runs_at_most_64_records_at_once_unless_told_and_a_gpu_whole_batches():
+    # Memory: whole DP batches of ~200 peaked at 1.1-1.7 GB in the quick start, 64 at 0.75.
+    assert RunConfig().physical_batch("cpu") == 64
+    assert RunConfig().physical_batch("cuda") is None
+    assert RunConfig(max_physical_batch_size=300).physical_batch("cpu") == 300
+    assert RunConfig(max_physical_batch_size=8).physical_batch("cuda") == 8

@@ -231,7 +231,7 @@ class Federation(RoundEngine):
             self.models[0],
             sample_shape=tuple(self.bundle.train.images.shape[1:]),
             batch_size=min(self.config.effective_batch_size, largest),
-            max_physical_batch_size=self.config.max_physical_batch_size,
+            max_physical_batch_size=self.config.physical_batch(self.device.type),
             device=self.device,
         )
 

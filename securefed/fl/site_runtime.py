@@ -275,7 +275,7 @@ class SiteRuntime:
             device=device,
             max_grad_norm=config.effective_max_grad_norm,
             loss_fn=task.loss_fn,
-            max_physical_batch_size=config.max_physical_batch_size,
+            max_physical_batch_size=config.physical_batch(device.type),
             units=None if self.patients is None else train.units(),
         )
         mode = get_mode(config.secure_agg)

@@ -73,6 +73,8 @@ def _config_json(fed: RoundEngine) -> dict[str, Any]:
                 "lr": cfg.effective_lr,
                 "momentum": cfg.effective_momentum,
                 "max_grad_norm": cfg.effective_max_grad_norm,
+                # The server's device; a deployed site applies its own (CPU: 64).
+                "max_physical_batch_size": cfg.physical_batch(fed.device.type),
             },
             "strategy": _strategy_json(fed),
             "public_samples": len(fed.public_indices) if fed.public_indices is not None else 0,
