@@ -60,8 +60,8 @@ PLAIN_BATCH, PLAIN_LR, PLAIN_MOMENTUM = 64, 0.1, 0.9
 #: updates per round; smaller sites use smaller batches instead.
 MIN_STEPS = 4
 #: Records run through the model at once on a CPU when ``--max-physical-batch-size`` is unset:
-#: bounds DP-SGD's per-step buffers (the quick start peaked at 1.1-1.7 GB with whole batches
-#: of ~200, 0.73-0.75 GB with 64, at the same wall time; docs/memory.md). A GPU keeps whole
+#: bounds DP-SGD's per-step buffers (the quick start peaked at 1.16-1.75 GB with whole batches
+#: of ~200, 0.72-0.75 GB with 64, at about the same wall time; docs/memory.md). A GPU keeps whole
 #: batches, where chunks would only leave it idle.
 CPU_PHYSICAL_BATCH = 64
 #: The ``--model auto`` rule (:func:`securefed.models.auto_model`): 1 before ``scatter-linear``
@@ -454,7 +454,7 @@ class RunConfig:
         min=1,
         shown=f"{CPU_PHYSICAL_BATCH} on a CPU, whole batch on a GPU",
         help="Run at most N records through the model at once; a larger batch is split and its "
-        "gradients accumulated into the same single DP step (same privacy, less memory).",
+        "gradients accumulated into the same single step (same privacy, less memory).",
     )
     lr: float | None = _setting(
         None,
@@ -1070,7 +1070,7 @@ class RunConfig:
     def physical_batch(self, device_type: str) -> int | None:
         """Records run through the model at once on ``device_type`` (``None``: whole batch).
 
-        Not part of what a run computes: chunks accumulate into the same step, so each
+        Chunks accumulate into the same step (equal up to float summation order), so each
         party may pick its own; the default depends on the device that trains.
         """
         if self.max_physical_batch_size is not None:
@@ -1128,6 +1128,32 @@ class RunConfig:
         return cls.from_dict(data)
 
     @classmethod
+    def from_peer(cls, data: Any) -> RunConfig:
+        """A configuration another securefed process sent: it must be of this very release.
+
+        A deployment's server and sites each fill a missing field with their own default;
+        a peer of another release would then build another model or plan (e.g. a config
+        without ``auto_rule`` picks ``resnet-small`` at the server, ``scatter-linear`` at a
+        newer site), which surfaces as a puzzling mismatch later. So every field must be
+        present and none unknown.
+
+        Raises:
+            ConfigError: Fields missing or unknown (the message names the release mismatch),
+                or the values are invalid.
+
+        """
+        if isinstance(data, dict):
+            missing = sorted(set(_FIELDS) - set(data))
+            unknown = sorted(set(data) - set(_FIELDS))
+            if missing or unknown:
+                what = f"no {', '.join(missing)}" if missing else f"unknown {', '.join(unknown)}"
+                raise ConfigError(
+                    f"the run's configuration comes from another securefed release ({what}); "
+                    "run the same release at the server and every site"
+                )
+        return cls.from_dict(data)
+
+    @classmethod
     def from_recorded(cls, data: dict[str, Any]) -> RunConfig:
         """Rebuild the configuration a run recorded (config.json's ``run``, a checkpoint's).
 
@@ -1147,6 +1173,19 @@ class RunConfig:
         if "secagg_clip" not in data:
             data = {**data, "secagg_clip": 1e6}
         return cls.from_dict(data)
+
+    def with_unflagged_of(self, recorded: RunConfig) -> RunConfig:
+        """A copy taking ``recorded``'s values of the settings no option sets.
+
+        For resuming: such a setting (``auto_rule``) is the one the run started with, which
+        a user resuming an older run cannot type; other differences stay differences.
+        """
+        fixed = {
+            name: getattr(recorded, name)
+            for name in _FIELDS
+            if isinstance(cli_metadata(name), NotAFlag)
+        }
+        return self.replace(**fixed)
 
     def replace(self, **changes: Any) -> RunConfig:
         """A copy with ``changes`` applied (and validated)."""

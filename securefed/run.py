@@ -215,7 +215,7 @@ def _resume(
     saved = resume_config(run_dir)
     folder = _checkpoint_folder(run_dir)
     if config is not None:
-        changed = _differences(config, saved)
+        changed = _differences(config.with_unflagged_of(saved), saved)
         if changed:
             raise ConfigError(
                 f"--resume {folder}: options differ from the checkpoint's "

@@ -163,3 +163,18 @@ def test_the_masking_ring_is_auto_by_default_and_an_old_record_keeps_its_64_bit_
     # A hand-written file (no "run" block) gets today's default.
     path.write_text(json.dumps({"clients": 3}))
     assert RunConfig.from_json(path).secagg_ring_bits == "auto"
+
+
+def test_a_peer_of_another_release_is_refused_by_name():
+    # A deployment's server and sites must run one release: a missing field would be filled
+    # with each side's own default (e.g. auto_rule), an unknown one cannot be honoured.
+    from securefed.config import RunConfig
+    from securefed.errors import ConfigError
+
+    data = RunConfig().to_dict()
+    assert RunConfig.from_peer(data) == RunConfig()
+    del data["auto_rule"]
+    with pytest.raises(ConfigError, match=r"another securefed release \(no auto_rule\)"):
+        RunConfig.from_peer(data)
+    with pytest.raises(ConfigError, match=r"another securefed release \(unknown shiny\)"):
+        RunConfig.from_peer({**RunConfig().to_dict(), "shiny": 1})

@@ -233,8 +233,32 @@ def test_a_run_recorded_before_min_steps_replays_with_its_own_rule(tmp_path):
 
 
 def test_a_cpu_runs_at_most_64_records_at_once_unless_told_and_a_gpu_whole_batches():
-    # Memory: whole DP batches of ~200 peaked at 1.1-1.7 GB in the quick start, 64 at 0.75.
+    # Memory: whole DP batches of ~200 peaked at 1.16-1.75 GB in the quick start, 64 at 0.75.
     assert RunConfig().physical_batch("cpu") == 64
     assert RunConfig().physical_batch("cuda") is None
     assert RunConfig(max_physical_batch_size=300).physical_batch("cpu") == 300
     assert RunConfig(max_physical_batch_size=8).physical_batch("cuda") == 8
+
+
+def test_every_simulated_site_trains_in_cpu_chunks_and_the_warning_sees_them(monkeypatch):
+    from securefed.dp import memory as memory_mod
+    from securefed.fl.simulation import Federation
+
+    config = RunConfig(
+        dataset="synthetic",
+        data_options={"n_train": 30, "n_val": 6, "n_test": 6},
+        clients=2,
+        rounds=1,
+        dp_epsilon=8.0,
+        device="cpu",
+    )
+    fed = Federation(config)
+    assert [s.trainer.max_physical_batch_size for s in fed.sites] == [64, 64]
+    seen = {}
+    monkeypatch.setattr(
+        memory_mod,
+        "memory_warning",
+        lambda *a, **kw: seen.update(kw) or None,
+    )
+    fed.memory_warning()
+    assert seen["max_physical_batch_size"] == 64

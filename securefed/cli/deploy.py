@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -459,6 +460,23 @@ def deploy_roster(federation_key, name, sites, min_contributors, threshold, out)
     click.echo(f"roster {out}: {len(keys)} sites, min_contributors {min_contributors}")
 
 
+def _with_recorded_settings(config: Any, out: Path) -> Any:
+    """``config`` with the checkpoint's values of the settings no option sets.
+
+    Such a setting (e.g. ``auto_rule``, the ``--model auto`` rule) is the one the run
+    started with, which a user resuming an older run cannot type; every other difference is
+    still refused when the checkpoint is restored. No checkpoint: ``config`` as it is.
+    """
+    from securefed.config import RunConfig
+    from securefed.fl.checkpoint import load_checkpoint
+
+    if not (out / "checkpoint" / "checkpoint.json").exists():
+        return config
+    return config.with_unflagged_of(
+        RunConfig.from_recorded(dict(load_checkpoint(out).meta["config"]))
+    )
+
+
 @deploy.command("run")
 @_tls_options
 @option("--superlink", default="127.0.0.1:8000", show_default=True, help="host:port.")
@@ -524,6 +542,8 @@ def deploy_run(
     from securefed.deploy.launch import RunOptions, submit
 
     config = config_from_flags(config_file, no_dp, data_option, flags)
+    if resume:
+        config = _with_recorded_settings(config, Path(out))
     check_deployable(config)  # what the Flower runtime cannot run, before any other check
     options = RunOptions(
         superlink=superlink,

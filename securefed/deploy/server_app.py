@@ -55,7 +55,7 @@ def main(grid: Grid, context: Context) -> None:
     error_file = out / "deploy-error.txt"
     error_file.unlink(missing_ok=True)
     try:
-        config = RunConfig.from_dict(json.loads(str(rc["config"])))
+        config = RunConfig.from_peer(json.loads(str(rc["config"])))
         stop_after = int(rc.get("stop-after", 0)) or None
         Coordinator(
             config,

@@ -174,7 +174,7 @@ def _signed_config(stage: str, context: Context) -> RunConfig:
             "the federation signed"
         )
     try:
-        return RunConfig.from_dict(json.loads(str(raw)))
+        return RunConfig.from_peer(json.loads(str(raw)))
     except (ValueError, TypeError) as exc:
         raise ProtocolError(f"{stage}: the run's configuration does not parse ({exc})") from exc
 
@@ -185,7 +185,7 @@ def _handle(msg: Message, context: Context) -> Message:
     fields = decode(msg.content, what=f"{stage} message")
     config = _signed_config(stage, context)
     try:
-        sent = RunConfig.from_dict(fields.pop(RUN_CONFIG))
+        sent = RunConfig.from_peer(fields.pop(RUN_CONFIG))
     except (KeyError, TypeError) as exc:
         raise ProtocolError(f"{stage} message: no valid run configuration ({exc})") from exc
     if sent != config:

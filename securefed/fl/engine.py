@@ -1117,12 +1117,13 @@ class RoundEngine:
             recorded = RunConfig.from_recorded(dict(meta["config"])).to_dict()
         except (ConfigError, TypeError, ValueError) as exc:
             raise ConfigError(f"the checkpoint's configuration is unreadable ({exc})") from exc
-        if json.loads(json.dumps(_plain(recorded))) != json.loads(
-            json.dumps(_plain(self.config.to_dict()))
-        ):
+        theirs = json.loads(json.dumps(_plain(recorded)))
+        ours = json.loads(json.dumps(_plain(self.config.to_dict())))
+        if theirs != ours:
+            changed = sorted(k for k in set(theirs) | set(ours) if theirs.get(k) != ours.get(k))
             raise ConfigError(
-                "the checkpoint was written for another configuration; resume with the same "
-                "options (see its config)"
+                "the checkpoint was written for another configuration "
+                f"({', '.join(changed)} differ); resume with the same options (see its config)"
             )
         if meta["dataset_fingerprint"] != self.bundle.fingerprint:
             raise ConfigError(

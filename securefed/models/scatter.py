@@ -19,7 +19,8 @@ channel), and one linear layer.
 
 The scattering has no trainable weights and is the same function of an image every time, so
 on a CPU the features of an image are computed once per process and reused, epoch after
-epoch and round after round (:class:`_FeatureCache`; a run clears it when it ends); a GPU
+epoch and round after round (:class:`_FeatureCache`; an in-process run clears it when it
+ends, a deployed site when its next run starts); a GPU
 recomputes them every batch. Its filters are non-persistent buffers, so they are neither
 saved in a model file nor sent between the server and the sites.
 """

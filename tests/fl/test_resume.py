@@ -320,7 +320,12 @@ def test_a_checkpoint_from_before_auto_rule_2_resumes_with_the_model_it_trained(
     assert doc["config"].pop("auto_rule") == 1  # as written before schema 3.3
     ck_json.write_text(json.dumps(doc))
 
-    resumed = train(resume=partial, progress=False)
+    # A user resuming with the same options cannot type the rule; deploy's resume adopts it.
+    from securefed.cli.deploy import _with_recorded_settings
+
+    today = config.replace(auto_rule=2)
+    assert _with_recorded_settings(today, partial).auto_rule == 1
+    resumed = train(today, resume=partial, progress=False)
 
     recorded = json.loads((resumed / "config.json").read_text())
     assert recorded["resolved"]["model"]["name"] == "resnet-small"
@@ -343,7 +348,7 @@ def test_a_checkpoint_whose_weights_do_not_fit_is_refused_in_one_line(tmp_path):
         train(config, out_dir=tmp_path / "run", federation=fed, progress=False)
     (partial,) = _partials(tmp_path)
     engine = Federation(config.replace(model="resnet-small"))
-    with pytest.raises(ConfigError, match="another configuration"):
+    with pytest.raises(ConfigError, match=r"another configuration \(model differ\)"):
         engine.restore(load_checkpoint(partial))
     # Same configuration, but weights from another architecture (a swapped state file).
     engine = Federation(config)
