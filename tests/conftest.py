@@ -187,3 +187,21 @@ def pretrain_public(root):
         device="cpu",
         progress=False,
     )
+
+
+def dp_72px_config(**changes):
+    """A small DP run on 72 px synthetic images: above 64 px, where `--model auto` picks
+    scatter-linear (rule 2) or resnet-small (rule 1)."""
+    from securefed.config import RunConfig
+
+    base = dict(
+        dataset="synthetic",
+        data_options={"n_train": 32, "n_val": 8, "n_test": 8, "image_size": 72},
+        clients=2,
+        rounds=1,
+        local_epochs=1,
+        dp_epsilon=8.0,
+        calibrate=False,
+        device="cpu",
+    )
+    return RunConfig(**{**base, **changes})

@@ -15,7 +15,7 @@ from securefed.errors import ConfigError, IntegrityError
 from securefed.fl.checkpoint import load_checkpoint, save_checkpoint
 from securefed.fl.simulation import Federation
 from securefed.run import PARTIAL_MARK, RunInterrupted, train
-from tests.conftest import tiny_config, write_small_npz
+from tests.conftest import dp_72px_config, tiny_config, write_small_npz
 
 
 def securefed(*args, cwd=None, script=None):
@@ -297,24 +297,24 @@ def test_checkpoint_extra_groups_round_trip_and_tampering_is_refused(tmp_path):
         load_checkpoint(tmp_path)
 
 
-def test_a_checkpoint_from_before_auto_rule_2_resumes_with_the_model_it_trained(tmp_path):
-    # A DP run on 72 px images checkpointed before `auto_rule` existed trained resnet-small;
-    # today's rule would build scatter-linear, whose weights the checkpoint cannot fill.
-    config = RunConfig(
-        dataset="synthetic",
-        data_options={"n_train": 32, "n_val": 8, "n_test": 8, "image_size": 72},
-        clients=2,
-        rounds=2,
-        local_epochs=1,
-        dp_epsilon=8.0,
-        calibrate=False,
-        device="cpu",
-        auto_rule=1,
-    )
+def _large_images(**changes) -> RunConfig:
+    """A 2-round DP run on 72 px images (where `--model auto` depends on the rule)."""
+    return dp_72px_config(rounds=2, **changes)
+
+
+def _cut_after_round_1(config: RunConfig, tmp_path):
     fed = _StopAt(config, stop_at=2, exc=KeyboardInterrupt())
     with pytest.raises(RunInterrupted):
         train(config, out_dir=tmp_path / "run", federation=fed, progress=False)
     (partial,) = _partials(tmp_path)
+    return partial
+
+
+def test_a_checkpoint_from_before_auto_rule_2_resumes_with_the_model_it_trained(tmp_path):
+    # A DP run on 72 px images checkpointed before `auto_rule` existed trained resnet-small;
+    # today's rule would build scatter-linear, whose weights the checkpoint cannot fill.
+    config = _large_images(auto_rule=1)
+    partial = _cut_after_round_1(config, tmp_path)
     ck_json = partial / "checkpoint" / "checkpoint.json"
     doc = json.loads(ck_json.read_text())
     assert doc["config"].pop("auto_rule") == 1  # as written before schema 3.3
@@ -333,20 +333,8 @@ def test_a_checkpoint_from_before_auto_rule_2_resumes_with_the_model_it_trained(
 
 
 def test_a_checkpoint_whose_weights_do_not_fit_is_refused_in_one_line(tmp_path):
-    config = RunConfig(
-        dataset="synthetic",
-        data_options={"n_train": 32, "n_val": 8, "n_test": 8, "image_size": 72},
-        clients=2,
-        rounds=2,
-        local_epochs=1,
-        dp_epsilon=8.0,
-        calibrate=False,
-        device="cpu",
-    )
-    fed = _StopAt(config, stop_at=2, exc=KeyboardInterrupt())
-    with pytest.raises(RunInterrupted):
-        train(config, out_dir=tmp_path / "run", federation=fed, progress=False)
-    (partial,) = _partials(tmp_path)
+    config = _large_images()
+    partial = _cut_after_round_1(config, tmp_path)
     engine = Federation(config.replace(model="resnet-small"))
     with pytest.raises(ConfigError, match=r"another configuration \(model differ\)"):
         engine.restore(load_checkpoint(partial))

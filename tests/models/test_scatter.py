@@ -97,20 +97,7 @@ def test_a_dp_run_on_large_images_trains_scatternet_and_ships_only_trained_weigh
 
     from safetensors.torch import load_file
 
-    import securefed
-    from securefed.config import RunConfig
-
-    config = RunConfig(
-        dataset="synthetic",
-        data_options={"n_train": 64, "n_val": 16, "n_test": 16, "image_size": 72},
-        clients=2,
-        rounds=1,
-        local_epochs=1,
-        dp_epsilon=8.0,
-        calibrate=False,
-        device="cpu",
-    )
-    out = securefed.train(config, out_dir=tmp_path / "run", progress=False)
+    out = _dp_run_on_72px(tmp_path)
     resolved = json.loads((out / "config.json").read_text())["resolved"]["model"]
     assert resolved["name"] == "scatter-linear"
     assert sorted(load_file(str(out / "model.safetensors"))) == [
@@ -145,21 +132,7 @@ def test_large_batches_are_scattered_in_chunks_with_the_same_result(monkeypatch)
 
 
 def test_a_run_ends_with_an_empty_cache(tmp_path):
-    import securefed
-    from securefed.config import RunConfig
-
-    config = RunConfig(
-        dataset="synthetic",
-        data_options={"n_train": 32, "n_val": 8, "n_test": 8, "image_size": 72},
-        clients=2,
-        rounds=1,
-        local_epochs=1,
-        model="scatter-linear",
-        dp_epsilon=8.0,
-        calibrate=False,
-        device="cpu",
-    )
-    securefed.train(config, out_dir=tmp_path / "run", progress=False)
+    _dp_run_on_72px(tmp_path, model="scatter-linear")
     assert scatter_mod._CACHE._bytes == 0 and not scatter_mod._CACHE._items
 
 
@@ -180,3 +153,11 @@ def test_a_run_recorded_before_rule_2_replays_and_resumes_with_the_model_it_trai
     assert auto_model(spec, **model_choice(new)) == "scatter-linear"
     with pytest.raises(ConfigError, match="auto_rule"):
         RunConfig(auto_rule=3)
+
+
+def _dp_run_on_72px(tmp_path, **changes):
+    """A 1-round DP run on 72 px synthetic images (`auto` then picks scatter-linear)."""
+    import securefed
+    from tests.conftest import dp_72px_config
+
+    return securefed.train(dp_72px_config(**changes), out_dir=tmp_path / "run", progress=False)
