@@ -237,6 +237,19 @@ class ArraySplit:
         return TensorDataset(torch.tensor(self.images), torch.tensor(self.labels))
 
 
+def _labelled_class_counts(split: ArraySplit, num_classes: int) -> list[int]:
+    """:meth:`ArraySplit.class_counts` over the labelled records alone.
+
+    An unlabelled record's zero map holds no class, so it would inflate the background count.
+    """
+    if not split.unlabelled_count:
+        return split.class_counts(num_classes=num_classes).tolist()
+    if split.unlabelled_count == len(split):
+        return [0] * num_classes
+    labelled = split.subset(indices=np.flatnonzero(split.labelled))
+    return labelled.class_counts(num_classes=num_classes).tolist()
+
+
 def _non_finite_message(images: np.ndarray) -> str:
     """Say how many image values are NaN or infinite, and the first record holding one."""
     finite = np.isfinite(images.reshape(images.shape[0], -1))
@@ -453,9 +466,12 @@ class DatasetBundle:
         map contains the class (see :meth:`ArraySplit.class_counts`). ``group_counts`` maps
         each split to ``{group id as a string: samples}``, or is None without groups.
         ``patient_counts`` maps each split to its number of distinct patients (None for a
-        split without ids), or is None when no split has patient ids.
+        split without ids), or is None when no split has patient ids. With unlabelled
+        training records, ``class_counts`` counts the labelled records alone (a zero map is
+        no class) and the key ``unlabelled_count`` (training records without a label map) is
+        added; without ``labelled`` flags the summary is as before they existed.
         """
-        return {
+        out = {
             "name": self.name,
             "source": self.source,
             "fingerprint": self.fingerprint,
@@ -468,8 +484,7 @@ class DatasetBundle:
             "image_shape": list(self.image_shape),
             "sizes": {s: len(getattr(self, s)) for s in SPLITS},
             "class_counts": {
-                s: getattr(self, s).class_counts(num_classes=self.num_classes).tolist()
-                for s in SPLITS
+                s: _labelled_class_counts(getattr(self, s), self.num_classes) for s in SPLITS
             },
             "group_names": None if self.group_names is None else list(self.group_names),
             "group_counts": (
@@ -488,6 +503,9 @@ class DatasetBundle:
                 else None
             ),
         }
+        if self.train.labelled is not None:
+            out["unlabelled_count"] = self.train.unlabelled_count
+        return out
 
 
 def resolve_classes(

@@ -60,3 +60,16 @@ def test_held_out_split_with_an_unlabelled_record_is_refused(split):
     held = _flagged(np.array([True, False, True, True]), seed=2)
     with pytest.raises(DataError, match=rf"`{split}` holds 1 unlabelled record"):
         _bundle(**{split: held})
+
+
+def test_describe_counts_classes_of_labelled_records_and_the_unlabelled_ones():
+    # Setup: labels alternate 0, 1; records 1 and 3 (both class 1) unlabelled
+    flags = np.array([True, False, True, False, True, True])
+
+    # Execute
+    summary = _bundle(train=_flagged(flags)).describe()
+
+    # Assert
+    assert summary["unlabelled_count"] == 2
+    assert summary["class_counts"]["train"] == [3, 1]
+    assert "unlabelled_count" not in _bundle().describe()
