@@ -447,6 +447,7 @@ def _load_subject(
 
     from securefed.data.transforms import preprocess_transform
 
+    reference_name = "the label map's"
     if label_name in subject.files:
         label_path = subject.files[label_name]
         label = tio.LabelMap(label_path, reader=_nibabel_reader)
@@ -461,6 +462,7 @@ def _load_subject(
         # An unlabelled subject: its first modality is the reference the others must match,
         # and a zero map on its grid goes through the same preprocessing as a real one.
         label_path = subject.files[channels[0]]
+        reference_name = "the first modality's"
         reference = tio.ScalarImage(label_path, reader=_nibabel_reader)
         raw_label = np.zeros_like(_read(reference, label_path))
         label = tio.LabelMap(
@@ -474,12 +476,12 @@ def _load_subject(
         data = _read(image, path)
         if data.shape != raw_label.shape:
             raise DataError(
-                f"{path}: shape {data.shape} differs from the label map's {raw_label.shape} "
+                f"{path}: shape {data.shape} differs from {reference_name} {raw_label.shape} "
                 f"({label_path.name})."
             )
         if not np.allclose(image.affine, label.affine, atol=1e-3):
             raise DataError(
-                f"{path}: its voxel-to-world affine differs from the label map's "
+                f"{path}: its voxel-to-world affine differs from {reference_name} "
                 f"({label_path.name}); the images must be co-registered."
             )
         if float(data.max()) == float(data.min()):

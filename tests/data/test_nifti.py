@@ -412,3 +412,13 @@ def test_unlabelled_option_leaves_a_fully_labelled_bundle_and_fingerprint_unchan
 def test_unlabelled_option_must_be_a_bool(flat_root):
     with pytest.raises(ConfigError, match="unlabelled must be true or false"):
         load_nifti_segmentation(root=flat_root, image_size=8, unlabelled="yes")
+
+
+def test_an_unlabelled_subject_checks_its_modalities_against_the_first(tmp_path):
+    # Setup: the unlabelled subject's flair is on another grid
+    root = _unlabelled_root(tmp_path, unlabelled=1)
+    _save(root / "sub-04" / "flair.nii.gz", np.ones((6, 6, 6), np.float32))
+
+    # Execute / Assert
+    with pytest.raises(DataError, match=r"sub-04/flair.nii.gz: shape .* the first modality's"):
+        load_nifti_segmentation(root=root, image_size=8, unlabelled=True)
