@@ -188,3 +188,18 @@ def test_a_deployed_site_reads_unlabelled_subjects_only_when_its_node_config_say
         _load_site_data(run, NodeSettings(site_id=0, shard=True))
     with pytest.raises(ConfigError, match="`unlabelled` must be true or false"):
         NodeSettings.from_node_config({"site-id": 0, "unlabelled": "yes"})
+
+
+def test_pretraining_on_all_training_records_refuses_unlabelled_ones(semi_root, tmp_path):
+    from securefed.fl.pretrain import pretrain
+
+    with pytest.raises(ConfigError, match=r"pretraining needs label maps, and 4 of its"):
+        pretrain(
+            out=tmp_path / "pre",
+            data=str(semi_root),
+            data_options=OPTIONS,
+            model="unet",
+            epochs=1,
+            device="cpu",
+            progress=False,
+        )
