@@ -269,6 +269,12 @@ def deploy_register(certs, insecure, superlink, public_key) -> None:
     show_default="none",
     help="Where this site's patient ids come from, in --group-by syntax (docs/patients.md).",
 )
+@option(
+    "--unlabelled",
+    is_flag=True,
+    help="Read this site's NIfTI subjects without a label map as unlabelled training "
+    "subjects (teacher-student runs only; a run cannot turn this on).",
+)
 def deploy_site(
     certs,
     insecure,
@@ -294,6 +300,7 @@ def deploy_site(
     privacy_unit,
     allow_labelled_fraction,
     group_by,
+    unlabelled,
 ) -> None:
     """Start one hospital's Flower SuperNode, pointing at its own data.
 
@@ -329,6 +336,7 @@ def deploy_site(
         privacy_unit=privacy_unit,
         group_by=group_by,
         allow_labelled_fraction=allow_labelled_fraction,
+        unlabelled=unlabelled,
     )
     # After the command's own checks (TLS choice), so a refused start writes no key.
     click.echo(f"site {site_id} signing key {key}: {ensure_signing_key(key)}", err=True)

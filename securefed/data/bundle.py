@@ -57,6 +57,11 @@ class ArraySplit:
             belongs to (ids need not be contiguous). Patient-level DP treats all of a
             patient's records as one privacy unit, and site partitioning keeps them at one
             site. None means every record is its own unit.
+        labelled: Optional bool array of shape (N,): whether each record has a true label
+            map. False marks an unlabelled record (segmentation subjects without a label map,
+            read with the NIfTI loader's ``unlabelled`` option): its label map is all zeros
+            and means nothing, so only ``--strategy teacher-student`` may train on it, and
+            held-out splits never hold one. None means every record is labelled.
 
     The arrays are stored as read-only views, so code handed a split cannot alter it and a
     bundle's fingerprint keeps describing the data a run used (the loaders build fresh arrays,
@@ -68,6 +73,7 @@ class ArraySplit:
     labels: np.ndarray
     groups: np.ndarray | None = None
     patients: np.ndarray | None = None
+    labelled: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         images, labels = self.images, self.labels
@@ -128,6 +134,20 @@ class ArraySplit:
             if int(ids.min()) < 0:
                 raise DataError(f"`{field_name}` must be non-negative (got {int(ids.min())}).")
             object.__setattr__(self, field_name, _read_only(ids))
+        flags = self.labelled
+        if flags is not None:
+            if not isinstance(flags, np.ndarray) or flags.dtype != np.bool_ or flags.ndim != 1:
+                raise DataError(
+                    "`labelled` must be None or a 1-D bool numpy array "
+                    f"(got dtype {getattr(flags, 'dtype', None)}, "
+                    f"shape {getattr(flags, 'shape', None)})."
+                )
+            if flags.shape[0] != labels.shape[0]:
+                raise DataError(
+                    "`labelled` must hold one entry per sample "
+                    f"(got {flags.shape[0]} flags for {labels.shape[0]} samples)."
+                )
+            object.__setattr__(self, "labelled", _read_only(flags))
         object.__setattr__(self, "images", _read_only(images))
         object.__setattr__(self, "labels", _read_only(labels))
 
@@ -183,13 +203,25 @@ class ArraySplit:
         bounds = np.flatnonzero(ordered[1:] != ordered[:-1]) + 1
         return np.split(order, bounds)
 
+    @property
+    def unlabelled_count(self) -> int:
+        """Records without a true label map (``labelled`` False); 0 without flags."""
+        if self.labelled is None:
+            return 0
+        return int(self.labelled.size - np.count_nonzero(self.labelled))
+
     def subset(self, *, indices: np.ndarray) -> ArraySplit:
         """Return a new split holding the samples at ``indices`` (e.g. one site's partition)."""
         idx = np.asarray(indices, dtype=np.int64)
         groups = None if self.groups is None else self.groups[idx]
         patients = None if self.patients is None else self.patients[idx]
+        labelled = None if self.labelled is None else self.labelled[idx]
         return ArraySplit(
-            images=self.images[idx], labels=self.labels[idx], groups=groups, patients=patients
+            images=self.images[idx],
+            labels=self.labels[idx],
+            groups=groups,
+            patients=patients,
+            labelled=labelled,
         )
 
     def to_torch(self) -> TensorDataset:
@@ -203,6 +235,19 @@ class ArraySplit:
         from torch.utils.data import TensorDataset
 
         return TensorDataset(torch.tensor(self.images), torch.tensor(self.labels))
+
+
+def _labelled_class_counts(split: ArraySplit, num_classes: int) -> list[int]:
+    """:meth:`ArraySplit.class_counts` over the labelled records alone.
+
+    An unlabelled record's zero map holds no class, so it would inflate the background count.
+    """
+    if not split.unlabelled_count:
+        return split.class_counts(num_classes=num_classes).tolist()
+    if split.unlabelled_count == len(split):
+        return [0] * num_classes
+    labelled = split.subset(indices=np.flatnonzero(split.labelled))
+    return labelled.class_counts(num_classes=num_classes).tolist()
 
 
 def _non_finite_message(images: np.ndarray) -> str:
@@ -253,7 +298,8 @@ class DatasetBundle:
 
     Either every split carries ``groups`` or none does. ``patients`` may be on the training
     split alone (patient-level DP needs them there; held-out splits often lack ids), but a
-    held-out split with patients needs a training split with them too.
+    held-out split with patients needs a training split with them too. Unlabelled records
+    (``labelled`` False) may only be in ``train``.
 
     """
 
@@ -307,6 +353,15 @@ class DatasetBundle:
                 f"{self.name}: {', '.join(with_patients)} record patients but `train` does not; "
                 "give the training split patient ids too (or drop them)."
             )
+        for split in SPLITS[1:]:
+            # Held-out metrics compare predictions with label maps: an unlabelled record's
+            # zero map would score as all background.
+            missing = getattr(self, split).unlabelled_count
+            if missing:
+                raise DataError(
+                    f"{self.name}: `{split}` holds {missing} unlabelled record(s); held-out "
+                    "splits need label maps, so unlabelled records may only be training records."
+                )
         if isinstance(self.num_classes, bool) or not isinstance(self.num_classes, int):
             raise DataError(f"`num_classes` must be an int (got {self.num_classes!r}).")
         if self.num_classes < 2:
@@ -371,12 +426,15 @@ class DatasetBundle:
         bundle whose task is not classification, the ASCII line
         ``"task:{task};label_convention:{label_convention}\n"`` (``None`` written as ``none``),
         then, for each split in the order train, val, test and for each of its arrays in the
-        order images, labels, groups, patients (groups and patients only when present), the
-        ASCII header
-        ``"{split}/{array}:{dtype}:{shape}\n"`` (dtype ``<f4`` or ``<i8``; shape as
-        comma-separated integers) and the array's little-endian, C-order bytes. A
-        classification bundle without groups or patients therefore hashes exactly as before
-        groups, patients and segmentation existed. Patient ids are hashed as stored (not
+        order images, labels, groups, patients, labelled (the last three only when present),
+        the ASCII header
+        ``"{split}/{array}:{dtype}:{shape}\n"`` (dtype ``<f4``, ``<i8``, or ``|u1`` for
+        ``labelled`` stored as one byte 0 or 1 per record; shape as comma-separated integers)
+        and the array's little-endian, C-order bytes. A classification bundle without groups
+        or patients therefore hashes exactly as before groups, patients and segmentation
+        existed, and a bundle without ``labelled`` flags exactly as before they existed
+        (which records are unlabelled changes what a run trains on, so the flags are hashed
+        when present). Patient ids are hashed as stored (not
         renumbered): which records form one patient changes what a patient-level privacy
         claim covers. Group names are labels, not data, and are not hashed. Anyone holding the
         same arrays can recompute it without securefed.
@@ -392,6 +450,8 @@ class DatasetBundle:
                 arrays.append(("groups", split.groups, "<i8"))
             if split.patients is not None:
                 arrays.append(("patients", split.patients, "<i8"))
+            if split.labelled is not None:
+                arrays.append(("labelled", split.labelled, "|u1"))
             for array_name, array, dtype in arrays:
                 data = np.ascontiguousarray(array, dtype=dtype)
                 shape = ",".join(str(s) for s in data.shape)
@@ -406,9 +466,12 @@ class DatasetBundle:
         map contains the class (see :meth:`ArraySplit.class_counts`). ``group_counts`` maps
         each split to ``{group id as a string: samples}``, or is None without groups.
         ``patient_counts`` maps each split to its number of distinct patients (None for a
-        split without ids), or is None when no split has patient ids.
+        split without ids), or is None when no split has patient ids. With unlabelled
+        training records, ``class_counts`` counts the labelled records alone (a zero map is
+        no class) and the key ``unlabelled_count`` (training records without a label map) is
+        added; without ``labelled`` flags the summary is as before they existed.
         """
-        return {
+        out = {
             "name": self.name,
             "source": self.source,
             "fingerprint": self.fingerprint,
@@ -421,8 +484,7 @@ class DatasetBundle:
             "image_shape": list(self.image_shape),
             "sizes": {s: len(getattr(self, s)) for s in SPLITS},
             "class_counts": {
-                s: getattr(self, s).class_counts(num_classes=self.num_classes).tolist()
-                for s in SPLITS
+                s: _labelled_class_counts(getattr(self, s), self.num_classes) for s in SPLITS
             },
             "group_names": None if self.group_names is None else list(self.group_names),
             "group_counts": (
@@ -441,6 +503,9 @@ class DatasetBundle:
                 else None
             ),
         }
+        if self.train.labelled is not None:
+            out["unlabelled_count"] = self.train.unlabelled_count
+        return out
 
 
 def resolve_classes(

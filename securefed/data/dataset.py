@@ -65,6 +65,7 @@ _NIFTI_OPTIONS = (
     "val_fraction",
     "test_fraction",
     "brats",
+    "unlabelled",
 )
 
 
@@ -85,7 +86,8 @@ def load_dataset(
     1. ``data`` is a folder holding ``.nii``/``.nii.gz`` files (within three levels): NIfTI
        segmentation subjects (:func:`~securefed.data.nifti.load_nifti_segmentation`;
        ``options`` may set ``image_size``, ``modalities``, ``label_name``, ``val_fraction``,
-       ``test_fraction`` and ``brats``; ``seed`` picks the carved splits).
+       ``test_fraction``, ``brats`` and ``unlabelled`` (subjects without a label map, for
+       teacher-student); ``seed`` picks the carved splits).
     2. ``data`` is another folder: an image folder
        (:func:`~securefed.data.imagefolder.load_image_folder`; ``options`` may set
        ``image_size`` and ``val_fraction``; ``seed`` picks the carved validation split).

@@ -65,6 +65,7 @@ def load_nifti_segmentation(
     test_fraction: float = 0.2,
     brats: bool | None = None,
     group_by: str | None = None,
+    unlabelled: bool = False,
 ) -> DatasetBundle:
     r"""Load NIfTI subjects from ``root`` into a segmentation :class:`DatasetBundle`.
 
@@ -98,6 +99,15 @@ def load_nifti_segmentation(
     of its first subject folder), each split at least one patient. With one subject per
     patient (the default) this is the split by subject.
 
+    Unlabelled subjects (``unlabelled=True``, ``--data-option unlabelled=true``): a subject
+    folder without the label map is then read as an unlabelled subject, for
+    ``--strategy teacher-student``: its label map is all zeros and its training record has
+    ``labelled`` False (:class:`~securefed.data.bundle.ArraySplit`). Unlabelled subjects are
+    only ever training records: the validation and test patients are carved from the
+    patients whose every subject is labelled (the fractions are of those patients), and every
+    other patient is a training patient. With any unlabelled subject every split carries
+    ``labelled`` flags; without one the bundle is exactly the one read without the option.
+
     Args:
         root: The data folder.
         name: Data set name (default: the folder name).
@@ -113,6 +123,7 @@ def load_nifti_segmentation(
         brats: True: BraTS labels required; False: generic labels; None: detect.
         group_by: ``regex:PATTERN`` on the subject folder names, or None (one patient per
             subject).
+        unlabelled: Accept subjects without the label map as unlabelled training subjects.
 
     Returns:
         The bundle (``task="segmentation"``), with groups when hospital folders are used.
@@ -121,8 +132,10 @@ def load_nifti_segmentation(
         DataError: Missing or unreadable files, a subject missing a modality or the label
             map, shapes or orientations that differ within a subject, non-integer, negative
             or out-of-range labels, constant images, too few patients, a subject folder the
-            ``group_by`` pattern does not match; the message names the file or folder.
-        ConfigError: Bad arguments (``group_by`` other than ``regex:PATTERN``).
+            ``group_by`` pattern does not match, fewer than 3 patients with labels; the
+            message names the file or folder.
+        ConfigError: Bad arguments (``group_by`` other than ``regex:PATTERN``, ``unlabelled``
+            not a bool).
 
     """
     root = Path(root).expanduser()
@@ -132,6 +145,8 @@ def load_nifti_segmentation(
         raise ConfigError(f"`label_name` must be a non-empty string (got {label_name!r}).")
     if brats not in (None, True, False):
         raise ConfigError(f"`brats` must be True, False or None (got {brats!r}).")
+    if not isinstance(unlabelled, bool):
+        raise ConfigError(f"--data-option unlabelled must be true or false (got {unlabelled!r}).")
     if group_by is not None and not (isinstance(group_by, str) and group_by.startswith("regex:")):
         raise ConfigError(
             f"--group-by {group_by!r}: for NIfTI folders use regex:PATTERN, matched against each "
@@ -149,8 +164,11 @@ def load_nifti_segmentation(
         patients = encode_ids({"subjects": np.array(names, dtype=str)}, source=str(root))[
             "subjects"
         ]
-    channels = _modalities(subjects, requested=modalities, label_name=label_name)
+    channels = _modalities(
+        subjects, requested=modalities, label_name=label_name, unlabelled=unlabelled
+    )
     n = len(subjects)
+    has_label = np.array([label_name in s.files for s in subjects], dtype=bool)
     images = np.empty((n, len(channels), *shape), dtype=np.float32)
     labels = np.empty((n, *shape), dtype=np.int64)
     found: list[np.ndarray] = []
@@ -177,19 +195,35 @@ def load_nifti_segmentation(
         else None
     )
     # Carve whole patients: the carving runs on one row per patient (its first subject's
-    # hospital), then expands to the patient's subjects.
+    # hospital), then expands to the patient's subjects. Only patients whose every subject
+    # is labelled can be held out (held-out metrics need label maps); the others train.
     ids, first = np.unique(patients, return_index=True)
+    partly_unlabelled = np.unique(patients[~has_label])
+    eligible = np.flatnonzero(~np.isin(ids, partly_unlabelled))
+    unit = "subject" if ids.size == n else "patient"
+    if eligible.size < ids.size and eligible.size < 3:
+        raise DataError(
+            f"{root}: found {eligible.size} labelled {unit}(s) and "
+            f"{ids.size - eligible.size} with unlabelled subjects; need at least 3 labelled "
+            "ones for train, val and test splits (unlabelled subjects only train)."
+        )
     unit_splits = _carve(
-        ids.size,
-        groups=None if groups is None else groups[first],
+        eligible.size,
+        groups=None if groups is None else groups[first][eligible],
         val_fraction=val_fraction,
         test_fraction=test_fraction,
         seed=seed,
-        unit="subject" if ids.size == n else "patient",
+        unit=unit,
     )
+    _, val_units, test_units = (eligible[units] for units in unit_splits)
+    train_units = np.setdiff1d(np.arange(ids.size), np.concatenate([val_units, test_units]))
     train_idx, val_idx, test_idx = (
-        np.flatnonzero(np.isin(patients, ids[units])).astype(np.int64) for units in unit_splits
+        np.flatnonzero(np.isin(patients, ids[units])).astype(np.int64)
+        for units in (train_units, val_units, test_units)
     )
+    # Flags only when some subject is unlabelled: a fully labelled folder gives the same
+    # bundle (and fingerprint) as without the option.
+    flags = None if has_label.all() else has_label
 
     def split(idx: np.ndarray) -> ArraySplit:
         return ArraySplit(
@@ -197,6 +231,7 @@ def load_nifti_segmentation(
             labels=labels[idx],
             groups=None if groups is None else groups[idx],
             patients=patients[idx],
+            labelled=None if flags is None else flags[idx],
         )
 
     return DatasetBundle(
@@ -207,7 +242,8 @@ def load_nifti_segmentation(
         num_classes=num_classes,
         class_names=class_names,
         source=(
-            f"{root.resolve()} (NIfTI, {n} subjects{_patient_note(ids.size, n)}, "
+            f"{root.resolve()} (NIfTI, {n} subjects{_patient_note(ids.size, n)}"
+            f"{_unlabelled_note(int(n - has_label.sum()))}, "
             f"image_size={'x'.join(map(str, shape))}; "
             f"val {val_fraction:g}, test {test_fraction:g} of {_unit_name(ids.size, n)}, "
             f"seed={seed})"
@@ -216,6 +252,11 @@ def load_nifti_segmentation(
         label_convention=convention,
         group_names=tuple(group_names) if group_names else None,
     )
+
+
+def _unlabelled_note(count: int) -> str:
+    # Absent when every subject is labelled, so sources read as before the option existed.
+    return f", {count} unlabelled" if count else ""
 
 
 def _patient_note(n_patients: int, n_subjects: int) -> str:
@@ -318,15 +359,19 @@ def _subject(folder: Path, *, group: str | None) -> _Subject:
 
 
 def _modalities(
-    subjects: list[_Subject], *, requested: Sequence[str] | None, label_name: str
+    subjects: list[_Subject],
+    *,
+    requested: Sequence[str] | None,
+    label_name: str,
+    unlabelled: bool = False,
 ) -> tuple[str, ...]:
     for subject in subjects:
-        if label_name not in subject.files:
+        if label_name not in subject.files and not unlabelled:
             raise DataError(
                 f"{subject.folder / (label_name + '.nii.gz')}: missing label map "
                 f"(found: {', '.join(sorted(subject.files))}); every subject needs one, "
-                "unlabelled subjects are not supported (for teacher-student, use "
-                "--labelled-fraction on labelled data)."
+                "unless unlabelled subjects are asked for with --data-option unlabelled=true "
+                "(for --strategy teacher-student)."
             )
     if requested is not None:
         channels = tuple(requested)
@@ -397,19 +442,33 @@ def _read(image: Any, path: Path) -> np.ndarray:
 def _load_subject(
     subject: _Subject, *, channels: tuple[str, ...], label_name: str, shape: tuple[int, ...]
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    import torch
     import torchio as tio
 
     from securefed.data.transforms import preprocess_transform
 
-    label_path = subject.files[label_name]
-    label = tio.LabelMap(label_path, reader=_nibabel_reader)
-    raw_label = _read(label, label_path)
-    if not np.array_equal(raw_label, np.round(raw_label)):
-        raise DataError(f"{label_path}: label map holds non-integer values.")
-    values = np.unique(raw_label).astype(np.int64)
-    if values[0] < 0 or values[-1] > MAX_LABEL:
-        bad = values[0] if values[0] < 0 else values[-1]
-        raise DataError(f"{label_path}: label {bad} is out of range [0, {MAX_LABEL}].")
+    reference_name = "the label map's"
+    if label_name in subject.files:
+        label_path = subject.files[label_name]
+        label = tio.LabelMap(label_path, reader=_nibabel_reader)
+        raw_label = _read(label, label_path)
+        if not np.array_equal(raw_label, np.round(raw_label)):
+            raise DataError(f"{label_path}: label map holds non-integer values.")
+        values = np.unique(raw_label).astype(np.int64)
+        if values[0] < 0 or values[-1] > MAX_LABEL:
+            bad = values[0] if values[0] < 0 else values[-1]
+            raise DataError(f"{label_path}: label {bad} is out of range [0, {MAX_LABEL}].")
+    else:
+        # An unlabelled subject: its first modality is the reference the others must match,
+        # and a zero map on its grid goes through the same preprocessing as a real one.
+        label_path = subject.files[channels[0]]
+        reference_name = "the first modality's"
+        reference = tio.ScalarImage(label_path, reader=_nibabel_reader)
+        raw_label = np.zeros_like(_read(reference, label_path))
+        label = tio.LabelMap(
+            tensor=torch.from_numpy(raw_label[None].astype(np.int64)), affine=reference.affine
+        )
+        values = np.zeros(0, dtype=np.int64)  # no class: the convention comes from the others
     images: dict[str, Any] = {}
     for modality in channels:
         path = subject.files[modality]
@@ -417,12 +476,12 @@ def _load_subject(
         data = _read(image, path)
         if data.shape != raw_label.shape:
             raise DataError(
-                f"{path}: shape {data.shape} differs from the label map's {raw_label.shape} "
+                f"{path}: shape {data.shape} differs from {reference_name} {raw_label.shape} "
                 f"({label_path.name})."
             )
         if not np.allclose(image.affine, label.affine, atol=1e-3):
             raise DataError(
-                f"{path}: its voxel-to-world affine differs from the label map's "
+                f"{path}: its voxel-to-world affine differs from {reference_name} "
                 f"({label_path.name}); the images must be co-registered."
             )
         if float(data.max()) == float(data.min()):

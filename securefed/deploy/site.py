@@ -73,6 +73,10 @@ class NodeSettings:
         group_by: Where this site's patient ids come from (``--group-by`` syntax). A site
             that reads its own data never takes the run's ``--group-by`` (a server-chosen
             pattern or path; see :func:`_load_site_data`); only a ``shard`` trial does.
+        unlabelled: Read this site's NIfTI subjects without a label map as unlabelled
+            training subjects (the loader's ``unlabelled`` option), for teacher-student runs.
+            Only the node config sets it, never the run: which of the site's files are read,
+            and as what, is the site's choice.
 
     """
 
@@ -95,6 +99,7 @@ class NodeSettings:
     privacy_unit: str | None = None
     group_by: str | None = None
     allow_labelled_fraction: bool = False
+    unlabelled: bool = False
 
     @classmethod
     def from_node_config(cls, node_config: Mapping[str, Any]) -> NodeSettings:
@@ -125,6 +130,7 @@ class NodeSettings:
             "privacy-unit",
             "group-by",
             "allow-labelled-fraction",
+            "unlabelled",
         }
         unknown = sorted(set(node_config) - known)
         if unknown:
@@ -139,7 +145,7 @@ class NodeSettings:
                 f"node config: `allow-reproducible-noise` must be true or false (got {allow!r})"
             )
 
-        for flag in ("insecure-no-roster", "allow-labelled-fraction"):
+        for flag in ("insecure-no-roster", "allow-labelled-fraction", "unlabelled"):
             if not isinstance(node_config.get(flag, False), bool):
                 raise ConfigError(
                     f"node config: `{flag}` must be true or false (got {node_config.get(flag)!r})"
@@ -181,6 +187,7 @@ class NodeSettings:
             privacy_unit=unit,
             group_by=text("group-by"),
             allow_labelled_fraction=bool(node_config.get("allow-labelled-fraction", False)),
+            unlabelled=bool(node_config.get("unlabelled", False)),
         )
 
     def check_policy(self, config: RunConfig) -> None:
@@ -346,6 +353,18 @@ def _load_site_data(config: RunConfig, node: NodeSettings) -> Any:
     from securefed.data.dataset import load_dataset
 
     options = dict(config.loader_options)
+    # Whether subjects without a label map are read (as unlabelled) is the site's choice
+    # alone, like its paths: a run's option neither turns it on nor, in a shard trial, is
+    # silently dropped.
+    asked = options.pop("unlabelled", None)
+    if node.shard and asked and not node.unlabelled:
+        raise ConfigError(
+            f"site {node.site_id}: the run reads unlabelled subjects (--data-option "
+            "unlabelled=true); a site reads them only when its own node config sets "
+            "unlabelled=true (securefed deploy site --unlabelled)"
+        )
+    if node.unlabelled:
+        options["unlabelled"] = True
     if node.shard:
         source = {
             "name": node.dataset or config.dataset,

@@ -204,6 +204,13 @@ def pretrain(
     else:
         public = np.arange(len(bundle.train), dtype=np.int64)
     source = bundle.train.subset(indices=public)
+    if source.unlabelled_count:
+        # Pretraining is supervised: a zero map would be read as "all background".
+        raise ConfigError(
+            f"{bundle.source}: pretraining needs label maps, and {source.unlabelled_count} of "
+            f"its {len(source)} records are unlabelled; declare a labelled public part with "
+            "--public-fraction (it is drawn from the labelled records)."
+        )
     if epochs is None:
         epochs = default_epochs(num_samples=len(source), batch_size=batch_size)
     task_name = getattr(bundle, "task", "classification")

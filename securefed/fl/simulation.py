@@ -21,6 +21,7 @@ from securefed.errors import ConfigError, DataError
 from securefed.fl.engine import METRICS_SCHEMA_VERSION, RoundEngine, RoundRecord
 from securefed.fl.planning import seed_for, site_splits
 from securefed.fl.site_runtime import SiteRuntime
+from securefed.fl.teacher_student import check_unlabelled
 from securefed.fl.transfer import public_split
 from securefed.protocol.link import LocalLink
 from securefed.protocol.wire import Stage
@@ -98,6 +99,8 @@ class Federation(RoundEngine):
             seed=config.seed,
             **config.loader_options,
         )
+        # Before anything is carved: one line for the data, not one per site that holds some.
+        check_unlabelled(config.strategy, bundle.train, who=bundle.source)
         public_indices = None
         self.private_train = bundle.train
         if config.public_fraction > 0:

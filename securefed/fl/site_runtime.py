@@ -52,9 +52,10 @@ from securefed.fl.planning import (
 from securefed.fl.tasks import Task
 from securefed.fl.teacher_student import (
     TeacherStudentDataset,
+    check_unlabelled,
     drop_labels,
-    labelled_indices,
     pseudo_label_maps,
+    site_labelled,
 )
 from securefed.models import ModelSpec, build_model
 from securefed.persistent import PersistentStore
@@ -208,12 +209,11 @@ class SiteRuntime:
     ) -> None:
         if config.dp_enabled and signer is None:
             raise ConfigError(f"site {client_id}: a DP run needs the site's signing key")
-        #: The records that keep their labels (``--labelled-fraction``; all by default).
-        self.labelled = labelled_indices(
-            seed=config.seed,
-            fraction=config.labelled_fraction,
-            num_samples=len(train),
-            site_id=client_id,
+        check_unlabelled(config.strategy, train, who=f"site {client_id}")
+        #: The records that keep their labels (``--labelled-fraction``; all by default),
+        #: less the ones the data mark unlabelled (teacher-student only, checked above).
+        self.labelled = site_labelled(
+            train, seed=config.seed, fraction=config.labelled_fraction, site_id=client_id
         )
         self.teacher_student = config.strategy == "teacher-student"
         if self.teacher_student:
@@ -432,11 +432,15 @@ class SiteRuntime:
             # Under patient-level DP the sizes count patients (one by its first record): a
             # record count would move with the patient replaced.
             # Teacher-student: only the labelled records have label maps to count.
-            counted = self.train.subset(indices=self.labelled)
-            if self.patients is not None:
-                _, first = np.unique(self.patients[self.labelled], return_index=True)
-                counted = counted.subset(indices=np.sort(first))
-            out["class_counts"] = counted.class_counts(num_classes=self.spec.num_classes).tolist()
+            k = self.spec.num_classes
+            if not len(self.labelled):  # only unlabelled subjects: no class is counted
+                out["class_counts"] = [0] * k
+            else:
+                counted = self.train.subset(indices=self.labelled)
+                if self.patients is not None:
+                    _, first = np.unique(self.patients[self.labelled], return_index=True)
+                    counted = counted.subset(indices=np.sort(first))
+                out["class_counts"] = counted.class_counts(num_classes=k).tolist()
         if self.signer is not None and self.config.dp_enabled:
             # (a masking run's identity key is in the roster already: not sent again)
             out["signing_key"] = self.signer.public_key_hex

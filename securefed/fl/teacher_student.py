@@ -30,6 +30,12 @@ bounds. A threshold computed across a site's volumes would couple them and void 
 The true label maps of the volumes chosen unlabelled are replaced by zeros when the site is
 built (:func:`drop_labels`), so nothing downstream can read them.
 
+Unlabelled volumes come from two sources: ``--labelled-fraction F`` < 1 simulates them by
+dropping label maps the site holds (a benchmark), and real ones are NIfTI subjects without
+a label map, read with ``--data-option unlabelled=true`` (``ArraySplit.labelled`` False,
+:func:`site_labelled`). Every other strategy refuses a training split holding real ones
+(:func:`check_unlabelled`).
+
 No mean-teacher EMA (Tarvainen & Valpola 2017): an EMA kept by the server of the global
 models is post-processing and would cost no privacy, but it needs a second model on the
 wire (a new field every runtime and the report would have to declare) and another
@@ -53,10 +59,12 @@ from securefed.errors import ConfigError
 __all__ = [
     "SemiSupervisedLoss",
     "TeacherStudentDataset",
+    "check_unlabelled",
     "drop_labels",
     "encode_pseudo",
     "labelled_indices",
     "pseudo_label_maps",
+    "site_labelled",
 ]
 
 #: ``seed_for(seed, LABELLED_STREAM, site)`` chooses a site's labelled records (no privacy
@@ -83,6 +91,43 @@ def labelled_indices(*, seed: int, fraction: float, num_samples: int, site_id: i
     k = min(num_samples, max(1, int(round(fraction * num_samples))))
     rng = np.random.default_rng(seed_for(seed, LABELLED_STREAM, site_id))
     return np.sort(rng.permutation(num_samples)[:k]).astype(np.int64)
+
+
+def check_unlabelled(strategy: str, split: ArraySplit, *, who: str) -> None:
+    """Refuse a training split with unlabelled records unless the strategy is teacher-student.
+
+    An unlabelled record (``split.labelled`` False: a NIfTI subject without a label map, read
+    with ``--data-option unlabelled=true``) carries an all-zero map; a supervised loss would
+    learn it as "all background".
+
+    Raises:
+        ConfigError: One line naming ``who`` (the data, or the site) and the count.
+
+    """
+    missing = getattr(split, "unlabelled_count", 0)
+    if missing and strategy != "teacher-student":
+        raise ConfigError(
+            f"{who}: the training split holds {missing} unlabelled record(s) (subjects without "
+            f"a label map); --strategy {strategy} would train on their empty maps as "
+            "background, only --strategy teacher-student can use them (or drop "
+            "--data-option unlabelled=true and remove those subjects)."
+        )
+
+
+def site_labelled(split: ArraySplit, *, seed: int, fraction: float, site_id: int) -> np.ndarray:
+    """The sorted indices of a site's records trained on with their label maps.
+
+    The records :func:`labelled_indices` keeps at ``--labelled-fraction`` (all at 1), less
+    those the data mark unlabelled (``split.labelled`` False). The draw is over all the
+    site's records, as without flags, so the in-process runtime and a deployed site keep the
+    same ones; unlike a fraction alone, which keeps at least one record, the result may be
+    empty: a site holding only unlabelled subjects trains on pseudo-labels alone.
+    """
+    kept = labelled_indices(seed=seed, fraction=fraction, num_samples=len(split), site_id=site_id)
+    flags = getattr(split, "labelled", None)
+    if flags is None:
+        return kept
+    return np.intersect1d(kept, np.flatnonzero(flags)).astype(np.int64)
 
 
 def drop_labels(split: ArraySplit, labelled: np.ndarray) -> ArraySplit:

@@ -44,12 +44,21 @@ def public_split(split: ArraySplit, *, fraction: float, seed: int) -> tuple[np.n
         fraction: Share declared public, in (0, 1).
         seed: ``public_seed``; ``securefed pretrain`` and ``securefed train`` must agree.
 
+    With unlabelled records (``split.labelled``) the public part is drawn, by the same rule,
+    from the labelled records alone (with patient ids, from the patients whose every record
+    is labelled), ``fraction`` being of those: public data serve supervised pretraining, and
+    an unlabelled record's zero map would teach it "background". Unlabelled records stay
+    private. A split without unlabelled records is split exactly as before.
+
     Returns:
         Sorted, disjoint int64 index arrays ``(private, public)`` covering the split.
 
     """
     if not 0 < fraction < 1:
         raise ConfigError(f"`public_fraction` must be in (0, 1) (got {fraction}).")
+    flags = getattr(split, "labelled", None)
+    if flags is not None and not np.all(flags):
+        return _public_of_labelled(split, np.asarray(flags), fraction, seed)
     patients = getattr(split, "patients", None)
     if patients is not None:
         return _public_patients(np.asarray(patients), np.asarray(split.labels), fraction, seed)
@@ -61,6 +70,25 @@ def public_split(split: ArraySplit, *, fraction: float, seed: int) -> tuple[np.n
     n_public = min(max(int(round(fraction * n)), 1), n - 1)
     public = np.sort(rng.permutation(n)[:n_public]).astype(np.int64)
     return np.setdiff1d(np.arange(n), public).astype(np.int64), public
+
+
+def _public_of_labelled(
+    split: ArraySplit, flags: np.ndarray, fraction: float, seed: int
+) -> tuple[np.ndarray, np.ndarray]:
+    patients = getattr(split, "patients", None)
+    if patients is None:
+        eligible = np.flatnonzero(flags).astype(np.int64)
+    else:
+        ids = np.asarray(patients)
+        eligible = np.flatnonzero(~np.isin(ids, ids[~flags])).astype(np.int64)
+    if eligible.size < 2:
+        raise ConfigError(
+            f"`public_fraction` draws the public part from labelled records, and the training "
+            f"split has {eligible.size} (of {len(split)}; unlabelled records stay private)."
+        )
+    _, public = public_split(split.subset(indices=eligible), fraction=fraction, seed=seed)
+    public = eligible[public]
+    return np.setdiff1d(np.arange(len(split)), public).astype(np.int64), public
 
 
 def _public_patients(

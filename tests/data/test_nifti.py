@@ -326,3 +326,99 @@ def test_too_few_subjects_or_no_folder(tmp_path):
         load_nifti_segmentation(root=tmp_path / "two", image_size=4)
     with pytest.raises(DataError, match="no such folder"):
         load_nifti_segmentation(root=tmp_path / "absent")
+
+
+def _unlabelled_root(tmp_path: Path, *, labelled: int = 4, unlabelled: int = 3) -> Path:
+    """``labelled`` subjects with a label map, then ``unlabelled`` ones without."""
+    root = tmp_path / "semi"
+    for s in range(labelled):
+        _subject(root / f"sub-{s:02d}", seed=s)
+    for s in range(labelled, labelled + unlabelled):
+        _subject(root / f"sub-{s:02d}", seed=s)
+        (root / f"sub-{s:02d}" / "seg.nii.gz").unlink()
+    return root
+
+
+def test_subject_without_label_map_is_refused_naming_the_option(tmp_path):
+    # Setup
+    root = _unlabelled_root(tmp_path, unlabelled=1)
+
+    # Execute / Assert
+    with pytest.raises(DataError, match=r"sub-04.*missing label map.*unlabelled=true"):
+        load_nifti_segmentation(root=root, image_size=8)
+
+
+def test_unlabelled_option_reads_subjects_without_label_map_as_training_records(tmp_path):
+    # Setup
+    root = _unlabelled_root(tmp_path, labelled=4, unlabelled=3)
+
+    # Execute: through the dispatcher, as --data-option unlabelled=true reaches it
+    bundle = load_dataset(data=root, seed=0, image_size=8, unlabelled=True)
+
+    # Assert: all 3 unlabelled subjects train, with zero maps and False flags
+    train = bundle.train
+    assert train.labelled is not None and train.unlabelled_count == 3
+    assert not np.any(train.labels[~train.labelled])
+    assert np.all(train.labels[train.labelled].reshape(int(train.labelled.sum()), -1).max(1) > 0)
+    assert bundle.val.unlabelled_count == 0 and bundle.test.unlabelled_count == 0
+    assert sum(len(s) for s in (bundle.train, bundle.val, bundle.test)) == 7
+    assert bundle.label_convention == "brats"  # read from the labelled subjects
+    assert "3 unlabelled" in bundle.source
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_unlabelled_subjects_are_never_carved_into_held_out_splits(tmp_path, seed):
+    # Setup: hospitals, and patients of two sessions, one of them unlabelled
+    root = tmp_path / "hosp"
+    for h, hospital in enumerate(("a", "b")):
+        for p in range(3):
+            _subject(root / hospital / f"p{h}{p}_s1", seed=10 * h + p)
+            _subject(root / hospital / f"p{h}{p}_s2", seed=10 * h + p + 5)
+        (root / hospital / f"p{h}0_s2" / "seg.nii.gz").unlink()
+
+    # Execute
+    bundle = load_nifti_segmentation(
+        root=root, image_size=8, seed=seed, unlabelled=True, group_by=r"regex:^(p\d+)_"
+    )
+
+    # Assert: both unlabelled sessions, and their patients' labelled ones, train
+    assert bundle.train.unlabelled_count == 2
+    assert bundle.val.labelled.all() and bundle.test.labelled.all()
+    unlabelled_patients = set(bundle.train.patients[~bundle.train.labelled].tolist())
+    for held in (bundle.val, bundle.test):
+        assert not unlabelled_patients & set(held.patients.tolist())
+
+
+def test_too_few_labelled_subjects_to_hold_out_is_one_data_error(tmp_path):
+    # Setup
+    root = _unlabelled_root(tmp_path, labelled=2, unlabelled=3)
+
+    # Execute / Assert
+    with pytest.raises(DataError, match=r"2 labelled subject\(s\).*at least 3"):
+        load_nifti_segmentation(root=root, image_size=8, unlabelled=True)
+
+
+def test_unlabelled_option_leaves_a_fully_labelled_bundle_and_fingerprint_unchanged(flat_root):
+    # Execute
+    plain = load_nifti_segmentation(root=flat_root, image_size=8, seed=1)
+    opted = load_nifti_segmentation(root=flat_root, image_size=8, seed=1, unlabelled=True)
+
+    # Assert
+    assert opted.train.labelled is None
+    assert opted.fingerprint == plain.fingerprint
+    assert opted.source == plain.source
+
+
+def test_unlabelled_option_must_be_a_bool(flat_root):
+    with pytest.raises(ConfigError, match="unlabelled must be true or false"):
+        load_nifti_segmentation(root=flat_root, image_size=8, unlabelled="yes")
+
+
+def test_an_unlabelled_subject_checks_its_modalities_against_the_first(tmp_path):
+    # Setup: the unlabelled subject's flair is on another grid
+    root = _unlabelled_root(tmp_path, unlabelled=1)
+    _save(root / "sub-04" / "flair.nii.gz", np.ones((6, 6, 6), np.float32))
+
+    # Execute / Assert
+    with pytest.raises(DataError, match=r"sub-04/flair.nii.gz: shape .* the first modality's"):
+        load_nifti_segmentation(root=root, image_size=8, unlabelled=True)
