@@ -514,6 +514,8 @@ def _label_convention(
     root: Path,
 ) -> tuple[str | None, int]:
     union = set().union(*(set(v.tolist()) for v in found))
+    if not union:
+        raise DataError(f"{root}: no subject has a label map; segmentation needs labelled ones.")
     if brats is None:
         brats = 4 in union and union <= _BRATS_RAW
     if brats:

@@ -226,6 +226,13 @@ class NodeSettings:
                 "(--labelled-fraction, a benchmark setting); this site's node config does not "
                 "set allow-labelled-fraction"
             )
+        if self.unlabelled and config.strategy != "teacher-student":
+            # Refused before any data is read: an error raised after loading would quote
+            # how many unlabelled subjects the site holds.
+            raise PrivacyBudgetError(
+                f"site {self.site_id}: this site reads unlabelled subjects (node config "
+                "unlabelled=true); only --strategy teacher-student can use them"
+            )
         if self.privacy_unit == "patient" and config.privacy_unit != "patient":
             raise PrivacyBudgetError(
                 f"site {self.site_id}: the run's epsilon is per record; this site's policy "
@@ -356,15 +363,26 @@ def _load_site_data(config: RunConfig, node: NodeSettings) -> Any:
     # Whether subjects without a label map are read (as unlabelled) is the site's choice
     # alone, like its paths: a run's option neither turns it on nor, in a shard trial, is
     # silently dropped.
-    asked = options.pop("unlabelled", None)
-    if node.shard and asked and not node.unlabelled:
+    asked = bool(options.pop("unlabelled", False))
+    if node.shard and asked != node.unlabelled:
+        # A shard trial reads the run's data set: it must read it the way the run does.
         raise ConfigError(
-            f"site {node.site_id}: the run reads unlabelled subjects (--data-option "
-            "unlabelled=true); a site reads them only when its own node config sets "
-            "unlabelled=true (securefed deploy site --unlabelled)"
+            f"site {node.site_id}: the run {'reads' if asked else 'does not read'} unlabelled "
+            "subjects (--data-option unlabelled=true) and this site's node config "
+            f"{'does not set' if asked else 'sets'} unlabelled=true; in a shard trial they "
+            "must agree"
         )
     if node.unlabelled:
         options["unlabelled"] = True
+        if not node.shard and "label_name" in options:
+            # Which file is the label map decides which subjects count as labelled: with
+            # unlabelled subjects accepted, a run-chosen name would relabel the site's data
+            # instead of failing.
+            raise ConfigError(
+                f"site {node.site_id}: a site that reads unlabelled subjects takes its label "
+                "map's file name from the loader's default (seg), never from the run; drop "
+                "--data-option label_name"
+            )
     if node.shard:
         source = {
             "name": node.dataset or config.dataset,

@@ -96,7 +96,9 @@ def site_releases(config: RunConfig, *, runtime: str = "in-process") -> list[Rel
         "setup",
         "num_heldout",
         "clear",
-        "size of the site's held-out split (evaluation data, not the DP-protected records)",
+        "size of the site's held-out split (evaluation data, not the DP-protected records); "
+        "with unlabelled NIfTI subjects it is carved from labelled patients only, so next to "
+        "the training size it hints at the site's labelled share",
     )
     add(
         "setup",
@@ -123,8 +125,9 @@ def site_releases(config: RunConfig, *, runtime: str = "in-process") -> list[Rel
             "setup",
             "class_counts",
             "clear",
-            f"the site's training-set class counts{unit} (of its labelled records), disclosed "
-            "because the site opted in",
+            f"the site's training-set class counts{unit} (of its labelled records: with the "
+            "training-set size they give the number of unlabelled records), disclosed because "
+            "the site opted in",
         )
     if config.strategy == "cfl":
         for message in ("select", "heldout"):

@@ -183,11 +183,45 @@ def test_a_deployed_site_reads_unlabelled_subjects_only_when_its_node_config_say
     # Nor can a run turn it off for a site that chose it.
     plain = run.replace(data_options={"image_size": 16})
     assert _load_site_data(plain, mine).train.unlabelled_count == 4
-    # A shard trial (the run's data) still needs the site's consent, said in one line.
-    with pytest.raises(ConfigError, match="node config sets unlabelled=true"):
+    # A shard trial (the run's data) needs the site's setting and the run's to agree.
+    with pytest.raises(ConfigError, match="in a shard trial they must agree"):
         _load_site_data(run, NodeSettings(site_id=0, shard=True))
+    shard_mine = NodeSettings(site_id=0, shard=True, unlabelled=True)
+    with pytest.raises(ConfigError, match="in a shard trial they must agree"):
+        _load_site_data(plain.replace(data=str(semi_root)), shard_mine)
+    # The label map's file name decides which subjects are labelled: never the run's.
+    relabel = run.replace(data_options={**OPTIONS, "label_name": "flair"})
+    with pytest.raises(ConfigError, match="never from the run"):
+        _load_site_data(relabel, mine)
     with pytest.raises(ConfigError, match="`unlabelled` must be true or false"):
         NodeSettings.from_node_config({"site-id": 0, "unlabelled": "yes"})
+
+
+def test_a_site_reading_unlabelled_subjects_refuses_other_strategies_before_reading(
+    semi_root, teacher
+):
+    # Refused by policy, before any data is read: an error after loading would quote the
+    # number of unlabelled subjects to the server.
+    from securefed.deploy.site import NodeSettings
+    from securefed.errors import PrivacyBudgetError
+
+    node = NodeSettings(site_id=0, data=str(semi_root), unlabelled=True)
+    with pytest.raises(PrivacyBudgetError) as info:
+        node.check_policy(_config(semi_root, teacher, strategy="fedavg"))
+    assert "only --strategy teacher-student" in str(info.value)
+    assert not any(ch.isdigit() for ch in str(info.value).replace("site 0", ""))
+    node.check_policy(_config(semi_root, teacher))  # teacher-student passes
+
+
+def test_a_folder_without_any_label_map_is_one_data_error(tmp_path):
+    from securefed.data import load_dataset
+    from securefed.errors import DataError
+
+    for s in range(4):
+        _subject(tmp_path / "all" / f"unl{s}", seed=40 + s)
+        (tmp_path / "all" / f"unl{s}" / "seg.nii.gz").unlink()
+    with pytest.raises(DataError, match="no subject has a label map|labelled"):
+        load_dataset(data=tmp_path / "all", seed=0, **OPTIONS)
 
 
 def test_pretraining_on_all_training_records_refuses_unlabelled_ones(semi_root, tmp_path):
