@@ -54,22 +54,16 @@ def teacher(semi_root, tmp_path_factory) -> Path:
 
 
 def _config(semi_root: Path, teacher: Path, **changes) -> RunConfig:
-    return RunConfig(
+    """The teacher-student test run, on the NIfTI folder with every label map kept."""
+    from tests.fl.test_teacher_student import _config as teacher_student_config
+
+    return teacher_student_config(
+        teacher,
+        dataset=RunConfig().dataset,
         data=str(semi_root),
         data_options=OPTIONS,
-        model="unet",
-        clients=2,
-        partition="by-group",
-        rounds=1,
-        local_epochs=1,
-        batch_size=2,
-        lr=0.1,
-        dp_epsilon=None,
-        device="cpu",
-        strategy="teacher-student",
-        pretrained=str(teacher),
+        labelled_fraction=1.0,
         public_fraction=PUBLIC,
-        pseudo_threshold=0.5,
     ).replace(**changes)
 
 
