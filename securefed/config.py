@@ -1174,6 +1174,12 @@ class RunConfig:
             data = {**data, "secagg_clip": 1e6}
         return cls.from_dict(data)
 
+    def differences(self, other: RunConfig) -> list[str]:
+        """Names of the fields in which two configurations differ, as their JSON shows them."""
+        mine = json.loads(json.dumps(self.to_dict(), default=str))
+        theirs = json.loads(json.dumps(other.to_dict(), default=str))
+        return sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
+
     def with_unflagged_of(self, recorded: RunConfig) -> RunConfig:
         """A copy taking ``recorded``'s values of the settings no option sets.
 

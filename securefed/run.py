@@ -7,7 +7,6 @@ The top of the stack (beside the CLI): it drives the in-process runtime
 from __future__ import annotations
 
 import datetime as _dt
-import json
 import os
 import shutil
 import sys
@@ -15,7 +14,6 @@ import tempfile
 from pathlib import Path
 
 from securefed.config import RunConfig
-from securefed.dp.report import json_ready
 from securefed.errors import ConfigError, SecureFedError
 from securefed.fl.simulation import Federation
 from securefed.report.artifacts import package_versions, write_outputs
@@ -131,13 +129,6 @@ def resume_config(run_dir: Path) -> RunConfig:
     return RunConfig.from_recorded(meta["config"])
 
 
-def _differences(a: RunConfig, b: RunConfig) -> list[str]:
-    """Names of the options in which two configurations differ (as their JSON shows them)."""
-    da = json.loads(json.dumps(json_ready(a.to_dict())))
-    db = json.loads(json.dumps(json_ready(b.to_dict())))
-    return sorted(k for k in set(da) | set(db) if da.get(k) != db.get(k))
-
-
 def _finish(partial: Path, target: Path) -> None:
     """Rename the finished ``partial`` to ``target`` (which must still be free)."""
     if target.is_dir() and not any(target.iterdir()):
@@ -215,7 +206,7 @@ def _resume(
     saved = resume_config(run_dir)
     folder = _checkpoint_folder(run_dir)
     if config is not None:
-        changed = _differences(config.with_unflagged_of(saved), saved)
+        changed = config.with_unflagged_of(saved).differences(saved)
         if changed:
             raise ConfigError(
                 f"--resume {folder}: options differ from the checkpoint's "
@@ -326,9 +317,9 @@ def _run(
 
 def _forget_features() -> None:
     """Drop cached image features (``scatter-linear``): no site's images outlive its run."""
-    scatter = sys.modules.get("securefed.models.scatter")
-    if scatter is not None:
-        scatter.clear_feature_cache()
+    from securefed.models.scatter import clear_feature_cache
+
+    clear_feature_cache()
 
 
 def _annotate(exc: Exception, line: str) -> None:

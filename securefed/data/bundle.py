@@ -116,38 +116,29 @@ class ArraySplit:
             raise DataError(f"`images` values must be finite and in [0, 1] (got [{lo}, {hi}]).")
         if int(labels.min()) < 0:
             raise DataError(f"`labels` must be non-negative (got {int(labels.min())}).")
-        for field_name in ("groups", "patients"):
+        # Optional per-record arrays: (field, dtype, kind named in errors).
+        for field_name, dtype, kind in (
+            ("groups", np.int64, "int64"),
+            ("patients", np.int64, "int64"),
+            ("labelled", np.bool_, "bool"),
+        ):
             ids = getattr(self, field_name)
             if ids is None:
                 continue
-            if not isinstance(ids, np.ndarray) or ids.dtype != np.int64 or ids.ndim != 1:
+            if not isinstance(ids, np.ndarray) or ids.dtype != dtype or ids.ndim != 1:
                 raise DataError(
-                    f"`{field_name}` must be None or a 1-D int64 numpy array "
+                    f"`{field_name}` must be None or a 1-D {kind} numpy array "
                     f"(got dtype {getattr(ids, 'dtype', None)}, "
                     f"shape {getattr(ids, 'shape', None)})."
                 )
             if ids.shape[0] != labels.shape[0]:
                 raise DataError(
                     f"`{field_name}` must hold one entry per sample "
-                    f"(got {ids.shape[0]} {field_name} for {labels.shape[0]} samples)."
+                    f"(got {ids.shape[0]} entries for {labels.shape[0]} samples)."
                 )
-            if int(ids.min()) < 0:
+            if dtype is np.int64 and int(ids.min()) < 0:
                 raise DataError(f"`{field_name}` must be non-negative (got {int(ids.min())}).")
             object.__setattr__(self, field_name, _read_only(ids))
-        flags = self.labelled
-        if flags is not None:
-            if not isinstance(flags, np.ndarray) or flags.dtype != np.bool_ or flags.ndim != 1:
-                raise DataError(
-                    "`labelled` must be None or a 1-D bool numpy array "
-                    f"(got dtype {getattr(flags, 'dtype', None)}, "
-                    f"shape {getattr(flags, 'shape', None)})."
-                )
-            if flags.shape[0] != labels.shape[0]:
-                raise DataError(
-                    "`labelled` must hold one entry per sample "
-                    f"(got {flags.shape[0]} flags for {labels.shape[0]} samples)."
-                )
-            object.__setattr__(self, "labelled", _read_only(flags))
         object.__setattr__(self, "images", _read_only(images))
         object.__setattr__(self, "labels", _read_only(labels))
 

@@ -361,8 +361,8 @@ def _load_site_data(config: RunConfig, node: NodeSettings) -> Any:
 
     options = dict(config.loader_options)
     # Whether subjects without a label map are read (as unlabelled) is the site's choice
-    # alone, like its paths: a run's option neither turns it on nor, in a shard trial, is
-    # silently dropped.
+    # alone, like its paths: a run's option never turns it on (a shard trial, which reads
+    # the run's data, needs the two to agree).
     asked = bool(options.pop("unlabelled", False))
     if node.shard and asked != node.unlabelled:
         # A shard trial reads the run's data set: it must read it the way the run does.
@@ -426,11 +426,10 @@ def deployed_site(config: RunConfig, node: NodeSettings) -> SiteRuntime:
     # Imported here: the protocol steps of a site process need no torch.
     from securefed.fl.planning import model_spec, resolve_device, site_splits, task_for
     from securefed.fl.site_runtime import SiteRuntime
+    from securefed.models.scatter import clear_feature_cache
 
     node.check_policy(config)
-    scatter = sys.modules.get("securefed.models.scatter")
-    if scatter is not None:
-        scatter.clear_feature_cache()  # a long-lived site process: the last run's features go
+    clear_feature_cache()  # a long-lived site process: the last run's features go
     secure = config.secure_agg != "none"
     if secure and node.roster is None:
         # Both modes' defences against an active server rest on the roster (masking: signed

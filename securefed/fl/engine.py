@@ -1106,21 +1106,17 @@ class RoundEngine:
                 set, pretrained file, privacy plan or site set-up.
 
         """
-        import json
-
         meta = ck.meta
         if meta.get("runtime") != self.runtime:
             raise ConfigError(f"the checkpoint is not one of a {self.runtime} run")
         # Read as a recorded run (RunConfig.from_recorded): a checkpoint written before a
         # field existed carries the value it ran with, which is what this run must have.
         try:
-            recorded = RunConfig.from_recorded(dict(meta["config"])).to_dict()
+            recorded = RunConfig.from_recorded(dict(meta["config"]))
         except (ConfigError, TypeError, ValueError) as exc:
             raise ConfigError(f"the checkpoint's configuration is unreadable ({exc})") from exc
-        theirs = json.loads(json.dumps(_plain(recorded)))
-        ours = json.loads(json.dumps(_plain(self.config.to_dict())))
-        if theirs != ours:
-            changed = sorted(k for k in set(theirs) | set(ours) if theirs.get(k) != ours.get(k))
+        changed = recorded.differences(self.config)
+        if changed:
             raise ConfigError(
                 "the checkpoint was written for another configuration "
                 f"({', '.join(changed)} differ); resume with the same options (see its config)"

@@ -176,10 +176,11 @@ class ScatterLinear(nn.Module):
             return x.new_zeros((0, self.norm.num_channels, *self.grid))
         if x.device.type != "cpu":
             return self._compute(x)
+        prefix = hashlib.blake2b(self._settings, digest_size=16)
+        prefix.update(f"{x.dtype}{tuple(x.shape[1:])}".encode())
         keys = []
         for image in x:
-            h = hashlib.blake2b(self._settings, digest_size=16)
-            h.update(f"{image.dtype}{tuple(image.shape)}".encode())
+            h = prefix.copy()
             h.update(image.contiguous().numpy().tobytes())
             keys.append(h.digest())
         found = [_CACHE.get(k) for k in keys]
