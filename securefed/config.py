@@ -46,6 +46,7 @@ DEVICES = ("auto", "cpu", "cuda")
 SCHEDULES = ("parallel", "cyclic")
 TASKS = ("auto", "classification", "segmentation")
 PERSONALIZE_WHEN = ("end", "every")
+LR_SCHEDULES = ("auto", "constant", "cosine")
 FUSIONS = ("early", "late")
 # Defaults fixed in advance, never tuned on a site's data (docs/defaults.md explains each).
 #: DP-SGD: learning rate for a clipped (C = 1), noised mean gradient, and its momentum.
@@ -279,6 +280,9 @@ class RunConfig:
         lr: Local learning rate (SGD with momentum) for a full batch of ``batch_size``
             (``None``: :attr:`effective_lr`); a site with a smaller batch scales it linearly.
         momentum: Local SGD momentum (``None``: 0.5 with DP, 0.9 without).
+        lr_schedule: How the local learning rate changes over rounds: ``constant``, ``cosine``
+            (round r of R trains at ``lr * (1 + cos(pi (r - 1) / R)) / 2``), or ``auto``
+            (cosine with DP, constant without; a record from before schema 3.4 ran constant).
         client_fraction: Fraction of sites sampled each round.
         dp_epsilon: Target epsilon per site over the whole run; ``None`` disables DP.
         dp_delta: Largest delta a site may use (``None``: 1e-5). Each site lowers it to at most
@@ -464,6 +468,13 @@ class RunConfig:
     )
     momentum: float | None = _setting(
         None, shown="0.5 with DP; 0.9 without", help="Local SGD momentum."
+    )
+    lr_schedule: str = _setting(
+        "auto",
+        choices=LR_SCHEDULES,
+        shown="cosine with DP; constant without",
+        help="Local learning rate over rounds: constant, or cosine (round r of R at "
+        "lr*(1+cos(pi*(r-1)/R))/2; docs/defaults.md).",
     )
     client_fraction: float = _setting(
         1.0, help="Fraction of sites sampled per round (not used as privacy amplification)."
@@ -1047,6 +1058,31 @@ class RunConfig:
         return DP_LR if self.dp_enabled else PLAIN_LR * self.effective_batch_size / 256
 
     @property
+    def effective_lr_schedule(self) -> str:
+        """The schedule ``auto`` resolves to: cosine with DP, constant without.
+
+        Under DP-SGD each step is a clipped (so normalised, norm <= C) mean gradient plus
+        noise of a fixed scale: neither shrinks as the model nears a minimum, so at a constant
+        step the model keeps moving by about ``lr * C`` a step and its noise keeps adding up
+        (docs/defaults.md). A decaying step is the textbook remedy for both; the cosine shape
+        is the usual one (Loshchilov & Hutter 2017), and uses nothing but the round count.
+        Plain SGD's step shrinks with its gradient, so the non-private run keeps a constant lr.
+        """
+        if self.lr_schedule != "auto":
+            return self.lr_schedule
+        return "cosine" if self.dp_enabled else "constant"
+
+    def lr_factor(self, round_index: int) -> float:
+        """What round ``round_index`` (1-based) multiplies the local learning rate by.
+
+        Cosine: 1 in round 1, falling to ``(1 + cos(pi (R - 1) / R)) / 2`` in round R (0.024
+        for R = 10), never 0, so every round's training moves the model.
+        """
+        if self.effective_lr_schedule == "constant":
+            return 1.0
+        return 0.5 * (1.0 + math.cos(math.pi * (round_index - 1) / self.rounds))
+
+    @property
     def effective_batch_size(self) -> int:
         """Largest expected batch B: 256 with DP, 64 without, unless set."""
         if self.batch_size is not None:
@@ -1161,10 +1197,13 @@ class RunConfig:
         so it is read as ``min_steps = 1``: the replayed run is the one recorded. One without
         ``secagg_ring_bits`` or ``secagg_clip`` is read with the 64-bit ring and 1e6 clip range
         that masking had before ``auto``; one without ``auto_rule`` (before schema 3.3) with
-        ``--model auto``'s rule 1, which never picks ``scatter-linear``.
+        ``--model auto``'s rule 1, which never picks ``scatter-linear``; one without
+        ``lr_schedule`` (before schema 3.4) with the constant learning rate it ran with.
         """
         if "auto_rule" not in data:
             data = {**data, "auto_rule": 1}
+        if "lr_schedule" not in data:
+            data = {**data, "lr_schedule": "constant"}
         if "min_steps" not in data:
             data = {**data, "min_steps": 1}
         # Before schema 3.1 the defaults were a 64-bit ring and a 1e6 clip range.

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
@@ -215,6 +216,7 @@ def test_cli_run_records_what_the_defaults_resolved_to(tmp_path):
         "min_steps": 4,
         "lr": pytest.approx(0.025),
         "momentum": 0.9,
+        "lr_schedule": "constant",  # auto without DP
         "max_grad_norm": None,
         "max_physical_batch_size": 64,  # a CPU's default chunk
     }
@@ -262,3 +264,67 @@ def test_every_simulated_site_trains_in_cpu_chunks_and_the_warning_sees_them(mon
     )
     fed.memory_warning()
     assert seen["max_physical_batch_size"] == 64
+
+
+def test_dp_runs_decay_the_local_lr_over_rounds_by_a_cosine_and_plain_runs_keep_it():
+    dp = RunConfig(dp_epsilon=8.0, rounds=10)
+    factors = [dp.lr_factor(r) for r in range(1, 11)]
+    assert dp.effective_lr_schedule == "cosine" and factors[0] == 1.0
+    assert all(a > b for a, b in zip(factors, factors[1:]))
+    # The last round still trains (0.024 at R = 10), so no round's privacy is spent for nothing.
+    assert factors[-1] == pytest.approx(0.0245, abs=1e-3) and factors[-1] > 0
+    plain = RunConfig(dp_epsilon=None, rounds=10)
+    assert plain.effective_lr_schedule == "constant"
+    assert {plain.lr_factor(r) for r in range(1, 11)} == {1.0}
+    assert RunConfig(dp_epsilon=8.0, lr_schedule="constant").lr_factor(5) == 1.0
+    assert RunConfig(dp_epsilon=None, rounds=4, lr_schedule="cosine").lr_factor(3) == pytest.approx(
+        0.5
+    )
+
+
+def test_a_site_trains_each_round_at_the_scheduled_lr():
+    from securefed.fl.params import ParamLayout
+    from securefed.fl.site_runtime import local_update
+
+    torch.manual_seed(0)
+    n = 16
+    data = torch.utils.data.TensorDataset(torch.randn(n, 4), torch.randint(0, 2, (n,)))
+    config = RunConfig(
+        dp_epsilon=None,
+        rounds=4,
+        local_epochs=1,
+        lr=0.1,
+        momentum=0.0,
+        batch_size=n,
+        min_steps=1,
+        lr_schedule="cosine",
+    )
+    trainer = SiteTrainer(
+        client_id=0,
+        dataset=data,
+        plan=None,
+        ledger=PrivacyLedger(),
+        batch_size=n,
+        lr=config.effective_lr,
+        momentum=0.0,
+        device=torch.device("cpu"),
+        min_steps=1,
+    )
+    model = nn.Linear(4, 2)
+    layout = ParamLayout(model.state_dict())
+    # One full-batch step (order-free): the update is -lr * gradient, so it scales with lr.
+    first = local_update(config, trainer=trainer, layout=layout, model=model, round_index=1)[0]
+    third = local_update(config, trainer=trainer, layout=layout, model=model, round_index=3)[0]
+    assert first[-1] == third[-1] == n
+    assert np.linalg.norm(first[:-1]) > 0
+    np.testing.assert_allclose(third[:-1], 0.5 * first[:-1], rtol=1e-4, atol=1e-7)
+
+
+def test_a_run_recorded_before_lr_schedule_replays_at_a_constant_lr(tmp_path):
+    recorded = RunConfig().to_dict()
+    del recorded["lr_schedule"]
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps({"schema_version": "3.3", "run": recorded}))
+    old = RunConfig.from_json(path)
+    assert old.lr_schedule == "constant" and old.lr_factor(old.rounds) == 1.0
+    assert RunConfig().effective_lr_schedule == "cosine"  # today's DP default

@@ -132,6 +132,7 @@ def local_update(
         noise=noise,
         prox_mu=mu,
         anchor=anchor,
+        lr=trainer.site_lr * config.lr_factor(round_index),
     )
     update = layout.flatten(result.state) - layout.flatten(model.state_dict())
     update, clipped = clip_update(update, update_clip_for(config, layout.size))
