@@ -16,6 +16,9 @@ Usage (from the repository root):
         --dataset pneumoniamnist --data-dir ../shared/data --clients 5 --partition dirichlet:0.5
     python benchmarks/dp_accuracy.py --out bench-out/adrenal3d --seeds 0 1 2 \\
         --dataset adrenalmnist3d --data-dir ../shared/data --clients 3 --partition dirichlet:0.5
+    python benchmarks/dp_accuracy.py --out bench-out/pn-cosine --no-baseline \\
+        --option lr_schedule=cosine \\
+        --dataset pneumoniamnist --data-dir ../shared/data --clients 5 --partition dirichlet:0.5
 
 Writes ``results.json`` (one row per run: seed, ε, final accuracy, AUC, balanced accuracy,
 macro F1, the worst site's held-out accuracy, whether the decision calibration applied, whether
@@ -70,6 +73,17 @@ def table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _option(text: str) -> tuple[str, Any]:
+    """``FIELD=VALUE`` as a RunConfig keyword: the value read as JSON when it parses."""
+    field, sep, value = text.partition("=")
+    if not sep or not field:
+        raise SystemExit(f"--option wants FIELD=VALUE (got {text!r})")
+    try:
+        return field, json.loads(value)
+    except json.JSONDecodeError:
+        return field, value
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run (or resume) the grid; print the table."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -84,7 +98,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--pretrained", default=None, help="safetensors weights (ftl)")
     p.add_argument("--public-fraction", type=float, default=0.0)
     p.add_argument("--no-baseline", action="store_true", help="skip the non-private runs")
+    p.add_argument(
+        "--option",
+        action="append",
+        default=[],
+        metavar="FIELD=VALUE",
+        help="any other RunConfig field for every run, VALUE read as JSON when it parses "
+        "(e.g. --option lr_schedule=cosine); repeatable",
+    )
     args = p.parse_args(argv)
+    extra = dict(_option(text) for text in args.option)
     base = RunConfig(
         dataset=args.dataset,
         data_dir=args.data_dir,
@@ -93,6 +116,7 @@ def main(argv: list[str] | None = None) -> int:
         strategy=args.strategy,
         pretrained=args.pretrained,
         public_fraction=args.public_fraction,
+        **extra,
     )
     first = None if args.epsilon == float("inf") else args.epsilon  # inf: no DP
     epsilons: list[float | None] = [first] + ([] if args.no_baseline or first is None else [None])

@@ -72,7 +72,6 @@ def _config_json(fed: RoundEngine) -> dict[str, Any]:
                 "min_steps": cfg.min_steps,
                 "lr": cfg.effective_lr,
                 "momentum": cfg.effective_momentum,
-                "lr_schedule": cfg.effective_lr_schedule,
                 "max_grad_norm": cfg.effective_max_grad_norm,
                 # The server's device; a deployed site applies its own (CPU: 64).
                 "max_physical_batch_size": cfg.physical_batch(fed.device.type),

@@ -51,3 +51,13 @@ def test_a_one_class_model_is_flagged_and_the_table_shows_the_worst_seed(tmp_pat
     assert "| 8 | 1,2 |" in text
     assert "(min 0.625)" in text  # the worst seed is shown, not only the mean
     assert text.rstrip().endswith("| 1 |")  # one of the two runs called one class
+
+
+def test_options_reach_every_run_as_json_values():
+    bench = _bench()
+    assert bench._option("lr_schedule=cosine") == ("lr_schedule", "cosine")
+    assert bench._option("rounds=3") == ("rounds", 3)
+    import pytest
+
+    with pytest.raises(SystemExit, match="FIELD=VALUE"):
+        bench._option("cosine")
