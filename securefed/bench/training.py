@@ -338,7 +338,13 @@ def measure_workload(
     )
     calibration_seconds = time.perf_counter() - start
 
+    from securefed.config import RunConfig
+
+    # Records through the model at once, as a run with --max-physical-batch-size unset gets it
+    # on this device (64 on a CPU, whole batches on a GPU), so the rows time what users run.
+    physical = RunConfig().physical_batch(dev.type)
     common = {
+        "max_physical_batch_size": physical,
         "client_id": 0,
         "dataset": data,
         "batch_size": workload.batch_size,
@@ -410,6 +416,7 @@ def measure_workload(
         "task": workload.task,
         "input_shape": [1, *shape],
         "batch_size": workload.batch_size,
+        "max_physical_batch_size": physical,
         "steps_per_round": steps,
         "repeats": repeats,
         "threads": torch.get_num_threads(),

@@ -42,6 +42,7 @@ def test_tiny_run_writes_a_step_row_with_sane_figures(tiny_run):
     for column in (*REQUIRED_COLUMNS, *STEP_COLUMNS, "environment", "date"):
         assert column in row, column
     assert (row["model"], row["batch_size"], row["device"]) == ("cnn", 4, "cpu")
+    assert row["max_physical_batch_size"] == 64  # what a CPU run gets by default
     assert row["input_shape"] == [1, 28, 28]
     for column in STEP_COLUMNS:
         value = row[column]
