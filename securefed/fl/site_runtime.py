@@ -100,14 +100,14 @@ def local_update(
     layout: ParamLayout,
     model: nn.Module,
     round_index: int,
-    fair_loss: float | None = None,
+    released_loss: float | None = None,
 ) -> tuple[np.ndarray, float, float, dict[str, torch.Tensor]]:
     """One site's round: train a copy of ``model``, return ``[n * update..., n]`` and more.
 
     The update is clipped to the run's L2 bound C_u and the weight n capped at N_max
     (:mod:`securefed.fl.bounds`) before it is scaled: post-processing of the DP-SGD output
     (no privacy cost), and what lets the server refuse a sum no honest sites can make.
-    With ``fair_loss`` (q-FFL, ``--fair-q``: the site's released loss F of ``model``) the
+    With ``released_loss`` (q-FFL, ``--fair-q``: the site's released loss F of ``model``) the
     vector is q-FedAvg's ``[c s u, c h']`` instead (:func:`securefed.fl.qffl.fair_vector`),
     a function of the DP-SGD output and of the DP release F only.
 
@@ -143,13 +143,13 @@ def local_update(
     if clipped:
         log.info("site %d round %d: update clipped to C_u", trainer.client_id, round_index)
     weight = min(float(result.num_samples), max_site_weight(config))
-    if fair_loss is None:
+    if released_loss is None:
         vec = np.concatenate([weight * update, [weight]])
     else:
         vec = qffl.fair_vector(
             update,
             weight=weight,
-            loss=fair_loss,
+            loss=released_loss,
             q=float(config.fair_q),
             lipschitz=qffl.lipschitz(config),
             max_weight=max_site_weight(config),
@@ -684,7 +684,7 @@ class SiteRuntime:
             layout=layout,
             model=model,
             round_index=round_index,
-            fair_loss=released,
+            released_loss=released,
         )
         # The training loss is an un-noised function of the site's records: it stays here
         # (and so does the share of confidently pseudo-labelled voxels).

@@ -256,3 +256,27 @@ def test_a_checkpointed_book_with_loss_releases_restores_and_refuses_a_rewritten
             e["noise_multiplier"] = 5.0
     with pytest.raises(ProtocolError, match="fair-loss event"):
         ClaimBook(cfg).restore(saved)
+
+
+def test_a_deployed_site_resumes_a_history_with_releases_and_refuses_a_doubled_one(small_config):
+    # A deployed site runs each round in a fresh process and re-reads its own events: the
+    # loss releases must be taken as planned (not as DP-SGD steps), and two in one round
+    # (the server re-asking a round) refused.
+    from securefed.fl.simulation import Federation
+
+    cfg = small_config.replace(fair_q=1.0)
+
+    def history(*losses):
+        site = Federation(cfg).sites[0]
+        plan = site.plan
+        steps = cfg.local_epochs * site.trainer.steps_per_epoch
+        fed = PrivacyEvent(1, 0, plan.noise_multiplier, plan.sample_rate, steps, plan.max_grad_norm)
+        return site, [*(e.to_dict() for e in losses), fed.to_dict()]
+
+    site, events = history(_loss_event())
+    site.restore_events(events)
+    assert [e.phase for e in site.ledger.events] == [fair_loss.PHASE, "federated"]
+    for losses in ([_loss_event(), _loss_event()], [_loss_event(sigma=2.0)]):
+        site, events = history(*losses)
+        with pytest.raises(ProtocolError):
+            site.restore_events(events)
