@@ -44,6 +44,8 @@ STRATEGIES = plugins.STRATEGIES.names()
 SERVER_OPTIMIZERS = plugins.SERVER_OPTIMIZERS.names()
 DEVICES = ("auto", "cpu", "cuda")
 SCHEDULES = ("parallel", "cyclic")
+#: q-FFL's server steps (securefed.fl.qffl): FedAvg's step size, or q-FedAvg's adaptive one.
+FAIR_STEPS = ("fedavg", "qffl")
 TASKS = ("auto", "classification", "segmentation")
 PERSONALIZE_WHEN = ("end", "every")
 FUSIONS = ("early", "late")
@@ -297,6 +299,9 @@ class RunConfig:
         fair_q: q-FFL's fairness exponent q (:mod:`securefed.fl.qffl`): 0 is FedAvg; q > 0
             weighs each site's update by its DP-noised training loss to the power q
             (q-FedAvg, Li et al., ICLR 2020), so sites the model serves worst pull harder.
+        fair_step: ``fedavg``: the server steps by ``Σ n F^q u / Σ n F^q`` (FedAvg's step
+            size on loss-weighted updates); ``qffl``: q-FedAvg's adaptive step, whose
+            denominator adds ``q F^(q-1) L ‖u‖²`` (the paper's Lipschitz term).
         fair_loss_noise: Noise multiplier of each round's loss release that q-FFL needs
             (:mod:`securefed.dp.fair_loss`), accounted within ``dp_epsilon``.
         audit_canaries: K > 0 makes the run an empirical privacy audit: site 0's DP-SGD
@@ -522,6 +527,12 @@ class RunConfig:
         help="q-FFL fairness exponent q >= 0: weigh each site's update by its DP-noised "
         "training loss to the power q (q-FedAvg) so the worst-served sites pull harder; 0 is "
         "FedAvg (docs/fairness.md).",
+    )
+    fair_step: str = _setting(
+        "fedavg",
+        choices=FAIR_STEPS,
+        help="q-FFL's server step: fedavg (FedAvg's step on loss^q-weighted updates) or qffl "
+        "(q-FedAvg's adaptive step, whose |update|^2 term DP noise inflates; docs/fairness.md).",
     )
     fair_loss_noise: float = _setting(
         20.0,
@@ -931,6 +942,10 @@ class RunConfig:
 
     def _check_fairness(self) -> None:
         """Refuse q-FFL where its server step (one weighted secure sum) has no meaning."""
+        _check(
+            self.fair_step in FAIR_STEPS,
+            f"{_n('fair_step')} must be one of {', '.join(FAIR_STEPS)} (got {self.fair_step!r}).",
+        )
         if self.fair_q == 0:
             return
         what = f"{_n('fair_q')} {self.fair_q:g} (q-FFL)"
@@ -941,8 +956,8 @@ class RunConfig:
                 f"works with fedavg, fedprox or ftl, not --strategy {self.strategy}",
             ),
             (
-                self.server_opt == "none",
-                "is its own server step (sum of weighted updates over the sum of q-FFL's h_k): "
+                self.server_opt == "none" or self.fair_step == "fedavg",
+                "with --fair-step qffl is its own server step (its h_k set the step size): "
                 f"use --server-opt none, not {self.server_opt}",
             ),
             (self.task != "segmentation", "weighs classification losses, not segmentation"),
@@ -1217,6 +1232,8 @@ class RunConfig:
             data = {**data, "fair_q": 0.0}
         if "fair_loss_noise" not in data:
             data = {**data, "fair_loss_noise": 20.0}
+        if "fair_step" not in data:
+            data = {**data, "fair_step": "fedavg"}
         if "min_steps" not in data:
             data = {**data, "min_steps": 1}
         # Before schema 3.1 the defaults were a 64-bit ring and a 1e6 clip range.

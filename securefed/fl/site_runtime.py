@@ -153,6 +153,7 @@ def local_update(
             q=float(config.fair_q),
             lipschitz=qffl.lipschitz(config),
             max_weight=max_site_weight(config),
+            adaptive=config.fair_step == qffl.ADAPTIVE,
         )
     return vec, result.mean_loss, result.seconds, result.state
 

@@ -9,7 +9,7 @@ from securefed.config import RunConfig
 from securefed.dp import fair_loss
 from securefed.errors import ConfigError
 from securefed.fl import qffl
-from securefed.fl.bounds import aggregate_violation, site_violation
+from securefed.fl.bounds import aggregate_violation, coordinate_slack, site_violation
 
 
 def _sites(rng, k=4, dim=7):
@@ -37,12 +37,37 @@ def test_the_sum_of_fair_vectors_steps_exactly_as_the_papers_q_fedavg(q):
     assert not np.allclose(stepped, w + np.mean(updates, axis=0), rtol=1e-6)
 
 
+@pytest.mark.parametrize("q", [1.0, 3.0])
+def test_the_fedavg_step_applies_loss_weighted_fedavg(q):
+    # --fair-step fedavg: the same sum, without q-FedAvg's |u|^2 term in the denominator.
+    rng = np.random.default_rng(3)
+    updates, losses = _sites(rng)
+    sizes = [10.0, 200.0, 35.0, 80.0]
+    total = sum(
+        qffl.fair_vector(u, weight=n, loss=f, q=q, lipschitz=0.5, max_weight=1e5, adaptive=False)
+        for u, f, n in zip(updates, losses, sizes)
+    )
+    weights = [n * f**q for n, f in zip(sizes, losses)]
+    want = sum(w * u for w, u in zip(weights, updates)) / sum(weights)
+    np.testing.assert_allclose(total[:-1] / total[-1], want, rtol=1e-12, atol=1e-15)
+    assert RunConfig(fair_q=1.0).fair_step == "fedavg"
+
+
 def test_q_zero_is_todays_fedavg_vector_bit_for_bit():
     rng = np.random.default_rng(1)
     update = rng.normal(size=11)
     for loss in (0.01, 0.7, 4.0):
-        got = qffl.fair_vector(update, weight=37.0, loss=loss, q=0.0, lipschitz=5.0, max_weight=1e5)
-        assert np.array_equal(got, np.concatenate([37.0 * update, [37.0]]))
+        for adaptive in (True, False):
+            got = qffl.fair_vector(
+                update,
+                weight=37.0,
+                loss=loss,
+                q=0.0,
+                lipschitz=5.0,
+                max_weight=1e5,
+                adaptive=adaptive,
+            )
+            assert np.array_equal(got, np.concatenate([37.0 * update, [37.0]]))
     cfg = RunConfig(dp_epsilon=8.0)
     assert cfg.fair_q == 0 and qffl.least_weight(cfg) == 1.0
     assert fair_loss.planned_entries(cfg.to_dict()) == ()
@@ -88,7 +113,8 @@ def test_the_update_bound_accepts_honest_fair_sums_and_refuses_what_no_site_can_
     [
         ({"schedule": "cyclic"}, "parallel schedule"),
         ({"strategy": "cfl", "dp_epsilon": None}, "not --strategy cfl"),
-        ({"server_opt": "avgm"}, "--server-opt none"),
+        ({"server_opt": "avgm", "fair_step": "qffl"}, "--server-opt none"),
+        ({"fair_step": "paper"}, "must be one of fedavg, qffl"),
         ({"task": "segmentation"}, "not segmentation"),
         ({"fair_q": -1.0}, "must be in [0, 10]"),
         ({"fair_q": float("nan")}, "must be in [0, 10]"),
@@ -127,8 +153,9 @@ def test_a_segmentation_data_set_is_refused_at_the_engine(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("step", ["qffl", "fedavg"])
 def test_a_masked_round_applies_q_fedavg_of_what_the_sites_put_into_the_sum(
-    small_config, monkeypatch
+    small_config, monkeypatch, step
 ):
     # End to end through masking's fixed-point sum: the new global model is the size-weighted
     # q-FedAvg step of the sites' clipped updates and released losses.
@@ -142,7 +169,9 @@ def test_a_masked_round_applies_q_fedavg_of_what_the_sites_put_into_the_sum(
         return real(update, **kw)
 
     monkeypatch.setattr(qffl, "fair_vector", spy)
-    cfg = small_config.replace(rounds=1, fair_q=1.0, secure_agg="mask", calibrate=False)
+    cfg = small_config.replace(
+        rounds=1, fair_q=1.0, fair_step=step, secure_agg="mask", calibrate=False
+    )
     fed = Federation(cfg)
     before = fed.layout.flatten(fed.global_model.state_dict())
     record = fed.run_round(1)
@@ -150,8 +179,14 @@ def test_a_masked_round_applies_q_fedavg_of_what_the_sites_put_into_the_sum(
     after = fed.layout.flatten(fed.global_model.state_dict())
     big_l = 1.0 / cfg.effective_lr
     num = sum(kw["weight"] * (kw["loss"] / 4) * u for u, kw in seen)
-    den = sum(kw["weight"] * ((kw["loss"] / 4) + big_l / 4 * float(u @ u)) for u, kw in seen)
-    np.testing.assert_allclose(after - before, num / den, atol=1e-6, rtol=0)
+    curvature = 1.0 if step == "qffl" else 0.0
+    den = sum(
+        kw["weight"] * ((kw["loss"] / 4) + curvature * big_l / 4 * float(u @ u)) for u, kw in seen
+    )
+    # Up to masking's fixed-point rounding (one quantum per site), divided by the weight sum.
+    tol = 2 * coordinate_slack(cfg, 3) / den + 1e-6
+    np.testing.assert_allclose(after - before, num / den, atol=tol, rtol=0)
+    assert np.abs(num / den).max() > 50 * tol  # a step far above the rounding
     # Each loss is the site's released one: within [FLOOR, B], and not all equal.
     losses = [kw["loss"] for _, kw in seen]
     assert all(fair_loss.FLOOR <= f <= fair_loss.BOUND for f in losses)
