@@ -191,3 +191,17 @@ def test_a_masked_round_applies_q_fedavg_of_what_the_sites_put_into_the_sum(
     losses = [kw["loss"] for _, kw in seen]
     assert all(fair_loss.FLOOR <= f <= fair_loss.BOUND for f in losses)
     assert len(set(losses)) == 3
+
+
+def test_a_non_private_plaintext_run_uses_the_exact_loss_and_keeps_every_site(small_config):
+    # Without DP nothing is released or accounted, and without secure aggregation the server
+    # screens each site's own q-FFL vector: an honest one (a real-valued last coordinate) must
+    # pass, or every site would be dropped.
+    from securefed.fl.simulation import Federation
+
+    cfg = small_config.replace(dp_epsilon=None, fair_q=2.0, calibrate=False)
+    fed = Federation(cfg)
+    records = [fed.run_round(r) for r in (1, 2)]
+    assert all(r.applied and r.data["dropped"] == [] for r in records)
+    assert not fed.ledger.events
+    assert all(not site.ledger.events for site in fed.sites)
