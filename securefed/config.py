@@ -44,6 +44,8 @@ STRATEGIES = plugins.STRATEGIES.names()
 SERVER_OPTIMIZERS = plugins.SERVER_OPTIMIZERS.names()
 DEVICES = ("auto", "cpu", "cuda")
 SCHEDULES = ("parallel", "cyclic")
+#: q-FFL's server steps (securefed.fl.qffl): FedAvg's step size, or q-FedAvg's adaptive one.
+FAIR_STEPS = ("fedavg", "qffl")
 TASKS = ("auto", "classification", "segmentation")
 PERSONALIZE_WHEN = ("end", "every")
 LR_SCHEDULES = ("constant", "cosine")
@@ -298,6 +300,14 @@ class RunConfig:
             decision offsets from DP-noised per-class score statistics of the sites' training
             data (:mod:`securefed.dp.calibration`), accounted within ``dp_epsilon``.
         calibration_noise: Noise multiplier of that release.
+        fair_q: q-FFL's fairness exponent q (:mod:`securefed.fl.qffl`): 0 is FedAvg; q > 0
+            weighs each site's update by its DP-noised training loss to the power q
+            (q-FedAvg, Li et al., ICLR 2020), so sites the model serves worst pull harder.
+        fair_step: ``fedavg``: the server steps by ``Σ n F^q u / Σ n F^q`` (FedAvg's step
+            size on loss-weighted updates); ``qffl``: q-FedAvg's adaptive step, whose
+            denominator adds ``q F^(q-1) L ‖u‖²`` (the paper's Lipschitz term).
+        fair_loss_noise: Noise multiplier of each round's loss release that q-FFL needs
+            (:mod:`securefed.dp.fair_loss`), accounted within ``dp_epsilon``.
         audit_canaries: K > 0 makes the run an empirical privacy audit: site 0's DP-SGD
             carries K white-box gradient canaries (:mod:`securefed.dp.empirical`) and the
             report gains eps_emp, a lower bound on its epsilon. The canaries change the
@@ -522,6 +532,23 @@ class RunConfig:
         help="Noise multiplier of the calibration release (sigma per unit of its sensitivity); "
         "its privacy cost is part of --dp-epsilon.",
     )
+    fair_q: float = _setting(
+        0.0,
+        help="q-FFL fairness exponent q >= 0: weigh each site's update by its DP-noised "
+        "training loss to the power q (q-FedAvg) so the worst-served sites pull harder; 0 is "
+        "FedAvg (docs/fairness.md).",
+    )
+    fair_step: str = _setting(
+        "fedavg",
+        choices=FAIR_STEPS,
+        help="q-FFL's server step: fedavg (FedAvg's step on loss^q-weighted updates) or qffl "
+        "(q-FedAvg's adaptive step, whose |update|^2 term DP noise inflates; docs/fairness.md).",
+    )
+    fair_loss_noise: float = _setting(
+        20.0,
+        help="q-FFL under DP: noise multiplier of each site's per-round loss release (sigma per "
+        "unit of its sensitivity); its privacy cost is part of --dp-epsilon.",
+    )
     audit_canaries: int = _setting(
         0,
         help="Make this an audit run: K gradient canaries in site 0's DP-SGD give a measured "
@@ -738,6 +765,15 @@ class RunConfig:
             math.isfinite(self.calibration_noise) and self.calibration_noise >= 1.0,
             f"{_n('calibration_noise')} must be at least 1 (got {self.calibration_noise}).",
         )
+        # securefed.dp.fair_loss.MAX_Q and MIN_NOISE_MULTIPLIER.
+        _check(
+            math.isfinite(self.fair_q) and 0 <= self.fair_q <= 10,
+            f"{_n('fair_q')} must be in [0, 10] (got {self.fair_q}).",
+        )
+        _check(
+            math.isfinite(self.fair_loss_noise) and self.fair_loss_noise >= 1.0,
+            f"{_n('fair_loss_noise')} must be at least 1 (got {self.fair_loss_noise}).",
+        )
         for name in ("momentum", "server_momentum", "public_fraction"):
             value = getattr(self, name)
             if value is None:
@@ -841,6 +877,7 @@ class RunConfig:
                 f"{_n(name)} must be 0 or more (got {value}).",
             )
         self._check_strategy()
+        self._check_fairness()
         self._check_dropouts()
 
     def _check_strategy(self) -> None:
@@ -912,6 +949,30 @@ class RunConfig:
             self.schedule == "parallel" or self.strategy in ("fedavg", "ftl", "fedprox"),
             f"--schedule cyclic has no meaning for --strategy {self.strategy}.",
         )
+
+    def _check_fairness(self) -> None:
+        """Refuse q-FFL where its server step (one weighted secure sum) has no meaning."""
+        _check(
+            self.fair_step in FAIR_STEPS,
+            f"{_n('fair_step')} must be one of {', '.join(FAIR_STEPS)} (got {self.fair_step!r}).",
+        )
+        if self.fair_q == 0:
+            return
+        what = f"{_n('fair_q')} {self.fair_q:g} (q-FFL)"
+        for ok, why in (
+            (self.schedule == "parallel", "needs the parallel schedule (cyclic sums nothing)"),
+            (
+                self.strategy in ("fedavg", "fedprox", "ftl"),
+                f"works with fedavg, fedprox or ftl, not --strategy {self.strategy}",
+            ),
+            (
+                self.server_opt == "none" or self.fair_step == "fedavg",
+                "with --fair-step qffl is its own server step (its h_k set the step size): "
+                f"use --server-opt none, not {self.server_opt}",
+            ),
+            (self.task != "segmentation", "weighs classification losses, not segmentation"),
+        ):
+            _check(ok, f"{what} {why}.")
 
     @property
     def loader_options(self) -> dict[str, Any]:
@@ -1187,11 +1248,19 @@ class RunConfig:
         so it is read as ``min_steps = 1``: the replayed run is the one recorded. One without
         ``secagg_ring_bits`` or ``secagg_clip`` is read with the 64-bit ring and 1e6 clip range
         that masking had before ``auto``; one without ``auto_rule`` (before schema 3.3) with
-        ``--model auto``'s rule 1, which never picks ``scatter-linear``; one without
-        ``lr_schedule`` (before schema 3.4) with the constant learning rate it ran with.
+        ``--model auto``'s rule 1, which never picks ``scatter-linear``; one without ``fair_q``
+        (before schema 3.4) with q = 0, FedAvg, which it ran; one without ``lr_schedule``
+        with the constant learning rate it ran with.
         """
         if "auto_rule" not in data:
             data = {**data, "auto_rule": 1}
+        # Before schema 3.4 there was no q-FFL: every run aggregated by FedAvg.
+        if "fair_q" not in data:
+            data = {**data, "fair_q": 0.0}
+        if "fair_loss_noise" not in data:
+            data = {**data, "fair_loss_noise": 20.0}
+        if "fair_step" not in data:
+            data = {**data, "fair_step": "fedavg"}
         if "lr_schedule" not in data:
             data = {**data, "lr_schedule": "constant"}
         if "min_steps" not in data:

@@ -270,9 +270,10 @@ def calibrate_noise(
     if extra and pld_epsilon(history=list(extra), delta=delta) >= target_epsilon:
         raise PrivacyBudgetError(
             f"epsilon={target_epsilon} at delta={delta:.2g} cannot be reached: the decision "
-            "calibration alone "
-            f"spends {pld_epsilon(history=list(extra), delta=delta):.3g}; raise "
-            "--calibration-noise or --dp-epsilon, or pass --no-calibrate"
+            "calibration and q-FFL's loss releases alone "
+            f"spend {pld_epsilon(history=list(extra), delta=delta):.3g}; raise "
+            "--calibration-noise, --fair-loss-noise or --dp-epsilon, or pass --no-calibrate "
+            "or --fair-q 0"
         )
     hi = 1.0
     while eps(hi) > target_epsilon:

@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from securefed.config import DP_BATCH, DP_CLIP, planned_epochs
-from securefed.dp import calibration
+from securefed.dp import calibration, fair_loss
 from securefed.dp.report import read_json, report_hash
 from securefed.dp.signing import claim_from_report, run_digest, verify_claim
 from securefed.errors import AuditError, PrivacyBudgetError
@@ -388,10 +388,12 @@ def _check_site(
     fed = [e for e in events if e.get("phase", "federated") == "federated"]
     twin = [e for e in events if e.get("phase") == "personalize"]
     cal = [e for e in events if e.get("phase") == calibration.PHASE]
+    losses = [e for e in events if e.get("phase") == fair_loss.PHASE]
     other = [
         e
         for e in events
-        if e.get("phase", "federated") not in ("federated", "personalize", calibration.PHASE)
+        if e.get("phase", "federated")
+        not in ("federated", "personalize", calibration.PHASE, fair_loss.PHASE)
     ]
     want_rounds = sorted(r for r in executed if cid in participants.get(r, set()))
     got_rounds = sorted(int(e["round"]) for e in fed)
@@ -432,6 +434,31 @@ def _check_site(
         entries = ()
         result.add(f"{name}: the run's calibration noise is valid", False, str(exc))
     want_cal = calibration.planned_releases(run) if entries else frozenset()
+    try:
+        loss_entries = fair_loss.planned_entries(run)
+    except ValueError as exc:  # as above: no accountant call for a noise no run can have
+        loss_entries = ()
+        result.add(f"{name}: the run's q-FFL loss noise is valid", False, str(exc))
+    want_loss = fair_loss.planned_releases(run) if loss_entries else frozenset()
+    loss_rounds = sorted(int(e["round"]) for e in losses)
+    result.add(
+        f"{name}: q-FFL loss releases: one per federated round iff the run weighs by loss, "
+        "as planned",
+        loss_rounds == (got_rounds if loss_entries else [])
+        and all(
+            (
+                float(e["noise_multiplier"]),
+                float(e["sample_rate"]),
+                int(e["steps"]),
+                float(e["max_grad_norm"]),
+            )
+            in want_loss
+            for e in losses
+        ),
+        f"{len(losses)} loss release(s) in rounds {loss_rounds}, federated rounds "
+        f"{got_rounds}; planned {list(want_loss) or 'none'}",
+    )
+    entries = entries + loss_entries
     want_n = 1 if entries and cid in released else 0
     result.add(
         f"{name}: decision calibration: one release iff metrics.json accounts one, after the "
@@ -471,6 +498,7 @@ def _check_site(
         int(c["steps"]) == total
         and int(c.get("personalization_steps", twin_total)) == twin_total
         and int(c.get("calibration_releases", len(cal))) == len(cal)
+        and int(c.get("fair_loss_releases", len(losses))) == len(losses)
         and [int(r) for r in c.get("rounds_participated", ledger_rounds)] == ledger_rounds,
         f"steps {c['steps']} vs {total}, twin {c.get('personalization_steps')} vs {twin_total}, "
         f"rounds {c.get('rounds_participated')} vs {ledger_rounds}",

@@ -8,7 +8,10 @@ coordinate of a protected vector may take). So every honest vector ``[n_i Δ_i, 
 
     k <= Σ n_i <= k N_max        and        ‖Σ n_i Δ_i‖ <= (Σ n_i) C_u,
 
-up to the secure sum's rounding. The server checks both on the decoded sum, whatever the
+up to the secure sum's rounding. Under q-FFL (``--fair-q``) the last coordinate is the site's
+``c h'`` in ``[(FLOOR/B)^q, N_max]`` instead of n_i and the update part is at most C_u times it
+(:mod:`securefed.fl.qffl`): the same checks with that least weight. The server checks both on
+the decoded sum, whatever the
 mode (plaintext, masking, CKKS), and refuses to apply a round that breaks them; without
 secure aggregation it also checks each site's own vector and drops a site that breaks them.
 What this does and does not stop: docs/poisoning.md.
@@ -92,10 +95,19 @@ def coordinate_slack(config: Any, n_summands: int) -> float:
     return ckks_params(config, n_sites=most).precision(most)
 
 
-def site_violation(vector: np.ndarray, *, clip: float, max_weight: float) -> str | None:
-    """Why one site's plaintext vector ``[n Δ, n]`` is not one an honest site sends, or None."""
+def site_violation(
+    vector: np.ndarray, *, clip: float, max_weight: float, least_weight: float = 1.0
+) -> str | None:
+    """Why one site's plaintext vector ``[n Δ, n]`` is not one an honest site sends, or None.
+
+    ``least_weight`` below 1 (q-FFL, :func:`securefed.fl.qffl.least_weight`): the last
+    coordinate is a real number in ``[least_weight, N_max]``, not a count.
+    """
     weight = float(vector[-1])
-    if not (math.isfinite(weight) and weight.is_integer() and 1 <= weight <= max_weight):
+    if least_weight < 1.0:
+        if not (math.isfinite(weight) and least_weight <= weight <= max_weight):
+            return f"its q-FFL weight {weight:.6g} is outside [{least_weight:.3g}, {max_weight:g}]"
+    elif not (math.isfinite(weight) and weight.is_integer() and 1 <= weight <= max_weight):
         return f"its weight n_i = {weight:g} is not a count in [1, {max_weight:g}]"
     norm = float(np.linalg.norm(vector[:-1]))
     if not norm <= weight * clip * (1 + _REL):
@@ -107,7 +119,13 @@ def site_violation(vector: np.ndarray, *, clip: float, max_weight: float) -> str
 
 
 def aggregate_violation(
-    total: np.ndarray, *, contributors: int, clip: float, max_weight: float, slack: float
+    total: np.ndarray,
+    *,
+    contributors: int,
+    clip: float,
+    max_weight: float,
+    slack: float,
+    least_weight: float = 1.0,
 ) -> str | None:
     """Why a decoded sum ``[Σ n_i Δ_i, Σ n_i]`` of ``contributors`` sites breaks the bound.
 
@@ -117,6 +135,8 @@ def aggregate_violation(
         clip: C_u.
         max_weight: N_max.
         slack: The secure sum's largest error per coordinate (:func:`coordinate_slack`).
+        least_weight: The smallest last coordinate one honest site sends (1: a count;
+            q-FFL's :func:`securefed.fl.qffl.least_weight`).
 
     Returns:
         The reason, or None when honest clipped updates could have produced ``total``.
@@ -124,11 +144,12 @@ def aggregate_violation(
     """
     k = max(int(contributors), 1)
     weight = float(total[-1])
-    low, high = k - slack, k * max_weight * (1 + _REL) + slack
+    low, high = k * least_weight - slack, k * max_weight * (1 + _REL) + slack
     if not (math.isfinite(weight) and low <= weight <= high):
         return (
-            f"the sum of the {k} sites' weights is {weight:.6g}, outside [{k}, {k * max_weight:g}] "
-            f"(each n_i in [1, {max_weight:g}])"
+            f"the sum of the {k} sites' weights is {weight:.6g}, outside "
+            f"[{k * least_weight:.6g}, {k * max_weight:g}] "
+            f"(each n_i in [{least_weight:.3g}, {max_weight:g}])"
         )
     norm = float(np.linalg.norm(total[:-1]))
     limit = weight * clip * (1 + _REL) + slack * math.sqrt(max(total.size - 1, 1))

@@ -15,7 +15,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from securefed.config import RunConfig
-from securefed.dp import calibration
+from securefed.dp import calibration, fair_loss
 from securefed.dp.accounting import ADJACENCY, compute_epsilon
 from securefed.dp.ledger import PrivacyEvent, PrivacyLedger
 from securefed.dp.signing import attach_site_signatures, site_claim, verify_claim
@@ -92,7 +92,7 @@ _EVENT_RANGES = {
     "steps": lambda v: 0 <= v <= 10**9,
     "max_grad_norm": lambda v: 0 < v <= 1e12,
     "round": lambda v: 0 <= v <= 10**9,
-    "phase": lambda v: v in ("federated", "personalize", calibration.PHASE),
+    "phase": lambda v: v in ("federated", "personalize", calibration.PHASE, fair_loss.PHASE),
 }
 
 
@@ -206,7 +206,11 @@ class ClaimBook:
         # Every event is checked before any is recorded: the ledger holds only events an
         # accountant can replay (a malformed one would break every later epsilon).
         events = [_event(e, sid=sid) for e in reported]
-        if any(e.client_id != sid or e.round != round_index or e.phase != phase for e in events):
+        # A fit reply also carries the round's q-FFL loss release (its own phase).
+        phases = {phase, fair_loss.PHASE} if phase == "federated" else {phase}
+        if any(
+            e.client_id != sid or e.round != round_index or e.phase not in phases for e in events
+        ):
             raise ProtocolError(f"site {sid}: reported an event that is not its round's")
         for e in events:
             self.ledger.record(e)
@@ -225,6 +229,18 @@ class ClaimBook:
             ):
                 raise ProtocolError(f"site {sid}: calibrated with other DP parameters than planned")
             return
+        losses = [e for e in events if e.phase == fair_loss.PHASE]
+        events = [e for e in events if e.phase != fair_loss.PHASE]
+        if phase == "federated":
+            # One loss release per round trained iff the run weighs by loss, as planned.
+            want = fair_loss.planned_releases(self.config.to_dict())
+            if len(losses) != (1 if want else 0) or any(
+                (e.noise_multiplier, e.sample_rate, e.steps, e.max_grad_norm) not in want
+                for e in losses
+            ):
+                raise ProtocolError(
+                    f"site {sid}: released its q-FFL loss with other DP parameters than planned"
+                )
         for e in events:
             if (e.noise_multiplier, e.sample_rate, e.max_grad_norm) != (
                 plan.noise_multiplier,
@@ -293,8 +309,23 @@ class ClaimBook:
             raise ProtocolError("this run already accounted rounds; resume into a fresh one")
         plans = {int(k): DPPlan(**p) for k, p in data.get("plans", {}).items()}
         events = [PrivacyEvent(**e) for e in data.get("events", [])]
+        run = self.config.to_dict()
+        releases = {
+            calibration.PHASE: calibration.planned_releases(run),
+            fair_loss.PHASE: fair_loss.planned_releases(run),
+        }
         for e in events:
             plan = plans.get(e.client_id)
+            if e.phase in releases and plan is not None:
+                # A release is checked against the run's plan for it, not DP-SGD's.
+                if (e.noise_multiplier, e.sample_rate, e.steps, e.max_grad_norm) in releases[
+                    e.phase
+                ]:
+                    continue
+                raise ProtocolError(
+                    f"site {e.client_id}: a checkpointed {e.phase} event (round {e.round}) "
+                    "does not match the run's plan"
+                )
             if plan is None or (e.noise_multiplier, e.sample_rate, e.max_grad_norm) != (
                 plan.noise_multiplier,
                 plan.sample_rate,

@@ -145,6 +145,21 @@ def site_releases(config: RunConfig, *, runtime: str = "in-process") -> list[Rel
         add("fit", "events", "dp-accounted", "this round's DP-SGD events: " + _CLAIM)
         add("fit", "epsilon", "dp-accounted", "the site's spent epsilon, computed from events")
         add("fit", "signature", "clear", "Ed25519 signature over the site's privacy claim")
+    if config.fair_q:
+        add(
+            "fit",
+            "(q-FFL loss)",
+            "dp-accounted" if dp else "clear",
+            "q-FFL (--fair-q): the site's update and last coordinate are scaled by functions of "
+            "its training loss under the round's global model, per-record clipped to [0, 4] "
+            + (
+                "and noised at the site (one event of phase fair-loss a round in its ledger; "
+                "docs/fairness.md); "
+                if dp
+                else "(exact: no DP in this run); "
+            )
+            + "it travels only inside the update below (under masking or CKKS only in the sum)",
+        )
     add(
         "fit",
         "refused",

@@ -32,6 +32,7 @@ from securefed.crypto.roster import Roster
 from securefed.data.dataset import DatasetBundle
 from securefed.dp import calibration
 from securefed.errors import ConfigError, ProtocolError
+from securefed.fl import qffl
 from securefed.fl.bounds import (
     aggregate_violation,
     coordinate_slack,
@@ -338,6 +339,13 @@ class RoundEngine:
         #: The poisoning bound (docs/poisoning.md): C_u and N_max.
         self.update_clip = update_clip_for(config, self.layout.size)
         self.max_weight = max_site_weight(config)
+        #: The smallest last coordinate an honest site sends (1, or q-FFL's, docs/fairness.md).
+        self.least_weight = qffl.least_weight(config)
+        if config.fair_q and self.task.name != "classification":
+            raise ConfigError(
+                f"--fair-q {config.fair_q:g} (q-FFL) weighs classification losses; "
+                f"{bundle.name} is a {self.task.name} data set"
+            )
 
     # -- what the report writers read ---------------------------------------------------------
     @property
@@ -757,7 +765,12 @@ class RoundEngine:
                 except ProtocolError as exc:
                     errors[sid] = f"vector: {exc}"
                     continue
-                why = site_violation(vector, clip=self.update_clip, max_weight=self.max_weight)
+                why = site_violation(
+                    vector,
+                    clip=self.update_clip,
+                    max_weight=self.max_weight,
+                    least_weight=self.least_weight,
+                )
                 if why is not None:
                     errors[sid] = f"fit: update refused: {why}"
                     continue
@@ -774,6 +787,7 @@ class RoundEngine:
             clip=self.update_clip,
             max_weight=self.max_weight,
             slack=coordinate_slack(self.config, k),
+            least_weight=self.least_weight,
         )
 
     def _server_step(self, k: int, total: np.ndarray) -> None:

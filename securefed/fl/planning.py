@@ -15,6 +15,7 @@ import torch
 from securefed.config import RunConfig
 from securefed.data.dataset import ArraySplit, DatasetBundle
 from securefed.data.partition import partition, partition_like
+from securefed.dp import calibration, fair_loss
 from securefed.dp.accounting import (
     calibrate_noise,
     run_delta_bound,
@@ -22,7 +23,6 @@ from securefed.dp.accounting import (
     site_delta,
     steps_per_epoch,
 )
-from securefed.dp.calibration import planned_entries
 from securefed.dp.noise import NoiseSource, SecretNoise, SeededNoise
 from securefed.dp.trainer import DPPlan
 from securefed.errors import ConfigError, DataError
@@ -37,6 +37,7 @@ __all__ = [
     "personalize_rounds",
     "personalizes_in",
     "plan_site_privacy",
+    "release_entries",
     "resolve_device",
     "sample_participants",
     "seed_for",
@@ -146,12 +147,26 @@ def personalizes_in(config: RunConfig, round_index: int) -> bool:
     )
 
 
+def release_entries(run: dict[str, Any]) -> tuple[tuple[float, float, int], ...]:
+    """Accountant entries of every mechanism a site plans besides DP-SGD, for ``run``.
+
+    The decision calibration's release (:mod:`securefed.dp.calibration`) and q-FFL's loss
+    releases (:mod:`securefed.dp.fair_loss`): DP-SGD's sigma leaves room for all of them.
+
+    Raises:
+        ValueError: A release's noise multiplier no run can have.
+
+    """
+    return calibration.planned_entries(run) + fair_loss.planned_entries(run)
+
+
 def plan_site_privacy(config: RunConfig, *, num_samples: int) -> DPPlan:
     """One site's DP-SGD plan: sigma calibrated for every step the site may take in the run.
 
     Calibrates for the worst case: the site takes part in every round, and its twin
-    fine-tuning (on the same records) and the decision calibration's release
-    (:mod:`securefed.dp.calibration`) are accounted too. Sampling by the server is not
+    fine-tuning (on the same records), the decision calibration's release
+    (:mod:`securefed.dp.calibration`) and q-FFL's loss releases are accounted too
+    (:func:`release_entries`). Sampling by the server is not
     counted as amplification. Runs at the site, which picks its own delta (the run's, lowered
     to at most ``1/(10 n)`` for its size); the same in-process and over Flower.
     """
@@ -169,7 +184,7 @@ def plan_site_privacy(config: RunConfig, *, num_samples: int) -> DPPlan:
         sample_rate=q,
         steps=steps,
         accountant=config.accountant,
-        extra=planned_entries(config.to_dict()),
+        extra=release_entries(config.to_dict()),
     )
     return DPPlan(
         noise_multiplier=sigma,
@@ -216,7 +231,7 @@ def check_site_plan(config: RunConfig, plan: DPPlan) -> None:
         sample_rate=plan.sample_rate,
         steps=plan.planned_steps,
         accountant=config.accountant,
-        extra=planned_entries(config.to_dict()),
+        extra=release_entries(config.to_dict()),
     )
     if plan.noise_multiplier != sigma:
         raise ProtocolError(

@@ -25,7 +25,7 @@ from torch import nn
 from securefed.config import RunConfig
 from securefed.crypto.roster import Roster
 from securefed.data.dataset import ArraySplit
-from securefed.dp import calibration
+from securefed.dp import calibration, fair_loss
 from securefed.dp.empirical import AuditedSiteTrainer, GradientCanaries
 from securefed.dp.ledger import PrivacyEvent, PrivacyLedger
 from securefed.dp.signing import SiteSigner
@@ -37,6 +37,7 @@ from securefed.errors import (
     ProtocolError,
     SecureFedError,
 )
+from securefed.fl import qffl
 from securefed.fl.bounds import clip_update, max_site_weight, update_clip_for
 from securefed.fl.claims import plan_fields, site_claim_for
 from securefed.fl.disclosures import check_reply
@@ -99,12 +100,16 @@ def local_update(
     layout: ParamLayout,
     model: nn.Module,
     round_index: int,
+    released_loss: float | None = None,
 ) -> tuple[np.ndarray, float, float, dict[str, torch.Tensor]]:
     """One site's round: train a copy of ``model``, return ``[n * update..., n]`` and more.
 
     The update is clipped to the run's L2 bound C_u and the weight n capped at N_max
     (:mod:`securefed.fl.bounds`) before it is scaled: post-processing of the DP-SGD output
     (no privacy cost), and what lets the server refuse a sum no honest sites can make.
+    With ``released_loss`` (q-FFL, ``--fair-q``: the site's released loss F of ``model``) the
+    vector is q-FedAvg's ``[c s u, c h']`` instead (:func:`securefed.fl.qffl.fair_vector`),
+    a function of the DP-SGD output and of the DP release F only.
 
     Returns:
         The vector to aggregate (pre-scaled by the sample count, so a weighted FedAvg needs
@@ -139,7 +144,18 @@ def local_update(
     if clipped:
         log.info("site %d round %d: update clipped to C_u", trainer.client_id, round_index)
     weight = min(float(result.num_samples), max_site_weight(config))
-    vec = np.concatenate([weight * update, [weight]])
+    if released_loss is None:
+        vec = np.concatenate([weight * update, [weight]])
+    else:
+        vec = qffl.fair_vector(
+            update,
+            weight=weight,
+            loss=released_loss,
+            q=float(config.fair_q),
+            lipschitz=qffl.lipschitz(config),
+            max_weight=max_site_weight(config),
+            adaptive=config.fair_step == qffl.ADAPTIVE,
+        )
     return vec, result.mean_loss, result.seconds, result.state
 
 
@@ -319,10 +335,14 @@ class SiteRuntime:
             return
         if self.plan is None:
             raise ProtocolError("a run without DP has no privacy history")
-        planned = calibration.planned_releases(self.config.to_dict())
-        releases = {calibration.PHASE: planned}
+        run = self.config.to_dict()
+        planned = calibration.planned_releases(run)
+        releases = {calibration.PHASE: planned, fair_loss.PHASE: fair_loss.planned_releases(run)}
         if sum(e.phase == calibration.PHASE for e in events) > len(planned):
             raise ProtocolError("a privacy history with more calibration releases than planned")
+        losses = [e.round for e in events if e.phase == fair_loss.PHASE]
+        if len(losses) != len(set(losses)):
+            raise ProtocolError("a privacy history with two q-FFL loss releases in one round")
         try:
             self.trainer.resume_accounting(events, releases=releases)
         except PrivacyBudgetError as exc:
@@ -603,8 +623,10 @@ class SiteRuntime:
         if any(e["phase"] == phase and e["round"] >= round_index for e in own):
             raise ProtocolError(f"site {cid}: already trained ({phase}) in round {round_index}")
         steps = epochs * self.trainer.steps_per_epoch
-        # The calibration release has its own place in the plan (not a DP-SGD step).
-        spent = sum(int(e["steps"]) for e in own if e["phase"] != calibration.PHASE)
+        # The calibration and loss releases have their own places in the plan (not DP-SGD).
+        spent = sum(
+            int(e["steps"]) for e in own if e["phase"] not in (calibration.PHASE, fair_loss.PHASE)
+        )
         if spent + steps > self.plan.planned_steps:
             raise ProtocolError(
                 f"site {cid}: {steps} more steps would pass the {self.plan.planned_steps} its "
@@ -657,8 +679,14 @@ class SiteRuntime:
         model, layout = self.model(fields["weights"], layout_keys=fields["layout_keys"])
         coverage = self._pseudo_label(model) if self.teacher_student else None
         before = len(self.own_events())
+        released = self._release_loss(model, round_index) if self.config.fair_q else None
         vec, loss, _, state = local_update(
-            self.config, trainer=self.trainer, layout=layout, model=model, round_index=round_index
+            self.config,
+            trainer=self.trainer,
+            layout=layout,
+            model=model,
+            round_index=round_index,
+            released_loss=released,
         )
         # The training loss is an un-noised function of the site's records: it stays here
         # (and so does the share of confidently pseudo-labelled voxels).
@@ -793,6 +821,46 @@ class SiteRuntime:
             )
         )
         return {"statistics": released.tolist(), **self._claim_fields(before)}
+
+    def _release_loss(self, model: nn.Module, round_index: int) -> float:
+        """q-FFL's F: the global model's clipped training loss, noised under DP (and accounted).
+
+        One Gaussian mechanism of sensitivity B under replace-one adjacency
+        (:mod:`securefed.dp.fair_loss`), recorded as an event of phase ``fair-loss`` of the
+        round, which :meth:`fit` trains once. Without DP the exact clipped mean loss.
+
+        Raises:
+            ProtocolError: The model has non-finite weights, or the task is not
+                classification.
+
+        """
+        cid = self.client_id
+        if self.task.name != "classification":
+            raise ProtocolError(f"site {cid}: q-FFL weighs classification losses only")
+        # A data-independent check: weights that are not finite can only be a probe.
+        if not all(bool(torch.isfinite(t).all()) for t in model.state_dict().values()):
+            raise ProtocolError(f"site {cid}: the model to weigh has non-finite weights")
+        logits = torch.from_numpy(self._logits(model, self.train)).double()
+        labels = torch.from_numpy(np.array(self.train.labels, dtype=np.int64).reshape(-1))
+        losses = torch.nn.functional.cross_entropy(logits, labels, reduction="none").numpy()
+        total = fair_loss.clipped_loss_sum(losses, units=self.patients)
+        if self.plan is None:
+            return fair_loss.released_loss(total, size=self.size)
+        ((sigma, q, steps, clip),) = fair_loss.planned_releases(self.config.to_dict())
+        noise = mechanism_noise(self.config, 9, round_index, cid).gaussian(1)
+        noised = total + float(noise.double()[0]) * sigma * clip
+        self.ledger.record(
+            PrivacyEvent(
+                round=round_index,
+                client_id=cid,
+                noise_multiplier=sigma,
+                sample_rate=q,
+                steps=steps,
+                max_grad_norm=clip,
+                phase=fair_loss.PHASE,
+            )
+        )
+        return fair_loss.released_loss(noised, size=self.size)
 
     def _pseudo_label(self, teacher: nn.Module) -> float | None:
         """Teacher-student: the round's pseudo-labels of the unlabelled volumes, from ``teacher``.

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from securefed.config import RunConfig
-from securefed.dp import calibration
+from securefed.dp import calibration, fair_loss
 from securefed.dp.accounting import ADJACENCY
 from securefed.dp.empirical import RECORD_FILE as EMPIRICAL_RECORD
 from securefed.dp.empirical import file_sha256
@@ -142,6 +142,7 @@ def _privacy_json(fed: RoundEngine) -> dict[str, Any]:
     cfg = fed.config
     patient = cfg.privacy_unit == "patient"
     noise, noise_source = noise_description(cfg)
+    releases = (calibration.PHASE, fair_loss.PHASE)
     clients = []
     for s in fed.site_summaries():
         plan = fed.plans.get(s["client_id"])
@@ -154,16 +155,17 @@ def _privacy_json(fed: RoundEngine) -> dict[str, Any]:
             "noise_multiplier": plan.noise_multiplier if plan else None,
             "max_grad_norm": plan.max_grad_norm if plan else None,
             "planned_steps": plan.planned_steps if plan else None,
-            # DP-SGD steps; the decision calibration's release is counted apart.
-            "steps": sum(e.steps for e in events if e.phase != calibration.PHASE),
+            # DP-SGD steps; the decision calibration's and q-FFL's releases are counted apart.
+            "steps": sum(e.steps for e in events if e.phase not in releases),
             "personalization_steps": sum(e.steps for e in events if e.phase == "personalize"),
             "calibration_releases": sum(e.phase == calibration.PHASE for e in events),
-            "rounds_participated": sorted(
-                {e.round for e in events if e.phase != calibration.PHASE}
-            ),
+            "rounds_participated": sorted({e.round for e in events if e.phase not in releases}),
             "epsilon": history[-1] if plan and history else None,
             "epsilon_per_round": list(history) if plan else [],
         }
+        if cfg.fair_q:
+            # Schema 3.4: q-FFL's per-round loss releases (phase fair-loss), counted apart.
+            entry["fair_loss_releases"] = sum(e.phase == fair_loss.PHASE for e in events)
         if "num_samples" in s:  # only when the site chose to disclose its size
             entry["num_samples"] = s["num_samples"]
         clients.append(entry)
