@@ -308,6 +308,9 @@ class RunConfig:
             denominator adds ``q F^(q-1) L ‖u‖²`` (the paper's Lipschitz term).
         fair_loss_noise: Noise multiplier of each round's loss release that q-FFL needs
             (:mod:`securefed.dp.fair_loss`), accounted within ``dp_epsilon``.
+        logit_adjust: Logit adjustment for label skew (:mod:`securefed.dp.class_prior`): each
+            site trains ``f(x) + log pi`` with its own class prior pi, released once under DP.
+        prior_noise: Noise multiplier of that release, accounted within ``dp_epsilon``.
         audit_canaries: K > 0 makes the run an empirical privacy audit: site 0's DP-SGD
             carries K white-box gradient canaries (:mod:`securefed.dp.empirical`) and the
             report gains eps_emp, a lower bound on its epsilon. The canaries change the
@@ -549,6 +552,17 @@ class RunConfig:
         help="q-FFL under DP: noise multiplier of each site's per-round loss release (sigma per "
         "unit of its sensitivity); its privacy cost is part of --dp-epsilon.",
     )
+    logit_adjust: bool = _setting(
+        False,
+        off="--no-logit-adjust",
+        help="Logit adjustment against label skew: each site trains the model's logits plus its "
+        "own log class prior, released once with DP noise (classification; docs/calibration.md).",
+    )
+    prior_noise: float = _setting(
+        8.0,
+        help="--logit-adjust under DP: noise multiplier of each site's class-count release "
+        "(sigma per unit of its sensitivity); its privacy cost is part of --dp-epsilon.",
+    )
     audit_canaries: int = _setting(
         0,
         help="Make this an audit run: K gradient canaries in site 0's DP-SGD give a measured "
@@ -773,6 +787,17 @@ class RunConfig:
         _check(
             math.isfinite(self.fair_loss_noise) and self.fair_loss_noise >= 1.0,
             f"{_n('fair_loss_noise')} must be at least 1 (got {self.fair_loss_noise}).",
+        )
+        # securefed.dp.class_prior.MIN_NOISE_MULTIPLIER.
+        _check(
+            math.isfinite(self.prior_noise) and self.prior_noise >= 1.0,
+            f"{_n('prior_noise')} must be at least 1 (got {self.prior_noise}).",
+        )
+        _check(
+            not self.logit_adjust
+            or (self.task != "segmentation" and self.strategy != "teacher-student"),
+            f"{_n('logit_adjust')} adjusts classification logits; not for segmentation or "
+            "teacher-student.",
         )
         for name in ("momentum", "server_momentum", "public_fraction"):
             value = getattr(self, name)
@@ -1263,6 +1288,10 @@ class RunConfig:
             data = {**data, "fair_step": "fedavg"}
         if "lr_schedule" not in data:
             data = {**data, "lr_schedule": "constant"}
+        if "logit_adjust" not in data:
+            data = {**data, "logit_adjust": False}
+        if "prior_noise" not in data:
+            data = {**data, "prior_noise": 8.0}
         if "min_steps" not in data:
             data = {**data, "min_steps": 1}
         # Before schema 3.1 the defaults were a 64-bit ring and a 1e6 clip range.

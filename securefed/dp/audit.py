@@ -33,7 +33,8 @@ from pathlib import Path
 from typing import Any
 
 from securefed.config import DP_BATCH, DP_CLIP, planned_epochs
-from securefed.dp import calibration, fair_loss
+from securefed.dp import calibration, class_prior, fair_loss
+from securefed.dp.releases import PHASES
 from securefed.dp.report import read_json, report_hash
 from securefed.dp.signing import claim_from_report, run_digest, verify_claim
 from securefed.errors import AuditError, PrivacyBudgetError
@@ -389,11 +390,11 @@ def _check_site(
     twin = [e for e in events if e.get("phase") == "personalize"]
     cal = [e for e in events if e.get("phase") == calibration.PHASE]
     losses = [e for e in events if e.get("phase") == fair_loss.PHASE]
+    priors = [e for e in events if e.get("phase") == class_prior.PHASE]
     other = [
         e
         for e in events
-        if e.get("phase", "federated")
-        not in ("federated", "personalize", calibration.PHASE, fair_loss.PHASE)
+        if e.get("phase", "federated") not in ("federated", "personalize", *PHASES)
     ]
     want_rounds = sorted(r for r in executed if cid in participants.get(r, set()))
     got_rounds = sorted(int(e["round"]) for e in fed)
@@ -458,8 +459,39 @@ def _check_site(
         f"{len(losses)} loss release(s) in rounds {loss_rounds}, federated rounds "
         f"{got_rounds}; planned {list(want_loss) or 'none'}",
     )
-    entries = entries + loss_entries
+    try:
+        prior_entries = class_prior.planned_entries(run)
+    except ValueError as exc:  # as above
+        prior_entries = ()
+        result.add(f"{name}: the run's class-prior noise is valid", False, str(exc))
+    want_prior = class_prior.planned_releases(run) if prior_entries else frozenset()
+    prior_rounds = sorted(int(e["round"]) for e in priors)
+    # Released with the site's first training (a fit that failed after it leaves the release
+    # in an earlier round than the first federated event, never a later one).
+    first = got_rounds[:1]
+    result.add(
+        f"{name}: class-prior release: one, by its first training, iff the run adjusts logits "
+        "and the site trained, as planned",
+        (
+            len(priors) == 1 and prior_rounds[0] <= first[0]
+            if prior_entries and first
+            else not priors
+        )
+        and all(
+            (
+                float(e["noise_multiplier"]),
+                float(e["sample_rate"]),
+                int(e["steps"]),
+                float(e["max_grad_norm"]),
+            )
+            in want_prior
+            for e in priors
+        ),
+        f"{len(priors)} prior release(s) in rounds {prior_rounds}, first federated round "
+        f"{first or 'none'}; planned {list(want_prior) or 'none'}",
+    )
     want_n = 1 if entries and cid in released else 0
+    entries = entries + loss_entries + prior_entries
     result.add(
         f"{name}: decision calibration: one release iff metrics.json accounts one, after the "
         "last round, as planned",
@@ -499,6 +531,7 @@ def _check_site(
         and int(c.get("personalization_steps", twin_total)) == twin_total
         and int(c.get("calibration_releases", len(cal))) == len(cal)
         and int(c.get("fair_loss_releases", len(losses))) == len(losses)
+        and int(c.get("class_prior_releases", len(priors))) == len(priors)
         and [int(r) for r in c.get("rounds_participated", ledger_rounds)] == ledger_rounds,
         f"steps {c['steps']} vs {total}, twin {c.get('personalization_steps')} vs {twin_total}, "
         f"rounds {c.get('rounds_participated')} vs {ledger_rounds}",

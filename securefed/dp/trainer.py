@@ -609,6 +609,7 @@ class SiteTrainer:
         anchor: Mapping[str, torch.Tensor] | None = None,
         phase: str = "federated",
         lr: float | None = None,
+        criterion: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
     ) -> LocalResult:
         """Run ``epochs`` local epochs on ``model`` (modified in place) and return its weights.
 
@@ -625,6 +626,10 @@ class SiteTrainer:
             anchor: The round's global weights (parameter name -> tensor) for FedProx.
             phase: Ledger phase (``federated`` or ``personalize``).
             lr: Learning rate for this call (default: the trainer's).
+            criterion: Loss of (logits, labels) for this call (default: the trainer's). It
+                must be a mean of per-record terms that depend on nothing but the record
+                (and fixed values), or per-sample clipping would not bound a record's
+                influence.
 
         Raises:
             ValueError: If DP is on and no ``noise`` is given, or FedProx has no anchor.
@@ -653,7 +658,7 @@ class SiteTrainer:
             model, optimizer, loader, counter, clipper = self._make_private(model, optimizer, noise)
         else:
             loader = self._plain_loader(generator)
-        criterion = self.loss_fn
+        criterion = self.loss_fn if criterion is None else criterion
         total_loss, total_n, steps = 0.0, 0, 0
         dp = self.plan is not None
         bar = _round_bar(

@@ -15,9 +15,11 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from securefed.config import RunConfig
-from securefed.dp import calibration, fair_loss
+from securefed.dp import calibration, class_prior, fair_loss
 from securefed.dp.accounting import ADJACENCY, compute_epsilon
 from securefed.dp.ledger import PrivacyEvent, PrivacyLedger
+from securefed.dp.releases import PHASES
+from securefed.dp.releases import planned as planned_releases
 from securefed.dp.signing import attach_site_signatures, site_claim, verify_claim
 from securefed.dp.trainer import DPPlan
 from securefed.errors import ProtocolError
@@ -92,7 +94,7 @@ _EVENT_RANGES = {
     "steps": lambda v: 0 <= v <= 10**9,
     "max_grad_norm": lambda v: 0 < v <= 1e12,
     "round": lambda v: 0 <= v <= 10**9,
-    "phase": lambda v: v in ("federated", "personalize", calibration.PHASE, fair_loss.PHASE),
+    "phase": lambda v: v in ("federated", "personalize", *PHASES),
 }
 
 
@@ -206,8 +208,9 @@ class ClaimBook:
         # Every event is checked before any is recorded: the ledger holds only events an
         # accountant can replay (a malformed one would break every later epsilon).
         events = [_event(e, sid=sid) for e in reported]
-        # A fit reply also carries the round's q-FFL loss release (its own phase).
-        phases = {phase, fair_loss.PHASE} if phase == "federated" else {phase}
+        # A fit reply also carries the round's q-FFL loss release and, in the site's first
+        # trained round, logit adjustment's class prior (each its own phase).
+        phases = {phase, fair_loss.PHASE, class_prior.PHASE} if phase == "federated" else {phase}
         if any(
             e.client_id != sid or e.round != round_index or e.phase not in phases for e in events
         ):
@@ -230,8 +233,20 @@ class ClaimBook:
                 raise ProtocolError(f"site {sid}: calibrated with other DP parameters than planned")
             return
         losses = [e for e in events if e.phase == fair_loss.PHASE]
-        events = [e for e in events if e.phase != fair_loss.PHASE]
+        priors = [e for e in events if e.phase == class_prior.PHASE]
+        events = [e for e in events if e.phase not in (fair_loss.PHASE, class_prior.PHASE)]
         if phase == "federated":
+            # One prior release over the run, with the site's first training, iff planned.
+            want = class_prior.planned_releases(self.config.to_dict())
+            total = sum(e.phase == class_prior.PHASE for e in self.ledger.for_client(sid))
+            if total != (1 if want else 0) or any(
+                (e.noise_multiplier, e.sample_rate, e.steps, e.max_grad_norm) not in want
+                for e in priors
+            ):
+                raise ProtocolError(
+                    f"site {sid}: released its class prior {total} times or with other DP "
+                    "parameters than planned (once, with its first training)"
+                )
             # One loss release per round trained iff the run weighs by loss, as planned.
             want = fair_loss.planned_releases(self.config.to_dict())
             if len(losses) != (1 if want else 0) or any(
@@ -310,10 +325,7 @@ class ClaimBook:
         plans = {int(k): DPPlan(**p) for k, p in data.get("plans", {}).items()}
         events = [PrivacyEvent(**e) for e in data.get("events", [])]
         run = self.config.to_dict()
-        releases = {
-            calibration.PHASE: calibration.planned_releases(run),
-            fair_loss.PHASE: fair_loss.planned_releases(run),
-        }
+        releases = planned_releases(run)
         for e in events:
             plan = plans.get(e.client_id)
             if e.phase in releases and plan is not None:

@@ -160,6 +160,21 @@ def site_releases(config: RunConfig, *, runtime: str = "in-process") -> list[Rel
             )
             + "it travels only inside the update below (under masking or CKKS only in the sum)",
         )
+    if config.logit_adjust:
+        add(
+            "fit",
+            "(class prior)",
+            "dp-accounted" if dp else "clear",
+            "logit adjustment (--logit-adjust): the site trains the model's logits plus its log "
+            "class prior, from its class counts "
+            + (
+                "noised once at the site (one event of phase class-prior in its ledger; "
+                "securefed.dp.class_prior); "
+                if dp
+                else "(exact: no DP in this run); "
+            )
+            + "the prior is never sent and shapes only the update below",
+        )
     add(
         "fit",
         "refused",

@@ -341,6 +341,11 @@ class RoundEngine:
         self.max_weight = max_site_weight(config)
         #: The smallest last coordinate an honest site sends (1, or q-FFL's, docs/fairness.md).
         self.least_weight = qffl.least_weight(config)
+        if config.logit_adjust and self.task.name != "classification":
+            raise ConfigError(
+                f"--logit-adjust adjusts classification logits; {bundle.name} is a "
+                f"{self.task.name} data set"
+            )
         if config.fair_q and self.task.name != "classification":
             raise ConfigError(
                 f"--fair-q {config.fair_q:g} (q-FFL) weighs classification losses; "

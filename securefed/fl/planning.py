@@ -15,7 +15,7 @@ import torch
 from securefed.config import RunConfig
 from securefed.data.dataset import ArraySplit, DatasetBundle
 from securefed.data.partition import partition, partition_like
-from securefed.dp import calibration, fair_loss
+from securefed.dp import releases
 from securefed.dp.accounting import (
     calibrate_noise,
     run_delta_bound,
@@ -150,14 +150,14 @@ def personalizes_in(config: RunConfig, round_index: int) -> bool:
 def release_entries(run: dict[str, Any]) -> tuple[tuple[float, float, int], ...]:
     """Accountant entries of every mechanism a site plans besides DP-SGD, for ``run``.
 
-    The decision calibration's release (:mod:`securefed.dp.calibration`) and q-FFL's loss
-    releases (:mod:`securefed.dp.fair_loss`): DP-SGD's sigma leaves room for all of them.
+    The decision calibration's release, q-FFL's loss releases and logit adjustment's class
+    prior (:mod:`securefed.dp.releases`): DP-SGD's sigma leaves room for all of them.
 
     Raises:
         ValueError: A release's noise multiplier no run can have.
 
     """
-    return calibration.planned_entries(run) + fair_loss.planned_entries(run)
+    return releases.entries(run)
 
 
 def plan_site_privacy(config: RunConfig, *, num_samples: int) -> DPPlan:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import copy
 import logging
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -25,7 +25,7 @@ from torch import nn
 from securefed.config import RunConfig
 from securefed.crypto.roster import Roster
 from securefed.data.dataset import ArraySplit
-from securefed.dp import calibration, fair_loss
+from securefed.dp import calibration, class_prior, fair_loss, releases
 from securefed.dp.empirical import AuditedSiteTrainer, GradientCanaries
 from securefed.dp.ledger import PrivacyEvent, PrivacyLedger
 from securefed.dp.signing import SiteSigner
@@ -69,6 +69,8 @@ log = logging.getLogger("securefed.site")
 
 #: In the site's persistent store: the rounds it trained (``fit``) in this run.
 _FIT_ROUNDS = "fit.rounds"
+#: In the site's persistent store: logit adjustment's released log class prior.
+_PRIOR = "fit.log_prior"
 #: In the site's persistent store: the rounds it chose a cluster for (CFL's ``select``).
 _SELECT_ROUNDS = "select.rounds"
 _EVALUATE_CLUSTER_ROUNDS = "evaluate.cluster.rounds"
@@ -93,6 +95,18 @@ def weights_from_bytes(data: bytes, *, what: str) -> dict[str, torch.Tensor]:
         raise ProtocolError(f"{what}: not valid safetensors weights ({exc})") from exc
 
 
+def _adjusted(
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], log_prior: np.ndarray
+) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """``loss_fn`` of logits shifted by the fixed ``log_prior`` (logit adjustment's loss)."""
+    shift = torch.from_numpy(np.asarray(log_prior, dtype=np.float32))
+
+    def loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return loss_fn(logits + shift.to(logits.device, logits.dtype), labels)
+
+    return loss
+
+
 def local_update(
     config: RunConfig,
     *,
@@ -101,6 +115,7 @@ def local_update(
     model: nn.Module,
     round_index: int,
     released_loss: float | None = None,
+    log_prior: np.ndarray | None = None,
 ) -> tuple[np.ndarray, float, float, dict[str, torch.Tensor]]:
     """One site's round: train a copy of ``model``, return ``[n * update..., n]`` and more.
 
@@ -109,7 +124,10 @@ def local_update(
     (no privacy cost), and what lets the server refuse a sum no honest sites can make.
     With ``released_loss`` (q-FFL, ``--fair-q``: the site's released loss F of ``model``) the
     vector is q-FedAvg's ``[c s u, c h']`` instead (:func:`securefed.fl.qffl.fair_vector`),
-    a function of the DP-SGD output and of the DP release F only.
+    a function of the DP-SGD output and of the DP release F only. With ``log_prior`` (logit
+    adjustment, ``--logit-adjust``: the site's released log class prior) the site trains
+    ``f(x) + log_prior`` against its labels (:mod:`securefed.dp.class_prior`); the prior is
+    a fixed vector, not a parameter, so it is not in the update.
 
     Returns:
         The vector to aggregate (pre-scaled by the sample count, so a weighted FedAvg needs
@@ -138,6 +156,7 @@ def local_update(
         prox_mu=mu,
         anchor=anchor,
         lr=trainer.site_lr * config.lr_factor(round_index),
+        criterion=None if log_prior is None else _adjusted(trainer.loss_fn, log_prior),
     )
     update = layout.flatten(result.state) - layout.flatten(model.state_dict())
     update, clipped = clip_update(update, update_clip_for(config, layout.size))
@@ -335,16 +354,15 @@ class SiteRuntime:
             return
         if self.plan is None:
             raise ProtocolError("a run without DP has no privacy history")
-        run = self.config.to_dict()
-        planned = calibration.planned_releases(run)
-        releases = {calibration.PHASE: planned, fair_loss.PHASE: fair_loss.planned_releases(run)}
-        if sum(e.phase == calibration.PHASE for e in events) > len(planned):
-            raise ProtocolError("a privacy history with more calibration releases than planned")
+        planned = releases.planned(self.config.to_dict())
+        for phase in (calibration.PHASE, class_prior.PHASE):
+            if sum(e.phase == phase for e in events) > len(planned[phase]):
+                raise ProtocolError(f"a privacy history with more {phase} releases than planned")
         losses = [e.round for e in events if e.phase == fair_loss.PHASE]
         if len(losses) != len(set(losses)):
             raise ProtocolError("a privacy history with two q-FFL loss releases in one round")
         try:
-            self.trainer.resume_accounting(events, releases=releases)
+            self.trainer.resume_accounting(events, releases=planned)
         except PrivacyBudgetError as exc:
             raise ProtocolError(str(exc)) from exc
 
@@ -623,10 +641,8 @@ class SiteRuntime:
         if any(e["phase"] == phase and e["round"] >= round_index for e in own):
             raise ProtocolError(f"site {cid}: already trained ({phase}) in round {round_index}")
         steps = epochs * self.trainer.steps_per_epoch
-        # The calibration and loss releases have their own places in the plan (not DP-SGD).
-        spent = sum(
-            int(e["steps"]) for e in own if e["phase"] not in (calibration.PHASE, fair_loss.PHASE)
-        )
+        # The releases have their own places in the plan (not DP-SGD steps).
+        spent = sum(int(e["steps"]) for e in own if e["phase"] not in releases.PHASES)
         if spent + steps > self.plan.planned_steps:
             raise ProtocolError(
                 f"site {cid}: {steps} more steps would pass the {self.plan.planned_steps} its "
@@ -680,6 +696,7 @@ class SiteRuntime:
         coverage = self._pseudo_label(model) if self.teacher_student else None
         before = len(self.own_events())
         released = self._release_loss(model, round_index) if self.config.fair_q else None
+        prior = self._class_prior(round_index) if self.config.logit_adjust else None
         vec, loss, _, state = local_update(
             self.config,
             trainer=self.trainer,
@@ -687,6 +704,7 @@ class SiteRuntime:
             model=model,
             round_index=round_index,
             released_loss=released,
+            log_prior=prior,
         )
         # The training loss is an un-noised function of the site's records: it stays here
         # (and so does the share of confidently pseudo-labelled voxels).
@@ -821,6 +839,53 @@ class SiteRuntime:
             )
         )
         return {"statistics": released.tolist(), **self._claim_fields(before)}
+
+    def _class_prior(self, round_index: int) -> np.ndarray:
+        """Logit adjustment's log class prior: released once, with the first training.
+
+        Under DP one Gaussian mechanism of the class counts (sensitivity sqrt(2) under
+        replace-one adjacency, :mod:`securefed.dp.class_prior`), recorded as an event of phase
+        ``class-prior`` of this round; without DP the exact counts. Kept in the persistent
+        store, so later rounds, and a resumed site, reuse it instead of releasing it again.
+
+        Raises:
+            ProtocolError: The task is not classification, or the site released its prior
+                before but no longer holds it (it will not release it twice).
+
+        """
+        cid = self.client_id
+        if _PRIOR in self.persistent:
+            return np.asarray(self.persistent[_PRIOR], dtype=np.float32)
+        if self.task.name != "classification":
+            raise ProtocolError(f"site {cid}: logit adjustment is for classification only")
+        if any(e.phase == class_prior.PHASE for e in self.ledger.for_client(cid)):
+            raise ProtocolError(
+                f"site {cid}: its class prior was released before but is not in its store; "
+                "it will not release it a second time"
+            )
+        counts = class_prior.class_mass(
+            np.asarray(self.train.labels).reshape(-1),
+            num_classes=self.spec.num_classes,
+            units=self.patients,
+        )
+        if self.plan is not None:
+            ((sigma, q, steps, clip),) = class_prior.planned_releases(self.config.to_dict())
+            noise = mechanism_noise(self.config, 10, round_index, cid).gaussian(counts.size)
+            counts = counts + noise.double().numpy() * sigma * clip
+            self.ledger.record(
+                PrivacyEvent(
+                    round=round_index,
+                    client_id=cid,
+                    noise_multiplier=sigma,
+                    sample_rate=q,
+                    steps=steps,
+                    max_grad_norm=clip,
+                    phase=class_prior.PHASE,
+                )
+            )
+        prior = class_prior.log_prior(counts)
+        self.persistent[_PRIOR] = [float(v) for v in prior]
+        return prior
 
     def _release_loss(self, model: nn.Module, round_index: int) -> float:
         """q-FFL's F: the global model's clipped training loss, noised under DP (and accounted).

@@ -16,10 +16,11 @@ from pathlib import Path
 from typing import Any
 
 from securefed.config import RunConfig
-from securefed.dp import calibration, fair_loss
+from securefed.dp import calibration, class_prior, fair_loss
 from securefed.dp.accounting import ADJACENCY
 from securefed.dp.empirical import RECORD_FILE as EMPIRICAL_RECORD
 from securefed.dp.empirical import file_sha256
+from securefed.dp.releases import PHASES
 from securefed.dp.report import SCHEMA_VERSION, THREAT_MODEL, json_ready, report_hash, write_json
 from securefed.errors import ConfigError
 from securefed.fl.claims import noise_description
@@ -142,7 +143,7 @@ def _privacy_json(fed: RoundEngine) -> dict[str, Any]:
     cfg = fed.config
     patient = cfg.privacy_unit == "patient"
     noise, noise_source = noise_description(cfg)
-    releases = (calibration.PHASE, fair_loss.PHASE)
+    releases = PHASES
     clients = []
     for s in fed.site_summaries():
         plan = fed.plans.get(s["client_id"])
@@ -155,7 +156,7 @@ def _privacy_json(fed: RoundEngine) -> dict[str, Any]:
             "noise_multiplier": plan.noise_multiplier if plan else None,
             "max_grad_norm": plan.max_grad_norm if plan else None,
             "planned_steps": plan.planned_steps if plan else None,
-            # DP-SGD steps; the decision calibration's and q-FFL's releases are counted apart.
+            # DP-SGD steps; the releases (securefed.dp.releases) are counted apart.
             "steps": sum(e.steps for e in events if e.phase not in releases),
             "personalization_steps": sum(e.steps for e in events if e.phase == "personalize"),
             "calibration_releases": sum(e.phase == calibration.PHASE for e in events),
@@ -166,6 +167,9 @@ def _privacy_json(fed: RoundEngine) -> dict[str, Any]:
         if cfg.fair_q:
             # Schema 3.4: q-FFL's per-round loss releases (phase fair-loss), counted apart.
             entry["fair_loss_releases"] = sum(e.phase == fair_loss.PHASE for e in events)
+        if cfg.logit_adjust:
+            # Schema 3.4: logit adjustment's class-prior release (phase class-prior), 0 or 1.
+            entry["class_prior_releases"] = sum(e.phase == class_prior.PHASE for e in events)
         if "num_samples" in s:  # only when the site chose to disclose its size
             entry["num_samples"] = s["num_samples"]
         clients.append(entry)
