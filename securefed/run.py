@@ -205,6 +205,14 @@ def _resume(
 
     saved = resume_config(run_dir)
     folder = _checkpoint_folder(run_dir)
+    if saved.logit_adjust and saved.dp_enabled:
+        # Each site released its class prior once and keeps it to itself; the server's
+        # checkpoint does not hold it, and a site never releases it twice.
+        raise ConfigError(
+            f"--resume {folder}: a --logit-adjust DP run cannot be resumed in-process (the "
+            "sites' released class priors never leave them, so the checkpoint lacks them); "
+            "start it again, or run it deployed, where each site keeps its own"
+        )
     if config is not None:
         changed = config.with_unflagged_of(saved).differences(saved)
         if changed:

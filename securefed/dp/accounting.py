@@ -270,10 +270,10 @@ def calibrate_noise(
     if extra and pld_epsilon(history=list(extra), delta=delta) >= target_epsilon:
         raise PrivacyBudgetError(
             f"epsilon={target_epsilon} at delta={delta:.2g} cannot be reached: the decision "
-            "calibration and q-FFL's loss releases alone "
+            "calibration, q-FFL's loss releases and the class prior alone "
             f"spend {pld_epsilon(history=list(extra), delta=delta):.3g}; raise "
-            "--calibration-noise, --fair-loss-noise or --dp-epsilon, or pass --no-calibrate "
-            "or --fair-q 0"
+            "--calibration-noise, --fair-loss-noise, --prior-noise or --dp-epsilon, or pass "
+            "--no-calibrate, --fair-q 0 or --no-logit-adjust"
         )
     hi = 1.0
     while eps(hi) > target_epsilon:

@@ -338,6 +338,20 @@ def _check_keys(
     return keys
 
 
+def _as_planned(events: list[dict[str, Any]], want: frozenset[tuple]) -> bool:
+    """Whether every release event's ``(sigma, q, steps, C)`` is one the run plans."""
+    return all(
+        (
+            float(e["noise_multiplier"]),
+            float(e["sample_rate"]),
+            int(e["steps"]),
+            float(e["max_grad_norm"]),
+        )
+        in want
+        for e in events
+    )
+
+
 def _check_site(
     result: AuditResult,
     *,
@@ -445,17 +459,7 @@ def _check_site(
     result.add(
         f"{name}: q-FFL loss releases: one per federated round iff the run weighs by loss, "
         "as planned",
-        loss_rounds == (got_rounds if loss_entries else [])
-        and all(
-            (
-                float(e["noise_multiplier"]),
-                float(e["sample_rate"]),
-                int(e["steps"]),
-                float(e["max_grad_norm"]),
-            )
-            in want_loss
-            for e in losses
-        ),
+        loss_rounds == (got_rounds if loss_entries else []) and _as_planned(losses, want_loss),
         f"{len(losses)} loss release(s) in rounds {loss_rounds}, federated rounds "
         f"{got_rounds}; planned {list(want_loss) or 'none'}",
     )
@@ -477,16 +481,7 @@ def _check_site(
             if prior_entries and first
             else not priors
         )
-        and all(
-            (
-                float(e["noise_multiplier"]),
-                float(e["sample_rate"]),
-                int(e["steps"]),
-                float(e["max_grad_norm"]),
-            )
-            in want_prior
-            for e in priors
-        ),
+        and _as_planned(priors, want_prior),
         f"{len(priors)} prior release(s) in rounds {prior_rounds}, first federated round "
         f"{first or 'none'}; planned {list(want_prior) or 'none'}",
     )
@@ -496,17 +491,8 @@ def _check_site(
         f"{name}: decision calibration: one release iff metrics.json accounts one, after the "
         "last round, as planned",
         len(cal) == want_n
-        and all(
-            int(e["round"]) == int(run["rounds"])
-            and (
-                float(e["noise_multiplier"]),
-                float(e["sample_rate"]),
-                int(e["steps"]),
-                float(e["max_grad_norm"]),
-            )
-            in want_cal
-            for e in cal
-        ),
+        and all(int(e["round"]) == int(run["rounds"]) for e in cal)
+        and _as_planned(cal, want_cal),
         f"{len(cal)} calibration event(s), {want_n} accounted in metrics.json; planned "
         f"{list(want_cal) or 'none'}",
     )
@@ -530,6 +516,10 @@ def _check_site(
         int(c["steps"]) == total
         and int(c.get("personalization_steps", twin_total)) == twin_total
         and int(c.get("calibration_releases", len(cal))) == len(cal)
+        # A run that plans a release reports its count (schema 3.4): a deleted key is a
+        # rewrite, not an older report.
+        and ("fair_loss_releases" in c or not loss_entries)
+        and ("class_prior_releases" in c or not prior_entries)
         and int(c.get("fair_loss_releases", len(losses))) == len(losses)
         and int(c.get("class_prior_releases", len(priors))) == len(priors)
         and [int(r) for r in c.get("rounds_participated", ledger_rounds)] == ledger_rounds,

@@ -27,9 +27,10 @@ __all__ = [
 #: 3.2 (additive): `privacy_unit` may be "patient" (with its `guarantee`, `sampling` and
 #: `clipping` wording); config.json's run gains `privacy_unit` and `group_by`.
 #: 3.3 (additive): config.json's run gains `auto_rule` (the --model auto rule it ran with).
-#: 3.4 (additive): config.json's run gains `lr_schedule`, `fair_q`, `fair_step` and
-#: `fair_loss_noise` (q-FFL); events may have phase `fair-loss`, and a q-FFL run's clients carry
-#: `fair_loss_releases`.
+#: 3.4 (additive): config.json's run gains `lr_schedule`, `fair_q`, `fair_step`,
+#: `fair_loss_noise` (q-FFL), `logit_adjust` and `prior_noise`; events may have phases
+#: `fair-loss` and `class-prior`, and such runs' clients carry `fair_loss_releases` and
+#: `class_prior_releases`.
 SCHEMA_VERSION = "3.4"
 
 THREAT_MODEL = (

@@ -145,7 +145,9 @@ def aggregate_violation(
     k = max(int(contributors), 1)
     weight = float(total[-1])
     low, high = k * least_weight - slack, k * max_weight * (1 + _REL) + slack
-    if not (math.isfinite(weight) and low <= weight <= high):
+    # The server divides by the weight sum: one at or below the sum's own error (q-FFL's tiny
+    # weights under a coarse ring) is noise, never a step size, whatever least_weight says.
+    if not (math.isfinite(weight) and weight > slack and low <= weight <= high):
         return (
             f"the sum of the {k} sites' weights is {weight:.6g}, outside "
             f"[{k * least_weight:.6g}, {k * max_weight:g}] "

@@ -341,6 +341,14 @@ class RoundEngine:
         self.max_weight = max_site_weight(config)
         #: The smallest last coordinate an honest site sends (1, or q-FFL's, docs/fairness.md).
         self.least_weight = qffl.least_weight(config)
+        if self.least_weight < 1.0 and self.least_weight <= 2.0 * coordinate_slack(config, 1):
+            raise ConfigError(
+                f"--fair-q {config.fair_q:g}: an honest site's weight can be as small as "
+                f"{self.least_weight:.3g}, within the {config.secure_agg} sum's error per site "
+                f"({coordinate_slack(config, 1):.3g}), so the server's step could be noise; "
+                "use a smaller --fair-q"
+                + (" or --secagg-ring-bits 64" if config.secure_agg == "mask" else "")
+            )
         if config.logit_adjust and self.task.name != "classification":
             raise ConfigError(
                 f"--logit-adjust adjusts classification logits; {bundle.name} is a "

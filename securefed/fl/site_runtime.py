@@ -358,6 +358,11 @@ class SiteRuntime:
         for phase in (calibration.PHASE, class_prior.PHASE):
             if sum(e.phase == phase for e in events) > len(planned[phase]):
                 raise ProtocolError(f"a privacy history with more {phase} releases than planned")
+        if _PRIOR in self.persistent and self.plan is not None and planned[class_prior.PHASE]:
+            if not any(e.phase == class_prior.PHASE for e in events):
+                raise ProtocolError(
+                    "a privacy history without the class-prior release this site made"
+                )
         losses = [e.round for e in events if e.phase == fair_loss.PHASE]
         if len(losses) != len(set(losses)):
             raise ProtocolError("a privacy history with two q-FFL loss releases in one round")
@@ -824,21 +829,43 @@ class SiteRuntime:
             num_classes=self.spec.num_classes,
             units=self.patients,
         )
-        noise = mechanism_noise(self.config, 7, round_index, cid).gaussian(stats.size)
-        released = stats + noise.double().numpy() * (sigma * calibration.CLIP)
         before = len(self.own_events())
+        released = self._release(
+            stats, (sigma, q, steps, calibration.CLIP), calibration.PHASE, round_index, label=7
+        )
+        return {"statistics": released.tolist(), **self._claim_fields(before)}
+
+    def _release(
+        self,
+        values: np.ndarray,
+        entry: tuple[float, float, int, float],
+        phase: str,
+        round_index: int,
+        label: int,
+    ) -> np.ndarray:
+        """One planned Gaussian release (:mod:`securefed.dp.releases`): noise it, account it.
+
+        Adds noise of standard deviation ``sigma * C`` from the site's own CSPRNG to
+        ``values`` (whose replace-one sensitivity is 2C) and records the event
+        ``entry = (sigma, q, steps, C)`` of ``phase`` in this round.
+        """
+        sigma, q, steps, clip = entry
+        noise = mechanism_noise(self.config, label, round_index, self.client_id)
+        noised = np.asarray(values, dtype=np.float64) + (
+            noise.gaussian(int(np.size(values))).double().numpy() * (sigma * clip)
+        )
         self.ledger.record(
             PrivacyEvent(
                 round=round_index,
-                client_id=cid,
+                client_id=self.client_id,
                 noise_multiplier=sigma,
                 sample_rate=q,
                 steps=steps,
-                max_grad_norm=calibration.CLIP,
-                phase=calibration.PHASE,
+                max_grad_norm=clip,
+                phase=phase,
             )
         )
-        return {"statistics": released.tolist(), **self._claim_fields(before)}
+        return noised
 
     def _class_prior(self, round_index: int) -> np.ndarray:
         """Logit adjustment's log class prior: released once, with the first training.
@@ -869,20 +896,8 @@ class SiteRuntime:
             units=self.patients,
         )
         if self.plan is not None:
-            ((sigma, q, steps, clip),) = class_prior.planned_releases(self.config.to_dict())
-            noise = mechanism_noise(self.config, 10, round_index, cid).gaussian(counts.size)
-            counts = counts + noise.double().numpy() * sigma * clip
-            self.ledger.record(
-                PrivacyEvent(
-                    round=round_index,
-                    client_id=cid,
-                    noise_multiplier=sigma,
-                    sample_rate=q,
-                    steps=steps,
-                    max_grad_norm=clip,
-                    phase=class_prior.PHASE,
-                )
-            )
+            (entry,) = class_prior.planned_releases(self.config.to_dict())
+            counts = self._release(counts, entry, class_prior.PHASE, round_index, label=10)
         prior = class_prior.log_prior(counts)
         self.persistent[_PRIOR] = [float(v) for v in prior]
         return prior
@@ -911,20 +926,8 @@ class SiteRuntime:
         total = fair_loss.clipped_loss_sum(losses, units=self.patients)
         if self.plan is None:
             return fair_loss.released_loss(total, size=self.size)
-        ((sigma, q, steps, clip),) = fair_loss.planned_releases(self.config.to_dict())
-        noise = mechanism_noise(self.config, 9, round_index, cid).gaussian(1)
-        noised = total + float(noise.double()[0]) * sigma * clip
-        self.ledger.record(
-            PrivacyEvent(
-                round=round_index,
-                client_id=cid,
-                noise_multiplier=sigma,
-                sample_rate=q,
-                steps=steps,
-                max_grad_norm=clip,
-                phase=fair_loss.PHASE,
-            )
-        )
+        (entry,) = fair_loss.planned_releases(self.config.to_dict())
+        noised = float(self._release(np.array([total]), entry, fair_loss.PHASE, round_index, 9)[0])
         return fair_loss.released_loss(noised, size=self.size)
 
     def _pseudo_label(self, teacher: nn.Module) -> float | None:

@@ -67,3 +67,41 @@ def rehash(d: Path) -> None:
         privacy=privacy, config=read_json(d / "config.json"), metrics=read_json(d / "metrics.json")
     )
     write_json(d / "privacy.json", privacy)
+
+
+def reclaim(privacy: dict) -> None:
+    """Make the epsilons and counts agree with the (edited) ledger, as a careful rewriter would.
+
+    Each site's epsilon per round is recomputed with the audit's own accountant, and its step
+    and release counts from the edited events, so only the audit's binding checks can tell.
+    """
+    from securefed.dp.audit import independent_epsilon
+    from securefed.dp.releases import PHASES
+
+    counts = {
+        "calibrate": "calibration_releases",
+        "fair-loss": "fair_loss_releases",
+        "class-prior": "class_prior_releases",
+    }
+    for c in privacy["clients"]:
+        ev = [e for e in privacy["events"] if e["client_id"] == c["client_id"]]
+        per_round = [
+            independent_epsilon(
+                events=[
+                    (e["noise_multiplier"], e["sample_rate"], e["steps"])
+                    for e in ev
+                    if e["round"] <= r
+                ],
+                delta=c["delta"],
+            )
+            for r in range(1, privacy["rounds"] + 1)
+        ]
+        c["epsilon"], c["epsilon_per_round"] = per_round[-1], per_round
+        dp_sgd = [e for e in ev if e["phase"] not in PHASES]
+        c["steps"] = sum(e["steps"] for e in dp_sgd)
+        c["personalization_steps"] = sum(e["steps"] for e in ev if e["phase"] == "personalize")
+        c["rounds_participated"] = sorted({e["round"] for e in dp_sgd})
+        for phase, key in counts.items():
+            if phase == "calibrate" or key in c:
+                c[key] = sum(e["phase"] == phase for e in ev)
+    privacy["epsilon"] = max(c["epsilon"] for c in privacy["clients"])

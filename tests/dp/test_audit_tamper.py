@@ -14,9 +14,8 @@ import pytest
 from click.testing import CliRunner
 
 from securefed.cli import cli
-from securefed.dp.audit import independent_epsilon
 from securefed.dp.report import read_json, write_json
-from tests.dp.audit_fixtures import copy_run, rehash, resign, tiny_run
+from tests.dp.audit_fixtures import copy_run, reclaim, rehash, resign, tiny_run
 
 
 @pytest.fixture(scope="module")
@@ -60,40 +59,16 @@ def _edit(d, fn, *, config_fn=None, metrics_fn=None):
             write_json(d / name, obj)
 
 
-def _reclaim(privacy):
-    """Make the epsilons agree with the (edited) ledger, as a careful rewriter would."""
-    for c in privacy["clients"]:
-        ev = [e for e in privacy["events"] if e["client_id"] == c["client_id"]]
-        per_round = [
-            independent_epsilon(
-                events=[
-                    (e["noise_multiplier"], e["sample_rate"], e["steps"])
-                    for e in ev
-                    if e["round"] <= r
-                ],
-                delta=c["delta"],
-            )
-            for r in range(1, privacy["rounds"] + 1)
-        ]
-        c["epsilon"], c["epsilon_per_round"] = per_round[-1], per_round
-        dp_sgd = [e for e in ev if e["phase"] != "calibrate"]
-        c["steps"] = sum(e["steps"] for e in dp_sgd)
-        c["personalization_steps"] = sum(e["steps"] for e in ev if e["phase"] == "personalize")
-        c["calibration_releases"] = len(ev) - len(dp_sgd)
-        c["rounds_participated"] = sorted({e["round"] for e in dp_sgd})
-    privacy["epsilon"] = max(c["epsilon"] for c in privacy["clients"])
-
-
 def quarter_q(p):
     for x in [p["clients"][0], *[e for e in p["events"] if e["client_id"] == 0]]:
         x["sample_rate"] /= 4
-    _reclaim(p)
+    reclaim(p)
 
 
 def double_sigma(p):
     for x in [p["clients"][0], *[e for e in p["events"] if e["client_id"] == 0]]:
         x["noise_multiplier"] *= 2
-    _reclaim(p)
+    reclaim(p)
 
 
 def drop_round(p):
@@ -102,12 +77,12 @@ def drop_round(p):
         for e in p["events"]
         if not (e["client_id"] == 0 and e["round"] == 2 and e["phase"] == "federated")
     ]
-    _reclaim(p)
+    reclaim(p)
 
 
 def empty_ledger(p):
     p["events"] = []
-    _reclaim(p)
+    reclaim(p)
 
 
 def quiet_calibration(p):
@@ -115,7 +90,7 @@ def quiet_calibration(p):
     for e in p["events"]:
         if e["client_id"] == 0 and e["phase"] == "calibrate":
             e["noise_multiplier"] *= 4
-    _reclaim(p)
+    reclaim(p)
 
 
 def drop_calibration(p):
@@ -123,7 +98,7 @@ def drop_calibration(p):
     p["events"] = [
         e for e in p["events"] if not (e["client_id"] == 0 and e["phase"] == "calibrate")
     ]
-    _reclaim(p)
+    reclaim(p)
 
 
 TAMPERINGS = {

@@ -12,7 +12,7 @@ from torch import nn
 
 from securefed.config import RunConfig
 from securefed.dp import class_prior
-from securefed.dp.audit import audit_run, independent_epsilon
+from securefed.dp.audit import audit_run
 from securefed.dp.ledger import PrivacyEvent, PrivacyLedger
 from securefed.dp.report import read_json, write_json
 from securefed.dp.trainer import SiteTrainer
@@ -20,7 +20,7 @@ from securefed.errors import ConfigError, ProtocolError
 from securefed.fl.params import ParamLayout
 from securefed.fl.planning import plan_site_privacy
 from securefed.fl.site_runtime import local_update
-from tests.dp.audit_fixtures import copy_run, rehash, resign, tiny_run
+from tests.dp.audit_fixtures import copy_run, reclaim, rehash, resign, tiny_run
 from tests.dp.test_fair_loss import _book_and_reply
 
 SQRT2 = math.sqrt(2.0)
@@ -173,37 +173,18 @@ def test_a_masked_dp_run_with_logit_adjustment_audits_clean(adjusted_run):
     assert result.ok, [c for c in result.checks if not c.ok]
 
 
-def _reclaim(privacy):
-    for c in privacy["clients"]:
-        ev = [e for e in privacy["events"] if e["client_id"] == c["client_id"]]
-        per_round = [
-            independent_epsilon(
-                events=[
-                    (e["noise_multiplier"], e["sample_rate"], e["steps"])
-                    for e in ev
-                    if e["round"] <= r
-                ],
-                delta=c["delta"],
-            )
-            for r in range(1, privacy["rounds"] + 1)
-        ]
-        c["epsilon"], c["epsilon_per_round"] = per_round[-1], per_round
-        c["class_prior_releases"] = sum(e["phase"] == class_prior.PHASE for e in ev)
-    privacy["epsilon"] = max(c["epsilon"] for c in privacy["clients"])
-
-
 def _quiet_prior(p):
     for e in p["events"]:
         if e["client_id"] == 0 and e["phase"] == class_prior.PHASE:
             e["noise_multiplier"] *= 4
-    _reclaim(p)
+    reclaim(p)
 
 
 def _drop_the_prior(p):
     p["events"] = [
         e for e in p["events"] if not (e["client_id"] == 0 and e["phase"] == class_prior.PHASE)
     ]
-    _reclaim(p)
+    reclaim(p)
 
 
 _PRIOR_CHECK = (
@@ -245,3 +226,52 @@ def test_a_checkpointed_book_with_a_prior_release_restores_and_refuses_a_rewritt
             e["noise_multiplier"] = 2.0
     with pytest.raises(ProtocolError, match="class-prior event"):
         ClaimBook(cfg).restore(saved)
+
+
+def test_a_site_holding_its_prior_refuses_a_history_that_hides_the_release(small_config):
+    # Review attack: a server that drops the class-prior event from the history it sends
+    # would get a signed epsilon claim without that release.
+    from securefed.fl.simulation import Federation
+
+    cfg = small_config.replace(logit_adjust=True)
+    site = Federation(cfg).sites[0]
+    site._class_prior(1)
+    plan = site.plan
+    steps = cfg.local_epochs * site.trainer.steps_per_epoch
+    fed = PrivacyEvent(1, 0, plan.noise_multiplier, plan.sample_rate, steps, plan.max_grad_norm)
+    fresh = Federation(cfg).sites[0]
+    fresh.persistent["fit.log_prior"] = site.persistent["fit.log_prior"]
+    with pytest.raises(ProtocolError, match="without the class-prior release"):
+        fresh.restore_events([fed.to_dict()])
+
+
+def test_an_in_process_dp_run_with_logit_adjustment_is_not_resumed(tmp_path):
+    # The sites' released priors never leave them, so the checkpoint cannot hold them; a
+    # resume would have every site refuse every round. Refused up front, in one line.
+    from securefed.run import RunInterrupted, train
+    from tests.conftest import write_small_npz
+    from tests.fl.test_resume import _config, _partials, _StopAt
+
+    npz = write_small_npz(tmp_path / "t.npz", n_train=120, n_val=30, n_test=40)
+    cfg = _config(npz, logit_adjust=True)
+    with pytest.raises(RunInterrupted):
+        train(
+            cfg,
+            out_dir=tmp_path / "cut",
+            federation=_StopAt(cfg, stop_at=2, exc=KeyboardInterrupt()),
+            progress=False,
+        )
+    (partial,) = _partials(tmp_path)
+    with pytest.raises(ConfigError, match="cannot be resumed in-process"):
+        train(resume=partial, progress=False)
+
+
+@pytest.mark.slow
+def test_a_report_without_its_prior_count_fails_the_audit(adjusted_run, tmp_path):
+    d = copy_run(adjusted_run, tmp_path)
+    privacy = read_json(d / "privacy.json")
+    del privacy["clients"][0]["class_prior_releases"]
+    write_json(d / "privacy.json", privacy)
+    resign(d)
+    failed = {c.name for c in audit_run(d).checks if not c.ok}
+    assert "site 0: reported steps and rounds = ledger" in failed

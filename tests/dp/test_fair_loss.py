@@ -18,7 +18,7 @@ from securefed.dp.signing import SiteSigner
 from securefed.errors import ProtocolError
 from securefed.fl.claims import ClaimBook, plan_fields, site_claim_for
 from securefed.fl.planning import check_site_plan, plan_site_privacy
-from tests.dp.audit_fixtures import copy_run, rehash, resign, tiny_run
+from tests.dp.audit_fixtures import copy_run, reclaim, rehash, resign, tiny_run
 
 B = fair_loss.BOUND
 
@@ -178,32 +178,12 @@ def test_a_masked_dp_run_with_q_ffl_completes_and_audits_clean(fair_run):
         assert c["epsilon"] >= with_all - 0.02 > without
 
 
-def _reclaim(privacy):
-    """Make the epsilons agree with the edited ledger, as a careful rewriter would."""
-    for c in privacy["clients"]:
-        ev = [e for e in privacy["events"] if e["client_id"] == c["client_id"]]
-        per_round = [
-            independent_epsilon(
-                events=[
-                    (e["noise_multiplier"], e["sample_rate"], e["steps"])
-                    for e in ev
-                    if e["round"] <= r
-                ],
-                delta=c["delta"],
-            )
-            for r in range(1, privacy["rounds"] + 1)
-        ]
-        c["epsilon"], c["epsilon_per_round"] = per_round[-1], per_round
-        c["fair_loss_releases"] = sum(e["phase"] == fair_loss.PHASE for e in ev)
-    privacy["epsilon"] = max(c["epsilon"] for c in privacy["clients"])
-
-
 def _quiet_losses(p):
     # Claim site 0's loss releases had 4x the noise (a smaller epsilon).
     for e in p["events"]:
         if e["client_id"] == 0 and e["phase"] == fair_loss.PHASE:
             e["noise_multiplier"] *= 4
-    _reclaim(p)
+    reclaim(p)
 
 
 def _drop_a_loss(p):
@@ -212,7 +192,7 @@ def _drop_a_loss(p):
         for e in p["events"]
         if not (e["client_id"] == 0 and e["phase"] == fair_loss.PHASE and e["round"] == 2)
     ]
-    _reclaim(p)
+    reclaim(p)
 
 
 _LOSS_CHECK = (

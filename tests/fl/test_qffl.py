@@ -205,3 +205,26 @@ def test_a_non_private_plaintext_run_uses_the_exact_loss_and_keeps_every_site(sm
     assert all(r.applied and r.data["dropped"] == [] for r in records)
     assert not fed.ledger.events
     assert all(not site.ledger.events for site in fed.sites)
+
+
+def test_a_q_whose_honest_weights_the_masked_sum_cannot_resolve_is_refused(small_config):
+    # Review attack: at q = 5 under a 32-bit ring, five well-fitted sites (loss 0.05) sent
+    # weights of 6e-8, below the codec's quantum; the decoded weight sum was 0 and the server's
+    # step NaN. Such a q is refused before any round; a q the ring resolves is not.
+    from securefed.fl.simulation import Federation
+
+    masked = small_config.replace(secure_agg="mask", secagg_ring_bits=32)
+    with pytest.raises(ConfigError, match="--secagg-ring-bits 64"):
+        Federation(masked.replace(fair_q=5.0))
+    Federation(masked.replace(fair_q=1.0))  # 0.0025 >> the quantum
+
+
+def test_a_weight_sum_within_the_secure_sums_error_is_never_a_step():
+    # However small least_weight is, a decoded weight at or below the slack is refused.
+    total = np.zeros(4)
+    for weight in (0.0, 1e-9, -1e-3):
+        total[-1] = weight
+        why = aggregate_violation(
+            total, contributors=5, clip=1.0, max_weight=100.0, slack=1e-3, least_weight=1e-13
+        )
+        assert why is not None and "weights" in why
