@@ -165,8 +165,8 @@ def plan_site_privacy(config: RunConfig, *, num_samples: int) -> DPPlan:
 
     Calibrates for the worst case: the site takes part in every round, and its twin
     fine-tuning (on the same records), the decision calibration's release
-    (:mod:`securefed.dp.calibration`) and q-FFL's loss releases are accounted too
-    (:func:`release_entries`). Sampling by the server is not
+    (:mod:`securefed.dp.calibration`), q-FFL's loss releases and logit adjustment's class
+    prior are accounted too (:func:`release_entries`). Sampling by the server is not
     counted as amplification. Runs at the site, which picks its own delta (the run's, lowered
     to at most ``1/(10 n)`` for its size); the same in-process and over Flower.
     """

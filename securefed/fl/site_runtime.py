@@ -358,7 +358,7 @@ class SiteRuntime:
         for phase in (calibration.PHASE, class_prior.PHASE):
             if sum(e.phase == phase for e in events) > len(planned[phase]):
                 raise ProtocolError(f"a privacy history with more {phase} releases than planned")
-        if _PRIOR in self.persistent and self.plan is not None and planned[class_prior.PHASE]:
+        if _PRIOR in self.persistent and planned[class_prior.PHASE]:
             if not any(e.phase == class_prior.PHASE for e in events):
                 raise ProtocolError(
                     "a privacy history without the class-prior release this site made"
