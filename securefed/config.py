@@ -555,8 +555,8 @@ class RunConfig:
     logit_adjust: bool = _setting(
         False,
         off="--no-logit-adjust",
-        help="Logit adjustment against label skew: each site trains the model's logits plus its "
-        "own log class prior, released once with DP noise (classification; docs/calibration.md).",
+        help="Logit adjustment against label skew: each site adds its own log class prior, "
+        "released once with DP noise, to the logits it trains (docs/calibration.md).",
     )
     prior_noise: float = _setting(
         8.0,
