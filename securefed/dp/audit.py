@@ -338,6 +338,29 @@ def _check_keys(
     return keys
 
 
+#: The releases a site may plan besides DP-SGD (securefed.dp.releases), as checks name them.
+_RELEASES = ((calibration, "calibration"), (fair_loss, "q-FFL loss"), (class_prior, "class-prior"))
+
+
+def _release_plans(
+    run: dict[str, Any], result: AuditResult, name: str
+) -> dict[str, tuple[tuple[tuple[float, float, int], ...], frozenset[tuple]]]:
+    """Each release's accountant entries and allowed ``(sigma, q, steps, C)``, by phase.
+
+    A noise multiplier no run can have fails a check and plans nothing, so no accountant is
+    asked to compose it.
+    """
+    plans = {}
+    for module, what in _RELEASES:
+        try:
+            entries = module.planned_entries(run)
+        except ValueError as exc:
+            entries = ()
+            result.add(f"{name}: the run's {what} noise is valid", False, str(exc))
+        plans[module.PHASE] = (entries, module.planned_releases(run) if entries else frozenset())
+    return plans
+
+
 def _as_planned(events: list[dict[str, Any]], want: frozenset[tuple]) -> bool:
     """Whether every release event's ``(sigma, q, steps, C)`` is one the run plans."""
     return all(
@@ -443,18 +466,10 @@ def _check_site(
         ),
         f"sigma={sigma:.6g}, q={q:.6g}, C={clip:g}",
     )
-    try:
-        entries = calibration.planned_entries(run)
-    except ValueError as exc:  # e.g. a noise multiplier no run can have: no accountant call
-        entries = ()
-        result.add(f"{name}: the run's calibration noise is valid", False, str(exc))
-    want_cal = calibration.planned_releases(run) if entries else frozenset()
-    try:
-        loss_entries = fair_loss.planned_entries(run)
-    except ValueError as exc:  # as above: no accountant call for a noise no run can have
-        loss_entries = ()
-        result.add(f"{name}: the run's q-FFL loss noise is valid", False, str(exc))
-    want_loss = fair_loss.planned_releases(run) if loss_entries else frozenset()
+    plans = _release_plans(run, result, name)
+    entries, want_cal = plans[calibration.PHASE]
+    loss_entries, want_loss = plans[fair_loss.PHASE]
+    prior_entries, want_prior = plans[class_prior.PHASE]
     loss_rounds = sorted(int(e["round"]) for e in losses)
     result.add(
         f"{name}: q-FFL loss releases: one per federated round iff the run weighs by loss, "
@@ -463,12 +478,6 @@ def _check_site(
         f"{len(losses)} loss release(s) in rounds {loss_rounds}, federated rounds "
         f"{got_rounds}; planned {list(want_loss) or 'none'}",
     )
-    try:
-        prior_entries = class_prior.planned_entries(run)
-    except ValueError as exc:  # as above
-        prior_entries = ()
-        result.add(f"{name}: the run's class-prior noise is valid", False, str(exc))
-    want_prior = class_prior.planned_releases(run) if prior_entries else frozenset()
     prior_rounds = sorted(int(e["round"]) for e in priors)
     # Released with the site's first training (a fit that failed after it leaves the release
     # in an earlier round than the first federated event, never a later one).

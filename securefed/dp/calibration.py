@@ -106,12 +106,26 @@ def planned_entries(run: Mapping[str, Any]) -> tuple[tuple[float, float, int], .
     """
     if not calibrates(run):
         return ()
-    sigma = run.get("calibration_noise", NOISE_MULTIPLIER)
+    return ((release_noise(run, "calibration_noise", NOISE_MULTIPLIER), 1.0, 1),)
+
+
+def release_noise(run: Mapping[str, Any], key: str, default: float) -> float:
+    """A release's noise multiplier ``run[key]`` (``default`` when absent), checked.
+
+    The one rule for every release (this calibration, q-FFL's loss, logit adjustment's class
+    prior): at least :data:`MIN_NOISE_MULTIPLIER`, finite, a number.
+
+    Raises:
+        ValueError: Not a number, or below :data:`MIN_NOISE_MULTIPLIER`: a run that cannot
+            have been configured, so no accountant is asked.
+
+    """
+    sigma = run.get(key, default)
     if isinstance(sigma, bool) or not isinstance(sigma, (int, float)):
-        raise ValueError(f"calibration_noise {sigma!r} is not a number")
+        raise ValueError(f"{key} {sigma!r} is not a number")
     if not (math.isfinite(sigma) and sigma >= MIN_NOISE_MULTIPLIER):
-        raise ValueError(f"calibration_noise {sigma!r} is below {MIN_NOISE_MULTIPLIER}")
-    return ((float(sigma), 1.0, 1),)
+        raise ValueError(f"{key} {sigma!r} is below {MIN_NOISE_MULTIPLIER}")
+    return float(sigma)
 
 
 def planned_releases(run: Mapping[str, Any]) -> frozenset[tuple[float, float, int, float]]:

@@ -36,6 +36,8 @@ from typing import Any
 
 import numpy as np
 
+from securefed.dp.calibration import MIN_NOISE_MULTIPLIER, release_noise
+
 __all__ = [
     "CLIP",
     "FLOOR",
@@ -60,8 +62,6 @@ FLOOR = 1.0
 #: Default noise multiplier: the release alone is epsilon 0.9 at delta 1e-5 (as the decision
 #: calibration's at its default); at epsilon 8 it raises DP-SGD's noise by about 1 %.
 NOISE_MULTIPLIER = 8.0
-#: Smallest noise multiplier accepted.
-MIN_NOISE_MULTIPLIER = 1.0
 
 
 def adjusts_logits(run: Mapping[str, Any]) -> bool:
@@ -87,12 +87,7 @@ def planned_entries(run: Mapping[str, Any]) -> tuple[tuple[float, float, int], .
     """
     if not releases_prior(run):
         return ()
-    sigma = run.get("prior_noise", NOISE_MULTIPLIER)
-    if isinstance(sigma, bool) or not isinstance(sigma, (int, float)):
-        raise ValueError(f"prior_noise {sigma!r} is not a number")
-    if not (math.isfinite(sigma) and sigma >= MIN_NOISE_MULTIPLIER):
-        raise ValueError(f"prior_noise {sigma!r} is below {MIN_NOISE_MULTIPLIER}")
-    return ((float(sigma), 1.0, 1),)
+    return ((release_noise(run, "prior_noise", NOISE_MULTIPLIER), 1.0, 1),)
 
 
 def planned_releases(run: Mapping[str, Any]) -> frozenset[tuple[float, float, int, float]]:

@@ -37,6 +37,8 @@ from typing import Any
 
 import numpy as np
 
+from securefed.dp.calibration import MIN_NOISE_MULTIPLIER, release_noise
+
 __all__ = [
     "BOUND",
     "CLIP",
@@ -65,8 +67,6 @@ FLOOR = 0.01
 #: Default noise multiplier sigma_loss: at epsilon 8 over 10 rounds it raises the DP-SGD
 #: noise by about 2 % (the 10 releases alone are epsilon 1.2 at delta 1e-5, replace-one).
 NOISE_MULTIPLIER = 20.0
-#: Smallest noise multiplier accepted (as for the decision calibration's release).
-MIN_NOISE_MULTIPLIER = 1.0
 
 
 def releases_loss(run: Mapping[str, Any]) -> bool:
@@ -91,12 +91,8 @@ def planned_entries(run: Mapping[str, Any]) -> tuple[tuple[float, float, int], .
     """
     if not releases_loss(run):
         return ()
-    sigma = run.get("fair_loss_noise", NOISE_MULTIPLIER)
-    if isinstance(sigma, bool) or not isinstance(sigma, (int, float)):
-        raise ValueError(f"fair_loss_noise {sigma!r} is not a number")
-    if not (math.isfinite(sigma) and sigma >= MIN_NOISE_MULTIPLIER):
-        raise ValueError(f"fair_loss_noise {sigma!r} is below {MIN_NOISE_MULTIPLIER}")
-    return ((float(sigma), 1.0, int(run["rounds"])),)
+    sigma = release_noise(run, "fair_loss_noise", NOISE_MULTIPLIER)
+    return ((sigma, 1.0, int(run["rounds"])),)
 
 
 def planned_releases(run: Mapping[str, Any]) -> frozenset[tuple[float, float, int, float]]:

@@ -223,9 +223,10 @@ class ClaimBook:
         self.check_signature(sid, reply.get("signature"))
         per_epoch = round(1.0 / plan.sample_rate)
         epochs = self.config.local_epochs if phase == "federated" else self.config.personalize
+        planned = planned_releases(self.config.to_dict())
         if phase == calibration.PHASE:
             # One release of its own kind, whose parameters the run fixes.
-            want = calibration.planned_releases(self.config.to_dict())
+            want = planned[calibration.PHASE]
             if len(events) != 1 or any(
                 (e.noise_multiplier, e.sample_rate, e.steps, e.max_grad_norm) not in want
                 for e in events
@@ -237,7 +238,7 @@ class ClaimBook:
         events = [e for e in events if e.phase not in (fair_loss.PHASE, class_prior.PHASE)]
         if phase == "federated":
             # One prior release over the run, with the site's first training, iff planned.
-            want = class_prior.planned_releases(self.config.to_dict())
+            want = planned[class_prior.PHASE]
             total = sum(e.phase == class_prior.PHASE for e in self.ledger.for_client(sid))
             if total != (1 if want else 0) or any(
                 (e.noise_multiplier, e.sample_rate, e.steps, e.max_grad_norm) not in want
@@ -248,7 +249,7 @@ class ClaimBook:
                     "parameters than planned (once, with its first training)"
                 )
             # One loss release per round trained iff the run weighs by loss, as planned.
-            want = fair_loss.planned_releases(self.config.to_dict())
+            want = planned[fair_loss.PHASE]
             if len(losses) != (1 if want else 0) or any(
                 (e.noise_multiplier, e.sample_rate, e.steps, e.max_grad_norm) not in want
                 for e in losses

@@ -37,7 +37,6 @@ __all__ = [
     "personalize_rounds",
     "personalizes_in",
     "plan_site_privacy",
-    "release_entries",
     "resolve_device",
     "sample_participants",
     "seed_for",
@@ -147,26 +146,13 @@ def personalizes_in(config: RunConfig, round_index: int) -> bool:
     )
 
 
-def release_entries(run: dict[str, Any]) -> tuple[tuple[float, float, int], ...]:
-    """Accountant entries of every mechanism a site plans besides DP-SGD, for ``run``.
-
-    The decision calibration's release, q-FFL's loss releases and logit adjustment's class
-    prior (:mod:`securefed.dp.releases`): DP-SGD's sigma leaves room for all of them.
-
-    Raises:
-        ValueError: A release's noise multiplier no run can have.
-
-    """
-    return releases.entries(run)
-
-
 def plan_site_privacy(config: RunConfig, *, num_samples: int) -> DPPlan:
     """One site's DP-SGD plan: sigma calibrated for every step the site may take in the run.
 
     Calibrates for the worst case: the site takes part in every round, and its twin
     fine-tuning (on the same records), the decision calibration's release
     (:mod:`securefed.dp.calibration`), q-FFL's loss releases and logit adjustment's class
-    prior are accounted too (:func:`release_entries`). Sampling by the server is not
+    prior are accounted too (:func:`securefed.dp.releases.entries`). Sampling by the server is not
     counted as amplification. Runs at the site, which picks its own delta (the run's, lowered
     to at most ``1/(10 n)`` for its size); the same in-process and over Flower.
     """
@@ -184,7 +170,7 @@ def plan_site_privacy(config: RunConfig, *, num_samples: int) -> DPPlan:
         sample_rate=q,
         steps=steps,
         accountant=config.accountant,
-        extra=release_entries(config.to_dict()),
+        extra=releases.entries(config.to_dict()),
     )
     return DPPlan(
         noise_multiplier=sigma,
@@ -231,7 +217,7 @@ def check_site_plan(config: RunConfig, plan: DPPlan) -> None:
         sample_rate=plan.sample_rate,
         steps=plan.planned_steps,
         accountant=config.accountant,
-        extra=release_entries(config.to_dict()),
+        extra=releases.entries(config.to_dict()),
     )
     if plan.noise_multiplier != sigma:
         raise ProtocolError(
