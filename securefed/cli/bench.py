@@ -228,7 +228,13 @@ def bench_strategies(out, quick, seeds, device, data_dir, dataset, arms, epsilon
 @_bench_options(default_seeds="0")
 @option("--epsilons", default="inf,8", show_default=True, help="Comma-separated ε; inf = no DP.")
 @option("--model", default=None, help="Segmentation model [default: unet].")
-def bench_twins(out, quick, seeds, device, epsilons, model):
+@option(
+    "--arms",
+    default=None,
+    help="Comma-separated: fl (from scratch), ftl (public-pretrained, encoder frozen), "
+    "ftl-last (only the last decoder stage trains) [default: fl,ftl; quick: fl].",
+)
+def bench_twins(out, quick, seeds, device, epsilons, model, arms):
     """Digital twins: global vs twin Dice per hospital (3D segmentation, 9 sites)."""
     import dataclasses
 
@@ -238,8 +244,13 @@ def bench_twins(out, quick, seeds, device, epsilons, model):
     base = dict(grid.base, device=device)
     if model is not None:
         base["model"] = model
+    chosen = grid.arms if arms is None else tuple(a.strip() for a in arms.split(",") if a.strip())
+    if model not in (None, "unet") and "ftl" in chosen:
+        raise click.UsageError(
+            "--arms ftl freezes the unet's encoder; with another --model use fl or ftl-last"
+        )
     grid = dataclasses.replace(
-        grid, epsilons=_epsilons(epsilons), seeds=_seeds(seeds, (0,)), base=base
+        grid, epsilons=_epsilons(epsilons), seeds=_seeds(seeds, (0,)), base=base, arms=chosen
     )
     _done(run_twin_bench(out_dir=Path(out or "bench-out/twins"), grid=grid, progress=True))
 
@@ -430,8 +441,30 @@ def bench_privacy_unit(out, quick, seeds, device, epsilons, records_per_patient)
 @option(
     "--unlabelled-weight", type=float, default=0.1, show_default=True, help="Teacher-student's."
 )
+@option(
+    "--image-size",
+    type=click.IntRange(min=16),
+    default=16,
+    show_default=True,
+    help="Side of the cubic volumes, the sites' and the teacher's (32: a GPU's size).",
+)
+@option(
+    "--teacher-volumes",
+    type=click.IntRange(min=3),
+    default=None,
+    help="Public labelled volumes the teacher is pretrained on [default: 12; quick too].",
+)
 def bench_semi_supervised(
-    out, quick, seeds, device, epsilons, fractions, pseudo_threshold, unlabelled_weight
+    out,
+    quick,
+    seeds,
+    device,
+    epsilons,
+    fractions,
+    pseudo_threshold,
+    unlabelled_weight,
+    image_size,
+    teacher_volumes,
 ):
     """Teacher-student vs supervised-only at labelled fractions F (3D segmentation, 3 sites)."""
     import dataclasses
@@ -450,7 +483,19 @@ def bench_semi_supervised(
         fractions=fracs,
         epsilons=_epsilons(epsilons),
         seeds=_seeds(seeds, grid.seeds),
-        base={**grid.base, "device": device},
+        base={
+            **grid.base,
+            "device": device,
+            "data_options": {**grid.base["data_options"], "image_size": image_size},
+        },
+        teacher={
+            **grid.teacher,
+            "data_options": {
+                **grid.teacher["data_options"],
+                "image_size": image_size,
+                **({} if teacher_volumes is None else {"n_train": teacher_volumes}),
+            },
+        },
         pseudo_threshold=pseudo_threshold,
         unlabelled_weight=unlabelled_weight,
     )

@@ -64,3 +64,34 @@ def test_a_tiny_grid_writes_rows_table_and_resumes(tmp_path):
     # Resuming trains nothing: the same rows come back.
     again = json.loads(run_semi_supervised(out_dir=out, grid=grid, progress=False).read_text())
     assert [r["run_dir"] for r in again] == [r["run_dir"] for r in rows]
+
+
+def test_the_cli_sizes_the_sites_and_the_teacher_alike(tmp_path, monkeypatch):
+    from click.testing import CliRunner
+
+    import securefed.bench.semi_supervised as semi
+    from securefed.cli import cli
+
+    seen = {}
+
+    def capture(*, out_dir, grid, progress):
+        seen["grid"] = grid
+        out_dir.mkdir(parents=True)
+        (out_dir / "results.json").write_text("[]")
+        return out_dir / "results.json"
+
+    monkeypatch.setattr(semi, "run_semi_supervised", capture)
+    args = ["bench", "semi-supervised", "--out", str(tmp_path / "o"), "--image-size", "32"]
+    res = CliRunner().invoke(cli, [*args, "--teacher-volumes", "108"])
+    assert res.exit_code == 0, res.output
+    grid = seen["grid"]
+    assert grid.base["data_options"]["image_size"] == 32
+    assert grid.teacher["data_options"] == {
+        **SemiGrid().teacher["data_options"],
+        "image_size": 32,
+        "n_train": 108,
+    }
+    # The sites' own volumes are unchanged but for their size.
+    assert grid.base["data_options"]["n_train"] == SemiGrid().base["data_options"]["n_train"]
+    res = CliRunner().invoke(cli, [*args[:-1], "8"])
+    assert res.exit_code != 0 and "--image-size" in res.output
