@@ -327,3 +327,21 @@ def test_a_run_recorded_before_lr_schedule_replays_at_a_constant_lr(tmp_path):
     path.write_text(json.dumps({"schema_version": "3.3", "run": recorded}))
     old = RunConfig.from_json(path)
     assert old.lr_schedule == "constant" and old.lr_factor(old.rounds) == 1.0
+
+
+def test_a_dp_twin_drowned_in_noise_warns_and_names_the_way_out(tmp_path):
+    from securefed.fl.simulation import Federation
+
+    npz = write_small_npz(tmp_path / "t.npz", n_train=60, n_val=30, n_test=40)
+    # ~5-record batches and a 56k-parameter cnn: the twin's noise is ~20x any signal.
+    cfg = tiny_config(npz, batch_size=256, rounds=1, local_epochs=1, personalize=1)
+    lines = Federation(cfg).batch_warnings()
+    twin = [line for line in lines if "digital twin" in line]
+    assert len(twin) == 3 and all("--freeze" in line for line in twin)
+    # The way out it names: with only the head trainable the same twin is not drowned.
+    head_only = Federation(cfg.replace(freeze="backbone")).batch_warnings()
+    assert not [x for x in head_only if "twin" in x]
+    # No twins, or no DP: nothing to warn about.
+    assert not [x for x in Federation(cfg.replace(personalize=0)).batch_warnings() if "twin" in x]
+    no_dp = cfg.replace(dp_epsilon=None)
+    assert not [x for x in Federation(no_dp).batch_warnings() if "twin" in x]

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import math
 import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -182,6 +183,10 @@ def local_update(
 MIN_ROUND_STEPS = 4
 #: Smallest DP-SGD batch before a site warns that noise swamps its signal.
 MIN_DP_BATCH = 16
+#: Largest ratio of a DP twin's noise to the most signal its steps can carry before a site
+#: warns (``SiteRuntime.batch_warnings``). Twins at 36x and 171x ended far below the global
+#: model in the twins benchmark (docs/benchmarks.md); the bar sits well under both.
+MAX_TWIN_NOISE_RATIO = 10.0
 
 
 class SiteRuntime:
@@ -405,9 +410,47 @@ class SiteRuntime:
                 "norm <= C): expect little learning here; pool data into fewer, larger sites, "
                 "or use --strategy ftl from a pretrained backbone."
             )
+        if cfg.dp_enabled and cfg.personalize > 0 and self.plan is not None:
+            out += self._twin_warnings(who, steps=spe * cfg.personalize)
         if self.patients is not None:
             out += self._patient_warnings(who)
         return out
+
+    def _twin_warnings(self, who: str, *, steps: int) -> list[str]:
+        """A DP twin whose noise outweighs anything its few steps can learn.
+
+        Each twin step adds noise of norm about sigma*C*sqrt(d)/B to a clipped mean gradient
+        of norm <= C, so over ``steps`` steps the noise is sigma*sqrt(d)/(B*sqrt(steps))
+        times the largest possible signal (d: the twin's trainable parameters).
+        """
+        from securefed.models.transfer import freeze
+
+        if self._built is None:
+            self._built = build_model(
+                name=self.config.model, spec=self.spec, **model_choice(self.config)
+            )
+            self._built.module.to(self.device)
+        module = self._built.module
+        spec = self.config.effective_freeze
+        if spec != "none":
+            freeze(
+                module,
+                spec=spec,
+                head_prefixes=self._built.head_prefixes,
+                last_block_prefixes=self._built.last_block_prefixes,
+            )
+        d = sum(p.numel() for p in module.parameters() if p.requires_grad)
+        ratio = (
+            self.plan.noise_multiplier * math.sqrt(d) / (self.trainer.site_batch * math.sqrt(steps))
+        )
+        if ratio < MAX_TWIN_NOISE_RATIO:
+            return []
+        return [
+            f"warning: {who}: the digital twin's DP noise is about {ratio:.0f}x the largest "
+            f"signal its {steps} step(s) can carry (sigma*sqrt(d)/(batch*sqrt(steps)), d = {d} "
+            "trainable parameters): expect a twin worse than the global model; train fewer "
+            "parameters (--freeze) or leave --personalize off under DP."
+        ]
 
     def _patient_warnings(self, who: str) -> list[str]:
         """Signs that the patient ids do not describe patients (local lines, like the rest)."""
