@@ -387,3 +387,45 @@ def open_suite(
     out.mkdir(parents=True, exist_ok=True)
     claim_folder(out, suite=suite, grid=grid)
     return out, load_rows(out / "results.json", required=required, suite=suite)
+
+
+def pretrain_once(
+    out: Path,
+    *,
+    dataset: str,
+    model: str,
+    settings: dict[str, Any],
+    device: str,
+    progress: bool,
+) -> Path:
+    """A suite's public pretrain (no DP: public data), trained once and reused on resume.
+
+    Args:
+        out: The folder that holds (or will hold) ``model.safetensors`` and ``pretrain.json``.
+        dataset: The public source data set.
+        model: The model to pretrain.
+        settings: ``data_options``, ``seed``, ``epochs``, ``batch_size`` and ``lr``.
+        device: ``auto``, ``cpu`` or ``cuda``.
+        progress: Show a progress bar.
+
+    Returns:
+        The weight file's path.
+
+    """
+    from securefed.fl.pretrain import pretrain
+
+    path = out / "model.safetensors"
+    if path.exists():
+        return path
+    return pretrain(
+        out=out,
+        dataset=dataset,
+        data_options=settings["data_options"],
+        model=model,
+        epochs=settings["epochs"],
+        batch_size=settings["batch_size"],
+        lr=settings["lr"],
+        seed=settings["seed"],
+        device=device,
+        progress=progress,
+    )

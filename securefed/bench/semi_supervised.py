@@ -24,7 +24,14 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-from securefed.bench.common import Cell, mean_std, open_suite, run_cells, write_atomic
+from securefed.bench.common import (
+    Cell,
+    mean_std,
+    open_suite,
+    pretrain_once,
+    run_cells,
+    write_atomic,
+)
 from securefed.config import RunConfig
 from securefed.errors import ConfigError
 
@@ -183,28 +190,6 @@ def _rows(run: Path, *, arm: str, frac: float, eps: float | None, seed: int) -> 
     ]
 
 
-def _teacher_weights(out: Path, grid: SemiGrid, *, progress: bool) -> Path:
-    """The suite's teacher, pretrained once (no DP: public data) and reused on resume."""
-    from securefed.fl.pretrain import pretrain
-
-    path = out / "teacher" / "model.safetensors"
-    if path.exists():
-        return path
-    t = grid.teacher
-    return pretrain(
-        out=path.parent,
-        dataset=grid.base["dataset"],
-        data_options=t["data_options"],
-        model=grid.base["model"],
-        epochs=t["epochs"],
-        batch_size=t["batch_size"],
-        lr=t["lr"],
-        seed=t["seed"],
-        device=grid.base.get("device", "auto"),
-        progress=progress,
-    )
-
-
 def _summary(rows: list[dict[str, Any]], grid: SemiGrid, teacher: dict[str, Any]) -> str:
     seeds = sorted({r["seed"] for r in rows})
     test = teacher.get("heldout", {}).get("test", {})
@@ -256,7 +241,14 @@ def run_semi_supervised(*, out_dir: Path, grid: SemiGrid, progress: bool = True)
     out, rows = open_suite(
         out_dir, suite="semi-supervised", grid=asdict(grid), required=REQUIRED_COLUMNS
     )
-    teacher = _teacher_weights(out, grid, progress=progress)
+    teacher = pretrain_once(
+        out / "teacher",
+        dataset=grid.base["dataset"],
+        model=grid.base["model"],
+        settings=grid.teacher,
+        device=grid.base.get("device", "auto"),
+        progress=progress,
+    )
     done = {_key(r["arm"], r["labelled_fraction"], r["epsilon"], r["seed"]) for r in rows}
     cells = [
         Cell(

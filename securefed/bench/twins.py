@@ -30,7 +30,14 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-from securefed.bench.common import Cell, mean_std, open_suite, run_cells, write_atomic
+from securefed.bench.common import (
+    Cell,
+    mean_std,
+    open_suite,
+    pretrain_once,
+    run_cells,
+    write_atomic,
+)
 from securefed.config import RunConfig
 from securefed.errors import ConfigError
 
@@ -255,28 +262,6 @@ def _plot(out: Path, rows: list[dict[str, Any]], grid: TwinGrid) -> None:
     plt.close(fig)
 
 
-def _pretrained(out: Path, grid: TwinGrid, *, progress: bool) -> Path:
-    """The ftl arms' start, pretrained once (no DP: public data) and reused on resume."""
-    from securefed.fl.pretrain import pretrain
-
-    path = out / "pretrained" / "model.safetensors"
-    if path.exists():
-        return path
-    pub = grid.public
-    return pretrain(
-        out=path.parent,
-        dataset=grid.base["dataset"],
-        data_options=pub["data_options"],
-        model=grid.base["model"],
-        epochs=pub["epochs"],
-        batch_size=pub["batch_size"],
-        lr=pub["lr"],
-        seed=pub["seed"],
-        device=grid.base.get("device", "auto"),
-        progress=progress,
-    )
-
-
 def _zero_shot(out: Path, grid: TwinGrid, weights: Path) -> dict[str, Any]:
     """The pretrained model's own figures on each seed's pooled test split (no training)."""
     import torch
@@ -330,7 +315,14 @@ def run_twin_bench(*, out_dir: Path, grid: TwinGrid, progress: bool = True) -> P
     done = {_cell_key(_arm_of(r), r["epsilon"], r["seed"]) for r in rows}
     weights = zero_shot = None
     if any(arm != "fl" for arm in grid.arms):
-        weights = _pretrained(out, grid, progress=progress)
+        weights = pretrain_once(
+            out / "pretrained",
+            dataset=grid.base["dataset"],
+            model=grid.base["model"],
+            settings=grid.public,
+            device=grid.base.get("device", "auto"),
+            progress=progress,
+        )
         zero_shot = _zero_shot(out, grid, weights)
 
     def config(arm: str, eps: float | None, seed: int) -> RunConfig:

@@ -59,7 +59,7 @@ from securefed.fl.teacher_student import (
     pseudo_label_maps,
     site_labelled,
 )
-from securefed.models import ModelSpec, build_model
+from securefed.models import BuiltModel, ModelSpec, build_model
 from securefed.persistent import PersistentStore
 from securefed.protocol.modes import get_mode
 from securefed.protocol.wire import Stage
@@ -423,22 +423,11 @@ class SiteRuntime:
         of norm <= C, so over ``steps`` steps the noise is sigma*sqrt(d)/(B*sqrt(steps))
         times the largest possible signal (d: the twin's trainable parameters).
         """
-        from securefed.models.transfer import freeze
-
-        if self._built is None:
-            self._built = build_model(
-                name=self.config.model, spec=self.spec, **model_choice(self.config)
-            )
-            self._built.module.to(self.device)
-        module = self._built.module
-        spec = self.config.effective_freeze
-        if spec != "none":
-            freeze(
-                module,
-                spec=spec,
-                head_prefixes=self._built.head_prefixes,
-                last_block_prefixes=self._built.last_block_prefixes,
-            )
+        # The weights are overwritten by the server's before any use; the fork keeps this early
+        # build from moving the global RNG that later draws in this process may read.
+        with torch.random.fork_rng(devices=[]):
+            module = self._site_model().module
+        self._freeze()
         d = sum(p.numel() for p in module.parameters() if p.requires_grad)
         ratio = (
             self.plan.noise_multiplier * math.sqrt(d) / (self.trainer.site_batch * math.sqrt(steps))
@@ -541,6 +530,30 @@ class SiteRuntime:
         return out
 
     # -- models -----------------------------------------------------------------------------
+    def _site_model(self) -> BuiltModel:
+        """The site's one model instance, built on first use (its weights are set by callers)."""
+        if self._built is None:
+            self._built = build_model(
+                name=self.config.model, spec=self.spec, **model_choice(self.config)
+            )
+            self._built.module.to(self.device)
+        return self._built
+
+    def _freeze(self) -> str:
+        """Freeze the site's model as the run says; returns the ``--freeze`` spec applied."""
+        from securefed.models.transfer import freeze
+
+        built = self._site_model()
+        spec = self.config.effective_freeze
+        if spec != "none":
+            freeze(
+                built.module,
+                spec=spec,
+                head_prefixes=built.head_prefixes,
+                last_block_prefixes=built.last_block_prefixes,
+            )
+        return spec
+
     def model(self, weights: bytes, *, layout_keys: Sequence[str]) -> tuple[nn.Module, ParamLayout]:
         """The global model from the server's weights, frozen as the run says.
 
@@ -548,28 +561,14 @@ class SiteRuntime:
             ProtocolError: If the weights or the trainable-parameter list do not fit the model.
 
         """
-        from securefed.models.transfer import freeze
-
-        if self._built is None:
-            self._built = build_model(
-                name=self.config.model, spec=self.spec, **model_choice(self.config)
-            )
-            self._built.module.to(self.device)
-        model = self._built.module
+        model = self._site_model().module
         state = weights_from_bytes(weights, what="the global weights")
         try:
             model.load_state_dict(state, strict=True)
         except RuntimeError as exc:
             first = str(exc).strip().splitlines()[0]
             raise ProtocolError(f"the global weights do not fit the model ({first})") from exc
-        spec = self.config.effective_freeze
-        if spec != "none":
-            freeze(
-                model,
-                spec=spec,
-                head_prefixes=self._built.head_prefixes,
-                last_block_prefixes=self._built.last_block_prefixes,
-            )
+        spec = self._freeze()
         trainable = [n for n, p in model.named_parameters() if p.requires_grad]
         layout = ParamLayout(model.state_dict(), keys=trainable if spec != "none" else None)
         if list(layout.keys) != list(layout_keys):
