@@ -390,22 +390,14 @@ def open_suite(
 
 
 def pretrain_once(
-    out: Path,
-    *,
-    dataset: str,
-    model: str,
-    settings: dict[str, Any],
-    device: str,
-    progress: bool,
+    out: Path, *, base: dict[str, Any], settings: dict[str, Any], progress: bool
 ) -> Path:
     """A suite's public pretrain (no DP: public data), trained once and reused on resume.
 
     Args:
         out: The folder that holds (or will hold) ``model.safetensors`` and ``pretrain.json``.
-        dataset: The public source data set.
-        model: The model to pretrain.
+        base: The suite's RunConfig settings: its ``dataset``, ``model`` and ``device``.
         settings: ``data_options``, ``seed``, ``epochs``, ``batch_size`` and ``lr``.
-        device: ``auto``, ``cpu`` or ``cuda``.
         progress: Show a progress bar.
 
     Returns:
@@ -419,13 +411,13 @@ def pretrain_once(
         return path
     return pretrain(
         out=out,
-        dataset=dataset,
+        dataset=base["dataset"],
         data_options=settings["data_options"],
-        model=model,
+        model=base["model"],
         epochs=settings["epochs"],
         batch_size=settings["batch_size"],
         lr=settings["lr"],
         seed=settings["seed"],
-        device=device,
+        device=base.get("device", "auto"),
         progress=progress,
     )

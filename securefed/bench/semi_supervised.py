@@ -242,12 +242,7 @@ def run_semi_supervised(*, out_dir: Path, grid: SemiGrid, progress: bool = True)
         out_dir, suite="semi-supervised", grid=asdict(grid), required=REQUIRED_COLUMNS
     )
     teacher = pretrain_once(
-        out / "teacher",
-        dataset=grid.base["dataset"],
-        model=grid.base["model"],
-        settings=grid.teacher,
-        device=grid.base.get("device", "auto"),
-        progress=progress,
+        out / "teacher", base=grid.base, settings=grid.teacher, progress=progress
     )
     done = {_key(r["arm"], r["labelled_fraction"], r["epsilon"], r["seed"]) for r in rows}
     cells = [

@@ -316,12 +316,7 @@ def run_twin_bench(*, out_dir: Path, grid: TwinGrid, progress: bool = True) -> P
     weights = zero_shot = None
     if any(arm != "fl" for arm in grid.arms):
         weights = pretrain_once(
-            out / "pretrained",
-            dataset=grid.base["dataset"],
-            model=grid.base["model"],
-            settings=grid.public,
-            device=grid.base.get("device", "auto"),
-            progress=progress,
+            out / "pretrained", base=grid.base, settings=grid.public, progress=progress
         )
         zero_shot = _zero_shot(out, grid, weights)
 
