@@ -22,7 +22,7 @@ if TYPE_CHECKING:
 
 import numpy as np
 
-from securefed.errors import DataError
+from securefed.errors import ConfigError, DataError
 
 __all__ = [
     "Cell",
@@ -291,6 +291,8 @@ _FIXED_FIELDS = (
     "pretrain_epochs",
     "secagg_plus_from",
     "teacher",
+    "public",
+    "ftl_freeze",
     "pseudo_threshold",
     "unlabelled_weight",
 )
@@ -306,8 +308,6 @@ def claim_folder(out: Path, *, suite: str, grid: dict[str, Any]) -> None:
         ConfigError: ``out`` holds another suite, or the same suite with other settings.
 
     """
-    from securefed.errors import ConfigError
-
     path = out / "suite.json"
     grid = json.loads(json.dumps(grid))  # tuples -> lists, as stored
     if path.exists():
@@ -319,7 +319,10 @@ def claim_folder(out: Path, *, suite: str, grid: dict[str, Any]) -> None:
             raise ConfigError(
                 f"{out} holds results of the {old.get('suite')!r} suite; use another --out"
             )
-        changed = [k for k in _FIXED_FIELDS if k in grid and old.get("grid", {}).get(k) != grid[k]]
+        # A setting the folder's grid lacks came with a later version of the suite: results
+        # written before it did not depend on it (e.g. twins' `public` before the ftl arms).
+        before = old.get("grid", {})
+        changed = [k for k in _FIXED_FIELDS if k in grid and k in before and before[k] != grid[k]]
         if changed:
             raise ConfigError(
                 f"{out} holds {suite} results with another `{changed[0]}` "
@@ -408,6 +411,18 @@ def pretrain_once(
 
     path = out / "model.safetensors"
     if path.exists():
+        # A folder copied in, or left by other settings, must not stand in for this pretrain.
+        info = json.loads((out / "pretrain.json").read_text())
+        done = {
+            "data_options": info["source"]["data_options"],
+            **{k: info["training"][k] for k in ("seed", "epochs", "batch_size", "lr")},
+        }
+        wanted = {k: settings[k] for k in done}
+        if done != wanted or info["model"]["name"] != base["model"]:
+            raise ConfigError(
+                f"{out} holds a pretrain of other settings ({json.dumps(done)}, model "
+                f"{info['model']['name']}); use another --out"
+            )
         return path
     return pretrain(
         out=out,

@@ -103,8 +103,10 @@ class TwinGrid:
 
     def __post_init__(self) -> None:
         bad = [a for a in self.arms if a not in ARMS]
-        if bad or not self.arms:
-            raise ConfigError(f"twins arms are {', '.join(ARMS)} (got {self.arms!r})")
+        if bad or not self.arms or len(set(self.arms)) != len(self.arms):
+            raise ConfigError(
+                f"twins arms are {', '.join(ARMS)}, each at most once (got {self.arms!r})"
+            )
 
     def freeze(self, arm: str) -> str | None:
         """The ``--freeze`` of ``arm`` (``None``: the strategy's own)."""
@@ -167,7 +169,7 @@ def _arm_of(row: dict[str, Any]) -> str:
 def _summary(
     out: Path, rows: list[dict[str, Any]], grid: TwinGrid, zero_shot: dict[str, Any] | None
 ) -> None:
-    metric = rows[0]["metric"] if rows else "score"
+    metric = rows[0]["metric"] if rows else "mean_dice"
     lines = [
         "# Digital twins: global vs twin per site",
         "",
@@ -178,7 +180,7 @@ def _summary(
         "",
     ]
     if zero_shot is not None:
-        scores = [v[metric] for v in zero_shot["by_seed"].values()]
+        scores = [v.get(metric) for v in zero_shot["by_seed"].values()]
         f1 = [v.get("voxel_f1") for v in zero_shot["by_seed"].values()]
         lines += [
             f"ftl arms start from a UNet pretrained without DP on public data "
@@ -274,10 +276,10 @@ def _zero_shot(out: Path, grid: TwinGrid, weights: Path) -> dict[str, Any]:
 
     path = out / "pretrained.json"
     done = json.loads(path.read_text()) if path.exists() else {"by_seed": {}}
-    dev = resolve_device(grid.base.get("device", "auto"))
     for seed in grid.seeds:
         if str(seed) in done["by_seed"]:
             continue
+        dev = resolve_device(grid.base.get("device", "auto"))
         bundle = load_dataset(
             name=grid.base["dataset"], seed=seed, **dict(grid.base.get("data_options") or {})
         )

@@ -244,8 +244,13 @@ def bench_twins(out, quick, seeds, device, epsilons, model, arms):
     base = dict(grid.base, device=device)
     if model is not None:
         base["model"] = model
-    chosen = grid.arms if arms is None else tuple(a.strip() for a in arms.split(",") if a.strip())
-    if model not in (None, "unet") and "ftl" in chosen:
+    other_model = model not in (None, "unet", "auto")
+    if arms is None:
+        # ftl freezes the unet's encoder by name; other models keep the ftl-last arm.
+        chosen = tuple(a if a != "ftl" or not other_model else "ftl-last" for a in grid.arms)
+    else:
+        chosen = tuple(a.strip() for a in arms.split(",") if a.strip())
+    if other_model and "ftl" in chosen:
         raise click.UsageError(
             "--arms ftl freezes the unet's encoder; with another --model use fl or ftl-last"
         )

@@ -184,7 +184,7 @@ MIN_ROUND_STEPS = 4
 #: Smallest DP-SGD batch before a site warns that noise swamps its signal.
 MIN_DP_BATCH = 16
 #: Largest ratio of a DP twin's noise to the most signal its steps can carry before a site
-#: warns (``SiteRuntime.batch_warnings``). Twins at 36x and 171x ended far below the global
+#: warns (``SiteRuntime.batch_warnings``). Twins at 36x and 170x ended far below the global
 #: model in the twins benchmark (docs/benchmarks.md); the bar sits well under both.
 MAX_TWIN_NOISE_RATIO = 10.0
 

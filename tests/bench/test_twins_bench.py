@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import shutil
+from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
@@ -15,9 +18,12 @@ from securefed.errors import ConfigError
 _OPTIONS = {"n_train": 8, "n_val": 4, "n_test": 4, "image_size": 16, "n_groups": 2}
 
 
-def test_an_unknown_arm_is_refused():
+def test_an_unknown_or_repeated_arm_is_refused():
     with pytest.raises(ConfigError, match="twins arms"):
         TwinGrid(arms=("fl", "twin-magic"))
+    # A repeated arm would count every site-run twice in the tables.
+    with pytest.raises(ConfigError, match="at most once"):
+        TwinGrid(arms=("ftl", "ftl"))
 
 
 def test_each_ftl_arm_freezes_what_it_says_and_fl_keeps_its_old_cell_key():
@@ -43,20 +49,7 @@ def test_ftl_with_another_model_is_refused_by_the_cli(tmp_path):
 @pytest.mark.integration
 def test_ftl_starts_from_the_public_pretrain_keeps_its_encoder_and_resumes(tmp_path):
     grid = TwinGrid(
-        base={
-            "dataset": "synthetic-seg",
-            "data_options": _OPTIONS,
-            "model": "unet",
-            "clients": 2,
-            "partition": "by-group",
-            "rounds": 1,
-            "local_epochs": 1,
-            "batch_size": 2,
-            "lr": 0.1,
-            "personalize": 1,
-            "personalize_lr": 0.05,
-            "device": "cpu",
-        },
+        base=_tiny_base(),
         epsilons=(None,),
         arms=("fl", "ftl"),
         public={"data_options": _OPTIONS, "seed": 9, "epochs": 1, "batch_size": 4, "lr": 0.05},
@@ -76,9 +69,113 @@ def test_ftl_starts_from_the_public_pretrain_keeps_its_encoder_and_resumes(tmp_p
     encoder = [k for k in public if k.split(".")[0] in UNET_ENCODER.split(",")]
     assert encoder and all((public[k] == served[k]).all() for k in encoder)
     assert any(not (public[k] == served[k]).all() for k in public if k.startswith("upcat_"))
-    zero_shot = json.loads((out / "pretrained.json").read_text())
-    assert set(zero_shot["by_seed"]) == {"0"} and 0 <= zero_shot["by_seed"]["0"]["mean_dice"] <= 1
+    # The zero-shot figures are the public model's, not a fresh network's.
+    zero_shot = json.loads((out / "pretrained.json").read_text())["by_seed"]
+    assert set(zero_shot) == {"0"}
+    assert zero_shot["0"]["loss"] == pytest.approx(_test_loss(grid, out / "pretrained"))
+    assert zero_shot["0"]["loss"] != pytest.approx(_test_loss(grid, None))
     summary = (out / "summary.md").read_text()
     assert "## ftl, ε = ∞" in summary and "before any federated training" in summary
     again = json.loads(run_twin_bench(out_dir=out, grid=grid, progress=False).read_text())
     assert [r["run_dir"] for r in again] == [r["run_dir"] for r in rows]
+    # A pretrain of other settings in the folder is refused, not silently reused.
+    other = dataclasses.replace(grid, public={**grid.public, "epochs": 2})
+    with pytest.raises(ConfigError, match="public"):
+        run_twin_bench(out_dir=out, grid=other, progress=False)
+    copied = tmp_path / "copied"
+    shutil.copytree(out / "pretrained", copied / "pretrained")
+    with pytest.raises(ConfigError, match="pretrain of other settings"):
+        run_twin_bench(out_dir=copied, grid=other, progress=False)
+
+
+@pytest.mark.integration
+def test_a_suite_written_before_arms_existed_resumes_without_training(tmp_path):
+    grid = TwinGrid(
+        base={**_tiny_base(), "rounds": 1},
+        epsilons=(None,),
+        arms=("fl",),
+    )
+    out = tmp_path / "bench"
+    rows = json.loads(run_twin_bench(out_dir=out, grid=grid, progress=False).read_text())
+    # As the suite wrote them before arms: no `arm` in the rows, none of the new grid fields.
+    for r in rows:
+        del r["arm"]
+    (out / "results.json").write_text(json.dumps(rows))
+    suite = json.loads((out / "suite.json").read_text())
+    for key in ("arms", "public", "ftl_freeze"):
+        del suite["grid"][key]
+    (out / "suite.json").write_text(json.dumps(suite))
+    run = out / "runs" / "epsinf-seed0"
+    before = (run / "privacy.json").stat().st_mtime_ns
+
+    again = json.loads(run_twin_bench(out_dir=out, grid=grid, progress=False).read_text())
+
+    assert len(again) == len(rows) and (run / "privacy.json").stat().st_mtime_ns == before
+    assert "## fl, ε = ∞" in (out / "summary.md").read_text()
+
+
+def _tiny_base() -> dict:
+    return {
+        "dataset": "synthetic-seg",
+        "data_options": _OPTIONS,
+        "model": "unet",
+        "clients": 2,
+        "partition": "by-group",
+        "rounds": 1,
+        "local_epochs": 1,
+        "batch_size": 2,
+        "lr": 0.1,
+        "personalize": 1,
+        "personalize_lr": 0.05,
+        "device": "cpu",
+    }
+
+
+def _test_loss(grid: TwinGrid, pretrained: Path | None) -> float:
+    """Seed 0's pooled test loss of a fresh unet, with the pretrained weights or without."""
+    import torch
+
+    from securefed.data.dataset import load_dataset
+    from securefed.fl.tasks import build_task
+    from securefed.models import ModelSpec, build_model
+    from securefed.models.transfer import load_pretrained
+
+    bundle = load_dataset(name="synthetic-seg", seed=0, **_OPTIONS)
+    built = build_model(
+        name="unet",
+        spec=ModelSpec(
+            in_channels=bundle.in_channels,
+            num_classes=bundle.num_classes,
+            spatial_dims=3,
+            task="segmentation",
+            image_shape=tuple(bundle.image_shape),
+        ),
+    )
+    if pretrained is not None:
+        load_pretrained(
+            built.module, path=pretrained / "model.safetensors", head_prefixes=built.head_prefixes
+        )
+    task = build_task(name="segmentation", num_classes=bundle.num_classes, label_convention="brats")
+    with torch.no_grad():
+        res = task.evaluate(model=built.module, split=bundle.test, device=torch.device("cpu"))
+    return res["loss"]
+
+
+def test_another_model_keeps_the_ftl_last_arm_by_default(tmp_path, monkeypatch):
+    import securefed.bench.twins as twins
+
+    seen = {}
+
+    def capture(*, out_dir, grid, progress):
+        seen["grid"] = grid
+        out_dir.mkdir(parents=True)
+        (out_dir / "results.json").write_text("[]")
+        return out_dir / "results.json"
+
+    monkeypatch.setattr(twins, "run_twin_bench", capture)
+    res = CliRunner().invoke(
+        cli, ["bench", "twins", "--model", "vit-unet", "--out", str(tmp_path / "o")]
+    )
+    assert res.exit_code == 0, res.output
+    assert seen["grid"].arms == ("fl", "ftl-last")
+    assert seen["grid"].base["model"] == "vit-unet"
