@@ -17,6 +17,9 @@ Arms:
   trainable part.
 * ``ftl-last``: the same with only the decoder's last stage and the 1x1 head trainable
   (``--freeze backbone-except-last``): fewer coordinates share the noise.
+* ``ftl-head``: only the 1x1 output convolution trains (``--freeze backbone``, 68 weights for
+  4 classes): the global model barely moves from the public one, and a DP twin's noise is
+  small enough to learn from (``securefed.fl.site_runtime.MAX_TWIN_NOISE_RATIO``).
 
 ``pretrained.json`` holds the pretrained model's own mean Dice on each seed's pooled test
 split, before any federated training: what the public data alone gives.
@@ -44,7 +47,7 @@ from securefed.errors import ConfigError
 __all__ = ["ARMS", "TwinGrid", "QUICK_TWINS", "REQUIRED_COLUMNS", "run_twin_bench"]
 
 #: The arms a grid may hold.
-ARMS = ("fl", "ftl", "ftl-last")
+ARMS = ("fl", "ftl", "ftl-last", "ftl-head")
 
 #: The 3D UNet's encoder (``securefed.models`` ``unet``), frozen by the ``ftl`` arm.
 UNET_ENCODER = "conv_0,down_1,down_2,down_3,down_4"
@@ -110,7 +113,11 @@ class TwinGrid:
 
     def freeze(self, arm: str) -> str | None:
         """The ``--freeze`` of ``arm`` (``None``: the strategy's own)."""
-        return {"ftl": self.ftl_freeze, "ftl-last": "backbone-except-last"}.get(arm)
+        return {
+            "ftl": self.ftl_freeze,
+            "ftl-last": "backbone-except-last",
+            "ftl-head": "backbone",
+        }.get(arm)
 
 
 QUICK_TWINS = TwinGrid(
@@ -185,9 +192,9 @@ def _summary(
         lines += [
             f"ftl arms start from a UNet pretrained without DP on public data "
             f"({json.dumps(grid.public)}); frozen: `{grid.ftl_freeze}` (ftl), "
-            "`backbone-except-last` (ftl-last). That model alone, before any federated "
-            f"training, on the pooled test split: {metric} {mean_std(scores)}, voxel F1 "
-            f"{mean_std([v for v in f1 if v is not None])}.",
+            "`backbone-except-last` (ftl-last), `backbone` (ftl-head). That model alone, "
+            f"before any federated training, on the pooled test split: {metric} "
+            f"{mean_std(scores)}, voxel F1 {mean_std([v for v in f1 if v is not None])}.",
             "",
         ]
     for arm in grid.arms:

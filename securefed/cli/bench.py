@@ -232,7 +232,8 @@ def bench_strategies(out, quick, seeds, device, data_dir, dataset, arms, epsilon
     "--arms",
     default=None,
     help="Comma-separated: fl (from scratch), ftl (public-pretrained, encoder frozen), "
-    "ftl-last (only the last decoder stage trains) [default: fl,ftl; quick: fl].",
+    "ftl-last (only the last decoder stage trains), ftl-head (only the output layer trains) "
+    "[default: fl,ftl; quick: fl].",
 )
 def bench_twins(out, quick, seeds, device, epsilons, model, arms):
     """Digital twins: global vs twin Dice per hospital (3D segmentation, 9 sites)."""

@@ -30,6 +30,7 @@ def test_each_ftl_arm_freezes_what_it_says_and_fl_keeps_its_old_cell_key():
     grid = TwinGrid()
     assert grid.freeze("ftl") == UNET_ENCODER
     assert grid.freeze("ftl-last") == "backbone-except-last"
+    assert grid.freeze("ftl-head") == "backbone"
     assert grid.freeze("fl") is None
     # Suites written before arms existed resume: their keys are the fl arm's.
     assert _cell_key("fl", None, 0) == "epsinf-seed0"
