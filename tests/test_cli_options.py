@@ -33,14 +33,18 @@ def _option_entries(text: str) -> dict[str, str]:
     """{"--clients": "--clients INTEGER Number of sites. [default: 3]"} from --help output.
 
     Keyed by the option's own names only (the first word, ``--a/--b`` split), not by flags
-    its help text mentions; whitespace collapsed so a wrapped "[default:\\n 3]" reads as one.
+    its help text mentions; whitespace collapsed so a wrapped "[default:\\n 3]" reads as one,
+    and a line broken at a hyphen rejoined without one.
     """
     entries: list[str] = []
     for line in text.split("Options:", 1)[1].splitlines():
         if line.startswith("  -"):
             entries.append(line)
         elif entries and line.startswith("    "):
-            entries[-1] += " " + line
+            # The help wrapper breaks words at hyphens ("--no-" / "logit-adjust"): such a
+            # break rejoins without a space, so a flag name never reads as two words.
+            glue = "" if entries[-1].endswith("-") and not entries[-1].endswith(" -") else " "
+            entries[-1] = entries[-1].rstrip() + glue + line.strip()
     out = {}
     for entry in entries:
         entry = " ".join(entry.split())
