@@ -332,8 +332,8 @@ def test_a_run_recorded_before_lr_schedule_replays_at_a_constant_lr(tmp_path):
 def test_a_dp_twin_drowned_in_noise_warns_and_names_the_way_out(tmp_path):
     from securefed.fl.simulation import Federation
 
-    npz = write_small_npz(tmp_path / "t.npz", n_train=60, n_val=30, n_test=40)
-    # ~5-record batches and a 56k-parameter cnn: the twin's noise is ~20x any signal.
+    npz = write_small_npz(tmp_path / "t.npz", n_train=600, n_val=30, n_test=40)
+    # ~50-record batches and a 56k-parameter cnn: the twin's noise is ~2x any signal.
     cfg = tiny_config(npz, batch_size=256, rounds=1, local_epochs=1, personalize=1)
     fed = Federation(cfg)
     lines = fed.batch_warnings()
@@ -344,7 +344,7 @@ def test_a_dp_twin_drowned_in_noise_warns_and_names_the_way_out(tmp_path):
     d = sum(p.numel() for p in site._built.module.parameters() if p.requires_grad)
     steps = site.trainer.steps_per_epoch * cfg.personalize
     ratio = site.plan.noise_multiplier * d**0.5 / (site.trainer.site_batch * steps**0.5)
-    assert f"about {ratio:.0f}x" in twin[0] and f"its {steps} step(s)" in twin[0]
+    assert 1 < ratio < 10 and f"about {ratio:.1f}x" in twin[0] and f"its {steps} step(s)" in twin[0]
     # The way out it names: with only the head trainable the same twin is not drowned.
     head_only = Federation(cfg.replace(freeze="backbone")).batch_warnings()
     assert not [x for x in head_only if "twin" in x]
