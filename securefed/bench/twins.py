@@ -18,8 +18,9 @@ Arms:
 * ``ftl-last``: the same with only the decoder's last stage and the 1x1 head trainable
   (``--freeze backbone-except-last``): fewer coordinates share the noise.
 * ``ftl-head``: only the 1x1 output convolution trains (``--freeze backbone``, 68 weights for
-  4 classes): the global model barely moves from the public one, and a DP twin's noise is
-  small enough to learn from (``securefed.fl.site_runtime.MAX_TWIN_NOISE_RATIO``).
+  4 classes): the global model barely moves from the public one. Its DP twins still take
+  about 2x the largest signal in noise, above the bar at which a site warns
+  (``securefed.fl.site_runtime.MAX_TWIN_NOISE_RATIO``), and ended below the global model.
 
 ``pretrained.json`` holds the pretrained model's own mean Dice on each seed's pooled test
 split, before any federated training: what the public data alone gives.
