@@ -412,16 +412,22 @@ def pretrain_once(
     path = out / "model.safetensors"
     if path.exists():
         # A folder copied in, or left by other settings, must not stand in for this pretrain.
-        info = json.loads((out / "pretrain.json").read_text())
-        done = {
-            "data_options": info["source"]["data_options"],
-            **{k: info["training"][k] for k in ("seed", "epochs", "batch_size", "lr")},
-        }
+        try:
+            info = json.loads((out / "pretrain.json").read_text())
+            done = {
+                "data_options": info["source"]["data_options"],
+                **{k: info["training"][k] for k in ("seed", "epochs", "batch_size", "lr")},
+            }
+            made_by = info["model"]["name"]
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise DataError(
+                f"{out}: a pretrain without a readable pretrain.json ({exc!r}); use another --out"
+            ) from exc
         wanted = {k: settings[k] for k in done}
-        if done != wanted or info["model"]["name"] != base["model"]:
+        if done != wanted or made_by != base["model"]:
             raise ConfigError(
                 f"{out} holds a pretrain of other settings ({json.dumps(done)}, model "
-                f"{info['model']['name']}); use another --out"
+                f"{made_by}); use another --out"
             )
         return path
     return pretrain(

@@ -12,8 +12,8 @@ Arms:
 * ``ftl``: federated transfer learning. A UNet pretrained once per suite, without DP, on
   another draw of synthetic-seg (other hospitals, with their own scanner styles: an open
   labelled set no site holds) is the start; its encoder is frozen and the decoder trains
-  under DP (Kairouz et al. 2021 and Tramèr & Boneh 2021: DP-SGD learns far more from few
-  records when a public pretrain fixes most of the network). Twins fine-tune the same
+  under DP (Tramèr & Boneh 2021; De et al. 2022: DP-SGD learns far more from few records
+  when public pretraining fixes most of the network). Twins fine-tune the same
   trainable part.
 * ``ftl-last``: the same with only the decoder's last stage and the 1x1 head trainable
   (``--freeze backbone-except-last``): fewer coordinates share the noise.

@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 
 from securefed.bench.twins import UNET_ENCODER, TwinGrid, _cell_key, run_twin_bench
 from securefed.cli import cli
-from securefed.errors import ConfigError
+from securefed.errors import ConfigError, DataError
 
 _OPTIONS = {"n_train": 8, "n_val": 4, "n_test": 4, "image_size": 16, "n_groups": 2}
 
@@ -87,6 +87,9 @@ def test_ftl_starts_from_the_public_pretrain_keeps_its_encoder_and_resumes(tmp_p
     shutil.copytree(out / "pretrained", copied / "pretrained")
     with pytest.raises(ConfigError, match="pretrain of other settings"):
         run_twin_bench(out_dir=copied, grid=other, progress=False)
+    (copied / "pretrained" / "pretrain.json").write_text("{}")
+    with pytest.raises(DataError, match="readable pretrain.json"):
+        run_twin_bench(out_dir=copied, grid=grid, progress=False)
 
 
 @pytest.mark.integration
