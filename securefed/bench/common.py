@@ -392,6 +392,41 @@ def open_suite(
     return out, load_rows(out / "results.json", required=required, suite=suite)
 
 
+def check_pretrain(out: Path, *, base: dict[str, Any], settings: dict[str, Any]) -> Path | None:
+    """The pretrain already in ``out`` if it was made with these settings, else ``None``.
+
+    Suites call it before claiming their folder, so a refused pretrain leaves the folder as
+    it was.
+
+    Raises:
+        ConfigError: ``out`` holds a pretrain of other settings or another model.
+        DataError: ``out`` holds weights without a readable ``pretrain.json``.
+
+    """
+    path = Path(out) / "model.safetensors"
+    if not path.exists():
+        return None
+    # A folder copied in, or left by other settings, must not stand in for this pretrain.
+    try:
+        info = json.loads((Path(out) / "pretrain.json").read_text())
+        done = {
+            "data_options": info["source"]["data_options"],
+            **{k: info["training"][k] for k in ("seed", "epochs", "batch_size", "lr")},
+        }
+        made_by = info["model"]["name"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise DataError(
+            f"{out}: a pretrain without a readable pretrain.json ({exc!r}); use another --out"
+        ) from exc
+    wanted = {k: settings[k] for k in done}
+    if done != wanted or made_by != base["model"]:
+        raise ConfigError(
+            f"{out} holds a pretrain of other settings ({json.dumps(done)}, model "
+            f"{made_by}); use another --out"
+        )
+    return path
+
+
 def pretrain_once(
     out: Path, *, base: dict[str, Any], settings: dict[str, Any], progress: bool
 ) -> Path:
@@ -406,30 +441,16 @@ def pretrain_once(
     Returns:
         The weight file's path.
 
+    Raises:
+        ConfigError: See :func:`check_pretrain`.
+        DataError: See :func:`check_pretrain`.
+
     """
     from securefed.fl.pretrain import pretrain
 
-    path = out / "model.safetensors"
-    if path.exists():
-        # A folder copied in, or left by other settings, must not stand in for this pretrain.
-        try:
-            info = json.loads((out / "pretrain.json").read_text())
-            done = {
-                "data_options": info["source"]["data_options"],
-                **{k: info["training"][k] for k in ("seed", "epochs", "batch_size", "lr")},
-            }
-            made_by = info["model"]["name"]
-        except (OSError, ValueError, KeyError, TypeError) as exc:
-            raise DataError(
-                f"{out}: a pretrain without a readable pretrain.json ({exc!r}); use another --out"
-            ) from exc
-        wanted = {k: settings[k] for k in done}
-        if done != wanted or made_by != base["model"]:
-            raise ConfigError(
-                f"{out} holds a pretrain of other settings ({json.dumps(done)}, model "
-                f"{made_by}); use another --out"
-            )
-        return path
+    done = check_pretrain(out, base=base, settings=settings)
+    if done is not None:
+        return done
     return pretrain(
         out=out,
         dataset=base["dataset"],

@@ -26,6 +26,7 @@ from typing import Any
 
 from securefed.bench.common import (
     Cell,
+    check_pretrain,
     mean_std,
     open_suite,
     pretrain_once,
@@ -238,6 +239,8 @@ def _summary(rows: list[dict[str, Any]], grid: SemiGrid, teacher: dict[str, Any]
 
 def run_semi_supervised(*, out_dir: Path, grid: SemiGrid, progress: bool = True) -> Path:
     """Run (or resume) the grid; returns the path of ``results.json``."""
+    # Before the folder is claimed: a refused pretrain leaves it as it was.
+    check_pretrain(Path(out_dir) / "teacher", base=grid.base, settings=grid.teacher)
     out, rows = open_suite(
         out_dir, suite="semi-supervised", grid=asdict(grid), required=REQUIRED_COLUMNS
     )

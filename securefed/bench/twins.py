@@ -36,6 +36,7 @@ from typing import Any
 
 from securefed.bench.common import (
     Cell,
+    check_pretrain,
     mean_std,
     open_suite,
     pretrain_once,
@@ -321,6 +322,9 @@ def run_twin_bench(*, out_dir: Path, grid: TwinGrid, progress: bool = True) -> P
         The path of ``results.json``.
 
     """
+    # Before the folder is claimed: a refused pretrain leaves it as it was.
+    if any(arm != "fl" for arm in grid.arms):
+        check_pretrain(Path(out_dir) / "pretrained", base=grid.base, settings=grid.public)
     out, rows = open_suite(out_dir, suite="twins", grid=asdict(grid), required=REQUIRED_COLUMNS)
     done = {_cell_key(_arm_of(r), r["epsilon"], r["seed"]) for r in rows}
     weights = zero_shot = None

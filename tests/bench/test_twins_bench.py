@@ -81,12 +81,17 @@ def test_ftl_starts_from_the_public_pretrain_keeps_its_encoder_and_resumes(tmp_p
     assert [r["run_dir"] for r in again] == [r["run_dir"] for r in rows]
     # A pretrain of other settings in the folder is refused, not silently reused.
     other = dataclasses.replace(grid, public={**grid.public, "epochs": 2})
-    with pytest.raises(ConfigError, match="public"):
+    with pytest.raises(ConfigError, match="pretrain of other settings"):
         run_twin_bench(out_dir=out, grid=other, progress=False)
     copied = tmp_path / "copied"
     shutil.copytree(out / "pretrained", copied / "pretrained")
+    # And the suite refuses another `public` even where the pretrain folder is gone.
+    shutil.rmtree(out / "pretrained")
+    with pytest.raises(ConfigError, match="another `public`"):
+        run_twin_bench(out_dir=out, grid=other, progress=False)
     with pytest.raises(ConfigError, match="pretrain of other settings"):
         run_twin_bench(out_dir=copied, grid=other, progress=False)
+    assert not (copied / "suite.json").exists()  # refused before the folder was claimed
     (copied / "pretrained" / "pretrain.json").write_text("{}")
     with pytest.raises(DataError, match="readable pretrain.json"):
         run_twin_bench(out_dir=copied, grid=grid, progress=False)
