@@ -66,21 +66,13 @@ def test_a_tiny_grid_writes_rows_table_and_resumes(tmp_path):
     assert [r["run_dir"] for r in again] == [r["run_dir"] for r in rows]
 
 
-def test_the_cli_sizes_the_sites_and_the_teacher_alike(tmp_path, monkeypatch):
+def test_the_cli_sizes_the_sites_and_the_teacher_alike(tmp_path, grid_of):
     from click.testing import CliRunner
 
     import securefed.bench.semi_supervised as semi
     from securefed.cli import cli
 
-    seen = {}
-
-    def capture(*, out_dir, grid, progress):
-        seen["grid"] = grid
-        out_dir.mkdir(parents=True)
-        (out_dir / "results.json").write_text("[]")
-        return out_dir / "results.json"
-
-    monkeypatch.setattr(semi, "run_semi_supervised", capture)
+    seen = grid_of(semi, "run_semi_supervised")
     args = ["bench", "semi-supervised", "--out", str(tmp_path / "o"), "--image-size", "32"]
     res = CliRunner().invoke(cli, [*args, "--teacher-volumes", "108"])
     assert res.exit_code == 0, res.output

@@ -170,18 +170,10 @@ def _test_loss(grid: TwinGrid, pretrained: Path | None) -> float:
     return res["loss"]
 
 
-def test_another_model_keeps_the_ftl_last_arm_by_default(tmp_path, monkeypatch):
+def test_another_model_keeps_the_ftl_last_arm_by_default(tmp_path, grid_of):
     import securefed.bench.twins as twins
 
-    seen = {}
-
-    def capture(*, out_dir, grid, progress):
-        seen["grid"] = grid
-        out_dir.mkdir(parents=True)
-        (out_dir / "results.json").write_text("[]")
-        return out_dir / "results.json"
-
-    monkeypatch.setattr(twins, "run_twin_bench", capture)
+    seen = grid_of(twins, "run_twin_bench")
     res = CliRunner().invoke(
         cli, ["bench", "twins", "--model", "vit-unet", "--out", str(tmp_path / "o")]
     )
