@@ -799,6 +799,13 @@ class RunConfig:
             f"{_n('logit_adjust')} adjusts classification logits; not for segmentation or "
             "teacher-student.",
         )
+        # The counts would then leave each site twice: exactly, and once more under DP.
+        _check(
+            not (self.logit_adjust and self.disclose_site_sizes and self.dp_enabled),
+            f"{_n('logit_adjust')} releases each site's class counts under DP, and "
+            f"{_n('disclose_site_sizes')} already puts them in the run's files exactly: the "
+            "release would spend epsilon for nothing; drop one of the two.",
+        )
         for name in ("momentum", "server_momentum", "public_fraction"):
             value = getattr(self, name)
             if value is None:

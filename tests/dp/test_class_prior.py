@@ -76,6 +76,10 @@ def test_the_plan_holds_one_release_only_for_dp_runs_that_adjust():
         _run(prior_noise=0.5)
     with pytest.raises(ConfigError, match="classification"):
         _run(task="segmentation")
+    # Counts disclosed exactly need no DP release: the pair is refused, not paid for twice.
+    with pytest.raises(ConfigError, match="for nothing"):
+        _run(disclose_site_sizes=True)
+    assert not cfg.replace(dp_epsilon=None, disclose_site_sizes=True).dp_enabled
     old = cfg.to_dict()
     del old["logit_adjust"], old["prior_noise"]
     assert RunConfig.from_recorded(old).logit_adjust is False
