@@ -105,3 +105,61 @@ def reclaim(privacy: dict) -> None:
             if phase == "calibrate" or key in c:
                 c[key] = sum(e["phase"] == phase for e in ev)
     privacy["epsilon"] = max(c["epsilon"] for c in privacy["clients"])
+
+
+def book_and_reply(cfg, release_events):
+    """A claim book with one site's plan pinned, and a fit reply it signed over its events.
+
+    ``release_events`` (a planned release's events, e.g. a loss or class-prior release) come
+    before the round's DP-SGD event, as a site's first fit sends them.
+    """
+    from securefed.dp.accounting import compute_epsilon
+    from securefed.dp.ledger import PrivacyEvent
+    from securefed.dp.signing import SiteSigner
+    from securefed.fl.claims import ClaimBook, plan_fields, site_claim_for
+    from securefed.fl.planning import plan_site_privacy
+
+    signer = SiteSigner.generate()
+    plan = plan_site_privacy(cfg, num_samples=200)
+    book = ClaimBook(cfg)
+    book.keys[0] = signer.public_key_hex
+    steps = cfg.local_epochs * round(1 / plan.sample_rate)
+    events = [
+        *release_events,
+        PrivacyEvent(1, 0, plan.noise_multiplier, plan.sample_rate, steps, plan.max_grad_norm),
+    ]
+    dicts = [e.to_dict() for e in events]
+    eps = compute_epsilon(
+        history=[(e.noise_multiplier, e.sample_rate, e.steps) for e in events], delta=plan.delta
+    )
+    claim = site_claim_for(cfg, client_id=0, plan=plan, events=dicts, epsilon=eps)
+    reply = {
+        "events": dicts,
+        "epsilon": eps,
+        "plan": plan_fields(plan),
+        "signature": signer.sign_claim(claim),
+    }
+    return book, reply
+
+
+def checkpoint_restores_and_refuses_a_rewrite(cfg, event, *, phase, sigma, match):
+    """A checkpointed claim book holding ``event`` restores as it was, and refuses the same
+    checkpoint once that phase's events are rewritten to noise multiplier ``sigma``."""
+    import json
+
+    import pytest
+
+    from securefed.errors import ProtocolError
+    from securefed.fl.claims import ClaimBook
+
+    book, reply = book_and_reply(cfg, [event])
+    book.account(0, reply, round_index=1)
+    saved = json.loads(json.dumps(book.to_json()))
+    fresh = ClaimBook(cfg)
+    fresh.restore(saved)
+    assert fresh.ledger.events == book.ledger.events
+    for e in saved["events"]:
+        if e["phase"] == phase:
+            e["noise_multiplier"] = sigma
+    with pytest.raises(ProtocolError, match=match):
+        ClaimBook(cfg).restore(saved)

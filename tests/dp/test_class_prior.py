@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 
 import numpy as np
@@ -20,8 +19,15 @@ from securefed.errors import ConfigError, ProtocolError
 from securefed.fl.params import ParamLayout
 from securefed.fl.planning import plan_site_privacy
 from securefed.fl.site_runtime import local_update
-from tests.dp.audit_fixtures import copy_run, reclaim, rehash, resign, tiny_run
-from tests.dp.test_fair_loss import _book_and_reply
+from tests.dp.audit_fixtures import (
+    book_and_reply,
+    checkpoint_restores_and_refuses_a_rewrite,
+    copy_run,
+    reclaim,
+    rehash,
+    resign,
+    tiny_run,
+)
 
 SQRT2 = math.sqrt(2.0)
 
@@ -129,7 +135,7 @@ def _prior_event(round_index=1, sigma=class_prior.NOISE_MULTIPLIER, clip=class_p
 
 def test_the_claim_book_takes_one_planned_release_and_refuses_any_other():
     cfg = _run(rounds=2)
-    book, reply = _book_and_reply(cfg, [_prior_event()])
+    book, reply = book_and_reply(cfg, [_prior_event()])
     book.account(0, reply, round_index=1)
     assert [e.phase for e in book.ledger.for_client(0)] == [class_prior.PHASE, "federated"]
     for why, cfg_, priors in (
@@ -139,7 +145,7 @@ def test_the_claim_book_takes_one_planned_release_and_refuses_any_other():
         ("two", cfg, [_prior_event(), _prior_event()]),
         ("unplanned", cfg.replace(logit_adjust=False), [_prior_event()]),
     ):
-        book, reply = _book_and_reply(cfg_, priors)
+        book, reply = book_and_reply(cfg_, priors)
         with pytest.raises(ProtocolError, match="class prior"):
             book.account(0, reply, round_index=1)
         assert why
@@ -216,20 +222,13 @@ def test_a_rewritten_prior_release_fails_the_audit_after_resigning(adjusted_run,
 
 
 def test_a_checkpointed_book_with_a_prior_release_restores_and_refuses_a_rewritten_one():
-    from securefed.fl.claims import ClaimBook
-
-    cfg = _run(rounds=2)
-    book, reply = _book_and_reply(cfg, [_prior_event()])
-    book.account(0, reply, round_index=1)
-    saved = json.loads(json.dumps(book.to_json()))
-    fresh = ClaimBook(cfg)
-    fresh.restore(saved)
-    assert fresh.ledger.events == book.ledger.events
-    for e in saved["events"]:
-        if e["phase"] == class_prior.PHASE:
-            e["noise_multiplier"] = 2.0
-    with pytest.raises(ProtocolError, match="class-prior event"):
-        ClaimBook(cfg).restore(saved)
+    checkpoint_restores_and_refuses_a_rewrite(
+        _run(rounds=2),
+        _prior_event(),
+        phase=class_prior.PHASE,
+        sigma=2.0,
+        match="class-prior event",
+    )
 
 
 def test_a_site_holding_its_prior_refuses_a_history_that_hides_the_release(small_config):

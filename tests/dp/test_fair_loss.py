@@ -14,11 +14,17 @@ from securefed.dp.accounting import compute_epsilon, pld_epsilon
 from securefed.dp.audit import audit_run, independent_epsilon
 from securefed.dp.ledger import PrivacyEvent
 from securefed.dp.report import read_json, write_json
-from securefed.dp.signing import SiteSigner
 from securefed.errors import ProtocolError
-from securefed.fl.claims import ClaimBook, plan_fields, site_claim_for
 from securefed.fl.planning import check_site_plan, plan_site_privacy
-from tests.dp.audit_fixtures import copy_run, reclaim, rehash, resign, tiny_run
+from tests.dp.audit_fixtures import (
+    book_and_reply,
+    checkpoint_restores_and_refuses_a_rewrite,
+    copy_run,
+    reclaim,
+    rehash,
+    resign,
+    tiny_run,
+)
 
 B = fair_loss.BOUND
 
@@ -93,38 +99,13 @@ def test_a_noise_multiplier_no_run_can_have_is_refused_before_any_accountant():
         fair_loss.planned_entries(run)
 
 
-def _book_and_reply(cfg, loss_events):
-    """A claim book with one site's plan pinned, and a fit reply it signed over its events."""
-    signer = SiteSigner.generate()
-    plan = plan_site_privacy(cfg, num_samples=200)
-    book = ClaimBook(cfg)
-    book.keys[0] = signer.public_key_hex
-    steps = cfg.local_epochs * round(1 / plan.sample_rate)
-    events = [
-        *loss_events,
-        PrivacyEvent(1, 0, plan.noise_multiplier, plan.sample_rate, steps, plan.max_grad_norm),
-    ]
-    dicts = [e.to_dict() for e in events]
-    eps = compute_epsilon(
-        history=[(e.noise_multiplier, e.sample_rate, e.steps) for e in events], delta=plan.delta
-    )
-    claim = site_claim_for(cfg, client_id=0, plan=plan, events=dicts, epsilon=eps)
-    reply = {
-        "events": dicts,
-        "epsilon": eps,
-        "plan": plan_fields(plan),
-        "signature": signer.sign_claim(claim),
-    }
-    return book, reply
-
-
 def _loss_event(sigma=fair_loss.NOISE_MULTIPLIER, clip=fair_loss.CLIP):
     return PrivacyEvent(1, 0, sigma, 1.0, 1, clip, phase=fair_loss.PHASE)
 
 
 def test_the_claim_book_takes_the_planned_release_and_refuses_any_other():
     cfg = _run(rounds=2)
-    book, reply = _book_and_reply(cfg, [_loss_event()])
+    book, reply = book_and_reply(cfg, [_loss_event()])
     book.account(0, reply, round_index=1)
     assert [e.phase for e in book.ledger.for_client(0)] == [fair_loss.PHASE, "federated"]
     # The release counts in the site's epsilon.
@@ -139,7 +120,7 @@ def test_the_claim_book_takes_the_planned_release_and_refuses_any_other():
         ("unplanned (q = 0)", cfg.replace(fair_q=0.0), [_loss_event()]),
         ("unplanned (another noise)", cfg.replace(fair_loss_noise=30.0), [_loss_event()]),
     ):
-        book, reply = _book_and_reply(cfg_, losses)
+        book, reply = book_and_reply(cfg_, losses)
         with pytest.raises(ProtocolError, match="q-FFL loss with other DP parameters"):
             book.account(0, reply, round_index=1)
         assert why
@@ -224,18 +205,9 @@ def test_a_rewritten_loss_release_fails_the_audit_after_rehashing(
 
 
 def test_a_checkpointed_book_with_loss_releases_restores_and_refuses_a_rewritten_one():
-    cfg = _run(rounds=2)
-    book, reply = _book_and_reply(cfg, [_loss_event()])
-    book.account(0, reply, round_index=1)
-    saved = json.loads(json.dumps(book.to_json()))
-    fresh = ClaimBook(cfg)
-    fresh.restore(saved)
-    assert fresh.ledger.events == book.ledger.events
-    for e in saved["events"]:
-        if e["phase"] == fair_loss.PHASE:
-            e["noise_multiplier"] = 5.0
-    with pytest.raises(ProtocolError, match="fair-loss event"):
-        ClaimBook(cfg).restore(saved)
+    checkpoint_restores_and_refuses_a_rewrite(
+        _run(rounds=2), _loss_event(), phase=fair_loss.PHASE, sigma=5.0, match="fair-loss event"
+    )
 
 
 def test_a_deployed_site_resumes_a_history_with_releases_and_refuses_a_doubled_one(small_config):
