@@ -26,6 +26,7 @@ __all__ = [
     "SERVER_OPTIMIZERS",
     "SCHEDULES",
     "TASKS",
+    "TEACHERS",
     "Flag",
     "NotAFlag",
     "cli_metadata",
@@ -50,6 +51,9 @@ TASKS = ("auto", "classification", "segmentation")
 PERSONALIZE_WHEN = ("end", "every")
 LR_SCHEDULES = ("constant", "cosine")
 FUSIONS = ("early", "late")
+#: ``teacher-student``'s teacher: the ``--pretrained`` model in every round (``fixed``), or the
+#: round's global model (``global``, the only recipe before schema 3.5).
+TEACHERS = ("fixed", "global")
 # Defaults fixed in advance, never tuned on a site's data (docs/defaults.md explains each).
 #: DP-SGD: learning rate for a clipped (C = 1), noised mean gradient, and its momentum.
 DP_LR, DP_MOMENTUM, DP_CLIP = 2.0, 0.5, 1.0
@@ -385,6 +389,9 @@ class RunConfig:
             least this (FixMatch's confidence threshold); other voxels are ignored.
         unlabelled_weight: ``teacher-student``: weight of the pseudo-label cross-entropy of
             an unlabelled volume against the Dice-CE of a labelled one.
+        teacher: ``teacher-student``: which model pseudo-labels the unlabelled volumes:
+            ``fixed``, the ``--pretrained`` teacher in every round (the server sends it beside
+            the global model), or ``global``, the global model the site receives that round.
         personalize: Digital twins: local fine-tuning epochs per site (0 = off).
         personalize_when: ``end`` (after the last round) or ``every`` round.
         personalize_lr: Learning rate of twin fine-tuning, the same at every site (``None``:
@@ -711,6 +718,12 @@ class RunConfig:
     unlabelled_weight: float = _setting(
         0.1, help="teacher-student: weight of the pseudo-label loss of an unlabelled volume."
     )
+    teacher: str = _setting(
+        "fixed",
+        choices=TEACHERS,
+        help="teacher-student: the model that pseudo-labels: the --pretrained teacher in "
+        "every round (fixed), or the round's global model (global).",
+    )
     personalize: int = _setting(
         0,
         help="Digital twins: fine-tuning epochs per site on its own data (0 = off).",
@@ -920,6 +933,7 @@ class RunConfig:
             ("server_opt", self.server_opt, plugins.SERVER_OPTIMIZERS.names()),
             ("schedule", self.schedule, SCHEDULES),
             ("personalize_when", self.personalize_when, PERSONALIZE_WHEN),
+            ("teacher", self.teacher, TEACHERS),
         ):
             _check(
                 value in allowed,
@@ -1282,10 +1296,14 @@ class RunConfig:
         that masking had before ``auto``; one without ``auto_rule`` (before schema 3.3) with
         ``--model auto``'s rule 1, which never picks ``scatter-linear``; one without ``fair_q``
         (before schema 3.4) with q = 0, FedAvg, which it ran; one without ``lr_schedule``
-        with the constant learning rate it ran with.
+        with the constant learning rate it ran with; one without ``teacher`` (before schema
+        3.5) with the ``global`` teacher, the only one there was.
         """
         if "auto_rule" not in data:
             data = {**data, "auto_rule": 1}
+        # Before schema 3.5 the teacher-student teacher was the round's global model.
+        if "teacher" not in data:
+            data = {**data, "teacher": "global"}
         # Before schema 3.4 there was no q-FFL: every run aggregated by FedAvg.
         if "fair_q" not in data:
             data = {**data, "fair_q": 0.0}

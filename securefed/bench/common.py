@@ -295,7 +295,10 @@ _FIXED_FIELDS = (
     "ftl_freeze",
     "pseudo_threshold",
     "unlabelled_weight",
+    "teacher_mode",
 )
+#: What a fixed field was, in effect, before the suite had it: results written then used it.
+_FIXED_BEFORE = {"teacher_mode": "global"}
 
 
 def claim_folder(out: Path, *, suite: str, grid: dict[str, Any]) -> None:
@@ -321,7 +324,7 @@ def claim_folder(out: Path, *, suite: str, grid: dict[str, Any]) -> None:
             )
         # A setting the folder's grid lacks came with a later version of the suite: results
         # written before it did not depend on it (e.g. twins' `public` before the ftl arms).
-        before = old.get("grid", {})
+        before = {**_FIXED_BEFORE, **old.get("grid", {})}
         changed = [k for k in _FIXED_FIELDS if k in grid and k in before and before[k] != grid[k]]
         if changed:
             raise ConfigError(

@@ -458,7 +458,15 @@ def bench_privacy_unit(out, quick, seeds, device, epsilons, records_per_patient)
     "--teacher-volumes",
     type=click.IntRange(min=3),
     default=None,
-    help="Public labelled volumes the teacher is pretrained on [default: 12; quick too].",
+    help="Public labelled volumes the teacher is pretrained on [default: 108; quick too].",
+)
+@option(
+    "--teacher",
+    "teacher_mode",
+    type=click.Choice(["fixed", "global"]),
+    default="fixed",
+    show_default=True,
+    help="Teacher-student's: the pretrained teacher every round, or the round's global model.",
 )
 def bench_semi_supervised(
     out,
@@ -471,6 +479,7 @@ def bench_semi_supervised(
     unlabelled_weight,
     image_size,
     teacher_volumes,
+    teacher_mode,
 ):
     """Teacher-student vs supervised-only at labelled fractions F (3D segmentation, 3 sites)."""
     import dataclasses
@@ -504,6 +513,7 @@ def bench_semi_supervised(
         },
         pseudo_threshold=pseudo_threshold,
         unlabelled_weight=unlabelled_weight,
+        teacher_mode=teacher_mode,
     )
     _done(
         run_semi_supervised(

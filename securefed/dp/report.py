@@ -31,7 +31,9 @@ __all__ = [
 #: `fair_loss_noise` (q-FFL), `logit_adjust` and `prior_noise`; events may have phases
 #: `fair-loss` and `class-prior`, and such runs' clients carry `fair_loss_releases` and
 #: `class_prior_releases`.
-SCHEMA_VERSION = "3.4"
+#: 3.5 (additive): config.json's run gains `teacher` (teacher-student's: "fixed", the
+#: --pretrained model in every round, or "global"; a run recorded before it ran "global").
+SCHEMA_VERSION = "3.5"
 
 THREAT_MODEL = (
     "(epsilon, delta)-DP per site and per privacy unit ('privacy_unit': one training record, or "

@@ -306,6 +306,14 @@ class RoundEngine:
             bundle=bundle,
             public_indices=public_indices,
         )
+        #: teacher-student with ``--teacher fixed``: the pretrained teacher as loaded, sent
+        #: beside the global model in every round (a resumed run loads it again here, before
+        #: the checkpoint's global weights replace the model's).
+        self.teacher_blob: bytes | None = (
+            weights_to_bytes(self.models[0].state_dict())
+            if config.strategy == "teacher-student" and config.teacher == "fixed"
+            else None
+        )
         trainable = [n for n, p in self.models[0].named_parameters() if p.requires_grad]
         self.layout = ParamLayout(
             self.models[0].state_dict(), keys=trainable if self.transfer["frozen"] else None
@@ -665,6 +673,7 @@ class RoundEngine:
                     "round": round_index,
                     "n_sites": len(groups[assign[sid]]),
                     "history": self._history(sid),
+                    **({"teacher": self.teacher_blob} if self.teacher_blob is not None else {}),
                 },
             )
             for sid in sorted(assign)

@@ -13,6 +13,7 @@ leaves the site, in either runtime.
 from __future__ import annotations
 
 import copy
+import hashlib
 import logging
 import math
 import time
@@ -333,6 +334,8 @@ class SiteRuntime:
         self.train_log: list[dict[str, float]] = []
         self.twin: nn.Module | None = None
         self._built: Any = None
+        #: teacher-student: the SHA-256 of the teacher's weights and its encoded pseudo-labels.
+        self._pseudo: tuple[bytes, np.ndarray] | None = None
 
     @property
     def persistent(self) -> PersistentStore:
@@ -742,8 +745,8 @@ class SiteRuntime:
         self.persistent.claim_once(
             _FIT_ROUNDS, round_index, what=f"site {self.client_id}: training round {round_index}"
         )
+        coverage = self._pseudo_label(fields) if self.teacher_student else None
         model, layout = self.model(fields["weights"], layout_keys=fields["layout_keys"])
-        coverage = self._pseudo_label(model) if self.teacher_student else None
         before = len(self.own_events())
         released = self._release_loss(model, round_index) if self.config.fair_q else None
         prior = self._class_prior(round_index) if self.config.logit_adjust else None
@@ -975,25 +978,44 @@ class SiteRuntime:
         noised = float(self._release(np.array([total]), entry, fair_loss.PHASE, round_index, 9)[0])
         return fair_loss.released_loss(noised, size=self.size)
 
-    def _pseudo_label(self, teacher: nn.Module) -> float | None:
-        """Teacher-student: the round's pseudo-labels of the unlabelled volumes, from ``teacher``.
+    def _pseudo_label(self, fields: Mapping[str, Any]) -> float | None:
+        """Teacher-student: the round's pseudo-labels of the unlabelled volumes.
 
-        ``teacher`` is the model the server sent for this round; it is not trained (local
-        training works on a copy). Returns the share of unlabelled voxels confident enough to
-        be pseudo-labelled (None without unlabelled volumes); it stays at the site.
+        The teacher is the message's ``teacher`` weights under ``--teacher fixed`` (the
+        pretrained model, the same every round: its pseudo-labels are computed once and kept
+        while the weights stay the same), else the round's global ``weights``. Returns the
+        share of unlabelled voxels confident enough to be pseudo-labelled (None without
+        unlabelled volumes); it stays at the site.
+
+        Raises:
+            ProtocolError: ``--teacher fixed`` and the message carries no teacher.
+
         """
         dataset = self.trainer.dataset
         assert isinstance(dataset, TeacherStudentDataset)
         if not len(dataset.unlabelled):
             return None
+        key = "teacher" if self.config.teacher == "fixed" else "weights"
+        blob = fields.get(key)
+        if not isinstance(blob, bytes):
+            raise ProtocolError(
+                f"site {self.client_id}: the run pseudo-labels with the --pretrained teacher "
+                "(--teacher fixed) but the server sent none"
+            )
+        digest = hashlib.sha256(blob).digest()
         k = self.spec.num_classes
-        encoded = pseudo_label_maps(
-            teacher,
-            self.train.images[dataset.unlabelled],
-            num_classes=k,
-            threshold=self.config.pseudo_threshold,
-            device=self.device,
-        )
+        if self._pseudo is None or self._pseudo[0] != digest:
+            # The site's one model instance: the student's weights are loaded after this.
+            teacher, _ = self.model(blob, layout_keys=fields["layout_keys"])
+            encoded = pseudo_label_maps(
+                teacher,
+                self.train.images[dataset.unlabelled],
+                num_classes=k,
+                threshold=self.config.pseudo_threshold,
+                device=self.device,
+            )
+            self._pseudo = (digest, encoded)
+        encoded = self._pseudo[1]
         dataset.set_pseudo_labels(encoded)
         return float((encoded < 2 * k).mean())
 

@@ -202,12 +202,14 @@ class _CFL(Strategy):
 
 
 class _TeacherStudent(Strategy):
-    """Semi-supervised segmentation: self-training with a federated teacher.
+    """Semi-supervised segmentation: self-training from a pretrained teacher.
 
-    One global model, aggregated like FedAvg. At the site, the model it receives for a round
-    is that round's teacher (frozen): it pseudo-labels the site's unlabelled volumes before
-    local DP-SGD trains the student on labelled and pseudo-labelled volumes together
-    (:mod:`securefed.fl.teacher_student`). Nothing new crosses the wire.
+    One global model, aggregated like FedAvg. At the site, the teacher (frozen) pseudo-labels
+    the site's unlabelled volumes before local DP-SGD trains the student on labelled and
+    pseudo-labelled volumes together (:mod:`securefed.fl.teacher_student`). The teacher is the
+    ``--pretrained`` model, which the server sends beside the global model each round
+    (``--teacher fixed``), or the round's global model (``--teacher global``). Nothing new
+    leaves a site.
     """
 
     name = "teacher-student"
@@ -215,10 +217,16 @@ class _TeacherStudent(Strategy):
     def describe(self, config: Any) -> dict[str, Any]:
         return {
             "recipe": (
-                "self-training with a federated teacher: FixMatch-style confidence-thresholded "
-                "pseudo-labels (Sohn et al. 2020); the teacher of round r is the global model "
-                "each site receives in round r, initialised from --pretrained"
+                "self-training from a teacher pretrained on public labelled volumes, with "
+                "FixMatch-style confidence-thresholded pseudo-labels (Sohn et al. 2020); "
+                + (
+                    "the teacher is the --pretrained model in every round"
+                    if config.teacher == "fixed"
+                    else "the teacher of round r is the global model each site receives in "
+                    "round r, initialised from --pretrained"
+                )
             ),
+            "teacher": config.teacher,
             "labelled_fraction": config.labelled_fraction,
             "pseudo_threshold": config.pseudo_threshold,
             "unlabelled_weight": config.unlabelled_weight,

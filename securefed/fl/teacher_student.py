@@ -1,10 +1,23 @@
 """``--strategy teacher-student``: semi-supervised federated segmentation by self-training.
 
-Recipe: self-training with a federated teacher and FixMatch-style confidence-thresholded
-pseudo-labels (Sohn et al. 2020, "FixMatch", NeurIPS). The teacher of round r is the global
-model a site receives in round r, frozen while the site trains; round 1's is the model
-pretrained on declared-public labelled volumes (``securefed pretrain``, then
-``--pretrained``). At the site, each round:
+Recipe: self-training from a teacher pretrained on public labelled volumes, as in the
+federated liver-CT annotation system this strategy follows (an open, expert-labelled set
+trains the 3D U-Net teacher; the hospitals' student learns from its pseudo-labels), with
+FixMatch-style confidence-thresholded pseudo-labels (Sohn et al. 2020, "FixMatch", NeurIPS).
+The teacher (``--teacher``):
+
+- ``fixed`` (default): the model pretrained on declared-public labelled volumes
+  (``securefed pretrain``, then ``--pretrained``), in every round. The server sends it beside
+  the round's global model; its pseudo-labels do not change, so a site computes them once.
+  The teacher stays what the public data made it, as in Noisy Student's teacher (Xie et al.
+  2020) within one iteration.
+- ``global``: the global model a site receives in round r is round r's teacher (round 1's is
+  the pretrained one). The only recipe before schema 3.5. On the synthetic hospitals the
+  student's global model stays weaker than the public teacher, so its pseudo-labels got
+  worse than the teacher's and the arm fell behind supervised-only; the fixed teacher did
+  not (benchmarks/results/semi_supervised.md).
+
+At the site, each round:
 
 1. the teacher (eval mode, no gradients) predicts every unlabelled volume, un-augmented;
 2. a voxel whose largest softmax probability is at least ``--pseudo-threshold`` gets the
@@ -24,11 +37,12 @@ both losses alike and every step is one the ledger counts.
 
 Privacy: the pseudo-labels are a function of the site's private volumes; they never leave
 the site and training on them is DP-SGD like any other step. Each volume's pseudo-labels are a
-function of that volume and the received model (itself a DP output) only -- the threshold is
-fixed -- so replacing one volume changes only its own target, which per-sample clipping
-bounds. A threshold computed across a site's volumes would couple them and void that argument.
-The true label maps of the volumes chosen unlabelled are replaced by zeros when the site is
-built (:func:`drop_labels`), so nothing downstream can read them.
+function of that volume and the teacher only (the public pretrained model, or the received
+global model, itself a DP output) -- the threshold is fixed -- so replacing one volume
+changes only its own target, which per-sample clipping bounds. A threshold computed across a
+site's volumes would couple them and void that argument. The true label maps of the volumes
+chosen unlabelled are replaced by zeros when the site is built (:func:`drop_labels`), so
+nothing downstream can read them.
 
 Unlabelled volumes come from two sources: ``--labelled-fraction F`` < 1 simulates them by
 dropping label maps the site holds (a benchmark), and real ones are NIfTI subjects without
@@ -37,9 +51,8 @@ a label map, read with ``--data-option unlabelled=true`` (``ArraySplit.labelled`
 (:func:`check_unlabelled`).
 
 No mean-teacher EMA (Tarvainen & Valpola 2017): an EMA kept by the server of the global
-models is post-processing and would cost no privacy, but it needs a second model on the
-wire (a new field every runtime and the report would have to declare) and another
-hyper-parameter; re-distributing the global model as the teacher needs neither.
+models is post-processing and would cost no privacy, but it adds a hyper-parameter; the fixed
+teacher is the published recipe, and the global one the simplest alternative.
 """
 
 from __future__ import annotations

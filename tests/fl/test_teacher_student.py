@@ -53,7 +53,7 @@ def teacher(tmp_path_factory):
     return pretrain_teacher(tmp_path_factory.mktemp("teacher"))
 
 
-def _config(teacher, **changes) -> RunConfig:
+def _config(teacher_file, /, **changes) -> RunConfig:
     return RunConfig(
         dataset="synthetic-seg",
         data_options=OPTIONS,
@@ -67,7 +67,7 @@ def _config(teacher, **changes) -> RunConfig:
         dp_epsilon=None,
         device="cpu",
         strategy="teacher-student",
-        pretrained=str(teacher),
+        pretrained=str(teacher_file),
         labelled_fraction=0.5,
         pseudo_threshold=0.5,
     ).replace(**changes)
@@ -202,18 +202,35 @@ def test_the_dataset_reads_only_the_labelled_maps():
 # -- the strategy in a federation ------------------------------------------------------------
 
 
-def _fit_vector(fed, site) -> np.ndarray:
+def _fit_fields(fed, round_index: int = 1) -> dict:
+    """A round's fit message as the server builds it (the teacher too, under --teacher fixed)."""
     from securefed.fl.site_runtime import weights_to_bytes
-    from securefed.protocol.wire import Stage  # noqa: F401 - the stage the fields belong to
 
     fields = {
         "weights": weights_to_bytes(fed.models[0].state_dict()),
         "layout_keys": list(fed.layout.keys),
-        "round": 1,
+        "round": round_index,
         "n_sites": 2,
         "history": [],
     }
-    return np.frombuffer(site.fit(fields)["vector"], dtype=np.uint8).copy()
+    if fed.teacher_blob is not None:
+        fields["teacher"] = fed.teacher_blob
+    return fields
+
+
+def _fit_vector(fed, site) -> np.ndarray:
+    return np.frombuffer(site.fit(_fit_fields(fed))["vector"], dtype=np.uint8).copy()
+
+
+def _zeroed(fed) -> bytes:
+    """The model's weights, every floating tensor 0: a teacher that labels nothing alike."""
+    from securefed.fl.site_runtime import weights_to_bytes
+
+    state = {
+        k: torch.zeros_like(v) if v.is_floating_point() else v
+        for k, v in fed.models[0].state_dict().items()
+    }
+    return weights_to_bytes(state)
 
 
 def test_unlabelled_volumes_never_enter_the_loss_corrupting_their_maps_changes_nothing(teacher):
@@ -253,6 +270,68 @@ def test_unlabelled_volumes_never_enter_the_loss_corrupting_their_maps_changes_n
     assert np.array_equal(_fit_vector(fed, twin(corrupt_labelled=False)), reference)
     # The check can fail: corrupting the labelled maps does change the update.
     assert not np.array_equal(_fit_vector(fed, twin(corrupt_labelled=True)), reference)
+
+
+@pytest.mark.parametrize("mode", ["fixed", "global"])
+def test_the_teacher_is_the_pretrained_model_under_fixed_and_the_global_one_under_global(
+    teacher, mode
+):
+    # The server's global model labels nothing (all-zero weights: uniform softmax, below the
+    # threshold); the pretrained teacher labels voxels. A fixed-teacher site that took the
+    # global model instead would pseudo-label nothing.
+    from securefed.fl.simulation import Federation
+
+    fed = Federation(_config(teacher, teacher=mode))
+    assert (fed.teacher_blob is not None) == (mode == "fixed")
+    fields = {**_fit_fields(fed), "weights": _zeroed(fed)}
+    site = fed.sites[0]
+    site.fit(fields)
+    coverage = site.train_log[-1]["pseudo_coverage"]
+    if mode == "fixed":
+        assert coverage > 0.5
+    else:
+        assert coverage == 0.0
+
+
+def test_a_fixed_teacher_site_refuses_a_fit_without_the_teacher(teacher):
+    from securefed.errors import ProtocolError
+    from securefed.fl.simulation import Federation
+
+    fed = Federation(_config(teacher))
+    fields = _fit_fields(fed)
+    del fields["teacher"]
+    with pytest.raises(ProtocolError, match="--teacher fixed") as info:
+        fed.sites[0].fit(fields)
+    assert "\n" not in str(info.value)
+
+
+def test_the_server_sends_the_pretrained_teacher_unchanged_in_every_round(teacher):
+    from securefed.fl.simulation import Federation
+    from securefed.fl.site_runtime import weights_to_bytes
+    from securefed.protocol.wire import Stage
+
+    fed = Federation(_config(teacher, rounds=2))
+    pretrained = weights_to_bytes(fed.models[0].state_dict())
+    sent = []
+    exchange = fed.logged.exchange
+
+    def spy(payloads, **kwargs):
+        sent.extend(f for stage, f in payloads.values() if stage == Stage.FIT)
+        return exchange(payloads, **kwargs)
+
+    fed.logged.exchange = spy
+    fed.run_round(1)
+    fed.run_round(2)
+    assert len(sent) == 4
+    assert all(f["teacher"] == pretrained for f in sent)
+    assert sent[-1]["weights"] != pretrained  # the global model moved; the teacher did not
+
+
+def test_a_run_recorded_before_schema_3_5_replays_with_the_global_teacher(teacher):
+    recorded = _config(teacher).to_dict()
+    del recorded["teacher"]
+    assert RunConfig.from_recorded(recorded).teacher == "global"
+    assert RunConfig.from_dict(recorded).teacher == "fixed"  # a new run's default
 
 
 def test_supervised_only_trains_on_the_labelled_records_alone(teacher):
