@@ -87,3 +87,40 @@ def test_the_cli_sizes_the_sites_and_the_teacher_alike(tmp_path, grid_of):
     assert grid.base["data_options"]["n_train"] == SemiGrid().base["data_options"]["n_train"]
     res = CliRunner().invoke(cli, [*args[:-1], "8"])
     assert res.exit_code != 0 and "--image-size" in res.output
+
+
+def test_the_cli_passes_the_teacher_mode_and_refuses_an_unknown_one(tmp_path, grid_of):
+    from click.testing import CliRunner
+
+    import securefed.bench.semi_supervised as semi
+    from securefed.cli import cli
+
+    seen = grid_of(semi, "run_semi_supervised")
+
+    def args(out: str) -> list[str]:
+        return ["bench", "semi-supervised", "--out", str(tmp_path / out)]
+
+    assert CliRunner().invoke(cli, args("a")).exit_code == 0
+    assert seen["grid"].teacher_mode == "fixed"
+    assert CliRunner().invoke(cli, [*args("b"), "--teacher", "global"]).exit_code == 0
+    assert seen["grid"].teacher_mode == "global"
+    res = CliRunner().invoke(cli, [*args("c"), "--teacher", "ema"])
+    assert res.exit_code != 0 and "--teacher" in res.output
+    with pytest.raises(ConfigError, match="--teacher"):
+        SemiGrid(teacher_mode="ema")
+
+
+def test_a_folder_from_before_the_teacher_mode_is_refused_to_a_fixed_teacher_grid(tmp_path):
+    # Its teacher-student cells ran with the round's global model as the teacher: resuming it
+    # with --teacher fixed would table both recipes as one arm.
+    from dataclasses import asdict
+
+    from securefed.bench.common import claim_folder
+
+    old = asdict(SemiGrid())
+    del old["teacher_mode"]
+    (tmp_path / "suite.json").write_text(json.dumps({"suite": "semi-supervised", "grid": old}))
+
+    with pytest.raises(ConfigError, match="teacher_mode"):
+        claim_folder(tmp_path, suite="semi-supervised", grid=asdict(SemiGrid()))
+    claim_folder(tmp_path, suite="semi-supervised", grid=asdict(SemiGrid(teacher_mode="global")))
