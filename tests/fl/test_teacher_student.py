@@ -293,6 +293,25 @@ def test_the_teacher_is_the_pretrained_model_under_fixed_and_the_global_one_unde
         assert coverage == 0.0
 
 
+@pytest.mark.parametrize("mode, labelled", [("fixed", 1), ("global", 2)])
+def test_a_site_labels_again_only_when_its_teacher_changes(teacher, monkeypatch, mode, labelled):
+    # Fixed: the same teacher each round, labelled once. Global: the teacher is the round's
+    # model, so stale pseudo-labels from round 1 would be a wrong recipe, not a saving.
+    import securefed.fl.site_runtime as runtime
+    from securefed.fl.simulation import Federation
+
+    calls = []
+    real = runtime.pseudo_label_maps
+    monkeypatch.setattr(
+        runtime, "pseudo_label_maps", lambda *a, **k: calls.append(1) or real(*a, **k)
+    )
+    fed = Federation(_config(teacher, teacher=mode, rounds=2))
+    site = fed.sites[0]
+    site.fit(_fit_fields(fed, 1))
+    site.fit({**_fit_fields(fed, 2), "weights": _zeroed(fed)})
+    assert len(calls) == labelled
+
+
 def test_a_fixed_teacher_site_refuses_a_fit_without_the_teacher(teacher):
     from securefed.errors import ProtocolError
     from securefed.fl.simulation import Federation
