@@ -362,7 +362,8 @@ class RunConfig:
         augment: TorchIO augmentation of the training data (never of held-out data).
         strategy: ``fedavg``, ``fedprox``, ``ftl`` (federated transfer learning), ``cfl``
             (clustered FL, IFCA) or ``teacher-student`` (semi-supervised segmentation:
-            pseudo-labels from the received global model, :mod:`securefed.fl.teacher_student`).
+            pseudo-labels from the pretrained teacher or the received global model, see
+            ``teacher``; :mod:`securefed.fl.teacher_student`).
         prox_mu: FedProx proximal weight mu (``None``: 0.01 for fedprox, 0 otherwise).
         server_opt: Server optimizer on the averaged update: ``none`` (FedAvg), ``avgm``
             (FedAvgM) or ``adam`` (FedAdam).
