@@ -1297,13 +1297,14 @@ class RunConfig:
         that masking had before ``auto``; one without ``auto_rule`` (before schema 3.3) with
         ``--model auto``'s rule 1, which never picks ``scatter-linear``; one without ``fair_q``
         (before schema 3.4) with q = 0, FedAvg, which it ran; one without ``lr_schedule``
-        with the constant learning rate it ran with; one without ``teacher`` (before schema
-        3.5) with the ``global`` teacher, the only one there was.
+        with the constant learning rate it ran with; a teacher-student one without
+        ``teacher`` (before schema 3.5) with the ``global`` teacher, the only one there was.
         """
         if "auto_rule" not in data:
             data = {**data, "auto_rule": 1}
-        # Before schema 3.5 the teacher-student teacher was the round's global model.
-        if "teacher" not in data:
+        # Before schema 3.5 the teacher-student teacher was the round's global model (other
+        # strategies have no teacher: they take today's default, as a new run's flags do).
+        if "teacher" not in data and data.get("strategy") == "teacher-student":
             data = {**data, "teacher": "global"}
         # Before schema 3.4 there was no q-FFL: every run aggregated by FedAvg.
         if "fair_q" not in data:

@@ -216,9 +216,14 @@ def _resume(
     if config is not None:
         changed = config.with_unflagged_of(saved).differences(saved)
         if changed:
+            hint = (
+                " (a teacher-student run recorded before --teacher existed: --teacher global)"
+                if changed == ["teacher"] and saved.teacher == "global"
+                else ""
+            )
             raise ConfigError(
                 f"--resume {folder}: options differ from the checkpoint's "
-                f"({', '.join(changed)}); resume with the same options or none"
+                f"({', '.join(changed)}); resume with the same options or none{hint}"
             )
     target = Path(out_dir) if out_dir else _target_of(folder)
     if target is None:

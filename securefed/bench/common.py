@@ -329,7 +329,7 @@ def claim_folder(out: Path, *, suite: str, grid: dict[str, Any]) -> None:
         if changed:
             raise ConfigError(
                 f"{out} holds {suite} results with another `{changed[0]}` "
-                f"(e.g. a --quick run); use another --out"
+                f"(e.g. a --quick run, or an earlier recipe); use another --out"
             )
     write_atomic(path, json.dumps({"suite": suite, "grid": grid}, indent=1) + "\n")
 

@@ -314,6 +314,15 @@ class RoundEngine:
             if config.strategy == "teacher-student" and config.teacher == "fixed"
             else None
         )
+        if self.teacher_blob is not None and self.transfer["reinitialised"]:
+            # The loader re-initialises a head that does not fit; a fixed teacher keeps it
+            # random for the whole run (a global one would at least train it).
+            raise ConfigError(
+                f"--teacher fixed: the --pretrained teacher lacks a fitting "
+                f"{', '.join(sorted(self.transfer['reinitialised']))} (another label set?), so "
+                "it would pseudo-label at random; pretrain it for this data set's classes, or "
+                "use --teacher global"
+            )
         trainable = [n for n, p in self.models[0].named_parameters() if p.requires_grad]
         self.layout = ParamLayout(
             self.models[0].state_dict(), keys=trainable if self.transfer["frozen"] else None

@@ -78,6 +78,8 @@ _SELECT_ROUNDS = "select.rounds"
 _EVALUATE_CLUSTER_ROUNDS = "evaluate.cluster.rounds"
 #: Rounds whose decision calibration the site released (once per run: it is accounted).
 _CALIBRATE_ROUNDS = "calibrate.rounds"
+#: teacher-student ``--teacher fixed``: the SHA-256 (hex) of the one teacher of the run.
+_TEACHER = "fit.teacher_sha256"
 
 
 def weights_to_bytes(state: Mapping[str, torch.Tensor]) -> bytes:
@@ -334,8 +336,9 @@ class SiteRuntime:
         self.train_log: list[dict[str, float]] = []
         self.twin: nn.Module | None = None
         self._built: Any = None
-        #: teacher-student: the SHA-256 of the teacher's weights and its encoded pseudo-labels.
-        self._pseudo: tuple[bytes, np.ndarray] | None = None
+        #: teacher-student: the SHA-256 of the teacher whose pseudo-labels the training set
+        #: holds, and their share of the unlabelled voxels.
+        self._pseudo: tuple[str, float] | None = None
 
     @property
     def persistent(self) -> PersistentStore:
@@ -560,20 +563,27 @@ class SiteRuntime:
             )
         return spec
 
-    def model(self, weights: bytes, *, layout_keys: Sequence[str]) -> tuple[nn.Module, ParamLayout]:
+    def model(
+        self, weights: bytes, *, layout_keys: Sequence[str], what: str = "the global weights"
+    ) -> tuple[nn.Module, ParamLayout]:
         """The global model from the server's weights, frozen as the run says.
+
+        Args:
+            weights: The weights (safetensors).
+            layout_keys: The server's list of aggregated parameters.
+            what: Names the weights in an error.
 
         Raises:
             ProtocolError: If the weights or the trainable-parameter list do not fit the model.
 
         """
         model = self._site_model().module
-        state = weights_from_bytes(weights, what="the global weights")
+        state = weights_from_bytes(weights, what=what)
         try:
             model.load_state_dict(state, strict=True)
         except RuntimeError as exc:
             first = str(exc).strip().splitlines()[0]
-            raise ProtocolError(f"the global weights do not fit the model ({first})") from exc
+            raise ProtocolError(f"{what} do not fit the model ({first})") from exc
         spec = self._freeze()
         trainable = [n for n, p in model.named_parameters() if p.requires_grad]
         layout = ParamLayout(model.state_dict(), keys=trainable if spec != "none" else None)
@@ -732,12 +742,15 @@ class SiteRuntime:
         """Train one round from the server's weights and protect the update.
 
         Fields: ``weights``, ``layout_keys``, ``round``, ``n_sites``, ``history`` (the
-        server's copy of this site's events), and ``return_weights`` (the cyclic schedule:
-        hand the trained model on, in the clear; refused with secure aggregation).
+        server's copy of this site's events), ``teacher`` (teacher-student with ``--teacher
+        fixed``: the pretrained teacher's weights), and ``return_weights`` (the cyclic
+        schedule: hand the trained model on, in the clear; refused with secure aggregation).
         """
         round_index = self._check_round(fields)
         self._sync_history(fields["history"], round_index)
         self._check_budget(round_index, epochs=self.config.local_epochs, phase="federated")
+        # Before the round is claimed: a refused teacher leaves the round to a good message.
+        coverage = self._pseudo_label(fields) if self.teacher_student else None
         # DP or not, a site trains a round once per run: without DP a re-fit of the same round
         # gives the same update, and a server that summed it twice (with and without this
         # site's neighbours) would difference the sums. Recorded before training, in the store
@@ -745,7 +758,6 @@ class SiteRuntime:
         self.persistent.claim_once(
             _FIT_ROUNDS, round_index, what=f"site {self.client_id}: training round {round_index}"
         )
-        coverage = self._pseudo_label(fields) if self.teacher_student else None
         model, layout = self.model(fields["weights"], layout_keys=fields["layout_keys"])
         before = len(self.own_events())
         released = self._release_loss(model, round_index) if self.config.fair_q else None
@@ -982,31 +994,49 @@ class SiteRuntime:
         """Teacher-student: the round's pseudo-labels of the unlabelled volumes.
 
         The teacher is the message's ``teacher`` weights under ``--teacher fixed`` (the
-        pretrained model, the same every round: its pseudo-labels are computed once and kept
-        while the weights stay the same), else the round's global ``weights``. Returns the
-        share of unlabelled voxels confident enough to be pseudo-labelled (None without
-        unlabelled volumes); it stays at the site.
+        pretrained model, the same every round: the site pins its SHA-256 in its persistent
+        store the first time and refuses another, and labels once), else the round's global
+        ``weights``. The training set keeps the pseudo-labels until the teacher changes.
+        Returns the share of unlabelled voxels confident enough to be pseudo-labelled (None
+        without unlabelled volumes); it stays at the site.
+
+        The pin is for the integrity of the recipe, not for privacy: a volume's
+        pseudo-labels depend on that volume and the teacher only, whoever picked it.
 
         Raises:
-            ProtocolError: ``--teacher fixed`` and the message carries no teacher.
+            ProtocolError: ``--teacher fixed`` and the message carries no teacher, another
+                teacher than the pinned one, or teacher weights that do not fit the model or
+                are not finite.
 
         """
         dataset = self.trainer.dataset
         assert isinstance(dataset, TeacherStudentDataset)
         if not len(dataset.unlabelled):
             return None
-        key = "teacher" if self.config.teacher == "fixed" else "weights"
-        blob = fields.get(key)
+        fixed = self.config.teacher == "fixed"
+        cid = self.client_id
+        blob = fields.get("teacher" if fixed else "weights")
         if not isinstance(blob, bytes):
             raise ProtocolError(
-                f"site {self.client_id}: the run pseudo-labels with the --pretrained teacher "
-                "(--teacher fixed) but the server sent none"
+                f"site {cid}: the run pseudo-labels with the --pretrained teacher "
+                "(--teacher fixed) but the server sent no teacher weights"
             )
-        digest = hashlib.sha256(blob).digest()
-        k = self.spec.num_classes
+        digest = hashlib.sha256(blob).hexdigest()
+        pinned = self.persistent.get(_TEACHER) if fixed else None
+        if pinned is not None and pinned != digest:
+            raise ProtocolError(
+                f"site {cid}: the server sent another teacher than in an earlier round "
+                "(--teacher fixed: one teacher for the whole run)"
+            )
         if self._pseudo is None or self._pseudo[0] != digest:
             # The site's one model instance: the student's weights are loaded after this.
-            teacher, _ = self.model(blob, layout_keys=fields["layout_keys"])
+            teacher, _ = self.model(
+                blob, layout_keys=fields["layout_keys"], what="the teacher's weights"
+            )
+            # A data-independent check: non-finite weights would label nothing, silently.
+            if not all(bool(torch.isfinite(t).all()) for t in teacher.state_dict().values()):
+                raise ProtocolError(f"site {cid}: the teacher has non-finite weights")
+            k = self.spec.num_classes
             encoded = pseudo_label_maps(
                 teacher,
                 self.train.images[dataset.unlabelled],
@@ -1014,10 +1044,11 @@ class SiteRuntime:
                 threshold=self.config.pseudo_threshold,
                 device=self.device,
             )
-            self._pseudo = (digest, encoded)
-        encoded = self._pseudo[1]
-        dataset.set_pseudo_labels(encoded)
-        return float((encoded < 2 * k).mean())
+            dataset.set_pseudo_labels(encoded)
+            self._pseudo = (digest, float((encoded < 2 * k).mean()))
+        if fixed and pinned is None:
+            self.persistent[_TEACHER] = digest
+        return self._pseudo[1]
 
     @torch.no_grad()
     def _logits(self, model: nn.Module, split: ArraySplit, batch_size: int = 256) -> np.ndarray:

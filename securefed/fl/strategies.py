@@ -232,8 +232,8 @@ class _TeacherStudent(Strategy):
             "unlabelled_weight": config.unlabelled_weight,
             "unlabelled_augmentation": "always (TorchIO, as --augment)",
             "pseudo_labels": (
-                "computed at each site from its private unlabelled volumes and the received "
-                "model; they never leave the site, and training on them is DP-SGD like any step"
+                "computed at each site from its private unlabelled volumes and the teacher; "
+                "they never leave the site, and training on them is DP-SGD like any step"
             ),
         }
 

@@ -1,4 +1,5 @@
-"""Teacher-student over Flower: nothing new on the wire, the same model as in-process."""
+"""Teacher-student over Flower: nothing new leaves a site (the teacher travels in the fit
+message), and the same model as in-process."""
 
 from __future__ import annotations
 

@@ -438,3 +438,62 @@ def test_pretrain_checks_the_task_it_is_asked_for(tmp_path):
             device="cpu",
             progress=False,
         )
+
+
+def test_a_fixed_teacher_without_a_fitting_head_is_refused_in_one_line(teacher, tmp_path):
+    # The loader re-initialises an output layer the file lacks; as a fixed teacher it would
+    # pseudo-label at random for the whole run.
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    from securefed.fl.simulation import Federation
+
+    fed = Federation(_config(teacher, teacher="global"))
+    heads = tuple(fed.built.head_prefixes)
+    with safe_open(str(teacher), "pt") as f:
+        meta = f.metadata()
+    state = {k: v for k, v in load_file(str(teacher)).items() if not k.startswith(heads)}
+    headless = tmp_path / "headless.safetensors"
+    save_file(state, str(headless), metadata=meta)
+    assert Federation(_config(headless, teacher="global")).transfer["reinitialised"]
+
+    with pytest.raises(ConfigError, match="--teacher fixed") as info:
+        Federation(_config(headless))
+    assert "\n" not in str(info.value)
+
+
+def test_a_fixed_teacher_site_refuses_another_teacher_or_non_finite_weights(teacher):
+    # The pin keeps the recipe honest (one teacher for the run); a refused teacher does not
+    # use up the round: the same round with the right teacher then trains.
+    from securefed.errors import ProtocolError
+    from securefed.fl.simulation import Federation
+
+    fed = Federation(_config(teacher, rounds=2))
+    site = fed.sites[0]
+    site.fit(_fit_fields(fed, 1))
+    with pytest.raises(ProtocolError, match="another teacher"):
+        site.fit({**_fit_fields(fed, 2), "teacher": _zeroed(fed)})
+
+    other = Federation(_config(teacher, rounds=2))
+    nan = {
+        k: torch.full_like(v, float("nan")) if v.is_floating_point() else v
+        for k, v in other.models[0].state_dict().items()
+    }
+    from securefed.fl.site_runtime import weights_to_bytes
+
+    with pytest.raises(ProtocolError, match="non-finite") as info:
+        other.sites[0].fit({**_fit_fields(other, 1), "teacher": weights_to_bytes(nan)})
+    assert "\n" not in str(info.value)
+    with pytest.raises(ProtocolError, match="the teacher's weights"):
+        other.sites[0].fit({**_fit_fields(other, 1), "teacher": b"not safetensors"})
+    other.sites[0].fit(_fit_fields(other, 1))  # round 1 was not used up
+    assert other.sites[0].train_log[-1]["pseudo_coverage"] > 0
+
+
+def test_a_run_recorded_before_schema_3_5_of_another_strategy_takes_todays_default(teacher):
+    # Other strategies have no teacher: resuming their old checkpoints with today's flags
+    # must not see a spurious difference.
+    recorded = _config(teacher, strategy="fedavg").to_dict()
+    del recorded["teacher"]
+    assert RunConfig.from_recorded(recorded).teacher == "fixed"
+    assert not RunConfig.from_recorded(recorded).differences(_config(teacher, strategy="fedavg"))
