@@ -497,3 +497,24 @@ def test_a_run_recorded_before_schema_3_5_of_another_strategy_takes_todays_defau
     del recorded["teacher"]
     assert RunConfig.from_recorded(recorded).teacher == "fixed"
     assert not RunConfig.from_recorded(recorded).differences(_config(teacher, strategy="fedavg"))
+
+
+def test_a_resumed_fixed_teacher_run_trains_the_model_of_the_uninterrupted_one(teacher, tmp_path):
+    # The resumed server must send the pretrained teacher again, not the checkpoint's global
+    # model; without DP the run is seeded, so a wrong teacher in round 2 changes the model.
+    from safetensors.torch import load_file
+
+    from securefed.run import RunInterrupted, train
+    from tests.fl.test_resume import _partials, _StopAt
+
+    config = _config(teacher, rounds=2)
+    whole = train(config, out_dir=tmp_path / "whole", progress=False)
+    fed = _StopAt(config, stop_at=2, exc=KeyboardInterrupt())
+    with pytest.raises(RunInterrupted):
+        train(config, out_dir=tmp_path / "cut", federation=fed, progress=False)
+    (partial,) = _partials(tmp_path)
+    resumed = train(resume=partial, progress=False)
+
+    a = load_file(str(whole / "model.safetensors"))
+    b = load_file(str(resumed / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
