@@ -14,7 +14,12 @@ What the audit proves, given ``privacy.json``, ``config.json`` and ``metrics.jso
 * sigma is what calibration gives for the configured target and the planned steps, and the
   epsilon of the ledger, recomputed with Google's ``dp_accounting`` (PLD, replace-one
   adjacency), is within the target and not above the claim;
-* the noise was declared secret (``reproducible`` noise fails unless explicitly allowed).
+* the noise was declared secret (``reproducible`` noise fails unless explicitly allowed);
+* for a report of this release's schema, ``disclosures`` lists every field the run's
+  configuration makes a site release, with its protection and wording
+  (:func:`securefed.fl.disclosures.disclosures_json`): the configuration is what the signed
+  claims bind, so a report that drops or softens a disclosure fails even with its hash
+  recomputed. A report of an older schema is not compared (the line says so).
 
 What it cannot prove: that noise was drawn or added at all (a site that skips it signs the
 same claim), or that a key belongs to the site it names unless the keys are pinned.
@@ -35,7 +40,7 @@ from typing import Any
 from securefed.config import DP_BATCH, DP_CLIP, planned_epochs
 from securefed.dp import calibration, class_prior, fair_loss
 from securefed.dp.releases import PHASES
-from securefed.dp.report import read_json, report_hash
+from securefed.dp.report import SCHEMA_VERSION, read_json, report_hash
 from securefed.dp.signing import claim_from_report, run_digest, verify_claim
 from securefed.errors import AuditError, PrivacyBudgetError
 
@@ -192,6 +197,49 @@ def _require(obj: dict, key: str, where: str) -> Any:
 #: Largest total coefficient-modulus bits for 128-bit security, by CKKS ring degree
 #: (HomomorphicEncryption.org security standard, 2018, ternary secrets, classical attacks).
 _HE_MAX_COEFF_BITS = {1024: 27, 2048: 54, 4096: 109, 8192: 218, 16384: 438, 32768: 881}
+
+
+def _check_disclosures(result: AuditResult, privacy: dict, run: dict, version: str) -> None:
+    """``disclosures`` against what the recorded configuration makes a site release.
+
+    Every release this release's code derives from the configuration must be listed with the
+    same protection and wording; extra entries (declaring more) are allowed. Reports of
+    another schema are not compared: their releases and wording may differ.
+    """
+    name = "disclosures list every release the configuration implies"
+    if version != SCHEMA_VERSION:
+        result.add(
+            name,
+            True,
+            f"not compared: schema {version} (this auditor derives {SCHEMA_VERSION}'s list)",
+        )
+        return
+    from securefed.config import RunConfig
+    from securefed.errors import SecureFedError
+    from securefed.fl.disclosures import disclosures_json
+
+    try:
+        expected = disclosures_json(RunConfig.from_recorded(dict(run)), runtime="in-process")
+    except (SecureFedError, TypeError, ValueError) as exc:
+        result.add(name, False, f"config.json's run is not a valid configuration ({exc})")
+        return
+    listed = privacy.get("disclosures")
+    if not isinstance(listed, list):
+        result.add(name, False, "privacy.json has no 'disclosures' list")
+        return
+    keys = ("message", "field", "protection", "detail")
+    have = {tuple(d.get(k) for k in keys) for d in listed if isinstance(d, dict)}
+    missing = [
+        f"{e['message']} {e['field']}" for e in expected if tuple(e[k] for k in keys) not in have
+    ]
+    result.add(
+        name,
+        not missing,
+        f"{len(expected)} releases, each listed"
+        if not missing
+        else f"missing or changed: {', '.join(missing[:4])}"
+        + (f" and {len(missing) - 4} more" if len(missing) > 4 else ""),
+    )
 
 
 def _check_secure_aggregation(result: AuditResult, privacy: dict, config: Any, where: str) -> None:
@@ -684,6 +732,7 @@ def audit_run(
         else f"claimed {claimed_hash}, got {actual_hash}",
     )
     _check_secure_aggregation(result, privacy, config, where)
+    _check_disclosures(result, privacy, run, version)
 
     clients = _require(privacy, "clients", where)
     if not isinstance(clients, list) or not clients:

@@ -112,3 +112,28 @@ def test_inconsistent_secure_aggregation_claims_are_caught(run_dir, tmp_path):
     failed = {c.name for c in audit_run(d).checks if not c.ok}
     assert "secure aggregation matches the configuration" in failed
     assert "masking: threshold is a strict majority of a neighbourhood" in failed
+
+
+@pytest.mark.parametrize("rewrite", ["drop", "soften"])
+def test_a_dropped_or_softened_disclosure_fails_even_with_a_fixed_hash(run_dir, tmp_path, rewrite):
+    # The signed claims bind config.json's run, not the disclosures: without this check a
+    # publisher could hide a release (or call a clear one secure) and recompute the hash.
+    d = _copy(run_dir, tmp_path)
+    privacy = read_json(d / "privacy.json")
+    clear = next(i for i, e in enumerate(privacy["disclosures"]) if e["protection"] == "clear")
+    if rewrite == "drop":
+        del privacy["disclosures"][clear]
+    else:
+        privacy["disclosures"][clear]["protection"] = "secure-sum"
+    write_json(d / "privacy.json", privacy)
+    _rehash(d)
+    result = audit_run(d)
+    failed = [c.name for c in result.checks if not c.ok]
+    assert failed == ["disclosures list every release the configuration implies"], failed
+    # Declaring more than the configuration implies hides nothing.
+    d2 = _copy(run_dir, tmp_path / "more")
+    privacy = read_json(d2 / "privacy.json")
+    privacy["disclosures"].append({**privacy["disclosures"][0], "field": "extra"})
+    write_json(d2 / "privacy.json", privacy)
+    _rehash(d2)
+    assert audit_run(d2).ok
