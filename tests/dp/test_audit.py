@@ -137,3 +137,19 @@ def test_a_dropped_or_softened_disclosure_fails_even_with_a_fixed_hash(run_dir, 
     write_json(d2 / "privacy.json", privacy)
     _rehash(d2)
     assert audit_run(d2).ok
+
+
+def test_a_configuration_the_auditor_cannot_build_is_not_compared_but_still_bound(
+    run_dir, tmp_path
+):
+    # A plug-in strategy the auditor lacks: the list cannot be derived (said, not failed);
+    # the configuration itself is still bound by the sites' signatures.
+    d = _copy(run_dir, tmp_path)
+    config = read_json(d / "config.json")
+    config["run"]["strategy"] = "a-plugin-this-auditor-lacks"
+    write_json(d / "config.json", config)
+    _rehash(d)
+    checks = {c.name: c for c in audit_run(d).checks}
+    line = checks["disclosures list every release the configuration implies"]
+    assert line.ok and line.detail.startswith("not compared")
+    assert not checks["site 0: signed claim verifies"].ok
