@@ -289,6 +289,32 @@ def test_a_resumed_deployed_run_accounts_every_step_of_every_round(
         assert 7.9 <= c["epsilon"] <= 8.0  # the whole budget, as planned
 
 
+@pytest.mark.slow
+def test_a_resumed_deployed_logit_adjust_run_releases_each_class_prior_once(
+    small_config, tmp_path, task_identity
+):
+    # The class prior is a DP release a site makes once per run and keeps in its persistent
+    # store; a resumed run (fresh coordinator, the sites' stores kept) must reuse it, and the
+    # audit must find the one release in every site's epsilon.
+    from securefed.dp.audit import audit_run
+
+    config = small_config.replace(rounds=3, clients=2, secure_agg="none", logit_adjust=True)
+    grid, first = _deploy(config, tmp_path / "run", stop_after=1)
+    first.run()
+    resumed = Coordinator(
+        config, link=FlowerLink(grid, poll=0.0), out=tmp_path / "run", resume=True, fit_timeout=120
+    )
+    out = resumed.run()
+    privacy = json.loads((out / "privacy.json").read_text())
+    for c in privacy["clients"]:
+        own = [e for e in privacy["events"] if e["client_id"] == c["client_id"]]
+        assert [e["phase"] for e in own].count("class-prior") == 1
+        assert c["class_prior_releases"] == 1
+        assert len([e for e in own if e["phase"] == "federated"]) == 3
+    result = audit_run(out)
+    assert result.ok, [(c.name, c.detail) for c in result.checks if not c.ok]
+
+
 def test_the_data_fingerprint_a_site_sends_cannot_confirm_a_guess_of_its_data(
     small_config, tmp_path
 ):
