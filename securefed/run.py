@@ -217,7 +217,8 @@ def _resume(
         changed = config.with_unflagged_of(saved).differences(saved)
         if changed:
             hint = (
-                " (a teacher-student run recorded before --teacher existed: --teacher global)"
+                " (the checkpoint's teacher-student run used --teacher global, the only "
+                "teacher before schema 3.5: pass it)"
                 if changed == ["teacher"] and saved.teacher == "global"
                 else ""
             )

@@ -1020,6 +1020,8 @@ class SiteRuntime:
             raise ProtocolError(
                 f"site {cid}: the run pseudo-labels with the --pretrained teacher "
                 "(--teacher fixed) but the server sent no teacher weights"
+                if fixed
+                else f"site {cid}: the server sent no global weights"
             )
         digest = hashlib.sha256(blob).hexdigest()
         pinned = self.persistent.get(_TEACHER) if fixed else None

@@ -518,3 +518,17 @@ def test_a_resumed_fixed_teacher_run_trains_the_model_of_the_uninterrupted_one(t
     a = load_file(str(whole / "model.safetensors"))
     b = load_file(str(resumed / "model.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_resuming_a_global_teacher_run_with_todays_default_names_the_option(teacher, tmp_path):
+    from securefed.run import RunInterrupted, train
+    from tests.fl.test_resume import _partials, _StopAt
+
+    config = _config(teacher, rounds=2, teacher="global")
+    fed = _StopAt(config, stop_at=2, exc=KeyboardInterrupt())
+    with pytest.raises(RunInterrupted):
+        train(config, out_dir=tmp_path / "cut", federation=fed, progress=False)
+    (partial,) = _partials(tmp_path)
+    with pytest.raises(ConfigError, match=r"\(teacher\).*--teacher global") as info:
+        train(config.replace(teacher="fixed"), resume=partial, progress=False)
+    assert "\n" not in str(info.value)
