@@ -15,11 +15,12 @@ What the audit proves, given ``privacy.json``, ``config.json`` and ``metrics.jso
   epsilon of the ledger, recomputed with Google's ``dp_accounting`` (PLD, replace-one
   adjacency), is within the target and not above the claim;
 * the noise was declared secret (``reproducible`` noise fails unless explicitly allowed);
-* for a report of this release's schema, ``disclosures`` lists every field the run's
-  configuration makes a site release, with its protection and wording
-  (:func:`securefed.fl.disclosures.disclosures_json`): the configuration is what the signed
-  claims bind, so a report that drops or softens a disclosure fails even with its hash
-  recomputed. A report of an older schema is not compared (the line says so).
+* ``disclosures`` lists every field the run's configuration makes a site release, with its
+  protection (:func:`securefed.fl.disclosures.disclosures_json`), when config.json's run has
+  this release's fields: with DP and pinned keys the configuration is what the signed claims
+  bind, so a report that drops a disclosure or claims a stronger protection fails even with
+  its hash recomputed. Another release's configuration, or one naming a plug-in the auditor
+  lacks, is not compared (the line says so).
 
 What it cannot prove: that noise was drawn or added at all (a site that skips it signs the
 same claim), or that a key belongs to the site it names unless the keys are pinned.
@@ -40,7 +41,7 @@ from typing import Any
 from securefed.config import DP_BATCH, DP_CLIP, planned_epochs
 from securefed.dp import calibration, class_prior, fair_loss
 from securefed.dp.releases import PHASES
-from securefed.dp.report import SCHEMA_VERSION, read_json, report_hash
+from securefed.dp.report import read_json, report_hash
 from securefed.dp.signing import claim_from_report, run_digest, verify_claim
 from securefed.errors import AuditError, PrivacyBudgetError
 
@@ -199,49 +200,62 @@ def _require(obj: dict, key: str, where: str) -> Any:
 _HE_MAX_COEFF_BITS = {1024: 27, 2048: 54, 4096: 109, 8192: 218, 16384: 438, 32768: 881}
 
 
-def _check_disclosures(result: AuditResult, privacy: dict, run: dict, version: str) -> None:
+def _check_disclosures(result: AuditResult, privacy: dict, run: dict) -> None:
     """``disclosures`` against what the recorded configuration makes a site release.
 
-    Every release this release's code derives from the configuration must be listed with the
-    same protection and wording; extra entries (declaring more) are allowed. Reports of
-    another schema, or of a configuration this auditor cannot build (a plug-in it lacks), are
-    not compared: the line says so.
+    Compared when config.json's ``run`` has exactly this release's configuration fields,
+    whatever ``schema_version`` says: the run is what the DP sites' signatures bind
+    (``run_sha256``), the version label is not. Every (message, field) the configuration
+    implies must be listed, and every entry listed for it must carry the implied protection;
+    extra fields (declaring more) are allowed, and the wording (``detail``) is not compared
+    (it has been reworded within a schema). Not compared, said in the line: a run with
+    another release's fields, or naming a plug-in (strategy, secure aggregation, server
+    optimizer) this auditor lacks.
     """
-    name = "disclosures list every release the configuration implies"
-    if version != SCHEMA_VERSION:
-        result.add(
-            name,
-            True,
-            f"not compared: schema {version} (this auditor derives {SCHEMA_VERSION}'s list)",
-        )
-        return
+    import dataclasses
+
+    from securefed import plugins
     from securefed.config import RunConfig
     from securefed.errors import SecureFedError
     from securefed.fl.disclosures import disclosures_json
 
+    name = "disclosures list every release the configuration implies"
+    if set(run) != {f.name for f in dataclasses.fields(RunConfig)}:
+        result.add(name, True, "not compared: config.json's run has another release's fields")
+        return
+    for key, registry in (
+        ("strategy", plugins.STRATEGIES),
+        ("secure_agg", plugins.SECURE_AGG),
+        ("server_opt", plugins.SERVER_OPTIMIZERS),
+    ):
+        if isinstance(run.get(key), str) and run[key] not in registry.names():
+            result.add(name, True, f"not compared: {key} {run[key]!r} is a plug-in not here")
+            return
     try:
-        expected = disclosures_json(RunConfig.from_recorded(dict(run)), runtime="in-process")
+        config = RunConfig.from_recorded(dict(run))
     except (SecureFedError, TypeError, ValueError) as exc:
-        # E.g. a plug-in strategy this auditor lacks. The signatures bind that configuration
-        # as it stands; only the list cannot be derived here.
-        result.add(name, True, f"not compared: this auditor cannot build the configuration ({exc})")
+        result.add(name, False, f"config.json's run is not a valid configuration ({exc})")
         return
+    expected = disclosures_json(config, runtime="in-process")
     listed = privacy.get("disclosures")
-    if not isinstance(listed, list):
-        result.add(name, False, "privacy.json has no 'disclosures' list")
+    if not isinstance(listed, list) or not all(isinstance(d, dict) for d in listed):
+        result.add(name, False, "privacy.json has no list of disclosure objects")
         return
-    keys = ("message", "field", "protection", "detail")
-    have = {tuple(d.get(k) for k in keys) for d in listed if isinstance(d, dict)}
-    missing = [
-        f"{e['message']} {e['field']}" for e in expected if tuple(e[k] for k in keys) not in have
-    ]
+    bad = []
+    for e in expected:
+        same = [
+            d for d in listed if (d.get("message"), d.get("field")) == (e["message"], e["field"])
+        ]
+        if not same or any(d.get("protection") != e["protection"] for d in same):
+            bad.append(f"{e['message']} {e['field']}")
+    unbound = "" if config.dp_enabled else " (no DP: no signature binds the configuration)"
     result.add(
         name,
-        not missing,
-        f"{len(expected)} releases, each listed"
-        if not missing
-        else f"missing or changed: {', '.join(missing[:4])}"
-        + (f" and {len(missing) - 4} more" if len(missing) > 4 else ""),
+        not bad,
+        f"{len(expected)} releases, each listed{unbound}"
+        if not bad
+        else f"missing or with another protection: {', '.join(bad[:4])}"
+        + (f" and {len(bad) - 4} more" if len(bad) > 4 else ""),
     )
 
 
@@ -735,7 +749,7 @@ def audit_run(
         else f"claimed {claimed_hash}, got {actual_hash}",
     )
     _check_secure_aggregation(result, privacy, config, where)
-    _check_disclosures(result, privacy, run, version)
+    _check_disclosures(result, privacy, run)
 
     clients = _require(privacy, "clients", where)
     if not isinstance(clients, list) or not clients:

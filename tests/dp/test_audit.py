@@ -114,17 +114,23 @@ def test_inconsistent_secure_aggregation_claims_are_caught(run_dir, tmp_path):
     assert "masking: threshold is a strict majority of a neighbourhood" in failed
 
 
-@pytest.mark.parametrize("rewrite", ["drop", "soften"])
+@pytest.mark.parametrize("rewrite", ["drop", "soften", "contradict", "relabel"])
 def test_a_dropped_or_softened_disclosure_fails_even_with_a_fixed_hash(run_dir, tmp_path, rewrite):
     # The signed claims bind config.json's run, not the disclosures: without this check a
     # publisher could hide a release (or call a clear one secure) and recompute the hash.
+    # The schema label is not signed, so relabelling the report must not skip the check.
     d = _copy(run_dir, tmp_path)
     privacy = read_json(d / "privacy.json")
     clear = next(i for i, e in enumerate(privacy["disclosures"]) if e["protection"] == "clear")
     if rewrite == "drop":
         del privacy["disclosures"][clear]
-    else:
+    elif rewrite == "soften":
         privacy["disclosures"][clear]["protection"] = "secure-sum"
+    elif rewrite == "contradict":
+        privacy["disclosures"].append({**privacy["disclosures"][clear], "protection": "secure-sum"})
+    else:
+        del privacy["disclosures"][clear]
+        privacy["schema_version"] = "3.4"
     write_json(d / "privacy.json", privacy)
     _rehash(d)
     result = audit_run(d)
@@ -153,3 +159,15 @@ def test_a_configuration_the_auditor_cannot_build_is_not_compared_but_still_boun
     line = checks["disclosures list every release the configuration implies"]
     assert line.ok and line.detail.startswith("not compared")
     assert not checks["site 0: signed claim verifies"].ok
+
+
+def test_an_invalid_configuration_fails_the_disclosures_check(run_dir, tmp_path):
+    # Only a plug-in name this auditor lacks is "not compared"; any other unbuildable run is
+    # a failure, not a way around the check.
+    d = _copy(run_dir, tmp_path)
+    config = read_json(d / "config.json")
+    config["run"]["dropout_clients"] = None
+    write_json(d / "config.json", config)
+    _rehash(d)
+    checks = {c.name: c for c in audit_run(d).checks}
+    assert not checks["disclosures list every release the configuration implies"].ok
