@@ -30,8 +30,8 @@ from securefed import persistent
 from securefed.config import RunConfig
 from securefed.deploy.site import NodeSettings, identity_proof
 from securefed.deploy.trust import IDENTITY_FIELD
+from securefed.dp.disclosures import check_reply
 from securefed.errors import ProtocolError
-from securefed.fl.disclosures import check_reply
 from securefed.protocol.modes import get_mode
 from securefed.protocol.modes.base import run_session
 from securefed.protocol.wire import RUN_CONFIG, Stage, decode, encode

@@ -16,7 +16,7 @@ What the audit proves, given ``privacy.json``, ``config.json`` and ``metrics.jso
   adjacency), is within the target and not above the claim;
 * the noise was declared secret (``reproducible`` noise fails unless explicitly allowed);
 * ``disclosures`` lists every field the run's configuration makes a site release, with its
-  protection (:func:`securefed.fl.disclosures.disclosures_json`), when config.json's run has
+  protection (:func:`securefed.dp.disclosures.disclosures_json`), when config.json's run has
   this release's fields: with DP and pinned keys the configuration is what the signed claims
   bind, so a report that drops a disclosure or claims a stronger protection fails even with
   its hash recomputed. Another release's configuration, or one naming a plug-in the auditor
@@ -216,8 +216,8 @@ def _check_disclosures(result: AuditResult, privacy: dict, run: dict) -> None:
 
     from securefed import plugins
     from securefed.config import RunConfig
+    from securefed.dp.disclosures import disclosures_json
     from securefed.errors import SecureFedError
-    from securefed.fl.disclosures import disclosures_json
 
     name = "disclosures list every release the configuration implies"
     if set(run) != {f.name for f in dataclasses.fields(RunConfig)}:

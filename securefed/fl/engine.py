@@ -10,7 +10,7 @@ ClientApps, which run the same ``SiteRuntime``. Messages, accounting, the secure
 server optimizer step and the round record are identical in both.
 
 The server never holds a site's data or its individual update: it sends weights, gets back
-what :mod:`securefed.fl.disclosures` declares (a protected update, DP accounting, held-out
+what :mod:`securefed.dp.disclosures` declares (a protected update, DP accounting, held-out
 metrics), and applies the sum a secure-sum mode (:mod:`securefed.protocol.modes`) returns.
 A round that fails at any step changes no model.
 """

@@ -6,7 +6,7 @@ step of the round (``metrics.json`` names the site and the reason); it never rai
 the round. The checks, in order:
 
 1. every field is one the run's disclosure list declares for the message
-   (:func:`securefed.fl.disclosures.message_fields`: what an honest site may send);
+   (:func:`securefed.dp.disclosures.message_fields`: what an honest site may send);
 2. the message's required fields are present (:data:`REQUIRED`, plus the DP claim under DP
    and the mode's update field in a fit reply that carries an update);
 3. each field has its kind and range (:data:`FIELDS`, per message); a field a mode declares
@@ -25,8 +25,8 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from securefed.config import RunConfig
+from securefed.dp.disclosures import message_fields
 from securefed.errors import ProtocolError
-from securefed.fl.disclosures import message_fields
 
 __all__ = ["FIELDS", "REQUIRED", "SERVER_FIELDS", "ReplySchema"]
 

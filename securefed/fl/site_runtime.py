@@ -6,7 +6,7 @@ in-process runtime holds one per simulated site behind a
 :class:`~securefed.protocol.link.LocalLink`; the Flower ClientApp
 (:mod:`securefed.deploy.site_app`) builds one from the hospital's node configuration and
 hands it each Flower message. Every reply passes
-:func:`~securefed.fl.disclosures.check_reply`: a field privacy.json does not declare never
+:func:`~securefed.dp.disclosures.check_reply`: a field privacy.json does not declare never
 leaves the site, in either runtime.
 """
 
@@ -28,6 +28,7 @@ from securefed.config import RunConfig
 from securefed.crypto.roster import Roster
 from securefed.data.dataset import ArraySplit
 from securefed.dp import calibration, class_prior, fair_loss, releases
+from securefed.dp.disclosures import check_reply
 from securefed.dp.empirical import AuditedSiteTrainer, GradientCanaries
 from securefed.dp.ledger import PrivacyEvent, PrivacyLedger
 from securefed.dp.signing import SiteSigner
@@ -42,7 +43,6 @@ from securefed.errors import (
 from securefed.fl import qffl
 from securefed.fl.bounds import clip_update, max_site_weight, update_clip_for
 from securefed.fl.claims import plan_fields, site_claim_for
-from securefed.fl.disclosures import check_reply
 from securefed.fl.params import ParamLayout
 from securefed.fl.planning import (
     mechanism_noise,

@@ -18,13 +18,13 @@ from typing import Any
 from securefed.config import RunConfig
 from securefed.dp import calibration, class_prior, fair_loss
 from securefed.dp.accounting import ADJACENCY
+from securefed.dp.disclosures import disclosures_json
 from securefed.dp.empirical import RECORD_FILE as EMPIRICAL_RECORD
 from securefed.dp.empirical import file_sha256
 from securefed.dp.releases import PHASES
 from securefed.dp.report import SCHEMA_VERSION, THREAT_MODEL, json_ready, report_hash, write_json
 from securefed.errors import ConfigError
 from securefed.fl.claims import noise_description
-from securefed.fl.disclosures import disclosures_json
 from securefed.fl.engine import RoundEngine
 from securefed.fl.transfer import indices_digest
 from securefed.metrics import HEADLINE_METRICS
@@ -116,7 +116,7 @@ def _strategy_json(fed: RoundEngine) -> dict[str, Any]:
 
 
 def _disclosures(fed: RoundEngine) -> list[dict[str, str]]:
-    """Every field a site releases, with its protection (:mod:`securefed.fl.disclosures`)."""
+    """Every field a site releases, with its protection (:mod:`securefed.dp.disclosures`)."""
     return disclosures_json(fed.config, runtime=fed.runtime)
 
 

@@ -19,9 +19,9 @@ from securefed.deploy import site_app
 from securefed.deploy.coordinator import Coordinator, FlowerLink
 from securefed.deploy.trust import IDENTITY_FIELD
 from securefed.dp.calibration import calibrates, planned_entries
+from securefed.dp.disclosures import check_reply, message_fields
 from securefed.errors import ProtocolError
 from securefed.fl.claims import ClaimBook
-from securefed.fl.disclosures import check_reply, message_fields
 from securefed.protocol.wire import Stage, decode
 
 _HANDLERS = {

@@ -156,7 +156,7 @@ def test_a_site_releases_its_statistics_once_after_the_last_round_only(small_con
 
 
 def test_a_site_in_a_run_without_calibration_refuses_and_may_not_send_statistics(small_config):
-    from securefed.fl.disclosures import check_reply
+    from securefed.dp.disclosures import check_reply
     from securefed.fl.simulation import Federation
     from securefed.protocol.wire import Stage
 

@@ -7,8 +7,8 @@ import json
 import pytest
 
 from securefed.config import RunConfig
+from securefed.dp.disclosures import PROTECTIONS, site_releases
 from securefed.errors import ConfigError
-from securefed.fl.disclosures import PROTECTIONS, site_releases
 from securefed.fl.simulation import Federation
 from securefed.run import train
 
