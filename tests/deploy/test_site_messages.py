@@ -128,6 +128,16 @@ def _deploy(config, out, node_extra=None, **kwargs):
     return grid, run
 
 
+def _stopped_and_resumed(config, out, *, stop_after):
+    """A deployed run stopped after ``stop_after`` rounds, then resumed by a fresh server."""
+    grid, first = _deploy(config, out, stop_after=stop_after)
+    first.run()
+    resumed = Coordinator(
+        config, link=FlowerLink(grid, poll=0.0), out=out, resume=True, fit_timeout=120
+    )
+    return resumed.run()
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("secure_agg", ["none", "mask", "he"])
 def test_every_field_a_site_sends_is_declared_and_none_reveals_size_or_loss(
@@ -271,12 +281,7 @@ def test_a_resumed_deployed_run_accounts_every_step_of_every_round(
     from securefed.dp.accounting import compute_epsilon
 
     config = small_config.replace(rounds=5, clients=2, secure_agg="none")
-    grid, first = _deploy(config, tmp_path / "run", stop_after=2)
-    first.run()
-    resumed = Coordinator(
-        config, link=FlowerLink(grid, poll=0.0), out=tmp_path / "run", resume=True, fit_timeout=120
-    )
-    out = resumed.run()
+    out = _stopped_and_resumed(config, tmp_path / "run", stop_after=2)
     privacy = json.loads((out / "privacy.json").read_text())
     release = planned_entries(config.to_dict())  # the decision calibration, after round 5
     for c in privacy["clients"]:
@@ -299,12 +304,7 @@ def test_a_resumed_deployed_logit_adjust_run_releases_each_class_prior_once(
     from securefed.dp.audit import audit_run
 
     config = small_config.replace(rounds=3, clients=2, secure_agg="none", logit_adjust=True)
-    grid, first = _deploy(config, tmp_path / "run", stop_after=1)
-    first.run()
-    resumed = Coordinator(
-        config, link=FlowerLink(grid, poll=0.0), out=tmp_path / "run", resume=True, fit_timeout=120
-    )
-    out = resumed.run()
+    out = _stopped_and_resumed(config, tmp_path / "run", stop_after=1)
     privacy = json.loads((out / "privacy.json").read_text())
     for c in privacy["clients"]:
         own = [e for e in privacy["events"] if e["client_id"] == c["client_id"]]
