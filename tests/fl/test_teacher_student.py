@@ -499,6 +499,7 @@ def test_a_run_recorded_before_schema_3_5_of_another_strategy_takes_todays_defau
     assert not RunConfig.from_recorded(recorded).differences(_config(teacher, strategy="fedavg"))
 
 
+@pytest.mark.integration
 def test_a_resumed_fixed_teacher_run_trains_the_model_of_the_uninterrupted_one(teacher, tmp_path):
     # The resumed server must send the pretrained teacher again, not the checkpoint's global
     # model; without DP the run is seeded, so a wrong teacher in round 2 changes the model.
