@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 
 from securefed.cli.options import option
-from securefed.config import DEVICES
+from securefed.config import DEVICES, TEACHERS
 
 __all__ = ["bench"]
 
@@ -463,7 +463,7 @@ def bench_privacy_unit(out, quick, seeds, device, epsilons, records_per_patient)
 @option(
     "--teacher",
     "teacher_mode",
-    type=click.Choice(["fixed", "global"]),
+    type=click.Choice(TEACHERS),
     default="fixed",
     show_default=True,
     help="Teacher-student's: the pretrained teacher every round, or the round's global model.",
