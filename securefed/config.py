@@ -27,6 +27,7 @@ __all__ = [
     "SCHEDULES",
     "TASKS",
     "TEACHERS",
+    "TWIN_PRIVACY",
     "Flag",
     "NotAFlag",
     "cli_metadata",
@@ -54,6 +55,10 @@ FUSIONS = ("early", "late")
 #: ``teacher-student``'s teacher: the ``--pretrained`` model in every round (``fixed``), or the
 #: round's global model (``global``, the only recipe before schema 3.5).
 TEACHERS = ("fixed", "global")
+#: How a DP run trains its digital twins: DP-SGD inside the site's epsilon (``dp``), or without
+#: DP, the twin never leaving the site and its held-out metrics declared as a non-DP release
+#: (``local``, schema 3.6; docs/twins.md).
+TWIN_PRIVACY = ("dp", "local")
 # Defaults fixed in advance, never tuned on a site's data (docs/defaults.md explains each).
 #: DP-SGD: learning rate for a clipped (C = 1), noised mean gradient, and its momentum.
 DP_LR, DP_MOMENTUM, DP_CLIP = 2.0, 0.5, 1.0
@@ -78,15 +83,22 @@ AUTO_RULE = 2
 
 
 def planned_epochs(
-    *, rounds: int, local_epochs: int, personalize: int, personalize_when: str
+    *,
+    rounds: int,
+    local_epochs: int,
+    personalize: int,
+    personalize_when: str,
+    twin_privacy: str = "dp",
 ) -> int:
-    """Local epochs a site may run over a whole run: every round, plus its twin fine-tuning.
+    """DP-SGD epochs a site may run over a whole run: every round, plus its DP twin fine-tuning.
 
     Privacy calibration assumes all of them; the server and the audit check a site's planned
     steps against it. Takes plain values so a run dict read from config.json can use it too.
+    Twins trained without DP (``twin_privacy="local"``) spend nothing and are not counted.
     """
-    twin_runs = (rounds if personalize_when == "every" else 1) if personalize else 0
-    return rounds * local_epochs + twin_runs * personalize
+    dp_twins = personalize if twin_privacy != "local" else 0
+    twin_runs = (rounds if personalize_when == "every" else 1) if dp_twins else 0
+    return rounds * local_epochs + twin_runs * dp_twins
 
 
 def _check(cond: bool, msg: str) -> None:
@@ -397,6 +409,10 @@ class RunConfig:
         personalize_when: ``end`` (after the last round) or ``every`` round.
         personalize_lr: Learning rate of twin fine-tuning, the same at every site (``None``:
             each site's own lr, :func:`securefed.dp.accounting.site_lr`).
+        twin_privacy: Under DP, how twins train: ``dp`` (DP-SGD, accounted in the site's
+            epsilon) or ``local`` (the same DP-SGD steps with sigma = 0, spending nothing). A
+            local twin never leaves its site, and its held-out metrics are then a declared
+            non-DP release, answered once per twin round. Without DP both are the same.
         reproducible_noise: Derive DP-SGD's noise and Poisson sampling from ``seed`` (for
             research reproducibility). Off (the default), each site draws them from a secret
             key of its own; on, anyone who knows the seed can replay a site's training, so
@@ -739,6 +755,12 @@ class RunConfig:
         shown="each site's lr",
         help="Learning rate of twin fine-tuning, used as is at every site.",
     )
+    twin_privacy: str = _setting(
+        "dp",
+        choices=TWIN_PRIVACY,
+        help="Under DP, digital twins train with DP-SGD inside the site's ε (dp), or without "
+        "DP, staying at the site, their held-out metrics a declared non-DP release (local).",
+    )
     reproducible_noise: bool = _setting(
         False,
         help="Derive DP noise and Poisson sampling from --seed (research only: anyone who knows "
@@ -935,6 +957,7 @@ class RunConfig:
             ("schedule", self.schedule, SCHEDULES),
             ("personalize_when", self.personalize_when, PERSONALIZE_WHEN),
             ("teacher", self.teacher, TEACHERS),
+            ("twin_privacy", self.twin_privacy, TWIN_PRIVACY),
         ):
             _check(
                 value in allowed,
@@ -1226,7 +1249,18 @@ class RunConfig:
             local_epochs=self.local_epochs,
             personalize=self.personalize,
             personalize_when=self.personalize_when,
+            twin_privacy=self.twin_privacy,
         )
+
+    @property
+    def dp_twins(self) -> bool:
+        """Whether the digital twins train with DP-SGD, inside the site's epsilon."""
+        return self.dp_enabled and self.personalize > 0 and self.twin_privacy != "local"
+
+    @property
+    def local_twins(self) -> bool:
+        """Whether a DP run trains its twins without DP (``--twin-privacy local``)."""
+        return self.dp_enabled and self.personalize > 0 and self.twin_privacy == "local"
 
     @property
     def dp_enabled(self) -> bool:
@@ -1298,8 +1332,11 @@ class RunConfig:
         ``--model auto``'s rule 1, which never picks ``scatter-linear``; one without ``fair_q``
         (before schema 3.4) with q = 0, FedAvg, which it ran; one without ``lr_schedule``
         with the constant learning rate it ran with; a teacher-student one without
-        ``teacher`` (before schema 3.5) with the ``global`` teacher, the only one there was.
+        ``teacher`` (before schema 3.5) with the ``global`` teacher, the only one there was;
+        one without ``twin_privacy`` (before schema 3.6) with DP twins, the only ones there were.
         """
+        if "twin_privacy" not in data:
+            data = {**data, "twin_privacy": "dp"}
         if "auto_rule" not in data:
             data = {**data, "auto_rule": 1}
         # Before schema 3.5 the teacher-student teacher was the round's global model (other

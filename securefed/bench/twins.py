@@ -183,9 +183,14 @@ def _summary(
         "# Digital twins: global vs twin per site",
         "",
         f"Settings: {json.dumps(grid.base)}. Each site's twin is the served model fine-tuned "
-        f"for {grid.base.get('personalize')} epoch(s) on the site's own data (with DP-SGD "
-        "when DP is on, accounted in the site's ε); both are scored on the site's held-out "
-        f"data. Metric: {metric}.",
+        f"for {grid.base.get('personalize')} epoch(s) on the site's own data "
+        + (
+            "(under DP without noise, `--twin-privacy local`: the twin stays at the site, "
+            "outside the site's ε, which covers the global model only)"
+            if grid.base.get("twin_privacy") == "local"
+            else "(with DP-SGD when DP is on, accounted in the site's ε)"
+        )
+        + f"; both are scored on the site's held-out data. Metric: {metric}.",
         "",
     ]
     if zero_shot is not None:

@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 
 from securefed.cli.options import option
-from securefed.config import DEVICES, TEACHERS
+from securefed.config import DEVICES, TEACHERS, TWIN_PRIVACY
 
 __all__ = ["bench"]
 
@@ -235,7 +235,15 @@ def bench_strategies(out, quick, seeds, device, data_dir, dataset, arms, epsilon
     "ftl-last (only the last decoder stage trains), ftl-head (only the output layer trains) "
     "[default: fl,ftl; quick: fl].",
 )
-def bench_twins(out, quick, seeds, device, epsilons, model, arms):
+@option(
+    "--twin-privacy",
+    type=click.Choice(TWIN_PRIVACY),
+    default="dp",
+    show_default=True,
+    help="Under DP, twins train with DP-SGD in the site's ε (dp) or without DP, staying at the "
+    "site (local; docs/twins.md).",
+)
+def bench_twins(out, quick, seeds, device, epsilons, model, arms, twin_privacy):
     """Digital twins: global vs twin Dice per hospital (3D segmentation, 9 sites)."""
     import dataclasses
 
@@ -243,6 +251,9 @@ def bench_twins(out, quick, seeds, device, epsilons, model, arms):
 
     grid = QUICK_TWINS if quick else TwinGrid()
     base = dict(grid.base, device=device)
+    if twin_privacy != "dp":
+        # Only when asked, so a suite folder from before the option resumes unchanged.
+        base["twin_privacy"] = twin_privacy
     if model is not None:
         base["model"] = model
     other_model = model not in (None, "unet", "auto")

@@ -264,6 +264,12 @@ def deploy_register(certs, insecure, superlink, public_key) -> None:
     "maps, to measure semi-supervised training).",
 )
 @option(
+    "--allow-local-twins",
+    is_flag=True,
+    help="Accept DP runs with --twin-privacy local (this site's twin trains without DP; its "
+    "held-out metrics reach the server outside this site's ε).",
+)
+@option(
     "--group-by",
     default=None,
     show_default="none",
@@ -299,6 +305,7 @@ def deploy_site(
     insecure_no_roster,
     privacy_unit,
     allow_labelled_fraction,
+    allow_local_twins,
     group_by,
     unlabelled,
 ) -> None:
@@ -336,6 +343,7 @@ def deploy_site(
         privacy_unit=privacy_unit,
         group_by=group_by,
         allow_labelled_fraction=allow_labelled_fraction,
+        allow_local_twins=allow_local_twins,
         unlabelled=unlabelled,
     )
     # After the command's own checks (TLS choice), so a refused start writes no key.

@@ -208,6 +208,7 @@ def supernode_command(
     privacy_unit: str | None = None,
     group_by: str | None = None,
     allow_labelled_fraction: bool = False,
+    allow_local_twins: bool = False,
     unlabelled: bool = False,
 ) -> list[str]:
     """The site process for one hospital, its data named in its node configuration.
@@ -245,6 +246,8 @@ def supernode_command(
         privacy_unit: ``patient``: refuse record-level runs (the site's policy).
         group_by: Where this site's patient ids come from (``--group-by`` syntax).
         allow_labelled_fraction: Accept runs that drop some of the site's label maps.
+        allow_local_twins: Accept DP runs whose twins train without DP (``--twin-privacy
+            local``), their held-out metrics sent outside the site's epsilon.
         unlabelled: Read the site's NIfTI subjects without a label map as unlabelled.
 
     """
@@ -294,6 +297,7 @@ def supernode_command(
                 "privacy-unit": privacy_unit,
                 "group-by": group_by,
                 "allow-labelled-fraction": True if allow_labelled_fraction else None,
+                "allow-local-twins": True if allow_local_twins else None,
                 "unlabelled": True if unlabelled else None,
             }
         ),

@@ -68,6 +68,9 @@ class NodeSettings:
         allow_labelled_fraction: Accept runs with ``--labelled-fraction`` below 1, which make
             the site drop label maps it holds (to measure semi-supervised training). Off by
             default: a server could otherwise quietly degrade a site's training.
+        allow_local_twins: Accept DP runs with ``--twin-privacy local``: this site's twin is
+            then fine-tuned without DP, and its held-out metrics go to the server outside the
+            site's epsilon. Off by default: the server cannot widen what leaves the site.
         privacy_unit: ``patient``: the hospital's policy is patient-level DP; a record-level
             run is refused. ``record`` (or unset) accepts either.
         group_by: Where this site's patient ids come from (``--group-by`` syntax). A site
@@ -99,6 +102,7 @@ class NodeSettings:
     privacy_unit: str | None = None
     group_by: str | None = None
     allow_labelled_fraction: bool = False
+    allow_local_twins: bool = False
     unlabelled: bool = False
 
     @classmethod
@@ -130,6 +134,7 @@ class NodeSettings:
             "privacy-unit",
             "group-by",
             "allow-labelled-fraction",
+            "allow-local-twins",
             "unlabelled",
         }
         unknown = sorted(set(node_config) - known)
@@ -145,7 +150,12 @@ class NodeSettings:
                 f"node config: `allow-reproducible-noise` must be true or false (got {allow!r})"
             )
 
-        for flag in ("insecure-no-roster", "allow-labelled-fraction", "unlabelled"):
+        for flag in (
+            "insecure-no-roster",
+            "allow-labelled-fraction",
+            "allow-local-twins",
+            "unlabelled",
+        ):
             if not isinstance(node_config.get(flag, False), bool):
                 raise ConfigError(
                     f"node config: `{flag}` must be true or false (got {node_config.get(flag)!r})"
@@ -187,6 +197,7 @@ class NodeSettings:
             privacy_unit=unit,
             group_by=text("group-by"),
             allow_labelled_fraction=bool(node_config.get("allow-labelled-fraction", False)),
+            allow_local_twins=bool(node_config.get("allow-local-twins", False)),
             unlabelled=bool(node_config.get("unlabelled", False)),
         )
 
@@ -225,6 +236,12 @@ class NodeSettings:
                 f"{1 - config.labelled_fraction:.0%} of this site's training volumes "
                 "(--labelled-fraction, a benchmark setting); this site's node config does not "
                 "set allow-labelled-fraction"
+            )
+        if config.local_twins and not self.allow_local_twins:
+            raise PrivacyBudgetError(
+                f"site {self.site_id}: the run fine-tunes twins without DP (--twin-privacy "
+                "local) and sends their held-out metrics outside this site's epsilon; this "
+                "site's node config does not set allow-local-twins"
             )
         if self.unlabelled and config.strategy != "teacher-student":
             # Refused before any data is read: an error raised after loading would quote

@@ -319,8 +319,11 @@ def _close(a: float, b: float, rtol: float = 1e-12) -> bool:
 
 
 def _personalize_rounds(run: dict, executed: list[int]) -> list[int]:
-    """Rounds after which the twins are fine-tuned (mirrors fl.planning.personalizes_in)."""
-    if not run.get("personalize"):
+    """Rounds with DP twin fine-tuning events (mirrors fl.planning.personalizes_in).
+
+    Twins trained without DP (``twin_privacy`` "local", schema 3.6) leave no event.
+    """
+    if not run.get("personalize") or run.get("twin_privacy") == "local":
         return []
     if run.get("personalize_when") == "every":
         return list(executed)
@@ -606,6 +609,7 @@ def _check_site(
             local_epochs=int(run["local_epochs"]),
             personalize=int(run.get("personalize") or 0),
             personalize_when=str(run.get("personalize_when")),
+            twin_privacy=str(run.get("twin_privacy", "dp")),
         )
         * spe
     )

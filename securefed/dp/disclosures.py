@@ -196,7 +196,17 @@ def site_releases(config: RunConfig, *, runtime: str = "in-process") -> list[Rel
             add(*release)
     held = "the global model's metrics on the site's held-out split (not DP: evaluation data)"
     add("heldout", "metrics", "clear", held)
-    if config.personalize:
+    if config.local_twins:
+        add(
+            "heldout",
+            "twin",
+            "clear",
+            "the digital twin's metrics on the site's held-out split, NOT covered by epsilon: "
+            "under --twin-privacy local the twin is fine-tuned on the site's records without "
+            "DP, so these metrics depend on them without noise; the twin itself stays at the "
+            "site, and the site answers once per twin round (docs/twins.md)",
+        )
+    elif config.personalize:
         add(
             "heldout",
             "twin",

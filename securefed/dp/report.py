@@ -33,7 +33,10 @@ __all__ = [
 #: `class_prior_releases`.
 #: 3.5 (additive): config.json's run gains `teacher` (teacher-student's: "fixed", the
 #: --pretrained model in every round, or "global"; a run recorded before it ran "global").
-SCHEMA_VERSION = "3.5"
+#: 3.6 (additive): config.json's run gains `twin_privacy` ("dp", the only kind before, or
+#: "local": twins trained without DP, no `personalize` events, their metrics declared outside
+#: epsilon); privacy.json's strategy gains `twin_privacy`.
+SCHEMA_VERSION = "3.6"
 
 THREAT_MODEL = (
     "(epsilon, delta)-DP per site and per privacy unit ('privacy_unit': one training record, or "

@@ -1047,7 +1047,8 @@ class RoundEngine:
         clients = []
         for sid in sorted(self.site_info):
             rep = replies.get(sid, {})
-            if payloads[sid][1]["personalize"] and sid in replies:
+            # A local twin (--twin-privacy local) spends nothing: no claim to account.
+            if payloads[sid][1]["personalize"] and sid in replies and not cfg.local_twins:
                 try:
                     self.claims.account(sid, rep, round_index=round_index, phase="personalize")
                 except ProtocolError as exc:

@@ -13,6 +13,7 @@ leaves the site, in either runtime.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import hashlib
 import logging
 import math
@@ -76,6 +77,8 @@ _PRIOR = "fit.log_prior"
 #: In the site's persistent store: the rounds it chose a cluster for (CFL's ``select``).
 _SELECT_ROUNDS = "select.rounds"
 _EVALUATE_CLUSTER_ROUNDS = "evaluate.cluster.rounds"
+#: ``--twin-privacy local``: the rounds the site answered with a twin trained without DP.
+_LOCAL_TWIN_ROUNDS = "evaluate.local_twin.rounds"
 #: Rounds whose decision calibration the site released (once per run: it is accounted).
 _CALIBRATE_ROUNDS = "calibrate.rounds"
 #: teacher-student ``--teacher fixed``: the SHA-256 (hex) of the one teacher of the run.
@@ -417,7 +420,7 @@ class SiteRuntime:
                 "norm <= C): expect little learning here; pool data into fewer, larger sites, "
                 "or use --strategy ftl from a pretrained backbone."
             )
-        if cfg.dp_enabled and cfg.personalize > 0 and self.plan is not None:
+        if cfg.dp_twins and self.plan is not None:
             out += self._twin_warnings(who, steps=spe * cfg.personalize)
         if self.patients is not None:
             out += self._patient_warnings(who)
@@ -809,7 +812,9 @@ class SiteRuntime:
         Fields: ``weights`` (or CFL's ``models``, then the site picks its cluster first),
         ``layout_keys``, ``round`` (the model's round), ``personalize`` and ``history``.
         Fine-tuning the twin is DP-SGD on the site's records, accounted as phase
-        ``personalize`` of that round; the twin never leaves the site.
+        ``personalize`` of that round; the twin never leaves the site. Under
+        ``--twin-privacy local`` it is trained without DP, so its metrics are a non-DP
+        release: the site answers for a twin once per twin round, whatever the server asks.
         """
         reply: dict[str, Any] = {}
         round_index = self._check_round(fields)
@@ -837,14 +842,26 @@ class SiteRuntime:
                     f"{round_index}"
                 )
             self._sync_history(fields["history"], round_index + 1)
-            self._check_budget(round_index, epochs=self.config.personalize, phase="personalize")
+            local = self.config.local_twins
+            if local:
+                # No budget bounds a local twin: this does. Each answer is a function of the
+                # training records without DP noise, so the server gets one per twin round.
+                self._check_budget(round_index, epochs=0, phase="personalize")
+                self.persistent.claim_once(
+                    _LOCAL_TWIN_ROUNDS,
+                    round_index,
+                    what=f"site {self.client_id}: a local twin for round {round_index}",
+                )
+            else:
+                self._check_budget(round_index, epochs=self.config.personalize, phase="personalize")
             before = len(self.own_events())
             self.twin = self._fine_tune(model, round_index)
             if self.heldout is not None:
                 reply["twin"] = self.task.evaluate(
                     model=self.twin, split=self.heldout, device=self.device
                 )
-            reply.update(self._claim_fields(before))
+            if not local:
+                reply.update(self._claim_fields(before))
         return reply
 
     def calibrate(self, fields: Mapping[str, Any]) -> dict[str, Any]:
@@ -1062,16 +1079,28 @@ class SiteRuntime:
         return np.concatenate(out) if out else np.zeros((0, self.spec.num_classes))
 
     def _fine_tune(self, model: nn.Module, round_index: int) -> nn.Module:
-        """The site's digital twin: a private copy of ``model`` fine-tuned on its records."""
+        """The site's digital twin: a private copy of ``model`` fine-tuned on its records.
+
+        DP-SGD with the site's plan; under ``--twin-privacy local`` the same steps with
+        sigma = 0 (Poisson batches, per-record clipping to C and the same learning rate, so
+        the twin learns what a DP twin would without the noise), recorded in a ledger of its
+        own that no claim reads: a local twin spends none of the site's epsilon.
+        """
         twin = copy.deepcopy(model)
         cid = self.client_id
         gen = torch.Generator(device="cpu").manual_seed(
             seed_for(self.config.seed, 6, round_index, cid)
         )
+        trainer = self.trainer
+        if self.config.local_twins:
+            assert self.plan is not None
+            trainer = copy.copy(self.trainer)
+            trainer.plan = dataclasses.replace(self.plan, noise_multiplier=0.0)
+            trainer.ledger = PrivacyLedger()
         noise = (
             mechanism_noise(self.config, 6, round_index, cid) if self.config.dp_enabled else None
         )
-        result = self.trainer.train_round(
+        result = trainer.train_round(
             model=twin,
             round_index=round_index,
             epochs=self.config.personalize,

@@ -110,6 +110,8 @@ def _strategy_json(fed: RoundEngine) -> dict[str, Any]:
         "personalize_when": cfg.personalize_when if cfg.personalize else None,
         # Unset: each site's own lr (site_lr), which depends on its size; recorded as null.
         "personalize_lr": cfg.personalize_lr if cfg.personalize else None,
+        # Schema 3.6: "dp" twins are inside epsilon, "local" ones are not (docs/twins.md).
+        "twin_privacy": cfg.twin_privacy if cfg.personalize else None,
     }
     out.update(fed.strategy.describe(cfg))
     return out
@@ -212,6 +214,13 @@ def _privacy_json(fed: RoundEngine) -> dict[str, Any]:
             "(each volume one sample, clipped and noised with the labelled ones) and every "
             "step is in the site's events"
             if cfg.strategy == "teacher-student"
+            else ""
+        )
+        + (
+            "; not the digital twins: --twin-privacy local fine-tunes them without DP. A twin "
+            "never leaves its site; its held-out metrics, once per twin round, are the one "
+            "release outside epsilon (see disclosures)"
+            if cfg.local_twins
             else ""
         ),
         "transfer": {

@@ -250,6 +250,8 @@ def _strategy_line(privacy: dict[str, Any]) -> str:
         text += f"; frozen: {st['freeze']}"
     if st.get("personalize_epochs"):
         text += f"; digital twins: {st['personalize_epochs']} epoch(s) ({st['personalize_when']})"
+        if st.get("twin_privacy") == "local" and privacy.get("dp"):
+            text += ", trained without DP (`--twin-privacy local`: outside ε, at the site)"
     return text
 
 
@@ -447,7 +449,14 @@ def write_summary(
             "## Digital twins: global vs twin on each site's held-out data",
             "",
             "Each site fine-tuned its own copy of the model it receives; the twin never leaves "
-            "the site.",
+            "the site."
+            + (
+                " The twins were trained without DP (`--twin-privacy local`): these figures "
+                "are not covered by ε."
+                if (privacy.get("strategy") or {}).get("twin_privacy") == "local"
+                and privacy.get("dp")
+                else ""
+            ),
             "",
             f"| site | held-out | global {_LABELS[primary]} | twin {_LABELS[primary]} | gain |",
             "|---|---|---|---|---|",
