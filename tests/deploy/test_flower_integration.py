@@ -141,7 +141,11 @@ def deployment(tmp_path_factory):
     dep = LocalDeployment(
         root / "deployment",
         sites=3,
-        site_options={"he_key": secret, "allow_reproducible_noise": True},
+        site_options={
+            "he_key": secret,
+            "allow_reproducible_noise": True,
+            "allow_local_twins": True,
+        },
         # The federation admits one dropout of 3 (the masked run kills a site mid-round).
         roster_threshold=2,
     )
@@ -208,6 +212,8 @@ def public_backbone(tmp_path_factory) -> Path:
         ("cfl", {"strategy": "cfl", "clusters": 2, "dp_epsilon": None}),
         # Transfer learning from a public backbone, and a DP digital twin at every site.
         ("ftl-twins", {"strategy": "ftl", "personalize": 1, "pretrained": "BACKBONE"}),
+        # Twins without DP (docs/twins.md): no claim at the held-out step, no twin events.
+        ("local-twins", {"personalize": 1, "twin_privacy": "local"}),
     ],
 )
 def test_cfl_ftl_and_twins_over_flower_equal_the_in_process_run(
@@ -232,7 +238,8 @@ def test_cfl_ftl_and_twins_over_flower_equal_the_in_process_run(
         assert all("twin" in c for c in record["clients"])
         privacy = json.loads((out / "privacy.json").read_text())
         # (and the decision calibration's release after the last round, a DP classification run)
-        assert {e["phase"] for e in privacy["events"]} == {"federated", "personalize", "calibrate"}
+        twins = {"personalize"} if config.twin_privacy == "dp" else set()
+        assert {e["phase"] for e in privacy["events"]} == {"federated", "calibrate"} | twins
 
 
 @pytest.fixture(scope="module")

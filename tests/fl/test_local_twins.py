@@ -126,3 +126,9 @@ def test_twin_privacy_is_checked_and_old_records_read_as_dp():
     recorded = RunConfig(personalize=1).to_dict()
     del recorded["twin_privacy"]
     assert RunConfig.from_recorded(recorded).twin_privacy == "dp"
+
+
+def test_local_twins_are_deployable():
+    from securefed.deploy.coordinator import check_deployable
+
+    check_deployable(RunConfig(dp_epsilon=8.0, personalize=1, twin_privacy="local"))
