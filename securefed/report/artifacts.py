@@ -198,7 +198,7 @@ def _privacy_json(fed: RoundEngine) -> dict[str, Any]:
         "noise_source": noise_source if cfg.dp_enabled else None,
         "calibration": (
             "per site: smallest sigma whose replace-one epsilon (dp_accounting PLD) after "
-            "(rounds x local_epochs + twin fine-tuning epochs) x ceil(n/B) steps is at most the "
+            "(rounds x local_epochs + DP twin fine-tuning epochs) x ceil(n/B) steps is at most the "
             "target, at the site's own delta = min(--dp-delta or 1e-5, 10^-ceil(log10(10 n))); "
             "server-side site sampling and dropouts are not counted as amplification"
         ),
