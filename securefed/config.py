@@ -411,8 +411,10 @@ class RunConfig:
             each site's own lr, :func:`securefed.dp.accounting.site_lr`).
         twin_privacy: Under DP, how twins train: ``dp`` (DP-SGD, accounted in the site's
             epsilon) or ``local`` (the same DP-SGD steps with sigma = 0, spending nothing). A
-            local twin never leaves its site, and its held-out metrics are then a declared
-            non-DP release, answered once per twin round. Without DP both are the same.
+            local twin never leaves its site; its primary held-out metric, to two decimals, is
+            then a declared non-DP release, once, after the last round, and the site refuses
+            every step after it. Needs ``personalize`` and ``personalize_when="end"``.
+            Without DP both are the same.
         reproducible_noise: Derive DP-SGD's noise and Poisson sampling from ``seed`` (for
             research reproducibility). Off (the default), each site draws them from a secret
             key of its own; on, anyone who knows the seed can replay a site's training, so
@@ -987,6 +989,14 @@ class RunConfig:
             math.isfinite(self.unlabelled_weight) and self.unlabelled_weight >= 0,
             f"{_n('unlabelled_weight')} must be >= 0 and finite (got {self.unlabelled_weight}).",
         )
+        if self.twin_privacy == "local":
+            _check(self.personalize > 0, "--twin-privacy local needs twins (--personalize N).")
+            # One non-DP release per site, after all of its DP ones (docs/twins.md).
+            _check(
+                self.personalize_when == "end",
+                "--twin-privacy local fine-tunes one twin, after the last round: use "
+                "--personalize-when end.",
+            )
         _check(
             self.strategy != "teacher-student" or self.pretrained is not None,
             "--strategy teacher-student needs a teacher: `--pretrained` weights trained on "

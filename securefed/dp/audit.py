@@ -249,6 +249,11 @@ def _check_disclosures(result: AuditResult, privacy: dict, run: dict) -> None:
         if not same or any(d.get("protection") != e["protection"] for d in same):
             bad.append(f"{e['message']} {e['field']}")
     unbound = "" if config.dp_enabled else " (no DP: no signature binds the configuration)"
+    outside = [
+        f"{e['message']} {e['field']}" for e in expected if e["protection"] == "outside-epsilon"
+    ]
+    if outside:
+        unbound += f"; outside epsilon (not DP): {', '.join(outside)}"
     result.add(
         name,
         not bad,
@@ -351,6 +356,20 @@ def _check_binding(result: AuditResult, privacy: dict, run: dict) -> None:
     for name, got, want in pairs:
         result.add(
             f"{name} matches the configuration", got == want, f"report {got!r}, config {want!r}"
+        )
+    if run.get("personalize") and "twin_privacy" in run:
+        # Schema 3.6: the report may not call twins trained without DP DP twins (the
+        # disclosures check compares the release's protection too).
+        got = (privacy.get("strategy") or {}).get("twin_privacy")
+        result.add(
+            "twin privacy matches the configuration"
+            + (
+                ": twins trained WITHOUT DP, their held-out metric outside epsilon"
+                if run["twin_privacy"] == "local"
+                else ""
+            ),
+            got == run["twin_privacy"],
+            f"report {got!r}, config {run['twin_privacy']!r}",
         )
 
 
@@ -614,7 +633,7 @@ def _check_site(
         * spe
     )
     result.add(
-        f"{name}: planned steps = (rounds x epochs + twin runs x twin epochs) x 1/q",
+        f"{name}: planned steps = (rounds x epochs + DP twin runs x twin epochs) x 1/q",
         int(c["planned_steps"]) == planned,
         f"{c['planned_steps']} vs {planned}",
     )

@@ -10,6 +10,9 @@ Protections:
 - ``secure-sum``: enters only a secure sum; the server learns the sum over at least ``t``
   sites (masking) or at least 2 (CKKS), never the site's own value.
 - ``clear``: the server learns it as is. The detail says whether it depends on private data.
+- ``outside-epsilon``: the server learns it as is, and it is a function of the site's
+  *training records* without DP noise, so the site's epsilon does not cover it (a local twin's
+  held-out metric under ``--twin-privacy local``, docs/twins.md). Schema 3.6.
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ __all__ = [
     "disclosures_json",
 ]
 
-PROTECTIONS = ("dp-accounted", "secure-sum", "clear")
+PROTECTIONS = ("dp-accounted", "secure-sum", "clear", "outside-epsilon")
 
 _CLAIM = (
     "the site's privacy claim (sigma, q, C, delta, steps, epsilon): q = 1/ceil(n/B), the step "
@@ -200,11 +203,12 @@ def site_releases(config: RunConfig, *, runtime: str = "in-process") -> list[Rel
         add(
             "heldout",
             "twin",
-            "clear",
-            "the digital twin's metrics on the site's held-out split, NOT covered by epsilon: "
-            "under --twin-privacy local the twin is fine-tuned on the site's records without "
-            "DP, so these metrics depend on them without noise; the twin itself stays at the "
-            "site, and the site answers once per twin round (docs/twins.md)",
+            "outside-epsilon",
+            "the digital twin's primary metric on the site's held-out split, to two decimals, "
+            "NOT covered by epsilon: under --twin-privacy local the twin is fine-tuned on the "
+            "site's records without DP noise, so the metric depends on them without noise; "
+            "sent once, after the last round, after which the site refuses every step; the "
+            "twin itself stays at the site (docs/twins.md)",
         )
     elif config.personalize:
         add(

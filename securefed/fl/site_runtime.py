@@ -480,6 +480,18 @@ class SiteRuntime:
             ProtocolError: On a malformed message, or a step the site refuses.
 
         """
+        if (
+            stage != Stage.EVALUATE
+            and stage != Stage.SETUP
+            and self.persistent.get(_LOCAL_TWIN_ROUNDS)
+        ):
+            # The local twin's metrics are the site's one release outside epsilon: it comes
+            # last, so no DP release (training, calibration, protocol steps) can be adapted
+            # to it.
+            raise ProtocolError(
+                f"site {self.client_id}: it answered for its local twin, which ends its part "
+                f"in the run; refusing {stage}"
+            )
         if stage == Stage.SETUP:
             reply = self.describe()
         elif stage == Stage.SELECT:
@@ -857,9 +869,14 @@ class SiteRuntime:
             before = len(self.own_events())
             self.twin = self._fine_tune(model, round_index)
             if self.heldout is not None:
-                reply["twin"] = self.task.evaluate(
-                    model=self.twin, split=self.heldout, device=self.device
-                )
+                twin = self.task.evaluate(model=self.twin, split=self.heldout, device=self.device)
+                if local:
+                    # Data minimisation for the one non-DP release: the primary metric only,
+                    # to two decimals (about 7 bits), not the loss, AUC or confusion matrix.
+                    primary = self.task.primary_metric
+                    value = twin.get(primary)
+                    twin = {primary: None if value is None else round(float(value), 2)}
+                reply["twin"] = twin
             if not local:
                 reply.update(self._claim_fields(before))
         return reply
@@ -1094,9 +1111,25 @@ class SiteRuntime:
         trainer = self.trainer
         if self.config.local_twins:
             assert self.plan is not None
-            trainer = copy.copy(self.trainer)
-            trainer.plan = dataclasses.replace(self.plan, noise_multiplier=0.0)
-            trainer.ledger = PrivacyLedger()
+            t = self.trainer
+            # A plain SiteTrainer, never the audit's: gradient canaries measure the DP
+            # mechanism, and sigma = 0 steps are none (an audit run would fail on them).
+            trainer = SiteTrainer(
+                client_id=cid,
+                dataset=t.dataset,
+                plan=dataclasses.replace(self.plan, noise_multiplier=0.0),
+                ledger=PrivacyLedger(),  # read by no claim: a local twin spends no epsilon
+                batch_size=t.batch_size,
+                lr=t.lr,
+                momentum=t.momentum,
+                device=t.device,
+                max_grad_norm=t.max_grad_norm,
+                loss_fn=t.loss_fn,
+                max_physical_batch_size=t.max_physical_batch_size,
+                min_steps=t.min_steps,
+                clipping=t.clipping,
+                units=t.units,
+            )
         noise = (
             mechanism_noise(self.config, 6, round_index, cid) if self.config.dp_enabled else None
         )

@@ -111,7 +111,7 @@ def _strategy_json(fed: RoundEngine) -> dict[str, Any]:
         # Unset: each site's own lr (site_lr), which depends on its size; recorded as null.
         "personalize_lr": cfg.personalize_lr if cfg.personalize else None,
         # Schema 3.6: "dp" twins are inside epsilon, "local" ones are not (docs/twins.md).
-        "twin_privacy": cfg.twin_privacy if cfg.personalize else None,
+        "twin_privacy": cfg.twin_privacy if cfg.personalize and cfg.dp_enabled else None,
     }
     out.update(fed.strategy.describe(cfg))
     return out
@@ -218,8 +218,8 @@ def _privacy_json(fed: RoundEngine) -> dict[str, Any]:
         )
         + (
             "; not the digital twins: --twin-privacy local fine-tunes them without DP. A twin "
-            "never leaves its site; its held-out metrics, once per twin round, are the one "
-            "release outside epsilon (see disclosures)"
+            "never leaves its site; its primary held-out metric, sent once after the last "
+            "round, is the one release outside epsilon (disclosures: outside-epsilon)"
             if cfg.local_twins
             else ""
         ),

@@ -400,6 +400,12 @@ def write_summary(
                 if privacy.get("privacy_unit") == "patient"
                 else ". A patient with k records is protected at about k·ε, not ε"
             )
+            + (
+                ". The digital twins' held-out figures are **not covered** by it (trained "
+                "without DP, `--twin-privacy local`)"
+                if (privacy.get("strategy") or {}).get("twin_privacy") == "local"
+                else ""
+            )
             if privacy.get("dp")
             else "- DP-SGD: **off** (non-private baseline)"
         ),

@@ -67,47 +67,106 @@ def test_a_local_twin_takes_clipped_steps_without_noise(small_config):
     assert dp.sites[0].ledger.events[-1].phase == "personalize"
 
 
-def test_a_site_answers_for_a_local_twin_once_per_twin_round(small_config):
-    # Each answer is a non-DP function of the site's records: a server asking again with
-    # other weights would probe them without limit.
-    cfg = small_config.replace(rounds=1, personalize=1, twin_privacy="local")
-    fed = Federation(cfg)
-    site = fed.sites[0]
-    fields = {
+def _evaluate_fields(fed, round_index):
+    return {
         "weights": fed._blobs()[0],
         "layout_keys": list(fed.layout.keys),
-        "round": 1,
+        "round": round_index,
         "personalize": True,
         "history": [],
     }
-    first = site.handle(Stage.EVALUATE, fields)
-    assert "twin" in first and "events" not in first
-    with pytest.raises(ProtocolError, match="already done once"):
-        site.handle(Stage.EVALUATE, fields)
 
 
-def test_the_release_outside_epsilon_is_declared_and_audited(tmp_path, small_config):
-    from securefed.dp.audit import audit_run
-    from securefed.run import train
-
+def test_a_local_twin_is_answered_once_with_its_rounded_primary_metric_and_ends_the_site(
+    small_config,
+):
+    # Each answer is a non-DP function of the site's records. Asked again (with other
+    # weights), the site would answer a probe of them without limit; answered before a DP
+    # release, that release could be chosen by it. So: once, two decimals, and last.
     cfg = small_config.replace(rounds=1, personalize=1, twin_privacy="local")
+    fed = Federation(cfg)
+    site = fed.sites[0]
+    first = site.handle(Stage.EVALUATE, _evaluate_fields(fed, 1))
+    assert set(first["twin"]) == {"accuracy"} and "events" not in first
+    assert first["twin"]["accuracy"] == round(first["twin"]["accuracy"], 2)
+    assert {"loss", "auc", "confusion_matrix"} <= set(first["metrics"]), "global: unchanged"
+    with pytest.raises(ProtocolError, match="already done once"):
+        site.handle(Stage.EVALUATE, _evaluate_fields(fed, 1))
+    for stage in (Stage.FIT, Stage.CALIBRATE):
+        with pytest.raises(ProtocolError, match="answered for its local twin"):
+            site.handle(stage, {"round": 1})
+
+
+def test_an_audit_run_does_not_count_the_local_twin_as_dp(small_config):
+    # The gradient canaries measure the DP mechanism; sigma = 0 twin steps are none.
+    cfg = small_config.replace(rounds=1, personalize=1, twin_privacy="local", audit_canaries=50)
+    fed = Federation(cfg)
+    fed.run_round(1)
+    audited = [s for s in fed.sites if getattr(s.trainer, "canaries", None) is not None]
+    assert audited
+    steps = [e.steps for e in audited[0].ledger.events if e.phase == "federated"]
+    assert audited[0].trainer.canaries.steps == sum(steps)
+
+
+@pytest.fixture(scope="module")
+def local_run(tmp_path_factory):
+    from tests.dp.audit_fixtures import tiny_run
+
+    return tiny_run(
+        tmp_path_factory.mktemp("local-twins"), rounds=1, personalize=1, twin_privacy="local"
+    )
+
+
+def test_the_release_outside_epsilon_is_declared_and_audited(local_run):
+    from securefed.dp.audit import audit_run
+
+    cfg = RunConfig.from_recorded(json.loads((local_run / "config.json").read_text())["run"])
     (twin,) = [r for r in site_releases(cfg) if (r.message, r.field) == ("heldout", "twin")]
-    assert twin.protection == "clear" and "NOT covered by epsilon" in twin.detail
+    assert twin.protection == "outside-epsilon" and "NOT covered by epsilon" in twin.detail
     held = {r.field for r in site_releases(cfg) if r.message == "heldout"}
     assert held == {"metrics", "twin"}, "a local twin sends no DP claim"
 
-    run = train(cfg, out_dir=tmp_path / "run", progress=False)
-    result = audit_run(run)
+    result = audit_run(local_run)
     assert result.ok, [c for c in result.checks if not c.ok]
-    privacy = json.loads((run / "privacy.json").read_text())
+    lines = {c.name: c.detail for c in result.checks}
+    assert any("outside epsilon (not DP): heldout twin" in d for d in lines.values())
+    assert any("WITHOUT DP" in name for name in lines)
+    privacy = json.loads((local_run / "privacy.json").read_text())
     assert privacy["strategy"]["twin_privacy"] == "local"
     assert "not the digital twins" in privacy["dp_applies_to"]
     assert not [e for e in privacy["events"] if e["phase"] == "personalize"]
-    metrics = json.loads((run / "metrics.json").read_text())
+    metrics = json.loads((local_run / "metrics.json").read_text())
     assert len(metrics["personalization"]) == cfg.clients
     assert all(np.isfinite(r["twin_accuracy"]) for r in metrics["personalization"])
-    summary = (run / "summary.md").read_text()
-    assert "not covered by ε" in summary and "--twin-privacy local" in summary
+    summary = (local_run / "summary.md").read_text()
+    assert "**not covered** by it" in summary and "not covered by ε" in summary
+
+
+@pytest.mark.parametrize("rewrite", ["protection", "strategy"])
+def test_a_report_that_hides_the_release_outside_epsilon_fails_the_audit(
+    local_run, tmp_path, rewrite
+):
+    # A publisher relabels the non-DP twin release as an ordinary one and recomputes the
+    # hash; config.json (signed by the sites) still says local.
+    from securefed.dp.audit import audit_run
+    from securefed.dp.report import read_json, write_json
+    from tests.dp.audit_fixtures import copy_run, rehash
+
+    d = copy_run(local_run, tmp_path)
+    privacy = read_json(d / "privacy.json")
+    if rewrite == "protection":
+        for entry in privacy["disclosures"]:
+            if (entry["message"], entry["field"]) == ("heldout", "twin"):
+                entry["protection"] = "clear"
+    else:
+        privacy["strategy"]["twin_privacy"] = "dp"
+    write_json(d / "privacy.json", privacy)
+    rehash(d)
+    result = audit_run(d)
+    assert not result.ok
+    bad = [c.name for c in result.checks if not c.ok]
+    want = "disclosures list" if rewrite == "protection" else "twin privacy matches"
+    assert any(want in name for name in bad), bad
 
 
 def test_a_deployed_site_refuses_local_twins_unless_its_policy_allows_them():
@@ -123,6 +182,10 @@ def test_a_deployed_site_refuses_local_twins_unless_its_policy_allows_them():
 def test_twin_privacy_is_checked_and_old_records_read_as_dp():
     with pytest.raises(ConfigError, match="twin_privacy"):
         RunConfig(twin_privacy="none")
+    with pytest.raises(ConfigError, match="needs twins"):
+        RunConfig(twin_privacy="local")
+    with pytest.raises(ConfigError, match="--personalize-when end"):
+        RunConfig(twin_privacy="local", personalize=1, personalize_when="every")
     recorded = RunConfig(personalize=1).to_dict()
     del recorded["twin_privacy"]
     assert RunConfig.from_recorded(recorded).twin_privacy == "dp"
