@@ -825,8 +825,9 @@ class SiteRuntime:
         ``layout_keys``, ``round`` (the model's round), ``personalize`` and ``history``.
         Fine-tuning the twin is DP-SGD on the site's records, accounted as phase
         ``personalize`` of that round; the twin never leaves the site. Under
-        ``--twin-privacy local`` it is trained without DP, so its metrics are a non-DP
-        release: the site answers for a twin once per twin round, whatever the server asks.
+        ``--twin-privacy local`` it is trained without DP, so its metric is a non-DP release:
+        the site answers for it once, in the last round, and refuses every later step
+        (:meth:`handle`), whatever the server asks.
         """
         reply: dict[str, Any] = {}
         round_index = self._check_round(fields)
@@ -856,8 +857,9 @@ class SiteRuntime:
             self._sync_history(fields["history"], round_index + 1)
             local = self.config.local_twins
             if local:
-                # No budget bounds a local twin: this does. Each answer is a function of the
-                # training records without DP noise, so the server gets one per twin round.
+                # No budget bounds a local twin: this does. Its answer is a function of the
+                # training records without DP noise, so the server gets one (RunConfig allows
+                # local twins only after the last round).
                 self._check_budget(round_index, epochs=0, phase="personalize")
                 self.persistent.claim_once(
                     _LOCAL_TWIN_ROUNDS,
