@@ -339,6 +339,7 @@ def test_a_dp_twin_drowned_in_noise_warns_and_names_the_way_out(tmp_path):
     lines = fed.batch_warnings()
     twin = [line for line in lines if "digital twin" in line]
     assert len(twin) == 3 and all("--freeze" in line for line in twin)
+    assert all("--twin-privacy local" in line for line in twin)
     # The ratio it prints is sigma*sqrt(d)/(B*sqrt(S)), from the site's own plan.
     site = fed.sites[0]
     d = sum(p.numel() for p in site._built.module.parameters() if p.requires_grad)
@@ -350,5 +351,8 @@ def test_a_dp_twin_drowned_in_noise_warns_and_names_the_way_out(tmp_path):
     assert not [x for x in head_only if "twin" in x]
     # No twins, or no DP: nothing to warn about.
     assert not [x for x in Federation(cfg.replace(personalize=0)).batch_warnings() if "twin" in x]
+    # Local twins add no noise: nothing to warn about either.
+    local = cfg.replace(twin_privacy="local")
+    assert not [x for x in Federation(local).batch_warnings() if "twin" in x]
     no_dp = cfg.replace(dp_epsilon=None)
     assert not [x for x in Federation(no_dp).batch_warnings() if "twin" in x]

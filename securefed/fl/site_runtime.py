@@ -449,8 +449,9 @@ class SiteRuntime:
             f"warning: {who}: the digital twin's DP noise is about {shown}x the largest "
             f"signal its {steps} step(s) can carry (sigma*sqrt(d)/(batch*sqrt(steps)), d = {d} "
             "trainable parameters): expect a twin no better than the global model, likely worse; "
-            "train fewer parameters (--freeze), pool data into larger sites, or leave "
-            "--personalize off under DP."
+            "train fewer parameters (--freeze), pool data into larger sites, train twins "
+            "without DP at the site (--twin-privacy local: their metric then leaves outside "
+            "epsilon; docs/twins.md), or leave --personalize off under DP."
         ]
 
     def _patient_warnings(self, who: str) -> list[str]:
