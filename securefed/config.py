@@ -56,7 +56,7 @@ FUSIONS = ("early", "late")
 #: round's global model (``global``, the only recipe before schema 3.5).
 TEACHERS = ("fixed", "global")
 #: How a DP run trains its digital twins: DP-SGD inside the site's epsilon (``dp``), or without
-#: DP, the twin never leaving the site and its held-out metrics declared as a non-DP release
+#: DP, the twin never leaving the site and its held-out metric declared as a non-DP release
 #: (``local``, schema 3.6; docs/twins.md).
 TWIN_PRIVACY = ("dp", "local")
 # Defaults fixed in advance, never tuned on a site's data (docs/defaults.md explains each).
@@ -761,7 +761,7 @@ class RunConfig:
         "dp",
         choices=TWIN_PRIVACY,
         help="Under DP, digital twins train with DP-SGD inside the site's ε (dp), or without "
-        "DP, staying at the site, their held-out metrics a declared non-DP release (local).",
+        "DP, staying at the site, its held-out metric a declared non-DP release (local).",
     )
     reproducible_noise: bool = _setting(
         False,

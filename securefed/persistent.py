@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from securefed.errors import ConfigError, ProtocolError
+from securefed.protocol.wire import Stage
 
 if TYPE_CHECKING:
     from flwr.app import Context
@@ -70,6 +71,29 @@ def _check_value(key: str, value: Any) -> Any:
             raise ProtocolError(f"persistent store: {key!r} holds a {type(items[0]).__name__}")
         return items
     raise ProtocolError(f"persistent store: {key!r} cannot hold a {type(value).__name__}")
+
+
+#: ``--twin-privacy local``: the rounds the site answered for its local twin (one at most).
+LOCAL_TWIN_ROUNDS = "evaluate.local_twin.rounds"
+
+
+def refuse_after_local_twin(store: Mapping[str, Any], stage: str, site: int) -> None:
+    """Refuse every step but set-up and evaluation once the site answered for its local twin.
+
+    The local twin's metric is the site's one release outside epsilon (docs/twins.md): it
+    comes last, so no DP release (training, calibration) and no protocol step follows it.
+    Both runtimes call this: ``SiteRuntime.handle``, and a deployed site's app for the
+    secure-sum steps it answers without a runtime.
+
+    Raises:
+        ProtocolError: The site answered for its local twin already.
+
+    """
+    if stage not in (Stage.EVALUATE, Stage.SETUP) and store.get(LOCAL_TWIN_ROUNDS):
+        raise ProtocolError(
+            f"site {site}: it answered for its local twin, which ends its part in the run; "
+            f"refusing {stage}"
+        )
 
 
 class PersistentStore(MutableMapping[str, Any]):

@@ -224,7 +224,9 @@ def _summary(
                     f" | {mean_std([r['twin_score'] for r in rs])}"
                     f" | {mean_std([r['gain'] for r in rs])} |"
                 )
-            wins = sum(r["twin_score"] >= r["global_score"] for r in cell)
+            # By the run's own gain: a local twin's is against the global figure rounded as
+            # the twin's is (two decimals), so a tie is not read as a win.
+            wins = sum(r["gain"] is not None and r["gain"] >= 0 for r in cell)
             runs = {r["run_dir"]: r for r in cell}.values()
             f1 = [v for r in runs if (v := r.get("global_test_voxel_f1")) is not None]
             lines += [

@@ -267,7 +267,7 @@ def deploy_register(certs, insecure, superlink, public_key) -> None:
     "--allow-local-twins",
     is_flag=True,
     help="Accept DP runs with --twin-privacy local (this site's twin trains without DP; its "
-    "held-out metrics reach the server outside this site's ε).",
+    "held-out metric reaches the server outside this site's ε).",
 )
 @option(
     "--group-by",

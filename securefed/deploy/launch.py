@@ -247,7 +247,7 @@ def supernode_command(
         group_by: Where this site's patient ids come from (``--group-by`` syntax).
         allow_labelled_fraction: Accept runs that drop some of the site's label maps.
         allow_local_twins: Accept DP runs whose twins train without DP (``--twin-privacy
-            local``), their held-out metrics sent outside the site's epsilon.
+            local``), their held-out metric sent outside the site's epsilon.
         unlabelled: Read the site's NIfTI subjects without a label map as unlabelled.
 
     """

@@ -69,7 +69,7 @@ class NodeSettings:
             the site drop label maps it holds (to measure semi-supervised training). Off by
             default: a server could otherwise quietly degrade a site's training.
         allow_local_twins: Accept DP runs with ``--twin-privacy local``: this site's twin is
-            then fine-tuned without DP, and its held-out metrics go to the server outside the
+            then fine-tuned without DP, and its held-out metric goes to the server outside the
             site's epsilon. Off by default: the server cannot widen what leaves the site.
         privacy_unit: ``patient``: the hospital's policy is patient-level DP; a record-level
             run is refused. ``record`` (or unset) accepts either.
@@ -240,7 +240,7 @@ class NodeSettings:
         if config.local_twins and not self.allow_local_twins:
             raise PrivacyBudgetError(
                 f"site {self.site_id}: the run fine-tunes twins without DP (--twin-privacy "
-                "local) and sends their held-out metrics outside this site's epsilon; this "
+                "local) and sends their held-out metric outside this site's epsilon; this "
                 "site's node config does not set allow-local-twins"
             )
         if self.unlabelled and config.strategy != "teacher-student":

@@ -32,6 +32,7 @@ from securefed.deploy.site import NodeSettings, identity_proof
 from securefed.deploy.trust import IDENTITY_FIELD
 from securefed.dp.disclosures import check_reply
 from securefed.errors import ProtocolError
+from securefed.persistent import refuse_after_local_twin
 from securefed.protocol.modes import get_mode
 from securefed.protocol.modes.base import run_session
 from securefed.protocol.wire import RUN_CONFIG, Stage, decode, encode
@@ -213,6 +214,7 @@ def _handle(msg: Message, context: Context) -> Message:
         # Protocol steps: the site's secure-sum side only (no torch, no data).
         node = NodeSettings.from_node_config(dict(context.node_config))
         node.check_policy(config)
+        refuse_after_local_twin(store, stage, node.site_id)
         secret = node.he_contexts()[0] if config.secure_agg == "he" else None
         protection = mode.site(
             config, site_id=node.site_id, he_secret=secret, **_identity_and_roster(mode, node)

@@ -258,7 +258,8 @@ def check_reply(config: RunConfig, message: str, reply: dict[str, Any]) -> dict[
     """Refuse to send a field the disclosure list does not name; returns ``reply``.
 
     Raises:
-        ProtocolError: If ``reply`` holds a field not declared for ``message``.
+        ProtocolError: If ``reply`` holds a field not declared for ``message``, or a local
+            twin's figure is more than its one two-decimal metric.
 
     """
     allowed = message_fields(config, runtime="flower").get(message, set())
@@ -268,6 +269,19 @@ def check_reply(config: RunConfig, message: str, reply: dict[str, Any]) -> dict[
             f"site reply {message!r} holds undeclared fields {extra}: nothing leaves a site "
             "that privacy.json's disclosures do not list"
         )
+    if message == "heldout" and config.local_twins and "twin" in reply:
+        # The one release outside epsilon is as small as declared: one metric, two decimals.
+        twin = reply["twin"]
+        value = next(iter(twin.values()), None) if isinstance(twin, dict) else None
+        if (
+            not isinstance(twin, dict)
+            or len(twin) != 1
+            or not (value is None or (isinstance(value, float) and round(value, 2) == value))
+        ):
+            raise ProtocolError(
+                "site reply 'heldout': a local twin's figure is one metric to two decimals "
+                "(--twin-privacy local), nothing more"
+            )
     return reply
 
 

@@ -1272,7 +1272,11 @@ class RoundEngine:
             for key in self.task.headline:
                 row[f"global_{key}"] = c.get(key)
                 row[f"twin_{key}"] = c["twin"].get(key)
-            gain = (c["twin"].get(primary), c.get(primary))
+            served = c.get(primary)
+            if self.config.local_twins and served is not None:
+                # A local twin's figure arrives to two decimals: compare like with like.
+                served = round(float(served), 2)
+            gain = (c["twin"].get(primary), served)
             row["twin_gain"] = None if None in gain else gain[0] - gain[1]
             rows.append(row)
         return rows

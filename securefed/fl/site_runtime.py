@@ -62,7 +62,7 @@ from securefed.fl.teacher_student import (
     site_labelled,
 )
 from securefed.models import BuiltModel, ModelSpec, build_model
-from securefed.persistent import PersistentStore
+from securefed.persistent import LOCAL_TWIN_ROUNDS, PersistentStore, refuse_after_local_twin
 from securefed.protocol.modes import get_mode
 from securefed.protocol.wire import Stage
 
@@ -77,8 +77,6 @@ _PRIOR = "fit.log_prior"
 #: In the site's persistent store: the rounds it chose a cluster for (CFL's ``select``).
 _SELECT_ROUNDS = "select.rounds"
 _EVALUATE_CLUSTER_ROUNDS = "evaluate.cluster.rounds"
-#: ``--twin-privacy local``: the rounds the site answered with a twin trained without DP.
-_LOCAL_TWIN_ROUNDS = "evaluate.local_twin.rounds"
 #: Rounds whose decision calibration the site released (once per run: it is accounted).
 _CALIBRATE_ROUNDS = "calibrate.rounds"
 #: teacher-student ``--teacher fixed``: the SHA-256 (hex) of the one teacher of the run.
@@ -481,18 +479,7 @@ class SiteRuntime:
             ProtocolError: On a malformed message, or a step the site refuses.
 
         """
-        if (
-            stage != Stage.EVALUATE
-            and stage != Stage.SETUP
-            and self.persistent.get(_LOCAL_TWIN_ROUNDS)
-        ):
-            # The local twin's metrics are the site's one release outside epsilon: it comes
-            # last, so no DP release (training, calibration, protocol steps) can be adapted
-            # to it.
-            raise ProtocolError(
-                f"site {self.client_id}: it answered for its local twin, which ends its part "
-                f"in the run; refusing {stage}"
-            )
+        refuse_after_local_twin(self.persistent, stage, self.client_id)
         if stage == Stage.SETUP:
             reply = self.describe()
         elif stage == Stage.SELECT:
@@ -863,7 +850,7 @@ class SiteRuntime:
                 # local twins only after the last round).
                 self._check_budget(round_index, epochs=0, phase="personalize")
                 self.persistent.claim_once(
-                    _LOCAL_TWIN_ROUNDS,
+                    LOCAL_TWIN_ROUNDS,
                     round_index,
                     what=f"site {self.client_id}: a local twin for round {round_index}",
                 )

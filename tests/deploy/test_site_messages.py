@@ -377,3 +377,56 @@ def test_a_deployed_site_trains_and_masks_a_round_once_across_setup_and_a_fresh_
     with pytest.raises(ProtocolError, match="training round 1: already done once"):
         site_app.fit(sent[Stage.FIT], context)
     site_app._RUNTIMES.clear()
+
+
+def test_a_deployed_site_answers_no_protocol_step_after_its_local_twin(
+    small_config, tmp_path, task_identity
+):
+    """A server asks site 0 for its local twin between the last fit and the secure sum.
+
+    The twin's metric is the site's one release outside epsilon (docs/twins.md) and must come
+    last. In-process ``SiteRuntime.handle`` refuses the later steps; deployed, the secure-sum
+    steps reach the site app without a runtime, so the app must refuse them too (the second
+    review's s2_deploy.py: before the fix, share, masked and unmask were all answered).
+    """
+    config = small_config.replace(
+        rounds=1, personalize=1, twin_privacy="local", secure_agg="mask", secagg_threshold=2
+    )
+    _, run = _deploy(config, tmp_path / "run", node_extra={"allow-local-twins": True})
+    seen: dict[str, object] = {}
+
+    class AskEarly:
+        def __init__(self, inner):
+            self.inner = inner
+
+        def __getattr__(self, name):
+            return getattr(self.inner, name)
+
+        def exchange(self, payloads, *, timeout, group, awaited=None):
+            stages = {stage for stage, _ in payloads.values()}
+            if Stage.SHARE in stages and "twin" not in seen:
+                fit, reply = seen["fit"]
+                fields = {
+                    "weights": fit["weights"],
+                    "layout_keys": fit["layout_keys"],
+                    "round": 1,
+                    "personalize": True,
+                    "history": [*fit["history"], *reply.get("events", [])],
+                }
+                got, _ = self.inner.exchange(
+                    {0: (Stage.EVALUATE, fields)}, timeout=timeout, group=group
+                )
+                seen["twin"] = got[0]["twin"]
+            replies, errors = self.inner.exchange(
+                payloads, timeout=timeout, group=group, awaited=awaited
+            )
+            if Stage.FIT in stages:
+                seen["fit"] = (payloads[0][1], replies[0])
+            if Stage.SHARE in stages:
+                seen["share_error"] = errors.get(0)
+            return replies, errors
+
+    run.link = run.logged.link = AskEarly(run.link)
+    run.run()
+    assert set(seen["twin"]) == {"accuracy"}
+    assert "answered for its local twin" in str(seen["share_error"])

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 
-import numpy as np
 import pytest
 import torch
 
@@ -137,12 +136,18 @@ def test_the_release_outside_epsilon_is_declared_and_audited(local_run):
     assert not [e for e in privacy["events"] if e["phase"] == "personalize"]
     metrics = json.loads((local_run / "metrics.json").read_text())
     assert len(metrics["personalization"]) == cfg.clients
-    assert all(np.isfinite(r["twin_accuracy"]) for r in metrics["personalization"])
+    for row in metrics["personalization"]:
+        # The twin's figure arrives to two decimals; its gain is against the global figure
+        # rounded the same way, so a tie at two decimals is not a win.
+        assert row["twin_accuracy"] == round(row["twin_accuracy"], 2)
+        assert row["twin_gain"] == pytest.approx(
+            row["twin_accuracy"] - round(row["global_accuracy"], 2), abs=1e-12
+        )
     summary = (local_run / "summary.md").read_text()
     assert "**not covered** by it" in summary and "not covered by ε" in summary
 
 
-@pytest.mark.parametrize("rewrite", ["protection", "strategy"])
+@pytest.mark.parametrize("rewrite", ["protection", "strategy", "dp_applies_to"])
 def test_a_report_that_hides_the_release_outside_epsilon_fails_the_audit(
     local_run, tmp_path, rewrite
 ):
@@ -158,8 +163,10 @@ def test_a_report_that_hides_the_release_outside_epsilon_fails_the_audit(
         for entry in privacy["disclosures"]:
             if (entry["message"], entry["field"]) == ("heldout", "twin"):
                 entry["protection"] = "clear"
-    else:
+    elif rewrite == "strategy":
         privacy["strategy"]["twin_privacy"] = "dp"
+    else:
+        privacy["dp_applies_to"] = "all model parameters"
     write_json(d / "privacy.json", privacy)
     rehash(d)
     result = audit_run(d)
@@ -195,3 +202,16 @@ def test_local_twins_are_deployable():
     from securefed.deploy.coordinator import check_deployable
 
     check_deployable(RunConfig(dp_epsilon=8.0, personalize=1, twin_privacy="local"))
+
+
+def test_a_site_sends_no_more_of_a_local_twin_than_one_two_decimal_metric():
+    from securefed.dp.disclosures import check_reply
+
+    cfg = RunConfig(dp_epsilon=8.0, personalize=1, twin_privacy="local")
+    check_reply(cfg, "heldout", {"metrics": {}, "twin": {"accuracy": 0.12}})
+    check_reply(cfg, "heldout", {"metrics": {}, "twin": {"accuracy": None}})
+    for twin in ({"accuracy": 0.123}, {"accuracy": 0.12, "loss": 1.0}, {}, [0.12]):
+        with pytest.raises(ProtocolError, match="one metric to two decimals"):
+            check_reply(cfg, "heldout", {"metrics": {}, "twin": twin})
+    # DP twins send their full metrics, as before.
+    check_reply(cfg.replace(twin_privacy="dp"), "heldout", {"twin": {"accuracy": 0.123, "loss": 1}})
