@@ -264,6 +264,12 @@ def deploy_register(certs, insecure, superlink, public_key) -> None:
     "maps, to measure semi-supervised training).",
 )
 @option(
+    "--keep-twin-metric",
+    is_flag=True,
+    help="Under --twin-privacy local, train this site's twin but send nothing about it (its "
+    "metric goes to this site's log): everything the site sends stays within its ε.",
+)
+@option(
     "--allow-local-twins",
     is_flag=True,
     help="Accept DP runs with --twin-privacy local (this site's twin trains without DP; its "
@@ -306,6 +312,7 @@ def deploy_site(
     privacy_unit,
     allow_labelled_fraction,
     allow_local_twins,
+    keep_twin_metric,
     group_by,
     unlabelled,
 ) -> None:
@@ -344,6 +351,7 @@ def deploy_site(
         group_by=group_by,
         allow_labelled_fraction=allow_labelled_fraction,
         allow_local_twins=allow_local_twins,
+        keep_twin_metric=keep_twin_metric,
         unlabelled=unlabelled,
     )
     # After the command's own checks (TLS choice), so a refused start writes no key.

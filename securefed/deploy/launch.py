@@ -209,6 +209,7 @@ def supernode_command(
     group_by: str | None = None,
     allow_labelled_fraction: bool = False,
     allow_local_twins: bool = False,
+    keep_twin_metric: bool = False,
     unlabelled: bool = False,
 ) -> list[str]:
     """The site process for one hospital, its data named in its node configuration.
@@ -248,6 +249,8 @@ def supernode_command(
         allow_labelled_fraction: Accept runs that drop some of the site's label maps.
         allow_local_twins: Accept DP runs whose twins train without DP (``--twin-privacy
             local``), their held-out metric sent outside the site's epsilon.
+        keep_twin_metric: Train local twins but send nothing about them (the metric stays in
+            the site's log).
         unlabelled: Read the site's NIfTI subjects without a label map as unlabelled.
 
     """
@@ -298,6 +301,7 @@ def supernode_command(
                 "group-by": group_by,
                 "allow-labelled-fraction": True if allow_labelled_fraction else None,
                 "allow-local-twins": True if allow_local_twins else None,
+                "keep-twin-metric": True if keep_twin_metric else None,
                 "unlabelled": True if unlabelled else None,
             }
         ),

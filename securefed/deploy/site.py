@@ -68,6 +68,9 @@ class NodeSettings:
         allow_labelled_fraction: Accept runs with ``--labelled-fraction`` below 1, which make
             the site drop label maps it holds (to measure semi-supervised training). Off by
             default: a server could otherwise quietly degrade a site's training.
+        keep_twin_metric: Under ``--twin-privacy local``, send nothing about this site's twin
+            (its metric goes to the site's own log only), so every value the site sends stays
+            within its epsilon even against a server that crafts the weights.
         allow_local_twins: Accept DP runs with ``--twin-privacy local``: this site's twin is
             then fine-tuned without DP, and its held-out metric goes to the server outside the
             site's epsilon. Off by default: the server cannot widen what leaves the site.
@@ -103,6 +106,7 @@ class NodeSettings:
     group_by: str | None = None
     allow_labelled_fraction: bool = False
     allow_local_twins: bool = False
+    keep_twin_metric: bool = False
     unlabelled: bool = False
 
     @classmethod
@@ -135,6 +139,7 @@ class NodeSettings:
             "group-by",
             "allow-labelled-fraction",
             "allow-local-twins",
+            "keep-twin-metric",
             "unlabelled",
         }
         unknown = sorted(set(node_config) - known)
@@ -154,6 +159,7 @@ class NodeSettings:
             "insecure-no-roster",
             "allow-labelled-fraction",
             "allow-local-twins",
+            "keep-twin-metric",
             "unlabelled",
         ):
             if not isinstance(node_config.get(flag, False), bool):
@@ -198,6 +204,7 @@ class NodeSettings:
             group_by=text("group-by"),
             allow_labelled_fraction=bool(node_config.get("allow-labelled-fraction", False)),
             allow_local_twins=bool(node_config.get("allow-local-twins", False)),
+            keep_twin_metric=bool(node_config.get("keep-twin-metric", False)),
             unlabelled=bool(node_config.get("unlabelled", False)),
         )
 
@@ -237,11 +244,11 @@ class NodeSettings:
                 "(--labelled-fraction, a benchmark setting); this site's node config does not "
                 "set allow-labelled-fraction"
             )
-        if config.local_twins and not self.allow_local_twins:
+        if config.local_twins and not (self.allow_local_twins or self.keep_twin_metric):
             raise PrivacyBudgetError(
                 f"site {self.site_id}: the run fine-tunes twins without DP (--twin-privacy "
                 "local) and sends their held-out metric outside this site's epsilon; this "
-                "site's node config does not set allow-local-twins"
+                "site's node config sets neither allow-local-twins nor keep-twin-metric"
             )
         if self.unlabelled and config.strategy != "teacher-student":
             # Refused before any data is read: an error raised after loading would quote
@@ -503,6 +510,7 @@ def deployed_site(config: RunConfig, node: NodeSettings) -> SiteRuntime:
         disclose_size=node.disclose_size,
         roster=roster,
         min_contributors=node.min_contributors_floor(roster),
+        keep_twin_metric=node.keep_twin_metric,
     )
     for line in runtime.batch_warnings():
         # The site's own log only: the lines name its size.

@@ -219,6 +219,9 @@ class SiteRuntime:
             the roster's.
         canaries: Gradient canaries for an empirical audit run (``--audit-canaries``; the
             in-process runtime hands them to site 0): the site's DP-SGD carries them.
+        keep_twin_metric: Under ``--twin-privacy local``, send nothing about the twin: the
+            site keeps its metric (``twin_metrics``, and its own log), so nothing it sends is
+            outside epsilon (a deployed site's ``keep-twin-metric``; docs/twins.md).
 
     Attributes:
         plan: The DP-SGD plan the site derived for itself (None without DP).
@@ -252,6 +255,7 @@ class SiteRuntime:
         roster: Roster | None = None,
         min_contributors: int | None = None,
         canaries: GradientCanaries | None = None,
+        keep_twin_metric: bool = False,
     ) -> None:
         if config.dp_enabled and signer is None:
             raise ConfigError(f"site {client_id}: a DP run needs the site's signing key")
@@ -336,6 +340,10 @@ class SiteRuntime:
         self.protection.persistent = self._persistent
         self.train_log: list[dict[str, float]] = []
         self.twin: nn.Module | None = None
+        self.keep_twin_metric = keep_twin_metric
+        #: The twin's held-out metrics, as the site computed them (kept here when
+        #: ``keep_twin_metric``; what it sends is at most the rounded primary metric).
+        self.twin_metrics: dict[str, Any] | None = None
         self._built: Any = None
         #: teacher-student: the SHA-256 of the teacher whose pseudo-labels the training set
         #: holds, and their share of the unlabelled voxels.
@@ -860,6 +868,18 @@ class SiteRuntime:
             self.twin = self._fine_tune(model, round_index)
             if self.heldout is not None:
                 twin = self.task.evaluate(model=self.twin, split=self.heldout, device=self.device)
+                self.twin_metrics = twin
+                if local and self.keep_twin_metric:
+                    # The site's own policy: the metric stays with its operator, and no
+                    # value the site sends escapes epsilon.
+                    primary = self.task.primary_metric
+                    log.warning(
+                        "site %s: local twin %s %s (kept at this site)",
+                        self.client_id,
+                        primary,
+                        twin.get(primary),
+                    )
+                    return reply
                 if local:
                     # Data minimisation for the one non-DP release: the primary metric only,
                     # to two decimals (about 7 bits), not the loss, AUC or confusion matrix.

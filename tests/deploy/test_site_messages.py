@@ -430,3 +430,18 @@ def test_a_deployed_site_answers_no_protocol_step_after_its_local_twin(
     run.run()
     assert set(seen["twin"]) == {"accuracy"}
     assert "answered for its local twin" in str(seen["share_error"])
+
+
+def test_a_site_that_keeps_its_twin_metric_sends_nothing_about_its_local_twin(
+    small_config, tmp_path, task_identity, caplog
+):
+    # Its own policy, for a hospital that wants epsilon to hold against a server that crafts
+    # the weights: the twin is trained and scored at the site, and only its log sees it.
+    config = small_config.replace(rounds=1, personalize=1, twin_privacy="local")
+    grid, run = _deploy(config, tmp_path / "run", node_extra={"keep-twin-metric": True})
+    with caplog.at_level("WARNING", logger="securefed.site"):
+        out = run.run()
+    heldout = [reply for stage, reply in grid.sent if stage == Stage.EVALUATE]
+    assert heldout and all("twin" not in reply for reply in heldout)
+    assert not json.loads((out / "metrics.json").read_text())["personalization"]
+    assert sum("local twin accuracy" in r.getMessage() for r in caplog.records) == 3

@@ -181,6 +181,8 @@ def test_a_deployed_site_refuses_local_twins_unless_its_policy_allows_them():
     with pytest.raises(PrivacyBudgetError, match="allow-local-twins"):
         NodeSettings.from_node_config({"site-id": 0}).check_policy(run)
     NodeSettings.from_node_config({"site-id": 0, "allow-local-twins": True}).check_policy(run)
+    # A site that keeps its twin's metric sends nothing outside epsilon: that policy suffices.
+    NodeSettings.from_node_config({"site-id": 0, "keep-twin-metric": True}).check_policy(run)
     # Without DP, or with DP twins, nothing leaves outside epsilon: no opt-in needed.
     NodeSettings.from_node_config({"site-id": 0}).check_policy(run.replace(dp_epsilon=None))
     NodeSettings.from_node_config({"site-id": 0}).check_policy(run.replace(twin_privacy="dp"))
