@@ -267,7 +267,7 @@ def deploy_register(certs, insecure, superlink, public_key) -> None:
     "--keep-twin-metric",
     is_flag=True,
     help="Under --twin-privacy local, train this site's twin but send nothing about it (its "
-    "metric goes to this site's log): everything the site sends stays within its ε.",
+    "metric goes to this site's log): every value the site sends stays within its ε.",
 )
 @option(
     "--allow-local-twins",

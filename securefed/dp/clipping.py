@@ -373,6 +373,20 @@ class _Layer:
             total += torch.linalg.vector_norm(gs.reshape(n, -1), dim=1).float().pow(2)
         return total
 
+    def drop(self, bad: torch.Tensor) -> None:
+        """Zero the per-sample gradients of the samples ``bad`` marks (a boolean mask)."""
+        keep = ~bad
+
+        def kept(t: torch.Tensor) -> torch.Tensor:
+            mask = keep.to(t.device).view(-1, *([1] * (t.dim() - 1)))
+            return torch.where(mask, t, t.new_zeros(()))
+
+        if self.ghost is not None:
+            a, g = self.ghost
+            self.ghost = (kept(a), kept(g))
+        for name, gs in self.grad_samples.items():
+            self.grad_samples[name] = kept(gs)
+
     def clipped_sums(self, factor: torch.Tensor) -> dict[str, torch.Tensor]:
         """Each trainable parameter's ``sum_i factor_i * g_i``."""
         out = {}
@@ -511,6 +525,14 @@ class BookKeepingClipper:
             # The hooks saw gradients of the loss, ``scale`` times smaller than the per-sample
             # gradients (a mean over the chunk): scaled here, on B numbers, not on B x P.
             norms = norm_sq.sqrt() * scale
+            bad = ~torch.isfinite(norms)
+            if bool(bad.any()):
+                # A sample whose gradient is not finite (weights crafted to overflow on some
+                # records) would make the sum non-finite, telling that such a record was
+                # sampled; it adds nothing instead, which is within the clipping bound.
+                for layer in self.layers:
+                    layer.drop(bad)
+                norms = torch.where(bad, torch.zeros_like(norms), norms)
             factor = (max_grad_norm / (norms + 1e-6)).clamp(max=1.0) * scale
             sums: dict[tuple[int, str], torch.Tensor] = {}
             for layer in self.layers:

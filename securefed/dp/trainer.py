@@ -248,6 +248,25 @@ class NoiseDPOptimizer(DPOptimizer):
         self.noise = noise
         self.draws = draws
 
+    def clip_and_accumulate(self) -> None:
+        """Opacus' per-sample clipping, with a non-finite per-sample gradient zeroed first.
+
+        Weights a server crafted to overflow on some records make those records' gradients
+        inf or NaN. Opacus' clip factor is then NaN, the clipped sum non-finite, and the
+        site's update (or its refusal to send one) would tell that such a record was
+        sampled. Zeroed, the record adds nothing, which is within the clipping bound C.
+        """
+        samples = [p.grad_sample for p in self.params]
+        if samples and all(isinstance(g, torch.Tensor) for g in samples) and len(samples[0]):
+            bad = torch.zeros(len(samples[0]), dtype=torch.bool, device=samples[0].device)
+            for g in samples:
+                bad |= ~torch.isfinite(g.reshape(len(g), -1)).all(dim=1).to(bad.device)
+            if bool(bad.any()):
+                for p in self.params:
+                    mask = bad.to(p.grad_sample.device).view(-1, *([1] * (p.grad_sample.dim() - 1)))
+                    p.grad_sample = torch.where(mask, p.grad_sample.new_zeros(()), p.grad_sample)
+        super().clip_and_accumulate()
+
     def add_noise(self) -> None:
         """Add N(0, (sigma*C)^2) noise to the clipped sums; store the result in ``p.grad``."""
         params = self.params

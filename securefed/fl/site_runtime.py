@@ -865,28 +865,37 @@ class SiteRuntime:
             else:
                 self._check_budget(round_index, epochs=self.config.personalize, phase="personalize")
             before = len(self.own_events())
-            self.twin = self._fine_tune(model, round_index)
-            if self.heldout is not None:
-                twin = self.task.evaluate(model=self.twin, split=self.heldout, device=self.device)
+            if local:
+                # A local twin's failure is a non-DP fact about the training records too (a
+                # crafted model that overflows only after fine-tuning on some record): it stays
+                # in the site's log, and the reply is the one a failed twin gets.
+                try:
+                    twin = self._local_twin(model, round_index)
+                except Exception as exc:  # noqa: BLE001 - any failure, reported alike
+                    log.warning("site %s: local twin failed (%s)", self.client_id, exc)
+                    self.twin, twin = None, None
+                primary = self.task.primary_metric
                 self.twin_metrics = twin
-                if local and self.keep_twin_metric:
-                    # The site's own policy: the metric stays with its operator, and no
-                    # value the site sends escapes epsilon.
-                    primary = self.task.primary_metric
+                value = None if twin is None else twin.get(primary)
+                if self.keep_twin_metric:
+                    # The site's own policy: the metric stays with its operator, and no value
+                    # the site sends escapes epsilon.
                     log.warning(
                         "site %s: local twin %s %s (kept at this site)",
                         self.client_id,
                         primary,
-                        twin.get(primary),
+                        value,
                     )
-                    return reply
-                if local:
+                elif self.heldout is not None:
                     # Data minimisation for the one non-DP release: the primary metric only,
                     # to two decimals (about 7 bits), not the loss, AUC or confusion matrix.
-                    primary = self.task.primary_metric
-                    value = twin.get(primary)
-                    twin = {primary: None if value is None else round(float(value), 2)}
-                reply["twin"] = twin
+                    reply["twin"] = {primary: None if value is None else round(float(value), 2)}
+            else:
+                self.twin = self._fine_tune(model, round_index)
+                if self.heldout is not None:
+                    reply["twin"] = self.twin_metrics = self.task.evaluate(
+                        model=self.twin, split=self.heldout, device=self.device
+                    )
             if not local:
                 reply.update(self._claim_fields(before))
         return reply
@@ -1104,6 +1113,13 @@ class SiteRuntime:
             x = torch.from_numpy(np.array(split.images[start : start + batch_size]))
             out.append(model(x.to(self.device)).float().cpu().numpy())
         return np.concatenate(out) if out else np.zeros((0, self.spec.num_classes))
+
+    def _local_twin(self, model: nn.Module, round_index: int) -> dict[str, Any] | None:
+        """Fine-tune the local twin and score it on the held-out split (None without one)."""
+        self.twin = self._fine_tune(model, round_index)
+        if self.heldout is None:
+            return None
+        return self.task.evaluate(model=self.twin, split=self.heldout, device=self.device)
 
     def _fine_tune(self, model: nn.Module, round_index: int) -> nn.Module:
         """The site's digital twin: a private copy of ``model`` fine-tuned on its records.

@@ -420,3 +420,45 @@ def test_tied_weights_fall_back_to_hooks():
     model = Tied()
     assert not supports(model)
     assert clipping_mode(model) == "hooks"
+
+
+@pytest.mark.parametrize("clipping", ["one-pass", "hooks"])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_a_record_with_a_non_finite_gradient_adds_nothing(clipping, bad):
+    """Weights a server crafted to overflow on some records must not make the step non-finite.
+
+    Before the fix the clip factor of such a record was NaN, so the clipped sum, the update
+    and the site's reply (or its refusal to send a non-finite update) told the server that
+    such a record was sampled: no DP bound holds then (the third review's attack_fit.py).
+    Zeroed, the record adds nothing, which is within the clipping bound C.
+    """
+    model, data = _cnn()
+    x, y = data.tensors
+    n = len(y)
+    poisoned = x.clone()
+    poisoned[0] = bad
+    start = copy.deepcopy(model)
+    # q = 1 and sigma = 0: one step over every record, so it is a plain function of the data.
+    got, _ = _trainer_round(
+        model,
+        TensorDataset(poisoned, y),
+        batch_size=n,
+        noise=SeededNoise(1, 1),
+        sigma=0.0,
+        clipping=clipping,
+    )
+    assert all(torch.isfinite(v).all() for v in got.values() if v.is_floating_point())
+    # The same step without record 0, whose mean divides by n - 1 instead of n.
+    rest, _ = _trainer_round(
+        copy.deepcopy(start),
+        TensorDataset(x[1:], y[1:]),
+        batch_size=n - 1,
+        noise=SeededNoise(1, 1),
+        sigma=0.0,
+        clipping=clipping,
+    )
+    before = start.state_dict()
+    for k, v in got.items():
+        if v.is_floating_point() and k in dict(start.named_parameters()):
+            want = (rest[k] - before[k]) * (n - 1) / n
+            torch.testing.assert_close(v - before[k], want, rtol=1e-4, atol=1e-7)

@@ -217,3 +217,24 @@ def test_a_site_sends_no_more_of_a_local_twin_than_one_two_decimal_metric():
             check_reply(cfg, "heldout", {"metrics": {}, "twin": twin})
     # DP twins send their full metrics, as before.
     check_reply(cfg.replace(twin_privacy="dp"), "heldout", {"twin": {"accuracy": 0.123, "loss": 1}})
+
+
+@pytest.mark.parametrize("keep", [False, True])
+def test_a_failing_local_twin_gets_the_reply_of_a_failed_twin_not_an_error(small_config, keep):
+    # Weights a server crafted could make the twin overflow only after fine-tuning on some
+    # record (the third review's attack2.py); an error reply would carry that bit out.
+    cfg = small_config.replace(rounds=1, personalize=1, twin_privacy="local")
+    fed = Federation(cfg)
+    site = fed.sites[0]
+    site.keep_twin_metric = keep
+
+    def overflow(model, round_index):
+        raise ValueError("`probs` contains NaN or infinite values.")
+
+    site._local_twin = overflow
+    reply = site.handle(Stage.EVALUATE, _evaluate_fields(fed, 1))
+    assert "metrics" in reply
+    if keep:
+        assert "twin" not in reply
+    else:
+        assert reply["twin"] == {"accuracy": None}
