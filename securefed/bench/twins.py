@@ -185,8 +185,8 @@ def _summary(
         f"Settings: {json.dumps(grid.base)}. Each site's twin is the served model fine-tuned "
         f"for {grid.base.get('personalize')} epoch(s) on the site's own data "
         + (
-            "(under DP without noise, `--twin-privacy local`: the twin stays at the site, "
-            "outside the site's ε, which covers the global model only)"
+            "(under DP without noise, `--twin-privacy local`: the twin stays at the site, and "
+            "its metric is the site's one release outside ε)"
             if grid.base.get("twin_privacy") == "local"
             else "(with DP-SGD when DP is on, accounted in the site's ε)"
         )

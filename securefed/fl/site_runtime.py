@@ -851,52 +851,16 @@ class SiteRuntime:
                     f"{round_index}"
                 )
             self._sync_history(fields["history"], round_index + 1)
-            local = self.config.local_twins
-            if local:
-                # No budget bounds a local twin: this does. Its answer is a function of the
-                # training records without DP noise, so the server gets one (RunConfig allows
-                # local twins only after the last round).
-                self._check_budget(round_index, epochs=0, phase="personalize")
-                self.persistent.claim_once(
-                    LOCAL_TWIN_ROUNDS,
-                    round_index,
-                    what=f"site {self.client_id}: a local twin for round {round_index}",
-                )
+            if self.config.local_twins:
+                self._answer_local_twin(model, round_index, reply)
             else:
                 self._check_budget(round_index, epochs=self.config.personalize, phase="personalize")
-            before = len(self.own_events())
-            if local:
-                # A local twin's failure is a non-DP fact about the training records too (a
-                # crafted model that overflows only after fine-tuning on some record): it stays
-                # in the site's log, and the reply is the one a failed twin gets.
-                try:
-                    twin = self._local_twin(model, round_index)
-                except Exception as exc:  # noqa: BLE001 - any failure, reported alike
-                    log.warning("site %s: local twin failed (%s)", self.client_id, exc)
-                    self.twin, twin = None, None
-                primary = self.task.primary_metric
-                self.twin_metrics = twin
-                value = None if twin is None else twin.get(primary)
-                if self.keep_twin_metric:
-                    # The site's own policy: the metric stays with its operator, and no value
-                    # the site sends escapes epsilon.
-                    log.warning(
-                        "site %s: local twin %s %s (kept at this site)",
-                        self.client_id,
-                        primary,
-                        value,
-                    )
-                elif self.heldout is not None:
-                    # Data minimisation for the one non-DP release: the primary metric only,
-                    # to two decimals (about 7 bits), not the loss, AUC or confusion matrix.
-                    reply["twin"] = {primary: None if value is None else round(float(value), 2)}
-            else:
+                before = len(self.own_events())
                 self.twin = self._fine_tune(model, round_index)
                 if self.heldout is not None:
                     reply["twin"] = self.twin_metrics = self.task.evaluate(
                         model=self.twin, split=self.heldout, device=self.device
                     )
-            if not local:
                 reply.update(self._claim_fields(before))
         return reply
 
@@ -1113,6 +1077,39 @@ class SiteRuntime:
             x = torch.from_numpy(np.array(split.images[start : start + batch_size]))
             out.append(model(x.to(self.device)).float().cpu().numpy())
         return np.concatenate(out) if out else np.zeros((0, self.spec.num_classes))
+
+    def _answer_local_twin(self, model: nn.Module, round_index: int, reply: dict[str, Any]) -> None:
+        """Fine-tune the twin without DP and add what the site sends of it to ``reply``."""
+        # No budget bounds a local twin: this does. Its answer is a function of the training
+        # records without DP noise, so the server gets one (RunConfig allows local twins only
+        # after the last round).
+        self._check_budget(round_index, epochs=0, phase="personalize")
+        self.persistent.claim_once(
+            LOCAL_TWIN_ROUNDS,
+            round_index,
+            what=f"site {self.client_id}: a local twin for round {round_index}",
+        )
+        # A local twin's failure is a non-DP fact about the training records too (a crafted
+        # model that overflows only after fine-tuning on some record): it stays in the site's
+        # log, and the reply is the one a failed twin gets.
+        try:
+            twin = self._local_twin(model, round_index)
+        except Exception as exc:  # noqa: BLE001 - any failure, reported alike
+            log.warning("site %s: local twin failed (%s)", self.client_id, exc)
+            self.twin, twin = None, None
+        primary = self.task.primary_metric
+        self.twin_metrics = twin
+        value = None if twin is None else twin.get(primary)
+        if self.keep_twin_metric:
+            # The site's own policy: the metric stays with its operator, and no value the
+            # site sends escapes epsilon.
+            log.warning(
+                "site %s: local twin %s %s (kept at this site)", self.client_id, primary, value
+            )
+        elif self.heldout is not None:
+            # Data minimisation for the one non-DP release: the primary metric only, to two
+            # decimals (about 7 bits), not the loss, AUC or confusion matrix.
+            reply["twin"] = {primary: None if value is None else round(float(value), 2)}
 
     def _local_twin(self, model: nn.Module, round_index: int) -> dict[str, Any] | None:
         """Fine-tune the local twin and score it on the held-out split (None without one)."""

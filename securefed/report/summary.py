@@ -227,6 +227,13 @@ def epsilon_figure(metrics: dict[str, Any], privacy: dict[str, Any]):
     return fig
 
 
+def _local_twins(privacy: dict[str, Any]) -> bool:
+    """A DP run whose twins were trained without DP (``--twin-privacy local``)."""
+    return (
+        bool(privacy.get("dp")) and (privacy.get("strategy") or {}).get("twin_privacy") == "local"
+    )
+
+
 def _strategy_line(privacy: dict[str, Any]) -> str:
     st = privacy.get("strategy") or {"name": "fedavg"}
     text = f"- strategy: `{st['name']}`"
@@ -250,7 +257,7 @@ def _strategy_line(privacy: dict[str, Any]) -> str:
         text += f"; frozen: {st['freeze']}"
     if st.get("personalize_epochs"):
         text += f"; digital twins: {st['personalize_epochs']} epoch(s) ({st['personalize_when']})"
-        if st.get("twin_privacy") == "local" and privacy.get("dp"):
+        if _local_twins(privacy):
             text += ", trained without DP (`--twin-privacy local`: outside ε, at the site)"
     return text
 
@@ -403,7 +410,7 @@ def write_summary(
             + (
                 ". The digital twins' held-out figures are **not covered** by it (trained "
                 "without DP, `--twin-privacy local`)"
-                if (privacy.get("strategy") or {}).get("twin_privacy") == "local"
+                if _local_twins(privacy)
                 else ""
             )
             if privacy.get("dp")
@@ -459,8 +466,7 @@ def write_summary(
             + (
                 " The twins were trained without DP (`--twin-privacy local`): these figures "
                 "are not covered by ε."
-                if (privacy.get("strategy") or {}).get("twin_privacy") == "local"
-                and privacy.get("dp")
+                if _local_twins(privacy)
                 else ""
             ),
             "",
