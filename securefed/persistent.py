@@ -25,9 +25,11 @@ one of them.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 from collections.abc import Iterator, Mapping, MutableMapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -45,6 +47,7 @@ __all__ = [
     "load",
     "read_site_file",
     "save",
+    "site_lock",
     "state_path",
     "write_private_atomic",
     "write_site_file",
@@ -195,6 +198,36 @@ def state_path(node_config: Mapping[str, Any], session: str) -> Path | None:
         raise ProtocolError("persistent store: a session is lower-case hex")
     path = Path(str(key))
     return path.with_name(path.name + STATE_SUFFIX) / f"{session}.json"
+
+
+@contextmanager
+def site_lock(path: Path | None) -> Iterator[None]:
+    """Hold a session's state file exclusively, from reading it to writing it back.
+
+    A server can submit the same signed run twice as two Flower runs; both map to one session
+    and one state file, and a SuperNode may serve them in two ClientApp processes at once. Each
+    would read the file before the other wrote it, so both would claim the same round, train it
+    with fresh noise and answer, and the last write would drop the other's ledger event. Under
+    this lock (``flock`` on ``<session>.json.lock``, 0600 in the 0700 folder) the second step
+    waits, then reads what the first claimed and refuses. The lock is released when the step
+    ends, or when its process dies.
+
+    Args:
+        path: From :func:`state_path`; None (no signing key, no disk state) locks nothing.
+
+    """
+    if path is None:
+        yield
+        return
+    folder = path.parent
+    folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+    os.chmod(folder, 0o700)
+    fd = os.open(path.with_name(path.name + ".lock"), os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # closing the descriptor releases its flock
 
 
 def _encode(value: Any) -> Any:

@@ -79,3 +79,29 @@ def test_a_context_record_of_another_session_is_ignored():
     persistent.save(context, store, "aa")
     assert persistent.load(context, "aa").to_dict() == {"fit.rounds": [1]}
     assert persistent.load(context, "bb").to_dict() == {}
+
+
+def test_the_session_lock_is_private_to_the_site_and_taken_by_one_holder_at_a_time(tmp_path):
+    import fcntl
+    import os
+    import stat
+
+    path = tmp_path / "key.state" / "ab.json"
+    with persistent.site_lock(path):
+        lock = path.with_name("ab.json.lock")
+        assert stat.S_IMODE(lock.stat().st_mode) == 0o600
+        assert stat.S_IMODE(path.parent.stat().st_mode) == 0o700
+        # Another open file (another process's) cannot take it while it is held.
+        fd = os.open(lock, os.O_RDWR)
+        try:
+            with pytest.raises(BlockingIOError):
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        finally:
+            os.close(fd)
+    fd = os.open(lock, os.O_RDWR)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # released when the step ended
+    finally:
+        os.close(fd)
+    with persistent.site_lock(None):  # no signing key: no disk state, nothing to lock
+        pass

@@ -198,6 +198,23 @@ def _handle(msg: Message, context: Context) -> Message:
         )
     session = run_session(config).hex()
     path = persistent.state_path(dict(context.node_config), session)
+    # From reading the state to writing it back, no other process of this site acts on the
+    # session (the same signed run submitted twice): it would claim the same round.
+    with persistent.site_lock(path):
+        return _answer(msg, context, config=config, fields=fields, session=session, path=path)
+
+
+def _answer(
+    msg: Message,
+    context: Context,
+    *,
+    config: RunConfig,
+    fields: dict[str, Any],
+    session: str,
+    path: Path | None,
+) -> Message:
+    """The step itself, under the session's lock: load the state, answer, store the state."""
+    stage = msg.metadata.message_type
     # What the site did in this run (rounds trained, keys advertised, rounds decrypted, its
     # own ledger) outlives the session, the site process and the Flower run: from its disk.
     store, ledger = _load(context, path, session)

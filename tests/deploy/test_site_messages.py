@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import re
 
 import pytest
 from flwr.app import Context, Error, Message, RecordDict
@@ -22,6 +23,7 @@ from securefed.dp.calibration import calibrates, planned_entries
 from securefed.dp.disclosures import check_reply, message_fields
 from securefed.errors import ProtocolError
 from securefed.fl.claims import ClaimBook
+from securefed.protocol.modes.base import run_session
 from securefed.protocol.wire import Stage, decode
 
 _HANDLERS = {
@@ -445,3 +447,81 @@ def test_a_site_that_keeps_its_twin_metric_sends_nothing_about_its_local_twin(
     assert heldout and all("twin" not in reply for reply in heldout)
     assert not json.loads((out / "metrics.json").read_text())["personalization"]
     assert sum("local twin accuracy" in r.getMessage() for r in caplog.records) == 3
+
+
+def test_a_second_process_cannot_fit_a_round_another_process_of_the_site_is_fitting(
+    small_config, tmp_path, task_identity, monkeypatch
+):
+    """The same signed run, submitted twice, served by two processes of one site at once.
+
+    Both map to one session and one state file. Without the session lock the second process
+    read the file before the first wrote its claim, trained round 1 again with fresh noise and
+    answered: two independent noisy updates of one round, of which the site's ledger keeps one.
+    Here the test holds the lock as the first process would while it trains, restores the file
+    as that process read it, and lets a second process start the same fit.
+    """
+    import copy
+    import threading
+
+    from securefed import persistent
+
+    config = small_config.replace(rounds=1, secure_agg="mask")
+    grid, run = _deploy(config, tmp_path / "run")
+    path = persistent.state_path(dict(grid.contexts[100].node_config), run_session(config).hex())
+    sent: dict[str, object] = {}
+    push = grid.push_messages
+
+    def recording(messages):
+        for m in messages:
+            if m.metadata.dst_node_id == 100 and m.metadata.message_type == Stage.FIT:
+                sent["fit"] = Message(
+                    copy.deepcopy(m.content), dst_node_id=100, message_type=Stage.FIT
+                )
+                sent["before"] = path.read_bytes()  # the file as the fitting process read it
+        return push(messages)
+
+    grid.push_messages = recording
+    run.run()
+    after = path.read_bytes()
+    assert json.loads(after)["store"]["fit.rounds"] == [1]
+
+    read = threading.Event()
+    real_read = persistent.read_site_file
+
+    def reading(*args, **kwargs):
+        got = real_read(*args, **kwargs)
+        read.set()
+        return got
+
+    monkeypatch.setattr(persistent, "read_site_file", reading)
+    outcome: dict[str, object] = {}
+
+    def second_process():
+        context = Context(
+            run_id=2,  # the second Flower run of the same signed configuration
+            node_id=100,
+            node_config=dict(grid.contexts[100].node_config),
+            state=RecordDict(),
+            run_config=dict(grid.contexts[100].run_config),
+        )
+        try:
+            outcome["reply"] = site_app.fit(sent["fit"], context)
+        except Exception as exc:  # noqa: BLE001 - the outcome is what the test checks
+            outcome["error"] = exc
+
+    site_app._RUNTIMES.clear()  # a fresh site process
+    with persistent.site_lock(path):  # the first process, training round 1
+        path.write_bytes(sent["before"])
+        worker = threading.Thread(target=second_process)
+        worker.start()
+        # Without the lock the second process reads the file now, trains round 1 again and
+        # answers; with it, it reads nothing before the first process has written its claim.
+        read.wait(timeout=3.0)
+        path.write_bytes(after)  # the first process claims round 1 and stores its state
+    worker.join(timeout=300)
+    site_app._RUNTIMES.clear()
+    assert not worker.is_alive()
+    assert "reply" not in outcome
+    # It reads the first process's ledger and claim, and refuses at the first check they fail.
+    assert isinstance(outcome["error"], ProtocolError)
+    assert re.search("privacy history differs|already done once", str(outcome["error"]))
