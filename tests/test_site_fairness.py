@@ -129,6 +129,28 @@ def test_summary_line_names_the_worst_site_and_the_spread():
     assert fairness_lines({"primary_metric": "accuracy"}) == []  # a file before 2.3
 
 
+def test_a_site_without_a_twin_figure_is_named_as_such_in_the_summary():
+    # A site that kept its twin's metric (`--keep-twin-metric`) sends no twin: the summary
+    # says why it is missing rather than "without a figure this round".
+    rows = [
+        {"client_id": 0, "accuracy": 0.6, "twin": {"accuracy": 0.9, "num_samples": 10}},
+        {"client_id": 1, "accuracy": 0.8, "twin": {"accuracy": 0.7, "num_samples": 10}},
+        {"client_id": 2, "accuracy": 0.7, "num_samples": 10},
+    ]
+    metrics = {
+        "primary_metric": "accuracy",
+        "final_fairness": site_fairness(rows, metric="accuracy"),
+        "final_fairness_twins": site_fairness(rows, metric="accuracy", twin=True),
+    }
+
+    served, twins = fairness_lines(metrics)[:2]
+
+    assert "left out" not in served
+    assert twins.endswith(
+        "left out: 1 without a twin figure (kept at the site, or the twin failed)"
+    )
+
+
 @pytest.mark.slow
 def test_a_run_writes_fairness_per_round_and_for_the_run(small_npz, tmp_path):
     # Prepare: plaintext, 3 sites, 2 rounds, a twin per site after the last round

@@ -45,6 +45,8 @@ def headline_for(metrics: dict[str, Any]) -> tuple[str, ...]:
 _LEFT_OUT = {
     "no_heldout": "without held-out data",
     "no_metrics": "without a figure this round",
+    # A twin with no figure: kept at its site (`--keep-twin-metric`), or its fine-tuning failed.
+    "no_metrics_twins": "without a twin figure (kept at the site, or the twin failed)",
     "not_finite": "with a non-finite figure",
 }
 
@@ -64,7 +66,11 @@ def fairness_lines(metrics: dict[str, Any]) -> list[str]:
         if not block:
             continue
         left = block.get("excluded", {})
-        notes = [f"{len(ids)} {_LEFT_OUT[why]}" for why, ids in left.items() if ids]
+        notes = [
+            f"{len(ids)} {_LEFT_OUT.get(f'{why}_twins' if who == 'twins' else why, _LEFT_OUT[why])}"
+            for why, ids in left.items()
+            if ids
+        ]
         tail = f"; left out: {', '.join(notes)}" if notes else ""
         worst = block.get("worst_site")
         if worst is None:
@@ -231,6 +237,31 @@ def _local_twins(privacy: dict[str, Any]) -> bool:
     """A DP run whose twins were trained without DP (``--twin-privacy local``)."""
     return (
         bool(privacy.get("dp")) and (privacy.get("strategy") or {}).get("twin_privacy") == "local"
+    )
+
+
+def _local_twins_clause(privacy: dict[str, Any], metrics: dict[str, Any]) -> str:
+    """What the ε line says of local twins: outside ε only if some site sent a twin's figure.
+
+    A site with ``--keep-twin-metric`` trains its twin without DP and sends nothing about it;
+    when every site did, no released value is outside ε, and the line says so.
+    """
+    if not _local_twins(privacy):
+        return ""
+    primary = metrics.get("primary_metric", "accuracy")
+    sent = [
+        row
+        for row in metrics.get("personalization") or []
+        if row.get("twin_" + primary) is not None
+    ]
+    if sent:
+        return (
+            ". The digital twins' held-out figures are **not covered** by it (trained "
+            "without DP, `--twin-privacy local`)"
+        )
+    return (
+        ". The digital twins were trained without DP at their sites (`--twin-privacy local`), "
+        "and no site sent a twin's figure"
     )
 
 
@@ -407,12 +438,7 @@ def write_summary(
                 if privacy.get("privacy_unit") == "patient"
                 else ". A patient with k records is protected at about k·ε, not ε"
             )
-            + (
-                ". The digital twins' held-out figures are **not covered** by it (trained "
-                "without DP, `--twin-privacy local`)"
-                if _local_twins(privacy)
-                else ""
-            )
+            + _local_twins_clause(privacy, metrics)
             if privacy.get("dp")
             else "- DP-SGD: **off** (non-private baseline)"
         ),

@@ -447,6 +447,9 @@ def test_a_site_that_keeps_its_twin_metric_sends_nothing_about_its_local_twin(
     assert heldout and all("twin" not in reply for reply in heldout)
     assert not json.loads((out / "metrics.json").read_text())["personalization"]
     assert sum("local twin accuracy" in r.getMessage() for r in caplog.records) == 3
+    # Nothing about the twins left a site, so the summary does not put them outside epsilon.
+    summary = (out / "summary.md").read_text()
+    assert "not covered" not in summary and "no site sent a twin's figure" in summary
 
 
 def test_a_second_process_cannot_fit_a_round_another_process_of_the_site_is_fitting(
