@@ -10,7 +10,11 @@ SecAgg (Bonawitz et al. 2017). The graph is public: the server announces the see
 are advertised, and every site recomputes the same graph.
 
 Why a random ring: a circulant graph of degree k is k-connected, so fewer than k dropouts can
-never disconnect it, and shuffling stops anyone from placing chosen sites next to a victim.
+never disconnect it. The shuffle spreads sites at random only for a server that follows the
+protocol: the seed is the server's, and the graph depends on nothing else but the sites and
+the round, so a malicious server can try seeds offline until chosen sites are a victim's
+neighbours. Collusion tolerance is therefore counted against colluders anywhere in the
+federation, not only among a site's neighbours (docs/secure-aggregation.md).
 """
 
 from __future__ import annotations

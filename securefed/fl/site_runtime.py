@@ -758,6 +758,15 @@ class SiteRuntime:
         schedule: hand the trained model on, in the clear; refused with secure aggregation).
         """
         round_index = self._check_round(fields)
+        # Checked before the round is claimed and trained: a field refused after training
+        # would leave the site's budget spent and its events unsent.
+        n_sites = fields.get("n_sites")
+        if isinstance(n_sites, bool) or not isinstance(n_sites, int) or n_sites < 1:
+            raise ProtocolError(
+                f"site {self.client_id}: the fit names no valid number of sites (n_sites)"
+            )
+        if fields.get("return_weights") and self.protects:
+            raise ProtocolError("the server asked for the trained model in the clear")
         self._sync_history(fields["history"], round_index)
         self._check_budget(round_index, epochs=self.config.local_epochs, phase="federated")
         # Before the round is claimed: a refused teacher leaves the round to a good message.
@@ -790,9 +799,7 @@ class SiteRuntime:
         self.train_log.append(entry)
         log.info("site %d round %d: train loss %.4f", self.client_id, round_index, loss)
         reply = self._claim_fields(before)
-        if fields.get("return_weights"):
-            if self.protects:
-                raise ProtocolError("the server asked for the trained model in the clear")
+        if fields.get("return_weights"):  # refused above under secure aggregation
             reply["weights"] = weights_to_bytes(state)
             return reply
         start = time.perf_counter()
@@ -800,7 +807,7 @@ class SiteRuntime:
             protected = self.protection.protect(
                 np.asarray(vec, dtype=np.float64),
                 round_index=round_index,
-                n_sites=int(fields["n_sites"]),
+                n_sites=n_sites,
                 state=self.state,
             )
         except SecureFedError as exc:

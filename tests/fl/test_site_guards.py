@@ -102,6 +102,33 @@ def test_a_site_without_dp_refuses_a_round_outside_the_run(small_config):
     assert "fit.rounds" not in site.persistent
 
 
+@pytest.mark.parametrize("bad", ["x", 2.5, True, 0, -1, None, float("inf")])
+def test_a_site_refuses_a_bad_site_count_before_it_claims_or_trains_the_round(small_config, bad):
+    # Review 32b: n_sites was read only after DP training, so `"x"` or inf raised a ValueError
+    # or OverflowError with the round claimed and its budget spent, and the server never got
+    # the events: every later fit was then refused for a history mismatch.
+    from securefed.errors import ProtocolError
+    from securefed.protocol.wire import Stage
+
+    fed = Federation(small_config.replace(rounds=2, secure_agg="mask"))
+    site = fed.sites[0]
+    fields = {
+        "weights": fed._blobs()[0],
+        "layout_keys": list(fed.layout.keys),
+        "round": 1,
+        "history": [],
+    }
+    if bad is not None:
+        fields["n_sites"] = bad
+    with pytest.raises(ProtocolError, match="no valid number of sites"):
+        site.handle(Stage.FIT, fields)
+    with pytest.raises(ProtocolError, match="trained model in the clear"):
+        site.handle(Stage.FIT, {**fields, "n_sites": 3, "return_weights": True})
+    assert "fit.rounds" not in site.persistent
+    assert site.ledger.events == ()
+    assert fed.run_round(1).applied  # the round is still there for a good message
+
+
 def test_a_cfl_site_chooses_a_cluster_once_per_round_of_the_run(small_config):
     # Review r1: `select` answered without limit, an un-noised loss comparison on the site's
     # records the server could repeat with any models it liked.

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import numpy as np
+import pytest
+
 from securefed.config import RunConfig
 from securefed.crypto.roster import Roster
 from securefed.crypto.secagg.active import collusion_tolerance
 from securefed.crypto.secagg.config import default_threshold
+from securefed.protocol.harness import ProtocolSite, run_sum
 from securefed.protocol.modes.masking import MaskingMode
 
 
@@ -20,3 +24,37 @@ def test_the_stated_tolerance_is_the_least_over_the_rounds_a_server_may_run():
     assert (full, smallest) == (4, 2)
     assert described["tolerated_colluders"] == smallest
     assert described["tolerated_colluders_full_round"] == full
+
+
+@pytest.mark.parametrize(
+    ("min_contributors", "chosen", "colluders"),
+    [
+        (2, [0, 2], [2]),  # the in-process roster's minimum: a 2-site round, t = m = 2
+        (3, [0, 1, 2], [1, 2]),  # every site pinned: t = m = 3
+    ],
+)
+def test_the_stated_tolerance_is_below_the_colluders_that_read_a_site_in_a_round_of_t_equal_m(
+    min_contributors, chosen, colluders
+):
+    # Review 32b: at t = m the bound 2t - m - 1 stated m - 1 tolerated colluders, but m - 1
+    # colluders are all the victim's partners: an honest round's sum minus their inputs is the
+    # victim's update. privacy.json stated 1 and 2 here; the true tolerance is m - 2.
+    rng = np.random.default_rng(0)
+    config = RunConfig(secure_agg="mask", clients=3, secagg_clip=100.0)
+    roster, keys = Roster.generate(3, min_contributors=min_contributors)
+    stated = MaskingMode().server(config, n_sites=3, roster=roster).describe()
+    vectors = {s: rng.uniform(-10, 10, 6) for s in chosen}
+    sites = {
+        s: ProtocolSite(
+            MaskingMode().site(config, site_id=s, identity=keys[s], roster=roster), vectors[s]
+        )
+        for s in chosen
+    }
+    collector = MaskingMode().server(config, n_sites=3, roster=roster)
+    outcome, _ = run_sum(collector, sites, round_index=1, n_sites=len(chosen), dim=6)
+    assert outcome.error is None
+    victim = outcome.total - sum(vectors[c] for c in colluders)
+    np.testing.assert_allclose(victim, vectors[0], atol=1e-5)  # what any sum gives them
+    assert stated["tolerated_colluders"] < len(colluders)
+    assert collusion_tolerance(threshold=3, holders=3) == 1
+    assert collusion_tolerance(threshold=2, holders=2) == 0

@@ -189,14 +189,20 @@ def pinned_config(
 
 
 def collusion_tolerance(*, threshold: int, holders: int) -> int:
-    """How many colluding share holders the active protocol tolerates: ``max(0, 2t - m - 1)``.
+    """How many colluding share holders the active protocol tolerates.
 
-    A server that colludes with ``c`` of a site's ``m`` share holders can show two disjoint
-    groups of honest holders two survivor lists; each group unmasks once it has ``t``
-    signatures of its members, the colluders signing in both. Both groups unmask when
-    ``m - c + 2c >= 2t``: then one gives the site's self-mask seed and the other its mask key,
-    and its update is in the clear. Fewer than ``2t - m`` colluders cannot (Bonawitz et al.
-    2017, Theorem 6.5's bound on corrupt parties, ``n_C < 2t - n``).
+    ``max(0, min(2t - m - 1, m - 2))``. A server that colludes with ``c`` of a site's ``m``
+    share holders can show two disjoint groups of honest holders two survivor lists; each
+    group unmasks once it has ``t`` signatures of its members, the colluders signing in both.
+    Both groups unmask when ``m - c + 2c >= 2t``: then one gives the site's self-mask seed and
+    the other its mask key, and its update is in the clear. Fewer than ``2t - m`` colluders
+    cannot (Bonawitz et al. 2017, Theorem 6.5's bound on corrupt parties, ``n_C < 2t - n``).
+
+    That bound alone says ``m - 1`` colluders are tolerated when ``t = m``, but ``m - 1``
+    colluders are every other holder: the site is a survivor, so its self-mask seed is
+    revealed as the protocol intends, and every pairwise mask it has is with a colluder (the
+    round's other sites, or its whole SecAgg+ neighbourhood); with the full graph the sum
+    minus the colluders' inputs is the site's update without any split. So at most ``m - 2``.
 
     Args:
         threshold: The round's Shamir threshold t.
@@ -206,4 +212,5 @@ def collusion_tolerance(*, threshold: int, holders: int) -> int:
         The largest number of colluding sites among the holders that learns nothing more.
 
     """
-    return max(0, 2 * int(threshold) - int(holders) - 1)
+    t, m = int(threshold), int(holders)
+    return max(0, min(2 * t - m - 1, m - 2))
