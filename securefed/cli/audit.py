@@ -51,7 +51,9 @@ def audit(run_dir, as_json, site_keys_file, allow_reproducible_noise, empirical)
     \b
     Cannot prove: that noise was drawn at all (a site that skips it signs the same
     claim; the signature makes the site accountable for its claim, no more; an audit
-    run's --empirical check measures it). Without
+    run's --empirical check measures it). Where the run ended: no site signs its last
+    round, so a server can present an earlier point of the run as the whole run, with
+    a smaller epsilon (sigma is still checked against every planned round). Without
     --site-keys the keys are self-asserted by the report: anyone who rewrites the report
     can re-sign it with keys of their own. Pin the keys the sites published.
 
@@ -114,7 +116,7 @@ def audit(run_dir, as_json, site_keys_file, allow_reproducible_noise, empirical)
                 click.echo(
                     f"{r['client_id']:>4} {n:>6} {r['delta']:>8.2g} {r['sample_rate']:>8.4f} "
                     f"{r['noise_multiplier']:>8.4f} {r['steps']:>6} {r['claimed']:>10.4f} "
-                    f"{r['pld']:>8.4f}"
+                    + ("       -" if r["pld"] is None else f"{r['pld']:>8.4f}")
                 )
             click.echo(
                 f"(ε per {result.unit}; PLD, replace-one, recomputed with Google's "

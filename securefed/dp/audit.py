@@ -41,9 +41,9 @@ from typing import Any
 from securefed.config import DP_BATCH, DP_CLIP, planned_epochs
 from securefed.dp import calibration, class_prior, fair_loss
 from securefed.dp.releases import PHASES
-from securefed.dp.report import read_json, report_hash
+from securefed.dp.report import TEXTS_AUDITED_FROM, read_json, report_hash, report_texts
 from securefed.dp.signing import claim_from_report, run_digest, verify_claim
-from securefed.errors import AuditError, PrivacyBudgetError
+from securefed.errors import AuditError, PrivacyBudgetError, SecureFedError
 
 __all__ = [
     "AuditResult",
@@ -284,13 +284,20 @@ def _check_secure_aggregation(result: AuditResult, privacy: dict, config: Any, w
             )
             ring, frac = int(params["ring_bits"]), int(params["frac_bits"])
             clip, summands = float(params["clip_range"]), int(params["max_summands"])
-            # The sum of every site's encoding must fit the signed ring: no wrap-around.
-            fits = summands * math.ceil(clip * 2**frac) <= 2 ** (ring - 1) - 1
+            # The sum of every site's encoding must fit the signed ring: no wrap-around. (Only
+            # ring and fraction sizes a run can have are computed with: 2**(10**10) is not.)
+            fits = (
+                ring in (32, 64)
+                and 0 <= frac < ring
+                and math.isfinite(clip)
+                and summands * math.ceil(clip * 2**frac) <= 2 ** (ring - 1) - 1
+            )
             result.add(
                 "masking: fixed-point sum cannot wrap",
                 ring in (32, 64) and fits and math.isclose(float(params["quantum"]), 2.0**-frac),
                 f"{summands} x ceil({clip:g} x 2^{frac}) vs 2^{ring - 1}",
             )
+            _check_masking_params(result, params, run)
         elif mode == "he":
             degree = int(params["poly_modulus_degree"])
             bits = [int(b) for b in params["coeff_mod_bit_sizes"]]
@@ -315,8 +322,103 @@ def _check_secure_aggregation(result: AuditResult, privacy: dict, config: Any, w
                 security >= 40,
                 f"{security}-bit statistical security",
             )
-    except (KeyError, TypeError, ValueError) as exc:
-        raise AuditError(f"{where}: malformed secure_aggregation_params ({exc!r})") from exc
+    except (KeyError, TypeError, ValueError, OverflowError, MemoryError) as exc:
+        raise AuditError(f"{where}: malformed secure_aggregation_params ({exc!r:.200})") from exc
+
+
+#: The most DP-SGD steps one site's plan may have for the audit to recalibrate it.
+_MAX_PLANNED_STEPS = 10**7
+#: The checks (by name) that make a site's ledger its verified plan: the PLD replay needs them.
+_PLAN_CHECKS = (
+    "events use the site's sigma",
+    "steps per event",
+    "as planned",
+    "sigma = calibrate_noise",
+    "delta within the run's bound",
+)
+#: The largest federation whose roster pins the audit rebuilds (a roster key per site).
+_MAX_ROSTER_SITES = 10_000
+
+
+def _check_masking_params(result: AuditResult, params: dict, run: dict) -> None:
+    """Every masking parameter privacy.json states, rebuilt from config.json's run.
+
+    The ring, the rounding bounds and the primitives follow from the configuration; the
+    threshold and the collusion tolerance from the roster's pins as the report states them
+    (``roster_sites``, ``pinned_threshold``, ``min_contributors``; the roster file itself is
+    the sites', not in the run folder): a report that overstates ``tolerated_colluders`` for
+    its own pins fails, whatever hash it carries.
+    """
+    from securefed.config import RunConfig
+    from securefed.crypto.roster import Roster
+    from securefed.protocol.modes.masking import MaskingMode
+
+    name = "masking: stated parameters follow from the run and the roster's pins"
+    try:
+        config = RunConfig.from_recorded(run)
+        n = int(config.clients)
+        roster = None
+        if params.get("roster_sha256") is not None:
+            sites = int(params["roster_sites"])
+            if sites != n or not 1 <= sites <= _MAX_ROSTER_SITES:
+                result.add(name, False, f"roster of {sites} sites, {n} configured")
+                return
+            pinned = params.get("pinned_threshold")
+            roster, _ = Roster.generate(
+                sites,
+                min_contributors=int(params["min_contributors"]),
+                threshold=None if pinned is None else int(pinned),
+            )
+        expected = MaskingMode().server(config, n_sites=n, roster=roster).describe()
+    except SecureFedError as exc:
+        result.add(name, False, f"cannot rebuild them ({str(exc)[:160]})")
+        return
+    compared = sorted(
+        k for k in expected if k not in ("roster_sha256", "identities", "variant", "threat_model")
+    )
+    differ = [k for k in compared if params.get(k) != expected[k]]
+    result.add(
+        name,
+        not differ,
+        f"{len(compared)} parameters, tolerated colluders {expected.get('tolerated_colluders')}"
+        if not differ
+        else "differ: "
+        + ", ".join(f"{k} {params.get(k)!r:.30} vs {expected[k]!r:.30}" for k in differ[:4]),
+    )
+
+
+def _check_texts(result: AuditResult, privacy: dict, run: dict, version: str) -> None:
+    """The report's fixed texts are the ones its run implies (schema 3.7 on).
+
+    ``guarantee``, ``sampling``, ``clipping``, ``dp_applies_to`` and ``threat_model`` are not
+    in any site's signed claim: without this a report could say "patient-level" in its
+    ``guarantee`` while its ``privacy_unit`` stays "record".
+    """
+    parts = tuple(int(x) for x in version.split(".")[:2])
+    if parts < TEXTS_AUDITED_FROM:
+        result.add(
+            "fixed texts follow from the run",
+            True,
+            f"not compared: schema {version} predates {'.'.join(map(str, TEXTS_AUDITED_FROM))}",
+        )
+        return
+    dp = run.get("dp_epsilon") is not None
+    transfer = privacy.get("transfer") or {}
+    expected = report_texts(
+        dp=dp,
+        unit=str(run.get("privacy_unit", "record")),
+        frozen=int(transfer.get("frozen_tensors") or 0) > 0,
+        teacher_student=run.get("strategy") == "teacher-student",
+        local_twins=dp and run.get("twin_privacy") == "local" and bool(run.get("personalize")),
+    )
+    differ = [k for k, v in expected.items() if privacy.get(k) != v]
+    result.add(
+        "fixed texts follow from the run",
+        not differ,
+        f"{', '.join(expected)} as written for this run"
+        if not differ
+        else f"differ from the run's: {', '.join(differ)}",
+    )
 
 
 def _close(a: float, b: float, rtol: float = 1e-12) -> bool:
@@ -481,6 +583,7 @@ def _check_site(
 
     cid = int(c["client_id"])
     name = f"site {cid}"
+    start = len(result.checks)
     sigma, q, clip = (
         float(c["noise_multiplier"]),
         float(c["sample_rate"]),
@@ -639,8 +742,18 @@ def _check_site(
         int(c["planned_steps"]) == planned,
         f"{c['planned_steps']} vs {planned}",
     )
+    bound = accounting.run_delta_bound(run.get("dp_delta"))
+    result.add(
+        f"{name}: delta within the run's bound",
+        0 < delta <= bound,
+        f"delta {delta:.3g}, bound {bound:.3g} (--dp-delta, or 1e-5)",
+    )
     target = float(run["dp_epsilon"])
     cache_key = (target, delta, q, planned, str(privacy.get("accountant")), entries)
+    if not (0 < delta <= bound and 0 < q <= 1 and 1 <= planned <= _MAX_PLANNED_STEPS):
+        # No accountant is run on numbers no run writes (a hostile report could ask for
+        # terabytes of grid); the checks above already fail.
+        calibrated[cache_key] = None
     if cache_key not in calibrated:
         try:
             with _quiet():
@@ -662,22 +775,35 @@ def _check_site(
         f"{sigma:.12g} vs {want_sigma if want_sigma is None else f'{want_sigma:.12g}'}",
     )
 
-    eps_pld = independent_epsilon(
-        events=[
-            (float(e["noise_multiplier"]), float(e["sample_rate"]), int(e["steps"])) for e in events
-        ],
-        delta=delta,
+    # The ledger is replayed only when its numbers are the site's plan, whose sigma was just
+    # recalibrated: what the accountant is given is then what it could calibrate.
+    accountable = all(
+        ch.ok for ch in result.checks[start:] if any(g in ch.name for g in _PLAN_CHECKS)
+    )
+    eps_pld = (
+        independent_epsilon(
+            events=[
+                (float(e["noise_multiplier"]), float(e["sample_rate"]), int(e["steps"]))
+                for e in events
+            ],
+            delta=delta,
+        )
+        if accountable
+        else math.nan
     )
     tol = TOLERANCE["absolute"] + TOLERANCE["relative"] * eps_pld
+    skipped = "not recomputed: the ledger or the plan fails a check above"
     result.add(
         f"{name}: claimed epsilon >= independent PLD epsilon - tolerance",
-        claim_eps >= eps_pld - tol,
-        f"claimed {claim_eps:.4f}, PLD {eps_pld:.4f}, tolerance {tol:.4f}",
+        accountable and claim_eps >= eps_pld - tol,
+        f"claimed {claim_eps:.4f}, PLD {eps_pld:.4f}, tolerance {tol:.4f}"
+        if accountable
+        else skipped,
     )
     result.add(
         f"{name}: epsilon <= target",
-        claim_eps <= target + 1e-9 and eps_pld <= target + tol,
-        f"claimed {claim_eps:.4f}, PLD {eps_pld:.4f}, target {target}",
+        accountable and claim_eps <= target + 1e-9 and eps_pld <= target + tol,
+        f"claimed {claim_eps:.4f}, PLD {eps_pld:.4f}, target {target}" if accountable else skipped,
     )
     n = c.get("num_samples")
     if n is None:
@@ -709,7 +835,7 @@ def _check_site(
             "noise_multiplier": sigma,
             "steps": int(c["steps"]),
             "claimed": claim_eps,
-            "pld": eps_pld,
+            "pld": eps_pld if accountable else None,
         }
     )
     return claim_eps
@@ -723,6 +849,9 @@ def audit_run(
     allow_reproducible_noise: bool = False,
 ) -> AuditResult:
     """Audit the run in ``run_dir`` against its configuration and execution record.
+
+    A value no run writes (NaN, a number past the accountant's range, a wrong type anywhere)
+    is an :class:`AuditError` (exit 2) naming the folder, never a traceback.
 
     Args:
         run_dir: Holds privacy.json, config.json and metrics.json.
@@ -739,7 +868,29 @@ def audit_run(
             is of a schema this auditor does not read (exit 2).
 
     """
-    run_dir = Path(run_dir)
+    try:
+        return _audit_run(
+            Path(run_dir),
+            site_keys=site_keys,
+            site_keys_source=site_keys_source,
+            allow_reproducible_noise=allow_reproducible_noise,
+        )
+    except AuditError:
+        raise
+    except (ValueError, TypeError, KeyError, AttributeError, RecursionError, OverflowError) as exc:
+        raise AuditError(
+            f"{run_dir}: malformed report ({type(exc).__name__}: {str(exc)[:200]})"
+        ) from exc
+
+
+def _audit_run(
+    run_dir: Path,
+    *,
+    site_keys: dict[str, str] | None,
+    site_keys_source: str | None,
+    allow_reproducible_noise: bool,
+) -> AuditResult:
+    """:func:`audit_run`'s checks (its arguments, the folder a path)."""
     if not run_dir.is_dir():
         raise AuditError(f"{run_dir}: not a run directory")
     privacy = read_json(run_dir / "privacy.json")
@@ -775,6 +926,7 @@ def audit_run(
     )
     _check_secure_aggregation(result, privacy, config, where)
     _check_disclosures(result, privacy, run)
+    _check_texts(result, privacy, run, version)
 
     clients = _require(privacy, "clients", where)
     if not isinstance(clients, list) or not clients:
@@ -807,11 +959,21 @@ def audit_run(
             executed == list(range(1, len(executed) + 1)) and len(executed) <= int(run["rounds"]),
             f"{len(executed)} of {run['rounds']} rounds",
         )
+        # No site signs where the run ended: a server holding the claims a site signed after
+        # an earlier round can present that point as the whole run, with a smaller epsilon.
+        # What holds whatever the report lists is the plan: sigma calibrated for every planned
+        # round (checked per site below) keeps the whole run within the target.
+        result.add(
+            "epsilon covers the rounds metrics.json lists (not signed as the run's end)",
+            True,
+            f"{len(executed)} of {run['rounds']} planned rounds; each site's sigma is checked "
+            "against all of them, so its epsilon over the whole plan is at most the target",
+        )
         ids = [int(c["client_id"]) for c in clients]
         result.add(
             "every configured site has a report entry",
-            sorted(ids) == list(range(int(run["clients"]))),
-            f"sites {sorted(ids)}, configured {run['clients']}",
+            len(ids) == int(run["clients"]) and sorted(ids) == list(range(len(ids))),
+            f"sites {sorted(ids)[:20]}, configured {run['clients']}",
         )
         orphans = sorted({int(e["client_id"]) for e in privacy.get("events") or []} - set(ids))
         result.add(

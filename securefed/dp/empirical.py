@@ -470,6 +470,22 @@ def check_audit_run(
     epsilon = claims.get(site)
     if not isinstance(epsilon, (int, float)):
         raise AuditError(f"{run / 'privacy.json'}: no analytical epsilon for site {site}")
+    # The epsilon compared with is the one the site signed: the report's hash is unkeyed, so
+    # an edited epsilon (raised above eps_emp, the hash recomputed) must fail here.
+    from securefed.dp.signing import claim_from_report, verify_claim
+
+    entry = next(c for c in privacy.get("clients", []) if c.get("client_id") == site)
+    try:
+        claim = claim_from_report(privacy, config["run"], site)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise AuditError(
+            f"{run / 'privacy.json'}: site {site}'s claim is malformed ({exc!r})"
+        ) from exc
+    if not verify_claim(claim, entry.get("signature"), key):
+        raise AuditError(
+            f"{run / 'privacy.json'}: site {site}'s signed claim (its epsilon) does not verify "
+            "against its key (edited, or signed by another key)"
+        )
     return {
         **result.to_dict(),
         "site": site,

@@ -5,14 +5,19 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import stat
 from pathlib import Path
 from typing import Any
 
 from securefed.errors import AuditError
 
 __all__ = [
+    "GUARANTEES",
+    "NO_GUARANTEE",
     "SCHEMA_VERSION",
+    "TEXTS_AUDITED_FROM",
     "THREAT_MODEL",
+    "report_texts",
     "canonical_json",
     "report_hash",
     "json_ready",
@@ -36,7 +41,12 @@ __all__ = [
 #: 3.6 (additive): config.json's run gains `twin_privacy` ("dp", the only kind before, or
 #: "local": twins trained without DP, no `personalize` events, their metrics declared outside
 #: epsilon); privacy.json's strategy gains `twin_privacy`.
-SCHEMA_VERSION = "3.6"
+#: 3.7 (wording): `threat_model` states the masking bound of at most m - 2 colluders; from 3.7
+#: on `securefed audit` compares `guarantee`, `sampling`, `clipping`, `dp_applies_to` and
+#: `threat_model` with the texts the run implies (:func:`report_texts`).
+SCHEMA_VERSION = "3.7"
+#: The first schema whose fixed texts the audit compares word for word.
+TEXTS_AUDITED_FROM = (3, 7)
 
 THREAT_MODEL = (
     "(epsilon, delta)-DP per site and per privacy unit ('privacy_unit': one training record, or "
@@ -51,8 +61,9 @@ THREAT_MODEL = (
     "round size, tamper with shares, replay messages); each site checks its peers' signed keys "
     "against the federation's signed roster, pins n, t and the minimum number of contributors, "
     "and reveals shares only after t matching signatures over the survivor list, so the server "
-    "learns only the sum of a round unless it colludes with 2t - m of a site's m share holders "
-    "('tolerated_colluders' in 'secure_aggregation_params' states how many it survives; a roster "
+    "learns only the sum of a round unless it colludes with 2t - m of a site's m share holders, "
+    "or with m - 1 of them ('tolerated_colluders' in 'secure_aggregation_params' states how "
+    "many it survives, counted anywhere in the federation under SecAgg+; a roster "
     "threshold below floor(2m/3) + 1 trades it for dropouts). 'he': each site signs its "
     "ciphertext; the decrypting site adds the signed ciphertexts of at least its pinned minimum "
     "of roster sites itself, at one site per round fixed by the session and the round, and "
@@ -65,6 +76,71 @@ THREAT_MODEL = (
     "side channels other than the reply timing listed in 'disclosures', and a patient's "
     "several records (group privacy)."
 )
+
+
+#: privacy.json ``guarantee``, by ``privacy_unit``.
+GUARANTEES = {
+    "record": (
+        "record-level (epsilon, delta)-DP per site, over all rounds, for replace-one "
+        "adjacency (one training record substituted by any other). A patient with k "
+        "records is protected at group size k (about k x epsilon), not at epsilon."
+    ),
+    "patient": (
+        "patient-level (epsilon, delta)-DP per site, over all rounds, for replace-one "
+        "adjacency over patients (all of one patient's training records at the site "
+        "substituted by any other patient's, whatever their number): Poisson sampling "
+        "over patients, each sampled patient's mean gradient clipped to C. It holds as far "
+        "as the site's patient ids (--group-by) are right: two ids for one patient are two "
+        "units."
+    ),
+}
+NO_GUARANTEE = "none: this run makes no DP claim"
+
+
+def report_texts(
+    *, dp: bool, unit: str, frozen: bool, teacher_student: bool, local_twins: bool
+) -> dict[str, str | None]:
+    """privacy.json's fixed texts as the run implies them: the run writes them, the audit checks.
+
+    Args:
+        dp: Whether the run trains with DP.
+        unit: ``privacy_unit`` (``record`` or ``patient``).
+        frozen: Whether some parameters were frozen (transfer learning).
+        teacher_student: ``--strategy teacher-student``.
+        local_twins: ``--twin-privacy local`` with DP.
+
+    """
+    patient = unit == "patient"
+    return {
+        "guarantee": GUARANTEES[unit] if dp else NO_GUARANTEE,
+        "sampling": ("poisson over patients" if patient else "poisson") if dp else "shuffle",
+        "clipping": (
+            ("flat L2 of each patient's mean gradient" if patient else "flat per-sample L2")
+            if dp
+            else None
+        ),
+        "dp_applies_to": (
+            "trainable parameters only (frozen parameters never change and are never sent)"
+            if frozen
+            else "all model parameters"
+        )
+        + (
+            "; teacher-student: the pseudo-labels are computed at each site from its private "
+            "unlabelled volumes, so training on them is training on private data: it is DP-SGD "
+            "(each volume one sample, clipped and noised with the labelled ones) and every "
+            "step is in the site's events"
+            if teacher_student
+            else ""
+        )
+        + (
+            "; not the digital twins: --twin-privacy local fine-tunes them without DP. A twin "
+            "never leaves its site; its primary held-out metric, sent once after the last "
+            "round, is the one release outside epsilon (disclosures: outside-epsilon)"
+            if local_twins
+            else ""
+        ),
+        "threat_model": THREAT_MODEL,
+    }
 
 
 def json_ready(obj: Any) -> Any:
@@ -108,11 +184,32 @@ def write_json(path: Path, obj: Any) -> None:
     tmp.replace(path)
 
 
+#: The largest report file read (a run's privacy.json or metrics.json is far below it).
+MAX_JSON_BYTES = 64 * 2**20
+
+
 def read_json(path: Path) -> Any:
-    """Read a JSON file; any failure is an :class:`AuditError` naming the file."""
+    """Read a JSON file; any failure is an :class:`AuditError` naming the file.
+
+    Only a regular file of at most :data:`MAX_JSON_BYTES` is read: a report linked to
+    ``/dev/zero`` or a huge file would otherwise fill memory before parsing fails.
+    """
+    path = Path(path)
     try:
-        return json.loads(Path(path).read_text())
+        info = path.stat()
+        if not stat.S_ISREG(info.st_mode):
+            raise AuditError(f"{path}: not a regular file")
+        if info.st_size > MAX_JSON_BYTES:
+            raise AuditError(f"{path}: larger than {MAX_JSON_BYTES // 2**20} MiB")
+        with path.open("rb") as fh:
+            raw = fh.read(MAX_JSON_BYTES + 1)
+        if len(raw) > MAX_JSON_BYTES:
+            raise AuditError(f"{path}: larger than {MAX_JSON_BYTES // 2**20} MiB")
+        return json.loads(raw.decode("utf-8"))
+    except AuditError:
+        raise
     except FileNotFoundError as exc:
         raise AuditError(f"{path}: file not found") from exc
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise AuditError(f"{path}: not readable JSON ({exc})") from exc
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as exc:
+        # ValueError: malformed JSON, or an integer past Python's digit limit.
+        raise AuditError(f"{path}: not readable JSON ({str(exc)[:200]})") from exc

@@ -22,7 +22,7 @@ from securefed.dp.disclosures import disclosures_json
 from securefed.dp.empirical import RECORD_FILE as EMPIRICAL_RECORD
 from securefed.dp.empirical import file_sha256
 from securefed.dp.releases import PHASES
-from securefed.dp.report import SCHEMA_VERSION, THREAT_MODEL, json_ready, report_hash, write_json
+from securefed.dp.report import SCHEMA_VERSION, json_ready, report_hash, report_texts, write_json
 from securefed.errors import ConfigError
 from securefed.fl.claims import noise_description
 from securefed.fl.engine import RoundEngine
@@ -122,28 +122,15 @@ def _disclosures(fed: RoundEngine) -> list[dict[str, str]]:
     return disclosures_json(fed.config, runtime=fed.runtime)
 
 
-#: privacy.json ``guarantee``, by ``privacy_unit``.
-GUARANTEES = {
-    "record": (
-        "record-level (epsilon, delta)-DP per site, over all rounds, for replace-one "
-        "adjacency (one training record substituted by any other). A patient with k "
-        "records is protected at group size k (about k x epsilon), not at epsilon."
-    ),
-    "patient": (
-        "patient-level (epsilon, delta)-DP per site, over all rounds, for replace-one "
-        "adjacency over patients (all of one patient's training records at the site "
-        "substituted by any other patient's, whatever their number): Poisson sampling "
-        "over patients, each sampled patient's mean gradient clipped to C. It holds as far "
-        "as the site's patient ids (--group-by) are right: two ids for one patient are two "
-        "units."
-    ),
-}
-NO_GUARANTEE = "none: this run makes no DP claim"
-
-
 def _privacy_json(fed: RoundEngine) -> dict[str, Any]:
     cfg = fed.config
-    patient = cfg.privacy_unit == "patient"
+    texts = report_texts(
+        dp=cfg.dp_enabled,
+        unit=cfg.privacy_unit,
+        frozen=bool(fed.transfer["frozen"]),
+        teacher_student=cfg.strategy == "teacher-student",
+        local_twins=cfg.local_twins,
+    )
     noise, noise_source = noise_description(cfg)
     releases = PHASES
     clients = []
@@ -185,15 +172,9 @@ def _privacy_json(fed: RoundEngine) -> dict[str, Any]:
         "adjacency": ADJACENCY if cfg.dp_enabled else None,
         "privacy_unit": cfg.privacy_unit if cfg.dp_enabled else None,
         "epsilon": max(eps) if eps else None,
-        "guarantee": GUARANTEES[cfg.privacy_unit] if cfg.dp_enabled else NO_GUARANTEE,
-        "sampling": (
-            ("poisson over patients" if patient else "poisson") if cfg.dp_enabled else "shuffle"
-        ),
-        "clipping": (
-            ("flat L2 of each patient's mean gradient" if patient else "flat per-sample L2")
-            if cfg.dp_enabled
-            else None
-        ),
+        "guarantee": texts["guarantee"],
+        "sampling": texts["sampling"],
+        "clipping": texts["clipping"],
         "noise": noise if cfg.dp_enabled else None,
         "noise_source": noise_source if cfg.dp_enabled else None,
         "calibration": (
@@ -203,26 +184,7 @@ def _privacy_json(fed: RoundEngine) -> dict[str, Any]:
             "server-side site sampling and dropouts are not counted as amplification"
         ),
         "strategy": _strategy_json(fed),
-        "dp_applies_to": (
-            "trainable parameters only (frozen parameters never change and are never sent)"
-            if fed.transfer["frozen"]
-            else "all model parameters"
-        )
-        + (
-            "; teacher-student: the pseudo-labels are computed at each site from its private "
-            "unlabelled volumes, so training on them is training on private data: it is DP-SGD "
-            "(each volume one sample, clipped and noised with the labelled ones) and every "
-            "step is in the site's events"
-            if cfg.strategy == "teacher-student"
-            else ""
-        )
-        + (
-            "; not the digital twins: --twin-privacy local fine-tunes them without DP. A twin "
-            "never leaves its site; its primary held-out metric, sent once after the last "
-            "round, is the one release outside epsilon (disclosures: outside-epsilon)"
-            if cfg.local_twins
-            else ""
-        ),
+        "dp_applies_to": texts["dp_applies_to"],
         "transfer": {
             "pretrained": fed.transfer["pretrained"],
             "frozen_parameters": fed.transfer["frozen_parameters"],
@@ -259,7 +221,7 @@ def _privacy_json(fed: RoundEngine) -> dict[str, Any]:
         },
         "seed": cfg.seed,
         "package_versions": package_versions(),
-        "threat_model": THREAT_MODEL,
+        "threat_model": texts["threat_model"],
         "hash": {
             "algorithm": "sha256",
             "covers": "canonical JSON of privacy.json without 'sha256', config.json, metrics.json",

@@ -28,7 +28,7 @@ def audit_run(tmp_path_factory):
 def test_audit_run_reports_eps_emp_below_the_claim_and_declares_itself(audit_run):
     privacy = json.loads((audit_run / "privacy.json").read_text())
     block = privacy["empirical"]
-    assert privacy["schema_version"] == "3.6"
+    assert privacy["schema_version"] == "3.7"
     assert block["K"] == 200 and block["site"] == 0 and block["audit_run"] is True
     assert block["confidence"] == 0.95 and "Steinke" in block["method"]
     assert 0 <= block["eps_emp"] <= block["epsilon"] == privacy["clients"][0]["epsilon"]
@@ -138,3 +138,21 @@ def test_a_forged_empirical_record_rehashed_fails_the_sites_signature(audit_run,
     pinned = {"0": privacy["site_keys"]["0"]}
     with pytest.raises(AuditError, match="pinned key"):
         check_audit_run(copy, site_keys=pinned)
+
+
+def test_the_empirical_audit_compares_with_the_epsilon_the_site_signed(audit_run, tmp_path):
+    # Review 32a: the empirical check read clients[site].epsilon, which only the unkeyed hash
+    # covered: raised to 50 and rehashed, a refuted claim (eps_emp above the true epsilon)
+    # passed. The epsilon it compares with is now the one the site's signature covers.
+    import shutil
+
+    from tests.dp.audit_fixtures import rehash
+
+    copy = tmp_path / "copy"
+    shutil.copytree(audit_run, copy)
+    privacy = json.loads((copy / "privacy.json").read_text())
+    privacy["clients"][0]["epsilon"] = 50.0
+    (copy / "privacy.json").write_text(json.dumps(privacy))
+    rehash(copy)
+    with pytest.raises(AuditError, match="signed claim .* does not verify"):
+        check_audit_run(copy)
