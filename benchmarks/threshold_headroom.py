@@ -35,6 +35,7 @@ import torch
 from safetensors.torch import load_file
 from sklearn.metrics import roc_auc_score
 
+from securefed.config import RunConfig
 from securefed.data.dataset import load_dataset
 from securefed.models import ModelSpec, build_model
 
@@ -69,7 +70,14 @@ def headroom(run: Path) -> dict[str, float]:
     data = config["resolved"]["dataset"]
     if data["num_classes"] != 2:
         raise SystemExit(f"{run}: a binary classification run is needed")
-    bundle = load_dataset(name=data["name"], data=data["source"])
+    recorded = RunConfig.from_recorded(config["run"])
+    bundle = load_dataset(
+        name=recorded.dataset,
+        data_dir=recorded.data_dir,
+        data=recorded.data,
+        seed=recorded.seed,
+        **recorded.loader_options,
+    )
     spec = ModelSpec(
         in_channels=data["in_channels"],
         num_classes=2,
