@@ -225,9 +225,14 @@ def site_lock(path: Path | None) -> Iterator[None]:
     fd = os.open(path.with_name(path.name + ".lock"), os.O_RDWR | os.O_CREAT, 0o600)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
+        try:
+            yield
+        finally:
+            # Unlocked before closing: a process forked during the step would otherwise keep
+            # the lock (its copy of the descriptor) and block the session's next step.
+            fcntl.flock(fd, fcntl.LOCK_UN)
     finally:
-        os.close(fd)  # closing the descriptor releases its flock
+        os.close(fd)
 
 
 def _encode(value: Any) -> Any:

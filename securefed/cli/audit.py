@@ -25,6 +25,16 @@ __all__ = ["audit", "report"]
     "equal them. Without it the report's keys are self-asserted.",
 )
 @option(
+    "--roster",
+    "roster_file",
+    type=click.Path(dir_okay=False),
+    default=None,
+    show_default="none",
+    help="The federation's roster file (securefed deploy roster): a masking report's "
+    "roster_sha256 must be its digest, and its threshold and tolerated colluders follow from "
+    "the file's pins. Without it they are the report's own statement.",
+)
+@option(
     "--allow-reproducible-noise",
     is_flag=True,
     help="Accept a run whose DP noise came from a seed (test runs only: anyone with the seed "
@@ -36,7 +46,9 @@ __all__ = ["audit", "report"]
     help="Check the run's empirical audit instead (--audit-canaries): recompute eps_emp from "
     "the recorded canary coins and scores and compare it with the analytical ε.",
 )
-def audit(run_dir, as_json, site_keys_file, allow_reproducible_noise, empirical) -> None:
+def audit(
+    run_dir, as_json, site_keys_file, roster_file, allow_reproducible_noise, empirical
+) -> None:
     """Check RUN_DIR's privacy claims against its configuration and execution record.
 
     \b
@@ -51,9 +63,11 @@ def audit(run_dir, as_json, site_keys_file, allow_reproducible_noise, empirical)
     \b
     Cannot prove: that noise was drawn at all (a site that skips it signs the same
     claim; the signature makes the site accountable for its claim, no more; an audit
-    run's --empirical check measures it). Where the run ended: no site signs its last
-    round, so a server can present an earlier point of the run as the whole run, with
-    a smaller epsilon (sigma is still checked against every planned round). Without
+    run's --empirical check measures it). Without --roster, a masking report's
+    threshold and tolerated colluders follow from the roster pins the report states.
+    Where the run ended: no site signs its last round, so a server can present an
+    earlier point of the run as the whole run, with a smaller epsilon (sigma is still
+    checked against every planned round). Without
     --site-keys the keys are self-asserted by the report: anyone who rewrites the report
     can re-sign it with keys of their own. Pin the keys the sites published.
 
@@ -73,7 +87,7 @@ def audit(run_dir, as_json, site_keys_file, allow_reproducible_noise, empirical)
     if empirical:
         _audit_empirical(run_dir, as_json=as_json, site_keys_file=site_keys_file)
         return
-    from securefed.dp.audit import TOLERANCE, audit_run, load_site_keys
+    from securefed.dp.audit import TOLERANCE, audit_run, load_roster_file, load_site_keys
     from securefed.errors import AuditError
 
     try:
@@ -83,6 +97,7 @@ def audit(run_dir, as_json, site_keys_file, allow_reproducible_noise, empirical)
             site_keys=trusted,
             site_keys_source=site_keys_file,
             allow_reproducible_noise=allow_reproducible_noise,
+            roster=load_roster_file(roster_file) if roster_file else None,
         )
     except AuditError as exc:
         click.echo(f"error: {exc}", err=True)

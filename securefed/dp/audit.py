@@ -41,7 +41,13 @@ from typing import Any
 from securefed.config import DP_BATCH, DP_CLIP, planned_epochs
 from securefed.dp import calibration, class_prior, fair_loss
 from securefed.dp.releases import PHASES
-from securefed.dp.report import TEXTS_AUDITED_FROM, read_json, report_hash, report_texts
+from securefed.dp.report import (
+    COLLUSION_BOUND_FROM,
+    THREAT_MODEL_3_6,
+    read_json,
+    report_hash,
+    report_texts,
+)
 from securefed.dp.signing import claim_from_report, run_digest, verify_claim
 from securefed.errors import AuditError, PrivacyBudgetError, SecureFedError
 
@@ -189,6 +195,26 @@ def load_site_keys(path: str | Path) -> dict[str, str]:
     return out
 
 
+def load_roster_file(path: str | Path) -> Any:
+    """The federation's roster from its signed file (``securefed deploy roster``), for the audit.
+
+    Its federation signature is not checked here (the auditor may not hold the federation
+    key): the report's ``roster_sha256`` must equal this roster's digest, which binds the
+    report to the file the auditor trusts.
+
+    Raises:
+        AuditError: The file is unreadable or not a roster.
+
+    """
+    from securefed.crypto.roster import Roster
+
+    body = read_json(Path(path))
+    try:
+        return Roster.from_dict(body["roster"] if "roster" in body else body)
+    except (KeyError, TypeError, ValueError, SecureFedError) as exc:
+        raise AuditError(f"{path}: not a roster file ({str(exc)[:160]})") from exc
+
+
 def _require(obj: dict, key: str, where: str) -> Any:
     if key not in obj:
         raise AuditError(f"{where}: missing key {key!r}")
@@ -264,7 +290,9 @@ def _check_disclosures(result: AuditResult, privacy: dict, run: dict) -> None:
     )
 
 
-def _check_secure_aggregation(result: AuditResult, privacy: dict, config: Any, where: str) -> None:
+def _check_secure_aggregation(
+    result: AuditResult, privacy: dict, config: Any, where: str, roster: Any | None = None
+) -> None:
     """Consistency of the secure-aggregation claims with the configuration and each other."""
     mode = privacy.get("secure_aggregation")
     params = privacy.get("secure_aggregation_params") or {}
@@ -297,7 +325,7 @@ def _check_secure_aggregation(result: AuditResult, privacy: dict, config: Any, w
                 ring in (32, 64) and fits and math.isclose(float(params["quantum"]), 2.0**-frac),
                 f"{summands} x ceil({clip:g} x 2^{frac}) vs 2^{ring - 1}",
             )
-            _check_masking_params(result, params, run)
+            _check_masking_params(result, params, run, str(privacy.get("schema_version")), roster)
         elif mode == "he":
             degree = int(params["poly_modulus_degree"])
             bits = [int(b) for b in params["coeff_mod_bit_sizes"]]
@@ -330,6 +358,7 @@ def _check_secure_aggregation(result: AuditResult, privacy: dict, config: Any, w
 _MAX_PLANNED_STEPS = 10**7
 #: The checks (by name) that make a site's ledger its verified plan: the PLD replay needs them.
 _PLAN_CHECKS = (
+    "one federated event per round",
     "events use the site's sigma",
     "steps per event",
     "as planned",
@@ -340,25 +369,37 @@ _PLAN_CHECKS = (
 _MAX_ROSTER_SITES = 10_000
 
 
-def _check_masking_params(result: AuditResult, params: dict, run: dict) -> None:
+def _check_masking_params(
+    result: AuditResult, params: dict, run: dict, version: str, roster: Any | None
+) -> None:
     """Every masking parameter privacy.json states, rebuilt from config.json's run.
 
     The ring, the rounding bounds and the primitives follow from the configuration; the
-    threshold and the collusion tolerance from the roster's pins as the report states them
-    (``roster_sites``, ``pinned_threshold``, ``min_contributors``; the roster file itself is
-    the sites', not in the run folder): a report that overstates ``tolerated_colluders`` for
-    its own pins fails, whatever hash it carries.
+    threshold and the collusion tolerance from the roster's pins. With ``roster`` (``securefed
+    audit --roster``, the federation's roster file) the report's ``roster_sha256`` must be its
+    digest and the pins are the file's; without it they are the report's own statement
+    (``roster_sites``, ``pinned_threshold``, ``min_contributors``), and the detail says so.
+    Every key of either side is compared, so a key the rebuild lacks must be absent too.
     """
     from securefed.config import RunConfig
     from securefed.crypto.roster import Roster
-    from securefed.protocol.modes.masking import MaskingMode
+    from securefed.protocol.modes.masking import (
+        ACTIVE_THREAT_MODEL,
+        ACTIVE_THREAT_MODEL_3_6,
+        MaskingMode,
+    )
 
     name = "masking: stated parameters follow from the run and the roster's pins"
     try:
         config = RunConfig.from_recorded(run)
         n = int(config.clients)
-        roster = None
-        if params.get("roster_sha256") is not None:
+        stated = params.get("roster_sha256")
+        if roster is not None:
+            if stated != roster.digest().hex():
+                result.add(name, False, "roster_sha256 is not the --roster file's digest")
+                return
+            source = "pins from the --roster file"
+        elif stated is not None:
             sites = int(params["roster_sites"])
             if sites != n or not 1 <= sites <= _MAX_ROSTER_SITES:
                 result.add(name, False, f"roster of {sites} sites, {n} configured")
@@ -369,37 +410,57 @@ def _check_masking_params(result: AuditResult, params: dict, run: dict) -> None:
                 min_contributors=int(params["min_contributors"]),
                 threshold=None if pinned is None else int(pinned),
             )
+            source = "pins as the report states them (pass --roster to check them)"
+        else:
+            source = "no roster"
         expected = MaskingMode().server(config, n_sites=n, roster=roster).describe()
     except SecureFedError as exc:
         result.add(name, False, f"cannot rebuild them ({str(exc)[:160]})")
         return
-    compared = sorted(
-        k for k in expected if k not in ("roster_sha256", "identities", "variant", "threat_model")
+    keys = sorted((set(expected) | set(params)) - {"roster_sha256", "threat_model"})
+    differ = [k for k in keys if params.get(k) != expected.get(k)]
+    # The active variant's sentence gained the m - 1 bound in 3.7; a 3.6 report keeps its own.
+    accepted = {expected.get("threat_model")}
+    if expected.get("threat_model") == ACTIVE_THREAT_MODEL:
+        accepted.add(ACTIVE_THREAT_MODEL_3_6)
+    if params.get("threat_model") not in accepted:
+        differ.append("threat_model")
+    old = tuple(int(x) for x in version.split(".")[:2]) < COLLUSION_BOUND_FROM
+    why = (
+        " (a report before 3.7 stated tolerated_colluders with max(0, 2t - m - 1), one too many "
+        "when t = m: its claim overstated the tolerance)"
+        if old and set(differ) <= {"tolerated_colluders", "tolerated_colluders_full_round"}
+        else ""
     )
-    differ = [k for k in compared if params.get(k) != expected[k]]
     result.add(
         name,
         not differ,
-        f"{len(compared)} parameters, tolerated colluders {expected.get('tolerated_colluders')}"
+        f"{len(keys) + 1} parameters, tolerated colluders {expected.get('tolerated_colluders')}; "
+        f"{source}"
         if not differ
         else "differ: "
-        + ", ".join(f"{k} {params.get(k)!r:.30} vs {expected[k]!r:.30}" for k in differ[:4]),
+        + ", ".join(f"{k} {params.get(k)!r:.30} vs {expected.get(k)!r:.30}" for k in differ[:4])
+        + why,
     )
 
 
 def _check_texts(result: AuditResult, privacy: dict, run: dict, version: str) -> None:
-    """The report's fixed texts are the ones its run implies (schema 3.7 on).
+    """The report's fixed texts are the ones its run implies.
 
     ``guarantee``, ``sampling``, ``clipping``, ``dp_applies_to`` and ``threat_model`` are not
     in any site's signed claim: without this a report could say "patient-level" in its
-    ``guarantee`` while its ``privacy_unit`` stays "record".
+    ``guarantee`` while its ``privacy_unit`` stays "record". They are compared for every report
+    written by code of schema 3.6 or later, known by its label or by config.json's run having
+    ``twin_privacy`` (3.6): the label is not signed, and a run dict is, so relabelling a report
+    "3.5" does not skip this. ``threat_model`` may be the 3.6 wording (before the m - 1 bound).
     """
     parts = tuple(int(x) for x in version.split(".")[:2])
-    if parts < TEXTS_AUDITED_FROM:
+    if parts < (3, 6) and "twin_privacy" not in run:
         result.add(
             "fixed texts follow from the run",
             True,
-            f"not compared: schema {version} predates {'.'.join(map(str, TEXTS_AUDITED_FROM))}",
+            f"not compared: written before schema 3.6 (label {version}, no twin_privacy in "
+            "config.json's run)",
         )
         return
     dp = run.get("dp_epsilon") is not None
@@ -411,7 +472,11 @@ def _check_texts(result: AuditResult, privacy: dict, run: dict, version: str) ->
         teacher_student=run.get("strategy") == "teacher-student",
         local_twins=dp and run.get("twin_privacy") == "local" and bool(run.get("personalize")),
     )
-    differ = [k for k, v in expected.items() if privacy.get(k) != v]
+    differ = [
+        k
+        for k, v in expected.items()
+        if privacy.get(k) != v and not (k == "threat_model" and privacy.get(k) == THREAT_MODEL_3_6)
+    ]
     result.add(
         "fixed texts follow from the run",
         not differ,
@@ -847,6 +912,7 @@ def audit_run(
     site_keys: dict[str, str] | None = None,
     site_keys_source: str | None = None,
     allow_reproducible_noise: bool = False,
+    roster: Any | None = None,
 ) -> AuditResult:
     """Audit the run in ``run_dir`` against its configuration and execution record.
 
@@ -859,6 +925,9 @@ def audit_run(
             None leaves them self-asserted by the report.
         site_keys_source: Where the trusted keys came from, for the output.
         allow_reproducible_noise: Accept ``noise: reproducible`` (test runs only).
+        roster: The federation's :class:`~securefed.crypto.roster.Roster`
+            (:func:`load_roster_file`): the masking pins are then checked against it, not
+            taken from the report.
 
     Returns:
         The result; ``exit_code`` is 0 (all hold), 1 (a claim fails) or 3 (no DP claim).
@@ -874,10 +943,19 @@ def audit_run(
             site_keys=site_keys,
             site_keys_source=site_keys_source,
             allow_reproducible_noise=allow_reproducible_noise,
+            roster=roster,
         )
     except AuditError:
         raise
-    except (ValueError, TypeError, KeyError, AttributeError, RecursionError, OverflowError) as exc:
+    except (
+        ValueError,
+        TypeError,
+        KeyError,
+        AttributeError,
+        RecursionError,
+        OverflowError,
+        MemoryError,
+    ) as exc:
         raise AuditError(
             f"{run_dir}: malformed report ({type(exc).__name__}: {str(exc)[:200]})"
         ) from exc
@@ -889,6 +967,7 @@ def _audit_run(
     site_keys: dict[str, str] | None,
     site_keys_source: str | None,
     allow_reproducible_noise: bool,
+    roster: Any | None,
 ) -> AuditResult:
     """:func:`audit_run`'s checks (its arguments, the folder a path)."""
     if not run_dir.is_dir():
@@ -924,7 +1003,7 @@ def _audit_run(
         if claimed_hash == actual_hash
         else f"claimed {claimed_hash}, got {actual_hash}",
     )
-    _check_secure_aggregation(result, privacy, config, where)
+    _check_secure_aggregation(result, privacy, config, where, roster)
     _check_disclosures(result, privacy, run)
     _check_texts(result, privacy, run, version)
 

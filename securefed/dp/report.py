@@ -15,7 +15,7 @@ __all__ = [
     "GUARANTEES",
     "NO_GUARANTEE",
     "SCHEMA_VERSION",
-    "TEXTS_AUDITED_FROM",
+    "COLLUSION_BOUND_FROM",
     "THREAT_MODEL",
     "report_texts",
     "canonical_json",
@@ -41,12 +41,14 @@ __all__ = [
 #: 3.6 (additive): config.json's run gains `twin_privacy` ("dp", the only kind before, or
 #: "local": twins trained without DP, no `personalize` events, their metrics declared outside
 #: epsilon); privacy.json's strategy gains `twin_privacy`.
-#: 3.7 (wording): `threat_model` states the masking bound of at most m - 2 colluders; from 3.7
-#: on `securefed audit` compares `guarantee`, `sampling`, `clipping`, `dp_applies_to` and
-#: `threat_model` with the texts the run implies (:func:`report_texts`).
+#: 3.7 (wording): `threat_model` states the masking bound of at most m - 2 colluders, and
+#: `tolerated_colluders` uses it. `securefed audit` compares `guarantee`, `sampling`,
+#: `clipping`, `dp_applies_to` and `threat_model` with the texts the run implies
+#: (:func:`report_texts`) for reports of code from 3.6 on.
 SCHEMA_VERSION = "3.7"
-#: The first schema whose fixed texts the audit compares word for word.
-TEXTS_AUDITED_FROM = (3, 7)
+#: The first schema whose `tolerated_colluders` uses the m - 2 bound (the audit names the old
+#: formula when an older report's figure is one too many).
+COLLUSION_BOUND_FROM = (3, 7)
 
 THREAT_MODEL = (
     "(epsilon, delta)-DP per site and per privacy unit ('privacy_unit': one training record, or "
@@ -77,6 +79,15 @@ THREAT_MODEL = (
     "several records (group privacy)."
 )
 
+
+#: ``threat_model`` as reports of schema 3.6 wrote it (before the m - 1 masking bound).
+THREAT_MODEL_3_6 = THREAT_MODEL.replace(
+    "of a site's m share holders, or with m - 1 of them ('tolerated_colluders' in "
+    "'secure_aggregation_params' states how many it survives, counted anywhere in the "
+    "federation under SecAgg+; a roster ",
+    "of a site's m share holders ('tolerated_colluders' in 'secure_aggregation_params' states "
+    "how many it survives; a roster ",
+)
 
 #: privacy.json ``guarantee``, by ``privacy_unit``.
 GUARANTEES = {

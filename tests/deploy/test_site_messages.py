@@ -528,3 +528,46 @@ def test_a_second_process_cannot_fit_a_round_another_process_of_the_site_is_fitt
     # It reads the first process's ledger and claim, and refuses at the first check they fail.
     assert isinstance(outcome["error"], ProtocolError)
     assert re.search("privacy history differs|already done once", str(outcome["error"]))
+
+
+def test_the_audit_checks_a_masking_reports_pins_against_the_federations_roster_file(
+    small_config, tmp_path, task_identity
+):
+    # Review 32c: without the roster the pins are the report's own word, so a rewriter who
+    # states other pins (and the tolerance that follows from them) passes; with --roster the
+    # report's roster digest and the file's pins decide.
+    from click.testing import CliRunner
+
+    from securefed.cli import cli
+    from securefed.crypto.roster import Roster
+    from securefed.protocol.modes.masking import MaskingMode
+    from tests.dp.audit_fixtures import rehash
+
+    config = small_config.replace(rounds=1, secure_agg="mask")
+    _, run = _deploy(config, tmp_path / "run")
+    out = run.run()
+    roster = tmp_path / "run-federation" / "roster.json"
+
+    def audit(*args):
+        return CliRunner().invoke(cli, ["audit", str(out), *args])
+
+    assert audit("--roster", str(roster)).exit_code == 0
+    privacy = json.loads((out / "privacy.json").read_text())
+    params = privacy["secure_aggregation_params"]
+    # Claim the roster pinned every site as a minimum contributor, with what follows from it.
+    stated, _ = Roster.generate(3, min_contributors=3, threshold=params["pinned_threshold"])
+    params.update(
+        {
+            k: v
+            for k, v in MaskingMode().server(config, n_sites=3, roster=stated).describe().items()
+            if k in ("min_contributors", "tolerated_colluders", "tolerated_colluders_full_round")
+        }
+    )
+    (out / "privacy.json").write_text(json.dumps(privacy))
+    rehash(out)
+    assert audit().exit_code == 0  # the report's own word, as the docs say
+    res = audit("--roster", str(roster))
+    assert res.exit_code == 1
+    assert "[FAIL] masking: stated parameters follow from the run and the roster's pins" in (
+        res.output
+    )

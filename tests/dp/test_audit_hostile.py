@@ -103,6 +103,65 @@ def test_an_overstated_collusion_tolerance_fails(masked, tmp_path):
         assert failed == ["masking: stated parameters follow from the run and the roster's pins"]
 
 
+def test_a_report_without_its_roster_digest_cannot_overstate_the_tolerance(masked, tmp_path):
+    # Review 32c: with `roster_sha256` null the rebuild had no tolerance keys to compare, so
+    # any figure passed. Every key of either side is compared now.
+    d = copy_run(masked, tmp_path)
+    privacy = read_json(d / "privacy.json")
+    params = privacy["secure_aggregation_params"]
+    params["roster_sha256"] = None
+    params["tolerated_colluders"] = params["tolerated_colluders_full_round"] = 2
+    write_json(d / "privacy.json", privacy)
+    rehash(d)
+    code, failed, _ = audit(d)
+    assert code == 1
+    assert "masking: stated parameters follow from the run and the roster's pins" in failed
+
+
+@pytest.mark.parametrize("label", ["3.6", "3.5", "3", "2.9"])
+def test_relabelling_the_schema_does_not_skip_the_text_comparison(honest, tmp_path, label):
+    # Review 32c: the label is not signed; "3.6" (or older) skipped the comparison. The run
+    # dict, which the sites sign, has `twin_privacy` (3.6 code): the texts are compared.
+    d = copy_run(honest, tmp_path)
+    privacy = read_json(d / "privacy.json")
+    privacy["schema_version"] = label
+    privacy["guarantee"] = GUARANTEES["patient"]
+    write_json(d / "privacy.json", privacy)
+    rehash(d)
+    code, failed, _ = audit(d)
+    assert code == 1 and "fixed texts follow from the run" in failed
+
+
+def test_the_3_6_threat_model_sentence_is_still_accepted(honest, tmp_path):
+    from securefed.dp.report import THREAT_MODEL, THREAT_MODEL_3_6
+    from securefed.protocol.modes.masking import ACTIVE_THREAT_MODEL, ACTIVE_THREAT_MODEL_3_6
+
+    assert THREAT_MODEL_3_6 != THREAT_MODEL and "m - 1" not in THREAT_MODEL_3_6
+    assert "m - 1" in ACTIVE_THREAT_MODEL and "m - 1" not in ACTIVE_THREAT_MODEL_3_6
+    d = copy_run(honest, tmp_path)
+    privacy = read_json(d / "privacy.json")
+    privacy["threat_model"] = THREAT_MODEL_3_6
+    write_json(d / "privacy.json", privacy)
+    rehash(d)
+    assert audit(d)[0] == 0
+
+
+def test_an_event_of_an_unknown_phase_is_not_replayed(honest, tmp_path):
+    # Review 32c: such an event failed only the per-round check, which did not keep the ledger
+    # from the accountant: sigma 1e-3 asked it for about 40 GB.
+    d = copy_run(honest, tmp_path)
+    privacy = read_json(d / "privacy.json")
+    bogus = dict(next(e for e in privacy["events"] if e["client_id"] == 0))
+    bogus.update(phase="bogus", noise_multiplier=1e-3)
+    privacy["events"].append(bogus)
+    write_json(d / "privacy.json", privacy)
+    keys = resign(d)
+    code, failed, output = audit(d, "--site-keys", _pin(d, tmp_path, keys))
+    assert code == 1
+    assert "site 0: claimed epsilon >= independent PLD epsilon - tolerance" in failed
+    assert json.loads(output)["sites"][0]["pld"] is None
+
+
 def _nan(d):
     text = (d / "privacy.json").read_text().replace('"seed": 0', '"seed": NaN')
     assert "NaN" in text

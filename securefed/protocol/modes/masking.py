@@ -452,10 +452,7 @@ class MaskingCollector(SumCollector):
             out.update(
                 variant="active (Bonawitz et al. 2017, Fig. 4): signed round keys, signed share "
                 "commitments, consistency round",
-                threat_model="an active server (key substitution, split or lied views, replays, "
-                "tampered shares) learns only the sum of at least max(t, min_contributors) "
-                "sites unless it colludes with 2t - m of a site's m share holders "
-                "('tolerated_colluders'); see docs/secure-aggregation.md",
+                threat_model=ACTIVE_THREAT_MODEL,
                 identities="Ed25519 identity keys from the federation roster",
                 roster_sha256=roster.digest().hex(),
                 roster_sites=roster.n_sites,
@@ -490,6 +487,21 @@ class MaskingCollector(SumCollector):
                     ),
                 )
         return out
+
+
+#: ``secure_aggregation_params.threat_model`` of a run with a roster (the active variant).
+ACTIVE_THREAT_MODEL = (
+    "an active server (key substitution, split or lied views, replays, tampered shares) learns "
+    "only the sum of at least max(t, min_contributors) sites unless it colludes with 2t - m of "
+    "a site's m share holders, or with m - 1 of them ('tolerated_colluders', counted anywhere "
+    "in the federation under SecAgg+); see docs/secure-aggregation.md"
+)
+#: The same, as reports before schema 3.7 wrote it (without the m - 1 bound).
+ACTIVE_THREAT_MODEL_3_6 = (
+    "an active server (key substitution, split or lied views, replays, tampered shares) learns "
+    "only the sum of at least max(t, min_contributors) sites unless it colludes with 2t - m of "
+    "a site's m share holders ('tolerated_colluders'); see docs/secure-aggregation.md"
+)
 
 
 class MaskingMode(SecureSumMode):
