@@ -325,7 +325,9 @@ def _check_secure_aggregation(
                 ring in (32, 64) and fits and math.isclose(float(params["quantum"]), 2.0**-frac),
                 f"{summands} x ceil({clip:g} x 2^{frac}) vs 2^{ring - 1}",
             )
-            _check_masking_params(result, params, run, str(privacy.get("schema_version")), roster)
+            _check_masking_params(
+                result, params, run, str(privacy.get("schema_version")), roster, privacy
+            )
         elif mode == "he":
             degree = int(params["poly_modulus_degree"])
             bits = [int(b) for b in params["coeff_mod_bit_sizes"]]
@@ -369,16 +371,45 @@ _PLAN_CHECKS = (
 _MAX_ROSTER_SITES = 10_000
 
 
+def _in_process_roster(privacy: dict, config: Any) -> Any | None:
+    """The roster an in-process run builds (``fl/simulation.py``), from its report and run.
+
+    Its sites' keys are the report's ``site_keys``, its minimum is min(2, n) and its threshold
+    the run's ``--secagg-threshold``; None when the report's keys cannot make one.
+    """
+    from securefed.crypto.roster import Roster
+
+    keys = privacy.get("site_keys")
+    if not isinstance(keys, dict) or not 0 < len(keys) <= _MAX_ROSTER_SITES:
+        return None
+    try:
+        return Roster(
+            federation="in-process",
+            sites={int(k): bytes.fromhex(str(v)) for k, v in keys.items()},
+            min_contributors=min(2, len(keys)),
+            threshold=config.secagg_threshold,
+        )
+    except (SecureFedError, ValueError, TypeError):
+        return None
+
+
 def _check_masking_params(
-    result: AuditResult, params: dict, run: dict, version: str, roster: Any | None
+    result: AuditResult,
+    params: dict,
+    run: dict,
+    version: str,
+    roster: Any | None,
+    privacy: dict,
 ) -> None:
     """Every masking parameter privacy.json states, rebuilt from config.json's run.
 
     The ring, the rounding bounds and the primitives follow from the configuration; the
     threshold and the collusion tolerance from the roster's pins. With ``roster`` (``securefed
     audit --roster``, the federation's roster file) the report's ``roster_sha256`` must be its
-    digest and the pins are the file's; without it they are the report's own statement
-    (``roster_sites``, ``pinned_threshold``, ``min_contributors``), and the detail says so.
+    digest and the pins are the file's. Without it, an in-process run's roster is rebuilt
+    from its site keys and run, and its digest must match; otherwise (a deployed run) the pins
+    are the report's own statement (``roster_sites``, ``pinned_threshold``,
+    ``min_contributors``), and the detail says so.
     Every key of either side is compared, so a key the rebuild lacks must be absent too.
     """
     from securefed.config import RunConfig
@@ -399,6 +430,13 @@ def _check_masking_params(
                 result.add(name, False, "roster_sha256 is not the --roster file's digest")
                 return
             source = "pins from the --roster file"
+        elif (inproc := _in_process_roster(privacy, config)) is not None and (
+            stated == inproc.digest().hex()
+        ):
+            # An in-process run's roster is a function of its site keys and its run: the
+            # digest proves the pins (a rewriter's other pins would need another digest).
+            roster = inproc
+            source = "the in-process roster, rebuilt from the site keys and the run"
         elif stated is not None:
             sites = int(params["roster_sites"])
             if sites != n or not 1 <= sites <= _MAX_ROSTER_SITES:

@@ -118,6 +118,30 @@ def test_a_report_without_its_roster_digest_cannot_overstate_the_tolerance(maske
     assert "masking: stated parameters follow from the run and the roster's pins" in failed
 
 
+def test_an_in_process_report_cannot_state_other_roster_pins(masked, tmp_path):
+    # Review 32c: pins chosen by the rewriter (every site a minimum contributor) and the
+    # tolerance that follows from them passed. An in-process run's roster is rebuilt from its
+    # site keys and run: its digest is the report's, so the true pins decide.
+    from securefed.config import RunConfig
+    from securefed.crypto.roster import Roster
+    from securefed.protocol.modes.masking import MaskingMode
+
+    d = copy_run(masked, tmp_path)
+    privacy = read_json(d / "privacy.json")
+    params = privacy["secure_aggregation_params"]
+    config = RunConfig.from_recorded(read_json(d / "config.json")["run"])
+    stated, _ = Roster.generate(3, min_contributors=3, threshold=params["pinned_threshold"])
+    claimed = MaskingMode().server(config, n_sites=3, roster=stated).describe()
+    keys = ("min_contributors", "tolerated_colluders", "tolerated_colluders_full_round")
+    assert any(claimed[k] != params[k] for k in keys)
+    params.update({k: claimed[k] for k in keys})
+    write_json(d / "privacy.json", privacy)
+    rehash(d)
+    code, failed, _ = audit(d)
+    assert code == 1
+    assert "masking: stated parameters follow from the run and the roster's pins" in failed
+
+
 @pytest.mark.parametrize("label", ["3.6", "3.5", "3", "2.9"])
 def test_relabelling_the_schema_does_not_skip_the_text_comparison(honest, tmp_path, label):
     # Review 32c: the label is not signed; "3.6" (or older) skipped the comparison. The run
