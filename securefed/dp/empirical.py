@@ -417,9 +417,28 @@ def check_audit_run(
             no audit run.
 
     """
-    from securefed.dp.report import read_json, report_hash
+    try:
+        return _check_audit_run(Path(run_dir), site_keys=site_keys)
+    except AuditError:
+        raise
+    except (
+        ValueError,
+        TypeError,
+        KeyError,
+        AttributeError,
+        RecursionError,
+        OverflowError,
+        MemoryError,
+    ) as exc:
+        raise AuditError(
+            f"{run_dir}: malformed audit record ({type(exc).__name__}: {str(exc)[:200]})"
+        ) from exc
 
-    run = Path(run_dir)
+
+def _check_audit_run(run: Path, *, site_keys: dict[str, str] | None) -> dict[str, Any]:
+    """:func:`check_audit_run`'s checks."""
+    from securefed.dp.report import MAX_JSON_BYTES, read_json, report_hash
+
     privacy = read_json(run / "privacy.json")
     if not isinstance(privacy, dict):
         raise AuditError(f"{run / 'privacy.json'}: not a privacy report")
@@ -445,9 +464,18 @@ def check_audit_run(
             f"{run / 'privacy.json'}: the empirical block's signature does not verify against "
             f"site {block.get('site')}'s {pinned} key (edited, or signed by another key)"
         )
-    path = run / str(block.get("record", RECORD_FILE))
+    name = str(block.get("record", RECORD_FILE))
+    if Path(name).name != name or name in ("", ".", ".."):
+        # A bare file name in the run folder: a report cannot point the audit at any file.
+        raise AuditError(f"{run / 'privacy.json'}: the empirical record must be a file in the run")
+    path = run / name
     if not path.is_file():
         raise AuditError(f"{path}: file not found")
+    if path.stat().st_size > MAX_JSON_BYTES:
+        raise AuditError(f"{path}: larger than {MAX_JSON_BYTES // 2**20} MiB")
+    if block.get("K") != (config.get("run") or {}).get("audit_canaries"):
+        # The canary count is in the run the site signed: a record cannot grow past it.
+        raise AuditError(f"{run / 'privacy.json'}: K is not the run's --audit-canaries")
     if file_sha256(path) != block.get("record_sha256"):
         raise AuditError(f"{path}: does not match privacy.json's record_sha256 (edited)")
     record = read_json(path)

@@ -186,6 +186,39 @@ def test_an_event_of_an_unknown_phase_is_not_replayed(honest, tmp_path):
     assert json.loads(output)["sites"][0]["pld"] is None
 
 
+def test_a_flood_of_twin_events_is_not_replayed(honest, tmp_path):
+    # Review 32d: extra fine-tuning events with the site's own sigma, q and steps failed only
+    # the twin-events check, which did not keep the ledger from the accountant (100,000 events
+    # took 3 GiB; 300,000 ran out of memory). Every check of the site now gates the replay.
+    d = copy_run(honest, tmp_path)
+    privacy = read_json(d / "privacy.json")
+    event = dict(next(e for e in privacy["events"] if e["client_id"] == 0))
+    event["phase"] = "personalize"
+    privacy["events"] += [dict(event) for _ in range(2000)]
+    write_json(d / "privacy.json", privacy)
+    rehash(d)
+    code, failed, output = audit(d)
+    assert code == 1 and "site 0: twin fine-tuning events as configured" in failed
+    assert json.loads(output)["sites"][0]["pld"] is None
+
+
+def test_the_dp_scope_wording_follows_the_signed_run_not_the_transfer_block(honest, tmp_path):
+    # Review 32d: the expected `dp_applies_to` came from privacy.json's unsigned transfer
+    # block; claiming frozen tensors there let the frozen wording pass on a run with none.
+    from securefed.dp.report import report_texts
+
+    d = copy_run(honest, tmp_path)
+    privacy = read_json(d / "privacy.json")
+    privacy["transfer"]["frozen_tensors"] = 7
+    privacy["dp_applies_to"] = report_texts(
+        dp=True, unit="record", frozen=True, teacher_student=False, local_twins=False
+    )["dp_applies_to"]
+    write_json(d / "privacy.json", privacy)
+    rehash(d)
+    code, failed, _ = audit(d)
+    assert code == 1 and "fixed texts follow from the run" in failed
+
+
 def _nan(d):
     text = (d / "privacy.json").read_text().replace('"seed": 0', '"seed": NaN')
     assert "NaN" in text

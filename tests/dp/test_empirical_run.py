@@ -156,3 +156,34 @@ def test_the_empirical_audit_compares_with_the_epsilon_the_site_signed(audit_run
     rehash(copy)
     with pytest.raises(AuditError, match="signed claim .* does not verify"):
         check_audit_run(copy)
+
+
+@pytest.mark.parametrize(
+    ("edit", "match"),
+    [
+        ({"record": "/etc/hostname"}, "must be a file in the run"),
+        ({"record": "../empirical_audit.json"}, "must be a file in the run"),
+        ({"K": 100_000}, "not the run's --audit-canaries"),
+        ({"confidence": 1.5}, ""),
+    ],
+)
+def test_a_hostile_empirical_block_is_a_one_line_error(audit_run, tmp_path, edit, match):
+    # Review 32d: the record was read from any path, whole; a canary count past the run's
+    # made the check slow; a confidence above 1 escaped as a traceback.
+    import shutil
+
+    from securefed.dp.signing import SiteSigner, empirical_message
+    from tests.dp.audit_fixtures import rehash
+
+    copy = tmp_path / "copy"
+    shutil.copytree(audit_run, copy)
+    privacy = json.loads((copy / "privacy.json").read_text())
+    privacy["empirical"].update(edit)
+    signer = SiteSigner.generate()  # the report supplies its own key (nothing pinned)
+    privacy["site_keys"]["0"] = signer.public_key_hex
+    privacy["empirical"]["signature"] = signer.sign_message(empirical_message(privacy["empirical"]))
+    (copy / "privacy.json").write_text(json.dumps(privacy))
+    rehash(copy)
+    res = CliRunner().invoke(cli, ["audit", "--empirical", str(copy)])
+    assert res.exit_code == 2 and isinstance(res.exception, SystemExit)
+    assert res.output.strip().count("\n") == 0 and match in res.output
