@@ -44,6 +44,7 @@ from securefed.dp.releases import PHASES
 from securefed.dp.report import (
     COLLUSION_BOUND_FROM,
     THREAT_MODEL_3_6,
+    malformed_as_audit_error,
     read_json,
     report_hash,
     report_texts,
@@ -973,7 +974,7 @@ def audit_run(
             is of a schema this auditor does not read (exit 2).
 
     """
-    try:
+    with malformed_as_audit_error(run_dir):
         return _audit_run(
             Path(run_dir),
             site_keys=site_keys,
@@ -981,20 +982,6 @@ def audit_run(
             allow_reproducible_noise=allow_reproducible_noise,
             roster=roster,
         )
-    except AuditError:
-        raise
-    except (
-        ValueError,
-        TypeError,
-        KeyError,
-        AttributeError,
-        RecursionError,
-        OverflowError,
-        MemoryError,
-    ) as exc:
-        raise AuditError(
-            f"{run_dir}: malformed report ({type(exc).__name__}: {str(exc)[:200]})"
-        ) from exc
 
 
 def _audit_run(

@@ -417,22 +417,10 @@ def check_audit_run(
             no audit run.
 
     """
-    try:
+    from securefed.dp.report import malformed_as_audit_error
+
+    with malformed_as_audit_error(run_dir, "audit record"):
         return _check_audit_run(Path(run_dir), site_keys=site_keys)
-    except AuditError:
-        raise
-    except (
-        ValueError,
-        TypeError,
-        KeyError,
-        AttributeError,
-        RecursionError,
-        OverflowError,
-        MemoryError,
-    ) as exc:
-        raise AuditError(
-            f"{run_dir}: malformed audit record ({type(exc).__name__}: {str(exc)[:200]})"
-        ) from exc
 
 
 def _check_audit_run(run: Path, *, site_keys: dict[str, str] | None) -> dict[str, Any]:

@@ -6,6 +6,8 @@ import hashlib
 import json
 import math
 import stat
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +23,7 @@ __all__ = [
     "canonical_json",
     "report_hash",
     "json_ready",
+    "malformed_as_audit_error",
     "write_json",
     "read_json",
 ]
@@ -193,6 +196,32 @@ def write_json(path: Path, obj: Any) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text(json.dumps(json_ready(obj), indent=2, allow_nan=False) + "\n")
     tmp.replace(path)
+
+
+@contextmanager
+def malformed_as_audit_error(where: object, what: str = "report") -> Iterator[None]:
+    """Turn what a malformed input raises inside the audit's checks into one :class:`AuditError`.
+
+    A value no run writes (NaN, a wrong type, a number past a range, a structure too deep or
+    too large to hold) then ends the audit with exit 2 and one line naming ``where``, never a
+    traceback.
+    """
+    try:
+        yield
+    except AuditError:
+        raise
+    except (
+        ValueError,
+        TypeError,
+        KeyError,
+        AttributeError,
+        RecursionError,
+        OverflowError,
+        MemoryError,
+    ) as exc:
+        raise AuditError(
+            f"{where}: malformed {what} ({type(exc).__name__}: {str(exc)[:200]})"
+        ) from exc
 
 
 #: The largest report file read (a run's privacy.json or metrics.json is far below it).

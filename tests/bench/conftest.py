@@ -29,3 +29,14 @@ def grid_of(monkeypatch):
         return seen
 
     return install
+
+
+def load_benchmark(name: str) -> Any:
+    """A script of ``benchmarks/`` (not a package) imported as a module, for its functions."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

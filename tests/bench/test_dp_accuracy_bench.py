@@ -2,20 +2,14 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
+from tests.bench.conftest import load_benchmark
 
 
 def _bench():
-    spec = importlib.util.spec_from_file_location(
-        "dp_accuracy", ROOT / "benchmarks" / "dp_accuracy.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("dp_accuracy")
 
 
 def _run(folder: Path, *, accuracy: float, confusion: list[list[int]]) -> Path:

@@ -2,21 +2,9 @@
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
-
-
-def _bench():
-    spec = importlib.util.spec_from_file_location(
-        "threshold_headroom", ROOT / "benchmarks" / "threshold_headroom.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from tests.bench.conftest import load_benchmark
 
 
 def test_the_rebuilt_model_scores_what_the_run_recorded(
@@ -36,7 +24,7 @@ def test_the_rebuilt_model_scores_what_the_run_recorded(
         device="cpu",
     )
     run = train(config, out_dir=tmp_path / "run", progress=False)
-    row = _bench().headroom(run)
+    row = load_benchmark("threshold_headroom").headroom(run)
     # The offsets undone and applied again give the recorded model back: otherwise every
     # other column would score some other threshold than the one the run used.
     assert row["applied"] == pytest.approx(row["recorded"])
