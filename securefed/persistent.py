@@ -78,21 +78,30 @@ def _check_value(key: str, value: Any) -> Any:
 
 #: ``--twin-privacy local``: the rounds the site answered for its local twin (one at most).
 LOCAL_TWIN_ROUNDS = "evaluate.local_twin.rounds"
+#: The site closed the run (signed its closing claim): the close's fields as canonical JSON.
+CLOSED = "query.close.fields"
+#: ... and the closing signature it gave (a repeated close gets the same one).
+CLOSE_SIGNATURE = "query.close.signature"
 
 
-def refuse_after_local_twin(store: Mapping[str, Any], stage: str, site: int) -> None:
-    """Refuse every step but set-up and evaluation once the site answered for its local twin.
+def refuse_after_end(store: Mapping[str, Any], stage: str, site: int) -> None:
+    """Refuse the steps a site's part in the run no longer allows.
 
-    The local twin's metric is the site's one release outside epsilon (docs/twins.md): it
-    comes last, so no DP release (training, calibration) and no protocol step follows it.
-    Both runtimes call this: ``SiteRuntime.handle``, and a deployed site's app for the
-    secure-sum steps it answers without a runtime.
+    Once the site answered for its local twin (``--twin-privacy local``), only set-up,
+    evaluation and the close remain: the local twin's metric is the site's one release
+    outside epsilon (docs/twins.md) and comes last, so no DP release (training,
+    calibration) and no protocol step follows it. Once the site closed the run, only set-up
+    and the close itself remain: its closing claim says it spent nothing more. Both runtimes
+    call this: ``SiteRuntime.handle``, and a deployed site's app for the secure-sum steps it
+    answers without a runtime.
 
     Raises:
-        ProtocolError: The site answered for its local twin already.
+        ProtocolError: The step comes after the site's part in the run ended.
 
     """
-    if stage not in (Stage.EVALUATE, Stage.SETUP) and store.get(LOCAL_TWIN_ROUNDS):
+    if stage not in (Stage.CLOSE, Stage.SETUP) and store.get(CLOSED):
+        raise ProtocolError(f"site {site}: it closed the run; refusing {stage}")
+    if stage not in (Stage.EVALUATE, Stage.SETUP, Stage.CLOSE) and store.get(LOCAL_TWIN_ROUNDS):
         raise ProtocolError(
             f"site {site}: it answered for its local twin, which ends its part in the run; "
             f"refusing {stage}"

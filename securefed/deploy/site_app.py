@@ -32,7 +32,7 @@ from securefed.deploy.site import NodeSettings, identity_proof
 from securefed.deploy.trust import IDENTITY_FIELD
 from securefed.dp.disclosures import check_reply
 from securefed.errors import ProtocolError
-from securefed.persistent import refuse_after_local_twin
+from securefed.persistent import refuse_after_end
 from securefed.protocol.modes import get_mode
 from securefed.protocol.modes.base import run_session
 from securefed.protocol.wire import RUN_CONFIG, Stage, decode, encode
@@ -231,7 +231,7 @@ def _answer(
         # Protocol steps: the site's secure-sum side only (no torch, no data).
         node = NodeSettings.from_node_config(dict(context.node_config))
         node.check_policy(config)
-        refuse_after_local_twin(store, stage, node.site_id)
+        refuse_after_end(store, stage, node.site_id)
         secret = node.he_contexts()[0] if config.secure_agg == "he" else None
         protection = mode.site(
             config, site_id=node.site_id, he_secret=secret, **_identity_and_roster(mode, node)
@@ -304,6 +304,12 @@ def evaluate(msg: Message, context: Context) -> Message:
 @app.evaluate("calibrate")
 def calibrate(msg: Message, context: Context) -> Message:
     """DP classification, after the last round: noised per-class score statistics."""
+    return _handle(msg, context)
+
+
+@app.query("close")
+def close(msg: Message, context: Context) -> Message:
+    """After the run's last step: sign the closing claim, then take no further step of the run."""
     return _handle(msg, context)
 
 

@@ -28,8 +28,10 @@ same claim), or that a key belongs to the site it names unless the keys are pinn
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
+import re
 import warnings
 from collections import Counter
 from collections.abc import Iterator
@@ -49,7 +51,7 @@ from securefed.dp.report import (
     report_hash,
     report_texts,
 )
-from securefed.dp.signing import claim_from_report, run_digest, verify_claim
+from securefed.dp.signing import claim_from_report, claim_version, run_digest, verify_close
 from securefed.errors import AuditError, PrivacyBudgetError, SecureFedError
 
 __all__ = [
@@ -227,6 +229,143 @@ def _require(obj: dict, key: str, where: str) -> Any:
 _HE_MAX_COEFF_BITS = {1024: 27, 2048: 54, 4096: 109, 8192: 218, 16384: 438, 32768: 881}
 
 
+#: The model files a ``close`` block may name (CFL writes one per cluster).
+_MODEL_FILE = re.compile(r"model(_cluster[0-9]{1,3})?\.safetensors")
+
+
+def _closing_claims(privacy: dict, run: dict, keys: Any) -> bool:
+    """Whether some DP site's claim is signed under the v2 domain: its site closes its runs.
+
+    Today's sites sign v2 only, so whoever holds their signatures cannot make a v1 one: a
+    report cannot be passed off as legacy (and so spared the close) under the sites' keys.
+    """
+    if not isinstance(keys, dict) or not isinstance(privacy.get("clients"), list):
+        return False
+    for c in privacy["clients"]:
+        if not isinstance(c, dict) or c.get("noise_multiplier") is None:
+            continue
+        key = keys.get(str(c.get("client_id")))
+        try:
+            claim = claim_from_report(privacy, run, int(c["client_id"]))
+        except (KeyError, TypeError, ValueError):
+            continue
+        if claim_version(claim, c.get("signature"), key) == 2:
+            return True
+    return False
+
+
+def _check_ids(privacy: dict, where: str) -> None:
+    """Every site id in ``clients`` and ``events`` is a plain integer.
+
+    A claim signs ``int(client_id)``, so ``0.0`` or ``"00"`` would still verify while a
+    lookup by ``str(client_id)`` missed the site's key: one site, two names.
+
+    Raises:
+        AuditError: An id of another type (a float, a string, a bool).
+
+    """
+    for key in ("clients", "events"):
+        items = privacy.get(key) or []
+        if not isinstance(items, list):
+            continue  # named by the check that reads it
+        for item in items:
+            if not isinstance(item, dict) or type(item.get("client_id")) is not int:
+                raise AuditError(f"{where}: every {key} entry needs an integer client_id")
+
+
+def _file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _check_close(
+    result: AuditResult,
+    privacy: dict,
+    run: dict,
+    run_dir: Path,
+    *,
+    keys: dict[str, str],
+    rounds: int,
+) -> None:
+    """Where the run ended: every DP site signed that it closed after the report's last round.
+
+    A site's claim says "my events so far"; a server holding the claims a site signed after
+    an earlier round could present that point as the whole run, with a smaller epsilon. Sites
+    of schema 3.8 code sign, once, a closing claim over their claim, the run's last round,
+    the model files' SHA-256 and their pinned roster, and take no step of the run after it.
+    Checked when any DP site's claim is signed under the v2 domain (which a v1 report cannot
+    fake under the sites' keys); otherwise the line says that the report's end is not signed.
+    """
+    clients = [c for c in privacy["clients"] if c.get("noise_multiplier") is not None]
+    if not _closing_claims(privacy, run, keys):
+        result.add(
+            "epsilon covers the rounds metrics.json lists (not signed as the run's end)",
+            True,
+            f"{rounds} of {run['rounds']} planned rounds; no site's claim verifies as one of "
+            "code that closes its runs (v2), so no site signed where the run ended; each site's "
+            "sigma is checked against every planned round, so its epsilon over the whole plan "
+            "is at most the target",
+        )
+        return
+    name = "every DP site signed where the run ended (closing claims)"
+    close = privacy.get("close")
+    if not isinstance(close, dict):
+        result.add(name, False, "no close block, though the sites' claims are of closing code")
+        return
+    problems = []
+    if close.get("last_round") != rounds:
+        problems.append(
+            f"the sites closed after round {close.get('last_round')!r}; metrics.json lists "
+            f"{rounds} rounds"
+        )
+    models = close.get("models")
+    if not isinstance(models, dict) or "model.safetensors" not in models or len(models) > 1000:
+        problems.append("the close names no digest of model.safetensors")
+    else:
+        for fname, digest in sorted(models.items()):
+            path = run_dir / str(fname)
+            if not _MODEL_FILE.fullmatch(str(fname)):
+                problems.append(f"the close names {str(fname)[:40]!r}, not a model file")
+            elif not path.is_file() or path.is_symlink():
+                problems.append(f"{fname}: missing")
+            elif _file_sha256(path) != digest:
+                problems.append(f"{fname}: not the file the sites closed on (SHA-256 differs)")
+    params = privacy.get("secure_aggregation_params")
+    stated = params.get("roster_sha256") if isinstance(params, dict) else None
+    if stated is not None and close.get("roster_sha256") != stated:
+        # The sites sign the roster they pinned: a report cannot name another one.
+        problems.append("the report's roster_sha256 is not the roster the sites signed")
+    for c in clients:
+        cid = int(c["client_id"])
+        sig = c.get("close_signature")
+        key = keys.get(str(cid))
+        if not sig or not key:
+            reasons = close.get("not_closed")
+            why = reasons.get(str(cid)) if isinstance(reasons, dict) else None
+            problems.append(
+                f"site {cid}: no closing signature" + (f" ({str(why)[:80]})" if why else "")
+            )
+        elif not verify_close(claim_from_report(privacy, run, cid), close, sig, key):
+            problems.append(f"site {cid}: its closing signature does not verify")
+    result.add(
+        name,
+        not problems,
+        f"{len(clients)} sites closed after round {rounds} of {run['rounds']}, on "
+        f"{', '.join(sorted(models))}"
+        + (
+            f", roster {str(close.get('roster_sha256'))[:12]}…"
+            if close.get("roster_sha256")
+            else ""
+        )
+        if not problems
+        else "; ".join(problems[:4])
+        + (f" and {len(problems) - 4} more" if len(problems) > 4 else ""),
+    )
+
+
 def _check_disclosures(result: AuditResult, privacy: dict, run: dict) -> None:
     """``disclosures`` against what the recorded configuration makes a site release.
 
@@ -264,6 +403,9 @@ def _check_disclosures(result: AuditResult, privacy: dict, run: dict) -> None:
         result.add(name, False, f"config.json's run is not a valid configuration ({exc})")
         return
     expected = disclosures_json(config, runtime="in-process")
+    if config.dp_enabled and not _closing_claims(privacy, run, privacy.get("site_keys")):
+        # Sites of code before closing claims sent no close (schema 3.8).
+        expected = [e for e in expected if e["message"] != "close"]
     listed = privacy.get("disclosures")
     if not isinstance(listed, list) or not all(isinstance(d, dict) for d in listed):
         result.add(name, False, "privacy.json has no list of disclosure objects")
@@ -700,11 +842,13 @@ def _check_site(
     # (or a claim made for another run configuration) breaks it.
     sig = c.get("signature")
     key = keys.get(str(cid))
-    ok = bool(sig and key) and verify_claim(claim_from_report(privacy, run, cid), sig, key)
+    version = claim_version(claim_from_report(privacy, run, cid), sig, key) if key else None
+    ok = bool(sig) and version is not None
     result.add(
         f"{name}: signed claim verifies",
         ok,
         f"Ed25519 over run_sha256 {run_digest(run)[:12]}…, key {result.keys}"
+        + ("" if version == 2 else " (a claim of code before closing claims, v1)")
         if ok
         else ("no signature" if not sig else "no key" if not key else "signature does not verify"),
     )
@@ -1026,6 +1170,7 @@ def _audit_run(
         if claimed_hash == actual_hash
         else f"claimed {claimed_hash}, got {actual_hash}",
     )
+    _check_ids(privacy, where)
     _check_secure_aggregation(result, privacy, config, where, roster)
     _check_disclosures(result, privacy, run)
     _check_texts(result, privacy, run, version)
@@ -1061,16 +1206,7 @@ def _audit_run(
             executed == list(range(1, len(executed) + 1)) and len(executed) <= int(run["rounds"]),
             f"{len(executed)} of {run['rounds']} rounds",
         )
-        # No site signs where the run ended: a server holding the claims a site signed after
-        # an earlier round can present that point as the whole run, with a smaller epsilon.
-        # What holds whatever the report lists is the plan: sigma calibrated for every planned
-        # round (checked per site below) keeps the whole run within the target.
-        result.add(
-            "epsilon covers the rounds metrics.json lists (not signed as the run's end)",
-            True,
-            f"{len(executed)} of {run['rounds']} planned rounds; each site's sigma is checked "
-            "against all of them, so its epsilon over the whole plan is at most the target",
-        )
+        _check_close(result, privacy, run, run_dir, keys=keys, rounds=len(executed))
         ids = [int(c["client_id"]) for c in clients]
         result.add(
             "every configured site has a report entry",

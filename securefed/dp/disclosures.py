@@ -235,6 +235,21 @@ def site_releases(config: RunConfig, *, runtime: str = "in-process") -> list[Rel
         add("calibrate", "epsilon", "dp-accounted", "the site's spent epsilon after it")
         add("calibrate", "plan", "dp-accounted", _CLAIM)
         add("calibrate", "signature", "clear", "Ed25519 signature over the site's claim")
+    if dp:
+        add(
+            "close",
+            "close_signature",
+            "clear",
+            "after the run's last step: Ed25519 signature over the site's closing claim (its "
+            "claim over every event of the run, the run's last round, the model files' SHA-256 "
+            "and the pinned roster's digest); the site takes no step of the run after it",
+        )
+        add(
+            "close",
+            "roster_sha256",
+            "clear",
+            "the SHA-256 of the federation roster the site pinned (public), if it has one",
+        )
     add(
         "*",
         "(timing)",

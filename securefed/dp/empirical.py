@@ -488,7 +488,7 @@ def _check_audit_run(run: Path, *, site_keys: dict[str, str] | None) -> dict[str
         raise AuditError(f"{run / 'privacy.json'}: no analytical epsilon for site {site}")
     # The epsilon compared with is the one the site signed: the report's hash is unkeyed, so
     # an edited epsilon (raised above eps_emp, the hash recomputed) must fail here.
-    from securefed.dp.signing import claim_from_report, verify_claim
+    from securefed.dp.signing import claim_from_report, claim_version
 
     entry = next(c for c in privacy.get("clients", []) if c.get("client_id") == site)
     try:
@@ -497,7 +497,7 @@ def _check_audit_run(run: Path, *, site_keys: dict[str, str] | None) -> dict[str
         raise AuditError(
             f"{run / 'privacy.json'}: site {site}'s claim is malformed ({exc!r})"
         ) from exc
-    if not verify_claim(claim, entry.get("signature"), key):
+    if claim_version(claim, entry.get("signature"), key) is None:
         raise AuditError(
             f"{run / 'privacy.json'}: site {site}'s signed claim (its epsilon) does not verify "
             "against its key (edited, or signed by another key)"

@@ -48,7 +48,10 @@ __all__ = [
 #: `tolerated_colluders` uses it. `securefed audit` compares `guarantee`, `sampling`,
 #: `clipping`, `dp_applies_to` and `threat_model` with the texts the run implies
 #: (:func:`report_texts`) for reports of code from 3.6 on.
-SCHEMA_VERSION = "3.7"
+#: 3.8: the ``close`` block (the run's last round, the model files' SHA-256, the pinned roster)
+#: and each DP site's ``close_signature`` over it with its claim; site claims are signed under
+#: the v2 domain (:mod:`securefed.dp.signing`).
+SCHEMA_VERSION = "3.8"
 #: The first schema whose `tolerated_colluders` uses the m - 2 bound (the audit names the old
 #: formula when an older report's figure is one too many).
 COLLUSION_BOUND_FROM = (3, 7)

@@ -11,6 +11,16 @@ The claim is rebuilt from ``privacy.json`` and ``config.json["run"]`` by one fun
 knows only its own report entry, its own events and the run dict builds the same claim with
 :func:`site_claim`.
 
+A site signs its claim after every step; a claim says "my events so far", not "my events in
+the whole run". So a site also signs, once, a *closing* claim (:func:`close_message`): its
+claim as the run ended, the last round the run ran, the digests of the model files it ended
+with and the roster it pinned, after which the site takes no further step of the run. A
+report that stops at an earlier round has no closing signature that fits it. Claims of sites
+that close their runs are signed under :data:`CLAIM_DOMAIN` (v2); a v1 signature
+(:data:`CLAIM_DOMAIN_V1`, code before closing claims) verifies as a legacy claim that never
+closed, so an auditor knows which reports must carry closing signatures without trusting an
+unsigned label.
+
 A signature makes a site accountable for its claim; it does not prove that the noise was
 drawn. Public keys carried in the report are self-asserted unless an auditor pins them
 (``securefed audit --site-keys``).
@@ -34,18 +44,30 @@ from securefed.errors import IntegrityError
 
 __all__ = [
     "CLAIM_DOMAIN",
+    "CLAIM_DOMAIN_V1",
+    "CLOSE_DOMAIN",
     "SiteSigner",
     "attach_site_signatures",
     "claim_from_report",
     "claim_message",
+    "claim_version",
+    "close_message",
     "run_digest",
     "sign_report",
     "site_claim",
     "verify_claim",
+    "verify_close",
 ]
 
 #: Domain separation: a signature over a claim can never be replayed as any other message.
-CLAIM_DOMAIN = b"securefed/site-claim/v1\x00"
+#: v2: the claim of a site that signs a closing claim when its run ends (:func:`close_message`).
+CLAIM_DOMAIN = b"securefed/site-claim/v2\x00"
+#: Claims of code before closing claims: still verified, as claims no site closed.
+CLAIM_DOMAIN_V1 = b"securefed/site-claim/v1\x00"
+#: A site's closing claim: its claim as the run ended, and where and how it ended.
+CLOSE_DOMAIN = b"securefed/site-close/v1\x00"
+#: The fields of privacy.json's ``close`` block (each DP site signs them with its claim).
+CLOSE_FIELDS = ("last_round", "models", "roster_sha256")
 #: Domain tag of an audit run's signed empirical result (:func:`empirical_message`).
 EMPIRICAL_DOMAIN = b"securefed/empirical-audit/v1\x00"
 #: The fields of privacy.json's ``empirical`` block the audited site signs.
@@ -154,9 +176,27 @@ def claim_from_report(privacy: Mapping[str, Any], run: Mapping[str, Any], client
     )
 
 
-def claim_message(claim: Mapping[str, Any]) -> bytes:
+def claim_message(claim: Mapping[str, Any], *, domain: bytes = CLAIM_DOMAIN) -> bytes:
     """The exact bytes signed: the domain tag, then the claim's canonical JSON."""
-    return CLAIM_DOMAIN + canonical_json(json_ready(dict(claim)))
+    return domain + canonical_json(json_ready(dict(claim)))
+
+
+def close_message(claim: Mapping[str, Any], close: Mapping[str, Any]) -> bytes:
+    """The bytes of a site's closing claim: its claim, then how the run ended.
+
+    Args:
+        claim: The site's claim over every event of the run (:func:`site_claim`).
+        close: ``last_round`` (the run's last round), ``models`` (model file name -> SHA-256
+            hex of the file the run wrote) and ``roster_sha256`` (the roster the site pinned,
+            or None without one).
+
+    Raises:
+        KeyError: ``close`` lacks a field of :data:`CLOSE_FIELDS`.
+
+    """
+    fields = {k: close[k] for k in CLOSE_FIELDS}
+    body = {"claim": json_ready(dict(claim)), "close": json_ready(fields)}
+    return CLOSE_DOMAIN + canonical_json(body)
 
 
 def empirical_message(block: Mapping[str, Any]) -> bytes:
@@ -183,6 +223,37 @@ def verify_claim(claim: Mapping[str, Any], signature_hex: str, public_key_hex: s
 
     """
     return verify_message(claim_message(claim), signature_hex, public_key_hex)
+
+
+def claim_version(claim: Mapping[str, Any], signature_hex: Any, public_key_hex: Any) -> int | None:
+    """Which claim format a signature verifies under: 2, 1 (legacy, never closed) or None.
+
+    A site of today's code signs v2 only, so a v1 signature of a run's claim exists only if
+    the site ran code before closing claims: whoever holds v2 signatures cannot make one.
+    """
+    for version, domain in ((2, CLAIM_DOMAIN), (1, CLAIM_DOMAIN_V1)):
+        if verify_message(claim_message(claim, domain=domain), signature_hex, public_key_hex):
+            return version
+    return None
+
+
+def verify_close(
+    claim: Mapping[str, Any],
+    close: Mapping[str, Any],
+    signature_hex: Any,
+    public_key_hex: Any,
+) -> bool:
+    """Whether ``signature_hex`` is the key's closing signature over ``claim`` and ``close``.
+
+    Returns:
+        True only for a valid signature; a malformed ``close`` gives False, never an exception.
+
+    """
+    try:
+        message = close_message(claim, close)
+    except (KeyError, TypeError, ValueError):
+        return False
+    return verify_message(message, signature_hex, public_key_hex)
 
 
 def verify_message(message: bytes, signature_hex: Any, public_key_hex: Any) -> bool:
@@ -289,6 +360,10 @@ class SiteSigner:
         """Hex Ed25519 signature over :func:`claim_message` of ``claim``."""
         return self.sign_message(claim_message(claim))
 
+    def sign_close(self, claim: Mapping[str, Any], close: Mapping[str, Any]) -> str:
+        """Hex Ed25519 signature over :func:`close_message` (the site's closing claim)."""
+        return self.sign_message(close_message(claim, close))
+
     def sign_message(self, message: bytes) -> str:
         """Hex Ed25519 signature over ``message`` (domain-tagged by its builder)."""
         return self._key.sign(message).hex()
@@ -324,10 +399,11 @@ def sign_report(
 ) -> None:
     """Add ``site_keys`` and each DP site's ``signature`` to ``privacy`` (in place).
 
-    Call before the report hash is computed, so the hash covers the signatures too.
+    When the report has a ``close`` block, each DP site's ``close_signature`` over it too.
+    Call before the report hash is computed, so the hash covers keys and signatures.
 
     Args:
-        privacy: The report; its ``clients`` and ``events`` must be final.
+        privacy: The report; its ``clients``, ``events`` and ``close`` must be final.
         run: ``config.json["run"]``.
         signers: One signer per DP site (a site with a noise multiplier).
 
@@ -336,6 +412,7 @@ def sign_report(
 
     """
     keys: dict[str, str] = {}
+    close = privacy.get("close")
     for entry in privacy["clients"]:
         if entry.get("noise_multiplier") is None:
             continue  # no DP plan at this site: nothing to claim
@@ -343,27 +420,36 @@ def sign_report(
         if cid not in signers:
             raise KeyError(f"site {cid}: no signing key")
         keys[str(cid)] = signers[cid].public_key_hex
-        entry["signature"] = signers[cid].sign_claim(claim_from_report(privacy, run, cid))
+        claim = claim_from_report(privacy, run, cid)
+        entry["signature"] = signers[cid].sign_claim(claim)
+        if isinstance(close, Mapping):
+            entry["close_signature"] = signers[cid].sign_close(claim, close)
     privacy["site_keys"] = keys
 
 
 def attach_site_signatures(
-    privacy: dict[str, Any], *, run: Mapping[str, Any], signed: Mapping[int, tuple[str, str]]
+    privacy: dict[str, Any],
+    *,
+    run: Mapping[str, Any],
+    signed: Mapping[int, tuple[str, str]],
+    closed: Mapping[int, str] | None = None,
 ) -> None:
     """Add signatures that the sites made themselves (a deployment), verifying each first.
 
     The server writing the report holds no site key; it checks that every site signed
-    exactly the claim the report now states, so a report it writes never carries a
-    signature that the audit would reject.
+    exactly the claim the report now states (and, with ``closed``, closed the run exactly as
+    the report's ``close`` block states), so a report it writes never carries a signature
+    that the audit would reject.
 
     Args:
-        privacy: The report; its ``clients`` and ``events`` must be final.
+        privacy: The report; its ``clients``, ``events`` and ``close`` must be final.
         run: ``config.json["run"]``.
         signed: ``{client_id: (public_key_hex, signature_hex)}`` as each site sent them.
+        closed: ``{client_id: close_signature_hex}`` of the sites that closed the run.
 
     Raises:
         IntegrityError: A DP site sent no signature, or one that does not verify against
-            the claim rebuilt from the report.
+            the claim rebuilt from the report (or its closing signature against ``close``).
 
     """
     keys: dict[str, str] = {}
@@ -374,8 +460,13 @@ def attach_site_signatures(
         if cid not in signed:
             raise IntegrityError(f"site {cid}: sent no signed claim")
         key_hex, sig_hex = signed[cid]
-        if not verify_claim(claim_from_report(privacy, run, cid), sig_hex, key_hex):
+        claim = claim_from_report(privacy, run, cid)
+        if not verify_claim(claim, sig_hex, key_hex):
             raise IntegrityError(f"site {cid}: signature does not match the report's claim")
         keys[str(cid)] = key_hex
         entry["signature"] = sig_hex
+        if closed and cid in closed:
+            if not verify_close(claim, privacy.get("close") or {}, closed[cid], key_hex):
+                raise IntegrityError(f"site {cid}: its closing signature does not fit the report")
+            entry["close_signature"] = closed[cid]
     privacy["site_keys"] = keys

@@ -20,7 +20,7 @@ from securefed.dp.accounting import ADJACENCY, compute_epsilon
 from securefed.dp.ledger import PrivacyEvent, PrivacyLedger
 from securefed.dp.releases import PHASES
 from securefed.dp.releases import planned as planned_releases
-from securefed.dp.signing import attach_site_signatures, site_claim, verify_claim
+from securefed.dp.signing import attach_site_signatures, site_claim, verify_claim, verify_close
 from securefed.dp.trainer import DPPlan
 from securefed.errors import ProtocolError
 from securefed.fl.planning import check_site_plan
@@ -147,6 +147,7 @@ class ClaimBook:
         ledger: Every DP event the sites reported, in arrival order.
         plans: Each site's pinned plan (the first one it reported, checked).
         signatures: The latest signature of each site (hex Ed25519).
+        closed: Each site's closing signature (hex Ed25519), once it closed the run.
         keys: Each site's public signing key (hex), from set-up.
         sizes: Each site's training-set size, only where it disclosed it.
 
@@ -157,6 +158,7 @@ class ClaimBook:
         self.ledger = PrivacyLedger()
         self.plans: dict[int, DPPlan] = {}
         self.signatures: dict[int, str] = {}
+        self.closed: dict[int, str] = {}
         self.keys: dict[int, str] = {}
         self.sizes: dict[int, int] = {}
 
@@ -276,6 +278,17 @@ class ClaimBook:
             history=self.ledger.history(sid), delta=plan.delta, accountant=plan.accountant
         )
 
+    def _claim(self, sid: int) -> dict[str, Any]:
+        """Site ``sid``'s claim as the report will state it."""
+        return site_claim_for(
+            self.config,
+            client_id=sid,
+            plan=self.plans[sid],
+            events=[e.to_dict() for e in self.ledger.for_client(sid)],
+            epsilon=self.epsilon(sid),
+            num_samples=self.sizes.get(sid),
+        )
+
     def check_signature(self, sid: int, signature: Any) -> None:
         """A site's signature must cover exactly the claim the report will state for it.
 
@@ -285,17 +298,28 @@ class ClaimBook:
         key = self.keys.get(sid)
         if not isinstance(key, str) or not isinstance(signature, str):
             raise ProtocolError(f"site {sid}: sent no signed privacy claim")
-        claim = site_claim_for(
-            self.config,
-            client_id=sid,
-            plan=self.plans[sid],
-            events=[e.to_dict() for e in self.ledger.for_client(sid)],
-            epsilon=self.epsilon(sid),
-            num_samples=self.sizes.get(sid),
-        )
-        if not verify_claim(claim, signature, key):
+        if not verify_claim(self._claim(sid), signature, key):
             raise ProtocolError(f"site {sid}: its signature does not cover the claim on record")
         self.signatures[sid] = signature
+
+    def check_close(self, sid: int, close: Mapping[str, Any], signature: Any) -> None:
+        """A site's closing signature must cover its claim on record and the run's ``close``.
+
+        Raises:
+            ProtocolError: No key or signature, no plan, or a signature over anything else
+                (another claim, another last round, other model digests or another roster).
+
+        """
+        key = self.keys.get(sid)
+        if not isinstance(key, str) or not isinstance(signature, str) or sid not in self.plans:
+            raise ProtocolError(f"site {sid}: sent no closing signature")
+        if not verify_close(self._claim(sid), close, signature, key):
+            raise ProtocolError(
+                f"site {sid}: its closing signature does not cover the claim on record and the "
+                f"run's end (last round {close.get('last_round')}, the model files' digests, "
+                "the roster)"
+            )
+        self.closed[sid] = signature
 
     def attach(self, privacy: dict[str, Any], *, run: Mapping[str, Any]) -> None:
         """Attach the signatures the sites made themselves (the server signs for no one)."""
@@ -303,6 +327,7 @@ class ClaimBook:
             privacy,
             run=run,
             signed={sid: (self.keys[sid], sig) for sid, sig in self.signatures.items()},
+            closed=self.closed,
         )
 
     def to_json(self) -> dict[str, Any]:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import copy
 import time
+from collections import Counter
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -342,6 +343,8 @@ class RoundEngine:
         self.roster: Roster | None = None
         self.claims = ClaimBook(config)
         self.setup_signatures: dict[int, str] = {}
+        #: Sites that did not close the run (:meth:`close_sites`), and why.
+        self.close_errors: dict[int, str] = {}
         self.site_info: dict[int, SiteInfo] = {}
         #: CFL: each site's cluster (None until it is known).
         self.clusters: dict[int, int | None] = {}
@@ -1258,6 +1261,66 @@ class RoundEngine:
                 except ProtocolError as exc:
                     raise IntegrityError(str(exc)) from exc
         self.claims.attach(privacy, run=run)
+
+    def close_sites(self, models: Mapping[str, str]) -> dict[str, Any] | None:
+        """After the run's last step, every DP site signs its closing claim.
+
+        Each set-up site is asked, with the run's last round, the digests of the model files
+        the run writes and its own events (as the book holds them); it signs its claim over
+        every event it spent with those and the roster it pinned, then takes no further step
+        of the run (:meth:`securefed.fl.site_runtime.SiteRuntime.close`). A site that fails
+        or does not answer is named in ``close_errors``; the report then carries no closing
+        signature for it, which ``securefed audit`` fails (it cannot show where that site's
+        spending ended).
+
+        Args:
+            models: Each model file the run writes (``model.safetensors``, CFL's
+                ``model_cluster<k>.safetensors``) -> the SHA-256 hex of its bytes.
+
+        Returns:
+            privacy.json's ``close`` block (None without DP).
+
+        """
+        if not self.config.dp_enabled or not self.records:
+            return None
+        close: dict[str, Any] = {
+            "last_round": int(self.records[-1].data["round"]),
+            "models": dict(sorted(models.items())),
+        }
+        payloads = {
+            sid: (
+                Stage.CLOSE,
+                {
+                    "last_round": close["last_round"],
+                    "models": close["models"],
+                    "history": self._history(sid),
+                },
+            )
+            for sid in sorted(self.site_info)
+            if sid in self.claims.plans
+        }
+        replies, errors = self.logged.exchange(payloads, timeout=self.stage_timeout, group="close")
+        # The roster each site signs is the one it pinned: the server's own when it holds one
+        # (in-process, or deployed with --roster), else the one most sites name; a site that
+        # pinned another does not close (its signature cannot fit the report's block).
+        named = [r.get("roster_sha256") for r in replies.values()]
+        own = None if self.roster is None else self.roster.digest().hex()
+        close["roster_sha256"] = (
+            own if own is not None or not named else Counter(named).most_common(1)[0][0]
+        )
+        for sid in sorted(replies):
+            try:
+                self.claims.check_close(sid, close, replies[sid].get("close_signature"))
+            except ProtocolError as exc:
+                errors[sid] = str(exc)
+        #: Sites that did not close the run, and why.
+        self.close_errors = {sid: str(errors[sid]) for sid in sorted(errors)}
+        self._event(
+            event="close",
+            sites=sorted(self.claims.closed),
+            errors={str(k): v for k, v in self.close_errors.items()},
+        )
+        return close
 
     def personalization_table(self) -> list[dict[str, Any]]:
         """Per site: the global (or cluster) model vs the twin on the site's held-out data."""

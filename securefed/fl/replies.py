@@ -196,6 +196,7 @@ FIELDS: dict[str, dict[str, Check]] = {
     "unmask": _MASKING,
     "decrypt": {"vector": _bytes},
     "calibrate": {**_CLAIM, "statistics": _list},
+    "close": {"close_signature": _text, "roster_sha256": _text},
 }
 
 #: Fields each message must carry (more under DP, and the update in a fit reply).
@@ -209,6 +210,7 @@ REQUIRED: dict[str, frozenset[str]] = {
     "decrypt": frozenset({"vector"}),
     # `statistics` is checked by the engine after the release is accounted.
     "calibrate": frozenset({"events", "epsilon", "plan", "signature"}),
+    "close": frozenset({"close_signature"}),
 }
 
 #: The field that carries a site's protected update in its fit reply, per mode.

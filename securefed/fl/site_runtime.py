@@ -15,8 +15,10 @@ from __future__ import annotations
 import copy
 import dataclasses
 import hashlib
+import json
 import logging
 import math
+import re
 import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -62,7 +64,13 @@ from securefed.fl.teacher_student import (
     site_labelled,
 )
 from securefed.models import BuiltModel, ModelSpec, build_model
-from securefed.persistent import LOCAL_TWIN_ROUNDS, PersistentStore, refuse_after_local_twin
+from securefed.persistent import (
+    CLOSE_SIGNATURE,
+    CLOSED,
+    LOCAL_TWIN_ROUNDS,
+    PersistentStore,
+    refuse_after_end,
+)
 from securefed.protocol.modes import get_mode
 from securefed.protocol.wire import Stage
 
@@ -81,6 +89,9 @@ _EVALUATE_CLUSTER_ROUNDS = "evaluate.cluster.rounds"
 _CALIBRATE_ROUNDS = "calibrate.rounds"
 #: teacher-student ``--teacher fixed``: the SHA-256 (hex) of the one teacher of the run.
 _TEACHER = "fit.teacher_sha256"
+#: The model files a close may name (CFL writes one per cluster), and their digests.
+_MODEL_FILE = re.compile(r"model(_cluster[0-9]{1,3})?\.safetensors")
+_SHA256_HEX = re.compile(r"[0-9a-f]{64}")
 
 
 def weights_to_bytes(state: Mapping[str, torch.Tensor]) -> bytes:
@@ -487,7 +498,7 @@ class SiteRuntime:
             ProtocolError: On a malformed message, or a step the site refuses.
 
         """
-        refuse_after_local_twin(self.persistent, stage, self.client_id)
+        refuse_after_end(self.persistent, stage, self.client_id)
         if stage == Stage.SETUP:
             reply = self.describe()
         elif stage == Stage.SELECT:
@@ -498,6 +509,8 @@ class SiteRuntime:
             reply = self.evaluate(fields)
         elif stage == Stage.CALIBRATE:
             reply = self.calibrate(fields)
+        elif stage == Stage.CLOSE:
+            reply = self.close(fields)
         elif stage in self.protection.stages:
             reply = self.protection.answer(stage, fields, state=self.state)
         else:
@@ -748,6 +761,91 @@ class SiteRuntime:
     def sign_claim(self) -> str | None:
         """The site's signature over its claim as it stands (None without DP)."""
         return self._claim_fields(0).get("signature")
+
+    def close(self, fields: Mapping[str, Any]) -> dict[str, Any]:
+        """Sign the site's closing claim; after it the site takes no further step of the run.
+
+        Fields: ``last_round`` (the last round the run ran), ``models`` (each model file the
+        run writes -> its SHA-256) and ``history``. The site signs its claim over every event
+        it spent in the run, with those fields and the digest of the roster it pinned
+        (:func:`securefed.dp.signing.close_message`), and records the close before it
+        answers: a later fit, calibration or protocol step is refused (:meth:`handle`), so
+        the closed claim is the whole of what the site spent. A report that presents an
+        earlier round as the run's end has no closing signature that fits it. A repeated
+        close with the same fields gets the same signature (a server that lost the reply);
+        with other fields it is refused.
+
+        Raises:
+            ProtocolError: No DP plan (nothing to close), malformed fields, a last round
+                before one the site trained or outside the run, or a close that differs from
+                the one the site gave.
+
+        """
+        cid = self.client_id
+        if self.plan is None or self.signer is None:
+            raise ProtocolError(f"site {cid}: a run without DP has no privacy claim to close")
+        last = fields.get("last_round")
+        if (
+            isinstance(last, bool)
+            or not isinstance(last, int)
+            or not 1 <= last <= self.config.rounds
+        ):
+            raise ProtocolError(
+                f"site {cid}: the close names no last round within the run's "
+                f"{self.config.rounds} rounds"
+            )
+        models = fields.get("models")
+        if (
+            not isinstance(models, Mapping)
+            or not 1 <= len(models) <= 1000
+            or not all(
+                isinstance(k, str)
+                and _MODEL_FILE.fullmatch(k)
+                and isinstance(v, str)
+                and _SHA256_HEX.fullmatch(v)
+                for k, v in models.items()
+            )
+        ):
+            raise ProtocolError(f"site {cid}: the close names no valid model files and digests")
+        self._sync_history(fields.get("history") or [], last + 1)
+        trained = [int(e["round"]) for e in self.own_events()]
+        if trained and max(trained) > last:
+            raise ProtocolError(
+                f"site {cid}: the close says the run ended at round {last}, but the site "
+                f"spent privacy in round {max(trained)}"
+            )
+        close = {
+            "last_round": last,
+            "models": dict(sorted(models.items())),
+            "roster_sha256": None if self.roster is None else self.roster.digest().hex(),
+        }
+        text = json.dumps(close, sort_keys=True)
+        done = self.persistent.get(CLOSED)
+        if done is not None:
+            if done != text:
+                raise ProtocolError(f"site {cid}: it closed the run already, with other fields")
+            return self._close_reply(close, str(self.persistent[CLOSE_SIGNATURE]))
+        claim = site_claim_for(
+            self.config,
+            client_id=cid,
+            plan=self.plan,
+            events=self.own_events(),
+            epsilon=self.trainer.epsilon(),
+            num_samples=self.size if self.disclose_size else None,
+        )
+        signature = self.signer.sign_close(claim, close)
+        # Recorded before the reply leaves: from now on the site refuses to spend more.
+        self.persistent[CLOSED] = text
+        self.persistent[CLOSE_SIGNATURE] = signature
+        return self._close_reply(close, signature)
+
+    @staticmethod
+    def _close_reply(close: Mapping[str, Any], signature: str) -> dict[str, Any]:
+        """The close's answer: the signature, and the pinned roster's digest if there is one."""
+        reply = {"close_signature": signature}
+        if close["roster_sha256"] is not None:
+            reply["roster_sha256"] = close["roster_sha256"]
+        return reply
 
     def fit(self, fields: Mapping[str, Any]) -> dict[str, Any]:
         """Train one round from the server's weights and protect the update.

@@ -72,6 +72,8 @@ class Stage:
     EVALUATE = "evaluate.heldout"
     #: DP classification, after the last round: noised per-class score statistics.
     CALIBRATE = "evaluate.calibrate"
+    #: After the run's last step: each DP site signs its closing claim and takes no more steps.
+    CLOSE = "query.close"
 
 
 _Value = int | float | str | bytes | bool

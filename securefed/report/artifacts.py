@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import datetime as _dt
+import hashlib
 import platform
 import sys
 from importlib import metadata
@@ -30,7 +31,7 @@ from securefed.fl.transfer import indices_digest
 from securefed.metrics import HEADLINE_METRICS
 from securefed.report.summary import write_summary
 
-__all__ = ["package_versions", "prepare_out", "write_outputs"]
+__all__ = ["canonical_safetensors", "package_versions", "prepare_out", "write_outputs"]
 
 _PACKAGES = (
     "securefed",
@@ -261,14 +262,53 @@ def _metrics_csv(metrics: dict[str, Any], path: Path) -> None:
                 )
 
 
-def write_outputs(fed: RoundEngine, out: Path) -> None:
-    """Write every run artifact into ``out``; the privacy report last, with its hash."""
-    from safetensors.torch import save_file
+def canonical_safetensors(data: bytes) -> bytes:
+    """The same safetensors file with its JSON header's keys sorted (same tensors, same bytes).
 
+    safetensors writes ``__metadata__`` from a hash map, so two saves of one model can differ
+    in the header's key order. The sites close the run on each model file's SHA-256, and a run
+    resumed after the close must write the very file they signed for.
+    """
+    import json
+
+    n = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8 : 8 + n])
+    text = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)  # the data section stays 8-byte aligned
+    return len(text).to_bytes(8, "little") + text + data[8 + n :]
+
+
+def _model_files(fed: RoundEngine, *, audit_run: bool) -> dict[str, bytes]:
+    """The run's model files, as the bytes that will be written (digested before the close)."""
+    from safetensors.torch import save
+
+    meta = {"model": fed.built.name, "securefed": "0.1.0", "task": fed.task.name}
+    if audit_run:  # the weights carry the canaries: say so in the file itself
+        meta["audit_run"] = "gradient canaries inside; do not deploy"
+
+    def tensors(model: Any) -> dict[str, Any]:
+        return {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+
+    files = {"model.safetensors": save(tensors(fed.global_model), metadata=meta)}
+    if len(fed.models) > 1:
+        for k, m in enumerate(fed.models):
+            files[f"model_cluster{k}.safetensors"] = save(
+                tensors(m), metadata={**meta, "cluster": str(k)}
+            )
+    return {name: canonical_safetensors(data) for name, data in files.items()}
+
+
+def write_outputs(fed: RoundEngine, out: Path) -> None:
+    """Write every run artifact into ``out``; the privacy report last, with its hash.
+
+    Under DP the sites first close the run (:meth:`RoundEngine.close_sites`) over the digests
+    of the model files written here, so the report's ``close`` block names them.
+    """
     config = json_ready(_config_json(fed))
     metrics = json_ready(fed.metrics())
     privacy = json_ready(_privacy_json(fed))
     audit = fed.empirical_audit() if hasattr(fed, "empirical_audit") else None
+    files = _model_files(fed, audit_run=audit is not None)
     if audit is not None:
         # An audit run (--audit-canaries): eps_emp beside the claim, bound by the report's hash
         # to the record (secret coins and scores) `securefed audit --empirical` recomputes it from.
@@ -285,24 +325,18 @@ def write_outputs(fed: RoundEngine, out: Path) -> None:
         # verify against the key the site published.
         privacy["empirical"]["signature"] = fed.sign_empirical(privacy["empirical"])
     if fed.config.dp_enabled:
+        close = fed.close_sites({n: hashlib.sha256(b).hexdigest() for n, b in files.items()})
+        if close is not None:
+            privacy["close"] = json_ready(close)
+            if fed.close_errors:
+                privacy["close"]["not_closed"] = {
+                    str(k): v for k, v in sorted(fed.close_errors.items())
+                }
         # Signing precedes the hash so that the hash covers keys and signatures too.
         fed.sign_privacy(privacy, run=config["run"])
     privacy["sha256"] = report_hash(privacy=privacy, config=config, metrics=metrics)
-    meta = {"model": fed.built.name, "securefed": "0.1.0", "task": fed.task.name}
-    if audit is not None:  # the weights carry the canaries: say so in the file itself
-        meta["audit_run"] = "gradient canaries inside; do not deploy"
-    save_file(
-        {k: v.detach().cpu().contiguous() for k, v in fed.global_model.state_dict().items()},
-        str(out / "model.safetensors"),
-        metadata=meta,
-    )
-    if len(fed.models) > 1:
-        for k, m in enumerate(fed.models):
-            save_file(
-                {n: v.detach().cpu().contiguous() for n, v in m.state_dict().items()},
-                str(out / f"model_cluster{k}.safetensors"),
-                metadata={**meta, "cluster": str(k)},
-            )
+    for name, data in files.items():
+        (out / name).write_bytes(data)
     write_json(out / "config.json", config)
     write_json(out / "metrics.json", metrics)
     _metrics_csv(metrics, out / "metrics.csv")

@@ -183,7 +183,30 @@ def _kill_when(dep: LocalDeployment, log: Path, site: int, *, stage: str, round_
     return thread, killed
 
 
-def test_ckks_over_flower_equals_the_plaintext_sum(deployment, tiny_npz) -> None:
+def _audit(out: Path, dep: LocalDeployment, tmp_path: Path) -> tuple[int, str]:
+    """``securefed audit`` of a deployed run, with the keys the sites printed pinned."""
+    keys = tmp_path / "site-keys.json"
+    keys.write_text(json.dumps({str(k): v for k, v in dep.site_keys.items()}))
+    audit = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "securefed.cli",
+            "audit",
+            str(out),
+            "--site-keys",
+            str(keys),
+            # the runs are compared with in-process runs, so both use the seed's noise
+            "--allow-reproducible-noise",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    return audit.returncode, audit.stdout + audit.stderr
+
+
+def test_ckks_over_flower_equals_the_plaintext_sum(deployment, tiny_npz, tmp_path) -> None:
     dep, root = deployment
     config = _config(tiny_npz, rounds=1, secure_agg="he")
     out = dep.submit(config, out=root / "he-run", **TIMEOUTS)
@@ -191,6 +214,12 @@ def test_ckks_over_flower_equals_the_plaintext_sum(deployment, tiny_npz) -> None
     assert record["applied"] and record["survivors"] == [0, 1, 2]
     privacy = json.loads((out / "privacy.json").read_text())
     assert privacy["secure_aggregation_params"]["server_holds_secret_key"] is False
+    # Every site closed the run over Flower (query.close), naming the roster it pinned and the
+    # model file the server wrote; the audit holds with the keys the sites printed.
+    assert privacy["close"]["roster_sha256"] is not None
+    code, out_text = _audit(out, dep, tmp_path)
+    assert code == 0, out_text
+    assert "3 sites closed after round 1 of 1" in out_text
     fed = Federation(config.replace(secure_agg="none"))
     fed.run_round(1)
     # CKKS is approximate (scale 2^40): agreement to float32 arithmetic, not to the ulp.
@@ -240,6 +269,10 @@ def test_cfl_ftl_and_twins_over_flower_equal_the_in_process_run(
         # (and the decision calibration's release after the last round, a DP classification run)
         twins = {"personalize"} if config.twin_privacy == "dp" else set()
         assert {e["phase"] for e in privacy["events"]} == {"federated", "calibrate"} | twins
+        # Each site closed the run after its twin (a local twin's site refuses every step
+        # but evaluation and the close once it answered for it).
+        assert all(c.get("close_signature") for c in privacy["clients"])
+        assert "not_closed" not in privacy["close"]
 
 
 @pytest.fixture(scope="module")
@@ -332,26 +365,16 @@ def test_privacy_report_matches_and_passes_the_audit(
     assert ("setup", "fingerprint") in {(d["message"], d["field"]) for d in ours["disclosures"]}
     assert all("num_samples" not in c for c in ours["clients"])  # sizes stay at the sites
     # The report carries the keys the sites made and printed at start-up: pin them.
-    keys = tmp_path / "site-keys.json"
-    keys.write_text(json.dumps({str(k): v for k, v in dep.site_keys.items()}))
-    assert ours["site_keys"] == json.loads(keys.read_text())
-    audit = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "securefed.cli",
-            "audit",
-            str(masked_run["out"]),
-            "--site-keys",
-            str(keys),
-            # the test compares against the in-process run, so both use the seed's noise
-            "--allow-reproducible-noise",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert audit.returncode == 0, audit.stdout + audit.stderr
+    assert ours["site_keys"] == {str(k): v for k, v in dep.site_keys.items()}
+    # Sites 0 and 1 closed the run; site 2 was killed in the last round and never came back,
+    # so nothing shows where its spending ended: the audit fails that one line, and only it.
+    assert sorted(c["client_id"] for c in ours["clients"] if "close_signature" in c) == [0, 1]
+    assert set(ours["close"]["not_closed"]) == {"2"}
+    code, out_text = _audit(masked_run["out"], dep, tmp_path)
+    assert code == 1, out_text
+    failed = [line for line in out_text.splitlines() if line.startswith("[FAIL]")]
+    assert len(failed) == 1 and "closing claims" in failed[0], out_text
+    assert "site 2: no closing signature" in failed[0]
     for name in ("config.json", "metrics.json", "model.safetensors", "summary.md"):
         assert (masked_run["out"] / name).exists()
 

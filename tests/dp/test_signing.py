@@ -5,14 +5,17 @@ import pytest
 
 from securefed.dp.signing import (
     CLAIM_DOMAIN,
+    CLAIM_DOMAIN_V1,
     SiteSigner,
     attach_site_signatures,
     claim_from_report,
     claim_message,
+    claim_version,
     run_digest,
     sign_report,
     site_claim,
     verify_claim,
+    verify_close,
 )
 from securefed.errors import IntegrityError
 
@@ -124,9 +127,46 @@ def test_message_is_domain_separated():
     signer = SiteSigner.generate()
     claim = claim_from_report(_report(), RUN, 0)
     msg = claim_message(claim)
-    assert msg.startswith(CLAIM_DOMAIN) and CLAIM_DOMAIN == b"securefed/site-claim/v1\x00"
+    assert msg.startswith(CLAIM_DOMAIN) and CLAIM_DOMAIN == b"securefed/site-claim/v2\x00"
     bare = signer._key.sign(msg[len(CLAIM_DOMAIN) :]).hex()
     assert not verify_claim(claim, bare, signer.public_key_hex)
+    # A closing signature is not a claim's, and a claim's is not a closing one.
+    close = {"last_round": 2, "models": {"model.safetensors": "ab" * 32}, "roster_sha256": None}
+    closing = signer.sign_close(claim, close)
+    assert not verify_claim(claim, closing, signer.public_key_hex)
+    assert not verify_close(claim, close, signer.sign_claim(claim), signer.public_key_hex)
+
+
+def test_claim_version_tells_legacy_claims_from_closing_ones():
+    # v1 (code before closing claims) still verifies for the audit, as a claim never closed;
+    # today's sites sign v2 only, and the server's check takes v2 only.
+    signer = SiteSigner.generate()
+    claim = claim_from_report(_report(), RUN, 0)
+    legacy = signer.sign_message(claim_message(claim, domain=CLAIM_DOMAIN_V1))
+    assert claim_version(claim, legacy, signer.public_key_hex) == 1
+    assert not verify_claim(claim, legacy, signer.public_key_hex)
+    assert claim_version(claim, signer.sign_claim(claim), signer.public_key_hex) == 2
+    assert claim_version({**claim, "epsilon": 1.0}, legacy, signer.public_key_hex) is None
+
+
+def test_a_closing_signature_binds_the_claim_the_last_round_the_models_and_the_roster():
+    signer = SiteSigner.generate()
+    claim = claim_from_report(_report(), RUN, 0)
+    close = {
+        "last_round": 2,
+        "models": {"model.safetensors": "ab" * 32},
+        "roster_sha256": "cd" * 32,
+    }
+    sig = signer.sign_close(claim, close)
+    key = signer.public_key_hex
+    assert verify_close(claim, close, sig, key)
+    assert not verify_close({**claim, "events": claim["events"][:1]}, close, sig, key)
+    assert not verify_close(claim, {**close, "last_round": 1}, sig, key)
+    assert not verify_close(claim, {**close, "models": {"model.safetensors": "ef" * 32}}, sig, key)
+    assert not verify_close(claim, {**close, "roster_sha256": None}, sig, key)
+    assert not verify_close(claim, {"last_round": 2}, sig, key)  # malformed: False, no error
+    # Extra, unsigned fields of the block (the sites that did not close) do not matter.
+    assert verify_close(claim, {**close, "not_closed": {"3": "timeout"}}, sig, key)
 
 
 def test_sign_report_adds_keys_and_signatures():
