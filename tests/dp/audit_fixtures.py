@@ -163,3 +163,23 @@ def checkpoint_restores_and_refuses_a_rewrite(cfg, event, *, phase, sigma, match
             e["noise_multiplier"] = sigma
     with pytest.raises(ProtocolError, match=match):
         ClaimBook(cfg).restore(saved)
+
+
+def pins_of_another_roster(d: Path) -> tuple[dict, dict, object]:
+    """privacy.json of the masking run in ``d``, and the parameters a server would state under
+    another roster of its choosing (every site a minimum contributor).
+
+    Returns:
+        (privacy, the other roster's masking parameters, the other roster).
+
+    """
+    from securefed.config import RunConfig
+    from securefed.crypto.roster import Roster
+    from securefed.protocol.modes.masking import MaskingMode
+
+    privacy = read_json(d / "privacy.json")
+    params = privacy["secure_aggregation_params"]
+    config = RunConfig.from_recorded(read_json(d / "config.json")["run"])
+    n = int(config.clients)
+    other, _ = Roster.generate(n, min_contributors=n, threshold=params["pinned_threshold"])
+    return privacy, MaskingMode().server(config, n_sites=n, roster=other).describe(), other

@@ -20,7 +20,7 @@ from securefed.errors import ProtocolError
 from securefed.fl.claims import ClaimBook
 from securefed.protocol.wire import Stage
 from tests.conftest import tiny_config, write_small_npz
-from tests.dp.audit_fixtures import copy_run, rehash
+from tests.dp.audit_fixtures import copy_run, pins_of_another_roster, rehash
 
 CLOSE = "every DP site signed where the run ended (closing claims)"
 
@@ -135,17 +135,10 @@ def test_an_in_process_report_cannot_pass_as_another_rosters(recorded, tmp_path)
     # Pins of the rewriter's choosing under another roster's digest: the masking check can only
     # take them as the report states them (no roster file), so before closing claims this
     # passed (README). The sites signed the roster they pinned.
-    from securefed.config import RunConfig
-    from securefed.crypto.roster import Roster
-    from securefed.protocol.modes.masking import MaskingMode
-
     run, _ = recorded
     d = copy_run(run, tmp_path)
-    privacy = read_json(d / "privacy.json")
+    privacy, claimed, other = pins_of_another_roster(d)
     params = privacy["secure_aggregation_params"]
-    config = RunConfig.from_recorded(read_json(d / "config.json")["run"])
-    other, _ = Roster.generate(3, min_contributors=3, threshold=params["pinned_threshold"])
-    claimed = MaskingMode().server(config, n_sites=3, roster=other).describe()
     params.update(json.loads(json.dumps(claimed)))
     assert params["roster_sha256"] == other.digest().hex()
     write_json(d / "privacy.json", privacy)

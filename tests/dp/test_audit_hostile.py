@@ -16,7 +16,14 @@ from click.testing import CliRunner
 
 from securefed.cli import cli
 from securefed.dp.report import GUARANTEES, read_json, write_json
-from tests.dp.audit_fixtures import copy_run, reclaim, rehash, resign, tiny_run
+from tests.dp.audit_fixtures import (
+    copy_run,
+    pins_of_another_roster,
+    reclaim,
+    rehash,
+    resign,
+    tiny_run,
+)
 
 
 @pytest.fixture(scope="module")
@@ -122,16 +129,9 @@ def test_an_in_process_report_cannot_state_other_roster_pins(masked, tmp_path):
     # Review 32c: pins chosen by the rewriter (every site a minimum contributor) and the
     # tolerance that follows from them passed. An in-process run's roster is rebuilt from its
     # site keys and run: its digest is the report's, so the true pins decide.
-    from securefed.config import RunConfig
-    from securefed.crypto.roster import Roster
-    from securefed.protocol.modes.masking import MaskingMode
-
     d = copy_run(masked, tmp_path)
-    privacy = read_json(d / "privacy.json")
+    privacy, claimed, _ = pins_of_another_roster(d)
     params = privacy["secure_aggregation_params"]
-    config = RunConfig.from_recorded(read_json(d / "config.json")["run"])
-    stated, _ = Roster.generate(3, min_contributors=3, threshold=params["pinned_threshold"])
-    claimed = MaskingMode().server(config, n_sites=3, roster=stated).describe()
     keys = ("min_contributors", "tolerated_colluders", "tolerated_colluders_full_round")
     assert any(claimed[k] != params[k] for k in keys)
     params.update({k: claimed[k] for k in keys})
