@@ -58,16 +58,18 @@ def audit(
     rounds, epochs, batch size, secure aggregation, accountant); the ledger has one
     event per round metrics.json lists the site in, of epochs x 1/q steps; sigma is the
     calibrated value; the ledger's epsilon, recomputed with dp_accounting (PLD,
-    replace-one), is within the target and not above the claim; the noise was secret.
+    replace-one), is within the target and not above the claim; the noise was secret;
+    where the run ended (schema 3.8: every DP site signed a closing claim naming the
+    last round, the model files' SHA-256 and its roster, and took no step after it).
 
     \b
     Cannot prove: that noise was drawn at all (a site that skips it signs the same
     claim; the signature makes the site accountable for its claim, no more; an audit
     run's --empirical check measures it). Without --roster, a masking report's
     threshold and tolerated colluders follow from the roster pins the report states.
-    Where the run ended: no site signs its last round, so a server can present an
-    earlier point of the run as the whole run, with a smaller epsilon (sigma is still
-    checked against every planned round). Without
+    Where a report before 3.8 ended: its sites signed no last round, so a server could
+    present an earlier point of the run as the whole run, with a smaller epsilon (sigma
+    is still checked against every planned round). Without
     --site-keys the keys are self-asserted by the report: anyone who rewrites the report
     can re-sign it with keys of their own. Pin the keys the sites published.
 

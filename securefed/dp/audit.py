@@ -318,7 +318,7 @@ def _check_close(
     problems = []
     if close.get("last_round") != rounds:
         problems.append(
-            f"the sites closed after round {close.get('last_round')!r}; metrics.json lists "
+            f"the sites closed after round {close.get('last_round')!r:.40}; metrics.json lists "
             f"{rounds} rounds"
         )
     models = close.get("models")
@@ -335,8 +335,12 @@ def _check_close(
                 problems.append(f"{fname}: not the file the sites closed on (SHA-256 differs)")
     params = privacy.get("secure_aggregation_params")
     stated = params.get("roster_sha256") if isinstance(params, dict) else None
-    if stated is not None and close.get("roster_sha256") != stated:
-        # The sites sign the roster they pinned: a report cannot name another one.
+    masking = privacy.get("secure_aggregation") == "mask"
+    if (stated is not None or (masking and close.get("roster_sha256") is not None)) and close.get(
+        "roster_sha256"
+    ) != stated:
+        # The sites sign the roster they pinned: a report cannot name another one, nor drop
+        # it from the masking parameters (whose pins and tolerance follow from it).
         problems.append("the report's roster_sha256 is not the roster the sites signed")
     for c in clients:
         cid = int(c["client_id"])

@@ -776,7 +776,9 @@ class SiteRuntime:
         with other fields it is refused.
 
         Raises:
-            ProtocolError: No DP plan (nothing to close), malformed fields, a last round
+            ProtocolError: No DP plan (nothing to close), malformed fields, no record of
+                its own of what it spent (a deployed site whose state was lost: the server's
+                copy is never adopted here), a server copy that differs from it, a last round
                 before one the site trained or outside the run, or a close that differs from
                 the one the site gave.
 
@@ -807,6 +809,12 @@ class SiteRuntime:
             )
         ):
             raise ProtocolError(f"site {cid}: the close names no valid model files and digests")
+        if not self.history_known:
+            # Adopting the server's copy here would let it choose what the site closes on.
+            raise ProtocolError(
+                f"site {cid}: it holds no record of what it spent in this run (its state was "
+                "lost), so it cannot close it"
+            )
         self._sync_history(fields.get("history") or [], last + 1)
         trained = [int(e["round"]) for e in self.own_events()]
         if trained and max(trained) > last:

@@ -517,6 +517,15 @@ def write_summary(
             + f"; model.safetensors holds cluster {clusters['served_cluster']} (the largest).",
         ]
     lines += ["", "## Plots", ""] + [f"![{p}]({p})" for p in plots]
+    close = privacy.get("close") if isinstance(privacy, dict) else None
+    unclosed = close.get("not_closed") if isinstance(close, dict) else None
+    if unclosed:
+        lines += [
+            "",
+            f"**Sites that did not close the run: {', '.join(sorted(unclosed))}.** Nothing shows "
+            "where their spending ended, so `securefed audit` fails this run for them "
+            "(privacy.json `close.not_closed` says why).",
+        ]
     lines += ["", "Audit this run with `securefed audit <this folder>`.", ""]
     path = out / "summary.md"
     path.write_text("\n".join(lines))

@@ -238,3 +238,42 @@ def test_the_same_model_gives_the_same_file_bytes():
     back = load(data)
     assert set(back) == {"a", "b"} and torch.equal(back["a"], tensors["a"])
     assert torch.equal(back["b"], tensors["b"])
+
+
+def test_a_report_cannot_drop_the_roster_the_sites_signed(recorded, tmp_path):
+    # Review 33b: with the masking parameters rewritten as a run without a roster (a weaker
+    # stated protection), the close's signed roster was compared with nothing.
+    from securefed.config import RunConfig
+    from securefed.protocol.modes.masking import MaskingMode
+
+    run, _ = recorded
+    d = copy_run(run, tmp_path)
+    privacy = read_json(d / "privacy.json")
+    config = RunConfig.from_recorded(read_json(d / "config.json")["run"])
+    privacy["secure_aggregation_params"] = json.loads(
+        json.dumps(MaskingMode().server(config, n_sites=3, roster=None).describe())
+    )
+    assert "roster_sha256" not in privacy["secure_aggregation_params"]
+    write_json(d / "privacy.json", privacy)
+    rehash(d)
+    code, failed, out = audit(d, *_pinned(d, tmp_path))
+    assert code == 1 and CLOSE in failed and "not the roster the sites signed" in out
+
+
+def test_a_site_that_lost_its_record_does_not_close_on_the_servers_copy(small_npz):
+    # Review 33b: a deployed site whose state file is gone knows nothing of what it spent; it
+    # used to adopt the history the close carried, so the server chose what it closed on.
+    from securefed.fl.simulation import Federation
+
+    fed = Federation(tiny_config(small_npz, calibrate=False))
+    fed.run_round(1)
+    fed.run_round(2)
+    site = fed.sites[0]
+    round_1 = [e for e in site.own_events() if e["round"] == 1]
+    site.history_known = False  # as a fresh process without its state file starts
+    with pytest.raises(ProtocolError, match="holds no record"):
+        site.handle(
+            Stage.CLOSE,
+            {"last_round": 1, "models": {"model.safetensors": "ab" * 32}, "history": round_1},
+        )
+    assert "query.close.fields" not in site.persistent
