@@ -200,6 +200,7 @@ def test_a_site_that_did_not_close_fails_the_audit(tmp_path, small_npz):
     assert privacy["close"]["not_closed"] == {"1": "dropped out (simulated)"}
     code, failed, out = audit(run)
     assert failed == [CLOSE] and "site 1: no closing signature (dropped out" in out
+    assert "Sites that did not close the run: 1." in (run / "summary.md").read_text()
 
 
 @pytest.mark.parametrize("as_id", [float, lambda i: f"0{i}", lambda i: f" {i}"])
