@@ -28,10 +28,8 @@ same claim), or that a key belongs to the site it names unless the keys are pinn
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import math
-import re
 import warnings
 from collections import Counter
 from collections.abc import Iterator
@@ -46,12 +44,19 @@ from securefed.dp.releases import PHASES
 from securefed.dp.report import (
     COLLUSION_BOUND_FROM,
     THREAT_MODEL_3_6,
+    file_sha256,
     malformed_as_audit_error,
     read_json,
     report_hash,
     report_texts,
 )
-from securefed.dp.signing import claim_from_report, claim_version, run_digest, verify_close
+from securefed.dp.signing import (
+    MODEL_FILE,
+    claim_from_report,
+    claim_version,
+    run_digest,
+    verify_close,
+)
 from securefed.errors import AuditError, PrivacyBudgetError, SecureFedError
 
 __all__ = [
@@ -229,10 +234,6 @@ def _require(obj: dict, key: str, where: str) -> Any:
 _HE_MAX_COEFF_BITS = {1024: 27, 2048: 54, 4096: 109, 8192: 218, 16384: 438, 32768: 881}
 
 
-#: The model files a ``close`` block may name (CFL writes one per cluster).
-_MODEL_FILE = re.compile(r"model(_cluster[0-9]{1,3})?\.safetensors")
-
-
 def _closing_claims(privacy: dict, run: dict, keys: Any) -> bool:
     """Whether some DP site's claim is signed under the v2 domain: its site closes its runs.
 
@@ -271,14 +272,6 @@ def _check_ids(privacy: dict, where: str) -> None:
         for item in items:
             if not isinstance(item, dict) or type(item.get("client_id")) is not int:
                 raise AuditError(f"{where}: every {key} entry needs an integer client_id")
-
-
-def _file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _check_close(
@@ -327,11 +320,11 @@ def _check_close(
     else:
         for fname, digest in sorted(models.items()):
             path = run_dir / str(fname)
-            if not _MODEL_FILE.fullmatch(str(fname)):
+            if not MODEL_FILE.fullmatch(str(fname)):
                 problems.append(f"the close names {str(fname)[:40]!r}, not a model file")
             elif not path.is_file() or path.is_symlink():
                 problems.append(f"{fname}: missing")
-            elif _file_sha256(path) != digest:
+            elif file_sha256(path) != digest:
                 problems.append(f"{fname}: not the file the sites closed on (SHA-256 differs)")
     params = privacy.get("secure_aggregation_params")
     stated = params.get("roster_sha256") if isinstance(params, dict) else None

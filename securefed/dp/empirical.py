@@ -34,7 +34,6 @@ randomness (:class:`~securefed.dp.noise.SecretNoise`, never ``--seed``) and stay
 
 from __future__ import annotations
 
-import hashlib
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -58,7 +57,6 @@ __all__ = [
     "GradientCanaries",
     "check_audit_run",
     "empirical_epsilon",
-    "file_sha256",
     "epsilon_lower_bound",
     "p_value",
 ]
@@ -390,11 +388,6 @@ class AuditedSiteTrainer(SiteTrainer):
         return made
 
 
-def file_sha256(path: Path) -> str:
-    """Hex SHA-256 of a file's bytes."""
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
-
-
 def check_audit_run(
     run_dir: Path | str, *, site_keys: dict[str, str] | None = None
 ) -> dict[str, Any]:
@@ -425,7 +418,7 @@ def check_audit_run(
 
 def _check_audit_run(run: Path, *, site_keys: dict[str, str] | None) -> dict[str, Any]:
     """:func:`check_audit_run`'s checks."""
-    from securefed.dp.report import MAX_JSON_BYTES, read_json, report_hash
+    from securefed.dp.report import MAX_JSON_BYTES, file_sha256, read_json, report_hash
 
     privacy = read_json(run / "privacy.json")
     if not isinstance(privacy, dict):

@@ -25,6 +25,7 @@ __all__ = [
     "json_ready",
     "malformed_as_audit_error",
     "write_json",
+    "file_sha256",
     "read_json",
 ]
 
@@ -229,6 +230,15 @@ def malformed_as_audit_error(where: object, what: str = "report") -> Iterator[No
 
 #: The largest report file read (a run's privacy.json or metrics.json is far below it).
 MAX_JSON_BYTES = 64 * 2**20
+
+
+def file_sha256(path: str | Path) -> str:
+    """Hex SHA-256 of a file's bytes, read in 1 MiB chunks (model files can be large)."""
+    digest = hashlib.sha256()
+    with Path(path).open("rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def read_json(path: Path) -> Any:

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import stat
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -46,6 +47,7 @@ __all__ = [
     "CLAIM_DOMAIN",
     "CLAIM_DOMAIN_V1",
     "CLOSE_DOMAIN",
+    "MODEL_FILE",
     "SiteSigner",
     "attach_site_signatures",
     "claim_from_report",
@@ -68,6 +70,8 @@ CLAIM_DOMAIN_V1 = b"securefed/site-claim/v1\x00"
 CLOSE_DOMAIN = b"securefed/site-close/v1\x00"
 #: The fields of privacy.json's ``close`` block (each DP site signs them with its claim).
 CLOSE_FIELDS = ("last_round", "models", "roster_sha256")
+#: The model files a close may name (a run with several global models writes one per cluster).
+MODEL_FILE = re.compile(r"model(_cluster[0-9]{1,3})?\.safetensors")
 #: Domain tag of an audit run's signed empirical result (:func:`empirical_message`).
 EMPIRICAL_DOMAIN = b"securefed/empirical-audit/v1\x00"
 #: The fields of privacy.json's ``empirical`` block the audited site signs.

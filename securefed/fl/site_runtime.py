@@ -34,7 +34,7 @@ from securefed.dp import calibration, class_prior, fair_loss, releases
 from securefed.dp.disclosures import check_reply
 from securefed.dp.empirical import AuditedSiteTrainer, GradientCanaries
 from securefed.dp.ledger import PrivacyEvent, PrivacyLedger
-from securefed.dp.signing import SiteSigner
+from securefed.dp.signing import MODEL_FILE, SiteSigner
 from securefed.dp.trainer import SiteTrainer
 from securefed.errors import (
     ConfigError,
@@ -89,8 +89,7 @@ _EVALUATE_CLUSTER_ROUNDS = "evaluate.cluster.rounds"
 _CALIBRATE_ROUNDS = "calibrate.rounds"
 #: teacher-student ``--teacher fixed``: the SHA-256 (hex) of the one teacher of the run.
 _TEACHER = "fit.teacher_sha256"
-#: The model files a close may name (CFL writes one per cluster), and their digests.
-_MODEL_FILE = re.compile(r"model(_cluster[0-9]{1,3})?\.safetensors")
+#: A model file's digest in a close.
 _SHA256_HEX = re.compile(r"[0-9a-f]{64}")
 
 
@@ -802,7 +801,7 @@ class SiteRuntime:
             or not 1 <= len(models) <= 1000
             or not all(
                 isinstance(k, str)
-                and _MODEL_FILE.fullmatch(k)
+                and MODEL_FILE.fullmatch(k)
                 and isinstance(v, str)
                 and _SHA256_HEX.fullmatch(v)
                 for k, v in models.items()

@@ -21,9 +21,15 @@ from securefed.dp import calibration, class_prior, fair_loss
 from securefed.dp.accounting import ADJACENCY
 from securefed.dp.disclosures import disclosures_json
 from securefed.dp.empirical import RECORD_FILE as EMPIRICAL_RECORD
-from securefed.dp.empirical import file_sha256
 from securefed.dp.releases import PHASES
-from securefed.dp.report import SCHEMA_VERSION, json_ready, report_hash, report_texts, write_json
+from securefed.dp.report import (
+    SCHEMA_VERSION,
+    file_sha256,
+    json_ready,
+    report_hash,
+    report_texts,
+    write_json,
+)
 from securefed.errors import ConfigError
 from securefed.fl.claims import noise_description
 from securefed.fl.engine import RoundEngine

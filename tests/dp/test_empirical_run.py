@@ -110,7 +110,8 @@ def test_a_forged_empirical_record_rehashed_fails_the_sites_signature(audit_run,
     digest) no longer verifies; against its pinned key even a re-signed block fails."""
     import shutil
 
-    from securefed.dp.empirical import empirical_epsilon, file_sha256
+    from securefed.dp.empirical import empirical_epsilon
+    from securefed.dp.report import file_sha256
     from securefed.dp.signing import SiteSigner, empirical_message
     from tests.dp.audit_fixtures import rehash
 
