@@ -13,6 +13,10 @@ Modes timed (one step = forward, backward, clipping, noise, SGD update):
 - ``bk``: :class:`securefed.dp.clipping.BookKeepingClipper` + noise + ``SGD.step()``,
   what :class:`securefed.dp.trainer.SiteTrainer` runs for supported models.
 
+Any mode with the suffix ``-torchpool`` (``plain-torchpool``, ``bk-torchpool``) runs the same
+model with PyTorch's ``nn.MaxPool{2,3}d(2)`` in place of the project's
+:class:`securefed.models.pooling.MaxPool2x` (the cnn's pooling), to measure what that saves.
+
 Timing alternates the modes inside one process and keeps the fastest of ``--repeats`` rounds
 of ``--steps`` steps, so a busy machine affects every mode alike; quote ratios, not seconds.
 Peak memory is the resident-set growth of a fresh subprocess that runs 3 steps of one mode
@@ -21,6 +25,8 @@ modes do not share a peak.
 
     python benchmarks/dp_step.py --models cnn --batches 256,64 --out bench-out/dp-step
     python benchmarks/dp_step.py --models cnn,resnet-small,resnet18,unet --threads 1
+    python benchmarks/dp_step.py --models cnn-3d --batches 8 --threads 1
+    python benchmarks/dp_step.py --batches 64 --modes plain,plain-torchpool,bk,bk-torchpool
 """
 
 from __future__ import annotations
@@ -40,6 +46,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from securefed.dp.clipping import BookKeepingClipper, supports  # noqa: E402
 from securefed.models import ModelSpec, build_model  # noqa: E402
+from securefed.models.pooling import MaxPool2x  # noqa: E402
 
 MODES = ("plain", "hooks", "functorch", "ew", "ghost", "bk")
 
@@ -58,7 +65,14 @@ SETUPS = {
         ),
         "seg",
     ),
+    # The cnn on volumes (AdrenalMNIST3D's 28^3), where its pooling is MaxPool3d.
+    "cnn-3d": (
+        ModelSpec(in_channels=1, num_classes=2, spatial_dims=3, image_shape=(28, 28, 28)),
+        "ce",
+    ),
 }
+# A setup whose name is not the model's.
+MODEL_OF = {"cnn-3d": "cnn"}
 
 
 def _data(name: str, batch: int) -> tuple[torch.Tensor, torch.Tensor, Callable]:
@@ -80,6 +94,15 @@ def _noise_and_step(params, sums, opt, n: float) -> None:
     opt.step()
 
 
+def _with_torch_pooling(model: torch.nn.Module) -> None:
+    """Swap every :class:`MaxPool2x` of ``model`` for PyTorch's own pooling, in place."""
+    for parent in list(model.modules()):
+        for child_name, child in parent.named_children():
+            if isinstance(child, MaxPool2x):
+                torch_pool = torch.nn.MaxPool2d if child.spatial_dims == 2 else torch.nn.MaxPool3d
+                setattr(parent, child_name, torch_pool(2))
+
+
 def make_step(name: str, mode: str, batch: int) -> Callable[[], None] | None:
     """One closure per (model, mode): a full optimizer step; ``None`` if unsupported."""
     from opacus import GradSampleModule
@@ -87,7 +110,12 @@ def make_step(name: str, mode: str, batch: int) -> Callable[[], None] | None:
 
     torch.manual_seed(0)
     spec, _ = SETUPS[name]
-    model = build_model(name=name, spec=spec).module
+    model = build_model(name=MODEL_OF.get(name, name), spec=spec).module
+    mode, _, variant = mode.partition("-")
+    if variant == "torchpool":
+        _with_torch_pooling(model)
+    elif variant:
+        raise ValueError(f"unknown mode suffix {variant!r}")
     x, y, crit = _data(name, batch)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.SGD(params, lr=0.01)

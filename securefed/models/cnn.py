@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from torch import nn
 
+from securefed.models.pooling import MaxPool2x
+
 __all__ = ["SmallCNN"]
 
 
@@ -29,7 +31,6 @@ class SmallCNN(nn.Module):
         super().__init__()
         conv = nn.Conv2d if spatial_dims == 2 else nn.Conv3d
         norm = nn.BatchNorm2d if spatial_dims == 2 else nn.BatchNorm3d
-        pool = nn.MaxPool2d if spatial_dims == 2 else nn.MaxPool3d
         gap = nn.AdaptiveAvgPool2d if spatial_dims == 2 else nn.AdaptiveAvgPool3d
         widths = (width, 2 * width, 2 * width)
         layers: list[nn.Module] = []
@@ -37,7 +38,8 @@ class SmallCNN(nn.Module):
         for i, w in enumerate(widths):
             layers += [conv(prev, w, kernel_size=3, padding=1), norm(w), nn.Tanh()]
             if i < len(widths) - 1:
-                layers.append(pool(2))
+                # nn.MaxPool{2,3}d(2)'s result, without its slow CPU kernel.
+                layers.append(MaxPool2x(spatial_dims))
             prev = w
         layers += [gap(1), nn.Flatten()]
         self.features = nn.Sequential(*layers)
