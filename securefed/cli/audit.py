@@ -58,7 +58,8 @@ def audit(
     rounds, epochs, batch size, secure aggregation, accountant); the ledger has one
     event per round metrics.json lists the site in, of epochs x 1/q steps; sigma is the
     calibrated value; the ledger's epsilon, recomputed with dp_accounting (PLD,
-    replace-one), is within the target and not above the claim; the noise was secret;
+    replace-one), is within the target and not above the claim, and so is the epsilon
+    metrics.json and privacy.json state after each round; the noise was secret;
     where the run ended (schema 3.8: every DP site signed a closing claim naming the
     last round, the model files' SHA-256 and its roster, and took no step after it).
 

@@ -35,6 +35,7 @@ from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -174,10 +175,63 @@ def independent_epsilon(*, events: list[tuple[float, float, int]], delta: float)
         delta: The site's delta.
 
     """
+    return _independent_epsilon(tuple(sorted(events)), float(delta))
+
+
+@lru_cache(maxsize=32)
+def _independent_epsilon(events: tuple, delta: float) -> float:
+    # Cached: the sites of one plan usually share one ledger, and their audits one answer.
     from securefed.dp.accounting import pld_epsilon
 
     with _quiet():
-        return pld_epsilon(history=events, delta=delta, discretization=_PLD_DISCRETIZATION)
+        return pld_epsilon(history=list(events), delta=delta, discretization=_PLD_DISCRETIZATION)
+
+
+def independent_epsilons_by_round(
+    *, rounds: list[list[tuple[float, float, int]]], delta: float
+) -> list[float]:
+    """Replace-one epsilon after each round: ``out[r]`` covers the events of rounds ``0..r``.
+
+    The same PLD as :func:`independent_epsilon` (dp_accounting, the audit's finer grid), built
+    incrementally: each ``(sigma, q)`` Poisson-subsampled Gaussian PLD is built once and each
+    round's events are composed onto the previous round's distribution, so a run of R rounds
+    costs R compositions instead of R from-scratch accountants. Results are cached on the whole
+    history (sites of one plan that took part in every round share one computation).
+
+    Args:
+        rounds: Per round, ``[(sigma, q, steps), ...]`` (possibly empty).
+        delta: The site's delta.
+
+    """
+    key = tuple(tuple(sorted(r)) for r in rounds)
+    return list(_epsilons_by_round(key, float(delta)))
+
+
+@lru_cache(maxsize=32)
+def _epsilons_by_round(rounds: tuple, delta: float) -> tuple[float, ...]:
+    from dp_accounting import NeighboringRelation
+    from dp_accounting.pld import privacy_loss_distribution as pld_lib
+
+    base: dict[tuple[float, float], Any] = {}
+    current = None
+    out = []
+    with _quiet():
+        for events in rounds:
+            for sigma, q, steps in events:
+                if steps <= 0:
+                    continue
+                if (sigma, q) not in base:
+                    base[(sigma, q)] = pld_lib.from_gaussian_mechanism(
+                        sigma,
+                        sensitivity=1.0,
+                        value_discretization_interval=_PLD_DISCRETIZATION,
+                        sampling_prob=q,
+                        neighboring_relation=NeighboringRelation.REPLACE_ONE,
+                    )
+                step = base[(sigma, q)].self_compose(int(steps))
+                current = step if current is None else current.compose(step)
+            out.append(0.0 if current is None else float(current.get_epsilon_for_delta(delta)))
+    return tuple(out)
 
 
 def load_site_keys(path: str | Path) -> dict[str, str]:
@@ -819,8 +873,12 @@ def _check_site(
     participants: dict[int, set[int]],
     calibrated: dict[tuple, float | None],
     released: set[int],
+    reported: list[float | None],
 ) -> float:
-    """Every check of one DP site; returns its claimed epsilon."""
+    """Every check of one DP site; returns its claimed epsilon.
+
+    ``reported`` is the site's epsilon in each round of metrics.json (None where absent).
+    """
     from securefed.dp import accounting
 
     cid = int(c["client_id"])
@@ -1062,12 +1120,23 @@ def _check_site(
             0 < delta < 1.0 / int(n),
             f"delta {delta:.3g}, 1/n {1.0 / int(n):.3g}",
         )
-    per_round = [float(x) for x in c.get("epsilon_per_round", [])]
+    # null: the site had no claim yet when the round was evaluated (written as unknown).
+    per_round = [math.inf if x is None else float(x) for x in c.get("epsilon_per_round", [])]
     result.add(
         f"{name}: epsilon non-decreasing over rounds",
         all(b >= a - 1e-12 for a, b in zip(per_round, per_round[1:]))
         and (not per_round or math.isclose(per_round[-1], claim_eps)),
         f"{len(per_round)} rounds",
+    )
+    _check_progress(
+        result,
+        name=name,
+        events=events,
+        delta=delta,
+        per_round=per_round,
+        reported=reported,
+        rounds=len(executed),
+        accountable=accountable,
     )
     result.rows.append(
         {
@@ -1082,6 +1151,75 @@ def _check_site(
         }
     )
     return claim_eps
+
+
+def _check_progress(
+    result: AuditResult,
+    *,
+    name: str,
+    events: list[dict[str, Any]],
+    delta: float,
+    per_round: list[float],
+    reported: list[float | None],
+    rounds: int,
+    accountable: bool,
+) -> None:
+    """The epsilon a report states after each round, recomputed from the ledger.
+
+    What a reader plots against accuracy (metrics.json's per-round ``epsilon``, privacy.json's
+    ``epsilon_per_round``) is no signed claim, so it is recomputed: after round r, the events of
+    rounds 1..r. A stated value may exceed the recomputed one (a site without a claim yet is
+    stated as unknown, null) but may not understate it by more than the tolerance, and the
+    two files must state the same values.
+    """
+    label = f"{name}: epsilon after each round >= independent PLD epsilon - tolerance"
+    if not accountable:
+        result.add(label, False, "not recomputed: the ledger or the plan fails a check above")
+        return
+    if len(per_round) != rounds or len(reported) != rounds:
+        result.add(
+            label,
+            False,
+            f"privacy.json states {len(per_round)} rounds and metrics.json "
+            f"{len(reported)}, metrics.json has {rounds}",
+        )
+        return
+    same = all(
+        (m is None and math.isinf(p)) or (m is not None and math.isclose(float(m), p))
+        for m, p in zip(reported, per_round)
+    )
+    if not same:
+        first = next(
+            i for i, (m, p) in enumerate(zip(reported, per_round))
+            if not ((m is None and math.isinf(p)) or (m is not None and math.isclose(float(m), p)))
+        )  # fmt: skip
+        result.add(
+            label,
+            False,
+            f"round {first + 1}: metrics.json states {reported[first]}, "
+            f"privacy.json {per_round[first]}",
+        )
+        return
+    by_round: list[list[tuple[float, float, int]]] = [[] for _ in range(rounds)]
+    for e in events:
+        by_round[int(e["round"]) - 1].append(
+            (float(e["noise_multiplier"]), float(e["sample_rate"]), int(e["steps"]))
+        )
+    recomputed = independent_epsilons_by_round(rounds=by_round, delta=delta)
+    short = [
+        (r + 1, stated, pld)
+        for r, (stated, pld) in enumerate(zip(per_round, recomputed))
+        if stated < pld - (TOLERANCE["absolute"] + TOLERANCE["relative"] * pld)
+    ]
+    result.add(
+        label,
+        not short,
+        f"{rounds} rounds recomputed"
+        if not short
+        else "understated: "
+        + ", ".join(f"round {r} states {a:.4f}, PLD {b:.4f}" for r, a, b in short[:3])
+        + (f" and {len(short) - 3} more" if len(short) > 3 else ""),
+    )
 
 
 def audit_run(
@@ -1241,6 +1379,17 @@ def _audit_run(
                     participants=participants,
                     calibrated=calibrated,
                     released=released,
+                    reported=[
+                        next(
+                            (
+                                e.get("epsilon")
+                                for e in r.get("clients", [])
+                                if e.get("client_id") == c["client_id"]
+                            ),
+                            None,
+                        )
+                        for r in metrics["rounds"]
+                    ],
                 )
             )
             deltas.append(float(c.get("delta", privacy["delta"])))

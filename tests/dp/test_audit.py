@@ -171,3 +171,62 @@ def test_an_invalid_configuration_fails_the_disclosures_check(run_dir, tmp_path)
     _rehash(d)
     checks = {c.name: c for c in audit_run(d).checks}
     assert not checks["disclosures list every release the configuration implies"].ok
+
+
+def _progress(d, scale_round_1: float) -> None:
+    """Rewrite round 1's epsilon in both files by ``scale_round_1``, claims untouched."""
+    privacy = read_json(d / "privacy.json")
+    metrics = read_json(d / "metrics.json")
+    for c in privacy["clients"]:
+        c["epsilon_per_round"][0] *= scale_round_1
+    for entry in metrics["rounds"][0]["clients"]:
+        entry["epsilon"] *= scale_round_1
+    write_json(d / "privacy.json", privacy)
+    write_json(d / "metrics.json", metrics)
+    _rehash(d)
+
+
+def test_an_understated_epsilon_curve_fails_while_every_signed_claim_holds(run_dir, tmp_path):
+    # What a reader plots against accuracy: "round 1 cost epsilon 0.5". The signed claims
+    # (the end of the run) are untouched, so before the per-round recomputation every line
+    # of the audit passed.
+    d = _copy(run_dir, tmp_path)
+    _progress(d, 0.25)
+    result = audit_run(d)
+    failed = [c for c in result.checks if not c.ok]
+    assert [c.name for c in failed] == [
+        "site 0: epsilon after each round >= independent PLD epsilon - tolerance",
+        "site 1: epsilon after each round >= independent PLD epsilon - tolerance",
+    ]
+    assert "understated: round 1 states" in failed[0].detail
+
+
+def test_an_overstated_epsilon_curve_is_conservative_and_passes(run_dir, tmp_path):
+    d = _copy(run_dir, tmp_path)
+    _progress(d, 1.1)  # round 1 still below round 2's: the curve stays non-decreasing
+    result = audit_run(d)
+    assert result.ok, [c for c in result.checks if not c.ok]
+
+
+def test_metrics_and_privacy_must_state_the_same_epsilon_curve(run_dir, tmp_path):
+    d = _copy(run_dir, tmp_path)
+    metrics = read_json(d / "metrics.json")
+    metrics["rounds"][0]["clients"][1]["epsilon"] *= 0.5
+    write_json(d / "metrics.json", metrics)
+    _rehash(d)
+    failed = {c.name: c.detail for c in audit_run(d).checks if not c.ok}
+    label = "site 1: epsilon after each round >= independent PLD epsilon - tolerance"
+    assert list(failed) == [label]
+    assert "round 1: metrics.json states" in failed[label]
+
+
+def test_the_epsilon_curve_is_recomputed_round_by_round():
+    from securefed.dp.audit import independent_epsilon, independent_epsilons_by_round
+
+    rounds = [[(1.2, 0.1, 10)], [], [(1.2, 0.1, 10), (2.0, 0.5, 3)]]
+    curve = independent_epsilons_by_round(rounds=rounds, delta=1e-5)
+    flat = [e for r in rounds for e in r]
+    assert curve[0] == pytest.approx(independent_epsilon(events=rounds[0], delta=1e-5), rel=1e-9)
+    assert curve[1] == curve[0]  # a round without events spends nothing
+    assert curve[2] == pytest.approx(independent_epsilon(events=flat, delta=1e-5), rel=1e-9)
+    assert independent_epsilons_by_round(rounds=[[], []], delta=1e-5) == [0.0, 0.0]
