@@ -7,8 +7,11 @@ dimension at a time, plus one bit per pair saying which won; the bits give the f
 each window's winner exactly as PyTorch's kernel records it (its first maximum in scan
 order), so the backward pass is PyTorch's own ``max_pool{2,3}d_with_indices_backward``.
 Outputs and gradients equal ``nn.MaxPool2d(2)`` / ``nn.MaxPool3d(2)`` exactly for finite
-inputs, ties included (``tests/models/test_pooling.py``); odd sizes are cropped as its
-floor mode does. Small inputs and other devices than the CPU go to PyTorch's pooling.
+inputs, ties included (``tests/models/test_pooling.py``), with one difference in sign only:
+a window holding both -0.0 and +0.0 gives +0.0 (``torch.maximum``) where PyTorch's gives its
+first, possibly -0.0; the value and the gradient are the same. A NaN window's output is NaN
+in both, but its gradient goes to another position. Odd sizes are cropped as the floor mode
+does. Small inputs and other devices than the CPU go to PyTorch's pooling.
 
     python benchmarks/dp_step.py --batches 64 --modes plain,plain-torchpool,bk,bk-torchpool
 """

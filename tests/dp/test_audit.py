@@ -221,12 +221,83 @@ def test_metrics_and_privacy_must_state_the_same_epsilon_curve(run_dir, tmp_path
 
 
 def test_the_epsilon_curve_is_recomputed_round_by_round():
+    from securefed.dp.accounting import pld_epsilon
     from securefed.dp.audit import independent_epsilon, independent_epsilons_by_round
 
     rounds = [[(1.2, 0.1, 10)], [], [(1.2, 0.1, 10), (2.0, 0.5, 3)]]
     curve = independent_epsilons_by_round(rounds=rounds, delta=1e-5)
-    flat = [e for r in rounds for e in r]
-    assert curve[0] == pytest.approx(independent_epsilon(events=rounds[0], delta=1e-5), rel=1e-9)
+    prefixes = [rounds[0], rounds[0], [e for r in rounds for e in r]]
+    for eps, events in zip(curve, prefixes):
+        # The training's grid (what an honest site claims), composed round by round ...
+        assert eps == pytest.approx(pld_epsilon(history=events, delta=1e-5), rel=1e-6)
+        # ... and never below the final claim's finer grid (pessimistic, so only stricter).
+        assert eps >= independent_epsilon(events=events, delta=1e-5) - 1e-9
     assert curve[1] == curve[0]  # a round without events spends nothing
-    assert curve[2] == pytest.approx(independent_epsilon(events=flat, delta=1e-5), rel=1e-9)
     assert independent_epsilons_by_round(rounds=[[], []], delta=1e-5) == [0.0, 0.0]
+
+
+def _progress_lines(**kwargs):
+    from securefed.dp.audit import AuditResult, _check_progress
+
+    result = AuditResult()
+    args = dict(name="site 0", delta=1e-5, accountable=True)
+    args.update(kwargs)
+    _check_progress(result, **args)
+    return result.checks
+
+
+def _event(r, steps=4):
+    return {"round": r, "noise_multiplier": 1.0, "sample_rate": 0.25, "steps": steps}
+
+
+def test_a_ledger_event_beyond_the_listed_rounds_fails_without_a_traceback():
+    # Review 34: a calibration event at the configured last round, metrics.json cut shorter,
+    # indexed past the per-round list (IndexError, a traceback and exit 1).
+    (check,) = _progress_lines(
+        events=[_event(1), _event(3)], per_round=[5.0, 9.0], reported=[5.0, 9.0], rounds=2
+    )
+    assert not check.ok and "rounds [3] beyond" in check.detail
+
+
+def test_a_curve_may_start_unknown_but_not_hide_a_known_value():
+    events = [_event(1), _event(2)]
+    (check,) = _progress_lines(
+        events=events, per_round=[None, 99.0], reported=[None, 99.0], rounds=2
+    )
+    assert check.ok, check.detail
+    (check,) = _progress_lines(events=events, per_round=[None, 0.1], reported=[None, 0.1], rounds=2)
+    assert not check.ok and "round 2 states 0.1000" in check.detail
+    (check,) = _progress_lines(
+        events=events, per_round=[99.0, 99.0], reported=[None, 99.0], rounds=2
+    )
+    assert not check.ok and "round 1: metrics.json states None" in check.detail
+
+
+def test_a_curve_longer_than_the_cap_is_not_recomputed_and_says_so(monkeypatch):
+    from securefed.dp import audit
+
+    monkeypatch.setattr(audit, "_MAX_CURVE_ROUNDS", 1)
+    (check,) = _progress_lines(
+        events=[_event(1), _event(2)], per_round=[9.0, 9.0], reported=[9.0, 9.0], rounds=2
+    )
+    assert not check.ok and "not recomputed: 2 rounds, more than 1" in check.detail
+
+
+def test_a_null_prefix_keeps_the_curve_non_decreasing_and_a_string_is_malformed(run_dir, tmp_path):
+    d = _copy(run_dir, tmp_path)
+    privacy = read_json(d / "privacy.json")
+    metrics = read_json(d / "metrics.json")
+    privacy["clients"][0]["epsilon_per_round"][0] = None
+    metrics["rounds"][0]["clients"][0]["epsilon"] = None
+    write_json(d / "privacy.json", privacy)
+    write_json(d / "metrics.json", metrics)
+    _rehash(d)
+    result = audit_run(d)
+    assert result.ok, [c for c in result.checks if not c.ok]
+    privacy["clients"][0]["epsilon_per_round"][0] = "0.5"
+    metrics["rounds"][0]["clients"][0]["epsilon"] = "0.5"
+    write_json(d / "privacy.json", privacy)
+    write_json(d / "metrics.json", metrics)
+    _rehash(d)
+    with pytest.raises(AuditError, match="must be a number or null"):
+        audit_run(d)
