@@ -105,6 +105,11 @@ _CURVE_DISCRETIZATION = 1e-3
 #: compositions per distinct ledger (about 11 ms each at q = 0.01).
 _MAX_CURVE_ROUNDS = 2000
 
+#: Ledger events recomputed for the curves of one report, distinct ledgers only (a hostile
+#: report of many sites, each skipping another round, would otherwise cost 10 s or more a
+#: site); beyond it the remaining sites' curve lines fail, saying so.
+_CURVE_EVENT_BUDGET = 10000
+
 
 @dataclass(frozen=True)
 class Check:
@@ -206,8 +211,8 @@ def independent_epsilons_by_round(
     built from scratch, see ``_CURVE_DISCRETIZATION``) and incrementally: each ``(sigma, q)``
     Poisson-subsampled Gaussian PLD is built once and each round's events are composed onto
     the previous round's distribution, so a run of R rounds costs R compositions instead of R
-    from-scratch accountants. Results are cached on the whole
-    history (sites of one plan that took part in every round share one computation).
+    from-scratch accountants. Results are cached on the whole history (sites of one plan that
+    took part in every round share one computation).
 
     Args:
         rounds: Per round, ``[(sigma, q, steps), ...]`` (possibly empty).
@@ -885,6 +890,7 @@ def _check_site(
     calibrated: dict[tuple, float | None],
     released: set[int],
     reported: list[float | None],
+    budget: dict[str, Any],
 ) -> float:
     """Every check of one DP site; returns its claimed epsilon.
 
@@ -1150,6 +1156,7 @@ def _check_site(
         reported=reported,
         rounds=len(executed),
         accountable=accountable,
+        budget=budget,
     )
     result.rows.append(
         {
@@ -1202,14 +1209,16 @@ def _check_progress(
     reported: list[float | None],
     rounds: int,
     accountable: bool,
+    budget: dict[str, Any],
 ) -> None:
     """The epsilon a report states after each round, recomputed from the ledger.
 
     What a reader plots against accuracy (metrics.json's per-round ``epsilon``, privacy.json's
     ``epsilon_per_round``) is no signed claim, so it is recomputed: after round r, the events of
-    rounds 1..r. A stated value may exceed the recomputed one, or be null before the site's
-    first claim (unknown), but may not understate it by more than the final claim's tolerance,
-    and the two files must state the same values.
+    rounds 1..r. A stated value may exceed the recomputed one, or be null (unknown) while the
+    ledger holds nothing yet, but may not understate it by more than the final claim's
+    tolerance, and the two files must state the same values. ``budget`` bounds the events
+    recomputed over the whole report (``left``; ``seen``: ledgers already done).
     """
     label = f"{name}: epsilon after each round >= independent PLD epsilon - tolerance"
     if not accountable:
@@ -1248,12 +1257,30 @@ def _check_progress(
         by_round[int(e["round"]) - 1].append(
             (float(e["noise_multiplier"]), float(e["sample_rate"]), int(e["steps"]))
         )
+    # Each event costs a PLD composition; identical ledgers (sites of one plan) cost once.
+    ledger = (delta, tuple(tuple(sorted(r)) for r in by_round))
+    if ledger not in budget["seen"]:
+        if len(events) > budget["left"]:
+            result.add(
+                label,
+                False,
+                f"not recomputed: the report's distinct ledgers exceed the audit's budget of "
+                f"{_CURVE_EVENT_BUDGET} events",
+            )
+            return
+        budget["left"] -= len(events)
+        budget["seen"].add(ledger)
     recomputed = independent_epsilons_by_round(rounds=by_round, delta=delta)
+    # null (unknown) only where nothing was spent yet: today's writer states 0.0 there, and a
+    # null over spent rounds would hide them from a reader as surely as a smaller number.
     short = [
         (r + 1, stated, pld)
         for r, (stated, pld) in enumerate(zip(per_round, recomputed))
-        if stated is not None
-        and stated < pld - (TOLERANCE["absolute"] + TOLERANCE["relative"] * pld)
+        if (stated is None and pld > 0)
+        or (
+            stated is not None
+            and stated < pld - (TOLERANCE["absolute"] + TOLERANCE["relative"] * pld)
+        )
     ]
     result.add(
         label,
@@ -1261,7 +1288,10 @@ def _check_progress(
         f"{rounds} rounds recomputed"
         if not short
         else "understated: "
-        + ", ".join(f"round {r} states {a:.4f}, PLD {b:.4f}" for r, a, b in short[:3])
+        + ", ".join(
+            f"round {r} states {'null' if a is None else f'{a:.4f}'}, PLD {b:.4f}"
+            for r, a, b in short[:3]
+        )
         + (f" and {len(short) - 3} more" if len(short) > 3 else ""),
     )
 
@@ -1408,6 +1438,7 @@ def _audit_run(
         # Each round's stated epsilon per site, read once (not once per site: a report of many
         # sites would make that quadratic).
         stated = [_stated_epsilons(r) for r in metrics["rounds"]]
+        budget: dict[str, Any] = {"left": _CURVE_EVENT_BUDGET, "seen": set()}
         calibrated: dict[tuple, float | None] = {}
         claims: list[float] = []
         deltas: list[float] = []
@@ -1427,6 +1458,7 @@ def _audit_run(
                     calibrated=calibrated,
                     released=released,
                     reported=[r.get(int(c["client_id"])) for r in stated],
+                    budget=budget,
                 )
             )
             deltas.append(float(c.get("delta", privacy["delta"])))
@@ -1441,7 +1473,14 @@ def _audit_run(
             bool(deltas) and math.isclose(float(privacy["delta"]), max(deltas)),
             f"{privacy.get('delta')} vs {max(deltas) if deltas else None}",
         )
-    except (KeyError, TypeError, ValueError, AttributeError, IndexError) as exc:
+    except (
+        KeyError,
+        TypeError,
+        ValueError,
+        AttributeError,
+        IndexError,
+        ZeroDivisionError,
+    ) as exc:
         raise AuditError(f"{where}: malformed entry ({exc!r})") from exc
     if "empirical" in privacy:
         _check_empirical(result, run_dir, site_keys)

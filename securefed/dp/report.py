@@ -241,6 +241,20 @@ def file_sha256(path: str | Path) -> str:
     return digest.hexdigest()
 
 
+def _no_repeated_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """A JSON object, refusing a key written twice.
+
+    Python keeps the last of two equal keys, other readers the first: a report could show
+    one value to the audit (and its hash) and another to a reader.
+    """
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise ValueError(f"key {key!r} appears twice in one object")
+        out[key] = value
+    return out
+
+
 def read_json(path: Path) -> Any:
     """Read a JSON file; any failure is an :class:`AuditError` naming the file.
 
@@ -258,7 +272,7 @@ def read_json(path: Path) -> Any:
             raw = fh.read(MAX_JSON_BYTES + 1)
         if len(raw) > MAX_JSON_BYTES:
             raise AuditError(f"{path}: larger than {MAX_JSON_BYTES // 2**20} MiB")
-        return json.loads(raw.decode("utf-8"))
+        return json.loads(raw.decode("utf-8"), object_pairs_hook=_no_repeated_keys)
     except AuditError:
         raise
     except FileNotFoundError as exc:

@@ -42,7 +42,7 @@ def _pool(x: torch.Tensor, nd: int, want_index: bool):
     for i in reversed(range(nd - 1)):
         strides[i] = strides[i + 1] * spatial[i + 1]
     crop = (slice(None), slice(None)) + tuple(slice(0, 2 * h) for h in half)
-    cur = x[crop].contiguous()  # a view, no copy, unless a size is odd
+    cur = x[crop].contiguous()  # no copy for a contiguous input of even sizes
     bits: list[torch.Tensor] = []  # per reduced dimension: the odd position won
     for k in reversed(range(nd)):
         axis = 2 + k

@@ -240,7 +240,7 @@ def _progress_lines(**kwargs):
     from securefed.dp.audit import AuditResult, _check_progress
 
     result = AuditResult()
-    args = dict(name="site 0", delta=1e-5, accountable=True)
+    args = dict(name="site 0", delta=1e-5, accountable=True, budget={"left": 100, "seen": set()})
     args.update(kwargs)
     _check_progress(result, **args)
     return result.checks
@@ -259,18 +259,33 @@ def test_a_ledger_event_beyond_the_listed_rounds_fails_without_a_traceback():
     assert not check.ok and "rounds [3] beyond" in check.detail
 
 
-def test_a_curve_may_start_unknown_but_not_hide_a_known_value():
-    events = [_event(1), _event(2)]
-    (check,) = _progress_lines(
-        events=events, per_round=[None, 99.0], reported=[None, 99.0], rounds=2
-    )
+def test_a_curve_may_be_unknown_only_before_anything_is_spent():
+    late = [_event(2)]
+    (check,) = _progress_lines(events=late, per_round=[None, 99.0], reported=[None, 99.0], rounds=2)
     assert check.ok, check.detail
-    (check,) = _progress_lines(events=events, per_round=[None, 0.1], reported=[None, 0.1], rounds=2)
-    assert not check.ok and "round 2 states 0.1000" in check.detail
+    # Review 34b: a null over a spent round hid it as surely as a smaller number.
+    early = [_event(1), _event(2)]
     (check,) = _progress_lines(
-        events=events, per_round=[99.0, 99.0], reported=[None, 99.0], rounds=2
+        events=early, per_round=[None, 99.0], reported=[None, 99.0], rounds=2
     )
+    assert not check.ok and "round 1 states null" in check.detail
+    (check,) = _progress_lines(events=late, per_round=[None, 0.1], reported=[None, 0.1], rounds=2)
+    assert not check.ok and "round 2 states 0.1000" in check.detail
+    (check,) = _progress_lines(events=late, per_round=[99.0, 99.0], reported=[None, 99.0], rounds=2)
     assert not check.ok and "round 1: metrics.json states None" in check.detail
+
+
+def test_the_report_wide_budget_bounds_distinct_ledgers_only(monkeypatch):
+    from securefed.dp import audit
+
+    monkeypatch.setattr(audit, "_CURVE_EVENT_BUDGET", 3)
+    budget = {"left": 3, "seen": set()}
+    args = dict(per_round=[9.0, 9.0], reported=[9.0, 9.0], rounds=2, budget=budget)
+    (first,) = _progress_lines(events=[_event(1), _event(2)], **args)
+    (same,) = _progress_lines(events=[_event(1), _event(2)], **args)  # one ledger: free
+    (other,) = _progress_lines(events=[_event(1), _event(2, steps=8)], **args)
+    assert first.ok and same.ok, (first.detail, same.detail)
+    assert not other.ok and "budget of 3 events" in other.detail
 
 
 def test_a_curve_longer_than_the_cap_is_not_recomputed_and_says_so(monkeypatch):
@@ -283,7 +298,7 @@ def test_a_curve_longer_than_the_cap_is_not_recomputed_and_says_so(monkeypatch):
     assert not check.ok and "not recomputed: 2 rounds, more than 1" in check.detail
 
 
-def test_a_null_prefix_keeps_the_curve_non_decreasing_and_a_string_is_malformed(run_dir, tmp_path):
+def test_a_null_over_a_spent_round_fails_and_a_string_is_malformed(run_dir, tmp_path):
     d = _copy(run_dir, tmp_path)
     privacy = read_json(d / "privacy.json")
     metrics = read_json(d / "metrics.json")
@@ -292,12 +307,33 @@ def test_a_null_prefix_keeps_the_curve_non_decreasing_and_a_string_is_malformed(
     write_json(d / "privacy.json", privacy)
     write_json(d / "metrics.json", metrics)
     _rehash(d)
-    result = audit_run(d)
-    assert result.ok, [c for c in result.checks if not c.ok]
+    failed = {c.name: c.detail for c in audit_run(d).checks if not c.ok}
+    label = "site 0: epsilon after each round >= independent PLD epsilon - tolerance"
+    assert list(failed) == [label] and "round 1 states null" in failed[label]
     privacy["clients"][0]["epsilon_per_round"][0] = "0.5"
     metrics["rounds"][0]["clients"][0]["epsilon"] = "0.5"
     write_json(d / "privacy.json", privacy)
     write_json(d / "metrics.json", metrics)
     _rehash(d)
     with pytest.raises(AuditError, match="must be a number or null"):
+        audit_run(d)
+
+
+def test_a_key_written_twice_is_malformed(run_dir, tmp_path):
+    # Review 34b: Python keeps the last of two keys, other readers the first; the hash is taken
+    # over what Python parsed, so one file could carry two curves.
+    d = _copy(run_dir, tmp_path)
+    text = (d / "metrics.json").read_text()
+    (d / "metrics.json").write_text(text.replace('"epsilon":', '"epsilon": 0.1, "epsilon":', 1))
+    with pytest.raises(AuditError, match="appears twice"):
+        audit_run(d)
+
+
+def test_zero_records_is_a_one_line_error_not_a_traceback(run_dir, tmp_path):
+    d = _copy(run_dir, tmp_path)
+    privacy = read_json(d / "privacy.json")
+    privacy["clients"][0]["num_samples"] = 0
+    write_json(d / "privacy.json", privacy)
+    _rehash(d)
+    with pytest.raises(AuditError, match="malformed entry"):
         audit_run(d)
