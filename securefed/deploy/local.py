@@ -259,3 +259,39 @@ def _kill(proc: subprocess.Popen) -> None:
     except ProcessLookupError:
         pass
     proc.wait(timeout=30)
+    _wait_group_gone(proc.pid, timeout=30)
+
+
+def _group_alive(pgid: int) -> bool:
+    """Whether a process of group ``pgid`` still runs (zombies awaiting a reaper excluded)."""
+    proc = Path("/proc")
+    if not proc.is_dir():  # no procfs: any member, zombies included
+        try:
+            os.killpg(pgid, 0)
+        except ProcessLookupError:
+            return False
+        return True
+    for stat in proc.glob("[0-9]*/stat"):
+        try:
+            text = stat.read_text()
+        except OSError:
+            continue  # exited while we looked
+        # "pid (comm) state ppid pgrp ...": comm may hold spaces, so split after its ")".
+        fields = text.rsplit(")", 1)[1].split()
+        if int(fields[2]) == pgid and fields[0] != "Z":
+            return True
+    return False
+
+
+def _wait_group_gone(pgid: int, *, timeout: float) -> None:
+    """Wait until every member of a SIGKILLed group has exited, not only its leader.
+
+    Waiting on the leader returns as soon as it is reaped; the group's other members (the
+    Flower processes a site or server starts) die asynchronously, and a loaded machine can
+    still show one running right after (seen in CI: a superexec child of a killed group).
+    """
+    deadline = time.monotonic() + timeout
+    while _group_alive(pgid):
+        if time.monotonic() > deadline:
+            raise ConfigError(f"process group {pgid} did not exit {timeout:.0f} s after SIGKILL")
+        time.sleep(0.05)
