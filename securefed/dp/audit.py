@@ -36,6 +36,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import lru_cache
+from itertools import dropwhile
 from pathlib import Path
 from typing import Any
 
@@ -1139,12 +1140,12 @@ def _check_site(
         )
     # null: the site had no claim yet when the round was evaluated (unknown, written first).
     per_round = [_epsilon_or_unknown(x) for x in c.get("epsilon_per_round", [])]
-    known = per_round[next((i for i, x in enumerate(per_round) if x is not None), len(per_round)) :]
+    known = list(dropwhile(lambda x: x is None, per_round))
     result.add(
         f"{name}: epsilon non-decreasing over rounds",
-        all(x is not None for x in known)
-        and all(b >= a - 1e-12 for a, b in zip(known, known[1:]))  # type: ignore[operator]
-        and (not per_round or (bool(known) and math.isclose(known[-1], claim_eps))),  # type: ignore[arg-type]
+        (not per_round or (bool(known) and math.isclose(known[-1], claim_eps)))
+        and None not in known
+        and all(b >= a - 1e-12 for a, b in zip(known, known[1:])),
         f"{len(per_round)} rounds",
     )
     _check_progress(
@@ -1258,7 +1259,8 @@ def _check_progress(
             (float(e["noise_multiplier"]), float(e["sample_rate"]), int(e["steps"]))
         )
     # Each event costs a PLD composition; identical ledgers (sites of one plan) cost once.
-    ledger = (delta, tuple(tuple(sorted(r)) for r in by_round))
+    history = tuple(tuple(sorted(r)) for r in by_round)
+    ledger = (float(delta), history)
     if ledger not in budget["seen"]:
         if len(events) > budget["left"]:
             result.add(
@@ -1270,7 +1272,7 @@ def _check_progress(
             return
         budget["left"] -= len(events)
         budget["seen"].add(ledger)
-    recomputed = independent_epsilons_by_round(rounds=by_round, delta=delta)
+    recomputed = _epsilons_by_round(history, float(delta))
     # null (unknown) only where nothing was spent yet: today's writer states 0.0 there, and a
     # null over spent rounds would hide them from a reader as surely as a smaller number.
     short = [

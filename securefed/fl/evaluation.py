@@ -26,9 +26,9 @@ def evaluate(
     """Mean cross-entropy and every classification metric of ``model`` on ``split``.
 
     ``batch_size`` bounds the activations held at once. 128 rather than more: the CNN's
-    forward pass costs twice as much per image at 512 on a CPU (its first block's
-    activations leave the caches; 240 against 115 ms for 800 28-px images), and larger
-    images or volumes would need that much more memory.
+    forward pass costs nearly twice as much per image at 512 on a CPU (its first block's
+    activations leave the caches; ``benchmarks/eval_batch.py``: 134 against 77 ms for 800
+    28-px images), and larger images or volumes would need that much more memory.
     """
     model.eval()
     probs, loss_sum = [], 0.0
