@@ -19,6 +19,9 @@ model with PyTorch's ``nn.MaxPool{2,3}d(2)`` in place of the project's
 
 Timing alternates the modes inside one process and keeps the fastest of ``--repeats`` rounds
 of ``--steps`` steps, so a busy machine affects every mode alike; quote ratios, not seconds.
+Each process sets glibc's allocator as securefed's commands do
+(:func:`securefed.allocator.tune_malloc`); ``--malloc system`` keeps glibc's defaults, to
+measure what that setting saves (run the two in turn: it is process-wide).
 Peak memory is the resident-set growth of a fresh subprocess that runs 3 steps of one mode
 (Linux ``VmHWM``, reset after the model is built, minus ``VmRSS`` before the first step), so
 modes do not share a peak.
@@ -27,6 +30,7 @@ modes do not share a peak.
     python benchmarks/dp_step.py --models cnn,resnet-small,resnet18,unet --threads 1
     python benchmarks/dp_step.py --models cnn-3d --batches 8 --threads 1
     python benchmarks/dp_step.py --batches 64 --modes plain,plain-torchpool,bk,bk-torchpool
+    python benchmarks/dp_step.py --models cnn --batches 256 --modes plain,bk --malloc system
 """
 
 from __future__ import annotations
@@ -44,6 +48,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from securefed.allocator import tune_malloc  # noqa: E402
 from securefed.dp.clipping import BookKeepingClipper, supports  # noqa: E402
 from securefed.models import ModelSpec, build_model  # noqa: E402
 from securefed.models.pooling import MaxPool2x  # noqa: E402
@@ -227,10 +232,17 @@ def _peak_child(name: str, mode: str, batch: int, threads: int) -> None:
     print(json.dumps((_status_kib("VmHWM") - before) / 1024))
 
 
-def peak_mib(name: str, mode: str, batch: int, threads: int) -> float | None:
+def peak_mib(name: str, mode: str, batch: int, threads: int, malloc: str) -> float | None:
     """Resident-memory growth (MiB) of a fresh process over 3 steps of one mode."""
     out = subprocess.run(
-        [sys.executable, __file__, "--peak-child", f"{name},{mode},{batch},{threads}"],
+        [
+            sys.executable,
+            __file__,
+            "--peak-child",
+            f"{name},{mode},{batch},{threads}",
+            "--malloc",
+            malloc,
+        ],
         capture_output=True,
         text=True,
         check=False,
@@ -252,8 +264,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-RSS runs")
     parser.add_argument("--out", type=Path, default=Path("bench-out/dp-step"))
+    parser.add_argument(
+        "--malloc",
+        choices=("tuned", "system"),
+        default="tuned",
+        help="glibc settings: securefed's (default) or glibc's own",
+    )
     parser.add_argument("--peak-child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    malloc_state = tune_malloc() if args.malloc == "tuned" else "glibc defaults"
     if args.peak_child:
         name, mode, batch, threads = args.peak_child.split(",")
         _peak_child(name, mode, int(batch), int(threads))
@@ -271,11 +290,12 @@ def main(argv: list[str] | None = None) -> int:
                     "batch": batch,
                     "mode": mode,
                     "threads": args.threads,
+                    "malloc": malloc_state,
                     "seconds_per_step": sec,
                     "ratio_to_plain": sec / plain if plain else None,
                     "peak_mib": None
                     if args.no_memory
-                    else peak_mib(name, mode, batch, args.threads),
+                    else peak_mib(name, mode, batch, args.threads, args.malloc),
                 }
                 rows.append(row)
                 ratio = f"{row['ratio_to_plain']:.2f}x" if plain else "-"

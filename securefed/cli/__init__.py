@@ -12,6 +12,7 @@ import sys
 
 import click
 
+from securefed.allocator import tune_malloc
 from securefed.cli.audit import audit, report
 from securefed.cli.bench import bench
 from securefed.cli.deploy import certs, deploy, deploy_run
@@ -45,6 +46,8 @@ def cli() -> None:
     Every run writes config.json, metrics.json (+ .csv), privacy.json, model.safetensors and
     summary.md with plots; `securefed audit RUN_DIR` re-checks its privacy claims.
     """
+    # Before any tensor exists: training steps then reuse freed memory (securefed.allocator).
+    tune_malloc()
 
 
 for _command in (train, pretrain, audit, bench, report, certs, deploy):
