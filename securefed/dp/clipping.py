@@ -15,7 +15,8 @@ second backward pass. Here, instead:
 
   * a convolution materializes its per-sample weight gradients with one native kernel
     (oneDNN's grouped weight gradient with the batch as groups, no ``unfold``; batched
-    products of shifted views of the input for outputs of at most 100 positions);
+    products of shifted views of the input for 1x1 kernels and outputs of at most 16
+    positions);
   * GroupNorm's per-sample gradients come from its group statistics; a linear layer on
     ``(B, d)`` inputs keeps only its input and output gradient (norm ``|a_i| |g_i|``, clipped
     sum one matrix product);
@@ -178,12 +179,18 @@ def supports(model: nn.Module) -> bool:
 def _shifted_ok(conv: nn.Module, go: torch.Tensor) -> bool:
     """Whether the shifted products beat the grouped convolution (measured on CPUs).
 
-    oneDNN's grouped weight gradient (the batch as groups) is the faster kernel unless the
-    output is small (at most 100 positions: 7x7, 4x4x4...), where its per-group overhead
-    dominates. A fixed rule, not timed at run time, so that a reproducible-noise run rounds
-    the same way every time.
+    A kernel of one tap (1x1, stride 1) is one batched matrix product of the input and the
+    output gradient, far cheaper than a grouped convolution; so are the few products of an
+    output of at most 16 positions (4x4, 2x2: resnet-small's last stages). Otherwise oneDNN's
+    grouped weight gradient (the batch as groups) is faster, at one thread and at two, once
+    the allocator keeps freed memory (:mod:`securefed.allocator`): it allocates the batch's
+    copies of the weight, which glibc's defaults map afresh on every call
+    (``python benchmarks/conv_grad_sample.py``; docs/benchmarks.md). A fixed rule, not timed
+    at run time, so that a reproducible-noise run rounds the same way every time.
     """
-    return conv.groups == 1 and all(s == 1 for s in conv.stride) and go[0, 0].numel() <= 100
+    if conv.groups != 1 or any(s != 1 for s in conv.stride):
+        return False
+    return all(k == 1 for k in conv.kernel_size) or go[0, 0].numel() <= 16
 
 
 def _from_shifted(t: torch.Tensor) -> torch.Tensor:
