@@ -34,20 +34,24 @@ def run_once(args: list[str], malloc: str) -> dict:
     if malloc == "system":
         env["SECUREFED_MALLOC"] = "system"
     with tempfile.TemporaryDirectory() as folder:
+        # stderr to a file, not a pipe: a long run's progress would fill a pipe nobody reads
+        # while wait4 waits, and both would wait for good.
+        log = Path(folder) / "stderr.txt"
         start = time.perf_counter()
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "securefed.cli", *args],
-            cwd=folder,
-            env=env,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-        )
-        _, status, usage = os.wait4(proc.pid, 0)
+        with log.open("wb") as err_file:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "securefed.cli", *args],
+                cwd=folder,
+                env=env,
+                stdout=subprocess.DEVNULL,
+                stderr=err_file,
+            )
+            _, status, usage = os.wait4(proc.pid, 0)
         wall = time.perf_counter() - start
-        err = proc.stderr.read().decode(errors="replace") if proc.stderr else ""
         proc.returncode = os.waitstatus_to_exitcode(status)
         if proc.returncode != 0:
-            raise SystemExit(f"securefed exited {proc.returncode}: {err.strip()[-300:]}")
+            err = log.read_text(errors="replace").strip()
+            raise SystemExit(f"securefed exited {proc.returncode}: {err[-300:]}")
         rounds = None
         for metrics in Path(folder).glob("runs/*/metrics.json"):
             rounds = json.loads(metrics.read_text()).get("total_seconds")

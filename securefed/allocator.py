@@ -4,17 +4,19 @@ PyTorch's CPU tensors come from ``malloc``. With glibc's defaults a block above 
 threshold (dynamic: 128 KiB, raised to the largest block freed so far, at most 32 MiB) is a
 fresh ``mmap`` each time, and free memory at the top of the heap above the trim threshold
 (twice the mmap threshold) goes back to the kernel at once. A DP-SGD step allocates and frees
-the same activations and per-sample gradients (a few MiB each) for every chunk, so with the
-defaults the kernel hands out, zeroes and takes back the same pages again and again: the
-quick start took about 1.9 million page faults. Holding freed memory instead makes a step
-cheaper, most of all on virtual machines, where a page fault costs more: on the 2-core
-development VM a DP step of 256 images ran about 1.2–1.5× faster and the quick start took
-about 0.14 million page faults (``python benchmarks/malloc_tuning.py``, docs/benchmarks.md).
+activations and per-sample gradients (a few MiB each) for every chunk, so with the defaults
+the kernel hands out, zeroes and takes back pages again and again: the quick start took 1.9
+to 9.1 million minor page faults and 4.7 to 22 s of system CPU in the runs measured. Holding
+freed memory instead makes a round cheaper, most of all on virtual machines, where a page
+fault costs more: on the 2-core development VM the quick start took about 0.14 million page
+faults and its rounds about 17 % less time (``python benchmarks/malloc_tuning.py``,
+docs/benchmarks.md, "Page faults").
 
 What is set (``mallopt``, process-wide, only on Linux with glibc):
 
-- ``M_MMAP_THRESHOLD`` = 64 MiB: blocks below it come from the heap, where a freed block is
-  reused without a page fault; larger ones (3D volumes) are still mapped and unmapped alone;
+- ``M_MMAP_THRESHOLD`` = 32 MiB (glibc's own ceiling for its dynamic threshold; glibc before
+  2.35 refuses more): blocks below it come from the heap, where a freed block is reused
+  without a page fault; larger ones (3D volumes) are still mapped and unmapped alone;
 - ``M_TRIM_THRESHOLD`` = 512 MiB: free memory at the top of the heap is returned to the
   kernel only above it.
 
@@ -23,10 +25,12 @@ the peak itself is what the step needs, as before (the quick start's peak RSS is
 README). Nothing is set when the user chose an allocator or glibc settings of their own
 (an ``LD_PRELOAD`` naming a malloc, ``glibc.malloc`` tunables in ``GLIBC_TUNABLES``, or one of
 ``MALLOC_MMAP_THRESHOLD_``, ``MALLOC_TRIM_THRESHOLD_``, ``MALLOC_TOP_PAD_``,
-``MALLOC_MMAP_MAX_``), or when
-``SECUREFED_MALLOC=system``. ``securefed``'s commands and a deployed site's executor call
-:func:`tune_malloc` when they start; a Python program that trains through the API may call it
-too.
+``MALLOC_MMAP_MAX_``, ``MALLOC_ARENA_MAX``), or when ``SECUREFED_MALLOC`` is ``system``; any
+other value than ``system`` or ``tuned`` also keeps glibc's defaults, and the command says so
+on stderr. ``securefed``'s commands, a deployed site's ClientApp process (the executor, or a
+stock ``flwr-clientapp`` importing :mod:`securefed.deploy.site_app`) and the training children
+of ``securefed bench`` call :func:`tune_malloc` when they start; a Python program that trains
+through the API is left as it is, and may call it too.
 """
 
 from __future__ import annotations
@@ -37,7 +41,7 @@ import sys
 
 __all__ = ["MMAP_THRESHOLD", "TRIM_THRESHOLD", "tune_malloc"]
 
-MMAP_THRESHOLD = 64 << 20
+MMAP_THRESHOLD = 32 << 20
 TRIM_THRESHOLD = 512 << 20
 
 # mallopt's parameter numbers (glibc's malloc.h).
@@ -50,6 +54,7 @@ _MALLOC_VARS = (
     "MALLOC_TRIM_THRESHOLD_",
     "MALLOC_TOP_PAD_",
     "MALLOC_MMAP_MAX_",
+    "MALLOC_ARENA_MAX",
 )
 _OPT_OUT = "SECUREFED_MALLOC"
 
@@ -62,7 +67,8 @@ def tune_malloc() -> str:
     Returns:
         What was done, in a few words: ``"tuned"`` (the thresholds were set now or by an
         earlier call), or why not (``"not glibc"``, ``"user setting: NAME"``,
-        ``"SECUREFED_MALLOC=system"``, ``"mallopt refused"``).
+        ``"SECUREFED_MALLOC=system"``, ``"mallopt refused"``, or ``"unknown
+        SECUREFED_MALLOC=...: ..."`` for a value that is neither ``system`` nor ``tuned``).
 
     """
     global _applied
@@ -79,8 +85,12 @@ def _glibc() -> bool:
 
 
 def _tune() -> str:
-    if os.environ.get(_OPT_OUT, "").strip().lower() == "system":
+    choice = os.environ.get(_OPT_OUT, "").strip().lower()
+    if choice == "system":
         return f"{_OPT_OUT}=system"
+    if choice not in ("", "tuned"):
+        # Unrecognized: the conservative reading is "leave the allocator alone".
+        return f"unknown {_OPT_OUT}={choice!r} (system or tuned): glibc's defaults kept"
     for name in _MALLOC_VARS:
         if name in os.environ:
             return f"user setting: {name}"

@@ -9,7 +9,15 @@ import sys
 
 import pytest
 
-GLIBC = sys.platform.startswith("linux") and os.confstr("CS_GNU_LIBC_VERSION").startswith("glibc")
+
+def _is_glibc() -> bool:
+    try:  # musl raises here (EINVAL), macOS has no such name
+        return os.confstr("CS_GNU_LIBC_VERSION").startswith("glibc")
+    except (ValueError, OSError, AttributeError):
+        return False
+
+
+GLIBC = sys.platform.startswith("linux") and _is_glibc()
 
 # Allocates and frees a 16 MiB block, then reports where glibc put it: mmapped blocks are
 # mapped afresh (and zero-filled page by page) on every allocation.
@@ -17,11 +25,19 @@ _PROBE = r"""
 import ctypes, json, sys
 from securefed import allocator
 state = allocator.tune_malloc() if sys.argv[1] == "tune" else None
-if sys.argv[1] == "cli":
+if sys.argv[1] == "cli":  # what the command itself did: nothing here calls tune_malloc
     from click.testing import CliRunner
     from securefed.cli import cli
-    CliRunner().invoke(cli, ["audit", "--help"])
-    state = allocator.tune_malloc()
+    result = CliRunner().invoke(cli, ["audit", "--help"])
+    assert result.exit_code == 0, result.output
+    state = allocator._applied
+if sys.argv[1] == "executor":  # a site executor refused at once (not a loopback address)
+    from securefed.deploy import executor
+    assert executor.main(["--runtime-api-address", "192.0.2.1:9094"]) == 2
+    state = allocator._applied
+if sys.argv[1] == "site_app":  # a stock flwr-clientapp process importing the ClientApp
+    import securefed.deploy.site_app  # noqa: F401
+    state = allocator._applied
 libc = ctypes.CDLL("libc.so.6")
 class Info(ctypes.Structure):
     names = "arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks fordblks keepcost"
@@ -66,8 +82,11 @@ def test_a_tuned_process_serves_and_keeps_a_step_sized_block_from_its_heap():
 
 
 @pytest.mark.skipif(not GLIBC, reason="glibc's mallopt only exists on Linux with glibc")
-def test_every_securefed_command_tunes_on_start():
-    assert _probe("cli")["state"] == "tuned"
+@pytest.mark.parametrize("entry", ["cli", "executor", "site_app"])
+def test_every_training_entry_point_tunes_on_start(entry):
+    got = _probe(entry)
+    assert got["state"] == "tuned"
+    assert got["mapped"] == 0
 
 
 @pytest.mark.skipif(not GLIBC, reason="glibc's mallopt only exists on Linux with glibc")
@@ -77,6 +96,11 @@ def test_every_securefed_command_tunes_on_start():
         ({"SECUREFED_MALLOC": "system"}, "SECUREFED_MALLOC=system"),
         ({"MALLOC_TRIM_THRESHOLD_": "131072"}, "user setting: MALLOC_TRIM_THRESHOLD_"),
         ({"GLIBC_TUNABLES": "glibc.malloc.mmap_threshold=131072"}, "user setting: GLIBC_TUNABLES"),
+        ({"MALLOC_ARENA_MAX": "2"}, "user setting: MALLOC_ARENA_MAX"),
+        (
+            {"SECUREFED_MALLOC": "off"},
+            "unknown SECUREFED_MALLOC='off' (system or tuned): glibc's defaults kept",
+        ),
     ],
 )
 def test_a_users_own_setting_or_opt_out_is_left_alone(env, state):
@@ -90,3 +114,17 @@ def test_a_users_own_setting_or_opt_out_is_left_alone(env, state):
 def test_unrelated_glibc_tunables_do_not_stop_the_tuning():
     got = _probe("tune", GLIBC_TUNABLES="glibc.pthread.mutex_spin_count=100")
     assert got["state"] == "tuned" and got["mapped"] == 0
+
+
+@pytest.mark.skipif(not GLIBC, reason="glibc's mallopt only exists on Linux with glibc")
+def test_an_unknown_opt_out_value_is_said_on_stderr(tmp_path):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
+    env["SECUREFED_MALLOC"] = "of"
+    out = subprocess.run(
+        [sys.executable, "-m", "securefed.cli", "audit", str(tmp_path / "missing")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert "warning: unknown SECUREFED_MALLOC='of'" in out.stderr

@@ -204,6 +204,8 @@ def _discard_partial(run: Path) -> None:
 
 _CHILD = """
 import json, resource, sys
+from securefed.allocator import tune_malloc
+tune_malloc()  # as `securefed train` does: the cell measures what a run costs
 from securefed.config import RunConfig
 from securefed.run import train
 cfg = RunConfig.from_dict(json.loads(sys.argv[1]))

@@ -520,6 +520,9 @@ def measure_quickstart_accounting(*, rounds: int | None) -> dict[str, Any]:
 
 def _child_main() -> None:
     """Entry point of a workload process: ``argv[1]`` the job (JSON), ``argv[2]`` the answer."""
+    from securefed.allocator import tune_malloc
+
+    tune_malloc()  # as `securefed train` does: the workload is timed as a run would be
     job = json.loads(sys.argv[1])
     if job["what"] == "workload":
         result = measure_workload(

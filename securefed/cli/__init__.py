@@ -47,7 +47,9 @@ def cli() -> None:
     summary.md with plots; `securefed audit RUN_DIR` re-checks its privacy claims.
     """
     # Before any tensor exists: training steps then reuse freed memory (securefed.allocator).
-    tune_malloc()
+    state = tune_malloc()
+    if state.startswith("unknown"):
+        click.echo(f"warning: {state}", err=True)
 
 
 for _command in (train, pretrain, audit, bench, report, certs, deploy):

@@ -27,6 +27,7 @@ from flwr.app import ConfigRecord, Context, Message
 from flwr.clientapp import ClientApp
 
 from securefed import persistent
+from securefed.allocator import tune_malloc
 from securefed.config import RunConfig
 from securefed.deploy.site import NodeSettings, identity_proof
 from securefed.deploy.trust import IDENTITY_FIELD
@@ -36,6 +37,10 @@ from securefed.persistent import refuse_after_end
 from securefed.protocol.modes import get_mode
 from securefed.protocol.modes.base import run_session
 from securefed.protocol.wire import RUN_CONFIG, Stage, decode, encode
+
+# The process that imports this module is a site's ClientApp process (the executor, or a stock
+# flwr-clientapp): it trains, so it keeps freed step memory (securefed.allocator).
+tune_malloc()
 
 if TYPE_CHECKING:
     from securefed.fl.site_runtime import SiteRuntime
