@@ -3,9 +3,10 @@
 Why: the one-pass clipper (``securefed.dp.clipping``) materializes each convolution's
 per-sample weight gradients either with oneDNN's grouped weight gradient (the batch as groups)
 or with batched products of shifted views of the input; ``_shifted_ok`` picks one by a fixed
-rule. This measures both on the layer shapes of the cnn, resnet-small and the 3D cnn, the two
-in alternation in one process, best of ``--repeats``. ``--malloc system`` keeps glibc's
-defaults instead of :func:`securefed.allocator.tune_malloc` (what securefed's commands set).
+rule. This measures both on the stride-1 layer shapes of the cnn, resnet-small, the 3D cnn and
+the 3D unet, the two kernels alternating in one process, best of ``--repeats``.
+``--malloc system`` keeps glibc's defaults instead of
+:func:`securefed.allocator.tune_malloc` (what securefed's commands set).
 
     python benchmarks/conv_grad_sample.py --threads 2
     python benchmarks/conv_grad_sample.py --threads 1
@@ -31,32 +32,39 @@ from securefed.dp.clipping import (  # noqa: E402
     _shifted_ok,
 )
 
-# (dims, batch, in channels, out channels, side, kernel): the cnn's three convolutions at
-# 28 px, resnet-small's 3x3 stages on small maps, two 1x1 cases, the 3D cnn's last two.
+# (dims, batch, in channels, out channels, side, kernel): every stride-1 convolution of the
+# cnn at 28 px and of resnet-small at 28 and 64 px, the 3D cnn's last block at 28^3 and the 3D
+# unet's 4^3 block and 1x1 head (its stride-2 and stride-1-large layers always take the
+# grouped kernel). Batch 64 in 2D, 8 in 3D.
 SHAPES = [
-    (2, 64, 1, 32, 28, 3),
-    (2, 64, 32, 64, 14, 3),
-    (2, 64, 64, 64, 7, 3),
-    (2, 64, 32, 32, 7, 3),
-    (2, 64, 64, 64, 4, 3),
-    (2, 64, 96, 96, 4, 3),
-    (2, 64, 96, 96, 2, 3),
-    (2, 64, 32, 32, 7, 1),
-    (2, 64, 64, 64, 4, 1),
-    (3, 8, 32, 64, 7, 3),
-    (3, 8, 64, 64, 4, 3),
+    (2, 64, 1, 32, 28, 3),  # cnn
+    (2, 64, 32, 64, 14, 3),  # cnn
+    (2, 64, 64, 64, 7, 3),  # cnn
+    (2, 64, 16, 16, 16, 3),  # resnet-small @64
+    (2, 64, 32, 32, 8, 3),  # resnet-small @64
+    (2, 64, 16, 16, 7, 3),  # resnet-small @28
+    (2, 64, 64, 64, 4, 3),  # resnet-small @64
+    (2, 64, 32, 32, 4, 3),  # resnet-small @28
+    (2, 64, 96, 96, 2, 3),  # resnet-small @64
+    (2, 64, 64, 64, 2, 3),  # resnet-small @28
+    (3, 8, 64, 64, 7, 3),  # 3D cnn @28^3
+    (3, 8, 64, 64, 4, 3),  # 3D unet
+    (3, 8, 16, 2, 32, 1),  # 3D unet's 1x1 head @32^3
 ]
 
 
-def _best_ms(fn, calls: int, repeats: int) -> float:
-    fn()
-    best = float("inf")
+def _best_ms(fns, calls: int, repeats: int) -> list[float]:
+    """Best milliseconds per call of each function, the functions alternating per repeat."""
+    for fn in fns:
+        fn()
+    best = [float("inf")] * len(fns)
     for _ in range(repeats):
-        start = time.perf_counter()
-        for _ in range(calls):
-            fn()
-        best = min(best, (time.perf_counter() - start) / calls)
-    return best * 1e3
+        for i, fn in enumerate(fns):
+            start = time.perf_counter()
+            for _ in range(calls):
+                fn()
+            best[i] = min(best[i], (time.perf_counter() - start) / calls)
+    return [b * 1e3 for b in best]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -76,11 +84,13 @@ def main(argv: list[str] | None = None) -> int:
         conv = (nn.Conv2d if nd == 2 else nn.Conv3d)(cin, cout, k, padding=k // 2)
         x = torch.randn(b, cin, *([side] * nd))
         go = torch.randn(b, cout, *([side] * nd))
-        grouped = _best_ms(
-            lambda c=conv, a=x, g=go: _grouped_grad_sample(c, a, g), args.calls, args.repeats
-        )
-        shifted = _best_ms(
-            lambda c=conv, a=x, g=go: _shifted_grad_sample(c, a, g), args.calls, args.repeats
+        grouped, shifted = _best_ms(
+            [
+                lambda c=conv, a=x, g=go: _grouped_grad_sample(c, a, g),
+                lambda c=conv, a=x, g=go: _shifted_grad_sample(c, a, g),
+            ],
+            args.calls,
+            args.repeats,
         )
         name = f"{nd}D B{b} {cin}->{cout} @{side}^{nd} k{k}"
         rule = "shifted" if _shifted_ok(conv, go) else "grouped"

@@ -180,12 +180,11 @@ def _shifted_ok(conv: nn.Module, go: torch.Tensor) -> bool:
     """Whether the shifted products beat the grouped convolution (measured on CPUs).
 
     A kernel of one tap (1x1, stride 1) is one batched matrix product of the input and the
-    output gradient, far cheaper than a grouped convolution; so are the few products of an
-    output of at most 16 positions (4x4, 2x2: resnet-small's last stages). Otherwise oneDNN's
-    grouped weight gradient (the batch as groups) is faster, at one thread and at two, once
-    the allocator keeps freed memory (:mod:`securefed.allocator`): it allocates the batch's
-    copies of the weight, which glibc's defaults map afresh on every call
-    (``python benchmarks/conv_grad_sample.py``; docs/benchmarks.md). A fixed rule, not timed
+    output gradient, far cheaper than a grouped convolution; outputs of at most 16 positions
+    (4x4, 2x2: resnet-small's last stages) need only a few small products. Otherwise oneDNN's
+    grouped weight gradient (the batch as groups) is faster at two threads and as fast or
+    faster at one, with the allocator keeping freed memory (:mod:`securefed.allocator`;
+    ``python benchmarks/conv_grad_sample.py``, docs/benchmarks.md). A fixed rule, not timed
     at run time, so that a reproducible-noise run rounds the same way every time.
     """
     if conv.groups != 1 or any(s != 1 for s in conv.stride):
