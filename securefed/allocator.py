@@ -8,9 +8,9 @@ activations and per-sample gradients (a few MiB each) for every chunk, so with t
 the kernel hands out, zeroes and takes back pages again and again: the quick start took 1.9
 to 9.1 million minor page faults and 4.7 to 22 s of system CPU in the runs measured. Holding
 freed memory instead makes a round cheaper, most of all on virtual machines, where a page
-fault costs more: on the 2-core development VM the quick start took about 0.14 million page
-faults and its rounds about 17 % less time (``python benchmarks/malloc_tuning.py``,
-docs/benchmarks.md, "Page faults").
+fault costs more: on the 2-core development VM the quick start took about 0.15 million page
+faults and its rounds 17 to 25 % less time in two alternating pairs of runs (``python
+benchmarks/malloc_tuning.py``, docs/benchmarks.md, "Page faults").
 
 What is set (``mallopt``, process-wide, only on Linux with glibc):
 

@@ -6,7 +6,12 @@ import pytest
 import torch
 from torch import nn
 
-from securefed.dp.clipping import _grouped_grad_sample, _shifted_grad_sample, _shifted_ok
+from securefed.dp.clipping import (
+    _from_shifted,
+    _grouped_grad_sample,
+    _shifted_grad_sample,
+    _shifted_ok,
+)
 
 
 def _per_record(conv: nn.Module, x: torch.Tensor, go: torch.Tensor) -> torch.Tensor:
@@ -37,10 +42,9 @@ def test_grouped_and_shifted_per_sample_gradients_equal_autograd(conv, spatial):
     go = torch.randn_like(conv(x))
     want = _per_record(conv, x, go)
     grouped = _grouped_grad_sample(conv, x, go)
-    # The shifted products write (B, *kernel, Cin, Cout); move it to the weight's layout.
-    shifted = _shifted_grad_sample(conv, x, go)
-    nd = shifted.dim() - 3
-    shifted = shifted.permute(0, nd + 2, nd + 1, *range(1, nd + 1))
+    # The shifted products write (B, *kernel, Cin, Cout); the clipper's own layout map turns
+    # each record's block into the weight's shape.
+    shifted = torch.stack([_from_shifted(g) for g in _shifted_grad_sample(conv, x, go)])
     torch.testing.assert_close(grouped, want, rtol=1e-9, atol=1e-9)
     torch.testing.assert_close(shifted, want, rtol=1e-9, atol=1e-9)
 
