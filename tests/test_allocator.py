@@ -9,15 +9,10 @@ import sys
 
 import pytest
 
+from securefed.allocator import _glibc
 
-def _is_glibc() -> bool:
-    try:  # musl raises here (EINVAL), macOS has no such name
-        return os.confstr("CS_GNU_LIBC_VERSION").startswith("glibc")
-    except (ValueError, OSError, AttributeError):
-        return False
-
-
-GLIBC = sys.platform.startswith("linux") and _is_glibc()
+# musl raises inside confstr and macOS lacks the name: _glibc() answers False for both.
+GLIBC = sys.platform.startswith("linux") and _glibc()
 
 # Allocates and frees a 16 MiB block, then reports where glibc put it: mmapped blocks are
 # mapped afresh (and zero-filled page by page) on every allocation.
