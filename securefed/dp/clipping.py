@@ -16,7 +16,9 @@ second backward pass. Here, instead:
   * a convolution materializes its per-sample weight gradients with one native kernel
     (oneDNN's grouped weight gradient with the batch as groups, no ``unfold``; batched
     products of shifted views of the input for 1x1 kernels and outputs of at most 16
-    positions);
+    positions); per-sample gradients above 16 MiB are written into a buffer the layer keeps
+    for the clipper's lifetime (one local round), so that a large batch does not map and
+    zero-fill fresh memory for them in every pass;
   * GroupNorm's per-sample gradients come from its group statistics; a linear layer on
     ``(B, d)`` inputs keeps only its input and output gradient (norm ``|a_i| |g_i|``, clipped
     sum one matrix product);
@@ -64,6 +66,18 @@ __all__ = [
 ]
 
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+#: A convolution's per-sample weight gradients larger than this are written into a buffer the
+#: layer keeps from pass to pass, in pieces of samples whose native result stays below
+#: ``_PIECE_BYTES``. Why: glibc maps a block above its mmap threshold (32 MiB, set by
+#: :mod:`securefed.allocator`; 128 KiB to 32 MiB by default) afresh on every allocation and
+#: the kernel zero-fills it page by page on first touch; the cnn's last block at batch 256
+#: (38 MB of per-sample gradients) lost more time to that than to computing them
+#: (``python benchmarks/dp_step.py``, docs/benchmarks.md).
+_REUSE_BYTES = 16 << 20
+_PIECE_BYTES = 8 << 20
+#: Work a loop keeps in the caches at a time (a typical L2).
+_CACHE_BYTES = 1 << 20
 
 
 def pool_by_unit(samples: torch.Tensor, index: torch.Tensor, weight: torch.Tensor, count: int):
@@ -198,14 +212,17 @@ def _from_shifted(t: torch.Tensor) -> torch.Tensor:
     return t.permute(nd + 1, nd, *range(nd)).contiguous()
 
 
-def _shifted_grad_sample(conv: nn.Module, x: torch.Tensor, go: torch.Tensor) -> torch.Tensor:
+def _shifted_grad_sample(
+    conv: nn.Module, x: torch.Tensor, go: torch.Tensor, out: torch.Tensor | None = None
+) -> torch.Tensor:
     """Per-sample weight gradients of a stride-1, ungrouped convolution, without ``unfold``.
 
     In the flattened zero-padded input, kernel offset ``k`` reads the window starting ``s_k``
     elements further; with the output gradient zero-padded to the padded input's row length
     (so its flat index steps like the input's), the gradient of that offset is one batched
     matrix product of the output gradient with a *view* of the input: ``K`` products, no
-    copy of the input per offset.
+    copy of the input per offset. ``out``, if given, is the ``(B, *kernel, Cin, Cout)``
+    tensor they are written into.
     """
     nd = x.dim() - 2
     b, cin, cout = x.shape[0], x.shape[1], go.shape[1]
@@ -224,7 +241,8 @@ def _shifted_grad_sample(conv: nn.Module, x: torch.Tensor, go: torch.Tensor) -> 
     gp = (F.pad(go, gpad) if any(gpad) else go).reshape(b, cout, -1)[:, :, :length]
     gp = gp.transpose(1, 2)
     xf = xp.reshape(b, cin, -1)
-    out = x.new_empty(b, *conv.kernel_size, cin, cout)
+    if out is None:
+        out = x.new_empty(b, *conv.kernel_size, cin, cout)
     for off in itertools.product(*[range(k) for k in conv.kernel_size]):
         s = sum(o * d * st for o, d, st in zip(off, conv.dilation, strides))
         torch.bmm(xf[:, :, s : s + length], gp, out=out[(slice(None), *off)])
@@ -233,20 +251,35 @@ def _shifted_grad_sample(conv: nn.Module, x: torch.Tensor, go: torch.Tensor) -> 
     return out
 
 
-def _grouped_grad_sample(conv: nn.Module, x: torch.Tensor, go: torch.Tensor) -> torch.Tensor:
-    """Per-sample weight gradients ``(B, *weight.shape)`` of a convolution, one native call.
+def _grouped_grad_sample(
+    conv: nn.Module, x: torch.Tensor, go: torch.Tensor, out: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Per-sample weight gradients ``(B, *weight.shape)`` of a convolution, by native calls.
 
     The batch becomes the groups of one grouped convolution (sample ``i``'s input channels
     and output channels form group ``i``), whose weight gradient is the stack of the
-    per-sample weight gradients.
+    per-sample weight gradients. With ``out`` (``(B, *weight.shape)``), the samples are
+    taken in pieces of at most ``_PIECE_BYTES`` of result, each copied into ``out``.
     """
+    if out is None:
+        return _grouped_piece(conv, x, go)
+    b = x.shape[0]
+    step = max(1, _PIECE_BYTES // max(1, out[0].numel() * out.element_size()))
+    for i in range(0, b, step):
+        out[i : i + step] = _grouped_piece(conv, x[i : i + step], go[i : i + step])
+    return out
+
+
+def _grouped_piece(conv: nn.Module, x: torch.Tensor, go: torch.Tensor) -> torch.Tensor:
     b = x.shape[0]
     w = conv.weight
     groups = conv.groups * b
     xs = x.reshape(1, b * x.shape[1], *x.shape[2:])
     gs = go.reshape(1, b * go.shape[1], *go.shape[2:])
-    shape = (b * w.shape[0], *w.shape[1:])
-    weight = w.detach().expand(b, *w.shape).reshape(shape)
+    # Only the weight's shape matters: with the input gradient off (``output_mask``) the
+    # kernel never reads its values, and B copies of the weight (38 MB for the cnn's last
+    # block at batch 256) cost more than the weight gradient of a plain step.
+    weight = w.new_empty((b * w.shape[0], *w.shape[1:]))
     nd = x.dim() - 2
     _, gw, _ = torch.ops.aten.convolution_backward(
         gs,
@@ -278,7 +311,13 @@ def _group_norm_weight_samples(
         x, None, None, b, c, x[0, 0].numel(), m.num_groups, m.eps
     )
     per = c // m.num_groups
-    gx = torch.linalg.vecdot(go.reshape(b, c, -1), x.reshape(b, c, -1))
+    gf, xf = go.reshape(b, c, -1), x.reshape(b, c, -1)
+    gx = gf.new_empty(b, c)
+    # A few samples at a time: vecdot's elementwise product then stays in the caches
+    # (4.4 against 7.7 ms for the cnn's first norm at batch 256, one thread).
+    step = max(1, _CACHE_BYTES // max(1, gf[0].numel() * gf.element_size()))
+    for i in range(0, b, step):
+        torch.linalg.vecdot(gf[i : i + step], xf[i : i + step], out=gx[i : i + step])
     mean_c = mean.view(b, -1).repeat_interleave(per, dim=1)
     rstd_c = rstd.view(b, -1).repeat_interleave(per, dim=1)
     return (gx - mean_c * gb) * rstd_c
@@ -301,6 +340,23 @@ class _Layer:
         # A per-sample gradient kept in another layout, and how its sum becomes the weight's.
         self.layout: dict[str, object] = {}
         self.ghost: tuple[torch.Tensor, torch.Tensor] | None = None  # (a, g) of a Linear
+        # Flat buffers for large per-sample gradients, kept across passes (_REUSE_BYTES).
+        self._buffers: dict[str, torch.Tensor] = {}
+
+    def _workspace(self, name: str, shape: Sequence[int], like: torch.Tensor):
+        """A reused ``shape`` tensor for ``name``'s per-sample gradients, or None if small."""
+        if name in self.grad_samples:
+            return None  # a second use: the first one's gradients are still in the buffer
+        numel = 1
+        for d in shape:
+            numel *= int(d)
+        if numel * like.element_size() <= _REUSE_BYTES:
+            return None
+        buf = self._buffers.get(name)
+        fits = buf is not None and buf.numel() >= numel
+        if not fits or buf.dtype != like.dtype or buf.device != like.device:
+            buf = self._buffers[name] = like.new_empty(numel)
+        return buf[:numel].view(*shape)
 
     def reset(self) -> None:
         self.grad_samples = {}
@@ -345,10 +401,14 @@ class _Layer:
             self._linear_samples(x, go)
         elif isinstance(m, _CONVS):
             if "weight" in self.params:
+                w, b = m.weight, x.shape[0]
                 if _shifted_ok(m, go):
-                    self._add("weight", _shifted_grad_sample(m, x, go), _from_shifted)
+                    shape = (b, *m.kernel_size, w.shape[1], w.shape[0])
+                    out = self._workspace("weight", shape, go)
+                    self._add("weight", _shifted_grad_sample(m, x, go, out), _from_shifted)
                 else:
-                    self._add("weight", _grouped_grad_sample(m, x, go))
+                    out = self._workspace("weight", (b, *w.shape), go)
+                    self._add("weight", _grouped_grad_sample(m, x, go, out))
             if "bias" in self.params:
                 self._add("bias", go.sum(spatial))
         else:  # GroupNorm
@@ -554,10 +614,13 @@ class BookKeepingClipper:
         return out
 
     def remove(self) -> None:
-        """Detach the hooks from the model."""
+        """Detach the hooks from the model and free the layers' buffers."""
         for h in self._handles:
             h.remove()
         self._handles = []
+        for layer in self.layers:
+            layer.reset()
+            layer._buffers.clear()
 
 
 class _Pass:

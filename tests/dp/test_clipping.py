@@ -221,6 +221,63 @@ def test_a_one_pass_round_is_dp_sgd_by_the_definition(make, physical):
     assert ledger.for_client(0)[0].steps == len(sizes)
 
 
+@pytest.mark.parametrize("make", [_cnn, _resnet_small], ids=["cnn", "resnet-small"])
+@pytest.mark.parametrize("physical", [None, 2])
+def test_per_sample_gradients_in_kept_buffers_give_the_same_steps(monkeypatch, make, physical):
+    # Every convolution's per-sample gradients go through the layer's reused buffer, one
+    # sample per native call: batches of varying size (Poisson) reuse one buffer pass after
+    # pass, and a stale or half-written buffer would change the step.
+    import securefed.dp.clipping as clipping
+
+    monkeypatch.setattr(clipping, "_REUSE_BYTES", 0)
+    monkeypatch.setattr(clipping, "_PIECE_BYTES", 1)
+    got, want, start, sizes, *_ = _run_both(make, batch_size=4, seed=5, physical=physical)
+    assert len(set(sizes)) > 1  # the buffer is sliced to several batch sizes
+    _assert_same(got, want, start)
+
+
+def test_a_kept_buffer_is_reused_and_a_conv_used_twice_does_not_overwrite_it(monkeypatch):
+    import securefed.dp.clipping as clipping
+
+    monkeypatch.setattr(clipping, "_REUSE_BYTES", 0)
+    conv = nn.Conv2d(2, 2, 3, padding=1)
+
+    class Twice(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv, self.head = conv, nn.Linear(2, 2)
+
+        def forward(self, x):
+            h = torch.tanh(self.conv(torch.tanh(self.conv(x))))
+            return self.head(h.mean((2, 3)))
+
+    torch.manual_seed(0)
+    model = Twice()
+    params = list(model.parameters())
+    clipper = BookKeepingClipper(model, params)
+    layer = next(la for la in clipper.layers if la.module is conv)
+    ptrs = []
+    for n in (5, 3, 5):
+        x, y = torch.randn(n, 2, 6, 6) * 2, torch.randint(0, 2, (n,))
+        with clipper.pass_(scale=n):
+            nn.functional.cross_entropy(model(x), y).backward()
+        ptrs.append(layer._buffers["weight"].data_ptr())
+        sums = clipper.clip_and_sum(0.1, n)
+        want = [torch.zeros_like(p) for p in params]
+        for i in range(n):
+            g = torch.autograd.grad(
+                nn.functional.cross_entropy(model(x[i : i + 1]), y[i : i + 1]), params
+            )
+            f = min(1.0, 0.1 / (float(torch.sqrt(sum(t.pow(2).sum() for t in g))) + 1e-6))
+            for w, t in zip(want, g):
+                w += f * t
+        for s, w in zip(sums, want):
+            torch.testing.assert_close(s, w, rtol=1e-4, atol=1e-7)
+    assert len(set(ptrs)) == 1  # one buffer, sliced to each batch
+    clipper.remove()
+    assert not layer._buffers
+
+
 def test_a_model_the_one_pass_clipper_cannot_handle_falls_back_to_hooks_and_matches():
     model, _ = _layernorm_model()
     assert not supports(model)
