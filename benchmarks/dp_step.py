@@ -16,6 +16,9 @@ Modes timed (one step = forward, backward, clipping, noise, SGD update):
 Any mode with the suffix ``-torchpool`` (``plain-torchpool``, ``bk-torchpool``) runs the same
 model with PyTorch's ``nn.MaxPool{2,3}d(2)`` in place of the project's
 :class:`securefed.models.pooling.MaxPool2x` (the cnn's pooling), to measure what that saves.
+``bk-nobuffer`` runs ``bk`` without the layers' kept buffers for large per-sample gradients
+(``securefed.dp.clipping._REUSE_BYTES`` out of reach, as before they existed), to measure what
+they save in the same run.
 
 Timing alternates the modes inside one process and keeps the fastest of ``--repeats`` rounds
 of ``--steps`` steps, so a busy machine affects every mode alike; quote ratios, not seconds.
@@ -49,6 +52,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from securefed.allocator import tune_malloc  # noqa: E402
+from securefed.dp import clipping  # noqa: E402
 from securefed.dp.clipping import BookKeepingClipper, supports  # noqa: E402
 from securefed.models import ModelSpec, build_model  # noqa: E402
 from securefed.models.pooling import MaxPool2x  # noqa: E402
@@ -119,7 +123,7 @@ def make_step(name: str, mode: str, batch: int) -> Callable[[], None] | None:
     mode, _, variant = mode.partition("-")
     if variant == "torchpool":
         _with_torch_pooling(model)
-    elif variant:
+    elif variant and (variant, mode) != ("nobuffer", "bk"):
         raise ValueError(f"unknown mode suffix {variant!r}")
     x, y, crit = _data(name, batch)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -172,11 +176,16 @@ def make_step(name: str, mode: str, batch: int) -> Callable[[], None] | None:
         if not supports(model):
             return None
         clipper = BookKeepingClipper(model, params)
+        reuse = clipping._REUSE_BYTES if variant != "nobuffer" else 1 << 62
 
         def step() -> None:
             opt.zero_grad(set_to_none=True)
-            with clipper.pass_(scale=batch):
-                F.cross_entropy(model(x), y).backward()
+            saved, clipping._REUSE_BYTES = clipping._REUSE_BYTES, reuse
+            try:
+                with clipper.pass_(scale=batch):
+                    F.cross_entropy(model(x), y).backward()
+            finally:
+                clipping._REUSE_BYTES = saved
             _noise_and_step(params, clipper.clip_and_sum(1.0, batch), opt, float(batch))
 
         return step

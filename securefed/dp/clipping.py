@@ -19,7 +19,8 @@ second backward pass. Here, instead:
     positions); per-sample gradients above 16 MiB are written into a buffer the layer keeps
     for the clipper's lifetime (one local round), so that a large batch does not map and
     zero-fill fresh memory for them in every pass;
-  * GroupNorm's per-sample gradients come from its group statistics; a linear layer on
+  * GroupNorm's per-sample gradients come from its group statistics (the forward pass' own,
+    read from autograd's saved tensors); a linear layer on
     ``(B, d)`` inputs keeps only its input and output gradient (norm ``|a_i| |g_i|``, clipped
     sum one matrix product);
 
@@ -297,19 +298,43 @@ def _grouped_piece(conv: nn.Module, x: torch.Tensor, go: torch.Tensor) -> torch.
     return gw.view(b, *w.shape)
 
 
+def _saved_group_norm_stats(output: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The group statistics ``(mean, rstd)`` autograd saved for a GroupNorm's backward.
+
+    They are the very numbers the forward pass normalized with; reading them spares a second
+    pass over the input (6.6 ms of a 260 ms DP step of the cnn at batch 256). ``None`` when the
+    output was not made by the native kernel (another backend, no autograd graph).
+    """
+    fn = output.grad_fn
+    if type(fn).__name__ != "NativeGroupNormBackward0":
+        return None
+    try:
+        return fn._saved_result1.detach(), fn._saved_result2.detach()
+    except (AttributeError, RuntimeError):
+        return None
+
+
 def _group_norm_weight_samples(
-    m: nn.GroupNorm, x: torch.Tensor, go: torch.Tensor, gb: torch.Tensor
+    m: nn.GroupNorm,
+    x: torch.Tensor,
+    go: torch.Tensor,
+    gb: torch.Tensor,
+    stats: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Per-sample GroupNorm weight gradients ``sum_s go * xhat``, without forming ``go * xhat``.
 
     ``xhat = (x - mean_g) * rstd_g``, so the sum is ``rstd_g * (sum_s go*x - mean_g *
-    sum_s go)``: the group statistics (the native group-norm kernel's, as in the forward pass)
-    and one dot product per sample and channel, instead of a product the size of ``x``.
+    sum_s go)``: the group statistics (``stats``, the forward pass' own, or the native
+    group-norm kernel's recomputed) and one dot product per sample and channel, instead of a
+    product the size of ``x``.
     """
     b, c = x.shape[:2]
-    _, mean, rstd = torch.ops.aten.native_group_norm(
-        x, None, None, b, c, x[0, 0].numel(), m.num_groups, m.eps
-    )
+    if stats is not None and all(t.numel() == b * m.num_groups for t in stats):
+        mean, rstd = stats
+    else:
+        _, mean, rstd = torch.ops.aten.native_group_norm(
+            x, None, None, b, c, x[0, 0].numel(), m.num_groups, m.eps
+        )
     per = c // m.num_groups
     gf, xf = go.reshape(b, c, -1), x.reshape(b, c, -1)
     gx = gf.new_empty(b, c)
@@ -388,8 +413,16 @@ class _Layer:
         if "bias" in self.params:
             self._add("bias", g.reshape(g.shape[0], -1, g.shape[-1]).sum(1))
 
-    def backward(self, x: torch.Tensor, go: torch.Tensor) -> None:
-        """Record the per-sample gradients of one use of the layer (``go`` per sample)."""
+    def backward(
+        self,
+        x: torch.Tensor,
+        go: torch.Tensor,
+        stats: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> None:
+        """Record the per-sample gradients of one use of the layer (``go`` per sample).
+
+        ``stats``: a GroupNorm's saved group statistics for this use, if autograd kept them.
+        """
         m = self.module
         spatial = tuple(range(2, go.dim()))
         if isinstance(m, nn.Linear):
@@ -414,7 +447,7 @@ class _Layer:
         else:  # GroupNorm
             gb = go.sum(spatial)
             if "weight" in self.params:
-                self._add("weight", _group_norm_weight_samples(m, x, go, gb))
+                self._add("weight", _group_norm_weight_samples(m, x, go, gb, stats))
             if "bias" in self.params:
                 self._add("bias", gb)
 
@@ -527,6 +560,7 @@ class BookKeepingClipper:
             if not self._active or not torch.is_grad_enabled():
                 return None
             x = inputs[0].detach()
+            stats = _saved_group_norm_stats(output) if isinstance(module, nn.GroupNorm) else None
             replaced = None
             if not output.requires_grad:
                 # Nothing before this layer is trained (its input needs no gradient) and its
@@ -535,7 +569,7 @@ class BookKeepingClipper:
                 replaced = output = output.detach().requires_grad_(True)
 
             def on_grad(go: torch.Tensor) -> None:
-                layer.backward(x, go.detach())
+                layer.backward(x, go.detach(), stats)
 
             output.register_hook(on_grad)
             return replaced

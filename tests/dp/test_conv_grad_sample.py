@@ -59,3 +59,17 @@ def test_the_rule_takes_shifted_products_for_one_tap_kernels_and_tiny_outputs():
     assert not ok(nn.Conv2d(4, 4, 3, padding=1), 7, 7)  # the cnn's last block: grouped
     assert not ok(nn.Conv2d(4, 4, 1, stride=2), 4, 4)
     assert not ok(nn.Conv2d(4, 4, 1, groups=2), 4, 4)
+
+
+def test_group_norm_statistics_read_from_autograd_are_the_forward_pass_own():
+    from securefed.dp.clipping import _saved_group_norm_stats
+
+    torch.manual_seed(0)
+    m = nn.GroupNorm(2, 6)
+    x = torch.randn(3, 6, 4, 4) * 5 + 2
+    stats = _saved_group_norm_stats(m(x.requires_grad_(True)))
+    assert stats is not None  # the fast path is taken for the native kernel
+    _, mean, rstd = torch.ops.aten.native_group_norm(x.detach(), None, None, 3, 6, 16, 2, m.eps)
+    assert torch.equal(stats[0], mean) and torch.equal(stats[1], rstd)
+    with torch.no_grad():
+        assert _saved_group_norm_stats(m(x)) is None  # no graph: recomputed instead
