@@ -16,7 +16,7 @@ second backward pass. Here, instead:
   * a convolution materializes its per-sample weight gradients with one native kernel
     (oneDNN's grouped weight gradient with the batch as groups, no ``unfold``; batched
     products of shifted views of the input for 1x1 kernels and outputs of at most 16
-    positions); per-sample gradients above 16 MiB are written into a buffer the layer keeps
+    positions); per-sample gradients above 32 MiB are written into a buffer the layer keeps
     for the clipper's lifetime (one local round), so that a large batch does not map and
     zero-fill fresh memory for them in every pass;
   * GroupNorm's per-sample gradients come from its group statistics (the forward pass' own,
@@ -70,12 +70,13 @@ _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 #: A convolution's per-sample weight gradients larger than this are written into a buffer the
 #: layer keeps from pass to pass, in pieces of samples whose native result stays below
-#: ``_PIECE_BYTES``. Why: glibc maps a block above its mmap threshold (32 MiB, set by
+#: ``_PIECE_BYTES``. Why: glibc maps a block above its mmap threshold (this value, set by
 #: :mod:`securefed.allocator`; 128 KiB to 32 MiB by default) afresh on every allocation and
 #: the kernel zero-fills it page by page on first touch; the cnn's last block at batch 256
 #: (38 MB of per-sample gradients) lost more time to that than to computing them
-#: (``python benchmarks/dp_step.py``, docs/benchmarks.md).
-_REUSE_BYTES = 16 << 20
+#: (``python benchmarks/dp_step.py``, docs/benchmarks.md). Smaller results come from the
+#: heap at no such cost, and copying them into a buffer would only add a pass over them.
+_REUSE_BYTES = 32 << 20
 _PIECE_BYTES = 8 << 20
 #: Work a loop keeps in the caches at a time (a typical L2).
 _CACHE_BYTES = 1 << 20
