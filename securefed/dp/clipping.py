@@ -58,6 +58,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from securefed.allocator import MMAP_THRESHOLD
+
 __all__ = [
     "BookKeepingClipper",
     "UnitPooler",
@@ -70,13 +72,16 @@ _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 #: A convolution's per-sample weight gradients larger than this are written into a buffer the
 #: layer keeps from pass to pass, in pieces of samples whose native result stays below
-#: ``_PIECE_BYTES``. Why: glibc maps a block above its mmap threshold (this value, set by
-#: :mod:`securefed.allocator`; 128 KiB to 32 MiB by default) afresh on every allocation and
-#: the kernel zero-fills it page by page on first touch; the cnn's last block at batch 256
-#: (38 MB of per-sample gradients) lost more time to that than to computing them
-#: (``python benchmarks/dp_step.py``, docs/benchmarks.md). Smaller results come from the
-#: heap at no such cost, and copying them into a buffer would only add a pass over them.
-_REUSE_BYTES = 32 << 20
+#: ``_PIECE_BYTES`` (or of one sample, if one is larger). Why: glibc maps a block above its
+#: mmap threshold afresh on every allocation and the kernel zero-fills it page by page on
+#: first touch; the cnn's last block at batch 256 (38 MB of per-sample gradients) lost more
+#: time to that than to computing them (``python benchmarks/dp_step.py``, docs/benchmarks.md).
+#: Below the threshold securefed's commands set (:data:`securefed.allocator.MMAP_THRESHOLD`)
+#: results come from the heap at no such cost, and copying them into a buffer would only add
+#: a pass over them. (With glibc's defaults, ``SECUREFED_MALLOC=system``, the threshold moves
+#: between 128 KiB and 32 MiB and smaller blocks may be mapped too.) The buffer stays
+#: allocated between passes, so a step's peak memory can rise by up to its size.
+_REUSE_BYTES = MMAP_THRESHOLD
 _PIECE_BYTES = 8 << 20
 #: Work a loop keeps in the caches at a time (a typical L2).
 _CACHE_BYTES = 1 << 20
@@ -261,7 +266,8 @@ def _grouped_grad_sample(
     The batch becomes the groups of one grouped convolution (sample ``i``'s input channels
     and output channels form group ``i``), whose weight gradient is the stack of the
     per-sample weight gradients. With ``out`` (``(B, *weight.shape)``), the samples are
-    taken in pieces of at most ``_PIECE_BYTES`` of result, each copied into ``out``.
+    taken in pieces of at most ``_PIECE_BYTES`` of result (one sample, if one is larger),
+    each copied into ``out``.
     """
     if out is None:
         return _grouped_piece(conv, x, go)

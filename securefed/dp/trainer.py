@@ -41,6 +41,7 @@ what is clipped; q, the steps and the mean's denominator count patients.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import sys
 import time
@@ -685,7 +686,7 @@ class SiteTrainer:
             total=epochs * len(loader),
             desc=f"site {self.client_id} {phase} round {round_index}",
         )
-        with warnings.catch_warnings(), bar:
+        with warnings.catch_warnings(), bar, _removed_on_error(clipper):
             # Opacus' hooks fire on inputs that need no grad; torch warns, nothing is wrong.
             warnings.filterwarnings("ignore", message="Full backward hook is firing")
             for _ in range(epochs):
@@ -841,6 +842,17 @@ class _SplitSampler:
             stop = start + size + (1 if i < extra else 0)
             yield order[start:stop]
             start = stop
+
+
+@contextlib.contextmanager
+def _removed_on_error(clipper: BookKeepingClipper | None) -> Iterator[None]:
+    """Take the clipper's hooks (and the buffers they hold) off the model if the round fails."""
+    try:
+        yield
+    except BaseException:
+        if clipper is not None:
+            clipper.remove()
+        raise
 
 
 def _round_bar(*, enabled: bool, total: int, desc: str):

@@ -225,12 +225,14 @@ def test_a_one_pass_round_is_dp_sgd_by_the_definition(make, physical):
 @pytest.mark.parametrize("physical", [None, 2])
 def test_per_sample_gradients_in_kept_buffers_give_the_same_steps(monkeypatch, make, physical):
     # Every convolution's per-sample gradients go through the layer's reused buffer, one
-    # sample per native call: batches of varying size (Poisson) reuse one buffer pass after
-    # pass, and a stale or half-written buffer would change the step.
+    # sample per native call, and GroupNorm's dot products run one sample at a time:
+    # batches of varying size (Poisson) reuse one buffer pass after pass, and a stale or
+    # half-written buffer, or a skipped piece, would change the step.
     import securefed.dp.clipping as clipping
 
     monkeypatch.setattr(clipping, "_REUSE_BYTES", 0)
     monkeypatch.setattr(clipping, "_PIECE_BYTES", 1)
+    monkeypatch.setattr(clipping, "_CACHE_BYTES", 1)
     got, want, start, sizes, *_ = _run_both(make, batch_size=4, seed=5, physical=physical)
     assert len(set(sizes)) > 1  # the buffer is sliced to several batch sizes
     _assert_same(got, want, start)
@@ -276,6 +278,30 @@ def test_a_kept_buffer_is_reused_and_a_conv_used_twice_does_not_overwrite_it(mon
     assert len(set(ptrs)) == 1  # one buffer, sliced to each batch
     clipper.remove()
     assert not layer._buffers
+
+
+def test_a_round_that_fails_takes_the_clippers_hooks_and_buffers_off_the_model():
+    model, data = _cnn()
+    calls = []
+
+    def failing_loss(out, y):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("simulated failure in the second step")
+        return nn.functional.cross_entropy(out, y)
+
+    trainer, _ = make_trainer(data, batch_size=3, loss_fn=failing_loss)
+    with pytest.raises(RuntimeError, match="simulated failure"):
+        trainer.train_round(
+            model=model,
+            round_index=1,
+            epochs=1,
+            generator=torch.Generator().manual_seed(0),
+            noise=SeededNoise(1, 1),
+            lr=LR,
+        )
+    assert len(calls) == 2
+    assert not any(m._forward_hooks for m in model.modules())
 
 
 def test_a_model_the_one_pass_clipper_cannot_handle_falls_back_to_hooks_and_matches():
