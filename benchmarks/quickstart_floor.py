@@ -1,0 +1,109 @@
+"""The quick start's compute floor: what its local training alone costs on this machine's cores.
+
+Why: issue 17 asks for the README's quick start (``securefed train --dp-epsilon 8
+--secure-agg``) in at most 20 s on 2 cores. This script counts the work that run must do --
+every record of every site through the default model, once per local epoch and round (the
+expected count under Poisson sampling) -- and times it at its best: the plain and the DP step
+(one-pass clipping, noise, SGD) at one torch thread, best of ``--repeats``, on the physical
+chunk a run uses on a CPU (64) and on whole batches of 256, divided by the cores as if they
+were used perfectly in parallel. A run cannot train faster than that floor; the rest of its
+wall time is start-up, evaluation, aggregation and accounting. Floating-point operations are
+torch's count (convolutions and matrix products only; element-wise work is extra).
+
+    python benchmarks/quickstart_floor.py
+    python benchmarks/quickstart_floor.py --cores 2 --repeats 8
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from securefed.allocator import tune_malloc  # noqa: E402
+from securefed.config import RunConfig  # noqa: E402
+from securefed.data.synthetic import make_synthetic  # noqa: E402
+from securefed.dp.clipping import BookKeepingClipper  # noqa: E402
+from securefed.models import ModelSpec, build_model  # noqa: E402
+
+
+def _best_ms(fn, repeats: int) -> float:
+    fn()
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - start)
+    return best * 1e3
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Print the quick start's records, FLOPs and its plain / DP training floors."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--cores", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--repeats", type=int, default=6)
+    args = parser.parse_args(argv)
+    tune_malloc()
+    torch.set_num_threads(1)
+    config = RunConfig()
+    data = make_synthetic()
+    n_train = len(data.train.labels)
+    records = n_train * config.local_epochs * config.rounds
+    spec = ModelSpec(
+        in_channels=data.in_channels,
+        num_classes=data.num_classes,
+        image_shape=tuple(data.image_shape),
+    )
+    built = build_model(name=config.model, spec=spec, private=True)
+    model = built.module
+    params = [p for p in model.parameters() if p.requires_grad]
+    clipper = BookKeepingClipper(model, params)
+    print(
+        f"quick start: {n_train} training records x {config.local_epochs} local epochs x "
+        f"{config.rounds} rounds = {records} record passes, model {built.name} "
+        f"({sum(p.numel() for p in params)} weights), {args.cores} cores"
+    )
+
+    def plain(x: torch.Tensor, y: torch.Tensor) -> None:
+        model.zero_grad(set_to_none=True)
+        F.cross_entropy(model(x), y).backward()
+        with torch.no_grad():
+            for p in params:
+                p.add_(p.grad, alpha=-1e-4)
+
+    def dp(x: torch.Tensor, y: torch.Tensor) -> None:
+        with clipper.pass_(scale=len(y)):
+            F.cross_entropy(model(x), y).backward()
+        sums = clipper.clip_and_sum(1.0, len(y))
+        with torch.no_grad():
+            for p, g in zip(params, sums):
+                p.add_(g + torch.randn_like(g), alpha=-1e-4 / len(y))
+
+    for batch in (64, 256):
+        x = torch.randn(batch, spec.in_channels, *spec.image_shape)
+        y = torch.randint(0, spec.num_classes, (batch,))
+        with FlopCounterMode(display=False) as counter:
+            plain(x, y)
+        flops = counter.get_total_flops() / batch
+        for name, step in (("plain", plain), ("dp", dp)):
+            ms = _best_ms(functools.partial(step, x, y), args.repeats) / batch
+            floor = records * ms / 1e3 / args.cores
+            print(
+                f"batch {batch:3d} {name:5s}: {ms:.3f} ms a record at one thread "
+                f"({flops / ms / 1e6:.1f} GFLOP/s of {flops / 1e6:.1f} MFLOP a record) -> "
+                f"training floor {floor:.1f} s on {args.cores} cores"
+            )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
