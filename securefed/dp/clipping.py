@@ -375,7 +375,9 @@ class _Layer:
         # Flat buffers for large per-sample gradients, kept across passes (_REUSE_BYTES).
         self._buffers: dict[str, torch.Tensor] = {}
 
-    def _workspace(self, name: str, shape: Sequence[int], like: torch.Tensor):
+    def _workspace(
+        self, name: str, shape: Sequence[int], like: torch.Tensor
+    ) -> torch.Tensor | None:
         """A reused ``shape`` tensor for ``name``'s per-sample gradients, or None if small."""
         if name in self.grad_samples:
             return None  # a second use: the first one's gradients are still in the buffer
@@ -385,8 +387,12 @@ class _Layer:
         if numel * like.element_size() <= _REUSE_BYTES:
             return None
         buf = self._buffers.get(name)
-        fits = buf is not None and buf.numel() >= numel
-        if not fits or buf.dtype != like.dtype or buf.device != like.device:
+        if (
+            buf is None
+            or buf.numel() < numel
+            or buf.dtype != like.dtype
+            or buf.device != like.device
+        ):
             buf = self._buffers[name] = like.new_empty(numel)
         return buf[:numel].view(*shape)
 
