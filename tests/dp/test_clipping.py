@@ -63,6 +63,19 @@ def _reference_round(
     return {k: v.detach().clone() for k, v in model.state_dict().items()}, sizes
 
 
+def _clipped_sum_by_record(model, params, x, y, clip: float) -> list[torch.Tensor]:
+    """Each record's cross-entropy gradient on its own, clipped to ``clip``, summed."""
+    want = [torch.zeros_like(p) for p in params]
+    for i in range(len(y)):
+        g = torch.autograd.grad(
+            nn.functional.cross_entropy(model(x[i : i + 1]), y[i : i + 1]), params
+        )
+        f = min(1.0, clip / (float(torch.sqrt(sum(t.pow(2).sum() for t in g))) + 1e-6))
+        for w, t in zip(want, g):
+            w += f * t
+    return want
+
+
 def noisy_sgd_step(params, summed, *, noise, sigma: float, denominator: float) -> None:
     """The DP-SGD step by definition: clipped sums plus one flat Gaussian draw, averaged."""
     flat = noise.gaussian(sum(p.numel() for p in params), draws=SECURE_DRAWS).mul_(sigma * C)
@@ -265,15 +278,7 @@ def test_a_kept_buffer_is_reused_and_a_conv_used_twice_does_not_overwrite_it(mon
             nn.functional.cross_entropy(model(x), y).backward()
         ptrs.append(layer._buffers["weight"].data_ptr())
         sums = clipper.clip_and_sum(0.1, n)
-        want = [torch.zeros_like(p) for p in params]
-        for i in range(n):
-            g = torch.autograd.grad(
-                nn.functional.cross_entropy(model(x[i : i + 1]), y[i : i + 1]), params
-            )
-            f = min(1.0, 0.1 / (float(torch.sqrt(sum(t.pow(2).sum() for t in g))) + 1e-6))
-            for w, t in zip(want, g):
-                w += f * t
-        for s, w in zip(sums, want):
+        for s, w in zip(sums, _clipped_sum_by_record(model, params, x, y, 0.1)):
             torch.testing.assert_close(s, w, rtol=1e-4, atol=1e-7)
     assert len(set(ptrs)) == 1  # one buffer, sliced to each batch
     clipper.remove()
@@ -405,15 +410,7 @@ def test_a_layer_used_twice_sums_its_per_sample_gradients_before_clipping():
     with clipper.pass_(scale=4):
         nn.functional.cross_entropy(model(x), y).backward()
     sums = clipper.clip_and_sum(0.1, 4)
-    want = [torch.zeros_like(p) for p in params]
-    for i in range(4):
-        g = torch.autograd.grad(
-            nn.functional.cross_entropy(model(x[i : i + 1]), y[i : i + 1]), params
-        )
-        f = min(1.0, 0.1 / (float(torch.sqrt(sum(t.pow(2).sum() for t in g))) + 1e-6))
-        for w, t in zip(want, g):
-            w += f * t
-    for s, w in zip(sums, want):
+    for s, w in zip(sums, _clipped_sum_by_record(model, params, x, y, 0.1)):
         torch.testing.assert_close(s, w, rtol=1e-4, atol=1e-7)
     assert all(p.grad is None and p.requires_grad for p in params)
 
