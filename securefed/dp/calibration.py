@@ -245,17 +245,11 @@ def offsets_from_sum(
         raise ValueError(f"calibration statistics: need {statistics_size(k)} finite values")
     counts = total[:k] / clip
     sums = total[k:].reshape(k, k)
-    # Every record's z sums to zero over the classes (centred logits, or 0), so every row of
-    # the true score sums does too; only the noise does not. Taking each noisy row's mean out
-    # is post-processing (free under DP) that removes the noise off that subspace: its s.d.
-    # on a coordinate falls from sigma R to sigma R sqrt((K - 1) / K), sqrt(1/2) for two
-    # classes, and the offsets and the refusal below both rest on less noise.
-    sums = sums - sums.mean(axis=1, keepdims=True)
     zero = [0.0] * k
     if not (np.all(np.isfinite(counts)) and math.isfinite(float(counts.sum()))):
         return Calibration(zero, False, "the summed counts are not finite", counts.tolist())
     count_sd = noise_multiplier * math.sqrt(max(sites, 1))  # noise s.d. on a summed count
-    sum_sd = count_sd * clip * math.sqrt((k - 1) / k)  # ... and on a projected score sum
+    sum_sd = count_sd * clip  # ... and on a summed score
     least = max(10.0, 3.0 * count_sd)
     offsets = []
     for c in range(k):

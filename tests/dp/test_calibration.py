@@ -79,60 +79,6 @@ def test_noised_statistics_of_five_sites_move_a_one_class_model_to_the_midpoint(
     assert _balanced_accuracy(logits + np.array(cal.offsets), y) > 0.75
 
 
-def _unprojected_offsets(total: np.ndarray, k: int) -> np.ndarray:
-    """The offsets as computed before the noise off the zero-sum rows was taken out."""
-    counts, sums = total[:k] / R, total[k:].reshape(k, k)
-    out = []
-    for c in range(k):
-        n_in, n_out = counts[c], counts.sum() - counts[c]
-        out.append(-(sums[c, c] / n_in + (sums[:, c].sum() - sums[c, c]) / n_out) / 2)
-    return np.array(out)
-
-
-@pytest.mark.parametrize("k", [2, 3])
-def test_the_noise_off_the_zero_sum_rows_is_removed_and_the_offsets_vary_less(k):
-    # Every record's clipped, centred logits sum to zero over the classes, so each row of the
-    # score sums does; the server takes the noise off that subspace (post-processing). On the
-    # same noisy releases the offsets then vary (K - 1) / K as much: half for two classes.
-    rng = np.random.default_rng(7)
-    n = 600
-    y = rng.integers(0, k, size=n)
-    logits = rng.normal(0, 0.3, size=(n, k)) + 1.5 * np.eye(k)[y]
-    clean = calibration.site_statistics(logits, y, num_classes=k)
-    sigma = calibration.NOISE_MULTIPLIER
-    new, old = [], []
-    for _ in range(400):
-        noisy = clean + rng.normal(0, sigma * R, clean.shape)
-        cal = calibration.offsets_from_sum(noisy, num_classes=k, sites=1, noise_multiplier=sigma)
-        assert cal.applied, cal.reason
-        new.append(cal.offsets)
-        old.append(_unprojected_offsets(noisy, k))
-    ratio = np.var(np.array(new), axis=0) / np.var(np.array(old), axis=0)
-    assert np.all(ratio < (k - 1) / k + 0.15), ratio
-    assert np.all(ratio > (k - 1) / k - 0.15), ratio  # removed noise, not signal
-
-
-def test_a_separation_the_unprojected_noise_would_refuse_is_applied():
-    # Two classes of 200 records, one site, sigma 8: the class means are 1.7 unprojected
-    # standard errors apart, which the old rule (twice its standard error) refused; with the
-    # noise off the zero-sum rows taken out the standard error is sqrt(1/2) of it.
-    n, sigma = 200, 8.0
-    se_unprojected = sigma * R * np.sqrt(2.0) / n
-    d = 2 * 1.7 * se_unprojected  # score gap of the logit difference between the classes
-    y = np.repeat([0, 1], n)
-    logits = np.zeros((2 * n, 2))
-    logits[y == 1, 1] = d
-    clean = calibration.site_statistics(logits, y, num_classes=2)
-    cal = calibration.offsets_from_sum(clean, num_classes=2, sites=1, noise_multiplier=sigma)
-    assert cal.applied, cal.reason
-    assert -(cal.offsets[1] - cal.offsets[0]) == pytest.approx(d / 2)  # the midpoint
-    # Just under twice the projected standard error it is refused, as before.
-    logits[y == 1, 1] = 2 * 1.35 * se_unprojected
-    clean = calibration.site_statistics(logits, y, num_classes=2)
-    cal = calibration.offsets_from_sum(clean, num_classes=2, sites=1, noise_multiplier=sigma)
-    assert not cal.applied and "under twice the noise" in cal.reason
-
-
 def test_calibration_is_skipped_when_noise_would_set_it():
     rng = np.random.default_rng(1)
     logits, y = _skewed_scores(rng, n0=8, n1=40)  # a handful of records of one class
