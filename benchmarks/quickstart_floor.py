@@ -8,7 +8,9 @@ expected count under Poisson sampling) -- and times it at its best: the plain an
 chunk a run uses on a CPU (64) and on whole batches of 256, divided by the cores as if they
 were used perfectly in parallel. A run cannot train faster than that floor; the rest of its
 wall time is start-up, evaluation, aggregation and accounting. Floating-point operations are
-torch's count (convolutions and matrix products only; element-wise work is extra).
+torch's count (convolutions and matrix products only; element-wise work is extra). The steps
+are ``benchmarks/dp_step.py``'s (``plain`` and ``bk``), timed by its ``time_modes``, on the
+quick start's own model and image shape (checked).
 
     python benchmarks/quickstart_floor.py
     python benchmarks/quickstart_floor.py --cores 2 --repeats 8
@@ -17,33 +19,22 @@ torch's count (convolutions and matrix products only; element-wise work is extra
 from __future__ import annotations
 
 import argparse
-import functools
 import os
 import sys
-import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from dp_step import SETUPS, make_step, time_modes  # noqa: E402
 
 from securefed.allocator import tune_malloc  # noqa: E402
 from securefed.config import RunConfig  # noqa: E402
 from securefed.data.synthetic import make_synthetic  # noqa: E402
-from securefed.dp.clipping import BookKeepingClipper  # noqa: E402
 from securefed.models import ModelSpec, build_model  # noqa: E402
-
-
-def _best_ms(fn, repeats: int) -> float:
-    fn()
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - start)
-    return best * 1e3
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -64,38 +55,28 @@ def main(argv: list[str] | None = None) -> int:
         image_shape=tuple(data.image_shape),
     )
     built = build_model(name=config.model, spec=spec, private=True)
-    model = built.module
-    params = [p for p in model.parameters() if p.requires_grad]
-    clipper = BookKeepingClipper(model, params)
+    setup, _ = SETUPS.get(built.name, (None, None))
+    if setup is None or (setup.in_channels, setup.num_classes, setup.image_shape) != (
+        spec.in_channels,
+        spec.num_classes,
+        spec.image_shape,
+    ):
+        print(f"error: dp_step.py has no setup of the quick start's {built.name} {spec}")
+        return 2
     print(
         f"quick start: {n_train} training records x {config.local_epochs} local epochs x "
         f"{config.rounds} rounds = {records} record passes, model {built.name} "
-        f"({sum(p.numel() for p in params)} weights), {args.cores} cores"
+        f"({built.num_parameters} weights), {args.cores} cores"
     )
-
-    def plain(x: torch.Tensor, y: torch.Tensor) -> None:
-        model.zero_grad(set_to_none=True)
-        F.cross_entropy(model(x), y).backward()
-        with torch.no_grad():
-            for p in params:
-                p.add_(p.grad, alpha=-1e-4)
-
-    def dp(x: torch.Tensor, y: torch.Tensor) -> None:
-        with clipper.pass_(scale=len(y)):
-            F.cross_entropy(model(x), y).backward()
-        sums = clipper.clip_and_sum(1.0, len(y))
-        with torch.no_grad():
-            for p, g in zip(params, sums):
-                p.add_(g + torch.randn_like(g), alpha=-1e-4 / len(y))
-
     for batch in (64, 256):
-        x = torch.randn(batch, spec.in_channels, *spec.image_shape)
-        y = torch.randint(0, spec.num_classes, (batch,))
+        plain = make_step(built.name, "plain", batch)
+        assert plain is not None
         with FlopCounterMode(display=False) as counter:
-            plain(x, y)
+            plain()
         flops = counter.get_total_flops() / batch
-        for name, step in (("plain", plain), ("dp", dp)):
-            ms = _best_ms(functools.partial(step, x, y), args.repeats) / batch
+        best = time_modes(built.name, ["plain", "bk"], batch, steps=1, repeats=args.repeats)
+        for mode, name in (("plain", "plain"), ("bk", "dp")):
+            ms = best[mode] * 1e3 / batch
             floor = records * ms / 1e3 / args.cores
             print(
                 f"batch {batch:3d} {name:5s}: {ms:.3f} ms a record at one thread "
