@@ -30,6 +30,7 @@ from __future__ import annotations
 import hashlib
 import threading
 from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 from torch import nn
@@ -51,9 +52,15 @@ MAX_GRID = 8
 GROUPS = 27
 #: Smallest image side: the scattering at J = 2 averages over 4 px and pads by 2^J.
 MIN_SIDE = 8
-#: Images scattered at once. The transform's intermediate maps take about 80 times an
-#: image's own size (some 21 MiB for a 224 px RGB image), freed before the next chunk, so
-#: an evaluation batch of 512 does not need gigabytes.
+#: Bytes of intermediate maps one chunk of small images may take while it is scattered
+#: with every orientation at once (about 2,000 times an image's own size), freed before the
+#: next chunk. Small chunks keep the maps in a CPU's caches: at 28 px, 12 images a chunk.
+CHUNK_BYTES = 16 * 2**20
+#: The same on a GPU, which needs large batches to be busy.
+GPU_CHUNK_BYTES = 512 * 2**20
+#: Images a chunk when fewer than 2 fit in the budget above: kymatio's own loop, one filter
+#: at a time, whose maps take about 80 times an image's size (some 21 MiB for a 224 px RGB
+#: image) and whose operations are large enough for torch's threads to share.
 CHUNK = 32
 
 
@@ -156,12 +163,27 @@ class ScatterLinear(nn.Module):
 
     def _compute(self, x: torch.Tensor) -> torch.Tensor:
         # (B, C, H, W) -> (B, C, 81, H/4, W/4) -> (B, 81 C, H/4, W/4) -> pooled grid.
-        return torch.cat(
-            [
-                self.pool(self.scattering(x[i : i + CHUNK].contiguous()).flatten(1, 2))
-                for i in range(0, len(x), CHUNK)
-            ]
-        )
+        size = _chunk(x, self.scattering._M_padded * self.scattering._N_padded)
+        if size < 2:  # large images (about 96 px and up on a CPU)
+            return torch.cat(
+                [
+                    self.pool(self.scattering(x[i : i + CHUNK].contiguous()).flatten(1, 2))
+                    for i in range(0, len(x), CHUNK)
+                ]
+            )
+        chunks = [x[i : i + size] for i in range(0, len(x), size)]
+
+        def one(chunk: torch.Tensor) -> torch.Tensor:
+            return self.pool(_scatter(self.scattering, chunk).flatten(1, 2))
+
+        workers = min(torch.get_num_threads(), len(chunks))
+        if x.device.type != "cpu" or workers < 2:
+            return torch.cat([one(c) for c in chunks])
+        # The transform's operations are too small for torch's own threads to share out, so
+        # on a CPU the chunks go to as many threads as torch uses (each chunk's result is
+        # the same whichever thread computes it; they are concatenated in order).
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            return torch.cat(list(pool.map(one, chunks)))
 
     @torch.no_grad()
     def features(self, x: torch.Tensor) -> torch.Tensor:
@@ -194,3 +216,75 @@ class ScatterLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
         return self.head(self.flatten(self.norm(self.features(x))))
+
+
+def _chunk(x: torch.Tensor, padded_pixels: int) -> int:
+    # The largest maps: L^2 second-order products per image channel at the padded size,
+    # complex (twice the element size), and about as much again in the transforms' scratch.
+    per_image = 2 * SCATTER_L**2 * padded_pixels * x.shape[1] * 2 * x.element_size()
+    budget = CHUNK_BYTES if x.device.type == "cpu" else GPU_CHUNK_BYTES
+    return max(1, budget // per_image)
+
+
+def _times(u: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    # u (complex) times kymatio filters w (..., M, N, 1 real or 2 complex), broadcast over
+    # u's leading dimensions. A real filter multiplies the real and imaginary parts as
+    # reals: torch would otherwise first make a complex copy of it.
+    if w.shape[-1] == 1:
+        return torch.view_as_complex(torch.view_as_real(u) * w)
+    return u * torch.view_as_complex(w.contiguous())
+
+
+def _periodize(x: torch.Tensor, k: int) -> torch.Tensor:
+    # Subsampling by k in space is periodization (the mean of k x k aliases) in frequency.
+    # Slices added in turn: a mean over strided complex dimensions is several times slower.
+    if k == 1:
+        return x
+    m, n = x.shape[-2] // k, x.shape[-1] // k
+    rows = x[..., :m, :]
+    for i in range(1, k):
+        rows = rows + x[..., i * m : (i + 1) * m, :]
+    out = rows[..., :n]
+    for i in range(1, k):
+        out = out + rows[..., i * n : (i + 1) * n]
+    return out / (k * k)
+
+
+def _scatter(scattering: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """kymatio's 2D scattering of ``x`` (B, C, H, W) -> (B, C, K, H / 2^J, W / 2^J).
+
+    The same transform, filters, padding and coefficient order as
+    ``ScatteringTorch2D.scattering`` (``kymatio.scattering2d.core.scattering2d``), with every
+    orientation of a scale computed at once instead of one filter at a time (kymatio makes
+    161 FFT calls per batch at J = 2). ``tests/models/test_scatter.py`` checks it against
+    kymatio.
+    """
+    J = scattering.J
+    phi, psi = scattering.load_filters()
+    batch, channels = x.shape[:2]
+    padded = scattering.pad(x.reshape(-1, *x.shape[-2:]).contiguous())[..., 0]
+    complex_dtype = torch.complex128 if padded.dtype == torch.float64 else torch.complex64
+    u0 = torch.fft.fft2(padded.to(complex_dtype))
+
+    def low_pass(u: torch.Tensor, j: int) -> torch.Tensor:
+        # Low-pass at level j, down to 2^J, back to space; drop the one-pixel border.
+        s = torch.fft.ifft2(_periodize(_times(u, phi["levels"][j]), 2 ** (J - j))).real
+        return s[..., 1:-1, 1:-1]
+
+    order0 = [low_pass(u0, 0)[:, None]]
+    order1, order2 = [], []
+    for j1 in range(J):
+        w1 = torch.stack([p["levels"][0] for p in psi if p["j"] == j1])
+        u1 = torch.fft.ifft2(_periodize(_times(u0[:, None], w1), 2**j1)).abs()
+        u1 = torch.fft.fft2(u1.to(complex_dtype))
+        order1.append(low_pass(u1, j1))
+        per_scale = []
+        for j2 in range(j1 + 1, J):
+            w2 = torch.stack([p["levels"][j1] for p in psi if p["j"] == j2])
+            u2 = torch.fft.ifft2(_periodize(_times(u1[:, :, None], w2), 2 ** (j2 - j1))).abs()
+            per_scale.append(low_pass(torch.fft.fft2(u2.to(complex_dtype)), j2))
+        if per_scale:
+            # kymatio's order: theta1, then j2, then theta2.
+            order2.append(torch.stack(per_scale, dim=2).flatten(1, 3))
+    out = torch.cat(order0 + order1 + order2, dim=1)
+    return out.reshape(batch, channels, *out.shape[1:]).to(x.dtype)

@@ -123,12 +123,46 @@ def test_a_double_model_scatters_in_double(monkeypatch):
 
 
 def test_large_batches_are_scattered_in_chunks_with_the_same_result(monkeypatch):
-    # Chunks bound the transform's transient memory; they must not change the features.
+    # Chunks bound the transform's transient memory, and go to threads; neither may change
+    # the features: an image's features are the same whatever images share its chunk.
     model = _model()
     x = torch.rand(5, 1, 24, 24)
+    monkeypatch.setattr(scatter_mod, "_chunk", lambda *_: 1024)
     whole = model._compute(x)
+    monkeypatch.setattr(scatter_mod, "_chunk", lambda *_: 2)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    assert torch.equal(model._compute(x), whole)
+    assert torch.equal(model._compute(x[3:4]), whole[3:4])
+    # Images too large for 2 a chunk go through kymatio's own loop, CHUNK at a time.
+    monkeypatch.setattr(scatter_mod, "_chunk", lambda *_: 1)
     monkeypatch.setattr(scatter_mod, "CHUNK", 2)
     assert torch.allclose(model._compute(x), whole, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("shape", "channels", "j", "dtype", "tol"),
+    [
+        ((28, 28), 1, 2, torch.float32, 1e-6),
+        ((30, 33), 3, 2, torch.float32, 1e-6),
+        ((17, 20), 2, 2, torch.float64, 1e-12),
+        ((40, 40), 1, 3, torch.float64, 1e-12),  # a third scale: second order over j1 < j2
+        ((8, 8), 1, 2, torch.float64, 1e-12),  # padding as large as the image
+    ],
+)
+def test_the_batched_transform_is_kymatios(shape, channels, j, dtype, tol):
+    # securefed computes every orientation at once; kymatio, one filter at a time, is the
+    # reference: same coefficients, same order, to float rounding.
+    from kymatio.scattering2d.frontend.torch_frontend import ScatteringTorch2D
+
+    reference = ScatteringTorch2D(J=j, shape=shape, L=scatter_mod.SCATTER_L, max_order=2)
+    reference = reference.to(dtype)
+    x = torch.rand(3, channels, *shape, generator=torch.Generator().manual_seed(1), dtype=dtype)
+    expected = reference(x)
+    got = scatter_mod._scatter(reference, x)
+    assert got.dtype == dtype and got.shape == expected.shape
+    assert (got - expected).abs().max().item() <= tol * expected.abs().max().item()
+    # A wrong order (e.g. theta2 before theta1) would move coefficients, not just round them.
+    assert not torch.allclose(got[:, :, 20:], expected[:, :, 20:].flip(2), atol=1e-3)
 
 
 def test_a_run_ends_with_an_empty_cache(tmp_path):
@@ -148,11 +182,16 @@ def test_a_run_recorded_before_rule_2_replays_and_resumes_with_the_model_it_trai
     old = RunConfig.from_recorded(run)
     new = RunConfig(dp_epsilon=8.0)
     spec = ModelSpec(in_channels=1, num_classes=4, image_shape=(96, 96))
-    assert old.auto_rule == 1 and new.auto_rule == 2
+    assert old.auto_rule == 1 and new.auto_rule == 3
     assert auto_model(spec, **model_choice(old)) == "resnet-small"
     assert auto_model(spec, **model_choice(new)) == "scatter-linear"
+    # Rule 2 (schema 3.3-3.8) kept the cnn up to 64 px, where rule 3 scatters.
+    small = ModelSpec(in_channels=1, num_classes=2, image_shape=(28, 28))
+    rule2 = RunConfig.from_recorded({**run, "auto_rule": 2})
+    assert auto_model(small, **model_choice(rule2)) == "cnn"
+    assert auto_model(small, **model_choice(new)) == "scatter-linear"
     with pytest.raises(ConfigError, match="auto_rule"):
-        RunConfig(auto_rule=3)
+        RunConfig(auto_rule=4)
 
 
 def _dp_run_on_72px(tmp_path, **changes):
