@@ -77,9 +77,10 @@ MIN_STEPS = 4
 #: batches, where chunks would only leave it idle.
 CPU_PHYSICAL_BATCH = 64
 #: The ``--model auto`` rule (:func:`securefed.models.auto_model`): 1 before ``scatter-linear``
-#: (schema < 3.3), 2 since (DP on 2D images above 64 px picks it). A recorded run keeps its own.
-AUTO_RULES = (1, 2)
-AUTO_RULE = 2
+#: (schema < 3.3); 2 from schema 3.3 (DP on 2D images above 64 px picks it); 3 from schema 3.9
+#: (DP on 2D images of any size picks it). A recorded run keeps its own.
+AUTO_RULES = (1, 2, 3)
+AUTO_RULE = 3
 
 
 def planned_epochs(
@@ -280,8 +281,9 @@ class RunConfig:
             label + 1. A label outside [0, K) in any split is refused.
         model: Registered model name (see ``securefed.models.available_models``), or
             ``auto``: picked from the task and image size (:func:`securefed.models.auto_model`).
-        auto_rule: Which rule ``auto`` follows (:data:`AUTO_RULES`): 2, today's; a run
-            recorded before rule 2 existed is replayed and resumed with rule 1, the one it ran.
+        auto_rule: Which rule ``auto`` follows (:data:`AUTO_RULES`): 3, today's; a run
+            recorded under an older rule is replayed and resumed with the rule it ran (1 for
+            one recorded before the field existed).
         clients: Number of sites.
         partition: ``iid``, ``dirichlet:ALPHA``, ``by-label:K`` or ``by-group``.
         rounds: Federated rounds.

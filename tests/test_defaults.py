@@ -143,21 +143,38 @@ def test_auto_model_follows_the_data(shape, dims, task, name):
 @pytest.mark.parametrize(
     ("shape", "dims", "task", "pretrained", "name"),
     [
-        ((28, 28), 2, "classification", False, "cnn"),
-        ((64, 64), 2, "classification", False, "cnn"),
+        ((28, 28), 2, "classification", False, "scatter-linear"),
+        ((64, 64), 2, "classification", False, "scatter-linear"),
         ((96, 96), 2, "classification", False, "scatter-linear"),
         ((224, 160), 2, "classification", False, "scatter-linear"),
+        ((28, 28), 2, "classification", True, "cnn"),
         ((96, 96), 2, "classification", True, "resnet-small"),
         ((28, 28, 28), 3, "classification", False, "cnn"),
         ((96, 96, 96), 3, "classification", False, "cnn"),
         ((96, 96), 2, "segmentation", False, "unet"),
     ],
 )
-def test_auto_model_under_dp_picks_scatternet_for_large_images(shape, dims, task, pretrained, name):
-    # DP-SGD's noise grows with the weights: above 64 px, fixed ScatterNet features and a
-    # linear layer, unless pretrained weights (the non-private architecture) will be loaded.
+def test_auto_model_under_dp_picks_scatternet_for_2d_images(shape, dims, task, pretrained, name):
+    # DP-SGD's noise grows with the weights: fixed ScatterNet features and a linear layer at
+    # every 2D size, unless pretrained weights (the non-private architecture) will be loaded.
     spec = ModelSpec(in_channels=1, num_classes=2, spatial_dims=dims, task=task, image_shape=shape)
     assert auto_model(spec, private=True, pretrained=pretrained) == name
+
+
+@pytest.mark.parametrize(
+    ("shape", "rule", "name"),
+    [
+        ((28, 28), 2, "cnn"),
+        ((64, 64), 2, "cnn"),
+        ((96, 96), 2, "scatter-linear"),
+        ((28, 28), 1, "cnn"),
+        ((96, 96), 1, "resnet-small"),
+    ],
+)
+def test_older_auto_rules_pick_what_they_picked(shape, rule, name):
+    # A run recorded under rule 2 (schema 3.3-3.8) or 1 replays with the model it trained.
+    spec = ModelSpec(in_channels=1, num_classes=2, image_shape=shape)
+    assert auto_model(spec, private=True, rule=rule) == name
 
 
 def test_resnet_small_is_dp_compatible_and_sized_for_large_images():
@@ -334,7 +351,7 @@ def test_a_dp_twin_drowned_in_noise_warns_and_names_the_way_out(tmp_path):
 
     npz = write_small_npz(tmp_path / "t.npz", n_train=600, n_val=30, n_test=40)
     # ~50-record batches and a 56k-parameter cnn: the twin's noise is ~2x any signal.
-    cfg = tiny_config(npz, batch_size=256, rounds=1, local_epochs=1, personalize=1)
+    cfg = tiny_config(npz, batch_size=256, rounds=1, local_epochs=1, personalize=1, model="cnn")
     fed = Federation(cfg)
     lines = fed.batch_warnings()
     twin = [line for line in lines if "digital twin" in line]

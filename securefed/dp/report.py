@@ -52,7 +52,9 @@ __all__ = [
 #: 3.8: the ``close`` block (the run's last round, the model files' SHA-256, the pinned roster)
 #: and each DP site's ``close_signature`` over it with its claim; site claims are signed under
 #: the v2 domain (:mod:`securefed.dp.signing`).
-SCHEMA_VERSION = "3.8"
+#: 3.9 (additive): config.json's run may carry `auto_rule` 3 (DP 2D classification picks
+#: ``scatter-linear`` at every image size, not only above 64 px).
+SCHEMA_VERSION = "3.9"
 #: The first schema whose `tolerated_colluders` uses the m - 2 bound (the audit names the old
 #: formula when an older report's figure is one too many).
 COLLUSION_BOUND_FROM = (3, 7)

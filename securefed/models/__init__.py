@@ -7,6 +7,7 @@ from dataclasses import dataclass, replace
 
 from torch import nn
 
+from securefed.config import AUTO_RULE
 from securefed.errors import ConfigError
 from securefed.plugins import import_callable
 
@@ -27,7 +28,8 @@ __all__ = [
 TASKS = ("classification", "segmentation")
 #: ``--model auto``: the registered model is picked from the data by :func:`auto_model`.
 AUTO = "auto"
-#: Largest image side (2D) the default ``cnn`` is picked for; above it, ``resnet-small``.
+#: Largest image side (2D) the default ``cnn`` is picked for (without DP, or under rules 1-2);
+#: above it, ``resnet-small``.
 AUTO_CNN_MAX_SIDE = 64
 FUSIONS = ("early", "late")
 
@@ -240,20 +242,27 @@ def _scatter_linear(spec: ModelSpec) -> nn.Module:
 
 
 def auto_model(
-    spec: ModelSpec, *, private: bool = False, pretrained: bool = False, rule: int = 2
+    spec: ModelSpec, *, private: bool = False, pretrained: bool = False, rule: int = AUTO_RULE
 ) -> str:
     """The model ``--model auto`` builds for ``spec``: a rule fixed in advance, not tuned.
 
+    Rule 3 (today's):
+
     - segmentation: ``unet``;
-    - classification of volumes, or of images at most 64 px a side: ``cnn`` (full
-      resolution through its first block, which small images need);
-    - DP classification of larger 2D images, with no pretrained weights: ``scatter-linear``
+    - classification of volumes: ``cnn``;
+    - DP classification of 2D images, with no pretrained weights: ``scatter-linear``
       (fixed ScatterNet features and a linear classifier, a few thousand weights: Tramer &
-      Boneh 2021 find it beats end-to-end CNNs under DP-SGD on data sets of hospital size,
-      see :mod:`securefed.models.scatter`);
+      Boneh 2021 find it beats end-to-end CNNs under DP-SGD, on 28-32 px images, and more so
+      the less data there is, see :mod:`securefed.models.scatter`);
+    - other classification of images at most 64 px a side: ``cnn`` (full resolution through
+      its first block, which small images need);
     - other classification of larger images (or of unknown size): ``resnet-small`` (a
       stride-2 stem and four halving stages: fast on CPUs, and its receptive field covers
       the image).
+
+    Rules 2 and 1 are the rules before it, with which runs recorded then are replayed and
+    resumed (``RunConfig.auto_rule``): rule 2 picked ``scatter-linear`` only above 64 px,
+    rule 1 never.
 
     Args:
         spec: The data's shape.
@@ -261,17 +270,19 @@ def auto_model(
         pretrained: Whether pretrained weights will be loaded (their architecture is then
             the non-private one, which ``securefed pretrain --model auto`` also picks; for a
             ``scatter-linear`` file, name it: ``--model scatter-linear``).
-        rule: 2, today's rule; 1, the rule before ``scatter-linear`` (never picks it), which
-            a run recorded then is replayed and resumed with (``RunConfig.auto_rule``).
+        rule: The rule to follow: 3, 2 or 1 (above).
 
     """
     if spec.task == "segmentation":
         return "unet"
     if spec.spatial_dims == 3:
         return "cnn"
+    scatter = private and not pretrained and _scatter_fits(spec)
+    if rule >= 3 and scatter:
+        return "scatter-linear"
     if spec.image_shape is not None and max(spec.image_shape) <= AUTO_CNN_MAX_SIDE:
         return "cnn"
-    if rule >= 2 and private and not pretrained and _scatter_fits(spec):
+    if rule >= 2 and scatter:
         return "scatter-linear"
     return "resnet-small"
 
@@ -399,7 +410,7 @@ def build_model(
     spec: ModelSpec,
     private: bool = False,
     pretrained: bool = False,
-    rule: int = 2,
+    rule: int = AUTO_RULE,
 ) -> BuiltModel:
     """Build ``name`` for ``spec`` and make it DP-compatible with Opacus' validator.
 
