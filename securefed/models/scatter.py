@@ -251,7 +251,7 @@ def _periodize(x: torch.Tensor, k: int) -> torch.Tensor:
 
 
 def _scatter(scattering: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """kymatio's 2D scattering of ``x`` (B, C, H, W) -> (B, C, K, H / 2^J, W / 2^J).
+    """The 2D scattering (kymatio's) of ``x`` (B, C, H, W) -> (B, C, K, H / 2^J, W / 2^J).
 
     The same transform, filters, padding and coefficient order as
     ``ScatteringTorch2D.scattering`` (``kymatio.scattering2d.core.scattering2d``), with every
