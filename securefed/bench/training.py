@@ -577,7 +577,7 @@ def _job(out: Path, name: str, job: dict[str, Any]) -> tuple[dict[str, Any], flo
     answer = folder / f"{name}.json"
     code = "from securefed.bench.training import _child_main; _child_main()"
     rc, _, peak = _run_child(
-        [sys.executable, "-c", code, json.dumps(job), str(answer)],
+        [sys.executable, "-c", code, json.dumps(job), str(answer.resolve())],
         cwd=out,
         log=folder / f"{name}.log",
     )

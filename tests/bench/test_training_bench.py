@@ -5,6 +5,7 @@ Not timed: the figures only have to be positive, finite and consistent with each
 
 import json
 import math
+import os
 
 import pytest
 from click.testing import CliRunner
@@ -28,9 +29,17 @@ def _invoke(*args: str):
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("training") / "bench"
-    result = _invoke(*_TINY, "--skip-quickstart", "--out", str(out))
+    root = tmp_path_factory.mktemp("training")
+    # A relative --out, as the README's commands give it: the measurements run in child
+    # processes whose working folder is another one.
+    here = os.getcwd()
+    os.chdir(root)
+    try:
+        result = _invoke(*_TINY, "--skip-quickstart", "--out", "bench")
+    finally:
+        os.chdir(here)
     assert result.exit_code == 0, result.output
+    out = root / "bench"
     return out, json.loads((out / "results.json").read_text())
 
 
