@@ -20,10 +20,11 @@ Usage (from the repository root):
         --option lr_schedule=cosine \\
         --dataset pneumoniamnist --data-dir ../shared/data --clients 5 --partition dirichlet:0.5
 
-Writes ``results.json`` (one row per run: seed, ε, final accuracy, AUC, balanced accuracy,
-macro F1, the worst site's held-out accuracy, whether the decision calibration applied, whether
-the final model calls one class for everything, seconds) and ``table.md`` (mean ± std and
-min over seeds) into ``--out``; the runs go to ``OUT/runs``.
+Writes ``results.json`` (one row per run: seed, ε, the model ``auto`` built, final accuracy,
+AUC, balanced accuracy, macro F1, the worst site's held-out accuracy, whether the decision
+calibration applied, whether the final model calls one class for everything, seconds) and
+``table.md`` (mean ± std and min over seeds, a line per ε and model) into ``--out``; the runs
+go to ``OUT/runs``.
 """
 
 from __future__ import annotations
@@ -41,6 +42,16 @@ from securefed.run import train
 FIGURES = ("accuracy", "auc", "balanced_accuracy", "macro_f1")
 
 
+def _model(run: Path) -> str | None:
+    """The model the run built (``--model auto`` resolves by a rule that changes between
+    releases, e.g. rule 3: a folder of older runs must not average two models in one row)."""
+    try:
+        config = json.loads((run / "config.json").read_text())
+        return config["resolved"]["model"]["name"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
 def _row(run: Path, *, seed: int, epsilon: float | None) -> dict[str, Any]:
     metrics = json.loads((run / "metrics.json").read_text())
     final = metrics["final"]
@@ -50,6 +61,7 @@ def _row(run: Path, *, seed: int, epsilon: float | None) -> dict[str, Any]:
     return {
         "seed": seed,
         "epsilon": epsilon,
+        "model": _model(run),
         **{k: final.get(k) for k in FIGURES},
         "worst_site_accuracy": (fairness.get("worst_site") or {}).get("value"),
         "calibrated": calibration.get("applied"),
@@ -60,16 +72,17 @@ def _row(run: Path, *, seed: int, epsilon: float | None) -> dict[str, Any]:
 
 
 def table(rows: list[dict[str, Any]]) -> str:
-    """Markdown: one line per ε, mean ± std (min) over seeds of each figure."""
-    head = ["ε", "seeds", *FIGURES, "worst site accuracy", "one-class runs"]
+    """Markdown: one line per ε and model, mean ± std (min) over seeds of each figure."""
+    head = ["ε", "model", "seeds", *FIGURES, "worst site accuracy", "one-class runs"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for eps in sorted({r["epsilon"] for r in rows}, key=lambda e: (e is None, e)):
-        cell = [r for r in rows if r["epsilon"] == eps]
+    groups = {(r["epsilon"], r.get("model") or "?") for r in rows}
+    for eps, model in sorted(groups, key=lambda g: (g[0] is None, g[0] or 0.0, g[1])):
+        cell = [r for r in rows if r["epsilon"] == eps and (r.get("model") or "?") == model]
         values = [mean_std_min([r[k] for r in cell]) for k in (*FIGURES, "worst_site_accuracy")]
         label = "∞ (no DP)" if eps is None else f"{eps:g}"
         seeds = ",".join(str(r["seed"]) for r in sorted(cell, key=lambda r: r["seed"]))
         ones = sum(bool(r["one_class"]) for r in cell)
-        lines.append(f"| {label} | {seeds} | " + " | ".join(values) + f" | {ones} |")
+        lines.append(f"| {label} | {model} | {seeds} | " + " | ".join(values) + f" | {ones} |")
     return "\n".join(lines) + "\n"
 
 
