@@ -30,7 +30,6 @@ from __future__ import annotations
 import hashlib
 import threading
 from collections import OrderedDict
-from concurrent.futures import ThreadPoolExecutor
 
 import torch
 from torch import nn
@@ -53,14 +52,16 @@ GROUPS = 27
 #: Smallest image side: the scattering at J = 2 averages over 4 px and pads by 2^J.
 MIN_SIDE = 8
 #: Bytes of intermediate maps one chunk of small images may take while it is scattered
-#: with every orientation at once (about 2,000 times an image's own size), freed before the
-#: next chunk. Small chunks keep the maps in a CPU's caches: at 28 px, 12 images a chunk.
+#: with every orientation at once (300-460 times an image's own size, measured; about 1.1
+#: times :func:`_chunk`'s estimate), freed before the next chunk. Small chunks keep the maps
+#: in a CPU's caches: at 28 px, 12 images a chunk. At least 2 images fit up to 83 px grey
+#: and 47 px RGB in float32 (59 and 31 px in float64); larger ones take kymatio's loop.
 CHUNK_BYTES = 16 * 2**20
 #: The same on a GPU, which needs large batches to be busy.
 GPU_CHUNK_BYTES = 512 * 2**20
 #: Images a chunk when fewer than 2 fit in the budget above: kymatio's own loop, one filter
-#: at a time, whose maps take about 80 times an image's size (some 21 MiB for a 224 px RGB
-#: image) and whose operations are large enough for torch's threads to share.
+#: at a time, whose maps take 15-21 times an image's size (some 12 MiB for a 224 px RGB
+#: image, measured) and whose operations are large enough for torch's threads to share.
 CHUNK = 32
 
 
@@ -164,26 +165,22 @@ class ScatterLinear(nn.Module):
     def _compute(self, x: torch.Tensor) -> torch.Tensor:
         # (B, C, H, W) -> (B, C, 81, H/4, W/4) -> (B, 81 C, H/4, W/4) -> pooled grid.
         size = _chunk(x, self.scattering._M_padded * self.scattering._N_padded)
-        if size < 2:  # large images (about 96 px and up on a CPU)
+        if size < 2:  # larger images (above 83 px grey, 47 px RGB in float32, on a CPU)
             return torch.cat(
                 [
                     self.pool(self.scattering(x[i : i + CHUNK].contiguous()).flatten(1, 2))
                     for i in range(0, len(x), CHUNK)
                 ]
             )
-        chunks = [x[i : i + size] for i in range(0, len(x), size)]
-
-        def one(chunk: torch.Tensor) -> torch.Tensor:
-            return self.pool(_scatter(self.scattering, chunk).flatten(1, 2))
-
-        workers = min(torch.get_num_threads(), len(chunks))
-        if x.device.type != "cpu" or workers < 2:
-            return torch.cat([one(c) for c in chunks])
-        # The transform's operations are too small for torch's own threads to share out, so
-        # on a CPU the chunks go to as many threads as torch uses (each chunk's result is
-        # the same whichever thread computes it; they are concatenated in order).
-        with ThreadPoolExecutor(max_workers=workers) as pool:
-            return torch.cat(list(pool.map(one, chunks)))
+        # torch's threads share each chunk's larger operations. A pool of two Python threads,
+        # a chunk each, made no difference to the quick start's wall time (alternated runs,
+        # 2026-12-02) and gives each pool thread its own OpenMP team.
+        return torch.cat(
+            [
+                self.pool(_scatter(self.scattering, x[i : i + size]).flatten(1, 2))
+                for i in range(0, len(x), size)
+            ]
+        )
 
     @torch.no_grad()
     def features(self, x: torch.Tensor) -> torch.Tensor:
