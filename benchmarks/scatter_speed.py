@@ -1,9 +1,9 @@
 """Milliseconds per image of scatter-linear's feature computation: ours against kymatio's loop.
 
 Why: on a CPU `scatter-linear` computes each image's ScatterNet features once per run, and for
-small images kymatio's loop (one filter at a time, 161 FFT calls per batch at J = 2) is mostly
-overhead. securefed scatters images up to about 64 px with every orientation at once, in
-small chunks spread over torch's threads (``securefed.models.scatter._scatter``). This times,
+small images kymatio's loop (one filter at a time, 242 FFT calls per batch at J = 2) is largely
+overhead. securefed scatters images small enough (up to 83 px grey, 47 px RGB in float32) with
+every orientation at once, in small chunks (``securefed.models.scatter._scatter``). This times,
 on random images and alternating the two in one process, ``ScatterLinear._compute`` against
 the code it replaced (kymatio's ``ScatteringTorch2D`` in chunks of 32, then the same pooling).
 The fastest of ``--repeats`` each; the ratio is the figure to trust on a busy machine.

@@ -253,7 +253,7 @@ def _scatter(scattering: nn.Module, x: torch.Tensor) -> torch.Tensor:
     The same transform, filters, padding and coefficient order as
     ``ScatteringTorch2D.scattering`` (``kymatio.scattering2d.core.scattering2d``), with every
     orientation of a scale computed at once instead of one filter at a time (kymatio makes
-    161 FFT calls per batch at J = 2). ``tests/models/test_scatter.py`` checks it against
+    242 FFT calls per batch at J = 2, L = 8). ``tests/models/test_scatter.py`` checks it against
     kymatio.
     """
     J = scattering.J
