@@ -2,7 +2,9 @@
 
 Why: issue 17 asks for the README's quick start (``securefed train --dp-epsilon 8
 --secure-agg``) in at most 20 s on 2 cores. This script counts the work that run must do --
-every record of every site through the default model, once per local epoch and round (the
+every record of every site through the small ``cnn`` (the quick start's model until
+``--model auto`` rule 3 picked ``scatter-linear`` under DP; ``--model cnn`` since), once per
+local epoch and round (the
 expected count under Poisson sampling) -- and times it at its best: the plain and the DP step
 (one-pass clipping, noise, SGD) at one torch thread, best of ``--repeats``, on the physical
 chunk a run uses on a CPU (64) and on whole batches of 256, divided by the cores as if they
@@ -10,7 +12,7 @@ were used perfectly in parallel. A run cannot train faster than that floor; the 
 wall time is start-up, evaluation, aggregation and accounting. Floating-point operations are
 torch's count (convolutions and matrix products only; element-wise work is extra). The steps
 are ``benchmarks/dp_step.py``'s (``plain`` and ``bk``), timed by its ``time_modes``, on the
-quick start's own model and image shape (checked).
+quick start's image shape (checked).
 
     python benchmarks/quickstart_floor.py
     python benchmarks/quickstart_floor.py --cores 2 --repeats 8
@@ -54,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
         num_classes=data.num_classes,
         image_shape=tuple(data.image_shape),
     )
-    built = build_model(name=config.model, spec=spec, private=True)
+    built = build_model(name="cnn", spec=spec, private=True)
     setup, _ = SETUPS.get(built.name, (None, None))
     if setup is None or (setup.in_channels, setup.num_classes, setup.image_shape) != (
         spec.in_channels,
