@@ -2,7 +2,8 @@
 
 Replays, without training, every accountant call the README's quick start makes at one site
 plan (q = 1/4, 8 steps a round, epsilon 8, delta 1e-5, the decision calibration's release):
-the sigma bisection, then each round's progress epsilon, the last with the release.
+the sigma search (today's: the secant, schema 3.10), then each round's progress epsilon,
+the last with the release.
 Once with :mod:`securefed.dp.accounting` as it is (one-step PLDs and their self-compositions
 cached), once with a fresh dp_accounting ``PLDAccountant`` per history (what every figure
 cost before); it checks that both give the same sigma and the same epsilons to the last bit.

@@ -81,6 +81,12 @@ CPU_PHYSICAL_BATCH = 64
 #: (DP on 2D images of any size picks it). A recorded run keeps its own.
 AUTO_RULES = (1, 2, 3)
 AUTO_RULE = 3
+#: How sigma is searched (:func:`securefed.dp.accounting.calibrate_noise`): 1, bisection from
+#: sigma = 1 (before schema 3.10); 2, a safeguarded secant from an analytic guess (schema 3.10;
+#: the same guarantee in about a third of the accountant calls). A recorded run keeps its own,
+#: since the audit re-derives sigma with it.
+SIGMA_SEARCHES = (1, 2)
+SIGMA_SEARCH = 2
 
 
 def planned_epochs(
@@ -284,6 +290,8 @@ class RunConfig:
         auto_rule: Which rule ``auto`` follows (:data:`AUTO_RULES`): 3, today's; a run
             recorded under an older rule is replayed and resumed with the rule it ran (1 for
             one recorded before the field existed).
+        sigma_search: How the noise multiplier is searched (:data:`SIGMA_SEARCHES`): 2,
+            today's; a recorded run keeps its own (1, bisection, before the field existed).
         clients: Number of sites.
         partition: ``iid``, ``dirichlet:ALPHA``, ``by-label:K`` or ``by-group``.
         rounds: Federated rounds.
@@ -472,6 +480,10 @@ class RunConfig:
     auto_rule: int = _setting(
         AUTO_RULE,
         not_a_flag="the release's --model auto rule; a recorded run keeps the one it ran with",
+    )
+    sigma_search: int = _setting(
+        SIGMA_SEARCH,
+        not_a_flag="the release's noise calibration search; a recorded run keeps its own",
     )
     clients: int = _setting(3, help="Number of sites.")
     partition: str = _setting(
@@ -864,6 +876,10 @@ class RunConfig:
         _check(
             self.auto_rule in AUTO_RULES and not isinstance(self.auto_rule, bool),
             f"`auto_rule` must be one of {AUTO_RULES} (got {self.auto_rule!r}).",
+        )
+        _check(
+            self.sigma_search in SIGMA_SEARCHES and not isinstance(self.sigma_search, bool),
+            f"`sigma_search` must be one of {SIGMA_SEARCHES} (got {self.sigma_search!r}).",
         )
         if self.dp_epsilon is not None:
             _check(
@@ -1345,12 +1361,16 @@ class RunConfig:
         (before schema 3.4) with q = 0, FedAvg, which it ran; one without ``lr_schedule``
         with the constant learning rate it ran with; a teacher-student one without
         ``teacher`` (before schema 3.5) with the ``global`` teacher, the only one there was;
-        one without ``twin_privacy`` (before schema 3.6) with DP twins, the only ones there were.
+        one without ``twin_privacy`` (before schema 3.6) with DP twins, the only ones there were;
+        one without ``sigma_search`` (before schema 3.10) with the bisection that calibrated it.
         """
         if "twin_privacy" not in data:
             data = {**data, "twin_privacy": "dp"}
         if "auto_rule" not in data:
             data = {**data, "auto_rule": 1}
+        # Before schema 3.10 sigma was found by bisection.
+        if "sigma_search" not in data:
+            data = {**data, "sigma_search": 1}
         # Before schema 3.5 the teacher-student teacher was the round's global model (other
         # strategies have no teacher: they take today's default, as a new run's flags do).
         if "teacher" not in data and data.get("strategy") == "teacher-student":

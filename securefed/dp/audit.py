@@ -40,7 +40,7 @@ from itertools import dropwhile
 from pathlib import Path
 from typing import Any
 
-from securefed.config import DP_BATCH, DP_CLIP, planned_epochs
+from securefed.config import DP_BATCH, DP_CLIP, SIGMA_SEARCHES, planned_epochs
 from securefed.dp import calibration, class_prior, fair_loss
 from securefed.dp.releases import PHASES
 from securefed.dp.report import (
@@ -1069,8 +1069,17 @@ def _check_site(
         f"delta {delta:.3g}, bound {bound:.3g} (--dp-delta, or 1e-5)",
     )
     target = float(run["dp_epsilon"])
-    cache_key = (target, delta, q, planned, str(privacy.get("accountant")), entries)
-    if not (0 < delta <= bound and 0 < q <= 1 and 1 <= planned <= _MAX_PLANNED_STEPS):
+    # The search sigma was calibrated with (schema 3.10); a run recorded before it bisected.
+    search = run.get("sigma_search", 1)
+    if type(search) is not int or search not in SIGMA_SEARCHES:
+        search = repr(search)  # hashable; no search by that name: the check below fails
+    cache_key = (target, delta, q, planned, str(privacy.get("accountant")), entries, search)
+    if not (
+        0 < delta <= bound
+        and 0 < q <= 1
+        and 1 <= planned <= _MAX_PLANNED_STEPS
+        and isinstance(search, int)
+    ):
         # No accountant is run on numbers no run writes (a hostile report could ask for
         # terabytes of grid); the checks above already fail.
         calibrated[cache_key] = None
@@ -1084,6 +1093,7 @@ def _check_site(
                     steps=planned,
                     accountant=str(privacy.get("accountant")),
                     extra=entries,
+                    search=search,
                 )
         except (PrivacyBudgetError, ArithmeticError, ValueError, KeyError) as exc:
             calibrated[cache_key] = None
@@ -1092,7 +1102,8 @@ def _check_site(
     result.add(
         f"{name}: sigma = calibrate_noise(target, delta, q, planned steps)",
         want_sigma is not None and math.isclose(sigma, want_sigma, rel_tol=SIGMA_RTOL),
-        f"{sigma:.12g} vs {want_sigma if want_sigma is None else f'{want_sigma:.12g}'}",
+        f"{sigma:.12g} vs {want_sigma if want_sigma is None else f'{want_sigma:.12g}'} "
+        f"(search {search})",
     )
 
     # The ledger is replayed only when every check of the site above holds: its events are

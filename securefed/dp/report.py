@@ -54,7 +54,9 @@ __all__ = [
 #: the v2 domain (:mod:`securefed.dp.signing`).
 #: 3.9 (additive): config.json's run may carry `auto_rule` 3 (DP 2D classification picks
 #: ``scatter-linear`` at every image size, not only above 64 px).
-SCHEMA_VERSION = "3.9"
+#: 3.10 (additive): config.json's run gains `sigma_search` (2: sigma found by a safeguarded
+#: secant; a run without it bisected, search 1), with which the audit re-derives sigma.
+SCHEMA_VERSION = "3.10"
 #: The first schema whose `tolerated_colluders` uses the m - 2 bound (the audit names the old
 #: formula when an older report's figure is one too many).
 COLLUSION_BOUND_FROM = (3, 7)

@@ -171,6 +171,7 @@ def plan_site_privacy(config: RunConfig, *, num_samples: int) -> DPPlan:
         steps=steps,
         accountant=config.accountant,
         extra=releases.entries(config.to_dict()),
+        search=config.sigma_search,
     )
     return DPPlan(
         noise_multiplier=sigma,
@@ -218,6 +219,7 @@ def check_site_plan(config: RunConfig, plan: DPPlan) -> None:
         steps=plan.planned_steps,
         accountant=config.accountant,
         extra=releases.entries(config.to_dict()),
+        search=config.sigma_search,
     )
     if plan.noise_multiplier != sigma:
         raise ProtocolError(

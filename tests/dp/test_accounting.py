@@ -71,9 +71,81 @@ def test_add_remove_accountants_are_refused(name):
         compute_epsilon(history=[(1.0, 0.1, 10)], delta=1e-5, accountant=name)
 
 
-def test_unreachable_epsilon_says_what_to_change():
+@pytest.mark.parametrize("search", [1, 2])
+def test_unreachable_epsilon_says_what_to_change(search):
     with pytest.raises(PrivacyBudgetError, match="raise --dp-epsilon, or lower --rounds"):
-        calibrate_noise(target_epsilon=1e-4, delta=1e-5, sample_rate=1.0, steps=10_000)
+        calibrate_noise(
+            target_epsilon=1e-4, delta=1e-5, sample_rate=1.0, steps=10_000, search=search
+        )
+
+
+# The quick start's site plan: 800 records, B = 200, 10 rounds x 2 epochs x 4 steps.
+QUICK = {"target_epsilon": 8.0, "delta": 1e-5, "sample_rate": 0.25, "steps": 80}
+
+
+def _counting(monkeypatch, scale: float = 1.0) -> list[float]:
+    """Count (and optionally rescale) every accountant call calibration makes, uncached."""
+    from securefed.dp import accounting
+
+    calls: list[float] = []
+    real = accounting.pld_epsilon
+
+    def counted(**kwargs):
+        calls.append(kwargs["history"][0][0])
+        return real(**kwargs) * scale
+
+    calibrate_noise.cache_clear()
+    monkeypatch.setattr(accounting, "pld_epsilon", counted)
+    return calls
+
+
+@pytest.mark.parametrize(
+    "plan",
+    [
+        QUICK,
+        {"target_epsilon": 1.0, "delta": 1e-7, "sample_rate": 1.0, "steps": 40},
+        {"target_epsilon": 16.0, "delta": 1e-5, "sample_rate": 0.25, "steps": 40},
+        {"target_epsilon": 2.0, "delta": 1e-5, "sample_rate": 0.01, "steps": 1000},
+    ],
+)
+def test_both_searches_stop_within_the_slack_below_the_target(plan):
+    for search in (1, 2):
+        sigma = calibrate_noise(**plan, search=search)
+        spent = compute_epsilon(
+            history=[(sigma, plan["sample_rate"], plan["steps"])], delta=plan["delta"]
+        )
+        assert plan["target_epsilon"] - 0.01 <= spent <= plan["target_epsilon"], search
+
+
+def test_the_secant_search_asks_the_accountant_a_third_as_often(monkeypatch):
+    # Issue 17: the bisection's 13 probes were most of the quick start's accounting time.
+    calls = _counting(monkeypatch)
+    bisection = calibrate_noise(**QUICK, search=1)
+    n_bisection = len(calls)
+    calls.clear()
+    calibrate_noise.cache_clear()
+    secant = calibrate_noise(**QUICK, search=2)
+    assert n_bisection >= 10 and len(calls) <= 5
+    # Not the same sigma: why the audit re-derives a run's sigma with the run's own search.
+    assert secant != bisection and math.isclose(secant, bisection, rel_tol=0.01)
+
+
+def test_sigma_does_not_move_when_the_accountant_differs_in_its_last_bits(monkeypatch):
+    # A server checks a site's sigma for equality; their machines' FFTs may differ in the
+    # last bits. The secant computes each probe from epsilon, so probes are rounded to 17
+    # significant bits: without that, every sigma below would differ.
+    base = calibrate_noise(**QUICK)
+    for scale in (1 + 2e-16, 1 - 4e-16, 1 + 1e-13):
+        _counting(monkeypatch, scale)
+        assert calibrate_noise(**QUICK) == base
+    mantissa, _ = math.frexp(base)
+    assert (mantissa * 2**17).is_integer()
+
+
+@pytest.mark.parametrize("search", [0, 3, True])
+def test_an_unknown_search_is_refused(search):
+    with pytest.raises(ConfigError, match="sigma_search"):
+        calibrate_noise(**QUICK, search=search)
 
 
 def test_delta_is_below_one_over_ten_n_for_very_unequal_sites():

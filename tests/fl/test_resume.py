@@ -313,23 +313,37 @@ def _cut_after_round_1(config: RunConfig, tmp_path):
 def test_a_checkpoint_from_before_auto_rule_2_resumes_with_the_model_it_trained(tmp_path):
     # A DP run on 72 px images checkpointed before `auto_rule` existed trained resnet-small;
     # today's rule would build scatter-linear, whose weights the checkpoint cannot fill.
-    config = _large_images(auto_rule=1)
+    # Its sigma was bisected too (before schema 3.10): the resumed rounds must keep that sigma.
+    config = _large_images(auto_rule=1, sigma_search=1)
     partial = _cut_after_round_1(config, tmp_path)
     ck_json = partial / "checkpoint" / "checkpoint.json"
     doc = json.loads(ck_json.read_text())
     assert doc["config"].pop("auto_rule") == 1  # as written before schema 3.3
+    assert doc["config"].pop("sigma_search") == 1  # and before 3.10
     ck_json.write_text(json.dumps(doc))
 
     # A user resuming with the same options cannot type the rule; deploy's resume adopts it.
     from securefed.cli.deploy import _with_recorded_settings
 
-    today = config.replace(auto_rule=2)
+    today = config.replace(auto_rule=2, sigma_search=2)
     assert _with_recorded_settings(today, partial).auto_rule == 1
+    assert _with_recorded_settings(today, partial).sigma_search == 1
     resumed = train(today, resume=partial, progress=False)
 
     recorded = json.loads((resumed / "config.json").read_text())
     assert recorded["resolved"]["model"]["name"] == "resnet-small"
-    assert recorded["run"]["auto_rule"] == 1
+    assert recorded["run"]["auto_rule"] == 1 and recorded["run"]["sigma_search"] == 1
+    sigmas = {
+        e["noise_multiplier"]
+        for e in json.loads((resumed / "privacy.json").read_text())["events"]
+        if e["phase"] == "federated"
+    }
+    from securefed.fl.planning import plan_site_privacy
+
+    n = 16  # each site's training records
+    bisected = plan_site_privacy(config, num_samples=n).noise_multiplier
+    assert sigmas == {bisected}  # both rounds, both (equal) sites
+    assert bisected != plan_site_privacy(today, num_samples=n).noise_multiplier
 
 
 def test_a_checkpoint_whose_weights_do_not_fit_is_refused_in_one_line(tmp_path):

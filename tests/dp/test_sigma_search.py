@@ -1,0 +1,98 @@
+"""Schema 3.10's noise search: each run's sigma is audited with the search that found it."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from click.testing import CliRunner
+
+from securefed.cli import cli
+from securefed.config import RunConfig
+from securefed.dp.accounting import calibrate_noise
+from securefed.dp.report import read_json, write_json
+from securefed.errors import ConfigError
+from tests.dp.audit_fixtures import copy_run, resign, tiny_run
+
+SIGMA_CHECK = "site 0: sigma = calibrate_noise(target, delta, q, planned steps)"
+
+
+@pytest.fixture(scope="module")
+def bisected(tmp_path_factory):
+    """A run as a 3.9 release wrote it: sigma by bisection, no `sigma_search` in its run."""
+    d = tiny_run(tmp_path_factory.mktemp("bisected"), sigma_search=1)
+    config = read_json(d / "config.json")
+    assert config["run"].pop("sigma_search") == 1
+    write_json(d / "config.json", config)
+    privacy = read_json(d / "privacy.json")
+    privacy["schema_version"] = "3.9"
+    write_json(d / "privacy.json", privacy)
+    # The 3.9 release signed the run dict without the key (resign rehashes too).
+    keys = resign(d)
+    path = d / "keys.json"
+    path.write_text(json.dumps({str(k): v for k, v in keys.items()}))
+    return d, path
+
+
+def audit(d, *args):
+    res = CliRunner().invoke(cli, ["audit", str(d), "--json", *args])
+    assert res.exit_code in (0, 1), res.output
+    out = json.loads(res.stdout)
+    return res.exit_code, sorted(c["name"] for c in out["checks"] if not c["ok"])
+
+
+def _sigma_and_plan(d):
+    privacy = read_json(d / "privacy.json")
+    c = privacy["clients"][0]
+    run = read_json(d / "config.json")["run"]
+    from securefed.dp import releases
+
+    plan = {
+        "target_epsilon": run["dp_epsilon"],
+        "delta": c["delta"],
+        "sample_rate": c["sample_rate"],
+        "steps": c["planned_steps"],
+        "extra": releases.entries(run),
+    }
+    return c["noise_multiplier"], plan
+
+
+def test_a_report_from_before_3_10_is_audited_with_its_bisection(bisected):
+    d, keys = bisected
+    sigma, plan = _sigma_and_plan(d)
+    assert sigma == calibrate_noise(**plan, search=1) != calibrate_noise(**plan, search=2)
+    assert audit(d, "--site-keys", str(keys)) == (0, [])
+
+
+def test_relabelling_the_search_fails_the_sigma_check(bisected, tmp_path):
+    # A 3.9 run relabelled as searched by the secant (re-signed, as a rewriter holding the
+    # site keys could): its bisected sigma is not the secant's, and the audit says so.
+    d = copy_run(bisected[0], tmp_path)
+    config = read_json(d / "config.json")
+    config["run"]["sigma_search"] = 2
+    write_json(d / "config.json", config)
+    keys = resign(d)
+    path = tmp_path / "keys.json"
+    path.write_text(json.dumps({str(k): v for k, v in keys.items()}))
+    code, failed = audit(d, "--site-keys", str(path))
+    assert code == 1 and SIGMA_CHECK in failed
+
+
+@pytest.mark.parametrize("value", [3, "2", [2], None])
+def test_an_unknown_search_fails_the_audit_in_checks_not_a_traceback(bisected, tmp_path, value):
+    d = copy_run(bisected[0], tmp_path)
+    config = read_json(d / "config.json")
+    config["run"]["sigma_search"] = value
+    write_json(d / "config.json", config)
+    resign(d)
+    code, failed = audit(d)
+    assert code == 1 and SIGMA_CHECK in failed
+
+
+def test_a_recorded_run_without_the_key_replays_with_bisection_and_a_new_one_with_the_secant():
+    recorded = RunConfig(dp_epsilon=8.0).to_dict()
+    assert recorded["sigma_search"] == 2
+    del recorded["sigma_search"]
+    assert RunConfig.from_recorded(recorded).sigma_search == 1
+    with pytest.raises(ConfigError, match="sigma_search"):
+        RunConfig(sigma_search=0)
