@@ -246,7 +246,8 @@ def compute_epsilon(
     return pld_epsilon(history=history, delta=delta)
 
 
-@lru_cache(maxsize=256)
+# typed: `search=True` must not hit `search=1`'s entry (bool is refused below).
+@lru_cache(maxsize=256, typed=True)
 def calibrate_noise(
     *,
     target_epsilon: float,
@@ -266,15 +267,20 @@ def calibrate_noise(
 
     ``search`` picks how sigma is found (:data:`securefed.config.SIGMA_SEARCHES`); both meet
     that guarantee but stop at different sigmas, and ``securefed audit`` re-derives a run's
-    sigma with the search it recorded. 1: bisection from sigma = 1 (13-14 accountant calls
-    for the quick start). 2: a safeguarded secant on log epsilon against log sigma from an
-    analytic guess (:func:`_sigma_guess`), usually 3-6 calls, each probe rounded to 17
-    significant bits so that machines whose accountants differ in the last bits still agree
-    on sigma (a server checks a site's sigma for equality, :func:`securefed.fl.planning.
-    check_site_plan`).
+    sigma with the search it recorded. 1: bisection from sigma = 1 (15 accountant calls for
+    the quick start's plan). 2: a safeguarded secant on log epsilon against log sigma from an
+    analytic guess (:func:`_sigma_guess`): 3-4 calls for the quick start's plan and most plans
+    whose sigma is above 1, up to about 18 where sigma is small (few steps at small q); it also
+    stops within half the target below it, which only matters for targets under 0.02. Each
+    secant probe is rounded to 17 significant bits, so that accountants differing in their
+    last bits (another machine's FFT) change sigma only when a probe or a comparison falls
+    that close to a boundary, as with the bisection's comparisons (a server checks a site's
+    sigma for equality, :func:`securefed.fl.planning.check_site_plan`: it then refuses the
+    plan, it does not accept another).
 
     Raises:
-        PrivacyBudgetError: No noise multiplier up to 1e4 reaches the target.
+        PrivacyBudgetError: No noise multiplier reaches the target (search 1 probes up to
+            8192, search 2 up to 1e4).
         ConfigError: ``search`` is not a known search.
 
     """
@@ -331,8 +337,8 @@ def _sigma_guess(target: float, delta: float, q: float, steps: int) -> float:
     ``steps`` Poisson-subsampled Gaussian steps of sensitivity 2 (replace-one) behave like
     mu-GDP with ``mu = q sqrt(steps (exp(4 / sigma^2) - 1))``, and mu-GDP meets
     (epsilon, delta) about where ``mu = sqrt(2 L + 2 epsilon) - sqrt(2 L)``, ``L = ln(1/delta)``.
-    Only a starting point: it ran 20-70 % above the calibrated sigma over q in [0.01, 1],
-    epsilon in [1, 50] and 10-1000 steps, and the search corrects it.
+    Only a starting point: it ran 10-100 % above the calibrated sigma over q in [0.01, 1],
+    epsilon in [0.5, 50] and 10-1000 steps (more for tiny targets), and the search corrects it.
     """
     log_inv_delta = math.log(1.0 / delta)
     mu = math.sqrt(2 * log_inv_delta + 2 * target) - math.sqrt(2 * log_inv_delta)
@@ -348,13 +354,17 @@ def _dyadic(sigma: float) -> float:
 
 
 def _secant(eps: Any, target: float, guess: float, unreachable: Exception) -> float:
-    """Search 2: safeguarded secant on (log sigma, log epsilon), aiming 0.005 below the target.
+    """Search 2: safeguarded secant on (log sigma, log epsilon), aiming mid-way into the slack.
 
-    Keeps a bracket ``eps(hi) <= target < eps(lo)``; a probe the local power law puts outside
-    the bracket's inner 96 %, or one after a step that did not halve the bracket, is the
-    bracket's midpoint instead, so the search ends like a bisection at worst.
+    Keeps a bracket ``eps(hi) <= target < eps(lo)``. With both ends known, a probe the local
+    power law puts outside the bracket's inner 96 %, or one after a step that did not halve the
+    bracket, is the bracket's midpoint instead, so the search ends like a bisection at worst.
+    Before any sigma above the target is known (``lo = 0``) the probe is kept to
+    ``[hi / 8, 0.98 hi]`` (small sigmas are the accountant's costliest probes), or ``hi / 2``
+    after a step that did not halve ``hi``.
     """
-    aim = target - _EPS_SLACK / 2
+    slack = min(_EPS_SLACK, target / 2)  # a target under 0.02 still gets a sigma near it
+    aim = target - slack / 2
     lo, hi = 0.0, math.inf
     points: list[tuple[float, float]] = []
     sigma, bisect_next = guess, False
@@ -363,7 +373,7 @@ def _secant(eps: Any, target: float, guess: float, unreachable: Exception) -> fl
         span = hi - lo
         if e <= target:
             hi = sigma
-            if e >= target - _EPS_SLACK:
+            if e >= target - slack:
                 return float(sigma)
         else:
             lo = sigma
@@ -378,11 +388,13 @@ def _secant(eps: Any, target: float, guess: float, unreachable: Exception) -> fl
             step = _power_step(points, aim) if points else 8 * lo
             sigma = _dyadic(min(max(step, 1.25 * lo), 8 * lo, _MAX_SIGMA))
             continue
-        left = lo if lo > 0 else hi / 8
-        middle = (lo + hi) / 2 if lo > 0 else hi / 2
+        middle = (lo + hi) / 2
         step = _power_step(points, aim) if points else middle
-        if bisect_next or not left + 0.02 * (hi - left) < step < hi - 0.02 * (hi - left):
-            step = middle
+        if lo > 0:
+            if bisect_next or not lo + 0.02 * (hi - lo) < step < hi - 0.02 * (hi - lo):
+                step = middle
+        else:
+            step = middle if bisect_next else min(max(step, hi / 8), 0.98 * hi)
         bisect_next = math.isfinite(span) and hi - lo > span / 2
         sigma = _dyadic(step)
         if not lo < sigma < hi:

@@ -434,6 +434,11 @@ def _check_close(
     )
 
 
+#: Fields a newer release added that change nothing a site releases (a run without them,
+#: read by :meth:`RunConfig.from_recorded`, lists the same disclosures).
+_NO_RELEASE_FIELDS = frozenset({"sigma_search"})
+
+
 def _check_disclosures(result: AuditResult, privacy: dict, run: dict) -> None:
     """``disclosures`` against what the recorded configuration makes a site release.
 
@@ -454,7 +459,9 @@ def _check_disclosures(result: AuditResult, privacy: dict, run: dict) -> None:
     from securefed.errors import SecureFedError
 
     name = "disclosures list every release the configuration implies"
-    if set(run) != {f.name for f in dataclasses.fields(RunConfig)}:
+    fields = {f.name for f in dataclasses.fields(RunConfig)}
+    # A 3.9 run lacks only `sigma_search`, which changes no release: it is compared still.
+    if not set(run) <= fields or fields - set(run) - _NO_RELEASE_FIELDS:
         result.add(name, True, "not compared: config.json's run has another release's fields")
         return
     for key, registry in (
@@ -1095,7 +1102,7 @@ def _check_site(
                     extra=entries,
                     search=search,
                 )
-        except (PrivacyBudgetError, ArithmeticError, ValueError, KeyError) as exc:
+        except (PrivacyBudgetError, ArithmeticError, ValueError, KeyError, TypeError) as exc:
             calibrated[cache_key] = None
             result.add(f"{name}: calibration", False, f"cannot recalibrate ({exc})")
     want_sigma = calibrated[cache_key]

@@ -133,7 +133,8 @@ def test_the_secant_search_asks_the_accountant_a_third_as_often(monkeypatch):
 def test_sigma_does_not_move_when_the_accountant_differs_in_its_last_bits(monkeypatch):
     # A server checks a site's sigma for equality; their machines' FFTs may differ in the
     # last bits. The secant computes each probe from epsilon, so probes are rounded to 17
-    # significant bits: without that, every sigma below would differ.
+    # significant bits: without that, each sigma below would differ from `base` in its last
+    # bits (a probe or comparison right at a boundary can still flip; the server then refuses).
     base = calibrate_noise(**QUICK)
     for scale in (1 + 2e-16, 1 - 4e-16, 1 + 1e-13):
         _counting(monkeypatch, scale)
@@ -144,8 +145,20 @@ def test_sigma_does_not_move_when_the_accountant_differs_in_its_last_bits(monkey
 
 @pytest.mark.parametrize("search", [0, 3, True])
 def test_an_unknown_search_is_refused(search):
+    calibrate_noise(**QUICK, search=1)  # cached: True must not find 1's entry
     with pytest.raises(ConfigError, match="sigma_search"):
         calibrate_noise(**QUICK, search=search)
+
+
+@pytest.mark.parametrize("target, extra", [(0.004, ()), (0.005, ((1000.0, 1.0, 1),))])
+def test_a_target_under_the_slack_gets_a_sigma_near_it_not_an_error(target, extra):
+    # Review 38: the secant aimed 0.005 below the target, at or below zero for targets up to
+    # 0.005, and raised a TypeError or ZeroDivisionError; under 0.01 it also took any sigma
+    # that met the target (twice the noise needed, in one case).
+    plan = {"target_epsilon": target, "delta": 1e-5, "sample_rate": 0.01, "steps": 100}
+    sigma = calibrate_noise(**plan, extra=extra)
+    spent = compute_epsilon(history=[(sigma, 0.01, 100), *extra], delta=1e-5)
+    assert target / 2 <= spent <= target
 
 
 def test_delta_is_below_one_over_ten_n_for_very_unequal_sites():

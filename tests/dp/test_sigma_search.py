@@ -34,10 +34,12 @@ def bisected(tmp_path_factory):
     return d, path
 
 
-def audit(d, *args):
+def audit(d, *args, checks=None):
     res = CliRunner().invoke(cli, ["audit", str(d), "--json", *args])
     assert res.exit_code in (0, 1), res.output
     out = json.loads(res.stdout)
+    if checks is not None:
+        checks.update({c["name"]: c["detail"] for c in out["checks"]})
     return res.exit_code, sorted(c["name"] for c in out["checks"] if not c["ok"])
 
 
@@ -61,7 +63,13 @@ def test_a_report_from_before_3_10_is_audited_with_its_bisection(bisected):
     d, keys = bisected
     sigma, plan = _sigma_and_plan(d)
     assert sigma == calibrate_noise(**plan, search=1) != calibrate_noise(**plan, search=2)
-    assert audit(d, "--site-keys", str(keys)) == (0, [])
+    checks = {}
+    assert audit(d, "--site-keys", str(keys), checks=checks) == (0, [])
+    # Review 38: a run without the newer key was "not compared" against its disclosures.
+    assert (
+        "releases, each listed"
+        in checks["disclosures list every release the configuration implies"]
+    )
 
 
 def test_relabelling_the_search_fails_the_sigma_check(bisected, tmp_path):
