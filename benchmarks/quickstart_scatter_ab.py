@@ -39,12 +39,18 @@ _CHILD = (
 
 
 def _one(variant: str) -> dict[str, float]:
+    return run_quickstart([sys.executable, "-c", _CHILD, variant], root=ROOT, name=variant)
+
+
+def run_quickstart(argv: list[str], *, root: Path, name: str) -> dict[str, float]:
+    """One quick start: ``argv`` in a fresh interpreter and empty folder, ``root`` first on
+    its path; its wall seconds, the run's own seconds, peak RSS and accuracy."""
     with tempfile.TemporaryDirectory() as folder:
         start = time.perf_counter()
         proc = subprocess.Popen(
-            [sys.executable, "-c", _CHILD, variant],
+            argv,
             cwd=folder,
-            env={**os.environ, "PYTHONPATH": str(ROOT)},
+            env={**os.environ, "PYTHONPATH": str(root)},
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
             text=True,
@@ -52,7 +58,7 @@ def _one(variant: str) -> dict[str, float]:
         _, status, usage = os.wait4(proc.pid, 0)
         wall = time.perf_counter() - start
         if status != 0:
-            raise SystemExit(f"{variant} run failed: {proc.stderr.read()[-500:]}")
+            raise SystemExit(f"{name} run failed: {proc.stderr.read()[-500:]}")
         metrics = json.loads(next(Path(folder).glob("runs/*/metrics.json")).read_text())
     return {
         "wall_s": wall,
