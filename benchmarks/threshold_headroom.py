@@ -12,7 +12,8 @@ prints the test accuracy at these thresholds on ``d``:
   without noise on the whole training split;
 - ``train-bal``: the threshold that maximises balanced accuracy on the training split, no noise;
 - ``test-bal``: the same fitted on the test split itself (an oracle: no method can beat it
-  on balanced accuracy).
+  on balanced accuracy);
+- ``LDA R=r`` (with ``--clips r ...``): the calibration's rule with clipping bound r, no noise.
 
 The training split here is the data set's whole train split, the union of the sites' records
 including the held-out parts the sites keep back, so the noise-free rows are approximate.
@@ -20,7 +21,7 @@ Not a privacy mechanism: it reads every record, for measurement only.
 
 Usage (from the repository root):
 
-    python benchmarks/threshold_headroom.py RUN [RUN ...]
+    python benchmarks/threshold_headroom.py RUN [RUN ...] [--clips 8 16 inf]
 """
 
 from __future__ import annotations
@@ -63,7 +64,7 @@ def _best_balanced(d: np.ndarray, y: np.ndarray) -> float:
     return float(ts[int(np.argmax(scores))])
 
 
-def headroom(run: Path) -> dict[str, float]:
+def headroom(run: Path, clips: tuple[float, ...] = ()) -> dict[str, float]:
     """The test accuracies at each threshold, and the AUC, for one run folder."""
     config = json.loads((run / "config.json").read_text())
     metrics = json.loads((run / "metrics.json").read_text())
@@ -100,24 +101,36 @@ def headroom(run: Path) -> dict[str, float]:
     # The calibration clips z = d / sqrt(2) (logits minus their mean) to norm R.
     z = np.clip(d_train / math.sqrt(2), -CLIP, CLIP) * math.sqrt(2)
     lda = float((z[y_train == 0].mean() + z[y_train == 1].mean()) / 2)
-    return {
+    row = {
         "auc": float(roc_auc_score(y_test, d_test)),
         "recorded": float(metrics["final"]["accuracy"]),
         "t=0": _accuracy(d_test, y_test, 0.0),
         "applied": _accuracy(d_test, y_test, -shift if cal.get("applied") else 0.0),
         "LDA": _accuracy(d_test, y_test, lda),
-        "train-bal": _accuracy(d_test, y_test, _best_balanced(d_train, y_train)),
-        "test-bal": _accuracy(d_test, y_test, _best_balanced(d_test, y_test)),
     }
+    for r in clips:  # the same rule with another clipping bound R (no noise)
+        z = np.clip(d_train / math.sqrt(2), -r, r) * math.sqrt(2)
+        t = float((z[y_train == 0].mean() + z[y_train == 1].mean()) / 2)
+        row[f"LDA R={r:g}"] = _accuracy(d_test, y_test, t)
+    row["train-bal"] = _accuracy(d_test, y_test, _best_balanced(d_train, y_train))
+    row["test-bal"] = _accuracy(d_test, y_test, _best_balanced(d_test, y_test))
+    return row
 
 
 def main() -> int:
     """Print one row per run and the mean of each column."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("runs", nargs="+", type=Path)
+    parser.add_argument(
+        "--clips",
+        type=float,
+        nargs="*",
+        default=[],
+        help="also the LDA rule with these clipping bounds R (inf: unclipped)",
+    )
     args = parser.parse_args()
     torch.set_num_threads(1)
-    rows = {str(run): headroom(run) for run in args.runs}
+    rows = {str(run): headroom(run, tuple(args.clips)) for run in args.runs}
     keys = list(next(iter(rows.values())))
     print("| run | " + " | ".join(keys) + " |")
     print("|---" * (len(keys) + 1) + "|")

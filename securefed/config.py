@@ -326,6 +326,9 @@ class RunConfig:
             decision offsets from DP-noised per-class score statistics of the sites' training
             data (:mod:`securefed.dp.calibration`), accounted within ``dp_epsilon``.
         calibration_noise: Noise multiplier of that release.
+        calibration_clip: Its clipping bound R on a record's centred logits; None: by the
+            model built (16 for ``scatter-linear``, 4 for others); 4 in a run recorded before
+            schema 3.11.
         fair_q: q-FFL's fairness exponent q (:mod:`securefed.fl.qffl`): 0 is FedAvg; q > 0
             weighs each site's update by its DP-noised training loss to the power q
             (q-FedAvg, Li et al., ICLR 2020), so sites the model serves worst pull harder.
@@ -574,6 +577,13 @@ class RunConfig:
         8.0,
         help="Noise multiplier of the calibration release (sigma per unit of its sensitivity); "
         "its privacy cost is part of --dp-epsilon.",
+    )
+    calibration_clip: float | None = _setting(
+        None,
+        help="R: the calibration's bound on the norm of a record's centred logits; its noise "
+        "is sigma * R, so R changes the estimate's noise, not the privacy cost [default: 16 "
+        "for scatter-linear, whose logits are large, 4 for other models; 4 in runs recorded "
+        "before schema 3.11].",
     )
     fair_q: float = _setting(
         0.0,
@@ -831,6 +841,13 @@ class RunConfig:
             math.isfinite(self.calibration_noise) and self.calibration_noise >= 1.0,
             f"{_n('calibration_noise')} must be at least 1 (got {self.calibration_noise}).",
         )
+        # securefed.dp.calibration.MAX_CLIP: the release's pmf grid does not depend on R, but
+        # a bound far above any logit only adds noise.
+        if self.calibration_clip is not None:
+            _check(
+                math.isfinite(self.calibration_clip) and 0 < self.calibration_clip <= 1e3,
+                f"{_n('calibration_clip')} must be in (0, 1000] (got {self.calibration_clip}).",
+            )
         # securefed.dp.fair_loss.MAX_Q and MIN_NOISE_MULTIPLIER.
         _check(
             math.isfinite(self.fair_q) and 0 <= self.fair_q <= 10,
@@ -1362,7 +1379,8 @@ class RunConfig:
         with the constant learning rate it ran with; a teacher-student one without
         ``teacher`` (before schema 3.5) with the ``global`` teacher, the only one there was;
         one without ``twin_privacy`` (before schema 3.6) with DP twins, the only ones there were;
-        one without ``sigma_search`` (before schema 3.10) with the bisection that calibrated it.
+        one without ``sigma_search`` (before schema 3.10) with the bisection that calibrated it;
+        one without ``calibration_clip`` (before schema 3.11) with the R = 4 it released with.
         """
         if "twin_privacy" not in data:
             data = {**data, "twin_privacy": "dp"}
@@ -1371,6 +1389,9 @@ class RunConfig:
         # Before schema 3.10 sigma was found by bisection.
         if "sigma_search" not in data:
             data = {**data, "sigma_search": 1}
+        # Before schema 3.11 the decision calibration clipped centred logits at R = 4.
+        if "calibration_clip" not in data:
+            data = {**data, "calibration_clip": 4.0}
         # Before schema 3.5 the teacher-student teacher was the round's global model (other
         # strategies have no teacher: they take today's default, as a new run's flags do).
         if "teacher" not in data and data.get("strategy") == "teacher-student":

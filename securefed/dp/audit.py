@@ -436,7 +436,7 @@ def _check_close(
 
 #: Fields a newer release added that change nothing a site releases (a run without them,
 #: read by :meth:`RunConfig.from_recorded`, lists the same disclosures).
-_NO_RELEASE_FIELDS = frozenset({"sigma_search"})
+_NO_RELEASE_FIELDS = frozenset({"sigma_search", "calibration_clip"})
 
 
 def _check_disclosures(result: AuditResult, privacy: dict, run: dict) -> None:
@@ -460,7 +460,8 @@ def _check_disclosures(result: AuditResult, privacy: dict, run: dict) -> None:
 
     name = "disclosures list every release the configuration implies"
     fields = {f.name for f in dataclasses.fields(RunConfig)}
-    # A 3.9 run lacks only `sigma_search`, which changes no release: it is compared still.
+    # A 3.9 run lacks `sigma_search` and `calibration_clip`, which change no listed release
+    # (message, field, protection): it is compared still.
     if not set(run) <= fields or fields - set(run) - _NO_RELEASE_FIELDS:
         result.add(name, True, "not compared: config.json's run has another release's fields")
         return
@@ -865,10 +866,11 @@ def _release_plans(
     for module, what in _RELEASES:
         try:
             entries = module.planned_entries(run)
-        except ValueError as exc:
-            entries = ()
+            allowed = module.planned_releases(run) if entries else frozenset()
+        except ValueError as exc:  # a noise multiplier or (calibration) clip no run can have
+            entries, allowed = (), frozenset()
             result.add(f"{name}: the run's {what} noise is valid", False, str(exc))
-        plans[module.PHASE] = (entries, module.planned_releases(run) if entries else frozenset())
+        plans[module.PHASE] = (entries, allowed)
     return plans
 
 

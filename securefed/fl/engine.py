@@ -900,6 +900,7 @@ class RoundEngine:
         calibrated model.
         """
         k = self.spec.num_classes
+        clip = calibration.clip_of(self.config.to_dict(), model=self.built.name)
         blob = self._blobs()[0]
         dropped = set(chosen) - set(sums.survivors) if sums.applied else set()
         asked = sorted(set(self.site_info) - set(sums.site_errors) - dropped)
@@ -943,6 +944,7 @@ class RoundEngine:
                 num_classes=k,
                 noise_multiplier=float(self.config.calibration_noise),
                 max_records=self.max_weight,
+                clip=clip,
             )
             if why is not None:
                 errors[sid] = f"site {sid}: calibration statistics refused: {why}"
@@ -955,7 +957,7 @@ class RoundEngine:
             # Every site whose release is in the ledger (the audit checks the two agree).
             "accounted": accounted,
             "noise_multiplier": noise,
-            "clip": calibration.CLIP,
+            "clip": clip,
             "site_errors": {str(s): why for s, why in sorted(errors.items())},
         }
         if not used:
@@ -964,7 +966,7 @@ class RoundEngine:
             return record
         try:
             result = calibration.offsets_from_sum(
-                total, num_classes=k, sites=len(used), noise_multiplier=noise
+                total, num_classes=k, sites=len(used), noise_multiplier=noise, clip=clip
             )
         except ValueError as exc:  # a sum that overflowed: bad releases, not a failed round
             result = calibration.Calibration([0.0] * k, False, str(exc), [])

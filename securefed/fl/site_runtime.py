@@ -1011,16 +1011,18 @@ class SiteRuntime:
         if not all(bool(torch.isfinite(t).all()) for t in model.state_dict().values()):
             raise ProtocolError(f"site {cid}: the model to calibrate has non-finite weights")
         ((sigma, q, steps),) = calibration.planned_entries(run)
+        clip = calibration.clip_of(run, model=self._built.name)
         logits = self._logits(model, self.train)
         stats = calibration.site_statistics(
             logits,
             np.asarray(self.train.labels),
             num_classes=self.spec.num_classes,
+            clip=clip,
             units=self.patients,
         )
         before = len(self.own_events())
         released = self._release(
-            stats, (sigma, q, steps, calibration.CLIP), calibration.PHASE, round_index, label=7
+            stats, (sigma, q, steps, clip), calibration.PHASE, round_index, label=7
         )
         return {"statistics": released.tolist(), **self._claim_fields(before)}
 

@@ -343,3 +343,46 @@ def test_a_patients_records_move_the_release_by_at_most_2r_under_patient_level_d
     a = release(big, np.zeros(6, dtype=np.int64), False)
     b = release(small, np.ones(1, dtype=np.int64), False)
     assert np.linalg.norm(a - b) > 4 * calibration.CLIP
+
+
+def _large_scores(rng, n0=1200, n1=3400):
+    """scatter-linear's logit differences at epsilon 8 (PneumoniaMNIST's training split,
+    2026-12-02): class means -13 and +9, standard deviations 7-8."""
+    d = np.concatenate([rng.normal(-13.0, 7.7, n0), rng.normal(8.9, 7.2, n1)])
+    y = np.concatenate([np.zeros(n0, int), np.ones(n1, int)])
+    return np.stack([-d / 2, d / 2], axis=1), y, float((-13.0 + 8.9) / 2)
+
+
+@pytest.mark.parametrize("clip, finds_midpoint", [(4.0, False), (16.0, True)])
+def test_large_logits_need_a_larger_clip_to_find_the_midpoint(clip, finds_midpoint):
+    # Review of stop 38: at R = 4 nearly every record of such a model is clipped, both class
+    # means sit at the bound and the offset stays near 0; at R = 16 (scatter-linear's default)
+    # the noised release finds the midpoint of the class means.
+    rng = np.random.default_rng(0)
+    logits, y, midpoint = _large_scores(rng)
+    sites = np.array_split(rng.permutation(len(y)), 5)
+    sigma = calibration.NOISE_MULTIPLIER
+    total = sum(
+        calibration.site_statistics(logits[i], y[i], num_classes=2, clip=clip)
+        + rng.normal(0, sigma * clip, calibration.statistics_size(2))
+        for i in sites
+    )
+    cal = calibration.offsets_from_sum(
+        total, num_classes=2, sites=5, noise_multiplier=sigma, clip=clip
+    )
+    assert cal.applied, cal.reason
+    threshold = -(cal.offsets[1] - cal.offsets[0])
+    assert bool(abs(threshold - midpoint) < 0.6) == finds_midpoint
+
+
+def test_the_clip_follows_the_setting_the_model_and_the_runs_schema():
+    assert calibration.clip_of({}) == calibration.CLIP == 4.0  # recorded before schema 3.11
+    unset = {"calibration_clip": None}
+    assert calibration.clip_of(unset, model="scatter-linear") == 16.0
+    assert calibration.clip_of(unset, model="cnn") == 4.0
+    assert calibration.clip_of({"calibration_clip": 8}, model="scatter-linear") == 8.0
+    for bad in (0, -1.0, float("inf"), 1e4, True, "16"):
+        with pytest.raises(ValueError, match="calibration_clip"):
+            calibration.clip_of({"calibration_clip": bad})
+    with pytest.raises(ValueError, match="no model"):
+        calibration.clip_of(unset)

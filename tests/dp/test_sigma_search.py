@@ -1,4 +1,5 @@
-"""Schema 3.10's noise search: each run's sigma is audited with the search that found it."""
+"""Schemas 3.10 and 3.11: each run's sigma is audited with the search that found it, and its
+decision calibration's release with the clipping bound R it planned."""
 
 from __future__ import annotations
 
@@ -104,3 +105,35 @@ def test_a_recorded_run_without_the_key_replays_with_bisection_and_a_new_one_wit
     assert RunConfig.from_recorded(recorded).sigma_search == 1
     with pytest.raises(ConfigError, match="sigma_search"):
         RunConfig(sigma_search=0)
+
+
+CAL_CHECK = (
+    "site 0: decision calibration: one release iff metrics.json accounts one, after the last "
+    "round, as planned"
+)
+
+
+def test_a_scatter_linear_run_releases_its_calibration_at_r_16(bisected):
+    d, _ = bisected
+    metrics = read_json(d / "metrics.json")
+    assert read_json(d / "config.json")["resolved"]["model"]["name"] == "scatter-linear"
+    assert metrics["rounds"][-1]["decision_calibration"]["clip"] == 16.0
+    events = read_json(d / "privacy.json")["events"]
+    assert {e["max_grad_norm"] for e in events if e["phase"] == "calibrate"} == {16.0}
+
+
+@pytest.mark.parametrize("recorded", [8.0, "absent"])
+def test_a_release_at_another_clip_than_the_run_records_fails_the_audit(
+    bisected, tmp_path, recorded
+):
+    # Absent: a run recorded before 3.11, which released at R = 4, not 16.
+    d = copy_run(bisected[0], tmp_path)
+    config = read_json(d / "config.json")
+    if recorded == "absent":
+        del config["run"]["calibration_clip"]
+    else:
+        config["run"]["calibration_clip"] = recorded
+    write_json(d / "config.json", config)
+    resign(d)
+    code, failed = audit(d)
+    assert code == 1 and CAL_CHECK in failed
