@@ -841,12 +841,12 @@ class RunConfig:
             math.isfinite(self.calibration_noise) and self.calibration_noise >= 1.0,
             f"{_n('calibration_noise')} must be at least 1 (got {self.calibration_noise}).",
         )
-        # securefed.dp.calibration.MAX_CLIP: the release's pmf grid does not depend on R, but
-        # a bound far above any logit only adds noise.
+        # securefed.dp.calibration.MIN_CLIP and MAX_CLIP: near the smallest floats rounding
+        # breaks the release's 2R sensitivity; far above any logit R only adds noise.
         if self.calibration_clip is not None:
             _check(
-                math.isfinite(self.calibration_clip) and 0 < self.calibration_clip <= 1e3,
-                f"{_n('calibration_clip')} must be in (0, 1000] (got {self.calibration_clip}).",
+                math.isfinite(self.calibration_clip) and 1e-3 <= self.calibration_clip <= 1e3,
+                f"{_n('calibration_clip')} must be in [0.001, 1000] (got {self.calibration_clip}).",
             )
         # securefed.dp.fair_loss.MAX_Q and MIN_NOISE_MULTIPLIER.
         _check(

@@ -216,12 +216,18 @@ def _resume(
     if config is not None:
         changed = config.with_unflagged_of(saved).differences(saved)
         if changed:
-            hint = (
-                " (the checkpoint's teacher-student run used --teacher global, the only "
-                "teacher before schema 3.5: pass it)"
-                if changed == ["teacher"] and saved.teacher == "global"
-                else ""
-            )
+            hint = ""
+            if changed == ["teacher"] and saved.teacher == "global":
+                hint = (
+                    " (the checkpoint's teacher-student run used --teacher global, the only "
+                    "teacher before schema 3.5: pass it)"
+                )
+            elif "calibration_clip" in changed and config.calibration_clip is None:
+                hint = (
+                    f" (the checkpoint's run released its calibration at R = "
+                    f"{saved.calibration_clip:g}, as runs before schema 3.11 did: pass "
+                    f"--calibration-clip {saved.calibration_clip:g})"
+                )
             raise ConfigError(
                 f"--resume {folder}: options differ from the checkpoint's "
                 f"({', '.join(changed)}); resume with the same options or none{hint}"

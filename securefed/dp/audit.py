@@ -866,10 +866,14 @@ def _release_plans(
     for module, what in _RELEASES:
         try:
             entries = module.planned_entries(run)
-            allowed = module.planned_releases(run) if entries else frozenset()
-        except ValueError as exc:  # a noise multiplier or (calibration) clip no run can have
-            entries, allowed = (), frozenset()
+        except ValueError as exc:
+            entries = ()
             result.add(f"{name}: the run's {what} noise is valid", False, str(exc))
+        try:
+            allowed = module.planned_releases(run) if entries else frozenset()
+        except ValueError as exc:  # the calibration's clip R: no release can be as planned
+            allowed = frozenset()
+            result.add(f"{name}: the run's {what} clipping bound is valid", False, str(exc))
         plans[module.PHASE] = (entries, allowed)
     return plans
 

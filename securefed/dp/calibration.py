@@ -10,7 +10,8 @@ step.
 What a site computes on its **training** records with the final global model:
 
 * ``z`` = the record's logits, centred (minus their mean over classes, so only differences
-  count) and clipped to L2 norm :data:`CLIP` (R);
+  count) and clipped to L2 norm R (``--calibration-clip``; by model when unset,
+  :func:`clip_of`);
 * ``n[y]``: records of class y, and ``M[y]``: the sum of ``z`` over them (a K x K matrix).
 
 It releases ``v = (R * n, M)`` plus Gaussian noise of standard deviation ``sigma_cal * R``
@@ -50,10 +51,12 @@ __all__ = [
     "CLIP",
     "CLIP_BY_MODEL",
     "MAX_CLIP",
+    "MIN_CLIP",
     "MIN_NOISE_MULTIPLIER",
     "NOISE_MULTIPLIER",
     "PHASE",
     "Calibration",
+    "allowed_clips",
     "calibrates",
     "check_statistics",
     "clip_of",
@@ -77,8 +80,12 @@ CLIP = 4.0
 #: the bound and their midpoint said nothing (docs/calibration.md). The noise is sigma * R,
 #: so R costs no privacy; a larger R only makes a small model's estimate noisier.
 CLIP_BY_MODEL = {"scatter-linear": 16.0}
-#: Largest R accepted (securefed.config checks the same bound).
+#: Largest R accepted (securefed.config checks the same bounds).
 MAX_CLIP = 1e3
+#: Smallest R accepted: near the smallest floats the clipped scores and the noise round to a
+#: coarse grid and the release's sensitivity exceeds 2R (review 38: 1.7 x 2R at R = 5e-324,
+#: epsilon 1.7 for a release accounted at 0.93).
+MIN_CLIP = 1e-3
 #: Default noise multiplier sigma_cal: at epsilon 8 it raises the DP-SGD noise by about 1 %
 #: (the release alone is epsilon 0.93 at delta 1e-5, replace-one).
 NOISE_MULTIPLIER = 8.0
@@ -158,15 +165,25 @@ def clip_of(run: Mapping[str, Any], *, model: str | None = None) -> float:
         return CLIP_BY_MODEL.get(model, CLIP)
     if isinstance(clip, bool) or not isinstance(clip, (int, float)):
         raise ValueError(f"calibration_clip {clip!r} is not a number")
-    if not (math.isfinite(clip) and 0 < clip <= MAX_CLIP):
-        raise ValueError(f"calibration_clip {clip!r} is outside (0, {MAX_CLIP:g}]")
+    if not (math.isfinite(clip) and MIN_CLIP <= clip <= MAX_CLIP):
+        raise ValueError(f"calibration_clip {clip!r} is outside [{MIN_CLIP:g}, {MAX_CLIP:g}]")
     return float(clip)
 
 
-def _allowed_clips(run: Mapping[str, Any]) -> frozenset[float]:
-    # Unset, R follows the model the run built, which the signed run dict names only as
-    # "auto": either value is the plan (R changes the estimate's noise, not epsilon).
+def allowed_clips(run: Mapping[str, Any]) -> frozenset[float]:
+    """The R a release of ``run`` may carry: the run's, or its model's when R is unset.
+
+    With ``--model auto`` the signed run dict does not say which model was built, so either
+    model rule's R is the plan (R changes the estimate's noise, not epsilon).
+
+    Raises:
+        ValueError: As :func:`clip_of`.
+
+    """
     if "calibration_clip" in run and run["calibration_clip"] is None:
+        model = run.get("model")
+        if isinstance(model, str) and model != "auto":
+            return frozenset({clip_of(run, model=model)})
         return frozenset({CLIP, *CLIP_BY_MODEL.values()})
     return frozenset({clip_of(run)})
 
@@ -184,7 +201,7 @@ def planned_releases(run: Mapping[str, Any]) -> frozenset[tuple[float, float, in
     entries = planned_entries(run)
     if not entries:
         return frozenset()
-    return frozenset((s, q, n, c) for s, q, n in entries for c in _allowed_clips(run))
+    return frozenset((s, q, n, c) for s, q, n in entries for c in allowed_clips(run))
 
 
 def statistics_size(num_classes: int) -> int:

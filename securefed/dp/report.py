@@ -56,8 +56,9 @@ __all__ = [
 #: ``scatter-linear`` at every image size, not only above 64 px).
 #: 3.10 (additive): config.json's run gains `sigma_search` (2: sigma found by a safeguarded
 #: secant; a run without it bisected, search 1), with which the audit re-derives sigma.
-#: 3.11 (additive): config.json's run gains `calibration_clip` (the decision calibration's R,
-#: 16; a run without it released with R = 4), which the audit checks each release's C against.
+#: 3.11 (additive): config.json's run gains `calibration_clip` (the decision calibration's R;
+#: null: by model, 16 for scatter-linear, 4 otherwise; a run without it released with R = 4),
+#: which the audit checks each release's C against.
 SCHEMA_VERSION = "3.11"
 #: The first schema whose `tolerated_colluders` uses the m - 2 bound (the audit names the old
 #: formula when an older report's figure is one too many).

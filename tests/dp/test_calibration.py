@@ -381,8 +381,12 @@ def test_the_clip_follows_the_setting_the_model_and_the_runs_schema():
     assert calibration.clip_of(unset, model="scatter-linear") == 16.0
     assert calibration.clip_of(unset, model="cnn") == 4.0
     assert calibration.clip_of({"calibration_clip": 8}, model="scatter-linear") == 8.0
-    for bad in (0, -1.0, float("inf"), 1e4, True, "16"):
+    for bad in (0, 5e-324, 1e-4, -1.0, float("inf"), 1e4, True, "16"):
         with pytest.raises(ValueError, match="calibration_clip"):
             calibration.clip_of({"calibration_clip": bad})
     with pytest.raises(ValueError, match="no model"):
         calibration.clip_of(unset)
+    # What a release may carry: a named model's R exactly, either rule's under --model auto.
+    assert calibration.allowed_clips({**unset, "model": "cnn"}) == {4.0}
+    assert calibration.allowed_clips({**unset, "model": "auto"}) == {4.0, 16.0}
+    assert calibration.allowed_clips({"calibration_clip": 8.0, "model": "auto"}) == {8.0}

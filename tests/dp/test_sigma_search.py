@@ -20,7 +20,8 @@ SIGMA_CHECK = "site 0: sigma = calibrate_noise(target, delta, q, planned steps)"
 
 @pytest.fixture(scope="module")
 def bisected(tmp_path_factory):
-    """A run as a 3.9 release wrote it: sigma by bisection, no `sigma_search` in its run."""
+    """A run whose sigma was bisected and whose run has no `sigma_search`, as a 3.9 release
+    wrote it (it keeps 3.11's unset `calibration_clip`: a scatter-linear release at R = 16)."""
     d = tiny_run(tmp_path_factory.mktemp("bisected"), sigma_search=1)
     config = read_json(d / "config.json")
     assert config["run"].pop("sigma_search") == 1
@@ -134,6 +135,24 @@ def test_a_release_at_another_clip_than_the_run_records_fails_the_audit(
     else:
         config["run"]["calibration_clip"] = recorded
     write_json(d / "config.json", config)
+    resign(d)
+    code, failed = audit(d)
+    assert code == 1 and CAL_CHECK in failed
+
+
+def test_a_cnn_run_releases_its_calibration_at_r_4_and_not_16(tmp_path_factory, tmp_path):
+    d = tiny_run(tmp_path_factory.mktemp("cnn"), model="cnn")
+    events = read_json(d / "privacy.json")["events"]
+    assert {e["max_grad_norm"] for e in events if e["phase"] == "calibrate"} == {4.0}
+    assert read_json(d / "metrics.json")["rounds"][-1]["decision_calibration"]["clip"] == 4.0
+    assert audit(d) == (0, [])
+    # Rewritten to 16, as a scatter-linear run would release: the named model says 4.
+    d = copy_run(d, tmp_path)
+    privacy = read_json(d / "privacy.json")
+    for e in privacy["events"]:
+        if e["phase"] == "calibrate":
+            e["max_grad_norm"] = 16.0
+    write_json(d / "privacy.json", privacy)
     resign(d)
     code, failed = audit(d)
     assert code == 1 and CAL_CHECK in failed

@@ -320,6 +320,7 @@ def test_a_checkpoint_from_before_auto_rule_2_resumes_with_the_model_it_trained(
     doc = json.loads(ck_json.read_text())
     assert doc["config"].pop("auto_rule") == 1  # as written before schema 3.3
     assert doc["config"].pop("sigma_search") == 1  # and before 3.10
+    assert doc["config"].pop("calibration_clip") is None  # and before 3.11 (R = 4)
     ck_json.write_text(json.dumps(doc))
 
     # A user resuming with the same options cannot type the rule; deploy's resume adopts it.
@@ -328,6 +329,10 @@ def test_a_checkpoint_from_before_auto_rule_2_resumes_with_the_model_it_trained(
     today = config.replace(auto_rule=2, sigma_search=2)
     assert _with_recorded_settings(today, partial).auto_rule == 1
     assert _with_recorded_settings(today, partial).sigma_search == 1
+    # R is a flag: the same options now mean "by model" (16 here), which the run never had.
+    with pytest.raises(ConfigError, match="pass --calibration-clip 4"):
+        train(today, resume=partial, progress=False)
+    today = today.replace(calibration_clip=4.0)
     resumed = train(today, resume=partial, progress=False)
 
     recorded = json.loads((resumed / "config.json").read_text())
@@ -343,6 +348,7 @@ def test_a_checkpoint_from_before_auto_rule_2_resumes_with_the_model_it_trained(
     n = 16  # each site's training records
     bisected = plan_site_privacy(config, num_samples=n).noise_multiplier
     assert sigmas == {bisected}  # both rounds, both (equal) sites
+    assert recorded["run"]["calibration_clip"] == 4.0
     assert bisected != plan_site_privacy(today, num_samples=n).noise_multiplier
 
 
