@@ -155,7 +155,8 @@ def clip_of(run: Mapping[str, Any], *, model: str | None = None) -> float:
     it built (``model``, the registered name ``auto`` resolved to), :data:`CLIP` otherwise.
 
     Raises:
-        ValueError: Not a number in (0, :data:`MAX_CLIP`], or unset without ``model``.
+        ValueError: Not a number in [:data:`MIN_CLIP`, :data:`MAX_CLIP`], or unset without
+            ``model``.
 
     """
     clip = run.get("calibration_clip", CLIP)
