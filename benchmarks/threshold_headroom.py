@@ -8,7 +8,7 @@ prints the test accuracy at these thresholds on ``d``:
 
 - ``t=0``: the uncalibrated model;
 - ``applied``: what the run recorded (the calibrated model, or ``t=0`` when it was refused);
-- ``LDA``: the calibration's own rule (midpoint of the clipped class means, R = 4) computed
+- ``LDA``: the calibration's own rule (midpoint of the clipped class means, at the run's R) computed
   without noise on the whole training split;
 - ``train-bal``: the threshold that maximises balanced accuracy on the training split, no noise;
 - ``test-bal``: the same fitted on the test split itself (an oracle: no method can beat it
@@ -38,9 +38,8 @@ from sklearn.metrics import roc_auc_score
 
 from securefed.config import RunConfig
 from securefed.data.dataset import load_dataset
+from securefed.dp.calibration import clip_of
 from securefed.models import ModelSpec, build_model
-
-CLIP = 4.0  # the calibration's R (docs/calibration.md)
 
 
 def _diffs(model: torch.nn.Module, images: np.ndarray) -> np.ndarray:
@@ -62,6 +61,12 @@ def _best_balanced(d: np.ndarray, y: np.ndarray) -> float:
     ts = np.unique(d)
     scores = [((d[y == 1] > t).mean() + (d[y == 0] <= t).mean()) / 2 for t in ts]
     return float(ts[int(np.argmax(scores))])
+
+
+def _lda(d: np.ndarray, y: np.ndarray, clip: float) -> float:
+    # The calibration clips z = d / sqrt(2) (logits minus their mean) to norm R.
+    z = np.clip(d / math.sqrt(2), -clip, clip) * math.sqrt(2)
+    return float((z[y == 0].mean() + z[y == 1].mean()) / 2)
 
 
 def headroom(run: Path, clips: tuple[float, ...] = ()) -> dict[str, float]:
@@ -98,9 +103,7 @@ def headroom(run: Path, clips: tuple[float, ...] = ()) -> dict[str, float]:
     d_train = _diffs(model, bundle.train.images) - shift
     d_test = _diffs(model, bundle.test.images) - shift
     y_train, y_test = bundle.train.labels.astype(int), bundle.test.labels.astype(int)
-    # The calibration clips z = d / sqrt(2) (logits minus their mean) to norm R.
-    z = np.clip(d_train / math.sqrt(2), -CLIP, CLIP) * math.sqrt(2)
-    lda = float((z[y_train == 0].mean() + z[y_train == 1].mean()) / 2)
+    lda = _lda(d_train, y_train, clip_of(config["run"], model=config["resolved"]["model"]["name"]))
     row = {
         "auc": float(roc_auc_score(y_test, d_test)),
         "recorded": float(metrics["final"]["accuracy"]),
@@ -109,9 +112,7 @@ def headroom(run: Path, clips: tuple[float, ...] = ()) -> dict[str, float]:
         "LDA": _accuracy(d_test, y_test, lda),
     }
     for r in clips:  # the same rule with another clipping bound R (no noise)
-        z = np.clip(d_train / math.sqrt(2), -r, r) * math.sqrt(2)
-        t = float((z[y_train == 0].mean() + z[y_train == 1].mean()) / 2)
-        row[f"LDA R={r:g}"] = _accuracy(d_test, y_test, t)
+        row[f"LDA R={r:g}"] = _accuracy(d_test, y_test, _lda(d_train, y_train, r))
     row["train-bal"] = _accuracy(d_test, y_test, _best_balanced(d_train, y_train))
     row["test-bal"] = _accuracy(d_test, y_test, _best_balanced(d_test, y_test))
     return row
