@@ -3,10 +3,11 @@
 Pairwise masking encodes each site's weighted update n_i u_i to a fixed-point grid of step
 q = 2^-f with stochastic rounding whose coins are fresh secrets at every site, so no two masked
 runs are bit-identical even with one seed. The step is the ring's quantum, not a float32 ulp:
-with the defaults (``--secagg-ring-bits auto``, a 32-bit ring for 3 sites, ``--secagg-clip``
-1e5) q = 2^-12 = 2.4e-4, and one round's FedAvg update can differ by up to k q / sum(n_i) per
-weight (k sites; FixedPointCodec.error_bound): 3e-6 on the 240-image set, 3e-7 on the
-2400-image one: 80 to 800 float32 ulps of a weight near 0.05 (ulp 3.7e-9). Later rounds'
+with the defaults (``--secagg-ring-bits auto``, a 30-bit ring for 3 sites, ``--secagg-clip``
+1e5) q = 2^-10 = 9.8e-4, and one round's FedAvg update can differ by up to k q / sum(n_i) per
+weight (k sites; FixedPointCodec.error_bound): 1.2e-5 on the 240-image set, 1.2e-6 on the
+2400-image one: 330 to 3300 float32 ulps of a weight near 0.05 (ulp 3.7e-9). (Before schema
+3.12 the default was a 32-bit ring, q = 2^-12, four times smaller.) Later rounds'
 training carries those differences on. This is the yardstick for comparing a deployed (Flower)
 run with an in-process one.
 

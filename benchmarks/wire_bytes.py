@@ -4,8 +4,9 @@ For each model size and number of sites: what one site sends in one round under
 
 * ``float32``: the plaintext update ``[n_i u_i, n_i]`` as float32 (4 bytes a value), the unit;
 * ``mask-64``: pairwise masking as it was before issue 17 (64-bit ring, ``--secagg-clip`` 1e6);
-* ``mask-auto``: pairwise masking with the defaults (``--secagg-ring-bits auto``: the 32-bit
-  ring up to 20 sites at ``--secagg-clip`` 1e5);
+* ``mask-auto``: pairwise masking with the defaults (``--secagg-ring-bits auto``: the fewest
+  bits within its 1e-3 tolerance, packed k bits a value; 30 bits for 3 sites at ``--secagg-clip``
+  1e5, 31 for 10, 32 for 20);
 * ``ckks``: CKKS (TenSEAL, N = 8192, 4096 slots a ciphertext), with how full its slots are.
 
 Masking counts every message of the round a site sends (keys, sealed shares, the masked input,
@@ -36,6 +37,7 @@ from torch import nn
 
 from securefed.config import RunConfig
 from securefed.crypto.ckks import CKKSParams, generate_keys
+from securefed.crypto.packing import packed_size
 from securefed.crypto.secagg import SecAggConfig
 from securefed.models import ModelSpec, build_model
 from securefed.protocol.harness import he_sum, secure_sum
@@ -84,7 +86,7 @@ def bytes_row(dim: int, n_sites: int, keys: Any, rng: np.random.Generator) -> di
         res = secure_sum(inputs, config=config, round_index=1)
         row[name] = statistics.fmean(res.bytes_sent.values())
         row[f"{name}-ring"] = config.ring_bits
-        row[f"{name}-masked-input"] = 4 + config.ring_bits // 8 * values  # words only
+        row[f"{name}-masked-input"] = packed_size(values, config.ring_bits)  # values only
     slots = keys.params.slots
     chunks = math.ceil(values / slots)
     row["ckks-ciphertexts"] = chunks
@@ -179,7 +181,11 @@ def main() -> None:
     keys = generate_keys(params=CKKSParams())
     cnn = build_model(name="cnn", spec=ModelSpec(in_channels=1, num_classes=4)).num_parameters
     rng = np.random.default_rng(0)
-    grid = [(cnn, 3)] if args.quick else [(cnn, 3), (cnn, 10), (1_000_000, 3), (1_000_000, 10)]
+    grid = (
+        [(cnn, 3)]
+        if args.quick
+        else [(cnn, n) for n in (3, 10, 20)] + [(1_000_000, 3), (1_000_000, 10)]
+    )
     bytes_rows = [bytes_row(d, n, keys, rng) for d, n in grid]
     cases = [([800, 800, 800], ()), ([1] * 3, ())]
     if not args.quick:

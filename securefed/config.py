@@ -87,6 +87,15 @@ AUTO_RULE = 3
 #: since the audit re-derives sigma with it.
 SIGMA_SEARCHES = (1, 2)
 SIGMA_SEARCH = 2
+#: The rings ``--secagg-ring-bits auto`` chooses among
+#: (:data:`securefed.crypto.fixedpoint.RING_RULE_CHOICES`): 1, the 32- or 64-bit ring (before
+#: schema 3.12); 2, any ring from 8 to 64 bits, packed on the wire (schema 3.12: 30 bits for 3
+#: sites at the default clip range, 0.94x float32). A recorded run keeps its own, since the
+#: audit rebuilds the ring from it.
+RING_AUTO_RULES = (1, 2)
+RING_AUTO_RULE = 2
+#: The ring sizes ``--secagg-ring-bits`` accepts besides ``auto``.
+RING_BITS_RANGE = (8, 64)
 
 
 def planned_epochs(
@@ -350,13 +359,16 @@ class RunConfig:
         secure_agg: ``none``, ``mask`` (pairwise masking) or ``he`` (CKKS).
         secagg_threshold: Shamir threshold t (``None``: a 2/3 majority of a neighbourhood).
         secagg_neighbors: SecAgg+ neighbours per site (``None``: all other sites).
-        secagg_ring_bits: Fixed-point ring Z_(2^k), k = 32 or 64, or ``auto``: the smallest
+        secagg_ring_bits: Fixed-point ring Z_(2^k), k from 8 to 64, or ``auto``: the smallest
             whose rounding adds at most ``AUTO_RING_TOLERANCE`` (1e-3) per coordinate to the
             FedAvg average (:attr:`resolved_ring_bits`).
+        ring_auto_rule: Which rings ``auto`` chooses among (:data:`RING_AUTO_RULES`): 2,
+            today's, every k from 8 to 64; a recorded run keeps its own (1, 32 or 64 bits only,
+            before the field existed).
         secagg_clip: Largest |value| the fixed-point encoder accepts per coordinate of the
             pre-scaled update ``n_i * u_i`` (and N_max, the largest weight n_i); larger values
-            are clipped and counted. 1e5 (1e6 before schema 3.1) lets a 32-bit ring carry up
-            to 20 sites within the ``auto`` tolerance.
+            are clipped and counted. 1e5 (1e6 before schema 3.1): ``auto`` then takes 30 bits
+            for 3 to 5 sites, 32 for 11 to 20 (every k needs about log2(n C / 1e-3) + 2).
         update_clip: Poisoning bound C_u: each site clips its whole model update (the L2
             norm of the flattened vector it aggregates, after training) to C_u before
             protecting it, and the server refuses to apply a round whose decoded sum is larger
@@ -641,9 +653,14 @@ class RunConfig:
     )
     secagg_ring_bits: int | str = _setting(
         "auto",
-        choices=("auto", 32, 64),
-        help="Masking: fixed-point ring Z_(2^k); auto: 32 bits when its rounding adds at most "
-        "1e-3 per coordinate to the FedAvg average, else 64 (docs/secure-aggregation.md).",
+        kind="ring-bits",
+        help="Masking: fixed-point ring Z_(2^k), k from 8 to 64 bits (k bits a value on the "
+        "wire); auto: the smallest whose rounding adds at most 1e-3 per coordinate to the "
+        "FedAvg average (docs/secure-aggregation.md).",
+    )
+    ring_auto_rule: int = _setting(
+        RING_AUTO_RULE,
+        not_a_flag="the release's --secagg-ring-bits auto rule; a recorded run keeps its own",
     )
     secagg_clip: float = _setting(
         1e5,
@@ -898,6 +915,10 @@ class RunConfig:
             self.sigma_search in SIGMA_SEARCHES and not isinstance(self.sigma_search, bool),
             f"`sigma_search` must be one of {SIGMA_SEARCHES} (got {self.sigma_search!r}).",
         )
+        _check(
+            self.ring_auto_rule in RING_AUTO_RULES and not isinstance(self.ring_auto_rule, bool),
+            f"`ring_auto_rule` must be one of {RING_AUTO_RULES} (got {self.ring_auto_rule!r}).",
+        )
         if self.dp_epsilon is not None:
             _check(
                 math.isfinite(self.dp_epsilon) and self.dp_epsilon > 0,
@@ -949,9 +970,11 @@ class RunConfig:
                 value in allowed,
                 f"{_n(name)} must be one of {', '.join(allowed)} (got {value!r}).",
             )
+        low, high = RING_BITS_RANGE
         _check(
-            self.secagg_ring_bits in ("auto", 32, 64),
-            f"{_n('secagg_ring_bits')} must be auto, 32 or 64 (got "
+            self.secagg_ring_bits == "auto"
+            or (isinstance(self.secagg_ring_bits, int) and low <= self.secagg_ring_bits <= high),
+            f"{_n('secagg_ring_bits')} must be auto or an integer from {low} to {high} (got "
             f"{_shown(self.secagg_ring_bits)}).",
         )
         if self.secagg_threshold is not None:
@@ -1194,8 +1217,9 @@ class RunConfig:
         """The masking ring: ``secagg_ring_bits``, or for ``auto`` the one it resolves to.
 
         ``auto`` picks, for the run's full complement of sites (``clients``: no round sums
-        more) and ``secagg_clip``, the smallest ring whose worst-case rounding error on the
-        FedAvg average is at most :data:`~securefed.crypto.fixedpoint.AUTO_RING_TOLERANCE`
+        more) and ``secagg_clip``, the smallest ring of its rule (``ring_auto_rule``) whose
+        worst-case rounding error on the FedAvg average is at most
+        :data:`~securefed.crypto.fixedpoint.AUTO_RING_TOLERANCE`
         (:func:`~securefed.crypto.fixedpoint.choose_ring_bits`). Server and sites resolve it
         from the same signed configuration, so they agree.
         """
@@ -1203,7 +1227,11 @@ class RunConfig:
             return int(self.secagg_ring_bits)
         from securefed.crypto.fixedpoint import choose_ring_bits
 
-        return choose_ring_bits(clip_range=self.secagg_clip, n_summands=max(2, self.clients))
+        return choose_ring_bits(
+            clip_range=self.secagg_clip,
+            n_summands=max(2, self.clients),
+            rule=self.ring_auto_rule,
+        )
 
     @property
     def effective_prox_mu(self) -> float:
@@ -1380,7 +1408,8 @@ class RunConfig:
         ``teacher`` (before schema 3.5) with the ``global`` teacher, the only one there was;
         one without ``twin_privacy`` (before schema 3.6) with DP twins, the only ones there were;
         one without ``sigma_search`` (before schema 3.10) with the bisection that calibrated it;
-        one without ``calibration_clip`` (before schema 3.11) with the R = 4 it released with.
+        one without ``calibration_clip`` (before schema 3.11) with the R = 4 it released with;
+        one without ``ring_auto_rule`` (before schema 3.12) with ``auto``'s 32- or 64-bit rule.
         """
         if "twin_privacy" not in data:
             data = {**data, "twin_privacy": "dp"}
@@ -1392,6 +1421,9 @@ class RunConfig:
         # Before schema 3.11 the decision calibration clipped centred logits at R = 4.
         if "calibration_clip" not in data:
             data = {**data, "calibration_clip": 4.0}
+        # Before schema 3.12 --secagg-ring-bits auto chose between the 32- and 64-bit rings.
+        if "ring_auto_rule" not in data:
+            data = {**data, "ring_auto_rule": 1}
         # Before schema 3.5 the teacher-student teacher was the round's global model (other
         # strategies have no teacher: they take today's default, as a new run's flags do).
         if "teacher" not in data and data.get("strategy") == "teacher-student":

@@ -87,6 +87,8 @@ def _sample(field: str) -> tuple[list[str], object]:
         return [flag, str(pick)], pick
     if meta.kind == "epsilon":
         return [flag, "3"], 3.0
+    if meta.kind == "ring-bits":
+        return [flag, "30"], 30
     if meta.kind == "int-list":
         return [flag, "1,2,3"], (1, 2, 3)
     if meta.kind == "key-value":

@@ -24,7 +24,7 @@ def test_config_json_round_trip(tmp_path):
         ({"dp_delta": 1.5}, "`--dp-delta` (dp_delta)"),
         ({"accountant": "moments"}, "`--accountant` (accountant)"),
         ({"secure_agg": "tls"}, "`--secure-agg` (secure_agg)"),
-        ({"secagg_ring_bits": 16}, "`--secagg-ring-bits` (secagg_ring_bits)"),
+        ({"secagg_ring_bits": 7}, "`--secagg-ring-bits` (secagg_ring_bits)"),
         ({"dropout_clients": 1.5}, "`--dropout-clients` (dropout_clients)"),
         ({"client_fraction": 0.0}, "`--client-fraction` (client_fraction)"),
         ({"seed": -5}, "`--seed` (seed) must be 0 or more (got -5)"),
@@ -145,11 +145,15 @@ def test_num_classes_reaches_the_loader_once():
 
 def test_the_masking_ring_is_auto_by_default_and_an_old_record_keeps_its_64_bit_ring(tmp_path):
     assert RunConfig().secagg_ring_bits == "auto"
-    assert RunConfig(clients=3).resolved_ring_bits == 32
-    assert RunConfig(clients=21).resolved_ring_bits == 64  # the 32-bit quantum exceeds 1e-3
+    assert RunConfig(clients=3).resolved_ring_bits == 30
+    assert RunConfig(clients=21).resolved_ring_bits == 33  # a 32-bit quantum exceeds 1e-3
     assert RunConfig(secagg_ring_bits=64).resolved_ring_bits == 64
-    with pytest.raises(ConfigError, match=r"must be auto, 32 or 64 \(got \"sixteen\"\)"):
+    assert RunConfig(secagg_ring_bits=24).resolved_ring_bits == 24
+    with pytest.raises(ConfigError, match=r"auto or an integer from 8 to 64 \(got \"sixteen"):
         RunConfig(secagg_ring_bits="sixteen")
+    for bad in (7, 65, True):
+        with pytest.raises(ConfigError, match="secagg_ring_bits"):
+            RunConfig(secagg_ring_bits=bad)
     with pytest.raises(ConfigError, match="must be an integer or a string"):
         RunConfig(secagg_ring_bits=32.0)
     # A run recorded before the setting existed (schema < 3.1) masked in a 64-bit ring with
@@ -160,6 +164,14 @@ def test_the_masking_ring_is_auto_by_default_and_an_old_record_keeps_its_64_bit_
     path.write_text(json.dumps({"schema_version": "3.0", "run": recorded}))
     old = RunConfig.from_json(path)
     assert (old.secagg_ring_bits, old.secagg_clip, old.resolved_ring_bits) == (64, 1e6, 64)
+    # One recorded before schema 3.12 (no ring_auto_rule) chose auto's ring among 32 and 64
+    # bits, and keeps that ring: the audit rebuilds it.
+    recorded = RunConfig(clients=3).to_dict()
+    assert recorded.pop("ring_auto_rule") == 2
+    assert RunConfig.from_recorded(recorded).resolved_ring_bits == 32
+    assert RunConfig.from_recorded({**recorded, "clients": 21}).resolved_ring_bits == 64
+    with pytest.raises(ConfigError, match="ring_auto_rule"):
+        RunConfig(ring_auto_rule=3)
     # A hand-written file (no "run" block) gets today's default.
     path.write_text(json.dumps({"clients": 3}))
     assert RunConfig.from_json(path).secagg_ring_bits == "auto"

@@ -147,6 +147,26 @@ class IntChoice(click.Choice):
         return int(chosen) if chosen.lstrip("-").isdigit() else chosen
 
 
+class RingBits(click.ParamType):
+    """``auto`` or a ring size k in bits (``--secagg-ring-bits``); k comes back as an int."""
+
+    name = "ring bits"
+
+    def get_metavar(self, param, ctx=None):  # noqa: D102
+        return "[auto|8-64]"
+
+    def convert(self, value, param, ctx):  # noqa: D102
+        from securefed.config import RING_BITS_RANGE
+
+        if value == "auto" or isinstance(value, int):
+            return value
+        low, high = RING_BITS_RANGE
+        text = str(value).strip()
+        if text.isascii() and text.isdigit() and low <= int(text) <= high:
+            return int(text)
+        self.fail(f"{value!r} is not auto or an integer from {low} to {high}", param, ctx)
+
+
 class RegistryChoice(click.Choice):
     """A choice among a :class:`~securefed.plugins.Registry`'s names, read when used.
 
@@ -191,6 +211,8 @@ def _param_type(field: str) -> click.ParamType | None:
         return click.Path(**_PATH_KINDS[meta.kind])
     if meta.kind == "epsilon":
         return Epsilon()
+    if meta.kind == "ring-bits":
+        return RingBits()
     if meta.kind == "int-list":
         return IntList(example=shown(getattr(_DEFAULTS, field)))
     if meta.kind == "key-value":

@@ -10,6 +10,8 @@ from typing import Any
 import numpy as np
 
 from securefed.crypto.prg import (
+    RING_BITS_MAX,
+    RING_BITS_MIN,
     KeystreamPRG,
     MaskStreams,
     chunk_bytes,
@@ -22,6 +24,8 @@ __all__ = [
     "AUTO_RING_TOLERANCE",
     "FLOAT_EXACT_BITS",
     "RING_CHOICES",
+    "RING_RULE",
+    "RING_RULE_CHOICES",
     "FixedPointCodec",
     "choose_ring_bits",
 ]
@@ -31,9 +35,17 @@ FLOAT_EXACT_BITS = 53
 
 _TWO_MINUS_53 = math.ldexp(1.0, -53)
 
-#: Rings the codec offers, smallest first: ``auto`` picks the first that meets the tolerance.
-#: (16 bits cannot: 3 sites at a clip range of 1e5 would leave no fractional bit at all.)
-RING_CHOICES = (32, 64)
+#: The rings ``--secagg-ring-bits auto`` considers, smallest first, by its rule
+#: (``RunConfig.ring_auto_rule``): it picks the first that meets the tolerance. Rule 1 (runs
+#: recorded before schema 3.12) had the 32- and 64-bit rings only; rule 2 has every ring from
+#: 8 to 64 bits, packed k bits a value on the wire (:mod:`securefed.crypto.packing`).
+RING_RULE_CHOICES = {1: (32, 64), 2: tuple(range(RING_BITS_MIN, RING_BITS_MAX + 1))}
+
+#: The rule a new run's ``auto`` follows.
+RING_RULE = 2
+
+#: Rule 1's rings (before schema 3.12).
+RING_CHOICES = RING_RULE_CHOICES[1]
 
 #: ``--secagg-ring-bits auto``: the largest worst-case error per coordinate the ring's rounding
 #: may add to the FedAvg average (the quantum, see :meth:`FixedPointCodec.error_bound`).
@@ -43,6 +55,10 @@ AUTO_RING_TOLERANCE = 1e-3
 @dataclass(frozen=True)
 class FixedPointCodec:
     """Encode floats in [-clip_range, clip_range] as integers mod 2^k, k = ``ring_bits``.
+
+    Words are uint32 for k <= 32 and uint64 above (:func:`~securefed.crypto.prg.word_dtype`);
+    an encoding is its integer's residue in the word, and only its low k bits matter: masks
+    may be added in the word, and :meth:`decode` reduces mod 2^k before reading the sign.
 
     A value x is clipped to [-C, C] (C = ``clip_range``), scaled by 2^f (f = ``frac_bits``)
     and rounded stochastically to floor(x 2^f) or floor(x 2^f) + 1 with probabilities that
@@ -58,7 +74,7 @@ class FixedPointCodec:
     sum with no further rounding.
 
     Attributes:
-        ring_bits: k, 32 or 64.
+        ring_bits: k, from 8 to 64.
         clip_range: C > 0, the largest accepted magnitude per coordinate.
         n_summands: n, the most encodings that will be added together (the number of sites).
         frac_bits: f, fractional bits; None derives the largest safe value (resolved on init).
@@ -87,7 +103,7 @@ class FixedPointCodec:
             raise ConfigError(
                 f"`clip_range`={clip:g} summed over {n} sites does not fit a {self.ring_bits}-bit "
                 f"ring even with 0 fractional bits (needs n * ceil(clip) <= 2^{self.ring_bits - 1}"
-                " - 1); use ring_bits=64 or a smaller clip range."
+                " - 1); use a larger ring or a smaller clip range."
             )
         if self.frac_bits is None:
             bound = min(signed_max, 1 << FLOAT_EXACT_BITS)
@@ -160,8 +176,8 @@ class FixedPointCodec:
         x = _as_real_vector(values)
         scale = math.ldexp(1.0, self.frac_bits)
         limit = self.clip_range * scale
-        out = np.empty(x.size, dtype=np.uint64 if self.ring_bits == 64 else np.uint32)
-        signed_out = out.view(np.int64) if self.ring_bits == 64 else None
+        out = np.empty(x.size, dtype=self.dtype.newbyteorder("="))
+        signed_out = out.view(np.int64) if out.itemsize == 8 else None
         coins = KeystreamPRG(os.urandom(32))
         coin_buf = scratch_buffer()
         chunk = chunk_bytes() // 8
@@ -207,7 +223,8 @@ class FixedPointCodec:
         """Read ring words (one encoding or a sum of up to n) back as floats.
 
         Args:
-            words: 1-D uint32/uint64 vector matching ``ring_bits``.
+            words: 1-D vector of the ring's words (uint32 for k <= 32, else uint64); only
+                their low k bits are read.
 
         Returns:
             float64 vector; for a sum of n encodings it is within n * quantum of the sum of
@@ -219,13 +236,25 @@ class FixedPointCodec:
         """
         if not isinstance(words, np.ndarray) or words.ndim != 1:
             raise DataError("`words` must be a 1-D numpy array of ring words.")
-        if words.dtype.kind != "u" or words.dtype.itemsize * 8 != self.ring_bits:
+        size = self.dtype.itemsize
+        if words.dtype.kind != "u" or words.dtype.itemsize != size:
             raise DataError(
-                f"`words` must be uint{self.ring_bits} for a {self.ring_bits}-bit ring "
+                f"`words` must be uint{8 * size} for a {self.ring_bits}-bit ring "
                 f"(got {words.dtype})."
             )
-        signed = words.astype(words.dtype.newbyteorder("=")).view(f"i{words.dtype.itemsize}")
-        return np.ldexp(signed.astype(np.float64), -self.frac_bits)
+        native = words.astype(words.dtype.newbyteorder("="), copy=False)
+        if self.ring_bits == 8 * size:
+            signed = native.view(f"i{size}").astype(np.float64)
+        else:
+            # Two's complement in k bits: the residue r mod 2^k, minus 2^k when its sign bit
+            # (2^(k-1)) is set; (r ^ 2^(k-1)) - 2^(k-1) is both at once. k <= 63 here, so
+            # every step fits int64.
+            sign = 1 << (self.ring_bits - 1)
+            low = np.bitwise_and(native, (1 << self.ring_bits) - 1).astype(np.int64)
+            np.bitwise_xor(low, sign, out=low)
+            np.subtract(low, sign, out=low)
+            signed = low.astype(np.float64)
+        return np.ldexp(signed, -self.frac_bits)
 
     def error_bound(self, n_summands: int | None = None) -> dict[str, float]:
         """The error the stochastic rounding adds, per coordinate, to a sum and to FedAvg.
@@ -272,29 +301,39 @@ class FixedPointCodec:
             "sum_error_max": bound["sum_max"],
             "sum_error_sd": bound["sum_sd"],
             "mean_error_max": bound["mean_max"],
-            "word_bytes": self.ring_bits // 8,
+            # Bytes a value takes on the wire (k bits packed; 4 or 8 for the 32- and 64-bit
+            # rings, the only ones before schema 3.12).
+            "word_bytes": self.ring_bits // 8 if self.ring_bits % 8 == 0 else self.ring_bits / 8,
         }
 
 
 def choose_ring_bits(
-    *, clip_range: float, n_summands: int, tolerance: float = AUTO_RING_TOLERANCE
+    *,
+    clip_range: float,
+    n_summands: int,
+    tolerance: float = AUTO_RING_TOLERANCE,
+    rule: int = RING_RULE,
 ) -> int:
-    """The smallest ring of :data:`RING_CHOICES` whose rounding meets ``tolerance``.
+    """The smallest ring of ``rule``'s choices (:data:`RING_RULE_CHOICES`) meeting ``tolerance``.
 
     A ring qualifies when it can hold the sum of ``n_summands`` values clipped to
     ``clip_range`` without wrapping and its quantum, the worst-case error per coordinate of the
     FedAvg average (:meth:`FixedPointCodec.error_bound`), is at most ``tolerance``. The weights
     ``n_i`` are multiplied in before encoding, so ``clip_range`` bounds ``n_i u_i`` (and the
-    weight ``n_i`` itself).
+    weight ``n_i`` itself). Rule 2 thus takes the fewest bits that hold the sum at a quantum
+    within the tolerance: about log2(n_summands * clip_range / tolerance) + 2.
 
     Raises:
-        ConfigError: If no ring meets ``tolerance`` (a smaller clip range or fewer sites would).
+        ConfigError: If no ring meets ``tolerance`` (a smaller clip range or fewer sites would),
+            or ``rule`` is unknown.
 
     """
     if not (isinstance(tolerance, (int, float)) and math.isfinite(tolerance) and tolerance > 0):
         raise ConfigError(f"`tolerance` must be a positive number (got {tolerance!r}).")
+    if isinstance(rule, bool) or rule not in RING_RULE_CHOICES:
+        raise ConfigError(f"`rule` must be one of {tuple(RING_RULE_CHOICES)} (got {rule!r}).")
     best = None
-    for bits in RING_CHOICES:
+    for bits in RING_RULE_CHOICES[rule]:
         try:
             codec = FixedPointCodec(ring_bits=bits, clip_range=clip_range, n_summands=n_summands)
         except ConfigError:

@@ -35,7 +35,9 @@ exactly that block:
   over :func:`commitments_payload`], in entry order.
 * RELAYED_SHARES (server): recipient (u32) | count (u32) | count x [sender (u32) | sealed
   (224)] | [active] count x [commitments (64) | signature (64)], in entry order.
-* MASKED_INPUT (site): ring bits (u8) | dimension (u64) | dimension x word (4 or 8 bytes).
+* MASKED_INPUT (site): ring bits k (u8, 8 to 64) | dimension d (u64) | the d values in k bits
+  each (:mod:`securefed.crypto.packing`: d words of 4 or 8 bytes for k = 32 or 64; otherwise
+  byte planes then bit planes, d floor(k / 8) + (k mod 8) ceil(d / 8) bytes).
 * CONSISTENCY_REQUEST (server, active only): count (u32) | U3 ids (u32 each).
 * CONSISTENCY_SIGNATURE (site, active only): signature (64) over :func:`consistency_payload`.
 * UNMASK_REQUEST (server): survivors count (u32) | ids (u32 each) | dropped count (u32) | ids |
@@ -68,7 +70,8 @@ import numpy as np
 
 from securefed.crypto.aead import sealed_length
 from securefed.crypto.framing import DIGEST_BYTES, FrameReader, check_digest, seal_frame
-from securefed.crypto.prg import word_dtype
+from securefed.crypto.packing import pack_words, packed_size, unpack_words
+from securefed.crypto.prg import RING_BITS_MAX, RING_BITS_MIN, word_dtype
 from securefed.crypto.shamir import SHARE_BYTES
 from securefed.errors import ConfigError, IntegrityError, ProtocolError
 
@@ -693,11 +696,15 @@ class RelayedShares:
 class MaskedInput:
     """Round 2 (site -> server): the masked vector y_u in Z_(2^k)^d.
 
+    On the wire each value takes k bits (:mod:`securefed.crypto.packing`; for k = 32 or 64
+    that is the little-endian words themselves), so only the residues mod 2^k are sent.
+
     Attributes:
         round_index: Training round.
         sender: Site id.
-        ring_bits: k, 32 or 64.
-        words: 1-D vector of ring words (uint32/uint64).
+        ring_bits: k, from 8 to 64.
+        words: 1-D vector of ring words (uint32 for k <= 32, else uint64); a parsed message's
+            are below 2^k.
 
     """
 
@@ -718,7 +725,8 @@ class MaskedInput:
             raise IntegrityError("masked input `words` must be a 1-D numpy array.")
         if w.dtype.kind != "u" or w.dtype.itemsize != dtype.itemsize:
             raise IntegrityError(
-                f"masked input `words` must be uint{self.ring_bits} (got {w.dtype})."
+                f"masked input `words` of a {self.ring_bits}-bit ring must be "
+                f"uint{8 * dtype.itemsize} (got {w.dtype})."
             )
 
     @property
@@ -728,32 +736,55 @@ class MaskedInput:
 
     def to_bytes(self) -> bytes:
         """Serialize (see module docstring); the vector is copied once."""
-        words = np.ascontiguousarray(self.words, dtype=word_dtype(self.ring_bits))
-        head = struct.pack("<BQ", self.ring_bits, words.size)
+        head = struct.pack("<BQ", self.ring_bits, self.words.size)
         return _frame(
             MessageType.MASKED_INPUT,
             self.round_index,
             self.sender,
             head,
-            memoryview(words).cast("B"),
+            pack_words(self.words, self.ring_bits),
         )
 
     @classmethod
-    def from_bytes(cls, data: bytes) -> MaskedInput:
-        """Parse (zero-copy, read-only view) and validate; raises IntegrityError/ProtocolError."""
+    def from_bytes(cls, data: bytes, *, expect: tuple[int, int] | None = None) -> MaskedInput:
+        """Parse and validate; raises IntegrityError/ProtocolError.
+
+        For 32- and 64-bit rings the words are a zero-copy, read-only view of ``data``.
+
+        Args:
+            data: The message.
+            expect: The ``(ring_bits, dimension)`` the receiver accepts, checked against the
+                header before any value is unpacked: a site declaring a narrower ring than
+                the run's cannot make the server allocate several times its message.
+
+        """
         kind = MessageType.MASKED_INPUT
         round_index, sender, body = _unframe_as(data, kind, from_server=False)
         reader = FrameReader(body, f"{kind.name} body")
         ring_bits, dimension = struct.unpack("<BQ", reader.take(9))
-        if ring_bits not in (32, 64):
-            raise IntegrityError(f"masked input declares a {ring_bits}-bit ring (32 or 64).")
-        dtype = word_dtype(ring_bits)
-        if dimension * dtype.itemsize != body.nbytes - 9:
+        if expect is not None and ring_bits != expect[0]:
             raise IntegrityError(
-                f"masked input declares {dimension} words of {dtype.itemsize} bytes but "
-                f"carries {body.nbytes - 9} bytes."
+                f"masked input from site {sender} uses a {ring_bits}-bit ring, expected "
+                f"{expect[0]}."
             )
-        words = np.frombuffer(reader.take(dimension * dtype.itemsize), dtype=dtype)
+        if expect is not None and dimension != expect[1]:
+            raise IntegrityError(
+                f"masked input from site {sender} has {dimension} words, expected {expect[1]}."
+            )
+        if not RING_BITS_MIN <= ring_bits <= RING_BITS_MAX:
+            raise IntegrityError(
+                f"masked input declares a {ring_bits}-bit ring ({RING_BITS_MIN} to "
+                f"{RING_BITS_MAX})."
+            )
+        # The length is checked before any allocation: a header declaring 2^60 values in a
+        # short frame is refused, not unpacked.
+        size = body.nbytes - 9
+        if dimension > 8 * size or packed_size(dimension, ring_bits) != size:
+            raise IntegrityError(
+                f"masked input declares {dimension} values of {ring_bits} bits but carries "
+                f"{size} bytes."
+            )
+        words = unpack_words(reader.take(size), ring_bits, dimension)
         reader.finish()
         return cls(round_index=round_index, sender=sender, ring_bits=ring_bits, words=words)
 

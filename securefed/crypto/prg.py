@@ -11,6 +11,8 @@ from securefed.errors import ConfigError, DataError
 
 __all__ = [
     "KEY_BYTES",
+    "RING_BITS_MAX",
+    "RING_BITS_MIN",
     "KeystreamPRG",
     "MaskStreams",
     "apply_masks",
@@ -36,24 +38,37 @@ _CHUNK_BYTES = 1 << 17
 _ZEROS = bytes(_CHUNK_BYTES)
 
 
+#: Ring sizes k of Z_(2^k) that masking offers: 8 to 64 bits. A ring of k <= 32 bits is held
+#: in uint32 words, a larger one in uint64 words; only the low k bits of a word go on the wire.
+RING_BITS_MIN = 8
+RING_BITS_MAX = 64
+
+
 def word_dtype(ring_bits: int) -> np.dtype:
-    """Little-endian unsigned word type of the ring Z_(2^ring_bits).
+    """Little-endian unsigned word type that holds the ring Z_(2^ring_bits).
+
+    Arithmetic is done in the word (mod 2^32 or 2^64) and reduced mod 2^k only when the words
+    are packed for the wire or decoded: reduction mod 2^k is a ring homomorphism from the
+    word's ring, so masks added and removed in the word cancel mod 2^k too, and the low k
+    bits of a uniform word mask are a uniform mask of Z_(2^k).
 
     Args:
-        ring_bits: 32 or 64.
+        ring_bits: k, an integer from 8 to 64.
 
     Returns:
-        ``<u4`` or ``<u8``.
+        ``<u4`` for k <= 32, ``<u8`` above.
 
     Raises:
         ConfigError: For any other ring size.
 
     """
-    if ring_bits == 64:
-        return np.dtype("<u8")
-    if ring_bits == 32:
-        return np.dtype("<u4")
-    raise ConfigError(f"`ring_bits` must be 32 or 64 (got {ring_bits}).")
+    if isinstance(ring_bits, bool) or not isinstance(ring_bits, (int, np.integer)):
+        raise ConfigError(f"`ring_bits` must be an integer (got {ring_bits!r}).")
+    if not RING_BITS_MIN <= ring_bits <= RING_BITS_MAX:
+        raise ConfigError(
+            f"`ring_bits` must be from {RING_BITS_MIN} to {RING_BITS_MAX} (got {ring_bits})."
+        )
+    return np.dtype("<u4") if ring_bits <= 32 else np.dtype("<u8")
 
 
 def _check_key(key: bytes) -> bytes:
@@ -138,7 +153,8 @@ def mask_words(*, key: bytes, count: int, ring_bits: int) -> np.ndarray:
     Args:
         key: 32-byte key.
         count: Number of words (vector length).
-        ring_bits: 32 or 64.
+        ring_bits: k; the words are those of :func:`word_dtype` (full width, the ring's
+            residue is their low k bits).
 
     Returns:
         A read-only array of dtype ``<u4``/``<u8``.

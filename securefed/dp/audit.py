@@ -436,7 +436,7 @@ def _check_close(
 
 #: Fields a newer release added that change nothing a site releases (a run without them,
 #: read by :meth:`RunConfig.from_recorded`, lists the same disclosures).
-_NO_RELEASE_FIELDS = frozenset({"sigma_search", "calibration_clip"})
+_NO_RELEASE_FIELDS = frozenset({"sigma_search", "calibration_clip", "ring_auto_rule"})
 
 
 def _check_disclosures(result: AuditResult, privacy: dict, run: dict) -> None:
@@ -460,8 +460,8 @@ def _check_disclosures(result: AuditResult, privacy: dict, run: dict) -> None:
 
     name = "disclosures list every release the configuration implies"
     fields = {f.name for f in dataclasses.fields(RunConfig)}
-    # A 3.9 run lacks `sigma_search` and `calibration_clip`, which change no listed release
-    # (message, field, protection): it is compared still.
+    # A 3.9 run lacks `sigma_search`, `calibration_clip` and `ring_auto_rule`, which change no
+    # listed release (message, field, protection): it is compared still.
     if not set(run) <= fields or fields - set(run) - _NO_RELEASE_FIELDS:
         result.add(name, True, "not compared: config.json's run has another release's fields")
         return
@@ -534,14 +534,14 @@ def _check_secure_aggregation(
             # The sum of every site's encoding must fit the signed ring: no wrap-around. (Only
             # ring and fraction sizes a run can have are computed with: 2**(10**10) is not.)
             fits = (
-                ring in (32, 64)
+                8 <= ring <= 64
                 and 0 <= frac < ring
                 and math.isfinite(clip)
                 and summands * math.ceil(clip * 2**frac) <= 2 ** (ring - 1) - 1
             )
             result.add(
                 "masking: fixed-point sum cannot wrap",
-                ring in (32, 64) and fits and math.isclose(float(params["quantum"]), 2.0**-frac),
+                fits and math.isclose(float(params["quantum"]), 2.0**-frac),
                 f"{summands} x ceil({clip:g} x 2^{frac}) vs 2^{ring - 1}",
             )
             _check_masking_params(

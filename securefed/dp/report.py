@@ -59,7 +59,11 @@ __all__ = [
 #: 3.11 (additive): config.json's run gains `calibration_clip` (the decision calibration's R;
 #: null: by model, 16 for scatter-linear, 4 otherwise; a run without it released with R = 4),
 #: which the audit checks each release's C against.
-SCHEMA_VERSION = "3.11"
+#: 3.12 (additive): config.json's run gains `ring_auto_rule` (2: --secagg-ring-bits auto takes
+#: the smallest ring of 8 to 64 bits within its tolerance, packed k bits a value; a run without
+#: it chose between 32 and 64 bits, rule 1); masking's `ring_bits` may be any of 8 to 64 and its
+#: `word_bytes` the bytes a value takes on the wire (k / 8, e.g. 3.75 for 30 bits).
+SCHEMA_VERSION = "3.12"
 #: The first schema whose `tolerated_colluders` uses the m - 2 bound (the audit names the old
 #: formula when an older report's figure is one too many).
 COLLUSION_BOUND_FROM = (3, 7)

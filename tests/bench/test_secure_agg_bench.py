@@ -225,13 +225,14 @@ def test_masking_is_measured_with_the_ring_and_clip_range_a_run_gets_by_default(
         ring_bits=run.resolved_ring_bits, clip_range=run.secagg_clip, n_summands=3
     )
 
-    # Assert: the rows record that ring (32 bits since config schema 3.1, not the former 64)
+    # Assert: the rows record that ring (30 bits since config schema 3.12, 32 since 3.1, not
+    # the former 64)
     for r in (r for r in rows if r["mechanism"] == "mask"):
         assert (r["ring_bits"], r["clip_range"]) == (run.resolved_ring_bits, run.secagg_clip)
-        assert (r["ring_bits"], r["frac_bits"]) == (32, codec.frac_bits)
+        assert (r["ring_bits"], r["frac_bits"]) == (30, codec.frac_bits)
     assert SecureAggGrid(n_params=[10], n_clients=[3]).ring_bits == run.secagg_ring_bits
     summary = (out / "summary.md").read_text()
-    assert "Masking's ring: auto (32-bit for 3 sites), clip range 100000 (a run's defaults" in (
+    assert "Masking's ring: auto (30-bit for 3 sites), clip range 100000 (a run's defaults" in (
         summary
     )
 
@@ -274,7 +275,8 @@ def test_resuming_into_masking_rows_of_another_ring_is_refused(tmp_path, recorde
 @pytest.mark.parametrize(
     "overrides, match",
     [
-        ({"ring_bits": 16}, "ring_bits"),
+        ({"ring_bits": 7}, "ring_bits"),
+        ({"ring_bits": "32"}, "ring_bits"),
         ({"clip_range": 0.0}, "clip_range"),
         # 100 sites at clip 1e8 cannot be summed in a 32-bit ring at all
         ({"ring_bits": 32, "clip_range": 1e8, "n_clients": [100]}, "does not fit a 32-bit"),

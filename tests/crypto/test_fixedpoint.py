@@ -140,7 +140,8 @@ def test_decode_of_one_encoding_is_within_one_quantum_32_bit():
     [
         ({"ring_bits": 32, "clip_range": 1e9, "n_summands": 10}, "does not fit a 32-bit ring"),
         ({"ring_bits": 32, "clip_range": 1000.0, "n_summands": 10, "frac_bits": 20}, "at most 17"),
-        ({"ring_bits": 16}, "`ring_bits` must be 32 or 64"),
+        ({"ring_bits": 7}, "`ring_bits` must be from 8 to 64"),
+        ({"ring_bits": 16, "clip_range": 1e5}, "does not fit a 16-bit ring"),
         ({"clip_range": 0.0}, "`clip_range` must be a positive finite"),
         ({"clip_range": float("nan")}, "`clip_range` must be a positive finite"),
         ({"n_summands": 0}, "`n_summands` must be at least 1"),

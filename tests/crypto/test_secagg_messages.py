@@ -174,8 +174,14 @@ def test_site_message_claiming_server_sender_is_rejected():
     [
         (MessageType.PUBLIC_KEYS, os.urandom(32) + struct.pack("<I", 5) + bytes(68), "declares 5"),
         (MessageType.PUBLIC_KEYS, os.urandom(32) + struct.pack("<I", 0) + b"x", "trailing"),
-        (MessageType.MASKED_INPUT, struct.pack("<BQ", 64, 10) + bytes(72), "declares 10 words"),
-        (MessageType.MASKED_INPUT, struct.pack("<BQ", 16, 1) + bytes(2), "16-bit ring"),
+        (MessageType.MASKED_INPUT, struct.pack("<BQ", 64, 10) + bytes(72), "declares 10 values"),
+        (MessageType.MASKED_INPUT, struct.pack("<BQ", 30, 10) + bytes(37), "declares 10 values"),
+        (MessageType.MASKED_INPUT, struct.pack("<BQ", 30, 10) + bytes(39), "declares 10 values"),
+        (MessageType.MASKED_INPUT, struct.pack("<BQ", 30, 3) + bytes(14) + b"\x40", "padding"),
+        (MessageType.MASKED_INPUT, struct.pack("<BQ", 200, 1) + bytes(25), "200-bit ring"),
+        (MessageType.MASKED_INPUT, struct.pack("<BQ", 30, 2**60) + bytes(8), "declares"),
+        (MessageType.MASKED_INPUT, struct.pack("<BQ", 7, 1) + bytes(1), "7-bit ring"),
+        (MessageType.MASKED_INPUT, struct.pack("<BQ", 65, 1) + bytes(9), "65-bit ring"),
         (MessageType.ADVERTISE_KEYS, bytes(63), "needs 32 more"),
         (
             MessageType.UNMASK_REQUEST,

@@ -8,6 +8,7 @@ import math
 import os
 import subprocess
 import sys
+import tracemalloc
 import typing
 
 import numpy as np
@@ -29,6 +30,7 @@ from securefed.crypto.messages import (
     UnmaskRequest,
     UnmaskShares,
 )
+from securefed.crypto.packing import pack_words
 from securefed.errors import (
     ConfigError,
     DataError,
@@ -113,7 +115,9 @@ def _scenarios(draw):
     probe = SecAggConfig(n_clients=n, neighbors=neighbors)
     m = probe.neighbourhood_size
     threshold = draw(st.integers(min_value=m // 2 + 1, max_value=m))
-    ring_bits = draw(st.sampled_from([32, 64]))
+    # Packed rings (16, 21, 30, 33, 47 bits) as well as the word-sized ones: the residues
+    # mod 2^k must cancel the masks exactly, in uint32 words and in uint64 ones.
+    ring_bits = draw(st.sampled_from([16, 21, 30, 32, 33, 47, 64]))
     fate = draw(st.lists(st.sampled_from("kkkkbua"), min_size=n, max_size=n))
     dim = draw(st.integers(min_value=1, max_value=12))
     return n, neighbors, threshold, ring_bits, fate, dim
@@ -254,7 +258,8 @@ def test_default_threshold_is_a_two_thirds_majority_of_the_neighbourhood():
         ({"n_clients": 5, "threshold": 2}, "strict majority"),
         ({"n_clients": 20, "neighbors": 4, "threshold": 6}, "neighbourhood"),
         ({"n_clients": 5, "neighbors": 1}, "`neighbors`"),
-        ({"n_clients": 5, "ring_bits": 48}, "`ring_bits`"),
+        ({"n_clients": 5, "ring_bits": 7}, "`ring_bits` must be from 8 to 64"),
+        ({"n_clients": 5, "ring_bits": 65}, "`ring_bits` must be from 8 to 64"),
         ({"n_clients": 10, "ring_bits": 32, "clip_range": 1e9}, "32-bit ring"),
     ],
 )
@@ -364,8 +369,11 @@ def _byte_chi_square(data: bytes) -> float:
     return float(((counts - expected) ** 2 / expected).sum())
 
 
-@pytest.mark.parametrize("ring_bits", [32, 64])
+@pytest.mark.parametrize("ring_bits", [20, 30, 32, 64])
 def test_a_single_masked_vector_looks_uniform_and_uncorrelated(ring_bits):
+    # Packed rings too: what goes on the wire is the low k bits of word-sized masks, and
+    # those must be uniform in Z_(2^k) (a mask narrower than k bits would leave the top bits
+    # of the encoding in the clear).
     # Prepare: a structured input (small values, many repeats) that is far from uniform.
     dim = 8192
     config = SecAggConfig(n_clients=3, ring_bits=ring_bits, clip_range=100.0)
@@ -379,8 +387,9 @@ def test_a_single_masked_vector_looks_uniform_and_uncorrelated(ring_bits):
 
     # Assert
     bound = _chi_square_bound(255)
-    assert _byte_chi_square(masked.tobytes()) < bound
-    assert _byte_chi_square(plain.tobytes()) > bound  # the test can tell structure apart
+    assert _byte_chi_square(bytes(pack_words(masked, ring_bits))) < bound
+    # The test can tell structure apart: the same packing of the unmasked encoding fails it.
+    assert _byte_chi_square(bytes(pack_words(plain, ring_bits))) > bound
     top_bits = (masked >> np.array(ring_bits - 4, dtype=masked.dtype)).astype(np.int64)
     buckets = np.bincount(top_bits, minlength=16)
     assert float(((buckets - dim / 16) ** 2 / (dim / 16)).sum()) < _chi_square_bound(15)
@@ -560,6 +569,7 @@ def test_relay_for_another_site_is_rejected():
         (np.zeros(15, dtype=np.uint64), 64, "has 15 words, expected 16"),
         (np.zeros(17, dtype=np.uint64), 64, "has 17 words, expected 16"),
         (np.zeros(16, dtype=np.uint32), 32, "32-bit ring, expected 64"),
+        (np.zeros(16, dtype=np.uint32), 30, "30-bit ring, expected 64"),
     ],
 )
 def test_server_rejects_masked_vectors_of_the_wrong_shape(words, ring_bits, match):
@@ -571,6 +581,24 @@ def test_server_rejects_masked_vectors_of_the_wrong_shape(words, ring_bits, matc
     # Execute / Assert
     with pytest.raises(IntegrityError, match=match):
         run.server.receive_masked_input(message)
+
+
+def test_a_narrower_ring_than_the_runs_is_refused_before_it_is_unpacked():
+    # Review 39: a site declaring an 8-bit ring (the run's is 64) with a long vector made the
+    # server unpack it into words of 8 bytes first: 4x-8x its message in memory.
+    run = Round(3)
+    run.share()
+    words = np.zeros(2_000_000, dtype=np.uint32)
+    message = MaskedInput(round_index=0, sender=1, ring_bits=8, words=words).to_bytes()
+
+    tracemalloc.start()
+    try:
+        with pytest.raises(IntegrityError, match="8-bit ring, expected 64"):
+            run.server.receive_masked_input(message)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < len(message) / 4
 
 
 @pytest.mark.parametrize(

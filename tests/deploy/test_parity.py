@@ -9,7 +9,7 @@ objects included). Both use ``reproducible_noise`` so the DP noise is the same.
 The documented bound (docs/architecture.md): every final weight agrees to
 ``|flower - in_process| <= 1e-7 + 1e-6 |in_process|``. Plaintext and cyclic runs are equal
 bit for bit; masking rounds with fresh random coins, so a weight near a float32 rounding
-boundary may move one ulp, and the default 32-bit ring's quantum adds up to 2 q / n_min
+boundary may move one ulp, and the default 30-bit ring's quantum adds up to 2 q / n_min
 (:func:`_rounding_slack`); CKKS is approximate (scale 2^100 plus flooding noise, ~5e-10). A
 second round's training amplifies those differences past the bound, so the secure-sum cases are
 compared after one round, the plaintext ones after two. A lost site, a wrong mask or a skipped
@@ -44,8 +44,8 @@ def _rounding_slack(config, fed: Federation) -> float:
 
     Each run's FedAvg average is within k q / sum(n_i) <= q / n_min of the exact one
     (docs/secure-aggregation.md), with fresh coins in each, so the two differ by at most
-    2 q / n_min: 6.1e-6 for the default 32-bit ring here (q = 2^-12, sites of 80 records),
-    over 1000x below what DP noise moves a weight (~1e-2).
+    2 q / n_min: 2.4e-5 for the default 30-bit ring here (q = 2^-10, sites of 80 records),
+    over 400x below what DP noise moves a weight (~1e-2).
     """
     if config.secure_agg != "mask":
         return 0.0

@@ -28,7 +28,7 @@ def audit_run(tmp_path_factory):
 def test_audit_run_reports_eps_emp_below_the_claim_and_declares_itself(audit_run):
     privacy = json.loads((audit_run / "privacy.json").read_text())
     block = privacy["empirical"]
-    assert privacy["schema_version"] == "3.11"
+    assert privacy["schema_version"] == "3.12"
     assert block["K"] == 200 and block["site"] == 0 and block["audit_run"] is True
     assert block["confidence"] == 0.95 and "Steinke" in block["method"]
     assert 0 <= block["eps_emp"] <= block["epsilon"] == privacy["clients"][0]["epsilon"]

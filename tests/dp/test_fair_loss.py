@@ -137,7 +137,7 @@ def test_a_masked_dp_run_with_q_ffl_completes_and_audits_clean(fair_run):
     assert all(r["applied"] for r in metrics["rounds"])
     assert "final_fairness" in metrics
     privacy = read_json(fair_run / "privacy.json")
-    assert privacy["schema_version"] == "3.11"
+    assert privacy["schema_version"] == "3.12"
     losses = [e for e in privacy["events"] if e["phase"] == fair_loss.PHASE]
     assert sorted((e["client_id"], e["round"]) for e in losses) == [(0, 1), (0, 2), (1, 1), (1, 2)]
     assert all(c["fair_loss_releases"] == 2 for c in privacy["clients"])

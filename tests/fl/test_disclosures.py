@@ -52,7 +52,7 @@ def test_sizes_class_counts_and_training_loss_stay_at_the_sites(default_run):
             assert set(c) <= {"client_id", "participated", "epsilon"} | _HELD_OUT, c.keys()
     # the loss is still there for the site itself, in its own log
     assert [e["round"] for e in fed.sites[0].train_log] == [1, 2]
-    assert metrics["schema_version"] == "2.4" and privacy["schema_version"] == "3.11"
+    assert metrics["schema_version"] == "2.4" and privacy["schema_version"] == "3.12"
 
 
 @pytest.mark.slow

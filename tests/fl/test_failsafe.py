@@ -271,16 +271,17 @@ def _edit_masked_words(config, message: bytes, change: Callable[[np.ndarray, int
     """
     from securefed.crypto.framing import DIGEST_BYTES, seal_frame
     from securefed.crypto.messages import HEADER_BYTES
+    from securefed.crypto.packing import pack_words, packed_size, unpack_words
     from securefed.protocol.modes.masking import secagg_config
 
     frac = secagg_config(config, n_sites=config.clients).codec.frac_bits
     ring_bits, dim = struct.unpack_from("<BQ", message, HEADER_BYTES)
     assert ring_bits == config.resolved_ring_bits
-    start, size = HEADER_BYTES + 9, ring_bits // 8
-    words = np.frombuffer(message, dtype=f"<u{size}", count=dim, offset=start).copy()
-    change(words, frac)
-    end = start + size * dim
-    return seal_frame([message[:start], words.tobytes(), message[end:-DIGEST_BYTES]])
+    start = HEADER_BYTES + 9
+    end = start + packed_size(dim, ring_bits)
+    words = unpack_words(message[start:end], ring_bits, dim).copy()
+    change(words, frac)  # in the word; packing keeps the residue mod 2^k
+    return seal_frame([message[:start], pack_words(words, ring_bits), message[end:-DIGEST_BYTES]])
 
 
 @pytest.mark.parametrize("attack", ["update", "weight", "inflate"])
@@ -295,7 +296,7 @@ def test_masking_a_site_editing_its_masked_words_gets_the_round_refused(
     the inflated weight shrank the round's step to nothing.
     """
     # The pre-issue-17 ring (64 bits, clip range 1e6) carries a claimed weight of 1e9 without
-    # wrapping (the default 32-bit ring would wrap it into some other, also refused, weight).
+    # wrapping (the default 30-bit ring would wrap it into some other, also refused, weight).
     ring = {"secagg_ring_bits": 64, "secagg_clip": 1e6} if attack == "inflate" else {}
     fed = _federation(small_npz, secure_agg="mask", **ring)
     before = _weights(fed)

@@ -314,21 +314,24 @@ def test_a_checkpoint_from_before_auto_rule_2_resumes_with_the_model_it_trained(
     # A DP run on 72 px images checkpointed before `auto_rule` existed trained resnet-small;
     # today's rule would build scatter-linear, whose weights the checkpoint cannot fill.
     # Its sigma was bisected too (before schema 3.10): the resumed rounds must keep that sigma.
-    config = _large_images(auto_rule=1, sigma_search=1)
+    # And it masked in auto's 32-bit ring (before 3.12): the resumed rounds must keep it.
+    config = _large_images(auto_rule=1, sigma_search=1, secure_agg="mask", ring_auto_rule=1)
     partial = _cut_after_round_1(config, tmp_path)
     ck_json = partial / "checkpoint" / "checkpoint.json"
     doc = json.loads(ck_json.read_text())
     assert doc["config"].pop("auto_rule") == 1  # as written before schema 3.3
     assert doc["config"].pop("sigma_search") == 1  # and before 3.10
     assert doc["config"].pop("calibration_clip") is None  # and before 3.11 (R = 4)
+    assert doc["config"].pop("ring_auto_rule") == 1  # and before 3.12
     ck_json.write_text(json.dumps(doc))
 
     # A user resuming with the same options cannot type the rule; deploy's resume adopts it.
     from securefed.cli.deploy import _with_recorded_settings
 
-    today = config.replace(auto_rule=2, sigma_search=2)
+    today = config.replace(auto_rule=2, sigma_search=2, ring_auto_rule=2)
     assert _with_recorded_settings(today, partial).auto_rule == 1
     assert _with_recorded_settings(today, partial).sigma_search == 1
+    assert _with_recorded_settings(today, partial).ring_auto_rule == 1
     # R is a flag: the same options now mean "by model" (16 here), which the run never had.
     with pytest.raises(ConfigError, match="pass --calibration-clip 4"):
         train(today, resume=partial, progress=False)
@@ -338,6 +341,9 @@ def test_a_checkpoint_from_before_auto_rule_2_resumes_with_the_model_it_trained(
     recorded = json.loads((resumed / "config.json").read_text())
     assert recorded["resolved"]["model"]["name"] == "resnet-small"
     assert recorded["run"]["auto_rule"] == 1 and recorded["run"]["sigma_search"] == 1
+    assert recorded["run"]["ring_auto_rule"] == 1
+    ring = json.loads((resumed / "privacy.json").read_text())["secure_aggregation_params"]
+    assert ring["ring_bits"] == 32 and today.replace(ring_auto_rule=2).resolved_ring_bits < 32
     sigmas = {
         e["noise_multiplier"]
         for e in json.loads((resumed / "privacy.json").read_text())["events"]

@@ -42,7 +42,7 @@ def test_config_json_names_the_data_a_data_run_loaded(small_config, tmp_path):
 
     # Assert: `run` stays the RunConfig as given; `resolved` says what was loaded, and how
     config = json.loads((out / "config.json").read_text())
-    assert config["schema_version"] == "3.11"
+    assert config["schema_version"] == "3.12"
     assert (config["run"]["dataset"], config["run"]["data"]) == ("synthetic", cfg.data)
     dataset = config["resolved"]["dataset"]
     assert dataset["loaded_from"] == {"option": "--data", "path": str(Path(cfg.data).resolve())}
@@ -66,7 +66,7 @@ def test_run_writes_every_artifact_and_epsilon_stays_under_target(small_config, 
         assert (out / name).exists(), name
     privacy = json.loads((out / "privacy.json").read_text())
     metrics = json.loads((out / "metrics.json").read_text())
-    assert privacy["schema_version"] == "3.11"
+    assert privacy["schema_version"] == "3.12"
     assert privacy["sampling"] == "poisson"
     assert privacy["model_changes"], "BatchNorm -> GroupNorm must be reported"
     for c in privacy["clients"]:

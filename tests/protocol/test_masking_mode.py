@@ -211,14 +211,16 @@ def test_describe_is_the_privacy_report_entry_of_the_run():
     entry = MaskingMode().server(config, n_sites=5).describe()
 
     # Assert: the same parameters as the in-process aggregator's report, and how the ring
-    # was chosen (auto: 32 bits, whose quantum meets the tolerance).
+    # was chosen (auto: 20 bits, the fewest whose quantum meets the tolerance for 5 sites at
+    # clip range 100: 5 x 100 x 2^10 < 2^19).
     chosen = {"ring_setting", "ring_rule", "ring_tolerance"}
     assert {k: v for k, v in entry.items() if k not in chosen} == secagg_config(
         config, n_sites=5
     ).describe()
     assert entry["protocol"] == "SecAgg+" and entry["n_clients"] == 5
     assert entry["neighbors"] == 2 and entry["clip_range"] == 100.0
-    assert entry["ring_setting"] == "auto" and entry["ring_bits"] == 32
+    assert entry["ring_setting"] == "auto" and entry["ring_bits"] == 20
+    assert entry["word_bytes"] == 20 / 8
     assert entry["mean_error_max"] == entry["quantum"] <= entry["ring_tolerance"]
     assert entry["sum_error_max"] == 5 * entry["quantum"]
 

@@ -1,4 +1,4 @@
-"""The automatic masking ring: 32 bits where its rounding meets the tolerance, FedAvg within it.
+"""The automatic masking ring: the fewest bits whose rounding meets the tolerance, FedAvg within it.
 
 The FedAvg checks use real model updates: the SmallCNN (56k parameters) trained a few SGD
 steps at each site on its own synthetic images, so the update vectors have the magnitudes,
@@ -55,15 +55,22 @@ def _fedavg(total: np.ndarray) -> np.ndarray:
     return total[:-1] / total[-1]
 
 
-def test_auto_picks_32_bits_up_to_20_sites_at_the_default_clip_range():
+def test_auto_takes_the_fewest_bits_within_the_tolerance_at_the_default_clip_range():
     clip = RunConfig().secagg_clip
     assert RunConfig().secagg_ring_bits == "auto"
-    assert choose_ring_bits(clip_range=clip, n_summands=3) == 32
+    # 3 sites: 3 x 1e5 x 2^10 < 2^29, so 30 bits hold the sum at q = 2^-10 <= 1e-3; 29 do not.
+    assert choose_ring_bits(clip_range=clip, n_summands=3) == 30
+    assert FixedPointCodec(ring_bits=29, clip_range=clip, n_summands=3).quantum > 1e-3
     assert choose_ring_bits(clip_range=clip, n_summands=20) == 32
-    # 21 sites: a 32-bit quantum would be 2^-9 > 1e-3, so the ring grows to 64 bits.
-    assert choose_ring_bits(clip_range=clip, n_summands=21) == 64
-    assert RunConfig(secure_agg="mask", clients=21).resolved_ring_bits == 64
+    # 21 sites: a 32-bit quantum would be 2^-9 > 1e-3, so the ring grows to 33 bits.
+    assert choose_ring_bits(clip_range=clip, n_summands=21) == 33
+    assert RunConfig(secure_agg="mask", clients=21).resolved_ring_bits == 33
     assert FixedPointCodec(ring_bits=32, clip_range=clip, n_summands=21).quantum > 1e-3
+    # Rule 1 (runs recorded before schema 3.12) chose between 32 and 64 bits only.
+    assert choose_ring_bits(clip_range=clip, n_summands=3, rule=1) == 32
+    assert choose_ring_bits(clip_range=clip, n_summands=21, rule=1) == 64
+    # A smaller clip range takes fewer bits: 23 at 1e3 (0.72x float32 on the wire).
+    assert choose_ring_bits(clip_range=1e3, n_summands=3) == 23
     # An explicit ring is kept; a record of an older run (no setting) is its 64-bit ring.
     assert RunConfig(secagg_ring_bits=32, clients=50).resolved_ring_bits == 32
     old = {k: v for k, v in RunConfig().to_dict().items() if k != "secagg_ring_bits"}
@@ -78,7 +85,7 @@ def test_masked_fedavg_with_the_auto_ring_is_within_1e_3_of_plaintext(dropped):
     sizes = [40, 75, 120, 33, 90]
     config = RunConfig(secure_agg="mask", clients=len(sizes))
     params = secagg_config(config, n_sites=len(sizes))
-    assert params.ring_bits == 32
+    assert params.ring_bits == 30  # 5 x 1e5 x 2^10 < 2^29
     inputs, _ = _site_updates(sizes)
 
     # Execute
@@ -95,7 +102,23 @@ def test_masked_fedavg_with_the_auto_ring_is_within_1e_3_of_plaintext(dropped):
     error = np.abs(masked - plain).max()
     bound = len(survivors) * params.codec.quantum / result.total[-1]
     assert error <= bound <= 1e-3
-    assert error > 0  # it was rounded (a 32-bit ring, not a float copy)
+    assert error > 0  # it was rounded (a 30-bit ring, not a float copy)
+
+
+def test_a_default_masked_round_sends_at_most_the_bytes_of_a_float32_update():
+    # Issue 17: with the 30-bit ring every message of a site's round (keys, sealed shares,
+    # the packed masked input, unmasking shares) takes fewer bytes than 4 a value of
+    # [n_i u_i, n_i]; the 32-bit ring took 1.008x at this size, the 64-bit one 2.0x.
+    values = 56_324 + 1  # the SmallCNN's parameters and the weight
+    rng = np.random.default_rng(0)
+    inputs = {s: rng.normal(0, 0.01, values) for s in range(3)}
+    params = secagg_config(RunConfig(secure_agg="mask", clients=3), n_sites=3)
+
+    result = secure_sum(inputs, config=params, round_index=1)
+
+    assert params.ring_bits == 30
+    assert max(result.bytes_sent.values()) <= 4 * values
+    assert params.describe()["word_bytes"] == 3.75  # bytes a value, as privacy.json states
 
 
 def test_the_stated_bound_holds_when_every_weight_is_one():

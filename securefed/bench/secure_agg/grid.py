@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from securefed.config import RunConfig
+from securefed.config import RING_BITS_RANGE, RunConfig
 from securefed.crypto.fixedpoint import FixedPointCodec, choose_ring_bits
 from securefed.errors import ConfigError
 
@@ -82,7 +82,7 @@ class SecureAggGrid:
         single_core: Pin the process to one CPU core for the run (Linux only).
         seed: Seed of the simulated inputs, the dropped sites and the public SecAgg+ graph
             seed, so that reruns measure the same work.
-        ring_bits: Masking's ring, 32, 64 or ``auto`` (resolved per site count as a run
+        ring_bits: Masking's ring, 8 to 64 bits or ``auto`` (resolved per site count as a run
             resolves ``--secagg-ring-bits``); default: RunConfig's default.
         clip_range: Masking's fixed-point clip range (``--secagg-clip``); default:
             RunConfig's. ``ring_bits=64, clip_range=1e6`` measures masking as it was before
@@ -134,8 +134,16 @@ class SecureAggGrid:
                 raise ConfigError(f"`{name}` must be an integer >= {low} (got {value!r}).")
         if not isinstance(self.single_core, bool):
             raise ConfigError(f"`single_core` must be true or false (got {self.single_core!r}).")
-        if self.ring_bits not in ("auto", 32, 64) or isinstance(self.ring_bits, bool):
-            raise ConfigError(f"`ring_bits` must be auto, 32 or 64 (got {self.ring_bits!r}).")
+        low, high = RING_BITS_RANGE
+        if self.ring_bits != "auto" and not (
+            isinstance(self.ring_bits, int)
+            and not isinstance(self.ring_bits, bool)
+            and low <= self.ring_bits <= high
+        ):
+            raise ConfigError(
+                f"`ring_bits` must be auto or an integer from {low} to {high} "
+                f"(got {self.ring_bits!r})."
+            )
         clip = self.clip_range
         if isinstance(clip, bool) or not isinstance(clip, (int, float)) or not clip > 0:
             raise ConfigError(f"`clip_range` must be a positive number (got {clip!r}).")

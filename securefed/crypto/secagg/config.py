@@ -38,7 +38,8 @@ class SecAggConfig:
             its closed neighbourhood (see the module docstring). None: min(m, floor(2m/3) + 1).
             Resolved to an int on construction.
         neighbors: SecAgg+ degree k (>= 2), or None for the complete graph (classic SecAgg).
-        ring_bits: 32 or 64, the ring Z_(2^k) of masked words.
+        ring_bits: k, 8 to 64: the ring Z_(2^k) of masked values (held in uint32 words for
+            k <= 32, else uint64; k bits a value on the wire).
         clip_range: Largest magnitude accepted per coordinate; larger values are clipped and
             counted.
         frac_bits: Fixed-point fractional bits; None derives the largest safe value (resolved
@@ -137,11 +138,12 @@ class SecAggConfig:
 def masking_keystream_bytes(*, config: SecAggConfig, dim: int) -> int:
     """AES-CTR keystream bytes one site generates to encode and mask a ``dim`` vector.
 
-    That is (1 + degree) masks of ``dim`` ring words (self mask plus one per neighbour) plus
+    That is (1 + degree) masks of ``dim`` words (self mask plus one per neighbour) plus
     8 bytes of stochastic-rounding coins per coordinate. A benchmark can time raw
     :func:`securefed.crypto.prg.keystream` for this many bytes and compare.
     """
     if not is_int(dim) or dim < 0:
         raise ConfigError(f"`dim` must be a non-negative integer (got {dim!r}).")
-    word_bytes = config.ring_bits // 8
+    # Masks are generated a whole word at a time (uint32 or uint64), whatever k is.
+    word_bytes = config.codec.dtype.itemsize
     return (1 + config.degree) * dim * word_bytes + dim * _ROUNDING_BYTES_PER_WORD

@@ -283,19 +283,10 @@ class SecAggServer:
         """Accept one MASKED_INPUT message; it is added into the running sum and not kept."""
         self._enter(Phase.MASK, "receive_masked_input")
         with self.timer.step("masked_input"):
-            msg = MaskedInput.from_bytes(message)
+            # The ring and length are checked on the header, before anything is unpacked.
+            msg = MaskedInput.from_bytes(message, expect=(self.config.ring_bits, self.dim))
             allowed = self._shared - self._uploaded
             self._check_message(msg.round_index, msg.sender, allowed, "masked input")
-            if msg.ring_bits != self.config.ring_bits:
-                raise IntegrityError(
-                    f"masked input from site {msg.sender} uses a {msg.ring_bits}-bit ring, "
-                    f"expected {self.config.ring_bits}."
-                )
-            if msg.dimension != self.dim:
-                raise IntegrityError(
-                    f"masked input from site {msg.sender} has {msg.dimension} words, "
-                    f"expected {self.dim}."
-                )
             self._ring_sum += msg.words
             self._uploaded.add(msg.sender)
 

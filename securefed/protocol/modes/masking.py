@@ -114,8 +114,10 @@ def ring_choice(config: Any) -> dict[str, Any]:
     setting = config.secagg_ring_bits
     out: dict[str, Any] = {"ring_setting": setting}
     if setting == "auto":
+        # Rule 1's text is what reports before schema 3.12 state: the audit compares it.
+        rings = "32, 64 bits" if config.ring_auto_rule == 1 else "the rings of 8 to 64 bits"
         out["ring_rule"] = (
-            "smallest of 32, 64 bits whose quantum (the worst-case rounding error per "
+            f"smallest of {rings} whose quantum (the worst-case rounding error per "
             "coordinate of the FedAvg average, every n_i >= 1) is at most ring_tolerance, for "
             "the run's sites and --secagg-clip"
         )
