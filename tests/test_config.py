@@ -190,3 +190,15 @@ def test_a_peer_of_another_release_is_refused_by_name():
         RunConfig.from_peer(data)
     with pytest.raises(ConfigError, match=r"another securefed release \(unknown shiny\)"):
         RunConfig.from_peer({**RunConfig().to_dict(), "shiny": 1})
+
+
+def test_the_ring_constants_of_config_and_codec_agree():
+    # config.py cannot import the codec (it would pull in the cryptography package at start-up),
+    # so the ring rules and sizes are stated twice: they must be the same.
+    from securefed.config import RING_AUTO_RULE, RING_AUTO_RULES, RING_BITS_RANGE
+    from securefed.crypto.fixedpoint import RING_RULE, RING_RULE_CHOICES
+    from securefed.crypto.prg import RING_BITS_MAX, RING_BITS_MIN
+
+    assert RING_RULE == RING_AUTO_RULE and tuple(RING_RULE_CHOICES) == RING_AUTO_RULES
+    assert RING_BITS_RANGE == (RING_BITS_MIN, RING_BITS_MAX)
+    assert RING_RULE_CHOICES[2] == tuple(range(RING_BITS_MIN, RING_BITS_MAX + 1))
