@@ -15,12 +15,12 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
 from quickstart_scatter_ab import ROOT, run_quickstart
+from worktree import revision_worktree
 
 ARGV = ["-m", "securefed.cli", "train", "--dp-epsilon", "8", "--secure-agg", "--quiet"]
 
@@ -31,28 +31,21 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--revision", default="90f9aca")
     args = parser.parse_args()
-    with tempfile.TemporaryDirectory() as tmp:
-        old = Path(tmp) / "old"
-        subprocess.run(
-            ["git", "-C", str(ROOT), "worktree", "add", "--detach", "-q", str(old), args.revision],
-            check=True,
-        )
-        try:
-            roots = {args.revision: old, "this checkout": ROOT}
-            runs: dict[str, list[dict[str, float]]] = {name: [] for name in roots}
-            for _ in range(args.repeats):
-                for name, root in roots.items():
-                    row = run_quickstart([sys.executable, *ARGV], root=root, name=name)
-                    runs[name].append(row)
-                    print(
-                        f"{name:14s} wall {row['wall_s']:.1f} s, rounds {row['rounds_s']:.1f} s, "
-                        f"peak {row['peak_rss_gb']:.2f} GB, accuracy {row['accuracy']:.3f}",
-                        flush=True,
-                    )
-        finally:
-            subprocess.run(
-                ["git", "-C", str(ROOT), "worktree", "remove", "--force", str(old)], check=False
-            )
+    with (
+        tempfile.TemporaryDirectory() as tmp,
+        revision_worktree(args.revision, Path(tmp) / "old") as old,
+    ):
+        roots = {args.revision: old, "this checkout": ROOT}
+        runs: dict[str, list[dict[str, float]]] = {name: [] for name in roots}
+        for _ in range(args.repeats):
+            for name, root in roots.items():
+                row = run_quickstart([sys.executable, *ARGV], root=root, name=name)
+                runs[name].append(row)
+                print(
+                    f"{name:14s} wall {row['wall_s']:.1f} s, rounds {row['rounds_s']:.1f} s, "
+                    f"peak {row['peak_rss_gb']:.2f} GB, accuracy {row['accuracy']:.3f}",
+                    flush=True,
+                )
     wall = {name: statistics.median(r["wall_s"] for r in rows) for name, rows in runs.items()}
     ratio = wall[args.revision] / wall["this checkout"]
     print(f"median wall, {args.revision} / this checkout: {ratio:.2f}x")

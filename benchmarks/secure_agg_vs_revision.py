@@ -20,7 +20,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from worktree import ROOT, revision_worktree
 
 
 def _bench(root: Path, out: Path) -> list[str]:
@@ -38,22 +38,15 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--revision", default="d363ae9")
     args = parser.parse_args()
-    with tempfile.TemporaryDirectory() as tmp:
-        old = Path(tmp) / "old"
-        subprocess.run(
-            ["git", "-C", str(ROOT), "worktree", "add", "--detach", "-q", str(old), args.revision],
-            check=True,
-        )
-        try:
-            roots = {args.revision: old, "this checkout": ROOT}
-            for i in range(args.repeats):
-                for name, root in roots.items():
-                    for line in _bench(root, Path(tmp) / f"{name.replace(' ', '_')}_{i}"):
-                        print(f"{name} #{i + 1}: {line}", flush=True)
-        finally:
-            subprocess.run(
-                ["git", "-C", str(ROOT), "worktree", "remove", "--force", str(old)], check=False
-            )
+    with (
+        tempfile.TemporaryDirectory() as tmp,
+        revision_worktree(args.revision, Path(tmp) / "old") as old,
+    ):
+        roots = {args.revision: old, "this checkout": ROOT}
+        for i in range(args.repeats):
+            for name, root in roots.items():
+                for line in _bench(root, Path(tmp) / f"{name.replace(' ', '_')}_{i}"):
+                    print(f"{name} #{i + 1}: {line}", flush=True)
 
 
 if __name__ == "__main__":

@@ -38,6 +38,43 @@ def copy_run(run_dir: Path, tmp_path: Path) -> Path:
     return dst
 
 
+#: ``relabel``'s value for "delete the key", as a run recorded before it existed.
+ABSENT = "absent"
+
+
+def relabel(run_dir: Path, tmp_path: Path, key: str, value: object) -> Path:
+    """A copy of a run whose config.json's ``run[key]`` is ``value`` (or deleted for
+    :data:`ABSENT`), re-signed and re-hashed as a rewriter holding the site keys would."""
+    d = copy_run(run_dir, tmp_path)
+    config = read_json(d / "config.json")
+    if value == ABSENT:
+        del config["run"][key]
+    else:
+        config["run"][key] = value
+    write_json(d / "config.json", config)
+    resign(d)
+    return d
+
+
+def audit_json(d: Path, *args: str, checks: dict | None = None) -> tuple[int, list[str]]:
+    """``securefed audit d --json ARGS``: its exit code and its failed checks' names.
+
+    ``checks``, when given, receives every check's name and detail.
+    """
+    import json
+
+    from click.testing import CliRunner
+
+    from securefed.cli import cli
+
+    res = CliRunner().invoke(cli, ["audit", str(d), "--json", *args])
+    assert res.exit_code in (0, 1), res.output
+    out = json.loads(res.stdout)
+    if checks is not None:
+        checks.update({c["name"]: c["detail"] for c in out["checks"]})
+    return res.exit_code, sorted(c["name"] for c in out["checks"] if not c["ok"])
+
+
 def resign(d: Path) -> dict[int, str]:
     """Re-sign every DP site's claim with fresh keys and rehash, as a rewriter would.
 

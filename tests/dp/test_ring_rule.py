@@ -3,26 +3,17 @@ it chose 32 or 64 bits (rule 1), and the audit rebuilds each run's ring with its
 
 from __future__ import annotations
 
-import json
-
 import pytest
-from click.testing import CliRunner
 
-from securefed.cli import cli
 from securefed.dp.report import read_json, write_json
-from tests.dp.audit_fixtures import copy_run, resign, tiny_run
+from tests.dp.audit_fixtures import ABSENT, audit_json, copy_run, relabel, resign, tiny_run
 
 MASK_CHECK = "masking: stated parameters follow from the run and the roster's pins"
 DISCLOSURES = "disclosures list every release the configuration implies"
 
 
 def _audit(d, checks=None):
-    res = CliRunner().invoke(cli, ["audit", str(d), "--json"])
-    assert res.exit_code in (0, 1), res.output
-    out = json.loads(res.stdout)
-    if checks is not None:
-        checks.update({c["name"]: c["detail"] for c in out["checks"]})
-    return res.exit_code, sorted(c["name"] for c in out["checks"] if not c["ok"])
+    return audit_json(d, checks=checks)
 
 
 def _mask_params(d):
@@ -69,28 +60,15 @@ def test_a_run_from_before_3_12_with_a_disclosure_removed_fails_the_audit(runs, 
     assert code == 1 and DISCLOSURES in failed
 
 
-@pytest.mark.parametrize("rule", ["absent", 1])
+@pytest.mark.parametrize("rule", [ABSENT, 1])
 def test_relabelling_a_runs_ring_rule_fails_the_audit(runs, tmp_path, rule):
-    # Today's 29-bit run relabelled as rule 1 (re-hashed, as a rewriter could): the ring the
-    # rule implies is 32 bits, not the 29 the report states.
-    d = copy_run(runs[0], tmp_path)
-    config = read_json(d / "config.json")
-    if rule == "absent":
-        del config["run"]["ring_auto_rule"]
-    else:
-        config["run"]["ring_auto_rule"] = rule
-    write_json(d / "config.json", config)
-    resign(d)
-    code, failed = _audit(d)
+    # Today's 29-bit run relabelled as rule 1: the ring the rule implies is 32 bits, not the
+    # 29 the report states.
+    code, failed = _audit(relabel(runs[0], tmp_path, "ring_auto_rule", rule))
     assert code == 1 and MASK_CHECK in failed
 
 
 @pytest.mark.parametrize("value", [3, "2", None, True])
 def test_an_unknown_rule_fails_the_audit_in_checks_not_a_traceback(runs, tmp_path, value):
-    d = copy_run(runs[0], tmp_path)
-    config = read_json(d / "config.json")
-    config["run"]["ring_auto_rule"] = value
-    write_json(d / "config.json", config)
-    resign(d)
-    code, failed = _audit(d)
+    code, failed = _audit(relabel(runs[0], tmp_path, "ring_auto_rule", value))
     assert code == 1 and failed

@@ -6,14 +6,12 @@ from __future__ import annotations
 import json
 
 import pytest
-from click.testing import CliRunner
 
-from securefed.cli import cli
 from securefed.config import RunConfig
 from securefed.dp.accounting import calibrate_noise
 from securefed.dp.report import read_json, write_json
 from securefed.errors import ConfigError
-from tests.dp.audit_fixtures import copy_run, resign, tiny_run
+from tests.dp.audit_fixtures import ABSENT, audit_json, copy_run, relabel, resign, tiny_run
 
 SIGMA_CHECK = "site 0: sigma = calibrate_noise(target, delta, q, planned steps)"
 
@@ -37,12 +35,7 @@ def bisected(tmp_path_factory):
 
 
 def audit(d, *args, checks=None):
-    res = CliRunner().invoke(cli, ["audit", str(d), "--json", *args])
-    assert res.exit_code in (0, 1), res.output
-    out = json.loads(res.stdout)
-    if checks is not None:
-        checks.update({c["name"]: c["detail"] for c in out["checks"]})
-    return res.exit_code, sorted(c["name"] for c in out["checks"] if not c["ok"])
+    return audit_json(d, *args, checks=checks)
 
 
 def _sigma_and_plan(d):
@@ -90,12 +83,7 @@ def test_relabelling_the_search_fails_the_sigma_check(bisected, tmp_path):
 
 @pytest.mark.parametrize("value", [3, "2", [2], None])
 def test_an_unknown_search_fails_the_audit_in_checks_not_a_traceback(bisected, tmp_path, value):
-    d = copy_run(bisected[0], tmp_path)
-    config = read_json(d / "config.json")
-    config["run"]["sigma_search"] = value
-    write_json(d / "config.json", config)
-    resign(d)
-    code, failed = audit(d)
+    code, failed = audit(relabel(bisected[0], tmp_path, "sigma_search", value))
     assert code == 1 and SIGMA_CHECK in failed
 
 
@@ -123,20 +111,12 @@ def test_a_scatter_linear_run_releases_its_calibration_at_r_16(bisected):
     assert {e["max_grad_norm"] for e in events if e["phase"] == "calibrate"} == {16.0}
 
 
-@pytest.mark.parametrize("recorded", [8.0, "absent"])
+@pytest.mark.parametrize("recorded", [8.0, ABSENT])
 def test_a_release_at_another_clip_than_the_run_records_fails_the_audit(
     bisected, tmp_path, recorded
 ):
     # Absent: a run recorded before 3.11, which released at R = 4, not 16.
-    d = copy_run(bisected[0], tmp_path)
-    config = read_json(d / "config.json")
-    if recorded == "absent":
-        del config["run"]["calibration_clip"]
-    else:
-        config["run"]["calibration_clip"] = recorded
-    write_json(d / "config.json", config)
-    resign(d)
-    code, failed = audit(d)
+    code, failed = audit(relabel(bisected[0], tmp_path, "calibration_clip", recorded))
     assert code == 1 and CAL_CHECK in failed
 
 
