@@ -60,7 +60,7 @@ def _config(npz: Path, **changes) -> RunConfig:
         secure_agg="mask",
         # Runtime parity over several rounds: training amplifies any rounding difference
         # between two runs, so these use the 64-bit ring, whose quantum (< 1e-8) keeps the
-        # runs within 1e-7; the default 32-bit ring is compared round by round with its
+        # runs within 1e-7; the default ring is compared round by round with its
         # stated bound in test_parity.py.
         secagg_ring_bits=64,
         seed=0,
