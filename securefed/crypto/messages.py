@@ -735,7 +735,7 @@ class MaskedInput:
         return int(self.words.size)
 
     def to_bytes(self) -> bytes:
-        """Serialize (see module docstring); the vector is copied once."""
+        """Serialize (see module docstring); the vector is copied once (twice when packed)."""
         head = struct.pack("<BQ", self.ring_bits, self.words.size)
         return _frame(
             MessageType.MASKED_INPUT,
