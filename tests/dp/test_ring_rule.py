@@ -72,3 +72,18 @@ def test_relabelling_a_runs_ring_rule_fails_the_audit(runs, tmp_path, rule):
 def test_an_unknown_rule_fails_the_audit_in_checks_not_a_traceback(runs, tmp_path, value):
     code, failed = _audit(relabel(runs[0], tmp_path, "ring_auto_rule", value))
     assert code == 1 and failed
+
+
+def test_every_release_setting_an_old_run_lacks_is_named_for_the_disclosure_check():
+    # Review 39: each new not-a-flag setting (a rule a recorded run keeps) must be named in the
+    # audit's _NO_RELEASE_FIELDS, or every run recorded before it has its disclosures "not
+    # compared". auto_rule alone is left out: runs without it (before 3.3) lack other fields too.
+    import dataclasses
+
+    from securefed.config import NotAFlag, RunConfig, cli_metadata
+    from securefed.dp.audit import _NO_RELEASE_FIELDS
+
+    unflagged = {
+        f.name for f in dataclasses.fields(RunConfig) if isinstance(cli_metadata(f.name), NotAFlag)
+    }
+    assert unflagged - _NO_RELEASE_FIELDS == {"auto_rule"}
