@@ -13,29 +13,19 @@ same installed packages. Prints each run and the ratio of median wall times.
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import sys
-import tempfile
-from pathlib import Path
 
-from quickstart_scatter_ab import ROOT, run_quickstart
-from worktree import revision_worktree
+from quickstart_scatter_ab import run_quickstart
+from worktree import checkouts, comparison_args
 
 ARGV = ["-m", "securefed.cli", "train", "--dp-epsilon", "8", "--secure-agg", "--quiet"]
 
 
 def main() -> None:
     """Alternate the two quick starts and print the figures."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=2)
-    parser.add_argument("--revision", default="90f9aca")
-    args = parser.parse_args()
-    with (
-        tempfile.TemporaryDirectory() as tmp,
-        revision_worktree(args.revision, Path(tmp) / "old") as old,
-    ):
-        roots = {args.revision: old, "this checkout": ROOT}
+    args = comparison_args(__doc__, revision="90f9aca")
+    with checkouts(args.revision) as (roots, _):
         runs: dict[str, list[dict[str, float]]] = {name: [] for name in roots}
         for _ in range(args.repeats):
             for name, root in roots.items():

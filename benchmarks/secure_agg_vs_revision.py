@@ -13,14 +13,12 @@ a temporary git worktree and put first on ``PYTHONPATH``, same installed package
 
 from __future__ import annotations
 
-import argparse
 import os
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
-from worktree import ROOT, revision_worktree
+from worktree import checkouts, comparison_args
 
 
 def _bench(root: Path, out: Path) -> list[str]:
@@ -34,18 +32,11 @@ def _bench(root: Path, out: Path) -> list[str]:
 
 def main() -> None:
     """Alternate the two benches and print their masking lines."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=2)
-    parser.add_argument("--revision", default="d363ae9")
-    args = parser.parse_args()
-    with (
-        tempfile.TemporaryDirectory() as tmp,
-        revision_worktree(args.revision, Path(tmp) / "old") as old,
-    ):
-        roots = {args.revision: old, "this checkout": ROOT}
+    args = comparison_args(__doc__, revision="d363ae9")
+    with checkouts(args.revision) as (roots, tmp):
         for i in range(args.repeats):
             for name, root in roots.items():
-                for line in _bench(root, Path(tmp) / f"{name.replace(' ', '_')}_{i}"):
+                for line in _bench(root, tmp / f"{name.replace(' ', '_')}_{i}"):
                     print(f"{name} #{i + 1}: {line}", flush=True)
 
 

@@ -529,12 +529,14 @@ def _check_secure_aggregation(
                 2 * t > m and t <= m,
                 f"t={t}, neighbourhood {m}",
             )
+            from securefed.crypto.prg import RING_BITS_MAX, RING_BITS_MIN
+
             ring, frac = int(params["ring_bits"]), int(params["frac_bits"])
             clip, summands = float(params["clip_range"]), int(params["max_summands"])
             # The sum of every site's encoding must fit the signed ring: no wrap-around. (Only
             # ring and fraction sizes a run can have are computed with: 2**(10**10) is not.)
             fits = (
-                8 <= ring <= 64
+                RING_BITS_MIN <= ring <= RING_BITS_MAX
                 and 0 <= frac < ring
                 and math.isfinite(clip)
                 and summands * math.ceil(clip * 2**frac) <= 2 ** (ring - 1) - 1

@@ -56,6 +56,23 @@ def relabel(run_dir: Path, tmp_path: Path, key: str, value: object) -> Path:
     return d
 
 
+def as_older_release(d: Path, *, without: str, schema: str) -> tuple[object, dict[int, str]]:
+    """Rewrite run ``d`` as a release from before ``without`` existed wrote it: the key gone
+    from config.json's run, privacy.json's ``schema`` version, claims signed without it.
+
+    Returns:
+        The value the key had, and the new public keys (as :func:`resign`).
+
+    """
+    config = read_json(d / "config.json")
+    value = config["run"].pop(without)
+    write_json(d / "config.json", config)
+    privacy = read_json(d / "privacy.json")
+    privacy["schema_version"] = schema
+    write_json(d / "privacy.json", privacy)
+    return value, resign(d)
+
+
 def audit_json(d: Path, *args: str, checks: dict | None = None) -> tuple[int, list[str]]:
     """``securefed audit d --json ARGS``: its exit code and its failed checks' names.
 

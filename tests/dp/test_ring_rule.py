@@ -6,7 +6,15 @@ from __future__ import annotations
 import pytest
 
 from securefed.dp.report import read_json, write_json
-from tests.dp.audit_fixtures import ABSENT, audit_json, copy_run, relabel, resign, tiny_run
+from tests.dp.audit_fixtures import (
+    ABSENT,
+    as_older_release,
+    audit_json,
+    copy_run,
+    relabel,
+    resign,
+    tiny_run,
+)
 
 MASK_CHECK = "masking: stated parameters follow from the run and the roster's pins"
 DISCLOSURES = "disclosures list every release the configuration implies"
@@ -25,13 +33,7 @@ def runs(tmp_path_factory):
     """A masked run of today's rule, and one of rule 1 written as a 3.11 release wrote it."""
     today = tiny_run(tmp_path_factory.mktemp("rule2"), secure_agg="mask")
     old = tiny_run(tmp_path_factory.mktemp("rule1"), secure_agg="mask", ring_auto_rule=1)
-    config = read_json(old / "config.json")
-    assert config["run"].pop("ring_auto_rule") == 1
-    write_json(old / "config.json", config)
-    privacy = read_json(old / "privacy.json")
-    privacy["schema_version"] = "3.11"
-    write_json(old / "privacy.json", privacy)
-    resign(old)
+    assert as_older_release(old, without="ring_auto_rule", schema="3.11")[0] == 1
     return today, old
 
 

@@ -11,7 +11,15 @@ from securefed.config import RunConfig
 from securefed.dp.accounting import calibrate_noise
 from securefed.dp.report import read_json, write_json
 from securefed.errors import ConfigError
-from tests.dp.audit_fixtures import ABSENT, audit_json, copy_run, relabel, resign, tiny_run
+from tests.dp.audit_fixtures import (
+    ABSENT,
+    as_older_release,
+    audit_json,
+    copy_run,
+    relabel,
+    resign,
+    tiny_run,
+)
 
 SIGMA_CHECK = "site 0: sigma = calibrate_noise(target, delta, q, planned steps)"
 
@@ -21,14 +29,9 @@ def bisected(tmp_path_factory):
     """A run whose sigma was bisected and whose run has no `sigma_search`, as a 3.9 release
     wrote it (it keeps 3.11's unset `calibration_clip`: a scatter-linear release at R = 16)."""
     d = tiny_run(tmp_path_factory.mktemp("bisected"), sigma_search=1)
-    config = read_json(d / "config.json")
-    assert config["run"].pop("sigma_search") == 1
-    write_json(d / "config.json", config)
-    privacy = read_json(d / "privacy.json")
-    privacy["schema_version"] = "3.9"
-    write_json(d / "privacy.json", privacy)
     # The 3.9 release signed the run dict without the key (resign rehashes too).
-    keys = resign(d)
+    value, keys = as_older_release(d, without="sigma_search", schema="3.9")
+    assert value == 1
     path = d / "keys.json"
     path.write_text(json.dumps({str(k): v for k, v in keys.items()}))
     return d, path
