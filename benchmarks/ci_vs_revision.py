@@ -25,7 +25,8 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-SUMMARY = re.compile(r"^\d+ passed.* in [\d.]+s")
+# pytest's last line: "2080 passed, 3 skipped ... in 329.74s", or "1 failed, 761 passed ... in ...".
+SUMMARY = re.compile(r"^\d+ (passed|failed|error).* in [\d.]+s")
 
 
 def run_ci(revision: str, scratch: Path) -> dict[str, object]:
