@@ -48,6 +48,8 @@ def run_ci(revision: str, scratch: Path) -> dict[str, object]:
         "wall_s": wall,
         "rc": proc.returncode,
         "summaries": [line for line in lines if SUMMARY.match(line.strip("= "))],
+        # A failed run's reasons (pytest's short summary and the last lines) are printed.
+        "tail": lines[-40:] if proc.returncode else [],
     }
 
 
@@ -74,7 +76,7 @@ def main() -> None:
                 row = run_ci(revision, Path(tmp) / f"{i}-{len(walls[revision])}-{revision}")
                 walls[revision].append(float(row["wall_s"]))
                 print(f"{revision}: {row['wall_s']:.0f} s wall, exit {row['rc']}", flush=True)
-                for line in row["summaries"]:
+                for line in [*row["summaries"], *row["tail"]]:
                     print(f"    {line}", flush=True)
     old, new = revisions
     ratio = statistics.median(walls[new]) / statistics.median(walls[old])
