@@ -84,6 +84,34 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
             print(message)
 
 
+def _registries() -> list[dict]:
+    """The process-wide name registries a test may add to (models, data sets, plug-ins)."""
+    from securefed import models as model_registry
+    from securefed import plugins
+    from securefed.data import registry as data_registry
+
+    return [
+        model_registry._REGISTRY,
+        data_registry._LOADERS,
+        *(r._entries for r in (plugins.STRATEGIES, plugins.SERVER_OPTIMIZERS, plugins.SECURE_AGG)),
+    ]
+
+
+@pytest.fixture(autouse=True)
+def _registrations_end_with_the_test():
+    """What a test registers is gone after it, so no test depends on which ran before it.
+
+    A model registered by one test (``test_weights.py``) once stayed for the rest of the
+    process, and the tests that list the registry exactly (``test_models.py``) failed whenever
+    they ran after it: never in file order, sometimes in another order (pytest-xdist).
+    """
+    saved = [(registry, dict(registry)) for registry in _registries()]
+    yield
+    for registry, before in saved:
+        registry.clear()
+        registry.update(before)
+
+
 @pytest.fixture(scope="session")
 def shared_data_dir() -> Path:
     """``../shared/data`` beside the repository; missing data fails in CI and skips elsewhere."""
