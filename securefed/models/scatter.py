@@ -27,6 +27,7 @@ saved in a model file nor sent between the server and the sites.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import threading
 from collections import OrderedDict
@@ -121,6 +122,34 @@ def clear_feature_cache() -> None:
     _CACHE.clear()
 
 
+_FILTERS_LOCK = threading.Lock()
+_FILTERS: OrderedDict[tuple[int, int], nn.Module] = OrderedDict()
+_FILTERS_KEPT = 4  # image shapes; a 224 px filter bank is a few MB
+
+
+def _scattering(image_shape: tuple[int, int]) -> nn.Module:
+    """A fresh scattering module for ``image_shape``: a copy of the one built for that shape.
+
+    Its Morlet filters are a fixed function of the shape, and kymatio computes them in NumPy
+    in about a second (28 px) each time: a run builds one model per site and the global one,
+    and the sites' twins and a resume build more. A deep copy is bit for bit the same module
+    in milliseconds, and owns its buffers (a later ``.to()`` or ``.double()`` changes only it).
+    """
+    with _FILTERS_LOCK:
+        built = _FILTERS.get(image_shape)
+        if built is None:
+            # kymatio.torch would also import the 3D frontend, which needs
+            # scipy.special.sph_harm (removed in SciPy 1.17); the 2D frontend alone does not.
+            from kymatio.scattering2d.frontend.torch_frontend import ScatteringTorch2D
+
+            built = ScatteringTorch2D(J=SCATTER_J, shape=image_shape, L=SCATTER_L, max_order=2)
+            _FILTERS[image_shape] = built
+            while len(_FILTERS) > _FILTERS_KEPT:
+                _FILTERS.popitem(last=False)
+        _FILTERS.move_to_end(image_shape)
+        return copy.deepcopy(built)
+
+
 class ScatterLinear(nn.Module):
     """Scattering features (fixed), pooled, group-normalised, and a linear classifier.
 
@@ -136,19 +165,13 @@ class ScatterLinear(nn.Module):
 
     def __init__(self, *, in_channels: int, num_classes: int, image_shape: tuple[int, int]) -> None:
         super().__init__()
-        # kymatio.torch would also import the 3D frontend, which needs scipy.special.sph_harm
-        # (removed in SciPy 1.17); the 2D frontend alone does not.
-        from kymatio.scattering2d.frontend.torch_frontend import ScatteringTorch2D
-
         if len(image_shape) != 2 or min(image_shape) < MIN_SIDE:
             raise ValueError(
                 f"the scattering needs 2D images of at least {MIN_SIDE} px a side "
                 f"(got {tuple(image_shape)})"
             )
         self.image_shape = (int(image_shape[0]), int(image_shape[1]))
-        self.scattering = ScatteringTorch2D(
-            J=SCATTER_J, shape=self.image_shape, L=SCATTER_L, max_order=2
-        )
+        self.scattering = _scattering(self.image_shape)
         # The filters are a fixed function of the image shape: keep them out of state_dict,
         # so model files and the weights sent each round carry only what is trained.
         for name, buf in list(self.scattering.named_buffers(recurse=False)):

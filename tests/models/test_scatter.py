@@ -56,6 +56,25 @@ def test_cached_features_equal_fresh_ones_and_distinct_images_differ(monkeypatch
     assert not torch.allclose(mixed[2], first[2])
 
 
+def test_a_second_model_gets_kymatios_filters_in_buffers_of_its_own(monkeypatch):
+    from kymatio.scattering2d.frontend.torch_frontend import ScatteringTorch2D
+
+    monkeypatch.setattr(scatter_mod, "_FILTERS", type(scatter_mod._FILTERS)())
+    first, second = _model(), _model()
+    fresh = ScatteringTorch2D(J=scatter_mod.SCATTER_J, shape=(24, 24), L=scatter_mod.SCATTER_L)
+    ours = dict(second.scattering.named_buffers())
+    assert list(ours) == [name for name, _ in fresh.named_buffers()]
+    for name, buf in fresh.named_buffers():
+        assert torch.equal(ours[name], buf), name  # the copy is kymatio's filter bank, exactly
+    # Each model owns its filters: changing one model's buffers leaves the other's.
+    name, buf = next(iter(first.scattering.named_buffers()))
+    buf.zero_()
+    assert torch.equal(dict(second.scattering.named_buffers())[name], ours[name])
+    assert not torch.equal(buf, ours[name])
+    # ... and the next model built for the shape too (the kept module was never handed out).
+    assert torch.equal(dict(_model().scattering.named_buffers())[name], ours[name])
+
+
 def test_the_cache_is_bounded_and_evicts_the_oldest():
     cache = _FeatureCache(max_bytes=3 * 4 * 10)  # three 10-float tensors
     for i in range(5):
