@@ -4,7 +4,9 @@
 combinations that can never work). What needs a registry or the file system is checked here:
 the partition spec, the model name, the data path, the number of sites against the training
 set where its size can be read without loading it (an ``.npz`` file's array headers, the
-synthetic generator's sizes), and the secure-aggregation parameters. Loading a data set and
+synthetic generator's sizes), an ``.npz`` file's layout, labels and classes (the loader's
+own checks, on the array headers and the labels: no image is read), and the
+secure-aggregation parameters. Loading a data set and
 building a model take seconds to minutes; a typo should not wait for them.
 
 The CLI calls :func:`validate_inputs` before importing the training stack, and
@@ -28,13 +30,14 @@ __all__ = ["npz_split_sizes", "validate_inputs"]
 
 
 def validate_inputs(config: RunConfig) -> None:
-    """Refuse ``config`` if a cheap check shows it cannot run; load nothing.
+    """Refuse ``config`` if a cheap check shows it cannot run; read no image.
 
     Raises:
         ConfigError: Unknown partition spec or model, or invalid secure-aggregation
             parameters for the sites sampled per round.
-        DataError: The data path is missing or unreadable, or there are more sites than
-            training samples.
+        DataError: The data path is missing or unreadable, an ``.npz`` file is malformed
+            (as :func:`~securefed.data.medmnist.load_medmnist_npz` would say), or there are
+            more sites than training samples.
 
     """
     _check_partition(config)
@@ -119,6 +122,15 @@ def _check_pretrained(config: RunConfig) -> None:
         raise DataError(f"`--pretrained` {config.pretrained}: no such file.")
 
 
+def _check_patient_ids(config: RunConfig) -> None:
+    """Patient-level DP on an ``.npz`` file needs ``--group-by`` (its ids are arrays by KEY)."""
+    if config.privacy_unit == "patient" and config.group_by is None:
+        raise DataError(
+            "`--privacy-unit` patient needs a patient id per record, and an .npz file has them "
+            "only as arrays named by --group-by KEY (train_KEY, ...; docs/patients.md)."
+        )
+
+
 def _check_model(config: RunConfig) -> None:
     if ":" in config.model:
         return  # a user's `module:function` factory: resolved (and checked) when it is built
@@ -157,7 +169,8 @@ def _training_size(config: RunConfig) -> tuple[int | None, str]:
             return None, str(path)  # counting images means walking the tree: the loader does
         if path.suffix.lower() != ".npz":
             raise DataError(f"`--data` {path}: expected a folder of images or a .npz file.")
-        return _npz_train_size(path, flag="--data")
+        label = None if config.dataset == "synthetic" else config.dataset
+        return _npz_train_size(path, flag="--data", config=config, name=label)
     options = config.data_options or {}
     if config.dataset in ("synthetic", "synthetic-seg"):
         n = options.get("n_train")
@@ -181,7 +194,7 @@ def _training_size(config: RunConfig) -> tuple[int | None, str]:
             f"`--dataset` {name}: {path} not found; securefed never downloads data: put the "
             "MedMNIST .npz there, set --data-dir, or pass the file as --data."
         )
-    return _npz_train_size(path, flag="--dataset")
+    return _npz_train_size(path, flag="--dataset", config=config, name=name)
 
 
 def _registered_dataset(name: str) -> bool:
@@ -215,12 +228,22 @@ def _synthetic_default_train(dataset: str, options: dict) -> int | None:
     return default if isinstance(default, int) else None
 
 
-def _npz_train_size(path: Path, *, flag: str) -> tuple[int | None, str]:
+def _npz_train_size(
+    path: Path, *, flag: str, config: RunConfig, name: str | None
+) -> tuple[int | None, str]:
     try:
         with path.open("rb"):
             pass
     except OSError as exc:
         raise DataError(f"`{flag}` {path}: cannot be read ({exc.strerror}).") from None
+    _check_patient_ids(config)
+    group_by = config.group_by
+    # The loader's own checks, on headers and labels. Loader options and a blank --group-by
+    # are refused by load_dataset before it reads the file: left to it, so the error is its.
+    if not config.data_options and (group_by is None or group_by.strip()):
+        from securefed.data.medmnist import check_medmnist_npz
+
+        check_medmnist_npz(path=path, name=name, num_classes=config.num_classes, group_by=group_by)
     sizes = npz_split_sizes(path)
     return sizes.get("train"), f"{path} (train_labels)"
 

@@ -24,11 +24,71 @@ def test_split_sizes_come_from_the_array_headers(tmp_path, compressed):
     assert npz_split_sizes(path) == {"train": 7, "val": 3}
 
 
-def test_a_file_that_is_not_an_archive_is_left_to_the_loader(tmp_path):
+def _arrays(n=(6, 3, 3), image=(8, 8), dtype=np.uint8, **changes):
+    arrays = {}
+    for split, count in zip(("train", "val", "test"), n, strict=True):
+        arrays[f"{split}_images"] = np.zeros((count, *image), dtype)
+        arrays[f"{split}_labels"] = (np.arange(count) % 2).reshape(-1, 1).astype(np.uint8)
+    arrays.update(changes)
+    return {k: v for k, v in arrays.items() if v is not None}
+
+
+# Files the loader refuses; each is refused before training by the same code, in the same words.
+BAD_FILES = {
+    "not-a-zip": None,
+    "missing-key": _arrays(test_labels=None),
+    "both-val-spellings": _arrays(valid_images=np.zeros((3, 8, 8), np.uint8)),
+    "length-mismatch": _arrays(val_labels=np.zeros((2, 1), np.uint8)),
+    "negative-label": _arrays(train_labels=np.array([[0], [1], [-1], [0], [1], [0]])),
+    "label-outside-the-classes": _arrays(test_labels=np.array([[0], [1], [5]])),
+    "multi-label": _arrays(train_labels=np.zeros((6, 2), np.uint8)),
+    "image-dtype": _arrays(dtype=np.int32),
+    "image-shape": _arrays(val_images=np.zeros((3, 9, 8), np.uint8)),
+    "empty-split": _arrays(n=(6, 0, 3)),
+    "pickled-images": _arrays(test_images=np.array([None, 1, 2], dtype=object)),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_FILES))
+@pytest.mark.parametrize("compressed", [False, True])
+def test_a_file_the_loader_refuses_is_refused_before_training_in_its_words(
+    tmp_path, case, compressed
+):
+    from securefed.data.medmnist import load_medmnist_npz
+
     path = tmp_path / "a.npz"
-    path.write_bytes(b"PK\x03\x04 not a zip")
-    assert npz_split_sizes(path) == {}
-    validate_inputs(RunConfig(data=str(path)))  # the loader will say what is wrong
+    if BAD_FILES[case] is None:
+        path.write_bytes(b"PK\x03\x04 not a zip")
+    else:
+        (np.savez_compressed if compressed else np.savez)(path, **BAD_FILES[case])
+    with pytest.raises(DataError) as loaded:
+        load_medmnist_npz(path=path)
+    with pytest.raises(DataError) as checked:
+        validate_inputs(RunConfig(data=str(path)))
+    assert str(checked.value) == str(loaded.value)
+
+
+def test_the_check_reads_labels_but_no_image(tmp_path, monkeypatch):
+    path = tmp_path / "a.npz"
+    np.savez(path, **_arrays(test_labels=np.array([[0], [1], [5]])))
+    read = []
+    npz_file = np.lib.npyio.NpzFile
+    getitem = npz_file.__getitem__
+    monkeypatch.setattr(npz_file, "__getitem__", lambda self, k: read.append(k) or getitem(self, k))
+    with pytest.raises(DataError, match="test_labels"):
+        validate_inputs(RunConfig(data=str(path)))
+    assert read and not [k for k in read if "images" in k], read
+
+
+def test_float_pixels_are_left_to_the_loader(tmp_path):
+    # A header carries no values: pixels outside [0, 1] are refused when the images load.
+    from securefed.data.medmnist import load_medmnist_npz
+
+    path = tmp_path / "a.npz"
+    np.savez(path, **_arrays(dtype=np.float32, train_images=np.full((6, 8, 8), 2.0, np.float32)))
+    validate_inputs(RunConfig(data=str(path)))
+    with pytest.raises(DataError, match="outside"):
+        load_medmnist_npz(path=path)
 
 
 def test_the_python_api_gets_the_same_checks_before_any_folder_is_made(tmp_path):
