@@ -78,3 +78,19 @@ def test_dp_classification_run_with_masking_loads_only_its_scattering(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert (tmp_path / "run" / "privacy.json").exists()
     assert json.loads(proc.stdout.strip().splitlines()[-1]) == ["kymatio"]
+
+
+def test_deploy_run_checks_a_config_without_loading_torch(tmp_path):
+    # `securefed deploy run` refuses what the Flower runtime cannot run before it submits; the
+    # check reads the config alone, so the submitting process never loads torch and Opacus
+    # (about 8 s in a fresh interpreter, before `flwr run` even starts).
+    code = (
+        "import json, sys\n"
+        "from securefed.config import RunConfig\n"
+        "from securefed.deploy.launch import check_deployable, submit\n"
+        "check_deployable(RunConfig(secure_agg='mask'))\n"
+        "print(json.dumps(sorted(m for m in ('torch', 'opacus', 'flwr') if m in sys.modules)))\n"
+    )
+    proc = _run(code, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout.strip().splitlines()[-1]) == []

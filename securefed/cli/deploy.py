@@ -562,8 +562,7 @@ def deploy_run(
     Takes `securefed train`'s options, except what only the in-process runtime runs for now:
     cfl, twins (--personalize), --schedule cyclic, --public-fraction, --dropout-clients.
     """
-    from securefed.deploy.coordinator import check_deployable
-    from securefed.deploy.launch import RunOptions, submit
+    from securefed.deploy.launch import RunOptions, check_deployable, submit
 
     config = config_from_flags(config_file, no_dp, data_option, flags)
     if resume:

@@ -20,6 +20,7 @@ from typing import Any
 from securefed.config import RunConfig
 from securefed.crypto.roster import Roster
 from securefed.data.dataset import load_dataset
+from securefed.deploy.launch import check_deployable
 from securefed.deploy.trust import IDENTITY_FIELD, verify_identity
 from securefed.errors import ConfigError, ProtocolError
 from securefed.fl.checkpoint import load_checkpoint, save_checkpoint
@@ -30,28 +31,6 @@ from securefed.protocol.wire import RUN_CONFIG, Stage, decode, encode, payload_s
 __all__ = ["Coordinator", "FlowerLink", "check_deployable"]
 
 log = logging.getLogger("securefed.deploy")
-
-
-def check_deployable(config: RunConfig) -> None:
-    """Refuse what the Flower runtime does not run, before anything starts.
-
-    Raises:
-        ConfigError: For a public split (its provenance needs the server's copy of the
-            sites' data), simulated dropouts (real sites drop out on their own) or an
-            empirical audit (an audit run is a separate, declared in-process run).
-
-    """
-    problems = []
-    if config.public_fraction:
-        problems.append("--public-fraction")
-    if config.dropout_clients:
-        problems.append("--dropout-clients (real sites drop out on their own)")
-    if config.audit_canaries:
-        problems.append("--audit-canaries (an audit run is a separate in-process run)")
-    if problems:
-        raise ConfigError(
-            "the Flower runtime does not support " + "; ".join(problems) + "; run it in-process"
-        )
 
 
 class FlowerLink:

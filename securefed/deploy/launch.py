@@ -36,6 +36,7 @@ from securefed.errors import ConfigError, OptionalDependencyError, ProtocolError
 __all__ = [
     "DEFAULT_PORT",
     "RunOptions",
+    "check_deployable",
     "ensure_signing_key",
     "flower_env",
     "flower_home",
@@ -315,6 +316,28 @@ def supernode_command(
     return cmd
 
 
+def check_deployable(config: RunConfig) -> None:
+    """Refuse what the Flower runtime does not run, before anything starts.
+
+    Raises:
+        ConfigError: For a public split (its provenance needs the server's copy of the
+            sites' data), simulated dropouts (real sites drop out on their own) or an
+            empirical audit (an audit run is a separate, declared in-process run).
+
+    """
+    problems = []
+    if config.public_fraction:
+        problems.append("--public-fraction")
+    if config.dropout_clients:
+        problems.append("--dropout-clients (real sites drop out on their own)")
+    if config.audit_canaries:
+        problems.append("--audit-canaries (an audit run is a separate in-process run)")
+    if problems:
+        raise ConfigError(
+            "the Flower runtime does not support " + "; ".join(problems) + "; run it in-process"
+        )
+
+
 def prepare_app(folder: Path) -> Path:
     """Copy the securefed Flower App (a manifest; the code is the installed package)."""
     app = Path(folder) / "securefed-app"
@@ -446,7 +469,6 @@ def submit(
     """
     from flwr.cli.build import build_fab_from_disk
 
-    from securefed.deploy.coordinator import check_deployable
     from securefed.deploy.trust import (
         SIGNATURE_KEY,
         SIGNED_AT_KEY,
