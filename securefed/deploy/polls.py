@@ -21,7 +21,7 @@ executor, ServerApp)               to 10 s     to 0.5 s          grid_pulls`, th
 site executor idle, between two    (1 s, the   0.02 s after a    :data:`EXECUTOR_IDLE`
 task requests (site, loopback)     SuperExec)  task, growing
                                                x1.25 to 0.25 s
-SuperLink's SuperExec, between     1 s         0.1 s             ``FLWR_SUPEREXEC_TASK_POLL_
+SuperLink's SuperExec, between     1 s         0.5 s             ``FLWR_SUPEREXEC_TASK_POLL_
 two ServerApp task requests                                      INTERVAL`` (Flower's own
 (server)                                                         setting; launch.flower_env)
 =================================  ==========  ================  ==========================
