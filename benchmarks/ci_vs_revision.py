@@ -39,17 +39,26 @@ def run_ci(revision: str, scratch: Path) -> dict[str, object]:
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
     env["CI"] = "true"
     start = time.perf_counter()
+    # One stream, in the order it was written: pip's warnings on stderr once buried a failed
+    # test's lines under the last 40 of stderr, appended after all of stdout.
     proc = subprocess.run(
-        ["bash", ".ci/run"], cwd=repo, env=env, capture_output=True, text=True, check=False
+        ["bash", ".ci/run"],
+        cwd=repo,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        check=False,
     )
     wall = time.perf_counter() - start
-    lines = (proc.stdout + proc.stderr).splitlines()
+    lines = proc.stdout.splitlines()
+    failed = [line for line in lines if line.startswith(("FAILED ", "ERROR "))]
     return {
         "wall_s": wall,
         "rc": proc.returncode,
         "summaries": [line for line in lines if SUMMARY.match(line.strip("= "))],
-        # A failed run's reasons (pytest's short summary and the last lines) are printed.
-        "tail": lines[-40:] if proc.returncode else [],
+        # A failed run's reasons (pytest's FAILED/ERROR lines and the last lines) are printed.
+        "tail": [*failed, *lines[-40:]] if proc.returncode else [],
     }
 
 
