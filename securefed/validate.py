@@ -21,8 +21,6 @@ import re
 import zipfile
 from pathlib import Path
 
-import numpy as np
-
 from securefed.config import RunConfig, flag_for
 from securefed.errors import ConfigError, DataError
 
@@ -256,6 +254,8 @@ def npz_split_sizes(path: str | Path) -> dict[str, int]:
     the header as a literal). Returns only the splits it could read: a malformed archive is
     left to the loader, whose errors say precisely what is wrong.
     """
+    from securefed.data.medmnist import read_npy_header
+
     out: dict[str, int] = {}
     try:
         with zipfile.ZipFile(path) as archive:
@@ -265,13 +265,10 @@ def npz_split_sizes(path: str | Path) -> dict[str, int]:
                 if member not in names:
                     continue
                 with archive.open(member) as handle:
-                    version = np.lib.format.read_magic(handle)
-                    if version == (1, 0):
-                        shape, _, _ = np.lib.format.read_array_header_1_0(handle)
-                    elif version == (2, 0):
-                        shape, _, _ = np.lib.format.read_array_header_2_0(handle)
-                    else:
-                        continue
+                    header = read_npy_header(handle)
+                if header is None:
+                    continue
+                shape, _ = header
                 if shape:
                     out[split] = int(shape[0])
     except (OSError, ValueError, zipfile.BadZipFile, EOFError):

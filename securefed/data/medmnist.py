@@ -9,6 +9,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
+from typing import IO
 
 import numpy as np
 
@@ -19,6 +20,7 @@ from securefed.errors import ConfigError, DataError
 __all__ = [
     "MEDMNIST_CLASS_NAMES",
     "check_medmnist_npz",
+    "read_npy_header",
     "default_data_dir",
     "load_medmnist",
     "load_medmnist_npz",
@@ -410,6 +412,21 @@ def _read_npz(
     return arrays, stored
 
 
+def read_npy_header(handle: IO[bytes]) -> tuple[tuple[int, ...], np.dtype] | None:
+    """Shape and dtype from an open ``.npy`` stream's header (format 1.0 or 2.0, else None).
+
+    numpy parses the header as a literal: nothing is unpickled, no array data is read.
+    """
+    version = np.lib.format.read_magic(handle)
+    if version == (1, 0):
+        shape, _, dtype = np.lib.format.read_array_header_1_0(handle)
+    elif version == (2, 0):
+        shape, _, dtype = np.lib.format.read_array_header_2_0(handle)
+    else:
+        return None
+    return tuple(shape), dtype
+
+
 def _header(archive: np.lib.npyio.NpzFile, key: str) -> _ArrayHeader | np.ndarray:
     """``archive[key]``'s shape and dtype from its ``.npy`` header (the array if unusual).
 
@@ -419,13 +436,10 @@ def _header(archive: np.lib.npyio.NpzFile, key: str) -> _ArrayHeader | np.ndarra
 
     """
     with archive.zip.open(f"{key}.npy") as handle:
-        version = np.lib.format.read_magic(handle)
-        if version == (1, 0):
-            shape, _, dtype = np.lib.format.read_array_header_1_0(handle)
-        elif version == (2, 0):
-            shape, _, dtype = np.lib.format.read_array_header_2_0(handle)
-        else:
-            return archive[key]  # a format numpy may add later: read it as the loader does
+        header = read_npy_header(handle)
+    if header is None:
+        return archive[key]  # a format numpy may add later: read it as the loader does
+    shape, dtype = header
     if dtype.hasobject:
         raise ValueError("Object arrays cannot be loaded when allow_pickle=False")
     return _ArrayHeader(shape=tuple(int(n) for n in shape), dtype=dtype)
