@@ -20,10 +20,10 @@ from securefed.errors import ConfigError, DataError
 __all__ = [
     "MEDMNIST_CLASS_NAMES",
     "check_medmnist_npz",
-    "read_npy_header",
     "default_data_dir",
     "load_medmnist",
     "load_medmnist_npz",
+    "read_npy_header",
 ]
 
 _ORGANS_2D = (
